@@ -1,0 +1,14 @@
+//! Avalon's wire protocol: the generated gRPC services and messages, plus the
+//! few pure functions every component must agree on (chunk placement, the
+//! errno codec, protocol limits).
+
+pub mod errno;
+pub mod limits;
+pub mod mds_conn;
+pub mod placement;
+
+/// Generated protobuf messages and tonic services (`avalon.v1`).
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("avalon.v1");
+}

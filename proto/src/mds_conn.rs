@@ -1,0 +1,151 @@
+//! A connection to the metadata service that follows its leader.
+//!
+//! Holds the configured MDS addresses and a channel to the node believed to
+//! be the leader. A call that fails with "not leader" (carrying a hint) or
+//! with a transport error is retried on the hinted node or the next address,
+//! with a short backoff, until the call's deadline. Because mutations carry a
+//! request id that the MDS deduplicates, retrying them is safe.
+
+use crate::errno::{has_errno, leader_hint};
+use crate::limits::MAX_MESSAGE_BYTES;
+use crate::pb::meta_client::MetaClient;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// Leader-following client of the `Meta` service.
+pub struct MdsConn {
+    addrs: Vec<String>,
+    current: Mutex<Option<(String, MetaClient<Channel>)>>,
+    /// How long one call keeps retrying across failovers.
+    pub retry_for: Duration,
+    next: Mutex<usize>,
+}
+
+/// Opens a lazily connected channel to `addr` (`host:port`).
+pub fn channel(addr: &str, connect_timeout: Duration) -> Result<Channel, Status> {
+    let ep = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Status::invalid_argument(format!("bad address {addr:?}: {e}")))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .http2_adaptive_window(true);
+    Ok(ep.connect_lazy())
+}
+
+impl MdsConn {
+    /// A connection over `addrs` (`host:port` each); nothing is dialed yet.
+    pub fn new(addrs: Vec<String>) -> Self {
+        MdsConn {
+            addrs,
+            current: Mutex::new(None),
+            retry_for: Duration::from_secs(30),
+            next: Mutex::new(0),
+        }
+    }
+
+    /// The configured addresses.
+    pub fn addrs(&self) -> &[String] {
+        &self.addrs
+    }
+
+    fn client_for(&self, addr: &str) -> Result<MetaClient<Channel>, Status> {
+        let ch = channel(addr, Duration::from_secs(2))?;
+        Ok(MetaClient::new(ch)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    fn pick(&self) -> Result<(String, MetaClient<Channel>), Status> {
+        if let Some(c) = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            return Ok(c.clone());
+        }
+        if self.addrs.is_empty() {
+            return Err(Status::invalid_argument("no MDS addresses given"));
+        }
+        let i = {
+            let mut n = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let i = *n % self.addrs.len();
+            *n = n.wrapping_add(1);
+            i
+        };
+        let addr = self.addrs[i].clone();
+        let c = self.client_for(&addr)?;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some((addr.clone(), c.clone()));
+        Ok((addr, c))
+    }
+
+    fn switch(&self, failed: &str, hint: Option<String>) {
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if cur.as_ref().is_some_and(|(a, _)| a != failed) {
+            return; // someone already moved on
+        }
+        *cur = match hint.filter(|h| h != failed) {
+            Some(h) => self.client_for(&h).ok().map(|c| (h, c)),
+            None => None,
+        };
+    }
+
+    /// Runs `f` against the leader, retrying on other nodes while the
+    /// cluster has no reachable leader, for at most `retry_for`.
+    pub async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, Status>
+    where
+        F: FnMut(MetaClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call_within(self.retry_for, &mut f).await
+    }
+
+    /// [`MdsConn::call`] with an explicit retry budget.
+    pub async fn call_within<T, F, Fut>(&self, budget: Duration, mut f: F) -> Result<T, Status>
+    where
+        F: FnMut(MetaClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let deadline = Instant::now() + budget;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let (addr, client) = self.pick()?;
+            let err = match f(client).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(e) => e,
+            };
+            if has_errno(&err) || !retryable(&err) {
+                return Err(err);
+            }
+            let hint = leader_hint(&err);
+            tracing::debug!(%addr, code = ?err.code(), msg = err.message(), ?hint, "MDS call failed; retrying");
+            let hinted = hint.is_some();
+            self.switch(&addr, hint);
+            if Instant::now() >= deadline {
+                return Err(Status::unavailable(format!(
+                    "no metadata leader reachable at {} within {:?}: {}",
+                    self.addrs.join(","),
+                    budget,
+                    err.message()
+                )));
+            }
+            if !hinted {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+fn retryable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted
+    )
+}
