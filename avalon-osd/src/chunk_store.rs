@@ -1,0 +1,1032 @@
+//! The on-disk chunk store.
+//!
+//! A chunk is identified by `(ino, index)`. Its bytes live in
+//! `ROOT/<ino as 16 hex>/<index as 16 hex>`, a sparse file whose length is
+//! the chunk's stored length (bytes past it read as zeros: a hole). Next to
+//! it, `<index>.meta` holds the chunk's version and a crc32c per 64 KiB block
+//! of the stored bytes (the crc of a trailing partial block covers just the
+//! stored bytes), protected by a crc of its own so that a torn sidecar is
+//! detected.
+//!
+//! All methods are synchronous and may block on disk I/O: async callers run
+//! them on the blocking pool (see [`ChunkStore::blocking`]). Writers to one
+//! chunk are serialized by a striped per-chunk lock; object-wide operations
+//! (truncate, delete) take a striped per-inode lock exclusively.
+
+use avalon_proto::limits::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Checksum block size: one crc32c per this many bytes.
+pub const BLOCK_SIZE: u64 = 64 * 1024;
+const LOCK_STRIPES: usize = 1024;
+const META_MAGIC: &[u8; 4] = b"AVCK";
+const META_FORMAT: u32 = 1;
+const META_SUFFIX: &str = ".meta";
+/// Header: magic, format, version, length, block count.
+const META_HEADER: usize = 4 + 4 + 8 + 8 + 4;
+
+/// Errors of the chunk store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The request itself is malformed (bad sizes, offsets, ids).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Stored data or metadata fails verification; read another replica.
+    #[error("chunk {ino:016x}/{index:016x} is corrupt: {detail}")]
+    Corruption {
+        ino: u64,
+        index: u64,
+        detail: String,
+    },
+    /// A replicated write older than what the chunk already holds.
+    #[error("chunk {ino:016x}/{index:016x}: write version {got} is older than stored version {current}")]
+    StaleVersion {
+        ino: u64,
+        index: u64,
+        current: u64,
+        got: u64,
+    },
+    /// A replicated write that skips versions the chunk has not seen yet.
+    #[error("chunk {ino:016x}/{index:016x}: write version {got} does not follow stored version {current}")]
+    VersionGap {
+        ino: u64,
+        index: u64,
+        current: u64,
+        got: u64,
+    },
+    /// An operating system error on a store file.
+    #[error("I/O error on {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A blocking task panicked or was cancelled.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Shorthand for store results.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// How a write picks the version it stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionMode {
+    /// Primary: the current version + 1.
+    Next,
+    /// Replica: exactly the version the primary assigned. A version equal to
+    /// the stored one is a duplicate (acknowledged, not applied again); an
+    /// older one is refused ([`StoreError::StaleVersion`]); one that skips
+    /// versions is refused ([`StoreError::VersionGap`]) unless `force`.
+    Exact { version: u64, force: bool },
+}
+
+/// What a write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// The chunk's version after the write.
+    pub version: u64,
+    /// The write was a duplicate of the stored version and was not applied.
+    pub duplicate: bool,
+}
+
+/// The effective chunk size of a layout: 0 means the default; otherwise it
+/// must lie within the protocol limits.
+pub fn effective_chunk_size(chunk_size: u32) -> Result<u32> {
+    let cs = if chunk_size == 0 {
+        DEFAULT_CHUNK_SIZE
+    } else {
+        chunk_size
+    };
+    if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
+        return Err(StoreError::InvalidArgument(format!(
+            "chunk_size {cs} out of range [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}]"
+        )));
+    }
+    Ok(cs)
+}
+
+/// Checks that `[offset, offset+len)` lies inside a chunk of `chunk_size`.
+pub fn check_range(offset: u64, len: u64, chunk_size: u32) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= u64::from(chunk_size) => Ok(()),
+        _ => Err(StoreError::InvalidArgument(format!(
+            "range offset {offset} + length {len} exceeds chunk size {chunk_size}"
+        ))),
+    }
+}
+
+fn blocks_for(len: u64) -> usize {
+    len.div_ceil(BLOCK_SIZE) as usize
+}
+
+/// The sidecar metadata of one chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ChunkMeta {
+    version: u64,
+    len: u64,
+    crcs: Vec<u32>,
+}
+
+impl ChunkMeta {
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(META_HEADER + 4 * self.crcs.len() + 4);
+        b.extend_from_slice(META_MAGIC);
+        b.extend_from_slice(&META_FORMAT.to_le_bytes());
+        b.extend_from_slice(&self.version.to_le_bytes());
+        b.extend_from_slice(&self.len.to_le_bytes());
+        b.extend_from_slice(&(self.crcs.len() as u32).to_le_bytes());
+        for c in &self.crcs {
+            b.extend_from_slice(&c.to_le_bytes());
+        }
+        let own = crc32c::crc32c(&b);
+        b.extend_from_slice(&own.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> std::result::Result<ChunkMeta, String> {
+        if b.len() < META_HEADER + 4 {
+            return Err(format!("metadata sidecar too short ({} bytes)", b.len()));
+        }
+        let (body, own) = b.split_at(b.len() - 4);
+        let own = u32::from_le_bytes([own[0], own[1], own[2], own[3]]);
+        if crc32c::crc32c(body) != own {
+            return Err("metadata sidecar checksum mismatch".into());
+        }
+        if &body[0..4] != META_MAGIC {
+            return Err("metadata sidecar has a bad magic".into());
+        }
+        let u32_at = |o: usize| u32::from_le_bytes([body[o], body[o + 1], body[o + 2], body[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&body[o..o + 8]);
+            u64::from_le_bytes(a)
+        };
+        let format = u32_at(4);
+        if format != META_FORMAT {
+            return Err(format!("metadata sidecar format {format} unknown"));
+        }
+        let version = u64_at(8);
+        let len = u64_at(16);
+        let count = u32_at(24) as usize;
+        if body.len() != META_HEADER + 4 * count {
+            return Err("metadata sidecar length does not match its block count".into());
+        }
+        if count != blocks_for(len) {
+            return Err(format!(
+                "metadata sidecar has {count} block checksums for length {len}"
+            ));
+        }
+        let crcs = (0..count).map(|i| u32_at(META_HEADER + 4 * i)).collect();
+        Ok(ChunkMeta { version, len, crcs })
+    }
+}
+
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Chunk files of one OSD, with used-space accounting.
+pub struct ChunkStore {
+    root: PathBuf,
+    ino_locks: Vec<RwLock<()>>,
+    chunk_locks: Vec<Mutex<()>>,
+    used: AtomicU64,
+    chunks: AtomicU64,
+}
+
+impl std::fmt::Debug for ChunkStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkStore")
+            .field("root", &self.root)
+            .field("used", &self.used_bytes())
+            .field("chunks", &self.chunk_count())
+            .finish()
+    }
+}
+
+fn parse_hex_name(name: &str) -> Option<u64> {
+    if name.len() == 16 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        u64::from_str_radix(name, 16).ok()
+    } else {
+        None
+    }
+}
+
+fn fsync_dir(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(path))
+}
+
+impl ChunkStore {
+    /// Opens (creating if needed) the store rooted at `root` and counts the
+    /// chunks and bytes it holds.
+    pub fn open(root: impl Into<PathBuf>) -> Result<ChunkStore> {
+        let root = root.into();
+        fs::create_dir_all(&root).map_err(io_err(&root))?;
+        let store = ChunkStore {
+            root,
+            ino_locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
+            chunk_locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            used: AtomicU64::new(0),
+            chunks: AtomicU64::new(0),
+        };
+        let (mut used, mut chunks) = (0u64, 0u64);
+        for ent in fs::read_dir(&store.root).map_err(io_err(&store.root))? {
+            let ent = ent.map_err(io_err(&store.root))?;
+            let name = ent.file_name();
+            if name.to_str().and_then(parse_hex_name).is_none() {
+                continue;
+            }
+            let dir = ent.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            for f in fs::read_dir(&dir).map_err(io_err(&dir))? {
+                let f = f.map_err(io_err(&dir))?;
+                if f.file_name().to_str().and_then(parse_hex_name).is_none() {
+                    continue;
+                }
+                let md = f.metadata().map_err(io_err(&f.path()))?;
+                if md.is_file() {
+                    used += md.len();
+                    chunks += 1;
+                }
+            }
+        }
+        store.used.store(used, Ordering::Relaxed);
+        store.chunks.store(chunks, Ordering::Relaxed);
+        Ok(store)
+    }
+
+    /// The directory holding the chunks.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Sum of the stored lengths of all chunks.
+    pub fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Number of chunks stored.
+    pub fn chunk_count(&self) -> u64 {
+        self.chunks.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on the blocking thread pool.
+    pub async fn blocking<T, F>(self: &Arc<Self>, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&ChunkStore) -> Result<T> + Send + 'static,
+    {
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || f(&me))
+            .await
+            .map_err(|e| StoreError::Internal(format!("store task failed: {e}")))?
+    }
+
+    fn ino_dir(&self, ino: u64) -> PathBuf {
+        self.root.join(format!("{ino:016x}"))
+    }
+
+    /// Path of a chunk's data file.
+    pub fn data_path(&self, ino: u64, index: u64) -> PathBuf {
+        self.ino_dir(ino).join(format!("{index:016x}"))
+    }
+
+    fn meta_path(&self, ino: u64, index: u64) -> PathBuf {
+        self.ino_dir(ino).join(format!("{index:016x}{META_SUFFIX}"))
+    }
+
+    fn lock_ino_shared(&self, ino: u64) -> RwLockReadGuard<'_, ()> {
+        let i = (mix(ino) % LOCK_STRIPES as u64) as usize;
+        self.ino_locks[i].read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_ino_exclusive(&self, ino: u64) -> RwLockWriteGuard<'_, ()> {
+        let i = (mix(ino) % LOCK_STRIPES as u64) as usize;
+        self.ino_locks[i].write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_chunk(&self, ino: u64, index: u64) -> MutexGuard<'_, ()> {
+        let i = (mix(mix(ino) ^ index) % LOCK_STRIPES as u64) as usize;
+        self.chunk_locks[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn corrupt(ino: u64, index: u64, detail: impl Into<String>) -> StoreError {
+        StoreError::Corruption {
+            ino,
+            index,
+            detail: detail.into(),
+        }
+    }
+
+    /// Loads a chunk's metadata and checks it against the data file.
+    /// `None` when the chunk does not exist.
+    fn load_meta(&self, ino: u64, index: u64) -> Result<Option<ChunkMeta>> {
+        let mpath = self.meta_path(ino, index);
+        let dpath = self.data_path(ino, index);
+        let data_len = match fs::metadata(&dpath) {
+            Ok(m) => Some(m.len()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err(&dpath)(e)),
+        };
+        let raw = match fs::read(&mpath) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return match data_len {
+                    None => Ok(None),
+                    Some(_) => Err(Self::corrupt(ino, index, "metadata sidecar missing")),
+                };
+            }
+            Err(e) => return Err(io_err(&mpath)(e)),
+        };
+        let meta = ChunkMeta::decode(&raw).map_err(|d| Self::corrupt(ino, index, d))?;
+        match data_len {
+            None => Err(Self::corrupt(ino, index, "data file missing")),
+            Some(l) if l != meta.len => Err(Self::corrupt(
+                ino,
+                index,
+                format!("data file holds {l} bytes, metadata says {}", meta.len),
+            )),
+            Some(_) => Ok(Some(meta)),
+        }
+    }
+
+    fn store_meta(&self, ino: u64, index: u64, meta: &ChunkMeta, sync: bool) -> Result<()> {
+        let path = self.meta_path(ino, index);
+        let bytes = meta.encode();
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        f.write_all_at(&bytes, 0).map_err(io_err(&path))?;
+        f.set_len(bytes.len() as u64).map_err(io_err(&path))?;
+        if sync {
+            f.sync_all().map_err(io_err(&path))?;
+        }
+        Ok(())
+    }
+
+    /// The stored version of a chunk (0 when it does not exist).
+    pub fn version(&self, ino: u64, index: u64) -> Result<u64> {
+        let _i = self.lock_ino_shared(ino);
+        let _c = self.lock_chunk(ino, index);
+        Ok(self.load_meta(ino, index)?.map_or(0, |m| m.version))
+    }
+
+    /// Writes `data` at `offset` of chunk `(ino, index)` of a file whose
+    /// chunks are `chunk_size` bytes, storing the version `mode` picks.
+    /// With `sync`, the data, metadata and directories are fsynced before
+    /// returning.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write(
+        &self,
+        ino: u64,
+        index: u64,
+        offset: u32,
+        data: &[u8],
+        chunk_size: u32,
+        mode: VersionMode,
+        sync: bool,
+    ) -> Result<WriteOutcome> {
+        if ino == 0 {
+            return Err(StoreError::InvalidArgument("ino must not be 0".into()));
+        }
+        let cs = effective_chunk_size(chunk_size)?;
+        check_range(u64::from(offset), data.len() as u64, cs)?;
+        if let VersionMode::Exact { version: 0, .. } = mode {
+            return Err(StoreError::InvalidArgument(
+                "a replicated write needs a version > 0".into(),
+            ));
+        }
+        let _i = self.lock_ino_shared(ino);
+        let _c = self.lock_chunk(ino, index);
+
+        let old = self.load_meta(ino, index)?;
+        let existed = old.is_some();
+        let mut meta = old.unwrap_or(ChunkMeta {
+            version: 0,
+            len: 0,
+            crcs: Vec::new(),
+        });
+        let new_version = match mode {
+            VersionMode::Next => meta.version.checked_add(1).ok_or_else(|| {
+                StoreError::InvalidArgument("chunk version overflow".to_string())
+            })?,
+            VersionMode::Exact { version, force } => {
+                if version == meta.version {
+                    return Ok(WriteOutcome {
+                        version,
+                        duplicate: true,
+                    });
+                }
+                if version < meta.version {
+                    return Err(StoreError::StaleVersion {
+                        ino,
+                        index,
+                        current: meta.version,
+                        got: version,
+                    });
+                }
+                if version > meta.version + 1 && !force {
+                    return Err(StoreError::VersionGap {
+                        ino,
+                        index,
+                        current: meta.version,
+                        got: version,
+                    });
+                }
+                version
+            }
+        };
+
+        let dir = self.ino_dir(ino);
+        let mut created_dir = false;
+        if !existed && !dir.is_dir() {
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            created_dir = true;
+        }
+        let dpath = self.data_path(ino, index);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&dpath)
+            .map_err(io_err(&dpath))?;
+        let off = u64::from(offset);
+        let old_len = meta.len;
+        if !data.is_empty() {
+            file.write_all_at(data, off).map_err(io_err(&dpath))?;
+            let end = off + data.len() as u64;
+            let new_len = old_len.max(end);
+            meta.crcs.resize(blocks_for(new_len), 0);
+            meta.len = new_len;
+            // Blocks whose bytes changed: those the data touches, plus the
+            // old tail block and any gap blocks when writing past the end.
+            let first = off.min(old_len) / BLOCK_SIZE;
+            let last = (end - 1) / BLOCK_SIZE;
+            let mut buf = Vec::new();
+            for b in first..=last {
+                let bs = b * BLOCK_SIZE;
+                let be = (bs + BLOCK_SIZE).min(new_len);
+                let crc = if bs >= off && be <= end {
+                    crc32c::crc32c(&data[(bs - off) as usize..(be - off) as usize])
+                } else {
+                    buf.resize((be - bs) as usize, 0);
+                    file.read_exact_at(&mut buf, bs).map_err(io_err(&dpath))?;
+                    crc32c::crc32c(&buf)
+                };
+                meta.crcs[b as usize] = crc;
+            }
+        }
+        meta.version = new_version;
+        self.store_meta(ino, index, &meta, sync)?;
+        if sync {
+            file.sync_all().map_err(io_err(&dpath))?;
+            if !existed {
+                fsync_dir(&dir)?;
+            }
+            if created_dir {
+                fsync_dir(&self.root)?;
+            }
+        }
+        self.used.fetch_add(meta.len - old_len, Ordering::Relaxed);
+        if !existed {
+            self.chunks.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(WriteOutcome {
+            version: new_version,
+            duplicate: false,
+        })
+    }
+
+    /// Makes a chunk durable: fsyncs its data, metadata and directories.
+    /// A chunk that no longer exists needs nothing.
+    pub fn sync_chunk(&self, ino: u64, index: u64) -> Result<()> {
+        for path in [self.data_path(ino, index), self.meta_path(ino, index)] {
+            match File::open(&path) {
+                Ok(f) => f.sync_all().map_err(io_err(&path))?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+        fsync_dir(&self.ino_dir(ino))?;
+        fsync_dir(&self.root)
+    }
+
+    /// Reads up to `len` bytes at `offset` of a chunk, verifying the crc of
+    /// every block touched. Returns the bytes (shorter than asked past the
+    /// stored end: a hole) and the chunk's version (0 for a missing chunk).
+    pub fn read(&self, ino: u64, index: u64, offset: u32, len: u32) -> Result<(Vec<u8>, u64)> {
+        if ino == 0 {
+            return Err(StoreError::InvalidArgument("ino must not be 0".into()));
+        }
+        check_range(u64::from(offset), u64::from(len), MAX_CHUNK_SIZE)?;
+        let _i = self.lock_ino_shared(ino);
+        let _c = self.lock_chunk(ino, index);
+        let Some(meta) = self.load_meta(ino, index)? else {
+            return Ok((Vec::new(), 0));
+        };
+        let off = u64::from(offset);
+        let end = (off + u64::from(len)).min(meta.len);
+        if off >= end {
+            return Ok((Vec::new(), meta.version));
+        }
+        let first = off / BLOCK_SIZE;
+        let last = (end - 1) / BLOCK_SIZE;
+        let start = first * BLOCK_SIZE;
+        let stop = ((last + 1) * BLOCK_SIZE).min(meta.len);
+        let dpath = self.data_path(ino, index);
+        let file = File::open(&dpath).map_err(io_err(&dpath))?;
+        let mut buf = vec![0u8; (stop - start) as usize];
+        file.read_exact_at(&mut buf, start).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                Self::corrupt(ino, index, "data file shorter than its metadata")
+            } else {
+                io_err(&dpath)(e)
+            }
+        })?;
+        for b in first..=last {
+            let lo = ((b - first) * BLOCK_SIZE) as usize;
+            let hi = (lo + BLOCK_SIZE as usize).min(buf.len());
+            let got = crc32c::crc32c(&buf[lo..hi]);
+            let want = meta.crcs[b as usize];
+            if got != want {
+                return Err(Self::corrupt(
+                    ino,
+                    index,
+                    format!("block {b} checksum mismatch (stored {want:08x}, computed {got:08x})"),
+                ));
+            }
+        }
+        let lo = (off - start) as usize;
+        let hi = (end - start) as usize;
+        buf.truncate(hi);
+        buf.drain(..lo);
+        Ok((buf, meta.version))
+    }
+
+    /// Chunk indexes present for `ino` (data or metadata file).
+    fn indexes(&self, ino: u64) -> Result<BTreeSet<u64>> {
+        let dir = self.ino_dir(ino);
+        let mut out = BTreeSet::new();
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        for ent in rd {
+            let ent = ent.map_err(io_err(&dir))?;
+            let name = ent.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let stem = name.strip_suffix(META_SUFFIX).unwrap_or(name);
+            if let Some(i) = parse_hex_name(stem) {
+                out.insert(i);
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove_chunk_files(&self, ino: u64, index: u64) -> Result<()> {
+        let dpath = self.data_path(ino, index);
+        match fs::metadata(&dpath) {
+            Ok(m) => {
+                fs::remove_file(&dpath).map_err(io_err(&dpath))?;
+                self.used.fetch_sub(m.len(), Ordering::Relaxed);
+                self.chunks.fetch_sub(1, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&dpath)(e)),
+        }
+        let mpath = self.meta_path(ino, index);
+        match fs::remove_file(&mpath) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&mpath)(e)),
+        }
+    }
+
+    /// Cuts object `ino` (a file of `chunk_size`-byte chunks) to `size`
+    /// bytes: chunks starting at or past `size` are deleted, the one
+    /// containing `size` is truncated. Versions are kept.
+    pub fn truncate_object(&self, ino: u64, size: u64, chunk_size: u32) -> Result<()> {
+        if ino == 0 {
+            return Err(StoreError::InvalidArgument("ino must not be 0".into()));
+        }
+        let cs = u64::from(effective_chunk_size(chunk_size)?);
+        let _i = self.lock_ino_exclusive(ino);
+        let dir = self.ino_dir(ino);
+        let mut removed = false;
+        for index in self.indexes(ino)? {
+            let start = index.checked_mul(cs);
+            let keep = match start {
+                Some(s) if s < size => size - s,
+                _ => {
+                    self.remove_chunk_files(ino, index)?;
+                    removed = true;
+                    continue;
+                }
+            };
+            if keep >= cs {
+                continue;
+            }
+            let Some(mut meta) = self.load_meta(ino, index)? else {
+                continue;
+            };
+            if keep >= meta.len {
+                continue;
+            }
+            let dpath = self.data_path(ino, index);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&dpath)
+                .map_err(io_err(&dpath))?;
+            let tail = keep % BLOCK_SIZE;
+            let nblocks = blocks_for(keep);
+            if tail != 0 {
+                // Verify the block being cut before re-checksumming its prefix.
+                let b = keep / BLOCK_SIZE;
+                let bs = b * BLOCK_SIZE;
+                let be = (bs + BLOCK_SIZE).min(meta.len);
+                let mut buf = vec![0u8; (be - bs) as usize];
+                file.read_exact_at(&mut buf, bs).map_err(io_err(&dpath))?;
+                if crc32c::crc32c(&buf) != meta.crcs[b as usize] {
+                    return Err(Self::corrupt(
+                        ino,
+                        index,
+                        format!("block {b} checksum mismatch while truncating"),
+                    ));
+                }
+                meta.crcs[b as usize] = crc32c::crc32c(&buf[..tail as usize]);
+            }
+            file.set_len(keep).map_err(io_err(&dpath))?;
+            meta.crcs.truncate(nblocks);
+            let old_len = meta.len;
+            meta.len = keep;
+            self.store_meta(ino, index, &meta, true)?;
+            file.sync_all().map_err(io_err(&dpath))?;
+            self.used.fetch_sub(old_len - keep, Ordering::Relaxed);
+        }
+        if removed && dir.is_dir() {
+            fsync_dir(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// Removes every chunk of `ino`.
+    pub fn delete_object(&self, ino: u64) -> Result<()> {
+        if ino == 0 {
+            return Err(StoreError::InvalidArgument("ino must not be 0".into()));
+        }
+        let _i = self.lock_ino_exclusive(ino);
+        let dir = self.ino_dir(ino);
+        if !dir.exists() {
+            return Ok(());
+        }
+        for index in self.indexes(ino)? {
+            self.remove_chunk_files(ino, index)?;
+        }
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&dir)(e)),
+        }
+        fsync_dir(&self.root)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const CS: u32 = 256 * 1024;
+    const B: usize = BLOCK_SIZE as usize;
+
+    fn store() -> (tempfile::TempDir, ChunkStore) {
+        let d = tempfile::tempdir().expect("tempdir");
+        let s = ChunkStore::open(d.path().join("chunks")).expect("open");
+        (d, s)
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    fn w(s: &ChunkStore, ino: u64, idx: u64, off: u32, data: &[u8]) -> u64 {
+        s.write(ino, idx, off, data, CS, VersionMode::Next, false)
+            .expect("write")
+            .version
+    }
+
+    fn r(s: &ChunkStore, ino: u64, idx: u64, off: u32, len: u32) -> Vec<u8> {
+        s.read(ino, idx, off, len).expect("read").0
+    }
+
+    #[test]
+    fn missing_chunk_is_a_hole() {
+        let (_d, s) = store();
+        assert_eq!(s.read(5, 0, 0, 100).expect("read"), (vec![], 0));
+        assert_eq!(s.version(5, 0).expect("version"), 0);
+    }
+
+    #[test]
+    fn block_boundaries() {
+        let (_d, s) = store();
+        let a = pattern(B, 1);
+        assert_eq!(w(&s, 1, 0, 0, &a), 1);
+        assert_eq!(r(&s, 1, 0, 0, CS), a);
+        // Exactly the next block.
+        let b = pattern(B, 2);
+        assert_eq!(w(&s, 1, 0, B as u32, &b), 2);
+        let mut want = a.clone();
+        want.extend_from_slice(&b);
+        assert_eq!(r(&s, 1, 0, 0, CS), want);
+        // Straddling a boundary.
+        let c = pattern(100, 3);
+        w(&s, 1, 0, (B - 50) as u32, &c);
+        want[B - 50..B + 50].copy_from_slice(&c);
+        assert_eq!(r(&s, 1, 0, 0, CS), want);
+        assert_eq!(r(&s, 1, 0, (B - 10) as u32, 20), want[B - 10..B + 10]);
+        // Up to the end of the chunk.
+        let d = pattern(10, 4);
+        w(&s, 1, 0, CS - 10, &d);
+        want.resize(CS as usize, 0);
+        want[CS as usize - 10..].copy_from_slice(&d);
+        assert_eq!(r(&s, 1, 0, 0, CS), want);
+        assert_eq!(s.used_bytes(), u64::from(CS));
+        assert_eq!(s.chunk_count(), 1);
+    }
+
+    #[test]
+    fn zero_length_write_and_read() {
+        let (_d, s) = store();
+        assert_eq!(w(&s, 2, 3, 100, &[]), 1);
+        assert_eq!(s.read(2, 3, 0, 10).expect("read"), (vec![], 1));
+        assert_eq!(s.chunk_count(), 1);
+        assert_eq!(s.used_bytes(), 0);
+        w(&s, 2, 3, 0, b"hello");
+        assert_eq!(s.read(2, 3, 0, 0).expect("read"), (vec![], 2));
+        assert_eq!(r(&s, 2, 3, 1, 3), b"ell");
+    }
+
+    #[test]
+    fn write_past_end_leaves_zero_hole() {
+        let (_d, s) = store();
+        w(&s, 3, 0, 0, b"abc");
+        w(&s, 3, 0, (2 * B + 7) as u32, b"xyz");
+        let got = r(&s, 3, 0, 0, CS);
+        assert_eq!(got.len(), 2 * B + 10);
+        assert_eq!(&got[..3], b"abc");
+        assert!(got[3..2 * B + 7].iter().all(|&b| b == 0));
+        assert_eq!(&got[2 * B + 7..], b"xyz");
+        // Short read past the end.
+        assert_eq!(r(&s, 3, 0, (2 * B + 8) as u32, 100), b"yz");
+        assert_eq!(r(&s, 3, 0, (2 * B + 20) as u32, 100), b"");
+    }
+
+    #[test]
+    fn overwrite_and_versions() {
+        let (_d, s) = store();
+        w(&s, 4, 1, 0, &pattern(1000, 1));
+        w(&s, 4, 1, 0, &pattern(1000, 9));
+        assert_eq!(r(&s, 4, 1, 0, 1000), pattern(1000, 9));
+        assert_eq!(s.version(4, 1).expect("v"), 2);
+        // Replicated writes.
+        let ex = |v, force| VersionMode::Exact { version: v, force };
+        let o = s.write(4, 1, 0, b"x", CS, ex(2, false), false).expect("dup");
+        assert!(o.duplicate);
+        assert!(matches!(
+            s.write(4, 1, 0, b"x", CS, ex(1, false), false),
+            Err(StoreError::StaleVersion { .. })
+        ));
+        assert!(matches!(
+            s.write(4, 1, 0, b"x", CS, ex(4, false), false),
+            Err(StoreError::VersionGap { .. })
+        ));
+        assert_eq!(s.write(4, 1, 0, b"y", CS, ex(3, false), true).expect("v3").version, 3);
+        assert_eq!(s.write(4, 1, 0, b"z", CS, ex(9, true), true).expect("v9").version, 9);
+        assert_eq!(r(&s, 4, 1, 0, 2), vec![b'z', pattern(1000, 9)[1]]);
+        s.sync_chunk(4, 1).expect("sync");
+        s.sync_chunk(4, 77).expect("sync missing");
+    }
+
+    #[test]
+    fn truncate_and_delete() {
+        let (_d, s) = store();
+        for i in 0..4 {
+            w(&s, 7, i, 0, &pattern(CS as usize, i as u8));
+        }
+        assert_eq!(s.chunk_count(), 4);
+        // Cut inside chunk 1, inside its second block.
+        let size = u64::from(CS) + B as u64 + 123;
+        s.truncate_object(7, size, CS).expect("truncate");
+        assert_eq!(s.chunk_count(), 2);
+        assert_eq!(s.used_bytes(), size);
+        assert_eq!(r(&s, 7, 0, 0, CS), pattern(CS as usize, 0));
+        assert_eq!(r(&s, 7, 1, 0, CS), pattern(CS as usize, 1)[..B + 123]);
+        assert_eq!(s.read(7, 2, 0, 10).expect("read"), (vec![], 0));
+        // Growing again after a truncate keeps the tail checksums right.
+        w(&s, 7, 1, (B + 200) as u32, b"q");
+        let got = r(&s, 7, 1, 0, CS);
+        assert_eq!(got.len(), B + 201);
+        assert!(got[B + 123..B + 200].iter().all(|&b| b == 0));
+        // Truncate at a chunk boundary removes the chunk.
+        s.truncate_object(7, u64::from(CS), CS).expect("truncate");
+        assert_eq!(s.chunk_count(), 1);
+        assert_eq!(s.version(7, 1).expect("v"), 0);
+        s.delete_object(7).expect("delete");
+        assert_eq!(s.chunk_count(), 0);
+        assert_eq!(s.used_bytes(), 0);
+        assert!(!s.root().join(format!("{:016x}", 7)).exists());
+        s.delete_object(7).expect("delete twice");
+        s.truncate_object(7, 0, CS).expect("truncate missing");
+    }
+
+    #[test]
+    fn flipped_byte_is_corruption() {
+        let (_d, s) = store();
+        let data = pattern(3 * B, 5);
+        w(&s, 9, 2, 0, &data);
+        let path = s.data_path(9, 2);
+        let mut raw = fs::read(&path).expect("read raw");
+        raw[B + 17] ^= 0x40;
+        fs::write(&path, &raw).expect("write raw");
+        // Untouched blocks still read fine.
+        assert_eq!(r(&s, 9, 2, 0, B as u32), data[..B]);
+        assert_eq!(r(&s, 9, 2, 2 * B as u32, B as u32), data[2 * B..]);
+        match s.read(9, 2, (B + 10) as u32, 10) {
+            Err(StoreError::Corruption { detail, .. }) => assert!(detail.contains("block 1")),
+            other => panic!("expected corruption, got {other:?}"),
+        }
+        // A damaged sidecar is corruption too.
+        let mpath = s.meta_path(9, 2);
+        let mut m = fs::read(&mpath).expect("meta");
+        m[10] ^= 1;
+        fs::write(&mpath, &m).expect("meta write");
+        assert!(matches!(s.read(9, 2, 0, 1), Err(StoreError::Corruption { .. })));
+        // A data file that lost its tail.
+        w(&s, 9, 3, 0, &data);
+        File::options()
+            .write(true)
+            .open(s.data_path(9, 3))
+            .and_then(|f| f.set_len(10))
+            .expect("cut");
+        assert!(matches!(s.read(9, 3, 0, 1), Err(StoreError::Corruption { .. })));
+    }
+
+    #[test]
+    fn bad_arguments_rejected() {
+        let (_d, s) = store();
+        let bad = |r: Result<WriteOutcome>| matches!(r, Err(StoreError::InvalidArgument(_)));
+        assert!(bad(s.write(0, 0, 0, b"x", CS, VersionMode::Next, false)));
+        assert!(bad(s.write(1, 0, CS, b"x", CS, VersionMode::Next, false)));
+        assert!(bad(s.write(1, 0, u32::MAX, b"x", CS, VersionMode::Next, false)));
+        assert!(bad(s.write(1, 0, 0, b"x", 1, VersionMode::Next, false)));
+        assert!(bad(s.write(1, 0, 0, b"x", u32::MAX, VersionMode::Next, false)));
+        assert!(bad(s.write(
+            1,
+            0,
+            0,
+            b"x",
+            CS,
+            VersionMode::Exact {
+                version: 0,
+                force: false
+            },
+            false
+        )));
+        assert!(matches!(
+            s.read(1, 0, u32::MAX, u32::MAX),
+            Err(StoreError::InvalidArgument(_))
+        ));
+        assert!(matches!(s.read(0, 0, 0, 1), Err(StoreError::InvalidArgument(_))));
+        assert!(s.truncate_object(1, 0, 7).is_err());
+        assert!(s.delete_object(0).is_err());
+        // Index overflow in truncate is treated as "past the size".
+        w(&s, 1, u64::MAX, 0, b"x");
+        s.truncate_object(1, u64::MAX, CS).expect("truncate");
+        assert_eq!(s.chunk_count(), 0);
+        assert_eq!(effective_chunk_size(0).expect("default"), DEFAULT_CHUNK_SIZE);
+        assert!(check_range(u64::MAX, 1, CS).is_err());
+    }
+
+    #[test]
+    fn reopen_counts_usage() {
+        let d = tempfile::tempdir().expect("tempdir");
+        {
+            let s = ChunkStore::open(d.path()).expect("open");
+            w(&s, 1, 0, 0, &pattern(1000, 1));
+            w(&s, 2, 5, 10, &pattern(20, 1));
+        }
+        let s = ChunkStore::open(d.path()).expect("reopen");
+        assert_eq!(s.chunk_count(), 2);
+        assert_eq!(s.used_bytes(), 1030);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write { idx: u64, off: u32, len: u32, seed: u8 },
+        Read { idx: u64, off: u32, len: u32 },
+        Truncate { size: u64 },
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let off = prop_oneof![
+            0u32..CS,
+            (0u32..4).prop_map(|b| b * BLOCK_SIZE as u32),
+            (1u32..4).prop_map(|b| b * BLOCK_SIZE as u32 - 1),
+        ];
+        prop_oneof![
+            4 => (0u64..3, off.clone(), 0u32..(150 * 1024), any::<u8>()).prop_map(|(idx, off, len, seed)| {
+                Op::Write { idx, off, len: len.min(CS - off), seed }
+            }),
+            3 => (0u64..3, off, 0u32..CS).prop_map(|(idx, off, len)| Op::Read { idx, off, len }),
+            1 => (0u64..(3 * u64::from(CS) + 10)).prop_map(|size| Op::Truncate { size }),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn matches_model(ops in proptest::collection::vec(op(), 1..25)) {
+            let d = tempfile::tempdir().expect("tempdir");
+            let mut s = ChunkStore::open(d.path()).expect("open");
+            // Per chunk: stored bytes and version; None = absent.
+            let mut model: Vec<Option<(Vec<u8>, u64)>> = vec![None; 3];
+            for op in ops {
+                match op {
+                    Op::Write { idx, off, len, seed } => {
+                        let data = pattern(len as usize, seed);
+                        let v = s.write(42, idx, off, &data, CS, VersionMode::Next, false).expect("write").version;
+                        let (bytes, ver) = model[idx as usize].get_or_insert((Vec::new(), 0));
+                        let end = off as usize + data.len();
+                        if !data.is_empty() && bytes.len() < end {
+                            bytes.resize(end, 0);
+                        }
+                        bytes[off as usize..end].copy_from_slice(&data);
+                        *ver += 1;
+                        prop_assert_eq!(v, *ver);
+                    }
+                    Op::Read { idx, off, len } => {
+                        let (got, v) = s.read(42, idx, off, len).expect("read");
+                        let (want, wv) = match &model[idx as usize] {
+                            None => (Vec::new(), 0),
+                            Some((b, v)) => {
+                                let lo = (off as usize).min(b.len());
+                                let hi = (off as usize + len as usize).min(b.len());
+                                (b[lo..hi].to_vec(), *v)
+                            }
+                        };
+                        prop_assert_eq!(got, want);
+                        prop_assert_eq!(v, wv);
+                    }
+                    Op::Truncate { size } => {
+                        s.truncate_object(42, size, CS).expect("truncate");
+                        for (i, m) in model.iter_mut().enumerate() {
+                            let start = i as u64 * u64::from(CS);
+                            if start >= size {
+                                *m = None;
+                            } else if let Some((b, _)) = m {
+                                b.truncate((size - start).min(b.len() as u64) as usize);
+                            }
+                        }
+                    }
+                    Op::Reopen => {
+                        s = ChunkStore::open(d.path()).expect("reopen");
+                    }
+                }
+                let used: u64 = model.iter().flatten().map(|(b, _)| b.len() as u64).sum();
+                prop_assert_eq!(s.used_bytes(), used);
+                prop_assert_eq!(s.chunk_count(), model.iter().flatten().count() as u64);
+            }
+        }
+    }
+}

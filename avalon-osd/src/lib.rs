@@ -1,0 +1,2 @@
+//! Avalon object storage daemon.
+pub mod chunk_store;
