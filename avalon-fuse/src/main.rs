@@ -1,1 +1,310 @@
-fn main() {}
+//! `avalon-fuse` / `mount.fuse.avalon`: mounts an Avalon filesystem.
+//!
+//! mount(8) runs `mount.fuse.avalon SOURCE MOUNTPOINT [-sfnv] -o OPTIONS`.
+//! Without `--foreground` the program starts itself again in the
+//! background, waits until the mount is up (or has failed) and exits with
+//! the mount's status, like other network filesystems' helpers.
+
+use anyhow::{bail, Context};
+use avalon_fuse::client::Client;
+use avalon_fuse::fs::AvalonFs;
+use avalon_fuse::mount_source;
+use clap::Parser;
+use fuser::{MountOption, SessionACL};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Mount an Avalon filesystem.
+#[derive(Parser, Debug)]
+#[command(name = "avalon-fuse", version, about)]
+struct Args {
+    /// MDS addresses and optional subdirectory: host:port[,host:port...][:/dir]
+    source: String,
+    /// Directory to mount on.
+    mountpoint: PathBuf,
+    /// Mount options, comma separated (ro, rw, allow_other, noatime, log=FILE,
+    /// log_level=LEVEL, connect_timeout=SECS, threads=N, fsname=NAME,
+    /// nosubtype; _netdev, defaults, nofail and x-* are accepted and ignored).
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Stay in the foreground (do not detach).
+    #[arg(long)]
+    foreground: bool,
+    /// Accepted for mount(8) compatibility: do not write /etc/mtab.
+    #[arg(short = 'n', hide = true)]
+    no_mtab: bool,
+    /// Accepted for mount(8) compatibility: sloppy options.
+    #[arg(short = 's', hide = true)]
+    sloppy: bool,
+    /// Accepted for mount(8) compatibility: verbose.
+    #[arg(short = 'v', hide = true)]
+    verbose: bool,
+    /// Accepted for mount(8) compatibility: filesystem type.
+    #[arg(short = 't', hide = true)]
+    fstype: Option<String>,
+}
+
+/// Options after parsing `-o`.
+#[derive(Debug, Default)]
+struct Opts {
+    kernel: Vec<MountOption>,
+    log: Option<PathBuf>,
+    log_level: Option<String>,
+    connect_timeout: Option<u64>,
+    threads: Option<usize>,
+    fsname: Option<String>,
+    subtype: bool,
+}
+
+fn parse_opts(list: &[String]) -> anyhow::Result<Opts> {
+    let mut o = Opts {
+        subtype: true,
+        ..Default::default()
+    };
+    for opt in list
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
+        let (k, v) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        match (k, v) {
+            ("ro", None) => o.kernel.push(MountOption::RO),
+            ("rw", None) => o.kernel.push(MountOption::RW),
+            ("noatime", None) => o.kernel.push(MountOption::NoAtime),
+            ("atime", None) => o.kernel.push(MountOption::Atime),
+            ("nodev", None) => o.kernel.push(MountOption::NoDev),
+            ("dev", None) => o.kernel.push(MountOption::Dev),
+            ("nosuid", None) => o.kernel.push(MountOption::NoSuid),
+            ("suid", None) => o.kernel.push(MountOption::Suid),
+            ("noexec", None) => o.kernel.push(MountOption::NoExec),
+            ("exec", None) => o.kernel.push(MountOption::Exec),
+            ("sync", None) => o.kernel.push(MountOption::Sync),
+            ("async", None) => o.kernel.push(MountOption::Async),
+            ("dirsync", None) => o.kernel.push(MountOption::DirSync),
+            ("allow_other" | "default_permissions" | "allow_root", None) => {} // always on
+            ("log", Some(p)) => o.log = Some(PathBuf::from(p)),
+            ("log_level", Some(l)) => o.log_level = Some(l.to_string()),
+            ("connect_timeout", Some(s)) => {
+                o.connect_timeout = Some(
+                    s.parse()
+                        .with_context(|| format!("connect_timeout={s}: not a number"))?,
+                )
+            }
+            ("threads", Some(n)) => {
+                o.threads = Some(
+                    n.parse()
+                        .with_context(|| format!("threads={n}: not a number"))?,
+                )
+            }
+            ("fsname", Some(n)) => o.fsname = Some(n.to_string()),
+            ("nosubtype", None) => o.subtype = false,
+            ("keyfile", Some(_)) => {} // reserved for client keys (security issue)
+            (
+                "_netdev" | "defaults" | "nofail" | "auto" | "noauto" | "user" | "nouser" | "users",
+                _,
+            ) => {}
+            (k, _) if k.starts_with("x-") || k.starts_with("comment=") => {}
+            _ => bail!("unknown mount option {opt:?}"),
+        }
+    }
+    Ok(o)
+}
+
+fn init_logging(level: &str, log: Option<&PathBuf>) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    match log {
+        Some(p) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open log file {}", p.display()))?;
+            b.with_ansi(false)
+                .with_writer(std::sync::Mutex::new(f))
+                .init();
+        }
+        None => b.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
+fn main() {
+    let args = Args::parse();
+    let code = match if args.foreground {
+        run_foreground(&args)
+    } else {
+        run_background(&args)
+    } {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("mount.fuse.avalon: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+/// Starts the real client detached and reports how the mount went.
+fn run_background(args: &Args) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find own executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--foreground")
+        .arg(&args.source)
+        .arg(&args.mountpoint);
+    for o in &args.options {
+        cmd.arg("-o").arg(o);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // Own session: the terminal's signals and hangup do not reach the client.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the client process")?;
+    let stdout = child.stdout.take().context("no pipe to the client")?;
+    let mut line = String::new();
+    let _ = BufReader::new(stdout).read_line(&mut line);
+    if line.trim() == "READY" {
+        return Ok(()); // the child keeps running; its stderr pipe is closed by it
+    }
+    let status = child.wait().context("waiting for the client process")?;
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    let err = err.trim();
+    bail!(
+        "mount failed ({status}){}{}",
+        if err.is_empty() { "" } else { ": " },
+        err
+    )
+}
+
+fn run_foreground(args: &Args) -> anyhow::Result<()> {
+    let opts = parse_opts(&args.options)?;
+    init_logging(
+        opts.log_level.as_deref().unwrap_or("info"),
+        opts.log.as_ref(),
+    )?;
+    let src = mount_source::parse(&args.source).map_err(anyhow::Error::msg)?;
+    let mountpoint = std::fs::canonicalize(&args.mountpoint)
+        .with_context(|| format!("mount point {} does not exist", args.mountpoint.display()))?;
+    if !mountpoint.is_dir() {
+        bail!("mount point {} is not a directory", mountpoint.display());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(opts.threads.unwrap_or(4))
+        .enable_all()
+        .thread_name("avalon-client")
+        .build()
+        .context("cannot start the async runtime")?;
+    let budget = Duration::from_secs(opts.connect_timeout.unwrap_or(10));
+    let client = rt
+        .block_on(Client::connect(
+            src.mds.clone(),
+            &src.subdir,
+            mountpoint.as_os_str().as_bytes(),
+            budget,
+        ))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the Avalon metadata service at {}: {e}",
+                src.mds.join(",")
+            )
+        })?;
+    let client = Arc::new(client);
+    tracing::info!(
+        session = client.session_id(),
+        root = client.root_ino,
+        "connected to the metadata service"
+    );
+
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName(opts.fsname.clone().unwrap_or_else(|| args.source.clone())),
+        MountOption::DefaultPermissions,
+    ];
+    if opts.subtype {
+        cfg.mount_options
+            .push(MountOption::CUSTOM("subtype=avalon".into()));
+    }
+    cfg.mount_options.extend(opts.kernel.iter().cloned());
+    cfg.acl = SessionACL::All;
+    cfg.n_threads = Some(2);
+    cfg.clone_fd = true;
+    let fs = AvalonFs::new(client.clone(), rt.handle().clone());
+    let mut session = fuser::Session::new(fs, &mountpoint, &cfg)
+        .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
+
+    // Background duties: heartbeats and cluster map refresh.
+    let hb = client.clone();
+    rt.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            if let Err(e) = hb.heartbeat().await {
+                tracing::warn!(error = %e, "session heartbeat failed");
+            }
+            if let Err(e) = hb.refresh_map().await {
+                tracing::warn!(error = %e, "cluster map refresh failed");
+            }
+        }
+    });
+
+    // SIGTERM/SIGINT unmount, which ends the session loop below.
+    let mut unmounter = session.unmount_callable();
+    let mp = mountpoint.clone();
+    rt.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!(mountpoint = %mp.display(), "signal received; unmounting");
+        if let Err(e) = unmounter.unmount() {
+            tracing::warn!(error = %e, "unmount failed; detaching");
+            let _ = nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH);
+        }
+    });
+
+    // Tell a waiting parent (mount helper mode) that the mount is up.
+    println!("READY");
+    let _ = std::io::stdout().flush();
+    redirect_stdio_after_ready(opts.log.is_some());
+    tracing::info!(mountpoint = %mountpoint.display(), source = %args.source, "mounted");
+    let r = session.run();
+    tracing::info!("session ended");
+    drop(rt);
+    r.context("FUSE session failed")
+}
+
+/// After READY the parent stops reading our pipes; point stdout (and stderr
+/// when logging goes to a file) at /dev/null so late writes cannot fail.
+fn redirect_stdio_after_ready(stderr_too: bool) {
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
+        if stderr_too {
+            let _ = nix::unistd::dup2(null.as_raw_fd(), 2);
+        }
+    }
+}

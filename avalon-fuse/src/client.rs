@@ -1,0 +1,581 @@
+//! The client library: a session with the metadata service plus the state a
+//! mounted client keeps per inode. FUSE-independent, so it can be driven
+//! directly from tests and tools.
+
+use crate::error::{ClientError, Result};
+use avalon_proto::mds_conn::MdsConn;
+use avalon_proto::pb::{self, time_set::How, Attr, ClusterMap, RequestHeader, TimeSet};
+use bytes::Bytes;
+use dashmap::DashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tonic::transport::Channel;
+
+/// Per-inode state the client keeps while it has written data whose size
+/// the MDS has not been told yet.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FileState {
+    /// Largest file size this client has seen from the MDS or set itself.
+    pub size: u64,
+    /// The file's chunk size (layout).
+    pub chunk_size: u32,
+    /// True when `size` grew through writes not yet committed to the MDS.
+    pub dirty: bool,
+}
+
+/// How a timestamp changes in [`Client::setattr`].
+#[derive(Debug, Clone, Copy)]
+pub enum TimeChange {
+    /// To the server's current time.
+    Now,
+    /// To this many nanoseconds since the epoch.
+    At(i64),
+}
+
+/// Attribute changes for [`Client::setattr`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeChange>,
+    pub mtime: Option<TimeChange>,
+    pub ctime_ns: Option<i64>,
+}
+
+/// A connected client session.
+pub struct Client {
+    /// Leader-following connection to the MDS.
+    pub mds: MdsConn,
+    session_id: u64,
+    next_request: AtomicU64,
+    /// MDS inode that the mount's root stands for.
+    pub root_ino: u64,
+    pub(crate) map: RwLock<Arc<ClusterMap>>,
+    pub(crate) osds: DashMap<String, pb::osd_client::OsdClient<Channel>>,
+    pub(crate) files: DashMap<u64, FileState>,
+}
+
+fn time_set(t: Option<TimeChange>) -> Option<TimeSet> {
+    t.map(|t| TimeSet {
+        how: Some(match t {
+            TimeChange::Now => How::Now(pb::Empty {}),
+            TimeChange::At(ns) => How::Ns(ns),
+        }),
+    })
+}
+
+impl Client {
+    /// Opens a session: registers with the MDS (trying for at most
+    /// `budget`), resolves the subdirectory and loads the cluster map.
+    pub async fn connect(
+        mds_addrs: Vec<String>,
+        subdir: &[u8],
+        mountpoint: &[u8],
+        budget: Duration,
+    ) -> Result<Client> {
+        let mut mds = MdsConn::new(mds_addrs);
+        mds.retry_for = budget;
+        let hostname = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let req = pb::RegisterClientRequest {
+            header: None,
+            hostname,
+            mountpoint: Bytes::copy_from_slice(mountpoint),
+            pid: std::process::id(),
+            subdir: Bytes::copy_from_slice(subdir),
+        };
+        let reg = mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.register_client(r).await }
+            })
+            .await?;
+        let map = mds
+            .call(|mut c| async move { c.get_cluster_map(pb::Empty {}).await })
+            .await?;
+        // After the mount is up, failovers may take longer than the mount's
+        // own connect budget.
+        mds.retry_for = Duration::from_secs(60);
+        Ok(Client {
+            mds,
+            session_id: reg.session_id,
+            next_request: AtomicU64::new(1),
+            root_ino: reg.root_ino,
+            map: RwLock::new(Arc::new(map)),
+            osds: DashMap::new(),
+            files: DashMap::new(),
+        })
+    }
+
+    /// This client's session id.
+    pub fn session_id(&self) -> u64 {
+        self.session_id
+    }
+
+    /// A request header with a fresh request id.
+    pub fn header(&self) -> Option<RequestHeader> {
+        Some(RequestHeader {
+            session_id: self.session_id,
+            request_id: self.next_request.fetch_add(1, Ordering::Relaxed),
+            credential: Bytes::new(),
+        })
+    }
+
+    /// The cached cluster map.
+    pub fn map(&self) -> Arc<ClusterMap> {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Fetches the cluster map from the MDS and caches it.
+    pub async fn refresh_map(&self) -> Result<Arc<ClusterMap>> {
+        let m = self
+            .mds
+            .call(|mut c| async move { c.get_cluster_map(pb::Empty {}).await })
+            .await?;
+        let m = Arc::new(m);
+        let mut cur = self.map.write().unwrap_or_else(|e| e.into_inner());
+        if m.epoch >= cur.epoch {
+            *cur = m.clone();
+        }
+        Ok(cur.clone())
+    }
+
+    /// Tells the MDS this session is alive.
+    pub async fn heartbeat(&self) -> Result<()> {
+        let h = self.header();
+        self.mds
+            .call(|mut c| {
+                let header = h.clone();
+                async move {
+                    c.client_heartbeat(pb::ClientHeartbeatRequest { header })
+                        .await
+                }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Records what an attribute reply says about an inode and returns the
+    /// size this client should report (pending writes included).
+    pub fn note_attr(&self, a: &Attr) -> u64 {
+        if a.mode & libc::S_IFMT != libc::S_IFREG {
+            return a.size;
+        }
+        let mut st = self.files.entry(a.ino).or_default();
+        st.chunk_size = a.chunk_size;
+        if st.dirty {
+            st.size = st.size.max(a.size);
+        } else {
+            st.size = a.size;
+        }
+        st.size
+    }
+
+    /// The size of a regular file as this client knows it.
+    pub fn known_size(&self, ino: u64) -> Option<FileState> {
+        self.files.get(&ino).map(|s| *s)
+    }
+
+    fn ok_attr(r: Option<Attr>) -> Result<Attr> {
+        r.ok_or_else(|| ClientError::Unavailable("MDS reply without attributes".into()))
+    }
+
+    /// Looks a name up in a directory.
+    pub async fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        let req = pb::LookupRequest {
+            header: self.header(),
+            parent,
+            name: Bytes::copy_from_slice(name),
+        };
+        let r = self
+            .mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.lookup(r).await }
+            })
+            .await?;
+        Self::ok_attr(r.attr)
+    }
+
+    /// Fresh attributes of an inode.
+    pub async fn getattr(&self, ino: u64) -> Result<Attr> {
+        let req = pb::GetAttrRequest {
+            header: self.header(),
+            ino,
+        };
+        let r = self
+            .mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.get_attr(r).await }
+            })
+            .await?;
+        Self::ok_attr(r.attr)
+    }
+
+    /// Changes attributes. A size change also cuts or extends the data.
+    pub async fn setattr(&self, ino: u64, ch: SetAttr) -> Result<Attr> {
+        if let Some(size) = ch.size {
+            self.truncate_data(ino, size).await?;
+        }
+        let req = pb::SetAttrRequest {
+            header: self.header(),
+            ino,
+            mode: ch.mode.map(|m| m & 0o7777),
+            uid: ch.uid,
+            gid: ch.gid,
+            size: ch.size,
+            atime: time_set(ch.atime),
+            mtime: time_set(ch.mtime),
+            ctime_ns: ch.ctime_ns,
+        };
+        let r = self
+            .mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.set_attr(r).await }
+            })
+            .await?;
+        let a = Self::ok_attr(r.attr)?;
+        if let Some(size) = ch.size {
+            if let Some(mut st) = self.files.get_mut(&ino) {
+                st.size = size;
+                st.dirty = false;
+            }
+        }
+        Ok(a)
+    }
+
+    /// Creates a non-directory node.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn mknod(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+    ) -> Result<Attr> {
+        let req = pb::MknodRequest {
+            header: self.header(),
+            parent,
+            name: Bytes::copy_from_slice(name),
+            mode,
+            rdev,
+            uid,
+            gid,
+            exclusive,
+        };
+        let r = self
+            .mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.mknod(r).await }
+            })
+            .await?;
+        Self::ok_attr(r.attr)
+    }
+
+    /// Creates a directory.
+    pub async fn mkdir(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr> {
+        let req = pb::MkdirRequest {
+            header: self.header(),
+            parent,
+            name: Bytes::copy_from_slice(name),
+            mode,
+            uid,
+            gid,
+        };
+        let r = self
+            .mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.mkdir(r).await }
+            })
+            .await?;
+        Self::ok_attr(r.attr)
+    }
+
+    /// Creates a symbolic link.
+    pub async fn symlink(
+        &self,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr> {
+        let req = pb::SymlinkRequest {
+            header: self.header(),
+            parent,
+            name: Bytes::copy_from_slice(name),
+            target: Bytes::copy_from_slice(target),
+            uid,
+            gid,
+        };
+        let r = self
+            .mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.symlink(r).await }
+            })
+            .await?;
+        Self::ok_attr(r.attr)
+    }
+
+    /// Removes a non-directory entry.
+    pub async fn unlink(&self, parent: u64, name: &[u8]) -> Result<()> {
+        let req = pb::UnlinkRequest {
+            header: self.header(),
+            parent,
+            name: Bytes::copy_from_slice(name),
+        };
+        self.mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.unlink(r).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Removes an empty directory.
+    pub async fn rmdir(&self, parent: u64, name: &[u8]) -> Result<()> {
+        let req = pb::UnlinkRequest {
+            header: self.header(),
+            parent,
+            name: Bytes::copy_from_slice(name),
+        };
+        self.mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.rmdir(r).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Target of a symbolic link.
+    pub async fn readlink(&self, ino: u64) -> Result<Bytes> {
+        let req = pb::GetAttrRequest {
+            header: self.header(),
+            ino,
+        };
+        let r = self
+            .mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.readlink(r).await }
+            })
+            .await?;
+        Ok(r.target)
+    }
+
+    /// Adds a hard link.
+    pub async fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> Result<Attr> {
+        let req = pb::LinkRequest {
+            header: self.header(),
+            ino,
+            new_parent,
+            new_name: Bytes::copy_from_slice(new_name),
+        };
+        let r = self
+            .mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.link(r).await }
+            })
+            .await?;
+        Self::ok_attr(r.attr)
+    }
+
+    /// Renames an entry (renameat2 flags).
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        flags: u32,
+    ) -> Result<()> {
+        let req = pb::RenameRequest {
+            header: self.header(),
+            parent,
+            name: Bytes::copy_from_slice(name),
+            new_parent,
+            new_name: Bytes::copy_from_slice(new_name),
+            flags,
+        };
+        self.mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.rename(r).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// One page of a directory, after `cookie`.
+    pub async fn readdir(
+        &self,
+        ino: u64,
+        cookie: u64,
+        max_entries: u32,
+        plus: bool,
+    ) -> Result<pb::ReadDirReply> {
+        let req = pb::ReadDirRequest {
+            header: self.header(),
+            ino,
+            cookie,
+            max_entries,
+            plus,
+        };
+        Ok(self
+            .mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.read_dir(r).await }
+            })
+            .await?)
+    }
+
+    /// Filesystem capacity and usage.
+    pub async fn statfs(&self) -> Result<pb::StatFsReply> {
+        let req = pb::GetAttrRequest {
+            header: self.header(),
+            ino: self.root_ino,
+        };
+        Ok(self
+            .mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.stat_fs(r).await }
+            })
+            .await?)
+    }
+
+    /// Sets an extended attribute.
+    pub async fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: u32) -> Result<()> {
+        let req = pb::SetXattrRequest {
+            header: self.header(),
+            ino,
+            name: Bytes::copy_from_slice(name),
+            value: Bytes::copy_from_slice(value),
+            flags,
+        };
+        self.mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.set_xattr(r).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Value of an extended attribute.
+    pub async fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Bytes> {
+        let req = pb::XattrRequest {
+            header: self.header(),
+            ino,
+            name: Bytes::copy_from_slice(name),
+        };
+        let r = self
+            .mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.get_xattr(r).await }
+            })
+            .await?;
+        Ok(r.value)
+    }
+
+    /// Names of the extended attributes of an inode.
+    pub async fn listxattr(&self, ino: u64) -> Result<Vec<Bytes>> {
+        let req = pb::GetAttrRequest {
+            header: self.header(),
+            ino,
+        };
+        let r = self
+            .mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.list_xattr(r).await }
+            })
+            .await?;
+        Ok(r.names)
+    }
+
+    /// Removes an extended attribute.
+    pub async fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+        let req = pb::XattrRequest {
+            header: self.header(),
+            ino,
+            name: Bytes::copy_from_slice(name),
+        };
+        self.mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.remove_xattr(r).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Tells the MDS the size this client's writes reached (and so stamps
+    /// mtime), if anything is pending.
+    pub async fn commit_size(&self, ino: u64) -> Result<Option<Attr>> {
+        let size = match self.files.get(&ino) {
+            Some(st) if st.dirty => st.size,
+            _ => return Ok(None),
+        };
+        let req = pb::CommitWriteRequest {
+            header: self.header(),
+            ino,
+            size,
+        };
+        let r = self
+            .mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.commit_write(r).await }
+            })
+            .await?;
+        if let Some(mut st) = self.files.get_mut(&ino) {
+            // Writes that raced past `size` stay dirty.
+            if st.size <= size {
+                st.dirty = false;
+            }
+        }
+        r.attr
+            .map(Some)
+            .ok_or_else(|| ClientError::Unavailable("MDS reply without attributes".into()))
+    }
+
+    /// Commits the pending sizes of every file (at unmount).
+    pub async fn commit_all(&self) {
+        let dirty: Vec<u64> = self
+            .files
+            .iter()
+            .filter(|e| e.dirty)
+            .map(|e| *e.key())
+            .collect();
+        for ino in dirty {
+            if let Err(e) = self.commit_size(ino).await {
+                tracing::warn!(ino, error = %e, "could not commit file size");
+            }
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! File data I/O: byte ranges split by chunk and sent to the OSDs holding
+//! each chunk, all chunks of one request in parallel.
+//!
+//! Writes go to the chunk's primary (the first member of its placement
+//! group that is up), which replicates and acknowledges after m copies.
+//! If the primary cannot be reached, the next member takes the write; the
+//! cluster map is refreshed between rounds. Reads go to the first member
+//! that answers with verified data.
+
+use crate::client::Client;
+use crate::error::{ClientError, Result};
+use avalon_proto::limits::{DEFAULT_CHUNK_SIZE, MAX_FILE_SIZE, MAX_MESSAGE_BYTES};
+use avalon_proto::pb::{self, osd_client::OsdClient, ChunkId, OsdInfo, OsdState};
+use avalon_proto::placement::{chunk_members, split_range};
+use bytes::Bytes;
+use futures::future::try_join_all;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// How long one chunk operation keeps trying other replicas and newer maps
+/// before the application gets EIO.
+pub const IO_RETRY_BUDGET: Duration = Duration::from_secs(20);
+
+/// Members ordered for an attempt: up ones first, keeping placement order.
+fn attempt_order(members: Vec<&OsdInfo>) -> Vec<OsdInfo> {
+    let (mut up, down): (Vec<OsdInfo>, Vec<OsdInfo>) = members
+        .into_iter()
+        .cloned()
+        .partition(|o| o.state == OsdState::Up as i32);
+    up.extend(down);
+    up
+}
+
+/// True for failures where another replica or a newer map may help.
+fn retry_elsewhere(s: &tonic::Status) -> bool {
+    !matches!(
+        s.code(),
+        Code::InvalidArgument | Code::OutOfRange | Code::PermissionDenied | Code::Unauthenticated
+    )
+}
+
+impl Client {
+    /// A (cached) client for the OSD at `addr`.
+    pub(crate) fn osd(&self, addr: &str) -> Result<OsdClient<Channel>> {
+        if let Some(c) = self.osds.get(addr) {
+            return Ok(c.clone());
+        }
+        let ch = avalon_proto::mds_conn::channel(addr, Duration::from_secs(2))?;
+        let c = OsdClient::new(ch)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        self.osds.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn chunk_size_of(&self, ino: u64) -> u32 {
+        match self.files.get(&ino).map(|s| s.chunk_size) {
+            Some(cs) if cs > 0 => cs,
+            _ => DEFAULT_CHUNK_SIZE,
+        }
+    }
+
+    /// Writes `data` at `offset` of file `ino`; returns the bytes written.
+    pub async fn write(&self, ino: u64, offset: u64, data: Bytes, sync: bool) -> Result<u32> {
+        let len = data.len() as u64;
+        let end = offset.checked_add(len).filter(|e| *e <= MAX_FILE_SIZE);
+        let Some(end) = end else {
+            return Err(ClientError::posix(
+                libc::EFBIG,
+                "write past the largest file size",
+            ));
+        };
+        if len == 0 {
+            return Ok(0);
+        }
+        let cs = self.chunk_size_of(ino);
+        let mut pos = 0usize;
+        let parts = split_range(offset, len, cs)
+            .into_iter()
+            .map(|(index, off, n)| {
+                let piece = data.slice(pos..pos + n as usize);
+                pos += n as usize;
+                self.write_chunk(ino, index, off, piece, sync, cs)
+            });
+        try_join_all(parts).await?;
+        let mut st = self.files.entry(ino).or_default();
+        if end > st.size {
+            st.size = end;
+            st.dirty = true;
+        }
+        Ok(len as u32)
+    }
+
+    async fn write_chunk(
+        &self,
+        ino: u64,
+        index: u64,
+        offset: u32,
+        data: Bytes,
+        sync: bool,
+        cs: u32,
+    ) -> Result<()> {
+        let deadline = Instant::now() + IO_RETRY_BUDGET;
+        let mut last = String::from("no OSD holds this chunk's placement group");
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let map = self.map();
+            for osd in attempt_order(chunk_members(&map, ino, index)) {
+                let req = pb::WriteChunkRequest {
+                    header: self.header(),
+                    chunk: Some(ChunkId { ino, index }),
+                    offset,
+                    data: data.clone(),
+                    sync,
+                    map_epoch: map.epoch,
+                    forwarded: false,
+                    version: 0,
+                    chunk_size: cs,
+                };
+                let mut c = self.osd(&osd.addr)?;
+                match c.write_chunk(req).await {
+                    Ok(_) => return Ok(()),
+                    Err(s) if !retry_elsewhere(&s) => return Err(s.into()),
+                    Err(s) => {
+                        tracing::debug!(ino, index, osd = osd.id, code = ?s.code(), msg = s.message(), "chunk write failed");
+                        last = format!("osd.{} ({}): {}", osd.id, osd.addr, s.message());
+                    }
+                }
+            }
+            if Instant::now() + backoff >= deadline {
+                return Err(ClientError::Unavailable(format!(
+                    "write of chunk {ino:x}.{index} failed: {last}"
+                )));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+            let _ = self.refresh_map().await;
+        }
+    }
+
+    /// Reads up to `size` bytes at `offset`, stopping at the end of file.
+    pub async fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let file_size = match self.known_size(ino) {
+            Some(st) => st.size,
+            None => {
+                let a = self.getattr(ino).await?;
+                self.note_attr(&a)
+            }
+        };
+        if offset >= file_size || size == 0 {
+            return Ok(Vec::new());
+        }
+        let len = u64::from(size).min(file_size - offset);
+        let cs = self.chunk_size_of(ino);
+        let parts = split_range(offset, len, cs);
+        let reads = parts
+            .iter()
+            .map(|&(index, off, n)| self.read_chunk(ino, index, off, n));
+        let datas = try_join_all(reads).await?;
+        let mut buf = vec![0u8; len as usize];
+        let mut pos = 0usize;
+        for ((_, _, n), d) in parts.iter().zip(datas) {
+            let take = d.len().min(*n as usize);
+            buf[pos..pos + take].copy_from_slice(&d[..take]);
+            pos += *n as usize;
+        }
+        Ok(buf)
+    }
+
+    async fn read_chunk(&self, ino: u64, index: u64, offset: u32, length: u32) -> Result<Bytes> {
+        let deadline = Instant::now() + IO_RETRY_BUDGET;
+        let mut last = String::from("no OSD holds this chunk's placement group");
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let map = self.map();
+            for osd in attempt_order(chunk_members(&map, ino, index)) {
+                let req = pb::ReadChunkRequest {
+                    header: self.header(),
+                    chunk: Some(ChunkId { ino, index }),
+                    offset,
+                    length,
+                };
+                let mut c = self.osd(&osd.addr)?;
+                match c.read_chunk(req).await {
+                    Ok(r) => return Ok(r.into_inner().data),
+                    Err(s) if !retry_elsewhere(&s) => return Err(s.into()),
+                    Err(s) => {
+                        tracing::debug!(ino, index, osd = osd.id, code = ?s.code(), msg = s.message(), "chunk read failed");
+                        last = format!("osd.{} ({}): {}", osd.id, osd.addr, s.message());
+                    }
+                }
+            }
+            if Instant::now() + backoff >= deadline {
+                return Err(ClientError::Unavailable(format!(
+                    "read of chunk {ino:x}.{index} failed: {last}"
+                )));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+            let _ = self.refresh_map().await;
+        }
+    }
+
+    /// Cuts the data of `ino` to `size` bytes on every OSD that may hold
+    /// part of it (growing a file needs no data change: it is sparse).
+    pub async fn truncate_data(&self, ino: u64, size: u64) -> Result<()> {
+        if size > MAX_FILE_SIZE {
+            return Err(ClientError::posix(
+                libc::EFBIG,
+                "size past the largest file size",
+            ));
+        }
+        let cs = self.chunk_size_of(ino);
+        let map = self.map();
+        let sends = map
+            .osds
+            .iter()
+            .filter(|o| o.state == OsdState::Up as i32)
+            .map(|o| {
+                let req = pb::TruncateObjectRequest {
+                    header: self.header(),
+                    ino,
+                    size,
+                    chunk_size: cs,
+                };
+                let addr = o.addr.clone();
+                async move {
+                    let mut c = self.osd(&addr)?;
+                    c.truncate_object(req).await.map_err(ClientError::from)?;
+                    Ok::<_, ClientError>(())
+                }
+            });
+        try_join_all(sends).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,670 @@
+//! The FUSE adapter: each kernel request is handed to a tokio task at once
+//! (so a slow RPC never blocks other operations) and answered from the
+//! client library. Errors become errnos here and only here.
+
+use crate::attr::{ns_of, to_fuse};
+use crate::client::{Client, SetAttr, TimeChange};
+use crate::error::ClientError;
+use avalon_proto::pb::Attr;
+use bytes::Bytes;
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::runtime::Handle;
+
+/// How long the kernel may cache attributes and entries without asking.
+/// Short until leases (issue 7) let the MDS recall cached state.
+const TTL: Duration = Duration::from_secs(1);
+/// Directory entries fetched per readdir RPC.
+const READDIR_PAGE: u32 = 512;
+/// Cookies 1 and 2 are "." and ".."; the MDS numbers real entries from 3.
+const DOTDOT_COOKIE: u64 = 2;
+
+fn errno(e: &ClientError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+/// The Avalon filesystem as the kernel sees it.
+pub struct AvalonFs {
+    client: Arc<Client>,
+    rt: Handle,
+}
+
+impl AvalonFs {
+    /// An adapter over a connected client, running its work on `rt`.
+    pub fn new(client: Arc<Client>, rt: Handle) -> Self {
+        AvalonFs { client, rt }
+    }
+
+    /// Kernel node id → MDS inode (the mount root may be a subdirectory).
+    fn mds_ino(&self, ino: INodeNo) -> u64 {
+        if ino.0 == 1 {
+            self.client.root_ino
+        } else {
+            ino.0
+        }
+    }
+
+    fn spawn<F>(&self, f: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(f);
+    }
+}
+
+/// Kernel node id of an MDS inode.
+fn fuse_ino(c: &Client, ino: u64) -> u64 {
+    if ino == c.root_ino {
+        1
+    } else {
+        ino
+    }
+}
+
+fn file_attr(c: &Client, a: &Attr) -> FileAttr {
+    let size = c.note_attr(a);
+    to_fuse(a, fuse_ino(c, a.ino), size)
+}
+
+fn reply_entry(c: &Client, r: crate::error::Result<Attr>, reply: ReplyEntry) {
+    match r {
+        Ok(a) => reply.entry(&TTL, &file_attr(c, &a), Generation(a.generation)),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn reply_empty(r: crate::error::Result<()>, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn time_change(t: Option<TimeOrNow>) -> Option<TimeChange> {
+    t.map(|t| match t {
+        TimeOrNow::Now => TimeChange::Now,
+        TimeOrNow::SpecificTime(s) => TimeChange::At(ns_of(s)),
+    })
+}
+
+fn xattr_reply(data: &[u8], size: u32, reply: ReplyXattr) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if (size as usize) < data.len() {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
+impl Filesystem for AvalonFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_BIG_WRITES
+            | InitFlags::FUSE_ASYNC_READ;
+        let have = config.capabilities();
+        let _ = config.add_capabilities(wanted & have);
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        let c = self.client.clone();
+        // Pending sizes reach the MDS before the process goes away.
+        let _ = self.rt.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(10), c.commit_all()).await
+        });
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let c = self.client.clone();
+        let parent = self.mds_ino(parent);
+        let name = name.as_bytes().to_vec();
+        self.spawn(async move {
+            let r = c.lookup(parent, &name).await;
+            reply_entry(&c, r, reply)
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let c = self.client.clone();
+        let ino = self.mds_ino(ino);
+        self.spawn(async move {
+            match c.getattr(ino).await {
+                Ok(a) => reply.attr(&TTL, &file_attr(&c, &a)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let c = self.client.clone();
+        let ino = self.mds_ino(ino);
+        let ch = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: time_change(atime),
+            mtime: time_change(mtime),
+            ctime_ns: ctime.map(ns_of),
+        };
+        self.spawn(async move {
+            // Writes this client made must not be overtaken by the change.
+            if ch.mtime.is_some() || ch.size.is_some() {
+                if let Err(e) = c.commit_size(ino).await {
+                    return reply.error(errno(&e));
+                }
+            }
+            match c.setattr(ino, ch).await {
+                Ok(a) => reply.attr(&TTL, &file_attr(&c, &a)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let c = self.client.clone();
+        let ino = self.mds_ino(ino);
+        self.spawn(async move {
+            match c.readlink(ino).await {
+                Ok(t) => reply.data(&t),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let c = self.client.clone();
+        let parent = self.mds_ino(parent);
+        let name = name.as_bytes().to_vec();
+        let (uid, gid) = (req.uid(), req.gid());
+        let mode = (mode & libc::S_IFMT) | (mode & 0o7777 & !umask);
+        self.spawn(async move {
+            let r = c
+                .mknod(parent, &name, mode, u64::from(rdev), uid, gid, true)
+                .await;
+            reply_entry(&c, r, reply)
+        });
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let c = self.client.clone();
+        let parent = self.mds_ino(parent);
+        let name = name.as_bytes().to_vec();
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn(async move {
+            let r = c
+                .mkdir(parent, &name, mode & 0o7777 & !umask, uid, gid)
+                .await;
+            reply_entry(&c, r, reply)
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let c = self.client.clone();
+        let parent = self.mds_ino(parent);
+        let name = name.as_bytes().to_vec();
+        self.spawn(async move { reply_empty(c.unlink(parent, &name).await, reply) });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let c = self.client.clone();
+        let parent = self.mds_ino(parent);
+        let name = name.as_bytes().to_vec();
+        self.spawn(async move { reply_empty(c.rmdir(parent, &name).await, reply) });
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let c = self.client.clone();
+        let parent = self.mds_ino(parent);
+        let name = link_name.as_bytes().to_vec();
+        let target = target.as_os_str().as_bytes().to_vec();
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn(async move {
+            let r = c.symlink(parent, &name, &target, uid, gid).await;
+            reply_entry(&c, r, reply)
+        });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let c = self.client.clone();
+        let (parent, newparent) = (self.mds_ino(parent), self.mds_ino(newparent));
+        let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
+        self.spawn(async move {
+            reply_empty(
+                c.rename(parent, &name, newparent, &newname, flags.bits())
+                    .await,
+                reply,
+            )
+        });
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let c = self.client.clone();
+        let (ino, newparent) = (self.mds_ino(ino), self.mds_ino(newparent));
+        let newname = newname.as_bytes().to_vec();
+        self.spawn(async move {
+            let r = c.link(ino, newparent, &newname).await;
+            reply_entry(&c, r, reply)
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let c = self.client.clone();
+        let ino = self.mds_ino(ino);
+        self.spawn(async move {
+            // Close-to-open: an open sees the size other clients committed.
+            match c.getattr(ino).await {
+                Ok(a) => {
+                    c.note_attr(&a);
+                    reply.opened(FileHandle(0), FopenFlags::empty())
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let c = self.client.clone();
+        let parent = self.mds_ino(parent);
+        let name = name.as_bytes().to_vec();
+        let (uid, gid) = (req.uid(), req.gid());
+        let mode = libc::S_IFREG | (mode & 0o7777 & !umask);
+        let exclusive = flags & libc::O_EXCL != 0;
+        self.spawn(async move {
+            match c.mknod(parent, &name, mode, 0, uid, gid, exclusive).await {
+                Ok(a) => {
+                    let attr = file_attr(&c, &a);
+                    reply.created(
+                        &TTL,
+                        &attr,
+                        Generation(a.generation),
+                        FileHandle(0),
+                        FopenFlags::empty(),
+                    )
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let c = self.client.clone();
+        let ino = self.mds_ino(ino);
+        self.spawn(async move {
+            match c.read(ino, offset, size).await {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let c = self.client.clone();
+        let ino = self.mds_ino(ino);
+        let sync = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        // The kernel's buffer is only borrowed: one copy into an owned,
+        // reference-counted buffer that all chunk RPCs slice without copying.
+        let data = Bytes::copy_from_slice(data);
+        self.spawn(async move {
+            match c.write(ino, offset, data, sync).await {
+                Ok(n) => {
+                    if sync {
+                        if let Err(e) = c.commit_size(ino).await {
+                            return reply.error(errno(&e));
+                        }
+                    }
+                    reply.written(n)
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        let c = self.client.clone();
+        let ino = self.mds_ino(ino);
+        self.spawn(async move { reply_empty(c.commit_size(ino).await.map(|_| ()), reply) });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let c = self.client.clone();
+        let ino = self.mds_ino(ino);
+        self.spawn(async move { reply_empty(c.commit_size(ino).await.map(|_| ()), reply) });
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let c = self.client.clone();
+        let ino = self.mds_ino(ino);
+        self.spawn(async move { reply_empty(c.commit_size(ino).await.map(|_| ()), reply) });
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let c = self.client.clone();
+        let dir = self.mds_ino(ino);
+        self.spawn(async move {
+            if offset == 0 && reply.add(ino, 1, fuser::FileType::Directory, ".") {
+                return reply.ok();
+            }
+            if offset <= 1 && reply.add(INodeNo(1), DOTDOT_COOKIE, fuser::FileType::Directory, "..")
+            {
+                return reply.ok();
+            }
+            let mut cookie = offset.max(DOTDOT_COOKIE);
+            loop {
+                let page = match c.readdir(dir, cookie, READDIR_PAGE, false).await {
+                    Ok(p) => p,
+                    Err(e) => return reply.error(errno(&e)),
+                };
+                for e in &page.entries {
+                    let kind = crate::attr::kind_of(e.mode);
+                    if reply.add(
+                        INodeNo(fuse_ino(&c, e.ino)),
+                        e.cookie,
+                        kind,
+                        OsStr::from_bytes(&e.name),
+                    ) {
+                        return reply.ok();
+                    }
+                    cookie = e.cookie;
+                }
+                if page.eof || page.entries.is_empty() {
+                    return reply.ok();
+                }
+            }
+        });
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let c = self.client.clone();
+        let dir = self.mds_ino(ino);
+        self.spawn(async move {
+            // "." and ".." carry attributes too; fetch them once per listing.
+            if offset <= 1 {
+                let me = match c.getattr(dir).await {
+                    Ok(a) => a,
+                    Err(e) => return reply.error(errno(&e)),
+                };
+                let attr = file_attr(&c, &me);
+                if offset == 0 && reply.add(ino, 1, ".", &TTL, &attr, Generation(me.generation)) {
+                    return reply.ok();
+                }
+                if reply.add(
+                    ino,
+                    DOTDOT_COOKIE,
+                    "..",
+                    &Duration::ZERO,
+                    &attr,
+                    Generation(me.generation),
+                ) {
+                    return reply.ok();
+                }
+            }
+            let mut cookie = offset.max(DOTDOT_COOKIE);
+            loop {
+                let page = match c.readdir(dir, cookie, READDIR_PAGE, true).await {
+                    Ok(p) => p,
+                    Err(e) => return reply.error(errno(&e)),
+                };
+                for e in &page.entries {
+                    let Some(a) = e.attr.as_ref() else {
+                        return reply.error(Errno::EIO);
+                    };
+                    let attr = file_attr(&c, a);
+                    if reply.add(
+                        attr.ino,
+                        e.cookie,
+                        OsStr::from_bytes(&e.name),
+                        &TTL,
+                        &attr,
+                        Generation(a.generation),
+                    ) {
+                        return reply.ok();
+                    }
+                    cookie = e.cookie;
+                }
+                if page.eof || page.entries.is_empty() {
+                    return reply.ok();
+                }
+            }
+        });
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Namespace changes are durable on a majority once acknowledged.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let c = self.client.clone();
+        self.spawn(async move {
+            match c.statfs().await {
+                Ok(s) => {
+                    let bs = u64::from(s.block_size.max(512));
+                    reply.statfs(
+                        s.total_bytes / bs,
+                        s.free_bytes / bs,
+                        s.avail_bytes / bs,
+                        s.total_inodes,
+                        s.free_inodes,
+                        bs as u32,
+                        s.max_name_len,
+                        bs as u32,
+                    )
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        position: u32,
+        reply: ReplyEmpty,
+    ) {
+        if position != 0 {
+            return reply.error(Errno::EINVAL);
+        }
+        let c = self.client.clone();
+        let ino = self.mds_ino(ino);
+        let name = name.as_bytes().to_vec();
+        let value = value.to_vec();
+        self.spawn(async move {
+            reply_empty(c.setxattr(ino, &name, &value, flags as u32).await, reply)
+        });
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let c = self.client.clone();
+        let ino = self.mds_ino(ino);
+        let name = name.as_bytes().to_vec();
+        self.spawn(async move {
+            match c.getxattr(ino, &name).await {
+                Ok(v) => xattr_reply(&v, size, reply),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let c = self.client.clone();
+        let ino = self.mds_ino(ino);
+        self.spawn(async move {
+            match c.listxattr(ino).await {
+                Ok(names) => {
+                    let mut buf = Vec::with_capacity(names.iter().map(|n| n.len() + 1).sum());
+                    for n in names {
+                        buf.extend_from_slice(&n);
+                        buf.push(0);
+                    }
+                    xattr_reply(&buf, size, reply)
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let c = self.client.clone();
+        let ino = self.mds_ino(ino);
+        let name = name.as_bytes().to_vec();
+        self.spawn(async move { reply_empty(c.removexattr(ino, &name).await, reply) });
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Mounted with default_permissions: the kernel checks mode bits.
+        reply.ok();
+    }
+}

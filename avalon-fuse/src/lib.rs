@@ -1,0 +1,10 @@
+//! The Avalon client: a library that turns POSIX operations into MDS and OSD
+//! RPCs ([`client::Client`], [`data_path`]), and the thin FUSE adapter over
+//! it ([`fs::AvalonFs`]).
+
+pub mod attr;
+pub mod client;
+pub mod data_path;
+pub mod error;
+pub mod fs;
+pub mod mount_source;
