@@ -1,0 +1,199 @@
+//! Raft log commands and their responses.
+//!
+//! A [`MetaCommand`] carries everything the state machine needs to apply it
+//! deterministically: the leader stamps the time, and file layouts come from
+//! the leader's configuration. Inode, generation, OSD and session numbers are
+//! allocated by the state machine itself.
+
+use serde::{Deserialize, Serialize};
+
+/// File layout given to new regular files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    pub chunk_size: u32,
+    pub replicas: u32,
+    pub write_quorum: u32,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout {
+            chunk_size: avalon_proto::limits::DEFAULT_CHUNK_SIZE,
+            replicas: 3,
+            write_quorum: 2,
+        }
+    }
+}
+
+/// How SetAttr changes a timestamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TimeSpec {
+    /// The command's `now_ns` (UTIME_NOW).
+    Now,
+    /// An explicit time in nanoseconds.
+    Ns(i64),
+}
+
+/// OSD state in the cluster map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OsdState {
+    Up,
+    Down,
+    Out,
+}
+
+/// One mutation of the metadata state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    SetAttr {
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeSpec>,
+        mtime: Option<TimeSpec>,
+        ctime_ns: Option<i64>,
+    },
+    Mknod {
+        parent: u64,
+        name: Vec<u8>,
+        mode: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+        layout: Layout,
+    },
+    Mkdir {
+        parent: u64,
+        name: Vec<u8>,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    Symlink {
+        parent: u64,
+        name: Vec<u8>,
+        target: Vec<u8>,
+        uid: u32,
+        gid: u32,
+    },
+    Unlink {
+        parent: u64,
+        name: Vec<u8>,
+    },
+    Rmdir {
+        parent: u64,
+        name: Vec<u8>,
+    },
+    Link {
+        ino: u64,
+        new_parent: u64,
+        new_name: Vec<u8>,
+    },
+    Rename {
+        parent: u64,
+        name: Vec<u8>,
+        new_parent: u64,
+        new_name: Vec<u8>,
+        flags: u32,
+    },
+    SetXattr {
+        ino: u64,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        flags: u32,
+    },
+    RemoveXattr {
+        ino: u64,
+        name: Vec<u8>,
+    },
+    CommitWrite {
+        ino: u64,
+        size: u64,
+    },
+    RegisterOsd {
+        osd_id: u64,
+        addr: String,
+        capacity_bytes: u64,
+        used_bytes: u64,
+        failure_domain: String,
+        pid: u32,
+    },
+    /// Capacity/usage report of a known OSD (no epoch bump unless the
+    /// address changes).
+    OsdReport {
+        osd_id: u64,
+        addr: String,
+        capacity_bytes: u64,
+        used_bytes: u64,
+        pid: u32,
+    },
+    SetOsdState {
+        osd_id: u64,
+        state: OsdState,
+    },
+    RegisterClient {
+        hostname: String,
+        mountpoint: Vec<u8>,
+        pid: u32,
+        subdir: Vec<u8>,
+    },
+    /// Data of these inodes was deleted on every OSD: drop them from the
+    /// GC queue.
+    GcDone {
+        inos: Vec<u64>,
+    },
+}
+
+/// A raft log entry payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaCommand {
+    /// Leader's wall clock when it accepted the request.
+    pub now_ns: i64,
+    /// Client session (0 = none: no dedup).
+    pub session_id: u64,
+    /// Request id inside the session (0 = no dedup).
+    pub request_id: u64,
+    pub op: Op,
+}
+
+/// Inode attributes as stored (mirrors the proto `Attr`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attr {
+    pub ino: u64,
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u64,
+    pub size: u64,
+    pub atime_ns: i64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub crtime_ns: i64,
+    pub generation: u64,
+    pub chunk_size: u32,
+    pub replicas: u32,
+    pub write_quorum: u32,
+}
+
+/// Successful outcome of a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    None,
+    Attr(Attr),
+    OsdRegistered { osd_id: u64, epoch: u64 },
+    ClientRegistered { session_id: u64, root_ino: u64 },
+}
+
+/// What applying one log entry produced: a reply or a Linux errno.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaResponse(pub Result<Reply, i32>);
+
+impl Default for MetaResponse {
+    fn default() -> Self {
+        MetaResponse(Ok(Reply::None))
+    }
+}

@@ -1,0 +1,215 @@
+//! Configuration: a TOML file with defaults for every key, overridden by
+//! command-line flags.
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Effective configuration of one MDS node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Raft node id (>= 1).
+    pub id: u64,
+    /// Address to serve gRPC on (host:port).
+    pub listen: String,
+    /// Directory for the raft log and snapshots.
+    pub data_dir: PathBuf,
+    /// Initial members, as "id=host:port".
+    pub peers: Vec<String>,
+    /// Replicas per chunk (n).
+    pub replicas: u32,
+    /// Write quorum (m).
+    pub write_quorum: u32,
+    /// Placement groups.
+    pub pg_count: u32,
+    /// Chunk size of new files.
+    pub chunk_size: u32,
+    /// tracing filter (e.g. "info", "avalon_mds=debug").
+    pub log_level: String,
+    /// An OSD without heartbeat for this long is marked down.
+    pub osd_down_after_ms: u64,
+    /// Snapshot after this many log entries since the last one.
+    pub snapshot_logs: u64,
+    /// Raft heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// Raft election timeout range.
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// Period of the data garbage collector.
+    pub gc_interval_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            id: 1,
+            listen: "127.0.0.1:7100".into(),
+            data_dir: PathBuf::from("/var/lib/avalon/mds"),
+            peers: Vec::new(),
+            replicas: 3,
+            write_quorum: 2,
+            pg_count: avalon_proto::limits::DEFAULT_PG_COUNT,
+            chunk_size: avalon_proto::limits::DEFAULT_CHUNK_SIZE,
+            log_level: "info".into(),
+            osd_down_after_ms: 10_000,
+            snapshot_logs: 5000,
+            heartbeat_ms: 100,
+            election_min_ms: 600,
+            election_max_ms: 1200,
+            gc_interval_ms: 2000,
+        }
+    }
+}
+
+/// Command-line flags of `avalon-mds`.
+#[derive(Debug, Parser, Default)]
+#[command(name = "avalon-mds", version, about = "Avalon metadata service")]
+pub struct Args {
+    /// TOML configuration file (same keys as the flags, snake_case).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Raft node id.
+    #[arg(long)]
+    pub id: Option<u64>,
+    /// Listen address (host:port).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Data directory.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Initial members: 1=host:port,2=host:port,...
+    #[arg(long, value_delimiter = ',')]
+    pub peers: Option<Vec<String>>,
+    /// Replicas per chunk.
+    #[arg(long)]
+    pub replicas: Option<u32>,
+    /// Write quorum.
+    #[arg(long)]
+    pub write_quorum: Option<u32>,
+    /// Placement groups.
+    #[arg(long)]
+    pub pg_count: Option<u32>,
+    /// Chunk size of new files in bytes.
+    #[arg(long)]
+    pub chunk_size: Option<u32>,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// Mark an OSD down after this many ms without heartbeat.
+    #[arg(long)]
+    pub osd_down_after_ms: Option<u64>,
+}
+
+impl Config {
+    /// Reads the config file (if any) and applies the flags over it.
+    pub fn load(args: &Args) -> anyhow::Result<Config> {
+        let mut cfg = match &args.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+            }
+            None => Config::default(),
+        };
+        macro_rules! over {
+            ($($f:ident),*) => {$(
+                if let Some(v) = &args.$f { cfg.$f = v.clone(); }
+            )*};
+        }
+        over!(
+            id,
+            listen,
+            data_dir,
+            peers,
+            replicas,
+            write_quorum,
+            pg_count,
+            chunk_size,
+            log_level,
+            osd_down_after_ms
+        );
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks value ranges.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use avalon_proto::limits::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+        if self.id == 0 {
+            bail!("id must be >= 1");
+        }
+        if self.replicas == 0 || self.write_quorum == 0 || self.write_quorum > self.replicas {
+            bail!("need 1 <= write_quorum <= replicas");
+        }
+        if self.pg_count == 0 {
+            bail!("pg_count must be >= 1");
+        }
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.chunk_size) {
+            bail!("chunk_size must be in {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}");
+        }
+        if self.election_min_ms == 0
+            || self.election_max_ms <= self.election_min_ms
+            || self.heartbeat_ms >= self.election_min_ms
+        {
+            bail!("need heartbeat_ms < election_min_ms < election_max_ms");
+        }
+        self.peer_map()?;
+        Ok(())
+    }
+
+    /// The initial members: `--peers`, or just this node if empty.
+    pub fn peer_map(&self) -> anyhow::Result<BTreeMap<u64, String>> {
+        let mut m = BTreeMap::new();
+        for p in &self.peers {
+            let p = p.trim();
+            if p.is_empty() {
+                continue;
+            }
+            let (id, addr) = p
+                .split_once('=')
+                .with_context(|| format!("peer {p:?} is not id=host:port"))?;
+            let id: u64 = id
+                .trim()
+                .parse()
+                .with_context(|| format!("bad peer id in {p:?}"))?;
+            if id == 0 || addr.trim().is_empty() {
+                bail!("bad peer {p:?}");
+            }
+            m.insert(id, addr.trim().to_string());
+        }
+        if m.is_empty() {
+            m.insert(self.id, self.listen.clone());
+        }
+        if !m.contains_key(&self.id) {
+            bail!("--peers does not contain this node's id {}", self.id);
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("mds.toml");
+        std::fs::write(
+            &p,
+            "id = 2\nlisten = \"127.0.0.1:7101\"\npeers = [\"1=127.0.0.1:7100\", \"2=127.0.0.1:7101\"]\nreplicas = 2\nwrite_quorum = 1\n",
+        )
+        .expect("write");
+        let args = Args::parse_from(["avalon-mds", "--config", p.to_str().unwrap_or(""), "--pg-count", "64"]);
+        let c = Config::load(&args).expect("load");
+        assert_eq!(c.id, 2);
+        assert_eq!(c.replicas, 2);
+        assert_eq!(c.pg_count, 64);
+        assert_eq!(c.peer_map().expect("peers").len(), 2);
+        let args = Args::parse_from(["avalon-mds", "--peers", "1=a:1,2=b:2", "--id", "3"]);
+        assert!(Config::load(&args).is_err());
+    }
+}

@@ -1,0 +1,65 @@
+//! Data garbage collection: the leader asks every up OSD to delete the
+//! objects of removed inodes, then drops them from the queue via raft.
+
+use crate::command::{Op, OsdState};
+use crate::node::MdsNode;
+use avalon_proto::pb::osd_client::OsdClient;
+use avalon_proto::pb::{DeleteObjectsRequest, RequestHeader};
+use std::time::Duration;
+
+/// Inodes sent per DeleteObjects call.
+const BATCH: usize = 1024;
+
+/// Leader-only loop; returns when the node shuts down.
+pub async fn gc_loop(node: &MdsNode) {
+    let period = Duration::from_millis(node.cfg.gc_interval_ms.max(10));
+    loop {
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        if !node.is_leader() {
+            continue;
+        }
+        if let Err(e) = gc_once(node).await {
+            tracing::debug!(error = %e, "GC round incomplete");
+        }
+    }
+}
+
+/// One GC round: deletes one batch of queued inodes on all up OSDs.
+/// Returns how many inodes were removed from the queue.
+pub async fn gc_once(node: &MdsNode) -> anyhow::Result<usize> {
+    let (inos, osds): (Vec<u64>, Vec<(u64, String)>) = node.read_local(|s| {
+        (
+            s.gc_queue.iter().take(BATCH).copied().collect(),
+            s.osds
+                .values()
+                .filter(|o| o.state == OsdState::Up)
+                .map(|o| (o.id, o.addr.clone()))
+                .collect(),
+        )
+    });
+    if inos.is_empty() {
+        return Ok(0);
+    }
+    // Down OSDs still hold data of these inodes; they must be cleaned when
+    // they come back (later: per-OSD GC cursors in the state machine).
+    for (id, addr) in &osds {
+        let ch = avalon_proto::mds_conn::channel(addr, Duration::from_secs(2))
+            .map_err(|e| anyhow::anyhow!("OSD {id} at {addr}: {}", e.message()))?;
+        let mut c = OsdClient::new(ch);
+        let req = DeleteObjectsRequest {
+            header: Some(RequestHeader::default()),
+            inos: inos.clone(),
+        };
+        tokio::time::timeout(Duration::from_secs(10), c.delete_objects(req))
+            .await
+            .map_err(|_| anyhow::anyhow!("OSD {id} at {addr}: DeleteObjects timed out"))?
+            .map_err(|e| anyhow::anyhow!("OSD {id} at {addr}: {}", e.message()))?;
+    }
+    let n = inos.len();
+    node.write(None, Op::GcDone { inos }).await?;
+    tracing::debug!(inodes = n, osds = osds.len(), "GC round done");
+    Ok(n)
+}

@@ -1,0 +1,137 @@
+//! Avalon metadata service: the namespace, the cluster map and client
+//! sessions, replicated over an openraft group.
+//!
+//! Layout: [`command`] (log entries), [`namespace`] (the pure state
+//! machine), [`raft_store`] and [`raft_net`] (all openraft glue), [`node`]
+//! (one running node and error mapping), [`meta_service`] (the `Meta` gRPC
+//! service), [`gc`] (data garbage collection), [`config`].
+
+pub mod command;
+pub mod config;
+pub mod gc;
+pub mod meta_service;
+pub mod namespace;
+pub mod node;
+pub mod raft_net;
+pub mod raft_store;
+
+use crate::config::Config;
+use crate::meta_service::MetaService;
+use crate::node::{Liveness, MdsNode};
+use crate::raft_net::{NetworkFactory, RaftService};
+use crate::raft_store::{LogStore, Raft, StateMachineStore};
+use anyhow::Context;
+use avalon_proto::limits::MAX_MESSAGE_BYTES;
+use avalon_proto::pb::meta_server::MetaServer;
+use avalon_proto::pb::raft_server::RaftServer;
+use openraft::{BasicNode, SnapshotPolicy};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config as MdsConfig;
+
+/// Builds the openraft configuration from ours.
+fn raft_config(cfg: &Config) -> anyhow::Result<openraft::Config> {
+    let c = openraft::Config {
+        cluster_name: "avalon-mds".into(),
+        heartbeat_interval: cfg.heartbeat_ms,
+        election_timeout_min: cfg.election_min_ms,
+        election_timeout_max: cfg.election_max_ms,
+        install_snapshot_timeout: 10_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs.max(1)),
+        max_in_snapshot_log_to_keep: (cfg.snapshot_logs / 5).min(1000),
+        max_payload_entries: 1000,
+        ..Default::default()
+    };
+    Ok(c.validate()?)
+}
+
+/// Runs one MDS node until `shutdown` is cancelled.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let peers = cfg.peer_map()?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let log = LogStore::open(&cfg.data_dir).context("opening raft log")?;
+    let fresh = log.is_empty()?;
+    let sm = StateMachineStore::open(&cfg.data_dir).context("opening state machine")?;
+    let shared = sm.shared();
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    let raft = Raft::new(
+        cfg.id,
+        Arc::new(raft_config(&cfg)?),
+        NetworkFactory,
+        log,
+        sm,
+    )
+    .await
+    .context("starting raft")?;
+    tracing::info!(id = cfg.id, listen = %cfg.listen, fresh, "MDS starting");
+
+    let node = Arc::new(MdsNode {
+        id: cfg.id,
+        addr: cfg.listen.clone(),
+        cfg: cfg.clone(),
+        raft: raft.clone(),
+        sm: shared,
+        liveness: Mutex::new(Liveness::default()),
+        shutdown: shutdown.child_token(),
+    });
+
+    if fresh && peers.keys().next() == Some(&cfg.id) {
+        let members: BTreeMap<u64, BasicNode> = peers
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+            .collect();
+        match raft.initialize(members).await {
+            Ok(()) => tracing::info!(members = ?peers, "initialized raft group"),
+            Err(e) => tracing::info!(error = %e, "raft initialize skipped"),
+        }
+    }
+
+    let tasks = tokio_util::task::TaskTracker::new();
+    {
+        let n = node.clone();
+        tasks.spawn(async move { n.liveness_loop().await });
+        let n = node.clone();
+        tasks.spawn(async move { gc::gc_loop(&n).await });
+    }
+    tasks.close();
+
+    let meta = MetaServer::new(MetaService { node: node.clone() })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let raft_svc = RaftServer::new(RaftService { node: node.clone() })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let stop = shutdown.clone();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(meta)
+            .add_service(raft_svc)
+            .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
+    );
+
+    shutdown.cancelled().await;
+    tracing::info!(id = cfg.id, "MDS shutting down");
+    node.shutdown.cancel();
+    // In-flight requests get a moment to finish; then the server is dropped.
+    let abort = server.abort_handle();
+    match tokio::time::timeout(Duration::from_secs(3), server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server task failed"),
+        Err(_) => abort.abort(),
+    }
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(3), tasks.wait()).await;
+    tracing::info!(id = cfg.id, "MDS stopped");
+    Ok(())
+}

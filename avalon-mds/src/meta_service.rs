@@ -1,0 +1,554 @@
+//! The `Meta` gRPC service: validates requests, replicates mutations through
+//! raft and serves linearizable reads from the state machine.
+
+use crate::command::{Attr, Op, OsdState, Reply, TimeSpec};
+use crate::node::{role_name, MdsError, MdsNode};
+use crate::namespace::State;
+use avalon_proto::limits::check_name;
+use avalon_proto::pb::{self, meta_server::Meta, time_set};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+type Res<T> = Result<Response<T>, Status>;
+
+/// The `Meta` service of one node.
+pub struct MetaService {
+    pub node: Arc<MdsNode>,
+}
+
+/// Converts a stored attribute to its wire form.
+pub fn attr_pb(a: &Attr) -> pb::Attr {
+    pb::Attr {
+        ino: a.ino,
+        mode: a.mode,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        size: a.size,
+        atime_ns: a.atime_ns,
+        mtime_ns: a.mtime_ns,
+        ctime_ns: a.ctime_ns,
+        crtime_ns: a.crtime_ns,
+        generation: a.generation,
+        chunk_size: a.chunk_size,
+        replicas: a.replicas,
+        write_quorum: a.write_quorum,
+    }
+}
+
+fn osd_state_pb(s: OsdState) -> pb::OsdState {
+    match s {
+        OsdState::Up => pb::OsdState::Up,
+        OsdState::Down => pb::OsdState::Down,
+        OsdState::Out => pb::OsdState::Out,
+    }
+}
+
+fn time_spec(t: Option<pb::TimeSet>) -> Option<TimeSpec> {
+    match t?.how? {
+        time_set::How::Now(_) => Some(TimeSpec::Now),
+        time_set::How::Ns(n) => Some(TimeSpec::Ns(n)),
+    }
+}
+
+fn name_ok(name: &[u8]) -> Result<(), MdsError> {
+    check_name(name).map_err(MdsError::Errno)
+}
+
+fn ino_ok(ino: u64) -> Result<(), MdsError> {
+    if ino == 0 {
+        Err(MdsError::Errno(libc::EINVAL))
+    } else {
+        Ok(())
+    }
+}
+
+fn entry(r: Reply) -> Result<pb::EntryReply, MdsError> {
+    match r {
+        Reply::Attr(a) => Ok(pb::EntryReply {
+            attr: Some(attr_pb(&a)),
+        }),
+        other => Err(MdsError::Internal(format!("unexpected reply {other:?}"))),
+    }
+}
+
+fn attr_reply(r: Reply) -> Result<pb::AttrReply, MdsError> {
+    entry(r).map(|e| pb::AttrReply { attr: e.attr })
+}
+
+impl MetaService {
+    /// The cluster map as this node's state has it.
+    pub fn cluster_map(&self, s: &State) -> pb::ClusterMap {
+        let leader = self.node.is_leader();
+        pb::ClusterMap {
+            epoch: s.map_epoch,
+            pg_count: self.node.cfg.pg_count,
+            replicas: self.node.cfg.replicas,
+            write_quorum: self.node.cfg.write_quorum,
+            osds: s
+                .osds
+                .values()
+                .map(|o| pb::OsdInfo {
+                    id: o.id,
+                    addr: o.addr.clone(),
+                    state: osd_state_pb(o.state) as i32,
+                    capacity_bytes: o.capacity_bytes,
+                    used_bytes: o.used_bytes,
+                    failure_domain: o.failure_domain.clone(),
+                    pid: o.pid,
+                    last_seen_ms: if leader {
+                        self.node.osd_last_seen_ms(o.id)
+                    } else {
+                        0
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    async fn mutate(&self, hdr: Option<&pb::RequestHeader>, op: Op) -> Result<Reply, Status> {
+        Ok(self.node.write(hdr, op).await?)
+    }
+}
+
+#[tonic::async_trait]
+impl Meta for MetaService {
+    async fn lookup(&self, req: Request<pb::LookupRequest>) -> Res<pb::EntryReply> {
+        let r = req.into_inner();
+        ino_ok(r.parent)?;
+        name_ok(&r.name)?;
+        let a = self
+            .node
+            .read(|s| s.lookup(r.parent, &r.name))
+            .await?
+            .map_err(MdsError::Errno)?;
+        Ok(Response::new(pb::EntryReply {
+            attr: Some(attr_pb(&a)),
+        }))
+    }
+
+    async fn get_attr(&self, req: Request<pb::GetAttrRequest>) -> Res<pb::AttrReply> {
+        let r = req.into_inner();
+        ino_ok(r.ino)?;
+        let a = self.node.read(|s| s.getattr(r.ino)).await?.map_err(MdsError::Errno)?;
+        Ok(Response::new(pb::AttrReply {
+            attr: Some(attr_pb(&a)),
+        }))
+    }
+
+    async fn set_attr(&self, req: Request<pb::SetAttrRequest>) -> Res<pb::AttrReply> {
+        let r = req.into_inner();
+        ino_ok(r.ino)?;
+        let op = Op::SetAttr {
+            ino: r.ino,
+            mode: r.mode,
+            uid: r.uid,
+            gid: r.gid,
+            size: r.size,
+            atime: time_spec(r.atime),
+            mtime: time_spec(r.mtime),
+            ctime_ns: r.ctime_ns,
+        };
+        Ok(Response::new(attr_reply(
+            self.mutate(r.header.as_ref(), op).await?,
+        )?))
+    }
+
+    async fn mknod(&self, req: Request<pb::MknodRequest>) -> Res<pb::EntryReply> {
+        let r = req.into_inner();
+        ino_ok(r.parent)?;
+        name_ok(&r.name)?;
+        let op = Op::Mknod {
+            parent: r.parent,
+            name: r.name.into(),
+            mode: r.mode,
+            rdev: r.rdev,
+            uid: r.uid,
+            gid: r.gid,
+            exclusive: r.exclusive,
+            layout: self.node.layout(),
+        };
+        Ok(Response::new(entry(self.mutate(r.header.as_ref(), op).await?)?))
+    }
+
+    async fn mkdir(&self, req: Request<pb::MkdirRequest>) -> Res<pb::EntryReply> {
+        let r = req.into_inner();
+        ino_ok(r.parent)?;
+        name_ok(&r.name)?;
+        let op = Op::Mkdir {
+            parent: r.parent,
+            name: r.name.into(),
+            mode: r.mode,
+            uid: r.uid,
+            gid: r.gid,
+        };
+        Ok(Response::new(entry(self.mutate(r.header.as_ref(), op).await?)?))
+    }
+
+    async fn symlink(&self, req: Request<pb::SymlinkRequest>) -> Res<pb::EntryReply> {
+        let r = req.into_inner();
+        ino_ok(r.parent)?;
+        name_ok(&r.name)?;
+        if r.target.is_empty() {
+            return Err(MdsError::Errno(libc::ENOENT).into());
+        }
+        if r.target.len() > avalon_proto::limits::PATH_MAX {
+            return Err(MdsError::Errno(libc::ENAMETOOLONG).into());
+        }
+        let op = Op::Symlink {
+            parent: r.parent,
+            name: r.name.into(),
+            target: r.target.into(),
+            uid: r.uid,
+            gid: r.gid,
+        };
+        Ok(Response::new(entry(self.mutate(r.header.as_ref(), op).await?)?))
+    }
+
+    async fn unlink(&self, req: Request<pb::UnlinkRequest>) -> Res<pb::Empty> {
+        let r = req.into_inner();
+        ino_ok(r.parent)?;
+        name_ok(&r.name)?;
+        let op = Op::Unlink {
+            parent: r.parent,
+            name: r.name.into(),
+        };
+        self.mutate(r.header.as_ref(), op).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn rmdir(&self, req: Request<pb::UnlinkRequest>) -> Res<pb::Empty> {
+        let r = req.into_inner();
+        ino_ok(r.parent)?;
+        name_ok(&r.name)?;
+        let op = Op::Rmdir {
+            parent: r.parent,
+            name: r.name.into(),
+        };
+        self.mutate(r.header.as_ref(), op).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn readlink(&self, req: Request<pb::GetAttrRequest>) -> Res<pb::ReadlinkReply> {
+        let r = req.into_inner();
+        ino_ok(r.ino)?;
+        let target = self.node.read(|s| s.readlink(r.ino)).await?.map_err(MdsError::Errno)?;
+        Ok(Response::new(pb::ReadlinkReply { target: target.into() }))
+    }
+
+    async fn link(&self, req: Request<pb::LinkRequest>) -> Res<pb::EntryReply> {
+        let r = req.into_inner();
+        ino_ok(r.ino)?;
+        ino_ok(r.new_parent)?;
+        name_ok(&r.new_name)?;
+        let op = Op::Link {
+            ino: r.ino,
+            new_parent: r.new_parent,
+            new_name: r.new_name.into(),
+        };
+        Ok(Response::new(entry(self.mutate(r.header.as_ref(), op).await?)?))
+    }
+
+    async fn rename(&self, req: Request<pb::RenameRequest>) -> Res<pb::Empty> {
+        let r = req.into_inner();
+        ino_ok(r.parent)?;
+        ino_ok(r.new_parent)?;
+        name_ok(&r.name)?;
+        name_ok(&r.new_name)?;
+        let op = Op::Rename {
+            parent: r.parent,
+            name: r.name.into(),
+            new_parent: r.new_parent,
+            new_name: r.new_name.into(),
+            flags: r.flags,
+        };
+        self.mutate(r.header.as_ref(), op).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn read_dir(&self, req: Request<pb::ReadDirRequest>) -> Res<pb::ReadDirReply> {
+        let r = req.into_inner();
+        ino_ok(r.ino)?;
+        let max = if r.max_entries == 0 {
+            1024
+        } else {
+            r.max_entries.min(8192) as usize
+        };
+        let (entries, eof) = self
+            .node
+            .read(|s| s.readdir(r.ino, r.cookie, max, r.plus))
+            .await?
+            .map_err(MdsError::Errno)?;
+        Ok(Response::new(pb::ReadDirReply {
+            entries: entries
+                .into_iter()
+                .map(|e| pb::DirEntry {
+                    name: e.name.into(),
+                    ino: e.ino,
+                    mode: e.mode,
+                    cookie: e.cookie,
+                    attr: e.attr.as_ref().map(attr_pb),
+                })
+                .collect(),
+            eof,
+        }))
+    }
+
+    async fn stat_fs(&self, _req: Request<pb::GetAttrRequest>) -> Res<pb::StatFsReply> {
+        let rep = self.node.cfg.replicas;
+        let s = self.node.read(|s| s.statfs(rep)).await?;
+        Ok(Response::new(pb::StatFsReply {
+            total_bytes: s.total_bytes,
+            free_bytes: s.free_bytes,
+            avail_bytes: s.avail_bytes,
+            total_inodes: s.total_inodes,
+            free_inodes: s.free_inodes,
+            block_size: s.block_size,
+            max_name_len: s.max_name_len,
+        }))
+    }
+
+    async fn set_xattr(&self, req: Request<pb::SetXattrRequest>) -> Res<pb::Empty> {
+        let r = req.into_inner();
+        ino_ok(r.ino)?;
+        let op = Op::SetXattr {
+            ino: r.ino,
+            name: r.name.into(),
+            value: r.value.into(),
+            flags: r.flags,
+        };
+        self.mutate(r.header.as_ref(), op).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn get_xattr(&self, req: Request<pb::XattrRequest>) -> Res<pb::XattrReply> {
+        let r = req.into_inner();
+        ino_ok(r.ino)?;
+        let value = self
+            .node
+            .read(|s| s.getxattr(r.ino, &r.name))
+            .await?
+            .map_err(MdsError::Errno)?;
+        Ok(Response::new(pb::XattrReply { value: value.into() }))
+    }
+
+    async fn list_xattr(&self, req: Request<pb::GetAttrRequest>) -> Res<pb::ListXattrReply> {
+        let r = req.into_inner();
+        ino_ok(r.ino)?;
+        let names = self
+            .node
+            .read(|s| s.listxattr(r.ino))
+            .await?
+            .map_err(MdsError::Errno)?;
+        Ok(Response::new(pb::ListXattrReply {
+            names: names.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn remove_xattr(&self, req: Request<pb::XattrRequest>) -> Res<pb::Empty> {
+        let r = req.into_inner();
+        ino_ok(r.ino)?;
+        let op = Op::RemoveXattr {
+            ino: r.ino,
+            name: r.name.into(),
+        };
+        self.mutate(r.header.as_ref(), op).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn commit_write(&self, req: Request<pb::CommitWriteRequest>) -> Res<pb::AttrReply> {
+        let r = req.into_inner();
+        ino_ok(r.ino)?;
+        let op = Op::CommitWrite {
+            ino: r.ino,
+            size: r.size,
+        };
+        Ok(Response::new(attr_reply(
+            self.mutate(r.header.as_ref(), op).await?,
+        )?))
+    }
+
+    async fn get_cluster_map(&self, _req: Request<pb::Empty>) -> Res<pb::ClusterMap> {
+        let map = self.node.read(|s| self.cluster_map(s)).await?;
+        Ok(Response::new(map))
+    }
+
+    async fn register_osd(&self, req: Request<pb::RegisterOsdRequest>) -> Res<pb::RegisterOsdReply> {
+        let r = req.into_inner();
+        if r.addr.is_empty() || r.addr.len() > 1024 || r.failure_domain.len() > 1024 {
+            return Err(MdsError::Invalid("bad OSD address or failure domain".into()).into());
+        }
+        let op = Op::RegisterOsd {
+            osd_id: r.osd_id,
+            addr: r.addr,
+            capacity_bytes: r.capacity_bytes,
+            used_bytes: r.used_bytes,
+            failure_domain: r.failure_domain,
+            pid: r.pid,
+        };
+        match self.mutate(r.header.as_ref(), op).await? {
+            Reply::OsdRegistered { osd_id, .. } => {
+                self.node.osd_seen_now(osd_id);
+                let map = self.node.read_local(|s| self.cluster_map(s));
+                tracing::info!(osd = osd_id, epoch = map.epoch, "OSD registered");
+                Ok(Response::new(pb::RegisterOsdReply {
+                    osd_id,
+                    map: Some(map),
+                }))
+            }
+            other => Err(MdsError::Internal(format!("unexpected reply {other:?}")).into()),
+        }
+    }
+
+    async fn osd_heartbeat(
+        &self,
+        req: Request<pb::OsdHeartbeatRequest>,
+    ) -> Res<pb::OsdHeartbeatReply> {
+        let r = req.into_inner();
+        self.node.check_leader()?;
+        let known = self.node.read_local(|s| s.osds.get(&r.osd_id).cloned());
+        let Some(osd) = known else {
+            return Err(MdsError::NotFound(format!("OSD {} is not registered", r.osd_id)).into());
+        };
+        self.node.osd_seen_now(r.osd_id);
+        if osd.state == OsdState::Down {
+            tracing::info!(osd = r.osd_id, "OSD heartbeats again; marking up");
+            self.mutate(
+                None,
+                Op::SetOsdState {
+                    osd_id: r.osd_id,
+                    state: OsdState::Up,
+                },
+            )
+            .await?;
+        }
+        let addr_changed = !r.addr.is_empty() && r.addr != osd.addr;
+        let drift = |a: u64, b: u64| a.abs_diff(b) > (b / 100).max(1 << 20);
+        if addr_changed
+            || r.pid != osd.pid
+            || drift(r.capacity_bytes, osd.capacity_bytes)
+            || drift(r.used_bytes, osd.used_bytes)
+        {
+            self.mutate(
+                None,
+                Op::OsdReport {
+                    osd_id: r.osd_id,
+                    addr: r.addr,
+                    capacity_bytes: r.capacity_bytes,
+                    used_bytes: r.used_bytes,
+                    pid: r.pid,
+                },
+            )
+            .await?;
+        }
+        let map_epoch = self.node.read_local(|s| s.map_epoch);
+        Ok(Response::new(pb::OsdHeartbeatReply { map_epoch }))
+    }
+
+    async fn register_client(
+        &self,
+        req: Request<pb::RegisterClientRequest>,
+    ) -> Res<pb::RegisterClientReply> {
+        let r = req.into_inner();
+        if r.hostname.len() > 1024 || r.mountpoint.len() > 4096 || r.subdir.len() > 4096 {
+            return Err(MdsError::Invalid("hostname, mountpoint or subdir too long".into()).into());
+        }
+        let op = Op::RegisterClient {
+            hostname: r.hostname,
+            mountpoint: r.mountpoint.into(),
+            pid: r.pid,
+            subdir: r.subdir.into(),
+        };
+        // A registration is not deduplicated: it has no session yet.
+        match self.mutate(None, op).await? {
+            Reply::ClientRegistered {
+                session_id,
+                root_ino,
+            } => {
+                self.node.client_seen_now(session_id);
+                Ok(Response::new(pb::RegisterClientReply {
+                    session_id,
+                    root_ino,
+                }))
+            }
+            other => Err(MdsError::Internal(format!("unexpected reply {other:?}")).into()),
+        }
+    }
+
+    async fn client_heartbeat(&self, req: Request<pb::ClientHeartbeatRequest>) -> Res<pb::Empty> {
+        let r = req.into_inner();
+        self.node.check_leader()?;
+        let sid = r.header.map(|h| h.session_id).unwrap_or(0);
+        if !self.node.read_local(|s| s.sessions.contains_key(&sid)) {
+            return Err(MdsError::NotFound(format!("no session {sid}")).into());
+        }
+        self.node.client_seen_now(sid);
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn status(&self, _req: Request<pb::Empty>) -> Res<pb::StatusReply> {
+        let m = self.node.raft.metrics().borrow().clone();
+        let leader = self.node.is_leader();
+        let me = pb::MdsInfo {
+            id: self.node.id,
+            addr: self.node.addr.clone(),
+            role: role_name(m.state).to_string(),
+            pid: std::process::id(),
+            term: m.current_term,
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            leader_id: m.current_leader.unwrap_or(0),
+        };
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, n)| pb::MdsInfo {
+                id: *id,
+                addr: n.addr.clone(),
+                role: if *id == self.node.id {
+                    me.role.clone()
+                } else if m.current_leader == Some(*id) {
+                    "leader".into()
+                } else if voters.contains(id) {
+                    "follower".into()
+                } else {
+                    "learner".into()
+                },
+                pid: if *id == self.node.id { me.pid } else { 0 },
+                term: if *id == self.node.id { me.term } else { 0 },
+                last_applied: if *id == self.node.id {
+                    me.last_applied
+                } else {
+                    0
+                },
+                leader_id: m.current_leader.unwrap_or(0),
+            })
+            .collect();
+        let (map, clients, inodes) = self.node.read_local(|s| {
+            let clients = s
+                .sessions
+                .values()
+                .map(|c| pb::ClientInfo {
+                    session_id: c.id,
+                    hostname: c.hostname.clone(),
+                    mountpoint: c.mountpoint.clone().into(),
+                    pid: c.pid,
+                    last_seen_ms: if leader {
+                        self.node.client_last_seen_ms(c.id)
+                    } else {
+                        0
+                    },
+                })
+                .collect();
+            (self.cluster_map(s), clients, s.inodes.len() as u64)
+        });
+        Ok(Response::new(pb::StatusReply {
+            self_: Some(me),
+            members,
+            map: Some(map),
+            clients,
+            inodes,
+        }))
+    }
+}

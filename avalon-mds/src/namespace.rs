@@ -1,0 +1,1012 @@
+//! The metadata state machine: namespace, cluster map, sessions, GC queue.
+//!
+//! Pure and deterministic: [`State::apply`] depends only on the state and the
+//! command. Every error is a Linux errno; nothing here panics on any input.
+
+use crate::command::{Attr, Layout, MetaCommand, MetaResponse, Op, OsdState, Reply, TimeSpec};
+use avalon_proto::limits::{
+    check_name, LINK_MAX, MAX_FILE_SIZE, NAME_MAX, PATH_MAX, ROOT_INO, XATTR_NAME_MAX,
+    XATTR_SIZE_MAX,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+pub const S_IFMT: u32 = libc::S_IFMT;
+pub const S_IFDIR: u32 = libc::S_IFDIR;
+pub const S_IFREG: u32 = libc::S_IFREG;
+pub const S_IFLNK: u32 = libc::S_IFLNK;
+
+/// Renameat2 flags.
+pub const RENAME_NOREPLACE: u32 = 1;
+pub const RENAME_EXCHANGE: u32 = 2;
+/// Setxattr flags.
+pub const XATTR_CREATE: u32 = 1;
+pub const XATTR_REPLACE: u32 = 2;
+
+/// Responses remembered per session for retried mutations.
+pub const DEDUP_PER_SESSION: usize = 1024;
+/// Total inodes reported by statfs.
+pub const TOTAL_INODES: u64 = 1 << 40;
+/// First cookie of real directory entries (1 and 2 are "." and "..").
+pub const FIRST_COOKIE: u64 = 3;
+
+type R<T> = Result<T, i32>;
+
+/// One inode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inode {
+    pub attr: Attr,
+    /// Parent directory (directories only; they have exactly one).
+    pub parent: u64,
+    /// Next readdir cookie (directories only).
+    pub next_cookie: u64,
+    pub symlink: Option<Vec<u8>>,
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl Inode {
+    pub fn is_dir(&self) -> bool {
+        self.attr.mode & S_IFMT == S_IFDIR
+    }
+}
+
+/// A directory entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dentry {
+    pub ino: u64,
+    pub cookie: u64,
+}
+
+/// A registered OSD.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Osd {
+    pub id: u64,
+    pub addr: String,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub failure_domain: String,
+    pub state: OsdState,
+    pub pid: u32,
+}
+
+/// A client session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub id: u64,
+    pub hostname: String,
+    pub mountpoint: Vec<u8>,
+    pub pid: u32,
+    pub root_ino: u64,
+}
+
+/// One entry returned by [`State::readdir`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: u64,
+    pub mode: u32,
+    pub cookie: u64,
+    pub attr: Option<Attr>,
+}
+
+/// Filesystem usage as statfs reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StatFs {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub avail_bytes: u64,
+    pub total_inodes: u64,
+    pub free_inodes: u64,
+    pub block_size: u32,
+    pub max_name_len: u32,
+}
+
+/// The whole replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub inodes: BTreeMap<u64, Inode>,
+    pub dentries: BTreeMap<(u64, Vec<u8>), Dentry>,
+    /// (directory, cookie) -> name, for readdir in cookie order.
+    pub cookies: BTreeMap<(u64, u64), Vec<u8>>,
+    pub next_ino: u64,
+    pub next_generation: u64,
+    pub osds: BTreeMap<u64, Osd>,
+    pub next_osd_id: u64,
+    pub map_epoch: u64,
+    pub sessions: BTreeMap<u64, Session>,
+    pub next_session_id: u64,
+    /// Inodes whose data must be deleted on the OSDs.
+    pub gc_queue: BTreeSet<u64>,
+    /// Per session: the last responses by request id, oldest first.
+    pub dedup: BTreeMap<u64, VecDeque<(u64, MetaResponse)>>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn is_dir_mode(mode: u32) -> bool {
+    mode & S_IFMT == S_IFDIR
+}
+
+impl State {
+    /// A fresh filesystem: just the root directory.
+    pub fn new() -> Self {
+        let mut inodes = BTreeMap::new();
+        inodes.insert(
+            ROOT_INO,
+            Inode {
+                attr: Attr {
+                    ino: ROOT_INO,
+                    mode: S_IFDIR | 0o755,
+                    nlink: 2,
+                    generation: 1,
+                    ..Attr::default()
+                },
+                parent: ROOT_INO,
+                next_cookie: FIRST_COOKIE,
+                symlink: None,
+                xattrs: BTreeMap::new(),
+            },
+        );
+        State {
+            inodes,
+            dentries: BTreeMap::new(),
+            cookies: BTreeMap::new(),
+            next_ino: ROOT_INO + 1,
+            next_generation: 2,
+            osds: BTreeMap::new(),
+            next_osd_id: 1,
+            map_epoch: 1,
+            sessions: BTreeMap::new(),
+            next_session_id: 1,
+            gc_queue: BTreeSet::new(),
+            dedup: BTreeMap::new(),
+        }
+    }
+
+    // ------------------------------------------------------------ reads
+
+    fn inode(&self, ino: u64) -> R<&Inode> {
+        if ino == 0 {
+            return Err(libc::EINVAL);
+        }
+        self.inodes.get(&ino).ok_or(libc::ENOENT)
+    }
+
+    fn inode_mut(&mut self, ino: u64) -> R<&mut Inode> {
+        if ino == 0 {
+            return Err(libc::EINVAL);
+        }
+        self.inodes.get_mut(&ino).ok_or(libc::ENOENT)
+    }
+
+    fn dir(&self, ino: u64) -> R<&Inode> {
+        let i = self.inode(ino)?;
+        if !i.is_dir() {
+            return Err(libc::ENOTDIR);
+        }
+        Ok(i)
+    }
+
+    pub fn getattr(&self, ino: u64) -> R<Attr> {
+        Ok(self.inode(ino)?.attr)
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> R<Attr> {
+        self.dir(parent)?;
+        check_name(name)?;
+        let d = self
+            .dentries
+            .get(&(parent, name.to_vec()))
+            .ok_or(libc::ENOENT)?;
+        self.getattr(d.ino)
+    }
+
+    pub fn readlink(&self, ino: u64) -> R<Vec<u8>> {
+        self.inode(ino)?.symlink.clone().ok_or(libc::EINVAL)
+    }
+
+    /// Entries with cookie > `cookie`, in cookie order; `(entries, eof)`.
+    pub fn readdir(&self, ino: u64, cookie: u64, max: usize, plus: bool) -> R<(Vec<DirEntry>, bool)> {
+        self.dir(ino)?;
+        let max = max.clamp(1, 100_000);
+        let mut out = Vec::new();
+        let start = cookie.max(FIRST_COOKIE - 1).saturating_add(1);
+        let mut eof = true;
+        for ((_, c), name) in self.cookies.range((ino, start)..=(ino, u64::MAX)) {
+            if out.len() >= max {
+                eof = false;
+                break;
+            }
+            let Some(d) = self.dentries.get(&(ino, name.clone())) else {
+                continue;
+            };
+            let Some(child) = self.inodes.get(&d.ino) else {
+                continue;
+            };
+            out.push(DirEntry {
+                name: name.clone(),
+                ino: d.ino,
+                mode: child.attr.mode,
+                cookie: *c,
+                attr: plus.then_some(child.attr),
+            });
+        }
+        Ok((out, eof))
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> R<Vec<u8>> {
+        let i = self.inode(ino)?;
+        check_xattr_name(name)?;
+        i.xattrs.get(name).cloned().ok_or(libc::ENODATA)
+    }
+
+    pub fn listxattr(&self, ino: u64) -> R<Vec<Vec<u8>>> {
+        Ok(self.inode(ino)?.xattrs.keys().cloned().collect())
+    }
+
+    /// Usage as statfs reports it; each byte is stored `replicas` times.
+    pub fn statfs(&self, replicas: u32) -> StatFs {
+        let mut cap = 0u64;
+        let mut used = 0u64;
+        let replicas = u64::from(replicas.max(1));
+        for o in self.osds.values().filter(|o| o.state != OsdState::Out) {
+            cap = cap.saturating_add(o.capacity_bytes);
+            used = used.saturating_add(o.used_bytes.min(o.capacity_bytes));
+        }
+        let total = cap / replicas;
+        let free = cap.saturating_sub(used) / replicas;
+        let n = self.inodes.len() as u64;
+        StatFs {
+            total_bytes: total,
+            free_bytes: free,
+            avail_bytes: free,
+            total_inodes: TOTAL_INODES,
+            free_inodes: TOTAL_INODES.saturating_sub(n),
+            block_size: 4096,
+            max_name_len: NAME_MAX as u32,
+        }
+    }
+
+    /// Resolves a `/`-separated path from the root to a directory inode.
+    pub fn resolve_dir(&self, path: &[u8]) -> R<u64> {
+        let mut cur = ROOT_INO;
+        for comp in path.split(|&b| b == b'/') {
+            match comp {
+                b"" | b"." => continue,
+                b".." => cur = self.dir(cur)?.parent,
+                name => {
+                    self.dir(cur)?;
+                    check_name(name)?;
+                    cur = self
+                        .dentries
+                        .get(&(cur, name.to_vec()))
+                        .ok_or(libc::ENOENT)?
+                        .ino;
+                }
+            }
+        }
+        self.dir(cur)?;
+        Ok(cur)
+    }
+
+    // ------------------------------------------------------------ apply
+
+    /// Applies one command, with per-session dedup of retried requests.
+    pub fn apply(&mut self, cmd: &MetaCommand) -> MetaResponse {
+        let dedup = cmd.session_id != 0 && cmd.request_id != 0;
+        if dedup {
+            if let Some(prev) = self.dedup.get(&cmd.session_id).and_then(|q| {
+                q.iter()
+                    .rev()
+                    .find(|(r, _)| *r == cmd.request_id)
+                    .map(|(_, resp)| resp.clone())
+            }) {
+                return prev;
+            }
+        }
+        let resp = MetaResponse(self.apply_op(cmd.now_ns, &cmd.op));
+        if dedup {
+            let q = self.dedup.entry(cmd.session_id).or_default();
+            q.push_back((cmd.request_id, resp.clone()));
+            while q.len() > DEDUP_PER_SESSION {
+                q.pop_front();
+            }
+        }
+        resp
+    }
+
+    fn apply_op(&mut self, now: i64, op: &Op) -> R<Reply> {
+        match op {
+            Op::SetAttr {
+                ino,
+                mode,
+                uid,
+                gid,
+                size,
+                atime,
+                mtime,
+                ctime_ns,
+            } => self
+                .setattr(now, *ino, *mode, *uid, *gid, *size, *atime, *mtime, *ctime_ns)
+                .map(Reply::Attr),
+            Op::Mknod {
+                parent,
+                name,
+                mode,
+                rdev,
+                uid,
+                gid,
+                exclusive,
+                layout,
+            } => self
+                .mknod(now, *parent, name, *mode, *rdev, *uid, *gid, *exclusive, *layout)
+                .map(Reply::Attr),
+            Op::Mkdir {
+                parent,
+                name,
+                mode,
+                uid,
+                gid,
+            } => self
+                .mkdir(now, *parent, name, *mode, *uid, *gid)
+                .map(Reply::Attr),
+            Op::Symlink {
+                parent,
+                name,
+                target,
+                uid,
+                gid,
+            } => self
+                .symlink(now, *parent, name, target, *uid, *gid)
+                .map(Reply::Attr),
+            Op::Unlink { parent, name } => self.remove(now, *parent, name, false).map(|_| Reply::None),
+            Op::Rmdir { parent, name } => self.remove(now, *parent, name, true).map(|_| Reply::None),
+            Op::Link {
+                ino,
+                new_parent,
+                new_name,
+            } => self.link(now, *ino, *new_parent, new_name).map(Reply::Attr),
+            Op::Rename {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                flags,
+            } => self
+                .rename(now, *parent, name, *new_parent, new_name, *flags)
+                .map(|_| Reply::None),
+            Op::SetXattr {
+                ino,
+                name,
+                value,
+                flags,
+            } => self
+                .setxattr(now, *ino, name, value, *flags)
+                .map(|_| Reply::None),
+            Op::RemoveXattr { ino, name } => self.removexattr(now, *ino, name).map(|_| Reply::None),
+            Op::CommitWrite { ino, size } => self.commit_write(now, *ino, *size).map(Reply::Attr),
+            Op::RegisterOsd {
+                osd_id,
+                addr,
+                capacity_bytes,
+                used_bytes,
+                failure_domain,
+                pid,
+            } => {
+                let id = self.register_osd(
+                    *osd_id,
+                    addr,
+                    *capacity_bytes,
+                    *used_bytes,
+                    failure_domain,
+                    *pid,
+                )?;
+                Ok(Reply::OsdRegistered {
+                    osd_id: id,
+                    epoch: self.map_epoch,
+                })
+            }
+            Op::OsdReport {
+                osd_id,
+                addr,
+                capacity_bytes,
+                used_bytes,
+                pid,
+            } => {
+                let o = self.osds.get_mut(osd_id).ok_or(libc::ENOENT)?;
+                o.capacity_bytes = *capacity_bytes;
+                o.used_bytes = *used_bytes;
+                o.pid = *pid;
+                if !addr.is_empty() && *addr != o.addr {
+                    o.addr = addr.clone();
+                    self.map_epoch += 1;
+                }
+                Ok(Reply::None)
+            }
+            Op::SetOsdState { osd_id, state } => {
+                let o = self.osds.get_mut(osd_id).ok_or(libc::ENOENT)?;
+                if o.state != *state {
+                    o.state = *state;
+                    self.map_epoch += 1;
+                }
+                Ok(Reply::None)
+            }
+            Op::RegisterClient {
+                hostname,
+                mountpoint,
+                pid,
+                subdir,
+            } => {
+                let root_ino = self.resolve_dir(subdir)?;
+                let id = self.next_session_id;
+                self.next_session_id += 1;
+                self.sessions.insert(
+                    id,
+                    Session {
+                        id,
+                        hostname: hostname.clone(),
+                        mountpoint: mountpoint.clone(),
+                        pid: *pid,
+                        root_ino,
+                    },
+                );
+                Ok(Reply::ClientRegistered {
+                    session_id: id,
+                    root_ino,
+                })
+            }
+            Op::GcDone { inos } => {
+                for i in inos {
+                    self.gc_queue.remove(i);
+                }
+                Ok(Reply::None)
+            }
+        }
+    }
+
+    fn register_osd(
+        &mut self,
+        osd_id: u64,
+        addr: &str,
+        capacity: u64,
+        used: u64,
+        failure_domain: &str,
+        pid: u32,
+    ) -> R<u64> {
+        if addr.is_empty() {
+            return Err(libc::EINVAL);
+        }
+        let id = if osd_id == 0 {
+            let id = self.next_osd_id;
+            self.next_osd_id += 1;
+            id
+        } else {
+            if osd_id >= self.next_osd_id {
+                self.next_osd_id = osd_id.saturating_add(1);
+            }
+            osd_id
+        };
+        let osd = Osd {
+            id,
+            addr: addr.to_string(),
+            capacity_bytes: capacity,
+            used_bytes: used,
+            failure_domain: failure_domain.to_string(),
+            state: OsdState::Up,
+            pid,
+        };
+        let changed = self.osds.get(&id).is_none_or(|o| {
+            o.addr != osd.addr || o.state != osd.state || o.failure_domain != osd.failure_domain
+        });
+        self.osds.insert(id, osd);
+        if changed {
+            self.map_epoch += 1;
+        }
+        Ok(id)
+    }
+
+    fn alloc_inode(&mut self, now: i64, mode: u32, uid: u32, gid: u32) -> Inode {
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        Inode {
+            attr: Attr {
+                ino,
+                mode,
+                nlink: 1,
+                uid,
+                gid,
+                atime_ns: now,
+                mtime_ns: now,
+                ctime_ns: now,
+                crtime_ns: now,
+                generation,
+                ..Attr::default()
+            },
+            parent: 0,
+            next_cookie: FIRST_COOKIE,
+            symlink: None,
+            xattrs: BTreeMap::new(),
+        }
+    }
+
+    fn touch_dir(&mut self, dir: u64, now: i64) {
+        if let Some(d) = self.inodes.get_mut(&dir) {
+            d.attr.mtime_ns = now;
+            d.attr.ctime_ns = now;
+        }
+    }
+
+    fn add_entry(&mut self, dir: u64, name: &[u8], ino: u64) {
+        let Some(d) = self.inodes.get_mut(&dir) else {
+            return;
+        };
+        let cookie = d.next_cookie;
+        d.next_cookie += 1;
+        self.dentries.insert((dir, name.to_vec()), Dentry { ino, cookie });
+        self.cookies.insert((dir, cookie), name.to_vec());
+    }
+
+    fn del_entry(&mut self, dir: u64, name: &[u8]) -> Option<Dentry> {
+        let d = self.dentries.remove(&(dir, name.to_vec()))?;
+        self.cookies.remove(&(dir, d.cookie));
+        Some(d)
+    }
+
+    /// Checks that `name` is free in directory `parent`; returns nothing.
+    fn check_new_entry(&self, parent: u64, name: &[u8]) -> R<()> {
+        self.dir(parent)?;
+        check_name(name)?;
+        if self.dentries.contains_key(&(parent, name.to_vec())) {
+            return Err(libc::EEXIST);
+        }
+        Ok(())
+    }
+
+    fn insert_new(&mut self, now: i64, parent: u64, name: &[u8], inode: Inode) -> Attr {
+        let attr = inode.attr;
+        self.inodes.insert(attr.ino, inode);
+        self.add_entry(parent, name, attr.ino);
+        self.touch_dir(parent, now);
+        attr
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setattr(
+        &mut self,
+        now: i64,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeSpec>,
+        mtime: Option<TimeSpec>,
+        ctime_ns: Option<i64>,
+    ) -> R<Attr> {
+        let i = self.inode_mut(ino)?;
+        if let Some(s) = size {
+            if i.is_dir() {
+                return Err(libc::EISDIR);
+            }
+            if i.attr.mode & S_IFMT != S_IFREG {
+                return Err(libc::EINVAL);
+            }
+            if s > MAX_FILE_SIZE {
+                return Err(libc::EFBIG);
+            }
+        }
+        let mut changed = false;
+        if let Some(m) = mode {
+            i.attr.mode = (i.attr.mode & S_IFMT) | (m & 0o7777);
+            changed = true;
+        }
+        if let Some(u) = uid {
+            i.attr.uid = u;
+            changed = true;
+        }
+        if let Some(g) = gid {
+            i.attr.gid = g;
+            changed = true;
+        }
+        if let Some(s) = size {
+            i.attr.size = s;
+            i.attr.mtime_ns = now;
+            changed = true;
+        }
+        let ts = |t: TimeSpec| match t {
+            TimeSpec::Now => now,
+            TimeSpec::Ns(n) => n,
+        };
+        if let Some(t) = atime {
+            i.attr.atime_ns = ts(t);
+            changed = true;
+        }
+        if let Some(t) = mtime {
+            i.attr.mtime_ns = ts(t);
+            changed = true;
+        }
+        if changed {
+            i.attr.ctime_ns = now;
+        }
+        if let Some(c) = ctime_ns {
+            i.attr.ctime_ns = c;
+        }
+        Ok(i.attr)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn mknod(
+        &mut self,
+        now: i64,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+        layout: Layout,
+    ) -> R<Attr> {
+        let ftype = match mode & S_IFMT {
+            0 => S_IFREG,
+            t @ (libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK) => t,
+            _ => return Err(libc::EINVAL),
+        };
+        self.dir(parent)?;
+        check_name(name)?;
+        if let Some(d) = self.dentries.get(&(parent, name.to_vec())) {
+            if exclusive {
+                return Err(libc::EEXIST);
+            }
+            let existing = self.inode(d.ino)?;
+            if existing.is_dir() {
+                return Err(libc::EISDIR);
+            }
+            if existing.attr.mode & S_IFMT != S_IFREG || ftype != S_IFREG {
+                return Err(libc::EEXIST);
+            }
+            return Ok(existing.attr);
+        }
+        let mut inode = self.alloc_inode(now, ftype | (mode & 0o7777), uid, gid);
+        if ftype == S_IFREG {
+            inode.attr.chunk_size = layout.chunk_size;
+            inode.attr.replicas = layout.replicas;
+            inode.attr.write_quorum = layout.write_quorum;
+        } else if ftype == libc::S_IFCHR || ftype == libc::S_IFBLK {
+            inode.attr.rdev = rdev;
+        }
+        Ok(self.insert_new(now, parent, name, inode))
+    }
+
+    fn mkdir(&mut self, now: i64, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> R<Attr> {
+        self.check_new_entry(parent, name)?;
+        if self.inode(parent)?.attr.nlink >= LINK_MAX {
+            return Err(libc::EMLINK);
+        }
+        let mut inode = self.alloc_inode(now, S_IFDIR | (mode & 0o7777), uid, gid);
+        inode.attr.nlink = 2;
+        inode.parent = parent;
+        let attr = self.insert_new(now, parent, name, inode);
+        if let Some(p) = self.inodes.get_mut(&parent) {
+            p.attr.nlink += 1;
+        }
+        Ok(attr)
+    }
+
+    fn symlink(
+        &mut self,
+        now: i64,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> R<Attr> {
+        if target.is_empty() {
+            return Err(libc::ENOENT);
+        }
+        if target.len() > PATH_MAX {
+            return Err(libc::ENAMETOOLONG);
+        }
+        self.check_new_entry(parent, name)?;
+        let mut inode = self.alloc_inode(now, S_IFLNK | 0o777, uid, gid);
+        inode.attr.size = target.len() as u64;
+        inode.symlink = Some(target.to_vec());
+        Ok(self.insert_new(now, parent, name, inode))
+    }
+
+    /// Drops one link of `ino`; removes the inode at zero links.
+    fn drop_link(&mut self, now: i64, ino: u64) {
+        let Some(i) = self.inodes.get_mut(&ino) else {
+            return;
+        };
+        if i.is_dir() {
+            i.attr.nlink = 0;
+        } else {
+            i.attr.nlink = i.attr.nlink.saturating_sub(1);
+        }
+        i.attr.ctime_ns = now;
+        if i.attr.nlink == 0 {
+            let is_reg = i.attr.mode & S_IFMT == S_IFREG;
+            self.inodes.remove(&ino);
+            if is_reg {
+                self.gc_queue.insert(ino);
+            }
+        }
+    }
+
+    fn dir_is_empty(&self, dir: u64) -> bool {
+        self.cookies
+            .range((dir, 0)..=(dir, u64::MAX))
+            .next()
+            .is_none()
+    }
+
+    fn remove(&mut self, now: i64, parent: u64, name: &[u8], rmdir: bool) -> R<()> {
+        self.dir(parent)?;
+        check_name(name)?;
+        let d = *self
+            .dentries
+            .get(&(parent, name.to_vec()))
+            .ok_or(libc::ENOENT)?;
+        let child = self.inode(d.ino)?;
+        if rmdir {
+            if !child.is_dir() {
+                return Err(libc::ENOTDIR);
+            }
+            if !self.dir_is_empty(d.ino) {
+                return Err(libc::ENOTEMPTY);
+            }
+        } else if child.is_dir() {
+            return Err(libc::EISDIR);
+        }
+        self.del_entry(parent, name);
+        if rmdir {
+            if let Some(p) = self.inodes.get_mut(&parent) {
+                p.attr.nlink = p.attr.nlink.saturating_sub(1);
+            }
+        }
+        self.drop_link(now, d.ino);
+        self.touch_dir(parent, now);
+        Ok(())
+    }
+
+    fn link(&mut self, now: i64, ino: u64, new_parent: u64, new_name: &[u8]) -> R<Attr> {
+        let i = self.inode(ino)?;
+        if i.is_dir() {
+            return Err(libc::EPERM);
+        }
+        self.check_new_entry(new_parent, new_name)?;
+        if self.inode(ino)?.attr.nlink >= LINK_MAX {
+            return Err(libc::EMLINK);
+        }
+        self.add_entry(new_parent, new_name, ino);
+        self.touch_dir(new_parent, now);
+        let i = self.inode_mut(ino)?;
+        i.attr.nlink += 1;
+        i.attr.ctime_ns = now;
+        Ok(i.attr)
+    }
+
+    /// True if `dir` is `anc` or lies below it.
+    fn is_in_subtree(&self, mut dir: u64, anc: u64) -> bool {
+        for _ in 0..100_000 {
+            if dir == anc {
+                return true;
+            }
+            if dir == ROOT_INO {
+                return false;
+            }
+            match self.inodes.get(&dir) {
+                Some(i) if i.parent != dir => dir = i.parent,
+                _ => return false,
+            }
+        }
+        false
+    }
+
+    fn rename(
+        &mut self,
+        now: i64,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        flags: u32,
+    ) -> R<()> {
+        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
+            || flags == RENAME_NOREPLACE | RENAME_EXCHANGE
+        {
+            return Err(libc::EINVAL);
+        }
+        self.dir(parent)?;
+        self.dir(new_parent)?;
+        check_name(name)?;
+        check_name(new_name)?;
+        let src = *self
+            .dentries
+            .get(&(parent, name.to_vec()))
+            .ok_or(libc::ENOENT)?;
+        let dst = self.dentries.get(&(new_parent, new_name.to_vec())).copied();
+        let src_dir = self.inode(src.ino)?.is_dir();
+        if parent == new_parent && name == new_name {
+            return if dst.is_none() && flags & RENAME_EXCHANGE != 0 {
+                Err(libc::ENOENT)
+            } else if flags & RENAME_NOREPLACE != 0 {
+                Err(libc::EEXIST)
+            } else {
+                Ok(())
+            };
+        }
+        if flags & RENAME_EXCHANGE != 0 {
+            let dst = dst.ok_or(libc::ENOENT)?;
+            let dst_dir = self.inode(dst.ino)?.is_dir();
+            if src_dir && self.is_in_subtree(new_parent, src.ino) {
+                return Err(libc::EINVAL);
+            }
+            if dst_dir && self.is_in_subtree(parent, dst.ino) {
+                return Err(libc::EINVAL);
+            }
+            // Swap the inode numbers, keep the cookies.
+            if let Some(e) = self.dentries.get_mut(&(parent, name.to_vec())) {
+                e.ino = dst.ino;
+            }
+            if let Some(e) = self.dentries.get_mut(&(new_parent, new_name.to_vec())) {
+                e.ino = src.ino;
+            }
+            if parent != new_parent && src_dir != dst_dir {
+                let (to_new, to_old) = if src_dir { (1i64, -1i64) } else { (-1, 1) };
+                self.adjust_nlink(new_parent, to_new);
+                self.adjust_nlink(parent, to_old);
+            }
+            if src_dir {
+                if let Some(i) = self.inodes.get_mut(&src.ino) {
+                    i.parent = new_parent;
+                }
+            }
+            if dst_dir {
+                if let Some(i) = self.inodes.get_mut(&dst.ino) {
+                    i.parent = parent;
+                }
+            }
+            for ino in [src.ino, dst.ino] {
+                if let Some(i) = self.inodes.get_mut(&ino) {
+                    i.attr.ctime_ns = now;
+                }
+            }
+            self.touch_dir(parent, now);
+            self.touch_dir(new_parent, now);
+            return Ok(());
+        }
+        if src_dir && self.is_in_subtree(new_parent, src.ino) {
+            return Err(libc::EINVAL);
+        }
+        if let Some(dst) = dst {
+            if flags & RENAME_NOREPLACE != 0 {
+                return Err(libc::EEXIST);
+            }
+            if dst.ino == src.ino {
+                // Two links to one inode: POSIX says do nothing.
+                return Ok(());
+            }
+            let dst_inode = self.inode(dst.ino)?;
+            let dst_dir = dst_inode.is_dir();
+            if src_dir && !dst_dir {
+                return Err(libc::ENOTDIR);
+            }
+            if !src_dir && dst_dir {
+                return Err(libc::EISDIR);
+            }
+            if dst_dir {
+                // The target must not be an ancestor of the source (it
+                // would be non-empty anyway).
+                if !self.dir_is_empty(dst.ino) {
+                    return Err(libc::ENOTEMPTY);
+                }
+            }
+            self.del_entry(new_parent, new_name);
+            if dst_dir {
+                self.adjust_nlink(new_parent, -1);
+            }
+            self.drop_link(now, dst.ino);
+        }
+        self.del_entry(parent, name);
+        self.add_entry(new_parent, new_name, src.ino);
+        if src_dir && parent != new_parent {
+            self.adjust_nlink(parent, -1);
+            self.adjust_nlink(new_parent, 1);
+        }
+        if let Some(i) = self.inodes.get_mut(&src.ino) {
+            if src_dir {
+                i.parent = new_parent;
+            }
+            i.attr.ctime_ns = now;
+        }
+        self.touch_dir(parent, now);
+        self.touch_dir(new_parent, now);
+        Ok(())
+    }
+
+    fn adjust_nlink(&mut self, ino: u64, delta: i64) {
+        if let Some(i) = self.inodes.get_mut(&ino) {
+            i.attr.nlink = if delta < 0 {
+                i.attr.nlink.saturating_sub(delta.unsigned_abs() as u32)
+            } else {
+                i.attr.nlink.saturating_add(delta as u32)
+            };
+        }
+    }
+
+    fn setxattr(&mut self, now: i64, ino: u64, name: &[u8], value: &[u8], flags: u32) -> R<()> {
+        self.inode(ino)?;
+        check_xattr_name(name)?;
+        if value.len() > XATTR_SIZE_MAX {
+            return Err(libc::E2BIG);
+        }
+        if flags & !(XATTR_CREATE | XATTR_REPLACE) != 0 || flags == XATTR_CREATE | XATTR_REPLACE {
+            return Err(libc::EINVAL);
+        }
+        let i = self.inode_mut(ino)?;
+        let exists = i.xattrs.contains_key(name);
+        if flags == XATTR_CREATE && exists {
+            return Err(libc::EEXIST);
+        }
+        if flags == XATTR_REPLACE && !exists {
+            return Err(libc::ENODATA);
+        }
+        i.xattrs.insert(name.to_vec(), value.to_vec());
+        i.attr.ctime_ns = now;
+        Ok(())
+    }
+
+    fn removexattr(&mut self, now: i64, ino: u64, name: &[u8]) -> R<()> {
+        self.inode(ino)?;
+        check_xattr_name(name)?;
+        let i = self.inode_mut(ino)?;
+        i.xattrs.remove(name).ok_or(libc::ENODATA)?;
+        i.attr.ctime_ns = now;
+        Ok(())
+    }
+
+    fn commit_write(&mut self, now: i64, ino: u64, size: u64) -> R<Attr> {
+        let i = self.inode_mut(ino)?;
+        if i.is_dir() {
+            return Err(libc::EISDIR);
+        }
+        if i.attr.mode & S_IFMT != S_IFREG {
+            return Err(libc::EINVAL);
+        }
+        if size > MAX_FILE_SIZE {
+            return Err(libc::EFBIG);
+        }
+        i.attr.size = i.attr.size.max(size);
+        i.attr.mtime_ns = now;
+        i.attr.ctime_ns = now;
+        Ok(i.attr)
+    }
+
+    /// Whether an inode number names a directory (used by callers that need
+    /// the type without the full attributes).
+    pub fn is_dir(&self, ino: u64) -> bool {
+        self.inodes.get(&ino).is_some_and(|i| is_dir_mode(i.attr.mode))
+    }
+}
+
+fn check_xattr_name(name: &[u8]) -> R<()> {
+    if name.is_empty() {
+        return Err(libc::EINVAL);
+    }
+    if name.len() > XATTR_NAME_MAX {
+        return Err(libc::ERANGE);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

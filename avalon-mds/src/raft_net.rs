@@ -1,0 +1,236 @@
+//! Raft network glue: openraft RPCs over the tonic `Raft` service, with
+//! postcard-serialized openraft structs in `RaftMessage.payload`.
+
+use crate::node::MdsNode;
+use crate::raft_store::{NodeId, TypeConfig};
+use avalon_proto::limits::MAX_MESSAGE_BYTES;
+use avalon_proto::pb::raft_client::RaftClient;
+use avalon_proto::pb::raft_server;
+use avalon_proto::pb::{AddMdsRequest, Empty, RaftMessage, RemoveMdsRequest};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+/// Creates one [`NetworkConn`] per peer.
+#[derive(Clone, Default)]
+pub struct NetworkFactory;
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = NetworkConn;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> NetworkConn {
+        NetworkConn {
+            target,
+            addr: node.addr.clone(),
+            client: None,
+        }
+    }
+}
+
+/// A lazily connected client to one peer's `Raft` service.
+pub struct NetworkConn {
+    target: NodeId,
+    addr: String,
+    client: Option<RaftClient<Channel>>,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+enum CallErr {
+    Unreachable(String),
+    Network(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Msg(String);
+
+impl NetworkConn {
+    fn client(&mut self) -> Result<RaftClient<Channel>, CallErr> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
+        }
+        let ch = avalon_proto::mds_conn::channel(&self.addr, Duration::from_secs(1))
+            .map_err(|e| CallErr::Unreachable(e.message().to_string()))?;
+        let c = RaftClient::new(ch)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        self.client = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn call<Q: Serialize, P: DeserializeOwned, E: DeserializeOwned>(
+        &mut self,
+        kind: Kind,
+        req: &Q,
+        ttl: Duration,
+    ) -> Result<Result<P, E>, CallErr> {
+        let payload = postcard::to_allocvec(req).map_err(|e| CallErr::Network(e.to_string()))?;
+        let mut c = self.client()?;
+        let msg = RaftMessage {
+            payload: payload.into(),
+        };
+        let fut = async move {
+            match kind {
+                Kind::Append => c.append_entries(msg).await,
+                Kind::Vote => c.vote(msg).await,
+                Kind::Snapshot => c.install_snapshot(msg).await,
+            }
+        };
+        let resp = match tokio::time::timeout(ttl, fut).await {
+            Err(_) => return Err(CallErr::Network(format!("timeout after {ttl:?}"))),
+            Ok(Err(s)) => {
+                return Err(if s.code() == tonic::Code::Unavailable {
+                    CallErr::Unreachable(s.message().to_string())
+                } else {
+                    CallErr::Network(format!("{:?}: {}", s.code(), s.message()))
+                })
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        postcard::from_bytes(&resp.payload).map_err(|e| CallErr::Network(e.to_string()))
+    }
+
+    fn map<P, E: std::error::Error>(
+        &self,
+        r: Result<Result<P, RaftError<NodeId, E>>, CallErr>,
+    ) -> Result<P, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>> {
+        match r {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            Err(CallErr::Unreachable(m)) => Err(RPCError::Unreachable(Unreachable::new(&Msg(m)))),
+            Err(CallErr::Network(m)) => Err(RPCError::Network(NetworkError::new(&Msg(m)))),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for NetworkConn {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let r = self.call(Kind::Append, &rpc, option.hard_ttl()).await;
+        self.map(r)
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        let ttl = option.hard_ttl().max(Duration::from_secs(5));
+        let r = self.call(Kind::Snapshot, &rpc, ttl).await;
+        self.map(r)
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let r = self.call(Kind::Vote, &rpc, option.hard_ttl()).await;
+        self.map(r)
+    }
+}
+
+// ------------------------------------------------------------------ server
+
+/// The `Raft` gRPC service of one node.
+pub struct RaftService {
+    pub node: Arc<MdsNode>,
+}
+
+fn decode<T: DeserializeOwned>(m: &RaftMessage) -> Result<T, Status> {
+    postcard::from_bytes(&m.payload)
+        .map_err(|e| Status::invalid_argument(format!("bad raft payload: {e}")))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Response<RaftMessage>, Status> {
+    let payload = postcard::to_allocvec(v).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(RaftMessage {
+        payload: payload.into(),
+    }))
+}
+
+#[tonic::async_trait]
+impl raft_server::Raft for RaftService {
+    async fn append_entries(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
+        encode(&self.node.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let rpc: VoteRequest<NodeId> = decode(req.get_ref())?;
+        encode(&self.node.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
+        encode(&self.node.raft.install_snapshot(rpc).await)
+    }
+
+    async fn add_mds(&self, req: Request<AddMdsRequest>) -> Result<Response<Empty>, Status> {
+        let req = req.into_inner();
+        if req.id == 0 || req.addr.is_empty() {
+            return Err(Status::invalid_argument("id and addr are required"));
+        }
+        self.node.check_leader()?;
+        let raft = &self.node.raft;
+        raft.add_learner(req.id, BasicNode { addr: req.addr.clone() }, true)
+            .await
+            .map_err(|e| self.node.raft_err(e))?;
+        let mut members: std::collections::BTreeSet<NodeId> = self.node.voter_ids();
+        members.insert(req.id);
+        raft.change_membership(members, false)
+            .await
+            .map_err(|e| self.node.raft_err(e))?;
+        tracing::info!(id = req.id, addr = %req.addr, "added MDS");
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn remove_mds(&self, req: Request<RemoveMdsRequest>) -> Result<Response<Empty>, Status> {
+        let req = req.into_inner();
+        self.node.check_leader()?;
+        let mut members = self.node.voter_ids();
+        if !members.remove(&req.id) {
+            return Err(Status::not_found(format!("MDS {} is not a member", req.id)));
+        }
+        if members.is_empty() {
+            return Err(Status::failed_precondition("cannot remove the last MDS"));
+        }
+        self.node
+            .raft
+            .change_membership(members, false)
+            .await
+            .map_err(|e| self.node.raft_err(e))?;
+        tracing::info!(id = req.id, "removed MDS");
+        Ok(Response::new(Empty {}))
+    }
+}

@@ -1,0 +1,419 @@
+//! Raft storage glue (openraft 0.9, storage-v2): the type config, the
+//! durable log (redb) and the in-memory state machine with file snapshots.
+
+use crate::command::{MetaCommand, MetaResponse};
+use crate::namespace::State;
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, RaftLogReader,
+    RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use redb::{Database, Durability, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::fmt::Debug;
+use std::io::{Cursor, Write};
+use std::ops::RangeBounds;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+openraft::declare_raft_types!(
+    /// Avalon MDS raft types.
+    pub TypeConfig:
+        D = MetaCommand,
+        R = MetaResponse,
+        NodeId = u64,
+        Node = BasicNode,
+        Entry = Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+pub type NodeId = u64;
+pub type Raft = openraft::Raft<TypeConfig>;
+type SErr = StorageError<NodeId>;
+
+const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const KEY_VOTE: &str = "vote";
+const KEY_COMMITTED: &str = "committed";
+const KEY_PURGED: &str = "purged";
+
+const SNAPSHOT_FILE: &str = "snapshot.bin";
+
+fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::fmt::Display) -> SErr {
+    StorageIOError::new(subject, verb, AnyError::error(e.to_string())).into()
+}
+
+fn rd(e: impl std::fmt::Display) -> SErr {
+    io_err(ErrorSubject::Logs, ErrorVerb::Read, e)
+}
+
+fn wr(e: impl std::fmt::Display) -> SErr {
+    io_err(ErrorSubject::Logs, ErrorVerb::Write, e)
+}
+
+// ------------------------------------------------------------------ log
+
+/// The raft log and vote, durable in a redb database.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl LogStore {
+    /// Opens (or creates) `dir/raft-log.redb`.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let db = Database::create(dir.join("raft-log.redb"))?;
+        let tx = db.begin_write()?;
+        {
+            tx.open_table(LOGS)?;
+            tx.open_table(META)?;
+        }
+        tx.commit()?;
+        Ok(LogStore { db: Arc::new(db) })
+    }
+
+    fn get_meta<T: for<'a> Deserialize<'a>>(&self, key: &str) -> Result<Option<T>, SErr> {
+        let tx = self.db.begin_read().map_err(rd)?;
+        let t = tx.open_table(META).map_err(rd)?;
+        match t.get(key).map_err(rd)? {
+            Some(v) => Ok(Some(postcard::from_bytes(v.value()).map_err(rd)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &str, v: &T, durable: bool) -> Result<(), SErr> {
+        let bytes = postcard::to_allocvec(v).map_err(wr)?;
+        let mut tx = self.db.begin_write().map_err(wr)?;
+        if !durable {
+            tx.set_durability(Durability::None);
+        }
+        {
+            let mut t = tx.open_table(META).map_err(wr)?;
+            t.insert(key, bytes.as_slice()).map_err(wr)?;
+        }
+        tx.commit().map_err(wr)
+    }
+
+    /// True if nothing was ever written (no vote, no log): a fresh node.
+    pub fn is_empty(&self) -> anyhow::Result<bool> {
+        let vote: Option<Vote<NodeId>> = self.get_meta(KEY_VOTE)?;
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(LOGS)?;
+        Ok(vote.is_none() && t.first()?.is_none())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
+        let tx = self.db.begin_read().map_err(rd)?;
+        let t = tx.open_table(LOGS).map_err(rd)?;
+        let mut out = Vec::new();
+        for item in t.range(range).map_err(rd)? {
+            let (_, v) = item.map_err(rd)?;
+            out.push(postcard::from_bytes(v.value()).map_err(rd)?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SErr> {
+        let purged: Option<LogId<NodeId>> = self.get_meta(KEY_PURGED)?;
+        let tx = self.db.begin_read().map_err(rd)?;
+        let t = tx.open_table(LOGS).map_err(rd)?;
+        let last = match t.last().map_err(rd)? {
+            Some((_, v)) => {
+                let e: Entry<TypeConfig> = postcard::from_bytes(v.value()).map_err(rd)?;
+                Some(e.log_id)
+            }
+            None => purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SErr> {
+        self.put_meta(KEY_VOTE, vote, true)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, SErr> {
+        self.get_meta(KEY_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SErr> {
+        // Not fsynced on its own: the next durable commit carries it, and a
+        // lost committed mark only delays re-applying until the leader says.
+        self.put_meta(KEY_COMMITTED, &committed, false)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
+        Ok(self.get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SErr>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let res = (|| -> Result<(), SErr> {
+            let tx = self.db.begin_write().map_err(wr)?;
+            {
+                let mut t = tx.open_table(LOGS).map_err(wr)?;
+                for e in entries {
+                    let bytes = postcard::to_allocvec(&e).map_err(wr)?;
+                    t.insert(e.log_id.index, bytes.as_slice()).map_err(wr)?;
+                }
+            }
+            tx.commit().map_err(wr)
+        })();
+        match res {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(e)
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        let tx = self.db.begin_write().map_err(wr)?;
+        {
+            let mut t = tx.open_table(LOGS).map_err(wr)?;
+            t.retain_in(log_id.index.., |_, _| false).map_err(wr)?;
+        }
+        tx.commit().map_err(wr)
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        let bytes = postcard::to_allocvec(&Some(log_id)).map_err(wr)?;
+        let tx = self.db.begin_write().map_err(wr)?;
+        {
+            let mut m = tx.open_table(META).map_err(wr)?;
+            m.insert(KEY_PURGED, bytes.as_slice()).map_err(wr)?;
+            let mut t = tx.open_table(LOGS).map_err(wr)?;
+            t.retain_in(..=log_id.index, |_, _| false).map_err(wr)?;
+        }
+        tx.commit().map_err(wr)
+    }
+}
+
+// ------------------------------------------------------------------ state machine
+
+/// The applied state plus raft's bookkeeping of it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SmData {
+    pub last_applied: Option<LogId<NodeId>>,
+    pub last_membership: StoredMembership<NodeId, BasicNode>,
+    pub state: State,
+}
+
+/// Shared, readable handle on the state machine.
+pub type SharedSm = Arc<RwLock<SmData>>;
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    data: Vec<u8>,
+}
+
+/// The state machine: in memory, snapshotted to `dir/snapshot.bin`.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    sm: SharedSm,
+    dir: PathBuf,
+    counter: Arc<AtomicU64>,
+}
+
+fn sm_err(verb: ErrorVerb, e: impl std::fmt::Display) -> SErr {
+    io_err(ErrorSubject::StateMachine, verb, e)
+}
+
+fn snap_err(verb: ErrorVerb, e: impl std::fmt::Display) -> SErr {
+    io_err(ErrorSubject::Snapshot(None), verb, e)
+}
+
+/// Writes `bytes` to `dir/name` atomically and durably.
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl StateMachineStore {
+    /// Opens the state machine, restoring the last snapshot in `dir`.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut data = SmData::default();
+        if let Some(f) = Self::read_snapshot_file(dir)? {
+            data = postcard::from_bytes(&f.data)?;
+        }
+        Ok(StateMachineStore {
+            sm: Arc::new(RwLock::new(data)),
+            dir: dir.to_path_buf(),
+            counter: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    fn read_snapshot_file(dir: &Path) -> anyhow::Result<Option<SnapshotFile>> {
+        match std::fs::read(dir.join(SNAPSHOT_FILE)) {
+            Ok(b) => Ok(Some(postcard::from_bytes(&b)?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The shared state, for reads by the services.
+    pub fn shared(&self) -> SharedSm {
+        self.sm.clone()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, SmData> {
+        self.sm.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, SmData> {
+        self.sm.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn save_snapshot(&self, meta: &SnapshotMeta<NodeId, BasicNode>, data: &[u8]) -> Result<(), SErr> {
+        let file = SnapshotFile {
+            meta: meta.clone(),
+            data: data.to_vec(),
+        };
+        let bytes = postcard::to_allocvec(&file).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        write_atomically(&self.dir, SNAPSHOT_FILE, &bytes).map_err(|e| snap_err(ErrorVerb::Write, e))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
+        let (data, last_applied, membership) = {
+            let sm = self.read();
+            let data = postcard::to_allocvec(&*sm).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+            (data, sm.last_applied, sm.last_membership.clone())
+        };
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let snapshot_id = match last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, n),
+            None => format!("0-0-{n}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        self.save_snapshot(&meta, &data)?;
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), SErr> {
+        let sm = self.read();
+        Ok((sm.last_applied, sm.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<MetaResponse>, SErr>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut sm = self.write();
+        let mut out = Vec::new();
+        for e in entries {
+            sm.last_applied = Some(e.log_id);
+            match e.payload {
+                EntryPayload::Blank => out.push(MetaResponse::default()),
+                EntryPayload::Normal(cmd) => out.push(sm.state.apply(&cmd)),
+                EntryPayload::Membership(m) => {
+                    sm.last_membership = StoredMembership::new(Some(e.log_id), m);
+                    out.push(MetaResponse::default());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, SErr> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), SErr> {
+        let data = snapshot.into_inner();
+        let mut new: SmData =
+            postcard::from_bytes(&data).map_err(|e| sm_err(ErrorVerb::Read, e))?;
+        new.last_applied = meta.last_log_id;
+        new.last_membership = meta.last_membership.clone();
+        self.save_snapshot(meta, &data)?;
+        *self.write() = new;
+        tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
+        let f = Self::read_snapshot_file(&self.dir).map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        Ok(f.map(|f| Snapshot {
+            meta: f.meta,
+            snapshot: Box::new(Cursor::new(f.data)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::testing::{StoreBuilder, Suite};
+
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
+        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), SErr> {
+            let dir = tempfile::tempdir().map_err(wr)?;
+            let log = LogStore::open(&dir.path().join("log")).map_err(wr)?;
+            let sm = StateMachineStore::open(&dir.path().join("sm")).map_err(wr)?;
+            Ok((dir, log, sm))
+        }
+    }
+
+    #[test]
+    fn openraft_storage_suite() -> Result<(), SErr> {
+        Suite::test_all(Builder)
+    }
+}
