@@ -45,7 +45,9 @@ pub enum StoreError {
         detail: String,
     },
     /// A replicated write older than what the chunk already holds.
-    #[error("chunk {ino:016x}/{index:016x}: write version {got} is older than stored version {current}")]
+    #[error(
+        "chunk {ino:016x}/{index:016x}: write version {got} is older than stored version {current}"
+    )]
     StaleVersion {
         ino: u64,
         index: u64,
@@ -169,7 +171,8 @@ impl ChunkMeta {
         if &body[0..4] != META_MAGIC {
             return Err("metadata sidecar has a bad magic".into());
         }
-        let u32_at = |o: usize| u32::from_le_bytes([body[o], body[o + 1], body[o + 2], body[o + 3]]);
+        let u32_at =
+            |o: usize| u32::from_le_bytes([body[o], body[o + 1], body[o + 2], body[o + 3]]);
         let u64_at = |o: usize| {
             let mut a = [0u8; 8];
             a.copy_from_slice(&body[o..o + 8]);
@@ -328,7 +331,9 @@ impl ChunkStore {
 
     fn lock_chunk(&self, ino: u64, index: u64) -> MutexGuard<'_, ()> {
         let i = (mix(mix(ino) ^ index) % LOCK_STRIPES as u64) as usize;
-        self.chunk_locks[i].lock().unwrap_or_else(|e| e.into_inner())
+        self.chunk_locks[i]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn corrupt(ino: u64, index: u64, detail: impl Into<String>) -> StoreError {
@@ -431,9 +436,10 @@ impl ChunkStore {
             crcs: Vec::new(),
         });
         let new_version = match mode {
-            VersionMode::Next => meta.version.checked_add(1).ok_or_else(|| {
-                StoreError::InvalidArgument("chunk version overflow".to_string())
-            })?,
+            VersionMode::Next => meta
+                .version
+                .checked_add(1)
+                .ok_or_else(|| StoreError::InvalidArgument("chunk version overflow".to_string()))?,
             VersionMode::Exact { version, force } => {
                 if version == meta.version {
                     return Ok(WriteOutcome {
@@ -819,7 +825,9 @@ mod tests {
         assert_eq!(s.version(4, 1).expect("v"), 2);
         // Replicated writes.
         let ex = |v, force| VersionMode::Exact { version: v, force };
-        let o = s.write(4, 1, 0, b"x", CS, ex(2, false), false).expect("dup");
+        let o = s
+            .write(4, 1, 0, b"x", CS, ex(2, false), false)
+            .expect("dup");
         assert!(o.duplicate);
         assert!(matches!(
             s.write(4, 1, 0, b"x", CS, ex(1, false), false),
@@ -829,8 +837,18 @@ mod tests {
             s.write(4, 1, 0, b"x", CS, ex(4, false), false),
             Err(StoreError::VersionGap { .. })
         ));
-        assert_eq!(s.write(4, 1, 0, b"y", CS, ex(3, false), true).expect("v3").version, 3);
-        assert_eq!(s.write(4, 1, 0, b"z", CS, ex(9, true), true).expect("v9").version, 9);
+        assert_eq!(
+            s.write(4, 1, 0, b"y", CS, ex(3, false), true)
+                .expect("v3")
+                .version,
+            3
+        );
+        assert_eq!(
+            s.write(4, 1, 0, b"z", CS, ex(9, true), true)
+                .expect("v9")
+                .version,
+            9
+        );
         assert_eq!(r(&s, 4, 1, 0, 2), vec![b'z', pattern(1000, 9)[1]]);
         s.sync_chunk(4, 1).expect("sync");
         s.sync_chunk(4, 77).expect("sync missing");
@@ -889,7 +907,10 @@ mod tests {
         let mut m = fs::read(&mpath).expect("meta");
         m[10] ^= 1;
         fs::write(&mpath, &m).expect("meta write");
-        assert!(matches!(s.read(9, 2, 0, 1), Err(StoreError::Corruption { .. })));
+        assert!(matches!(
+            s.read(9, 2, 0, 1),
+            Err(StoreError::Corruption { .. })
+        ));
         // A data file that lost its tail.
         w(&s, 9, 3, 0, &data);
         File::options()
@@ -897,7 +918,10 @@ mod tests {
             .open(s.data_path(9, 3))
             .and_then(|f| f.set_len(10))
             .expect("cut");
-        assert!(matches!(s.read(9, 3, 0, 1), Err(StoreError::Corruption { .. })));
+        assert!(matches!(
+            s.read(9, 3, 0, 1),
+            Err(StoreError::Corruption { .. })
+        ));
     }
 
     #[test]
@@ -906,9 +930,25 @@ mod tests {
         let bad = |r: Result<WriteOutcome>| matches!(r, Err(StoreError::InvalidArgument(_)));
         assert!(bad(s.write(0, 0, 0, b"x", CS, VersionMode::Next, false)));
         assert!(bad(s.write(1, 0, CS, b"x", CS, VersionMode::Next, false)));
-        assert!(bad(s.write(1, 0, u32::MAX, b"x", CS, VersionMode::Next, false)));
+        assert!(bad(s.write(
+            1,
+            0,
+            u32::MAX,
+            b"x",
+            CS,
+            VersionMode::Next,
+            false
+        )));
         assert!(bad(s.write(1, 0, 0, b"x", 1, VersionMode::Next, false)));
-        assert!(bad(s.write(1, 0, 0, b"x", u32::MAX, VersionMode::Next, false)));
+        assert!(bad(s.write(
+            1,
+            0,
+            0,
+            b"x",
+            u32::MAX,
+            VersionMode::Next,
+            false
+        )));
         assert!(bad(s.write(
             1,
             0,
@@ -925,14 +965,20 @@ mod tests {
             s.read(1, 0, u32::MAX, u32::MAX),
             Err(StoreError::InvalidArgument(_))
         ));
-        assert!(matches!(s.read(0, 0, 0, 1), Err(StoreError::InvalidArgument(_))));
+        assert!(matches!(
+            s.read(0, 0, 0, 1),
+            Err(StoreError::InvalidArgument(_))
+        ));
         assert!(s.truncate_object(1, 0, 7).is_err());
         assert!(s.delete_object(0).is_err());
         // Index overflow in truncate is treated as "past the size".
         w(&s, 1, u64::MAX, 0, b"x");
         s.truncate_object(1, u64::MAX, CS).expect("truncate");
         assert_eq!(s.chunk_count(), 0);
-        assert_eq!(effective_chunk_size(0).expect("default"), DEFAULT_CHUNK_SIZE);
+        assert_eq!(
+            effective_chunk_size(0).expect("default"),
+            DEFAULT_CHUNK_SIZE
+        );
         assert!(check_range(u64::MAX, 1, CS).is_err());
     }
 
@@ -951,9 +997,20 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Write { idx: u64, off: u32, len: u32, seed: u8 },
-        Read { idx: u64, off: u32, len: u32 },
-        Truncate { size: u64 },
+        Write {
+            idx: u64,
+            off: u32,
+            len: u32,
+            seed: u8,
+        },
+        Read {
+            idx: u64,
+            off: u32,
+            len: u32,
+        },
+        Truncate {
+            size: u64,
+        },
         Reopen,
     }
 

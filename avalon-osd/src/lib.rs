@@ -1,2 +1,165 @@
-//! Avalon object storage daemon.
+//! Avalon object storage daemon (OSD).
+//!
+//! Stores file chunks with per-block checksums ([`chunk_store`]), serves the
+//! `Osd` gRPC service ([`osd_service`]), acts as primary for the chunks the
+//! cluster map assigns it and replicates their writes ([`replication`]), and
+//! keeps its identity and the cluster map in step with the MDS
+//! ([`membership`]).
+
 pub mod chunk_store;
+pub mod config;
+pub mod error;
+pub mod membership;
+pub mod osd_service;
+pub mod replication;
+
+pub use config::{Cli, Config};
+
+use anyhow::Context;
+use avalon_proto::limits::MAX_MESSAGE_BYTES;
+use avalon_proto::mds_conn::MdsConn;
+use avalon_proto::pb::osd_server::OsdServer;
+use chunk_store::ChunkStore;
+use membership::Membership;
+use osd_service::OsdService;
+use replication::{Peers, Replicator};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Size in bytes of the filesystem holding `path` (statvfs).
+pub fn filesystem_capacity(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `st` is plain old data that statvfs fills in; `c` is a valid
+    // NUL-terminated path that outlives the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Ok((st.f_blocks as u64).saturating_mul(st.f_frsize as u64))
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// Runs an OSD until `shutdown` fires: binds `cfg.listen`, then as
+/// [`run_with_listener`].
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    run_with_listener(cfg, listener, shutdown).await
+}
+
+/// Runs an OSD on an already bound listener (tests bind port 0) until
+/// `shutdown` fires.
+pub async fn run_with_listener(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let local = listener.local_addr().context("listener address")?;
+    let addr = if cfg.advertise.is_empty() {
+        if local.ip().is_unspecified() {
+            tracing::warn!(%local, "listening on a wildcard address; set `advertise` so peers can reach this OSD");
+        }
+        local.to_string()
+    } else {
+        cfg.advertise.clone()
+    };
+    let data_dir = cfg.data_dir.clone();
+    let (store, capacity) = tokio::task::spawn_blocking({
+        let capacity = cfg.capacity;
+        move || -> anyhow::Result<(ChunkStore, u64)> {
+            std::fs::create_dir_all(&data_dir)
+                .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+            let store = ChunkStore::open(data_dir.join("chunks"))?;
+            let capacity = if capacity > 0 {
+                capacity
+            } else {
+                filesystem_capacity(&data_dir)
+                    .with_context(|| format!("statvfs {}", data_dir.display()))?
+            };
+            Ok((store, capacity))
+        }
+    })
+    .await
+    .context("startup task failed")??;
+    let store = Arc::new(store);
+    tracing::info!(
+        %addr,
+        data_dir = %cfg.data_dir.display(),
+        chunks = store.chunk_count(),
+        used = store.used_bytes(),
+        capacity,
+        "avalon-osd starting"
+    );
+
+    let failure_domain = if cfg.failure_domain.is_empty() {
+        host_name()
+    } else {
+        cfg.failure_domain.clone()
+    };
+    let membership = Arc::new(Membership::new(
+        MdsConn::new(cfg.mds.clone()),
+        addr,
+        failure_domain,
+        capacity,
+        cfg.data_dir.clone(),
+    ));
+    let replicator = Arc::new(Replicator {
+        store: Arc::clone(&store),
+        membership: Arc::clone(&membership),
+        peers: Arc::new(Peers::new(Duration::from_millis(cfg.forward_timeout_ms))),
+        applied: Arc::new(tokio::sync::Notify::new()),
+        reorder_wait: Duration::from_millis(cfg.reorder_wait_ms),
+    });
+    let svc = OsdService::new(Arc::clone(&store), Arc::clone(&membership), replicator);
+
+    let stop = shutdown.child_token();
+    let server = tonic::transport::Server::builder()
+        .http2_adaptive_window(Some(true))
+        .add_service(
+            OsdServer::new(svc)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            stop.clone().cancelled_owned(),
+        );
+    let server = tokio::spawn(server);
+
+    let background = {
+        let membership = Arc::clone(&membership);
+        let store = Arc::clone(&store);
+        let stop = stop.clone();
+        let interval = Duration::from_millis(cfg.heartbeat_ms);
+        tokio::spawn(async move {
+            if membership.register(&store, &stop).await.is_some() {
+                membership.heartbeat_loop(store, interval, stop).await;
+            }
+        })
+    };
+
+    let served = server.await;
+    stop.cancel();
+    let _ = background.await;
+    served
+        .context("server task failed")?
+        .context("gRPC server failed")?;
+    tracing::info!("avalon-osd stopped");
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! Daemon configuration: a TOML file with defaults for every key, overridden
+//! by command-line flags.
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Configuration of one OSD.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the Osd gRPC service binds (`host:port`).
+    pub listen: String,
+    /// Address advertised to the MDS and peers; empty = the bound address.
+    pub advertise: String,
+    /// Directory holding the OSD id and the chunks.
+    pub data_dir: PathBuf,
+    /// MDS addresses (`host:port`).
+    pub mds: Vec<String>,
+    /// Failure domain (host, rack...); empty = this machine's host name.
+    pub failure_domain: String,
+    /// Capacity in bytes reported to the MDS; 0 = size of the data dir's
+    /// filesystem.
+    pub capacity: u64,
+    /// Heartbeat interval to the MDS in milliseconds.
+    pub heartbeat_ms: u64,
+    /// Log filter (`info`, `debug`, `avalon_osd=debug,info`, ...).
+    pub log_level: String,
+    /// How long a primary waits for one replica's answer, in milliseconds.
+    pub forward_timeout_ms: u64,
+    /// How long a replica waits for an earlier version of a chunk to arrive
+    /// before applying a later one out of order, in milliseconds.
+    pub reorder_wait_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:7200".into(),
+            advertise: String::new(),
+            data_dir: PathBuf::from("/var/lib/avalon/osd"),
+            mds: vec!["127.0.0.1:7100".into()],
+            failure_domain: String::new(),
+            capacity: 0,
+            heartbeat_ms: 1000,
+            log_level: "info".into(),
+            forward_timeout_ms: 10_000,
+            reorder_wait_ms: 5_000,
+        }
+    }
+}
+
+/// Command line of `avalon-osd`.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "avalon-osd",
+    version,
+    about = "Avalon object storage daemon: stores file chunks and replicates writes"
+)]
+pub struct Cli {
+    /// TOML configuration file (same keys as the flags, snake_case).
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+    /// Address to serve on [default: 127.0.0.1:7200].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+    /// Address to advertise to the cluster [default: the bound address].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+    /// Data directory [default: /var/lib/avalon/osd].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Comma-separated MDS addresses [default: 127.0.0.1:7100].
+    #[arg(long, value_name = "ADDR,ADDR", value_delimiter = ',')]
+    pub mds: Option<Vec<String>>,
+    /// Failure domain name [default: host name].
+    #[arg(long, value_name = "NAME")]
+    pub failure_domain: Option<String>,
+    /// Capacity in bytes [default: size of the data dir's filesystem].
+    #[arg(long, value_name = "BYTES")]
+    pub capacity: Option<u64>,
+    /// Heartbeat interval in milliseconds [default: 1000].
+    #[arg(long, value_name = "MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Log filter [default: info].
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Per-replica forward timeout in milliseconds [default: 10000].
+    #[arg(long, value_name = "MS")]
+    pub forward_timeout_ms: Option<u64>,
+}
+
+impl Config {
+    /// Parses a TOML configuration.
+    pub fn from_toml(text: &str) -> anyhow::Result<Config> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Reads a TOML configuration file.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        Config::from_toml(&text).map_err(|e| anyhow::anyhow!("bad config {}: {e}", path.display()))
+    }
+
+    /// The file named by `--config` (or the defaults) with the flags applied.
+    pub fn from_cli(cli: Cli) -> anyhow::Result<Config> {
+        let mut c = match &cli.config {
+            Some(p) => Config::load(p)?,
+            None => Config::default(),
+        };
+        if let Some(v) = cli.listen {
+            c.listen = v;
+        }
+        if let Some(v) = cli.advertise {
+            c.advertise = v;
+        }
+        if let Some(v) = cli.data_dir {
+            c.data_dir = v;
+        }
+        if let Some(v) = cli.mds {
+            c.mds = v.into_iter().filter(|s| !s.is_empty()).collect();
+        }
+        if let Some(v) = cli.failure_domain {
+            c.failure_domain = v;
+        }
+        if let Some(v) = cli.capacity {
+            c.capacity = v;
+        }
+        if let Some(v) = cli.heartbeat_ms {
+            c.heartbeat_ms = v;
+        }
+        if let Some(v) = cli.log_level {
+            c.log_level = v;
+        }
+        if let Some(v) = cli.forward_timeout_ms {
+            c.forward_timeout_ms = v;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Rejects unusable settings.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.mds.is_empty(), "no MDS address configured");
+        anyhow::ensure!(self.heartbeat_ms > 0, "heartbeat_ms must be > 0");
+        anyhow::ensure!(
+            self.forward_timeout_ms > 0,
+            "forward_timeout_ms must be > 0"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_defaults_and_overrides() {
+        let c = Config::from_toml("").expect("empty");
+        assert_eq!(c, Config::default());
+        let c = Config::from_toml(
+            "listen = \"0.0.0.0:7300\"\nmds = [\"a:1\", \"b:2\"]\nheartbeat_ms = 50\ncapacity = 10\n",
+        )
+        .expect("parse");
+        assert_eq!(c.listen, "0.0.0.0:7300");
+        assert_eq!(c.mds, vec!["a:1", "b:2"]);
+        assert_eq!(c.heartbeat_ms, 50);
+        assert_eq!(c.capacity, 10);
+        assert_eq!(c.data_dir, Config::default().data_dir);
+        assert!(Config::from_toml("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("osd.toml");
+        std::fs::write(&f, "listen = \"127.0.0.1:1\"\nfailure_domain = \"r1\"\n").expect("write");
+        let cli = Cli::try_parse_from([
+            "avalon-osd",
+            "--config",
+            f.to_str().expect("utf8"),
+            "--listen",
+            "127.0.0.1:2",
+            "--mds",
+            "x:1,y:2",
+        ])
+        .expect("cli");
+        let c = Config::from_cli(cli).expect("config");
+        assert_eq!(c.listen, "127.0.0.1:2");
+        assert_eq!(c.failure_domain, "r1");
+        assert_eq!(c.mds, vec!["x:1", "y:2"]);
+    }
+}

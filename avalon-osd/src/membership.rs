@@ -1,0 +1,282 @@
+//! Identity and cluster map: registration with the MDS, the persisted OSD
+//! id, heartbeats and map refreshes.
+
+use crate::chunk_store::ChunkStore;
+use crate::error::OsdError;
+use avalon_proto::errno::has_errno;
+use avalon_proto::mds_conn::MdsConn;
+use avalon_proto::pb::{ClusterMap, Empty, OsdHeartbeatRequest, RegisterOsdRequest};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const ID_FILE: &str = "osd_id";
+
+/// Reads the persisted OSD id (0 when none is stored yet).
+pub fn read_osd_id(data_dir: &Path) -> anyhow::Result<u64> {
+    let path = data_dir.join(ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => s
+            .trim()
+            .parse::<u64>()
+            .map_err(|e| anyhow::anyhow!("bad OSD id in {}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// Persists the OSD id durably: temp file, fsync, rename, fsync of the dir.
+pub fn write_osd_id(data_dir: &Path, id: u64) -> std::io::Result<()> {
+    let tmp = data_dir.join(format!("{ID_FILE}.tmp"));
+    let path = data_dir.join(ID_FILE);
+    let mut f = std::fs::File::create(&tmp)?;
+    writeln!(f, "{id}")?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(data_dir)?.sync_all()
+}
+
+/// This OSD's place in the cluster: its id, address and current map.
+pub struct Membership {
+    mds: MdsConn,
+    addr: String,
+    failure_domain: String,
+    capacity: u64,
+    data_dir: PathBuf,
+    id: AtomicU64,
+    map: RwLock<Option<Arc<ClusterMap>>>,
+    refresh: tokio::sync::Mutex<()>,
+}
+
+impl Membership {
+    /// A membership not registered yet.
+    pub fn new(
+        mds: MdsConn,
+        addr: String,
+        failure_domain: String,
+        capacity: u64,
+        data_dir: PathBuf,
+    ) -> Membership {
+        Membership {
+            mds,
+            addr,
+            failure_domain,
+            capacity,
+            data_dir,
+            id: AtomicU64::new(0),
+            map: RwLock::new(None),
+            refresh: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Our OSD id (0 before registration).
+    pub fn osd_id(&self) -> u64 {
+        self.id.load(Ordering::Acquire)
+    }
+
+    /// The address we advertise.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Capacity we report.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// The current cluster map; `None` before registration.
+    pub fn map(&self) -> Option<Arc<ClusterMap>> {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Epoch of the current map (0 before registration).
+    pub fn epoch(&self) -> u64 {
+        self.map().map_or(0, |m| m.epoch)
+    }
+
+    fn set_map(&self, map: ClusterMap) {
+        let mut g = self.map.write().unwrap_or_else(|e| e.into_inner());
+        if g.as_ref().map_or(0, |m| m.epoch) != map.epoch {
+            tracing::info!(
+                epoch = map.epoch,
+                osds = map.osds.len(),
+                "cluster map updated"
+            );
+        }
+        *g = Some(Arc::new(map));
+    }
+
+    /// Registers once (retrying inside `budget`); persists the id and
+    /// installs the map.
+    pub async fn register_once(&self, used: u64, budget: Duration) -> Result<u64, OsdError> {
+        let known = match self.osd_id() {
+            0 => read_osd_id(&self.data_dir).map_err(|e| OsdError::Mds(e.to_string()))?,
+            id => id,
+        };
+        let req = RegisterOsdRequest {
+            header: None,
+            osd_id: known,
+            addr: self.addr.clone(),
+            capacity_bytes: self.capacity,
+            used_bytes: used,
+            failure_domain: self.failure_domain.clone(),
+            pid: std::process::id(),
+        };
+        let reply = self
+            .mds
+            .call_within(budget, |mut c| {
+                let r = req.clone();
+                async move { c.register_osd(r).await }
+            })
+            .await
+            .map_err(|s| OsdError::Mds(format!("{:?}: {}", s.code(), s.message())))?;
+        if reply.osd_id == 0 {
+            return Err(OsdError::Mds("MDS assigned OSD id 0".into()));
+        }
+        if known != 0 && reply.osd_id != known {
+            tracing::warn!(
+                old = known,
+                new = reply.osd_id,
+                "MDS assigned a different OSD id"
+            );
+        }
+        if reply.osd_id != known {
+            let dir = self.data_dir.clone();
+            let id = reply.osd_id;
+            tokio::task::spawn_blocking(move || write_osd_id(&dir, id))
+                .await
+                .map_err(|e| OsdError::Mds(format!("persisting OSD id: {e}")))?
+                .map_err(|e| {
+                    OsdError::Mds(format!(
+                        "cannot persist OSD id in {}: {e}",
+                        self.data_dir.display()
+                    ))
+                })?;
+        }
+        self.id.store(reply.osd_id, Ordering::Release);
+        let map = match reply.map {
+            Some(m) => m,
+            None => self.fetch_map(budget).await?,
+        };
+        self.set_map(map);
+        tracing::info!(osd_id = reply.osd_id, addr = %self.addr, "registered with the MDS");
+        Ok(reply.osd_id)
+    }
+
+    /// Registers, retrying until the MDS answers or `shutdown` fires.
+    pub async fn register(&self, store: &ChunkStore, shutdown: &CancellationToken) -> Option<u64> {
+        loop {
+            let attempt = self.register_once(store.used_bytes(), Duration::from_secs(10));
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                r = attempt => match r {
+                    Ok(id) => return Some(id),
+                    Err(e) => tracing::warn!(error = %e, "registration failed; retrying"),
+                },
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    async fn fetch_map(&self, budget: Duration) -> Result<ClusterMap, OsdError> {
+        self.mds
+            .call_within(
+                budget,
+                |mut c| async move { c.get_cluster_map(Empty {}).await },
+            )
+            .await
+            .map_err(|s| OsdError::Mds(format!("GetClusterMap: {}", s.message())))
+    }
+
+    /// The current map, refreshed from the MDS first when `epoch` is newer.
+    pub async fn map_at_least(&self, epoch: u64) -> Result<Arc<ClusterMap>, OsdError> {
+        let cur = self.map().ok_or(OsdError::NotReady)?;
+        if cur.epoch >= epoch {
+            return Ok(cur);
+        }
+        let _g = self.refresh.lock().await;
+        let cur = self.map().ok_or(OsdError::NotReady)?;
+        if cur.epoch >= epoch {
+            return Ok(cur);
+        }
+        let m = self.fetch_map(Duration::from_secs(5)).await?;
+        self.set_map(m);
+        self.map().ok_or(OsdError::NotReady)
+    }
+
+    /// Heartbeats every `interval` until `shutdown`; refetches the map when
+    /// the MDS reports another epoch, re-registers when it no longer knows us.
+    pub async fn heartbeat_loop(
+        self: Arc<Self>,
+        store: Arc<ChunkStore>,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let budget = (interval * 2).max(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let req = OsdHeartbeatRequest {
+                header: None,
+                osd_id: self.osd_id(),
+                capacity_bytes: self.capacity,
+                used_bytes: store.used_bytes(),
+                pid: std::process::id(),
+                addr: self.addr.clone(),
+            };
+            let beat = self.mds.call_within(budget, |mut c| {
+                let r = req.clone();
+                async move { c.osd_heartbeat(r).await }
+            });
+            let res = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = beat => r,
+            };
+            match res {
+                Ok(reply) => {
+                    if reply.map_epoch != self.epoch() {
+                        match self.fetch_map(budget).await {
+                            Ok(m) => self.set_map(m),
+                            Err(e) => tracing::warn!(error = %e, "map refresh failed"),
+                        }
+                    }
+                }
+                Err(s) if has_errno(&s) || s.code() == tonic::Code::NotFound => {
+                    tracing::warn!(error = %s.message(), "MDS refused our heartbeat; re-registering");
+                    if let Err(e) = self.register_once(store.used_bytes(), budget).await {
+                        tracing::warn!(error = %e, "re-registration failed");
+                    }
+                }
+                Err(s) => {
+                    tracing::warn!(code = ?s.code(), error = %s.message(), "heartbeat failed")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_roundtrip() {
+        let d = tempfile::tempdir().expect("tempdir");
+        assert_eq!(read_osd_id(d.path()).expect("none"), 0);
+        write_osd_id(d.path(), 17).expect("write");
+        assert_eq!(read_osd_id(d.path()).expect("read"), 17);
+        std::fs::write(d.path().join(ID_FILE), "garbage").expect("write");
+        assert!(read_osd_id(d.path()).is_err());
+    }
+}

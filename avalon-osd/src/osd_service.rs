@@ -1,0 +1,267 @@
+//! The `Osd` gRPC service: request validation and dispatch.
+
+use crate::chunk_store::{check_range, effective_chunk_size, ChunkStore};
+use crate::error::OsdError;
+use crate::membership::Membership;
+use crate::replication::Replicator;
+use avalon_proto::limits::{MAX_CHUNK_SIZE, MAX_FILE_SIZE};
+use avalon_proto::pb::osd_server::Osd;
+use avalon_proto::pb::{
+    ChunkId, DeleteObjectsRequest, Empty, OsdStatusReply, ReadChunkReply, ReadChunkRequest,
+    TruncateObjectRequest, WriteChunkReply, WriteChunkRequest,
+};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+/// Most inodes one DeleteObjects request may name.
+pub const MAX_DELETE_BATCH: usize = 100_000;
+
+/// The Osd service of one daemon.
+pub struct OsdService {
+    store: Arc<ChunkStore>,
+    membership: Arc<Membership>,
+    replicator: Arc<Replicator>,
+}
+
+fn chunk_id(c: Option<&ChunkId>) -> Result<(u64, u64), OsdError> {
+    let c = c.ok_or_else(|| OsdError::InvalidArgument("missing chunk id".into()))?;
+    if c.ino == 0 {
+        return Err(OsdError::InvalidArgument("chunk ino must not be 0".into()));
+    }
+    Ok((c.ino, c.index))
+}
+
+/// Validates a write; returns `(ino, index, effective chunk size)`.
+pub fn validate_write(req: &WriteChunkRequest) -> Result<(u64, u64, u32), OsdError> {
+    let (ino, index) = chunk_id(req.chunk.as_ref())?;
+    let cs = effective_chunk_size(req.chunk_size)?;
+    check_range(u64::from(req.offset), req.data.len() as u64, cs)?;
+    match index.checked_mul(u64::from(cs)) {
+        Some(start) if start <= MAX_FILE_SIZE => {}
+        _ => {
+            return Err(OsdError::InvalidArgument(format!(
+                "chunk index {index} with chunk size {cs} lies past the largest file size"
+            )))
+        }
+    }
+    if req.forwarded && req.version == 0 {
+        return Err(OsdError::InvalidArgument(
+            "a forwarded write needs a version > 0".into(),
+        ));
+    }
+    Ok((ino, index, cs))
+}
+
+/// Validates a read; returns `(ino, index)`.
+pub fn validate_read(req: &ReadChunkRequest) -> Result<(u64, u64), OsdError> {
+    let ids = chunk_id(req.chunk.as_ref())?;
+    check_range(u64::from(req.offset), u64::from(req.length), MAX_CHUNK_SIZE)?;
+    Ok(ids)
+}
+
+/// Validates a truncate; returns the effective chunk size.
+pub fn validate_truncate(req: &TruncateObjectRequest) -> Result<u32, OsdError> {
+    if req.ino == 0 {
+        return Err(OsdError::InvalidArgument("ino must not be 0".into()));
+    }
+    if req.size > MAX_FILE_SIZE {
+        return Err(OsdError::InvalidArgument(format!(
+            "size {} exceeds the largest file size {MAX_FILE_SIZE}",
+            req.size
+        )));
+    }
+    Ok(effective_chunk_size(req.chunk_size)?)
+}
+
+/// Validates a delete.
+pub fn validate_delete(req: &DeleteObjectsRequest) -> Result<(), OsdError> {
+    if req.inos.len() > MAX_DELETE_BATCH {
+        return Err(OsdError::InvalidArgument(format!(
+            "{} inodes in one delete; at most {MAX_DELETE_BATCH}",
+            req.inos.len()
+        )));
+    }
+    if req.inos.contains(&0) {
+        return Err(OsdError::InvalidArgument("ino must not be 0".into()));
+    }
+    Ok(())
+}
+
+impl OsdService {
+    /// A service over `store`, answering once `membership` is registered.
+    pub fn new(
+        store: Arc<ChunkStore>,
+        membership: Arc<Membership>,
+        replicator: Arc<Replicator>,
+    ) -> OsdService {
+        OsdService {
+            store,
+            membership,
+            replicator,
+        }
+    }
+
+    fn ready(&self) -> Result<(), OsdError> {
+        if self.membership.map().is_none() {
+            return Err(OsdError::NotReady);
+        }
+        Ok(())
+    }
+
+    async fn write(&self, req: WriteChunkRequest) -> Result<WriteChunkReply, OsdError> {
+        self.ready()?;
+        let (ino, index, cs) = validate_write(&req)?;
+        if req.forwarded {
+            self.replicator.write_replica(req, ino, index, cs).await
+        } else {
+            self.replicator.write_primary(req, ino, index, cs).await
+        }
+    }
+
+    async fn read(&self, req: ReadChunkRequest) -> Result<ReadChunkReply, OsdError> {
+        self.ready()?;
+        let (ino, index) = validate_read(&req)?;
+        let (offset, length) = (req.offset, req.length);
+        let (data, version) = self
+            .store
+            .blocking(move |s| s.read(ino, index, offset, length))
+            .await?;
+        Ok(ReadChunkReply {
+            data: data.into(),
+            version,
+        })
+    }
+
+    async fn truncate(&self, req: TruncateObjectRequest) -> Result<Empty, OsdError> {
+        self.ready()?;
+        let cs = validate_truncate(&req)?;
+        let (ino, size) = (req.ino, req.size);
+        self.store
+            .blocking(move |s| s.truncate_object(ino, size, cs))
+            .await?;
+        Ok(Empty {})
+    }
+
+    async fn delete(&self, req: DeleteObjectsRequest) -> Result<Empty, OsdError> {
+        self.ready()?;
+        validate_delete(&req)?;
+        let inos = req.inos;
+        self.store
+            .blocking(move |s| inos.iter().try_for_each(|&ino| s.delete_object(ino)))
+            .await?;
+        Ok(Empty {})
+    }
+
+    fn status(&self) -> OsdStatusReply {
+        OsdStatusReply {
+            osd_id: self.membership.osd_id(),
+            addr: self.membership.addr().to_string(),
+            capacity_bytes: self.membership.capacity(),
+            used_bytes: self.store.used_bytes(),
+            chunks: self.store.chunk_count(),
+            map_epoch: self.membership.epoch(),
+            pid: std::process::id(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Osd for OsdService {
+    async fn write_chunk(
+        &self,
+        request: Request<WriteChunkRequest>,
+    ) -> Result<Response<WriteChunkReply>, Status> {
+        Ok(Response::new(self.write(request.into_inner()).await?))
+    }
+
+    async fn read_chunk(
+        &self,
+        request: Request<ReadChunkRequest>,
+    ) -> Result<Response<ReadChunkReply>, Status> {
+        Ok(Response::new(self.read(request.into_inner()).await?))
+    }
+
+    async fn truncate_object(
+        &self,
+        request: Request<TruncateObjectRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        Ok(Response::new(self.truncate(request.into_inner()).await?))
+    }
+
+    async fn delete_objects(
+        &self,
+        request: Request<DeleteObjectsRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        Ok(Response::new(self.delete(request.into_inner()).await?))
+    }
+
+    async fn status(&self, _request: Request<Empty>) -> Result<Response<OsdStatusReply>, Status> {
+        Ok(Response::new(OsdService::status(self)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wreq(ino: u64, offset: u32, len: usize, cs: u32) -> WriteChunkRequest {
+        WriteChunkRequest {
+            chunk: Some(ChunkId { ino, index: 0 }),
+            offset,
+            data: vec![0u8; len].into(),
+            chunk_size: cs,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn write_validation() {
+        let cs = 64 << 10;
+        assert!(validate_write(&wreq(1, 0, 10, cs)).is_ok());
+        assert!(validate_write(&wreq(1, 0, 10, 0)).is_ok());
+        assert!(validate_write(&wreq(0, 0, 10, cs)).is_err());
+        assert!(validate_write(&wreq(1, cs - 9, 10, cs)).is_err());
+        assert!(validate_write(&wreq(1, u32::MAX, 10, cs)).is_err());
+        assert!(validate_write(&wreq(1, 0, 10, 1)).is_err());
+        assert!(validate_write(&wreq(1, 0, 10, u32::MAX)).is_err());
+        let mut r = wreq(1, 0, 10, cs);
+        r.chunk = None;
+        assert!(validate_write(&r).is_err());
+        let mut r = wreq(1, 0, 10, cs);
+        r.chunk = Some(ChunkId {
+            ino: 1,
+            index: u64::MAX,
+        });
+        assert!(validate_write(&r).is_err());
+        let mut r = wreq(1, 0, 10, cs);
+        r.forwarded = true;
+        assert!(validate_write(&r).is_err());
+        r.version = 3;
+        assert!(validate_write(&r).is_ok());
+    }
+
+    #[test]
+    fn other_validation() {
+        let read = |offset, length| ReadChunkRequest {
+            chunk: Some(ChunkId { ino: 1, index: 0 }),
+            offset,
+            length,
+            ..Default::default()
+        };
+        assert!(validate_read(&read(0, 100)).is_ok());
+        assert!(validate_read(&read(u32::MAX, u32::MAX)).is_err());
+        let t = |ino, size, chunk_size| TruncateObjectRequest {
+            header: None,
+            ino,
+            size,
+            chunk_size,
+        };
+        assert!(validate_truncate(&t(1, 0, 0)).is_ok());
+        assert!(validate_truncate(&t(0, 0, 0)).is_err());
+        assert!(validate_truncate(&t(1, u64::MAX, 0)).is_err());
+        assert!(validate_truncate(&t(1, 5, 3)).is_err());
+        let d = |inos: Vec<u64>| DeleteObjectsRequest { header: None, inos };
+        assert!(validate_delete(&d(vec![1, 2])).is_ok());
+        assert!(validate_delete(&d(vec![1, 0])).is_err());
+    }
+}
