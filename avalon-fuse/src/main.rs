@@ -108,6 +108,11 @@ fn parse_opts(list: &[String]) -> anyhow::Result<Opts> {
             ("nosubtype", None) => o.subtype = false,
             ("keyfile", Some(_)) => {} // reserved for client keys (security issue)
             (
+                "relatime" | "norelatime" | "strictatime" | "nodiratime" | "diratime" | "lazytime"
+                | "nolazytime" | "silent" | "loud",
+                None,
+            ) => {}
+            (
                 "_netdev" | "defaults" | "nofail" | "auto" | "noauto" | "user" | "nouser" | "users",
                 _,
             ) => {}

@@ -1,1 +1,182 @@
-fn main() {}
+//! `avalonctl`: the Avalon admin CLI.
+
+use anyhow::{bail, Context};
+use avalonctl::local_cluster::{self, LocalCluster, Options};
+use avalonctl::status;
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Administer Avalon clusters.
+#[derive(Parser, Debug)]
+#[command(name = "avalonctl", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Start a local cluster on 127.0.0.1 with all data under DIR, mount it
+    /// at DIR/mnt and stay in the foreground; Ctrl-C unmounts and stops it.
+    Up {
+        /// Directory for data, logs and the mount point.
+        dir: PathBuf,
+        /// Number of MDS nodes (first start only).
+        #[arg(long, default_value_t = 3)]
+        mds: usize,
+        /// Number of OSDs (first start only).
+        #[arg(long, default_value_t = 3)]
+        osds: usize,
+        /// Start the daemons but do not mount.
+        #[arg(long)]
+        no_mount: bool,
+        /// Log level of the daemons (RUST_LOG syntax).
+        #[arg(long, default_value = "info")]
+        log_level: String,
+    },
+    /// Stop the local cluster in DIR (started by `avalonctl up`).
+    Down {
+        dir: PathBuf,
+        /// Seconds to wait for everything to stop.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Show every MDS, OSD and client with address, pid, state and role.
+    Status {
+        /// A local cluster directory (reads its layout).
+        dir: Option<PathBuf>,
+        /// MDS addresses instead of a directory: host:port[,host:port...]
+        #[arg(long)]
+        mds: Option<String>,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn mds_addrs(dir: Option<&Path>, mds: Option<&str>) -> anyhow::Result<Vec<String>> {
+    if let Some(list) = mds {
+        return Ok(list
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect());
+    }
+    let Some(dir) = dir else {
+        bail!("give a cluster directory or --mds host:port[,host:port...]");
+    };
+    let path = dir.join("cluster.toml");
+    let s = std::fs::read_to_string(&path)
+        .with_context(|| format!("no cluster layout at {}", path.display()))?;
+    let layout: local_cluster::Layout =
+        toml::from_str(&s).with_context(|| format!("bad layout in {}", path.display()))?;
+    Ok(layout.mds_addrs())
+}
+
+fn up(
+    dir: PathBuf,
+    mds: usize,
+    osds: usize,
+    no_mount: bool,
+    log_level: String,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir.join("run"))?;
+    let up_pid = dir.join("run").join("up.pid");
+    if let Some(pid) = std::fs::read_to_string(&up_pid)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    {
+        if pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+            bail!("a cluster is already running in {} (avalonctl up, pid {pid}); stop it with avalonctl down", dir.display());
+        }
+    }
+    std::fs::write(&up_pid, std::process::id().to_string())?;
+    // Signals are handled by a thread that waits for them.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut opts = Options::new();
+    opts.mds = mds;
+    opts.osds = osds;
+    opts.mount = !no_mount;
+    opts.log_level = log_level;
+    eprintln!("starting Avalon in {} ...", dir.display());
+    let cluster = LocalCluster::start(&dir, opts);
+    let mut cluster = match cluster {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_file(&up_pid);
+            return Err(e);
+        }
+    };
+    let st = cluster.status();
+    println!("{}", status::render(&st));
+    println!("data:   {}", cluster.dir.display());
+    println!("logs:   {}", cluster.dir.join("logs").display());
+    if !no_mount {
+        println!(
+            "mount:  {} (source {})",
+            cluster.mountpoint().display(),
+            cluster.layout.source()
+        );
+    }
+    println!(
+        "by hand: mount -t fuse.avalon {} /some/dir   |   avalonctl status {}",
+        cluster.layout.source(),
+        cluster.dir.display()
+    );
+    println!(
+        "Ctrl-C (or avalonctl down {}) unmounts and stops everything.",
+        cluster.dir.display()
+    );
+    rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {}, _ = hup.recv() => {} }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    eprintln!("stopping ...");
+    cluster.stop();
+    let _ = std::fs::remove_file(&up_pid);
+    eprintln!("stopped.");
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Up {
+            dir,
+            mds,
+            osds,
+            no_mount,
+            log_level,
+        } => up(dir, mds, osds, no_mount, log_level),
+        Cmd::Down { dir, timeout } => local_cluster::down(&dir, Duration::from_secs(timeout)),
+        Cmd::Status { dir, mds, json } => {
+            let addrs = mds_addrs(dir.as_deref(), mds.as_deref())?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let st = rt.block_on(status::collect(&addrs, Duration::from_secs(2)));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print!("{}", status::render(&st));
+            }
+            if st.leader_id.is_none() {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
+    }
+}

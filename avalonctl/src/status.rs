@@ -1,0 +1,286 @@
+//! Cluster status as `avalonctl status` shows it: every MDS (asked
+//! directly, so an unreachable one shows as such), and the OSDs and clients
+//! as the leader sees them.
+
+use avalon_proto::limits::MAX_MESSAGE_BYTES;
+use avalon_proto::mds_conn::channel;
+use avalon_proto::pb::{self, meta_client::MetaClient, OsdState, StatusReply};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// One metadata server.
+#[derive(Debug, Clone, Serialize)]
+pub struct MdsRow {
+    pub id: u64,
+    pub addr: String,
+    pub pid: u32,
+    /// leader, follower, candidate, learner or unreachable.
+    pub role: String,
+    pub term: u64,
+    pub last_applied: u64,
+    pub leader_id: u64,
+}
+
+/// One object storage daemon.
+#[derive(Debug, Clone, Serialize)]
+pub struct OsdRow {
+    pub id: u64,
+    pub addr: String,
+    pub pid: u32,
+    /// up, down or out.
+    pub state: String,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub failure_domain: String,
+    pub last_seen_ms: u64,
+}
+
+/// One client session.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientRow {
+    pub session_id: u64,
+    pub hostname: String,
+    pub mountpoint: String,
+    pub pid: u32,
+    pub last_seen_ms: u64,
+}
+
+/// The whole picture.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    pub leader_id: Option<u64>,
+    pub map_epoch: u64,
+    pub replicas: u32,
+    pub write_quorum: u32,
+    pub inodes: u64,
+    pub mds: Vec<MdsRow>,
+    pub osds: Vec<OsdRow>,
+    pub clients: Vec<ClientRow>,
+}
+
+impl ClusterStatus {
+    /// True when a leader is known and `want_osds` OSDs are up.
+    pub fn healthy(&self, want_osds: usize) -> bool {
+        self.leader_id.is_some()
+            && self.osds.iter().filter(|o| o.state == "up").count() >= want_osds
+    }
+}
+
+fn osd_state(s: i32) -> &'static str {
+    match OsdState::try_from(s) {
+        Ok(OsdState::Up) => "up",
+        Ok(OsdState::Down) => "down",
+        Ok(OsdState::Out) => "out",
+        Err(_) => "unknown",
+    }
+}
+
+async fn ask(addr: &str, timeout: Duration) -> Option<StatusReply> {
+    let ch = channel(addr, timeout).ok()?;
+    let mut c = MetaClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    match tokio::time::timeout(timeout, c.status(pb::Empty {})).await {
+        Ok(Ok(r)) => Some(r.into_inner()),
+        _ => None,
+    }
+}
+
+/// Asks every MDS in `addrs` (and every member they name) for its status.
+pub async fn collect(addrs: &[String], timeout: Duration) -> ClusterStatus {
+    let mut replies: BTreeMap<String, Option<StatusReply>> = BTreeMap::new();
+    let first = ask_all(addrs, timeout).await;
+    for (a, r) in addrs.iter().zip(first) {
+        replies.insert(a.clone(), r);
+    }
+    // Members we were not told about directly.
+    let extra: Vec<String> = replies
+        .values()
+        .flatten()
+        .flat_map(|r| r.members.iter().map(|m| m.addr.clone()))
+        .filter(|a| !replies.contains_key(a))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let more = ask_all(&extra, timeout).await;
+    for (a, r) in extra.iter().zip(more) {
+        replies.insert(a.clone(), r);
+    }
+
+    let known_ids: BTreeMap<String, u64> = replies
+        .values()
+        .flatten()
+        .flat_map(|r| r.members.iter().map(|m| (m.addr.clone(), m.id)))
+        .collect();
+    let mut mds: Vec<MdsRow> = replies
+        .iter()
+        .map(|(addr, r)| match r.as_ref().and_then(|r| r.self_.clone()) {
+            Some(s) => MdsRow {
+                id: s.id,
+                addr: addr.clone(),
+                pid: s.pid,
+                role: s.role,
+                term: s.term,
+                last_applied: s.last_applied,
+                leader_id: s.leader_id,
+            },
+            None => MdsRow {
+                id: known_ids.get(addr).copied().unwrap_or(0),
+                addr: addr.clone(),
+                pid: 0,
+                role: "unreachable".into(),
+                term: 0,
+                last_applied: 0,
+                leader_id: 0,
+            },
+        })
+        .collect();
+    mds.sort_by_key(|m| (m.id, m.addr.clone()));
+
+    let leader = replies
+        .values()
+        .flatten()
+        .find(|r| r.self_.as_ref().is_some_and(|s| s.role == "leader"));
+    let (osds, clients, map_epoch, replicas, write_quorum, inodes) = match leader {
+        Some(r) => {
+            let map = r.map.clone().unwrap_or_default();
+            let osds = map
+                .osds
+                .iter()
+                .map(|o| OsdRow {
+                    id: o.id,
+                    addr: o.addr.clone(),
+                    pid: o.pid,
+                    state: osd_state(o.state).into(),
+                    capacity_bytes: o.capacity_bytes,
+                    used_bytes: o.used_bytes,
+                    failure_domain: o.failure_domain.clone(),
+                    last_seen_ms: o.last_seen_ms,
+                })
+                .collect();
+            let clients = r
+                .clients
+                .iter()
+                .map(|c| ClientRow {
+                    session_id: c.session_id,
+                    hostname: c.hostname.clone(),
+                    mountpoint: String::from_utf8_lossy(&c.mountpoint).into_owned(),
+                    pid: c.pid,
+                    last_seen_ms: c.last_seen_ms,
+                })
+                .collect();
+            (
+                osds,
+                clients,
+                map.epoch,
+                map.replicas,
+                map.write_quorum,
+                r.inodes,
+            )
+        }
+        None => (Vec::new(), Vec::new(), 0, 0, 0, 0),
+    };
+    ClusterStatus {
+        leader_id: leader.and_then(|r| r.self_.as_ref().map(|s| s.id)),
+        map_epoch,
+        replicas,
+        write_quorum,
+        inodes,
+        mds,
+        osds,
+        clients,
+    }
+}
+
+/// Asks all `addrs` concurrently.
+async fn ask_all(addrs: &[String], timeout: Duration) -> Vec<Option<StatusReply>> {
+    let tasks: Vec<_> = addrs
+        .iter()
+        .map(|a| {
+            let a = a.clone();
+            tokio::spawn(async move { ask(&a, timeout).await })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.ok().flatten());
+    }
+    out
+}
+
+fn human(bytes: u64) -> String {
+    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+/// The status as a table a person reads at a glance.
+pub fn render(s: &ClusterStatus) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let health = match s.leader_id {
+        Some(id) => format!("leader mds.{id}"),
+        None => "NO LEADER".to_string(),
+    };
+    let up = s.osds.iter().filter(|x| x.state == "up").count();
+    let _ = writeln!(
+        o,
+        "cluster: {health}, {up}/{} OSDs up, map epoch {}, replicas {} (write quorum {}), {} inodes",
+        s.osds.len(),
+        s.map_epoch,
+        s.replicas,
+        s.write_quorum,
+        s.inodes
+    );
+    let _ = writeln!(
+        o,
+        "\nMDS\n  {:<4} {:<22} {:>8} {:<12} {:>6} {:>10}",
+        "ID", "ADDRESS", "PID", "ROLE", "TERM", "APPLIED"
+    );
+    for m in &s.mds {
+        let _ = writeln!(
+            o,
+            "  {:<4} {:<22} {:>8} {:<12} {:>6} {:>10}",
+            m.id, m.addr, m.pid, m.role, m.term, m.last_applied
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\nOSD\n  {:<4} {:<22} {:>8} {:<6} {:>11} {:>11} {:>10}",
+        "ID", "ADDRESS", "PID", "STATE", "CAPACITY", "USED", "SEEN"
+    );
+    for d in &s.osds {
+        let _ = writeln!(
+            o,
+            "  {:<4} {:<22} {:>8} {:<6} {:>11} {:>11} {:>8}ms",
+            d.id,
+            d.addr,
+            d.pid,
+            d.state,
+            human(d.capacity_bytes),
+            human(d.used_bytes),
+            d.last_seen_ms
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\nCLIENTS\n  {:<8} {:<16} {:>8} {:>10}  MOUNTPOINT",
+        "SESSION", "HOST", "PID", "SEEN"
+    );
+    for c in &s.clients {
+        let _ = writeln!(
+            o,
+            "  {:<8} {:<16} {:>8} {:>8}ms  {}",
+            c.session_id, c.hostname, c.pid, c.last_seen_ms, c.mountpoint
+        );
+    }
+    o
+}

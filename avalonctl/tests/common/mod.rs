@@ -1,0 +1,113 @@
+//! Shared helpers of the end-to-end tests: a cluster in a temp dir, random
+//! data and digests.
+#![allow(dead_code)]
+
+use avalonctl::local_cluster::{LocalCluster, Options};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A cluster in a fresh temp dir; the dir outlives the cluster handle so
+/// a test can restart on it.
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub cluster: Option<LocalCluster>,
+}
+
+impl TestCluster {
+    pub fn start(mds: usize, osds: usize) -> TestCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("avalon-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let cluster = LocalCluster::start(dir.path(), opts(mds, osds)).expect("cluster starts");
+        TestCluster {
+            dir,
+            cluster: Some(cluster),
+        }
+    }
+
+    pub fn c(&mut self) -> &mut LocalCluster {
+        self.cluster.as_mut().expect("cluster running")
+    }
+
+    pub fn mnt(&self) -> std::path::PathBuf {
+        self.dir.path().join("mnt")
+    }
+
+    /// Stops everything and starts again on the same directory.
+    pub fn restart(&mut self) {
+        if let Some(mut c) = self.cluster.take() {
+            c.stop();
+        }
+        self.cluster =
+            Some(LocalCluster::start(self.dir.path(), opts(0, 0)).expect("cluster restarts"));
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        // Stop before the temp dir is removed.
+        if let Some(mut c) = self.cluster.take() {
+            c.stop();
+        }
+    }
+}
+
+pub fn opts(mds: usize, osds: usize) -> Options {
+    let mut o = Options::new();
+    o.mds = mds;
+    o.osds = osds;
+    o.log_level = "info".into();
+    o
+}
+
+/// Deterministic pseudo-random bytes (xorshift), fast enough for 100 MiB.
+pub fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+pub fn sha(b: &[u8]) -> Vec<u8> {
+    Sha256::digest(b).to_vec()
+}
+
+pub fn sha_file(p: &Path) -> Vec<u8> {
+    sha(&std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display())))
+}
+
+/// Runs a command and returns stdout, failing the test on non-zero exit.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `f` until it is true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
