@@ -1,0 +1,481 @@
+//! Three in-process OSDs and a minimal fake MDS on 127.0.0.1: replication,
+//! degraded writes and quorum failure.
+
+use avalon_osd::Config;
+use avalon_proto::pb::meta_server::{Meta, MetaServer};
+use avalon_proto::pb::osd_client::OsdClient;
+use avalon_proto::pb::{self as pb, ChunkId, ClusterMap, OsdInfo, OsdState};
+use avalon_proto::placement::chunk_members;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+
+struct FakeMds {
+    map: Mutex<ClusterMap>,
+    registered: watch::Sender<usize>,
+}
+
+/// Implements `Meta` for FakeMds: the listed methods answer Unimplemented,
+/// the rest are given verbatim. (async_trait must see the expanded methods,
+/// so the macro produces the whole impl.)
+macro_rules! fake_meta {
+    ({$($name:ident($req:ty) -> $rep:ty;)*} $($rest:tt)*) => {
+        #[tonic::async_trait]
+        impl Meta for FakeMds {
+            $(
+                async fn $name(&self, _r: Request<$req>) -> Result<Response<$rep>, Status> {
+                    Err(Status::unimplemented(stringify!($name)))
+                }
+            )*
+            $($rest)*
+        }
+    };
+}
+
+fake_meta! {
+    {
+        lookup(pb::LookupRequest) -> pb::EntryReply;
+        get_attr(pb::GetAttrRequest) -> pb::AttrReply;
+        set_attr(pb::SetAttrRequest) -> pb::AttrReply;
+        mknod(pb::MknodRequest) -> pb::EntryReply;
+        mkdir(pb::MkdirRequest) -> pb::EntryReply;
+        symlink(pb::SymlinkRequest) -> pb::EntryReply;
+        unlink(pb::UnlinkRequest) -> pb::Empty;
+        rmdir(pb::UnlinkRequest) -> pb::Empty;
+        readlink(pb::GetAttrRequest) -> pb::ReadlinkReply;
+        link(pb::LinkRequest) -> pb::EntryReply;
+        rename(pb::RenameRequest) -> pb::Empty;
+        read_dir(pb::ReadDirRequest) -> pb::ReadDirReply;
+        stat_fs(pb::GetAttrRequest) -> pb::StatFsReply;
+        set_xattr(pb::SetXattrRequest) -> pb::Empty;
+        get_xattr(pb::XattrRequest) -> pb::XattrReply;
+        list_xattr(pb::GetAttrRequest) -> pb::ListXattrReply;
+        remove_xattr(pb::XattrRequest) -> pb::Empty;
+        commit_write(pb::CommitWriteRequest) -> pb::AttrReply;
+        register_client(pb::RegisterClientRequest) -> pb::RegisterClientReply;
+        client_heartbeat(pb::ClientHeartbeatRequest) -> pb::Empty;
+        status(pb::Empty) -> pb::StatusReply;
+    }
+
+    async fn get_cluster_map(&self, _r: Request<pb::Empty>) -> Result<Response<ClusterMap>, Status> {
+        Ok(Response::new(self.map.lock().expect("lock").clone()))
+    }
+
+    async fn register_osd(
+        &self,
+        r: Request<pb::RegisterOsdRequest>,
+    ) -> Result<Response<pb::RegisterOsdReply>, Status> {
+        let r = r.into_inner();
+        let mut m = self.map.lock().expect("lock");
+        let id = match m.osds.iter_mut().find(|o| r.osd_id != 0 && o.id == r.osd_id) {
+            Some(o) => {
+                o.addr = r.addr.clone();
+                o.state = OsdState::Up as i32;
+                o.id
+            }
+            None => {
+                let id = m.osds.iter().map(|o| o.id).max().unwrap_or(0) + 1;
+                m.osds.push(OsdInfo {
+                    id,
+                    addr: r.addr.clone(),
+                    state: OsdState::Up as i32,
+                    capacity_bytes: r.capacity_bytes,
+                    used_bytes: r.used_bytes,
+                    failure_domain: r.failure_domain.clone(),
+                    pid: r.pid,
+                    last_seen_ms: 0,
+                });
+                id
+            }
+        };
+        m.epoch += 1;
+        let reply = pb::RegisterOsdReply {
+            osd_id: id,
+            map: Some(m.clone()),
+        };
+        let n = m.osds.len();
+        drop(m);
+        self.registered.send_replace(n);
+        Ok(Response::new(reply))
+    }
+
+    async fn osd_heartbeat(
+        &self,
+        r: Request<pb::OsdHeartbeatRequest>,
+    ) -> Result<Response<pb::OsdHeartbeatReply>, Status> {
+        let r = r.into_inner();
+        let m = self.map.lock().expect("lock");
+        if !m.osds.iter().any(|o| o.id == r.osd_id) {
+            return Err(Status::not_found("unknown OSD"));
+        }
+        Ok(Response::new(pb::OsdHeartbeatReply { map_epoch: m.epoch }))
+    }
+}
+
+struct Mds {
+    addr: String,
+    map: std::sync::Arc<FakeMds>,
+    registered: watch::Receiver<usize>,
+    token: CancellationToken,
+}
+
+async fn start_mds() -> Mds {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let (tx, rx) = watch::channel(0);
+    let fake = std::sync::Arc::new(FakeMds {
+        map: Mutex::new(ClusterMap {
+            epoch: 0,
+            pg_count: 16,
+            replicas: 3,
+            write_quorum: 2,
+            osds: vec![],
+        }),
+        registered: tx,
+    });
+    let token = CancellationToken::new();
+    let svc = MetaServer::from_arc(fake.clone());
+    let t = token.clone();
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                t.cancelled_owned(),
+            )
+            .await;
+    });
+    Mds {
+        addr,
+        map: fake,
+        registered: rx,
+        token,
+    }
+}
+
+struct TestOsd {
+    dir: tempfile::TempDir,
+    addr: String,
+    token: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestOsd {
+    async fn stop(&mut self) {
+        self.token.cancel();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .expect("OSD stops in time")
+                .expect("join")
+                .expect("OSD exits cleanly");
+        }
+    }
+}
+
+async fn start_osd(mds: &str) -> TestOsd {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let cfg = Config {
+        listen: addr.clone(),
+        data_dir: dir.path().to_path_buf(),
+        mds: vec![mds.to_string()],
+        capacity: 1 << 30,
+        heartbeat_ms: 100,
+        forward_timeout_ms: 5_000,
+        reorder_wait_ms: 2_000,
+        ..Config::default()
+    };
+    let token = CancellationToken::new();
+    let task = tokio::spawn(avalon_osd::run_with_listener(cfg, listener, token.clone()));
+    TestOsd {
+        dir,
+        addr,
+        token,
+        task: Some(task),
+    }
+}
+
+async fn client(addr: &str) -> OsdClient<Channel> {
+    let ch = avalon_proto::mds_conn::channel(addr, Duration::from_secs(2)).expect("channel");
+    OsdClient::new(ch)
+}
+
+/// Polls `f` until it yields a value; fails after 30 s.
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn write_req(ino: u64, offset: u32, data: Vec<u8>, epoch: u64) -> pb::WriteChunkRequest {
+    pb::WriteChunkRequest {
+        header: None,
+        chunk: Some(ChunkId { ino, index: 0 }),
+        offset,
+        data: data.into(),
+        sync: true,
+        map_epoch: epoch,
+        forwarded: false,
+        version: 0,
+        chunk_size: 256 * 1024,
+    }
+}
+
+async fn read(addr: &str, ino: u64, offset: u32, length: u32) -> Result<(Vec<u8>, u64), Status> {
+    let r = client(addr)
+        .await
+        .read_chunk(pb::ReadChunkRequest {
+            header: None,
+            chunk: Some(ChunkId { ino, index: 0 }),
+            offset,
+            length,
+        })
+        .await?
+        .into_inner();
+    Ok((r.data.to_vec(), r.version))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicate_degrade_and_fail() {
+    let mut mds = start_mds().await;
+    let mut osds = Vec::new();
+    for _ in 0..3 {
+        osds.push(start_osd(&mds.addr).await);
+    }
+    mds.registered
+        .wait_for(|n| *n == 3)
+        .await
+        .expect("all registered");
+    for o in &osds {
+        let addr = o.addr.clone();
+        eventually("OSD ready", || {
+            let addr = addr.clone();
+            async move {
+                let s = client(&addr).await.status(pb::Empty {}).await.ok()?;
+                let s = s.into_inner();
+                (s.osd_id != 0 && s.map_epoch > 0).then_some(())
+            }
+        })
+        .await;
+    }
+    let map = mds.map.map.lock().expect("lock").clone();
+    let ino = 42;
+    let members: Vec<String> = chunk_members(&map, ino, 0)
+        .iter()
+        .map(|o| o.addr.clone())
+        .collect();
+    assert_eq!(members.len(), 3);
+    let addrs: Vec<String> = osds.iter().map(|o| o.addr.clone()).collect();
+    let by_addr = |a: &str| addrs.iter().position(|o| o == a).expect("member is ours");
+    let primary = members[0].clone();
+
+    // A write through the primary lands on all three.
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let r = client(&primary)
+        .await
+        .write_chunk(write_req(ino, 1000, data.clone(), map.epoch))
+        .await
+        .expect("write")
+        .into_inner();
+    assert_eq!(r.version, 1);
+    assert!(r.acks >= 2, "acks {}", r.acks);
+    for m in &members {
+        let got = eventually("replica holds the write", || async {
+            read(m, ino, 1000, 100_000)
+                .await
+                .ok()
+                .filter(|(d, v)| *v == 1 && d.len() == data.len())
+        })
+        .await;
+        assert_eq!(got.0, data);
+        let path = osds[by_addr(m)]
+            .dir
+            .path()
+            .join(format!("chunks/{ino:016x}/{:016x}", 0));
+        assert_eq!(std::fs::metadata(&path).expect("chunk file").len(), 101_000);
+    }
+    // The hole before the data reads as zeros; past the end is short.
+    let (hole, _) = read(&primary, ino, 0, 1000).await.expect("read hole");
+    assert_eq!(hole, vec![0u8; 1000]);
+    let (tail, _) = read(&primary, ino, 100_990, 100).await.expect("read tail");
+    assert_eq!(tail.len(), 10);
+
+    // Garbage is refused.
+    let mut bad = write_req(0, 0, vec![1], map.epoch);
+    let e = client(&primary)
+        .await
+        .write_chunk(bad.clone())
+        .await
+        .expect_err("ino 0");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    bad.chunk = Some(ChunkId { ino, index: 0 });
+    bad.offset = u32::MAX;
+    let e = client(&primary)
+        .await
+        .write_chunk(bad)
+        .await
+        .expect_err("offset");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = read(&primary, ino, u32::MAX, u32::MAX)
+        .await
+        .expect_err("read range");
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    // A flipped byte on a replica's disk is reported as DataLoss.
+    let victim = members[2].clone();
+    let path = osds[by_addr(&victim)]
+        .dir
+        .path()
+        .join(format!("chunks/{ino:016x}/{:016x}", 0));
+    let mut raw = std::fs::read(&path).expect("raw");
+    raw[5000] ^= 0xff;
+    std::fs::write(&path, &raw).expect("flip");
+    let e = read(&victim, ino, 4000, 2000).await.expect_err("corrupt");
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+
+    // One replica down: the write still reaches the quorum of 2.
+    let id_file = osds[by_addr(&victim)].dir.path().join("osd_id");
+    assert!(
+        std::fs::read_to_string(&id_file)
+            .expect("osd_id")
+            .trim()
+            .parse::<u64>()
+            .expect("id")
+            > 0
+    );
+    let vi = by_addr(&victim);
+    osds[vi].stop().await;
+    let r = client(&primary)
+        .await
+        .write_chunk(write_req(ino, 0, vec![7u8; 500], map.epoch))
+        .await
+        .expect("degraded write")
+        .into_inner();
+    assert_eq!(r.version, 2);
+    assert_eq!(r.acks, 2);
+    let (got, v) = read(&members[1], ino, 0, 500).await.expect("read replica");
+    assert_eq!((got, v), (vec![7u8; 500], 2));
+
+    // Two replicas down: the write fails with Unavailable, in bounded time.
+    let si = by_addr(&members[1]);
+    osds[si].stop().await;
+    let started = Instant::now();
+    let e = tokio::time::timeout(
+        Duration::from_secs(20),
+        client(&primary)
+            .await
+            .write_chunk(write_req(ino, 0, vec![9u8; 10], map.epoch)),
+    )
+    .await
+    .expect("bounded time")
+    .expect_err("no quorum");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("quorum"), "{}", e.message());
+    assert!(started.elapsed() < Duration::from_secs(20));
+
+    for o in &mut osds {
+        o.stop().await;
+    }
+    mds.token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_id_and_data() {
+    let mds = start_mds().await;
+    let mut osd = start_osd(&mds.addr).await;
+    let addr = osd.addr.clone();
+    let first = eventually("OSD ready", || {
+        let addr = addr.clone();
+        async move {
+            let s = client(&addr)
+                .await
+                .status(pb::Empty {})
+                .await
+                .ok()?
+                .into_inner();
+            (s.osd_id != 0).then_some(s)
+        }
+    })
+    .await;
+    // A single-OSD cluster: quorum is min(2, 1) = 1.
+    let epoch = mds.map.map.lock().expect("lock").epoch;
+    let r = client(&addr)
+        .await
+        .write_chunk(write_req(5, 0, b"hello".to_vec(), epoch))
+        .await
+        .expect("write")
+        .into_inner();
+    assert_eq!((r.version, r.acks), (1, 1));
+    // Truncate and delete are local.
+    client(&addr)
+        .await
+        .truncate_object(pb::TruncateObjectRequest {
+            header: None,
+            ino: 5,
+            size: 2,
+            chunk_size: 256 * 1024,
+        })
+        .await
+        .expect("truncate");
+    assert_eq!(read(&addr, 5, 0, 100).await.expect("read").0, b"he");
+    osd.stop().await;
+
+    // Restart on a new port with the same data dir.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr2 = listener.local_addr().expect("addr").to_string();
+    let token = CancellationToken::new();
+    let cfg = Config {
+        listen: addr2.clone(),
+        data_dir: osd.dir.path().to_path_buf(),
+        mds: vec![mds.addr.clone()],
+        heartbeat_ms: 100,
+        ..Config::default()
+    };
+    let task = tokio::spawn(avalon_osd::run_with_listener(cfg, listener, token.clone()));
+    let again = eventually("OSD ready again", || {
+        let addr2 = addr2.clone();
+        async move {
+            let s = client(&addr2)
+                .await
+                .status(pb::Empty {})
+                .await
+                .ok()?
+                .into_inner();
+            (s.osd_id != 0).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(again.osd_id, first.osd_id);
+    assert_eq!(again.chunks, 1);
+    assert_eq!(again.used_bytes, 2);
+    assert_eq!(read(&addr2, 5, 0, 100).await.expect("read").0, b"he");
+    client(&addr2)
+        .await
+        .delete_objects(pb::DeleteObjectsRequest {
+            header: None,
+            inos: vec![5],
+        })
+        .await
+        .expect("delete");
+    assert_eq!(read(&addr2, 5, 0, 100).await.expect("read"), (vec![], 0));
+    token.cancel();
+    task.await.expect("join").expect("clean exit");
+    mds.token.cancel();
+}
