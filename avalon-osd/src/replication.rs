@@ -227,6 +227,11 @@ impl Replicator {
                 Ok(o) => {
                     if !o.duplicate {
                         self.applied.notify_waiters();
+                    } else if sync {
+                        // A retried forward: the first copy may not be durable yet.
+                        self.store
+                            .blocking(move |s| s.sync_chunk(ino, index))
+                            .await?;
                     }
                     if force {
                         tracing::warn!(ino, index, version, "applied a write after a version gap");

@@ -224,6 +224,22 @@ where
     }
 }
 
+/// Waits until every OSD is registered and has a map.
+async fn wait_ready(osds: &[TestOsd]) {
+    for o in osds {
+        let addr = o.addr.clone();
+        eventually("OSD ready", || {
+            let addr = addr.clone();
+            async move {
+                let s = client(&addr).await.status(pb::Empty {}).await.ok()?;
+                let s = s.into_inner();
+                (s.osd_id != 0 && s.map_epoch > 0).then_some(())
+            }
+        })
+        .await;
+    }
+}
+
 fn write_req(ino: u64, offset: u32, data: Vec<u8>, epoch: u64) -> pb::WriteChunkRequest {
     pb::WriteChunkRequest {
         header: None,
@@ -263,18 +279,7 @@ async fn replicate_degrade_and_fail() {
         .wait_for(|n| *n == 3)
         .await
         .expect("all registered");
-    for o in &osds {
-        let addr = o.addr.clone();
-        eventually("OSD ready", || {
-            let addr = addr.clone();
-            async move {
-                let s = client(&addr).await.status(pb::Empty {}).await.ok()?;
-                let s = s.into_inner();
-                (s.osd_id != 0 && s.map_epoch > 0).then_some(())
-            }
-        })
-        .await;
-    }
+    wait_ready(&osds).await;
     let map = mds.map.map.lock().expect("lock").clone();
     let ino = 42;
     let members: Vec<String> = chunk_members(&map, ino, 0)
@@ -477,5 +482,63 @@ async fn restart_keeps_id_and_data() {
     assert_eq!(read(&addr2, 5, 0, 100).await.expect("read"), (vec![], 0));
     token.cancel();
     task.await.expect("join").expect("clean exit");
+    mds.token.cancel();
+}
+
+/// Many overlapping writes to one chunk, all at once: the replicas apply
+/// them in the primary's version order and end identical to the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_converge() {
+    let mut mds = start_mds().await;
+    let mut osds = Vec::new();
+    for _ in 0..3 {
+        osds.push(start_osd(&mds.addr).await);
+    }
+    mds.registered
+        .wait_for(|n| *n == 3)
+        .await
+        .expect("registered");
+    let map = mds.map.map.lock().expect("lock").clone();
+    let ino = 77;
+    let members: Vec<String> = chunk_members(&map, ino, 0)
+        .iter()
+        .map(|o| o.addr.clone())
+        .collect();
+    let primary = members[0].clone();
+    wait_ready(&osds).await;
+    const N: u64 = 24;
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let p = primary.clone();
+        let epoch = map.epoch;
+        tasks.push(tokio::spawn(async move {
+            let off = (i as u32 * 7919) % 100_000;
+            let mut req = write_req(ino, off, vec![i as u8 + 1; 70_000], epoch);
+            req.sync = false;
+            client(&p).await.write_chunk(req).await
+        }));
+    }
+    let mut versions = Vec::new();
+    for t in tasks {
+        versions.push(t.await.expect("join").expect("write").into_inner().version);
+    }
+    versions.sort_unstable();
+    assert_eq!(versions, (1..=N).collect::<Vec<_>>());
+    let (want, v) = read(&primary, ino, 0, 256 * 1024)
+        .await
+        .expect("read primary");
+    assert_eq!(v, N);
+    for m in &members[1..] {
+        eventually("replica converged", || async {
+            read(m, ino, 0, 256 * 1024)
+                .await
+                .ok()
+                .filter(|(d, v)| *v == N && *d == want)
+        })
+        .await;
+    }
+    for o in &mut osds {
+        o.stop().await;
+    }
     mds.token.cancel();
 }
