@@ -201,7 +201,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
-        let bytes = postcard::to_allocvec(&Some(log_id)).map_err(wr)?;
+        let bytes = postcard::to_allocvec(&log_id).map_err(wr)?;
         let tx = self.db.begin_write().map_err(wr)?;
         {
             let mut m = tx.open_table(META).map_err(wr)?;
