@@ -90,9 +90,12 @@ pub enum VersionMode {
     /// Primary: the current version + 1.
     Next,
     /// Replica: exactly the version the primary assigned. A version equal to
-    /// the stored one is a duplicate (acknowledged, not applied again); an
-    /// older one is refused ([`StoreError::StaleVersion`]); one that skips
-    /// versions is refused ([`StoreError::VersionGap`]) unless `force`.
+    /// the stored one is a duplicate (a retried forward, or the same version
+    /// from a coordinator that took over): its bytes are applied again,
+    /// which is idempotent for a retry and lets the newest coordinator win
+    /// otherwise; an older one is refused ([`StoreError::StaleVersion`]);
+    /// one that skips versions is refused ([`StoreError::VersionGap`])
+    /// unless `force`.
     Exact { version: u64, force: bool },
 }
 
@@ -435,18 +438,14 @@ impl ChunkStore {
             len: 0,
             crcs: Vec::new(),
         });
+        let duplicate =
+            matches!(mode, VersionMode::Exact { version, .. } if version == meta.version);
         let new_version = match mode {
             VersionMode::Next => meta
                 .version
                 .checked_add(1)
                 .ok_or_else(|| StoreError::InvalidArgument("chunk version overflow".to_string()))?,
             VersionMode::Exact { version, force } => {
-                if version == meta.version {
-                    return Ok(WriteOutcome {
-                        version,
-                        duplicate: true,
-                    });
-                }
                 if version < meta.version {
                     return Err(StoreError::StaleVersion {
                         ino,
@@ -524,7 +523,7 @@ impl ChunkStore {
         }
         Ok(WriteOutcome {
             version: new_version,
-            duplicate: false,
+            duplicate,
         })
     }
 
@@ -829,6 +828,8 @@ mod tests {
             .write(4, 1, 0, b"x", CS, ex(2, false), false)
             .expect("dup");
         assert!(o.duplicate);
+        assert_eq!(o.version, 2);
+        assert_eq!(r(&s, 4, 1, 0, 1), b"x");
         assert!(matches!(
             s.write(4, 1, 0, b"x", CS, ex(1, false), false),
             Err(StoreError::StaleVersion { .. })

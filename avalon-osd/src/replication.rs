@@ -225,13 +225,14 @@ impl Replicator {
                 .await;
             match r {
                 Ok(o) => {
-                    if !o.duplicate {
-                        self.applied.notify_waiters();
-                    } else if sync {
-                        // A retried forward: the first copy may not be durable yet.
-                        self.store
-                            .blocking(move |s| s.sync_chunk(ino, index))
-                            .await?;
+                    self.applied.notify_waiters();
+                    if o.duplicate {
+                        tracing::debug!(
+                            ino,
+                            index,
+                            version,
+                            "re-applied a write of the stored version"
+                        );
                     }
                     if force {
                         tracing::warn!(ino, index, version, "applied a write after a version gap");
