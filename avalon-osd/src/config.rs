@@ -173,6 +173,12 @@ mod tests {
     }
 
     #[test]
+    fn example_file_parses_to_defaults() {
+        let text = include_str!("../osd.example.toml");
+        assert_eq!(Config::from_toml(text).expect("example"), Config::default());
+    }
+
+    #[test]
     fn flags_override_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = dir.path().join("osd.toml");
