@@ -203,7 +203,13 @@ mod tests {
             "id = 2\nlisten = \"127.0.0.1:7101\"\npeers = [\"1=127.0.0.1:7100\", \"2=127.0.0.1:7101\"]\nreplicas = 2\nwrite_quorum = 1\n",
         )
         .expect("write");
-        let args = Args::parse_from(["avalon-mds", "--config", p.to_str().unwrap_or(""), "--pg-count", "64"]);
+        let args = Args::parse_from([
+            "avalon-mds",
+            "--config",
+            p.to_str().unwrap_or(""),
+            "--pg-count",
+            "64",
+        ]);
         let c = Config::load(&args).expect("load");
         assert_eq!(c.id, 2);
         assert_eq!(c.replicas, 2);

@@ -2,8 +2,8 @@
 //! raft and serves linearizable reads from the state machine.
 
 use crate::command::{Attr, Op, OsdState, Reply, TimeSpec};
-use crate::node::{role_name, MdsError, MdsNode};
 use crate::namespace::State;
+use crate::node::{role_name, MdsError, MdsNode};
 use avalon_proto::limits::check_name;
 use avalon_proto::pb::{self, meta_server::Meta, time_set};
 use std::sync::Arc;
@@ -131,7 +131,11 @@ impl Meta for MetaService {
     async fn get_attr(&self, req: Request<pb::GetAttrRequest>) -> Res<pb::AttrReply> {
         let r = req.into_inner();
         ino_ok(r.ino)?;
-        let a = self.node.read(|s| s.getattr(r.ino)).await?.map_err(MdsError::Errno)?;
+        let a = self
+            .node
+            .read(|s| s.getattr(r.ino))
+            .await?
+            .map_err(MdsError::Errno)?;
         Ok(Response::new(pb::AttrReply {
             attr: Some(attr_pb(&a)),
         }))
@@ -169,7 +173,9 @@ impl Meta for MetaService {
             exclusive: r.exclusive,
             layout: self.node.layout(),
         };
-        Ok(Response::new(entry(self.mutate(r.header.as_ref(), op).await?)?))
+        Ok(Response::new(entry(
+            self.mutate(r.header.as_ref(), op).await?,
+        )?))
     }
 
     async fn mkdir(&self, req: Request<pb::MkdirRequest>) -> Res<pb::EntryReply> {
@@ -183,7 +189,9 @@ impl Meta for MetaService {
             uid: r.uid,
             gid: r.gid,
         };
-        Ok(Response::new(entry(self.mutate(r.header.as_ref(), op).await?)?))
+        Ok(Response::new(entry(
+            self.mutate(r.header.as_ref(), op).await?,
+        )?))
     }
 
     async fn symlink(&self, req: Request<pb::SymlinkRequest>) -> Res<pb::EntryReply> {
@@ -203,7 +211,9 @@ impl Meta for MetaService {
             uid: r.uid,
             gid: r.gid,
         };
-        Ok(Response::new(entry(self.mutate(r.header.as_ref(), op).await?)?))
+        Ok(Response::new(entry(
+            self.mutate(r.header.as_ref(), op).await?,
+        )?))
     }
 
     async fn unlink(&self, req: Request<pb::UnlinkRequest>) -> Res<pb::Empty> {
@@ -233,8 +243,14 @@ impl Meta for MetaService {
     async fn readlink(&self, req: Request<pb::GetAttrRequest>) -> Res<pb::ReadlinkReply> {
         let r = req.into_inner();
         ino_ok(r.ino)?;
-        let target = self.node.read(|s| s.readlink(r.ino)).await?.map_err(MdsError::Errno)?;
-        Ok(Response::new(pb::ReadlinkReply { target: target.into() }))
+        let target = self
+            .node
+            .read(|s| s.readlink(r.ino))
+            .await?
+            .map_err(MdsError::Errno)?;
+        Ok(Response::new(pb::ReadlinkReply {
+            target: target.into(),
+        }))
     }
 
     async fn link(&self, req: Request<pb::LinkRequest>) -> Res<pb::EntryReply> {
@@ -247,7 +263,9 @@ impl Meta for MetaService {
             new_parent: r.new_parent,
             new_name: r.new_name.into(),
         };
-        Ok(Response::new(entry(self.mutate(r.header.as_ref(), op).await?)?))
+        Ok(Response::new(entry(
+            self.mutate(r.header.as_ref(), op).await?,
+        )?))
     }
 
     async fn rename(&self, req: Request<pb::RenameRequest>) -> Res<pb::Empty> {
@@ -330,7 +348,9 @@ impl Meta for MetaService {
             .read(|s| s.getxattr(r.ino, &r.name))
             .await?
             .map_err(MdsError::Errno)?;
-        Ok(Response::new(pb::XattrReply { value: value.into() }))
+        Ok(Response::new(pb::XattrReply {
+            value: value.into(),
+        }))
     }
 
     async fn list_xattr(&self, req: Request<pb::GetAttrRequest>) -> Res<pb::ListXattrReply> {
@@ -374,7 +394,10 @@ impl Meta for MetaService {
         Ok(Response::new(map))
     }
 
-    async fn register_osd(&self, req: Request<pb::RegisterOsdRequest>) -> Res<pb::RegisterOsdReply> {
+    async fn register_osd(
+        &self,
+        req: Request<pb::RegisterOsdRequest>,
+    ) -> Res<pb::RegisterOsdReply> {
         let r = req.into_inner();
         if r.addr.is_empty() || r.addr.len() > 1024 || r.failure_domain.len() > 1024 {
             return Err(MdsError::Invalid("bad OSD address or failure domain".into()).into());

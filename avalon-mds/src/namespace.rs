@@ -210,7 +210,13 @@ impl State {
     }
 
     /// Entries with cookie > `cookie`, in cookie order; `(entries, eof)`.
-    pub fn readdir(&self, ino: u64, cookie: u64, max: usize, plus: bool) -> R<(Vec<DirEntry>, bool)> {
+    pub fn readdir(
+        &self,
+        ino: u64,
+        cookie: u64,
+        max: usize,
+        plus: bool,
+    ) -> R<(Vec<DirEntry>, bool)> {
         self.dir(ino)?;
         let max = max.clamp(1, 100_000);
         let mut out = Vec::new();
@@ -331,7 +337,9 @@ impl State {
                 mtime,
                 ctime_ns,
             } => self
-                .setattr(now, *ino, *mode, *uid, *gid, *size, *atime, *mtime, *ctime_ns)
+                .setattr(
+                    now, *ino, *mode, *uid, *gid, *size, *atime, *mtime, *ctime_ns,
+                )
                 .map(Reply::Attr),
             Op::Mknod {
                 parent,
@@ -343,7 +351,9 @@ impl State {
                 exclusive,
                 layout,
             } => self
-                .mknod(now, *parent, name, *mode, *rdev, *uid, *gid, *exclusive, *layout)
+                .mknod(
+                    now, *parent, name, *mode, *rdev, *uid, *gid, *exclusive, *layout,
+                )
                 .map(Reply::Attr),
             Op::Mkdir {
                 parent,
@@ -363,8 +373,12 @@ impl State {
             } => self
                 .symlink(now, *parent, name, target, *uid, *gid)
                 .map(Reply::Attr),
-            Op::Unlink { parent, name } => self.remove(now, *parent, name, false).map(|_| Reply::None),
-            Op::Rmdir { parent, name } => self.remove(now, *parent, name, true).map(|_| Reply::None),
+            Op::Unlink { parent, name } => {
+                self.remove(now, *parent, name, false).map(|_| Reply::None)
+            }
+            Op::Rmdir { parent, name } => {
+                self.remove(now, *parent, name, true).map(|_| Reply::None)
+            }
             Op::Link {
                 ino,
                 new_parent,
@@ -548,7 +562,8 @@ impl State {
         };
         let cookie = d.next_cookie;
         d.next_cookie += 1;
-        self.dentries.insert((dir, name.to_vec()), Dentry { ino, cookie });
+        self.dentries
+            .insert((dir, name.to_vec()), Dentry { ino, cookie });
         self.cookies.insert((dir, cookie), name.to_vec());
     }
 
@@ -655,7 +670,8 @@ impl State {
     ) -> R<Attr> {
         let ftype = match mode & S_IFMT {
             0 => S_IFREG,
-            t @ (libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK) => t,
+            t
+            @ (libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK) => t,
             _ => return Err(libc::EINVAL),
         };
         self.dir(parent)?;
@@ -684,7 +700,15 @@ impl State {
         Ok(self.insert_new(now, parent, name, inode))
     }
 
-    fn mkdir(&mut self, now: i64, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> R<Attr> {
+    fn mkdir(
+        &mut self,
+        now: i64,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> R<Attr> {
         self.check_new_entry(parent, name)?;
         if self.inode(parent)?.attr.nlink >= LINK_MAX {
             return Err(libc::EMLINK);
@@ -994,7 +1018,9 @@ impl State {
     /// Whether an inode number names a directory (used by callers that need
     /// the type without the full attributes).
     pub fn is_dir(&self, ino: u64) -> bool {
-        self.inodes.get(&ino).is_some_and(|i| is_dir_mode(i.attr.mode))
+        self.inodes
+            .get(&ino)
+            .is_some_and(|i| is_dir_mode(i.attr.mode))
     }
 }
 

@@ -237,11 +237,7 @@ impl MdsNode {
                 osds.iter()
                     .filter(|(id, st)| {
                         *st == OsdState::Up
-                            && l.osd_seen
-                                .entry(*id)
-                                .or_insert(now)
-                                .elapsed()
-                                >= down_after
+                            && l.osd_seen.entry(*id).or_insert(now).elapsed() >= down_after
                     })
                     .map(|(id, _)| *id)
                     .collect()

@@ -203,9 +203,15 @@ impl raft_server::Raft for RaftService {
         }
         self.node.check_leader()?;
         let raft = &self.node.raft;
-        raft.add_learner(req.id, BasicNode { addr: req.addr.clone() }, true)
-            .await
-            .map_err(|e| self.node.raft_err(e))?;
+        raft.add_learner(
+            req.id,
+            BasicNode {
+                addr: req.addr.clone(),
+            },
+            true,
+        )
+        .await
+        .map_err(|e| self.node.raft_err(e))?;
         let mut members: std::collections::BTreeSet<NodeId> = self.node.voter_ids();
         members.insert(req.id);
         raft.change_membership(members, false)

@@ -160,7 +160,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
-        Ok(self.get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten())
+        Ok(self
+            .get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?
+            .flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SErr>
@@ -296,13 +298,18 @@ impl StateMachineStore {
         self.sm.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn save_snapshot(&self, meta: &SnapshotMeta<NodeId, BasicNode>, data: &[u8]) -> Result<(), SErr> {
+    fn save_snapshot(
+        &self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        data: &[u8],
+    ) -> Result<(), SErr> {
         let file = SnapshotFile {
             meta: meta.clone(),
             data: data.to_vec(),
         };
         let bytes = postcard::to_allocvec(&file).map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        write_atomically(&self.dir, SNAPSHOT_FILE, &bytes).map_err(|e| snap_err(ErrorVerb::Write, e))
+        write_atomically(&self.dir, SNAPSHOT_FILE, &bytes)
+            .map_err(|e| snap_err(ErrorVerb::Write, e))
     }
 }
 

@@ -184,14 +184,38 @@ fn rename_cases() {
     let f = mknod(&mut s, ROOT_INO, "f", true).expect("f");
     let g = mknod(&mut s, ROOT_INO, "g", true).expect("g");
     // into own subtree
-    assert_eq!(rename(&mut s, ROOT_INO, "a", b.ino, "x", 0), Err(libc::EINVAL));
-    assert_eq!(rename(&mut s, ROOT_INO, "a", a.ino, "x", 0), Err(libc::EINVAL));
-    assert_eq!(rename(&mut s, ROOT_INO, "nope", ROOT_INO, "x", 0), Err(libc::ENOENT));
-    assert_eq!(rename(&mut s, ROOT_INO, "f", ROOT_INO, "g", 1), Err(libc::EEXIST));
-    assert_eq!(rename(&mut s, ROOT_INO, "f", ROOT_INO, "zz", 2), Err(libc::ENOENT));
-    assert_eq!(rename(&mut s, ROOT_INO, "f", ROOT_INO, "a", 0), Err(libc::EISDIR));
-    assert_eq!(rename(&mut s, ROOT_INO, "a", ROOT_INO, "f", 0), Err(libc::ENOTDIR));
-    assert_eq!(rename(&mut s, ROOT_INO, "f", ROOT_INO, "g", 3), Err(libc::EINVAL));
+    assert_eq!(
+        rename(&mut s, ROOT_INO, "a", b.ino, "x", 0),
+        Err(libc::EINVAL)
+    );
+    assert_eq!(
+        rename(&mut s, ROOT_INO, "a", a.ino, "x", 0),
+        Err(libc::EINVAL)
+    );
+    assert_eq!(
+        rename(&mut s, ROOT_INO, "nope", ROOT_INO, "x", 0),
+        Err(libc::ENOENT)
+    );
+    assert_eq!(
+        rename(&mut s, ROOT_INO, "f", ROOT_INO, "g", 1),
+        Err(libc::EEXIST)
+    );
+    assert_eq!(
+        rename(&mut s, ROOT_INO, "f", ROOT_INO, "zz", 2),
+        Err(libc::ENOENT)
+    );
+    assert_eq!(
+        rename(&mut s, ROOT_INO, "f", ROOT_INO, "a", 0),
+        Err(libc::EISDIR)
+    );
+    assert_eq!(
+        rename(&mut s, ROOT_INO, "a", ROOT_INO, "f", 0),
+        Err(libc::ENOTDIR)
+    );
+    assert_eq!(
+        rename(&mut s, ROOT_INO, "f", ROOT_INO, "g", 3),
+        Err(libc::EINVAL)
+    );
     // same name: no-op
     rename(&mut s, ROOT_INO, "f", ROOT_INO, "f", 0).expect("noop");
     // replace g with f: g goes to GC
@@ -212,7 +236,10 @@ fn rename_cases() {
     let c = mkdir(&mut s, ROOT_INO, "c").expect("c");
     mknod(&mut s, c.ino, "x", true).expect("x");
     let e = mkdir(&mut s, ROOT_INO, "e").expect("e");
-    assert_eq!(rename(&mut s, ROOT_INO, "e", ROOT_INO, "c", 0), Err(libc::ENOTEMPTY));
+    assert_eq!(
+        rename(&mut s, ROOT_INO, "e", ROOT_INO, "c", 0),
+        Err(libc::ENOTEMPTY)
+    );
     // exchange a file and a dir across directories
     rename(&mut s, ROOT_INO, "e", c.ino, "x", RENAME_EXCHANGE).expect("exchange");
     assert_eq!(s.lookup(c.ino, b"x").map(|x| x.ino), Ok(e.ino));
@@ -277,9 +304,23 @@ fn setattr_symlink_xattr_commit() {
     };
     assert_eq!(run(&mut s, set_size(ROOT_INO, 0)), Err(libc::EISDIR));
     assert_eq!(run(&mut s, set_size(f.ino, u64::MAX)), Err(libc::EFBIG));
-    let c = attr(run(&mut s, Op::CommitWrite { ino: f.ino, size: 5 })).expect("commit");
+    let c = attr(run(
+        &mut s,
+        Op::CommitWrite {
+            ino: f.ino,
+            size: 5,
+        },
+    ))
+    .expect("commit");
     assert_eq!(c.size, 10);
-    let c = attr(run(&mut s, Op::CommitWrite { ino: f.ino, size: 50 })).expect("commit");
+    let c = attr(run(
+        &mut s,
+        Op::CommitWrite {
+            ino: f.ino,
+            size: 50,
+        },
+    ))
+    .expect("commit");
     assert_eq!(c.size, 50);
 
     let l = attr(run(
@@ -310,16 +351,19 @@ fn setattr_symlink_xattr_commit() {
         value: value.to_vec(),
         flags,
     };
-    assert_eq!(run(&mut s, setx(b"user.a", b"1", XATTR_REPLACE)), Err(libc::ENODATA));
+    assert_eq!(
+        run(&mut s, setx(b"user.a", b"1", XATTR_REPLACE)),
+        Err(libc::ENODATA)
+    );
     run(&mut s, setx(b"user.a", b"1", XATTR_CREATE)).expect("create");
-    assert_eq!(run(&mut s, setx(b"user.a", b"2", XATTR_CREATE)), Err(libc::EEXIST));
+    assert_eq!(
+        run(&mut s, setx(b"user.a", b"2", XATTR_CREATE)),
+        Err(libc::EEXIST)
+    );
     run(&mut s, setx(b"user.a", b"2", XATTR_REPLACE)).expect("replace");
     assert_eq!(s.getxattr(f.ino, b"user.a"), Ok(b"2".to_vec()));
     assert_eq!(s.getxattr(f.ino, b"user.b"), Err(libc::ENODATA));
-    assert_eq!(
-        run(&mut s, setx(&[b'n'; 256], b"", 0)),
-        Err(libc::ERANGE)
-    );
+    assert_eq!(run(&mut s, setx(&[b'n'; 256], b"", 0)), Err(libc::ERANGE));
     assert_eq!(
         run(&mut s, setx(b"user.big", &vec![0; XATTR_SIZE_MAX + 1], 0)),
         Err(libc::E2BIG)
@@ -495,7 +539,11 @@ impl Model {
             }
             MOp::Link(p, n, p2, n2) => {
                 self.walk(p)?;
-                let src = self.nodes.get(&Self::join(p, *n)).cloned().ok_or(libc::ENOENT)?;
+                let src = self
+                    .nodes
+                    .get(&Self::join(p, *n))
+                    .cloned()
+                    .ok_or(libc::ENOENT)?;
                 self.walk(p2)?;
                 let MNode::File(id) = src else {
                     return Err(libc::EPERM);
@@ -514,7 +562,11 @@ impl Model {
                 let dk = Self::join(p2, *n2);
                 let src = self.nodes.get(&sk).cloned().ok_or(libc::ENOENT)?;
                 if sk == dk {
-                    return if *noreplace { Err(libc::EEXIST) } else { Ok(()) };
+                    return if *noreplace {
+                        Err(libc::EEXIST)
+                    } else {
+                        Ok(())
+                    };
                 }
                 if src == MNode::Dir && p2.starts_with(&sk) {
                     return Err(libc::EINVAL);
@@ -605,14 +657,18 @@ fn check_equal(s: &State, m: &Model) {
     for (p, kind) in &m.nodes {
         let (last, dir) = p.split_last().expect("non-empty path");
         let parent = resolve(s, dir).expect("model parent exists in state");
-        let a = s.lookup(parent, &[*last]).expect("model path exists in state");
+        let a = s
+            .lookup(parent, &[*last])
+            .expect("model path exists in state");
         match kind {
             MNode::Dir => {
                 assert_eq!(a.mode & S_IFMT, S_IFDIR, "{p:?}");
                 let subdirs = m
                     .nodes
                     .iter()
-                    .filter(|(k, v)| k.len() == p.len() + 1 && k.starts_with(p) && **v == MNode::Dir)
+                    .filter(|(k, v)| {
+                        k.len() == p.len() + 1 && k.starts_with(p) && **v == MNode::Dir
+                    })
                     .count() as u32;
                 assert_eq!(a.nlink, 2 + subdirs, "dir nlink of {p:?}");
             }
