@@ -322,12 +322,27 @@ impl Filesystem for AvalonFs {
         });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
+        // With FUSE_ATOMIC_O_TRUNC the kernel leaves O_TRUNC to us.
+        let trunc = flags.0 & libc::O_TRUNC != 0 && flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         self.spawn(async move {
             // Close-to-open: an open sees the size other clients committed.
-            match c.getattr(ino).await {
+            let r = if trunc {
+                c.setattr(
+                    ino,
+                    SetAttr {
+                        size: Some(0),
+                        mtime: Some(TimeChange::Now),
+                        ..Default::default()
+                    },
+                )
+                .await
+            } else {
+                c.getattr(ino).await
+            };
+            match r {
                 Ok(a) => {
                     c.note_attr(&a);
                     reply.opened(FileHandle(0), FopenFlags::empty())

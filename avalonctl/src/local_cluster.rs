@@ -211,8 +211,21 @@ pub fn unmount(path: &Path) {
     }
 }
 
+/// True while `pid` runs; a zombie (exited, not yet reaped by its parent)
+/// counts as gone.
 fn pid_alive(pid: i32) -> bool {
-    pid > 0 && kill(Pid::from_raw(pid), None).is_ok()
+    if pid <= 0 || kill(Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                != Some("Z")
+        }
+        Err(_) => false,
+    }
 }
 
 impl LocalCluster {
