@@ -1,6 +1,9 @@
 //! Raft network glue: openraft RPCs over the tonic `Raft` service, with
 //! postcard-serialized openraft structs in `RaftMessage.payload`.
 
+// openraft's error types are large by design; boxing them would fight its API.
+#![allow(clippy::result_large_err)]
+
 use crate::node::MdsNode;
 use crate::raft_store::{NodeId, TypeConfig};
 use avalon_proto::limits::MAX_MESSAGE_BYTES;

@@ -1,6 +1,9 @@
 //! Raft storage glue (openraft 0.9, storage-v2): the type config, the
 //! durable log (redb) and the in-memory state machine with file snapshots.
 
+// openraft's error types are large by design; boxing them would fight its API.
+#![allow(clippy::result_large_err)]
+
 use crate::command::{MetaCommand, MetaResponse};
 use crate::namespace::State;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
