@@ -110,28 +110,43 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let stop = shutdown.clone();
-    let server = tokio::spawn(
+    let mut server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(meta)
             .add_service(raft_svc)
             .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
     );
 
-    shutdown.cancelled().await;
-    tracing::info!(id = cfg.id, "MDS shutting down");
-    node.shutdown.cancel();
-    // In-flight requests get a moment to finish; then the server is dropped.
-    let abort = server.abort_handle();
-    match tokio::time::timeout(Duration::from_secs(3), server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server error"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server task failed"),
-        Err(_) => abort.abort(),
+    let mut failure = None;
+    tokio::select! {
+        _ = shutdown.cancelled() => {
+            tracing::info!(id = cfg.id, "MDS shutting down");
+            node.shutdown.cancel();
+            // In-flight requests get a moment to finish; then the server is dropped.
+            let abort = server.abort_handle();
+            match tokio::time::timeout(Duration::from_secs(3), server).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server error"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server task failed"),
+                Err(_) => abort.abort(),
+            }
+        }
+        r = &mut server => {
+            node.shutdown.cancel();
+            failure = Some(match r {
+                Ok(Ok(())) => anyhow::anyhow!("gRPC server stopped unexpectedly"),
+                Ok(Err(e)) => anyhow::Error::new(e).context("gRPC server failed"),
+                Err(e) => anyhow::Error::new(e).context("gRPC server task failed"),
+            });
+        }
     }
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }
     let _ = tokio::time::timeout(Duration::from_secs(3), tasks.wait()).await;
     tracing::info!(id = cfg.id, "MDS stopped");
-    Ok(())
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }

@@ -11,10 +11,19 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A bare level keeps openraft's chatty info logs at warn.
+    let level = cfg.log_level.trim();
+    let spec = if matches!(level, "trace" | "debug" | "info" | "warn" | "error") {
+        format!("{level},openraft=warn")
+    } else {
+        level.to_string()
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     let token = CancellationToken::new();
