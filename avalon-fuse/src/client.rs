@@ -151,8 +151,11 @@ impl Client {
             .call(|mut c| {
                 let header = h.clone();
                 async move {
-                    c.client_heartbeat(pb::ClientHeartbeatRequest { header })
-                        .await
+                    c.client_heartbeat(pb::ClientHeartbeatRequest {
+                        header,
+                        open_inos: Vec::new(),
+                    })
+                    .await
                 }
             })
             .await?;

@@ -117,6 +117,7 @@ impl Client {
                     forwarded: false,
                     version: 0,
                     chunk_size: cs,
+                    zero_length: 0,
                 };
                 let mut c = self.osd(&osd.addr)?;
                 match c.write_chunk(req).await {
@@ -180,6 +181,7 @@ impl Client {
                     chunk: Some(ChunkId { ino, index }),
                     offset,
                     length,
+                    map_epoch: map.epoch,
                 };
                 let mut c = self.osd(&osd.addr)?;
                 match c.read_chunk(req).await {
