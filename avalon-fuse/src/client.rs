@@ -56,6 +56,9 @@ pub struct Client {
     pub(crate) map: RwLock<Arc<ClusterMap>>,
     pub(crate) osds: DashMap<String, pb::osd_client::OsdClient<Channel>>,
     pub(crate) files: DashMap<u64, FileState>,
+    /// Open handles per inode, reported in heartbeats so that a new MDS
+    /// leader knows which unlinked files are still in use.
+    opens: DashMap<u64, u32>,
 }
 
 fn time_set(t: Option<TimeChange>) -> Option<TimeSet> {
@@ -108,6 +111,7 @@ impl Client {
             map: RwLock::new(Arc::new(map)),
             osds: DashMap::new(),
             files: DashMap::new(),
+            opens: DashMap::new(),
         })
     }
 
@@ -147,16 +151,14 @@ impl Client {
     /// Tells the MDS this session is alive.
     pub async fn heartbeat(&self) -> Result<()> {
         let h = self.header();
+        let open_inos: Vec<u64> = self.opens.iter().map(|e| *e.key()).collect();
         self.mds
             .call(|mut c| {
-                let header = h.clone();
-                async move {
-                    c.client_heartbeat(pb::ClientHeartbeatRequest {
-                        header,
-                        open_inos: Vec::new(),
-                    })
-                    .await
-                }
+                let req = pb::ClientHeartbeatRequest {
+                    header: h.clone(),
+                    open_inos: open_inos.clone(),
+                };
+                async move { c.client_heartbeat(req).await }
             })
             .await?;
         Ok(())
@@ -565,6 +567,76 @@ impl Client {
         r.attr
             .map(Some)
             .ok_or_else(|| ClientError::Unavailable("MDS reply without attributes".into()))
+    }
+
+    /// Opens a file: fresh attributes, and the MDS counts the open so that
+    /// the file outlives an unlink until it is released.
+    pub async fn open(&self, ino: u64, flags: u32) -> Result<Attr> {
+        let req = pb::OpenRequest {
+            header: self.header(),
+            ino,
+            flags,
+        };
+        let r = self
+            .mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.open(r).await }
+            })
+            .await?;
+        *self.opens.entry(ino).or_insert(0) += 1;
+        Self::ok_attr(r.attr)
+    }
+
+    /// Counts an open that happened through create.
+    pub fn note_created_open(&self, ino: u64) {
+        *self.opens.entry(ino).or_insert(0) += 1;
+    }
+
+    /// Releases one open of `ino`: pending size first, then the MDS's count.
+    pub async fn release(&self, ino: u64) -> Result<()> {
+        let commit = self.commit_size(ino).await;
+        let last = match self.opens.get_mut(&ino) {
+            Some(mut n) => {
+                *n = n.saturating_sub(1);
+                *n == 0
+            }
+            None => true,
+        };
+        if last {
+            self.opens.remove_if(&ino, |_, n| *n == 0);
+        }
+        let req = pb::ReleaseRequest {
+            header: self.header(),
+            ino,
+        };
+        self.mds
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.release(r).await }
+            })
+            .await?;
+        commit.map(|_| ())
+    }
+
+    /// Makes everything written to `ino` durable on the OSDs, and its size
+    /// on the MDS (fsync).
+    pub async fn fsync(&self, ino: u64) -> Result<()> {
+        self.sync_data(ino).await?;
+        self.commit_size(ino).await?;
+        Ok(())
+    }
+
+    /// Grows the file to at least `size` (never shrinks it).
+    pub async fn grow_to(&self, ino: u64, size: u64) -> Result<()> {
+        {
+            let mut st = self.files.entry(ino).or_default();
+            if size > st.size {
+                st.size = size;
+                st.dirty = true;
+            }
+        }
+        self.commit_size(ino).await.map(|_| ())
     }
 
     /// Commits the pending sizes of every file (at unmount).

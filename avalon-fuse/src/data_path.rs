@@ -81,7 +81,7 @@ impl Client {
             .map(|(index, off, n)| {
                 let piece = data.slice(pos..pos + n as usize);
                 pos += n as usize;
-                self.write_chunk(ino, index, off, piece, sync, cs)
+                self.chunk_op(ino, index, off, piece, 0, sync, cs)
             });
         try_join_all(parts).await?;
         let mut st = self.files.entry(ino).or_default();
@@ -92,12 +92,16 @@ impl Client {
         Ok(len as u32)
     }
 
-    async fn write_chunk(
+    /// Writes `data` (or, with `zero_length`, zeros) into one chunk through
+    /// its primary, failing over to other members and newer maps.
+    #[allow(clippy::too_many_arguments)]
+    async fn chunk_op(
         &self,
         ino: u64,
         index: u64,
         offset: u32,
         data: Bytes,
+        zero_length: u32,
         sync: bool,
         cs: u32,
     ) -> Result<()> {
@@ -117,7 +121,7 @@ impl Client {
                     forwarded: false,
                     version: 0,
                     chunk_size: cs,
-                    zero_length: 0,
+                    zero_length,
                 };
                 let mut c = self.osd(&osd.addr)?;
                 match c.write_chunk(req).await {
@@ -202,6 +206,47 @@ impl Client {
             backoff = (backoff * 2).min(Duration::from_secs(1));
             let _ = self.refresh_map().await;
         }
+    }
+
+    /// Asks every up OSD to make the writes to `ino` it acknowledged durable.
+    /// Each OSD syncs what it stored itself, so every replica is covered.
+    pub async fn sync_data(&self, ino: u64) -> Result<()> {
+        let map = self.map();
+        let sends = map
+            .osds
+            .iter()
+            .filter(|o| o.state == OsdState::Up as i32)
+            .map(|o| {
+                let req = pb::SyncObjectsRequest {
+                    header: self.header(),
+                    inos: vec![ino],
+                };
+                let addr = o.addr.clone();
+                async move {
+                    let mut c = self.osd(&addr)?;
+                    c.sync_objects(req).await.map_err(ClientError::from)?;
+                    Ok::<_, ClientError>(())
+                }
+            });
+        try_join_all(sends).await?;
+        Ok(())
+    }
+
+    /// Makes `[offset, offset+len)` of `ino` read as zeros without storing
+    /// data (punch hole / zero range). Does not change the file size.
+    pub async fn zero_range(&self, ino: u64, offset: u64, len: u64) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|e| e > MAX_FILE_SIZE) {
+            return Err(ClientError::posix(
+                libc::EFBIG,
+                "range past the largest file size",
+            ));
+        }
+        let cs = self.chunk_size_of(ino);
+        let parts = split_range(offset, len, cs)
+            .into_iter()
+            .map(|(index, off, n)| self.chunk_op(ino, index, off, Bytes::new(), n, false, cs));
+        try_join_all(parts).await?;
+        Ok(())
     }
 
     /// Cuts the data of `ino` to `size` bytes on every OSD that may hold

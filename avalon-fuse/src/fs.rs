@@ -10,8 +10,8 @@ use bytes::Bytes;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -329,19 +329,18 @@ impl Filesystem for AvalonFs {
         let trunc = flags.0 & libc::O_TRUNC != 0 && flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         self.spawn(async move {
             // Close-to-open: an open sees the size other clients committed.
-            let r = if trunc {
-                c.setattr(
-                    ino,
-                    SetAttr {
-                        size: Some(0),
-                        mtime: Some(TimeChange::Now),
-                        ..Default::default()
-                    },
-                )
-                .await
-            } else {
-                c.getattr(ino).await
-            };
+            let mut r = c.open(ino, flags.0 as u32).await;
+            if trunc && r.is_ok() {
+                let ch = SetAttr {
+                    size: Some(0),
+                    mtime: Some(TimeChange::Now),
+                    ..Default::default()
+                };
+                r = c.setattr(ino, ch).await;
+                if r.is_err() {
+                    let _ = c.release(ino).await;
+                }
+            }
             match r {
                 Ok(a) => {
                     c.note_attr(&a);
@@ -369,7 +368,13 @@ impl Filesystem for AvalonFs {
         let mode = libc::S_IFREG | (mode & 0o7777 & !umask);
         let exclusive = flags & libc::O_EXCL != 0;
         self.spawn(async move {
-            match c.mknod(parent, &name, mode, 0, uid, gid, exclusive).await {
+            let r = match c.mknod(parent, &name, mode, 0, uid, gid, exclusive).await {
+                // The new file is open from now on: the MDS must know, in
+                // case it is unlinked while open.
+                Ok(a) => c.open(a.ino, flags as u32).await,
+                Err(e) => Err(e),
+            };
+            match r {
                 Ok(a) => {
                     let attr = file_attr(&c, &a);
                     reply.created(
@@ -464,7 +469,7 @@ impl Filesystem for AvalonFs {
     ) {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
-        self.spawn(async move { reply_empty(c.commit_size(ino).await.map(|_| ()), reply) });
+        self.spawn(async move { reply_empty(c.release(ino).await, reply) });
     }
 
     fn fsync(
@@ -477,7 +482,7 @@ impl Filesystem for AvalonFs {
     ) {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
-        self.spawn(async move { reply_empty(c.commit_size(ino).await.map(|_| ()), reply) });
+        self.spawn(async move { reply_empty(c.fsync(ino).await, reply) });
     }
 
     fn readdir(
@@ -678,8 +683,143 @@ impl Filesystem for AvalonFs {
         self.spawn(async move { reply_empty(c.removexattr(ino, &name).await, reply) });
     }
 
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let c = self.client.clone();
+        let ino = self.mds_ino(ino);
+        self.spawn(
+            async move { reply_empty(fallocate(&c, ino, offset, length, mode).await, reply) },
+        );
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let c = self.client.clone();
+        let ino = self.mds_ino(ino);
+        self.spawn(async move {
+            let size = match c.known_size(ino) {
+                Some(st) => st.size,
+                None => match c.getattr(ino).await {
+                    Ok(a) => c.note_attr(&a),
+                    Err(e) => return reply.error(errno(&e)),
+                },
+            };
+            // Holes are not tracked yet: the whole file counts as data,
+            // which SEEK_DATA/SEEK_HOLE allow.
+            let off = offset.max(0) as u64;
+            match whence {
+                libc::SEEK_DATA if offset >= 0 && off < size => reply.offset(offset),
+                libc::SEEK_HOLE if offset >= 0 && off < size => reply.offset(size as i64),
+                libc::SEEK_DATA | libc::SEEK_HOLE => reply.error(Errno::ENXIO),
+                _ => reply.error(Errno::EINVAL),
+            }
+        });
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        _fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        _fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let c = self.client.clone();
+        let (src, dst) = (self.mds_ino(ino_in), self.mds_ino(ino_out));
+        self.spawn(async move {
+            // Data moves through the client, one chunk-sized piece at a time.
+            const PIECE: u64 = 4 << 20;
+            let len = len.min(u64::from(u32::MAX) & !(PIECE - 1));
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(PIECE) as u32;
+                let data = match c.read(src, offset_in + done, n).await {
+                    Ok(d) => d,
+                    Err(e) => return reply.error(errno(&e)),
+                };
+                if data.is_empty() {
+                    break;
+                }
+                let got = data.len() as u64;
+                if let Err(e) = c
+                    .write(dst, offset_out + done, Bytes::from(data), false)
+                    .await
+                {
+                    return reply.error(errno(&e));
+                }
+                done += got;
+                if got < u64::from(n) {
+                    break;
+                }
+            }
+            reply.written(done as u32)
+        });
+    }
+
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // Mounted with default_permissions: the kernel checks mode bits.
         reply.ok();
     }
+}
+
+/// fallocate(2): allocation only extends the size (space is not reserved
+/// ahead), punching and zeroing store no data.
+async fn fallocate(
+    c: &Client,
+    ino: u64,
+    offset: u64,
+    length: u64,
+    mode: i32,
+) -> crate::error::Result<()> {
+    const KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
+    const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+    const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
+    let end = offset
+        .checked_add(length)
+        .filter(|e| *e <= avalon_proto::limits::MAX_FILE_SIZE)
+        .ok_or_else(|| ClientError::posix(libc::EFBIG, "fallocate past the largest file size"))?;
+    if length == 0 {
+        return Err(ClientError::posix(libc::EINVAL, "fallocate of zero length"));
+    }
+    match mode {
+        0 | KEEP_SIZE => {}
+        m if m == PUNCH | KEEP_SIZE => c.zero_range(ino, offset, length).await?,
+        ZERO | 0x11 => c.zero_range(ino, offset, length).await?,
+        m if m & PUNCH != 0 => {
+            return Err(ClientError::posix(
+                libc::EOPNOTSUPP,
+                "punch hole needs KEEP_SIZE",
+            ))
+        }
+        _ => {
+            return Err(ClientError::posix(
+                libc::EOPNOTSUPP,
+                "fallocate mode not supported",
+            ))
+        }
+    }
+    if mode & KEEP_SIZE == 0 {
+        c.grow_to(ino, end).await?;
+    }
+    Ok(())
 }
