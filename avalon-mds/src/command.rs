@@ -82,6 +82,8 @@ pub enum Op {
     Unlink {
         parent: u64,
         name: Vec<u8>,
+        /// Open-file guard (see [`Op::Rename::guard`]).
+        guard: Option<u64>,
     },
     Rmdir {
         parent: u64,
@@ -98,6 +100,11 @@ pub enum Op {
         new_parent: u64,
         new_name: Vec<u8>,
         flags: u32,
+        /// Open-file guard for the last link of a regular file this removes:
+        /// `None` deletes it (no open-file tracking); `Some(ino)` deletes it
+        /// only if it is `ino` (which the leader saw closed), otherwise it
+        /// becomes an orphan (nlink 0, kept until reclaimed).
+        guard: Option<u64>,
     },
     SetXattr {
         ino: u64,
@@ -144,6 +151,15 @@ pub enum Op {
     /// GC queue.
     GcDone {
         inos: Vec<u64>,
+    },
+    /// Nobody has these orphans open any more: delete them and queue their
+    /// data for GC (non-orphans are ignored).
+    ReclaimOrphans {
+        inos: Vec<u64>,
+    },
+    /// The session stopped heartbeating: forget it.
+    ExpireSession {
+        session_id: u64,
     },
 }
 

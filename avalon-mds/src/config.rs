@@ -40,6 +40,15 @@ pub struct Config {
     pub election_max_ms: u64,
     /// Period of the data garbage collector.
     pub gc_interval_ms: u64,
+    /// A client session without heartbeat for this long is expired.
+    pub session_timeout_ms: u64,
+    /// An unlinked file counts as open this long after a client last
+    /// reported it (or after it was created), and a new leader waits this
+    /// long for heartbeats before it reclaims orphans.
+    pub orphan_grace_ms: u64,
+    /// Join an existing group (added with `avalonctl mds add`): never
+    /// initialize a new raft group, even with empty storage.
+    pub join: bool,
 }
 
 impl Default for Config {
@@ -60,6 +69,9 @@ impl Default for Config {
             election_min_ms: 600,
             election_max_ms: 1200,
             gc_interval_ms: 2000,
+            session_timeout_ms: 30_000,
+            orphan_grace_ms: 5000,
+            join: false,
         }
     }
 }
@@ -101,6 +113,16 @@ pub struct Args {
     /// Mark an OSD down after this many ms without heartbeat.
     #[arg(long)]
     pub osd_down_after_ms: Option<u64>,
+    /// Expire a client session after this many ms without heartbeat.
+    #[arg(long)]
+    pub session_timeout_ms: Option<u64>,
+    /// Grace period of unlinked-but-open files (ms).
+    #[arg(long)]
+    pub orphan_grace_ms: Option<u64>,
+    /// Join an existing group instead of initializing one (the leader adds
+    /// this node with `avalonctl mds add`).
+    #[arg(long)]
+    pub join: bool,
 }
 
 impl Config {
@@ -129,8 +151,13 @@ impl Config {
             pg_count,
             chunk_size,
             log_level,
-            osd_down_after_ms
+            osd_down_after_ms,
+            session_timeout_ms,
+            orphan_grace_ms
         );
+        if args.join {
+            cfg.join = true;
+        }
         cfg.validate()?;
         Ok(cfg)
     }

@@ -79,10 +79,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         raft: raft.clone(),
         sm: shared,
         liveness: Mutex::new(Liveness::default()),
+        opens: Mutex::new(node::OpenTable::default()),
+        pending_changed: tokio::sync::Notify::new(),
         shutdown: shutdown.child_token(),
     });
 
-    if fresh && peers.keys().next() == Some(&cfg.id) {
+    if fresh && !cfg.join && peers.keys().next() == Some(&cfg.id) {
         let members: BTreeMap<u64, BasicNode> = peers
             .iter()
             .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))

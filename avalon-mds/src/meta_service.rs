@@ -173,9 +173,13 @@ impl Meta for MetaService {
             exclusive: r.exclusive,
             layout: self.node.layout(),
         };
-        Ok(Response::new(entry(
-            self.mutate(r.header.as_ref(), op).await?,
-        )?))
+        let e = entry(self.mutate(r.header.as_ref(), op).await?)?;
+        if let (Some(a), Some(h)) = (&e.attr, &r.header) {
+            if a.mode & libc::S_IFMT == libc::S_IFREG {
+                self.node.note_created(h.session_id, a.ino);
+            }
+        }
+        Ok(Response::new(e))
     }
 
     async fn mkdir(&self, req: Request<pb::MkdirRequest>) -> Res<pb::EntryReply> {
@@ -220,9 +224,13 @@ impl Meta for MetaService {
         let r = req.into_inner();
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
+        let name: Vec<u8> = r.name.into();
+        let target = self.node.read_local(|s| s.child_ino(r.parent, &name));
+        let (guard, _pending) = self.node.removal_guard(target);
         let op = Op::Unlink {
             parent: r.parent,
-            name: r.name.into(),
+            name,
+            guard,
         };
         self.mutate(r.header.as_ref(), op).await?;
         Ok(Response::new(pb::Empty {}))
@@ -274,12 +282,18 @@ impl Meta for MetaService {
         ino_ok(r.new_parent)?;
         name_ok(&r.name)?;
         name_ok(&r.new_name)?;
+        let new_name: Vec<u8> = r.new_name.into();
+        let target = self
+            .node
+            .read_local(|s| s.child_ino(r.new_parent, &new_name));
+        let (guard, _pending) = self.node.removal_guard(target);
         let op = Op::Rename {
             parent: r.parent,
             name: r.name.into(),
             new_parent: r.new_parent,
-            new_name: r.new_name.into(),
+            new_name,
             flags: r.flags,
+            guard,
         };
         self.mutate(r.header.as_ref(), op).await?;
         Ok(Response::new(pb::Empty {}))
@@ -387,6 +401,43 @@ impl Meta for MetaService {
         Ok(Response::new(attr_reply(
             self.mutate(r.header.as_ref(), op).await?,
         )?))
+    }
+
+    async fn open(&self, req: Request<pb::OpenRequest>) -> Res<pb::AttrReply> {
+        let r = req.into_inner();
+        ino_ok(r.ino)?;
+        self.node.check_leader()?;
+        let sid = r.header.as_ref().map(|h| h.session_id).unwrap_or(0);
+        if sid != 0 {
+            self.node.open_begin(sid, r.ino).await;
+        }
+        let res = match self.node.read(|s| s.getattr(r.ino)).await {
+            Ok(Ok(a)) => Ok(a),
+            Ok(Err(e)) => Err(MdsError::Errno(e)),
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(a) => Ok(Response::new(pb::AttrReply {
+                attr: Some(attr_pb(&a)),
+            })),
+            Err(e) => {
+                if sid != 0 {
+                    self.node.open_end(sid, r.ino);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn release(&self, req: Request<pb::ReleaseRequest>) -> Res<pb::Empty> {
+        let r = req.into_inner();
+        ino_ok(r.ino)?;
+        self.node.check_leader()?;
+        let sid = r.header.as_ref().map(|h| h.session_id).unwrap_or(0);
+        if sid != 0 {
+            self.node.release(sid, r.ino).await?;
+        }
+        Ok(Response::new(pb::Empty {}))
     }
 
     async fn get_cluster_map(&self, _req: Request<pb::Empty>) -> Res<pb::ClusterMap> {
@@ -507,19 +558,29 @@ impl Meta for MetaService {
             return Err(MdsError::NotFound(format!("no session {sid}")).into());
         }
         self.node.client_seen_now(sid);
+        if r.open_inos.len() > 1_000_000 {
+            return Err(MdsError::Invalid("too many open inodes".into()).into());
+        }
+        self.node.heartbeat_opens(sid, &r.open_inos);
         Ok(Response::new(pb::Empty {}))
     }
 
     async fn status(&self, _req: Request<pb::Empty>) -> Res<pb::StatusReply> {
         let m = self.node.raft.metrics().borrow().clone();
         let leader = self.node.is_leader();
+        // Index and digest read together, under the state machine lock.
+        let (applied, digest) = {
+            let sm = self.node.sm.read().unwrap_or_else(|e| e.into_inner());
+            (sm.last_applied.map(|l| l.index).unwrap_or(0), sm.digest())
+        };
         let me = pb::MdsInfo {
+            state_digest: digest,
             id: self.node.id,
             addr: self.node.addr.clone(),
             role: role_name(m.state).to_string(),
             pid: std::process::id(),
             term: m.current_term,
-            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            last_applied: applied,
             leader_id: m.current_leader.unwrap_or(0),
         };
         let membership = m.membership_config.membership();
@@ -546,6 +607,11 @@ impl Meta for MetaService {
                     0
                 },
                 leader_id: m.current_leader.unwrap_or(0),
+                state_digest: if *id == self.node.id {
+                    me.state_digest
+                } else {
+                    0
+                },
             })
             .collect();
         let (map, clients, inodes) = self.node.read_local(|s| {

@@ -119,6 +119,8 @@ pub struct State {
     pub gc_queue: BTreeSet<u64>,
     /// Per session: the last responses by request id, oldest first.
     pub dedup: BTreeMap<u64, VecDeque<(u64, MetaResponse)>>,
+    /// Regular files without links that some session still has open.
+    pub orphans: BTreeSet<u64>,
 }
 
 impl Default for State {
@@ -164,6 +166,7 @@ impl State {
             next_session_id: 1,
             gc_queue: BTreeSet::new(),
             dedup: BTreeMap::new(),
+            orphans: BTreeSet::new(),
         }
     }
 
@@ -203,6 +206,11 @@ impl State {
             .get(&(parent, name.to_vec()))
             .ok_or(libc::ENOENT)?;
         self.getattr(d.ino)
+    }
+
+    /// The inode `name` in directory `parent` names, if any.
+    pub fn child_ino(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        self.dentries.get(&(parent, name.to_vec())).map(|d| d.ino)
     }
 
     pub fn readlink(&self, ino: u64) -> R<Vec<u8>> {
@@ -373,12 +381,16 @@ impl State {
             } => self
                 .symlink(now, *parent, name, target, *uid, *gid)
                 .map(Reply::Attr),
-            Op::Unlink { parent, name } => {
-                self.remove(now, *parent, name, false).map(|_| Reply::None)
-            }
-            Op::Rmdir { parent, name } => {
-                self.remove(now, *parent, name, true).map(|_| Reply::None)
-            }
+            Op::Unlink {
+                parent,
+                name,
+                guard,
+            } => self
+                .remove(now, *parent, name, false, *guard)
+                .map(|_| Reply::None),
+            Op::Rmdir { parent, name } => self
+                .remove(now, *parent, name, true, None)
+                .map(|_| Reply::None),
             Op::Link {
                 ino,
                 new_parent,
@@ -390,8 +402,9 @@ impl State {
                 new_parent,
                 new_name,
                 flags,
+                guard,
             } => self
-                .rename(now, *parent, name, *new_parent, new_name, *flags)
+                .rename(now, *parent, name, *new_parent, new_name, *flags, *guard)
                 .map(|_| Reply::None),
             Op::SetXattr {
                 ino,
@@ -477,6 +490,20 @@ impl State {
                 for i in inos {
                     self.gc_queue.remove(i);
                 }
+                Ok(Reply::None)
+            }
+            Op::ReclaimOrphans { inos } => {
+                for i in inos {
+                    if self.orphans.remove(i) {
+                        self.inodes.remove(i);
+                        self.gc_queue.insert(*i);
+                    }
+                }
+                Ok(Reply::None)
+            }
+            Op::ExpireSession { session_id } => {
+                self.sessions.remove(session_id).ok_or(libc::ENOENT)?;
+                self.dedup.remove(session_id);
                 Ok(Reply::None)
             }
         }
@@ -745,8 +772,9 @@ impl State {
         Ok(self.insert_new(now, parent, name, inode))
     }
 
-    /// Drops one link of `ino`; removes the inode at zero links.
-    fn drop_link(&mut self, now: i64, ino: u64) {
+    /// Drops one link of `ino`; removes the inode at zero links, or keeps
+    /// a regular file as an orphan unless `guard` allows deleting it.
+    fn drop_link(&mut self, now: i64, ino: u64, guard: Option<u64>) {
         let Some(i) = self.inodes.get_mut(&ino) else {
             return;
         };
@@ -758,6 +786,10 @@ impl State {
         i.attr.ctime_ns = now;
         if i.attr.nlink == 0 {
             let is_reg = i.attr.mode & S_IFMT == S_IFREG;
+            if is_reg && guard.is_some_and(|g| g != ino) {
+                self.orphans.insert(ino);
+                return;
+            }
             self.inodes.remove(&ino);
             if is_reg {
                 self.gc_queue.insert(ino);
@@ -772,7 +804,14 @@ impl State {
             .is_none()
     }
 
-    fn remove(&mut self, now: i64, parent: u64, name: &[u8], rmdir: bool) -> R<()> {
+    fn remove(
+        &mut self,
+        now: i64,
+        parent: u64,
+        name: &[u8],
+        rmdir: bool,
+        guard: Option<u64>,
+    ) -> R<()> {
         self.dir(parent)?;
         check_name(name)?;
         let d = *self
@@ -796,7 +835,7 @@ impl State {
                 p.attr.nlink = p.attr.nlink.saturating_sub(1);
             }
         }
-        self.drop_link(now, d.ino);
+        self.drop_link(now, d.ino, guard);
         self.touch_dir(parent, now);
         Ok(())
     }
@@ -805,6 +844,9 @@ impl State {
         let i = self.inode(ino)?;
         if i.is_dir() {
             return Err(libc::EPERM);
+        }
+        if i.attr.nlink == 0 {
+            return Err(libc::ENOENT);
         }
         self.check_new_entry(new_parent, new_name)?;
         if self.inode(ino)?.attr.nlink >= LINK_MAX {
@@ -835,6 +877,7 @@ impl State {
         false
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn rename(
         &mut self,
         now: i64,
@@ -843,6 +886,7 @@ impl State {
         new_parent: u64,
         new_name: &[u8],
         flags: u32,
+        guard: Option<u64>,
     ) -> R<()> {
         if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
             || flags == RENAME_NOREPLACE | RENAME_EXCHANGE
@@ -938,7 +982,7 @@ impl State {
             if dst_dir {
                 self.adjust_nlink(new_parent, -1);
             }
-            self.drop_link(now, dst.ino);
+            self.drop_link(now, dst.ino, guard);
         }
         self.del_entry(parent, name);
         self.add_entry(new_parent, new_name, src.ino);

@@ -56,6 +56,108 @@ impl From<MdsError> for Status {
 pub struct Liveness {
     pub osd_seen: HashMap<u64, Instant>,
     pub client_seen: HashMap<u64, Instant>,
+    /// Since when this node has been leader (None: not leader).
+    pub leader_since: Option<Instant>,
+}
+
+/// What the leader knows about one session's opens of one inode.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenEntry {
+    /// Opens seen by this leader minus releases.
+    pub opens: u32,
+    /// Last Open (or create) by this session.
+    pub last_open: Option<Instant>,
+    /// Last heartbeat of this session that listed the inode (or the
+    /// create of the inode), which keeps it open for the grace period.
+    pub reported_at: Option<Instant>,
+}
+
+/// The leader's in-memory open-file table (not replicated: a new leader
+/// rebuilds it from client heartbeats).
+#[derive(Debug, Default)]
+pub struct OpenTable {
+    /// (session, ino) -> entry.
+    pub entries: HashMap<(u64, u64), OpenEntry>,
+    /// ino -> sessions with an entry.
+    pub by_ino: HashMap<u64, BTreeSet<u64>>,
+    /// Inodes a proposed removal may delete; Opens of them wait.
+    pub pending: HashMap<u64, u32>,
+}
+
+impl OpenTable {
+    fn entry(&mut self, sid: u64, ino: u64) -> &mut OpenEntry {
+        self.by_ino.entry(ino).or_default().insert(sid);
+        self.entries.entry((sid, ino)).or_default()
+    }
+
+    fn remove(&mut self, sid: u64, ino: u64) {
+        self.entries.remove(&(sid, ino));
+        if let Some(set) = self.by_ino.get_mut(&ino) {
+            set.remove(&sid);
+            if set.is_empty() {
+                self.by_ino.remove(&ino);
+            }
+        }
+    }
+
+    /// True if any session may still have `ino` open.
+    pub fn is_open(&self, ino: u64, grace: Duration, now: Instant) -> bool {
+        self.by_ino.get(&ino).is_some_and(|sids| {
+            sids.iter().any(|sid| {
+                self.entries.get(&(*sid, ino)).is_some_and(|e| {
+                    e.opens > 0 || e.reported_at.is_some_and(|t| now.duration_since(t) < grace)
+                })
+            })
+        })
+    }
+
+    /// Number of (session, inode) entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Forgets everything of one session.
+    pub fn drop_session(&mut self, sid: u64) {
+        let inos: Vec<u64> = self
+            .entries
+            .keys()
+            .filter(|(s, _)| *s == sid)
+            .map(|(_, i)| *i)
+            .collect();
+        for ino in inos {
+            self.remove(sid, ino);
+        }
+    }
+}
+
+/// Keeps inodes marked as "a proposed removal may delete them" until drop.
+pub struct PendingRemoval<'a> {
+    node: &'a MdsNode,
+    inos: Vec<u64>,
+}
+
+impl Drop for PendingRemoval<'_> {
+    fn drop(&mut self) {
+        if self.inos.is_empty() {
+            return;
+        }
+        {
+            let mut t = self.node.lock_opens();
+            for ino in &self.inos {
+                if let Some(n) = t.pending.get_mut(ino) {
+                    *n -= 1;
+                    if *n == 0 {
+                        t.pending.remove(ino);
+                    }
+                }
+            }
+        }
+        self.node.pending_changed.notify_waiters();
+    }
 }
 
 /// Shared context of the services and background tasks of one node.
@@ -66,6 +168,8 @@ pub struct MdsNode {
     pub raft: Raft,
     pub sm: SharedSm,
     pub liveness: Mutex<Liveness>,
+    pub opens: Mutex<OpenTable>,
+    pub pending_changed: tokio::sync::Notify,
     pub shutdown: CancellationToken,
 }
 
@@ -184,6 +288,155 @@ impl MdsNode {
         self.liveness.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub fn lock_opens(&self) -> std::sync::MutexGuard<'_, OpenTable> {
+        self.opens.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn grace(&self) -> Duration {
+        Duration::from_millis(self.cfg.orphan_grace_ms)
+    }
+
+    /// True once this node has led long enough for every live client to
+    /// have reported its open files.
+    fn open_table_complete(&self) -> bool {
+        self.lock_liveness()
+            .leader_since
+            .is_some_and(|t| t.elapsed() >= self.grace())
+    }
+
+    /// Records an open of `ino` by session `sid`, then waits until no
+    /// proposed removal may delete it (so the read that follows sees it
+    /// either deleted or protected).
+    pub async fn open_begin(&self, sid: u64, ino: u64) {
+        {
+            let mut t = self.lock_opens();
+            let e = t.entry(sid, ino);
+            e.opens += 1;
+            e.last_open = Some(Instant::now());
+        }
+        loop {
+            let notified = self.pending_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.lock_opens().pending.contains_key(&ino) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Drops one open of `ino` by `sid`; true if that was its last one.
+    pub fn open_end(&self, sid: u64, ino: u64) -> bool {
+        let mut t = self.lock_opens();
+        let now = Instant::now();
+        let grace = self.grace();
+        let Some(e) = t.entries.get_mut(&(sid, ino)) else {
+            return !t.is_open(ino, grace, now);
+        };
+        e.opens = e.opens.saturating_sub(1);
+        if e.opens == 0 && e.reported_at.is_none_or(|r| now.duration_since(r) >= grace) {
+            t.remove(sid, ino);
+        }
+        !t.is_open(ino, grace, now)
+    }
+
+    /// A file this session just created counts as open for the grace
+    /// period (the client's heartbeats keep it open after that).
+    pub fn note_created(&self, sid: u64, ino: u64) {
+        if sid == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut t = self.lock_opens();
+        let e = t.entry(sid, ino);
+        e.last_open = Some(now);
+        e.reported_at = Some(now);
+    }
+
+    /// Applies a client heartbeat's list of open inodes.
+    pub fn heartbeat_opens(&self, sid: u64, open_inos: &[u64]) {
+        let now = Instant::now();
+        let grace = self.grace();
+        let reported: BTreeSet<u64> = open_inos.iter().copied().collect();
+        let mut t = self.lock_opens();
+        for ino in &reported {
+            t.entry(sid, *ino).reported_at = Some(now);
+        }
+        let stale: Vec<u64> = t
+            .entries
+            .iter()
+            .filter(|((s, ino), e)| {
+                *s == sid
+                    && !reported.contains(ino)
+                    && (e.opens == 0 || e.last_open.is_none_or(|o| now.duration_since(o) >= grace))
+                    && e.reported_at.is_none_or(|r| now.duration_since(r) >= grace)
+            })
+            .map(|((_, ino), _)| *ino)
+            .collect();
+        for ino in stale {
+            t.remove(sid, ino);
+        }
+    }
+
+    /// The guard for a removal of `target` (see [`Op::Unlink`]): allows
+    /// deleting it only if nobody has it open, and marks it pending so
+    /// that concurrent Opens wait for the removal.
+    pub fn removal_guard(&self, target: Option<u64>) -> (Option<u64>, PendingRemoval<'_>) {
+        let mut inos = Vec::new();
+        let mut guard = Some(0);
+        if let Some(ino) = target {
+            if self.open_table_complete() {
+                let mut t = self.lock_opens();
+                if !t.is_open(ino, self.grace(), Instant::now()) {
+                    *t.pending.entry(ino).or_insert(0) += 1;
+                    inos.push(ino);
+                    guard = Some(ino);
+                }
+            }
+        }
+        (guard, PendingRemoval { node: self, inos })
+    }
+
+    /// Proposes deleting those of `inos` (orphans) that nobody has open.
+    pub async fn reclaim_orphans(&self, inos: Vec<u64>) -> Result<usize, MdsError> {
+        if !self.open_table_complete() {
+            return Ok(0);
+        }
+        let now = Instant::now();
+        let grace = self.grace();
+        let free: Vec<u64> = {
+            let mut t = self.lock_opens();
+            let free: Vec<u64> = inos
+                .into_iter()
+                .filter(|i| !t.is_open(*i, grace, now))
+                .collect();
+            for i in &free {
+                *t.pending.entry(*i).or_insert(0) += 1;
+            }
+            free
+        };
+        let _pending = PendingRemoval {
+            node: self,
+            inos: free.clone(),
+        };
+        if free.is_empty() {
+            return Ok(0);
+        }
+        let n = free.len();
+        self.write(None, Op::ReclaimOrphans { inos: free }).await?;
+        tracing::debug!(inodes = n, "reclaimed orphans");
+        Ok(n)
+    }
+
+    /// Releases one open; reclaims the inode if it was the last open of an
+    /// orphan.
+    pub async fn release(&self, sid: u64, ino: u64) -> Result<(), MdsError> {
+        if self.open_end(sid, ino) && self.read_local(|s| s.orphans.contains(&ino)) {
+            self.reclaim_orphans(vec![ino]).await?;
+        }
+        Ok(())
+    }
+
     pub fn osd_seen_now(&self, id: u64) {
         self.lock_liveness().osd_seen.insert(id, Instant::now());
     }
@@ -208,10 +461,68 @@ impl MdsNode {
             .unwrap_or(0)
     }
 
-    /// Leader background task: marks OSDs down after missed heartbeats.
+    /// Expires sessions that stopped heartbeating (leader only).
+    async fn expire_sessions(&self) {
+        let timeout = Duration::from_millis(self.cfg.session_timeout_ms.max(1));
+        let sessions: Vec<u64> = self.read_local(|s| s.sessions.keys().copied().collect());
+        let now = Instant::now();
+        let expired: Vec<u64> = {
+            let mut l = self.lock_liveness();
+            sessions
+                .iter()
+                .filter(|id| l.client_seen.entry(**id).or_insert(now).elapsed() >= timeout)
+                .copied()
+                .collect()
+        };
+        for id in expired {
+            tracing::info!(session = id, "client session timed out; expiring");
+            match self.write(None, Op::ExpireSession { session_id: id }).await {
+                Ok(_) | Err(MdsError::Errno(_)) => {
+                    self.lock_liveness().client_seen.remove(&id);
+                    self.lock_opens().drop_session(id);
+                }
+                Err(e) => tracing::warn!(session = id, error = %e, "could not expire session"),
+            }
+        }
+        // Entries of sessions that no longer exist.
+        let gone: Vec<u64> = {
+            let t = self.lock_opens();
+            let mut sids: Vec<u64> = t.entries.keys().map(|(s, _)| *s).collect();
+            sids.sort_unstable();
+            sids.dedup();
+            sids
+        };
+        let gone: Vec<u64> = self.read_local(|s| {
+            gone.into_iter()
+                .filter(|id| !s.sessions.contains_key(id))
+                .collect()
+        });
+        if !gone.is_empty() {
+            let mut t = self.lock_opens();
+            for id in gone {
+                t.drop_session(id);
+            }
+        }
+    }
+
+    /// Reclaims orphans that nobody has open (leader only).
+    async fn sweep_orphans(&self) {
+        let orphans: Vec<u64> = self.read_local(|s| s.orphans.iter().take(4096).copied().collect());
+        if orphans.is_empty() {
+            return;
+        }
+        if let Err(e) = self.reclaim_orphans(orphans).await {
+            tracing::debug!(error = %e, "orphan sweep incomplete");
+        }
+    }
+
+    /// Leader background task: marks OSDs down after missed heartbeats,
+    /// expires client sessions and reclaims orphans nobody has open.
     pub async fn liveness_loop(&self) {
         let down_after = Duration::from_millis(self.cfg.osd_down_after_ms.max(1));
-        let tick = (down_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let tick = (down_after / 4)
+            .min(Duration::from_millis(self.cfg.orphan_grace_ms.max(1)) / 4)
+            .clamp(Duration::from_millis(50), Duration::from_millis(500));
         let mut was_leader = false;
         loop {
             tokio::select! {
@@ -220,9 +531,26 @@ impl MdsNode {
             }
             let leader = self.is_leader();
             if !leader {
+                if was_leader {
+                    self.lock_liveness().leader_since = None;
+                    let mut t = self.lock_opens();
+                    t.entries.clear();
+                    t.by_ino.clear();
+                }
                 was_leader = false;
                 continue;
             }
+            if !was_leader {
+                let sessions: Vec<u64> = self.read_local(|s| s.sessions.keys().copied().collect());
+                let now = Instant::now();
+                let mut l = self.lock_liveness();
+                l.leader_since = Some(now);
+                for id in sessions {
+                    l.client_seen.insert(id, now);
+                }
+            }
+            self.expire_sessions().await;
+            self.sweep_orphans().await;
             let osds: Vec<(u64, OsdState)> =
                 self.read_local(|s| s.osds.values().map(|o| (o.id, o.state)).collect());
             let now = Instant::now();

@@ -228,6 +228,31 @@ pub struct SmData {
     pub state: State,
 }
 
+impl SmData {
+    /// FNV-1a hash of the serialized namespace state: equal on every node
+    /// at the same `last_applied`.
+    pub fn digest(&self) -> u64 {
+        struct Fnv(u64);
+        impl std::io::Write for Fnv {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                for b in buf {
+                    self.0 ^= u64::from(*b);
+                    self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+                }
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+        match postcard::to_io(&self.state, &mut h) {
+            Ok(_) => h.0,
+            Err(_) => 0,
+        }
+    }
+}
+
 /// Shared, readable handle on the state machine.
 pub type SharedSm = Arc<RwLock<SmData>>;
 

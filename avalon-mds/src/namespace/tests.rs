@@ -59,6 +59,7 @@ fn unlink(s: &mut State, parent: u64, name: &str) -> Result<(), i32> {
         Op::Unlink {
             parent,
             name: name.into(),
+            guard: None,
         },
     )
     .map(|_| ())
@@ -84,6 +85,7 @@ fn rename(s: &mut State, p: u64, n: &str, np: u64, nn: &str, flags: u32) -> Resu
             new_parent: np,
             new_name: nn.into(),
             flags,
+            guard: None,
         },
     )
     .map(|_| ())
@@ -764,14 +766,14 @@ proptest! {
         let _ = mknod(&mut s, ROOT_INO, "f", false);
         let ops = vec![
             Op::Mknod { parent: ino, name: name.clone(), mode, rdev: 0, uid: 0, gid: 0, exclusive: false, layout: Layout::default() },
-            Op::Rename { parent: ino, name: name.clone(), new_parent: 1, new_name: b"d".to_vec(), flags },
-            Op::Rename { parent: 1, name: b"d".to_vec(), new_parent: ino, new_name: name.clone(), flags },
+            Op::Rename { parent: ino, name: name.clone(), new_parent: 1, new_name: b"d".to_vec(), flags, guard: None },
+            Op::Rename { parent: 1, name: b"d".to_vec(), new_parent: ino, new_name: name.clone(), flags, guard: None },
             Op::SetAttr { ino, mode: Some(mode), uid: None, gid: None, size: Some(size), atime: None, mtime: None, ctime_ns: None },
             Op::CommitWrite { ino, size },
             Op::Link { ino, new_parent: ino, new_name: name.clone() },
             Op::SetXattr { ino, name: name.clone(), value: vec![], flags },
             Op::Rmdir { parent: ino, name: name.clone() },
-            Op::Unlink { parent: ino, name: name.clone() },
+            Op::Unlink { parent: ino, name: name.clone(), guard: None },
         ];
         for op in ops {
             let _ = s.apply(&cmd(op));
@@ -792,4 +794,62 @@ fn rename_dir_over_empty_dir() {
     assert_eq!(a.ino, c.ino);
     assert_eq!(a.nlink, 3);
     assert_eq!(s.getattr(ROOT_INO).expect("root").nlink, 3);
+}
+
+#[test]
+fn orphans_live_until_reclaimed() {
+    let mut s = State::new();
+    let f = mknod(&mut s, ROOT_INO, "f", true).expect("f");
+    let g = mknod(&mut s, ROOT_INO, "g", true).expect("g");
+    let h = mknod(&mut s, ROOT_INO, "h", true).expect("h");
+    // Guard names another inode: f is kept as an orphan.
+    run(
+        &mut s,
+        Op::Unlink {
+            parent: ROOT_INO,
+            name: b"f".to_vec(),
+            guard: Some(0),
+        },
+    )
+    .expect("unlink");
+    assert!(s.orphans.contains(&f.ino));
+    assert!(!s.gc_queue.contains(&f.ino));
+    assert_eq!(s.lookup(ROOT_INO, b"f"), Err(libc::ENOENT));
+    assert_eq!(s.getattr(f.ino).expect("orphan").nlink, 0);
+    run(
+        &mut s,
+        Op::CommitWrite {
+            ino: f.ino,
+            size: 10,
+        },
+    )
+    .expect("write");
+    assert_eq!(link(&mut s, f.ino, ROOT_INO, "again"), Err(libc::ENOENT));
+    // Guard allows deleting exactly that inode.
+    run(
+        &mut s,
+        Op::Rename {
+            parent: ROOT_INO,
+            name: b"g".to_vec(),
+            new_parent: ROOT_INO,
+            new_name: b"h".to_vec(),
+            flags: 0,
+            guard: Some(h.ino),
+        },
+    )
+    .expect("rename");
+    assert!(s.gc_queue.contains(&h.ino));
+    assert!(!s.orphans.contains(&h.ino));
+    // Reclaim: orphan deleted, data queued; non-orphans untouched.
+    run(
+        &mut s,
+        Op::ReclaimOrphans {
+            inos: vec![f.ino, g.ino],
+        },
+    )
+    .expect("reclaim");
+    assert!(s.orphans.is_empty());
+    assert_eq!(s.getattr(f.ino), Err(libc::ENOENT));
+    assert!(s.gc_queue.contains(&f.ino));
+    assert_eq!(s.getattr(g.ino).expect("g").nlink, 1);
 }
