@@ -14,7 +14,7 @@
 //! (truncate, delete) take a striped per-inode lock exclusively.
 
 use avalon_proto::limits::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -215,6 +215,72 @@ pub struct ChunkStore {
     chunk_locks: Vec<Mutex<()>>,
     used: AtomicU64,
     chunks: AtomicU64,
+    /// Chunks written without fsync since their last sync, by inode.
+    dirty: Mutex<HashMap<u64, BTreeSet<u64>>>,
+}
+
+/// What a write stores.
+#[derive(Debug, Clone, Copy)]
+pub enum Payload<'a> {
+    /// These bytes at the offset.
+    Data(&'a [u8]),
+    /// Zeros over this many bytes at the offset (a punched hole); never
+    /// extends the stored length.
+    Zero(u32),
+}
+
+impl Payload<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Payload::Data(d) => d.len() as u64,
+            Payload::Zero(n) => u64::from(*n),
+        }
+    }
+}
+
+/// One stored chunk as listed by [`ChunkStore::list`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListedChunk {
+    pub ino: u64,
+    pub index: u64,
+    /// `None` when the chunk's metadata fails verification.
+    pub state: Option<(u64, u64)>,
+}
+
+/// Punches a hole over `[off, off+len)` of `file` (keeping its size), or
+/// writes zeros where the filesystem cannot punch holes.
+fn zero_range(file: &File, path: &Path, off: u64, len: u64) -> Result<()> {
+    use std::os::unix::io::AsRawFd;
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: plain syscall on a valid open descriptor.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {
+            let zeros = vec![0u8; BLOCK_SIZE as usize];
+            let mut pos = off;
+            while pos < off + len {
+                let n = (off + len - pos).min(BLOCK_SIZE);
+                file.write_all_at(&zeros[..n as usize], pos)
+                    .map_err(io_err(path))?;
+                pos += n;
+            }
+            Ok(())
+        }
+        _ => Err(io_err(path)(e)),
+    }
 }
 
 impl std::fmt::Debug for ChunkStore {
@@ -253,6 +319,7 @@ impl ChunkStore {
             chunk_locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             used: AtomicU64::new(0),
             chunks: AtomicU64::new(0),
+            dirty: Mutex::new(HashMap::new()),
         };
         let (mut used, mut chunks) = (0u64, 0u64);
         for ent in fs::read_dir(&store.root).map_err(io_err(&store.root))? {
@@ -396,6 +463,13 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// The version recorded in a chunk's metadata sidecar, even when its
+    /// data is corrupt; `None` when the sidecar is missing or unreadable.
+    pub fn meta_version(&self, ino: u64, index: u64) -> Option<u64> {
+        let raw = fs::read(self.meta_path(ino, index)).ok()?;
+        ChunkMeta::decode(&raw).ok().map(|m| m.version)
+    }
+
     /// The stored version of a chunk (0 when it does not exist).
     pub fn version(&self, ino: u64, index: u64) -> Result<u64> {
         let _i = self.lock_ino_shared(ino);
@@ -418,11 +492,36 @@ impl ChunkStore {
         mode: VersionMode,
         sync: bool,
     ) -> Result<WriteOutcome> {
+        self.apply(
+            ino,
+            index,
+            offset,
+            Payload::Data(data),
+            chunk_size,
+            mode,
+            sync,
+        )
+    }
+
+    /// Like [`ChunkStore::write`] for any [`Payload`]: a `Zero` payload
+    /// makes the range read as zeros (punching a hole) without extending the
+    /// chunk, and is versioned like a write.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply(
+        &self,
+        ino: u64,
+        index: u64,
+        offset: u32,
+        payload: Payload<'_>,
+        chunk_size: u32,
+        mode: VersionMode,
+        sync: bool,
+    ) -> Result<WriteOutcome> {
         if ino == 0 {
             return Err(StoreError::InvalidArgument("ino must not be 0".into()));
         }
         let cs = effective_chunk_size(chunk_size)?;
-        check_range(u64::from(offset), data.len() as u64, cs)?;
+        check_range(u64::from(offset), payload.len(), cs)?;
         if let VersionMode::Exact { version: 0, .. } = mode {
             return Err(StoreError::InvalidArgument(
                 "a replicated write needs a version > 0".into(),
@@ -482,6 +581,24 @@ impl ChunkStore {
             .map_err(io_err(&dpath))?;
         let off = u64::from(offset);
         let old_len = meta.len;
+        if let Payload::Zero(zl) = payload {
+            let end = (off + u64::from(zl)).min(old_len);
+            if off < end {
+                zero_range(&file, &dpath, off, end - off)?;
+                let mut buf = Vec::new();
+                for b in off / BLOCK_SIZE..=(end - 1) / BLOCK_SIZE {
+                    let bs = b * BLOCK_SIZE;
+                    let be = (bs + BLOCK_SIZE).min(old_len);
+                    buf.resize((be - bs) as usize, 0);
+                    file.read_exact_at(&mut buf, bs).map_err(io_err(&dpath))?;
+                    meta.crcs[b as usize] = crc32c::crc32c(&buf);
+                }
+            }
+        }
+        let data: &[u8] = match payload {
+            Payload::Data(d) => d,
+            Payload::Zero(_) => &[],
+        };
         if !data.is_empty() {
             file.write_all_at(data, off).map_err(io_err(&dpath))?;
             let end = off + data.len() as u64;
@@ -516,6 +633,8 @@ impl ChunkStore {
             if created_dir {
                 fsync_dir(&self.root)?;
             }
+        } else {
+            self.mark_dirty(ino, index);
         }
         self.used.fetch_add(meta.len - old_len, Ordering::Relaxed);
         if !existed {
@@ -539,6 +658,173 @@ impl ChunkStore {
         }
         fsync_dir(&self.ino_dir(ino))?;
         fsync_dir(&self.root)
+    }
+
+    fn mark_dirty(&self, ino: u64, index: u64) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(ino)
+            .or_default()
+            .insert(index);
+    }
+
+    /// Number of chunks written since their last fsync.
+    pub fn dirty_count(&self) -> usize {
+        let g = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        g.values().map(BTreeSet::len).sum()
+    }
+
+    /// Makes every chunk of `inos` written since its last sync durable
+    /// (data, metadata, directories). On failure the chunks stay dirty.
+    pub fn sync_objects(&self, inos: &[u64]) -> Result<()> {
+        for &ino in inos {
+            let taken = self
+                .dirty
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&ino);
+            let Some(indexes) = taken else { continue };
+            let r = (|| {
+                for &index in &indexes {
+                    for path in [self.data_path(ino, index), self.meta_path(ino, index)] {
+                        match File::open(&path) {
+                            Ok(f) => f.sync_all().map_err(io_err(&path))?,
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                            Err(e) => return Err(io_err(&path)(e)),
+                        }
+                    }
+                }
+                let dir = self.ino_dir(ino);
+                if dir.is_dir() {
+                    fsync_dir(&dir)?;
+                }
+                fsync_dir(&self.root)
+            })();
+            if let Err(e) = r {
+                let mut g = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+                g.entry(ino).or_default().extend(indexes);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every stored chunk for which `want(ino, index)` holds, with its
+    /// version and length (`None` when its metadata is corrupt).
+    pub fn list(&self, mut want: impl FnMut(u64, u64) -> bool) -> Result<Vec<ListedChunk>> {
+        let mut out = Vec::new();
+        let rd = match fs::read_dir(&self.root) {
+            Ok(rd) => rd,
+            Err(e) => return Err(io_err(&self.root)(e)),
+        };
+        let mut inos = Vec::new();
+        for ent in rd {
+            let ent = ent.map_err(io_err(&self.root))?;
+            if let Some(ino) = ent.file_name().to_str().and_then(parse_hex_name) {
+                inos.push(ino);
+            }
+        }
+        inos.sort_unstable();
+        for ino in inos {
+            for index in self.indexes(ino)? {
+                if !want(ino, index) {
+                    continue;
+                }
+                let _i = self.lock_ino_shared(ino);
+                let _c = self.lock_chunk(ino, index);
+                let state = match self.load_meta(ino, index) {
+                    Ok(Some(m)) => Some((m.version, m.len)),
+                    Ok(None) => continue,
+                    Err(StoreError::Corruption { .. }) => None,
+                    Err(e) => return Err(e),
+                };
+                out.push(ListedChunk { ino, index, state });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Replaces a whole chunk by a copy from another replica: `data` (its
+    /// full stored bytes) at `version`. Installed only when the local copy
+    /// is older, missing or corrupt, or (with `replace_equal`) of the same
+    /// version. Durable on return. Returns whether it was installed.
+    pub fn install(
+        &self,
+        ino: u64,
+        index: u64,
+        data: &[u8],
+        version: u64,
+        replace_equal: bool,
+    ) -> Result<bool> {
+        if ino == 0 || version == 0 {
+            return Err(StoreError::InvalidArgument(
+                "install needs an ino and a version > 0".into(),
+            ));
+        }
+        check_range(0, data.len() as u64, MAX_CHUNK_SIZE)?;
+        let _i = self.lock_ino_shared(ino);
+        let _c = self.lock_chunk(ino, index);
+        let (existed, old_len) = match self.load_meta(ino, index) {
+            Ok(Some(m)) => {
+                if m.version > version || (m.version == version && !replace_equal) {
+                    return Ok(false);
+                }
+                (true, m.len)
+            }
+            Ok(None) => (false, 0),
+            Err(StoreError::Corruption { .. }) => {
+                let dl = fs::metadata(self.data_path(ino, index)).map_or(0, |m| m.len());
+                (self.data_path(ino, index).exists(), dl)
+            }
+            Err(e) => return Err(e),
+        };
+        let dir = self.ino_dir(ino);
+        let created_dir = !dir.is_dir();
+        if created_dir {
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        let dpath = self.data_path(ino, index);
+        let mpath = self.meta_path(ino, index);
+        let dtmp = dir.join(format!("{index:016x}.tmp"));
+        let mtmp = dir.join(format!("{index:016x}{META_SUFFIX}.tmp"));
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&dtmp)
+            .map_err(io_err(&dtmp))?;
+        let mut crcs = Vec::with_capacity(blocks_for(data.len() as u64));
+        for (b, block) in data.chunks(BLOCK_SIZE as usize).enumerate() {
+            crcs.push(crc32c::crc32c(block));
+            if block.iter().any(|&x| x != 0) {
+                f.write_all_at(block, b as u64 * BLOCK_SIZE)
+                    .map_err(io_err(&dtmp))?;
+            }
+        }
+        f.set_len(data.len() as u64).map_err(io_err(&dtmp))?;
+        f.sync_all().map_err(io_err(&dtmp))?;
+        let meta = ChunkMeta {
+            version,
+            len: data.len() as u64,
+            crcs,
+        };
+        let mf = File::create(&mtmp).map_err(io_err(&mtmp))?;
+        mf.write_all_at(&meta.encode(), 0).map_err(io_err(&mtmp))?;
+        mf.sync_all().map_err(io_err(&mtmp))?;
+        fs::rename(&dtmp, &dpath).map_err(io_err(&dpath))?;
+        fs::rename(&mtmp, &mpath).map_err(io_err(&mpath))?;
+        fsync_dir(&dir)?;
+        if created_dir {
+            fsync_dir(&self.root)?;
+        }
+        if existed {
+            self.used.fetch_sub(old_len, Ordering::Relaxed);
+        } else {
+            self.chunks.fetch_add(1, Ordering::Relaxed);
+        }
+        self.used.fetch_add(meta.len, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// Reads up to `len` bytes at `offset` of a chunk, verifying the crc of
@@ -714,6 +1000,10 @@ impl ChunkStore {
         for index in self.indexes(ino)? {
             self.remove_chunk_files(ino, index)?;
         }
+        self.dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ino);
         match fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

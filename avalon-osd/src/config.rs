@@ -31,6 +31,8 @@ pub struct Config {
     /// How long a replica waits for an earlier version of a chunk to arrive
     /// before applying a later one out of order, in milliseconds.
     pub reorder_wait_ms: u64,
+    /// Most bytes per second copied by recovery and repair (0 = no limit).
+    pub recovery_bytes_per_sec: u64,
 }
 
 impl Default for Config {
@@ -46,6 +48,7 @@ impl Default for Config {
             log_level: "info".into(),
             forward_timeout_ms: 10_000,
             reorder_wait_ms: 5_000,
+            recovery_bytes_per_sec: 256 << 20,
         }
     }
 }

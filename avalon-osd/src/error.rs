@@ -26,6 +26,10 @@ pub enum OsdError {
         need: u32,
         detail: String,
     },
+    /// This OSD cannot serve the chunk yet (peering, recovering, marked
+    /// down): the client should try another replica.
+    #[error("{0}")]
+    Peering(String),
     /// The metadata service could not be reached.
     #[error("metadata service unavailable: {0}")]
     Mds(String),
@@ -46,9 +50,10 @@ impl From<OsdError> for Status {
                 _ => Status::internal(msg),
             },
             OsdError::Store(StoreError::Internal(_)) => Status::internal(msg),
-            OsdError::NotReady | OsdError::Quorum { .. } | OsdError::Mds(_) => {
-                Status::unavailable(msg)
-            }
+            OsdError::NotReady
+            | OsdError::Quorum { .. }
+            | OsdError::Mds(_)
+            | OsdError::Peering(_) => Status::unavailable(msg),
             OsdError::StaleMap(_) => Status::failed_precondition(msg),
         }
     }

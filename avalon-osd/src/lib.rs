@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod membership;
 pub mod osd_service;
+pub mod recovery;
 pub mod replication;
 
 pub use config::{Cli, Config};
@@ -22,6 +23,7 @@ use avalon_proto::pb::osd_server::OsdServer;
 use chunk_store::ChunkStore;
 use membership::Membership;
 use osd_service::OsdService;
+use recovery::Recovery;
 use replication::{Peers, Replicator};
 use std::path::Path;
 use std::sync::Arc;
@@ -119,14 +121,27 @@ pub async fn run_with_listener(
         capacity,
         cfg.data_dir.clone(),
     ));
+    let peers = Arc::new(Peers::new(Duration::from_millis(cfg.forward_timeout_ms)));
+    let recovery = Arc::new(Recovery::new(
+        Arc::clone(&store),
+        Arc::clone(&membership),
+        Arc::clone(&peers),
+        cfg.recovery_bytes_per_sec,
+    ));
     let replicator = Arc::new(Replicator {
         store: Arc::clone(&store),
         membership: Arc::clone(&membership),
-        peers: Arc::new(Peers::new(Duration::from_millis(cfg.forward_timeout_ms))),
+        peers,
         applied: Arc::new(tokio::sync::Notify::new()),
         reorder_wait: Duration::from_millis(cfg.reorder_wait_ms),
+        recovery: Arc::clone(&recovery),
     });
-    let svc = OsdService::new(Arc::clone(&store), Arc::clone(&membership), replicator);
+    let svc = OsdService::new(
+        Arc::clone(&store),
+        Arc::clone(&membership),
+        replicator,
+        Arc::clone(&recovery),
+    );
 
     let stop = shutdown.child_token();
     let server = tonic::transport::Server::builder()
@@ -154,9 +169,12 @@ pub async fn run_with_listener(
         })
     };
 
+    let recovering = tokio::spawn(Arc::clone(&recovery).run(stop.clone()));
+
     let served = server.await;
     stop.cancel();
     let _ = background.await;
+    let _ = recovering.await;
     served
         .context("server task failed")?
         .context("gRPC server failed")?;

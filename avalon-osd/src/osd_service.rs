@@ -3,13 +3,16 @@
 use crate::chunk_store::{check_range, effective_chunk_size, ChunkStore};
 use crate::error::OsdError;
 use crate::membership::Membership;
+use crate::recovery::{Recovery, INTERNAL_KEY};
 use crate::replication::Replicator;
 use avalon_proto::limits::{MAX_CHUNK_SIZE, MAX_FILE_SIZE};
 use avalon_proto::pb::osd_server::Osd;
 use avalon_proto::pb::{
-    ChunkId, DeleteObjectsRequest, Empty, OsdStatusReply, ReadChunkReply, ReadChunkRequest,
-    TruncateObjectRequest, WriteChunkReply, WriteChunkRequest,
+    ChunkId, ChunkInfo, DeleteObjectsRequest, Empty, ListChunksReply, ListChunksRequest,
+    OsdStatusReply, ReadChunkReply, ReadChunkRequest, SyncObjectsRequest, TruncateObjectRequest,
+    WriteChunkReply, WriteChunkRequest,
 };
+use avalon_proto::placement::pg_of;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -21,6 +24,7 @@ pub struct OsdService {
     store: Arc<ChunkStore>,
     membership: Arc<Membership>,
     replicator: Arc<Replicator>,
+    recovery: Arc<Recovery>,
 }
 
 fn chunk_id(c: Option<&ChunkId>) -> Result<(u64, u64), OsdError> {
@@ -35,7 +39,13 @@ fn chunk_id(c: Option<&ChunkId>) -> Result<(u64, u64), OsdError> {
 pub fn validate_write(req: &WriteChunkRequest) -> Result<(u64, u64, u32), OsdError> {
     let (ino, index) = chunk_id(req.chunk.as_ref())?;
     let cs = effective_chunk_size(req.chunk_size)?;
-    check_range(u64::from(req.offset), req.data.len() as u64, cs)?;
+    if !req.data.is_empty() && req.zero_length > 0 {
+        return Err(OsdError::InvalidArgument(
+            "a write carries either data or a zero_length, not both".into(),
+        ));
+    }
+    let len = (req.data.len() as u64).max(u64::from(req.zero_length));
+    check_range(u64::from(req.offset), len, cs)?;
     match index.checked_mul(u64::from(cs)) {
         Some(start) if start <= MAX_FILE_SIZE => {}
         _ => {
@@ -57,6 +67,34 @@ pub fn validate_read(req: &ReadChunkRequest) -> Result<(u64, u64), OsdError> {
     let ids = chunk_id(req.chunk.as_ref())?;
     check_range(u64::from(req.offset), u64::from(req.length), MAX_CHUNK_SIZE)?;
     Ok(ids)
+}
+
+/// Validates a sync.
+pub fn validate_sync(req: &SyncObjectsRequest) -> Result<(), OsdError> {
+    if req.inos.len() > MAX_DELETE_BATCH {
+        return Err(OsdError::InvalidArgument(format!(
+            "{} inodes in one sync; at most {MAX_DELETE_BATCH}",
+            req.inos.len()
+        )));
+    }
+    if req.inos.contains(&0) {
+        return Err(OsdError::InvalidArgument("ino must not be 0".into()));
+    }
+    Ok(())
+}
+
+/// Validates a chunk listing; returns the PG filter (`None` = all).
+pub fn validate_list(req: &ListChunksRequest) -> Result<Option<(u32, u32)>, OsdError> {
+    if req.all {
+        return Ok(None);
+    }
+    if req.pg_count == 0 || req.pg >= req.pg_count {
+        return Err(OsdError::InvalidArgument(format!(
+            "placement group {} out of range for pg_count {}",
+            req.pg, req.pg_count
+        )));
+    }
+    Ok(Some((req.pg, req.pg_count)))
 }
 
 /// Validates a truncate; returns the effective chunk size.
@@ -93,11 +131,13 @@ impl OsdService {
         store: Arc<ChunkStore>,
         membership: Arc<Membership>,
         replicator: Arc<Replicator>,
+        recovery: Arc<Recovery>,
     ) -> OsdService {
         OsdService {
             store,
             membership,
             replicator,
+            recovery,
         }
     }
 
@@ -118,14 +158,29 @@ impl OsdService {
         }
     }
 
-    async fn read(&self, req: ReadChunkRequest) -> Result<ReadChunkReply, OsdError> {
+    async fn read(
+        &self,
+        req: ReadChunkRequest,
+        internal: bool,
+    ) -> Result<ReadChunkReply, OsdError> {
         self.ready()?;
         let (ino, index) = validate_read(&req)?;
+        if !internal {
+            let map = self.membership.map_at_least(req.map_epoch).await?;
+            self.recovery.admit(&map, ino, index).await?;
+        }
         let (offset, length) = (req.offset, req.length);
-        let (data, version) = self
+        let (data, version) = match self
             .store
             .blocking(move |s| s.read(ino, index, offset, length))
-            .await?;
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                self.recovery.note_read_error(ino, index, &e);
+                return Err(e.into());
+            }
+        };
         Ok(ReadChunkReply {
             data: data.into(),
             version,
@@ -150,6 +205,42 @@ impl OsdService {
             .blocking(move |s| inos.iter().try_for_each(|&ino| s.delete_object(ino)))
             .await?;
         Ok(Empty {})
+    }
+
+    async fn sync(&self, req: SyncObjectsRequest) -> Result<Empty, OsdError> {
+        self.ready()?;
+        validate_sync(&req)?;
+        let inos = req.inos;
+        self.store.blocking(move |s| s.sync_objects(&inos)).await?;
+        Ok(Empty {})
+    }
+
+    async fn list(&self, req: ListChunksRequest) -> Result<ListChunksReply, OsdError> {
+        let filter = validate_list(&req)?;
+        let listed = self
+            .store
+            .blocking(move |s| {
+                s.list(|ino, index| match filter {
+                    None => true,
+                    Some((pg, n)) => pg_of(ino, index, n) == pg,
+                })
+            })
+            .await?;
+        let chunks = listed
+            .into_iter()
+            .filter_map(|c| {
+                let (version, len) = c.state?;
+                Some(ChunkInfo {
+                    chunk: Some(ChunkId {
+                        ino: c.ino,
+                        index: c.index,
+                    }),
+                    version,
+                    length: u32::try_from(len).unwrap_or(u32::MAX),
+                })
+            })
+            .collect();
+        Ok(ListChunksReply { chunks })
     }
 
     fn status(&self) -> OsdStatusReply {
@@ -178,7 +269,10 @@ impl Osd for OsdService {
         &self,
         request: Request<ReadChunkRequest>,
     ) -> Result<Response<ReadChunkReply>, Status> {
-        Ok(Response::new(self.read(request.into_inner()).await?))
+        let internal = request.metadata().contains_key(INTERNAL_KEY);
+        Ok(Response::new(
+            self.read(request.into_inner(), internal).await?,
+        ))
     }
 
     async fn truncate_object(
@@ -197,6 +291,20 @@ impl Osd for OsdService {
 
     async fn status(&self, _request: Request<Empty>) -> Result<Response<OsdStatusReply>, Status> {
         Ok(Response::new(OsdService::status(self)))
+    }
+
+    async fn sync_objects(
+        &self,
+        request: Request<SyncObjectsRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        Ok(Response::new(self.sync(request.into_inner()).await?))
+    }
+
+    async fn list_chunks(
+        &self,
+        request: Request<ListChunksRequest>,
+    ) -> Result<Response<ListChunksReply>, Status> {
+        Ok(Response::new(self.list(request.into_inner()).await?))
     }
 }
 

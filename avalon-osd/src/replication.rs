@@ -2,14 +2,18 @@
 //! to the other members of the chunk's placement group in parallel, and
 //! answer once the write quorum holds it.
 
-use crate::chunk_store::{ChunkStore, StoreError, VersionMode};
+use crate::chunk_store::{ChunkStore, Payload, StoreError, VersionMode};
 use crate::error::OsdError;
 use crate::membership::Membership;
+use crate::recovery::{Recovery, INTERNAL_KEY};
 use avalon_proto::limits::MAX_MESSAGE_BYTES;
 use avalon_proto::mds_conn::channel;
 use avalon_proto::pb::osd_client::OsdClient;
-use avalon_proto::pb::{ChunkId, OsdState, WriteChunkReply, WriteChunkRequest};
-use avalon_proto::placement::chunk_members;
+use avalon_proto::pb::{
+    ChunkId, ChunkInfo, ListChunksRequest, OsdState, ReadChunkReply, ReadChunkRequest,
+    WriteChunkReply, WriteChunkRequest,
+};
+use avalon_proto::placement::{chunk_members, pg_of};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -63,6 +67,63 @@ impl Peers {
     }
 }
 
+impl Peers {
+    fn internal<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(timeout);
+        r.metadata_mut().insert(
+            INTERNAL_KEY,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        r
+    }
+
+    /// Reads a chunk range from a peer, bypassing its peering gate (the
+    /// reply's version tells how current it is).
+    pub async fn read_internal(
+        &self,
+        addr: &str,
+        ino: u64,
+        index: u64,
+        offset: u32,
+        length: u32,
+        timeout: Duration,
+    ) -> Result<ReadChunkReply, Status> {
+        let mut c = self.client(addr)?;
+        let req = ReadChunkRequest {
+            header: None,
+            chunk: Some(ChunkId { ino, index }),
+            offset,
+            length,
+            map_epoch: 0,
+        };
+        match tokio::time::timeout(timeout, c.read_chunk(Self::internal(req, timeout))).await {
+            Ok(r) => r.map(tonic::Response::into_inner),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "no answer within {timeout:?}"
+            ))),
+        }
+    }
+
+    /// Every chunk a peer stores, with versions.
+    pub async fn list_internal(&self, addr: &str) -> Result<Vec<ChunkInfo>, Status> {
+        let timeout = Duration::from_secs(30);
+        let mut c = self.client(addr)?;
+        let req = ListChunksRequest {
+            header: None,
+            pg: 0,
+            pg_count: 0,
+            all: true,
+        };
+        match tokio::time::timeout(timeout, c.list_chunks(Self::internal(req, timeout))).await {
+            Ok(r) => r.map(|r| r.into_inner().chunks),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "no answer within {timeout:?}"
+            ))),
+        }
+    }
+}
+
 /// Writes as primary and replicates.
 pub struct Replicator {
     pub store: Arc<ChunkStore>,
@@ -73,6 +134,16 @@ pub struct Replicator {
     pub applied: Arc<Notify>,
     /// How long a replica waits for a missing earlier version.
     pub reorder_wait: Duration,
+    /// Peering state: gates client writes, records chunks that missed one.
+    pub recovery: Arc<Recovery>,
+}
+
+fn payload(req: &WriteChunkRequest) -> Payload<'_> {
+    if req.data.is_empty() && req.zero_length > 0 {
+        Payload::Zero(req.zero_length)
+    } else {
+        Payload::Data(&req.data)
+    }
 }
 
 type Outcome = (u64, String, Result<(), String>);
@@ -89,14 +160,8 @@ impl Replicator {
     ) -> Result<WriteChunkReply, OsdError> {
         let map = self.membership.map_at_least(req.map_epoch).await?;
         let me = self.membership.osd_id();
+        self.recovery.admit(&map, ino, index).await?;
         let members = chunk_members(&map, ino, index);
-        if !members.iter().any(|o| o.id == me) {
-            return Err(OsdError::StaleMap(format!(
-                "OSD {me} holds no replica of chunk {ino:016x}/{index:016x} in cluster map epoch {} \
-                 (request placed with epoch {}); refresh the map",
-                map.epoch, req.map_epoch
-            )));
-        }
         let mut skipped = Vec::new();
         let mut targets = Vec::new();
         for o in members.iter().filter(|o| o.id != me) {
@@ -106,18 +171,26 @@ impl Replicator {
                 skipped.push(format!("osd {} ({}) is not up", o.id, o.addr));
             }
         }
-        let need = (map.write_quorum.max(1) as usize).min(1 + targets.len()) as u32;
+        // m of the n members must hold the write, whether or not the others
+        // are up (a cluster smaller than n needs all of its members).
+        let need = (map.write_quorum.max(1) as usize).min(members.len()) as u32;
+        if 1 + targets.len() < need as usize {
+            return Err(OsdError::Quorum {
+                acks: 0,
+                need,
+                detail: skipped.join("; "),
+            });
+        }
 
-        let data = req.data.clone();
-        let offset = req.offset;
+        let r = req.clone();
         let outcome = self
             .store
             .blocking(move |s| {
-                s.write(
+                s.apply(
                     ino,
                     index,
-                    offset,
-                    &data,
+                    r.offset,
+                    payload(&r),
                     chunk_size,
                     VersionMode::Next,
                     false,
@@ -154,6 +227,7 @@ impl Replicator {
                 forwarded: true,
                 version,
                 chunk_size,
+                zero_length: req.zero_length,
             };
             let peers = Arc::clone(&self.peers);
             let tx = tx.clone();
@@ -210,18 +284,30 @@ impl Replicator {
                 "a forwarded write needs a version > 0".into(),
             ));
         }
-        let deadline = tokio::time::Instant::now() + self.reorder_wait;
+        // While the PG is not peered, a gap is waited for briefly: peering
+        // is about to pull the chunk anyway.
+        let wait = match self.membership.map() {
+            Some(m) if self.recovery.is_peered(&m, pg_of(ino, index, m.pg_count)) => {
+                self.reorder_wait
+            }
+            _ => self.reorder_wait.min(Duration::from_secs(1)),
+        };
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
             let notified = self.applied.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let force = tokio::time::Instant::now() >= deadline;
-            let data = req.data.clone();
-            let (offset, version, sync) = (req.offset, req.version, req.sync);
-            let mode = VersionMode::Exact { version, force };
+            let r2 = req.clone();
+            let (version, sync) = (req.version, req.sync);
+            let mode = VersionMode::Exact {
+                version,
+                force: false,
+            };
             let r = self
                 .store
-                .blocking(move |s| s.write(ino, index, offset, &data, chunk_size, mode, sync))
+                .blocking(move |s| {
+                    s.apply(ino, index, r2.offset, payload(&r2), chunk_size, mode, sync)
+                })
                 .await;
             match r {
                 Ok(o) => {
@@ -234,15 +320,26 @@ impl Replicator {
                             "re-applied a write of the stored version"
                         );
                     }
-                    if force {
-                        tracing::warn!(ino, index, version, "applied a write after a version gap");
-                    }
                     return Ok(WriteChunkReply {
                         version: o.version,
                         acks: 1,
                     });
                 }
-                Err(StoreError::VersionGap { .. }) => {
+                Err(StoreError::VersionGap { current, .. }) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::warn!(
+                            ino,
+                            index,
+                            version,
+                            current,
+                            "missed earlier versions of a chunk; marking it stale"
+                        );
+                        self.recovery.mark_stale(ino, index, version);
+                        return Err(OsdError::Peering(format!(
+                            "chunk {ino:016x}/{index:016x}: holds version {current}, \
+                             got {version}; recovering"
+                        )));
+                    }
                     let _ = tokio::time::timeout_at(deadline, notified).await;
                 }
                 Err(e) => return Err(e.into()),

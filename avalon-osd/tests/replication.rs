@@ -58,6 +58,8 @@ fake_meta! {
         list_xattr(pb::GetAttrRequest) -> pb::ListXattrReply;
         remove_xattr(pb::XattrRequest) -> pb::Empty;
         commit_write(pb::CommitWriteRequest) -> pb::AttrReply;
+        open(pb::OpenRequest) -> pb::AttrReply;
+        release(pb::ReleaseRequest) -> pb::Empty;
         register_client(pb::RegisterClientRequest) -> pb::RegisterClientReply;
         client_heartbeat(pb::ClientHeartbeatRequest) -> pb::Empty;
         status(pb::Empty) -> pb::StatusReply;
@@ -224,6 +226,26 @@ where
     }
 }
 
+/// Waits until the OSD at `addr` serves client requests for chunk 0 of
+/// `ino` (registered and peered).
+async fn wait_serving(addr: &str, ino: u64, epoch: u64) {
+    eventually("OSD peered", || async {
+        client(addr)
+            .await
+            .read_chunk(pb::ReadChunkRequest {
+                header: None,
+                chunk: Some(ChunkId { ino, index: 0 }),
+                offset: 0,
+                length: 0,
+                map_epoch: epoch,
+            })
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+}
+
 /// Waits until every OSD is registered and has a map.
 async fn wait_ready(osds: &[TestOsd]) {
     for o in osds {
@@ -251,17 +273,27 @@ fn write_req(ino: u64, offset: u32, data: Vec<u8>, epoch: u64) -> pb::WriteChunk
         forwarded: false,
         version: 0,
         chunk_size: 256 * 1024,
+        zero_length: 0,
     }
 }
 
 async fn read(addr: &str, ino: u64, offset: u32, length: u32) -> Result<(Vec<u8>, u64), Status> {
     let r = client(addr)
         .await
-        .read_chunk(pb::ReadChunkRequest {
-            header: None,
-            chunk: Some(ChunkId { ino, index: 0 }),
-            offset,
-            length,
+        .read_chunk({
+            // Read this OSD's own copy, past its peering gate.
+            let mut r = Request::new(pb::ReadChunkRequest {
+                header: None,
+                chunk: Some(ChunkId { ino, index: 0 }),
+                offset,
+                length,
+                map_epoch: 0,
+            });
+            r.metadata_mut().insert(
+                avalon_osd::recovery::INTERNAL_KEY,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+            r
         })
         .await?
         .into_inner();
@@ -291,14 +323,17 @@ async fn replicate_degrade_and_fail() {
     let by_addr = |a: &str| addrs.iter().position(|o| o == a).expect("member is ours");
     let primary = members[0].clone();
 
-    // A write through the primary lands on all three.
+    // A write through the primary lands on all three (once it has peered).
     let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-    let r = client(&primary)
-        .await
-        .write_chunk(write_req(ino, 1000, data.clone(), map.epoch))
-        .await
-        .expect("write")
-        .into_inner();
+    let r = eventually("primary peered and writes", || async {
+        client(&primary)
+            .await
+            .write_chunk(write_req(ino, 1000, data.clone(), map.epoch))
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    })
+    .await;
     assert_eq!(r.version, 1);
     assert!(r.acks >= 2, "acks {}", r.acks);
     for m in &members {
@@ -421,6 +456,7 @@ async fn restart_keeps_id_and_data() {
     .await;
     // A single-OSD cluster: quorum is min(2, 1) = 1.
     let epoch = mds.map.map.lock().expect("lock").epoch;
+    wait_serving(&addr, 5, epoch).await;
     let r = client(&addr)
         .await
         .write_chunk(write_req(5, 0, b"hello".to_vec(), epoch))
@@ -506,6 +542,9 @@ async fn concurrent_writes_converge() {
         .collect();
     let primary = members[0].clone();
     wait_ready(&osds).await;
+    for m in &members {
+        wait_serving(m, ino, map.epoch).await;
+    }
     const N: u64 = 24;
     let mut tasks = Vec::new();
     for i in 0..N {
