@@ -3,4 +3,5 @@
 //! status.
 
 pub mod local_cluster;
+pub mod mds_admin;
 pub mod status;

@@ -26,6 +26,9 @@ pub struct NodeSpec {
     /// MDS raft id, or OSD ordinal (the OSD's cluster id is assigned by the MDS).
     pub id: u64,
     pub addr: String,
+    /// An MDS added later (`avalonctl mds add`): started with `--join`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub join: bool,
 }
 
 /// What `DIR/cluster.toml` holds.
@@ -284,6 +287,7 @@ impl LocalCluster {
             Ok(NodeSpec {
                 id,
                 addr: format!("127.0.0.1:{}", free_port()?),
+                join: false,
             })
         };
         let layout = Layout {
@@ -342,29 +346,7 @@ impl LocalCluster {
     }
 
     fn mds_args(&self, n: &NodeSpec) -> Vec<String> {
-        let peers: Vec<String> = self
-            .layout
-            .mds
-            .iter()
-            .map(|m| format!("{}={}", m.id, m.addr))
-            .collect();
-        vec![
-            "--id".into(),
-            n.id.to_string(),
-            "--listen".into(),
-            n.addr.clone(),
-            "--data-dir".into(),
-            self.dir
-                .join(format!("mds{}", n.id))
-                .to_string_lossy()
-                .into_owned(),
-            "--peers".into(),
-            peers.join(","),
-            "--replicas".into(),
-            self.layout.replicas.to_string(),
-            "--write-quorum".into(),
-            self.layout.write_quorum.to_string(),
-        ]
+        mds_args(&self.dir, &self.layout, n)
     }
 
     fn osd_args(&self, n: &NodeSpec) -> Vec<String> {
@@ -550,20 +532,94 @@ impl LocalCluster {
 
     /// Starts every daemon that is not running again.
     pub fn restart_stopped(&mut self) -> anyhow::Result<()> {
-        let mut procs = std::mem::take(&mut self.mds);
-        procs.append(&mut self.osds);
-        for p in procs.iter_mut() {
+        let mut mds = std::mem::take(&mut self.mds);
+        let mut osds = std::mem::take(&mut self.osds);
+        let mut res = Ok(());
+        for p in mds.iter_mut().chain(osds.iter_mut()) {
             if !p.running() {
-                self.respawn(p)?;
+                if let Err(e) = self.respawn(p) {
+                    res = Err(e);
+                }
             }
         }
-        let n_mds = self.layout.mds.len();
-        self.osds = procs.split_off(n_mds);
-        self.mds = procs;
+        self.mds = mds;
+        self.osds = osds;
+        res
+    }
+
+    /// Starts MDS `id` again if it is not running.
+    pub fn restart_mds(&mut self, id: u64) -> anyhow::Result<()> {
+        let mut mds = std::mem::take(&mut self.mds);
+        let res = match mds.iter_mut().find(|p| p.name == format!("mds{id}")) {
+            Some(p) => {
+                if p.running() {
+                    Ok(())
+                } else {
+                    self.respawn(p)
+                }
+            }
+            None => Err(anyhow!("no MDS {id} in this cluster")),
+        };
+        self.mds = mds;
+        res
+    }
+
+    /// Ids of the MDS nodes of the layout.
+    pub fn mds_ids(&self) -> Vec<u64> {
+        self.layout.mds.iter().map(|n| n.id).collect()
+    }
+
+    /// Process id of MDS `id`, if this handle runs it.
+    pub fn mds_pid(&self, id: u64) -> Option<u32> {
+        self.mds
+            .iter()
+            .find(|p| p.name == format!("mds{id}"))
+            .and_then(Proc::pid)
+    }
+
+    /// Starts one more MDS (new id, free port, `--join`), records it in
+    /// `DIR/cluster.toml` and has the leader add it to the raft group.
+    pub fn add_mds(&mut self) -> anyhow::Result<NodeSpec> {
+        let spec = new_mds_spec(&self.dir, &self.layout)?;
+        let args = mds_args(&self.dir, &self.layout, &spec);
+        let p = self.spawn(&format!("mds{}", spec.id), "avalon-mds", args)?;
+        self.mds.push(p);
+        self.layout.mds.push(spec.clone());
+        save_layout(&self.dir, &self.layout)?;
+        let addrs = self.layout.mds_addrs();
+        block_on(crate::mds_admin::add_mds(
+            &addrs,
+            spec.id,
+            &spec.addr,
+            Duration::from_secs(120),
+        ))?;
+        Ok(spec)
+    }
+
+    /// Removes MDS `id` from the raft group, stops it and drops it from
+    /// `DIR/cluster.toml`.
+    pub fn remove_mds(&mut self, id: u64) -> anyhow::Result<()> {
+        let addrs = self.layout.mds_addrs();
+        block_on(crate::mds_admin::remove_mds(
+            &addrs,
+            id,
+            Duration::from_secs(60),
+        ))?;
+        let name = format!("mds{id}");
+        if let Some(i) = self.mds.iter().position(|p| p.name == name) {
+            let mut p = self.mds.remove(i);
+            p.stop(Duration::from_secs(10));
+        } else {
+            stop_pid_file(&self.dir.join("run").join(format!("{name}.pid")));
+        }
+        let _ = std::fs::remove_file(self.dir.join("run").join(format!("{name}.pid")));
+        self.layout.mds.retain(|n| n.id != id);
+        save_layout(&self.dir, &self.layout)?;
         Ok(())
     }
 
-    /// Unmounts and stops every process: client, then OSDs, then MDS.
+    /// Unmounts and stops every process: client, then OSDs, then MDS
+    /// (also those another `avalonctl` process added to this directory).
     pub fn stop(&mut self) {
         self.unmount();
         for p in self.osds.iter_mut() {
@@ -577,7 +633,173 @@ impl LocalCluster {
         }
         self.mds.clear();
         self.osds.clear();
+        // MDS nodes started by `avalonctl mds add DIR` from another shell.
+        if let Ok(rd) = std::fs::read_dir(self.dir.join("run")) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("mds") && name.ends_with(".pid") {
+                    stop_pid_file(&e.path());
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
     }
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+/// Command-line arguments of MDS `n` of `layout` in `dir`.
+pub fn mds_args(dir: &Path, layout: &Layout, n: &NodeSpec) -> Vec<String> {
+    let mut peers: Vec<String> = layout
+        .mds
+        .iter()
+        .map(|m| format!("{}={}", m.id, m.addr))
+        .collect();
+    if !layout.mds.iter().any(|m| m.id == n.id) {
+        peers.push(format!("{}={}", n.id, n.addr));
+    }
+    let mut v: Vec<String> = vec![
+        "--id".into(),
+        n.id.to_string(),
+        "--listen".into(),
+        n.addr.clone(),
+        "--data-dir".into(),
+        dir.join(format!("mds{}", n.id))
+            .to_string_lossy()
+            .into_owned(),
+        "--peers".into(),
+        peers.join(","),
+        "--replicas".into(),
+        layout.replicas.to_string(),
+        "--write-quorum".into(),
+        layout.write_quorum.to_string(),
+    ];
+    if n.join {
+        v.push("--join".into());
+    }
+    v
+}
+
+/// Reads `DIR/cluster.toml`.
+pub fn load_layout(dir: &Path) -> anyhow::Result<Layout> {
+    let path = dir.join("cluster.toml");
+    let s = std::fs::read_to_string(&path)
+        .with_context(|| format!("no cluster layout at {}", path.display()))?;
+    toml::from_str(&s).with_context(|| format!("bad layout in {}", path.display()))
+}
+
+/// Writes `DIR/cluster.toml` atomically.
+pub fn save_layout(dir: &Path, layout: &Layout) -> anyhow::Result<()> {
+    let tmp = dir.join("cluster.toml.tmp");
+    std::fs::write(&tmp, toml::to_string_pretty(layout)?)?;
+    std::fs::rename(&tmp, dir.join("cluster.toml"))?;
+    Ok(())
+}
+
+/// A new MDS for `layout`: an id never used in `dir`, a free port, `join`.
+fn new_mds_spec(dir: &Path, layout: &Layout) -> anyhow::Result<NodeSpec> {
+    let mut max = layout.mds.iter().map(|n| n.id).max().unwrap_or(0);
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_prefix("mds").and_then(|s| s.parse::<u64>().ok()) {
+                max = max.max(id);
+            }
+        }
+    }
+    Ok(NodeSpec {
+        id: max + 1,
+        addr: format!("127.0.0.1:{}", free_port()?),
+        join: true,
+    })
+}
+
+/// Signals the process in a pid file: SIGTERM, then SIGKILL after 10 s.
+fn stop_pid_file(path: &Path) {
+    let Some(pid) = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|p| pid_alive(*p))
+    else {
+        return;
+    };
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if pid_alive(pid) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// `avalonctl mds add DIR`: starts one more MDS for the local cluster in
+/// `dir` as a detached process (pid in `DIR/run`, stopped by `down`),
+/// records it in `DIR/cluster.toml` and adds it to the raft group.
+pub fn add_mds_detached(dir: &Path, bin_dir: &Path, log_level: &str) -> anyhow::Result<NodeSpec> {
+    let dir = std::fs::canonicalize(dir)?;
+    let mut layout = load_layout(&dir)?;
+    let spec = new_mds_spec(&dir, &layout)?;
+    let name = format!("mds{}", spec.id);
+    std::fs::create_dir_all(dir.join("logs"))?;
+    std::fs::create_dir_all(dir.join("run"))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("logs").join(format!("{name}.log")))?;
+    let bin = bin_dir.join("avalon-mds");
+    let child = Command::new(&bin)
+        .args(mds_args(&dir, &layout, &spec))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .env("RUST_LOG", log_level)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    std::fs::write(
+        dir.join("run").join(format!("{name}.pid")),
+        child.id().to_string(),
+    )?;
+    layout.mds.push(spec.clone());
+    save_layout(&dir, &layout)?;
+    let addrs = layout.mds_addrs();
+    block_on(crate::mds_admin::add_mds(
+        &addrs,
+        spec.id,
+        &spec.addr,
+        Duration::from_secs(120),
+    ))?;
+    Ok(spec)
+}
+
+/// `avalonctl mds remove DIR ID`: removes MDS `id` from the raft group,
+/// stops its process (pid from `DIR/run`) and drops it from the layout.
+pub fn remove_mds_in_dir(dir: &Path, id: u64) -> anyhow::Result<()> {
+    let mut layout = load_layout(dir)?;
+    if !layout.mds.iter().any(|n| n.id == id) {
+        bail!("MDS {id} is not in {}", dir.join("cluster.toml").display());
+    }
+    if layout.mds.len() == 1 {
+        bail!("cannot remove the last MDS");
+    }
+    let addrs = layout.mds_addrs();
+    block_on(crate::mds_admin::remove_mds(
+        &addrs,
+        id,
+        Duration::from_secs(60),
+    ))?;
+    let pid_file = dir.join("run").join(format!("mds{id}.pid"));
+    stop_pid_file(&pid_file);
+    let _ = std::fs::remove_file(&pid_file);
+    layout.mds.retain(|n| n.id != id);
+    save_layout(dir, &layout)?;
+    Ok(())
 }
 
 impl Drop for LocalCluster {

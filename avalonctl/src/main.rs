@@ -53,6 +53,119 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Add or remove metadata servers (raft membership).
+    Mds {
+        #[command(subcommand)]
+        cmd: MdsCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MdsCmd {
+    /// Add an MDS. With DIR (a cluster of `avalonctl up`): start a new MDS
+    /// process (new id, free port, recorded in DIR/cluster.toml) and add
+    /// it. With --mds/--id/--addr: add a node you started yourself with
+    /// `avalon-mds --id N --listen HOST:PORT --join ...`.
+    Add {
+        /// A local cluster directory.
+        dir: Option<PathBuf>,
+        /// Current MDS addresses: host:port[,host:port...]
+        #[arg(long)]
+        mds: Option<String>,
+        /// Raft id of the node to add (with --mds).
+        #[arg(long)]
+        id: Option<u64>,
+        /// Address of the node to add (with --mds).
+        #[arg(long)]
+        addr: Option<String>,
+        /// Log level of a started MDS.
+        #[arg(long, default_value = "info")]
+        log_level: String,
+        /// Seconds to wait for the change.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Remove an MDS: `mds remove DIR ID` (also stops its process) or
+    /// `mds remove --mds ADDRS ID`.
+    Remove {
+        /// [DIR] ID
+        #[arg(num_args = 1..=2, required = true)]
+        args: Vec<String>,
+        /// Current MDS addresses: host:port[,host:port...]
+        #[arg(long)]
+        mds: Option<String>,
+        /// Seconds to wait for the change.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+fn mds_cmd(cmd: MdsCmd) -> anyhow::Result<()> {
+    use avalonctl::mds_admin;
+    match cmd {
+        MdsCmd::Add {
+            dir,
+            mds,
+            id,
+            addr,
+            log_level,
+            timeout,
+        } => {
+            if let Some(list) = mds {
+                let (Some(id), Some(addr)) = (id, addr) else {
+                    bail!("with --mds give --id N and --addr HOST:PORT of the node to add");
+                };
+                let addrs = mds_addrs(None, Some(&list))?;
+                block_on(mds_admin::add_mds(
+                    &addrs,
+                    id,
+                    &addr,
+                    Duration::from_secs(timeout),
+                ))?;
+                println!("added MDS {id} at {addr}");
+                return Ok(());
+            }
+            let Some(dir) = dir else {
+                bail!("give a cluster directory or --mds ADDRS --id N --addr HOST:PORT");
+            };
+            let spec = local_cluster::add_mds_detached(
+                &dir,
+                &local_cluster::default_bin_dir(),
+                &log_level,
+            )?;
+            println!("added MDS {} at {}", spec.id, spec.addr);
+            Ok(())
+        }
+        MdsCmd::Remove { args, mds, timeout } => {
+            let (dir, id) = match args.as_slice() {
+                [dir, id] => (Some(PathBuf::from(dir)), id),
+                [id] => (None, id),
+                _ => bail!("usage: mds remove DIR ID | mds remove --mds ADDRS ID"),
+            };
+            let id: u64 = id.parse().with_context(|| format!("bad MDS id {id:?}"))?;
+            match (dir, mds) {
+                (_, Some(list)) => {
+                    let addrs = mds_addrs(None, Some(&list))?;
+                    block_on(mds_admin::remove_mds(
+                        &addrs,
+                        id,
+                        Duration::from_secs(timeout),
+                    ))?;
+                }
+                (Some(dir), None) => local_cluster::remove_mds_in_dir(&dir, id)?,
+                (None, None) => bail!("give a cluster directory or --mds ADDRS"),
+            }
+            println!("removed MDS {id}");
+            Ok(())
+        }
+    }
 }
 
 fn mds_addrs(dir: Option<&Path>, mds: Option<&str>) -> anyhow::Result<Vec<String>> {
@@ -161,6 +274,7 @@ fn main() -> anyhow::Result<()> {
             no_mount,
             log_level,
         } => up(dir, mds, osds, no_mount, log_level),
+        Cmd::Mds { cmd } => mds_cmd(cmd),
         Cmd::Down { dir, timeout } => local_cluster::down(&dir, Duration::from_secs(timeout)),
         Cmd::Status { dir, mds, json } => {
             let addrs = mds_addrs(dir.as_deref(), mds.as_deref())?;
