@@ -1274,6 +1274,114 @@ mod tests {
     }
 
     #[test]
+    fn zero_range_punches_and_versions() {
+        let (_d, s) = store();
+        let data = pattern(3 * B, 7);
+        w(&s, 11, 0, 0, &data);
+        let z = |off, len| {
+            s.apply(11, 0, off, Payload::Zero(len), CS, VersionMode::Next, false)
+                .expect("zero")
+                .version
+        };
+        // Across a block boundary.
+        assert_eq!(z((B - 10) as u32, 20), 2);
+        let mut want = data.clone();
+        want[B - 10..B + 10].fill(0);
+        assert_eq!(r(&s, 11, 0, 0, CS), want);
+        // Whole aligned block.
+        z(2 * B as u32, B as u32);
+        want[2 * B..].fill(0);
+        assert_eq!(r(&s, 11, 0, 0, CS), want);
+        // Past the stored end: extends nothing.
+        z((3 * B + 5) as u32, 100);
+        assert_eq!(r(&s, 11, 0, 0, CS).len(), 3 * B);
+        // Straddling the end: zeros up to it, no growth.
+        z((3 * B - 5) as u32, 100);
+        want[3 * B - 5..].fill(0);
+        assert_eq!(r(&s, 11, 0, 0, CS), want);
+        assert_eq!(s.version(11, 0).expect("v"), 5);
+        // Zero length: a version bump only.
+        assert_eq!(z(0, 0), 6);
+        assert!(s
+            .apply(
+                11,
+                0,
+                CS - 1,
+                Payload::Zero(2),
+                CS,
+                VersionMode::Next,
+                false
+            )
+            .is_err());
+        // Survives a reopen (crcs right).
+        let s2 = ChunkStore::open(s.root()).expect("reopen");
+        assert_eq!(r(&s2, 11, 0, 0, CS), want);
+        assert_eq!(s2.used_bytes(), 3 * B as u64);
+    }
+
+    #[test]
+    fn dirty_tracking_and_sync() {
+        let (_d, s) = store();
+        w(&s, 1, 0, 0, b"a");
+        w(&s, 1, 1, 0, b"b");
+        w(&s, 2, 0, 0, b"c");
+        s.write(3, 0, 0, b"d", CS, VersionMode::Next, true)
+            .expect("sync write");
+        assert_eq!(s.dirty_count(), 3);
+        s.sync_objects(&[1, 99]).expect("sync");
+        assert_eq!(s.dirty_count(), 1);
+        s.delete_object(2).expect("delete");
+        assert_eq!(s.dirty_count(), 0);
+        s.sync_objects(&[2]).expect("sync deleted");
+    }
+
+    #[test]
+    fn list_and_install() {
+        let (_d, s) = store();
+        w(&s, 5, 0, 0, b"old");
+        w(&s, 5, 3, 0, b"x");
+        let l = s.list(|_, _| true).expect("list");
+        assert_eq!(
+            l.iter()
+                .map(|c| (c.ino, c.index, c.state))
+                .collect::<Vec<_>>(),
+            vec![(5, 0, Some((1, 3))), (5, 3, Some((1, 1)))]
+        );
+        assert_eq!(s.list(|_, i| i == 3).expect("list").len(), 1);
+        // Newer copy replaces; older or equal does not (unless asked).
+        let mut copy = pattern(2 * B + 3, 1);
+        copy[B..2 * B].fill(0);
+        assert!(s.install(5, 0, &copy, 4, false).expect("install"));
+        assert_eq!(s.read(5, 0, 0, CS).expect("read"), (copy.clone(), 4));
+        assert!(!s.install(5, 0, b"zz", 3, false).expect("older"));
+        assert!(!s.install(5, 0, b"zz", 4, false).expect("equal"));
+        assert!(s.install(5, 0, &copy, 4, true).expect("equal, forced"));
+        assert_eq!(s.used_bytes(), copy.len() as u64 + 1);
+        // Into a missing chunk and a corrupt one.
+        assert!(s.install(6, 2, b"new", 9, false).expect("missing"));
+        assert_eq!(s.read(6, 2, 0, 10).expect("read"), (b"new".to_vec(), 9));
+        let path = s.data_path(5, 3);
+        fs::write(&path, b"y").expect("flip");
+        assert!(matches!(
+            s.read(5, 3, 0, 1),
+            Err(StoreError::Corruption { .. })
+        ));
+        assert_eq!(s.meta_version(5, 3), Some(1));
+        assert!(s.install(5, 3, b"x", 1, true).expect("repair"));
+        assert_eq!(s.read(5, 3, 0, 1).expect("read"), (b"x".to_vec(), 1));
+        assert_eq!(s.chunk_count(), 3);
+        let reopened = ChunkStore::open(s.root()).expect("reopen");
+        assert_eq!(reopened.chunk_count(), 3);
+        assert_eq!(reopened.used_bytes(), s.used_bytes());
+        // Corrupt metadata is listed without a state.
+        fs::write(s.meta_path(6, 2), b"junk").expect("junk");
+        let l = s.list(|i, _| i == 6).expect("list");
+        assert_eq!(l[0].state, None);
+        assert!(s.install(0, 0, b"", 1, false).is_err());
+        assert!(s.install(1, 0, b"", 0, false).is_err());
+    }
+
+    #[test]
     fn reopen_counts_usage() {
         let d = tempfile::tempdir().expect("tempdir");
         {
