@@ -1410,6 +1410,11 @@ mod tests {
         Truncate {
             size: u64,
         },
+        Zero {
+            idx: u64,
+            off: u32,
+            len: u32,
+        },
         Reopen,
     }
 
@@ -1425,6 +1430,9 @@ mod tests {
             }),
             3 => (0u64..3, off, 0u32..CS).prop_map(|(idx, off, len)| Op::Read { idx, off, len }),
             1 => (0u64..(3 * u64::from(CS) + 10)).prop_map(|size| Op::Truncate { size }),
+            2 => (0u64..3, 0u32..CS, 0u32..CS).prop_map(|(idx, off, len)| {
+                Op::Zero { idx, off, len: len.min(CS - off) }
+            }),
             1 => Just(Op::Reopen),
         ]
     }
@@ -1474,6 +1482,19 @@ mod tests {
                                 b.truncate((size - start).min(b.len() as u64) as usize);
                             }
                         }
+                    }
+                    Op::Zero { idx, off, len } => {
+                        let v = s
+                            .apply(42, idx, off, Payload::Zero(len), CS, VersionMode::Next, false)
+                            .expect("zero")
+                            .version;
+                        let (bytes, ver) = model[idx as usize].get_or_insert((Vec::new(), 0));
+                        let end = (off as usize + len as usize).min(bytes.len());
+                        if (off as usize) < end {
+                            bytes[off as usize..end].fill(0);
+                        }
+                        *ver += 1;
+                        prop_assert_eq!(v, *ver);
                     }
                     Op::Reopen => {
                         s = ChunkStore::open(d.path()).expect("reopen");

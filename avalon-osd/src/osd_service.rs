@@ -372,4 +372,110 @@ mod tests {
         assert!(validate_delete(&d(vec![1, 2])).is_ok());
         assert!(validate_delete(&d(vec![1, 0])).is_err());
     }
+
+    mod props {
+        use super::*;
+        use avalon_proto::limits::MIN_CHUNK_SIZE;
+        use proptest::prelude::*;
+        use prost::Message;
+
+        fn edge_u32() -> impl Strategy<Value = u32> {
+            prop_oneof![
+                Just(0u32),
+                Just(1),
+                Just(u32::MAX),
+                Just(u32::MAX - 1),
+                Just(MIN_CHUNK_SIZE),
+                Just(MAX_CHUNK_SIZE),
+                Just(MAX_CHUNK_SIZE + 1),
+                Just(4 << 20),
+                Just((4 << 20) - 1),
+                any::<u32>(),
+            ]
+        }
+
+        fn edge_u64() -> impl Strategy<Value = u64> {
+            prop_oneof![
+                Just(0u64),
+                Just(u64::MAX),
+                Just(MAX_FILE_SIZE),
+                Just(MAX_FILE_SIZE / u64::from(4u32 << 20)),
+                any::<u64>(),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+            /// Arbitrary bytes decode to an error or a request that
+            /// validation judges without panicking.
+            #[test]
+            fn decoding_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+                if let Ok(r) = WriteChunkRequest::decode(&bytes[..]) {
+                    let _ = validate_write(&r);
+                }
+                if let Ok(r) = ReadChunkRequest::decode(&bytes[..]) {
+                    let _ = validate_read(&r);
+                }
+                if let Ok(r) = TruncateObjectRequest::decode(&bytes[..]) {
+                    let _ = validate_truncate(&r);
+                }
+                if let Ok(r) = ListChunksRequest::decode(&bytes[..]) {
+                    let _ = validate_list(&r);
+                }
+                if let Ok(r) = SyncObjectsRequest::decode(&bytes[..]) {
+                    let _ = validate_sync(&r);
+                }
+            }
+
+            /// A write is accepted exactly when its range lies inside the
+            /// chunk and the chunk inside the largest file.
+            #[test]
+            fn write_range_math(
+                offset in edge_u32(),
+                len in 0usize..3,
+                zero in edge_u32(),
+                cs in edge_u32(),
+                index in edge_u64(),
+            ) {
+                let req = WriteChunkRequest {
+                    chunk: Some(ChunkId { ino: 1, index }),
+                    offset,
+                    data: vec![7u8; len].into(),
+                    chunk_size: cs,
+                    zero_length: zero,
+                    ..Default::default()
+                };
+                let ecs = if cs == 0 { avalon_proto::limits::DEFAULT_CHUNK_SIZE } else { cs };
+                let cs_ok = (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&ecs);
+                let both = len > 0 && zero > 0;
+                let n = (len as u64).max(u64::from(zero));
+                let range_ok = u64::from(offset) + n <= u64::from(ecs);
+                let index_ok = index
+                    .checked_mul(u64::from(ecs))
+                    .is_some_and(|s| s <= MAX_FILE_SIZE);
+                let want = cs_ok && !both && range_ok && index_ok;
+                prop_assert_eq!(validate_write(&req).is_ok(), want);
+            }
+
+            #[test]
+            fn read_range_math(offset in edge_u32(), length in edge_u32()) {
+                let req = ReadChunkRequest {
+                    chunk: Some(ChunkId { ino: 3, index: 0 }),
+                    offset,
+                    length,
+                    ..Default::default()
+                };
+                let want = u64::from(offset) + u64::from(length) <= u64::from(MAX_CHUNK_SIZE);
+                prop_assert_eq!(validate_read(&req).is_ok(), want);
+            }
+
+            #[test]
+            fn list_filter(pg in edge_u32(), pg_count in edge_u32(), all in any::<bool>()) {
+                let req = ListChunksRequest { header: None, pg, pg_count, all };
+                let want = all || (pg_count > 0 && pg < pg_count);
+                prop_assert_eq!(validate_list(&req).is_ok(), want);
+            }
+        }
+    }
 }
