@@ -58,9 +58,47 @@ fn wr(e: impl std::fmt::Display) -> SErr {
 // ------------------------------------------------------------------ log
 
 /// The raft log and vote, durable in a redb database.
+///
+/// Group commit: `append` writes entries without fsync and hands its
+/// completion callback to a flusher thread, which makes everything appended
+/// so far durable with one fsync and then completes all waiting callbacks
+/// at once. Concurrent client writes thus share one fsync.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    flush_tx: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+const KEY_FLUSH: &str = "flush";
+
+/// Flusher thread: one durable commit per batch of appended entries.
+/// Holds the database weakly, so that it closes as soon as the store is
+/// dropped (a restart in the same process can open it again).
+fn flusher(db: std::sync::Weak<Database>, rx: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    let mut n: u64 = 0;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while let Ok(cb) = rx.try_recv() {
+            batch.push(cb);
+        }
+        n = n.wrapping_add(1);
+        let res = (|| -> Result<(), String> {
+            let db = db.upgrade().ok_or("raft log closed")?;
+            let tx = db.begin_write().map_err(|e| e.to_string())?;
+            {
+                let mut t = tx.open_table(META).map_err(|e| e.to_string())?;
+                t.insert(KEY_FLUSH, n.to_le_bytes().as_slice())
+                    .map_err(|e| e.to_string())?;
+            }
+            tx.commit().map_err(|e| e.to_string())
+        })();
+        if let Err(e) = &res {
+            tracing::error!(error = %e, "raft log flush failed");
+        }
+        for cb in batch {
+            cb.log_io_completed(res.clone().map_err(std::io::Error::other));
+        }
+    }
 }
 
 impl LogStore {
@@ -74,7 +112,13 @@ impl LogStore {
             tx.open_table(META)?;
         }
         tx.commit()?;
-        Ok(LogStore { db: Arc::new(db) })
+        let db = Arc::new(db);
+        let (flush_tx, rx) = std::sync::mpsc::channel();
+        let fdb = Arc::downgrade(&db);
+        std::thread::Builder::new()
+            .name("raft-log-flush".into())
+            .spawn(move || flusher(fdb, rx))?;
+        Ok(LogStore { db, flush_tx })
     }
 
     fn get_meta<T: for<'a> Deserialize<'a>>(&self, key: &str) -> Result<Option<T>, SErr> {
@@ -174,7 +218,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let res = (|| -> Result<(), SErr> {
-            let tx = self.db.begin_write().map_err(wr)?;
+            let mut tx = self.db.begin_write().map_err(wr)?;
+            // Made durable by the flusher's next commit (group commit).
+            tx.set_durability(Durability::None);
             {
                 let mut t = tx.open_table(LOGS).map_err(wr)?;
                 for e in entries {
@@ -186,7 +232,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         })();
         match res {
             Ok(()) => {
-                callback.log_io_completed(Ok(()));
+                if let Err(std::sync::mpsc::SendError(cb)) = self.flush_tx.send(callback) {
+                    cb.log_io_completed(Err(std::io::Error::other("log flusher stopped")));
+                }
                 Ok(())
             }
             Err(e) => {
