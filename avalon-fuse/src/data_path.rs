@@ -211,24 +211,54 @@ impl Client {
     /// Asks every up OSD to make the writes to `ino` it acknowledged durable.
     /// Each OSD syncs what it stored itself, so every replica is covered.
     pub async fn sync_data(&self, ino: u64) -> Result<()> {
+        self.broadcast("fsync", |mut c, header| async move {
+            c.sync_objects(pb::SyncObjectsRequest {
+                header,
+                inos: vec![ino],
+            })
+            .await
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// Runs `op` on every up OSD at once. An OSD that cannot be reached
+    /// holds nothing to act on that the others do not; the operation fails
+    /// only when more OSDs failed than the replication can lose, or when an
+    /// OSD refused it outright.
+    async fn broadcast<F, Fut>(&self, what: &str, op: F) -> Result<()>
+    where
+        F: Fn(OsdClient<Channel>, Option<pb::RequestHeader>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<(), tonic::Status>>,
+    {
         let map = self.map();
         let sends = map
             .osds
             .iter()
             .filter(|o| o.state == OsdState::Up as i32)
             .map(|o| {
-                let req = pb::SyncObjectsRequest {
-                    header: self.header(),
-                    inos: vec![ino],
-                };
-                let addr = o.addr.clone();
+                let call = self.osd(&o.addr).map(|c| op(c, self.header()));
+                let id = o.id;
                 async move {
-                    let mut c = self.osd(&addr)?;
-                    c.sync_objects(req).await.map_err(ClientError::from)?;
-                    Ok::<_, ClientError>(())
+                    match tokio::time::timeout(IO_RETRY_BUDGET, call?).await {
+                        Ok(Ok(())) => Ok(None),
+                        Ok(Err(s)) if !retry_elsewhere(&s) => Err(ClientError::from(s)),
+                        Ok(Err(s)) => Ok(Some(format!("osd.{id}: {}", s.message()))),
+                        Err(_) => Ok(Some(format!("osd.{id}: timed out"))),
+                    }
                 }
             });
-        try_join_all(sends).await?;
+        let failed: Vec<String> = try_join_all(sends).await?.into_iter().flatten().collect();
+        let tolerable = map.replicas.saturating_sub(map.write_quorum.max(1)) as usize;
+        if failed.len() > tolerable {
+            return Err(ClientError::Unavailable(format!(
+                "{what} failed: {}",
+                failed.join("; ")
+            )));
+        }
+        if !failed.is_empty() {
+            tracing::warn!(what, failed = %failed.join("; "), "skipped unreachable OSDs");
+        }
         Ok(())
     }
 
@@ -259,26 +289,16 @@ impl Client {
             ));
         }
         let cs = self.chunk_size_of(ino);
-        let map = self.map();
-        let sends = map
-            .osds
-            .iter()
-            .filter(|o| o.state == OsdState::Up as i32)
-            .map(|o| {
-                let req = pb::TruncateObjectRequest {
-                    header: self.header(),
-                    ino,
-                    size,
-                    chunk_size: cs,
-                };
-                let addr = o.addr.clone();
-                async move {
-                    let mut c = self.osd(&addr)?;
-                    c.truncate_object(req).await.map_err(ClientError::from)?;
-                    Ok::<_, ClientError>(())
-                }
-            });
-        try_join_all(sends).await?;
-        Ok(())
+        self.broadcast("truncate", |mut c, header| async move {
+            c.truncate_object(pb::TruncateObjectRequest {
+                header,
+                ino,
+                size,
+                chunk_size: cs,
+            })
+            .await
+            .map(|_| ())
+        })
+        .await
     }
 }
