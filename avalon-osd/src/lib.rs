@@ -152,7 +152,8 @@ pub async fn run_with_listener(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // Small replies (acks, 4 KiB reads) must not wait for Nagle.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             stop.clone().cancelled_owned(),
         );
     let server = tokio::spawn(server);
