@@ -39,7 +39,19 @@ pub enum TimeSpec {
 pub enum OsdState {
     Up,
     Down,
+    /// Out after being down for `osd_out_after_ms`: placement skips it; it
+    /// comes back up by itself when it heartbeats again.
     Out,
+    /// Taken out by hand (`avalonctl osd out|drain`): stays out, also
+    /// across restarts, until `avalonctl osd in`.
+    OutByAdmin,
+}
+
+impl OsdState {
+    /// Out of placement (automatically or by hand).
+    pub fn is_out(self) -> bool {
+        matches!(self, OsdState::Out | OsdState::OutByAdmin)
+    }
 }
 
 /// One mutation of the metadata state.

@@ -31,6 +31,9 @@ pub struct Config {
     pub log_level: String,
     /// An OSD without heartbeat for this long is marked down.
     pub osd_down_after_ms: u64,
+    /// An OSD without heartbeat for this long is marked out (its PGs get
+    /// new members, which copy the data); 0 = never automatically.
+    pub osd_out_after_ms: u64,
     /// Snapshot after this many log entries since the last one.
     pub snapshot_logs: u64,
     /// Raft heartbeat interval.
@@ -64,6 +67,7 @@ impl Default for Config {
             chunk_size: avalon_proto::limits::DEFAULT_CHUNK_SIZE,
             log_level: "info".into(),
             osd_down_after_ms: 10_000,
+            osd_out_after_ms: 60_000,
             snapshot_logs: 5000,
             heartbeat_ms: 100,
             election_min_ms: 600,
@@ -113,6 +117,9 @@ pub struct Args {
     /// Mark an OSD down after this many ms without heartbeat.
     #[arg(long)]
     pub osd_down_after_ms: Option<u64>,
+    /// Mark an OSD out after this many ms without heartbeat (0 = never).
+    #[arg(long)]
+    pub osd_out_after_ms: Option<u64>,
     /// Expire a client session after this many ms without heartbeat.
     #[arg(long)]
     pub session_timeout_ms: Option<u64>,
@@ -152,6 +159,7 @@ impl Config {
             chunk_size,
             log_level,
             osd_down_after_ms,
+            osd_out_after_ms,
             session_timeout_ms,
             orphan_grace_ms
         );

@@ -41,7 +41,7 @@ fn osd_state_pb(s: OsdState) -> pb::OsdState {
     match s {
         OsdState::Up => pb::OsdState::Up,
         OsdState::Down => pb::OsdState::Down,
-        OsdState::Out => pb::OsdState::Out,
+        OsdState::Out | OsdState::OutByAdmin => pb::OsdState::Out,
     }
 }
 
@@ -101,6 +101,12 @@ impl MetaService {
                         self.node.osd_last_seen_ms(o.id)
                     } else {
                         0
+                    },
+                    admin_out: o.state == OsdState::OutByAdmin,
+                    report: if leader {
+                        self.node.osd_last_report(o.id)
+                    } else {
+                        None
                     },
                 })
                 .collect(),
@@ -440,6 +446,62 @@ impl Meta for MetaService {
         Ok(Response::new(pb::Empty {}))
     }
 
+    async fn check_inodes(
+        &self,
+        req: Request<pb::CheckInodesRequest>,
+    ) -> Res<pb::CheckInodesReply> {
+        let r = req.into_inner();
+        if r.inos.len() > 100_000 {
+            return Err(MdsError::Invalid("at most 100000 inodes per check".into()).into());
+        }
+        let dead = self
+            .node
+            .read(|s| {
+                r.inos
+                    .iter()
+                    .copied()
+                    .filter(|&i| i != 0 && i < s.next_ino && !s.inodes.contains_key(&i))
+                    .collect()
+            })
+            .await?;
+        Ok(Response::new(pb::CheckInodesReply { dead }))
+    }
+
+    async fn set_osd_state(&self, req: Request<pb::SetOsdStateRequest>) -> Res<pb::Empty> {
+        let r = req.into_inner();
+        let state = match r.state.as_str() {
+            "out" | "drain" => OsdState::OutByAdmin,
+            "in" => OsdState::Up,
+            other => {
+                return Err(MdsError::Invalid(format!(
+                    "unknown OSD state {other:?} (out, drain or in)"
+                ))
+                .into())
+            }
+        };
+        self.node.check_leader()?;
+        if self
+            .node
+            .read_local(|s| !s.osds.contains_key(&r.osd_id))
+        {
+            return Err(MdsError::NotFound(format!("no OSD {}", r.osd_id)).into());
+        }
+        if state == OsdState::Up {
+            // Give it a full period to heartbeat before it counts as down.
+            self.node.osd_seen_now(r.osd_id);
+        }
+        tracing::info!(osd = r.osd_id, state = %r.state, "OSD state set by hand");
+        self.mutate(
+            r.header.as_ref(),
+            Op::SetOsdState {
+                osd_id: r.osd_id,
+                state,
+            },
+        )
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
     async fn get_cluster_map(&self, _req: Request<pb::Empty>) -> Res<pb::ClusterMap> {
         let map = self.node.read(|s| self.cluster_map(s)).await?;
         Ok(Response::new(map))
@@ -486,7 +548,8 @@ impl Meta for MetaService {
             return Err(MdsError::NotFound(format!("OSD {} is not registered", r.osd_id)).into());
         };
         self.node.osd_seen_now(r.osd_id);
-        if osd.state == OsdState::Down {
+        self.node.osd_report(r.osd_id, r.report);
+        if matches!(osd.state, OsdState::Down | OsdState::Out) {
             tracing::info!(osd = r.osd_id, "OSD heartbeats again; marking up");
             self.mutate(
                 None,

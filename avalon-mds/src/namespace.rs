@@ -267,7 +267,7 @@ impl State {
         let mut cap = 0u64;
         let mut used = 0u64;
         let replicas = u64::from(replicas.max(1));
-        for o in self.osds.values().filter(|o| o.state != OsdState::Out) {
+        for o in self.osds.values().filter(|o| !o.state.is_out()) {
             cap = cap.saturating_add(o.capacity_bytes);
             used = used.saturating_add(o.used_bytes.min(o.capacity_bytes));
         }
@@ -537,7 +537,11 @@ impl State {
             capacity_bytes: capacity,
             used_bytes: used,
             failure_domain: failure_domain.to_string(),
-            state: OsdState::Up,
+            // Taken out by hand stays out across restarts.
+            state: match self.osds.get(&id).map(|o| o.state) {
+                Some(OsdState::OutByAdmin) => OsdState::OutByAdmin,
+                _ => OsdState::Up,
+            },
             pid,
         };
         let changed = self.osds.get(&id).is_none_or(|o| {

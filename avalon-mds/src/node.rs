@@ -55,6 +55,8 @@ impl From<MdsError> for Status {
 #[derive(Default)]
 pub struct Liveness {
     pub osd_seen: HashMap<u64, Instant>,
+    /// Last recovery/scrub report of each OSD (from its heartbeats).
+    pub osd_reports: HashMap<u64, avalon_proto::pb::OsdReport>,
     pub client_seen: HashMap<u64, Instant>,
     /// Since when this node has been leader (None: not leader).
     pub leader_since: Option<Instant>,
@@ -441,6 +443,18 @@ impl MdsNode {
         self.lock_liveness().osd_seen.insert(id, Instant::now());
     }
 
+    /// Records an OSD's recovery/scrub report (leader, in memory).
+    pub fn osd_report(&self, id: u64, report: Option<avalon_proto::pb::OsdReport>) {
+        if let Some(r) = report {
+            self.lock_liveness().osd_reports.insert(id, r);
+        }
+    }
+
+    /// The last report of an OSD, if this leader got one.
+    pub fn osd_last_report(&self, id: u64) -> Option<avalon_proto::pb::OsdReport> {
+        self.lock_liveness().osd_reports.get(&id).cloned()
+    }
+
     pub fn client_seen_now(&self, id: u64) {
         self.lock_liveness().client_seen.insert(id, Instant::now());
     }
@@ -570,6 +584,34 @@ impl MdsNode {
                     .map(|(id, _)| *id)
                     .collect()
             };
+            let out_after = Duration::from_millis(self.cfg.osd_out_after_ms);
+            let gone: Vec<u64> = if self.cfg.osd_out_after_ms == 0 {
+                Vec::new()
+            } else {
+                let mut l = self.lock_liveness();
+                osds.iter()
+                    .filter(|(id, st)| {
+                        *st == OsdState::Down
+                            && l.osd_seen.entry(*id).or_insert(now).elapsed() >= out_after
+                    })
+                    .map(|(id, _)| *id)
+                    .collect()
+            };
+            for id in gone {
+                tracing::warn!(osd = id, "OSD down for too long; marking out");
+                if let Err(e) = self
+                    .write(
+                        None,
+                        Op::SetOsdState {
+                            osd_id: id,
+                            state: OsdState::Out,
+                        },
+                    )
+                    .await
+                {
+                    tracing::warn!(osd = id, error = %e, "could not mark OSD out");
+                }
+            }
             was_leader = true;
             for id in stale {
                 tracing::warn!(osd = id, "OSD missed heartbeats; marking down");

@@ -199,6 +199,30 @@ impl ChunkMeta {
         let crcs = (0..count).map(|i| u32_at(META_HEADER + 4 * i)).collect();
         Ok(ChunkMeta { version, len, crcs })
     }
+
+    /// Digest of the chunk's content (length and block crcs): two copies at
+    /// the same version must have the same digest.
+    fn digest(&self) -> u64 {
+        content_digest(self.len, &self.crcs)
+    }
+}
+
+/// Digest of a chunk's content from its length and block crcs (never 0).
+pub fn content_digest(len: u64, crcs: &[u32]) -> u64 {
+    let mut h = mix(len ^ 0x5a5a_5a5a);
+    for &c in crcs {
+        h = mix(h ^ u64::from(c));
+    }
+    h.max(1)
+}
+
+/// Digest of `data` as [`content_digest`] computes it for a stored chunk.
+pub fn data_digest(data: &[u8]) -> u64 {
+    let crcs: Vec<u32> = data
+        .chunks(BLOCK_SIZE as usize)
+        .map(crc32c::crc32c)
+        .collect();
+    content_digest(data.len() as u64, &crcs)
 }
 
 fn mix(mut x: u64) -> u64 {
@@ -245,6 +269,8 @@ pub struct ListedChunk {
     pub index: u64,
     /// `None` when the chunk's metadata fails verification.
     pub state: Option<(u64, u64)>,
+    /// Content digest ([`content_digest`]); 0 when corrupt.
+    pub digest: u64,
 }
 
 /// Punches a hole over `[off, off+len)` of `file` (keeping its size), or
@@ -733,13 +759,18 @@ impl ChunkStore {
                 }
                 let _i = self.lock_ino_shared(ino);
                 let _c = self.lock_chunk(ino, index);
-                let state = match self.load_meta(ino, index) {
-                    Ok(Some(m)) => Some((m.version, m.len)),
+                let (state, digest) = match self.load_meta(ino, index) {
+                    Ok(Some(m)) => (Some((m.version, m.len)), m.digest()),
                     Ok(None) => continue,
-                    Err(StoreError::Corruption { .. }) => None,
+                    Err(StoreError::Corruption { .. }) => (None, 0),
                     Err(e) => return Err(e),
                 };
-                out.push(ListedChunk { ino, index, state });
+                out.push(ListedChunk {
+                    ino,
+                    index,
+                    state,
+                    digest,
+                });
             }
         }
         Ok(out)
@@ -920,31 +951,48 @@ impl ChunkStore {
     }
 
     /// Cuts object `ino` (a file of `chunk_size`-byte chunks) to `size`
-    /// bytes: chunks starting at or past `size` are deleted, the one
-    /// containing `size` is truncated. Versions are kept.
+    /// bytes: chunks starting at or past `size` become empty, the one
+    /// containing `size` is cut. Every chunk that changes gets the next
+    /// version, so a replica that missed the truncate holds an older
+    /// version and learns it when peering (an emptied chunk stays as a
+    /// zero-length tombstone until the object is deleted). Idempotent: a
+    /// chunk already short enough is left alone.
     pub fn truncate_object(&self, ino: u64, size: u64, chunk_size: u32) -> Result<()> {
         if ino == 0 {
             return Err(StoreError::InvalidArgument("ino must not be 0".into()));
         }
         let cs = u64::from(effective_chunk_size(chunk_size)?);
         let _i = self.lock_ino_exclusive(ino);
-        let dir = self.ino_dir(ino);
-        let mut removed = false;
         for index in self.indexes(ino)? {
-            let start = index.checked_mul(cs);
-            let keep = match start {
+            let keep = match index.checked_mul(cs) {
                 Some(s) if s < size => size - s,
-                _ => {
-                    self.remove_chunk_files(ino, index)?;
-                    removed = true;
-                    continue;
-                }
+                _ => 0,
             };
             if keep >= cs {
                 continue;
             }
-            let Some(mut meta) = self.load_meta(ino, index)? else {
-                continue;
+            let mut meta = match self.load_meta(ino, index) {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(StoreError::Corruption { .. }) if keep == 0 => {
+                    // Nothing of it survives: replace by an empty chunk
+                    // one version past what its sidecar says.
+                    let v = self.meta_version(ino, index).unwrap_or(0);
+                    self.remove_chunk_files(ino, index)?;
+                    let dpath = self.data_path(ino, index);
+                    File::create(&dpath)
+                        .and_then(|f| f.sync_all())
+                        .map_err(io_err(&dpath))?;
+                    let meta = ChunkMeta {
+                        version: v.saturating_add(1),
+                        len: 0,
+                        crcs: Vec::new(),
+                    };
+                    self.store_meta(ino, index, &meta, true)?;
+                    self.chunks.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                Err(e) => return Err(e),
             };
             if keep >= meta.len {
                 continue;
@@ -977,12 +1025,10 @@ impl ChunkStore {
             meta.crcs.truncate(nblocks);
             let old_len = meta.len;
             meta.len = keep;
+            meta.version = meta.version.saturating_add(1);
             self.store_meta(ino, index, &meta, true)?;
             file.sync_all().map_err(io_err(&dpath))?;
             self.used.fetch_sub(old_len - keep, Ordering::Relaxed);
-        }
-        if removed && dir.is_dir() {
-            fsync_dir(&dir)?;
         }
         Ok(())
     }
@@ -1155,20 +1201,28 @@ mod tests {
         // Cut inside chunk 1, inside its second block.
         let size = u64::from(CS) + B as u64 + 123;
         s.truncate_object(7, size, CS).expect("truncate");
-        assert_eq!(s.chunk_count(), 2);
+        // Emptied chunks stay as tombstones one version newer.
+        assert_eq!(s.chunk_count(), 4);
         assert_eq!(s.used_bytes(), size);
         assert_eq!(r(&s, 7, 0, 0, CS), pattern(CS as usize, 0));
+        assert_eq!(s.version(7, 0).expect("v"), 1);
         assert_eq!(r(&s, 7, 1, 0, CS), pattern(CS as usize, 1)[..B + 123]);
-        assert_eq!(s.read(7, 2, 0, 10).expect("read"), (vec![], 0));
+        assert_eq!(s.version(7, 1).expect("v"), 2);
+        assert_eq!(s.read(7, 2, 0, 10).expect("read"), (vec![], 2));
+        // A repeated truncate changes nothing.
+        s.truncate_object(7, size, CS).expect("truncate again");
+        assert_eq!(s.version(7, 1).expect("v"), 2);
+        assert_eq!(s.version(7, 3).expect("v"), 2);
         // Growing again after a truncate keeps the tail checksums right.
         w(&s, 7, 1, (B + 200) as u32, b"q");
         let got = r(&s, 7, 1, 0, CS);
         assert_eq!(got.len(), B + 201);
         assert!(got[B + 123..B + 200].iter().all(|&b| b == 0));
-        // Truncate at a chunk boundary removes the chunk.
+        // Truncate at a chunk boundary empties the chunk.
         s.truncate_object(7, u64::from(CS), CS).expect("truncate");
-        assert_eq!(s.chunk_count(), 1);
-        assert_eq!(s.version(7, 1).expect("v"), 0);
+        assert_eq!(s.chunk_count(), 4);
+        assert_eq!(s.version(7, 1).expect("v"), 4);
+        assert_eq!(s.used_bytes(), u64::from(CS));
         s.delete_object(7).expect("delete");
         assert_eq!(s.chunk_count(), 0);
         assert_eq!(s.used_bytes(), 0);
@@ -1265,7 +1319,8 @@ mod tests {
         // Index overflow in truncate is treated as "past the size".
         w(&s, 1, u64::MAX, 0, b"x");
         s.truncate_object(1, u64::MAX, CS).expect("truncate");
-        assert_eq!(s.chunk_count(), 0);
+        assert_eq!(s.read(1, u64::MAX, 0, 10).expect("read"), (vec![], 2));
+        assert_eq!(s.used_bytes(), 0);
         assert_eq!(
             effective_chunk_size(0).expect("default"),
             DEFAULT_CHUNK_SIZE
@@ -1476,10 +1531,12 @@ mod tests {
                         s.truncate_object(42, size, CS).expect("truncate");
                         for (i, m) in model.iter_mut().enumerate() {
                             let start = i as u64 * u64::from(CS);
-                            if start >= size {
-                                *m = None;
-                            } else if let Some((b, _)) = m {
-                                b.truncate((size - start).min(b.len() as u64) as usize);
+                            let keep = size.saturating_sub(start) as usize;
+                            if let Some((b, v)) = m {
+                                if keep < b.len() {
+                                    b.truncate(keep);
+                                    *v += 1;
+                                }
                             }
                         }
                     }

@@ -163,9 +163,14 @@ pub async fn run_with_listener(
         let store = Arc::clone(&store);
         let stop = stop.clone();
         let interval = Duration::from_millis(cfg.heartbeat_ms);
+        let rec = Arc::clone(&recovery);
+        let report: Arc<dyn Fn() -> avalon_proto::pb::OsdReport + Send + Sync> =
+            Arc::new(move || rec.report());
         tokio::spawn(async move {
             if membership.register(&store, &stop).await.is_some() {
-                membership.heartbeat_loop(store, interval, stop).await;
+                membership
+                    .heartbeat_loop(store, interval, report, stop)
+                    .await;
             }
         })
     };

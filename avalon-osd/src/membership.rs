@@ -5,7 +5,10 @@ use crate::chunk_store::ChunkStore;
 use crate::error::OsdError;
 use avalon_proto::errno::has_errno;
 use avalon_proto::mds_conn::MdsConn;
-use avalon_proto::pb::{ClusterMap, Empty, OsdHeartbeatRequest, RegisterOsdRequest};
+use avalon_proto::pb::{
+    CheckInodesRequest, ClusterMap, Empty, OsdHeartbeatRequest, OsdReport, RegisterOsdRequest,
+};
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -195,6 +198,35 @@ impl Membership {
             .map_err(|s| OsdError::Mds(format!("GetClusterMap: {}", s.message())))
     }
 
+    /// Which of `inos` the MDS reports deleted for good (empty when the MDS
+    /// cannot be asked: callers then keep the data).
+    pub async fn dead_inos(&self, mut inos: Vec<u64>) -> HashSet<u64> {
+        inos.sort_unstable();
+        inos.dedup();
+        let mut dead = HashSet::new();
+        for batch in inos.chunks(10_000) {
+            let req = CheckInodesRequest {
+                header: None,
+                inos: batch.to_vec(),
+            };
+            match self
+                .mds
+                .call_within(Duration::from_secs(5), |mut c| {
+                    let r = req.clone();
+                    async move { c.check_inodes(r).await }
+                })
+                .await
+            {
+                Ok(r) => dead.extend(r.dead),
+                Err(s) => {
+                    tracing::debug!(error = %s.message(), "cannot check inodes with the MDS");
+                    return HashSet::new();
+                }
+            }
+        }
+        dead
+    }
+
     /// The current map, refreshed from the MDS first when `epoch` is newer.
     pub async fn map_at_least(&self, epoch: u64) -> Result<Arc<ClusterMap>, OsdError> {
         let cur = self.map().ok_or(OsdError::NotReady)?;
@@ -217,6 +249,7 @@ impl Membership {
         self: Arc<Self>,
         store: Arc<ChunkStore>,
         interval: Duration,
+        report: Arc<dyn Fn() -> OsdReport + Send + Sync>,
         shutdown: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(interval);
@@ -234,6 +267,7 @@ impl Membership {
                 used_bytes: store.used_bytes(),
                 pid: std::process::id(),
                 addr: self.addr.clone(),
+                report: Some(report()),
             };
             let beat = self.mds.call_within(budget, |mut c| {
                 let r = req.clone();

@@ -237,10 +237,16 @@ impl OsdService {
                     }),
                     version,
                     length: u32::try_from(len).unwrap_or(u32::MAX),
+                    digest: c.digest,
                 })
             })
             .collect();
-        Ok(ListChunksReply { chunks })
+        let (pg_count, serving_pgs) = self.recovery.serving_pgs();
+        Ok(ListChunksReply {
+            chunks,
+            serving_pgs,
+            pg_count,
+        })
     }
 
     fn status(&self) -> OsdStatusReply {
@@ -252,6 +258,7 @@ impl OsdService {
             chunks: self.store.chunk_count(),
             map_epoch: self.membership.epoch(),
             pid: std::process::id(),
+            report: Some(self.recovery.report()),
         }
     }
 }

@@ -37,7 +37,7 @@ use crate::error::OsdError;
 use crate::membership::Membership;
 use crate::replication::Peers;
 use avalon_proto::limits::MAX_CHUNK_SIZE;
-use avalon_proto::pb::{ClusterMap, OsdInfo, OsdState};
+use avalon_proto::pb::{ClusterMap, OsdInfo, OsdReport, OsdState};
 use avalon_proto::placement::{chunk_members, pg_members, pg_of};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -75,6 +75,104 @@ pub struct RecoveryStats {
     pub pulled_bytes: AtomicU64,
     pub repaired_chunks: AtomicU64,
     pub peered_pgs: AtomicU64,
+    /// Copies replaced because their content differed from the chosen
+    /// copy at the same version.
+    pub diverged_chunks: AtomicU64,
+    /// Chunks the scrubber verified, and errors it found (bad checksums,
+    /// content differing from the members' at the same version).
+    pub scrubbed_chunks: AtomicU64,
+    pub scrub_errors: AtomicU64,
+    /// Chunks removed by garbage collection (deleted files, strays of PGs
+    /// this OSD is no longer a member of).
+    pub removed_chunks: AtomicU64,
+}
+
+/// One member's copy of a chunk, as peering sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Copy {
+    pub osd: u64,
+    pub addr: String,
+    pub version: u64,
+    pub digest: u64,
+    pub length: u64,
+    /// The holder has served this chunk's PG since it started (a restarted
+    /// OSD's copies have not: they may hold a write nobody acknowledged).
+    pub serving: bool,
+}
+
+/// Which digest wins among copies of the same (newest) version: copies of
+/// serving holders first; then the digest most of them hold; then the
+/// acting primary's; then the lowest OSD id's. Every member computes the
+/// same answer from the same lists, so replicas converge on one content.
+pub fn winning_digest(holders: &[&Copy], acting: Option<u64>) -> u64 {
+    let serving: Vec<&Copy> = holders.iter().copied().filter(|c| c.serving).collect();
+    let pool = if serving.is_empty() {
+        holders.to_vec()
+    } else {
+        serving
+    };
+    let mut count: BTreeMap<u64, usize> = BTreeMap::new();
+    for c in &pool {
+        *count.entry(c.digest).or_default() += 1;
+    }
+    let top = count.values().copied().max().unwrap_or(0);
+    let tied: Vec<u64> = count
+        .iter()
+        .filter(|(_, n)| **n == top)
+        .map(|(d, _)| *d)
+        .collect();
+    if tied.len() == 1 {
+        return tied[0];
+    }
+    if let Some(a) = pool
+        .iter()
+        .find(|c| Some(c.osd) == acting && tied.contains(&c.digest))
+    {
+        return a.digest;
+    }
+    pool.iter()
+        .filter(|c| tied.contains(&c.digest))
+        .min_by_key(|c| c.osd)
+        .map_or(0, |c| c.digest)
+}
+
+/// Decides whether to pull a chunk: `mine` is the local copy (None when
+/// missing or `corrupt`), `remote` the other members' copies. Returns the
+/// index in `remote` to pull from and whether a copy of the same version
+/// must replace the local one.
+pub fn choose_pull(
+    mine: Option<&Copy>,
+    corrupt: bool,
+    remote: &[Copy],
+    acting: Option<u64>,
+) -> Option<(usize, bool)> {
+    let maxr = remote.iter().map(|c| c.version).max()?;
+    let lv = mine.map_or(0, |c| c.version);
+    if corrupt {
+        // A corrupt copy: any copy at least as new replaces it.
+        return remote
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.version >= lv)
+            .max_by_key(|(_, c)| c.version)
+            .map(|(i, _)| (i, true));
+    }
+    if maxr < lv {
+        return None;
+    }
+    let mut holders: Vec<&Copy> = remote.iter().filter(|c| c.version == maxr).collect();
+    if let Some(m) = mine.filter(|m| m.version == maxr) {
+        holders.push(m);
+    }
+    let win = winning_digest(&holders, acting);
+    if mine.is_some_and(|m| m.version == maxr && m.digest == win) {
+        return None;
+    }
+    let replace = lv == maxr;
+    remote
+        .iter()
+        .position(|c| c.version == maxr && c.digest == win)
+        .map(|i| (i, replace))
 }
 
 #[derive(Default)]
@@ -95,6 +193,11 @@ pub struct Recovery {
     kick: Notify,
     bytes_per_sec: u64,
     pub stats: RecoveryStats,
+    /// PGs of this OSD not peered yet (as of the last round).
+    pub pending_pgs: AtomicU64,
+    /// Chunks and bytes the current peering round still has to pull.
+    pub pending_chunks: AtomicU64,
+    pub pending_bytes: AtomicU64,
 }
 
 /// Signature of a PG's placement: changes whenever its members, their
@@ -137,12 +240,52 @@ impl Recovery {
             kick: Notify::new(),
             bytes_per_sec,
             stats: RecoveryStats::default(),
+            pending_pgs: AtomicU64::new(0),
+            pending_chunks: AtomicU64::new(0),
+            pending_bytes: AtomicU64::new(0),
         }
     }
 
     /// Wakes the background loop.
     pub fn kick(&self) {
         self.kick.notify_one();
+    }
+
+    /// PG and background-work counters for heartbeats and status.
+    pub fn report(&self) -> OsdReport {
+        let st = &self.stats;
+        let mut r = OsdReport {
+            recovery_chunks: self.pending_chunks.load(Ordering::Relaxed),
+            recovery_bytes: self.pending_bytes.load(Ordering::Relaxed),
+            recovered_chunks: st.pulled_chunks.load(Ordering::Relaxed),
+            scrubbed_chunks: st.scrubbed_chunks.load(Ordering::Relaxed),
+            scrub_errors: st.scrub_errors.load(Ordering::Relaxed),
+            repaired_chunks: st.repaired_chunks.load(Ordering::Relaxed)
+                + st.diverged_chunks.load(Ordering::Relaxed),
+            removed_chunks: st.removed_chunks.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        let Some(map) = self.membership.map() else {
+            return r;
+        };
+        r.map_epoch = map.epoch;
+        let me = self.membership.osd_id();
+        let g = self.pgs.lock().unwrap_or_else(|e| e.into_inner());
+        for pg in 0..map.pg_count.max(1) {
+            let members = pg_members(&map, pg);
+            if !members.iter().any(|o| o.id == me && is_up(o)) {
+                continue;
+            }
+            r.pgs += 1;
+            if g.peered.get(&pg) != Some(&pg_signature(&map, pg)) {
+                r.pgs_peering += 1;
+            }
+        }
+        if r.pgs_peering == 0 {
+            r.recovery_chunks = 0;
+            r.recovery_bytes = 0;
+        }
+        r
     }
 
     /// True when `pg` is peered under `map`.
@@ -383,8 +526,33 @@ impl Recovery {
 
     /// One peering pass over the PGs not peered under the current map.
     pub async fn peer_round(&self) {
+        self.reconcile(false).await;
+    }
+
+    /// PGs this process has peered under the current map's PG count (its
+    /// copies there have been serving clients).
+    pub fn serving_pgs(&self) -> (u32, Vec<u32>) {
+        let pg_count = self.membership.map().map_or(0, |m| m.pg_count);
+        let g = self.pgs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<u32> = g
+            .ever
+            .iter()
+            .filter(|(_, n)| *n == pg_count)
+            .map(|(pg, _)| *pg)
+            .collect();
+        v.sort_unstable();
+        (pg_count, v)
+    }
+
+    /// Compares this OSD's chunks with the other UP members' and pulls
+    /// newer copies, and copies whose content differs at the same version
+    /// ([`choose_pull`]). With `scrub == false` it works on the PGs not
+    /// peered under the current map and marks them peered when done; with
+    /// `scrub == true` on the PGs already peered, leaving the gate alone.
+    /// Returns the number of chunks pulled.
+    pub async fn reconcile(&self, scrub: bool) -> u64 {
         let Some(map) = self.membership.map() else {
-            return;
+            return 0;
         };
         let me = self.membership.osd_id();
         let pg_count = map.pg_count.max(1);
@@ -394,7 +562,8 @@ impl Recovery {
                 .filter_map(|pg| {
                     let members = pg_members(&map, pg);
                     let mine = members.iter().find(|o| o.id == me)?;
-                    if !is_up(mine) || g.peered.get(&pg) == Some(&pg_signature(&map, pg)) {
+                    let peered = g.peered.get(&pg) == Some(&pg_signature(&map, pg));
+                    if !is_up(mine) || peered != scrub {
                         return None;
                     }
                     Some((pg, members))
@@ -402,7 +571,10 @@ impl Recovery {
                 .collect()
         };
         if todo.is_empty() {
-            return;
+            return 0;
+        }
+        if !scrub {
+            self.pending_pgs.store(todo.len() as u64, Ordering::Relaxed);
         }
         // Ask every other UP member of those PGs for its chunk list, once.
         let mut addrs: BTreeMap<u64, String> = BTreeMap::new();
@@ -417,14 +589,19 @@ impl Recovery {
             async move { (id, addr.clone(), peers.list_internal(&addr).await) }
         }))
         .await;
-        // Newest remote copy per chunk, considering only PG members.
+        // Every remote copy per chunk, considering only PG members.
         let mut answered: HashSet<u64> = HashSet::new();
-        let mut best: HashMap<(u64, u64), (u64, String)> = HashMap::new();
+        let mut copies: HashMap<(u64, u64), Vec<Copy>> = HashMap::new();
         for (id, addr, r) in lists {
             match r {
-                Ok(chunks) => {
+                Ok(reply) => {
                     answered.insert(id);
-                    for c in chunks {
+                    let serving: HashSet<u32> = if reply.pg_count == pg_count {
+                        reply.serving_pgs.iter().copied().collect()
+                    } else {
+                        HashSet::new()
+                    };
+                    for c in reply.chunks {
                         let Some(cid) = c.chunk else { continue };
                         let pg = pg_of(cid.ino, cid.index, pg_count);
                         let Some(members) = todo.get(&pg) else {
@@ -433,12 +610,14 @@ impl Recovery {
                         if !members.iter().any(|o| o.id == id) {
                             continue;
                         }
-                        let e = best
-                            .entry((cid.ino, cid.index))
-                            .or_insert((0, String::new()));
-                        if c.version > e.0 {
-                            *e = (c.version, addr.clone());
-                        }
+                        copies.entry((cid.ino, cid.index)).or_default().push(Copy {
+                            osd: id,
+                            addr: addr.clone(),
+                            version: c.version,
+                            digest: c.digest,
+                            length: u64::from(c.length),
+                            serving: serving.contains(&pg),
+                        });
                     }
                 }
                 Err(s) => {
@@ -455,31 +634,81 @@ impl Recovery {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list local chunks for peering");
-                return;
+                return 0;
             }
         };
-        let local: HashMap<(u64, u64), Option<u64>> = local
+        let local: HashMap<(u64, u64), (Option<u64>, u64)> = local
             .into_iter()
-            .map(|c| ((c.ino, c.index), c.state.map(|s| s.0)))
+            .map(|c| ((c.ino, c.index), (c.state.map(|s| s.0), c.digest)))
             .collect();
+        let ever: HashSet<u32> = {
+            let g = self.pgs.lock().unwrap_or_else(|e| e.into_inner());
+            g.ever
+                .iter()
+                .filter(|(_, n)| *n == pg_count)
+                .map(|(pg, _)| *pg)
+                .collect()
+        };
         let mut by_pg: BTreeMap<u32, Vec<Pull>> = BTreeMap::new();
-        for ((ino, index), (v, addr)) in best {
-            let lv = local.get(&(ino, index)).copied();
-            let corrupt = matches!(lv, Some(None));
-            let lv = lv.flatten().unwrap_or(0);
-            if v > lv || (corrupt && v >= lv) {
-                by_pg
-                    .entry(pg_of(ino, index, pg_count))
-                    .or_default()
-                    .push((ino, index, v, addr, corrupt));
+        let mut missing: HashSet<u64> = HashSet::new();
+        let mut pending_bytes = 0u64;
+        for ((ino, index), remote) in &copies {
+            let pg = pg_of(*ino, *index, pg_count);
+            let acting = todo[&pg].iter().find(|o| is_up(o)).map(|o| o.id);
+            let lc = local.get(&(*ino, *index)).copied();
+            let corrupt = matches!(lc, Some((None, _)));
+            let mine = match lc {
+                Some((Some(v), d)) => Some(Copy {
+                    osd: me,
+                    addr: String::new(),
+                    version: v,
+                    digest: d,
+                    length: 0,
+                    serving: ever.contains(&pg),
+                }),
+                _ => None,
+            };
+            if let Some((i, replace)) = choose_pull(mine.as_ref(), corrupt, remote, acting) {
+                let c = &remote[i];
+                if lc.is_none() {
+                    missing.insert(*ino);
+                }
+                pending_bytes += c.length;
+                by_pg.entry(pg).or_default().push((
+                    *ino,
+                    *index,
+                    c.version,
+                    c.addr.clone(),
+                    corrupt || replace,
+                ));
             }
         }
+        // Chunks this OSD lacks entirely: skip those of deleted files (an
+        // OSD that was down during a delete must not spread them again).
+        if !missing.is_empty() {
+            let dead = self
+                .membership
+                .dead_inos(missing.into_iter().collect())
+                .await;
+            if !dead.is_empty() {
+                for pulls in by_pg.values_mut() {
+                    pulls.retain(|p| !dead.contains(&p.0));
+                }
+            }
+        }
+        self.pending_bytes.store(pending_bytes, Ordering::Relaxed);
+        self.pending_chunks.store(
+            by_pg.values().map(|v| v.len() as u64).sum(),
+            Ordering::Relaxed,
+        );
         // PGs where this OSD is the acting primary first: they gate writes.
         let mut order: Vec<u32> = todo.keys().copied().collect();
         order.sort_by_key(|pg| {
             let acting = todo[pg].iter().find(|o| is_up(o)).map(|o| o.id);
             (acting != Some(me), *pg)
         });
+        let mut pulled = 0u64;
+        let mut unpeered = 0u64;
         for pg in order {
             let members = &todo[&pg];
             let others_up: Vec<u64> = members
@@ -496,18 +725,32 @@ impl Recovery {
                 .contains(&(pg, pg_count));
             let enough = n_answered >= needed_answers(members.len(), map.write_quorum)
                 || (before && n_answered == others_up.len());
-            if !enough {
+            if !enough && !scrub {
                 tracing::debug!(
                     pg,
                     answered = n_answered,
                     "too few members answered; PG stays unpeered"
                 );
+                unpeered += 1;
                 continue;
             }
             let mut ok = true;
-            for (ino, index, v, addr, corrupt) in by_pg.remove(&pg).unwrap_or_default() {
-                match self.pull(&addr, ino, index, corrupt).await {
-                    Ok(got) if got >= v => {}
+            for (ino, index, v, addr, replace) in by_pg.remove(&pg).unwrap_or_default() {
+                let was = self.local_version_meta(ino, index);
+                match self.pull(&addr, ino, index, replace).await {
+                    Ok(got) if got >= v => {
+                        pulled += 1;
+                        if replace && was == got {
+                            self.stats.diverged_chunks.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(
+                                ino,
+                                index,
+                                version = got,
+                                from = %addr,
+                                "replaced a copy whose content differed at the same version"
+                            );
+                        }
+                    }
                     Ok(got) => {
                         tracing::info!(ino, index, want = v, got, "peer returned an older copy");
                         ok = false;
@@ -517,15 +760,31 @@ impl Recovery {
                         ok = false;
                     }
                 }
+                let left = self.pending_chunks.load(Ordering::Relaxed);
+                self.pending_chunks
+                    .store(left.saturating_sub(1), Ordering::Relaxed);
+            }
+            if scrub {
+                continue;
             }
             if ok {
                 let mut g = self.pgs.lock().unwrap_or_else(|e| e.into_inner());
                 g.peered.insert(pg, pg_signature(&map, pg));
                 g.ever.insert((pg, pg_count));
                 self.stats.peered_pgs.fetch_add(1, Ordering::Relaxed);
+            } else {
+                unpeered += 1;
             }
         }
-        tracing::debug!(epoch = map.epoch, "peering round done");
+        if !scrub {
+            self.pending_pgs.store(unpeered, Ordering::Relaxed);
+            if unpeered == 0 {
+                self.pending_bytes.store(0, Ordering::Relaxed);
+                self.pending_chunks.store(0, Ordering::Relaxed);
+            }
+        }
+        tracing::debug!(epoch = map.epoch, scrub, pulled, "reconcile round done");
+        pulled
     }
 
     /// Tries to repair every marked chunk once.
@@ -603,5 +862,81 @@ mod tests {
         assert_eq!(needed_answers(3, 3), 0);
         assert_eq!(needed_answers(1, 2), 0);
         assert_eq!(needed_answers(5, 0), 4);
+    }
+
+    fn copy(osd: u64, version: u64, digest: u64, serving: bool) -> Copy {
+        Copy {
+            osd,
+            addr: format!("osd{osd}"),
+            version,
+            digest,
+            length: 10,
+            serving,
+        }
+    }
+
+    #[test]
+    fn pull_newer_and_nothing_when_equal() {
+        let mine = copy(1, 3, 7, true);
+        let remote = vec![copy(2, 4, 9, true), copy(3, 3, 7, true)];
+        assert_eq!(
+            choose_pull(Some(&mine), false, &remote, Some(1)),
+            Some((0, false))
+        );
+        let remote = vec![copy(2, 3, 7, true), copy(3, 2, 5, true)];
+        assert_eq!(choose_pull(Some(&mine), false, &remote, Some(1)), None);
+        assert_eq!(choose_pull(None, false, &remote, Some(1)), Some((0, false)));
+        assert_eq!(choose_pull(Some(&mine), false, &[], Some(1)), None);
+    }
+
+    #[test]
+    fn restarted_copy_yields_to_serving_copies() {
+        // A restarted OSD (not serving) holds version 3 with other content
+        // than the two members that kept serving: it pulls, they do not.
+        let stale = copy(1, 3, 100, false);
+        let a = copy(2, 3, 200, true);
+        let b = copy(3, 3, 200, true);
+        assert_eq!(
+            choose_pull(Some(&stale), false, &[a.clone(), b.clone()], Some(1)),
+            Some((0, true))
+        );
+        assert_eq!(
+            choose_pull(Some(&a), false, &[stale.clone(), b.clone()], Some(1)),
+            None
+        );
+        assert_eq!(choose_pull(Some(&b), false, &[stale, a], Some(1)), None);
+    }
+
+    #[test]
+    fn three_way_divergence_converges() {
+        let c1 = copy(1, 5, 10, true);
+        let c2 = copy(2, 5, 20, true);
+        let c3 = copy(3, 5, 30, true);
+        let all = [c1.clone(), c2.clone(), c3.clone()];
+        let win = winning_digest(&all.iter().collect::<Vec<_>>(), Some(2));
+        assert_eq!(win, 20);
+        // Everyone but osd2 pulls from osd2.
+        assert_eq!(
+            choose_pull(Some(&c1), false, &[c2.clone(), c3.clone()], Some(2)),
+            Some((0, true))
+        );
+        assert_eq!(
+            choose_pull(Some(&c2), false, &[c1.clone(), c3.clone()], Some(2)),
+            None
+        );
+        assert_eq!(
+            choose_pull(Some(&c3), false, &[c1, c2], Some(2)),
+            Some((1, true))
+        );
+    }
+
+    #[test]
+    fn corrupt_pulls_same_or_newer() {
+        let remote = vec![copy(2, 3, 1, true), copy(3, 2, 1, true)];
+        let mine = copy(1, 3, 0, true);
+        assert_eq!(
+            choose_pull(Some(&mine), true, &remote, None),
+            Some((0, true))
+        );
     }
 }

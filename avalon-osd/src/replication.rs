@@ -10,7 +10,7 @@ use avalon_proto::limits::MAX_MESSAGE_BYTES;
 use avalon_proto::mds_conn::channel;
 use avalon_proto::pb::osd_client::OsdClient;
 use avalon_proto::pb::{
-    ChunkId, ChunkInfo, ListChunksRequest, OsdState, ReadChunkReply, ReadChunkRequest,
+    ChunkId, ListChunksReply, ListChunksRequest, OsdState, ReadChunkReply, ReadChunkRequest,
     WriteChunkReply, WriteChunkRequest,
 };
 use avalon_proto::placement::{chunk_members, pg_of};
@@ -105,8 +105,9 @@ impl Peers {
         }
     }
 
-    /// Every chunk a peer stores, with versions.
-    pub async fn list_internal(&self, addr: &str) -> Result<Vec<ChunkInfo>, Status> {
+    /// Every chunk a peer stores, with versions and digests, and the PGs
+    /// it serves.
+    pub async fn list_internal(&self, addr: &str) -> Result<ListChunksReply, Status> {
         let timeout = Duration::from_secs(30);
         let mut c = self.client(addr)?;
         let req = ListChunksRequest {
@@ -116,7 +117,7 @@ impl Peers {
             all: true,
         };
         match tokio::time::timeout(timeout, c.list_chunks(Self::internal(req, timeout))).await {
-            Ok(r) => r.map(|r| r.into_inner().chunks),
+            Ok(r) => r.map(tonic::Response::into_inner),
             Err(_) => Err(Status::deadline_exceeded(format!(
                 "no answer within {timeout:?}"
             ))),

@@ -63,6 +63,8 @@ fake_meta! {
         register_client(pb::RegisterClientRequest) -> pb::RegisterClientReply;
         client_heartbeat(pb::ClientHeartbeatRequest) -> pb::Empty;
         status(pb::Empty) -> pb::StatusReply;
+        check_inodes(pb::CheckInodesRequest) -> pb::CheckInodesReply;
+        set_osd_state(pb::SetOsdStateRequest) -> pb::Empty;
     }
 
     async fn get_cluster_map(&self, _r: Request<pb::Empty>) -> Result<Response<ClusterMap>, Status> {
@@ -92,6 +94,7 @@ fake_meta! {
                     failure_domain: r.failure_domain.clone(),
                     pid: r.pid,
                     last_seen_ms: 0,
+                    ..Default::default()
                 });
                 id
             }
