@@ -10,8 +10,8 @@ use bytes::Bytes;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -120,6 +120,9 @@ impl Filesystem for AvalonFs {
             | InitFlags::FUSE_ASYNC_READ;
         let have = config.capabilities();
         let _ = config.add_capabilities(wanted & have);
+        // fcntl and flock locks live in the MDS (crate::locks).
+        let locks = InitFlags::FUSE_POSIX_LOCKS | InitFlags::FUSE_FLOCK_LOCKS;
+        let _ = config.add_capabilities(locks & have);
         Ok(())
     }
 
@@ -449,12 +452,16 @@ impl Filesystem for AvalonFs {
         _req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
-        self.spawn(async move { reply_empty(c.commit_size(ino).await.map(|_| ()), reply) });
+        self.spawn(async move {
+            // Any close drops the process's fcntl locks on the file.
+            let unlocked = crate::locks::release_owner(&c, ino, lock_owner.0).await;
+            reply_empty(c.commit_size(ino).await.map(|_| ()).and(unlocked), reply)
+        });
     }
 
     fn release(
@@ -463,13 +470,65 @@ impl Filesystem for AvalonFs {
         ino: INodeNo,
         _fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
-        self.spawn(async move { reply_empty(c.release(ino).await, reply) });
+        self.spawn(async move {
+            // The open file's flock goes with its last reference.
+            if let Some(o) = lock_owner {
+                if let Err(e) = crate::locks::release_owner(&c, ino, o.0).await {
+                    tracing::warn!(ino, error = %e, "could not release flock");
+                }
+            }
+            reply_empty(c.release(ino).await, reply)
+        });
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let c = self.client.clone();
+        let ino = self.mds_ino(ino);
+        self.spawn(async move {
+            match crate::locks::getlk(&c, ino, lock_owner.0, start, end, typ, pid).await {
+                Ok((s, e, t, p)) => reply.locked(s, e, t, p),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn setlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let c = self.client.clone();
+        let ino = self.mds_ino(ino);
+        let tid = req.pid();
+        self.spawn(async move {
+            let r = crate::locks::setlk(&c, ino, lock_owner.0, start, end, typ, pid, sleep, tid);
+            reply_empty(r.await, reply)
+        });
     }
 
     fn fsync(

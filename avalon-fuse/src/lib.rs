@@ -7,4 +7,5 @@ pub mod client;
 pub mod data_path;
 pub mod error;
 pub mod fs;
+pub mod locks;
 pub mod mount_source;

@@ -173,6 +173,24 @@ pub enum Op {
     ExpireSession {
         session_id: u64,
     },
+    /// Sets or clears a byte-range lock of `(session, owner)` on `ino`
+    /// (see `locks.rs`); EAGAIN on a conflict.
+    SetLock {
+        ino: u64,
+        session: u64,
+        owner: u64,
+        pid: u32,
+        start: u64,
+        end: u64,
+        kind: crate::locks::LockKind,
+    },
+    /// Drops every lock of `(session, owner)` on `ino` (close, flock
+    /// release).
+    ReleaseLocks {
+        ino: u64,
+        session: u64,
+        owner: u64,
+    },
 }
 
 /// A raft log entry payload.

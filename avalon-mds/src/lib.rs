@@ -9,6 +9,7 @@
 pub mod command;
 pub mod config;
 pub mod gc;
+pub mod locks;
 pub mod meta_service;
 pub mod namespace;
 pub mod node;

@@ -2,6 +2,7 @@
 //! raft and serves linearizable reads from the state machine.
 
 use crate::command::{Attr, Op, OsdState, Reply, TimeSpec};
+use crate::locks::LockKind;
 use crate::namespace::State;
 use crate::node::{role_name, MdsError, MdsNode};
 use avalon_proto::limits::check_name;
@@ -62,6 +63,18 @@ fn ino_ok(ino: u64) -> Result<(), MdsError> {
     } else {
         Ok(())
     }
+}
+
+/// The session a lock request is made for (locks need one).
+fn lock_session(h: Option<&pb::RequestHeader>) -> Result<u64, MdsError> {
+    match h.map(|h| h.session_id) {
+        Some(sid) if sid != 0 => Ok(sid),
+        _ => Err(MdsError::Invalid("locks need a client session".into())),
+    }
+}
+
+fn lock_kind(t: u32) -> Result<LockKind, MdsError> {
+    LockKind::from_type(t).ok_or(MdsError::Errno(libc::EINVAL))
 }
 
 fn entry(r: Reply) -> Result<pb::EntryReply, MdsError> {
@@ -625,6 +638,67 @@ impl Meta for MetaService {
             return Err(MdsError::Invalid("too many open inodes".into()).into());
         }
         self.node.heartbeat_opens(sid, &r.open_inos);
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn get_lock(&self, req: Request<pb::LockRequest>) -> Res<pb::LockReply> {
+        let r = req.into_inner();
+        ino_ok(r.ino)?;
+        let sid = lock_session(r.header.as_ref())?;
+        let kind = lock_kind(r.r#type)?;
+        let found = self
+            .node
+            .read(|s| s.locks.conflict(r.ino, sid, r.owner, r.start, r.end, kind))
+            .await?;
+        Ok(Response::new(match found {
+            Some(l) => pb::LockReply {
+                r#type: l.kind.to_type(),
+                start: l.start,
+                end: l.end,
+                pid: l.pid,
+                session_id: l.session,
+            },
+            None => pb::LockReply {
+                r#type: LockKind::Unlock.to_type(),
+                ..Default::default()
+            },
+        }))
+    }
+
+    async fn set_lock(&self, req: Request<pb::LockRequest>) -> Res<pb::Empty> {
+        let r = req.into_inner();
+        ino_ok(r.ino)?;
+        let sid = lock_session(r.header.as_ref())?;
+        let op = Op::SetLock {
+            ino: r.ino,
+            session: sid,
+            owner: r.owner,
+            pid: r.pid,
+            start: r.start,
+            end: r.end,
+            kind: lock_kind(r.r#type)?,
+        };
+        self.mutate(r.header.as_ref(), op).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn release_locks(&self, req: Request<pb::ReleaseLocksRequest>) -> Res<pb::Empty> {
+        let r = req.into_inner();
+        ino_ok(r.ino)?;
+        let sid = lock_session(r.header.as_ref())?;
+        // Most closes hold no lock: a linearizable read spares the log write.
+        let held = self
+            .node
+            .read(|s| s.locks.holds(r.ino, sid, r.owner))
+            .await?;
+        if held {
+            let op = Op::ReleaseLocks {
+                ino: r.ino,
+                session: sid,
+                owner: r.owner,
+            };
+            self.mutate(r.header.as_ref(), op).await?;
+        }
         Ok(Response::new(pb::Empty {}))
     }
 

@@ -121,6 +121,8 @@ pub struct State {
     pub dedup: BTreeMap<u64, VecDeque<(u64, MetaResponse)>>,
     /// Regular files without links that some session still has open.
     pub orphans: BTreeSet<u64>,
+    /// fcntl/flock locks by inode (`locks.rs`).
+    pub locks: crate::locks::LockTable,
 }
 
 impl Default for State {
@@ -167,6 +169,7 @@ impl State {
             gc_queue: BTreeSet::new(),
             dedup: BTreeMap::new(),
             orphans: BTreeSet::new(),
+            locks: crate::locks::LockTable::default(),
         }
     }
 
@@ -496,6 +499,7 @@ impl State {
                 for i in inos {
                     if self.orphans.remove(i) {
                         self.inodes.remove(i);
+                        self.locks.drop_inode(*i);
                         self.gc_queue.insert(*i);
                     }
                 }
@@ -504,6 +508,31 @@ impl State {
             Op::ExpireSession { session_id } => {
                 self.sessions.remove(session_id).ok_or(libc::ENOENT)?;
                 self.dedup.remove(session_id);
+                self.locks.drop_session(*session_id);
+                Ok(Reply::None)
+            }
+            Op::SetLock {
+                ino,
+                session,
+                owner,
+                pid,
+                start,
+                end,
+                kind,
+            } => {
+                if *kind != crate::locks::LockKind::Unlock {
+                    self.inode(*ino)?;
+                }
+                self.locks
+                    .set(*ino, *session, *owner, *pid, *start, *end, *kind)
+                    .map(|_| Reply::None)
+            }
+            Op::ReleaseLocks {
+                ino,
+                session,
+                owner,
+            } => {
+                self.locks.release_owner(*ino, *session, *owner);
                 Ok(Reply::None)
             }
         }
@@ -795,6 +824,7 @@ impl State {
                 return;
             }
             self.inodes.remove(&ino);
+            self.locks.drop_inode(ino);
             if is_reg {
                 self.gc_queue.insert(ino);
             }

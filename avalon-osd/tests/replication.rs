@@ -65,6 +65,9 @@ fake_meta! {
         status(pb::Empty) -> pb::StatusReply;
         check_inodes(pb::CheckInodesRequest) -> pb::CheckInodesReply;
         set_osd_state(pb::SetOsdStateRequest) -> pb::Empty;
+        get_lock(pb::LockRequest) -> pb::LockReply;
+        set_lock(pb::LockRequest) -> pb::Empty;
+        release_locks(pb::ReleaseLocksRequest) -> pb::Empty;
     }
 
     async fn get_cluster_map(&self, _r: Request<pb::Empty>) -> Result<Response<ClusterMap>, Status> {

@@ -1,0 +1,169 @@
+//! fcntl and flock locks, held by the MDS (so they exclude processes on
+//! other clients). The FUSE kernel module sends flock as a whole-file POSIX
+//! lock whose owner is the open file; fuser does not pass the FLOCK flag, so
+//! both kinds share one table on the MDS (a flock and an fcntl lock on the
+//! same file by one process conflict here, unlike on a local filesystem).
+//!
+//! Blocking requests (F_SETLKW, flock without LOCK_NB) poll the MDS with
+//! backoff; each FUSE request runs in its own task, so a waiter blocks
+//! nothing else. A waiter gives up with EINTR as soon as the waiting thread
+//! has a signal pending (fuser does not forward FUSE_INTERRUPT) or is gone.
+//!
+//! Releases: the kernel sends `flush` with the process's lock owner on every
+//! close (POSIX: any close drops the process's locks on the file) and
+//! `release` with the open file's owner for flock. To keep closes cheap, the
+//! client remembers which (inode, owner) pairs it ever locked and only then
+//! asks the MDS to drop them.
+
+use crate::client::Client;
+use crate::error::{ClientError, Result};
+use avalon_proto::pb;
+use dashmap::DashSet;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+/// (session, inode, owner) that may hold locks on the MDS.
+static HELD: LazyLock<DashSet<(u64, u64, u64)>> = LazyLock::new(DashSet::new);
+
+/// First and largest pause between retries of a blocking lock request.
+const FIRST_WAIT: Duration = Duration::from_millis(5);
+const MAX_WAIT: Duration = Duration::from_millis(200);
+
+/// A lock as F_GETLK reports it: (start, end, type, pid).
+pub type LockInfo = (u64, u64, i32, u32);
+
+fn lock_req(
+    c: &Client,
+    ino: u64,
+    owner: u64,
+    start: u64,
+    end: u64,
+    typ: i32,
+    pid: u32,
+) -> Result<pb::LockRequest> {
+    if !(libc::F_RDLCK..=libc::F_UNLCK).contains(&typ) {
+        return Err(ClientError::posix(libc::EINVAL, "bad lock type"));
+    }
+    Ok(pb::LockRequest {
+        header: c.header(),
+        ino,
+        owner,
+        start,
+        end,
+        r#type: typ as u32,
+        pid,
+    })
+}
+
+/// F_GETLK: the first lock of another owner that conflicts, or F_UNLCK.
+pub async fn getlk(
+    c: &Client,
+    ino: u64,
+    owner: u64,
+    start: u64,
+    end: u64,
+    typ: i32,
+    pid: u32,
+) -> Result<LockInfo> {
+    let req = lock_req(c, ino, owner, start, end, typ, pid)?;
+    let r = c
+        .mds
+        .call(|mut m| {
+            let r = req.clone();
+            async move { m.get_lock(r).await }
+        })
+        .await?;
+    Ok((r.start, r.end, r.r#type as i32, r.pid))
+}
+
+async fn try_setlk(c: &Client, req: &pb::LockRequest) -> Result<()> {
+    let mut req = req.clone();
+    // A fresh request id per attempt: the MDS remembers answers by id.
+    req.header = c.header();
+    c.mds
+        .call(|mut m| {
+            let r = req.clone();
+            async move { m.set_lock(r).await }
+        })
+        .await?;
+    Ok(())
+}
+
+/// True if thread `tid` has an unblocked, unignored signal pending, or is
+/// gone: a blocked lock wait must end with EINTR.
+fn interrupted(tid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
+        return true;
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    if status
+        .lines()
+        .any(|l| l.starts_with("State:") && (l.contains('Z') || l.contains('X')))
+    {
+        return true;
+    }
+    let pending = field("SigPnd:") | field("ShdPnd:");
+    pending & !field("SigBlk:") & !field("SigIgn:") != 0
+}
+
+/// F_SETLK / F_SETLKW / flock: sets or clears a lock; with `sleep`, waits
+/// until it can be had (or the caller `tid` is interrupted).
+#[allow(clippy::too_many_arguments)]
+pub async fn setlk(
+    c: &Client,
+    ino: u64,
+    owner: u64,
+    start: u64,
+    end: u64,
+    typ: i32,
+    pid: u32,
+    sleep: bool,
+    tid: u32,
+) -> Result<()> {
+    let req = lock_req(c, ino, owner, start, end, typ, pid)?;
+    let key = (c.session_id(), ino, owner);
+    if typ != libc::F_UNLCK {
+        // Before the request: a close racing with it must not skip the
+        // release.
+        HELD.insert(key);
+    }
+    let mut wait = FIRST_WAIT;
+    loop {
+        match try_setlk(c, &req).await {
+            Err(e) if sleep && e.errno() == libc::EAGAIN => {
+                if interrupted(tid) {
+                    return Err(ClientError::posix(libc::EINTR, "lock wait interrupted"));
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(MAX_WAIT);
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Drops every lock `owner` holds on `ino` (close/flush, flock release),
+/// if this client ever took one.
+pub async fn release_owner(c: &Client, ino: u64, owner: u64) -> Result<()> {
+    if HELD.remove(&(c.session_id(), ino, owner)).is_none() {
+        return Ok(());
+    }
+    let req = pb::ReleaseLocksRequest {
+        header: c.header(),
+        ino,
+        owner,
+    };
+    c.mds
+        .call(|mut m| {
+            let r = req.clone();
+            async move { m.release_locks(r).await }
+        })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,356 @@
+//! POSIX behaviour that needs more than one client or process: fcntl and
+//! flock locks held by the MDS across two mounts of one cluster (ranges,
+//! F_GETLK, blocking waits, release on close, process exit, session expiry,
+//! leader failover), setgid directories and POSIX ACLs.
+
+mod common;
+
+use avalonctl::local_cluster::{unmount, LocalCluster};
+use common::*;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A second mount of the cluster through the mount helper binary.
+pub struct SecondMount {
+    pub path: PathBuf,
+    source: String,
+}
+
+impl SecondMount {
+    pub fn new(c: &LocalCluster, path: PathBuf) -> SecondMount {
+        std::fs::create_dir_all(&path).unwrap();
+        let source = c.layout.source();
+        let bin = avalonctl::local_cluster::default_bin_dir().join("avalon-fuse");
+        let log = path.with_extension("log");
+        run(Command::new(bin)
+            .arg(&source)
+            .arg(&path)
+            .arg("-o")
+            .arg(format!("log={}", log.display())));
+        assert!(avalonctl::local_cluster::is_mounted(&path));
+        SecondMount { path, source }
+    }
+
+    /// Pid of the client process serving this mount.
+    pub fn pid(&self) -> u32 {
+        let out = run(Command::new("pgrep").args([
+            "-f",
+            &format!(
+                "avalon-fuse --foreground {} {}",
+                self.source,
+                self.path.display()
+            ),
+        ]));
+        out.split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("client pid")
+    }
+}
+
+impl Drop for SecondMount {
+    fn drop(&mut self) {
+        unmount(&self.path);
+    }
+}
+
+fn open_rw(p: &Path) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p)
+        .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
+}
+
+fn flock_struct(typ: i32, start: i64, len: i64) -> libc::flock {
+    // SAFETY: flock is plain data; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = typ as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = start;
+    fl.l_len = len;
+    fl
+}
+
+/// fcntl(F_SETLK) of [start, start+len) (len 0 = to EOF); the errno on failure.
+fn setlk(f: &File, typ: i32, start: i64, len: i64) -> Result<(), i32> {
+    let fl = flock_struct(typ, start, len);
+    // SAFETY: valid fd and a valid flock struct.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+/// fcntl(F_GETLK): (type, start, len) of the conflicting lock.
+fn getlk(f: &File, typ: i32, start: i64, len: i64) -> (i32, i64, i64) {
+    let mut fl = flock_struct(typ, start, len);
+    // SAFETY: valid fd and a valid flock struct.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETLK, &mut fl) };
+    assert_eq!(r, 0, "F_GETLK: {}", std::io::Error::last_os_error());
+    (i32::from(fl.l_type), fl.l_start, fl.l_len)
+}
+
+fn flock(f: &File, op: i32) -> Result<(), i32> {
+    // SAFETY: valid fd.
+    let r = unsafe { libc::flock(f.as_raw_fd(), op) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// A python child that locks `path` (`how`: "lockf" = F_SETLKW write lock
+/// on the whole file, "flock" = blocking LOCK_EX), prints "waiting" before
+/// and "got <time>" after, and holds the lock until its stdin closes.
+struct Locker {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Locker {
+    fn spawn(path: &Path, how: &str) -> Locker {
+        let script = format!(
+            "import fcntl, sys, time\n\
+             f = open(sys.argv[1], 'r+')\n\
+             print('waiting', flush=True)\n\
+             {}\n\
+             print('got', time.time(), flush=True)\n\
+             sys.stdin.read()\n",
+            match how {
+                "lockf" => "fcntl.lockf(f, fcntl.LOCK_EX)",
+                _ => "fcntl.flock(f, fcntl.LOCK_EX)",
+            }
+        );
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let out: ChildStdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Locker { child, lines }
+    }
+
+    fn expect_line(&self, prefix: &str, within: Duration) -> String {
+        let l = self
+            .lines
+            .recv_timeout(within)
+            .unwrap_or_else(|e| panic!("no '{prefix}' line from the locker: {e}"));
+        assert!(l.starts_with(prefix), "expected {prefix}, got {l}");
+        l
+    }
+
+    /// Waits for "got T" and returns T.
+    fn got(&self, within: Duration) -> f64 {
+        let l = self.expect_line("got", within);
+        l[4..].trim().parse().unwrap()
+    }
+
+    fn finish(mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn fcntl_and_flock_locks_exclude_across_mounts_and_processes() {
+    let tc = TestCluster::start(1, 3);
+    eprintln!("cluster in {}", tc.dir.path().display());
+    let m1 = tc.mnt();
+    let m2 = SecondMount::new(tc.cluster.as_ref().unwrap(), tc.dir.path().join("mnt2"));
+    std::fs::write(m1.join("f"), vec![7u8; 4096]).unwrap();
+    let a = open_rw(&m1.join("f"));
+    let b = open_rw(&m2.path.join("f"));
+
+    // Ranges, conflicts and F_GETLK across clients.
+    setlk(&a, libc::F_WRLCK, 0, 100).expect("write lock on client 1");
+    assert_eq!(setlk(&b, libc::F_WRLCK, 50, 10), Err(libc::EAGAIN));
+    assert_eq!(setlk(&b, libc::F_RDLCK, 99, 1), Err(libc::EAGAIN));
+    let (t, s, l) = getlk(&b, libc::F_RDLCK, 0, 0);
+    assert_eq!((t, s, l), (libc::F_WRLCK, 0, 100));
+    setlk(&b, libc::F_WRLCK, 100, 100).expect("adjacent range is free");
+    assert_eq!(getlk(&a, libc::F_RDLCK, 0, 10).0, libc::F_UNLCK);
+    // Splitting: unlock the middle of client 1's lock.
+    setlk(&a, libc::F_UNLCK, 40, 20).unwrap();
+    setlk(&b, libc::F_WRLCK, 45, 10).expect("hole in client 1's lock");
+    assert_eq!(setlk(&b, libc::F_WRLCK, 39, 1), Err(libc::EAGAIN));
+    assert_eq!(setlk(&b, libc::F_WRLCK, 60, 1), Err(libc::EAGAIN));
+    // Shared read locks.
+    setlk(&b, libc::F_UNLCK, 0, 0).unwrap();
+    setlk(&a, libc::F_RDLCK, 0, 0).unwrap();
+    setlk(&b, libc::F_RDLCK, 0, 0).expect("two readers");
+    assert_eq!(setlk(&a, libc::F_WRLCK, 0, 1), Err(libc::EAGAIN));
+    // Closing any descriptor of the file drops the process's locks.
+    drop(b);
+    setlk(&a, libc::F_WRLCK, 0, 0).expect("upgrade after the reader closed");
+    let b = open_rw(&m2.path.join("f"));
+    assert_eq!(setlk(&b, libc::F_RDLCK, 0, 0), Err(libc::EAGAIN));
+
+    // A blocking waiter on the other client gets the lock once it is
+    // released, and not before.
+    let w = Locker::spawn(&m2.path.join("f"), "lockf");
+    w.expect_line("waiting", Duration::from_secs(30));
+    // The waiter cannot get it while we hold it; the release time bounds
+    // when it may get it.
+    assert_eq!(setlk(&b, libc::F_WRLCK, 0, 0), Err(libc::EAGAIN));
+    let released_at = now_secs();
+    setlk(&a, libc::F_UNLCK, 0, 0).unwrap();
+    let got = w.got(Duration::from_secs(60));
+    assert!(
+        got >= released_at - 0.01,
+        "waiter got the lock before release"
+    );
+    // Another process on the same mount is another owner.
+    assert_eq!(setlk(&a, libc::F_RDLCK, 0, 0), Err(libc::EAGAIN));
+    let (t, _, _) = getlk(&a, libc::F_WRLCK, 0, 0);
+    assert_eq!(t, libc::F_WRLCK);
+    // Process exit (SIGKILL) releases its locks.
+    w.kill();
+    assert!(
+        wait_until(Duration::from_secs(30), || setlk(&a, libc::F_WRLCK, 0, 0)
+            .is_ok()),
+        "lock of a killed process not released"
+    );
+    setlk(&a, libc::F_UNLCK, 0, 0).unwrap();
+
+    // flock: whole file, shared/exclusive, across clients.
+    std::fs::write(m1.join("g"), b"x").unwrap();
+    let fa = open_rw(&m1.join("g"));
+    let fb = open_rw(&m2.path.join("g"));
+    flock(&fa, libc::LOCK_SH | libc::LOCK_NB).unwrap();
+    flock(&fb, libc::LOCK_SH | libc::LOCK_NB).expect("two shared flocks");
+    assert_eq!(
+        flock(&fb, libc::LOCK_EX | libc::LOCK_NB),
+        Err(libc::EWOULDBLOCK)
+    );
+    flock(&fa, libc::LOCK_UN).unwrap();
+    flock(&fb, libc::LOCK_EX | libc::LOCK_NB).expect("upgrade once alone");
+    assert_eq!(
+        flock(&fa, libc::LOCK_SH | libc::LOCK_NB),
+        Err(libc::EWOULDBLOCK)
+    );
+    // The flock command of util-linux on the other mount, non-blocking.
+    let st = Command::new("flock")
+        .args(["-n"])
+        .arg(m1.join("g"))
+        .arg("true")
+        .status()
+        .unwrap();
+    assert!(
+        !st.success(),
+        "flock -n succeeded while another client holds it"
+    );
+    // A blocking flock waiter wakes when the holder closes the file.
+    let w = Locker::spawn(&m1.join("g"), "flock");
+    w.expect_line("waiting", Duration::from_secs(30));
+    let released_at = now_secs();
+    drop(fb);
+    let got = w.got(Duration::from_secs(60));
+    assert!(got >= released_at - 0.01);
+    w.finish();
+    // The kernel sends the release of a closed file in the background.
+    assert!(
+        wait_until(Duration::from_secs(30), || Command::new("flock")
+            .args(["-n"])
+            .arg(m2.path.join("g"))
+            .arg("true")
+            .status()
+            .unwrap()
+            .success()),
+        "flock not released on the waiter's exit"
+    );
+    drop((a, b, fa));
+}
+
+/// The leader's id.
+fn leader(c: &LocalCluster) -> u64 {
+    let addrs = c.layout.mds_addrs();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut found = None;
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            found = rt
+                .block_on(avalonctl::mds_admin::find_leader(&addrs))
+                .map(|(id, _)| id);
+            found.is_some()
+        }),
+        "no MDS leader"
+    );
+    found.unwrap()
+}
+
+#[test]
+fn locks_survive_leader_failover_and_die_with_their_session() {
+    let mut tc = TestCluster::start(3, 3);
+    let m1 = tc.mnt();
+    let m2 = SecondMount::new(tc.cluster.as_ref().unwrap(), tc.dir.path().join("mnt2"));
+    std::fs::write(m1.join("f"), b"data").unwrap();
+    let a = open_rw(&m1.join("f"));
+    let b = open_rw(&m2.path.join("f"));
+    setlk(&a, libc::F_WRLCK, 10, 10).unwrap();
+    let victim = leader(tc.c());
+    tc.c().kill_mds(victim);
+    let new = leader(tc.c());
+    assert_ne!(new, victim);
+    // The new leader knows the lock.
+    assert_eq!(setlk(&b, libc::F_WRLCK, 15, 1), Err(libc::EAGAIN));
+    assert_eq!(getlk(&b, libc::F_WRLCK, 0, 0).0, libc::F_WRLCK);
+    setlk(&a, libc::F_UNLCK, 0, 0).unwrap();
+    setlk(&b, libc::F_WRLCK, 15, 1).expect("free after unlock on the new leader");
+    setlk(&b, libc::F_UNLCK, 0, 0).unwrap();
+    tc.c().restart_stopped().unwrap();
+
+    // A client that dies without closing: its locks go with its session.
+    let w = Locker::spawn(&m2.path.join("f"), "lockf");
+    w.expect_line("waiting", Duration::from_secs(30));
+    w.got(Duration::from_secs(60));
+    assert_eq!(setlk(&a, libc::F_RDLCK, 0, 0), Err(libc::EAGAIN));
+    let pid = m2.pid();
+    run(Command::new("kill").args(["-9", &pid.to_string()]));
+    w.kill();
+    drop(b);
+    // The MDS expires the session after session_timeout_ms (30 s default).
+    assert!(
+        wait_until(Duration::from_secs(120), || setlk(&a, libc::F_WRLCK, 0, 0)
+            .is_ok()),
+        "lock of an expired session not released"
+    );
+    drop(m2);
+    let _ = std::io::stdout().flush();
+}
