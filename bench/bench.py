@@ -32,7 +32,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
+BIN = os.environ.get("AVALON_BIN_DIR") or os.path.join(ROOT, "target", "release")
 
 
 def log(*a):

@@ -117,12 +117,20 @@ impl Filesystem for AvalonFs {
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_BIG_WRITES
-            | InitFlags::FUSE_ASYNC_READ;
+            | InitFlags::FUSE_ASYNC_READ
+            // The kernel buffers writes in its page cache and sends them in
+            // large, concurrent requests; it keeps size and mtime while
+            // pages are dirty and hands them over on flush/fsync.
+            | InitFlags::FUSE_WRITEBACK_CACHE;
         let have = config.capabilities();
         let _ = config.add_capabilities(wanted & have);
         // fcntl and flock locks live in the MDS (crate::locks).
         let locks = InitFlags::FUSE_POSIX_LOCKS | InitFlags::FUSE_FLOCK_LOCKS;
         let _ = config.add_capabilities(locks & have);
+        // POSIX ACLs: stored as xattrs by the MDS, enforced by the kernel.
+        // The MDS applies the umask (not under a default ACL).
+        let acl = InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK;
+        let _ = config.add_capabilities(acl & have);
         Ok(())
     }
 
@@ -223,7 +231,7 @@ impl Filesystem for AvalonFs {
         let parent = self.mds_ino(parent);
         let name = name.as_bytes().to_vec();
         let (uid, gid) = (req.uid(), req.gid());
-        let mode = (mode & libc::S_IFMT) | (mode & 0o7777 & !umask);
+        let mode = crate::acl::create_mode(mode, umask);
         self.spawn(async move {
             let r = c
                 .mknod(parent, &name, mode, u64::from(rdev), uid, gid, true)
@@ -247,7 +255,13 @@ impl Filesystem for AvalonFs {
         let (uid, gid) = (req.uid(), req.gid());
         self.spawn(async move {
             let r = c
-                .mkdir(parent, &name, mode & 0o7777 & !umask, uid, gid)
+                .mkdir(
+                    parent,
+                    &name,
+                    crate::acl::create_mode(mode & 0o7777, umask),
+                    uid,
+                    gid,
+                )
                 .await;
             reply_entry(&c, r, reply)
         });
@@ -368,7 +382,7 @@ impl Filesystem for AvalonFs {
         let parent = self.mds_ino(parent);
         let name = name.as_bytes().to_vec();
         let (uid, gid) = (req.uid(), req.gid());
-        let mode = libc::S_IFREG | (mode & 0o7777 & !umask);
+        let mode = crate::acl::create_mode(libc::S_IFREG | (mode & 0o7777), umask);
         let exclusive = flags & libc::O_EXCL != 0;
         self.spawn(async move {
             let r = match c.mknod(parent, &name, mode, 0, uid, gid, exclusive).await {
@@ -685,7 +699,7 @@ impl Filesystem for AvalonFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -700,8 +714,13 @@ impl Filesystem for AvalonFs {
         let ino = self.mds_ino(ino);
         let name = name.as_bytes().to_vec();
         let value = value.to_vec();
+        let (uid, gid, pid) = (req.uid(), req.gid(), req.pid());
         self.spawn(async move {
-            reply_empty(c.setxattr(ino, &name, &value, flags as u32).await, reply)
+            let r = match c.setxattr(ino, &name, &value, flags as u32).await {
+                Ok(()) => crate::acl::after_setxattr(&c, ino, &name, uid, gid, pid).await,
+                Err(e) => Err(e),
+            };
+            reply_empty(r, reply)
         });
     }
 

@@ -2,6 +2,7 @@
 //! RPCs ([`client::Client`], [`data_path`]), and the thin FUSE adapter over
 //! it ([`fs::AvalonFs`]).
 
+pub mod acl;
 pub mod attr;
 pub mod client;
 pub mod data_path;
