@@ -6,6 +6,7 @@
 //! (one running node and error mapping), [`meta_service`] (the `Meta` gRPC
 //! service), [`gc`] (data garbage collection), [`config`].
 
+pub mod acl;
 pub mod command;
 pub mod config;
 pub mod gc;

@@ -15,6 +15,7 @@ pub const S_IFMT: u32 = libc::S_IFMT;
 pub const S_IFDIR: u32 = libc::S_IFDIR;
 pub const S_IFREG: u32 = libc::S_IFREG;
 pub const S_IFLNK: u32 = libc::S_IFLNK;
+pub const S_ISGID: u32 = libc::S_ISGID;
 
 /// Renameat2 flags.
 pub const RENAME_NOREPLACE: u32 = 1;
@@ -643,7 +644,26 @@ impl State {
         Ok(())
     }
 
-    fn insert_new(&mut self, now: i64, parent: u64, name: &[u8], inode: Inode) -> Attr {
+    fn insert_new(
+        &mut self,
+        now: i64,
+        parent: u64,
+        name: &[u8],
+        mut inode: Inode,
+        umask: u32,
+    ) -> Attr {
+        // setgid directory: new entries take its group, subdirectories its
+        // setgid bit (the kernel already strips S_ISGID from files created
+        // by non-members).
+        if let Some(p) = self.inodes.get(&parent) {
+            if p.attr.mode & S_ISGID != 0 {
+                inode.attr.gid = p.attr.gid;
+                if inode.is_dir() {
+                    inode.attr.mode |= S_ISGID;
+                }
+            }
+            crate::acl::inherit(p, &mut inode, umask);
+        }
         let attr = inode.attr;
         self.inodes.insert(attr.ino, inode);
         self.add_entry(parent, name, attr.ino);
@@ -680,6 +700,13 @@ impl State {
         if let Some(m) = mode {
             i.attr.mode = (i.attr.mode & S_IFMT) | (m & 0o7777);
             changed = true;
+            // chmod rewrites the access ACL's owner/group/other entries.
+            if let Some(v) = i.xattrs.get_mut(crate::acl::ACCESS) {
+                if let Some(mut acl) = crate::acl::parse(v) {
+                    crate::acl::chmod(&mut acl, m);
+                    *v = crate::acl::encode(&acl);
+                }
+            }
         }
         if let Some(u) = uid {
             i.attr.uid = u;
@@ -728,6 +755,7 @@ impl State {
         exclusive: bool,
         layout: Layout,
     ) -> R<Attr> {
+        let (mode, umask) = crate::acl::split_umask(mode);
         let ftype = match mode & S_IFMT {
             0 => S_IFREG,
             t
@@ -757,7 +785,7 @@ impl State {
         } else if ftype == libc::S_IFCHR || ftype == libc::S_IFBLK {
             inode.attr.rdev = rdev;
         }
-        Ok(self.insert_new(now, parent, name, inode))
+        Ok(self.insert_new(now, parent, name, inode, umask))
     }
 
     fn mkdir(
@@ -769,6 +797,7 @@ impl State {
         uid: u32,
         gid: u32,
     ) -> R<Attr> {
+        let (mode, umask) = crate::acl::split_umask(mode);
         self.check_new_entry(parent, name)?;
         if self.inode(parent)?.attr.nlink >= LINK_MAX {
             return Err(libc::EMLINK);
@@ -776,7 +805,7 @@ impl State {
         let mut inode = self.alloc_inode(now, S_IFDIR | (mode & 0o7777), uid, gid);
         inode.attr.nlink = 2;
         inode.parent = parent;
-        let attr = self.insert_new(now, parent, name, inode);
+        let attr = self.insert_new(now, parent, name, inode, umask);
         if let Some(p) = self.inodes.get_mut(&parent) {
             p.attr.nlink += 1;
         }
@@ -802,7 +831,7 @@ impl State {
         let mut inode = self.alloc_inode(now, S_IFLNK | 0o777, uid, gid);
         inode.attr.size = target.len() as u64;
         inode.symlink = Some(target.to_vec());
-        Ok(self.insert_new(now, parent, name, inode))
+        Ok(self.insert_new(now, parent, name, inode, 0))
     }
 
     /// Drops one link of `ino`; removes the inode at zero links, or keeps
@@ -1061,6 +1090,19 @@ impl State {
         }
         if flags == XATTR_REPLACE && !exists {
             return Err(libc::ENODATA);
+        }
+        if name == crate::acl::ACCESS || name == crate::acl::DEFAULT {
+            let acl = crate::acl::parse(value).ok_or(libc::EINVAL)?;
+            if name == crate::acl::ACCESS {
+                // The mode follows the access ACL; one that says no more
+                // than the mode is not kept.
+                i.attr.mode = (i.attr.mode & !0o777) | crate::acl::mode_of(&acl);
+                if crate::acl::is_minimal(&acl) {
+                    i.xattrs.remove(name);
+                    i.attr.ctime_ns = now;
+                    return Ok(());
+                }
+            }
         }
         i.xattrs.insert(name.to_vec(), value.to_vec());
         i.attr.ctime_ns = now;

@@ -354,3 +354,111 @@ fn locks_survive_leader_failover_and_die_with_their_session() {
     drop(m2);
     let _ = std::io::stdout().flush();
 }
+
+fn meta(p: &Path) -> std::fs::Metadata {
+    std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()))
+}
+
+/// Runs `cmd` as uid/gid 65534 (nobody) without supplementary groups;
+/// true if it succeeded.
+fn as_nobody(args: &[&str]) -> bool {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(args)
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn setgid_directories_and_posix_acls() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let tc = TestCluster::start(1, 3);
+    let m = tc.mnt();
+    std::fs::set_permissions(tc.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    // setgid directory: group and (for subdirectories) the bit are inherited.
+    let d = m.join("sgid");
+    std::fs::create_dir(&d).unwrap();
+    std::os::unix::fs::chown(&d, None, Some(4321)).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o2775)).unwrap();
+    std::fs::create_dir(d.join("sub")).unwrap();
+    std::fs::write(d.join("file"), b"x").unwrap();
+    std::os::unix::fs::symlink("file", d.join("link")).unwrap();
+    assert_eq!(meta(&d.join("sub")).gid(), 4321);
+    assert_ne!(
+        meta(&d.join("sub")).mode() & 0o2000,
+        0,
+        "subdir inherits S_ISGID"
+    );
+    assert_eq!(meta(&d.join("file")).gid(), 4321);
+    assert_eq!(meta(&d.join("file")).mode() & 0o2000, 0);
+    assert_eq!(meta(&d.join("link")).gid(), 4321);
+    std::fs::create_dir(d.join("sub/deeper")).unwrap();
+    assert_eq!(meta(&d.join("sub/deeper")).gid(), 4321);
+
+    // Access ACLs: enforced by the kernel, mode kept in step.
+    let f = m.join("secret");
+    std::fs::write(&f, b"s3cret").unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&m, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fs_ = f.to_str().unwrap();
+    assert!(!as_nobody(&["cat", fs_]), "nobody reads a 0600 file");
+    run(Command::new("setfacl").args(["-m", "u:65534:r", fs_]));
+    let acl = run(Command::new("getfacl").args(["-c", "-n", fs_]));
+    assert!(acl.contains("user:65534:r--"), "getfacl: {acl}");
+    assert!(acl.contains("mask::r--"), "getfacl: {acl}");
+    assert_eq!(meta(&f).mode() & 0o777, 0o640, "group bits show the mask");
+    assert!(
+        as_nobody(&["cat", fs_]),
+        "the ACL grants nobody read access"
+    );
+    assert!(!as_nobody(&["sh", "-c", &format!("echo x >> {fs_}")]));
+    // chmod rewrites the mask.
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let acl = run(Command::new("getfacl").args(["-c", "-n", fs_]));
+    assert!(acl.contains("mask::---"), "getfacl after chmod: {acl}");
+    assert!(!as_nobody(&["cat", fs_]), "the mask limits the named user");
+    run(Command::new("setfacl").args(["-b", fs_]));
+    let acl = run(Command::new("getfacl").args(["-c", "-n", fs_]));
+    assert!(!acl.contains("65534"), "getfacl after -b: {acl}");
+
+    // Default ACLs are inherited by new files and directories.
+    let dd = m.join("shared");
+    std::fs::create_dir(&dd).unwrap();
+    let dds = dd.to_str().unwrap();
+    run(Command::new("setfacl").args(["-d", "-m", "u:65534:rwx", dds]));
+    run(Command::new("setfacl").args(["-m", "u:65534:rwx", dds]));
+    assert!(as_nobody(&[
+        "sh",
+        "-c",
+        &format!("echo hi > {dds}/by-nobody")
+    ]));
+    std::fs::write(dd.join("new"), b"n").unwrap();
+    let acl = run(Command::new("getfacl").args(["-c", "-n", dd.join("new").to_str().unwrap()]));
+    assert!(
+        acl.contains("user:65534:rwx"),
+        "inherited access ACL: {acl}"
+    );
+    std::fs::create_dir(dd.join("subdir")).unwrap();
+    let acl = run(Command::new("getfacl").args(["-c", "-n", dd.join("subdir").to_str().unwrap()]));
+    assert!(
+        acl.contains("default:user:65534:rwx"),
+        "inherited default ACL: {acl}"
+    );
+    assert!(as_nobody(&[
+        "sh",
+        "-c",
+        &format!("echo hi > {dds}/subdir/f")
+    ]));
+
+    // Setting an access ACL as a non-member clears S_ISGID.
+    let g = m.join("sgid-file");
+    std::fs::write(&g, b"g").unwrap();
+    std::os::unix::fs::chown(&g, Some(65534), Some(4321)).unwrap();
+    std::fs::set_permissions(&g, std::fs::Permissions::from_mode(0o2755)).unwrap();
+    assert!(as_nobody(&["setfacl", "-m", "u:1:r", g.to_str().unwrap()]));
+    assert_eq!(meta(&g).mode() & 0o2000, 0, "S_ISGID cleared");
+}
