@@ -449,11 +449,15 @@ impl State {
                 pid,
             } => {
                 let o = self.osds.get_mut(osd_id).ok_or(libc::ENOENT)?;
+                // Placement weighs capacity: a change is a new map.
+                let placement_changed = o.capacity_bytes != *capacity_bytes;
                 o.capacity_bytes = *capacity_bytes;
                 o.used_bytes = *used_bytes;
                 o.pid = *pid;
                 if !addr.is_empty() && *addr != o.addr {
                     o.addr = addr.clone();
+                    self.map_epoch += 1;
+                } else if placement_changed {
                     self.map_epoch += 1;
                 }
                 Ok(Reply::None)
@@ -575,7 +579,10 @@ impl State {
             pid,
         };
         let changed = self.osds.get(&id).is_none_or(|o| {
-            o.addr != osd.addr || o.state != osd.state || o.failure_domain != osd.failure_domain
+            o.addr != osd.addr
+                || o.state != osd.state
+                || o.failure_domain != osd.failure_domain
+                || o.capacity_bytes != osd.capacity_bytes
         });
         self.osds.insert(id, osd);
         if changed {

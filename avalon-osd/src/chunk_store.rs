@@ -1033,6 +1033,43 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// Removes one chunk if its version is at most `max_version` (a copy
+    /// the current members hold at least as new). Returns whether it was
+    /// removed.
+    pub fn remove_chunk(&self, ino: u64, index: u64, max_version: u64) -> Result<bool> {
+        let _i = self.lock_ino_shared(ino);
+        let _c = self.lock_chunk(ino, index);
+        let v = match self.load_meta(ino, index) {
+            Ok(Some(m)) => m.version,
+            Ok(None) => return Ok(false),
+            Err(StoreError::Corruption { .. }) => 0,
+            Err(e) => return Err(e),
+        };
+        if v > max_version {
+            return Ok(false);
+        }
+        self.remove_chunk_files(ino, index)?;
+        self.dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&ino)
+            .map(|s| s.remove(&index));
+        Ok(true)
+    }
+
+    /// Inode numbers with chunks stored here.
+    pub fn inos(&self) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        for ent in fs::read_dir(&self.root).map_err(io_err(&self.root))? {
+            let ent = ent.map_err(io_err(&self.root))?;
+            if let Some(ino) = ent.file_name().to_str().and_then(parse_hex_name) {
+                out.push(ino);
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
     /// Removes every chunk of `ino`.
     pub fn delete_object(&self, ino: u64) -> Result<()> {
         if ino == 0 {

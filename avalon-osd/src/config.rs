@@ -33,6 +33,14 @@ pub struct Config {
     pub reorder_wait_ms: u64,
     /// Most bytes per second copied by recovery and repair (0 = no limit).
     pub recovery_bytes_per_sec: u64,
+    /// Pause between scrub passes (re-read and verify every local chunk,
+    /// compare with the PG's other members) in milliseconds; 0 = never.
+    pub scrub_interval_ms: u64,
+    /// Most bytes per second the scrubber reads (0 = no limit).
+    pub scrub_bytes_per_sec: u64,
+    /// Period of the garbage collection sweep (chunks of deleted files,
+    /// copies of PGs this OSD no longer holds) in milliseconds; 0 = never.
+    pub gc_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -49,6 +57,9 @@ impl Default for Config {
             forward_timeout_ms: 10_000,
             reorder_wait_ms: 5_000,
             recovery_bytes_per_sec: 256 << 20,
+            scrub_interval_ms: 3_600_000,
+            scrub_bytes_per_sec: 64 << 20,
+            gc_interval_ms: 30_000,
         }
     }
 }
@@ -91,6 +102,15 @@ pub struct Cli {
     /// Per-replica forward timeout in milliseconds [default: 10000].
     #[arg(long, value_name = "MS")]
     pub forward_timeout_ms: Option<u64>,
+    /// Pause between scrub passes in milliseconds, 0 = never [default: 3600000].
+    #[arg(long, value_name = "MS")]
+    pub scrub_interval_ms: Option<u64>,
+    /// Garbage collection period in milliseconds, 0 = never [default: 30000].
+    #[arg(long, value_name = "MS")]
+    pub gc_interval_ms: Option<u64>,
+    /// Recovery copy limit in bytes per second, 0 = none [default: 268435456].
+    #[arg(long, value_name = "BYTES")]
+    pub recovery_bytes_per_sec: Option<u64>,
 }
 
 impl Config {
@@ -138,6 +158,15 @@ impl Config {
         }
         if let Some(v) = cli.forward_timeout_ms {
             c.forward_timeout_ms = v;
+        }
+        if let Some(v) = cli.scrub_interval_ms {
+            c.scrub_interval_ms = v;
+        }
+        if let Some(v) = cli.gc_interval_ms {
+            c.gc_interval_ms = v;
+        }
+        if let Some(v) = cli.recovery_bytes_per_sec {
+            c.recovery_bytes_per_sec = v;
         }
         c.validate()?;
         Ok(c)

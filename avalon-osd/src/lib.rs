@@ -9,6 +9,7 @@
 pub mod chunk_store;
 pub mod config;
 pub mod error;
+pub mod maintenance;
 pub mod membership;
 pub mod osd_service;
 pub mod recovery;
@@ -131,7 +132,7 @@ pub async fn run_with_listener(
     let replicator = Arc::new(Replicator {
         store: Arc::clone(&store),
         membership: Arc::clone(&membership),
-        peers,
+        peers: Arc::clone(&peers),
         applied: Arc::new(tokio::sync::Notify::new()),
         reorder_wait: Duration::from_millis(cfg.reorder_wait_ms),
         recovery: Arc::clone(&recovery),
@@ -176,11 +177,22 @@ pub async fn run_with_listener(
     };
 
     let recovering = tokio::spawn(Arc::clone(&recovery).run(stop.clone()));
+    let maintenance = Arc::new(maintenance::Maintenance {
+        store: Arc::clone(&store),
+        membership: Arc::clone(&membership),
+        peers: Arc::clone(&peers),
+        recovery: Arc::clone(&recovery),
+        scrub_interval: Duration::from_millis(cfg.scrub_interval_ms),
+        scrub_bytes_per_sec: cfg.scrub_bytes_per_sec,
+        gc_interval: Duration::from_millis(cfg.gc_interval_ms),
+    });
+    let maintaining = tokio::spawn(maintenance.run(stop.clone()));
 
     let served = server.await;
     stop.cancel();
     let _ = background.await;
     let _ = recovering.await;
+    let _ = maintaining.await;
     served
         .context("server task failed")?
         .context("gRPC server failed")?;

@@ -105,6 +105,29 @@ impl Peers {
         }
     }
 
+    /// The chunks a peer stores in one PG.
+    pub async fn list_pg_internal(
+        &self,
+        addr: &str,
+        pg: u32,
+        pg_count: u32,
+    ) -> Result<ListChunksReply, Status> {
+        let timeout = Duration::from_secs(30);
+        let mut c = self.client(addr)?;
+        let req = ListChunksRequest {
+            header: None,
+            pg,
+            pg_count,
+            all: false,
+        };
+        match tokio::time::timeout(timeout, c.list_chunks(Self::internal(req, timeout))).await {
+            Ok(r) => r.map(tonic::Response::into_inner),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "no answer within {timeout:?}"
+            ))),
+        }
+    }
+
     /// Every chunk a peer stores, with versions and digests, and the PGs
     /// it serves.
     pub async fn list_internal(&self, addr: &str) -> Result<ListChunksReply, Status> {

@@ -38,6 +38,12 @@ pub struct Layout {
     pub osds: Vec<NodeSpec>,
     pub replicas: u32,
     pub write_quorum: u32,
+    /// Extra flags for every MDS (e.g. `--osd-out-after-ms 3000`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mds_flags: Vec<String>,
+    /// Extra flags for every OSD (e.g. `--scrub-interval-ms 500`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub osd_flags: Vec<String>,
 }
 
 impl Layout {
@@ -76,6 +82,10 @@ pub struct Options {
     pub log_level: String,
     /// How long to wait for the cluster to become healthy.
     pub ready_timeout: Duration,
+    /// Extra flags for every MDS / OSD (first start only; kept in
+    /// `cluster.toml`), e.g. `--osd-out-after-ms 3000`.
+    pub mds_flags: Vec<String>,
+    pub osd_flags: Vec<String>,
 }
 
 impl Options {
@@ -88,6 +98,8 @@ impl Options {
             bin_dir: default_bin_dir(),
             log_level: "info".into(),
             ready_timeout: Duration::from_secs(90),
+            mds_flags: Vec::new(),
+            osd_flags: Vec::new(),
         }
     }
 }
@@ -299,6 +311,8 @@ impl LocalCluster {
                 .collect::<anyhow::Result<_>>()?,
             replicas: 3.min(opts.osds as u32),
             write_quorum: 2.min(opts.osds as u32),
+            mds_flags: opts.mds_flags.clone(),
+            osd_flags: opts.osd_flags.clone(),
         };
         std::fs::write(&path, toml::to_string_pretty(&layout)?)?;
         Ok(layout)
@@ -350,19 +364,7 @@ impl LocalCluster {
     }
 
     fn osd_args(&self, n: &NodeSpec) -> Vec<String> {
-        vec![
-            "--listen".into(),
-            n.addr.clone(),
-            "--data-dir".into(),
-            self.dir
-                .join(format!("osd{}", n.id))
-                .to_string_lossy()
-                .into_owned(),
-            "--mds".into(),
-            self.layout.mds_list(),
-            "--failure-domain".into(),
-            format!("local-osd{}", n.id),
-        ]
+        osd_args(&self.dir, &self.layout, n)
     }
 
     fn spawn_all(&mut self) -> anyhow::Result<()> {
@@ -392,16 +394,7 @@ impl LocalCluster {
             .build();
         match rt {
             Ok(rt) => rt.block_on(status::collect(&addrs, Duration::from_secs(2))),
-            Err(_) => ClusterStatus {
-                leader_id: None,
-                map_epoch: 0,
-                replicas: 0,
-                write_quorum: 0,
-                inodes: 0,
-                mds: vec![],
-                osds: vec![],
-                clients: vec![],
-            },
+            Err(_) => ClusterStatus::default(),
         }
     }
 
@@ -618,6 +611,39 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Starts one more OSD (next ordinal, free port, data dir
+    /// `DIR/osd{n}`), records it in `DIR/cluster.toml` and waits until
+    /// the MDS lists it up.
+    pub fn add_osd(&mut self) -> anyhow::Result<NodeSpec> {
+        let spec = new_osd_spec(&self.dir, &self.layout)?;
+        let p = self.spawn(
+            &format!("osd{}", spec.id),
+            "avalon-osd",
+            osd_args(&self.dir, &self.layout, &spec),
+        )?;
+        self.osds.push(p);
+        self.layout.osds.push(spec.clone());
+        save_layout(&self.dir, &self.layout)?;
+        self.wait_healthy(Duration::from_secs(60))?;
+        Ok(spec)
+    }
+
+    /// Polls until every PG has its full set of up members and each member
+    /// reports it peered with nothing left to copy.
+    pub fn wait_pgs_healthy(&self, timeout: Duration) -> anyhow::Result<ClusterStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status();
+            if s.leader_id.is_some() && s.pgs.healthy {
+                return Ok(s);
+            }
+            if Instant::now() >= deadline {
+                bail!("PGs not healthy after {timeout:?}:\n{}", status::render(&s));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Unmounts and stops every process: client, then OSDs, then MDS
     /// (also those another `avalonctl` process added to this directory).
     pub fn stop(&mut self) {
@@ -637,7 +663,7 @@ impl LocalCluster {
         if let Ok(rd) = std::fs::read_dir(self.dir.join("run")) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with("mds") && name.ends_with(".pid") {
+                if (name.starts_with("mds") || name.starts_with("osd")) && name.ends_with(".pid") {
                     stop_pid_file(&e.path());
                     let _ = std::fs::remove_file(e.path());
                 }
@@ -682,7 +708,77 @@ pub fn mds_args(dir: &Path, layout: &Layout, n: &NodeSpec) -> Vec<String> {
     if n.join {
         v.push("--join".into());
     }
+    v.extend(layout.mds_flags.iter().cloned());
     v
+}
+
+/// Command-line arguments of OSD `n` (layout ordinal) of `layout` in `dir`.
+pub fn osd_args(dir: &Path, layout: &Layout, n: &NodeSpec) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "--listen".into(),
+        n.addr.clone(),
+        "--data-dir".into(),
+        dir.join(format!("osd{}", n.id))
+            .to_string_lossy()
+            .into_owned(),
+        "--mds".into(),
+        layout.mds_list(),
+        "--failure-domain".into(),
+        format!("local-osd{}", n.id),
+    ];
+    v.extend(layout.osd_flags.iter().cloned());
+    v
+}
+
+/// A new OSD for `layout`: the next ordinal not used in `dir`, a free port.
+fn new_osd_spec(dir: &Path, layout: &Layout) -> anyhow::Result<NodeSpec> {
+    let mut max = layout.osds.iter().map(|n| n.id).max().unwrap_or(0);
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_prefix("osd").and_then(|s| s.parse::<u64>().ok()) {
+                max = max.max(id);
+            }
+        }
+    }
+    Ok(NodeSpec {
+        id: max + 1,
+        addr: format!("127.0.0.1:{}", free_port()?),
+        join: false,
+    })
+}
+
+/// `avalonctl osd add DIR`: starts one more OSD for the local cluster in
+/// `dir` as a detached process (pid in `DIR/run`, stopped by `down`) and
+/// records it in `DIR/cluster.toml`; it registers itself with the MDS.
+pub fn add_osd_detached(dir: &Path, bin_dir: &Path, log_level: &str) -> anyhow::Result<NodeSpec> {
+    let dir = std::fs::canonicalize(dir)?;
+    let mut layout = load_layout(&dir)?;
+    let spec = new_osd_spec(&dir, &layout)?;
+    let name = format!("osd{}", spec.id);
+    std::fs::create_dir_all(dir.join("logs"))?;
+    std::fs::create_dir_all(dir.join("run"))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("logs").join(format!("{name}.log")))?;
+    let bin = bin_dir.join("avalon-osd");
+    let child = Command::new(&bin)
+        .args(osd_args(&dir, &layout, &spec))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .env("RUST_LOG", log_level)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    std::fs::write(
+        dir.join("run").join(format!("{name}.pid")),
+        child.id().to_string(),
+    )?;
+    layout.osds.push(spec.clone());
+    save_layout(&dir, &layout)?;
+    Ok(spec)
 }
 
 /// Reads `DIR/cluster.toml`.

@@ -58,6 +58,197 @@ enum Cmd {
         #[command(subcommand)]
         cmd: MdsCmd,
     },
+    /// Object storage daemons: add one, take one out or back in.
+    Osd {
+        #[command(subcommand)]
+        cmd: OsdCmd,
+    },
+    /// Wait until every placement group has its full set of current
+    /// replicas (every member up and peered, nothing left to copy); shows
+    /// progress. Exits 0 when healthy, 1 at the timeout.
+    WaitHealthy {
+        /// A local cluster directory (reads its layout).
+        dir: Option<PathBuf>,
+        /// MDS addresses instead of a directory: host:port[,host:port...]
+        #[arg(long)]
+        mds: Option<String>,
+        /// Seconds to wait.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum OsdCmd {
+    /// Start one more OSD for a cluster of `avalonctl up DIR` (next
+    /// ordinal, free port, data in DIR/osd{n}, recorded in
+    /// DIR/cluster.toml, stopped by `avalonctl down DIR`). It registers,
+    /// takes its share of PGs and receives their data in the background.
+    Add {
+        dir: PathBuf,
+        /// Log level of the OSD.
+        #[arg(long, default_value = "info")]
+        log_level: String,
+    },
+    /// Take OSD ID out of placement by hand: its PGs get new members, which
+    /// copy the data; it stays out (also across restarts) until `osd in`.
+    Out(OsdTarget),
+    /// Put OSD ID back into placement.
+    In(OsdTarget),
+    /// Like `out`, then wait until the data is re-replicated without it:
+    /// keep the OSD running meanwhile (it still serves copies to the new
+    /// members); afterwards it can be stopped.
+    Drain {
+        #[command(flatten)]
+        target: OsdTarget,
+        /// Seconds to wait for re-replication.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct OsdTarget {
+    /// [DIR] ID: a local cluster directory (optional) and the OSD id (as
+    /// `avalonctl status` shows it).
+    #[arg(num_args = 1..=2, required = true)]
+    args: Vec<String>,
+    /// MDS addresses instead of a directory: host:port[,host:port...]
+    #[arg(long)]
+    mds: Option<String>,
+}
+
+impl OsdTarget {
+    fn resolve(&self) -> anyhow::Result<(Vec<String>, u64)> {
+        let (dir, id) = match self.args.as_slice() {
+            [dir, id] => (Some(PathBuf::from(dir)), id),
+            [id] => (None, id),
+            _ => bail!("give [DIR] ID"),
+        };
+        let id: u64 = id.parse().with_context(|| format!("bad OSD id {id:?}"))?;
+        Ok((mds_addrs(dir.as_deref(), self.mds.as_deref())?, id))
+    }
+}
+
+async fn set_osd_state(addrs: &[String], id: u64, state: &str) -> anyhow::Result<()> {
+    let conn = avalon_proto::mds_conn::MdsConn::new(addrs.to_vec());
+    let req = avalon_proto::pb::SetOsdStateRequest {
+        header: None,
+        osd_id: id,
+        state: state.to_string(),
+    };
+    conn.call_within(Duration::from_secs(30), |mut c| {
+        let r = req.clone();
+        async move { c.set_osd_state(r).await }
+    })
+    .await
+    .map_err(|s| anyhow::anyhow!("setting OSD {id} {state}: {}", s.message()))?;
+    Ok(())
+}
+
+/// Polls the cluster until PGs are healthy; prints progress to stderr.
+fn wait_healthy(addrs: &[String], timeout: Duration) -> anyhow::Result<bool> {
+    use std::io::Write;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut peak_bytes = 0u64;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last = String::new();
+    loop {
+        let st = rt.block_on(status::collect(addrs, Duration::from_secs(2)));
+        let p = &st.pgs;
+        peak_bytes = peak_bytes.max(p.recovery_bytes);
+        let done = (p.recovery_bytes * 100)
+            .checked_div(peak_bytes)
+            .map_or(100, |left| 100 - left);
+        let line = if st.leader_id.is_none() {
+            "no MDS leader".to_string()
+        } else {
+            format!(
+                "[{:<20}] {:>3}%  {} PGs: {} degraded, {} recovering, {} to copy{}",
+                "#".repeat((done / 5) as usize),
+                done,
+                p.pg_count,
+                p.degraded,
+                p.recovering,
+                status::human(p.recovery_bytes),
+                if p.stale_reports > 0 {
+                    format!(", waiting for {} OSD reports", p.stale_reports)
+                } else {
+                    String::new()
+                }
+            )
+        };
+        if tty {
+            eprint!("\r{line}\x1b[K");
+        } else if line != last {
+            eprintln!("{line}");
+        }
+        let _ = std::io::stderr().flush();
+        last = line;
+        if st.leader_id.is_some() && p.healthy {
+            if tty {
+                eprintln!();
+            }
+            println!(
+                "healthy: {} PGs with {} current replicas each",
+                p.pg_count, st.replicas
+            );
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= deadline {
+            if tty {
+                eprintln!();
+            }
+            eprintln!("not healthy after {timeout:?}");
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn osd_cmd(cmd: OsdCmd) -> anyhow::Result<()> {
+    match cmd {
+        OsdCmd::Add { dir, log_level } => {
+            let spec = local_cluster::add_osd_detached(
+                &dir,
+                &local_cluster::default_bin_dir(),
+                &log_level,
+            )?;
+            println!(
+                "started osd{} at {} (data {}); it registers with the MDS and takes its share of PGs",
+                spec.id,
+                spec.addr,
+                dir.join(format!("osd{}", spec.id)).display()
+            );
+            Ok(())
+        }
+        OsdCmd::Out(t) => {
+            let (addrs, id) = t.resolve()?;
+            block_on(set_osd_state(&addrs, id, "out"))?;
+            println!("OSD {id} is out; its PGs move to other OSDs");
+            Ok(())
+        }
+        OsdCmd::In(t) => {
+            let (addrs, id) = t.resolve()?;
+            block_on(set_osd_state(&addrs, id, "in"))?;
+            println!("OSD {id} is in");
+            Ok(())
+        }
+        OsdCmd::Drain { target, timeout } => {
+            let (addrs, id) = target.resolve()?;
+            block_on(set_osd_state(&addrs, id, "drain"))?;
+            println!("OSD {id} is draining; keep it running until the data is re-replicated");
+            if wait_healthy(&addrs, Duration::from_secs(timeout))? {
+                println!("OSD {id} is drained and can be stopped");
+                Ok(())
+            } else {
+                std::process::exit(1);
+            }
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -275,6 +466,15 @@ fn main() -> anyhow::Result<()> {
             log_level,
         } => up(dir, mds, osds, no_mount, log_level),
         Cmd::Mds { cmd } => mds_cmd(cmd),
+        Cmd::Osd { cmd } => osd_cmd(cmd),
+        Cmd::WaitHealthy { dir, mds, timeout } => {
+            let addrs = mds_addrs(dir.as_deref(), mds.as_deref())?;
+            if wait_healthy(&addrs, Duration::from_secs(timeout))? {
+                Ok(())
+            } else {
+                std::process::exit(1);
+            }
+        }
         Cmd::Down { dir, timeout } => local_cluster::down(&dir, Duration::from_secs(timeout)),
         Cmd::Status { dir, mds, json } => {
             let addrs = mds_addrs(dir.as_deref(), mds.as_deref())?;

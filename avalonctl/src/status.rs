@@ -34,6 +34,22 @@ pub struct OsdRow {
     pub used_bytes: u64,
     pub failure_domain: String,
     pub last_seen_ms: u64,
+    /// Taken out by hand (`avalonctl osd out|drain`).
+    pub admin_out: bool,
+    /// Map epoch of the OSD's last report (0: none yet).
+    pub report_epoch: u64,
+    /// PGs it is an up member of, and of those not peered yet.
+    pub pgs: u32,
+    pub pgs_peering: u32,
+    /// Chunks and bytes its recovery still has to copy.
+    pub recovery_chunks: u64,
+    pub recovery_bytes: u64,
+    /// Totals since the OSD started.
+    pub recovered_chunks: u64,
+    pub scrubbed_chunks: u64,
+    pub scrub_errors: u64,
+    pub repaired_chunks: u64,
+    pub removed_chunks: u64,
 }
 
 /// One client session.
@@ -47,7 +63,7 @@ pub struct ClientRow {
 }
 
 /// The whole picture.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Default)]
 pub struct ClusterStatus {
     pub leader_id: Option<u64>,
     pub map_epoch: u64,
@@ -57,6 +73,65 @@ pub struct ClusterStatus {
     pub mds: Vec<MdsRow>,
     pub osds: Vec<OsdRow>,
     pub clients: Vec<ClientRow>,
+    pub pgs: PgHealth,
+}
+
+/// Placement-group health, from the cluster map and the OSDs' reports.
+#[derive(Debug, Clone, Serialize, Default, PartialEq, Eq)]
+pub struct PgHealth {
+    pub pg_count: u32,
+    /// PGs with fewer up members than they should have (a member is down,
+    /// or too few OSDs are in).
+    pub degraded: u32,
+    /// PG copies that their (up) OSD has not peered yet under the current
+    /// map: being compared or copied.
+    pub recovering: u32,
+    /// Chunks and bytes still to copy, summed over the OSDs.
+    pub recovery_chunks: u64,
+    pub recovery_bytes: u64,
+    /// Up OSDs whose last report is not for the current map epoch yet.
+    pub stale_reports: u32,
+    /// Every PG has `replicas` up members, each of which reports it peered
+    /// with nothing left to copy.
+    pub healthy: bool,
+}
+
+impl PgHealth {
+    /// Computes PG health from the leader's map (with the OSD reports).
+    pub fn of(map: &pb::ClusterMap) -> PgHealth {
+        let mut h = PgHealth {
+            pg_count: map.pg_count,
+            ..Default::default()
+        };
+        let in_osds = map
+            .osds
+            .iter()
+            .filter(|o| o.state != OsdState::Out as i32)
+            .count();
+        let want = (map.replicas.max(1) as usize).min(in_osds);
+        for pg in 0..map.pg_count {
+            let members = avalon_proto::placement::pg_members(map, pg);
+            let up = members
+                .iter()
+                .filter(|o| o.state == OsdState::Up as i32)
+                .count();
+            if up < want || want < map.replicas.max(1) as usize {
+                h.degraded += 1;
+            }
+        }
+        for o in map.osds.iter().filter(|o| o.state == OsdState::Up as i32) {
+            match &o.report {
+                Some(r) if r.map_epoch == map.epoch => {
+                    h.recovering += r.pgs_peering;
+                    h.recovery_chunks += r.recovery_chunks;
+                    h.recovery_bytes += r.recovery_bytes;
+                }
+                _ => h.stale_reports += 1,
+            }
+        }
+        h.healthy = h.degraded == 0 && h.recovering == 0 && h.stale_reports == 0;
+        h
+    }
 }
 
 impl ClusterStatus {
@@ -140,6 +215,7 @@ pub async fn collect(addrs: &[String], timeout: Duration) -> ClusterStatus {
         .values()
         .flatten()
         .find(|r| r.self_.as_ref().is_some_and(|s| s.role == "leader"));
+    let mut pg_health = PgHealth::default();
     let (osds, clients, map_epoch, replicas, write_quorum, inodes) = match leader {
         Some(r) => {
             let map = r.map.clone().unwrap_or_default();
@@ -155,8 +231,20 @@ pub async fn collect(addrs: &[String], timeout: Duration) -> ClusterStatus {
                     used_bytes: o.used_bytes,
                     failure_domain: o.failure_domain.clone(),
                     last_seen_ms: o.last_seen_ms,
+                    admin_out: o.admin_out,
+                    report_epoch: o.report.as_ref().map_or(0, |r| r.map_epoch),
+                    pgs: o.report.as_ref().map_or(0, |r| r.pgs),
+                    pgs_peering: o.report.as_ref().map_or(0, |r| r.pgs_peering),
+                    recovery_chunks: o.report.as_ref().map_or(0, |r| r.recovery_chunks),
+                    recovery_bytes: o.report.as_ref().map_or(0, |r| r.recovery_bytes),
+                    recovered_chunks: o.report.as_ref().map_or(0, |r| r.recovered_chunks),
+                    scrubbed_chunks: o.report.as_ref().map_or(0, |r| r.scrubbed_chunks),
+                    scrub_errors: o.report.as_ref().map_or(0, |r| r.scrub_errors),
+                    repaired_chunks: o.report.as_ref().map_or(0, |r| r.repaired_chunks),
+                    removed_chunks: o.report.as_ref().map_or(0, |r| r.removed_chunks),
                 })
                 .collect();
+            pg_health = PgHealth::of(&map);
             let clients = r
                 .clients
                 .iter()
@@ -188,6 +276,7 @@ pub async fn collect(addrs: &[String], timeout: Duration) -> ClusterStatus {
         mds,
         osds,
         clients,
+        pgs: pg_health,
     }
 }
 
@@ -207,7 +296,8 @@ async fn ask_all(addrs: &[String], timeout: Duration) -> Vec<Option<StatusReply>
     out
 }
 
-fn human(bytes: u64) -> String {
+/// Bytes for people (KiB, MiB...).
+pub fn human(bytes: u64) -> String {
     const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = bytes as f64;
     let mut i = 0;
@@ -240,6 +330,22 @@ pub fn render(s: &ClusterStatus) -> String {
         s.write_quorum,
         s.inodes
     );
+    let p = &s.pgs;
+    let _ = writeln!(
+        o,
+        "pgs: {} total, {} degraded, {} recovering, {} to copy ({} chunks){}{}",
+        p.pg_count,
+        p.degraded,
+        p.recovering,
+        human(p.recovery_bytes),
+        p.recovery_chunks,
+        if p.stale_reports > 0 {
+            format!(", {} OSD reports pending", p.stale_reports)
+        } else {
+            String::new()
+        },
+        if p.healthy { "; HEALTHY" } else { "" }
+    );
     let _ = writeln!(
         o,
         "\nMDS\n  {:<4} {:<22} {:>8} {:<12} {:>6} {:>10}",
@@ -254,20 +360,41 @@ pub fn render(s: &ClusterStatus) -> String {
     }
     let _ = writeln!(
         o,
-        "\nOSD\n  {:<4} {:<22} {:>8} {:<6} {:>11} {:>11} {:>10}",
-        "ID", "ADDRESS", "PID", "STATE", "CAPACITY", "USED", "SEEN"
+        "\nOSD\n  {:<4} {:<22} {:>8} {:<9} {:>11} {:>11} {:>10} {:>5} {:>7} {:>10} {:>8} {:>8}",
+        "ID",
+        "ADDRESS",
+        "PID",
+        "STATE",
+        "CAPACITY",
+        "USED",
+        "SEEN",
+        "PGS",
+        "PEERING",
+        "TO COPY",
+        "SCRUBBED",
+        "REPAIRED"
     );
     for d in &s.osds {
+        let state = if d.admin_out {
+            format!("{}(adm)", d.state)
+        } else {
+            d.state.clone()
+        };
         let _ = writeln!(
             o,
-            "  {:<4} {:<22} {:>8} {:<6} {:>11} {:>11} {:>8}ms",
+            "  {:<4} {:<22} {:>8} {:<9} {:>11} {:>11} {:>8}ms {:>5} {:>7} {:>10} {:>8} {:>8}",
             d.id,
             d.addr,
             d.pid,
-            d.state,
+            state,
             human(d.capacity_bytes),
             human(d.used_bytes),
-            d.last_seen_ms
+            d.last_seen_ms,
+            d.pgs,
+            d.pgs_peering,
+            human(d.recovery_bytes),
+            d.scrubbed_chunks,
+            d.repaired_chunks
         );
     }
     let _ = writeln!(

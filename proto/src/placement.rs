@@ -23,21 +23,52 @@ pub fn pg_of(ino: u64, index: u64, pg_count: u32) -> u32 {
     ((mix(ino) % pg_count + index % pg_count) % pg_count) as u32
 }
 
+/// Weighted rendezvous score of `osd` for `pg`: `-w / ln(u)` with `u` a
+/// hash of (pg, osd) in (0, 1) and `w` the OSD's capacity, so an OSD's
+/// share of PGs is proportional to its capacity and adding or removing one
+/// OSD moves only the PGs that must move.
+fn score(pg: u32, o: &OsdInfo) -> f64 {
+    let h = mix(mix(u64::from(pg)) ^ o.id);
+    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    // Capacity in GiB (at least a tiny weight, so a 0 report still counts).
+    let w = (o.capacity_bytes as f64 / (1u64 << 30) as f64).max(1e-3);
+    -w / u.ln()
+}
+
 /// The OSDs of a placement group, primary first: the `replicas` OSDs with
-/// the highest rendezvous score among those not marked out.
+/// the highest weighted rendezvous score among those not marked out, at
+/// most one per failure domain while there are enough distinct domains
+/// (then the best remaining OSDs fill up).
 pub fn pg_members(map: &ClusterMap, pg: u32) -> Vec<&OsdInfo> {
-    let mut scored: Vec<(u64, &OsdInfo)> = map
+    let mut scored: Vec<(f64, &OsdInfo)> = map
         .osds
         .iter()
         .filter(|o| o.state != OsdState::Out as i32)
-        .map(|o| (mix(mix(u64::from(pg)) ^ o.id), o))
+        .map(|o| (score(pg, o), o))
         .collect();
-    scored.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.id.cmp(&b.1.id)));
-    scored
-        .into_iter()
-        .take(map.replicas.max(1) as usize)
-        .map(|(_, o)| o)
-        .collect()
+    scored.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.id.cmp(&b.1.id)));
+    let want = map.replicas.max(1) as usize;
+    let mut picked: Vec<usize> = Vec::with_capacity(want);
+    let mut domains: Vec<&str> = Vec::with_capacity(want);
+    for (i, (_, o)) in scored.iter().enumerate() {
+        if picked.len() == want {
+            break;
+        }
+        if !domains.contains(&o.failure_domain.as_str()) {
+            domains.push(&o.failure_domain);
+            picked.push(i);
+        }
+    }
+    for i in 0..scored.len() {
+        if picked.len() == want {
+            break;
+        }
+        if !picked.contains(&i) {
+            picked.push(i);
+        }
+    }
+    picked.sort_unstable();
+    picked.into_iter().map(|i| scored[i].1).collect()
 }
 
 /// The OSDs holding chunk `index` of `ino`, primary first.
@@ -106,6 +137,72 @@ mod tests {
         d.sort();
         d.dedup();
         assert_eq!(d.len(), 8);
+    }
+
+    #[test]
+    fn capacity_weighs_share() {
+        let mut m = map(4);
+        for o in &mut m.osds {
+            o.capacity_bytes = 100 << 30;
+        }
+        m.osds[3].capacity_bytes = 300 << 30;
+        m.pg_count = 2048;
+        m.replicas = 1;
+        let mut n = [0usize; 4];
+        for pg in 0..m.pg_count {
+            n[(pg_members(&m, pg)[0].id - 1) as usize] += 1;
+        }
+        // Expected shares 1/6, 1/6, 1/6, 1/2 of 2048.
+        assert!(n[3] > 900 && n[3] < 1150, "{n:?}");
+        for k in &n[..3] {
+            assert!(*k > 250 && *k < 440, "{n:?}");
+        }
+    }
+
+    #[test]
+    fn adding_an_osd_moves_only_its_share() {
+        let m4 = map(4);
+        let m5 = map(5);
+        let mut moved = 0;
+        for pg in 0..m4.pg_count {
+            let a: Vec<u64> = pg_members(&m4, pg).iter().map(|o| o.id).collect();
+            let b: Vec<u64> = pg_members(&m5, pg).iter().map(|o| o.id).collect();
+            let changed = a.iter().filter(|id| !b.contains(id)).count();
+            assert!(changed <= 1, "pg {pg}: {a:?} -> {b:?}");
+            if changed == 1 {
+                assert!(b.contains(&5));
+                moved += 1;
+            }
+        }
+        // Roughly 3/5 of the PGs get the new OSD as a member.
+        assert!(moved > 50 && moved < 105, "{moved}");
+    }
+
+    #[test]
+    fn failure_domains_are_spread_when_possible() {
+        let mut m = map(6);
+        for o in &mut m.osds {
+            o.failure_domain = format!("rack{}", (o.id - 1) / 2);
+        }
+        for pg in 0..m.pg_count {
+            let mem = pg_members(&m, pg);
+            let mut d: Vec<&str> = mem.iter().map(|o| o.failure_domain.as_str()).collect();
+            d.sort();
+            d.dedup();
+            assert_eq!(d.len(), 3, "pg {pg}");
+        }
+        // Two domains for three replicas: both used, third fills up.
+        for o in &mut m.osds {
+            o.failure_domain = format!("rack{}", o.id % 2);
+        }
+        for pg in 0..m.pg_count {
+            let mem = pg_members(&m, pg);
+            assert_eq!(mem.len(), 3);
+            let mut d: Vec<&str> = mem.iter().map(|o| o.failure_domain.as_str()).collect();
+            d.sort();
+            d.dedup();
+            assert_eq!(d.len(), 2, "pg {pg}");
+        }
     }
 
     #[test]
