@@ -59,6 +59,8 @@ pub struct Client {
     /// Open handles per inode, reported in heartbeats so that a new MDS
     /// leader knows which unlinked files are still in use.
     opens: DashMap<u64, u32>,
+    /// Whole chunks fetched by sequential readahead.
+    pub(crate) cache: crate::chunk_cache::ChunkCache,
 }
 
 fn time_set(t: Option<TimeChange>) -> Option<TimeSet> {
@@ -112,7 +114,14 @@ impl Client {
             osds: DashMap::new(),
             files: DashMap::new(),
             opens: DashMap::new(),
+            cache: crate::chunk_cache::ChunkCache::new(32),
         })
+    }
+
+    /// Sets the memory budget of the chunk cache (before sharing the client).
+    pub fn set_cache_budget(&mut self, bytes: u64) {
+        let chunks = bytes / u64::from(avalon_proto::limits::DEFAULT_CHUNK_SIZE);
+        self.cache = crate::chunk_cache::ChunkCache::new(chunks as usize);
     }
 
     /// This client's session id.
@@ -572,6 +581,8 @@ impl Client {
     /// Opens a file: fresh attributes, and the MDS counts the open so that
     /// the file outlives an unlink until it is released.
     pub async fn open(&self, ino: u64, flags: u32) -> Result<Attr> {
+        // Close-to-open: chunks cached before may have changed elsewhere.
+        self.cache.invalidate_file(ino);
         let req = pb::OpenRequest {
             header: self.header(),
             ino,

@@ -7,6 +7,7 @@
 //! cluster map is refreshed between rounds. Reads go to the first member
 //! that answers with verified data.
 
+use crate::chunk_cache::{copy_out, READAHEAD_CHUNKS};
 use crate::client::Client;
 use crate::error::{ClientError, Result};
 use avalon_proto::limits::{DEFAULT_CHUNK_SIZE, MAX_FILE_SIZE, MAX_MESSAGE_BYTES};
@@ -14,6 +15,7 @@ use avalon_proto::pb::{self, osd_client::OsdClient, ChunkId, OsdInfo, OsdState};
 use avalon_proto::placement::{chunk_members, split_range};
 use bytes::Bytes;
 use futures::future::try_join_all;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -21,6 +23,13 @@ use tonic::Code;
 /// How long one chunk operation keeps trying other replicas and newer maps
 /// before the application gets EIO.
 pub const IO_RETRY_BUDGET: Duration = Duration::from_secs(20);
+
+/// Data for one piece of a read: fetched for it alone, or a cached chunk
+/// and the piece's offset in it.
+enum Piece {
+    Direct(Bytes),
+    Cached(Bytes, usize),
+}
 
 /// Members ordered for an attempt: up ones first, keeping placement order.
 fn attempt_order(members: Vec<&OsdInfo>) -> Vec<OsdInfo> {
@@ -105,6 +114,7 @@ impl Client {
         sync: bool,
         cs: u32,
     ) -> Result<()> {
+        self.cache.invalidate(ino, index);
         let deadline = Instant::now() + IO_RETRY_BUDGET;
         let mut last = String::from("no OSD holds this chunk's placement group");
         let mut backoff = Duration::from_millis(50);
@@ -125,7 +135,11 @@ impl Client {
                 };
                 let mut c = self.osd(&osd.addr)?;
                 match c.write_chunk(req).await {
-                    Ok(_) => return Ok(()),
+                    Ok(_) => {
+                        // A readahead that raced the write may hold old data.
+                        self.cache.invalidate(ino, index);
+                        return Ok(());
+                    }
                     Err(s) if !retry_elsewhere(&s) => return Err(s.into()),
                     Err(s) => {
                         tracing::debug!(ino, index, osd = osd.id, code = ?s.code(), msg = s.message(), "chunk write failed");
@@ -145,7 +159,8 @@ impl Client {
     }
 
     /// Reads up to `size` bytes at `offset`, stopping at the end of file.
-    pub async fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    /// Sequential reads are served from whole chunks fetched ahead.
+    pub async fn read(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let file_size = match self.known_size(ino) {
             Some(st) => st.size,
             None => {
@@ -158,17 +173,53 @@ impl Client {
         }
         let len = u64::from(size).min(file_size - offset);
         let cs = self.chunk_size_of(ino);
+        let sequential = self.cache.note_read(ino, offset, len);
         let parts = split_range(offset, len, cs);
-        let reads = parts
-            .iter()
-            .map(|&(index, off, n)| self.read_chunk(ino, index, off, n));
+        if sequential {
+            // Keep READAHEAD_CHUNKS chunks past this read loading.
+            let last = parts.last().map_or(0, |p| p.0);
+            let end_index = file_size.saturating_sub(1) / u64::from(cs);
+            for index in last + 1..=(last + READAHEAD_CHUNKS).min(end_index) {
+                let (slot, new) = self.cache.get_or_insert(ino, index);
+                if new {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let _ = slot
+                            .get_or_try_init(|| me.read_chunk(ino, index, 0, cs))
+                            .await;
+                    });
+                }
+            }
+        }
+        let reads = parts.iter().map(|&(index, off, n)| async move {
+            let slot = match self.cache.get(ino, index) {
+                Some(s) => Some(s),
+                None if sequential => Some(self.cache.get_or_insert(ino, index).0),
+                None => None,
+            };
+            match slot {
+                Some(slot) => {
+                    let chunk = slot
+                        .get_or_try_init(|| self.read_chunk(ino, index, 0, cs))
+                        .await?;
+                    Ok::<_, ClientError>(Piece::Cached(chunk.clone(), off as usize))
+                }
+                None => Ok(Piece::Direct(self.read_chunk(ino, index, off, n).await?)),
+            }
+        });
         let datas = try_join_all(reads).await?;
         let mut buf = vec![0u8; len as usize];
         let mut pos = 0usize;
         for ((_, _, n), d) in parts.iter().zip(datas) {
-            let take = d.len().min(*n as usize);
-            buf[pos..pos + take].copy_from_slice(&d[..take]);
-            pos += *n as usize;
+            let n = *n as usize;
+            match d {
+                Piece::Direct(d) => {
+                    let take = d.len().min(n);
+                    buf[pos..pos + take].copy_from_slice(&d[..take]);
+                }
+                Piece::Cached(chunk, off) => copy_out(&chunk, off, n, &mut buf[pos..pos + n]),
+            }
+            pos += n;
         }
         Ok(buf)
     }
@@ -288,6 +339,7 @@ impl Client {
                 "size past the largest file size",
             ));
         }
+        self.cache.invalidate_file(ino);
         let cs = self.chunk_size_of(ino);
         self.broadcast("truncate", |mut c, header| async move {
             c.truncate_object(pb::TruncateObjectRequest {

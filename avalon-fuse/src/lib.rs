@@ -4,6 +4,7 @@
 
 pub mod acl;
 pub mod attr;
+pub mod chunk_cache;
 pub mod client;
 pub mod data_path;
 pub mod error;

@@ -28,7 +28,7 @@ struct Args {
     /// Directory to mount on.
     mountpoint: PathBuf,
     /// Mount options, comma separated (ro, rw, allow_other, noatime, log=FILE,
-    /// log_level=LEVEL, connect_timeout=SECS, threads=N, fsname=NAME,
+    /// log_level=LEVEL, connect_timeout=SECS, threads=N, fsname=NAME, cache_mb=MB,
     /// nosubtype; _netdev, defaults, nofail and x-* are accepted and ignored).
     #[arg(short = 'o')]
     options: Vec<String>,
@@ -59,6 +59,7 @@ struct Opts {
     threads: Option<usize>,
     fsname: Option<String>,
     subtype: bool,
+    cache_mb: Option<u64>,
 }
 
 fn parse_opts(list: &[String]) -> anyhow::Result<Opts> {
@@ -105,6 +106,12 @@ fn parse_opts(list: &[String]) -> anyhow::Result<Opts> {
                 )
             }
             ("fsname", Some(n)) => o.fsname = Some(n.to_string()),
+            ("cache_mb", Some(n)) => {
+                o.cache_mb = Some(
+                    n.parse()
+                        .with_context(|| format!("cache_mb={n}: not a number"))?,
+                )
+            }
             ("nosubtype", None) => o.subtype = false,
             ("keyfile", Some(_)) => {} // reserved for client keys (security issue)
             (
@@ -233,6 +240,8 @@ fn run_foreground(args: &Args) -> anyhow::Result<()> {
                 src.mds.join(",")
             )
         })?;
+    let mut client = client;
+    client.set_cache_budget(opts.cache_mb.unwrap_or(128) << 20);
     let client = Arc::new(client);
     tracing::info!(
         session = client.session_id(),
