@@ -95,9 +95,10 @@ enum OsdCmd {
     Out(OsdTarget),
     /// Put OSD ID back into placement.
     In(OsdTarget),
-    /// Like `out`, then wait until the data is re-replicated without it:
-    /// keep the OSD running meanwhile (it still serves copies to the new
-    /// members); afterwards it can be stopped.
+    /// Like `out`, then wait until the data is re-replicated without it
+    /// (the new members copy from the PG's remaining members). Keep the OSD
+    /// running meanwhile: its garbage collection drops each copy only once
+    /// every new member holds it; afterwards it can be stopped.
     Drain {
         #[command(flatten)]
         target: OsdTarget,
