@@ -493,10 +493,7 @@ impl Meta for MetaService {
             }
         };
         self.node.check_leader()?;
-        if self
-            .node
-            .read_local(|s| !s.osds.contains_key(&r.osd_id))
-        {
+        if self.node.read_local(|s| !s.osds.contains_key(&r.osd_id)) {
             return Err(MdsError::NotFound(format!("no OSD {}", r.osd_id)).into());
         }
         if state == OsdState::Up {
