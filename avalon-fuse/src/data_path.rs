@@ -10,6 +10,7 @@
 use crate::chunk_cache::{copy_out, READAHEAD_CHUNKS};
 use crate::client::Client;
 use crate::error::{ClientError, Result};
+use avalon_proto::errno::OSD_ANSWERED_KEY;
 use avalon_proto::limits::{DEFAULT_CHUNK_SIZE, MAX_FILE_SIZE, MAX_MESSAGE_BYTES};
 use avalon_proto::pb::{self, osd_client::OsdClient, ChunkId, OsdInfo, OsdState};
 use avalon_proto::placement::{chunk_members, split_range};
@@ -117,7 +118,7 @@ impl Client {
         self.cache.invalidate(ino, index);
         let deadline = Instant::now() + IO_RETRY_BUDGET;
         let mut last = String::from("no OSD holds this chunk's placement group");
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Duration::from_millis(20);
         loop {
             let map = self.map();
             for osd in attempt_order(chunk_members(&map, ino, index)) {
@@ -144,6 +145,12 @@ impl Client {
                     Err(s) => {
                         tracing::debug!(ino, index, osd = osd.id, code = ?s.code(), msg = s.message(), "chunk write failed");
                         last = format!("osd.{} ({}): {}", osd.id, osd.addr, s.message());
+                        // An OSD that answered is alive: a write must not move
+                        // to another member (it would order this chunk's
+                        // writes concurrently with the primary); ask again.
+                        if s.metadata().contains_key(OSD_ANSWERED_KEY) {
+                            break;
+                        }
                     }
                 }
             }
@@ -227,7 +234,7 @@ impl Client {
     async fn read_chunk(&self, ino: u64, index: u64, offset: u32, length: u32) -> Result<Bytes> {
         let deadline = Instant::now() + IO_RETRY_BUDGET;
         let mut last = String::from("no OSD holds this chunk's placement group");
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Duration::from_millis(20);
         loop {
             let map = self.map();
             for osd in attempt_order(chunk_members(&map, ino, index)) {

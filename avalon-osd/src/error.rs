@@ -35,8 +35,24 @@ pub enum OsdError {
     Mds(String),
 }
 
+/// Metadata key set on every status an OSD answers with, so that a client
+/// can tell "this OSD answered: try it again" (peering, quorum) from "this
+/// OSD could not be reached: try another member".
+pub const ANSWERED_KEY: &str = avalon_proto::errno::OSD_ANSWERED_KEY;
+
 impl From<OsdError> for Status {
     fn from(e: OsdError) -> Status {
+        let mut s = status_of(e);
+        s.metadata_mut().insert(
+            ANSWERED_KEY,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        s
+    }
+}
+
+fn status_of(e: OsdError) -> Status {
+    {
         let msg = e.to_string();
         match e {
             OsdError::Store(StoreError::InvalidArgument(_)) | OsdError::InvalidArgument(_) => {

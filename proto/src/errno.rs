@@ -82,6 +82,11 @@ pub fn leader_hint(s: &Status) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Metadata key an OSD sets on every status it answers with: the OSD is
+/// alive and reachable (peering, waiting for its replicas, stale map), as
+/// opposed to a transport failure where another replica should be tried.
+pub const OSD_ANSWERED_KEY: &str = "avalon-osd-answered";
+
 /// True when a status carries an explicit errno (a definite answer from the
 /// server, not a transport or availability failure worth retrying).
 pub fn has_errno(s: &Status) -> bool {
