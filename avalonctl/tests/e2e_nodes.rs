@@ -407,7 +407,8 @@ fn deleted_space_returns_on_all_osds() {
     let mut inos = BTreeMap::new();
     for i in 0..8u64 {
         let p = dir.join(format!("b{i}"));
-        let bytes = data(12 << 20, 50 + i);
+        // 8 x 128 MiB: 1 GiB of file data (3 GiB stored).
+        let bytes = data(128 << 20, 50 + i);
         let mut f = std::fs::File::create(&p).expect("create");
         f.write_all(&bytes).expect("write");
         f.sync_all().expect("fsync");
@@ -446,7 +447,7 @@ fn deleted_space_returns_on_all_osds() {
     // df: the MDS learns usage from heartbeats.
     assert!(
         wait_until(Duration::from_secs(60), || statfs_used(&c.mountpoint())
-            + (60 << 20)
+            + (512 << 20)
             < used_before),
         "df did not drop: before {used_before}, now {}",
         statfs_used(&c.mountpoint())
