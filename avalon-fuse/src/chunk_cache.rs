@@ -19,7 +19,11 @@ use tokio::sync::OnceCell;
 pub type Slot = Arc<OnceCell<Bytes>>;
 
 /// How far ahead sequential readahead fetches, in chunks.
-pub const READAHEAD_CHUNKS: u64 = 3;
+pub const READAHEAD_CHUNKS: u64 = 4;
+
+/// How far from the expected position a read may land and still count as
+/// sequential.
+const SEQ_WINDOW: u64 = 2 << 20;
 
 /// Per-file sequential-read tracking.
 #[derive(Debug, Default, Clone, Copy)]
@@ -52,12 +56,18 @@ impl ChunkCache {
     pub fn note_read(&self, ino: u64, offset: u64, len: u64) -> bool {
         let mut s = self.streams.lock().unwrap_or_else(|e| e.into_inner());
         let st = s.get_or_insert_mut(ino, Stream::default);
-        if offset == st.next && offset != 0 || (offset == 0 && st.run == 0) {
+        // The kernel's own readahead sends several reads at once, and they
+        // may arrive out of order: anything near the expected position
+        // continues the stream.
+        let near = offset <= st.next.saturating_add(SEQ_WINDOW)
+            && offset.saturating_add(SEQ_WINDOW) >= st.next;
+        if (near && st.next != 0) || (offset == 0 && st.run == 0) {
             st.run = st.run.saturating_add(1);
+            st.next = st.next.max(offset.saturating_add(len));
         } else {
             st.run = 0;
+            st.next = offset.saturating_add(len);
         }
-        st.next = offset.saturating_add(len);
         st.run >= 2
     }
 
@@ -128,9 +138,11 @@ mod tests {
         assert!(!c.note_read(1, 0, 100));
         assert!(c.note_read(1, 100, 100));
         assert!(c.note_read(1, 200, 100));
-        assert!(!c.note_read(1, 5000, 100));
-        assert!(!c.note_read(1, 5100, 100));
-        assert!(c.note_read(1, 5200, 100));
+        // Out of order but close: still sequential.
+        assert!(c.note_read(1, 250, 50));
+        assert!(!c.note_read(1, 50 << 20, 100));
+        assert!(!c.note_read(1, (50 << 20) + 100, 100));
+        assert!(c.note_read(1, (50 << 20) + 200, 100));
     }
 
     #[test]
