@@ -4,8 +4,10 @@
 //! Writes go to the chunk's primary (the first member of its placement
 //! group that is up), which replicates and acknowledges after m copies.
 //! If the primary cannot be reached, the next member takes the write; the
-//! cluster map is refreshed between rounds. Reads go to the first member
-//! that answers with verified data.
+//! cluster map is refreshed between rounds. Small reads go to the primary;
+//! whole-chunk (readahead) reads start at a member chosen by chunk index,
+//! spreading sequential reads over all replicas. Any read moves on to the
+//! next member when one fails or its data does not verify.
 
 use crate::chunk_cache::{copy_out, READAHEAD_CHUNKS};
 use crate::client::Client;
@@ -41,6 +43,12 @@ fn attempt_order(members: Vec<&OsdInfo>) -> Vec<OsdInfo> {
     up.extend(down);
     up
 }
+
+/// Reads at least this large start at a replica chosen by chunk index, so
+/// that sequential reads spread over every member. Smaller reads stay on
+/// the primary: a non-primary member checks its peers' versions before
+/// serving, which costs more than a small read.
+const SPREAD_READ_BYTES: u32 = 1 << 20;
 
 /// True for failures where another replica or a newer map may help.
 fn retry_elsewhere(s: &tonic::Status) -> bool {
@@ -237,7 +245,15 @@ impl Client {
         let mut backoff = Duration::from_millis(20);
         loop {
             let map = self.map();
-            for osd in attempt_order(chunk_members(&map, ino, index)) {
+            let mut order = attempt_order(chunk_members(&map, ino, index));
+            let up = order
+                .iter()
+                .filter(|o| o.state == OsdState::Up as i32)
+                .count();
+            if length >= SPREAD_READ_BYTES && up > 1 {
+                order[..up].rotate_left((index % up as u64) as usize);
+            }
+            for osd in order {
                 let req = pb::ReadChunkRequest {
                     header: self.header(),
                     chunk: Some(ChunkId { ino, index }),

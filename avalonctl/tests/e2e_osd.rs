@@ -94,20 +94,21 @@ fn cluster_map(c: &LocalCluster) -> ClusterMap {
     .expect("cluster map")
 }
 
-/// Layout ordinal of the acting primary of chunk `index` of `ino`.
-fn acting_primary(c: &LocalCluster, ino: u64, index: u64) -> u64 {
+/// Layout ordinal of the OSD a whole-chunk read of `index` goes to first:
+/// the up members in placement order, rotated by the chunk index.
+fn whole_chunk_reader(c: &LocalCluster, ino: u64, index: u64) -> u64 {
     let map = cluster_map(c);
-    let p = chunk_members(&map, ino, index)
+    let up: Vec<String> = chunk_members(&map, ino, index)
         .into_iter()
-        .find(|o| o.state == OsdState::Up as i32)
-        .expect("an up member")
-        .addr
-        .clone();
+        .filter(|o| o.state == OsdState::Up as i32)
+        .map(|o| o.addr.clone())
+        .collect();
+    let addr = &up[(index % up.len() as u64) as usize];
     c.layout
         .osds
         .iter()
-        .find(|n| n.addr == p)
-        .expect("primary is in the layout")
+        .find(|n| &n.addr == addr)
+        .expect("reader is in the layout")
         .id
 }
 
@@ -154,8 +155,10 @@ fn replicated_on_disk_and_corruption_repaired() {
         assert_eq!(total, bytes.len() as u64, "osd{n} stores the whole file");
     }
 
-    // Flip bytes in chunk 1's copy on the OSD that serves its reads.
-    let victim = acting_primary(c, ino, 1);
+    // Flip bytes in chunk 1's copy on the OSD that serves its reads: a
+    // sequential read fetches whole chunks, starting at the up member
+    // chosen by chunk index (reads spread over replicas).
+    let victim = whole_chunk_reader(c, ino, 1);
     let file = osd_chunks_dir(c, victim).join(format!("{ino:016x}/{:016x}", 1));
     let good = std::fs::read(&file).expect("chunk");
     let mut bad = good.clone();
