@@ -94,10 +94,7 @@ impl Client {
             subdir: Bytes::copy_from_slice(subdir),
         };
         let reg = mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.register_client(r).await }
-            })
+            .request(req, |mut c, r| async move { c.register_client(r).await })
             .await?;
         let map = mds
             .call(|mut c| async move { c.get_cluster_map(pb::Empty {}).await })
@@ -159,16 +156,12 @@ impl Client {
 
     /// Tells the MDS this session is alive.
     pub async fn heartbeat(&self) -> Result<()> {
-        let h = self.header();
-        let open_inos: Vec<u64> = self.opens.iter().map(|e| *e.key()).collect();
+        let req = pb::ClientHeartbeatRequest {
+            header: self.header(),
+            open_inos: self.opens.iter().map(|e| *e.key()).collect(),
+        };
         self.mds
-            .call(|mut c| {
-                let req = pb::ClientHeartbeatRequest {
-                    header: h.clone(),
-                    open_inos: open_inos.clone(),
-                };
-                async move { c.client_heartbeat(req).await }
-            })
+            .request(req, |mut c, r| async move { c.client_heartbeat(r).await })
             .await?;
         Ok(())
     }
@@ -207,10 +200,7 @@ impl Client {
         };
         let r = self
             .mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.lookup(r).await }
-            })
+            .request(req, |mut c, r| async move { c.lookup(r).await })
             .await?;
         Self::ok_attr(r.attr)
     }
@@ -223,10 +213,7 @@ impl Client {
         };
         let r = self
             .mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.get_attr(r).await }
-            })
+            .request(req, |mut c, r| async move { c.get_attr(r).await })
             .await?;
         Self::ok_attr(r.attr)
     }
@@ -249,10 +236,7 @@ impl Client {
         };
         let r = self
             .mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.set_attr(r).await }
-            })
+            .request(req, |mut c, r| async move { c.set_attr(r).await })
             .await?;
         let a = Self::ok_attr(r.attr)?;
         if let Some(size) = ch.size {
@@ -288,10 +272,7 @@ impl Client {
         };
         let r = self
             .mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.mknod(r).await }
-            })
+            .request(req, |mut c, r| async move { c.mknod(r).await })
             .await?;
         Self::ok_attr(r.attr)
     }
@@ -315,10 +296,7 @@ impl Client {
         };
         let r = self
             .mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.mkdir(r).await }
-            })
+            .request(req, |mut c, r| async move { c.mkdir(r).await })
             .await?;
         Self::ok_attr(r.attr)
     }
@@ -342,10 +320,7 @@ impl Client {
         };
         let r = self
             .mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.symlink(r).await }
-            })
+            .request(req, |mut c, r| async move { c.symlink(r).await })
             .await?;
         Self::ok_attr(r.attr)
     }
@@ -358,10 +333,7 @@ impl Client {
             name: Bytes::copy_from_slice(name),
         };
         self.mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.unlink(r).await }
-            })
+            .request(req, |mut c, r| async move { c.unlink(r).await })
             .await?;
         Ok(())
     }
@@ -374,10 +346,7 @@ impl Client {
             name: Bytes::copy_from_slice(name),
         };
         self.mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.rmdir(r).await }
-            })
+            .request(req, |mut c, r| async move { c.rmdir(r).await })
             .await?;
         Ok(())
     }
@@ -390,10 +359,7 @@ impl Client {
         };
         let r = self
             .mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.readlink(r).await }
-            })
+            .request(req, |mut c, r| async move { c.readlink(r).await })
             .await?;
         Ok(r.target)
     }
@@ -408,10 +374,7 @@ impl Client {
         };
         let r = self
             .mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.link(r).await }
-            })
+            .request(req, |mut c, r| async move { c.link(r).await })
             .await?;
         Self::ok_attr(r.attr)
     }
@@ -434,10 +397,7 @@ impl Client {
             flags,
         };
         self.mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.rename(r).await }
-            })
+            .request(req, |mut c, r| async move { c.rename(r).await })
             .await?;
         Ok(())
     }
@@ -459,10 +419,7 @@ impl Client {
         };
         Ok(self
             .mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.read_dir(r).await }
-            })
+            .request(req, |mut c, r| async move { c.read_dir(r).await })
             .await?)
     }
 
@@ -474,10 +431,7 @@ impl Client {
         };
         Ok(self
             .mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.stat_fs(r).await }
-            })
+            .request(req, |mut c, r| async move { c.stat_fs(r).await })
             .await?)
     }
 
@@ -491,10 +445,7 @@ impl Client {
             flags,
         };
         self.mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.set_xattr(r).await }
-            })
+            .request(req, |mut c, r| async move { c.set_xattr(r).await })
             .await?;
         Ok(())
     }
@@ -508,10 +459,7 @@ impl Client {
         };
         let r = self
             .mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.get_xattr(r).await }
-            })
+            .request(req, |mut c, r| async move { c.get_xattr(r).await })
             .await?;
         Ok(r.value)
     }
@@ -524,10 +472,7 @@ impl Client {
         };
         let r = self
             .mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.list_xattr(r).await }
-            })
+            .request(req, |mut c, r| async move { c.list_xattr(r).await })
             .await?;
         Ok(r.names)
     }
@@ -540,10 +485,7 @@ impl Client {
             name: Bytes::copy_from_slice(name),
         };
         self.mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.remove_xattr(r).await }
-            })
+            .request(req, |mut c, r| async move { c.remove_xattr(r).await })
             .await?;
         Ok(())
     }
@@ -562,10 +504,7 @@ impl Client {
         };
         let r = self
             .mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.commit_write(r).await }
-            })
+            .request(req, |mut c, r| async move { c.commit_write(r).await })
             .await?;
         if let Some(mut st) = self.files.get_mut(&ino) {
             // Writes that raced past `size` stay dirty.
@@ -590,10 +529,7 @@ impl Client {
         };
         let r = self
             .mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.open(r).await }
-            })
+            .request(req, |mut c, r| async move { c.open(r).await })
             .await?;
         *self.opens.entry(ino).or_insert(0) += 1;
         Self::ok_attr(r.attr)
@@ -622,10 +558,7 @@ impl Client {
             ino,
         };
         self.mds
-            .call(|mut c| {
-                let r = req.clone();
-                async move { c.release(r).await }
-            })
+            .request(req, |mut c, r| async move { c.release(r).await })
             .await?;
         commit.map(|_| ())
     }

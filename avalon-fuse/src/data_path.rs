@@ -35,10 +35,9 @@ enum Piece {
 }
 
 /// Members ordered for an attempt: up ones first, keeping placement order.
-fn attempt_order(members: Vec<&OsdInfo>) -> Vec<OsdInfo> {
-    let (mut up, down): (Vec<OsdInfo>, Vec<OsdInfo>) = members
+fn attempt_order(members: Vec<&OsdInfo>) -> Vec<&OsdInfo> {
+    let (mut up, down): (Vec<&OsdInfo>, Vec<&OsdInfo>) = members
         .into_iter()
-        .cloned()
         .partition(|o| o.state == OsdState::Up as i32);
     up.extend(down);
     up

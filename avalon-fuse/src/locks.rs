@@ -68,10 +68,7 @@ pub async fn getlk(
     let req = lock_req(c, ino, owner, start, end, typ, pid)?;
     let r = c
         .mds
-        .call(|mut m| {
-            let r = req.clone();
-            async move { m.get_lock(r).await }
-        })
+        .request(req, |mut m, r| async move { m.get_lock(r).await })
         .await?;
     Ok((r.start, r.end, r.r#type as i32, r.pid))
 }
@@ -81,10 +78,7 @@ async fn try_setlk(c: &Client, req: &pb::LockRequest) -> Result<()> {
     // A fresh request id per attempt: the MDS remembers answers by id.
     req.header = c.header();
     c.mds
-        .call(|mut m| {
-            let r = req.clone();
-            async move { m.set_lock(r).await }
-        })
+        .request(req, |mut m, r| async move { m.set_lock(r).await })
         .await?;
     Ok(())
 }
@@ -160,10 +154,7 @@ pub async fn release_owner(c: &Client, ino: u64, owner: u64) -> Result<()> {
         owner,
     };
     c.mds
-        .call(|mut m| {
-            let r = req.clone();
-            async move { m.release_locks(r).await }
-        })
+        .request(req, |mut m, r| async move { m.release_locks(r).await })
         .await?;
     Ok(())
 }

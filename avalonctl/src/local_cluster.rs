@@ -335,27 +335,13 @@ impl LocalCluster {
     }
 
     fn respawn(&self, p: &mut Proc) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("logs").join(format!("{}.log", p.name)))?;
-        let mut cmd = Command::new(&p.bin);
-        cmd.args(&p.args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .env("RUST_LOG", &self.opts.log_level)
-            // Own process group: a Ctrl-C at the terminal reaches `up`,
-            // which then stops everything in order.
-            .process_group(0);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", p.bin.display()))?;
-        std::fs::write(
-            self.dir.join("run").join(format!("{}.pid", p.name)),
-            child.id().to_string(),
-        )?;
-        p.child = Some(child);
+        p.child = Some(spawn_daemon(
+            &self.dir,
+            &p.name,
+            &p.bin,
+            &p.args,
+            &self.opts.log_level,
+        )?);
         Ok(())
     }
 
@@ -756,15 +742,32 @@ pub fn add_osd_detached(dir: &Path, bin_dir: &Path, log_level: &str) -> anyhow::
     let mut layout = load_layout(&dir)?;
     let spec = new_osd_spec(&dir, &layout)?;
     let name = format!("osd{}", spec.id);
+    let args = osd_args(&dir, &layout, &spec);
+    spawn_daemon(&dir, &name, &bin_dir.join("avalon-osd"), &args, log_level)?;
+    layout.osds.push(spec.clone());
+    save_layout(&dir, &layout)?;
+    Ok(spec)
+}
+
+/// Starts one daemon of the cluster in `dir`: output appended to
+/// `DIR/logs/NAME.log`, pid written to `DIR/run/NAME.pid`, in its own
+/// process group (a Ctrl-C at the terminal reaches `up`, which then stops
+/// everything in order).
+fn spawn_daemon(
+    dir: &Path,
+    name: &str,
+    bin: &Path,
+    args: &[String],
+    log_level: &str,
+) -> anyhow::Result<Child> {
     std::fs::create_dir_all(dir.join("logs"))?;
     std::fs::create_dir_all(dir.join("run"))?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("logs").join(format!("{name}.log")))?;
-    let bin = bin_dir.join("avalon-osd");
-    let child = Command::new(&bin)
-        .args(osd_args(&dir, &layout, &spec))
+    let child = Command::new(bin)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -776,9 +779,7 @@ pub fn add_osd_detached(dir: &Path, bin_dir: &Path, log_level: &str) -> anyhow::
         dir.join("run").join(format!("{name}.pid")),
         child.id().to_string(),
     )?;
-    layout.osds.push(spec.clone());
-    save_layout(&dir, &layout)?;
-    Ok(spec)
+    Ok(child)
 }
 
 /// Reads `DIR/cluster.toml`.
@@ -842,26 +843,8 @@ pub fn add_mds_detached(dir: &Path, bin_dir: &Path, log_level: &str) -> anyhow::
     let mut layout = load_layout(&dir)?;
     let spec = new_mds_spec(&dir, &layout)?;
     let name = format!("mds{}", spec.id);
-    std::fs::create_dir_all(dir.join("logs"))?;
-    std::fs::create_dir_all(dir.join("run"))?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("logs").join(format!("{name}.log")))?;
-    let bin = bin_dir.join("avalon-mds");
-    let child = Command::new(&bin)
-        .args(mds_args(&dir, &layout, &spec))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .env("RUST_LOG", log_level)
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
-    std::fs::write(
-        dir.join("run").join(format!("{name}.pid")),
-        child.id().to_string(),
-    )?;
+    let args = mds_args(&dir, &layout, &spec);
+    spawn_daemon(&dir, &name, &bin_dir.join("avalon-mds"), &args, log_level)?;
     layout.mds.push(spec.clone());
     save_layout(&dir, &layout)?;
     let addrs = layout.mds_addrs();

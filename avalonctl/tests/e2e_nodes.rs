@@ -10,11 +10,10 @@
 
 mod common;
 
-use avalon_proto::mds_conn::MdsConn;
-use avalon_proto::pb::{ClusterMap, Empty, OsdState};
+use avalon_proto::pb::{ClusterMap, OsdState};
 use avalon_proto::placement::chunk_members;
 use avalonctl::local_cluster::{LocalCluster, Options};
-use common::{data, sha, wait_until};
+use common::{cluster_map, data, sha, wait_until};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -72,20 +71,6 @@ impl Drop for Cluster {
             c.stop();
         }
     }
-}
-
-fn cluster_map(c: &LocalCluster) -> ClusterMap {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let conn = MdsConn::new(c.layout.mds_addrs());
-    rt.block_on(
-        conn.call_within(Duration::from_secs(10), |mut m| async move {
-            m.get_cluster_map(Empty {}).await
-        }),
-    )
-    .expect("cluster map")
 }
 
 /// Layout ordinal of the OSD with cluster id `id`.

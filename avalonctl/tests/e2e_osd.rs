@@ -7,11 +7,10 @@
 
 mod common;
 
-use avalon_proto::mds_conn::MdsConn;
-use avalon_proto::pb::{ClusterMap, Empty, OsdState};
+use avalon_proto::pb::OsdState;
 use avalon_proto::placement::chunk_members;
 use avalonctl::local_cluster::LocalCluster;
-use common::{data, sha, sha_file, wait_until, TestCluster};
+use common::{cluster_map, data, sha, sha_file, wait_until, TestCluster};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
@@ -78,20 +77,6 @@ fn data_chunk_count(files: &BTreeMap<String, Vec<u8>>) -> usize {
 fn replicas_identical(c: &LocalCluster, ino: u64, chunks: usize) -> bool {
     let a = chunk_files(c, 1, ino);
     data_chunk_count(&a) == chunks && (2..=3).all(|n| chunk_files(c, n, ino) == a)
-}
-
-fn cluster_map(c: &LocalCluster) -> ClusterMap {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let conn = MdsConn::new(c.layout.mds_addrs());
-    rt.block_on(
-        conn.call_within(Duration::from_secs(10), |mut m| async move {
-            m.get_cluster_map(Empty {}).await
-        }),
-    )
-    .expect("cluster map")
 }
 
 /// Layout ordinal of the OSD a whole-chunk read of `index` goes to first:

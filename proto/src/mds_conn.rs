@@ -102,6 +102,17 @@ impl MdsConn {
         self.call_within(self.retry_for, &mut f).await
     }
 
+    /// [`MdsConn::call`] for one request message, cloned for each attempt:
+    /// `conn.request(req, |mut c, r| async move { c.mknod(r).await })`.
+    pub async fn request<R, T, F, Fut>(&self, req: R, mut f: F) -> Result<T, Status>
+    where
+        R: Clone,
+        F: FnMut(MetaClient<Channel>, R) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call(|c| f(c, req.clone())).await
+    }
+
     /// [`MdsConn::call`] with an explicit retry budget.
     pub async fn call_within<T, F, Fut>(&self, budget: Duration, mut f: F) -> Result<T, Status>
     where

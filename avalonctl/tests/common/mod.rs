@@ -111,3 +111,18 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// The cluster map, from the MDS leader.
+pub fn cluster_map(c: &LocalCluster) -> avalon_proto::pb::ClusterMap {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let conn = avalon_proto::mds_conn::MdsConn::new(c.layout.mds_addrs());
+    rt.block_on(
+        conn.call_within(Duration::from_secs(10), |mut m| async move {
+            m.get_cluster_map(avalon_proto::pb::Empty {}).await
+        }),
+    )
+    .expect("cluster map")
+}
