@@ -1,53 +1,144 @@
 #!/usr/bin/env python3
 """Avalon benchmark harness.
 
-Starts its own Avalon cluster (3 MDS, 3 OSDs, n=3 m=2 on 127.0.0.1) and, in
-the same run, a local directory and a FUSE passthrough (bindfs over a local
-directory), then runs the same workloads on each, interleaved, and prints
-figures and ratios to the passthrough. `--json FILE` writes the results.
+Starts, in one run and all on 127.0.0.1, its own Avalon cluster (3 MDS,
+3 OSDs), a local directory, a FUSE passthrough (bindfs over a local
+directory) and a peer distributed filesystem, MooseFS (1 master,
+3 chunkservers, goal 3, trash time 0; installed from Debian packages and
+started by hand with its own configs under the run's temp dir). It runs the
+same workloads on each system in turn (interleaved, the order rotated on
+every --repeat), prints one column per system, the medians over the
+repeats, and Avalon's speed relative to bindfs and to MooseFS. Everything it
+started is stopped at the end, on errors and on Ctrl-C.
 
-    bench/bench.py                      # everything, default sizes
-    bench/bench.py --only meta --files 2000
-    bench/bench.py --only fio --fio-size 256M --json /tmp/b.json
+    bench/bench.py                                  # everything, default sizes
+    bench/bench.py --files 500 --fio-size 64M --fio-time 3 --small-files 500 \\
+                   --tree-entries 2000               # quick look
+    bench/bench.py --only meta,cached --repeat 3 --json /tmp/b.json --chart /tmp/b.svg
+    bench/bench.py --no-peers --systems local,bindfs,avalon
 
-Workloads:
-  meta   create / stat / rename / unlink of --files files, one worker and
-         --workers parallel processes; `ls -l` of the created directory
-  fio    sequential write and read (bs=1M, --fio-size), 4k random read and
-         write (--fio-time seconds each)
+Workloads (--only takes a comma-separated list of these):
+  meta    create / stat / rename / unlink of --files empty files by one
+          process, then by --workers processes, each in its own directory
+  ls      `ls -l` of a directory of --files entries, after dropping caches
+  small   write --small-files files of --small-size bytes (no fsync), then
+          drop caches and read them all back: files/s each way
+  tree    real work on a real source tree (glibc from Debian's glibc-source,
+          ~21k entries, decompressed once to a local .tar so xz is not
+          measured): untar, `find`, `du -s` (caches dropped before each),
+          `rm -rf`; seconds, lower is better
+  cached  warm figures: stat of the same --cached-files files again (they
+          were stat'ed once just before), and fio 4k random reads (psync,
+          buffered) of a --cached-size file that was read once first
+  fio     sequential write and read (bs=1M, --fio-size, end_fsync; caches
+          dropped before the read), 4k random read and write (--fio-time
+          seconds each, psync)
 
-Run as root (FUSE mounts). Packages it needs (bindfs, fio) are installed
-with apt when missing. Peers (MooseFS, GlusterFS) are future work.
+Reading the output: one column per system; `avalon/bindfs` and
+`avalon/moosefs` are speed ratios (for time metrics the inverse of the time
+ratio), so 1.0 is parity, 0.5 twice as slow, 2.0 twice as fast. --chart
+draws the same speed ratio to bindfs for every system and metric (log scale).
+Workloads that fail on one system are reported (stderr and JSON `errors`)
+and shown as n/a; the others go on.
+
+Run as root (FUSE mounts, drop_caches). Packages it needs (bindfs, fio,
+moosefs-*, glibc-source) are installed with apt when missing, with a
+policy-rc.d that keeps package scripts from starting daemons. Peers are
+skipped with --no-peers, or with a message when their packages cannot be
+installed or they fail to start.
 """
 
 import argparse
+import contextlib
+import glob
 import json
+import math
 import multiprocessing
 import os
 import shutil
 import signal
+import socket
+import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+from xml.sax.saxutils import escape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("AVALON_BIN_DIR") or os.path.join(ROOT, "target", "release")
+GROUPS = ["meta", "ls", "small", "tree", "cached", "fio"]
+PEERS = ["moosefs"]
+MOOSEFS_PKGS = ["moosefs-master", "moosefs-chunkserver", "moosefs-client"]
+POLICY_RC = "/usr/sbin/policy-rc.d"
+CMD_TIMEOUT = 3600  # seconds, any single external command (tar, find, fio...)
+
+# metric name -> True when higher is better (rates), False for times.
+METRICS = {}
+
+
+def metric(name, higher=True):
+    METRICS.setdefault(name, higher)
+    return name
 
 
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def ensure_packages():
-    missing = [p for p, c in (("bindfs", "bindfs"), ("fio", "fio")) if shutil.which(c) is None]
-    if missing:
-        log(f"installing {' '.join(missing)} (apt)")
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
+# ---------------------------------------------------------------- packages
 
+@contextlib.contextmanager
+def no_daemon_starts():
+    """A policy-rc.d that exits 101 while apt runs, so that package scripts
+    start no daemon with the default (all-interface) configs. An existing
+    one that already says 101 is left alone; any other is put back after."""
+    saved = None
+    if os.path.exists(POLICY_RC):
+        with open(POLICY_RC) as f:
+            if "exit 101" in f.read():
+                yield
+                return
+        saved = POLICY_RC + ".avalon-bench-saved"
+        os.rename(POLICY_RC, saved)
+    try:
+        with open(POLICY_RC, "w") as f:
+            f.write("#!/bin/sh\n# avalon bench.py: no daemon starts during apt\nexit 101\n")
+        os.chmod(POLICY_RC, 0o755)
+        yield
+    finally:
+        os.unlink(POLICY_RC)
+        if saved:
+            os.rename(saved, POLICY_RC)
+
+
+_apt_updated = False
+
+
+def apt_install(pkgs):
+    """Installs the Debian packages that are not installed yet. Raises
+    RuntimeError with apt's last words when that fails."""
+    global _apt_updated
+    missing = [p for p in pkgs if subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True
+    ).stdout.strip() != "install ok installed"]
+    if not missing:
+        return
+    log(f"installing {' '.join(missing)} (apt)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    with no_daemon_starts():
+        if not _apt_updated:
+            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+            _apt_updated = True
+        r = subprocess.run(["apt-get", "install", "-y", "-qq", *missing], env=env,
+                           capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = " / ".join((r.stderr or r.stdout).strip().splitlines()[-3:])
+        raise RuntimeError(f"apt-get install {' '.join(missing)} failed ({r.returncode}): {tail}")
+
+
+# ---------------------------------------------------------------- helpers
 
 def is_mounted(path):
     path = os.path.realpath(path)
@@ -64,8 +155,63 @@ def drop_caches():
         pass
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd, **kw):
+    kw.setdefault("timeout", CMD_TIMEOUT)
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])}... exited {r.returncode}: "
+                           f"{(r.stderr or r.stdout).strip()[-500:]}")
+    return r.stdout
+
+
+def timed(cmd, **kw):
+    t = time.perf_counter()
+    run(cmd, **kw)
+    return time.perf_counter() - t
+
+
+def stop_proc(p, sig=signal.SIGTERM, timeout=60):
+    if p is None or p.poll() is not None:
+        return
+    p.send_signal(sig)
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log(f"pid {p.pid} did not stop in {timeout}s; SIGKILL")
+        p.kill()
+        p.wait(timeout=30)
+
+
+def unmount(path):
+    if is_mounted(path):
+        if subprocess.run(["umount", path]).returncode != 0:
+            time.sleep(1)
+            subprocess.run(["umount", "-l", path])
+
+
+def non_loopback_listeners(pids):
+    """Listening TCP sockets of these pids not bound to 127.0.0.0/8."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+    bad = []
+    for line in out.splitlines():
+        if any(f"pid={p}," in line for p in pids):
+            local = line.split()[3]
+            if not local.startswith("127."):
+                bad.append(line.strip())
+    return bad
+
+
+# ---------------------------------------------------------------- systems
+
 class System:
     """A directory to benchmark, with setup and teardown."""
+    peer = False
 
     def __init__(self, name, path):
         self.name, self.path = name, path
@@ -75,6 +221,9 @@ class System:
 
     def stop(self):
         pass
+
+    def info(self):
+        return {}
 
 
 class Local(System):
@@ -93,7 +242,7 @@ class Bindfs(System):
         subprocess.run(["bindfs", "--no-allow-other", self.src, self.path], check=True)
 
     def stop(self):
-        subprocess.run(["umount", self.path])
+        unmount(self.path)
 
 
 class Avalon(System):
@@ -103,20 +252,164 @@ class Avalon(System):
         self.proc = None
 
     def start(self):
+        # Own session: a Ctrl-C reaches the harness only, which then stops
+        # the cluster in order.
+        self.logfile = os.path.join(os.path.dirname(self.base), "avalon-up.log")
         self.proc = subprocess.Popen([os.path.join(BIN, "avalonctl"), "up", self.base],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=open(os.path.join(os.path.dirname(self.base), "avalon-up.log"), "w"))
+                                     stderr=open(self.logfile, "w"), start_new_session=True)
         deadline = time.time() + 120
         while not is_mounted(self.path):
             if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("avalonctl up failed; see avalon-up.log")
+                raise RuntimeError(f"avalonctl up failed; see {self.logfile}")
             time.sleep(0.2)
 
     def stop(self):
-        if self.proc:
+        if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
-            self.proc.wait(timeout=120)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                log("avalonctl up did not stop; avalonctl down")
+                subprocess.run([os.path.join(BIN, "avalonctl"), "down", self.base])
+                stop_proc(self.proc, signal.SIGKILL)
+        unmount(self.path)
 
+
+class MooseFS(System):
+    """mfsmaster + 3 mfschunkservers + mfsmount, all on 127.0.0.1, each with
+    its own config, data dir and lock file under `base`, run in the
+    foreground as children of the harness.
+
+    MooseFS refuses a loopback master address on the chunkserver side, so
+    chunkservers connect from BIND_HOST 127.0.0.1 to MASTER_HOST 0.0.0.0
+    (which Linux routes to the loopback listener) and the master remaps the
+    127.0.0.1 source to 0.0.0.0 (REMAP_*), the address it hands to clients,
+    which again reaches the loopback listeners."""
+    peer = True
+    CHUNKSERVERS = 3
+
+    def __init__(self, name, base):
+        super().__init__(name, os.path.join(base, "mnt"))
+        self.base = base
+        self.procs = []   # (name, Popen) in start order
+        self.mount_proc = None
+
+    def _cfg(self, path, opts):
+        with open(path, "w") as f:
+            for k, v in opts.items():
+                f.write(f"{k} = {v}\n")
+
+    def _spawn(self, name, cmd):
+        logf = open(os.path.join(self.base, f"{name}.log"), "w")
+        p = subprocess.Popen(cmd, cwd=self.base, stdin=subprocess.DEVNULL, stdout=logf,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append((name, p))
+        return p
+
+    def start(self):
+        b = self.base
+        nice = os.nice(0)
+        common = {"WORKING_USER": "root", "WORKING_GROUP": "root", "NICE_LEVEL": nice,
+                  "DISABLE_OOM_KILLER": 0, "LOCK_MEMORY": 0}
+        md = os.path.join(b, "master")
+        os.makedirs(md)
+        os.makedirs(self.path)
+        shutil.copy("/var/lib/mfs/metadata.mfs.empty", os.path.join(md, "metadata.mfs"))
+        with open(os.path.join(md, "mfsexports.cfg"), "w") as f:
+            f.write("127.0.0.1 / rw,alldirs,maproot=0,mintrashtime=0\n")
+        open(os.path.join(md, "mfstopology.cfg"), "w").close()
+        self.ml_port, self.cs_port, self.cl_port = free_port(), free_port(), free_port()
+        self._cfg(os.path.join(md, "mfsmaster.cfg"), {
+            **common, "DATA_PATH": md,
+            "EXPORTS_FILENAME": os.path.join(md, "mfsexports.cfg"),
+            "TOPOLOGY_FILENAME": os.path.join(md, "mfstopology.cfg"),
+            "MATOML_LISTEN_HOST": "127.0.0.1", "MATOML_LISTEN_PORT": self.ml_port,
+            "MATOCS_LISTEN_HOST": "127.0.0.1", "MATOCS_LISTEN_PORT": self.cs_port,
+            "MATOCL_LISTEN_HOST": "127.0.0.1", "MATOCL_LISTEN_PORT": self.cl_port,
+            "REMAP_BITS": 32, "REMAP_SOURCE_IP_CLASS": "127.0.0.1",
+            "REMAP_DESTINATION_IP_CLASS": "0.0.0.0",
+            "REPLICATIONS_DELAY_INIT": 0,
+        })
+        self._spawn("mfsmaster", ["mfsmaster", "-f", "-c", os.path.join(md, "mfsmaster.cfg")])
+        self._wait_listen(self.cl_port, "mfsmaster")
+        for i in range(1, self.CHUNKSERVERS + 1):
+            cd = os.path.join(b, f"cs{i}")
+            os.makedirs(os.path.join(cd, "data"))
+            with open(os.path.join(cd, "mfshdd.cfg"), "w") as f:
+                f.write(os.path.join(cd, "data") + "\n")
+            port = free_port()
+            self._cfg(os.path.join(cd, "mfschunkserver.cfg"), {
+                **common, "DATA_PATH": cd,
+                "HDD_CONF_FILENAME": os.path.join(cd, "mfshdd.cfg"),
+                "HDD_LEAVE_SPACE_DEFAULT": "1GiB",
+                "BIND_HOST": "127.0.0.1", "MASTER_HOST": "0.0.0.0",
+                "MASTER_PORT": self.cs_port,
+                "CSSERV_LISTEN_HOST": "127.0.0.1", "CSSERV_LISTEN_PORT": port,
+            })
+            self._spawn(f"cs{i}", ["mfschunkserver", "-f", "-c",
+                                   os.path.join(cd, "mfschunkserver.cfg")])
+            self._wait_listen(port, f"cs{i}")
+        self.mount_proc = self._spawn("mfsmount", [
+            "mfsmount", "-f", self.path, "-H", "127.0.0.1", "-P", str(self.cl_port),
+            "-o", "mfsbind=127.0.0.1"])
+        deadline = time.time() + 30
+        while not is_mounted(self.path):
+            if self.mount_proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"mfsmount failed; see {b}/mfsmount.log")
+            time.sleep(0.2)
+        run(["mfssetgoal", "-r", "3", self.path])
+        run(["mfssettrashtime", "-r", "0", self.path])
+        self._wait_goal3()
+        bad = non_loopback_listeners([p.pid for _, p in self.procs])
+        if bad:
+            raise RuntimeError("MooseFS listens beyond loopback: " + "; ".join(bad))
+
+    def _wait_listen(self, port, name, timeout=30):
+        deadline = time.time() + timeout
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            p = dict(self.procs).get(name)
+            if (p and p.poll() is not None) or time.time() > deadline:
+                raise RuntimeError(f"MooseFS {name} did not listen on 127.0.0.1:{port}; "
+                                   f"see {self.base}/{name}.log")
+            time.sleep(0.2)
+
+    def _wait_goal3(self, timeout=60):
+        """Until a freshly written chunk gets 3 valid copies: all three
+        chunkservers registered and goal 3 achievable."""
+        deadline = time.time() + timeout
+        i = 0
+        while True:
+            probe = os.path.join(self.path, f".probe{i}")
+            with open(probe, "wb") as f:
+                f.write(os.urandom(65536))
+                os.fsync(f.fileno())
+            out = run(["mfscheckfile", probe])
+            os.unlink(probe)
+            if "chunks with 3 copies:" in out:
+                return
+            if time.time() > deadline:
+                raise RuntimeError(f"MooseFS: no chunk with 3 copies after {timeout}s: {out.strip()}")
+            i += 1
+            time.sleep(1)
+
+    def stop(self):
+        unmount(self.path)
+        if self.mount_proc:
+            stop_proc(self.mount_proc, timeout=30)
+        # chunkservers first, then the master (which saves its metadata)
+        for name, p in reversed(self.procs):
+            stop_proc(p, timeout=60)
+
+    def info(self):
+        v = subprocess.run(["mfsmaster", "-v"], capture_output=True, text=True).stdout.strip()
+        return {"version": v, "chunkservers": self.CHUNKSERVERS, "goal": 3, "trashtime": 0}
+
+
+# ---------------------------------------------------------------- workloads
 
 def rate(n, secs):
     return n / secs if secs > 0 else float("inf")
@@ -145,40 +438,89 @@ def meta_worker(args):
     return res
 
 
-def bench_meta(sysm, files, workers):
+def bench_meta(d, a):
     out = {}
-    base = os.path.join(sysm.path, "meta")
-    os.makedirs(base, exist_ok=True)
-    # Single worker.
-    d = os.path.join(base, "single")
-    os.mkdir(d)
-    r = meta_worker((d, 0, files))
+    files, workers = a.files, a.workers
+    s = os.path.join(d, "single")
+    os.mkdir(s)
+    r = meta_worker((s, 0, files))
     for k, v in r.items():
-        out[f"{k}/s (1 worker)"] = rate(files, v)
+        out[metric(f"{k}/s (1 worker)")] = rate(files, v)
     # Parallel workers, each in its own directory.
-    per = files // workers
+    per = max(1, files // workers)
     dirs = []
     for w in range(workers):
-        dw = os.path.join(base, f"par{w}")
+        dw = os.path.join(d, f"par{w}")
         os.mkdir(dw)
         dirs.append((dw, 0, per))
-    t0 = time.perf_counter()
     with multiprocessing.Pool(workers) as pool:
         results = pool.map(meta_worker, dirs)
     for k in ("create", "stat", "rename", "unlink"):
         slowest = max(r[k] for r in results)
-        out[f"{k}/s ({workers} workers)"] = rate(per * workers, slowest)
-    _ = t0
-    # ls -l of a directory of `files` entries.
-    d = os.path.join(base, "ls")
-    os.mkdir(d)
-    for i in range(files):
+        out[metric(f"{k}/s ({workers} workers)")] = rate(per * workers, slowest)
+    return out
+
+
+def bench_ls(d, a):
+    for i in range(a.files):
         os.close(os.open(os.path.join(d, f"e{i}"), os.O_CREAT | os.O_WRONLY, 0o644))
     drop_caches()
+    t = timed(["ls", "-l", d])
+    return {metric(f"ls -l entries/s ({a.files})"): rate(a.files, t)}
+
+
+def bench_small(d, a):
+    n, size = a.small_files, a.small_size
+    data = os.urandom(size)
+    names = [os.path.join(d, f"s{i}") for i in range(n)]
     t = time.perf_counter()
-    subprocess.run(["ls", "-l", d], stdout=subprocess.DEVNULL, check=True)
-    out["ls -l entries/s"] = rate(files, time.perf_counter() - t)
-    shutil.rmtree(base)
+    for p in names:
+        fd = os.open(p, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        os.write(fd, data)
+        os.close(fd)
+    w = time.perf_counter() - t
+    drop_caches()
+    t = time.perf_counter()
+    for p in names:
+        fd = os.open(p, os.O_RDONLY)
+        got = os.read(fd, size + 1)
+        os.close(fd)
+        if len(got) != size:
+            raise RuntimeError(f"small files: {p} read back {len(got)} bytes, wrote {size}")
+    r = time.perf_counter() - t
+    kib = size // 1024
+    return {metric(f"small {kib}K write files/s"): rate(n, w),
+            metric(f"small {kib}K read files/s"): rate(n, r)}
+
+
+def prepare_tree(work, entries):
+    """The glibc source tarball decompressed once to a local .tar (the first
+    `entries` members only when entries > 0). Returns (path, member count)."""
+    apt_install(["glibc-source"])
+    src = sorted(glob.glob("/usr/src/glibc/glibc-*.tar.xz"))
+    if not src:
+        raise RuntimeError("glibc-source installed but /usr/src/glibc/glibc-*.tar.xz missing")
+    dst = os.path.join(work, "tree.tar")
+    log(f"decompressing {src[-1]} to {dst}" + (f" (first {entries} entries)" if entries else ""))
+    n = 0
+    with tarfile.open(src[-1], "r:xz") as tin, tarfile.open(dst, "w") as tout:
+        for m in tin:
+            if entries and n >= entries:
+                break
+            tout.addfile(m, tin.extractfile(m) if m.isfile() else None)
+            n += 1
+    return dst, n
+
+
+def bench_tree(d, a):
+    tar, n = a.tree_tar
+    out = {}
+    out[metric(f"untar {n} entries s", False)] = timed(["tar", "-xf", tar, "-C", d])
+    drop_caches()
+    out[metric("find s", False)] = timed(["find", d])
+    drop_caches()
+    out[metric("du -s s", False)] = timed(["du", "-s", d])
+    out[metric("rm -rf s", False)] = timed(["rm", "-rf", os.path.join(d, os.listdir(d)[0])])
     return out
 
 
@@ -188,69 +530,292 @@ def fio(path, name, rw, bs, size, runtime=None, extra=()):
            *extra]
     if runtime:
         cmd += [f"--runtime={runtime}", "--time_based"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"fio failed on {path}: {r.stderr.strip()}")
-    job = json.loads(r.stdout)["jobs"][0]
+    job = json.loads(run(cmd))["jobs"][0]
     part = job["write"] if rw in ("write", "randwrite") else job["read"]
     return part["bw_bytes"], part["iops"]
 
 
-def bench_fio(sysm, size, secs):
+def bench_cached(d, a):
     out = {}
-    d = os.path.join(sysm.path, "fio")
-    os.makedirs(d, exist_ok=True)
-    bw, _ = fio(d, "seq", "write", "1M", size, extra=["--end_fsync=1"])
-    out["seq write MiB/s"] = bw / 2**20
-    drop_caches()
-    bw, _ = fio(d, "seq", "read", "1M", size)
-    out["seq read MiB/s"] = bw / 2**20
-    drop_caches()
-    _, iops = fio(d, "seq", "randread", "4k", size, runtime=secs)
-    out["4k rand read IOPS"] = iops
-    _, iops = fio(d, "seq", "randwrite", "4k", size, runtime=secs, extra=["--end_fsync=1"])
-    out["4k rand write IOPS"] = iops
-    shutil.rmtree(d)
+    n = a.cached_files
+    names = [os.path.join(d, f"c{i}") for i in range(n)]
+    for p in names:
+        os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
+    for p in names:  # first pass, not timed
+        os.stat(p)
+    passes, t = 0, time.perf_counter()
+    while passes < 3 or (time.perf_counter() - t < 0.5 and passes < 100):
+        for p in names:
+            os.stat(p)
+        passes += 1
+    out[metric(f"warm stat/s ({n} files)")] = rate(n * passes, time.perf_counter() - t)
+    fio(d, "cached", "read", "1M", a.cached_size)  # read once: now cached
+    _, iops = fio(d, "cached", "randread", "4k", a.cached_size, runtime=a.fio_time)
+    out[metric(f"4k cached read IOPS ({a.cached_size})")] = iops
     return out
 
 
+def bench_fio(d, a):
+    out = {}
+    bw, _ = fio(d, "seq", "write", "1M", a.fio_size, extra=["--end_fsync=1"])
+    out[metric("seq write MiB/s")] = bw / 2**20
+    drop_caches()
+    bw, _ = fio(d, "seq", "read", "1M", a.fio_size)
+    out[metric("seq read MiB/s")] = bw / 2**20
+    drop_caches()
+    _, iops = fio(d, "seq", "randread", "4k", a.fio_size, runtime=a.fio_time)
+    out[metric("4k rand read IOPS")] = iops
+    _, iops = fio(d, "seq", "randwrite", "4k", a.fio_size, runtime=a.fio_time,
+                  extra=["--end_fsync=1"])
+    out[metric("4k rand write IOPS")] = iops
+    return out
+
+
+WORKLOADS = {"meta": bench_meta, "ls": bench_ls, "small": bench_small, "tree": bench_tree,
+             "cached": bench_cached, "fio": bench_fio}
+
+
+def run_workload(gname, s, a):
+    d = os.path.join(s.path, f"bench-{gname}")
+    os.makedirs(d)
+    try:
+        return WORKLOADS[gname](d, a)
+    finally:
+        try:
+            shutil.rmtree(d)
+        except OSError as e:
+            log(f"  cleaning {d}: {e}")
+            subprocess.run(["rm", "-rf", d], timeout=CMD_TIMEOUT)
+
+
+# ---------------------------------------------------------------- output
+
+def fmt(v):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}" if abs(v) >= 0.1 else f"{v:.3f}"
+
+
+def speed_ratio(m, a, b):
+    """Speed of a relative to b for metric m (>1: a is faster)."""
+    if a is None or b is None or a <= 0 or b <= 0:
+        return None
+    return a / b if METRICS.get(m, True) else b / a
+
+
+def table(results, names, metrics):
+    ratios = [(f"avalon/{p}", p) for p in ("bindfs", "moosefs")
+              if "avalon" in names and p in names]
+    w = max([28] + [len(m) + 2 for m in metrics])
+    lines = [f"{'metric':<{w}}" + "".join(f"{n:>12}" for n in names)
+             + "".join(f"{r:>16}" for r, _ in ratios)]
+    for m in metrics:
+        line = f"{m:<{w}}" + "".join(f"{fmt(results[n].get(m)):>12}" for n in names)
+        for _, p in ratios:
+            r = speed_ratio(m, results["avalon"].get(m), results[p].get(m))
+            line += f"{(fmt(r) + 'x') if r else 'n/a':>16}"
+        lines.append(line)
+    if ratios:
+        lines.append("ratios are speeds (time metrics inverted): >1 avalon faster, <1 slower")
+    return "\n".join(lines)
+
+
+COLORS = {"local": "#7f7f7f", "moosefs": "#ff7f0e", "avalon": "#1f77b4",
+          "glusterfs": "#2ca02c"}
+
+
+def chart(path, results, names, metrics, title):
+    """Grouped horizontal bars, one group per metric, one bar per system:
+    speed relative to bindfs on a log scale centred on 1 (bars to the right:
+    faster than bindfs, to the left: slower)."""
+    shown = [n for n in names if n != "bindfs"]
+    vals = {(m, n): speed_ratio(m, results[n].get(m), results["bindfs"].get(m))
+            for m in metrics for n in shown}
+    present = [v for v in vals.values() if v]
+    lo = 10 ** math.floor(math.log10(min(present + [0.1])))
+    hi = 10 ** math.ceil(math.log10(max(present + [10])))
+    lo, hi = max(lo, 1e-4), min(hi, 1e4)
+    label_w, plot_w, right = 250, 560, 70
+    bar_h, gap = 13, 12
+    group_h = bar_h * len(shown) + gap
+    top = 80
+    height = top + group_h * len(metrics) + 50
+    width = label_w + plot_w + right
+
+    def x(v):
+        v = min(max(v, lo), hi)
+        return label_w + plot_w * (math.log10(v) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
+
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+         f'font-family="sans-serif" font-size="11">',
+         f'<rect width="{width}" height="{height}" fill="white"/>',
+         f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14" font-weight="bold">'
+         f'{escape(title)}</text>',
+         f'<text x="{width / 2}" y="37" text-anchor="middle" fill="#444">speed relative to bindfs '
+         f'(log scale; right of 1x = faster than bindfs, time metrics inverted)</text>']
+    # legend
+    lx = label_w
+    for n in shown:
+        c = COLORS.get(n, "#9467bd")
+        o.append(f'<rect x="{lx}" y="48" width="12" height="12" fill="{c}"/>'
+                 f'<text x="{lx + 16}" y="58">{escape(n)}</text>')
+        lx += 30 + 7 * len(n)
+    o.append(f'<line x1="{lx}" y1="54" x2="{lx + 18}" y2="54" stroke="#d62728" '
+             f'stroke-dasharray="4,3"/><text x="{lx + 22}" y="58">target: 1/1.5 of bindfs</text>')
+    # grid
+    bottom = top + group_h * len(metrics)
+    dec = int(round(math.log10(lo)))
+    while 10 ** dec <= hi * 1.0001:
+        gx = x(10 ** dec)
+        strong = dec == 0
+        o.append(f'<line x1="{gx:.1f}" y1="{top - 5}" x2="{gx:.1f}" y2="{bottom}" '
+                 f'stroke="{"#000" if strong else "#ddd"}" stroke-width="{1.5 if strong else 1}"/>')
+        o.append(f'<text x="{gx:.1f}" y="{bottom + 15}" text-anchor="middle">{10.0 ** dec:g}x</text>')
+        dec += 1
+    tx = x(1 / 1.5)
+    o.append(f'<line x1="{tx:.1f}" y1="{top - 5}" x2="{tx:.1f}" y2="{bottom}" stroke="#d62728" '
+             f'stroke-dasharray="4,3"/>')
+    for gi, m in enumerate(metrics):
+        gy = top + gi * group_h
+        if gi % 2:
+            o.append(f'<rect x="0" y="{gy - gap / 2}" width="{width}" height="{group_h}" '
+                     f'fill="#f5f5f5"/>')
+        o.append(f'<text x="{label_w - 8}" y="{gy + bar_h * len(shown) / 2 + 4}" '
+                 f'text-anchor="end">{escape(m)}</text>')
+        for bi, n in enumerate(shown):
+            v = vals[(m, n)]
+            by = gy + bi * bar_h
+            if not v:
+                o.append(f'<text x="{x(1) + 4:.1f}" y="{by + bar_h - 3}" fill="#999">'
+                         f'{escape(n)}: n/a</text>')
+                continue
+            x0, x1 = sorted((x(1), x(v)))
+            o.append(f'<rect x="{x0:.1f}" y="{by + 1}" width="{max(x1 - x0, 1):.1f}" '
+                     f'height="{bar_h - 2}" fill="{COLORS.get(n, "#9467bd")}">'
+                     f'<title>{escape(n)} {escape(m)}: {fmt(v)}x bindfs</title></rect>')
+            clipped = "+" if v > hi or v < lo else ""
+            if v >= 1:
+                o.append(f'<text x="{x1 + 3:.1f}" y="{by + bar_h - 3}">{fmt(v)}x{clipped}</text>')
+            else:
+                o.append(f'<text x="{x0 - 3:.1f}" y="{by + bar_h - 3}" text-anchor="end">'
+                         f'{fmt(v)}x{clipped}</text>')
+    o.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(o) + "\n")
+
+
+# ---------------------------------------------------------------- main
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["meta", "fio"], help="run one workload group")
-    ap.add_argument("--files", type=int, default=10000)
-    ap.add_argument("--workers", type=int, default=8)
-    ap.add_argument("--fio-size", default="1G")
-    ap.add_argument("--fio-time", type=int, default=20)
-    ap.add_argument("--systems", default="local,bindfs,avalon")
-    ap.add_argument("--json", help="write results as JSON to this file")
-    ap.add_argument("--no-build", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--only", help=f"comma-separated workloads to run, from: {','.join(GROUPS)} "
+                    "(default: all)")
+    ap.add_argument("--systems", default="local,bindfs,moosefs,avalon",
+                    help="comma-separated systems, from: local,bindfs,moosefs,avalon "
+                    "(default: %(default)s)")
+    ap.add_argument("--no-peers", action="store_true",
+                    help="leave out the peer filesystems (MooseFS)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run everything K times (system order rotated) and report medians")
+    ap.add_argument("--files", type=int, default=10000,
+                    help="meta: files per phase; ls: directory entries (default: %(default)s)")
+    ap.add_argument("--workers", type=int, default=8,
+                    help="meta: parallel processes (default: %(default)s)")
+    ap.add_argument("--small-files", type=int, default=2000, help="small: files (default: %(default)s)")
+    ap.add_argument("--small-size", type=int, default=4096,
+                    help="small: bytes per file (default: %(default)s)")
+    ap.add_argument("--tree-entries", type=int, default=0,
+                    help="tree: extract only the first N entries of the glibc tarball "
+                    "(default: 0 = all, ~21k)")
+    ap.add_argument("--cached-files", type=int, default=1000,
+                    help="cached: files stat'ed again (default: %(default)s)")
+    ap.add_argument("--cached-size", default="64M",
+                    help="cached: file size for cached 4k reads (default: %(default)s)")
+    ap.add_argument("--fio-size", default="1G", help="fio: file size (default: %(default)s)")
+    ap.add_argument("--fio-time", type=int, default=20,
+                    help="fio and cached: seconds per random-I/O job (default: %(default)s)")
+    ap.add_argument("--json", metavar="FILE", help="write results (medians and samples) as JSON")
+    ap.add_argument("--chart", metavar="FILE.svg", help="write an SVG bar chart of speed ratios to bindfs")
+    ap.add_argument("--no-build", action="store_true", help="do not run cargo build first")
+    a = ap.parse_args()
+    groups = GROUPS if not a.only else a.only.split(",")
+    for g in groups:
+        if g not in GROUPS:
+            ap.error(f"--only: unknown workload {g!r}; choose from {','.join(GROUPS)}")
+    wanted = a.systems.split(",")
+    for s in wanted:
+        if s not in ("local", "bindfs", "moosefs", "avalon"):
+            ap.error(f"--systems: unknown system {s!r}")
+    if a.no_peers:
+        wanted = [s for s in wanted if s not in PEERS]
     if os.geteuid() != 0:
-        sys.exit("bench.py: run as root (FUSE mounts)")
-    ensure_packages()
-    if not args.no_build:
-        subprocess.run(["cargo", "build", "--release", "--workspace", "--bins"], cwd=ROOT, check=True)
+        sys.exit("bench.py: run as root (FUSE mounts, drop_caches)")
+    # SIGTERM tears down like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+    apt_install(["bindfs", "fio"])
+    skipped = {}
+    if "moosefs" in wanted:
+        try:
+            apt_install(MOOSEFS_PKGS)
+        except RuntimeError as e:
+            log(f"skipping moosefs: {e}")
+            skipped["moosefs"] = str(e)
+            wanted.remove("moosefs")
+    if "avalon" in wanted and not a.no_build:
+        subprocess.run(["nice", "cargo", "build", "--release", "--workspace", "--bins"],
+                       cwd=ROOT, check=True)
 
     work = tempfile.mkdtemp(prefix="avalon-bench-", dir="/var/tmp")
-    kinds = {"local": lambda: Local("local", os.path.join(work, "local")),
-             "bindfs": lambda: Bindfs("bindfs", os.path.join(work, "bindfs")),
-             "avalon": lambda: Avalon("avalon", os.path.join(work, "avalon"))}
-    systems = [kinds[s]() for s in args.systems.split(",")]
-    results = {s.name: {} for s in systems}
+    kinds = {"local": Local, "bindfs": Bindfs, "moosefs": MooseFS, "avalon": Avalon}
+    candidates = [kinds[s](s, os.path.join(work, s)) for s in wanted]
+    systems, samples, errors = [], {}, []
+    started, load_before = time.time(), os.getloadavg()
     try:
-        for s in systems:
+        if "tree" in groups:
+            a.tree_tar = prepare_tree(work, a.tree_entries)
+        for s in candidates:
             log(f"starting {s.name}")
-            s.start()
-        groups = [("meta", lambda s: bench_meta(s, args.files, args.workers)),
-                  ("fio", lambda s: bench_fio(s, args.fio_size, args.fio_time))]
-        for gname, fn in groups:
-            if args.only and args.only != gname:
+            try:
+                s.start()
+            except Exception as e:
+                if not s.peer:
+                    raise
+                log(f"skipping {s.name}: could not start: {e}")
+                skipped[s.name] = f"could not start: {e}"
+                s.stop()
                 continue
-            for s in systems:  # interleaved: each workload on every system in turn
-                log(f"{gname} on {s.name}")
-                results[s.name].update(fn(s))
+            systems.append(s)
+        samples = {s.name: {} for s in systems}
+        for rep in range(a.repeat):
+            k = rep % len(systems)
+            order = systems[k:] + systems[:k]
+            for g in groups:
+                for s in order:  # interleaved: each workload on every system in turn
+                    log(f"[{rep + 1}/{a.repeat}] {g} on {s.name}")
+                    t = time.time()
+                    try:
+                        r = run_workload(g, s, a)
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception as e:
+                        msg = f"{g} on {s.name} (repeat {rep + 1}): {type(e).__name__}: {e}"
+                        log(f"  FAILED: {msg}")
+                        errors.append(msg)
+                        continue
+                    log("  " + ", ".join(f"{m} {fmt(v)}" for m, v in r.items())
+                        + f"  [{time.time() - t:.0f}s]")
+                    for m, v in r.items():
+                        samples[s.name].setdefault(m, []).append(v)
+    except KeyboardInterrupt:
+        log("interrupted; stopping everything")
+        raise SystemExit(130)
     finally:
-        for s in reversed(systems):
+        for s in reversed(candidates):
             try:
                 s.stop()
             except Exception as e:  # keep tearing down the others
@@ -258,21 +823,29 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
     names = [s.name for s in systems]
-    metrics = list(next(iter(results.values())).keys())
-    ref = "bindfs" if "bindfs" in results else None
-    head = f"{'metric':<28}" + "".join(f"{n:>12}" for n in names)
-    if ref and "avalon" in results:
-        head += f"{'avalon/bindfs':>15}"
-    print(head)
-    for m in metrics:
-        line = f"{m:<28}" + "".join(f"{results[n].get(m, float('nan')):>12.1f}" for n in names)
-        if ref and "avalon" in results:
-            line += f"{results['avalon'][m] / results[ref][m]:>14.2f}x"
-        print(line)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args),
-                       "results": results}, f, indent=2)
+    results = {n: {m: statistics.median(v) for m, v in samples[n].items()} for n in names}
+    metrics = [m for m in METRICS if any(m in results[n] for n in names)]
+    print(table(results, names, metrics))
+    for e in errors:
+        print(f"FAILED: {e}")
+    for n, why in skipped.items():
+        print(f"skipped {n}: {why}")
+    title = (f"Avalon bench {time.strftime('%Y-%m-%d %H:%M')}, median of {a.repeat}: "
+             f"--files {a.files} --fio-size {a.fio_size}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "args": {k: v for k, v in vars(a).items() if k != "tree_tar"},
+                       "tree_entries": getattr(a, "tree_tar", (None, None))[1],
+                       "seconds": round(time.time() - started), "load_before": load_before,
+                       "systems": {s.name: s.info() for s in systems},
+                       "higher_is_better": {m: METRICS[m] for m in metrics},
+                       "results": results, "samples": samples, "errors": errors,
+                       "skipped": skipped}, f, indent=2)
+    if a.chart:
+        if "bindfs" in names:
+            chart(a.chart, results, names, metrics, title)
+        else:
+            log("--chart needs bindfs among the systems (ratios are to bindfs)")
 
 
 if __name__ == "__main__":
