@@ -453,7 +453,9 @@ def bench_meta(d, a):
         dw = os.path.join(d, f"par{w}")
         os.mkdir(dw)
         dirs.append((dw, 0, per))
-    with multiprocessing.Pool(workers) as pool:
+    # Workers get the default SIGTERM back: Pool's exit terminates them.
+    with multiprocessing.Pool(workers, initializer=signal.signal,
+                              initargs=(signal.SIGTERM, signal.SIG_DFL)) as pool:
         results = pool.map(meta_worker, dirs)
     for k in ("create", "stat", "rename", "unlink"):
         slowest = max(r[k] for r in results)
@@ -581,11 +583,13 @@ def run_workload(gname, s, a):
     try:
         return WORKLOADS[gname](d, a)
     finally:
-        try:
-            shutil.rmtree(d)
-        except OSError as e:
-            log(f"  cleaning {d}: {e}")
-            subprocess.run(["rm", "-rf", d], timeout=CMD_TIMEOUT)
+        # Not after Ctrl-C: the whole temp dir goes once everything stopped.
+        if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            try:
+                shutil.rmtree(d)
+            except OSError as e:
+                log(f"  cleaning {d}: {e}")
+                subprocess.run(["rm", "-rf", d], timeout=CMD_TIMEOUT)
 
 
 # ---------------------------------------------------------------- output
@@ -755,7 +759,9 @@ def main():
     if os.geteuid() != 0:
         sys.exit("bench.py: run as root (FUSE mounts, drop_caches)")
     # SIGTERM tears down like Ctrl-C does.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    def on_term(*_):
+        raise KeyboardInterrupt()
+    signal.signal(signal.SIGTERM, on_term)
 
     apt_install(["bindfs", "fio"])
     skipped = {}
