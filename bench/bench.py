@@ -716,31 +716,31 @@ def chart(path, results, names, metrics, title):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", help=f"comma-separated workloads to run, from: {','.join(GROUPS)} "
+    ap.add_argument("--only", metavar="LIST", help=f"comma-separated workloads to run, from: {','.join(GROUPS)} "
                     "(default: all)")
-    ap.add_argument("--systems", default="local,bindfs,moosefs,avalon",
+    ap.add_argument("--systems", metavar="LIST", default="local,bindfs,moosefs,avalon",
                     help="comma-separated systems, from: local,bindfs,moosefs,avalon "
                     "(default: %(default)s)")
     ap.add_argument("--no-peers", action="store_true",
                     help="leave out the peer filesystems (MooseFS)")
-    ap.add_argument("--repeat", type=int, default=1,
+    ap.add_argument("--repeat", metavar="K", type=int, default=1,
                     help="run everything K times (system order rotated) and report medians")
-    ap.add_argument("--files", type=int, default=10000,
+    ap.add_argument("--files", metavar="N", type=int, default=10000,
                     help="meta: files per phase; ls: directory entries (default: %(default)s)")
-    ap.add_argument("--workers", type=int, default=8,
+    ap.add_argument("--workers", metavar="W", type=int, default=8,
                     help="meta: parallel processes (default: %(default)s)")
-    ap.add_argument("--small-files", type=int, default=2000, help="small: files (default: %(default)s)")
-    ap.add_argument("--small-size", type=int, default=4096,
+    ap.add_argument("--small-files", metavar="N", type=int, default=2000, help="small: files (default: %(default)s)")
+    ap.add_argument("--small-size", metavar="BYTES", type=int, default=4096,
                     help="small: bytes per file (default: %(default)s)")
-    ap.add_argument("--tree-entries", type=int, default=0,
+    ap.add_argument("--tree-entries", metavar="N", type=int, default=0,
                     help="tree: extract only the first N entries of the glibc tarball "
                     "(default: 0 = all, ~21k)")
-    ap.add_argument("--cached-files", type=int, default=1000,
+    ap.add_argument("--cached-files", metavar="N", type=int, default=1000,
                     help="cached: files stat'ed again (default: %(default)s)")
-    ap.add_argument("--cached-size", default="64M",
+    ap.add_argument("--cached-size", metavar="SIZE", default="64M",
                     help="cached: file size for cached 4k reads (default: %(default)s)")
-    ap.add_argument("--fio-size", default="1G", help="fio: file size (default: %(default)s)")
-    ap.add_argument("--fio-time", type=int, default=20,
+    ap.add_argument("--fio-size", metavar="SIZE", default="1G", help="fio: file size (default: %(default)s)")
+    ap.add_argument("--fio-time", metavar="SECS", type=int, default=20,
                     help="fio and cached: seconds per random-I/O job (default: %(default)s)")
     ap.add_argument("--json", metavar="FILE", help="write results (medians and samples) as JSON")
     ap.add_argument("--chart", metavar="FILE.svg", help="write an SVG bar chart of speed ratios to bindfs")
@@ -826,7 +826,11 @@ def main():
                 s.stop()
             except Exception as e:  # keep tearing down the others
                 log(f"stopping {s.name}: {e}")
-        shutil.rmtree(work, ignore_errors=True)
+        left = [s.path for s in candidates if is_mounted(s.path)]
+        if left:
+            log(f"still mounted, leaving {work} in place: {' '.join(left)}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
     names = [s.name for s in systems]
     results = {n: {m: statistics.median(v) for m, v in samples[n].items()} for n in names}
