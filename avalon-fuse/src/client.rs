@@ -3,13 +3,14 @@
 //! directly from tests and tools.
 
 use crate::error::{ClientError, Result};
+use crate::meta_cache::{Cached, MetaCache};
 use avalon_proto::mds_conn::MdsConn;
 use avalon_proto::pb::{self, time_set::How, Attr, ClusterMap, RequestHeader, TimeSet};
 use bytes::Bytes;
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
 /// Per-inode state the client keeps while it has written data whose size
@@ -61,6 +62,8 @@ pub struct Client {
     opens: DashMap<u64, u32>,
     /// Whole chunks fetched by sequential readahead.
     pub(crate) cache: crate::chunk_cache::ChunkCache,
+    /// Attributes and entries cached under the metadata lease.
+    pub meta: MetaCache,
 }
 
 fn time_set(t: Option<TimeChange>) -> Option<TimeSet> {
@@ -112,6 +115,7 @@ impl Client {
             files: DashMap::new(),
             opens: DashMap::new(),
             cache: crate::chunk_cache::ChunkCache::new(32),
+            meta: MetaCache::new(),
         })
     }
 
@@ -154,16 +158,51 @@ impl Client {
         Ok(cur.clone())
     }
 
-    /// Tells the MDS this session is alive.
+    /// Tells the MDS this session is alive, which renews its metadata
+    /// lease (counted from the sending: the MDS's runs out later).
     pub async fn heartbeat(&self) -> Result<()> {
         let req = pb::ClientHeartbeatRequest {
             header: self.header(),
             open_inos: self.opens.iter().map(|e| *e.key()).collect(),
         };
-        self.mds
+        let sent = Instant::now();
+        let r = self
+            .mds
             .request(req, |mut c, r| async move { c.client_heartbeat(r).await })
-            .await?;
-        Ok(())
+            .await;
+        match r {
+            Ok(r) => {
+                self.meta
+                    .renew(sent, Duration::from_millis(u64::from(r.lease_ms)));
+                Ok(())
+            }
+            Err(e) => {
+                self.meta.clear();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Caches what a namespace change reply says: the new entry and its
+    /// attributes, and the parent directory's attributes.
+    fn note_entry(&self, epoch: u64, parent: u64, name: &[u8], r: &pb::EntryReply) {
+        if let Some(a) = &r.attr {
+            self.meta.put_attr(epoch, a);
+            self.meta.put_entry(epoch, parent, name, a.ino);
+        }
+        match &r.parent {
+            Some(p) => self.meta.put_attr(epoch, p),
+            None => self.meta.forget_attr(parent),
+        }
+    }
+
+    fn note_dirs(&self, epoch: u64, dirs: &[u64], r: &pb::DirChangeReply) {
+        for d in dirs {
+            self.meta.forget_attr(*d);
+        }
+        for a in r.parent.iter().chain(r.new_parent.iter()) {
+            self.meta.put_attr(epoch, a);
+        }
     }
 
     /// Records what an attribute reply says about an inode and returns the
@@ -193,6 +232,12 @@ impl Client {
 
     /// Looks a name up in a directory.
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        match self.meta.lookup(parent, name) {
+            Some(Cached::Found(a)) => return Ok(a),
+            Some(Cached::Absent) => return Err(ClientError::posix(libc::ENOENT, "no such entry")),
+            None => {}
+        }
+        let epoch = self.meta.epoch();
         let req = pb::LookupRequest {
             header: self.header(),
             parent,
@@ -201,12 +246,30 @@ impl Client {
         let r = self
             .mds
             .request(req, |mut c, r| async move { c.lookup(r).await })
-            .await?;
-        Self::ok_attr(r.attr)
+            .await;
+        match r {
+            Ok(r) => {
+                let a = Self::ok_attr(r.attr)?;
+                self.meta.put_attr(epoch, &a);
+                self.meta.put_entry(epoch, parent, name, a.ino);
+                Ok(a)
+            }
+            Err(e) => {
+                let e = ClientError::from(e);
+                if e.errno() == libc::ENOENT {
+                    self.meta.put_entry(epoch, parent, name, 0);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Fresh attributes of an inode.
     pub async fn getattr(&self, ino: u64) -> Result<Attr> {
+        if let Some(a) = self.meta.attr(ino) {
+            return Ok(a);
+        }
+        let epoch = self.meta.epoch();
         let req = pb::GetAttrRequest {
             header: self.header(),
             ino,
@@ -215,7 +278,9 @@ impl Client {
             .mds
             .request(req, |mut c, r| async move { c.get_attr(r).await })
             .await?;
-        Self::ok_attr(r.attr)
+        let a = Self::ok_attr(r.attr)?;
+        self.meta.put_attr(epoch, &a);
+        Ok(a)
     }
 
     /// Changes attributes. A size change also cuts or extends the data.
@@ -223,6 +288,8 @@ impl Client {
         if let Some(size) = ch.size {
             self.truncate_data(ino, size).await?;
         }
+        let epoch = self.meta.epoch();
+        self.meta.forget_attr(ino);
         let req = pb::SetAttrRequest {
             header: self.header(),
             ino,
@@ -239,6 +306,7 @@ impl Client {
             .request(req, |mut c, r| async move { c.set_attr(r).await })
             .await?;
         let a = Self::ok_attr(r.attr)?;
+        self.meta.put_attr(epoch, &a);
         if let Some(size) = ch.size {
             if let Some(mut st) = self.files.get_mut(&ino) {
                 st.size = size;
@@ -260,6 +328,7 @@ impl Client {
         gid: u32,
         exclusive: bool,
     ) -> Result<Attr> {
+        let epoch = self.meta.epoch();
         let req = pb::MknodRequest {
             header: self.header(),
             parent,
@@ -274,6 +343,7 @@ impl Client {
             .mds
             .request(req, |mut c, r| async move { c.mknod(r).await })
             .await?;
+        self.note_entry(epoch, parent, name, &r);
         Self::ok_attr(r.attr)
     }
 
@@ -286,6 +356,7 @@ impl Client {
         uid: u32,
         gid: u32,
     ) -> Result<Attr> {
+        let epoch = self.meta.epoch();
         let req = pb::MkdirRequest {
             header: self.header(),
             parent,
@@ -298,6 +369,10 @@ impl Client {
             .mds
             .request(req, |mut c, r| async move { c.mkdir(r).await })
             .await?;
+        self.note_entry(epoch, parent, name, &r);
+        if let Some(a) = &r.attr {
+            self.meta.put_complete(epoch, a.ino);
+        }
         Self::ok_attr(r.attr)
     }
 
@@ -310,6 +385,7 @@ impl Client {
         uid: u32,
         gid: u32,
     ) -> Result<Attr> {
+        let epoch = self.meta.epoch();
         let req = pb::SymlinkRequest {
             header: self.header(),
             parent,
@@ -322,6 +398,7 @@ impl Client {
             .mds
             .request(req, |mut c, r| async move { c.symlink(r).await })
             .await?;
+        self.note_entry(epoch, parent, name, &r);
         Self::ok_attr(r.attr)
     }
 
@@ -332,9 +409,13 @@ impl Client {
             parent,
             name: Bytes::copy_from_slice(name),
         };
-        self.mds
+        let epoch = self.meta.epoch();
+        let r = self
+            .mds
             .request(req, |mut c, r| async move { c.unlink(r).await })
             .await?;
+        self.meta.removed(epoch, parent, name);
+        self.note_dirs(epoch, &[parent], &r);
         Ok(())
     }
 
@@ -345,9 +426,13 @@ impl Client {
             parent,
             name: Bytes::copy_from_slice(name),
         };
-        self.mds
+        let epoch = self.meta.epoch();
+        let r = self
+            .mds
             .request(req, |mut c, r| async move { c.rmdir(r).await })
             .await?;
+        self.meta.removed(epoch, parent, name);
+        self.note_dirs(epoch, &[parent], &r);
         Ok(())
     }
 
@@ -366,6 +451,8 @@ impl Client {
 
     /// Adds a hard link.
     pub async fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> Result<Attr> {
+        let epoch = self.meta.epoch();
+        self.meta.forget_attr(ino);
         let req = pb::LinkRequest {
             header: self.header(),
             ino,
@@ -376,6 +463,7 @@ impl Client {
             .mds
             .request(req, |mut c, r| async move { c.link(r).await })
             .await?;
+        self.note_entry(epoch, new_parent, new_name, &r);
         Self::ok_attr(r.attr)
     }
 
@@ -396,9 +484,20 @@ impl Client {
             new_name: Bytes::copy_from_slice(new_name),
             flags,
         };
-        self.mds
+        let epoch = self.meta.epoch();
+        let r = self
+            .mds
             .request(req, |mut c, r| async move { c.rename(r).await })
             .await?;
+        // The moved inode's ctime changed and an exchange moved the other
+        // too: drop both names and let the next lookup ask.
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            self.meta.forget_entry(parent, name);
+            self.meta.forget_entry(new_parent, new_name);
+        } else {
+            self.meta.renamed(epoch, parent, name, new_parent, new_name);
+        }
+        self.note_dirs(epoch, &[parent, new_parent], &r);
         Ok(())
     }
 
@@ -410,6 +509,7 @@ impl Client {
         max_entries: u32,
         plus: bool,
     ) -> Result<pb::ReadDirReply> {
+        let epoch = self.meta.epoch();
         let req = pb::ReadDirRequest {
             header: self.header(),
             ino,
@@ -417,10 +517,17 @@ impl Client {
             max_entries,
             plus,
         };
-        Ok(self
+        let r = self
             .mds
             .request(req, |mut c, r| async move { c.read_dir(r).await })
-            .await?)
+            .await?;
+        for e in &r.entries {
+            if let Some(a) = &e.attr {
+                self.meta.put_attr(epoch, a);
+                self.meta.put_entry(epoch, ino, &e.name, a.ino);
+            }
+        }
+        Ok(r)
     }
 
     /// Filesystem capacity and usage.
@@ -447,6 +554,7 @@ impl Client {
         self.mds
             .request(req, |mut c, r| async move { c.set_xattr(r).await })
             .await?;
+        self.meta.forget_attr(ino);
         Ok(())
     }
 
@@ -487,6 +595,7 @@ impl Client {
         self.mds
             .request(req, |mut c, r| async move { c.remove_xattr(r).await })
             .await?;
+        self.meta.forget_attr(ino);
         Ok(())
     }
 
@@ -502,6 +611,8 @@ impl Client {
             ino,
             size,
         };
+        // The reply's attributes are as new as it gets.
+        self.meta.forget_attr(ino);
         let r = self
             .mds
             .request(req, |mut c, r| async move { c.commit_write(r).await })
@@ -522,6 +633,7 @@ impl Client {
     pub async fn open(&self, ino: u64, flags: u32) -> Result<Attr> {
         // Close-to-open: chunks cached before may have changed elsewhere.
         self.cache.invalidate_file(ino);
+        let epoch = self.meta.epoch();
         let req = pb::OpenRequest {
             header: self.header(),
             ino,
@@ -532,11 +644,15 @@ impl Client {
             .request(req, |mut c, r| async move { c.open(r).await })
             .await?;
         *self.opens.entry(ino).or_insert(0) += 1;
-        Self::ok_attr(r.attr)
+        let a = Self::ok_attr(r.attr)?;
+        self.meta.put_attr(epoch, &a);
+        Ok(a)
     }
 
-    /// Counts an open that happened through create.
+    /// Counts an open that happened through create (which may have found
+    /// an existing file: drop its cached chunks as an open would).
     pub fn note_created_open(&self, ino: u64) {
+        self.cache.invalidate_file(ino);
         *self.opens.entry(ino).or_insert(0) += 1;
     }
 

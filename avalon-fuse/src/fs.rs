@@ -20,9 +20,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::runtime::Handle;
 
-/// How long the kernel may cache attributes and entries without asking.
-/// Short until leases (issue 7) let the MDS recall cached state.
-const TTL: Duration = Duration::from_secs(1);
 /// Directory entries fetched per readdir RPC.
 const READDIR_PAGE: u32 = 512;
 /// Cookies 1 and 2 are "." and ".."; the MDS numbers real entries from 3.
@@ -77,7 +74,14 @@ fn file_attr(c: &Client, a: &Attr) -> FileAttr {
 
 fn reply_entry(c: &Client, r: crate::error::Result<Attr>, reply: ReplyEntry) {
     match r {
-        Ok(a) => reply.entry(&TTL, &file_attr(c, &a), Generation(a.generation)),
+        // The kernel may keep what we tell it as long as our lease holds:
+        // the MDS recalls it through us (recall.rs) before it changes.
+        Ok(a) => reply.entry(&c.meta.ttl(), &file_attr(c, &a), Generation(a.generation)),
+        Err(e) if e.errno() == libc::ENOENT && !c.meta.ttl().is_zero() => {
+            // A negative entry (node 0) the kernel caches too.
+            let none = crate::attr::to_fuse(&Attr::default(), 0, 0);
+            reply.entry(&c.meta.ttl(), &none, Generation(0))
+        }
         Err(e) => reply.error(errno(&e)),
     }
 }
@@ -117,11 +121,12 @@ impl Filesystem for AvalonFs {
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_BIG_WRITES
-            | InitFlags::FUSE_ASYNC_READ
-            // The kernel buffers writes in its page cache and sends them in
-            // large, concurrent requests; it keeps size and mtime while
-            // pages are dirty and hands them over on flush/fsync.
-            | InitFlags::FUSE_WRITEBACK_CACHE;
+            | InitFlags::FUSE_ASYNC_READ;
+        // No FUSE_WRITEBACK_CACHE: with it the kernel owns a regular file's
+        // size and times for as long as it caches the inode and never takes
+        // them from us again, so another mount's writes would stay
+        // invisible. Writes are buffered by the client instead, where the
+        // MDS can recall them.
         let have = config.capabilities();
         let _ = config.add_capabilities(wanted & have);
         // fcntl and flock locks live in the MDS (crate::locks).
@@ -157,7 +162,7 @@ impl Filesystem for AvalonFs {
         let ino = self.mds_ino(ino);
         self.spawn(async move {
             match c.getattr(ino).await {
-                Ok(a) => reply.attr(&TTL, &file_attr(&c, &a)),
+                Ok(a) => reply.attr(&c.meta.ttl(), &file_attr(&c, &a)),
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -200,7 +205,7 @@ impl Filesystem for AvalonFs {
                 }
             }
             match c.setattr(ino, ch).await {
-                Ok(a) => reply.attr(&TTL, &file_attr(&c, &a)),
+                Ok(a) => reply.attr(&c.meta.ttl(), &file_attr(&c, &a)),
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -385,17 +390,17 @@ impl Filesystem for AvalonFs {
         let mode = crate::acl::create_mode(libc::S_IFREG | (mode & 0o7777), umask);
         let exclusive = flags & libc::O_EXCL != 0;
         self.spawn(async move {
-            let r = match c.mknod(parent, &name, mode, 0, uid, gid, exclusive).await {
-                // The new file is open from now on: the MDS must know, in
-                // case it is unlinked while open.
-                Ok(a) => c.open(a.ino, flags as u32).await,
-                Err(e) => Err(e),
-            };
+            // The MDS counts the file open from its creation on (and the
+            // heartbeats keep it so), so no separate Open round trip.
+            let r = c.mknod(parent, &name, mode, 0, uid, gid, exclusive).await;
+            if let Ok(a) = &r {
+                c.note_created_open(a.ino);
+            }
             match r {
                 Ok(a) => {
                     let attr = file_attr(&c, &a);
                     reply.created(
-                        &TTL,
+                        &c.meta.ttl(),
                         &attr,
                         Generation(a.generation),
                         FileHandle(0),
@@ -619,7 +624,9 @@ impl Filesystem for AvalonFs {
                     Err(e) => return reply.error(errno(&e)),
                 };
                 let attr = file_attr(&c, &me);
-                if offset == 0 && reply.add(ino, 1, ".", &TTL, &attr, Generation(me.generation)) {
+                if offset == 0
+                    && reply.add(ino, 1, ".", &c.meta.ttl(), &attr, Generation(me.generation))
+                {
                     return reply.ok();
                 }
                 if reply.add(
@@ -648,7 +655,7 @@ impl Filesystem for AvalonFs {
                         attr.ino,
                         e.cookie,
                         OsStr::from_bytes(&e.name),
-                        &TTL,
+                        &c.meta.ttl(),
                         &attr,
                         Generation(a.generation),
                     ) {

@@ -10,4 +10,6 @@ pub mod data_path;
 pub mod error;
 pub mod fs;
 pub mod locks;
+pub mod meta_cache;
 pub mod mount_source;
+pub mod recall;

@@ -62,6 +62,11 @@ struct Opts {
     cache_mb: Option<u64>,
 }
 
+/// Session heartbeat period: a quarter of the MDS's default 1 s lease.
+const HEARTBEAT: Duration = Duration::from_millis(250);
+/// The cluster map is refreshed every this many heartbeats (2 s).
+const MAP_REFRESH_TICKS: u64 = 8;
+
 fn parse_opts(list: &[String]) -> anyhow::Result<Opts> {
     let mut o = Opts {
         subtype: true,
@@ -266,17 +271,22 @@ fn run_foreground(args: &Args) -> anyhow::Result<()> {
     let mut session = fuser::Session::new(fs, &mountpoint, &cfg)
         .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
 
-    // Background duties: heartbeats and cluster map refresh.
+    // Background duties: the recall stream, heartbeats (which renew the
+    // metadata lease, so several per lease) and cluster map refresh.
+    let kernel = avalon_fuse::recall::KernelCache::new(session.notifier(), client.root_ino);
+    rt.spawn(avalon_fuse::recall::run(client.clone(), Some(kernel)));
     let hb = client.clone();
     rt.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(2));
-        loop {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        for n in 0u64.. {
             tick.tick().await;
             if let Err(e) = hb.heartbeat().await {
                 tracing::warn!(error = %e, "session heartbeat failed");
             }
-            if let Err(e) = hb.refresh_map().await {
-                tracing::warn!(error = %e, "cluster map refresh failed");
+            if n % MAP_REFRESH_TICKS == 0 {
+                if let Err(e) = hb.refresh_map().await {
+                    tracing::warn!(error = %e, "cluster map refresh failed");
+                }
             }
         }
     });

@@ -49,6 +49,9 @@ pub struct Config {
     /// reported it (or after it was created), and a new leader waits this
     /// long for heartbeats before it reclaims orphans.
     pub orphan_grace_ms: u64,
+    /// Metadata lease: how long a client may cache past its last
+    /// heartbeat, and how long a new leader holds changes back.
+    pub lease_ms: u64,
     /// Join an existing group (added with `avalonctl mds add`): never
     /// initialize a new raft group, even with empty storage.
     pub join: bool,
@@ -75,6 +78,7 @@ impl Default for Config {
             gc_interval_ms: 2000,
             session_timeout_ms: 30_000,
             orphan_grace_ms: 5000,
+            lease_ms: 1000,
             join: false,
         }
     }
@@ -190,6 +194,9 @@ impl Config {
             || self.heartbeat_ms >= self.election_min_ms
         {
             bail!("need heartbeat_ms < election_min_ms < election_max_ms");
+        }
+        if !(100..=60_000).contains(&self.lease_ms) {
+            bail!("lease_ms must be in 100..=60000");
         }
         self.peer_map()?;
         Ok(())

@@ -10,12 +10,14 @@ pub mod acl;
 pub mod command;
 pub mod config;
 pub mod gc;
+pub mod leases;
 pub mod locks;
 pub mod meta_service;
 pub mod namespace;
 pub mod node;
 pub mod raft_net;
 pub mod raft_store;
+pub mod read_lease;
 
 use crate::config::Config;
 use crate::meta_service::MetaService;
@@ -83,6 +85,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         liveness: Mutex::new(Liveness::default()),
         opens: Mutex::new(node::OpenTable::default()),
         pending_changed: tokio::sync::Notify::new(),
+        read_lease: read_lease::ReadLease::for_election_min(cfg.election_min_ms),
+        leases: leases::LeaseTable::new(Duration::from_millis(cfg.lease_ms)),
+        lease_term: Mutex::new((0, std::time::Instant::now())),
         shutdown: shutdown.child_token(),
     });
 

@@ -2,6 +2,7 @@
 //! raft and serves linearizable reads from the state machine.
 
 use crate::command::{Attr, Op, OsdState, Reply, TimeSpec};
+use crate::leases::Change;
 use crate::locks::LockKind;
 use crate::namespace::State;
 use crate::node::{role_name, MdsError, MdsNode};
@@ -11,6 +12,9 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 type Res<T> = Result<Response<T>, Status>;
+
+/// Recall events queued per session before it counts as unreachable.
+const RECALL_QUEUE: usize = 4096;
 
 /// The `Meta` service of one node.
 pub struct MetaService {
@@ -65,6 +69,11 @@ fn ino_ok(ino: u64) -> Result<(), MdsError> {
     }
 }
 
+/// The requesting session (0: a daemon or tool).
+fn session_of(h: Option<&pb::RequestHeader>) -> u64 {
+    h.map(|h| h.session_id).unwrap_or(0)
+}
+
 /// The session a lock request is made for (locks need one).
 fn lock_session(h: Option<&pb::RequestHeader>) -> Result<u64, MdsError> {
     match h.map(|h| h.session_id) {
@@ -81,6 +90,7 @@ fn entry(r: Reply) -> Result<pb::EntryReply, MdsError> {
     match r {
         Reply::Attr(a) => Ok(pb::EntryReply {
             attr: Some(attr_pb(&a)),
+            parent: None,
         }),
         other => Err(MdsError::Internal(format!("unexpected reply {other:?}"))),
     }
@@ -126,8 +136,47 @@ impl MetaService {
         }
     }
 
-    async fn mutate(&self, hdr: Option<&pb::RequestHeader>, op: Op) -> Result<Reply, Status> {
-        Ok(self.node.write(hdr, op).await?)
+    /// Replicates `op`, then recalls `changes` from the other sessions
+    /// that may cache them before the requester hears back.
+    async fn mutate(
+        &self,
+        hdr: Option<&pb::RequestHeader>,
+        op: Op,
+        changes: &[Change],
+    ) -> Result<Reply, Status> {
+        let sid = session_of(hdr);
+        // The requester caches the reply: register it before the change,
+        // so that a later change by someone else recalls it too.
+        let inos: Vec<u64> = changes.iter().map(|c| c.ino).collect();
+        self.node.leases.grant(sid, &inos);
+        let r = self.node.write(hdr, op).await?;
+        self.node.leases.recall(sid, changes).await;
+        Ok(r)
+    }
+
+    /// A directory's attributes now, for a reply that changed it.
+    fn dir_attr(&self, ino: u64) -> Option<pb::Attr> {
+        self.node
+            .read_local(|s| s.getattr(ino).ok())
+            .map(|a| attr_pb(&a))
+    }
+
+    /// A linearizable read whose result session `sid` may cache: `f`
+    /// returns it with the inodes it covers, registered under the state
+    /// lock (see leases.rs).
+    async fn read_leased<T>(
+        &self,
+        sid: u64,
+        f: impl FnOnce(&State) -> (T, Vec<u64>),
+    ) -> Result<T, MdsError> {
+        let leases = &self.node.leases;
+        self.node
+            .read(|s| {
+                let (v, inos) = f(s);
+                leases.grant(sid, &inos);
+                v
+            })
+            .await
     }
 }
 
@@ -137,22 +186,27 @@ impl Meta for MetaService {
         let r = req.into_inner();
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
+        let sid = session_of(r.header.as_ref());
         let a = self
-            .node
-            .read(|s| s.lookup(r.parent, &r.name))
+            .read_leased(sid, |s| {
+                let a = s.lookup(r.parent, &r.name);
+                let child = a.as_ref().map(|a| a.ino).unwrap_or(0);
+                (a, vec![r.parent, child])
+            })
             .await?
             .map_err(MdsError::Errno)?;
         Ok(Response::new(pb::EntryReply {
             attr: Some(attr_pb(&a)),
+            parent: None,
         }))
     }
 
     async fn get_attr(&self, req: Request<pb::GetAttrRequest>) -> Res<pb::AttrReply> {
         let r = req.into_inner();
         ino_ok(r.ino)?;
+        let sid = session_of(r.header.as_ref());
         let a = self
-            .node
-            .read(|s| s.getattr(r.ino))
+            .read_leased(sid, |s| (s.getattr(r.ino), vec![r.ino]))
             .await?
             .map_err(MdsError::Errno)?;
         Ok(Response::new(pb::AttrReply {
@@ -173,8 +227,13 @@ impl Meta for MetaService {
             mtime: time_spec(r.mtime),
             ctime_ns: r.ctime_ns,
         };
+        let change = if r.size.is_some() {
+            Change::data(r.ino)
+        } else {
+            Change::attr(r.ino)
+        };
         Ok(Response::new(attr_reply(
-            self.mutate(r.header.as_ref(), op).await?,
+            self.mutate(r.header.as_ref(), op, &[change]).await?,
         )?))
     }
 
@@ -182,6 +241,7 @@ impl Meta for MetaService {
         let r = req.into_inner();
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
+        let changes = [Change::entry(r.parent, &r.name)];
         let op = Op::Mknod {
             parent: r.parent,
             name: r.name.into(),
@@ -192,7 +252,8 @@ impl Meta for MetaService {
             exclusive: r.exclusive,
             layout: self.node.layout(),
         };
-        let e = entry(self.mutate(r.header.as_ref(), op).await?)?;
+        let mut e = entry(self.mutate(r.header.as_ref(), op, &changes).await?)?;
+        e.parent = self.dir_attr(r.parent);
         if let (Some(a), Some(h)) = (&e.attr, &r.header) {
             if a.mode & libc::S_IFMT == libc::S_IFREG {
                 self.node.note_created(h.session_id, a.ino);
@@ -205,6 +266,7 @@ impl Meta for MetaService {
         let r = req.into_inner();
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
+        let changes = [Change::entry(r.parent, &r.name)];
         let op = Op::Mkdir {
             parent: r.parent,
             name: r.name.into(),
@@ -212,9 +274,9 @@ impl Meta for MetaService {
             uid: r.uid,
             gid: r.gid,
         };
-        Ok(Response::new(entry(
-            self.mutate(r.header.as_ref(), op).await?,
-        )?))
+        let mut e = entry(self.mutate(r.header.as_ref(), op, &changes).await?)?;
+        e.parent = self.dir_attr(r.parent);
+        Ok(Response::new(e))
     }
 
     async fn symlink(&self, req: Request<pb::SymlinkRequest>) -> Res<pb::EntryReply> {
@@ -227,6 +289,7 @@ impl Meta for MetaService {
         if r.target.len() > avalon_proto::limits::PATH_MAX {
             return Err(MdsError::Errno(libc::ENAMETOOLONG).into());
         }
+        let changes = [Change::entry(r.parent, &r.name)];
         let op = Op::Symlink {
             parent: r.parent,
             name: r.name.into(),
@@ -234,37 +297,48 @@ impl Meta for MetaService {
             uid: r.uid,
             gid: r.gid,
         };
-        Ok(Response::new(entry(
-            self.mutate(r.header.as_ref(), op).await?,
-        )?))
+        let mut e = entry(self.mutate(r.header.as_ref(), op, &changes).await?)?;
+        e.parent = self.dir_attr(r.parent);
+        Ok(Response::new(e))
     }
 
-    async fn unlink(&self, req: Request<pb::UnlinkRequest>) -> Res<pb::Empty> {
+    async fn unlink(&self, req: Request<pb::UnlinkRequest>) -> Res<pb::DirChangeReply> {
         let r = req.into_inner();
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
         let name: Vec<u8> = r.name.into();
         let target = self.node.read_local(|s| s.child_ino(r.parent, &name));
         let (guard, _pending) = self.node.removal_guard(target);
+        let mut changes = vec![Change::entry(r.parent, &name)];
+        changes.extend(target.map(Change::attr));
         let op = Op::Unlink {
             parent: r.parent,
             name,
             guard,
         };
-        self.mutate(r.header.as_ref(), op).await?;
-        Ok(Response::new(pb::Empty {}))
+        self.mutate(r.header.as_ref(), op, &changes).await?;
+        Ok(Response::new(pb::DirChangeReply {
+            parent: self.dir_attr(r.parent),
+            new_parent: None,
+        }))
     }
 
-    async fn rmdir(&self, req: Request<pb::UnlinkRequest>) -> Res<pb::Empty> {
+    async fn rmdir(&self, req: Request<pb::UnlinkRequest>) -> Res<pb::DirChangeReply> {
         let r = req.into_inner();
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
+        let target = self.node.read_local(|s| s.child_ino(r.parent, &r.name));
+        let mut changes = vec![Change::entry(r.parent, &r.name)];
+        changes.extend(target.map(Change::attr));
         let op = Op::Rmdir {
             parent: r.parent,
             name: r.name.into(),
         };
-        self.mutate(r.header.as_ref(), op).await?;
-        Ok(Response::new(pb::Empty {}))
+        self.mutate(r.header.as_ref(), op, &changes).await?;
+        Ok(Response::new(pb::DirChangeReply {
+            parent: self.dir_attr(r.parent),
+            new_parent: None,
+        }))
     }
 
     async fn readlink(&self, req: Request<pb::GetAttrRequest>) -> Res<pb::ReadlinkReply> {
@@ -285,27 +359,39 @@ impl Meta for MetaService {
         ino_ok(r.ino)?;
         ino_ok(r.new_parent)?;
         name_ok(&r.new_name)?;
+        let changes = [
+            Change::attr(r.ino),
+            Change::entry(r.new_parent, &r.new_name),
+        ];
         let op = Op::Link {
             ino: r.ino,
             new_parent: r.new_parent,
             new_name: r.new_name.into(),
         };
-        Ok(Response::new(entry(
-            self.mutate(r.header.as_ref(), op).await?,
-        )?))
+        let mut e = entry(self.mutate(r.header.as_ref(), op, &changes).await?)?;
+        e.parent = self.dir_attr(r.new_parent);
+        Ok(Response::new(e))
     }
 
-    async fn rename(&self, req: Request<pb::RenameRequest>) -> Res<pb::Empty> {
+    async fn rename(&self, req: Request<pb::RenameRequest>) -> Res<pb::DirChangeReply> {
         let r = req.into_inner();
         ino_ok(r.parent)?;
         ino_ok(r.new_parent)?;
         name_ok(&r.name)?;
         name_ok(&r.new_name)?;
         let new_name: Vec<u8> = r.new_name.into();
-        let target = self
-            .node
-            .read_local(|s| s.child_ino(r.new_parent, &new_name));
+        let (source, target) = self.node.read_local(|s| {
+            (
+                s.child_ino(r.parent, &r.name),
+                s.child_ino(r.new_parent, &new_name),
+            )
+        });
         let (guard, _pending) = self.node.removal_guard(target);
+        let mut changes = vec![
+            Change::entry(r.parent, &r.name),
+            Change::entry(r.new_parent, &new_name),
+        ];
+        changes.extend(source.into_iter().chain(target).map(Change::attr));
         let op = Op::Rename {
             parent: r.parent,
             name: r.name.into(),
@@ -314,8 +400,15 @@ impl Meta for MetaService {
             flags: r.flags,
             guard,
         };
-        self.mutate(r.header.as_ref(), op).await?;
-        Ok(Response::new(pb::Empty {}))
+        self.mutate(r.header.as_ref(), op, &changes).await?;
+        Ok(Response::new(pb::DirChangeReply {
+            parent: self.dir_attr(r.parent),
+            new_parent: if r.new_parent != r.parent {
+                self.dir_attr(r.new_parent)
+            } else {
+                None
+            },
+        }))
     }
 
     async fn read_dir(&self, req: Request<pb::ReadDirRequest>) -> Res<pb::ReadDirReply> {
@@ -326,9 +419,16 @@ impl Meta for MetaService {
         } else {
             r.max_entries.min(8192) as usize
         };
+        let sid = session_of(r.header.as_ref());
         let (entries, eof) = self
-            .node
-            .read(|s| s.readdir(r.ino, r.cookie, max, r.plus))
+            .read_leased(sid, |s| {
+                let res = s.readdir(r.ino, r.cookie, max, r.plus);
+                let mut inos = vec![r.ino];
+                if let Ok((entries, _)) = &res {
+                    inos.extend(entries.iter().filter(|e| e.attr.is_some()).map(|e| e.ino));
+                }
+                (res, inos)
+            })
             .await?
             .map_err(MdsError::Errno)?;
         Ok(Response::new(pb::ReadDirReply {
@@ -369,7 +469,8 @@ impl Meta for MetaService {
             value: r.value.into(),
             flags: r.flags,
         };
-        self.mutate(r.header.as_ref(), op).await?;
+        self.mutate(r.header.as_ref(), op, &[Change::attr(r.ino)])
+            .await?;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -406,7 +507,8 @@ impl Meta for MetaService {
             ino: r.ino,
             name: r.name.into(),
         };
-        self.mutate(r.header.as_ref(), op).await?;
+        self.mutate(r.header.as_ref(), op, &[Change::attr(r.ino)])
+            .await?;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -418,7 +520,8 @@ impl Meta for MetaService {
             size: r.size,
         };
         Ok(Response::new(attr_reply(
-            self.mutate(r.header.as_ref(), op).await?,
+            self.mutate(r.header.as_ref(), op, &[Change::data(r.ino)])
+                .await?,
         )?))
     }
 
@@ -430,7 +533,10 @@ impl Meta for MetaService {
         if sid != 0 {
             self.node.open_begin(sid, r.ino).await;
         }
-        let res = match self.node.read(|s| s.getattr(r.ino)).await {
+        let res = match self
+            .read_leased(sid, |s| (s.getattr(r.ino), vec![r.ino]))
+            .await
+        {
             Ok(Ok(a)) => Ok(a),
             Ok(Err(e)) => Err(MdsError::Errno(e)),
             Err(e) => Err(e),
@@ -507,6 +613,7 @@ impl Meta for MetaService {
                 osd_id: r.osd_id,
                 state,
             },
+            &[],
         )
         .await?;
         Ok(Response::new(pb::Empty {}))
@@ -533,7 +640,7 @@ impl Meta for MetaService {
             failure_domain: r.failure_domain,
             pid: r.pid,
         };
-        match self.mutate(r.header.as_ref(), op).await? {
+        match self.mutate(r.header.as_ref(), op, &[]).await? {
             Reply::OsdRegistered { osd_id, .. } => {
                 self.node.osd_seen_now(osd_id);
                 let map = self.node.read_local(|s| self.cluster_map(s));
@@ -567,6 +674,7 @@ impl Meta for MetaService {
                     osd_id: r.osd_id,
                     state: OsdState::Up,
                 },
+                &[],
             )
             .await?;
         }
@@ -586,6 +694,7 @@ impl Meta for MetaService {
                     used_bytes: r.used_bytes,
                     pid: r.pid,
                 },
+                &[],
             )
             .await?;
         }
@@ -608,7 +717,7 @@ impl Meta for MetaService {
             subdir: r.subdir.into(),
         };
         // A registration is not deduplicated: it has no session yet.
-        match self.mutate(None, op).await? {
+        match self.mutate(None, op, &[]).await? {
             Reply::ClientRegistered {
                 session_id,
                 root_ino,
@@ -623,7 +732,10 @@ impl Meta for MetaService {
         }
     }
 
-    async fn client_heartbeat(&self, req: Request<pb::ClientHeartbeatRequest>) -> Res<pb::Empty> {
+    async fn client_heartbeat(
+        &self,
+        req: Request<pb::ClientHeartbeatRequest>,
+    ) -> Res<pb::ClientHeartbeatReply> {
         let r = req.into_inner();
         self.node.check_leader()?;
         let sid = r.header.map(|h| h.session_id).unwrap_or(0);
@@ -635,6 +747,34 @@ impl Meta for MetaService {
             return Err(MdsError::Invalid("too many open inodes".into()).into());
         }
         self.node.heartbeat_opens(sid, &r.open_inos);
+        // A lease only from a leader no other can have replaced yet (a
+        // deposed one fails this quorum check).
+        let lease_ms = match self.node.read(|_| ()).await {
+            Ok(()) => self.node.leases.heartbeat(sid).as_millis() as u32,
+            Err(_) => 0,
+        };
+        Ok(Response::new(pb::ClientHeartbeatReply { lease_ms }))
+    }
+
+    type SessionStream = tokio_stream::wrappers::ReceiverStream<Result<pb::SessionEvent, Status>>;
+
+    async fn session(&self, req: Request<pb::SessionRequest>) -> Res<Self::SessionStream> {
+        let r = req.into_inner();
+        self.node.check_leader()?;
+        let sid = session_of(r.header.as_ref());
+        if sid == 0 || !self.node.read_local(|s| s.sessions.contains_key(&sid)) {
+            return Err(MdsError::NotFound(format!("no session {sid}")).into());
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(RECALL_QUEUE);
+        self.node.leases.attach(sid, tx);
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    async fn ack_recall(&self, req: Request<pb::AckRecallRequest>) -> Res<pb::Empty> {
+        let r = req.into_inner();
+        self.node.leases.ack(session_of(r.header.as_ref()), r.seq);
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -675,7 +815,7 @@ impl Meta for MetaService {
             end: r.end,
             kind: lock_kind(r.r#type)?,
         };
-        self.mutate(r.header.as_ref(), op).await?;
+        self.mutate(r.header.as_ref(), op, &[]).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -694,7 +834,7 @@ impl Meta for MetaService {
                 session: sid,
                 owner: r.owner,
             };
-            self.mutate(r.header.as_ref(), op).await?;
+            self.mutate(r.header.as_ref(), op, &[]).await?;
         }
         Ok(Response::new(pb::Empty {}))
     }

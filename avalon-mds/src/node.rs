@@ -3,8 +3,10 @@
 
 use crate::command::{Layout, MetaCommand, Op, OsdState, Reply};
 use crate::config::Config;
+use crate::leases::LeaseTable;
 use crate::namespace::State;
 use crate::raft_store::{NodeId, Raft, SharedSm};
+use crate::read_lease::ReadLease;
 use avalon_proto::pb::RequestHeader;
 use openraft::error::{ForwardToLeader, RaftError};
 use openraft::{BasicNode, ServerState, TryAsRef};
@@ -172,6 +174,12 @@ pub struct MdsNode {
     pub liveness: Mutex<Liveness>,
     pub opens: Mutex<OpenTable>,
     pub pending_changed: tokio::sync::Notify,
+    /// Lets the leader answer reads without a quorum round each.
+    pub read_lease: ReadLease,
+    /// Which sessions may cache what (metadata leases).
+    pub leases: LeaseTable,
+    /// (raft term, when this node first wrote as leader in it).
+    pub lease_term: Mutex<(u64, Instant)>,
     pub shutdown: CancellationToken,
 }
 
@@ -258,6 +266,7 @@ impl MdsNode {
 
     /// Replicates `op` and returns the state machine's answer.
     pub async fn write(&self, hdr: Option<&RequestHeader>, op: Op) -> Result<Reply, MdsError> {
+        self.wait_fresh_leader().await;
         let (session_id, request_id) = hdr.map(|h| (h.session_id, h.request_id)).unwrap_or((0, 0));
         let cmd = MetaCommand {
             now_ns: now_ns(),
@@ -271,12 +280,40 @@ impl MdsNode {
         }
     }
 
-    /// A linearizable read of the state (leader only).
+    /// A new leader does not know which clients cache what: it holds
+    /// changes back until every lease its predecessor granted has lapsed.
+    async fn wait_fresh_leader(&self) {
+        let term = self.raft.metrics().borrow().current_term;
+        let since = {
+            let mut t = self.lease_term.lock().unwrap_or_else(|e| e.into_inner());
+            if t.0 != term {
+                *t = (term, Instant::now());
+            }
+            t.1
+        };
+        let until = since + self.leases.ttl();
+        let now = Instant::now();
+        if now < until {
+            tokio::time::sleep(until - now).await;
+        }
+    }
+
+    /// A linearizable read of the state (leader only): local while the
+    /// read lease holds, one quorum round to renew it otherwise.
     pub async fn read<T>(&self, f: impl FnOnce(&State) -> T) -> Result<T, MdsError> {
-        self.raft
-            .ensure_linearizable()
-            .await
-            .map_err(|e| self.raft_err(e))?;
+        if !self.is_leader() {
+            self.read_lease.revoke();
+            return Err(MdsError::NotLeader(self.leader_addr()));
+        }
+        self.read_lease
+            .ensure(|| async {
+                self.raft
+                    .ensure_linearizable()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| self.raft_err(e))
+            })
+            .await?;
         Ok(self.read_local(f))
     }
 
@@ -492,6 +529,7 @@ impl MdsNode {
             tracing::info!(session = id, "client session timed out; expiring");
             match self.write(None, Op::ExpireSession { session_id: id }).await {
                 Ok(_) | Err(MdsError::Errno(_)) => {
+                    self.leases.remove_session(id);
                     self.lock_liveness().client_seen.remove(&id);
                     self.lock_opens().drop_session(id);
                 }
@@ -547,6 +585,7 @@ impl MdsNode {
             if !leader {
                 if was_leader {
                     self.lock_liveness().leader_since = None;
+                    self.leases.clear();
                     let mut t = self.lock_opens();
                     t.entries.clear();
                     t.by_ino.clear();

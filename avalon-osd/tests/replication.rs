@@ -46,11 +46,11 @@ fake_meta! {
         mknod(pb::MknodRequest) -> pb::EntryReply;
         mkdir(pb::MkdirRequest) -> pb::EntryReply;
         symlink(pb::SymlinkRequest) -> pb::EntryReply;
-        unlink(pb::UnlinkRequest) -> pb::Empty;
-        rmdir(pb::UnlinkRequest) -> pb::Empty;
+        unlink(pb::UnlinkRequest) -> pb::DirChangeReply;
+        rmdir(pb::UnlinkRequest) -> pb::DirChangeReply;
         readlink(pb::GetAttrRequest) -> pb::ReadlinkReply;
         link(pb::LinkRequest) -> pb::EntryReply;
-        rename(pb::RenameRequest) -> pb::Empty;
+        rename(pb::RenameRequest) -> pb::DirChangeReply;
         read_dir(pb::ReadDirRequest) -> pb::ReadDirReply;
         stat_fs(pb::GetAttrRequest) -> pb::StatFsReply;
         set_xattr(pb::SetXattrRequest) -> pb::Empty;
@@ -61,13 +61,20 @@ fake_meta! {
         open(pb::OpenRequest) -> pb::AttrReply;
         release(pb::ReleaseRequest) -> pb::Empty;
         register_client(pb::RegisterClientRequest) -> pb::RegisterClientReply;
-        client_heartbeat(pb::ClientHeartbeatRequest) -> pb::Empty;
+        client_heartbeat(pb::ClientHeartbeatRequest) -> pb::ClientHeartbeatReply;
+        ack_recall(pb::AckRecallRequest) -> pb::Empty;
         status(pb::Empty) -> pb::StatusReply;
         check_inodes(pb::CheckInodesRequest) -> pb::CheckInodesReply;
         set_osd_state(pb::SetOsdStateRequest) -> pb::Empty;
         get_lock(pb::LockRequest) -> pb::LockReply;
         set_lock(pb::LockRequest) -> pb::Empty;
         release_locks(pb::ReleaseLocksRequest) -> pb::Empty;
+    }
+
+    type SessionStream = tokio_stream::wrappers::ReceiverStream<Result<pb::SessionEvent, Status>>;
+
+    async fn session(&self, _r: Request<pb::SessionRequest>) -> Result<Response<Self::SessionStream>, Status> {
+        Err(Status::unimplemented("session"))
     }
 
     async fn get_cluster_map(&self, _r: Request<pb::Empty>) -> Result<Response<ClusterMap>, Status> {

@@ -5,59 +5,15 @@
 
 mod common;
 
-use avalonctl::local_cluster::{unmount, LocalCluster};
+use avalonctl::local_cluster::LocalCluster;
 use common::*;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// A second mount of the cluster through the mount helper binary.
-pub struct SecondMount {
-    pub path: PathBuf,
-    source: String,
-}
-
-impl SecondMount {
-    pub fn new(c: &LocalCluster, path: PathBuf) -> SecondMount {
-        std::fs::create_dir_all(&path).unwrap();
-        let source = c.layout.source();
-        let bin = avalonctl::local_cluster::default_bin_dir().join("avalon-fuse");
-        let log = path.with_extension("log");
-        run(Command::new(bin)
-            .arg(&source)
-            .arg(&path)
-            .arg("-o")
-            .arg(format!("log={}", log.display())));
-        assert!(avalonctl::local_cluster::is_mounted(&path));
-        SecondMount { path, source }
-    }
-
-    /// Pid of the client process serving this mount.
-    pub fn pid(&self) -> u32 {
-        let out = run(Command::new("pgrep").args([
-            "-f",
-            &format!(
-                "avalon-fuse --foreground {} {}",
-                self.source,
-                self.path.display()
-            ),
-        ]));
-        out.split_whitespace()
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("client pid")
-    }
-}
-
-impl Drop for SecondMount {
-    fn drop(&mut self) {
-        unmount(&self.path);
-    }
-}
 
 fn open_rw(p: &Path) -> File {
     OpenOptions::new()

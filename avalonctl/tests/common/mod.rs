@@ -2,9 +2,10 @@
 //! data and digests.
 #![allow(dead_code)]
 
-use avalonctl::local_cluster::{LocalCluster, Options};
+use avalonctl::local_cluster::{unmount, LocalCluster, Options};
 use sha2::{Digest, Sha256};
 use std::path::Path;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -125,4 +126,48 @@ pub fn cluster_map(c: &LocalCluster) -> avalon_proto::pb::ClusterMap {
         }),
     )
     .expect("cluster map")
+}
+
+/// A second mount of the cluster through the mount helper binary.
+pub struct SecondMount {
+    pub path: PathBuf,
+    source: String,
+}
+
+impl SecondMount {
+    pub fn new(c: &LocalCluster, path: PathBuf) -> SecondMount {
+        std::fs::create_dir_all(&path).unwrap();
+        let source = c.layout.source();
+        let bin = avalonctl::local_cluster::default_bin_dir().join("avalon-fuse");
+        let log = path.with_extension("log");
+        run(Command::new(bin)
+            .arg(&source)
+            .arg(&path)
+            .arg("-o")
+            .arg(format!("log={}", log.display())));
+        assert!(avalonctl::local_cluster::is_mounted(&path));
+        SecondMount { path, source }
+    }
+
+    /// Pid of the client process serving this mount.
+    pub fn pid(&self) -> u32 {
+        let out = run(Command::new("pgrep").args([
+            "-f",
+            &format!(
+                "avalon-fuse --foreground {} {}",
+                self.source,
+                self.path.display()
+            ),
+        ]));
+        out.split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("client pid")
+    }
+}
+
+impl Drop for SecondMount {
+    fn drop(&mut self) {
+        unmount(&self.path);
+    }
 }

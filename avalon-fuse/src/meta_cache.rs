@@ -1,0 +1,336 @@
+//! Attributes and directory entries cached under the session's metadata
+//! lease (see avalon-mds `leases.rs`).
+//!
+//! Everything here is trusted only while the lease holds: heartbeats renew
+//! it, the MDS recalls entries another session changes before that change
+//! is acknowledged, and a lapsed lease empties the cache. A reply that was
+//! in flight while a recall arrived may predate the change, so it is not
+//! cached: every store names the recall epoch its request started in.
+
+use avalon_proto::pb::{Attr, Recall};
+use bytes::Bytes;
+use dashmap::{DashMap, DashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Most entries kept before the cache starts over (a coarse bound on
+/// memory; the MDS side forgets a session's leases when it lapses).
+const MAX_ENTRIES: usize = 1 << 20;
+
+/// What a lookup found in the cache.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cached {
+    /// The name exists with these attributes.
+    Found(Attr),
+    /// The name does not exist.
+    Absent,
+}
+
+/// The client's metadata cache.
+#[derive(Default)]
+pub struct MetaCache {
+    lease_until: Mutex<Option<Instant>>,
+    /// Bumped by every recall and lease loss.
+    epoch: AtomicU64,
+    attrs: DashMap<u64, Attr>,
+    /// (directory, name) → inode; 0 records that the name is absent.
+    entries: DashMap<(u64, Bytes), u64>,
+    /// Directories all of whose entries are in `entries`.
+    complete: DashSet<u64>,
+}
+
+impl MetaCache {
+    /// An empty cache without a lease.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The epoch to pass to the stores of a request starting now.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    fn lease_left(&self) -> Duration {
+        let l = self.lease_until.lock().unwrap_or_else(|e| e.into_inner());
+        l.map(|t| t.saturating_duration_since(Instant::now()))
+            .unwrap_or_default()
+    }
+
+    /// How long the kernel may cache what it is told now.
+    pub fn ttl(&self) -> Duration {
+        self.lease_left()
+    }
+
+    fn valid(&self) -> bool {
+        !self.lease_left().is_zero()
+    }
+
+    /// A heartbeat sent at `sent` was answered with a lease of `lease`
+    /// (zero: none; the cache is void).
+    pub fn renew(&self, sent: Instant, lease: Duration) {
+        if lease.is_zero() {
+            self.clear();
+            return;
+        }
+        let mut l = self.lease_until.lock().unwrap_or_else(|e| e.into_inner());
+        // A lease lapsed in between: what is cached may be stale.
+        if l.is_none_or(|t| t <= Instant::now()) {
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            self.attrs.clear();
+            self.entries.clear();
+            self.complete.clear();
+        }
+        *l = Some(sent + lease);
+    }
+
+    /// Drops everything and the lease (stream lost, leader changed).
+    pub fn clear(&self) {
+        *self.lease_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.attrs.clear();
+        self.entries.clear();
+        self.complete.clear();
+    }
+
+    /// Cached attributes of `ino`.
+    pub fn attr(&self, ino: u64) -> Option<Attr> {
+        if !self.valid() {
+            return None;
+        }
+        self.attrs.get(&ino).map(|a| *a)
+    }
+
+    /// What the cache knows of `name` in `dir`.
+    pub fn lookup(&self, dir: u64, name: &[u8]) -> Option<Cached> {
+        if !self.valid() {
+            return None;
+        }
+        match self
+            .entries
+            .get(&(dir, Bytes::copy_from_slice(name)))
+            .map(|e| *e)
+        {
+            Some(0) => Some(Cached::Absent),
+            Some(ino) => self.attrs.get(&ino).map(|a| Cached::Found(*a)),
+            None if self.complete.contains(&dir) => Some(Cached::Absent),
+            None => None,
+        }
+    }
+
+    fn may_store(&self, epoch: u64) -> bool {
+        if self.epoch() != epoch || !self.valid() {
+            return false;
+        }
+        if self.entries.len() + self.attrs.len() > MAX_ENTRIES {
+            self.clear_entries();
+            return false;
+        }
+        true
+    }
+
+    fn clear_entries(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.attrs.clear();
+        self.entries.clear();
+        self.complete.clear();
+    }
+
+    /// Caches attributes from a reply to a request started in `epoch`.
+    pub fn put_attr(&self, epoch: u64, a: &Attr) {
+        if self.may_store(epoch) {
+            self.attrs.insert(a.ino, *a);
+        }
+    }
+
+    /// Caches that `name` in `dir` is `ino` (0: absent).
+    pub fn put_entry(&self, epoch: u64, dir: u64, name: &[u8], ino: u64) {
+        if is_dot(name) || !self.may_store(epoch) {
+            return;
+        }
+        self.entries
+            .insert((dir, Bytes::copy_from_slice(name)), ino);
+    }
+
+    /// `dir` was just created by this client: it has no entries but ours.
+    pub fn put_complete(&self, epoch: u64, dir: u64) {
+        if self.may_store(epoch) {
+            self.complete.insert(dir);
+        }
+    }
+
+    /// This client removed `name` from `dir` (the inode's link count and
+    /// ctime changed: its attributes are dropped).
+    pub fn removed(&self, epoch: u64, dir: u64, name: &[u8]) {
+        if let Some((_, ino)) = self.entries.remove(&(dir, Bytes::copy_from_slice(name))) {
+            self.attrs.remove(&ino);
+        }
+        self.put_entry(epoch, dir, name, 0);
+    }
+
+    /// This client moved `name` in `dir` to `new_name` in `new_dir` (over
+    /// whatever was there). The moved inode's ctime changed: its
+    /// attributes are dropped, its new name kept if it was known.
+    pub fn renamed(&self, epoch: u64, dir: u64, name: &[u8], new_dir: u64, new_name: &[u8]) {
+        let moved = self
+            .entries
+            .remove(&(dir, Bytes::copy_from_slice(name)))
+            .map(|(_, ino)| ino)
+            .filter(|ino| *ino != 0);
+        if let Some(ino) = moved {
+            self.attrs.remove(&ino);
+        }
+        if let Some((_, old)) = self
+            .entries
+            .remove(&(new_dir, Bytes::copy_from_slice(new_name)))
+        {
+            self.attrs.remove(&old);
+        }
+        self.put_entry(epoch, dir, name, 0);
+        match moved {
+            Some(ino) => self.put_entry(epoch, new_dir, new_name, ino),
+            // Unknown: a complete listing would now wrongly say "absent".
+            None => {
+                self.complete.remove(&new_dir);
+            }
+        }
+    }
+
+    /// Forgets what is cached of `name` in `dir`, positive or negative.
+    pub fn forget_entry(&self, dir: u64, name: &[u8]) {
+        if let Some((_, ino)) = self.entries.remove(&(dir, Bytes::copy_from_slice(name))) {
+            self.attrs.remove(&ino);
+        }
+        self.complete.remove(&dir);
+    }
+
+    /// Forgets `ino`'s attributes (changed by this client in a way the
+    /// reply does not show).
+    pub fn forget_attr(&self, ino: u64) {
+        self.attrs.remove(&ino);
+    }
+
+    /// Applies one recall from the MDS.
+    pub fn recall(&self, r: &Recall) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        if r.entry {
+            if let Some((_, ino)) = self.entries.remove(&(r.ino, r.name.clone())) {
+                self.attrs.remove(&ino);
+            }
+            self.complete.remove(&r.ino);
+        }
+        self.attrs.remove(&r.ino);
+    }
+}
+
+fn is_dot(name: &[u8]) -> bool {
+    name == b"." || name == b".."
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attr(ino: u64) -> Attr {
+        Attr {
+            ino,
+            mode: libc::S_IFREG | 0o644,
+            nlink: 1,
+            ..Default::default()
+        }
+    }
+
+    fn leased() -> MetaCache {
+        let c = MetaCache::new();
+        c.renew(Instant::now(), Duration::from_secs(60));
+        c
+    }
+
+    #[test]
+    fn nothing_is_trusted_without_a_lease() {
+        let c = MetaCache::new();
+        let e = c.epoch();
+        c.put_attr(e, &attr(5));
+        assert_eq!(c.attr(5), None);
+        let c = leased();
+        let e = c.epoch();
+        c.put_attr(e, &attr(5));
+        assert_eq!(c.attr(5), Some(attr(5)));
+        c.renew(Instant::now(), Duration::ZERO);
+        assert_eq!(c.attr(5), None);
+    }
+
+    #[test]
+    fn entries_negative_entries_and_complete_directories() {
+        let c = leased();
+        let e = c.epoch();
+        c.put_attr(e, &attr(7));
+        c.put_entry(e, 1, b"a", 7);
+        c.put_entry(e, 1, b"gone", 0);
+        assert_eq!(c.lookup(1, b"a"), Some(Cached::Found(attr(7))));
+        assert_eq!(c.lookup(1, b"gone"), Some(Cached::Absent));
+        assert_eq!(c.lookup(1, b"other"), None);
+        c.put_complete(e, 1);
+        assert_eq!(c.lookup(1, b"other"), Some(Cached::Absent));
+        // "." and ".." are the kernel's business.
+        c.put_entry(e, 1, b"..", 9);
+        assert_eq!(c.lookup(1, b".."), Some(Cached::Absent));
+        c.removed(e, 1, b"a");
+        assert_eq!(c.lookup(1, b"a"), Some(Cached::Absent));
+        assert_eq!(c.attr(7), None);
+    }
+
+    #[test]
+    fn a_recall_drops_the_entry_and_voids_replies_in_flight() {
+        let c = leased();
+        let e = c.epoch();
+        c.put_attr(e, &attr(7));
+        c.put_attr(e, &attr(1));
+        c.put_entry(e, 1, b"a", 7);
+        c.put_complete(e, 1);
+        c.recall(&Recall {
+            ino: 1,
+            name: Bytes::from_static(b"a"),
+            entry: true,
+            data: false,
+        });
+        assert_eq!(c.lookup(1, b"a"), None);
+        assert_eq!(c.attr(7), None);
+        assert_eq!(c.attr(1), None);
+        assert_eq!(c.lookup(1, b"b"), None, "no longer complete");
+        // A reply to a request sent before the recall is not cached.
+        c.put_attr(e, &attr(8));
+        assert_eq!(c.attr(8), None);
+        c.put_attr(c.epoch(), &attr(8));
+        assert_eq!(c.attr(8), Some(attr(8)));
+    }
+
+    #[test]
+    fn a_rename_moves_the_entry_and_never_hides_the_new_name() {
+        let c = leased();
+        let e = c.epoch();
+        c.put_complete(e, 1);
+        c.put_attr(e, &attr(7));
+        c.put_entry(e, 1, b"f", 7);
+        c.renamed(e, 1, b"f", 1, b"g");
+        assert_eq!(c.lookup(1, b"f"), Some(Cached::Absent));
+        // The entry is known, the attributes (ctime) are asked for again.
+        assert_eq!(c.lookup(1, b"g"), None);
+        c.put_attr(e, &attr(7));
+        assert_eq!(c.lookup(1, b"g"), Some(Cached::Found(attr(7))));
+        // A rename of a name the cache never saw voids completeness.
+        c.renamed(e, 2, b"x", 1, b"h");
+        assert_eq!(c.lookup(1, b"h"), None);
+    }
+
+    #[test]
+    fn a_lapsed_lease_starts_over_empty() {
+        let c = MetaCache::new();
+        c.renew(Instant::now(), Duration::from_millis(1));
+        let e = c.epoch();
+        c.put_attr(e, &attr(3));
+        std::thread::sleep(Duration::from_millis(5));
+        c.renew(Instant::now(), Duration::from_secs(60));
+        assert_eq!(c.attr(3), None);
+    }
+}

@@ -1,0 +1,107 @@
+//! The session's recall stream: applies the MDS's recalls to this client's
+//! caches and the kernel's, then acknowledges them, so that a change made
+//! through another mount is seen here as soon as it is acknowledged there.
+
+use crate::client::Client;
+use avalon_proto::pb;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long an entry invalidation may wait for the kernel. The kernel
+/// takes the directory's lock for it, which a request of ours blocked on
+/// the MDS may hold; past this the recall is acknowledged anyway (the
+/// invalidation still happens once the lock is free).
+const KERNEL_WAIT: Duration = Duration::from_millis(50);
+
+/// Invalidates the kernel's caches of this mount.
+#[derive(Clone)]
+pub struct KernelCache {
+    notifier: fuser::Notifier,
+    root_ino: u64,
+}
+
+impl KernelCache {
+    /// Invalidations through `notifier`; `root_ino` is the MDS inode the
+    /// mount's root (kernel node 1) stands for.
+    pub fn new(notifier: fuser::Notifier, root_ino: u64) -> Self {
+        KernelCache { notifier, root_ino }
+    }
+
+    fn node(&self, ino: u64) -> fuser::INodeNo {
+        fuser::INodeNo(if ino == self.root_ino { 1 } else { ino })
+    }
+
+    /// Applies one recall to the kernel (errors mean it had nothing cached).
+    fn invalidate(&self, r: &pb::Recall) {
+        let node = self.node(r.ino);
+        if r.entry {
+            let _ = self.notifier.inval_entry(node, OsStr::from_bytes(&r.name));
+        }
+        // Offset -1: attributes only; 0 with length 0: all cached pages too.
+        let offset = if r.data { 0 } else { -1 };
+        let _ = self.notifier.inval_inode(node, offset, 0);
+    }
+}
+
+/// Keeps the recall stream open for the life of the mount.
+pub async fn run(client: Arc<Client>, kernel: Option<KernelCache>) {
+    loop {
+        let req = pb::SessionRequest {
+            header: client.header(),
+        };
+        match client
+            .mds
+            .request(req, |mut c, r| async move { c.session(r).await })
+            .await
+        {
+            Ok(mut stream) => loop {
+                match stream.message().await {
+                    Ok(Some(ev)) => apply(&client, kernel.as_ref(), ev).await,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "recall stream ended");
+                        break;
+                    }
+                }
+            },
+            Err(e) => tracing::debug!(error = %e, "cannot open the recall stream"),
+        }
+        // Recalls may have been missed: trust nothing cached until the
+        // stream is back and a heartbeat renewed the lease.
+        client.meta.clear();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn apply(client: &Arc<Client>, kernel: Option<&KernelCache>, ev: pb::SessionEvent) {
+    tracing::debug!(seq = ev.seq, recalls = ev.recalls.len(), "recall");
+    for r in &ev.recalls {
+        client.meta.recall(r);
+        if r.data {
+            client.cache.invalidate_file(r.ino);
+        }
+    }
+    if let Some(k) = kernel {
+        let k = k.clone();
+        let recalls = ev.recalls;
+        let job = tokio::task::spawn_blocking(move || {
+            for r in &recalls {
+                k.invalidate(r);
+            }
+        });
+        let _ = tokio::time::timeout(KERNEL_WAIT, job).await;
+    }
+    let req = pb::AckRecallRequest {
+        header: client.header(),
+        seq: ev.seq,
+    };
+    if let Err(e) = client
+        .mds
+        .request(req, |mut c, r| async move { c.ack_recall(r).await })
+        .await
+    {
+        tracing::warn!(error = %e, seq = ev.seq, "could not acknowledge a recall");
+    }
+}

@@ -1,0 +1,375 @@
+//! Metadata leases: which client sessions may cache which inodes, and the
+//! recall that must reach them before another session's change is
+//! acknowledged.
+//!
+//! A session's lease is renewed by its heartbeats and covers everything the
+//! leader sent it: attributes of an inode, and the entries of a directory
+//! it looked names up in. The table lives in the leader's memory only. A
+//! new leader knows nobody's cache, so it holds back changes until every
+//! lease the old leader granted has lapsed (`wait_fresh_leader`).
+//!
+//! Ordering: a reader is registered *before* (or under the same state lock
+//! as) the read of the state it will cache, and a change is recalled
+//! *after* it is applied, so every reader that may hold the old state is
+//! in the recalled set. The client ignores replies that cross a recall.
+
+use avalon_proto::pb;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// One recalled entry (see `pb::Recall`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub ino: u64,
+    /// Some: the entry `name` of directory `ino`; None: `ino`'s attributes.
+    pub name: Option<Vec<u8>>,
+    /// The file's contents changed too.
+    pub data: bool,
+}
+
+impl Change {
+    /// `ino`'s attributes changed.
+    pub fn attr(ino: u64) -> Change {
+        Change {
+            ino,
+            name: None,
+            data: false,
+        }
+    }
+
+    /// `ino`'s attributes and contents changed.
+    pub fn data(ino: u64) -> Change {
+        Change {
+            ino,
+            name: None,
+            data: true,
+        }
+    }
+
+    /// Entry `name` of directory `dir` changed (and so did `dir`'s times).
+    pub fn entry(dir: u64, name: &[u8]) -> Change {
+        Change {
+            ino: dir,
+            name: Some(name.to_vec()),
+            data: false,
+        }
+    }
+}
+
+#[derive(Default)]
+struct SessionLease {
+    /// The session's recall stream, if connected.
+    tx: Option<mpsc::Sender<Result<pb::SessionEvent, tonic::Status>>>,
+    /// Until when the session may trust its cache (leader's clock).
+    valid_until: Option<Instant>,
+    /// Inodes the session may cache.
+    held: HashSet<u64>,
+    next_seq: u64,
+    /// Unacknowledged recalls: seq → waiters.
+    waiting: HashMap<u64, Vec<oneshot::Sender<()>>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    sessions: HashMap<u64, SessionLease>,
+    holders: HashMap<u64, HashSet<u64>>,
+}
+
+/// The leader's lease table.
+pub struct LeaseTable {
+    inner: Mutex<Inner>,
+    ttl: Duration,
+}
+
+impl LeaseTable {
+    /// A table whose leases last `ttl` past each heartbeat.
+    pub fn new(ttl: Duration) -> Self {
+        LeaseTable {
+            inner: Mutex::new(Inner::default()),
+            ttl,
+        }
+    }
+
+    /// Lease length.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that session `sid` may cache what it is sent about `inos`.
+    /// Call before reading the state sent (or under the state lock).
+    pub fn grant(&self, sid: u64, inos: &[u64]) {
+        if sid == 0 {
+            return;
+        }
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let Some(s) = inner.sessions.get_mut(&sid) else {
+            return;
+        };
+        if s.valid_until.is_none_or(|t| Instant::now() >= t) {
+            return;
+        }
+        for &ino in inos {
+            if ino != 0 && s.held.insert(ino) {
+                inner.holders.entry(ino).or_default().insert(sid);
+            }
+        }
+    }
+
+    /// A heartbeat from `sid`: renews its lease unless a recall to it is
+    /// unanswered. Returns the lease granted (zero: none, drop caches).
+    pub fn heartbeat(&self, sid: u64) -> Duration {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let s = inner.sessions.entry(sid).or_default();
+        if !s.waiting.is_empty() {
+            return Duration::ZERO;
+        }
+        if s.valid_until.is_none_or(|t| Instant::now() >= t) {
+            // A lapsed lease restarts empty: the client dropped its cache.
+            let held = std::mem::take(&mut s.held);
+            Self::unhold(&mut inner.holders, sid, held);
+        }
+        let s = inner.sessions.entry(sid).or_default();
+        s.valid_until = Some(Instant::now() + self.ttl);
+        self.ttl
+    }
+
+    /// Attaches the session's recall stream (replacing an older one).
+    pub fn attach(&self, sid: u64, tx: mpsc::Sender<Result<pb::SessionEvent, tonic::Status>>) {
+        self.lock().sessions.entry(sid).or_default().tx = Some(tx);
+    }
+
+    /// The session acknowledged every recall up to `seq`.
+    pub fn ack(&self, sid: u64, seq: u64) {
+        let mut g = self.lock();
+        if let Some(s) = g.sessions.get_mut(&sid) {
+            let done: Vec<u64> = s.waiting.keys().copied().filter(|q| *q <= seq).collect();
+            for q in done {
+                for w in s.waiting.remove(&q).unwrap_or_default() {
+                    let _ = w.send(());
+                }
+            }
+        }
+    }
+
+    /// Forgets a session (ended or expired).
+    pub fn remove_session(&self, sid: u64) {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        if let Some(s) = inner.sessions.remove(&sid) {
+            Self::unhold(&mut inner.holders, sid, s.held);
+        }
+    }
+
+    fn unhold(holders: &mut HashMap<u64, HashSet<u64>>, sid: u64, held: HashSet<u64>) {
+        for ino in held {
+            if let Some(h) = holders.get_mut(&ino) {
+                h.remove(&sid);
+                if h.is_empty() {
+                    holders.remove(&ino);
+                }
+            }
+        }
+    }
+
+    /// Recalls `changes` from every session but `from` that may cache them
+    /// and waits until each has acknowledged or its lease has lapsed.
+    pub async fn recall(&self, from: u64, changes: &[Change]) {
+        let mut waits = Vec::new();
+        {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            // Who holds what is read for every change first: several
+            // changes may name one inode (two entries of one directory).
+            let mut per_session: HashMap<u64, Vec<&Change>> = HashMap::new();
+            for c in changes {
+                if let Some(h) = inner.holders.get(&c.ino) {
+                    for sid in h.iter().filter(|s| **s != from) {
+                        per_session.entry(*sid).or_default().push(c);
+                    }
+                }
+            }
+            for c in changes {
+                if let Some(h) = inner.holders.get_mut(&c.ino) {
+                    h.retain(|s| *s == from);
+                    if h.is_empty() {
+                        inner.holders.remove(&c.ino);
+                    }
+                }
+            }
+            let now = Instant::now();
+            if !per_session.is_empty() {
+                tracing::debug!(from, sessions = per_session.len(), "recalling");
+            }
+            for (sid, cs) in per_session {
+                let Some(s) = inner.sessions.get_mut(&sid) else {
+                    continue;
+                };
+                for c in &cs {
+                    s.held.remove(&c.ino);
+                }
+                let Some(deadline) = s.valid_until.filter(|t| *t > now) else {
+                    continue;
+                };
+                s.next_seq += 1;
+                let seq = s.next_seq;
+                let ev = pb::SessionEvent {
+                    seq,
+                    recalls: cs
+                        .iter()
+                        .map(|c| pb::Recall {
+                            ino: c.ino,
+                            name: c.name.clone().unwrap_or_default().into(),
+                            entry: c.name.is_some(),
+                            data: c.data,
+                        })
+                        .collect(),
+                };
+                let (wtx, wrx) = oneshot::channel();
+                s.waiting.entry(seq).or_default().push(wtx);
+                if let Some(tx) = &s.tx {
+                    if tx.try_send(Ok(ev)).is_err() {
+                        s.tx = None;
+                    }
+                }
+                waits.push((sid, seq, deadline, wrx));
+            }
+        }
+        for (sid, seq, deadline, wrx) in waits {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, wrx).await.is_err() {
+                self.lapse(sid, seq);
+            }
+        }
+    }
+
+    /// A recall went unanswered until the lease ran out: the session's
+    /// cache is void; it learns so from its next heartbeat's zero lease.
+    fn lapse(&self, sid: u64, seq: u64) {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        if let Some(s) = inner.sessions.get_mut(&sid) {
+            tracing::info!(session = sid, seq, "recall unanswered; lease lapsed");
+            s.waiting.clear();
+            s.valid_until = None;
+            let held = std::mem::take(&mut s.held);
+            Self::unhold(&mut inner.holders, sid, held);
+        }
+    }
+
+    /// Forgets every lease and stream (this node stopped leading).
+    pub fn clear(&self) {
+        *self.lock() = Inner::default();
+    }
+
+    /// Number of (session, inode) leases held.
+    pub fn len(&self) -> usize {
+        self.lock().sessions.values().map(|s| s.held.len()).sum()
+    }
+
+    /// True if no lease is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> LeaseTable {
+        LeaseTable::new(Duration::from_millis(300))
+    }
+
+    #[tokio::test]
+    async fn recall_reaches_other_holders_and_waits_for_ack() {
+        let t = std::sync::Arc::new(table());
+        for sid in [1, 2] {
+            t.heartbeat(sid);
+        }
+        let (tx, mut rx) = mpsc::channel(8);
+        t.attach(2, tx);
+        t.grant(1, &[10]);
+        t.grant(2, &[10, 11]);
+        let t2 = t.clone();
+        let acker = tokio::spawn(async move {
+            let ev = rx.recv().await.unwrap().unwrap();
+            assert_eq!(ev.recalls.len(), 1);
+            assert_eq!(ev.recalls[0].ino, 10);
+            assert!(ev.recalls[0].entry);
+            t2.ack(2, ev.seq);
+        });
+        let start = Instant::now();
+        t.recall(1, &[Change::entry(10, b"x")]).await;
+        assert!(
+            start.elapsed() < Duration::from_millis(250),
+            "waited for the lease"
+        );
+        acker.await.unwrap();
+        // Session 1 made the change and keeps its lease; 2 lost it on 10 only.
+        assert_eq!(t.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn two_changes_to_one_directory_both_reach_its_holder() {
+        let t = std::sync::Arc::new(table());
+        t.heartbeat(2);
+        let (tx, mut rx) = mpsc::channel(8);
+        t.attach(2, tx);
+        t.grant(2, &[10]);
+        let t2 = t.clone();
+        let acker = tokio::spawn(async move {
+            let ev = rx.recv().await.unwrap().unwrap();
+            t2.ack(2, ev.seq);
+            ev.recalls.len()
+        });
+        t.recall(1, &[Change::entry(10, b"old"), Change::entry(10, b"new")])
+            .await;
+        assert_eq!(acker.await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn unanswered_recall_waits_for_the_lease_then_voids_it() {
+        let t = table();
+        t.heartbeat(2);
+        t.grant(2, &[10, 11]);
+        let start = Instant::now();
+        t.recall(1, &[Change::attr(10)]).await;
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(250),
+            "returned after {took:?}"
+        );
+        assert!(t.is_empty(), "the whole lease is void");
+        // Renewed again only by a heartbeat, and then from empty.
+        assert_eq!(t.heartbeat(2), Duration::from_millis(300));
+        t.grant(2, &[12]);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn pending_recall_blocks_renewal_and_no_lease_no_grant() {
+        let t = std::sync::Arc::new(table());
+        t.heartbeat(2);
+        let (tx, _rx) = mpsc::channel(8);
+        t.attach(2, tx);
+        t.grant(2, &[10]);
+        let t2 = t.clone();
+        let r = tokio::spawn(async move { t2.recall(1, &[Change::data(10)]).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(t.heartbeat(2), Duration::ZERO);
+        r.await.unwrap();
+        // Session 3 never heartbeated: nothing is registered for it.
+        t.grant(3, &[10]);
+        assert!(t.is_empty());
+        t.remove_session(2);
+        assert!(t.is_empty());
+    }
+}
