@@ -164,6 +164,7 @@ impl Client {
         let req = pb::ClientHeartbeatRequest {
             header: self.header(),
             open_inos: self.opens.iter().map(|e| *e.key()).collect(),
+            dropped_cache: self.meta.take_dropped(),
         };
         let sent = Instant::now();
         let r = self

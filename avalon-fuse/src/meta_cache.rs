@@ -38,6 +38,8 @@ pub struct MetaCache {
     entries: DashMap<(u64, Bytes), u64>,
     /// Directories all of whose entries are in `entries`.
     complete: DashSet<u64>,
+    /// Emptied since the last heartbeat (the MDS may forget our leases).
+    dropped: std::sync::atomic::AtomicBool,
 }
 
 impl MetaCache {
@@ -84,9 +86,11 @@ impl MetaCache {
         *l = Some(sent + lease);
     }
 
-    /// Drops everything and the lease (stream lost, leader changed).
+    /// Drops everything and the lease (stream lost, leader changed, too
+    /// many entries): nothing is cached again before the next heartbeat.
     pub fn clear(&self) {
         *self.lease_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.dropped.store(true, Ordering::Release);
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.attrs.clear();
         self.entries.clear();
@@ -123,17 +127,15 @@ impl MetaCache {
             return false;
         }
         if self.entries.len() + self.attrs.len() > MAX_ENTRIES {
-            self.clear_entries();
+            self.clear();
             return false;
         }
         true
     }
 
-    fn clear_entries(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        self.attrs.clear();
-        self.entries.clear();
-        self.complete.clear();
+    /// True once after the cache was emptied (told in the next heartbeat).
+    pub fn take_dropped(&self) -> bool {
+        self.dropped.swap(false, Ordering::AcqRel)
     }
 
     /// Caches attributes from a reply to a request started in `epoch`.

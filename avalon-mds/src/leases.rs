@@ -124,14 +124,17 @@ impl LeaseTable {
 
     /// A heartbeat from `sid`: renews its lease unless a recall to it is
     /// unanswered. Returns the lease granted (zero: none, drop caches).
-    pub fn heartbeat(&self, sid: u64) -> Duration {
+    /// `dropped`: the client emptied its cache, so it holds nothing.
+    pub fn heartbeat(&self, sid: u64, dropped: bool) -> Duration {
         let mut g = self.lock();
         let inner = &mut *g;
         let s = inner.sessions.entry(sid).or_default();
-        if !s.waiting.is_empty() {
+        // No lease for a session that cannot be recalled (no open stream),
+        // nor while a recall to it is unanswered.
+        if !s.waiting.is_empty() || !s.tx.as_ref().is_some_and(|t| !t.is_closed()) {
             return Duration::ZERO;
         }
-        if s.valid_until.is_none_or(|t| Instant::now() >= t) {
+        if dropped || s.valid_until.is_none_or(|t| Instant::now() >= t) {
             // A lapsed lease restarts empty: the client dropped its cache.
             let held = std::mem::take(&mut s.held);
             Self::unhold(&mut inner.holders, sid, held);
@@ -288,14 +291,21 @@ mod tests {
         LeaseTable::new(Duration::from_millis(300))
     }
 
+    type Events = mpsc::Receiver<Result<pb::SessionEvent, tonic::Status>>;
+
+    /// Attaches a recall stream for `sid` and takes a lease.
+    fn lease(t: &LeaseTable, sid: u64) -> Events {
+        let (tx, rx) = mpsc::channel(8);
+        t.attach(sid, tx);
+        assert_eq!(t.heartbeat(sid, false), Duration::from_millis(300));
+        rx
+    }
+
     #[tokio::test]
     async fn recall_reaches_other_holders_and_waits_for_ack() {
         let t = std::sync::Arc::new(table());
-        for sid in [1, 2] {
-            t.heartbeat(sid);
-        }
-        let (tx, mut rx) = mpsc::channel(8);
-        t.attach(2, tx);
+        let _rx1 = lease(&t, 1);
+        let mut rx = lease(&t, 2);
         t.grant(1, &[10]);
         t.grant(2, &[10, 11]);
         let t2 = t.clone();
@@ -320,9 +330,7 @@ mod tests {
     #[tokio::test]
     async fn two_changes_to_one_directory_both_reach_its_holder() {
         let t = std::sync::Arc::new(table());
-        t.heartbeat(2);
-        let (tx, mut rx) = mpsc::channel(8);
-        t.attach(2, tx);
+        let mut rx = lease(&t, 2);
         t.grant(2, &[10]);
         let t2 = t.clone();
         let acker = tokio::spawn(async move {
@@ -338,7 +346,8 @@ mod tests {
     #[tokio::test]
     async fn unanswered_recall_waits_for_the_lease_then_voids_it() {
         let t = table();
-        t.heartbeat(2);
+        // A stream nobody reads: recalls go unanswered.
+        let _rx = lease(&t, 2);
         t.grant(2, &[10, 11]);
         let start = Instant::now();
         t.recall(1, &[Change::attr(10)]).await;
@@ -349,7 +358,7 @@ mod tests {
         );
         assert!(t.is_empty(), "the whole lease is void");
         // Renewed again only by a heartbeat, and then from empty.
-        assert_eq!(t.heartbeat(2), Duration::from_millis(300));
+        assert_eq!(t.heartbeat(2, false), Duration::from_millis(300));
         t.grant(2, &[12]);
         assert_eq!(t.len(), 1);
     }
@@ -357,19 +366,30 @@ mod tests {
     #[tokio::test]
     async fn pending_recall_blocks_renewal_and_no_lease_no_grant() {
         let t = std::sync::Arc::new(table());
-        t.heartbeat(2);
-        let (tx, _rx) = mpsc::channel(8);
-        t.attach(2, tx);
+        let _rx = lease(&t, 2);
         t.grant(2, &[10]);
         let t2 = t.clone();
         let r = tokio::spawn(async move { t2.recall(1, &[Change::data(10)]).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(t.heartbeat(2), Duration::ZERO);
+        assert_eq!(t.heartbeat(2, false), Duration::ZERO);
         r.await.unwrap();
-        // Session 3 never heartbeated: nothing is registered for it.
+        // Session 3 never heartbeated: nothing is registered for it. A
+        // session without a recall stream gets no lease.
         t.grant(3, &[10]);
         assert!(t.is_empty());
+        assert_eq!(t.heartbeat(3, false), Duration::ZERO);
+        t.grant(3, &[10]);
+        assert!(t.is_empty());
+        let rx5 = lease(&t, 5);
+        drop(rx5);
+        assert_eq!(t.heartbeat(5, false), Duration::ZERO, "stream closed");
         t.remove_session(2);
+        assert!(t.is_empty());
+        // A client that emptied its cache holds nothing any more.
+        let _rx4 = lease(&t, 4);
+        t.grant(4, &[1, 2]);
+        assert_eq!(t.len(), 2);
+        t.heartbeat(4, true);
         assert!(t.is_empty());
     }
 }

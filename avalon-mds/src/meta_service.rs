@@ -750,7 +750,7 @@ impl Meta for MetaService {
         // A lease only from a leader no other can have replaced yet (a
         // deposed one fails this quorum check).
         let lease_ms = match self.node.read(|_| ()).await {
-            Ok(()) => self.node.leases.heartbeat(sid).as_millis() as u32,
+            Ok(()) => self.node.leases.heartbeat(sid, r.dropped_cache).as_millis() as u32,
             Err(_) => 0,
         };
         Ok(Response::new(pb::ClientHeartbeatReply { lease_ms }))

@@ -144,6 +144,7 @@ async fn open_unlinked_files_and_session_expiry() {
                     .client_heartbeat(pb::ClientHeartbeatRequest {
                         header: hdr(a),
                         open_inos,
+                        dropped_cache: false,
                     })
                     .await;
                 tokio::time::sleep(Duration::from_millis(200)).await;
