@@ -233,6 +233,10 @@ impl Client {
 
     /// Looks a name up in a directory.
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        // A name too long is that, not absent (complete directories).
+        if name.len() > avalon_proto::limits::NAME_MAX {
+            return Err(ClientError::posix(libc::ENAMETOOLONG, "name too long"));
+        }
         match self.meta.lookup(parent, name) {
             Some(Cached::Found(a)) => return Ok(a),
             Some(Cached::Absent) => return Err(ClientError::posix(libc::ENOENT, "no such entry")),
