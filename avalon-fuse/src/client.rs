@@ -61,6 +61,8 @@ pub struct Client {
     opens: DashMap<u64, u32>,
     /// Whole chunks fetched by sequential readahead.
     pub(crate) cache: crate::chunk_cache::ChunkCache,
+    /// Writes acknowledged to the kernel, not yet sent to the OSDs.
+    pub(crate) wbuf: crate::write_buffer::WriteBuffer,
 }
 
 fn time_set(t: Option<TimeChange>) -> Option<TimeSet> {
@@ -112,6 +114,9 @@ impl Client {
             files: DashMap::new(),
             opens: DashMap::new(),
             cache: crate::chunk_cache::ChunkCache::new(32),
+            wbuf: crate::write_buffer::WriteBuffer::new(
+                crate::write_buffer::WriteBuffer::budget_from_env(),
+            ),
         })
     }
 
@@ -493,6 +498,8 @@ impl Client {
     /// Tells the MDS the size this client's writes reached (and so stamps
     /// mtime), if anything is pending.
     pub async fn commit_size(&self, ino: u64) -> Result<Option<Attr>> {
+        // Buffered data reaches the OSDs before the size that covers it.
+        self.flush_file(ino).await?;
         let size = match self.files.get(&ino) {
             Some(st) if st.dirty => st.size,
             _ => return Ok(None),
@@ -585,6 +592,7 @@ impl Client {
 
     /// Commits the pending sizes of every file (at unmount).
     pub async fn commit_all(&self) {
+        let _ = self.flush_all().await;
         let dirty: Vec<u64> = self
             .files
             .iter()

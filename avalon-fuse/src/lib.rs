@@ -11,3 +11,4 @@ pub mod error;
 pub mod fs;
 pub mod locks;
 pub mod mount_source;
+pub mod write_buffer;
