@@ -1205,6 +1205,82 @@ impl ChunkStore {
         Ok((buf, version))
     }
 
+    /// A read served without blocking, for async callers: only when the
+    /// chunk is open, no writer holds it and the bytes are in the page
+    /// cache (`RWF_NOWAIT`). `None`: use [`ChunkStore::read`] on the
+    /// blocking pool instead.
+    pub fn try_read_cached(
+        &self,
+        ino: u64,
+        index: u64,
+        offset: u32,
+        len: u32,
+    ) -> Option<Result<(Vec<u8>, u64)>> {
+        use std::os::unix::io::AsRawFd;
+        if ino == 0 || check_range(u64::from(offset), u64::from(len), MAX_CHUNK_SIZE).is_err() {
+            return None;
+        }
+        let i = (mix(ino) % LOCK_STRIPES as u64) as usize;
+        let _i = self.ino_locks[i].try_read().ok()?;
+        let c = (mix(mix(ino) ^ index) % LOCK_STRIPES as u64) as usize;
+        let _c = self.chunk_locks[c].try_lock().ok()?;
+        let entry = self
+            .open_chunks
+            .try_lock()
+            .ok()?
+            .get(&(ino, index))
+            .cloned()?;
+        let oc = entry.try_lock().ok()?;
+        let meta = &oc.meta;
+        let off = u64::from(offset);
+        let end = (off + u64::from(len)).min(meta.len);
+        if off >= end {
+            return Some(Ok((Vec::new(), meta.version)));
+        }
+        let first = off / BLOCK_SIZE;
+        let last = (end - 1) / BLOCK_SIZE;
+        let start = first * BLOCK_SIZE;
+        let stop = ((last + 1) * BLOCK_SIZE).min(meta.len);
+        let mut buf = vec![0u8; (stop - start) as usize];
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: one iovec over `buf`, which outlives the call.
+        let n = unsafe {
+            libc::preadv2(
+                oc.data.as_raw_fd(),
+                &iov,
+                1,
+                start as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if n < 0 || n as usize != buf.len() {
+            // Not (all) cached, or unsupported: the blocking path decides.
+            return None;
+        }
+        for b in first..=last {
+            let lo = ((b - first) * BLOCK_SIZE) as usize;
+            let hi = (lo + BLOCK_SIZE as usize).min(buf.len());
+            let got = crc32c::crc32c(&buf[lo..hi]);
+            let want = meta.crcs[b as usize];
+            if got != want {
+                return Some(Err(Self::corrupt(
+                    ino,
+                    index,
+                    format!("block {b} checksum mismatch (stored {want:08x}, computed {got:08x})"),
+                )));
+            }
+        }
+        let version = meta.version;
+        drop(oc);
+        let lo = (off - start) as usize;
+        buf.truncate((end - start) as usize);
+        buf.drain(..lo);
+        Some(Ok((buf, version)))
+    }
+
     /// Verifies a whole chunk for the scrubber: every block against its
     /// checksum and, for a chunk held open, the sidecar on disk against the
     /// verified copy in memory (so a damaged sidecar is found before a
@@ -1883,6 +1959,33 @@ mod tests {
         assert_eq!(s.chunk_count(), 0);
         // Under a small process file limit the budget shrinks, never to 0.
         assert!(open_chunk_budget() >= 16);
+    }
+
+    #[test]
+    fn nonblocking_reads_match_blocking_ones() {
+        let (_d, s) = store();
+        let data = pattern(3 * B + 77, 4);
+        w(&s, 61, 0, 0, &data);
+        for (off, len) in [
+            (0u32, 10u32),
+            (B as u32 - 3, 9),
+            (0, CS),
+            (3 * B as u32 + 70, 100),
+        ] {
+            if let Some(got) = s.try_read_cached(61, 0, off, len) {
+                assert_eq!(got.expect("read"), s.read(61, 0, off, len).expect("read"));
+            }
+        }
+        // Not open: the caller must use the blocking path.
+        assert!(s.try_read_cached(61, 1, 0, 10).is_none());
+        // Corruption is still detected.
+        let path = s.data_path(61, 0);
+        let mut raw = fs::read(&path).expect("raw");
+        raw[3] ^= 1;
+        fs::write(&path, &raw).expect("flip");
+        if let Some(r) = s.try_read_cached(61, 0, 0, 10) {
+            assert!(matches!(r, Err(StoreError::Corruption { .. })));
+        }
     }
 
     #[test]

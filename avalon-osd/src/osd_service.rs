@@ -16,6 +16,9 @@ use avalon_proto::placement::pg_of;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
+/// Reads up to this size may be served without the blocking pool.
+const INLINE_READ_BYTES: u32 = 256 << 10;
+
 /// Most extents one vectored write may carry.
 pub const MAX_EXTENTS: usize = 1 << 16;
 
@@ -189,11 +192,22 @@ impl OsdService {
             self.recovery.admit(&map, ino, index).await?;
         }
         let (offset, length) = (req.offset, req.length);
-        let (data, version) = match self
-            .store
-            .blocking(move |s| s.read(ino, index, offset, length))
-            .await
-        {
+        // Small reads of open, cached chunks are served right here; the
+        // rest (and anything that might block) on the blocking pool.
+        let fast = if length <= INLINE_READ_BYTES {
+            self.store.try_read_cached(ino, index, offset, length)
+        } else {
+            None
+        };
+        let r = match fast {
+            Some(r) => r,
+            None => {
+                self.store
+                    .blocking(move |s| s.read(ino, index, offset, length))
+                    .await
+            }
+        };
+        let (data, version) = match r {
             Ok(r) => r,
             Err(e) => {
                 self.recovery.note_read_error(ino, index, &e);
