@@ -63,6 +63,8 @@ pub struct Client {
     pub(crate) cache: crate::chunk_cache::ChunkCache,
     /// Writes acknowledged to the kernel, not yet sent to the OSDs.
     pub(crate) wbuf: crate::write_buffer::WriteBuffer,
+    /// Files known to have no `security.capability` (asked before writes).
+    pub(crate) no_caps: crate::data_path::NoCaps,
 }
 
 fn time_set(t: Option<TimeChange>) -> Option<TimeSet> {
@@ -117,6 +119,7 @@ impl Client {
             wbuf: crate::write_buffer::WriteBuffer::new(
                 crate::write_buffer::WriteBuffer::budget_from_env(),
             ),
+            no_caps: Default::default(),
         })
     }
 
@@ -442,6 +445,7 @@ impl Client {
 
     /// Sets an extended attribute.
     pub async fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: u32) -> Result<()> {
+        self.no_caps.forget(ino);
         let req = pb::SetXattrRequest {
             header: self.header(),
             ino,
@@ -457,6 +461,9 @@ impl Client {
 
     /// Value of an extended attribute.
     pub async fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Bytes> {
+        if self.no_caps.absent(ino, name) {
+            return Err(ClientError::posix(libc::ENODATA, "no such attribute"));
+        }
         let req = pb::XattrRequest {
             header: self.header(),
             ino,
@@ -465,8 +472,10 @@ impl Client {
         let r = self
             .mds
             .request(req, |mut c, r| async move { c.get_xattr(r).await })
-            .await?;
-        Ok(r.value)
+            .await
+            .map_err(ClientError::from);
+        self.no_caps.note(ino, name, &r);
+        Ok(r?.value)
     }
 
     /// Names of the extended attributes of an inode.
@@ -484,6 +493,7 @@ impl Client {
 
     /// Removes an extended attribute.
     pub async fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+        self.no_caps.forget(ino);
         let req = pb::XattrRequest {
             header: self.header(),
             ino,
@@ -498,8 +508,6 @@ impl Client {
     /// Tells the MDS the size this client's writes reached (and so stamps
     /// mtime), if anything is pending.
     pub async fn commit_size(&self, ino: u64) -> Result<Option<Attr>> {
-        // Buffered data reaches the OSDs before the size that covers it.
-        self.flush_file(ino).await?;
         let size = match self.files.get(&ino) {
             Some(st) if st.dirty => st.size,
             _ => return Ok(None),
@@ -549,6 +557,8 @@ impl Client {
 
     /// Releases one open of `ino`: pending size first, then the MDS's count.
     pub async fn release(&self, ino: u64) -> Result<()> {
+        // Buffered data reaches the OSDs before the size that covers it.
+        let flushed = self.flush_file(ino).await;
         let commit = self.commit_size(ino).await;
         let last = match self.opens.get_mut(&ino) {
             Some(mut n) => {
@@ -567,7 +577,7 @@ impl Client {
         self.mds
             .request(req, |mut c, r| async move { c.release(r).await })
             .await?;
-        commit.map(|_| ())
+        flushed.and(commit.map(|_| ()))
     }
 
     /// Makes everything written to `ino` durable on the OSDs, and its size
