@@ -31,6 +31,8 @@ pub const DEFAULT_BUDGET: u64 = 64 << 20;
 /// Environment variable overriding the budget, in MiB (0 turns buffering
 /// off: every write goes straight to the OSDs, as before).
 pub const BUDGET_ENV: &str = "AVALON_WRITE_BUFFER_MB";
+/// Writes at least this large bypass the buffer.
+pub const DIRECT_WRITE_BYTES: u64 = 512 << 10;
 /// A chunk holding this much pending data is sent at once.
 pub const FULL_CHUNK_BYTES: u64 = 1 << 20;
 /// Pending data older than this is sent by the background ticker.
@@ -209,9 +211,11 @@ impl WriteBuffer {
         self.budget
     }
 
-    /// True when writes of `len` bytes should be buffered.
+    /// True when writes of `len` bytes should be buffered: small ones.
+    /// Large writes (the kernel's writeback of sequential data) gain
+    /// nothing from coalescing and go straight out, many in parallel.
     pub fn accepts(&self, len: u64) -> bool {
-        self.budget > 0 && len <= self.budget / 4
+        self.budget > 0 && len < DIRECT_WRITE_BYTES && len <= self.budget / 4
     }
 
     /// True the first time it is called (to start the ticker once).
@@ -381,7 +385,7 @@ impl WriteBuffer {
                 }
             }
         }
-        cand.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        cand.sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
         cand.into_iter().take(free).map(|(_, k)| k).collect()
     }
 }
@@ -470,8 +474,9 @@ mod tests {
         wb.add(2, 0, 0, b(3 << 20, 1));
         assert!(wb.under_pressure());
         assert_eq!(wb.pick(false), vec![(2, 0), (1, 0), (1, 1)]);
-        assert!(wb.accepts(1 << 20));
-        assert!(!wb.accepts(3 << 20));
+        assert!(wb.accepts(64 << 10));
+        assert!(!wb.accepts(DIRECT_WRITE_BYTES));
+        assert!(!WriteBuffer::new(64 << 10).accepts(32 << 10));
         assert!(!WriteBuffer::new(0).accepts(1));
     }
 

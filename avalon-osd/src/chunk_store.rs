@@ -256,7 +256,7 @@ pub struct ChunkStore {
     dirty: Mutex<HashMap<u64, BTreeSet<u64>>>,
     /// Recently used chunks: open files and verified metadata, so that a
     /// request neither reopens the files nor rereads the sidecar.
-    open_chunks: Mutex<LruCache<(u64, u64), Arc<Mutex<OpenChunk>>>>,
+    open_chunks: Mutex<LruCache<(u64, u64), OpenRef>>,
 }
 
 /// A chunk whose files are open, with its metadata as last stored.
