@@ -1,7 +1,9 @@
 //! The client's write-back buffer.
 //!
-//! Writes the kernel hands over (its own writeback of dirty pages, or
-//! direct writes) are copied here and acknowledged at once; the buffer
+//! Small writes the kernel hands over (its own writeback of dirty pages,
+//! or direct writes; below [`DIRECT_WRITE_BYTES`], larger ones go straight
+//! to the OSDs after the buffered data of their chunks) are copied here and
+//! acknowledged at once; the buffer
 //! sends them to the OSDs in the background, per chunk, as one vectored
 //! `WriteChunk` (several extents under one version) carrying everything
 //! that accumulated for that chunk. At most one RPC per chunk is in flight,
