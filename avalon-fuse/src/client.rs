@@ -64,6 +64,10 @@ pub struct Client {
     pub(crate) cache: crate::chunk_cache::ChunkCache,
     /// Attributes and entries cached under the metadata lease.
     pub meta: MetaCache,
+    /// Writes acknowledged to the kernel, not yet sent to the OSDs.
+    pub(crate) wbuf: crate::write_buffer::WriteBuffer,
+    /// Files known to have no `security.capability` (asked before writes).
+    pub(crate) no_caps: crate::data_path::NoCaps,
 }
 
 fn time_set(t: Option<TimeChange>) -> Option<TimeSet> {
@@ -116,6 +120,10 @@ impl Client {
             opens: DashMap::new(),
             cache: crate::chunk_cache::ChunkCache::new(32),
             meta: MetaCache::new(),
+            wbuf: crate::write_buffer::WriteBuffer::new(
+                crate::write_buffer::WriteBuffer::budget_from_env(),
+            ),
+            no_caps: Default::default(),
         })
     }
 
@@ -549,6 +557,7 @@ impl Client {
 
     /// Sets an extended attribute.
     pub async fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: u32) -> Result<()> {
+        self.no_caps.forget(ino);
         let req = pb::SetXattrRequest {
             header: self.header(),
             ino,
@@ -565,6 +574,9 @@ impl Client {
 
     /// Value of an extended attribute.
     pub async fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Bytes> {
+        if self.no_caps.absent(ino, name) {
+            return Err(ClientError::posix(libc::ENODATA, "no such attribute"));
+        }
         let req = pb::XattrRequest {
             header: self.header(),
             ino,
@@ -573,8 +585,10 @@ impl Client {
         let r = self
             .mds
             .request(req, |mut c, r| async move { c.get_xattr(r).await })
-            .await?;
-        Ok(r.value)
+            .await
+            .map_err(ClientError::from);
+        self.no_caps.note(ino, name, &r);
+        Ok(r?.value)
     }
 
     /// Names of the extended attributes of an inode.
@@ -592,6 +606,7 @@ impl Client {
 
     /// Removes an extended attribute.
     pub async fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+        self.no_caps.forget(ino);
         let req = pb::XattrRequest {
             header: self.header(),
             ino,
@@ -663,6 +678,8 @@ impl Client {
 
     /// Releases one open of `ino`: pending size first, then the MDS's count.
     pub async fn release(&self, ino: u64) -> Result<()> {
+        // Buffered data reaches the OSDs before the size that covers it.
+        let flushed = self.flush_file(ino).await;
         let commit = self.commit_size(ino).await;
         let last = match self.opens.get_mut(&ino) {
             Some(mut n) => {
@@ -681,7 +698,7 @@ impl Client {
         self.mds
             .request(req, |mut c, r| async move { c.release(r).await })
             .await?;
-        commit.map(|_| ())
+        flushed.and(commit.map(|_| ()))
     }
 
     /// Makes everything written to `ino` durable on the OSDs, and its size
@@ -706,6 +723,7 @@ impl Client {
 
     /// Commits the pending sizes of every file (at unmount).
     pub async fn commit_all(&self) {
+        let _ = self.flush_all().await;
         let dirty: Vec<u64> = self
             .files
             .iter()

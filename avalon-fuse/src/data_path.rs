@@ -1,6 +1,10 @@
 //! File data I/O: byte ranges split by chunk and sent to the OSDs holding
 //! each chunk, all chunks of one request in parallel.
 //!
+//! Writes are acknowledged from the client's write-back buffer
+//! ([`crate::write_buffer`]) and sent in the background, one vectored RPC
+//! per chunk; fsync, flush/close, reads of buffered ranges, truncate,
+//! fallocate and O_SYNC writes send what is buffered first and wait for it.
 //! Writes go to the chunk's primary (the first member of its placement
 //! group that is up), which replicates and acknowledges after m copies.
 //! If the primary cannot be reached, the next member takes the write; the
@@ -12,13 +16,14 @@
 use crate::chunk_cache::{copy_out, READAHEAD_CHUNKS};
 use crate::client::Client;
 use crate::error::{ClientError, Result};
+use crate::write_buffer::{Take, TICK};
 use avalon_proto::errno::OSD_ANSWERED_KEY;
 use avalon_proto::limits::{DEFAULT_CHUNK_SIZE, MAX_FILE_SIZE, MAX_MESSAGE_BYTES};
 use avalon_proto::pb::{self, osd_client::OsdClient, ChunkId, OsdInfo, OsdState};
 use avalon_proto::placement::{chunk_members, split_range};
 use bytes::Bytes;
-use futures::future::try_join_all;
-use std::sync::Arc;
+use futures::future::{join_all, try_join_all};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -26,6 +31,60 @@ use tonic::Code;
 /// How long one chunk operation keeps trying other replicas and newer maps
 /// before the application gets EIO.
 pub const IO_RETRY_BUDGET: Duration = Duration::from_secs(20);
+
+/// The xattr the kernel asks for before every write to decide whether
+/// the write must drop file capabilities (`file_remove_privs`).
+const CAPS_XATTR: &[u8] = b"security.capability";
+/// How long "this file has no capabilities" stays cached: as long as the
+/// kernel caches attributes.
+const CAPS_TTL: Duration = Duration::from_secs(1);
+
+/// Files known (for [`CAPS_TTL`]) to carry no `security.capability`, so
+/// that the kernel's check before every write does not cost an MDS round
+/// trip. Dropped when this client sets or removes an xattr of the file.
+pub struct NoCaps(std::sync::Mutex<lru::LruCache<u64, Instant>>);
+
+impl Default for NoCaps {
+    fn default() -> Self {
+        let cap = std::num::NonZeroUsize::new(4096).unwrap_or(std::num::NonZeroUsize::MIN);
+        NoCaps(std::sync::Mutex::new(lru::LruCache::new(cap)))
+    }
+}
+
+impl NoCaps {
+    fn lock(&self) -> std::sync::MutexGuard<'_, lru::LruCache<u64, Instant>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True when `name` of `ino` is known to be absent.
+    pub fn absent(&self, ino: u64, name: &[u8]) -> bool {
+        name == CAPS_XATTR
+            && self
+                .lock()
+                .get(&ino)
+                .is_some_and(|t| t.elapsed() < CAPS_TTL)
+    }
+
+    /// Records the answer of a getxattr of `name`.
+    pub fn note<T>(&self, ino: u64, name: &[u8], r: &Result<T>) {
+        if name != CAPS_XATTR {
+            return;
+        }
+        match r {
+            Err(e) if e.errno() == libc::ENODATA => {
+                self.lock().put(ino, Instant::now());
+            }
+            _ => {
+                self.lock().pop(&ino);
+            }
+        }
+    }
+
+    /// Forgets what is known of `ino` (its xattrs changed).
+    pub fn forget(&self, ino: u64) {
+        self.lock().pop(&ino);
+    }
+}
 
 /// Data for one piece of a read: fetched for it alone, or a cached chunk
 /// and the piece's offset in it.
@@ -79,7 +138,16 @@ impl Client {
     }
 
     /// Writes `data` at `offset` of file `ino`; returns the bytes written.
-    pub async fn write(&self, ino: u64, offset: u64, data: Bytes, sync: bool) -> Result<u32> {
+    /// Unless `sync`, the data is buffered and sent in the background
+    /// (waiting for room when the buffer is full); a failure of that send
+    /// is reported by the next fsync or flush of the file.
+    pub async fn write(
+        self: &Arc<Self>,
+        ino: u64,
+        offset: u64,
+        data: Bytes,
+        sync: bool,
+    ) -> Result<u32> {
         let len = data.len() as u64;
         let end = offset.checked_add(len).filter(|e| *e <= MAX_FILE_SIZE);
         let Some(end) = end else {
@@ -92,21 +160,169 @@ impl Client {
             return Ok(0);
         }
         let cs = self.chunk_size_of(ino);
-        let mut pos = 0usize;
-        let parts = split_range(offset, len, cs)
-            .into_iter()
-            .map(|(index, off, n)| {
+        let parts = split_range(offset, len, cs);
+        if !sync && self.wbuf.accepts(len) {
+            self.start_ticker();
+            self.wbuf.reserve(len, || self.kick_flush()).await;
+            let mut pos = 0usize;
+            for &(index, off, n) in &parts {
+                let piece = data.slice(pos..pos + n as usize);
+                pos += n as usize;
+                // A cached copy of the chunk is stale from now on.
+                self.cache.invalidate(ino, index);
+                if self.wbuf.add(ino, index, off, piece) {
+                    self.spawn_flush(ino, index);
+                }
+            }
+            if self.wbuf.under_pressure() {
+                self.kick_flush();
+            }
+        } else {
+            // Buffered writes to these chunks go first, in order.
+            self.flush_chunks(ino, parts.iter().map(|p| p.0)).await?;
+            let mut pos = 0usize;
+            let sends = parts.into_iter().map(|(index, off, n)| {
                 let piece = data.slice(pos..pos + n as usize);
                 pos += n as usize;
                 self.chunk_op(ino, index, off, piece, 0, sync, cs)
             });
-        try_join_all(parts).await?;
+            try_join_all(sends).await?;
+        }
         let mut st = self.files.entry(ino).or_default();
         if end > st.size {
             st.size = end;
             st.dirty = true;
         }
         Ok(len as u32)
+    }
+
+    /// Starts the background ticker that sends data left in the buffer
+    /// for [`crate::write_buffer::MAX_AGE`] (once per client; it ends
+    /// with the client).
+    fn start_ticker(self: &Arc<Self>) {
+        if !self.wbuf.start_ticker() {
+            return;
+        }
+        let weak: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(TICK).await;
+                let Some(me) = weak.upgrade() else { return };
+                for (ino, index) in me.wbuf.pick(true) {
+                    me.spawn_flush(ino, index);
+                }
+            }
+        });
+    }
+
+    /// Sends, in the background, whatever the buffer says is due.
+    fn kick_flush(self: &Arc<Self>) {
+        for (ino, index) in self.wbuf.pick(false) {
+            self.spawn_flush(ino, index);
+        }
+    }
+
+    /// Sends one chunk's buffered data in the background (nothing if it is
+    /// in flight already: its sender picks the rest up when due).
+    fn spawn_flush(self: &Arc<Self>, ino: u64, index: u64) {
+        let Take::Send(ext) = self.wbuf.take(ino, index, true) else {
+            return;
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let r = me.send_extents(ino, index, ext).await;
+            me.wbuf.done(
+                ino,
+                index,
+                true,
+                r.err().map(|e| (e.errno(), e.to_string())),
+            );
+            me.kick_flush();
+        });
+    }
+
+    /// Writes extents taken from the buffer to one chunk.
+    async fn send_extents(&self, ino: u64, index: u64, ext: Vec<(u32, Bytes)>) -> Result<()> {
+        let cs = self.chunk_size_of(ino);
+        let r = if ext.len() == 1 {
+            let (off, data) = ext.into_iter().next().unwrap_or_default();
+            self.chunk_op(ino, index, off, data, 0, false, cs).await
+        } else {
+            let extents = ext
+                .into_iter()
+                .map(|(offset, data)| pb::WriteExtent { offset, data })
+                .collect();
+            self.chunk_write(ino, index, 0, Bytes::new(), 0, extents, false, cs)
+                .await
+        };
+        if let Err(e) = &r {
+            tracing::warn!(ino, index, error = %e, "buffered write failed; reported at the next fsync or close");
+        }
+        r
+    }
+
+    /// Sends what the buffer holds for chunk `(ino, index)` when called
+    /// and waits until it (and anything in flight before) is stored.
+    async fn flush_chunk(&self, ino: u64, index: u64) -> Result<()> {
+        loop {
+            // Registered before looking, so a completion in between wakes it.
+            let changed = self.wbuf.changed();
+            match self.wbuf.take(ino, index, false) {
+                Take::Idle => return Ok(()),
+                Take::Busy => changed.await,
+                Take::Send(ext) => {
+                    let r = self.send_extents(ino, index, ext).await;
+                    // The caller reports its own failure; the buffer keeps
+                    // no error for it.
+                    self.wbuf.done(ino, index, false, None);
+                    // Anything written since is not ours to wait for.
+                    return r;
+                }
+            }
+        }
+    }
+
+    /// [`Client::flush_chunk`] for several chunks of a file, in parallel.
+    async fn flush_chunks(&self, ino: u64, indexes: impl Iterator<Item = u64>) -> Result<()> {
+        let busy: Vec<u64> = {
+            let held = self.wbuf.chunks_of(ino);
+            indexes.filter(|i| held.contains(i)).collect()
+        };
+        if busy.is_empty() {
+            return Ok(());
+        }
+        let rs = join_all(busy.into_iter().map(|i| self.flush_chunk(ino, i))).await;
+        rs.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok(())
+    }
+
+    /// Sends everything buffered for `ino` and waits for it; reports a
+    /// failure of an earlier background write of the file (once).
+    pub async fn flush_file(&self, ino: u64) -> Result<()> {
+        let chunks = self.wbuf.chunks_of(ino);
+        let r = self.flush_chunks(ino, chunks.into_iter()).await;
+        if let Some((errno, msg)) = self.wbuf.take_error(ino) {
+            return Err(if errno == libc::EIO {
+                ClientError::Unavailable(msg)
+            } else {
+                ClientError::posix(errno, msg)
+            });
+        }
+        r
+    }
+
+    /// Sends everything buffered, for every file (unmount).
+    pub async fn flush_all(&self) -> Result<()> {
+        let mut first = Ok(());
+        for ino in self.wbuf.inos() {
+            if let Err(e) = self.flush_file(ino).await {
+                tracing::warn!(ino, error = %e, "could not write buffered data");
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
     }
 
     /// Writes `data` (or, with `zero_length`, zeros) into one chunk through
@@ -119,6 +335,24 @@ impl Client {
         offset: u32,
         data: Bytes,
         zero_length: u32,
+        sync: bool,
+        cs: u32,
+    ) -> Result<()> {
+        self.chunk_write(ino, index, offset, data, zero_length, Vec::new(), sync, cs)
+            .await
+    }
+
+    /// One `WriteChunk` (plain, zeroing or vectored) through the chunk's
+    /// primary, failing over to other members and newer maps.
+    #[allow(clippy::too_many_arguments)]
+    async fn chunk_write(
+        &self,
+        ino: u64,
+        index: u64,
+        offset: u32,
+        data: Bytes,
+        zero_length: u32,
+        extents: Vec<pb::WriteExtent>,
         sync: bool,
         cs: u32,
     ) -> Result<()> {
@@ -140,6 +374,7 @@ impl Client {
                     version: 0,
                     chunk_size: cs,
                     zero_length,
+                    extents: extents.clone(),
                 };
                 let mut c = self.osd(&osd.addr)?;
                 match c.write_chunk(req).await {
@@ -187,8 +422,17 @@ impl Client {
         }
         let len = u64::from(size).min(file_size - offset);
         let cs = self.chunk_size_of(ino);
-        let sequential = self.cache.note_read(ino, offset, len);
         let parts = split_range(offset, len, cs);
+        // This client's buffered writes to the range land first.
+        let held: Vec<u64> = parts
+            .iter()
+            .filter(|&&(index, off, n)| self.wbuf.holds(ino, index, u64::from(off), u64::from(n)))
+            .map(|p| p.0)
+            .collect();
+        if !held.is_empty() {
+            self.flush_chunks(ino, held.into_iter()).await?;
+        }
+        let sequential = self.cache.note_read(ino, offset, len);
         if sequential {
             // Keep READAHEAD_CHUNKS chunks past this read loading.
             let last = parts.last().map_or(0, |p| p.0);
@@ -284,6 +528,7 @@ impl Client {
     /// Asks every up OSD to make the writes to `ino` it acknowledged durable.
     /// Each OSD syncs what it stored itself, so every replica is covered.
     pub async fn sync_data(&self, ino: u64) -> Result<()> {
+        self.flush_file(ino).await?;
         self.broadcast("fsync", |mut c, header| async move {
             c.sync_objects(pb::SyncObjectsRequest {
                 header,
@@ -345,7 +590,9 @@ impl Client {
             ));
         }
         let cs = self.chunk_size_of(ino);
-        let parts = split_range(offset, len, cs)
+        let parts = split_range(offset, len, cs);
+        self.flush_chunks(ino, parts.iter().map(|p| p.0)).await?;
+        let parts = parts
             .into_iter()
             .map(|(index, off, n)| self.chunk_op(ino, index, off, Bytes::new(), n, false, cs));
         try_join_all(parts).await?;
@@ -361,6 +608,8 @@ impl Client {
                 "size past the largest file size",
             ));
         }
+        // Buffered writes happened before the truncate.
+        self.flush_file(ino).await?;
         self.cache.invalidate_file(ino);
         let cs = self.chunk_size_of(ino);
         self.broadcast("truncate", |mut c, header| async move {

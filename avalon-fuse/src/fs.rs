@@ -479,7 +479,11 @@ impl Filesystem for AvalonFs {
         self.spawn(async move {
             // Any close drops the process's fcntl locks on the file.
             let unlocked = crate::locks::release_owner(&c, ino, lock_owner.0).await;
-            reply_empty(c.commit_size(ino).await.map(|_| ()).and(unlocked), reply)
+            // Close: buffered writes reach the OSDs (errors of earlier
+            // background writes are reported here), then the size.
+            let flushed = c.flush_file(ino).await;
+            let committed = c.commit_size(ino).await.map(|_| ());
+            reply_empty(flushed.and(committed).and(unlocked), reply)
         });
     }
 

@@ -13,3 +13,4 @@ pub mod locks;
 pub mod meta_cache;
 pub mod mount_source;
 pub mod recall;
+pub mod write_buffer;

@@ -22,6 +22,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use lru::LruCache;
+use std::num::NonZeroUsize;
+
 /// Checksum block size: one crc32c per this many bytes.
 pub const BLOCK_SIZE: u64 = 64 * 1024;
 const LOCK_STRIPES: usize = 1024;
@@ -30,6 +33,11 @@ const META_FORMAT: u32 = 1;
 const META_SUFFIX: &str = ".meta";
 /// Header: magic, format, version, length, block count.
 const META_HEADER: usize = 4 + 4 + 8 + 8 + 4;
+/// Open chunks kept by default (two descriptors each), before the process
+/// file limit lowers it.
+pub const DEFAULT_OPEN_CHUNKS: usize = 1024;
+/// Descriptors left for sockets and everything else.
+const FD_RESERVE: u64 = 256;
 
 /// Errors of the chunk store.
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +170,11 @@ impl ChunkMeta {
         b
     }
 
+    /// Size of the encoded sidecar.
+    fn encoded_len(&self) -> u64 {
+        (META_HEADER + 4 * self.crcs.len() + 4) as u64
+    }
+
     fn decode(b: &[u8]) -> std::result::Result<ChunkMeta, String> {
         if b.len() < META_HEADER + 4 {
             return Err(format!("metadata sidecar too short ({} bytes)", b.len()));
@@ -241,6 +254,57 @@ pub struct ChunkStore {
     chunks: AtomicU64,
     /// Chunks written without fsync since their last sync, by inode.
     dirty: Mutex<HashMap<u64, BTreeSet<u64>>>,
+    /// Recently used chunks: open files and verified metadata, so that a
+    /// request neither reopens the files nor rereads the sidecar.
+    open_chunks: Mutex<LruCache<(u64, u64), OpenRef>>,
+}
+
+/// A chunk whose files are open, with its metadata as last stored.
+///
+/// Only used under the chunk's lock (or the inode's exclusive lock), so
+/// its own mutex is never contended. The sidecar on disk is rewritten (one
+/// `pwrite`, to the page cache) by every change before the change is
+/// acknowledged, so it always matches `meta` for a process that is killed;
+/// after a power loss, data and sidecar that disagree are detected by the
+/// block checksums and the sidecar's own checksum.
+#[derive(Debug)]
+struct OpenChunk {
+    data: Arc<File>,
+    meta_file: Arc<File>,
+    meta: ChunkMeta,
+}
+
+type OpenRef = Arc<Mutex<OpenChunk>>;
+
+fn lock_open(c: &OpenRef) -> MutexGuard<'_, OpenChunk> {
+    c.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How many chunks may stay open: the default, or fewer when the process
+/// may not open that many files (after trying to raise its soft limit).
+fn open_chunk_budget() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 64;
+        }
+        let want = (DEFAULT_OPEN_CHUNKS as u64 * 2 + FD_RESERVE * 4).min(lim.rlim_max);
+        if lim.rlim_cur < want {
+            let raised = libc::rlimit {
+                rlim_cur: want,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = want;
+            }
+        }
+    }
+    let cur = lim.rlim_cur;
+    ((cur.saturating_sub(FD_RESERVE) / 2) as usize).clamp(16, DEFAULT_OPEN_CHUNKS)
 }
 
 /// What a write stores.
@@ -337,6 +401,11 @@ impl ChunkStore {
     /// Opens (creating if needed) the store rooted at `root` and counts the
     /// chunks and bytes it holds.
     pub fn open(root: impl Into<PathBuf>) -> Result<ChunkStore> {
+        Self::open_with_cache(root, open_chunk_budget())
+    }
+
+    /// Like [`ChunkStore::open`], keeping at most `open_chunks` chunks open.
+    pub fn open_with_cache(root: impl Into<PathBuf>, open_chunks: usize) -> Result<ChunkStore> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(io_err(&root))?;
         let store = ChunkStore {
@@ -346,6 +415,9 @@ impl ChunkStore {
             used: AtomicU64::new(0),
             chunks: AtomicU64::new(0),
             dirty: Mutex::new(HashMap::new()),
+            open_chunks: Mutex::new(LruCache::new(
+                NonZeroUsize::new(open_chunks.max(1)).unwrap_or(NonZeroUsize::MIN),
+            )),
         };
         let (mut used, mut chunks) = (0u64, 0u64);
         for ent in fs::read_dir(&store.root).map_err(io_err(&store.root))? {
@@ -489,6 +561,145 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// Rewrites an open chunk's sidecar in place (one `pwrite`; cut only
+    /// when it shrank), so a killed process leaves it matching the data.
+    fn persist_meta(&self, ino: u64, index: u64, oc: &OpenChunk, old_len: u64) -> Result<()> {
+        let bytes = oc.meta.encode();
+        let path = || self.meta_path(ino, index);
+        oc.meta_file
+            .write_all_at(&bytes, 0)
+            .map_err(|e| io_err(&path())(e))?;
+        if (bytes.len() as u64) < old_len {
+            oc.meta_file
+                .set_len(bytes.len() as u64)
+                .map_err(|e| io_err(&path())(e))?;
+        }
+        Ok(())
+    }
+
+    /// The open chunk `(ino, index)`: from the cache, or opened and
+    /// verified now (`None` when the chunk does not exist). The caller holds
+    /// the chunk's lock or the inode's exclusive lock.
+    fn open_chunk(&self, ino: u64, index: u64) -> Result<Option<OpenRef>> {
+        if let Some(c) = self
+            .open_chunks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(ino, index))
+        {
+            return Ok(Some(c.clone()));
+        }
+        let Some(meta) = self.load_meta(ino, index)? else {
+            return Ok(None);
+        };
+        let dpath = self.data_path(ino, index);
+        let mpath = self.meta_path(ino, index);
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dpath)
+            .map_err(io_err(&dpath))?;
+        let meta_file = OpenOptions::new()
+            .write(true)
+            .open(&mpath)
+            .map_err(io_err(&mpath))?;
+        Ok(Some(self.remember(
+            ino,
+            index,
+            OpenChunk {
+                data: Arc::new(data),
+                meta_file: Arc::new(meta_file),
+                meta,
+            },
+        )))
+    }
+
+    /// Creates a new, empty chunk's files (the caller holds its lock).
+    fn create_chunk(&self, ino: u64, index: u64) -> Result<(OpenRef, bool)> {
+        let dir = self.ino_dir(ino);
+        let mut created_dir = false;
+        if !dir.is_dir() {
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            created_dir = true;
+        }
+        let dpath = self.data_path(ino, index);
+        let mpath = self.meta_path(ino, index);
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&dpath)
+            .map_err(io_err(&dpath))?;
+        let meta_file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&mpath)
+            .map_err(io_err(&mpath))?;
+        let oc = OpenChunk {
+            data: Arc::new(data),
+            meta_file: Arc::new(meta_file),
+            meta: ChunkMeta {
+                version: 0,
+                len: 0,
+                crcs: Vec::new(),
+            },
+        };
+        Ok((self.remember(ino, index, oc), created_dir))
+    }
+
+    fn remember(&self, ino: u64, index: u64, oc: OpenChunk) -> OpenRef {
+        let c = Arc::new(Mutex::new(oc));
+        self.open_chunks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((ino, index), c.clone());
+        c
+    }
+
+    /// Drops a chunk from the open-chunk cache (its files changed by other
+    /// means, or it is gone). The caller holds the chunk's lock.
+    fn forget(&self, ino: u64, index: u64) {
+        self.open_chunks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop(&(ino, index));
+    }
+
+    /// Drops every chunk of `ino` from the open-chunk cache (the caller
+    /// holds the inode's exclusive lock).
+    fn forget_ino(&self, ino: u64) {
+        let mut g = self.open_chunks.lock().unwrap_or_else(|e| e.into_inner());
+        let keys: Vec<(u64, u64)> = g.iter().map(|(k, _)| *k).filter(|k| k.0 == ino).collect();
+        for k in keys {
+            g.pop(&k);
+        }
+    }
+
+    /// A chunk's metadata: the open copy, or loaded from disk without
+    /// opening the chunk (listings must not flush the cache).
+    fn meta_of(&self, ino: u64, index: u64) -> Result<Option<ChunkMeta>> {
+        let cached = self
+            .open_chunks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .peek(&(ino, index))
+            .cloned();
+        match cached {
+            Some(c) => Ok(Some(lock_open(&c).meta.clone())),
+            None => self.load_meta(ino, index),
+        }
+    }
+
+    /// Number of chunks whose files are open.
+    pub fn open_chunk_count(&self) -> usize {
+        self.open_chunks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
     /// The version recorded in a chunk's metadata sidecar, even when its
     /// data is corrupt; `None` when the sidecar is missing or unreadable.
     pub fn meta_version(&self, ino: u64, index: u64) -> Option<u64> {
@@ -500,7 +711,9 @@ impl ChunkStore {
     pub fn version(&self, ino: u64, index: u64) -> Result<u64> {
         let _i = self.lock_ino_shared(ino);
         let _c = self.lock_chunk(ino, index);
-        Ok(self.load_meta(ino, index)?.map_or(0, |m| m.version))
+        Ok(self
+            .open_chunk(ino, index)?
+            .map_or(0, |c| lock_open(&c).meta.version))
     }
 
     /// Writes `data` at `offset` of chunk `(ino, index)` of a file whose
@@ -543,11 +756,28 @@ impl ChunkStore {
         mode: VersionMode,
         sync: bool,
     ) -> Result<WriteOutcome> {
+        self.apply_items(ino, index, &[(offset, payload)], chunk_size, mode, sync)
+    }
+
+    /// Applies several ranges to one chunk, in order, as one write with one
+    /// version (a client's coalesced write-back): all of them or, on an
+    /// error, possibly some of them but never a version that claims them.
+    pub fn apply_items(
+        &self,
+        ino: u64,
+        index: u64,
+        items: &[(u32, Payload<'_>)],
+        chunk_size: u32,
+        mode: VersionMode,
+        sync: bool,
+    ) -> Result<WriteOutcome> {
         if ino == 0 {
             return Err(StoreError::InvalidArgument("ino must not be 0".into()));
         }
         let cs = effective_chunk_size(chunk_size)?;
-        check_range(u64::from(offset), payload.len(), cs)?;
+        for (offset, payload) in items {
+            check_range(u64::from(*offset), payload.len(), cs)?;
+        }
         if let VersionMode::Exact { version: 0, .. } = mode {
             return Err(StoreError::InvalidArgument(
                 "a replicated write needs a version > 0".into(),
@@ -556,113 +786,81 @@ impl ChunkStore {
         let _i = self.lock_ino_shared(ino);
         let _c = self.lock_chunk(ino, index);
 
-        let old = self.load_meta(ino, index)?;
-        let existed = old.is_some();
-        let mut meta = old.unwrap_or(ChunkMeta {
-            version: 0,
-            len: 0,
-            crcs: Vec::new(),
-        });
-        let duplicate =
-            matches!(mode, VersionMode::Exact { version, .. } if version == meta.version);
+        let found = self.open_chunk(ino, index)?;
+        let current = found.as_ref().map_or(0, |c| lock_open(c).meta.version);
+        let duplicate = matches!(mode, VersionMode::Exact { version, .. } if version == current);
         let new_version = match mode {
-            VersionMode::Next => meta
-                .version
+            VersionMode::Next => current
                 .checked_add(1)
                 .ok_or_else(|| StoreError::InvalidArgument("chunk version overflow".to_string()))?,
             VersionMode::Exact { version, force } => {
-                if version < meta.version {
+                if version < current {
                     return Err(StoreError::StaleVersion {
                         ino,
                         index,
-                        current: meta.version,
+                        current,
                         got: version,
                     });
                 }
-                if version > meta.version + 1 && !force {
+                if version > current + 1 && !force {
                     return Err(StoreError::VersionGap {
                         ino,
                         index,
-                        current: meta.version,
+                        current,
                         got: version,
                     });
                 }
                 version
             }
         };
-
-        let dir = self.ino_dir(ino);
-        let mut created_dir = false;
-        if !existed && !dir.is_dir() {
-            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-            created_dir = true;
+        let (entry, existed, created_dir) = match found {
+            Some(c) => (c, true, false),
+            None => {
+                let (c, d) = self.create_chunk(ino, index)?;
+                (c, false, d)
+            }
+        };
+        let mut oc = lock_open(&entry);
+        let old_meta_len = oc.meta.encoded_len();
+        let old_len = oc.meta.len;
+        match self.apply_to(ino, index, &mut oc, items, new_version) {
+            Ok(()) => {}
+            Err(e) => {
+                // Files and memory may disagree now: reload from disk next
+                // time (a torn write there fails verification).
+                drop(oc);
+                self.forget(ino, index);
+                return Err(e);
+            }
         }
         let dpath = self.data_path(ino, index);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&dpath)
-            .map_err(io_err(&dpath))?;
-        let off = u64::from(offset);
-        let old_len = meta.len;
-        if let Payload::Zero(zl) = payload {
-            let end = (off + u64::from(zl)).min(old_len);
-            if off < end {
-                zero_range(&file, &dpath, off, end - off)?;
-                let mut buf = Vec::new();
-                for b in off / BLOCK_SIZE..=(end - 1) / BLOCK_SIZE {
-                    let bs = b * BLOCK_SIZE;
-                    let be = (bs + BLOCK_SIZE).min(old_len);
-                    buf.resize((be - bs) as usize, 0);
-                    file.read_exact_at(&mut buf, bs).map_err(io_err(&dpath))?;
-                    meta.crcs[b as usize] = crc32c::crc32c(&buf);
+        let done = self
+            .persist_meta(ino, index, &oc, old_meta_len)
+            .and_then(|()| {
+                if sync {
+                    oc.meta_file
+                        .sync_all()
+                        .map_err(io_err(&self.meta_path(ino, index)))?;
+                    oc.data.sync_all().map_err(io_err(&dpath))?;
+                    if !existed {
+                        fsync_dir(&self.ino_dir(ino))?;
+                    }
+                    if created_dir {
+                        fsync_dir(&self.root)?;
+                    }
                 }
-            }
+                Ok(())
+            });
+        let new_len = oc.meta.len;
+        drop(oc);
+        if let Err(e) = done {
+            self.forget(ino, index);
+            return Err(e);
         }
-        let data: &[u8] = match payload {
-            Payload::Data(d) => d,
-            Payload::Zero(_) => &[],
-        };
-        if !data.is_empty() {
-            file.write_all_at(data, off).map_err(io_err(&dpath))?;
-            let end = off + data.len() as u64;
-            let new_len = old_len.max(end);
-            meta.crcs.resize(blocks_for(new_len), 0);
-            meta.len = new_len;
-            // Blocks whose bytes changed: those the data touches, plus the
-            // old tail block and any gap blocks when writing past the end.
-            let first = off.min(old_len) / BLOCK_SIZE;
-            let last = (end - 1) / BLOCK_SIZE;
-            let mut buf = Vec::new();
-            for b in first..=last {
-                let bs = b * BLOCK_SIZE;
-                let be = (bs + BLOCK_SIZE).min(new_len);
-                let crc = if bs >= off && be <= end {
-                    crc32c::crc32c(&data[(bs - off) as usize..(be - off) as usize])
-                } else {
-                    buf.resize((be - bs) as usize, 0);
-                    file.read_exact_at(&mut buf, bs).map_err(io_err(&dpath))?;
-                    crc32c::crc32c(&buf)
-                };
-                meta.crcs[b as usize] = crc;
-            }
-        }
-        meta.version = new_version;
-        self.store_meta(ino, index, &meta, sync)?;
-        if sync {
-            file.sync_all().map_err(io_err(&dpath))?;
-            if !existed {
-                fsync_dir(&dir)?;
-            }
-            if created_dir {
-                fsync_dir(&self.root)?;
-            }
-        } else {
+        if !sync {
             self.mark_dirty(ino, index);
         }
-        self.used.fetch_add(meta.len - old_len, Ordering::Relaxed);
+        self.used.fetch_add(new_len - old_len, Ordering::Relaxed);
         if !existed {
             self.chunks.fetch_add(1, Ordering::Relaxed);
         }
@@ -672,15 +870,113 @@ impl ChunkStore {
         })
     }
 
-    /// Makes a chunk durable: fsyncs its data, metadata and directories.
-    /// A chunk that no longer exists needs nothing.
-    pub fn sync_chunk(&self, ino: u64, index: u64) -> Result<()> {
+    /// Writes `items` into an open chunk's data file and updates its
+    /// in-memory metadata (block checksums, length, version).
+    fn apply_to(
+        &self,
+        ino: u64,
+        index: u64,
+        oc: &mut OpenChunk,
+        items: &[(u32, Payload<'_>)],
+        new_version: u64,
+    ) -> Result<()> {
+        let dpath = self.data_path(ino, index);
+        let mut len = oc.meta.len;
+        // Blocks whose bytes changed, with their crc when one data range
+        // covers the whole block (else it is recomputed from the file).
+        let mut touched: std::collections::BTreeMap<u64, Option<u32>> = Default::default();
+        for &(offset, payload) in items {
+            let off = u64::from(offset);
+            match payload {
+                Payload::Zero(zl) => {
+                    let end = (off + u64::from(zl)).min(len);
+                    if off < end {
+                        zero_range(&oc.data, &dpath, off, end - off)?;
+                        for b in off / BLOCK_SIZE..=(end - 1) / BLOCK_SIZE {
+                            touched.insert(b, None);
+                        }
+                    }
+                }
+                Payload::Data(data) => {
+                    if data.is_empty() {
+                        continue;
+                    }
+                    oc.data.write_all_at(data, off).map_err(io_err(&dpath))?;
+                    let end = off + data.len() as u64;
+                    // Past the old end, the old tail block and any gap
+                    // blocks change too.
+                    let first = off.min(len) / BLOCK_SIZE;
+                    len = len.max(end);
+                    for b in first..=(end - 1) / BLOCK_SIZE {
+                        let bs = b * BLOCK_SIZE;
+                        let be = (bs + BLOCK_SIZE).min(len);
+                        let crc = (bs >= off && be <= end).then(|| {
+                            crc32c::crc32c(&data[(bs - off) as usize..(be - off) as usize])
+                        });
+                        touched.insert(b, crc);
+                    }
+                }
+            }
+        }
+        let meta = &mut oc.meta;
+        meta.crcs.resize(blocks_for(len), 0);
+        meta.len = len;
+        let mut buf = Vec::new();
+        for (b, crc) in touched {
+            let crc = match crc {
+                Some(c) => c,
+                None => {
+                    let bs = b * BLOCK_SIZE;
+                    let be = (bs + BLOCK_SIZE).min(len);
+                    buf.resize((be - bs) as usize, 0);
+                    oc.data
+                        .read_exact_at(&mut buf, bs)
+                        .map_err(io_err(&dpath))?;
+                    crc32c::crc32c(&buf)
+                }
+            };
+            meta.crcs[b as usize] = crc;
+        }
+        meta.version = new_version;
+        Ok(())
+    }
+
+    /// fsyncs a chunk's data and sidecar (open ones through the cache).
+    /// `false` when the chunk does not exist.
+    fn sync_files(&self, ino: u64, index: u64) -> Result<bool> {
+        let cached = self
+            .open_chunks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .peek(&(ino, index))
+            .cloned();
+        if let Some(c) = cached {
+            // fsync without holding the chunk: writes go on meanwhile.
+            let (data, meta) = {
+                let oc = lock_open(&c);
+                (oc.data.clone(), oc.meta_file.clone())
+            };
+            data.sync_all()
+                .map_err(io_err(&self.data_path(ino, index)))?;
+            meta.sync_all()
+                .map_err(io_err(&self.meta_path(ino, index)))?;
+            return Ok(true);
+        }
         for path in [self.data_path(ino, index), self.meta_path(ino, index)] {
             match File::open(&path) {
                 Ok(f) => f.sync_all().map_err(io_err(&path))?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
                 Err(e) => return Err(io_err(&path)(e)),
             }
+        }
+        Ok(true)
+    }
+
+    /// Makes a chunk durable: fsyncs its data, metadata and directories.
+    /// A chunk that no longer exists needs nothing.
+    pub fn sync_chunk(&self, ino: u64, index: u64) -> Result<()> {
+        if !self.sync_files(ino, index)? {
+            return Ok(());
         }
         fsync_dir(&self.ino_dir(ino))?;
         fsync_dir(&self.root)
@@ -713,13 +1009,7 @@ impl ChunkStore {
             let Some(indexes) = taken else { continue };
             let r = (|| {
                 for &index in &indexes {
-                    for path in [self.data_path(ino, index), self.meta_path(ino, index)] {
-                        match File::open(&path) {
-                            Ok(f) => f.sync_all().map_err(io_err(&path))?,
-                            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                            Err(e) => return Err(io_err(&path)(e)),
-                        }
-                    }
+                    self.sync_files(ino, index)?;
                 }
                 let dir = self.ino_dir(ino);
                 if dir.is_dir() {
@@ -759,7 +1049,7 @@ impl ChunkStore {
                 }
                 let _i = self.lock_ino_shared(ino);
                 let _c = self.lock_chunk(ino, index);
-                let (state, digest) = match self.load_meta(ino, index) {
+                let (state, digest) = match self.meta_of(ino, index) {
                     Ok(Some(m)) => (Some((m.version, m.len)), m.digest()),
                     Ok(None) => continue,
                     Err(StoreError::Corruption { .. }) => (None, 0),
@@ -796,7 +1086,7 @@ impl ChunkStore {
         check_range(0, data.len() as u64, MAX_CHUNK_SIZE)?;
         let _i = self.lock_ino_shared(ino);
         let _c = self.lock_chunk(ino, index);
-        let (existed, old_len) = match self.load_meta(ino, index) {
+        let (existed, old_len) = match self.meta_of(ino, index) {
             Ok(Some(m)) => {
                 if m.version > version || (m.version == version && !replace_equal) {
                     return Ok(false);
@@ -843,6 +1133,8 @@ impl ChunkStore {
         let mf = File::create(&mtmp).map_err(io_err(&mtmp))?;
         mf.write_all_at(&meta.encode(), 0).map_err(io_err(&mtmp))?;
         mf.sync_all().map_err(io_err(&mtmp))?;
+        // The open files (if any) are the replaced ones from here on.
+        self.forget(ino, index);
         fs::rename(&dtmp, &dpath).map_err(io_err(&dpath))?;
         fs::rename(&mtmp, &mpath).map_err(io_err(&mpath))?;
         fsync_dir(&dir)?;
@@ -868,26 +1160,27 @@ impl ChunkStore {
         check_range(u64::from(offset), u64::from(len), MAX_CHUNK_SIZE)?;
         let _i = self.lock_ino_shared(ino);
         let _c = self.lock_chunk(ino, index);
-        let Some(meta) = self.load_meta(ino, index)? else {
+        let Some(entry) = self.open_chunk(ino, index)? else {
             return Ok((Vec::new(), 0));
         };
+        let oc = lock_open(&entry);
+        let meta = &oc.meta;
         let off = u64::from(offset);
         let end = (off + u64::from(len)).min(meta.len);
         if off >= end {
             return Ok((Vec::new(), meta.version));
         }
+        // Only the checksum blocks the range touches are read and verified.
         let first = off / BLOCK_SIZE;
         let last = (end - 1) / BLOCK_SIZE;
         let start = first * BLOCK_SIZE;
         let stop = ((last + 1) * BLOCK_SIZE).min(meta.len);
-        let dpath = self.data_path(ino, index);
-        let file = File::open(&dpath).map_err(io_err(&dpath))?;
         let mut buf = vec![0u8; (stop - start) as usize];
-        file.read_exact_at(&mut buf, start).map_err(|e| {
+        oc.data.read_exact_at(&mut buf, start).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 Self::corrupt(ino, index, "data file shorter than its metadata")
             } else {
-                io_err(&dpath)(e)
+                io_err(&self.data_path(ino, index))(e)
             }
         })?;
         for b in first..=last {
@@ -903,11 +1196,147 @@ impl ChunkStore {
                 ));
             }
         }
+        let version = meta.version;
+        drop(oc);
         let lo = (off - start) as usize;
         let hi = (end - start) as usize;
         buf.truncate(hi);
         buf.drain(..lo);
-        Ok((buf, meta.version))
+        Ok((buf, version))
+    }
+
+    /// A read served without blocking, for async callers: only when the
+    /// chunk is open, no writer holds it and the bytes are in the page
+    /// cache (`RWF_NOWAIT`). `None`: use [`ChunkStore::read`] on the
+    /// blocking pool instead.
+    pub fn try_read_cached(
+        &self,
+        ino: u64,
+        index: u64,
+        offset: u32,
+        len: u32,
+    ) -> Option<Result<(Vec<u8>, u64)>> {
+        use std::os::unix::io::AsRawFd;
+        if ino == 0 || check_range(u64::from(offset), u64::from(len), MAX_CHUNK_SIZE).is_err() {
+            return None;
+        }
+        let i = (mix(ino) % LOCK_STRIPES as u64) as usize;
+        let _i = self.ino_locks[i].try_read().ok()?;
+        let c = (mix(mix(ino) ^ index) % LOCK_STRIPES as u64) as usize;
+        let _c = self.chunk_locks[c].try_lock().ok()?;
+        let entry = self
+            .open_chunks
+            .try_lock()
+            .ok()?
+            .get(&(ino, index))
+            .cloned()?;
+        let oc = entry.try_lock().ok()?;
+        let meta = &oc.meta;
+        let off = u64::from(offset);
+        let end = (off + u64::from(len)).min(meta.len);
+        if off >= end {
+            return Some(Ok((Vec::new(), meta.version)));
+        }
+        let first = off / BLOCK_SIZE;
+        let last = (end - 1) / BLOCK_SIZE;
+        let start = first * BLOCK_SIZE;
+        let stop = ((last + 1) * BLOCK_SIZE).min(meta.len);
+        let mut buf = vec![0u8; (stop - start) as usize];
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: one iovec over `buf`, which outlives the call.
+        let n = unsafe {
+            libc::preadv2(
+                oc.data.as_raw_fd(),
+                &iov,
+                1,
+                start as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if n < 0 || n as usize != buf.len() {
+            // Not (all) cached, or unsupported: the blocking path decides.
+            return None;
+        }
+        for b in first..=last {
+            let lo = ((b - first) * BLOCK_SIZE) as usize;
+            let hi = (lo + BLOCK_SIZE as usize).min(buf.len());
+            let got = crc32c::crc32c(&buf[lo..hi]);
+            let want = meta.crcs[b as usize];
+            if got != want {
+                return Some(Err(Self::corrupt(
+                    ino,
+                    index,
+                    format!("block {b} checksum mismatch (stored {want:08x}, computed {got:08x})"),
+                )));
+            }
+        }
+        let version = meta.version;
+        drop(oc);
+        let lo = (off - start) as usize;
+        buf.truncate((end - start) as usize);
+        buf.drain(..lo);
+        Some(Ok((buf, version)))
+    }
+
+    /// Verifies a whole chunk for the scrubber: every block against its
+    /// checksum and, for a chunk held open, the sidecar on disk against the
+    /// verified copy in memory (so a damaged sidecar is found before a
+    /// restart would trip over it). Does not open the chunk for later use.
+    /// Returns the bytes verified.
+    pub fn scrub_chunk(&self, ino: u64, index: u64) -> Result<u64> {
+        let _i = self.lock_ino_shared(ino);
+        let _c = self.lock_chunk(ino, index);
+        let cached = self
+            .open_chunks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .peek(&(ino, index))
+            .cloned();
+        let meta = match cached {
+            Some(c) => {
+                let meta = lock_open(&c).meta.clone();
+                let raw = fs::read(self.meta_path(ino, index))
+                    .map_err(io_err(&self.meta_path(ino, index)))?;
+                if raw != meta.encode() {
+                    return Err(Self::corrupt(
+                        ino,
+                        index,
+                        "metadata sidecar on disk differs from the verified copy",
+                    ));
+                }
+                meta
+            }
+            None => match self.load_meta(ino, index)? {
+                Some(m) => m,
+                None => return Ok(0),
+            },
+        };
+        let dpath = self.data_path(ino, index);
+        let file = File::open(&dpath).map_err(io_err(&dpath))?;
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        for (b, want) in meta.crcs.iter().enumerate() {
+            let bs = b as u64 * BLOCK_SIZE;
+            let n = (meta.len - bs).min(BLOCK_SIZE) as usize;
+            file.read_exact_at(&mut buf[..n], bs).map_err(|e| {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    Self::corrupt(ino, index, "data file shorter than its metadata")
+                } else {
+                    io_err(&dpath)(e)
+                }
+            })?;
+            let got = crc32c::crc32c(&buf[..n]);
+            if got != *want {
+                return Err(Self::corrupt(
+                    ino,
+                    index,
+                    format!("block {b} checksum mismatch (stored {want:08x}, computed {got:08x})"),
+                ));
+            }
+        }
+        Ok(meta.len)
     }
 
     /// Chunk indexes present for `ino` (data or metadata file).
@@ -932,6 +1361,7 @@ impl ChunkStore {
     }
 
     fn remove_chunk_files(&self, ino: u64, index: u64) -> Result<()> {
+        self.forget(ino, index);
         let dpath = self.data_path(ino, index);
         match fs::metadata(&dpath) {
             Ok(m) => {
@@ -963,6 +1393,8 @@ impl ChunkStore {
         }
         let cs = u64::from(effective_chunk_size(chunk_size)?);
         let _i = self.lock_ino_exclusive(ino);
+        // Works on the files directly; open copies are reloaded afterwards.
+        self.forget_ino(ino);
         for index in self.indexes(ino)? {
             let keep = match index.checked_mul(cs) {
                 Some(s) if s < size => size - s,
@@ -1039,7 +1471,7 @@ impl ChunkStore {
     pub fn remove_chunk(&self, ino: u64, index: u64, max_version: u64) -> Result<bool> {
         let _i = self.lock_ino_shared(ino);
         let _c = self.lock_chunk(ino, index);
-        let v = match self.load_meta(ino, index) {
+        let v = match self.meta_of(ino, index) {
             Ok(Some(m)) => m.version,
             Ok(None) => return Ok(false),
             Err(StoreError::Corruption { .. }) => 0,
@@ -1076,6 +1508,7 @@ impl ChunkStore {
             return Err(StoreError::InvalidArgument("ino must not be 0".into()));
         }
         let _i = self.lock_ino_exclusive(ino);
+        self.forget_ino(ino);
         let dir = self.ino_dir(ino);
         if !dir.exists() {
             return Ok(());
@@ -1284,11 +1717,13 @@ mod tests {
             Err(StoreError::Corruption { detail, .. }) => assert!(detail.contains("block 1")),
             other => panic!("expected corruption, got {other:?}"),
         }
-        // A damaged sidecar is corruption too.
+        // A damaged sidecar is corruption too (once loaded: a running
+        // store trusts the copy it verified and keeps writing).
         let mpath = s.meta_path(9, 2);
         let mut m = fs::read(&mpath).expect("meta");
         m[10] ^= 1;
         fs::write(&mpath, &m).expect("meta write");
+        let s = ChunkStore::open(s.root()).expect("restart");
         assert!(matches!(
             s.read(9, 2, 0, 1),
             Err(StoreError::Corruption { .. })
@@ -1465,8 +1900,10 @@ mod tests {
         let reopened = ChunkStore::open(s.root()).expect("reopen");
         assert_eq!(reopened.chunk_count(), 3);
         assert_eq!(reopened.used_bytes(), s.used_bytes());
-        // Corrupt metadata is listed without a state.
+        // Corrupt metadata is listed without a state (after a restart:
+        // a running store lists the copy it verified).
         fs::write(s.meta_path(6, 2), b"junk").expect("junk");
+        let s = ChunkStore::open(s.root()).expect("restart");
         let l = s.list(|i, _| i == 6).expect("list");
         assert_eq!(l[0].state, None);
         assert!(s.install(0, 0, b"", 1, false).is_err());
@@ -1484,6 +1921,226 @@ mod tests {
         let s = ChunkStore::open(d.path()).expect("reopen");
         assert_eq!(s.chunk_count(), 2);
         assert_eq!(s.used_bytes(), 1030);
+    }
+
+    #[test]
+    fn open_chunk_cache_is_bounded_and_follows_changes() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let s = ChunkStore::open_with_cache(d.path(), 2).expect("open");
+        for i in 0..6u64 {
+            w(&s, 21, i, 0, &pattern(3 * B + 5, i as u8));
+            assert!(s.open_chunk_count() <= 2);
+        }
+        // Evicted chunks reopen from disk; every read still verifies.
+        for i in 0..6u64 {
+            assert_eq!(r(&s, 21, i, 0, CS), pattern(3 * B + 5, i as u8));
+            assert_eq!(s.version(21, i).expect("v"), 1);
+        }
+        assert_eq!(s.open_chunk_count(), 2);
+        // An install replaces the files under an open chunk.
+        r(&s, 21, 5, 0, 1);
+        assert!(s.install(21, 5, b"fresh", 7, false).expect("install"));
+        assert_eq!(s.read(21, 5, 0, 100).expect("read"), (b"fresh".to_vec(), 7));
+        w(&s, 21, 5, 5, b"!");
+        assert_eq!(
+            s.read(21, 5, 0, 100).expect("read"),
+            (b"fresh!".to_vec(), 8)
+        );
+        // Truncate and delete work on the files; the open copies follow.
+        s.truncate_object(21, u64::from(CS) * 5 + 2, CS)
+            .expect("truncate");
+        assert_eq!(s.read(21, 5, 0, 100).expect("read"), (b"fr".to_vec(), 9));
+        w(&s, 21, 5, 2, b"X");
+        assert_eq!(r(&s, 21, 5, 0, 100), b"frX");
+        assert!(s.remove_chunk(21, 4, u64::MAX).expect("remove"));
+        assert_eq!(s.read(21, 4, 0, 10).expect("read"), (vec![], 0));
+        s.delete_object(21).expect("delete");
+        assert_eq!(s.read(21, 5, 0, 10).expect("read"), (vec![], 0));
+        assert_eq!(s.chunk_count(), 0);
+        // Under a small process file limit the budget shrinks, never to 0.
+        assert!(open_chunk_budget() >= 16);
+    }
+
+    #[test]
+    fn nonblocking_reads_match_blocking_ones() {
+        let (_d, s) = store();
+        let data = pattern(3 * B + 77, 4);
+        w(&s, 61, 0, 0, &data);
+        for (off, len) in [
+            (0u32, 10u32),
+            (B as u32 - 3, 9),
+            (0, CS),
+            (3 * B as u32 + 70, 100),
+        ] {
+            if let Some(got) = s.try_read_cached(61, 0, off, len) {
+                assert_eq!(got.expect("read"), s.read(61, 0, off, len).expect("read"));
+            }
+        }
+        // Not open: the caller must use the blocking path.
+        assert!(s.try_read_cached(61, 1, 0, 10).is_none());
+        // Corruption is still detected.
+        let path = s.data_path(61, 0);
+        let mut raw = fs::read(&path).expect("raw");
+        raw[3] ^= 1;
+        fs::write(&path, &raw).expect("flip");
+        if let Some(r) = s.try_read_cached(61, 0, 0, 10) {
+            assert!(matches!(r, Err(StoreError::Corruption { .. })));
+        }
+    }
+
+    #[test]
+    fn scrub_checks_data_and_sidecar() {
+        let (_d, s) = store();
+        w(&s, 51, 0, 0, &pattern(2 * B + 9, 1));
+        assert_eq!(s.scrub_chunk(51, 0).expect("clean"), 2 * B as u64 + 9);
+        assert_eq!(s.scrub_chunk(51, 9).expect("missing"), 0);
+        // A damaged sidecar of an open chunk.
+        let mpath = s.meta_path(51, 0);
+        let mut m = fs::read(&mpath).expect("meta");
+        m[12] ^= 1;
+        fs::write(&mpath, &m).expect("damage");
+        assert!(matches!(
+            s.scrub_chunk(51, 0),
+            Err(StoreError::Corruption { .. })
+        ));
+        // A damaged block of a chunk that is not open.
+        let s2 = ChunkStore::open_with_cache(s.root(), 1).expect("reopen");
+        w(&s2, 52, 0, 0, &pattern(B, 2));
+        w(&s2, 52, 1, 0, &pattern(B, 3));
+        let path = s2.data_path(52, 0);
+        let mut raw = fs::read(&path).expect("raw");
+        raw[5] ^= 1;
+        fs::write(&path, &raw).expect("flip");
+        assert!(matches!(
+            s2.scrub_chunk(52, 0),
+            Err(StoreError::Corruption { .. })
+        ));
+        assert_eq!(s2.open_chunk_count(), 1);
+    }
+
+    #[test]
+    fn vectored_write_is_one_version() {
+        let (_d, s) = store();
+        w(&s, 31, 0, 0, &pattern(2 * B, 1));
+        let items = [
+            (10u32, Payload::Data(b"aaaa")),
+            (B as u32 - 2, Payload::Data(b"bbbb")),
+            (12u32, Payload::Data(b"c")),
+            (3 * B as u32, Payload::Data(b"tail")),
+            (0u32, Payload::Zero(2)),
+        ];
+        let o = s
+            .apply_items(31, 0, &items, CS, VersionMode::Next, false)
+            .expect("vectored");
+        assert_eq!(o.version, 2);
+        let mut want = pattern(2 * B, 1);
+        want[10..14].copy_from_slice(b"aaaa");
+        want[B - 2..B + 2].copy_from_slice(b"bbbb");
+        want[12] = b'c';
+        want.resize(3 * B, 0);
+        want.extend_from_slice(b"tail");
+        want[..2].fill(0);
+        assert_eq!(r(&s, 31, 0, 0, CS), want);
+        // A replica applies the same items at the primary's version.
+        let (_d2, s2) = store();
+        w(&s2, 31, 0, 0, &pattern(2 * B, 1));
+        let ex = VersionMode::Exact {
+            version: 2,
+            force: false,
+        };
+        s2.apply_items(31, 0, &items, CS, ex, false)
+            .expect("replica");
+        let (a, b) = (
+            s.list(|_, _| true).expect("l"),
+            s2.list(|_, _| true).expect("l"),
+        );
+        assert_eq!(a, b, "same version, length and digest");
+        // Checksums hold after a restart (the sidecar on disk is current).
+        let s3 = ChunkStore::open(s.root()).expect("reopen");
+        assert_eq!(r(&s3, 31, 0, 0, CS), want);
+        // A bad item refuses the whole write.
+        assert!(s
+            .apply_items(
+                31,
+                0,
+                &[(0, Payload::Data(b"x")), (CS, Payload::Data(b"y"))],
+                CS,
+                VersionMode::Next,
+                false
+            )
+            .is_err());
+        assert_eq!(s.version(31, 0).expect("v"), 2);
+    }
+
+    /// What a kill -9 or a power loss can leave: the sidecar of an
+    /// acknowledged write is on disk (page cache) at once; a data file
+    /// ahead of its sidecar, or a torn sidecar, is never served, and
+    /// listings report the old version (or corruption) so that peering
+    /// pulls the copy back.
+    #[test]
+    fn torn_updates_are_detected() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let root = d.path().join("chunks");
+        {
+            let s = ChunkStore::open(&root).expect("open");
+            w(&s, 41, 0, 0, &pattern(2 * B, 1));
+            w(&s, 41, 0, 100, b"second");
+            // Without any sync, the sidecar on disk already says version 2
+            // and matches the data (what a killed process leaves).
+            let raw = fs::read(s.meta_path(41, 0)).expect("meta");
+            let m = ChunkMeta::decode(&raw).expect("decode");
+            assert_eq!(m.version, 2);
+            assert_eq!(m.crcs.len(), 2);
+            w(&s, 41, 1, 0, &pattern(B, 3));
+            w(&s, 41, 2, 0, &pattern(B, 4));
+            // The process dies here (no clean shutdown).
+            std::mem::forget(s);
+        }
+        let s = ChunkStore::open(&root).expect("restart");
+        let mut want = pattern(2 * B, 1);
+        want[100..106].copy_from_slice(b"second");
+        assert_eq!(s.read(41, 0, 0, CS).expect("read"), (want, 2));
+        drop(s);
+        // Data written, sidecar not (crash between the two writes).
+        let f = OpenOptions::new()
+            .write(true)
+            .open(root.join(format!("{:016x}/{:016x}", 41, 1)))
+            .expect("data");
+        f.write_all_at(b"new bytes", 7).expect("write");
+        // Sidecar torn: the first half of a new sidecar over the old one.
+        let mpath = root.join(format!("{:016x}/{:016x}.meta", 41, 2));
+        let old = fs::read(&mpath).expect("meta");
+        let newer = ChunkMeta {
+            version: 9,
+            len: 2 * B as u64,
+            crcs: vec![1, 2],
+        }
+        .encode();
+        let mut torn = old.clone();
+        torn[..newer.len() / 2].copy_from_slice(&newer[..newer.len() / 2]);
+        fs::write(&mpath, &torn).expect("torn");
+        let s = ChunkStore::open(&root).expect("restart");
+        assert!(matches!(
+            s.read(41, 1, 0, 10),
+            Err(StoreError::Corruption { .. })
+        ));
+        assert!(matches!(
+            s.read(41, 2, 0, 10),
+            Err(StoreError::Corruption { .. })
+        ));
+        let l = s.list(|_, _| true).expect("list");
+        let state = |i: u64| l.iter().find(|c| c.index == i).map(|c| c.state);
+        assert_eq!(
+            state(1),
+            Some(Some((1, B as u64))),
+            "old version: peering pulls a newer copy"
+        );
+        assert_eq!(state(2), Some(None), "corrupt: repaired from a peer");
+        // Repair by install, as recovery does.
+        assert!(s.install(41, 1, &pattern(B, 5), 2, false).expect("install"));
+        assert!(s.install(41, 2, &pattern(B, 6), 1, true).expect("install"));
+        assert_eq!(r(&s, 41, 1, 0, CS), pattern(B, 5));
+        assert_eq!(r(&s, 41, 2, 0, CS), pattern(B, 6));
     }
 
     #[derive(Debug, Clone)]

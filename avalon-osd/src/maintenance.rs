@@ -19,7 +19,6 @@ use crate::chunk_store::{ChunkStore, StoreError};
 use crate::membership::Membership;
 use crate::recovery::Recovery;
 use crate::replication::Peers;
-use avalon_proto::limits::MAX_CHUNK_SIZE;
 use avalon_proto::pb::OsdState;
 use avalon_proto::placement::{pg_members, pg_of};
 use std::collections::{BTreeMap, HashMap};
@@ -244,12 +243,12 @@ impl Maintenance {
             let (ino, index) = (c.ino, c.index);
             let r = self
                 .store
-                .blocking(move |s| s.read(ino, index, 0, MAX_CHUNK_SIZE))
+                .blocking(move |s| s.scrub_chunk(ino, index))
                 .await;
             n += 1;
             stats.scrubbed_chunks.fetch_add(1, Ordering::Relaxed);
             let len = match r {
-                Ok((data, _)) => data.len() as u64,
+                Ok(len) => len,
                 Err(e @ StoreError::Corruption { .. }) => {
                     tracing::warn!(ino, index, error = %e, "scrub found a corrupt chunk");
                     bad += 1;

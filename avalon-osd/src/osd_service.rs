@@ -16,6 +16,12 @@ use avalon_proto::placement::pg_of;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
+/// Reads up to this size may be served without the blocking pool.
+const INLINE_READ_BYTES: u32 = 256 << 10;
+
+/// Most extents one vectored write may carry.
+pub const MAX_EXTENTS: usize = 1 << 16;
+
 /// Most inodes one DeleteObjects request may name.
 pub const MAX_DELETE_BATCH: usize = 100_000;
 
@@ -46,6 +52,22 @@ pub fn validate_write(req: &WriteChunkRequest) -> Result<(u64, u64, u32), OsdErr
     }
     let len = (req.data.len() as u64).max(u64::from(req.zero_length));
     check_range(u64::from(req.offset), len, cs)?;
+    if !req.extents.is_empty() {
+        if len > 0 || req.offset != 0 {
+            return Err(OsdError::InvalidArgument(
+                "a vectored write carries its data in extents only".into(),
+            ));
+        }
+        if req.extents.len() > MAX_EXTENTS {
+            return Err(OsdError::InvalidArgument(format!(
+                "{} extents in one write; at most {MAX_EXTENTS}",
+                req.extents.len()
+            )));
+        }
+        for e in &req.extents {
+            check_range(u64::from(e.offset), e.data.len() as u64, cs)?;
+        }
+    }
     match index.checked_mul(u64::from(cs)) {
         Some(start) if start <= MAX_FILE_SIZE => {}
         _ => {
@@ -170,11 +192,22 @@ impl OsdService {
             self.recovery.admit(&map, ino, index).await?;
         }
         let (offset, length) = (req.offset, req.length);
-        let (data, version) = match self
-            .store
-            .blocking(move |s| s.read(ino, index, offset, length))
-            .await
-        {
+        // Small reads of open, cached chunks are served right here; the
+        // rest (and anything that might block) on the blocking pool.
+        let fast = if length <= INLINE_READ_BYTES {
+            self.store.try_read_cached(ino, index, offset, length)
+        } else {
+            None
+        };
+        let r = match fast {
+            Some(r) => r,
+            None => {
+                self.store
+                    .blocking(move |s| s.read(ino, index, offset, length))
+                    .await
+            }
+        };
+        let (data, version) = match r {
             Ok(r) => r,
             Err(e) => {
                 self.recovery.note_read_error(ino, index, &e);

@@ -162,11 +162,17 @@ pub struct Replicator {
     pub recovery: Arc<Recovery>,
 }
 
-fn payload(req: &WriteChunkRequest) -> Payload<'_> {
-    if req.data.is_empty() && req.zero_length > 0 {
-        Payload::Zero(req.zero_length)
+/// What a (validated) write request stores, in order.
+fn items(req: &WriteChunkRequest) -> Vec<(u32, Payload<'_>)> {
+    if !req.extents.is_empty() {
+        req.extents
+            .iter()
+            .map(|e| (e.offset, Payload::Data(&e.data)))
+            .collect()
+    } else if req.data.is_empty() && req.zero_length > 0 {
+        vec![(req.offset, Payload::Zero(req.zero_length))]
     } else {
-        Payload::Data(&req.data)
+        vec![(req.offset, Payload::Data(&req.data))]
     }
 }
 
@@ -210,15 +216,7 @@ impl Replicator {
         let outcome = self
             .store
             .blocking(move |s| {
-                s.apply(
-                    ino,
-                    index,
-                    r.offset,
-                    payload(&r),
-                    chunk_size,
-                    VersionMode::Next,
-                    false,
-                )
+                s.apply_items(ino, index, &items(&r), chunk_size, VersionMode::Next, false)
             })
             .await?;
         self.applied.notify_waiters();
@@ -252,6 +250,7 @@ impl Replicator {
                 version,
                 chunk_size,
                 zero_length: req.zero_length,
+                extents: req.extents.clone(),
             };
             let peers = Arc::clone(&self.peers);
             let tx = tx.clone();
@@ -329,9 +328,7 @@ impl Replicator {
             };
             let r = self
                 .store
-                .blocking(move |s| {
-                    s.apply(ino, index, r2.offset, payload(&r2), chunk_size, mode, sync)
-                })
+                .blocking(move |s| s.apply_items(ino, index, &items(&r2), chunk_size, mode, sync))
                 .await;
             match r {
                 Ok(o) => {

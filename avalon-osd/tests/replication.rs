@@ -287,6 +287,7 @@ fn write_req(ino: u64, offset: u32, data: Vec<u8>, epoch: u64) -> pb::WriteChunk
         version: 0,
         chunk_size: 256 * 1024,
         zero_length: 0,
+        extents: vec![],
     }
 }
 
