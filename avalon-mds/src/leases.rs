@@ -131,7 +131,7 @@ impl LeaseTable {
         let s = inner.sessions.entry(sid).or_default();
         // No lease for a session that cannot be recalled (no open stream),
         // nor while a recall to it is unanswered.
-        if !s.waiting.is_empty() || !s.tx.as_ref().is_some_and(|t| !t.is_closed()) {
+        if !s.waiting.is_empty() || s.tx.as_ref().is_none_or(|t| t.is_closed()) {
             return Duration::ZERO;
         }
         if dropped || s.valid_until.is_none_or(|t| Instant::now() >= t) {
