@@ -28,6 +28,11 @@ use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use tonic::Code;
 
+/// The `offset` of a vectored write: out of range for an OSD that
+/// predates `WriteChunkRequest.extents`, so it refuses instead of storing
+/// an empty write.
+const VECTORED_WRITE_OFFSET: u32 = u32::MAX;
+
 /// How long one chunk operation keeps trying other replicas and newer maps
 /// before the application gets EIO.
 pub const IO_RETRY_BUDGET: Duration = Duration::from_secs(20);
@@ -252,8 +257,17 @@ impl Client {
                 .into_iter()
                 .map(|(offset, data)| pb::WriteExtent { offset, data })
                 .collect();
-            self.chunk_write(ino, index, 0, Bytes::new(), 0, extents, false, cs)
-                .await
+            self.chunk_write(
+                ino,
+                index,
+                VECTORED_WRITE_OFFSET,
+                Bytes::new(),
+                0,
+                extents,
+                false,
+                cs,
+            )
+            .await
         };
         if let Err(e) = &r {
             tracing::warn!(ino, index, error = %e, "buffered write failed; reported at the next fsync or close");

@@ -19,6 +19,9 @@ use tonic::{Request, Response, Status};
 /// Reads up to this size may be served without the blocking pool.
 const INLINE_READ_BYTES: u32 = 256 << 10;
 
+/// The `offset` of a vectored write (see `WriteChunkRequest.extents`).
+pub const VECTORED_OFFSET: u32 = u32::MAX;
+
 /// Most extents one vectored write may carry.
 pub const MAX_EXTENTS: usize = 1 << 16;
 
@@ -51,11 +54,14 @@ pub fn validate_write(req: &WriteChunkRequest) -> Result<(u64, u64, u32), OsdErr
         ));
     }
     let len = (req.data.len() as u64).max(u64::from(req.zero_length));
-    check_range(u64::from(req.offset), len, cs)?;
-    if !req.extents.is_empty() {
-        if len > 0 || req.offset != 0 {
+    if req.extents.is_empty() {
+        check_range(u64::from(req.offset), len, cs)?;
+    } else {
+        // The sentinel offset makes an OSD that predates extents refuse the
+        // request (out of range) instead of storing an empty write.
+        if len > 0 || req.offset != VECTORED_OFFSET {
             return Err(OsdError::InvalidArgument(
-                "a vectored write carries its data in extents only".into(),
+                "a vectored write carries its data in extents only, at offset 0xffffffff".into(),
             ));
         }
         if req.extents.len() > MAX_EXTENTS {
@@ -386,6 +392,24 @@ mod tests {
         assert!(validate_write(&r).is_err());
         r.version = 3;
         assert!(validate_write(&r).is_ok());
+        // Vectored: extents only, at the sentinel offset.
+        let ext = |offset, len: usize| avalon_proto::pb::WriteExtent {
+            offset,
+            data: vec![1u8; len].into(),
+        };
+        let mut v = wreq(1, VECTORED_OFFSET, 0, cs);
+        v.extents = vec![ext(0, 10), ext(cs - 10, 10)];
+        assert!(validate_write(&v).is_ok());
+        v.extents.push(ext(cs - 9, 10));
+        assert!(validate_write(&v).is_err());
+        let mut v = wreq(1, 0, 0, cs);
+        v.extents = vec![ext(0, 10)];
+        assert!(validate_write(&v).is_err(), "offset must be the sentinel");
+        let mut v = wreq(1, VECTORED_OFFSET, 5, cs);
+        v.extents = vec![ext(0, 10)];
+        assert!(validate_write(&v).is_err(), "no data beside extents");
+        // An OSD that predates extents sees an out-of-range write.
+        assert!(check_range(u64::from(VECTORED_OFFSET), 0, cs).is_err());
     }
 
     #[test]
