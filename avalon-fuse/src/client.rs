@@ -66,8 +66,6 @@ pub struct Client {
     pub meta: MetaCache,
     /// Writes acknowledged to the kernel, not yet sent to the OSDs.
     pub(crate) wbuf: crate::write_buffer::WriteBuffer,
-    /// Files known to have no `security.capability` (asked before writes).
-    pub(crate) no_caps: crate::data_path::NoCaps,
 }
 
 fn time_set(t: Option<TimeChange>) -> Option<TimeSet> {
@@ -123,7 +121,6 @@ impl Client {
             wbuf: crate::write_buffer::WriteBuffer::new(
                 crate::write_buffer::WriteBuffer::budget_from_env(),
             ),
-            no_caps: Default::default(),
         })
     }
 
@@ -557,7 +554,6 @@ impl Client {
 
     /// Sets an extended attribute.
     pub async fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: u32) -> Result<()> {
-        self.no_caps.forget(ino);
         let req = pb::SetXattrRequest {
             header: self.header(),
             ino,
@@ -574,9 +570,15 @@ impl Client {
 
     /// Value of an extended attribute.
     pub async fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Bytes> {
-        if self.no_caps.absent(ino, name) {
-            return Err(ClientError::posix(libc::ENODATA, "no such attribute"));
+        // The kernel asks for security.capability before every write and
+        // ls -l for security.selinux of every file: answer from the cache
+        // while the lease holds (setxattr elsewhere recalls the inode).
+        match self.meta.xattr(ino, name) {
+            Some(Some(v)) => return Ok(v),
+            Some(None) => return Err(ClientError::posix(libc::ENODATA, "no such attribute")),
+            None => {}
         }
+        let epoch = self.meta.epoch();
         let req = pb::XattrRequest {
             header: self.header(),
             ino,
@@ -587,8 +589,18 @@ impl Client {
             .request(req, |mut c, r| async move { c.get_xattr(r).await })
             .await
             .map_err(ClientError::from);
-        self.no_caps.note(ino, name, &r);
-        Ok(r?.value)
+        match r {
+            Ok(r) => {
+                self.meta.put_xattr(epoch, ino, name, Some(r.value.clone()));
+                Ok(r.value)
+            }
+            Err(e) => {
+                if e.errno() == libc::ENODATA {
+                    self.meta.put_xattr(epoch, ino, name, None);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Names of the extended attributes of an inode.
@@ -606,7 +618,6 @@ impl Client {
 
     /// Removes an extended attribute.
     pub async fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
-        self.no_caps.forget(ino);
         let req = pb::XattrRequest {
             header: self.header(),
             ino,

@@ -37,60 +37,6 @@ const VECTORED_WRITE_OFFSET: u32 = u32::MAX;
 /// before the application gets EIO.
 pub const IO_RETRY_BUDGET: Duration = Duration::from_secs(20);
 
-/// The xattr the kernel asks for before every write to decide whether
-/// the write must drop file capabilities (`file_remove_privs`).
-const CAPS_XATTR: &[u8] = b"security.capability";
-/// How long "this file has no capabilities" stays cached: as long as the
-/// kernel caches attributes.
-const CAPS_TTL: Duration = Duration::from_secs(1);
-
-/// Files known (for [`CAPS_TTL`]) to carry no `security.capability`, so
-/// that the kernel's check before every write does not cost an MDS round
-/// trip. Dropped when this client sets or removes an xattr of the file.
-pub struct NoCaps(std::sync::Mutex<lru::LruCache<u64, Instant>>);
-
-impl Default for NoCaps {
-    fn default() -> Self {
-        let cap = std::num::NonZeroUsize::new(4096).unwrap_or(std::num::NonZeroUsize::MIN);
-        NoCaps(std::sync::Mutex::new(lru::LruCache::new(cap)))
-    }
-}
-
-impl NoCaps {
-    fn lock(&self) -> std::sync::MutexGuard<'_, lru::LruCache<u64, Instant>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// True when `name` of `ino` is known to be absent.
-    pub fn absent(&self, ino: u64, name: &[u8]) -> bool {
-        name == CAPS_XATTR
-            && self
-                .lock()
-                .get(&ino)
-                .is_some_and(|t| t.elapsed() < CAPS_TTL)
-    }
-
-    /// Records the answer of a getxattr of `name`.
-    pub fn note<T>(&self, ino: u64, name: &[u8], r: &Result<T>) {
-        if name != CAPS_XATTR {
-            return;
-        }
-        match r {
-            Err(e) if e.errno() == libc::ENODATA => {
-                self.lock().put(ino, Instant::now());
-            }
-            _ => {
-                self.lock().pop(&ino);
-            }
-        }
-    }
-
-    /// Forgets what is known of `ino` (its xattrs changed).
-    pub fn forget(&self, ino: u64) {
-        self.lock().pop(&ino);
-    }
-}
-
 /// Data for one piece of a read: fetched for it alone, or a cached chunk
 /// and the piece's offset in it.
 enum Piece {

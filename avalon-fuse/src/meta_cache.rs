@@ -10,6 +10,7 @@
 use avalon_proto::pb::{Attr, Recall};
 use bytes::Bytes;
 use dashmap::{DashMap, DashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -38,6 +39,9 @@ pub struct MetaCache {
     entries: DashMap<(u64, Bytes), u64>,
     /// Directories all of whose entries are in `entries`.
     complete: DashSet<u64>,
+    /// Extended attributes asked for, per inode (None: absent). They go
+    /// with the inode's attributes: a setxattr recalls those.
+    xattrs: DashMap<u64, HashMap<Bytes, Option<Bytes>>>,
     /// Emptied since the last heartbeat (the MDS may forget our leases).
     dropped: std::sync::atomic::AtomicBool,
 }
@@ -82,6 +86,7 @@ impl MetaCache {
             self.attrs.clear();
             self.entries.clear();
             self.complete.clear();
+            self.xattrs.clear();
         }
         *l = Some(sent + lease);
     }
@@ -95,6 +100,7 @@ impl MetaCache {
         self.attrs.clear();
         self.entries.clear();
         self.complete.clear();
+        self.xattrs.clear();
     }
 
     /// Cached attributes of `ino`.
@@ -165,7 +171,7 @@ impl MetaCache {
     /// ctime changed: its attributes are dropped).
     pub fn removed(&self, epoch: u64, dir: u64, name: &[u8]) {
         if let Some((_, ino)) = self.entries.remove(&(dir, Bytes::copy_from_slice(name))) {
-            self.attrs.remove(&ino);
+            self.drop_inode(ino);
         }
         self.put_entry(epoch, dir, name, 0);
     }
@@ -180,13 +186,13 @@ impl MetaCache {
             .map(|(_, ino)| ino)
             .filter(|ino| *ino != 0);
         if let Some(ino) = moved {
-            self.attrs.remove(&ino);
+            self.drop_inode(ino);
         }
         if let Some((_, old)) = self
             .entries
             .remove(&(new_dir, Bytes::copy_from_slice(new_name)))
         {
-            self.attrs.remove(&old);
+            self.drop_inode(old);
         }
         self.put_entry(epoch, dir, name, 0);
         match moved {
@@ -201,7 +207,7 @@ impl MetaCache {
     /// Forgets what is cached of `name` in `dir`, positive or negative.
     pub fn forget_entry(&self, dir: u64, name: &[u8]) {
         if let Some((_, ino)) = self.entries.remove(&(dir, Bytes::copy_from_slice(name))) {
-            self.attrs.remove(&ino);
+            self.drop_inode(ino);
         }
         self.complete.remove(&dir);
     }
@@ -209,7 +215,31 @@ impl MetaCache {
     /// Forgets `ino`'s attributes (changed by this client in a way the
     /// reply does not show).
     pub fn forget_attr(&self, ino: u64) {
+        self.drop_inode(ino);
+    }
+
+    fn drop_inode(&self, ino: u64) {
         self.attrs.remove(&ino);
+        self.xattrs.remove(&ino);
+    }
+
+    /// What the cache knows of extended attribute `name` of `ino`:
+    /// Some(None) if it is absent.
+    pub fn xattr(&self, ino: u64, name: &[u8]) -> Option<Option<Bytes>> {
+        if !self.valid() {
+            return None;
+        }
+        self.xattrs.get(&ino)?.get(name).cloned()
+    }
+
+    /// Caches the value (None: absence) of xattr `name` of `ino`.
+    pub fn put_xattr(&self, epoch: u64, ino: u64, name: &[u8], value: Option<Bytes>) {
+        if self.may_store(epoch) {
+            self.xattrs
+                .entry(ino)
+                .or_default()
+                .insert(Bytes::copy_from_slice(name), value);
+        }
     }
 
     /// Applies one recall from the MDS.
@@ -217,11 +247,11 @@ impl MetaCache {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         if r.entry {
             if let Some((_, ino)) = self.entries.remove(&(r.ino, r.name.clone())) {
-                self.attrs.remove(&ino);
+                self.drop_inode(ino);
             }
             self.complete.remove(&r.ino);
         }
-        self.attrs.remove(&r.ino);
+        self.drop_inode(r.ino);
     }
 }
 
@@ -323,6 +353,27 @@ mod tests {
         // A rename of a name the cache never saw voids completeness.
         c.renamed(e, 2, b"x", 1, b"h");
         assert_eq!(c.lookup(1, b"h"), None);
+    }
+
+    #[test]
+    fn xattrs_go_with_their_inode() {
+        let c = leased();
+        let e = c.epoch();
+        c.put_xattr(e, 7, b"security.capability", None);
+        c.put_xattr(e, 7, b"user.a", Some(Bytes::from_static(b"v")));
+        assert_eq!(c.xattr(7, b"security.capability"), Some(None));
+        assert_eq!(c.xattr(7, b"user.a"), Some(Some(Bytes::from_static(b"v"))));
+        assert_eq!(c.xattr(7, b"user.b"), None);
+        c.recall(&Recall {
+            ino: 7,
+            name: Bytes::new(),
+            entry: false,
+            data: false,
+        });
+        assert_eq!(c.xattr(7, b"user.a"), None);
+        c.put_xattr(c.epoch(), 7, b"user.a", None);
+        c.forget_attr(7);
+        assert_eq!(c.xattr(7, b"user.a"), None);
     }
 
     #[test]

@@ -477,9 +477,9 @@ impl Meta for MetaService {
     async fn get_xattr(&self, req: Request<pb::XattrRequest>) -> Res<pb::XattrReply> {
         let r = req.into_inner();
         ino_ok(r.ino)?;
+        let sid = session_of(r.header.as_ref());
         let value = self
-            .node
-            .read(|s| s.getxattr(r.ino, &r.name))
+            .read_leased(sid, |s| (s.getxattr(r.ino, &r.name), vec![r.ino]))
             .await?
             .map_err(MdsError::Errno)?;
         Ok(Response::new(pb::XattrReply {

@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -65,6 +65,25 @@ fn names_and_attributes_changed_on_one_mount_are_seen_by_the_other_at_once() {
         std::fs::remove_file(&ga).unwrap();
         assert!(absent(&gb), "round {i}: B still sees an unlinked file");
     }
+    // Extended attributes (cached with their inode) follow too.
+    let (xa, xb) = (a_dir.join("x"), b_dir.join("x"));
+    std::fs::write(&xa, b"x").unwrap();
+    assert_eq!(getxattr(&xb, "user.k"), None);
+    for v in ["one", "two"] {
+        setxattr(&xa, "user.k", v);
+        assert_eq!(
+            getxattr(&xb, "user.k").as_deref(),
+            Some(v),
+            "B sees a stale xattr"
+        );
+    }
+    removexattr(&xa, "user.k");
+    assert_eq!(
+        getxattr(&xb, "user.k"),
+        None,
+        "B still sees a removed xattr"
+    );
+    std::fs::remove_file(&xa).unwrap();
     // Directory listings follow too.
     let listed = |d: &Path| {
         let mut v: Vec<String> = std::fs::read_dir(d)
@@ -85,7 +104,52 @@ fn names_and_attributes_changed_on_one_mount_are_seen_by_the_other_at_once() {
     assert!(absent(&b_dir.join("sub")));
 }
 
-use std::os::unix::fs::MetadataExt;
+fn cpath(p: &Path) -> std::ffi::CString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn getxattr(p: &Path, name: &str) -> Option<String> {
+    let (path, name) = (cpath(p), std::ffi::CString::new(name).unwrap());
+    let mut buf = [0u8; 256];
+    // SAFETY: valid C strings and a buffer of the length given.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.raw_os_error(), Some(libc::ENODATA), "getxattr: {e}");
+        return None;
+    }
+    Some(String::from_utf8_lossy(&buf[..n as usize]).into_owned())
+}
+
+fn setxattr(p: &Path, name: &str, value: &str) {
+    let (path, name) = (cpath(p), std::ffi::CString::new(name).unwrap());
+    // SAFETY: valid C strings and a value of the length given.
+    let r = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(r, 0, "setxattr: {}", std::io::Error::last_os_error());
+}
+
+fn removexattr(p: &Path, name: &str) {
+    let (path, name) = (cpath(p), std::ffi::CString::new(name).unwrap());
+    // SAFETY: valid C strings.
+    let r = unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) };
+    assert_eq!(r, 0, "removexattr: {}", std::io::Error::last_os_error());
+}
 
 #[test]
 fn data_written_and_closed_on_one_mount_is_read_by_the_other_at_once() {
