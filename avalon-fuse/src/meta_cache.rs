@@ -82,11 +82,7 @@ impl MetaCache {
         let mut l = self.lease_until.lock().unwrap_or_else(|e| e.into_inner());
         // A lease lapsed in between: what is cached may be stale.
         if l.is_none_or(|t| t <= Instant::now()) {
-            self.epoch.fetch_add(1, Ordering::AcqRel);
-            self.attrs.clear();
-            self.entries.clear();
-            self.complete.clear();
-            self.xattrs.clear();
+            self.empty();
         }
         *l = Some(sent + lease);
     }
@@ -96,6 +92,11 @@ impl MetaCache {
     pub fn clear(&self) {
         *self.lease_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.dropped.store(true, Ordering::Release);
+        self.empty();
+    }
+
+    /// Forgets every entry and voids replies in flight.
+    fn empty(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.attrs.clear();
         self.entries.clear();

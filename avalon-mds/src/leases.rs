@@ -103,7 +103,7 @@ impl LeaseTable {
 
     /// Records that session `sid` may cache what it is sent about `inos`.
     /// Call before reading the state sent (or under the state lock).
-    pub fn grant(&self, sid: u64, inos: &[u64]) {
+    pub fn grant(&self, sid: u64, inos: impl IntoIterator<Item = u64>) {
         if sid == 0 {
             return;
         }
@@ -115,7 +115,7 @@ impl LeaseTable {
         if s.valid_until.is_none_or(|t| Instant::now() >= t) {
             return;
         }
-        for &ino in inos {
+        for ino in inos {
             if ino != 0 && s.held.insert(ino) {
                 inner.holders.entry(ino).or_default().insert(sid);
             }
@@ -306,8 +306,8 @@ mod tests {
         let t = std::sync::Arc::new(table());
         let _rx1 = lease(&t, 1);
         let mut rx = lease(&t, 2);
-        t.grant(1, &[10]);
-        t.grant(2, &[10, 11]);
+        t.grant(1, [10]);
+        t.grant(2, [10, 11]);
         let t2 = t.clone();
         let acker = tokio::spawn(async move {
             let ev = rx.recv().await.unwrap().unwrap();
@@ -331,7 +331,7 @@ mod tests {
     async fn two_changes_to_one_directory_both_reach_its_holder() {
         let t = std::sync::Arc::new(table());
         let mut rx = lease(&t, 2);
-        t.grant(2, &[10]);
+        t.grant(2, [10]);
         let t2 = t.clone();
         let acker = tokio::spawn(async move {
             let ev = rx.recv().await.unwrap().unwrap();
@@ -348,7 +348,7 @@ mod tests {
         let t = table();
         // A stream nobody reads: recalls go unanswered.
         let _rx = lease(&t, 2);
-        t.grant(2, &[10, 11]);
+        t.grant(2, [10, 11]);
         let start = Instant::now();
         t.recall(1, &[Change::attr(10)]).await;
         let took = start.elapsed();
@@ -359,7 +359,7 @@ mod tests {
         assert!(t.is_empty(), "the whole lease is void");
         // Renewed again only by a heartbeat, and then from empty.
         assert_eq!(t.heartbeat(2, false), Duration::from_millis(300));
-        t.grant(2, &[12]);
+        t.grant(2, [12]);
         assert_eq!(t.len(), 1);
     }
 
@@ -367,7 +367,7 @@ mod tests {
     async fn pending_recall_blocks_renewal_and_no_lease_no_grant() {
         let t = std::sync::Arc::new(table());
         let _rx = lease(&t, 2);
-        t.grant(2, &[10]);
+        t.grant(2, [10]);
         let t2 = t.clone();
         let r = tokio::spawn(async move { t2.recall(1, &[Change::data(10)]).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -375,10 +375,10 @@ mod tests {
         r.await.unwrap();
         // Session 3 never heartbeated: nothing is registered for it. A
         // session without a recall stream gets no lease.
-        t.grant(3, &[10]);
+        t.grant(3, [10]);
         assert!(t.is_empty());
         assert_eq!(t.heartbeat(3, false), Duration::ZERO);
-        t.grant(3, &[10]);
+        t.grant(3, [10]);
         assert!(t.is_empty());
         let rx5 = lease(&t, 5);
         drop(rx5);
@@ -387,7 +387,7 @@ mod tests {
         assert!(t.is_empty());
         // A client that emptied its cache holds nothing any more.
         let _rx4 = lease(&t, 4);
-        t.grant(4, &[1, 2]);
+        t.grant(4, [1, 2]);
         assert_eq!(t.len(), 2);
         t.heartbeat(4, true);
         assert!(t.is_empty());

@@ -147,8 +147,7 @@ impl MetaService {
         let sid = session_of(hdr);
         // The requester caches the reply: register it before the change,
         // so that a later change by someone else recalls it too.
-        let inos: Vec<u64> = changes.iter().map(|c| c.ino).collect();
-        self.node.leases.grant(sid, &inos);
+        self.node.leases.grant(sid, changes.iter().map(|c| c.ino));
         let r = self.node.write(hdr, op).await?;
         self.node.leases.recall(sid, changes).await;
         Ok(r)
@@ -164,16 +163,16 @@ impl MetaService {
     /// A linearizable read whose result session `sid` may cache: `f`
     /// returns it with the inodes it covers, registered under the state
     /// lock (see leases.rs).
-    async fn read_leased<T>(
+    async fn read_leased<T, I: IntoIterator<Item = u64>>(
         &self,
         sid: u64,
-        f: impl FnOnce(&State) -> (T, Vec<u64>),
+        f: impl FnOnce(&State) -> (T, I),
     ) -> Result<T, MdsError> {
         let leases = &self.node.leases;
         self.node
             .read(|s| {
                 let (v, inos) = f(s);
-                leases.grant(sid, &inos);
+                leases.grant(sid, inos);
                 v
             })
             .await
@@ -191,7 +190,7 @@ impl Meta for MetaService {
             .read_leased(sid, |s| {
                 let a = s.lookup(r.parent, &r.name);
                 let child = a.as_ref().map(|a| a.ino).unwrap_or(0);
-                (a, vec![r.parent, child])
+                (a, [r.parent, child])
             })
             .await?
             .map_err(MdsError::Errno)?;
@@ -206,7 +205,7 @@ impl Meta for MetaService {
         ino_ok(r.ino)?;
         let sid = session_of(r.header.as_ref());
         let a = self
-            .read_leased(sid, |s| (s.getattr(r.ino), vec![r.ino]))
+            .read_leased(sid, |s| (s.getattr(r.ino), [r.ino]))
             .await?
             .map_err(MdsError::Errno)?;
         Ok(Response::new(pb::AttrReply {
@@ -479,7 +478,7 @@ impl Meta for MetaService {
         ino_ok(r.ino)?;
         let sid = session_of(r.header.as_ref());
         let value = self
-            .read_leased(sid, |s| (s.getxattr(r.ino, &r.name), vec![r.ino]))
+            .read_leased(sid, |s| (s.getxattr(r.ino, &r.name), [r.ino]))
             .await?
             .map_err(MdsError::Errno)?;
         Ok(Response::new(pb::XattrReply {
@@ -533,10 +532,7 @@ impl Meta for MetaService {
         if sid != 0 {
             self.node.open_begin(sid, r.ino).await;
         }
-        let res = match self
-            .read_leased(sid, |s| (s.getattr(r.ino), vec![r.ino]))
-            .await
-        {
+        let res = match self.read_leased(sid, |s| (s.getattr(r.ino), [r.ino])).await {
             Ok(Ok(a)) => Ok(a),
             Ok(Err(e)) => Err(MdsError::Errno(e)),
             Err(e) => Err(e),

@@ -397,6 +397,67 @@ fn fsync_dir(path: &Path) -> Result<()> {
         .map_err(io_err(path))
 }
 
+/// The checksum blocks a read of `len` bytes at `offset` touches, clipped
+/// to the chunk's stored length: the bytes read from disk are
+/// `start..stop`, the caller wants `off..end` of them.
+struct BlockSpan {
+    first: u64,
+    last: u64,
+    start: u64,
+    stop: u64,
+    off: u64,
+    end: u64,
+}
+
+impl BlockSpan {
+    /// None when nothing of the range is stored.
+    fn of(offset: u32, len: u32, chunk_len: u64) -> Option<BlockSpan> {
+        let off = u64::from(offset);
+        let end = (off + u64::from(len)).min(chunk_len);
+        if off >= end {
+            return None;
+        }
+        let first = off / BLOCK_SIZE;
+        let last = (end - 1) / BLOCK_SIZE;
+        Some(BlockSpan {
+            first,
+            last,
+            start: first * BLOCK_SIZE,
+            stop: ((last + 1) * BLOCK_SIZE).min(chunk_len),
+            off,
+            end,
+        })
+    }
+
+    /// A buffer for the blocks.
+    fn buffer(&self) -> Vec<u8> {
+        vec![0u8; (self.stop - self.start) as usize]
+    }
+
+    /// Checks every block of `buf` against its stored crc.
+    fn verify(&self, buf: &[u8], crcs: &[u32]) -> std::result::Result<(), String> {
+        for b in self.first..=self.last {
+            let lo = ((b - self.first) * BLOCK_SIZE) as usize;
+            let hi = (lo + BLOCK_SIZE as usize).min(buf.len());
+            let got = crc32c::crc32c(&buf[lo..hi]);
+            let want = crcs[b as usize];
+            if got != want {
+                return Err(format!(
+                    "block {b} checksum mismatch (stored {want:08x}, computed {got:08x})"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The bytes asked for, out of the blocks read.
+    fn cut(&self, mut buf: Vec<u8>) -> Vec<u8> {
+        buf.truncate((self.end - self.start) as usize);
+        buf.drain(..(self.off - self.start) as usize);
+        buf
+    }
+}
+
 impl ChunkStore {
     /// Opens (creating if needed) the store rooted at `root` and counts the
     /// chunks and bytes it holds.
@@ -1165,44 +1226,23 @@ impl ChunkStore {
         };
         let oc = lock_open(&entry);
         let meta = &oc.meta;
-        let off = u64::from(offset);
-        let end = (off + u64::from(len)).min(meta.len);
-        if off >= end {
-            return Ok((Vec::new(), meta.version));
-        }
         // Only the checksum blocks the range touches are read and verified.
-        let first = off / BLOCK_SIZE;
-        let last = (end - 1) / BLOCK_SIZE;
-        let start = first * BLOCK_SIZE;
-        let stop = ((last + 1) * BLOCK_SIZE).min(meta.len);
-        let mut buf = vec![0u8; (stop - start) as usize];
-        oc.data.read_exact_at(&mut buf, start).map_err(|e| {
+        let Some(span) = BlockSpan::of(offset, len, meta.len) else {
+            return Ok((Vec::new(), meta.version));
+        };
+        let mut buf = span.buffer();
+        oc.data.read_exact_at(&mut buf, span.start).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 Self::corrupt(ino, index, "data file shorter than its metadata")
             } else {
                 io_err(&self.data_path(ino, index))(e)
             }
         })?;
-        for b in first..=last {
-            let lo = ((b - first) * BLOCK_SIZE) as usize;
-            let hi = (lo + BLOCK_SIZE as usize).min(buf.len());
-            let got = crc32c::crc32c(&buf[lo..hi]);
-            let want = meta.crcs[b as usize];
-            if got != want {
-                return Err(Self::corrupt(
-                    ino,
-                    index,
-                    format!("block {b} checksum mismatch (stored {want:08x}, computed {got:08x})"),
-                ));
-            }
-        }
+        span.verify(&buf, &meta.crcs)
+            .map_err(|m| Self::corrupt(ino, index, m))?;
         let version = meta.version;
         drop(oc);
-        let lo = (off - start) as usize;
-        let hi = (end - start) as usize;
-        buf.truncate(hi);
-        buf.drain(..lo);
-        Ok((buf, version))
+        Ok((span.cut(buf), version))
     }
 
     /// A read served without blocking, for async callers: only when the
@@ -1232,16 +1272,10 @@ impl ChunkStore {
             .cloned()?;
         let oc = entry.try_lock().ok()?;
         let meta = &oc.meta;
-        let off = u64::from(offset);
-        let end = (off + u64::from(len)).min(meta.len);
-        if off >= end {
+        let Some(span) = BlockSpan::of(offset, len, meta.len) else {
             return Some(Ok((Vec::new(), meta.version)));
-        }
-        let first = off / BLOCK_SIZE;
-        let last = (end - 1) / BLOCK_SIZE;
-        let start = first * BLOCK_SIZE;
-        let stop = ((last + 1) * BLOCK_SIZE).min(meta.len);
-        let mut buf = vec![0u8; (stop - start) as usize];
+        };
+        let mut buf = span.buffer();
         let iov = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
@@ -1252,7 +1286,7 @@ impl ChunkStore {
                 oc.data.as_raw_fd(),
                 &iov,
                 1,
-                start as libc::off_t,
+                span.start as libc::off_t,
                 libc::RWF_NOWAIT,
             )
         };
@@ -1260,25 +1294,12 @@ impl ChunkStore {
             // Not (all) cached, or unsupported: the blocking path decides.
             return None;
         }
-        for b in first..=last {
-            let lo = ((b - first) * BLOCK_SIZE) as usize;
-            let hi = (lo + BLOCK_SIZE as usize).min(buf.len());
-            let got = crc32c::crc32c(&buf[lo..hi]);
-            let want = meta.crcs[b as usize];
-            if got != want {
-                return Some(Err(Self::corrupt(
-                    ino,
-                    index,
-                    format!("block {b} checksum mismatch (stored {want:08x}, computed {got:08x})"),
-                )));
-            }
+        if let Err(m) = span.verify(&buf, &meta.crcs) {
+            return Some(Err(Self::corrupt(ino, index, m)));
         }
         let version = meta.version;
         drop(oc);
-        let lo = (off - start) as usize;
-        buf.truncate((end - start) as usize);
-        buf.drain(..lo);
-        Some(Ok((buf, version)))
+        Some(Ok((span.cut(buf), version)))
     }
 
     /// Verifies a whole chunk for the scrubber: every block against its
