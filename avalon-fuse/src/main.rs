@@ -35,6 +35,10 @@ struct Args {
     /// Stay in the foreground (do not detach).
     #[arg(long)]
     foreground: bool,
+    /// Set by the detaching parent: its pipes close after READY, so logs go
+    /// to a file (`log=` or the default under /var/log/avalon).
+    #[arg(long, hide = true)]
+    detached: bool,
     /// Accepted for mount(8) compatibility: do not write /etc/mtab.
     #[arg(short = 'n', hide = true)]
     no_mtab: bool,
@@ -138,9 +142,12 @@ fn parse_opts(list: &[String]) -> anyhow::Result<Opts> {
 fn init_logging(level: &str, log: Option<&PathBuf>) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // A logger that cannot write must not report it on stderr: that
+    // eprintln! panics when stderr is a pipe nobody reads any more.
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        .log_internal_errors(false);
     match log {
         Some(p) => {
             let f = std::fs::OpenOptions::new()
@@ -178,6 +185,7 @@ fn run_background(args: &Args) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find own executable")?;
     let mut cmd = Command::new(exe);
     cmd.arg("--foreground")
+        .arg("--detached")
         .arg(&args.source)
         .arg(&args.mountpoint);
     for o in &args.options {
@@ -214,17 +222,20 @@ fn run_background(args: &Args) -> anyhow::Result<()> {
 }
 
 fn run_foreground(args: &Args) -> anyhow::Result<()> {
-    let opts = parse_opts(&args.options)?;
-    init_logging(
-        opts.log_level.as_deref().unwrap_or("info"),
-        opts.log.as_ref(),
-    )?;
+    let mut opts = parse_opts(&args.options)?;
     let src = mount_source::parse(&args.source).map_err(anyhow::Error::msg)?;
     let mountpoint = std::fs::canonicalize(&args.mountpoint)
         .with_context(|| format!("mount point {} does not exist", args.mountpoint.display()))?;
     if !mountpoint.is_dir() {
         bail!("mount point {} is not a directory", mountpoint.display());
     }
+    if args.detached && opts.log.is_none() {
+        opts.log = Some(default_log_file(&mountpoint));
+    }
+    init_logging(
+        opts.log_level.as_deref().unwrap_or("info"),
+        opts.log.as_ref(),
+    )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(opts.threads.unwrap_or(4))
         .enable_all()
@@ -313,12 +324,40 @@ fn run_foreground(args: &Args) -> anyhow::Result<()> {
     // Tell a waiting parent (mount helper mode) that the mount is up.
     println!("READY");
     let _ = std::io::stdout().flush();
-    redirect_stdio_after_ready(opts.log.is_some());
+    redirect_stdio_after_ready(args.detached || opts.log.is_some());
     tracing::info!(mountpoint = %mountpoint.display(), source = %args.source, "mounted");
     let r = session.run();
     tracing::info!("session ended");
     drop(rt);
     r.context("FUSE session failed")
+}
+
+/// Where a detached client without `log=` logs:
+/// `/var/log/avalon/<mount point with / as ->.log`, or /dev/null if that
+/// file cannot be written (a read-only /var must not stop the mount).
+fn default_log_file(mountpoint: &std::path::Path) -> PathBuf {
+    let dir = std::path::Path::new("/var/log/avalon");
+    let trimmed = mountpoint
+        .to_string_lossy()
+        .trim_matches('/')
+        .replace('/', "-");
+    let name = if trimmed.is_empty() {
+        "-".into()
+    } else {
+        trimmed
+    };
+    let path = dir.join(format!("{name}.log"));
+    let writable = std::fs::create_dir_all(dir).is_ok()
+        && std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .is_ok();
+    if writable {
+        path
+    } else {
+        PathBuf::from("/dev/null")
+    }
 }
 
 /// After READY the parent stops reading our pipes; point stdout (and stderr

@@ -27,6 +27,10 @@ fn mount_helper_mounts_with_exact_source_and_umount_stops_it() {
 
     // Prefer mount(8) with the installed helper; the helper binary takes the
     // same arguments when run directly.
+    // No log= option: the detached client logs to its default file, and
+    // must survive its parent's pipes closing (a tracing write to a dead
+    // stderr used to abort it).
+    let log = default_client_log(&mnt);
     let helper_installed = std::path::Path::new("/sbin/mount.fuse.avalon").exists();
     if helper_installed {
         run(Command::new("mount")
@@ -46,8 +50,15 @@ fn mount_helper_mounts_with_exact_source_and_umount_stops_it() {
     assert_eq!(it.next(), Some(source.as_str()), "findmnt: {found}");
     assert_eq!(it.next(), Some("fuse.avalon"), "findmnt: {found}");
 
-    std::fs::write(mnt.join("hello"), b"world").unwrap();
-    assert_eq!(std::fs::read(mnt.join("hello")).unwrap(), b"world");
+    let io =
+        std::fs::write(mnt.join("hello"), b"world").and_then(|()| std::fs::read(mnt.join("hello")));
+    match io {
+        Ok(got) => assert_eq!(got, b"world"),
+        Err(e) => panic!(
+            "I/O on the mount failed: {e}\nclient log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        ),
+    }
 
     run(Command::new("umount").arg(&mnt));
     assert!(!is_mounted(&mnt));
@@ -63,7 +74,17 @@ fn mount_helper_mounts_with_exact_source_and_umount_stops_it() {
         ps.map(|o| o.stdout.is_empty()).unwrap_or(true)
     });
     assert!(gone, "client still running after umount");
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(logged.contains("mounted"), "default client log: {logged}");
+    let _ = std::fs::remove_file(&log);
     drop(cluster);
+}
+
+/// Where a detached client without `log=` writes its log.
+fn default_client_log(mnt: &std::path::Path) -> std::path::PathBuf {
+    let real = std::fs::canonicalize(mnt).unwrap();
+    let name = real.to_string_lossy().trim_matches('/').replace('/', "-");
+    std::path::Path::new("/var/log/avalon").join(format!("{name}.log"))
 }
 
 struct UnmountOnDrop(std::path::PathBuf);
@@ -94,6 +115,7 @@ fn unreachable_source_fails_fast_and_leaves_nothing_mounted() {
     );
     assert!(took < Duration::from_secs(20), "took {took:?}");
     assert!(!is_mounted(dir.path()));
+    let _ = std::fs::remove_file(default_client_log(dir.path()));
     // The directory is an ordinary, usable directory.
     std::fs::write(dir.path().join("x"), b"1").unwrap();
 
