@@ -717,6 +717,18 @@ impl Client {
     pub async fn fsync(&self, ino: u64) -> Result<()> {
         self.sync_data(ino).await?;
         self.commit_size(ino).await?;
+        self.sync_meta().await
+    }
+
+    /// Returns once every namespace change acknowledged to this client is
+    /// on disk on a majority of MDS nodes (fsync, fsyncdir).
+    pub async fn sync_meta(&self) -> Result<()> {
+        let req = pb::SyncMetaRequest {
+            header: self.header(),
+        };
+        self.mds
+            .request(req, |mut c, r| async move { c.sync_meta(r).await })
+            .await?;
         Ok(())
     }
 

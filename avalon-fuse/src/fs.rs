@@ -682,8 +682,10 @@ impl Filesystem for AvalonFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Namespace changes are durable on a majority once acknowledged.
-        reply.ok();
+        // Changes are acknowledged once a majority of MDS nodes holds them;
+        // fsyncdir waits until they are on disk there too.
+        let c = self.client.clone();
+        self.spawn(async move { reply_empty(c.sync_meta().await, reply) });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -12,6 +12,7 @@ pub mod config;
 pub mod gc;
 pub mod leases;
 pub mod locks;
+pub mod log_sync;
 pub mod meta_service;
 pub mod namespace;
 pub mod node;
@@ -69,7 +70,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         cfg.id,
         Arc::new(raft_config(&cfg)?),
         NetworkFactory,
-        log,
+        log.clone(),
         sm,
     )
     .await
@@ -88,6 +89,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         read_lease: read_lease::ReadLease::for_election_min(cfg.election_min_ms),
         leases: leases::LeaseTable::new(Duration::from_millis(cfg.lease_ms)),
         lease_term: Mutex::new((0, std::time::Instant::now())),
+        log_sync: log_sync::LogSync::new(log),
         shutdown: shutdown.child_token(),
     });
 

@@ -561,6 +561,11 @@ impl Meta for MetaService {
         Ok(Response::new(pb::Empty {}))
     }
 
+    async fn sync_meta(&self, _req: Request<pb::SyncMetaRequest>) -> Res<pb::Empty> {
+        self.node.sync_log().await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
     async fn check_inodes(
         &self,
         req: Request<pb::CheckInodesRequest>,

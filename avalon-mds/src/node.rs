@@ -180,6 +180,8 @@ pub struct MdsNode {
     pub leases: LeaseTable,
     /// (raft term, when this node first wrote as leader in it).
     pub lease_term: Mutex<(u64, Instant)>,
+    /// The raft log, and making it durable on a majority (fsync).
+    pub log_sync: crate::log_sync::LogSync,
     pub shutdown: CancellationToken,
 }
 
@@ -236,6 +238,23 @@ impl MdsNode {
         } else {
             Err(MdsError::NotLeader(self.leader_addr()))
         }
+    }
+
+    /// Leader: returns once every operation applied so far is on disk on
+    /// a majority of voters (client fsync/fsyncdir).
+    pub async fn sync_log(&self) -> Result<(), MdsError> {
+        self.check_leader()?;
+        let (upto, voters) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            let voters: Vec<(NodeId, String)> = membership
+                .voter_ids()
+                .filter_map(|id| membership.get_node(&id).map(|n| (id, n.addr.clone())))
+                .collect();
+            (m.last_applied.map(|l| l.index).unwrap_or(0), voters)
+        };
+        self.log_sync.sync_majority(self.id, upto, &voters).await
     }
 
     /// Current voters.

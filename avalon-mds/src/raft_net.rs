@@ -9,7 +9,7 @@ use crate::raft_store::{NodeId, TypeConfig};
 use avalon_proto::limits::MAX_MESSAGE_BYTES;
 use avalon_proto::pb::raft_client::RaftClient;
 use avalon_proto::pb::raft_server;
-use avalon_proto::pb::{AddMdsRequest, Empty, RaftMessage, RemoveMdsRequest};
+use avalon_proto::pb::{AddMdsRequest, Empty, FlushLogRequest, RaftMessage, RemoveMdsRequest};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -197,6 +197,18 @@ impl raft_server::Raft for RaftService {
     ) -> Result<Response<RaftMessage>, Status> {
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
         encode(&self.node.raft.install_snapshot(rpc).await)
+    }
+
+    async fn flush_log(&self, req: Request<FlushLogRequest>) -> Result<Response<Empty>, Status> {
+        let upto = req.into_inner().upto;
+        let wait = crate::log_sync::SYNC_TIMEOUT;
+        if self.node.log_sync.log().flush_upto(upto, wait).await {
+            Ok(Response::new(Empty {}))
+        } else {
+            Err(Status::unavailable(format!(
+                "raft log not on disk up to {upto} within {wait:?}"
+            )))
+        }
     }
 
     async fn add_mds(&self, req: Request<AddMdsRequest>) -> Result<Response<Empty>, Status> {

@@ -18,7 +18,7 @@ use std::io::{Cursor, Write};
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 openraft::declare_raft_types!(
     /// Avalon MDS raft types.
@@ -57,16 +57,31 @@ fn wr(e: impl std::fmt::Display) -> SErr {
 
 // ------------------------------------------------------------------ log
 
-/// The raft log and vote, durable in a redb database.
+/// The raft log and vote in a redb database.
 ///
-/// Group commit: `append` writes entries without fsync and hands its
-/// completion callback to a flusher thread, which makes everything appended
-/// so far durable with one fsync and then completes all waiting callbacks
-/// at once. Concurrent client writes thus share one fsync.
+/// Durability contract (see docs/ARCHITECTURE.md): `append` writes entries
+/// without fsync and reports them stored at once, so an operation is
+/// acknowledged when a majority holds it in memory; a flusher thread makes
+/// everything appended durable right behind (group commit: one fsync for
+/// all entries appended meanwhile), and [`LogStore::flush_upto`] lets
+/// fsync/fsyncdir wait until their entries are on disk. Votes, truncations
+/// and purges are durable before they return.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
-    flush_tx: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+    /// Pokes the flusher: something was appended.
+    flush_tx: std::sync::mpsc::Sender<()>,
+    marks: Arc<Mutex<LogMarks>>,
+    /// Every entry up to this index is on disk.
+    durable: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+/// The last appended index, and how many truncations happened: a flush
+/// that raced a truncation must not claim the replaced entries durable.
+#[derive(Default)]
+struct LogMarks {
+    appended: u64,
+    epoch: u64,
 }
 
 const KEY_FLUSH: &str = "flush";
@@ -74,12 +89,23 @@ const KEY_FLUSH: &str = "flush";
 /// Flusher thread: one durable commit per batch of appended entries.
 /// Holds the database weakly, so that it closes as soon as the store is
 /// dropped (a restart in the same process can open it again).
-fn flusher(db: std::sync::Weak<Database>, rx: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+fn flusher(
+    db: std::sync::Weak<Database>,
+    rx: std::sync::mpsc::Receiver<()>,
+    marks: Arc<Mutex<LogMarks>>,
+    durable: Arc<tokio::sync::watch::Sender<u64>>,
+) {
     let mut n: u64 = 0;
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while let Ok(cb) = rx.try_recv() {
-            batch.push(cb);
+    while rx.recv().is_ok() {
+        while rx.try_recv().is_ok() {}
+        // Everything appended before this read is in the database already,
+        // so the commit below covers it.
+        let (epoch, target) = {
+            let m = lock(&marks);
+            (m.epoch, m.appended)
+        };
+        if target <= *durable.borrow() {
+            continue;
         }
         n = n.wrapping_add(1);
         let res = (|| -> Result<(), String> {
@@ -92,13 +118,30 @@ fn flusher(db: std::sync::Weak<Database>, rx: std::sync::mpsc::Receiver<LogFlush
             }
             tx.commit().map_err(|e| e.to_string())
         })();
-        if let Err(e) = &res {
-            tracing::error!(error = %e, "raft log flush failed");
-        }
-        for cb in batch {
-            cb.log_io_completed(res.clone().map_err(std::io::Error::other));
+        match res {
+            Ok(()) => {
+                if lock(&marks).epoch == epoch {
+                    durable.send_if_modified(|d| {
+                        let newer = target > *d;
+                        if newer {
+                            *d = target;
+                        }
+                        newer
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "raft log flush failed");
+                if db.strong_count() == 0 {
+                    return;
+                }
+            }
         }
     }
+}
+
+fn lock(m: &Mutex<LogMarks>) -> std::sync::MutexGuard<'_, LogMarks> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl LogStore {
@@ -112,13 +155,64 @@ impl LogStore {
             tx.open_table(META)?;
         }
         tx.commit()?;
+        // What survived on disk is durable by definition.
+        let last = {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(LOGS)?;
+            let last = t.last()?.map(|(k, _)| k.value()).unwrap_or(0);
+            last
+        };
         let db = Arc::new(db);
+        let marks = Arc::new(Mutex::new(LogMarks {
+            appended: last,
+            epoch: 0,
+        }));
+        let durable = Arc::new(tokio::sync::watch::Sender::new(last));
         let (flush_tx, rx) = std::sync::mpsc::channel();
-        let fdb = Arc::downgrade(&db);
+        let (fdb, fm, fd) = (Arc::downgrade(&db), marks.clone(), durable.clone());
         std::thread::Builder::new()
             .name("raft-log-flush".into())
-            .spawn(move || flusher(fdb, rx))?;
-        Ok(LogStore { db, flush_tx })
+            .spawn(move || flusher(fdb, rx, fm, fd))?;
+        Ok(LogStore {
+            db,
+            flush_tx,
+            marks,
+            durable,
+        })
+    }
+
+    /// Waits until every entry up to `index` is on disk here (false on
+    /// timeout: this node does not have the entry yet, or its disk fails).
+    pub async fn flush_upto(&self, index: u64, timeout: std::time::Duration) -> bool {
+        let mut rx = self.durable.subscribe();
+        if *rx.borrow() >= index {
+            return true;
+        }
+        let _ = self.flush_tx.send(());
+        let poke = self.flush_tx.clone();
+        // Entries replicated to us after this call need a poke of their own
+        // only if nothing appends after them; one retry poke covers that.
+        let wait = async {
+            loop {
+                match tokio::time::timeout(
+                    std::time::Duration::from_millis(50),
+                    rx.wait_for(|d| *d >= index),
+                )
+                .await
+                {
+                    Ok(r) => return r.is_ok(),
+                    Err(_) => {
+                        let _ = poke.send(());
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.unwrap_or(false)
+    }
+
+    /// The last entry index appended to this log.
+    pub fn last_appended(&self) -> u64 {
+        lock(&self.marks).appended
     }
 
     fn get_meta<T: for<'a> Deserialize<'a>>(&self, key: &str) -> Result<Option<T>, SErr> {
@@ -217,23 +311,33 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let res = (|| -> Result<(), SErr> {
+        let res = (|| -> Result<u64, SErr> {
             let mut tx = self.db.begin_write().map_err(wr)?;
-            // Made durable by the flusher's next commit (group commit).
+            // Made durable by the flusher right behind (group commit).
             tx.set_durability(Durability::None);
+            let mut last = 0;
             {
                 let mut t = tx.open_table(LOGS).map_err(wr)?;
                 for e in entries {
                     let bytes = postcard::to_allocvec(&e).map_err(wr)?;
                     t.insert(e.log_id.index, bytes.as_slice()).map_err(wr)?;
+                    last = e.log_id.index;
                 }
             }
-            tx.commit().map_err(wr)
+            tx.commit().map_err(wr)?;
+            Ok(last)
         })();
         match res {
-            Ok(()) => {
-                if let Err(std::sync::mpsc::SendError(cb)) = self.flush_tx.send(callback) {
-                    cb.log_io_completed(Err(std::io::Error::other("log flusher stopped")));
+            Ok(last) => {
+                if last > 0 {
+                    let mut m = lock(&self.marks);
+                    m.appended = m.appended.max(last);
+                }
+                // Stored in memory on this node is what acknowledges an
+                // operation (majority in memory); fsync waits for the disk.
+                callback.log_io_completed(Ok(()));
+                if self.flush_tx.send(()).is_err() {
+                    tracing::error!("raft log flusher stopped");
                 }
                 Ok(())
             }
@@ -250,7 +354,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let mut t = tx.open_table(LOGS).map_err(wr)?;
             t.retain_in(log_id.index.., |_, _| false).map_err(wr)?;
         }
-        tx.commit().map_err(wr)
+        // A durable commit: what is left is on disk, nothing beyond it.
+        tx.commit().map_err(wr)?;
+        let kept = log_id.index.saturating_sub(1);
+        {
+            let mut m = lock(&self.marks);
+            m.epoch += 1;
+            m.appended = kept;
+        }
+        self.durable.send_replace(kept);
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {

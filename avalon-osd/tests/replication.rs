@@ -60,6 +60,7 @@ fake_meta! {
         commit_write(pb::CommitWriteRequest) -> pb::AttrReply;
         open(pb::OpenRequest) -> pb::AttrReply;
         release(pb::ReleaseRequest) -> pb::Empty;
+        sync_meta(pb::SyncMetaRequest) -> pb::Empty;
         register_client(pb::RegisterClientRequest) -> pb::RegisterClientReply;
         client_heartbeat(pb::ClientHeartbeatRequest) -> pb::ClientHeartbeatReply;
         ack_recall(pb::AckRecallRequest) -> pb::Empty;

@@ -1,6 +1,6 @@
-//! The durability contract: what fsync (and a completed metadata
-//! operation) returned for survives kill -9 of every MDS at once, and of
-//! every daemon at once; the mounted client carries on afterwards.
+//! The durability contract: what fsync and fsyncdir returned for survives
+//! kill -9 of every MDS at once, and of every daemon at once; the mounted
+//! client carries on afterwards.
 
 mod common;
 
@@ -19,12 +19,14 @@ fn write_synced(dir: &std::path::Path, n: usize, seed: u64) -> BTreeMap<String, 
         f.sync_all().unwrap();
         out.insert(name, sha(&d));
     }
-    // Namespace changes are durable once acknowledged: a rename too.
+    // A rename is durable once fsyncdir returns (acknowledged means held
+    // in memory by a majority; fsyncdir waits for their disks).
     std::fs::rename(
         dir.join(format!("f{seed}-0")),
         dir.join(format!("r{seed}-0")),
     )
     .unwrap();
+    std::fs::File::open(dir).unwrap().sync_all().unwrap();
     let d0 = out.remove(&format!("f{seed}-0")).unwrap();
     out.insert(format!("r{seed}-0"), d0);
     out
