@@ -195,6 +195,9 @@ impl Client {
         if let Some(a) = &r.attr {
             self.meta.put_attr(epoch, a);
             self.meta.put_entry(epoch, parent, name, a.ino);
+            if r.no_xattrs {
+                self.meta.put_no_xattrs(epoch, a.ino);
+            }
         }
         match &r.parent {
             Some(p) => self.meta.put_attr(epoch, p),

@@ -184,10 +184,11 @@ fn main() {
 fn run_background(args: &Args) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find own executable")?;
     let mut cmd = Command::new(exe);
+    // `--foreground SOURCE MOUNTPOINT` first: scripts find the client by it.
     cmd.arg("--foreground")
-        .arg("--detached")
         .arg(&args.source)
-        .arg(&args.mountpoint);
+        .arg(&args.mountpoint)
+        .arg("--detached");
     for o in &args.options {
         cmd.arg("-o").arg(o);
     }

@@ -39,11 +39,20 @@ pub struct MetaCache {
     entries: DashMap<(u64, Bytes), u64>,
     /// Directories all of whose entries are in `entries`.
     complete: DashSet<u64>,
-    /// Extended attributes asked for, per inode (None: absent). They go
-    /// with the inode's attributes: a setxattr recalls those.
-    xattrs: DashMap<u64, HashMap<Bytes, Option<Bytes>>>,
+    /// Extended attributes asked for, per inode. They go with the inode's
+    /// attributes: a setxattr recalls those.
+    xattrs: DashMap<u64, Xattrs>,
     /// Emptied since the last heartbeat (the MDS may forget our leases).
     dropped: std::sync::atomic::AtomicBool,
+}
+
+/// What is known of one inode's extended attributes.
+#[derive(Default)]
+struct Xattrs {
+    /// Name → value; None: absent.
+    known: HashMap<Bytes, Option<Bytes>>,
+    /// Every attribute is in `known` (a file this client created bare).
+    all: bool,
 }
 
 impl MetaCache {
@@ -230,7 +239,25 @@ impl MetaCache {
         if !self.valid() {
             return None;
         }
-        self.xattrs.get(&ino)?.get(name).cloned()
+        let x = self.xattrs.get(&ino)?;
+        match x.known.get(name) {
+            Some(v) => Some(v.clone()),
+            None if x.all => Some(None),
+            None => None,
+        }
+    }
+
+    /// Records that `ino` has no extended attributes at all.
+    pub fn put_no_xattrs(&self, epoch: u64, ino: u64) {
+        if self.may_store(epoch) {
+            self.xattrs.insert(
+                ino,
+                Xattrs {
+                    known: HashMap::new(),
+                    all: true,
+                },
+            );
+        }
     }
 
     /// Caches the value (None: absence) of xattr `name` of `ino`.
@@ -239,6 +266,7 @@ impl MetaCache {
             self.xattrs
                 .entry(ino)
                 .or_default()
+                .known
                 .insert(Bytes::copy_from_slice(name), value);
         }
     }
@@ -375,6 +403,16 @@ mod tests {
         c.put_xattr(c.epoch(), 7, b"user.a", None);
         c.forget_attr(7);
         assert_eq!(c.xattr(7, b"user.a"), None);
+        // A bare new file: every name is known absent, until a recall.
+        c.put_no_xattrs(c.epoch(), 8);
+        assert_eq!(c.xattr(8, b"security.capability"), Some(None));
+        c.recall(&Recall {
+            ino: 8,
+            name: Bytes::new(),
+            entry: false,
+            data: false,
+        });
+        assert_eq!(c.xattr(8, b"security.capability"), None);
     }
 
     #[test]

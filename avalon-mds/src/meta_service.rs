@@ -91,6 +91,7 @@ fn entry(r: Reply) -> Result<pb::EntryReply, MdsError> {
         Reply::Attr(a) => Ok(pb::EntryReply {
             attr: Some(attr_pb(&a)),
             parent: None,
+            no_xattrs: false,
         }),
         other => Err(MdsError::Internal(format!("unexpected reply {other:?}"))),
     }
@@ -160,6 +161,20 @@ impl MetaService {
             .map(|a| attr_pb(&a))
     }
 
+    /// Completes a create's reply: the parent's attributes, and the new
+    /// inode registered as cached by its creator (who caches the reply).
+    /// Registered only now that its number exists; nobody else can change
+    /// it before looking it up, which takes longer than this step.
+    fn created(&self, hdr: Option<&pb::RequestHeader>, parent: u64, e: &mut pb::EntryReply) {
+        e.parent = self.dir_attr(parent);
+        if let Some(a) = &e.attr {
+            self.node.leases.grant(session_of(hdr), [a.ino]);
+            e.no_xattrs = self
+                .node
+                .read_local(|s| s.inodes.get(&a.ino).is_some_and(|i| i.xattrs.is_empty()));
+        }
+    }
+
     /// A linearizable read whose result session `sid` may cache: `f`
     /// returns it with the inodes it covers, registered under the state
     /// lock (see leases.rs).
@@ -197,6 +212,7 @@ impl Meta for MetaService {
         Ok(Response::new(pb::EntryReply {
             attr: Some(attr_pb(&a)),
             parent: None,
+            no_xattrs: false,
         }))
     }
 
@@ -252,7 +268,7 @@ impl Meta for MetaService {
             layout: self.node.layout(),
         };
         let mut e = entry(self.mutate(r.header.as_ref(), op, &changes).await?)?;
-        e.parent = self.dir_attr(r.parent);
+        self.created(r.header.as_ref(), r.parent, &mut e);
         if let (Some(a), Some(h)) = (&e.attr, &r.header) {
             if a.mode & libc::S_IFMT == libc::S_IFREG {
                 self.node.note_created(h.session_id, a.ino);
@@ -274,7 +290,7 @@ impl Meta for MetaService {
             gid: r.gid,
         };
         let mut e = entry(self.mutate(r.header.as_ref(), op, &changes).await?)?;
-        e.parent = self.dir_attr(r.parent);
+        self.created(r.header.as_ref(), r.parent, &mut e);
         Ok(Response::new(e))
     }
 
@@ -297,7 +313,7 @@ impl Meta for MetaService {
             gid: r.gid,
         };
         let mut e = entry(self.mutate(r.header.as_ref(), op, &changes).await?)?;
-        e.parent = self.dir_attr(r.parent);
+        self.created(r.header.as_ref(), r.parent, &mut e);
         Ok(Response::new(e))
     }
 

@@ -31,6 +31,22 @@ fn names_and_attributes_changed_on_one_mount_are_seen_by_the_other_at_once() {
         assert!(absent(&fb));
         std::fs::write(&fa, b"x").unwrap();
         assert!(!absent(&fb), "round {i}: B does not see A's create");
+        // The creator caches its new file's attributes: B's change to
+        // them reaches A too.
+        let (ha, hb) = (a_dir.join(format!("h{i}")), b_dir.join(format!("h{i}")));
+        drop(std::fs::File::create(&ha).unwrap());
+        assert_eq!(std::fs::metadata(&ha).unwrap().mode() & 0o777, 0o644);
+        std::fs::set_permissions(&hb, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(
+            std::fs::metadata(&ha).unwrap().mode() & 0o777,
+            0o640,
+            "round {i}: the creator sees a stale mode"
+        );
+        std::fs::remove_file(&hb).unwrap();
+        assert!(
+            absent(&ha),
+            "round {i}: the creator still sees a removed file"
+        );
         // B caches attributes, A changes them.
         assert_eq!(
             std::fs::metadata(&fb).unwrap().permissions().mode() & 0o777,

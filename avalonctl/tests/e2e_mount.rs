@@ -60,19 +60,20 @@ fn mount_helper_mounts_with_exact_source_and_umount_stops_it() {
         ),
     }
 
+    // The detached client runs until unmounted, then exits.
+    let client = format!("avalon-fuse --foreground {source} {}", mnt.display());
+    let running = || {
+        Command::new("pgrep")
+            .args(["-f", &client])
+            .output()
+            .map(|o| !o.stdout.is_empty())
+            .unwrap_or(false)
+    };
+    assert!(running(), "no process matches {client:?}");
     run(Command::new("umount").arg(&mnt));
     assert!(!is_mounted(&mnt));
     std::mem::forget(guard);
-    // The client process is gone once unmounted.
-    let gone = wait_until(Duration::from_secs(15), || {
-        let ps = Command::new("pgrep")
-            .args([
-                "-f",
-                &format!("avalon-fuse --foreground {source} {}", mnt.display()),
-            ])
-            .output();
-        ps.map(|o| o.stdout.is_empty()).unwrap_or(true)
-    });
+    let gone = wait_until(Duration::from_secs(15), || !running());
     assert!(gone, "client still running after umount");
     let logged = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(logged.contains("mounted"), "default client log: {logged}");
