@@ -211,3 +211,90 @@ fn a_client_killed_with_sigkill_holds_nobody_up_past_its_lease() {
     }
     assert!(start.elapsed() < Duration::from_secs(20));
 }
+
+/// Record `i` of writer `who`: fixed size, distinct, self-checking.
+fn record(who: u8, i: usize) -> Vec<u8> {
+    const LEN: usize = 100;
+    let mut r = format!("{}{i:06}:", who as char).into_bytes();
+    while r.len() < LEN - 1 {
+        r.push(b'a' + ((i + r.len() + who as usize) % 26) as u8);
+    }
+    r.push(b'\n');
+    r
+}
+
+#[test]
+fn appends_from_both_mounts_with_o_append_interleave_without_loss() {
+    const N: usize = 120;
+    // A writes this many alone (buffered) before B opens the file.
+    const ALONE: usize = 20;
+    let mut tc = TestCluster::start(3, 3);
+    let b_path = tc.dir.path().join("mnt-b");
+    let b = SecondMount::new(tc.c(), b_path);
+    let (pa, pb) = (tc.mnt().join("log"), b.path.join("log"));
+    std::fs::write(&pa, b"").unwrap();
+    let append = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(p)
+            .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
+    };
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let a = {
+        let mut f = append(&pa);
+        std::thread::spawn(move || {
+            for i in 0..N {
+                if i == ALONE {
+                    started_tx.send(()).unwrap();
+                }
+                // One write(2) per record.
+                let n = f.write(&record(b'A', i)).unwrap();
+                assert_eq!(n, 100, "short append on A");
+            }
+        })
+    };
+    started_rx.recv().unwrap();
+    let bt = {
+        let mut f = append(&pb);
+        std::thread::spawn(move || {
+            for i in 0..N {
+                let n = f.write(&record(b'B', i)).unwrap();
+                assert_eq!(n, 100, "short append on B");
+            }
+        })
+    };
+    a.join().unwrap();
+    bt.join().unwrap();
+    for (side, p) in [("A", &pa), ("B", &pb)] {
+        let body = std::fs::read(p).unwrap();
+        assert_eq!(
+            body.len(),
+            2 * N * 100,
+            "{side} reads {} bytes, want {}",
+            body.len(),
+            2 * N * 100
+        );
+        let mut seen = std::collections::HashSet::new();
+        let mut next = [0usize; 2];
+        for (k, r) in body.chunks(100).enumerate() {
+            let who = r[0];
+            let i: usize = std::str::from_utf8(&r[1..7])
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{side}: record {k} is torn: {:?}",
+                        String::from_utf8_lossy(r)
+                    )
+                });
+            assert!(who == b'A' || who == b'B', "{side}: record {k} is torn");
+            assert_eq!(r, &record(who, i)[..], "{side}: record {k} is torn");
+            // Each writer's records stay in its own order.
+            let w = usize::from(who == b'B');
+            assert_eq!(i, next[w], "{side}: record {k} out of order");
+            next[w] += 1;
+            assert!(seen.insert((who, i)), "{side}: record {k} twice");
+        }
+        assert_eq!(seen.len(), 2 * N, "{side}: records lost");
+    }
+}
