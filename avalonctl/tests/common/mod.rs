@@ -154,7 +154,7 @@ impl SecondMount {
         let out = run(Command::new("pgrep").args([
             "-f",
             &format!(
-                "avalon-fuse --foreground {} {}",
+                "avalon-fuse --foreground( --detached)? {} {}",
                 self.source,
                 self.path.display()
             ),
