@@ -212,7 +212,8 @@ fn a_client_killed_with_sigkill_holds_nobody_up_past_its_lease() {
     assert!(start.elapsed() < Duration::from_secs(20));
 }
 
-/// Record `i` of writer `who`: fixed size, distinct, self-checking.
+/// Record `i` of writer `who`: fixed size, distinct, self-checking; 100
+/// bytes, so that some records cross a page boundary.
 fn record(who: u8, i: usize) -> Vec<u8> {
     const LEN: usize = 100;
     let mut r = format!("{}{i:06}:", who as char).into_bytes();
@@ -265,8 +266,8 @@ fn appends_from_both_mounts_with_o_append_interleave_without_loss() {
     };
     a.join().unwrap();
     bt.join().unwrap();
-    for (side, p) in [("A", &pa), ("B", &pb)] {
-        let body = std::fs::read(p).unwrap();
+    let bodies = [std::fs::read(&pa).unwrap(), std::fs::read(&pb).unwrap()];
+    for (side, body) in [("A", &bodies[0]), ("B", &bodies[1])] {
         assert_eq!(
             body.len(),
             2 * N * 100,
@@ -288,7 +289,11 @@ fn appends_from_both_mounts_with_o_append_interleave_without_loss() {
                     )
                 });
             assert!(who == b'A' || who == b'B', "{side}: record {k} is torn");
-            assert_eq!(r, &record(who, i)[..], "{side}: record {k} is torn");
+            assert!(
+                r == &record(who, i)[..],
+                "{side}: record {k} is torn: {:?}",
+                String::from_utf8_lossy(r)
+            );
             // Each writer's records stay in its own order.
             let w = usize::from(who == b'B');
             assert_eq!(i, next[w], "{side}: record {k} out of order");
