@@ -226,41 +226,67 @@ fn record(who: u8, i: usize) -> Vec<u8> {
 
 #[test]
 fn appends_from_both_mounts_with_o_append_interleave_without_loss() {
-    const N: usize = 120;
-    // A writes this many alone (buffered) before B opens the file.
-    const ALONE: usize = 20;
+    // A writes 20 records alone (buffered) before B opens the file.
+    appends_from_both_mounts(false, 120, 20);
+}
+
+#[test]
+fn appends_through_o_creat_from_both_mounts_interleave_without_loss() {
+    // `>>` on a file nobody created yet: both open with O_CREAT at once.
+    appends_from_both_mounts(true, 60, 0);
+}
+
+/// Two threads, one per mount, each append `n` records to one file with
+/// O_APPEND, one write(2) per record (B opens once A wrote `alone`);
+/// afterwards both mounts read every record once, intact, each writer's
+/// in its order. `create`: both open with O_CREAT, the file not existing.
+fn appends_from_both_mounts(create: bool, n: usize, alone: usize) {
     let mut tc = TestCluster::start(3, 3);
     let b_path = tc.dir.path().join("mnt-b");
     let b = SecondMount::new(tc.c(), b_path);
     let (pa, pb) = (tc.mnt().join("log"), b.path.join("log"));
-    std::fs::write(&pa, b"").unwrap();
-    let append = |p: &Path| {
+    if !create {
+        std::fs::write(&pa, b"").unwrap();
+    }
+    let append = move |p: &Path| {
         std::fs::OpenOptions::new()
             .append(true)
+            .create(create)
             .open(p)
             .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
     };
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
     let (started_tx, started_rx) = std::sync::mpsc::channel();
     let a = {
-        let mut f = append(&pa);
+        let (pa, barrier) = (pa.clone(), barrier.clone());
         std::thread::spawn(move || {
-            for i in 0..N {
-                if i == ALONE {
+            if create {
+                barrier.wait();
+            }
+            let mut f = append(&pa);
+            for i in 0..n {
+                if i == alone {
                     started_tx.send(()).unwrap();
                 }
                 // One write(2) per record.
-                let n = f.write(&record(b'A', i)).unwrap();
-                assert_eq!(n, 100, "short append on A");
+                let w = f.write(&record(b'A', i)).unwrap();
+                assert_eq!(w, 100, "short append on A");
             }
         })
     };
-    started_rx.recv().unwrap();
+    if !create {
+        started_rx.recv().unwrap();
+    }
     let bt = {
-        let mut f = append(&pb);
+        let pb = pb.clone();
         std::thread::spawn(move || {
-            for i in 0..N {
-                let n = f.write(&record(b'B', i)).unwrap();
-                assert_eq!(n, 100, "short append on B");
+            if create {
+                barrier.wait();
+            }
+            let mut f = append(&pb);
+            for i in 0..n {
+                let w = f.write(&record(b'B', i)).unwrap();
+                assert_eq!(w, 100, "short append on B");
             }
         })
     };
@@ -270,10 +296,10 @@ fn appends_from_both_mounts_with_o_append_interleave_without_loss() {
     for (side, body) in [("A", &bodies[0]), ("B", &bodies[1])] {
         assert_eq!(
             body.len(),
-            2 * N * 100,
+            2 * n * 100,
             "{side} reads {} bytes, want {}",
             body.len(),
-            2 * N * 100
+            2 * n * 100
         );
         let mut seen = std::collections::HashSet::new();
         let mut next = [0usize; 2];
@@ -300,6 +326,6 @@ fn appends_from_both_mounts_with_o_append_interleave_without_loss() {
             next[w] += 1;
             assert!(seen.insert((who, i)), "{side}: record {k} twice");
         }
-        assert_eq!(seen.len(), 2 * N, "{side}: records lost");
+        assert_eq!(seen.len(), 2 * n, "{side}: records lost");
     }
 }
