@@ -293,6 +293,7 @@ impl Meta for MetaService {
                     // O_CREAT may find the file open for writing elsewhere.
                     e.shared_write = self.open_write(sid, ino).await;
                     if e.shared_write {
+                        // The other writers' commits moved the size on.
                         e.attr = self.dir_attr(ino);
                     }
                 }
@@ -798,7 +799,7 @@ impl Meta for MetaService {
             return Err(MdsError::NotFound(format!("no session {sid}")).into());
         }
         self.node.client_seen_now(sid);
-        if r.open_inos.len() > 1_000_000 {
+        if r.open_inos.len() > 1_000_000 || r.write_inos.len() > 1_000_000 {
             return Err(MdsError::Invalid("too many open inodes".into()).into());
         }
         self.node.heartbeat_opens(sid, &r.open_inos, &r.write_inos);
