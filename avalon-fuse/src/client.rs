@@ -23,6 +23,24 @@ pub struct FileState {
     pub chunk_size: u32,
     /// True when `size` grew through writes not yet committed to the MDS.
     pub dirty: bool,
+    /// Another session writes the file too (shared-write mode): writes go
+    /// through uncached, O_APPEND offsets come from the MDS, reads ask for
+    /// the size. Until this client's last close of the file.
+    pub shared: bool,
+}
+
+/// Opens of one inode by this client.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenCount {
+    /// All opens (and opens in flight).
+    pub all: u32,
+    /// Those for writing.
+    pub writes: u32,
+}
+
+/// True if open(2) flags open for writing.
+pub fn opens_for_write(flags: u32) -> bool {
+    flags as i32 & libc::O_ACCMODE != libc::O_RDONLY
 }
 
 /// How a timestamp changes in [`Client::setattr`].
@@ -58,8 +76,15 @@ pub struct Client {
     pub(crate) osds: DashMap<String, pb::osd_client::OsdClient<Channel>>,
     pub(crate) files: DashMap<u64, FileState>,
     /// Open handles per inode, reported in heartbeats so that a new MDS
-    /// leader knows which unlinked files are still in use.
-    opens: DashMap<u64, u32>,
+    /// leader knows which unlinked files are still in use (and which have
+    /// several writers).
+    opens: DashMap<u64, OpenCount>,
+    /// Per file: buffered writes hold it shared while they run; entering
+    /// shared-write mode takes it exclusively, so that no buffered write
+    /// is left behind the flush that mode starts with.
+    pub(crate) write_gates: DashMap<u64, Arc<tokio::sync::RwLock<()>>>,
+    /// Creates in flight (see [`Client::create`]).
+    creating: std::sync::atomic::AtomicU32,
     /// Whole chunks fetched by sequential readahead.
     pub(crate) cache: crate::chunk_cache::ChunkCache,
     /// Attributes and entries cached under the metadata lease.
@@ -116,6 +141,8 @@ impl Client {
             osds: DashMap::new(),
             files: DashMap::new(),
             opens: DashMap::new(),
+            write_gates: DashMap::new(),
+            creating: Default::default(),
             cache: crate::chunk_cache::ChunkCache::new(32),
             meta: MetaCache::new(),
             wbuf: crate::write_buffer::WriteBuffer::new(
@@ -170,6 +197,12 @@ impl Client {
             header: self.header(),
             open_inos: self.opens.iter().map(|e| *e.key()).collect(),
             dropped_cache: self.meta.take_dropped(),
+            write_inos: self
+                .opens
+                .iter()
+                .filter(|e| e.writes > 0)
+                .map(|e| *e.key())
+                .collect(),
         };
         let sent = Instant::now();
         let r = self
@@ -341,6 +374,55 @@ impl Client {
         gid: u32,
         exclusive: bool,
     ) -> Result<Attr> {
+        let r = self
+            .make_node(parent, name, mode, rdev, uid, gid, exclusive, 0)
+            .await?;
+        Self::ok_attr(r.attr)
+    }
+
+    /// Creates (or, without `exclusive`, finds) a regular file and counts
+    /// it open with `flags`; also says whether it is in shared-write mode.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+        flags: u32,
+    ) -> Result<(Attr, bool)> {
+        // The inode is known only from the reply: a shared-write demand
+        // that comes before it must not be dropped as "not open here".
+        self.creating.fetch_add(1, Ordering::SeqCst);
+        let r = self
+            .make_node(parent, name, mode, 0, uid, gid, exclusive, flags)
+            .await;
+        self.creating.fetch_sub(1, Ordering::SeqCst);
+        let r = r?;
+        let a = Self::ok_attr(r.attr)?;
+        self.note_created_open(a.ino, flags);
+        if r.shared_write {
+            if let Err(e) = self.share_writes(a.ino).await {
+                self.keep_write_error(a.ino, &e);
+            }
+        }
+        Ok((a, self.is_shared(a.ino)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn make_node(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+        open_flags: u32,
+    ) -> Result<pb::EntryReply> {
         let epoch = self.meta.epoch();
         let req = pb::MknodRequest {
             header: self.header(),
@@ -351,13 +433,14 @@ impl Client {
             uid,
             gid,
             exclusive,
+            open_flags,
         };
         let r = self
             .mds
             .request(req, |mut c, r| async move { c.mknod(r).await })
             .await?;
         self.note_entry(epoch, parent, name, &r);
-        Self::ok_attr(r.attr)
+        Ok(r)
     }
 
     /// Creates a directory.
@@ -662,52 +745,150 @@ impl Client {
             .ok_or_else(|| ClientError::Unavailable("MDS reply without attributes".into()))
     }
 
+    fn count_open(&self, ino: u64, flags: u32) {
+        let mut n = self.opens.entry(ino).or_default();
+        n.all += 1;
+        if opens_for_write(flags) {
+            n.writes += 1;
+        }
+    }
+
+    /// Uncounts an open; true if it was this client's last of `ino`.
+    fn uncount_open(&self, ino: u64, flags: u32) -> bool {
+        let last = match self.opens.get_mut(&ino) {
+            Some(mut n) => {
+                n.all = n.all.saturating_sub(1);
+                if opens_for_write(flags) {
+                    n.writes = n.writes.saturating_sub(1);
+                }
+                n.all == 0
+            }
+            None => true,
+        };
+        if last {
+            self.opens.remove_if(&ino, |_, n| n.all == 0);
+            // Shared-write mode lasts until the last close.
+            if let Some(mut st) = self.files.get_mut(&ino) {
+                st.shared = false;
+            }
+            self.write_gates.remove(&ino);
+        }
+        last
+    }
+
     /// Opens a file: fresh attributes, and the MDS counts the open so that
-    /// the file outlives an unlink until it is released.
-    pub async fn open(&self, ino: u64, flags: u32) -> Result<Attr> {
+    /// the file outlives an unlink until it is released. Also says whether
+    /// the file is in shared-write mode (another session writes it too).
+    pub async fn open(&self, ino: u64, flags: u32) -> Result<(Attr, bool)> {
         // Close-to-open: chunks cached before may have changed elsewhere.
         self.cache.invalidate_file(ino);
+        // Counted before asking: a shared-write demand for the file may
+        // come before the reply and must find it open.
+        self.count_open(ino, flags);
         let epoch = self.meta.epoch();
         let req = pb::OpenRequest {
             header: self.header(),
             ino,
             flags,
         };
-        let r = self
+        let r = match self
             .mds
             .request(req, |mut c, r| async move { c.open(r).await })
-            .await?;
-        *self.opens.entry(ino).or_insert(0) += 1;
-        let a = Self::ok_attr(r.attr)?;
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                self.uncount_open(ino, flags);
+                return Err(e.into());
+            }
+        };
+        let a = match Self::ok_attr(r.attr) {
+            Ok(a) => a,
+            Err(e) => {
+                self.uncount_open(ino, flags);
+                return Err(e);
+            }
+        };
         self.meta.put_attr(epoch, &a);
-        Ok(a)
+        if r.shared_write {
+            // What this client buffered before goes out first; a failure
+            // of that is the file's, reported at its fsync or close.
+            if let Err(e) = self.share_writes(ino).await {
+                self.keep_write_error(ino, &e);
+            }
+        }
+        Ok((a, self.is_shared(ino)))
     }
 
     /// Counts an open that happened through create (which may have found
     /// an existing file: drop its cached chunks as an open would).
-    pub fn note_created_open(&self, ino: u64) {
+    pub fn note_created_open(&self, ino: u64, flags: u32) {
         self.cache.invalidate_file(ino);
-        *self.opens.entry(ino).or_insert(0) += 1;
+        self.count_open(ino, flags);
     }
 
-    /// Releases one open of `ino`: pending size first, then the MDS's count.
-    pub async fn release(&self, ino: u64) -> Result<()> {
+    /// True if `ino` is in shared-write mode here.
+    pub fn is_shared(&self, ino: u64) -> bool {
+        self.files.get(&ino).is_some_and(|s| s.shared)
+    }
+
+    /// Puts `ino` in shared-write mode if this client has it open: from
+    /// now on writes go through, and what was buffered is stored and its
+    /// size committed before this returns. Called when the MDS says that
+    /// another session opened the file for writing.
+    pub async fn share_writes(&self, ino: u64) -> Result<()> {
+        if !self.opens.contains_key(&ino) && self.creating.load(Ordering::SeqCst) == 0 {
+            return Ok(());
+        }
+        self.files.entry(ino).or_default().shared = true;
+        let gate = self.write_gate(ino);
+        // Buffered writes that started before the mode changed finish
+        // first (later ones see it and write through).
+        let _g = gate.write().await;
+        let flushed = self.flush_file(ino).await;
+        let committed = self.commit_size(ino).await.map(|_| ());
+        flushed.and(committed)
+    }
+
+    /// Shared-write mode for every file open for writing (the recall
+    /// stream broke: demands may be missed).
+    pub async fn share_all_writes(&self) {
+        let inos: Vec<u64> = self
+            .opens
+            .iter()
+            .filter(|e| e.writes > 0)
+            .map(|e| *e.key())
+            .collect();
+        for ino in inos {
+            if let Err(e) = self.share_writes(ino).await {
+                self.keep_write_error(ino, &e);
+            }
+        }
+    }
+
+    /// Keeps the failure of a flush nobody waited for, for the file's next
+    /// fsync or close.
+    pub fn keep_write_error(&self, ino: u64, e: &ClientError) {
+        tracing::warn!(ino, error = %e, "could not store buffered writes; reported at the next fsync or close");
+        self.wbuf.keep_error(ino, (e.errno(), e.to_string()));
+    }
+
+    /// The write gate of `ino` (see `write_gates`).
+    pub(crate) fn write_gate(&self, ino: u64) -> Arc<tokio::sync::RwLock<()>> {
+        self.write_gates.entry(ino).or_default().clone()
+    }
+
+    /// Releases one open of `ino` (`flags`: its open flags): pending size
+    /// first, then the MDS's count.
+    pub async fn release(&self, ino: u64, flags: u32) -> Result<()> {
         // Buffered data reaches the OSDs before the size that covers it.
         let flushed = self.flush_file(ino).await;
         let commit = self.commit_size(ino).await;
-        let last = match self.opens.get_mut(&ino) {
-            Some(mut n) => {
-                *n = n.saturating_sub(1);
-                *n == 0
-            }
-            None => true,
-        };
-        if last {
-            self.opens.remove_if(&ino, |_, n| *n == 0);
-        }
+        self.uncount_open(ino, flags);
         let req = pb::ReleaseRequest {
             header: self.header(),
             ino,
+            flags,
         };
         self.mds
             .request(req, |mut c, r| async move { c.release(r).await })

@@ -91,13 +91,86 @@ impl Client {
     /// Writes `data` at `offset` of file `ino`; returns the bytes written.
     /// Unless `sync`, the data is buffered and sent in the background
     /// (waiting for room when the buffer is full); a failure of that send
-    /// is reported by the next fsync or flush of the file.
+    /// is reported by the next fsync or flush of the file. In shared-write
+    /// mode the data goes through at once and `append` (O_APPEND) writes
+    /// at the end of file as the MDS has it, not at `offset`.
     pub async fn write(
         self: &Arc<Self>,
         ino: u64,
         offset: u64,
         data: Bytes,
         sync: bool,
+        append: bool,
+    ) -> Result<u32> {
+        let gate = self.write_gate(ino);
+        let guard = gate.read().await;
+        if self.is_shared(ino) {
+            drop(guard);
+            return self.write_shared(ino, offset, data, sync, append).await;
+        }
+        let r = self.write_local(ino, offset, data, sync, false).await;
+        drop(guard);
+        r
+    }
+
+    /// A write in shared-write mode: through to the OSDs, then the size to
+    /// the MDS (for an append, the MDS reserves the range first).
+    async fn write_shared(
+        self: &Arc<Self>,
+        ino: u64,
+        offset: u64,
+        data: Bytes,
+        sync: bool,
+        append: bool,
+    ) -> Result<u32> {
+        let len = data.len() as u64;
+        if len == 0 {
+            return Ok(0);
+        }
+        if !append {
+            self.write_local(ino, offset, data, sync, true).await?;
+            self.commit_size(ino).await?;
+            return Ok(len as u32);
+        }
+        let req = pb::AppendWriteRequest {
+            header: self.header(),
+            ino,
+            len,
+        };
+        self.meta.forget_attr(ino);
+        let r = self
+            .mds
+            .request(req, |mut c, r| async move { c.append_write(r).await })
+            .await?;
+        let a = r
+            .attr
+            .ok_or_else(|| ClientError::Unavailable("MDS reply without attributes".into()))?;
+        self.note_attr(&a);
+        // The size already covers the range: a crash before the data is
+        // stored leaves zeros there, never other bytes.
+        let offset = a.size - len;
+        let cs = self.chunk_size_of(ino);
+        let parts = split_range(offset, len, cs);
+        self.flush_chunks(ino, parts.iter().map(|p| p.0)).await?;
+        let mut pos = 0usize;
+        let sends = parts.into_iter().map(|(index, off, n)| {
+            let piece = data.slice(pos..pos + n as usize);
+            pos += n as usize;
+            self.chunk_op(ino, index, off, piece, 0, sync, cs)
+        });
+        try_join_all(sends).await?;
+        Ok(len as u32)
+    }
+
+    /// A write at `offset` through this client's buffer (or straight to
+    /// the OSDs when `direct`, `sync`, large or the buffer is off).
+    async fn write_local(
+        self: &Arc<Self>,
+        ino: u64,
+        offset: u64,
+        data: Bytes,
+        sync: bool,
+        direct: bool,
     ) -> Result<u32> {
         let len = data.len() as u64;
         let end = offset.checked_add(len).filter(|e| *e <= MAX_FILE_SIZE);
@@ -112,7 +185,7 @@ impl Client {
         }
         let cs = self.chunk_size_of(ino);
         let parts = split_range(offset, len, cs);
-        if !sync && self.wbuf.accepts(len) {
+        if !sync && !direct && self.wbuf.accepts(len) {
             self.start_ticker();
             self.wbuf.reserve(len, || self.kick_flush()).await;
             let mut pos = 0usize;
@@ -371,8 +444,10 @@ impl Client {
     /// Sequential reads are served from whole chunks fetched ahead.
     pub async fn read(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let file_size = match self.known_size(ino) {
-            Some(st) => st.size,
-            None => {
+            // Other writers grow a shared file: the size comes from the
+            // MDS (or the lease cache, which their commits recall).
+            Some(st) if !st.shared => st.size,
+            _ => {
                 let a = self.getattr(ino).await?;
                 self.note_attr(&a)
             }

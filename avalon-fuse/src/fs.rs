@@ -86,6 +86,19 @@ fn reply_entry(c: &Client, r: crate::error::Result<Attr>, reply: ReplyEntry) {
     }
 }
 
+/// Open flags for the kernel: direct I/O in shared-write mode, where it
+/// must not keep pages that other writers change, and for O_APPEND,
+/// whose writes must each reach us whole to be placed atomically at the
+/// end of file (through the page cache the kernel cuts a write at page
+/// boundaries it computes from its own idea of the size).
+fn direct_if(shared: bool, flags: i32) -> FopenFlags {
+    if shared || flags & libc::O_APPEND != 0 {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else {
+        FopenFlags::empty()
+    }
+}
+
 fn reply_empty(r: crate::error::Result<()>, reply: ReplyEmpty) {
     match r {
         Ok(()) => reply.ok(),
@@ -121,7 +134,10 @@ impl Filesystem for AvalonFs {
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_BIG_WRITES
-            | InitFlags::FUSE_ASYNC_READ;
+            | InitFlags::FUSE_ASYNC_READ
+            // Files opened for direct I/O (O_APPEND, shared-write mode)
+            // can still be mapped.
+            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
         // No FUSE_WRITEBACK_CACHE: with it the kernel owns a regular file's
         // size and times for as long as it caches the inode and never takes
         // them from us again, so another mount's writes would stay
@@ -351,22 +367,25 @@ impl Filesystem for AvalonFs {
         let trunc = flags.0 & libc::O_TRUNC != 0 && flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         self.spawn(async move {
             // Close-to-open: an open sees the size other clients committed.
-            let mut r = c.open(ino, flags.0 as u32).await;
-            if trunc && r.is_ok() {
-                let ch = SetAttr {
-                    size: Some(0),
-                    mtime: Some(TimeChange::Now),
-                    ..Default::default()
-                };
-                r = c.setattr(ino, ch).await;
-                if r.is_err() {
-                    let _ = c.release(ino).await;
+            let flags = flags.0 as u32;
+            let mut r = c.open(ino, flags).await;
+            if trunc {
+                if let Ok((_, shared)) = r {
+                    let ch = SetAttr {
+                        size: Some(0),
+                        mtime: Some(TimeChange::Now),
+                        ..Default::default()
+                    };
+                    r = c.setattr(ino, ch).await.map(|a| (a, shared));
+                    if r.is_err() {
+                        let _ = c.release(ino, flags).await;
+                    }
                 }
             }
             match r {
-                Ok(a) => {
+                Ok((a, shared)) => {
                     c.note_attr(&a);
-                    reply.opened(FileHandle(0), FopenFlags::empty())
+                    reply.opened(FileHandle(0), direct_if(shared, flags as i32))
                 }
                 Err(e) => reply.error(errno(&e)),
             }
@@ -392,19 +411,18 @@ impl Filesystem for AvalonFs {
         self.spawn(async move {
             // The MDS counts the file open from its creation on (and the
             // heartbeats keep it so), so no separate Open round trip.
-            let r = c.mknod(parent, &name, mode, 0, uid, gid, exclusive).await;
-            if let Ok(a) = &r {
-                c.note_created_open(a.ino);
-            }
+            let r = c
+                .create(parent, &name, mode, uid, gid, exclusive, flags as u32)
+                .await;
             match r {
-                Ok(a) => {
+                Ok((a, shared)) => {
                     let attr = file_attr(&c, &a);
                     reply.created(
                         &c.meta.ttl(),
                         &attr,
                         Generation(a.generation),
                         FileHandle(0),
-                        FopenFlags::empty(),
+                        direct_if(shared, flags),
                     )
                 }
                 Err(e) => reply.error(errno(&e)),
@@ -448,11 +466,12 @@ impl Filesystem for AvalonFs {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let sync = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        let append = flags.0 & libc::O_APPEND != 0;
         // The kernel's buffer is only borrowed: one copy into an owned,
         // reference-counted buffer that all chunk RPCs slice without copying.
         let data = Bytes::copy_from_slice(data);
         self.spawn(async move {
-            match c.write(ino, offset, data, sync).await {
+            match c.write(ino, offset, data, sync, append).await {
                 Ok(n) => {
                     if sync {
                         if let Err(e) = c.commit_size(ino).await {
@@ -492,7 +511,7 @@ impl Filesystem for AvalonFs {
         _req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
@@ -506,7 +525,7 @@ impl Filesystem for AvalonFs {
                     tracing::warn!(ino, error = %e, "could not release flock");
                 }
             }
-            reply_empty(c.release(ino).await, reply)
+            reply_empty(c.release(ino, flags.0 as u32).await, reply)
         });
     }
 
@@ -853,7 +872,7 @@ impl Filesystem for AvalonFs {
                 }
                 let got = data.len() as u64;
                 if let Err(e) = c
-                    .write(dst, offset_out + done, Bytes::from(data), false)
+                    .write(dst, offset_out + done, Bytes::from(data), false, false)
                     .await
                 {
                     return reply.error(errno(&e));

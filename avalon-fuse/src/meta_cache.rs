@@ -354,6 +354,7 @@ mod tests {
             name: Bytes::from_static(b"a"),
             entry: true,
             data: false,
+            shared_write: false,
         });
         assert_eq!(c.lookup(1, b"a"), None);
         assert_eq!(c.attr(7), None);
@@ -398,6 +399,7 @@ mod tests {
             name: Bytes::new(),
             entry: false,
             data: false,
+            shared_write: false,
         });
         assert_eq!(c.xattr(7, b"user.a"), None);
         c.put_xattr(c.epoch(), 7, b"user.a", None);
@@ -411,6 +413,7 @@ mod tests {
             name: Bytes::new(),
             entry: false,
             data: false,
+            shared_write: false,
         });
         assert_eq!(c.xattr(8, b"security.capability"), None);
     }

@@ -69,14 +69,25 @@ pub async fn run(client: Arc<Client>, kernel: Option<KernelCache>) {
             Err(e) => tracing::debug!(error = %e, "cannot open the recall stream"),
         }
         // Recalls may have been missed: trust nothing cached until the
-        // stream is back and a heartbeat renewed the lease.
+        // stream is back and a heartbeat renewed the lease. Shared-write
+        // demands may have been missed too: write through every file open
+        // for writing.
         client.meta.clear();
+        client.share_all_writes().await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 async fn apply(client: &Arc<Client>, kernel: Option<&KernelCache>, ev: pb::SessionEvent) {
     tracing::debug!(seq = ev.seq, recalls = ev.recalls.len(), "recall");
+    if ev.flush_seq != 0 {
+        // A shared-write demand: storing the buffer may take a while, so
+        // it runs beside later recalls and is acknowledged on its own.
+        let client = client.clone();
+        let kernel = kernel.cloned();
+        tokio::spawn(async move { share(&client, kernel.as_ref(), ev).await });
+        return;
+    }
     for r in &ev.recalls {
         client.meta.recall(r);
         if r.data {
@@ -96,6 +107,7 @@ async fn apply(client: &Arc<Client>, kernel: Option<&KernelCache>, ev: pb::Sessi
     let req = pb::AckRecallRequest {
         header: client.header(),
         seq: ev.seq,
+        flush_seq: 0,
     };
     if let Err(e) = client
         .mds
@@ -103,5 +115,34 @@ async fn apply(client: &Arc<Client>, kernel: Option<&KernelCache>, ev: pb::Sessi
         .await
     {
         tracing::warn!(error = %e, seq = ev.seq, "could not acknowledge a recall");
+    }
+}
+
+/// Applies a shared-write demand: the file's buffered writes are stored and
+/// its size committed, cached pages and attributes dropped, then acknowledged.
+async fn share(client: &Arc<Client>, kernel: Option<&KernelCache>, ev: pb::SessionEvent) {
+    for r in ev.recalls.iter().filter(|r| r.shared_write) {
+        if let Err(e) = client.share_writes(r.ino).await {
+            client.keep_write_error(r.ino, &e);
+        }
+        client.meta.recall(r);
+        client.cache.invalidate_file(r.ino);
+        if let Some(k) = kernel {
+            let (k, r) = (k.clone(), r.clone());
+            let job = tokio::task::spawn_blocking(move || k.invalidate(&r));
+            let _ = tokio::time::timeout(KERNEL_WAIT, job).await;
+        }
+    }
+    let req = pb::AckRecallRequest {
+        header: client.header(),
+        seq: 0,
+        flush_seq: ev.flush_seq,
+    };
+    if let Err(e) = client
+        .mds
+        .request(req, |mut c, r| async move { c.ack_recall(r).await })
+        .await
+    {
+        tracing::warn!(error = %e, flush_seq = ev.flush_seq, "could not acknowledge a demand");
     }
 }

@@ -327,6 +327,17 @@ impl WriteBuffer {
         self.changed.notify_waiters();
     }
 
+    /// Keeps `error` for the next fsync or flush of `ino` (a flush that no
+    /// application call waited for failed).
+    pub fn keep_error(&self, ino: u64, error: (i32, String)) {
+        self.lock()
+            .files
+            .entry(ino)
+            .or_default()
+            .error
+            .get_or_insert(error);
+    }
+
     /// Takes the error a background write of `ino` left, if any.
     pub fn take_error(&self, ino: u64) -> Option<(i32, String)> {
         let mut g = self.lock();

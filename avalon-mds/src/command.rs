@@ -191,6 +191,13 @@ pub enum Op {
         session: u64,
         owner: u64,
     },
+    /// An O_APPEND write of `len` bytes to a file with several writers:
+    /// grows the size by `len` (the writer stores its data at the old
+    /// size) and stamps mtime/ctime.
+    AppendWrite {
+        ino: u64,
+        len: u64,
+    },
 }
 
 /// A raft log entry payload.

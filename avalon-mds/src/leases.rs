@@ -69,6 +69,10 @@ struct SessionLease {
     next_seq: u64,
     /// Unacknowledged recalls: seq → waiters.
     waiting: HashMap<u64, Vec<oneshot::Sender<()>>>,
+    next_flush_seq: u64,
+    /// Unacknowledged shared-write demands: flush_seq → waiter. Kept apart
+    /// from `waiting`: a flush may outlast a lease and must not void it.
+    flushing: HashMap<u64, oneshot::Sender<()>>,
 }
 
 #[derive(Default)]
@@ -149,10 +153,14 @@ impl LeaseTable {
         self.lock().sessions.entry(sid).or_default().tx = Some(tx);
     }
 
-    /// The session acknowledged every recall up to `seq`.
-    pub fn ack(&self, sid: u64, seq: u64) {
+    /// The session acknowledged every recall up to `seq` and the
+    /// shared-write demand `flush_seq` (0: none).
+    pub fn ack(&self, sid: u64, seq: u64, flush_seq: u64) {
         let mut g = self.lock();
         if let Some(s) = g.sessions.get_mut(&sid) {
+            if let Some(w) = s.flushing.remove(&flush_seq) {
+                let _ = w.send(());
+            }
             let done: Vec<u64> = s.waiting.keys().copied().filter(|q| *q <= seq).collect();
             for q in done {
                 for w in s.waiting.remove(&q).unwrap_or_default() {
@@ -232,8 +240,10 @@ impl LeaseTable {
                             name: c.name.clone().unwrap_or_default().into(),
                             entry: c.name.is_some(),
                             data: c.data,
+                            shared_write: false,
                         })
                         .collect(),
+                    flush_seq: 0,
                 };
                 let (wtx, wrx) = oneshot::channel();
                 s.waiting.entry(seq).or_default().push(wtx);
@@ -250,6 +260,50 @@ impl LeaseTable {
             if tokio::time::timeout(left, wrx).await.is_err() {
                 self.lapse(sid, seq);
             }
+        }
+    }
+
+    /// Tells session `sid` that file `ino` has another writer now: it
+    /// sends what it buffered for the file, commits the size and writes
+    /// through from then on. Waits for its acknowledgement, for at most
+    /// `max_wait`. A session without a recall stream cannot be told; its
+    /// client writes through every file it has open for writing while it
+    /// has no stream (see the client's recall loop).
+    pub async fn demand_flush(&self, sid: u64, ino: u64, max_wait: Duration) {
+        let wrx = {
+            let mut g = self.lock();
+            let Some(s) = g.sessions.get_mut(&sid) else {
+                return;
+            };
+            let Some(tx) = s.tx.clone() else {
+                return;
+            };
+            s.next_flush_seq += 1;
+            let flush_seq = s.next_flush_seq;
+            let ev = pb::SessionEvent {
+                seq: 0,
+                recalls: vec![pb::Recall {
+                    ino,
+                    name: Default::default(),
+                    entry: false,
+                    data: true,
+                    shared_write: true,
+                }],
+                flush_seq,
+            };
+            if tx.try_send(Ok(ev)).is_err() {
+                return;
+            }
+            let (wtx, wrx) = oneshot::channel();
+            s.flushing.insert(flush_seq, wtx);
+            wrx
+        };
+        if tokio::time::timeout(max_wait, wrx).await.is_err() {
+            tracing::warn!(
+                session = sid,
+                ino,
+                "shared-write demand unanswered; going on"
+            );
         }
     }
 
@@ -314,7 +368,7 @@ mod tests {
             assert_eq!(ev.recalls.len(), 1);
             assert_eq!(ev.recalls[0].ino, 10);
             assert!(ev.recalls[0].entry);
-            t2.ack(2, ev.seq);
+            t2.ack(2, ev.seq, 0);
         });
         let start = Instant::now();
         t.recall(1, &[Change::entry(10, b"x")]).await;
@@ -335,7 +389,7 @@ mod tests {
         let t2 = t.clone();
         let acker = tokio::spawn(async move {
             let ev = rx.recv().await.unwrap().unwrap();
-            t2.ack(2, ev.seq);
+            t2.ack(2, ev.seq, 0);
             ev.recalls.len()
         });
         t.recall(1, &[Change::entry(10, b"old"), Change::entry(10, b"new")])
@@ -391,5 +445,41 @@ mod tests {
         assert_eq!(t.len(), 2);
         t.heartbeat(4, true);
         assert!(t.is_empty());
+    }
+
+    #[tokio::test]
+    async fn shared_write_demand_waits_for_its_own_ack_and_keeps_the_lease() {
+        let t = std::sync::Arc::new(table());
+        let mut rx = lease(&t, 2);
+        let t2 = t.clone();
+        let acker = tokio::spawn(async move {
+            let ev = rx.recv().await.unwrap().unwrap();
+            assert_eq!((ev.seq, ev.recalls.len()), (0, 1));
+            assert!(ev.recalls[0].shared_write && ev.recalls[0].data);
+            // A flush may outlast the lease: renewal goes on meanwhile,
+            // and a plain recall ack does not answer the demand.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            assert_eq!(t2.heartbeat(2, false), Duration::from_millis(300));
+            t2.ack(2, 100, 0);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            t2.ack(2, 0, ev.flush_seq);
+        });
+        let start = Instant::now();
+        t.demand_flush(2, 10, Duration::from_secs(5)).await;
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(450),
+            "returned after {took:?}"
+        );
+        assert!(took < Duration::from_secs(5), "timed out");
+        acker.await.unwrap();
+        // Nobody to tell: no stream, or no session at all.
+        let start = Instant::now();
+        t.demand_flush(9, 10, Duration::from_secs(5)).await;
+        let (tx, rx3) = mpsc::channel(1);
+        t.attach(3, tx);
+        drop(rx3);
+        t.demand_flush(3, 10, Duration::from_secs(5)).await;
+        assert!(start.elapsed() < Duration::from_secs(1));
     }
 }

@@ -16,6 +16,15 @@ type Res<T> = Result<Response<T>, Status>;
 /// Recall events queued per session before it counts as unreachable.
 const RECALL_QUEUE: usize = 4096;
 
+/// How long an open for writing waits for the file's other writers to
+/// store what they buffered (their own data path retries as long).
+const SHARED_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// True if open(2) flags open for writing.
+fn writes(flags: u32) -> bool {
+    flags as i32 & libc::O_ACCMODE != libc::O_RDONLY
+}
+
 /// The `Meta` service of one node.
 pub struct MetaService {
     pub node: Arc<MdsNode>,
@@ -91,6 +100,7 @@ fn entry(r: Reply) -> Result<pb::EntryReply, MdsError> {
         Reply::Attr(a) => Ok(pb::EntryReply {
             attr: Some(attr_pb(&a)),
             parent: None,
+            shared_write: false,
             no_xattrs: false,
         }),
         other => Err(MdsError::Internal(format!("unexpected reply {other:?}"))),
@@ -98,7 +108,10 @@ fn entry(r: Reply) -> Result<pb::EntryReply, MdsError> {
 }
 
 fn attr_reply(r: Reply) -> Result<pb::AttrReply, MdsError> {
-    entry(r).map(|e| pb::AttrReply { attr: e.attr })
+    entry(r).map(|e| pb::AttrReply {
+        attr: e.attr,
+        shared_write: false,
+    })
 }
 
 impl MetaService {
@@ -152,6 +165,22 @@ impl MetaService {
         let r = self.node.write(hdr, op).await?;
         self.node.leases.recall(sid, changes).await;
         Ok(r)
+    }
+
+    /// Counts an open of `ino` for writing by `sid`. A second writer puts
+    /// the file in shared-write mode: the others store what they buffered
+    /// and commit its size before this returns (so the opener reads
+    /// attributes that cover it), then everyone writes through. Returns
+    /// whether the file is in that mode.
+    async fn open_write(&self, sid: u64, ino: u64) -> bool {
+        let (shared, tell) = self.node.open_write(sid, ino);
+        let leases = &self.node.leases;
+        futures::future::join_all(
+            tell.into_iter()
+                .map(|other| leases.demand_flush(other, ino, SHARED_WRITE_WAIT)),
+        )
+        .await;
+        shared
     }
 
     /// A directory's attributes now, for a reply that changed it.
@@ -212,6 +241,7 @@ impl Meta for MetaService {
         Ok(Response::new(pb::EntryReply {
             attr: Some(attr_pb(&a)),
             parent: None,
+            shared_write: false,
             no_xattrs: false,
         }))
     }
@@ -226,6 +256,7 @@ impl Meta for MetaService {
             .map_err(MdsError::Errno)?;
         Ok(Response::new(pb::AttrReply {
             attr: Some(attr_pb(&a)),
+            shared_write: false,
         }))
     }
 
@@ -269,9 +300,19 @@ impl Meta for MetaService {
         };
         let mut e = entry(self.mutate(r.header.as_ref(), op, &changes).await?)?;
         self.created(r.header.as_ref(), r.parent, &mut e);
-        if let (Some(a), Some(h)) = (&e.attr, &r.header) {
-            if a.mode & libc::S_IFMT == libc::S_IFREG {
-                self.node.note_created(h.session_id, a.ino);
+        let sid = session_of(r.header.as_ref());
+        let created = e.attr.as_ref().map(|a| (a.ino, a.mode & libc::S_IFMT));
+        if let Some((ino, libc::S_IFREG)) = created {
+            if sid != 0 {
+                self.node.note_created(sid, ino);
+                if writes(r.open_flags) {
+                    // O_CREAT may find the file open for writing elsewhere.
+                    e.shared_write = self.open_write(sid, ino).await;
+                    if e.shared_write {
+                        // The other writers' commits moved the size on.
+                        e.attr = self.dir_attr(ino);
+                    }
+                }
             }
         }
         Ok(Response::new(e))
@@ -540,14 +581,32 @@ impl Meta for MetaService {
         )?))
     }
 
+    async fn append_write(&self, req: Request<pb::AppendWriteRequest>) -> Res<pb::AttrReply> {
+        let r = req.into_inner();
+        ino_ok(r.ino)?;
+        if r.len == 0 {
+            return Err(MdsError::Errno(libc::EINVAL).into());
+        }
+        let op = Op::AppendWrite {
+            ino: r.ino,
+            len: r.len,
+        };
+        Ok(Response::new(attr_reply(
+            self.mutate(r.header.as_ref(), op, &[Change::data(r.ino)])
+                .await?,
+        )?))
+    }
+
     async fn open(&self, req: Request<pb::OpenRequest>) -> Res<pb::AttrReply> {
         let r = req.into_inner();
         ino_ok(r.ino)?;
         self.node.check_leader()?;
         let sid = r.header.as_ref().map(|h| h.session_id).unwrap_or(0);
+        let write = sid != 0 && writes(r.flags);
         if sid != 0 {
             self.node.open_begin(sid, r.ino).await;
         }
+        let shared_write = write && self.open_write(sid, r.ino).await;
         let res = match self.read_leased(sid, |s| (s.getattr(r.ino), [r.ino])).await {
             Ok(Ok(a)) => Ok(a),
             Ok(Err(e)) => Err(MdsError::Errno(e)),
@@ -556,10 +615,11 @@ impl Meta for MetaService {
         match res {
             Ok(a) => Ok(Response::new(pb::AttrReply {
                 attr: Some(attr_pb(&a)),
+                shared_write,
             })),
             Err(e) => {
                 if sid != 0 {
-                    self.node.open_end(sid, r.ino);
+                    self.node.open_end(sid, r.ino, write);
                 }
                 Err(e.into())
             }
@@ -572,7 +632,7 @@ impl Meta for MetaService {
         self.node.check_leader()?;
         let sid = r.header.as_ref().map(|h| h.session_id).unwrap_or(0);
         if sid != 0 {
-            self.node.release(sid, r.ino).await?;
+            self.node.release(sid, r.ino, writes(r.flags)).await?;
         }
         Ok(Response::new(pb::Empty {}))
     }
@@ -760,10 +820,10 @@ impl Meta for MetaService {
             return Err(MdsError::NotFound(format!("no session {sid}")).into());
         }
         self.node.client_seen_now(sid);
-        if r.open_inos.len() > 1_000_000 {
+        if r.open_inos.len() > 1_000_000 || r.write_inos.len() > 1_000_000 {
             return Err(MdsError::Invalid("too many open inodes".into()).into());
         }
-        self.node.heartbeat_opens(sid, &r.open_inos);
+        self.node.heartbeat_opens(sid, &r.open_inos, &r.write_inos);
         // A lease only from a leader no other can have replaced yet (a
         // deposed one fails this quorum check).
         let lease_ms = match self.node.read(|_| ()).await {
@@ -791,7 +851,9 @@ impl Meta for MetaService {
 
     async fn ack_recall(&self, req: Request<pb::AckRecallRequest>) -> Res<pb::Empty> {
         let r = req.into_inner();
-        self.node.leases.ack(session_of(r.header.as_ref()), r.seq);
+        self.node
+            .leases
+            .ack(session_of(r.header.as_ref()), r.seq, r.flush_seq);
         Ok(Response::new(pb::Empty {}))
     }
 

@@ -420,6 +420,7 @@ impl State {
                 .map(|_| Reply::None),
             Op::RemoveXattr { ino, name } => self.removexattr(now, *ino, name).map(|_| Reply::None),
             Op::CommitWrite { ino, size } => self.commit_write(now, *ino, *size).map(Reply::Attr),
+            Op::AppendWrite { ino, len } => self.append_write(now, *ino, *len).map(Reply::Attr),
             Op::RegisterOsd {
                 osd_id,
                 addr,
@@ -1140,6 +1141,17 @@ impl State {
         i.attr.mtime_ns = now;
         i.attr.ctime_ns = now;
         Ok(i.attr)
+    }
+
+    /// Reserves `len` bytes at the end of a regular file: the size grows
+    /// over them, so concurrent appenders get disjoint ranges.
+    fn append_write(&mut self, now: i64, ino: u64, len: u64) -> R<Attr> {
+        let size = self.inode(ino)?.attr.size;
+        let end = size
+            .checked_add(len)
+            .filter(|e| *e <= MAX_FILE_SIZE)
+            .ok_or(libc::EFBIG)?;
+        self.commit_write(now, ino, end)
     }
 
     /// Whether an inode number names a directory (used by callers that need

@@ -74,6 +74,24 @@ pub struct OpenEntry {
     /// Last heartbeat of this session that listed the inode (or the
     /// create of the inode), which keeps it open for the grace period.
     pub reported_at: Option<Instant>,
+    /// Opens for writing seen by this leader minus their releases.
+    pub writes: u32,
+    /// The last heartbeat listed the inode as open for writing.
+    pub reported_writer: bool,
+    /// The session was told (or answered its open) that the file has
+    /// other writers: it writes through uncached until its last close.
+    pub shared: bool,
+}
+
+impl OpenEntry {
+    /// The session may have the file open for writing.
+    fn is_writer(&self, grace: Duration, now: Instant) -> bool {
+        self.writes > 0
+            || (self.reported_writer
+                && self
+                    .reported_at
+                    .is_some_and(|t| now.duration_since(t) < grace))
+    }
 }
 
 /// The leader's in-memory open-file table (not replicated: a new leader
@@ -383,14 +401,56 @@ impl MdsNode {
         }
     }
 
-    /// Drops one open of `ino` by `sid`; true if that was its last one.
-    pub fn open_end(&self, sid: u64, ino: u64) -> bool {
+    /// Counts an open of `ino` for writing by `sid` (after
+    /// [`MdsNode::open_begin`]). Returns whether the file now has several
+    /// writers (shared-write mode) and which other writers have not been
+    /// told so yet; they are marked told.
+    pub fn open_write(&self, sid: u64, ino: u64) -> (bool, Vec<u64>) {
+        let now = Instant::now();
+        let grace = self.grace();
+        let mut t = self.lock_opens();
+        t.entry(sid, ino).writes += 1;
+        let others: Vec<u64> = t
+            .by_ino
+            .get(&ino)
+            .map(|s| s.iter().copied().filter(|s| *s != sid).collect())
+            .unwrap_or_default();
+        let mut shared = false;
+        let mut tell = Vec::new();
+        for other in others {
+            if let Some(e) = t.entries.get_mut(&(other, ino)) {
+                if e.is_writer(grace, now) {
+                    shared = true;
+                    if !e.shared {
+                        e.shared = true;
+                        tell.push(other);
+                    }
+                }
+            }
+        }
+        if shared {
+            t.entry(sid, ino).shared = true;
+        }
+        (shared, tell)
+    }
+
+    /// Drops one open of `ino` by `sid` (`write`: an open for writing);
+    /// true if that was the last open of the file by anyone.
+    pub fn open_end(&self, sid: u64, ino: u64, write: bool) -> bool {
         let mut t = self.lock_opens();
         let now = Instant::now();
         let grace = self.grace();
         let Some(e) = t.entries.get_mut(&(sid, ino)) else {
             return !t.is_open(ino, grace, now);
         };
+        if write {
+            e.writes = e.writes.saturating_sub(1);
+            if e.writes == 0 {
+                // Its next write open is told afresh.
+                e.shared = false;
+                e.reported_writer = false;
+            }
+        }
         e.opens = e.opens.saturating_sub(1);
         if e.opens == 0 && e.reported_at.is_none_or(|r| now.duration_since(r) >= grace) {
             t.remove(sid, ino);
@@ -411,14 +471,18 @@ impl MdsNode {
         e.reported_at = Some(now);
     }
 
-    /// Applies a client heartbeat's list of open inodes.
-    pub fn heartbeat_opens(&self, sid: u64, open_inos: &[u64]) {
+    /// Applies a client heartbeat's list of open inodes (`write_inos`:
+    /// those open for writing).
+    pub fn heartbeat_opens(&self, sid: u64, open_inos: &[u64], write_inos: &[u64]) {
         let now = Instant::now();
         let grace = self.grace();
         let reported: BTreeSet<u64> = open_inos.iter().copied().collect();
+        let writing: BTreeSet<u64> = write_inos.iter().copied().collect();
         let mut t = self.lock_opens();
         for ino in &reported {
-            t.entry(sid, *ino).reported_at = Some(now);
+            let e = t.entry(sid, *ino);
+            e.reported_at = Some(now);
+            e.reported_writer = writing.contains(ino);
         }
         let stale: Vec<u64> = t
             .entries
@@ -488,8 +552,8 @@ impl MdsNode {
 
     /// Releases one open; reclaims the inode if it was the last open of an
     /// orphan.
-    pub async fn release(&self, sid: u64, ino: u64) -> Result<(), MdsError> {
-        if self.open_end(sid, ino) && self.read_local(|s| s.orphans.contains(&ino)) {
+    pub async fn release(&self, sid: u64, ino: u64, write: bool) -> Result<(), MdsError> {
+        if self.open_end(sid, ino, write) && self.read_local(|s| s.orphans.contains(&ino)) {
             self.reclaim_orphans(vec![ino]).await?;
         }
         Ok(())

@@ -111,6 +111,7 @@ async fn create(conn: &MdsConn, name: &str, req_id: u64) -> pb::Attr {
                 uid: 0,
                 gid: 0,
                 exclusive: true,
+                open_flags: 0,
             })
             .await
         }

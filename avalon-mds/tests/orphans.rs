@@ -74,6 +74,7 @@ async fn create(c: &mut MetaClient<Channel>, sid: u64, name: &str) -> u64 {
         uid: 0,
         gid: 0,
         exclusive: true,
+        open_flags: 0,
     })
     .await
     .expect("mknod")
@@ -145,6 +146,7 @@ async fn open_unlinked_files_and_session_expiry() {
                         header: hdr(a),
                         open_inos,
                         dropped_cache: false,
+                        write_inos: Vec::new(),
                     })
                     .await;
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -185,6 +187,7 @@ async fn open_unlinked_files_and_session_expiry() {
     c.release(pb::ReleaseRequest {
         header: hdr(a),
         ino: f,
+        flags: 0,
     })
     .await
     .expect("release");
@@ -193,6 +196,7 @@ async fn open_unlinked_files_and_session_expiry() {
     c.release(pb::ReleaseRequest {
         header: hdr(a),
         ino: f,
+        flags: 0,
     })
     .await
     .expect("release");

@@ -58,6 +58,7 @@ fake_meta! {
         list_xattr(pb::GetAttrRequest) -> pb::ListXattrReply;
         remove_xattr(pb::XattrRequest) -> pb::Empty;
         commit_write(pb::CommitWriteRequest) -> pb::AttrReply;
+        append_write(pb::AppendWriteRequest) -> pb::AttrReply;
         open(pb::OpenRequest) -> pb::AttrReply;
         release(pb::ReleaseRequest) -> pb::Empty;
         sync_meta(pb::SyncMetaRequest) -> pb::Empty;

@@ -227,3 +227,171 @@ fn a_client_killed_with_sigkill_holds_nobody_up_past_its_lease() {
     }
     assert!(start.elapsed() < Duration::from_secs(20));
 }
+
+/// Record `i` of writer `who`: fixed size, distinct, self-checking; 100
+/// bytes, so that some records cross a page boundary.
+fn record(who: u8, i: usize) -> Vec<u8> {
+    const LEN: usize = 100;
+    let mut r = format!("{}{i:06}:", who as char).into_bytes();
+    while r.len() < LEN - 1 {
+        r.push(b'a' + ((i + r.len() + who as usize) % 26) as u8);
+    }
+    r.push(b'\n');
+    r
+}
+
+#[test]
+fn appends_from_both_mounts_with_o_append_interleave_without_loss() {
+    // A writes 20 records alone (buffered) before B opens the file.
+    appends_from_both_mounts(false, 120, 20);
+}
+
+#[test]
+fn appends_through_o_creat_from_both_mounts_interleave_without_loss() {
+    // `>>` on a file nobody created yet: both open with O_CREAT at once.
+    appends_from_both_mounts(true, 60, 0);
+}
+
+/// Two threads, one per mount, each append `n` records to one file with
+/// O_APPEND, one write(2) per record (B opens once A wrote `alone`);
+/// afterwards both mounts read every record once, intact, each writer's
+/// in its order. `create`: both open with O_CREAT, the file not existing.
+fn appends_from_both_mounts(create: bool, n: usize, alone: usize) {
+    let mut tc = TestCluster::start(3, 3);
+    let b_path = tc.dir.path().join("mnt-b");
+    let b = SecondMount::new(tc.c(), b_path);
+    let (pa, pb) = (tc.mnt().join("log"), b.path.join("log"));
+    if !create {
+        std::fs::write(&pa, b"").unwrap();
+    }
+    let append = move |p: &Path| {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(create)
+            .open(p)
+            .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
+    };
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let a = {
+        let (pa, barrier) = (pa.clone(), barrier.clone());
+        std::thread::spawn(move || {
+            if create {
+                barrier.wait();
+            }
+            let mut f = append(&pa);
+            for i in 0..n {
+                if i == alone {
+                    started_tx.send(()).unwrap();
+                }
+                // One write(2) per record.
+                let w = f.write(&record(b'A', i)).unwrap();
+                assert_eq!(w, 100, "short append on A");
+            }
+        })
+    };
+    if !create {
+        started_rx.recv().unwrap();
+    }
+    let bt = {
+        let pb = pb.clone();
+        std::thread::spawn(move || {
+            if create {
+                barrier.wait();
+            }
+            let mut f = append(&pb);
+            for i in 0..n {
+                let w = f.write(&record(b'B', i)).unwrap();
+                assert_eq!(w, 100, "short append on B");
+            }
+        })
+    };
+    a.join().unwrap();
+    bt.join().unwrap();
+    let bodies = [std::fs::read(&pa).unwrap(), std::fs::read(&pb).unwrap()];
+    for (side, body) in [("A", &bodies[0]), ("B", &bodies[1])] {
+        assert_eq!(
+            body.len(),
+            2 * n * 100,
+            "{side} reads {} bytes, want {}",
+            body.len(),
+            2 * n * 100
+        );
+        let mut seen = std::collections::HashSet::new();
+        let mut next = [0usize; 2];
+        for (k, r) in body.chunks(100).enumerate() {
+            let who = r[0];
+            let i: usize = std::str::from_utf8(&r[1..7])
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{side}: record {k} is torn: {:?}",
+                        String::from_utf8_lossy(r)
+                    )
+                });
+            assert!(who == b'A' || who == b'B', "{side}: record {k} is torn");
+            assert!(
+                r == &record(who, i)[..],
+                "{side}: record {k} is torn: {:?}",
+                String::from_utf8_lossy(r)
+            );
+            // Each writer's records stay in its own order.
+            let w = usize::from(who == b'B');
+            assert_eq!(i, next[w], "{side}: record {k} out of order");
+            next[w] += 1;
+            assert!(seen.insert((who, i)), "{side}: record {k} twice");
+        }
+        assert_eq!(seen.len(), 2 * n, "{side}: records lost");
+    }
+}
+
+#[test]
+fn two_writers_see_each_others_writes_while_both_hold_the_file_open() {
+    use std::os::unix::fs::FileExt;
+    let mut tc = TestCluster::start(3, 3);
+    let b_path = tc.dir.path().join("mnt-b");
+    let b = SecondMount::new(tc.c(), b_path);
+    let (pa, pb) = (tc.mnt().join("shared"), b.path.join("shared"));
+    let rw = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(p)
+            .unwrap()
+    };
+    let fa = rw(&pa);
+    // Alone, A's writes are buffered; B's open for writing makes A store
+    // them before it returns.
+    fa.write_all_at(b"a0", 0).unwrap();
+    let fb = rw(&pb);
+    let mut buf = [0u8; 2];
+    fb.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"a0", "B does not see what A wrote before B opened");
+    // From then on every write goes through, in both directions, with no
+    // close or fsync in between.
+    for i in 0..20u64 {
+        let (wa, wb) = (format!("a{i:03}"), format!("b{i:03}"));
+        fa.write_all_at(wa.as_bytes(), 100 + 8 * i).unwrap();
+        let mut got = [0u8; 4];
+        fb.read_exact_at(&mut got, 100 + 8 * i)
+            .unwrap_or_else(|e| panic!("round {i}: B reads A's write: {e}"));
+        assert_eq!(&got, wa.as_bytes(), "round {i}: B reads stale data");
+        fb.write_all_at(wb.as_bytes(), 104 + 8 * i).unwrap();
+        fa.read_exact_at(&mut got, 104 + 8 * i)
+            .unwrap_or_else(|e| panic!("round {i}: A reads B's write: {e}"));
+        assert_eq!(&got, wb.as_bytes(), "round {i}: A reads stale data");
+        assert_eq!(
+            fa.metadata().unwrap().len(),
+            108 + 8 * i,
+            "round {i}: A's size"
+        );
+        assert_eq!(
+            fb.metadata().unwrap().len(),
+            108 + 8 * i,
+            "round {i}: B's size"
+        );
+    }
+}

@@ -274,6 +274,7 @@ fn hostile_requests_get_errnos() {
         uid: 0,
         gid: 0,
         exclusive: true,
+        open_flags: 0,
     };
     let mkdir = |parent: u64, name: &str| pb::MkdirRequest {
         header: hdr(),

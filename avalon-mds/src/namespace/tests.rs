@@ -853,3 +853,35 @@ fn orphans_live_until_reclaimed() {
     assert!(s.gc_queue.contains(&f.ino));
     assert_eq!(s.getattr(g.ino).expect("g").nlink, 1);
 }
+
+#[test]
+fn append_write_reserves_disjoint_ranges_at_the_end() {
+    let mut s = State::new();
+    let f = mknod(&mut s, ROOT_INO, "log", true).expect("create");
+    let append = |s: &mut State, len| attr(run(s, Op::AppendWrite { ino: f.ino, len }));
+    // Each reply's size is the end of the range it reserved.
+    assert_eq!(append(&mut s, 100).expect("append").size, 100);
+    assert_eq!(append(&mut s, 7).expect("append").size, 107);
+    // A size committed by a writer moves the end on.
+    run(
+        &mut s,
+        Op::CommitWrite {
+            ino: f.ino,
+            size: 1000,
+        },
+    )
+    .expect("commit");
+    let a = append(&mut s, 24).expect("append");
+    assert_eq!((a.size, a.mtime_ns), (1024, T0));
+    assert_eq!(append(&mut s, u64::MAX), Err(libc::EFBIG));
+    assert_eq!(
+        attr(run(
+            &mut s,
+            Op::AppendWrite {
+                ino: ROOT_INO,
+                len: 1
+            }
+        )),
+        Err(libc::EISDIR)
+    );
+}
