@@ -89,6 +89,8 @@ pub struct Client {
     pub(crate) cache: crate::chunk_cache::ChunkCache,
     /// Attributes and entries cached under the metadata lease.
     pub meta: MetaCache,
+    /// Which files' kernel pages an open may keep.
+    pub page_versions: crate::page_cache::PageVersions,
     /// Writes acknowledged to the kernel, not yet sent to the OSDs.
     pub(crate) wbuf: crate::write_buffer::WriteBuffer,
 }
@@ -140,6 +142,7 @@ impl Client {
             map: RwLock::new(Arc::new(map)),
             osds: DashMap::new(),
             files: DashMap::new(),
+            page_versions: Default::default(),
             opens: DashMap::new(),
             write_gates: DashMap::new(),
             creating: Default::default(),
@@ -331,6 +334,9 @@ impl Client {
 
     /// Changes attributes. A size change also cuts or extends the data.
     pub async fn setattr(&self, ino: u64, ch: SetAttr) -> Result<Attr> {
+        if ch.size.is_some() {
+            self.page_versions.changed(ino);
+        }
         if let Some(size) = ch.size {
             self.truncate_data(ino, size).await?;
         }
@@ -779,9 +785,9 @@ impl Client {
     /// Opens a file: fresh attributes, and the MDS counts the open so that
     /// the file outlives an unlink until it is released. Also says whether
     /// the file is in shared-write mode (another session writes it too).
-    pub async fn open(&self, ino: u64, flags: u32) -> Result<(Attr, bool)> {
-        // Close-to-open: chunks cached before may have changed elsewhere.
-        self.cache.invalidate_file(ino);
+    /// Opens `ino`: its attributes, whether it is in shared-write mode,
+    /// and whether the kernel may keep the pages it cached before.
+    pub async fn open(&self, ino: u64, flags: u32) -> Result<(Attr, bool, bool)> {
         // Counted before asking: a shared-write demand for the file may
         // come before the reply and must find it open.
         self.count_open(ino, flags);
@@ -817,13 +823,21 @@ impl Client {
                 self.keep_write_error(ino, &e);
             }
         }
-        Ok((a, self.is_shared(ino)))
+        let shared = self.is_shared(ino);
+        // Close-to-open: what is cached of an older version is dropped.
+        let direct = shared || flags as i32 & libc::O_APPEND != 0;
+        let keep = self.page_versions.open(&a, !direct);
+        if !keep {
+            self.cache.invalidate_file(ino);
+        }
+        Ok((a, shared, keep))
     }
 
     /// Counts an open that happened through create (which may have found
     /// an existing file: drop its cached chunks as an open would).
     pub fn note_created_open(&self, ino: u64, flags: u32) {
         self.cache.invalidate_file(ino);
+        self.page_versions.changed(ino);
         self.count_open(ino, flags);
     }
 

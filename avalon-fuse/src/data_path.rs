@@ -102,6 +102,7 @@ impl Client {
         sync: bool,
         append: bool,
     ) -> Result<u32> {
+        self.page_versions.changed(ino);
         let gate = self.write_gate(ino);
         let guard = gate.read().await;
         if self.is_shared(ino) {
@@ -149,6 +150,7 @@ impl Client {
         // The size already covers the range: a crash before the data is
         // stored leaves zeros there, never other bytes.
         let offset = a.size - len;
+        self.page_versions.changed(ino);
         let cs = self.chunk_size_of(ino);
         let parts = split_range(offset, len, cs);
         self.flush_chunks(ino, parts.iter().map(|p| p.0)).await?;
@@ -213,10 +215,10 @@ impl Client {
             try_join_all(sends).await?;
         }
         let mut st = self.files.entry(ino).or_default();
-        if end > st.size {
-            st.size = end;
-            st.dirty = true;
-        }
+        st.size = st.size.max(end);
+        // Every write moves mtime and ctime (make, rsync and other mounts'
+        // caches go by them), committed at close or fsync.
+        st.dirty = true;
         Ok(len as u32)
     }
 

@@ -370,22 +370,27 @@ impl Filesystem for AvalonFs {
             let flags = flags.0 as u32;
             let mut r = c.open(ino, flags).await;
             if trunc {
-                if let Ok((_, shared)) = r {
+                if let Ok((_, shared, keep)) = r {
                     let ch = SetAttr {
                         size: Some(0),
                         mtime: Some(TimeChange::Now),
                         ..Default::default()
                     };
-                    r = c.setattr(ino, ch).await.map(|a| (a, shared));
+                    r = c.setattr(ino, ch).await.map(|a| (a, shared, keep));
                     if r.is_err() {
                         let _ = c.release(ino, flags).await;
                     }
                 }
             }
             match r {
-                Ok((a, shared)) => {
+                Ok((a, shared, keep)) => {
                     c.note_attr(&a);
-                    reply.opened(FileHandle(0), direct_if(shared, flags as i32))
+                    let mut how = direct_if(shared, flags as i32);
+                    // O_TRUNC changed the file after the version check.
+                    if keep && !trunc {
+                        how |= FopenFlags::FOPEN_KEEP_CACHE;
+                    }
+                    reply.opened(FileHandle(0), how)
                 }
                 Err(e) => reply.error(errno(&e)),
             }

@@ -12,5 +12,6 @@ pub mod fs;
 pub mod locks;
 pub mod meta_cache;
 pub mod mount_source;
+pub mod page_cache;
 pub mod recall;
 pub mod write_buffer;

@@ -92,6 +92,7 @@ async fn apply(client: &Arc<Client>, kernel: Option<&KernelCache>, ev: pb::Sessi
         client.meta.recall(r);
         if r.data {
             client.cache.invalidate_file(r.ino);
+            client.page_versions.changed(r.ino);
         }
     }
     if let Some(k) = kernel {

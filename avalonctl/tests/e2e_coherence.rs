@@ -180,6 +180,21 @@ fn data_written_and_closed_on_one_mount_is_read_by_the_other_at_once() {
         assert_eq!(seen.len(), body.len(), "round {i}: size seen by B");
         assert!(seen == body, "round {i}: B reads other bytes than A wrote");
     }
+    // Same size, other bytes: B's reopen must not keep its cached pages
+    // (FOPEN_KEEP_CACHE only at an unchanged version).
+    for i in 0..5u64 {
+        let body = data(64 * 1024, 100 + i);
+        let mut f = std::fs::OpenOptions::new().write(true).open(&pa).unwrap();
+        f.write_all(&body).unwrap();
+        drop(f);
+        let seen = std::fs::read(&pb).unwrap();
+        assert!(
+            seen[..body.len()] == body[..],
+            "round {i}: B reads its cached pages of an overwritten file"
+        );
+        // Unchanged, B's pages are kept and still right.
+        assert!(std::fs::read(&pb).unwrap()[..body.len()] == body[..]);
+    }
 
     // A file B holds open (and has read, so cached) is invalidated when A
     // writes to it and closes.
@@ -194,6 +209,14 @@ fn data_written_and_closed_on_one_mount_is_read_by_the_other_at_once() {
     held.read_to_end(&mut after).unwrap();
     assert_eq!(after.len(), before.len() + 13, "B's open file did not grow");
     assert!(after.ends_with(b"appended by A"));
+    // Overwritten in place while B holds it open and cached.
+    let mut f = std::fs::OpenOptions::new().write(true).open(&pa).unwrap();
+    f.write_all(b"OVERWRITTEN").unwrap();
+    drop(f);
+    held.seek(SeekFrom::Start(0)).unwrap();
+    let mut head = [0u8; 11];
+    held.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"OVERWRITTEN", "B's open file kept stale pages");
 }
 
 #[test]

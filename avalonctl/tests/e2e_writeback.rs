@@ -103,3 +103,32 @@ fn failed_buffered_write_fails_fsync() {
     drop(f);
     t.c().restart_stopped().expect("restart");
 }
+
+#[test]
+fn overwriting_in_place_moves_mtime_and_reopens_read_the_new_bytes() {
+    use std::os::unix::fs::MetadataExt;
+    let mut t = TestCluster::start(1, 3);
+    t.c().mount().expect("mount");
+    let path = t.mnt().join("inplace");
+    std::fs::write(&path, data(100_000, 1)).unwrap();
+    let before = std::fs::metadata(&path).unwrap();
+    // Read once, so the kernel and the client cache the pages.
+    assert_eq!(std::fs::read(&path).unwrap(), data(100_000, 1));
+    std::thread::sleep(Duration::from_millis(20));
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(b"new bytes", 500).unwrap();
+    drop(f);
+    let after = std::fs::metadata(&path).unwrap();
+    assert_eq!(after.len(), 100_000);
+    assert!(
+        (after.mtime(), after.mtime_nsec()) > (before.mtime(), before.mtime_nsec()),
+        "an overwrite within the file left mtime as it was"
+    );
+    assert!((after.ctime(), after.ctime_nsec()) > (before.ctime(), before.ctime_nsec()));
+    let mut want = data(100_000, 1);
+    want[500..509].copy_from_slice(b"new bytes");
+    assert!(
+        std::fs::read(&path).unwrap() == want,
+        "reopen read stale bytes"
+    );
+}

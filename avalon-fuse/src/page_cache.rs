@@ -1,0 +1,75 @@
+//! When an open may keep the kernel's cached pages of a file
+//! (FOPEN_KEEP_CACHE) instead of reading everything again from the OSDs.
+//!
+//! The pages are current if the file's version at the MDS (ctime and size,
+//! which every committed change moves) is the one seen at the previous
+//! open here, and nothing changed the file through this client or a recall
+//! since. Another mount's committed write moves ctime, so close-to-open
+//! consistency holds; while the file is open here, its recall drops the
+//! kernel's pages (see recall.rs).
+
+use avalon_proto::pb::Attr;
+use dashmap::DashMap;
+
+/// Versions remembered at most; past that all are forgotten (so a file is
+/// read again once, never served stale).
+const MAX_FILES: usize = 1 << 17;
+
+/// Per inode: the version the kernel's pages were read at.
+#[derive(Default)]
+pub struct PageVersions {
+    map: DashMap<u64, (i64, u64)>,
+}
+
+impl PageVersions {
+    /// At open, with the MDS's attributes: true if the kernel's pages of
+    /// the file are still current. `cacheable`: this open goes through the
+    /// page cache at all (not direct I/O, not shared-write).
+    pub fn open(&self, a: &Attr, cacheable: bool) -> bool {
+        if !cacheable {
+            self.changed(a.ino);
+            return false;
+        }
+        if self.map.len() >= MAX_FILES {
+            self.map.clear();
+        }
+        let v = (a.ctime_ns, a.size);
+        self.map.insert(a.ino, v) == Some(v)
+    }
+
+    /// `ino` changed here or elsewhere: its pages are not known current.
+    pub fn changed(&self, ino: u64) {
+        // The read-locked check keeps writes to unknown files cheap.
+        if self.map.contains_key(&ino) {
+            self.map.remove(&ino);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attr(ino: u64, ctime_ns: i64, size: u64) -> Attr {
+        Attr {
+            ino,
+            ctime_ns,
+            size,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pages_are_kept_only_at_an_unchanged_version() {
+        let p = PageVersions::default();
+        assert!(!p.open(&attr(5, 10, 100), true), "first open reads");
+        assert!(p.open(&attr(5, 10, 100), true));
+        assert!(!p.open(&attr(5, 11, 100), true), "ctime moved");
+        assert!(p.open(&attr(5, 11, 100), true));
+        assert!(!p.open(&attr(5, 11, 101), true), "size moved");
+        p.changed(5);
+        assert!(!p.open(&attr(5, 11, 101), true), "written here");
+        assert!(!p.open(&attr(5, 11, 101), false), "direct I/O");
+        assert!(!p.open(&attr(5, 11, 101), true), "direct I/O forgot it");
+    }
+}
