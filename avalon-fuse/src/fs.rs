@@ -16,6 +16,7 @@ use fuser::{
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::runtime::Handle;
@@ -33,12 +34,23 @@ fn errno(e: &ClientError) -> Errno {
 pub struct AvalonFs {
     client: Arc<Client>,
     rt: Handle,
+    /// Last file handle given out: every open file gets its own, so that
+    /// its release can drop the OFD locks set through it (crate::locks).
+    last_fh: AtomicU64,
 }
 
 impl AvalonFs {
     /// An adapter over a connected client, running its work on `rt`.
     pub fn new(client: Arc<Client>, rt: Handle) -> Self {
-        AvalonFs { client, rt }
+        AvalonFs {
+            client,
+            rt,
+            last_fh: AtomicU64::new(0),
+        }
+    }
+
+    fn new_fh(&self) -> FileHandle {
+        FileHandle(self.last_fh.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
     /// Kernel node id → MDS inode (the mount root may be a subdirectory).
@@ -349,6 +361,7 @@ impl Filesystem for AvalonFs {
         let ino = self.mds_ino(ino);
         // With FUSE_ATOMIC_O_TRUNC the kernel leaves O_TRUNC to us.
         let trunc = flags.0 & libc::O_TRUNC != 0 && flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        let fh = self.new_fh();
         self.spawn(async move {
             // Close-to-open: an open sees the size other clients committed.
             let mut r = c.open(ino, flags.0 as u32).await;
@@ -366,7 +379,7 @@ impl Filesystem for AvalonFs {
             match r {
                 Ok(a) => {
                     c.note_attr(&a);
-                    reply.opened(FileHandle(0), FopenFlags::empty())
+                    reply.opened(fh, FopenFlags::empty())
                 }
                 Err(e) => reply.error(errno(&e)),
             }
@@ -389,6 +402,7 @@ impl Filesystem for AvalonFs {
         let (uid, gid) = (req.uid(), req.gid());
         let mode = crate::acl::create_mode(libc::S_IFREG | (mode & 0o7777), umask);
         let exclusive = flags & libc::O_EXCL != 0;
+        let fh = self.new_fh();
         self.spawn(async move {
             // The MDS counts the file open from its creation on (and the
             // heartbeats keep it so), so no separate Open round trip.
@@ -403,7 +417,7 @@ impl Filesystem for AvalonFs {
                         &c.meta.ttl(),
                         &attr,
                         Generation(a.generation),
-                        FileHandle(0),
+                        fh,
                         FopenFlags::empty(),
                     )
                 }
@@ -491,7 +505,7 @@ impl Filesystem for AvalonFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         lock_owner: Option<LockOwner>,
         _flush: bool,
@@ -499,11 +513,14 @@ impl Filesystem for AvalonFs {
     ) {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
+        // The open file's flock and OFD locks go with its last reference;
+        // noted before the task starts so that lock requests read after
+        // this wait for it.
+        let locks = crate::locks::begin_release(&c, fh.0, ino, lock_owner.map(|o| o.0));
         self.spawn(async move {
-            // The open file's flock goes with its last reference.
-            if let Some(o) = lock_owner {
-                if let Err(e) = crate::locks::release_owner(&c, ino, o.0).await {
-                    tracing::warn!(ino, error = %e, "could not release flock");
+            if let Some(l) = locks {
+                if let Err(e) = crate::locks::finish_release(&c, l).await {
+                    tracing::warn!(ino, error = %e, "could not release locks");
                 }
             }
             reply_empty(c.release(ino).await, reply)
@@ -536,7 +553,7 @@ impl Filesystem for AvalonFs {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         lock_owner: LockOwner,
         start: u64,
         end: u64,
@@ -548,6 +565,9 @@ impl Filesystem for AvalonFs {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let tid = req.pid();
+        if typ != libc::F_UNLCK {
+            crate::locks::note_lock(&c, fh.0, ino, lock_owner.0);
+        }
         self.spawn(async move {
             let r = crate::locks::setlk(&c, ino, lock_owner.0, start, end, typ, pid, sleep, tid);
             reply_empty(r.await, reply)

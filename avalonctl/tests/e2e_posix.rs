@@ -56,6 +56,19 @@ fn getlk(f: &File, typ: i32, start: i64, len: i64) -> (i32, i64, i64) {
     (i32::from(fl.l_type), fl.l_start, fl.l_len)
 }
 
+/// fcntl with an open-file-description lock command (F_OFD_SETLK,
+/// F_OFD_SETLKW, F_OFD_GETLK): the flock struct after the call, or the errno.
+fn ofd(f: &File, cmd: i32, typ: i32, start: i64, len: i64) -> Result<libc::flock, i32> {
+    let mut fl = flock_struct(typ, start, len);
+    // SAFETY: valid fd and a valid flock struct.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut fl) };
+    if r == 0 {
+        Ok(fl)
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
 fn flock(f: &File, op: i32) -> Result<(), i32> {
     // SAFETY: valid fd.
     let r = unsafe { libc::flock(f.as_raw_fd(), op) };
@@ -249,6 +262,68 @@ fn fcntl_and_flock_locks_exclude_across_mounts_and_processes() {
         "flock not released on the waiter's exit"
     );
     drop((a, b, fa));
+}
+
+/// generic/478: an OFD lock belongs to its open file description; it stays
+/// while any descriptor of it is open and goes with the last one.
+#[test]
+fn ofd_locks_go_with_their_open_file() {
+    let tc = TestCluster::start(1, 3);
+    let m1 = tc.mnt();
+    let m2 = SecondMount::new(tc.cluster.as_ref().unwrap(), tc.dir.path().join("mnt2"));
+    let f = m1.join("f");
+    std::fs::write(&f, vec![1u8; 4096]).unwrap();
+    let wr = |f: &File| ofd(f, libc::F_OFD_SETLK, libc::F_WRLCK, 0, 10);
+    let probe = |f: &File| ofd(f, libc::F_OFD_GETLK, libc::F_WRLCK, 0, 10).unwrap();
+
+    for round in 0..3 {
+        let a = open_rw(&f);
+        let b = open_rw(&f);
+        wr(&a).expect("OFD write lock");
+        // Another open file of the same process is another owner.
+        assert_eq!(probe(&b).l_type, libc::F_WRLCK as i16, "round {round}");
+        assert_eq!(wr(&b), Err(libc::EAGAIN));
+        // Closing a duplicate keeps it (and this process's flush of the
+        // other descriptor does not drop it either).
+        let dup = a.try_clone().unwrap();
+        drop(dup);
+        let c = open_rw(&f);
+        drop(c);
+        assert_eq!(wr(&b), Err(libc::EAGAIN), "round {round}");
+        // Closing the last descriptor releases it at once for this mount:
+        // a waiter does not hang.
+        drop(a);
+        assert_eq!(probe(&b).l_type, libc::F_UNLCK as i16, "round {round}");
+        ofd(&b, libc::F_OFD_SETLKW, libc::F_WRLCK, 0, 10).expect("SETLKW after close");
+        drop(b);
+    }
+
+    // A process's POSIX lock outlives the release of another open file it
+    // locked through earlier (its flush already dropped those locks).
+    let a = open_rw(&f);
+    let b = open_rw(&f);
+    setlk(&a, libc::F_WRLCK, 0, 10).unwrap();
+    drop(a); // flush drops the POSIX lock taken through a
+    setlk(&b, libc::F_WRLCK, 20, 10).unwrap();
+    let other = open_rw(&m2.path.join("f"));
+    assert_eq!(setlk(&other, libc::F_WRLCK, 0, 10), Ok(()));
+    assert_eq!(setlk(&other, libc::F_WRLCK, 20, 1), Err(libc::EAGAIN));
+    setlk(&other, libc::F_UNLCK, 0, 0).unwrap();
+
+    // Across mounts: held while open, free after the close.
+    let a = open_rw(&f);
+    wr(&a).unwrap();
+    assert_eq!(probe(&other).l_type, libc::F_WRLCK as i16);
+    drop(a);
+    // The kernel sends the release in the background: the other mount
+    // sees it shortly after the close.
+    assert!(
+        wait_until(Duration::from_secs(10), || probe(&other).l_type
+            == libc::F_UNLCK as i16),
+        "OFD lock outlived its file on the other mount"
+    );
+    wr(&other).expect("free on the other mount");
+    drop((b, other));
 }
 
 /// The leader's id.
