@@ -60,6 +60,10 @@ pub struct Client {
     /// Open handles per inode, reported in heartbeats so that a new MDS
     /// leader knows which unlinked files are still in use.
     opens: DashMap<u64, u32>,
+    /// Open directories: count, and whether the MDS counts one open of
+    /// ours (registered before this client removes one, see
+    /// [`Client::rmdir`]). Reported in heartbeats like files.
+    open_dirs: DashMap<u64, (u32, bool)>,
     /// Whole chunks fetched by sequential readahead.
     pub(crate) cache: crate::chunk_cache::ChunkCache,
     /// Attributes and entries cached under the metadata lease.
@@ -116,6 +120,7 @@ impl Client {
             osds: DashMap::new(),
             files: DashMap::new(),
             opens: DashMap::new(),
+            open_dirs: DashMap::new(),
             cache: crate::chunk_cache::ChunkCache::new(32),
             meta: MetaCache::new(),
             wbuf: crate::write_buffer::WriteBuffer::new(
@@ -168,7 +173,12 @@ impl Client {
     pub async fn heartbeat(&self) -> Result<()> {
         let req = pb::ClientHeartbeatRequest {
             header: self.header(),
-            open_inos: self.opens.iter().map(|e| *e.key()).collect(),
+            open_inos: self
+                .opens
+                .iter()
+                .map(|e| *e.key())
+                .chain(self.open_dirs.iter().map(|e| *e.key()))
+                .collect(),
             dropped_cache: self.meta.take_dropped(),
         };
         let sent = Instant::now();
@@ -429,8 +439,10 @@ impl Client {
         Ok(())
     }
 
-    /// Removes an empty directory.
+    /// Removes an empty directory. One this client has open stays on the
+    /// MDS until closed (fstat gives nlink 0).
     pub async fn rmdir(&self, parent: u64, name: &[u8]) -> Result<()> {
+        self.register_open_dir(parent, name).await;
         let req = pb::UnlinkRequest {
             header: self.header(),
             parent,
@@ -486,6 +498,10 @@ impl Client {
         new_name: &[u8],
         flags: u32,
     ) -> Result<()> {
+        if flags & libc::RENAME_EXCHANGE == 0 {
+            // A directory replaced while open stays, as with rmdir.
+            self.register_open_dir(new_parent, new_name).await;
+        }
         let req = pb::RenameRequest {
             header: self.header(),
             parent,
@@ -685,6 +701,82 @@ impl Client {
     pub fn note_created_open(&self, ino: u64) {
         self.cache.invalidate_file(ino);
         *self.opens.entry(ino).or_insert(0) += 1;
+    }
+
+    /// Counts an open of directory `ino`. The MDS learns of it with the
+    /// next heartbeat (no round trip per opendir), or at once when this
+    /// client removes the directory (see [`Client::rmdir`]).
+    pub fn open_dir(&self, ino: u64) {
+        self.open_dirs.entry(ino).or_insert((0, false)).0 += 1;
+    }
+
+    /// Ends one open of directory `ino`; the last one tells the MDS if it
+    /// counted an open of ours (an orphan directory then goes).
+    pub async fn release_dir(&self, ino: u64) -> Result<()> {
+        let mut registered = false;
+        let last = match self.open_dirs.get_mut(&ino) {
+            Some(mut e) => {
+                e.0 = e.0.saturating_sub(1);
+                registered = e.1 && e.0 == 0;
+                e.0 == 0
+            }
+            None => false,
+        };
+        if last {
+            self.open_dirs.remove_if(&ino, |_, e| e.0 == 0);
+        }
+        if registered {
+            let req = pb::ReleaseRequest {
+                header: self.header(),
+                ino,
+            };
+            self.mds
+                .request(req, |mut c, r| async move { c.release(r).await })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Before removing `name` in `parent`: if it is a directory this client
+    /// has open and the MDS may not know yet (heartbeats report opens
+    /// later), registers the open so that the removal keeps it.
+    async fn register_open_dir(&self, parent: u64, name: &[u8]) {
+        if self.open_dirs.is_empty() {
+            return;
+        }
+        let Ok(a) = self.lookup(parent, name).await else {
+            return;
+        };
+        match self.open_dirs.get(&a.ino) {
+            Some(e) if !e.1 => {}
+            _ => return,
+        }
+        let req = pb::OpenRequest {
+            header: self.header(),
+            ino: a.ino,
+            flags: libc::O_RDONLY as u32,
+        };
+        let r = self
+            .mds
+            .request(req, |mut c, r| async move { c.open(r).await })
+            .await;
+        if r.is_err() {
+            return;
+        }
+        match self.open_dirs.get_mut(&a.ino) {
+            Some(mut e) if !e.1 => e.1 = true,
+            // Closed meanwhile (or registered twice): give it back.
+            _ => {
+                let req = pb::ReleaseRequest {
+                    header: self.header(),
+                    ino: a.ino,
+                };
+                let _ = self
+                    .mds
+                    .request(req, |mut c, r| async move { c.release(r).await })
+                    .await;
+            }
+        }
     }
 
     /// Releases one open of `ino`: pending size first, then the MDS's count.

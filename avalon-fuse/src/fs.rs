@@ -7,6 +7,7 @@ use crate::client::{Client, SetAttr, TimeChange};
 use crate::error::ClientError;
 use avalon_proto::pb::Attr;
 use bytes::Bytes;
+use dashmap::DashMap;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
@@ -37,6 +38,11 @@ pub struct AvalonFs {
     /// Last file handle given out: every open file gets its own, so that
     /// its release can drop the OFD locks set through it (crate::locks).
     last_fh: AtomicU64,
+    /// Open directory streams: fh -> the directory's next cookie when the
+    /// stream started (or was rewound). Entries from there on were added
+    /// later and are left out, so a listing ends even while entries are
+    /// renamed away and back (each rename gives a new, larger cookie).
+    dir_marks: Arc<DashMap<u64, u64>>,
 }
 
 impl AvalonFs {
@@ -46,6 +52,7 @@ impl AvalonFs {
             client,
             rt,
             last_fh: AtomicU64::new(0),
+            dir_marks: Arc::new(DashMap::new()),
         }
     }
 
@@ -67,6 +74,33 @@ impl AvalonFs {
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         self.rt.spawn(f);
+    }
+}
+
+/// The high-water mark of a directory stream: taken from the first page
+/// of the stream (or of a rewind), kept for its later pages. 0 from an MDS
+/// that does not report it: no limit.
+fn stream_mark(marks: &DashMap<u64, u64>, fh: u64, offset: u64, next_cookie: u64) -> u64 {
+    let next = if next_cookie == 0 {
+        u64::MAX
+    } else {
+        next_cookie
+    };
+    if offset == 0 {
+        marks.insert(fh, next);
+        return next;
+    }
+    *marks.entry(fh).or_insert(next)
+}
+
+/// Kernel node id of ".." of directory `dir` whose parent the MDS says is
+/// `parent`: the mount root is its own parent (its real parent is outside
+/// the mount).
+fn dotdot(c: &Client, dir: u64, parent: u64) -> u64 {
+    if dir == c.root_ino || parent == 0 {
+        fuse_ino(c, dir)
+    } else {
+        fuse_ino(c, parent)
     }
 }
 
@@ -587,31 +621,56 @@ impl Filesystem for AvalonFs {
         self.spawn(async move { reply_empty(c.fsync(ino).await, reply) });
     }
 
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let fh = self.new_fh();
+        self.client.open_dir(self.mds_ino(ino));
+        reply.opened(fh, FopenFlags::empty());
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dir_marks.remove(&fh.0);
+        let c = self.client.clone();
+        let ino = self.mds_ino(ino);
+        self.spawn(async move { reply_empty(c.release_dir(ino).await, reply) });
+    }
+
     fn readdir(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         let c = self.client.clone();
         let dir = self.mds_ino(ino);
+        let marks = self.dir_marks.clone();
         self.spawn(async move {
+            let mut cookie = offset.max(DOTDOT_COOKIE);
+            let mut page = match c.readdir(dir, cookie, READDIR_PAGE, false).await {
+                Ok(p) => p,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            let mark = stream_mark(&marks, fh.0, offset, page.next_cookie);
             if offset == 0 && reply.add(ino, 1, fuser::FileType::Directory, ".") {
                 return reply.ok();
             }
-            if offset <= 1 && reply.add(INodeNo(1), DOTDOT_COOKIE, fuser::FileType::Directory, "..")
-            {
+            let up = INodeNo(dotdot(&c, dir, page.parent));
+            if offset <= 1 && reply.add(up, DOTDOT_COOKIE, fuser::FileType::Directory, "..") {
                 return reply.ok();
             }
-            let mut cookie = offset.max(DOTDOT_COOKIE);
             loop {
-                let page = match c.readdir(dir, cookie, READDIR_PAGE, false).await {
-                    Ok(p) => p,
-                    Err(e) => return reply.error(errno(&e)),
-                };
                 for e in &page.entries {
+                    if e.cookie >= mark {
+                        return reply.ok();
+                    }
                     let kind = crate::attr::kind_of(e.mode);
                     if reply.add(
                         INodeNo(fuse_ino(&c, e.ino)),
@@ -626,6 +685,10 @@ impl Filesystem for AvalonFs {
                 if page.eof || page.entries.is_empty() {
                     return reply.ok();
                 }
+                page = match c.readdir(dir, cookie, READDIR_PAGE, false).await {
+                    Ok(p) => p,
+                    Err(e) => return reply.error(errno(&e)),
+                };
             }
         });
     }
@@ -634,13 +697,20 @@ impl Filesystem for AvalonFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         let c = self.client.clone();
         let dir = self.mds_ino(ino);
+        let marks = self.dir_marks.clone();
         self.spawn(async move {
+            let mut cookie = offset.max(DOTDOT_COOKIE);
+            let mut page = match c.readdir(dir, cookie, READDIR_PAGE, true).await {
+                Ok(p) => p,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            let mark = stream_mark(&marks, fh.0, offset, page.next_cookie);
             // "." and ".." carry attributes too; fetch them once per listing.
             if offset <= 1 {
                 let me = match c.getattr(dir).await {
@@ -653,24 +723,28 @@ impl Filesystem for AvalonFs {
                 {
                     return reply.ok();
                 }
+                // The kernel takes d_ino from the attributes and links no
+                // dentry for "..": only the inode number matters.
+                let up = FileAttr {
+                    ino: INodeNo(dotdot(&c, dir, page.parent)),
+                    ..attr
+                };
                 if reply.add(
-                    ino,
+                    up.ino,
                     DOTDOT_COOKIE,
                     "..",
                     &Duration::ZERO,
-                    &attr,
-                    Generation(me.generation),
+                    &up,
+                    Generation(0),
                 ) {
                     return reply.ok();
                 }
             }
-            let mut cookie = offset.max(DOTDOT_COOKIE);
             loop {
-                let page = match c.readdir(dir, cookie, READDIR_PAGE, true).await {
-                    Ok(p) => p,
-                    Err(e) => return reply.error(errno(&e)),
-                };
                 for e in &page.entries {
+                    if e.cookie >= mark {
+                        return reply.ok();
+                    }
                     let Some(a) = e.attr.as_ref() else {
                         return reply.error(Errno::EIO);
                     };
@@ -690,6 +764,10 @@ impl Filesystem for AvalonFs {
                 if page.eof || page.entries.is_empty() {
                     return reply.ok();
                 }
+                page = match c.readdir(dir, cookie, READDIR_PAGE, true).await {
+                    Ok(p) => p,
+                    Err(e) => return reply.error(errno(&e)),
+                };
             }
         });
     }

@@ -327,11 +327,13 @@ impl Meta for MetaService {
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
         let target = self.node.read_local(|s| s.child_ino(r.parent, &r.name));
+        let (guard, _pending) = self.node.removal_guard(target);
         let mut changes = vec![Change::entry(r.parent, &r.name)];
         changes.extend(target.map(Change::attr));
-        let op = Op::Rmdir {
+        let op = Op::RmdirGuarded {
             parent: r.parent,
             name: r.name.into(),
+            guard,
         };
         self.mutate(r.header.as_ref(), op, &changes).await?;
         Ok(Response::new(pb::DirChangeReply {
@@ -419,11 +421,13 @@ impl Meta for MetaService {
             r.max_entries.min(8192) as usize
         };
         let sid = session_of(r.header.as_ref());
-        let (entries, eof) = self
+        let (entries, eof, (parent, next_cookie)) = self
             .read_leased(sid, |s| {
-                let res = s.readdir(r.ino, r.cookie, max, r.plus);
+                let res = s
+                    .readdir(r.ino, r.cookie, max, r.plus)
+                    .and_then(|(e, eof)| Ok((e, eof, s.dir_info(r.ino)?)));
                 let mut inos = vec![r.ino];
-                if let Ok((entries, _)) = &res {
+                if let Ok((entries, _, _)) = &res {
                     inos.extend(entries.iter().filter(|e| e.attr.is_some()).map(|e| e.ino));
                 }
                 (res, inos)
@@ -442,6 +446,8 @@ impl Meta for MetaService {
                 })
                 .collect(),
             eof,
+            parent,
+            next_cookie,
         }))
     }
 

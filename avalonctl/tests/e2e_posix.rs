@@ -493,3 +493,155 @@ fn setgid_directories_and_posix_acls() {
     assert!(as_nobody(&["setfacl", "-m", "u:1:r", g.to_str().unwrap()]));
     assert_eq!(meta(&g).mode() & 0o2000, 0, "S_ISGID cleared");
 }
+
+/// Opens a directory (O_RDONLY | O_DIRECTORY).
+fn open_dir(p: &Path) -> File {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(p)
+        .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
+}
+
+/// getdents64 from the descriptor's current offset until the end:
+/// (name, d_ino, d_off) in order.
+fn getdents(f: &File) -> Vec<(Vec<u8>, u64, i64)> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: valid fd and a buffer of the given length.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                f.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        assert!(n >= 0, "getdents64: {}", std::io::Error::last_os_error());
+        if n == 0 {
+            return out;
+        }
+        let mut at = 0usize;
+        while at < n as usize {
+            let b = &buf[at..];
+            let ino = u64::from_ne_bytes(b[0..8].try_into().unwrap());
+            let off = i64::from_ne_bytes(b[8..16].try_into().unwrap());
+            let reclen = u16::from_ne_bytes(b[16..18].try_into().unwrap()) as usize;
+            let name = &b[19..reclen];
+            let len = name.iter().position(|c| *c == 0).unwrap_or(name.len());
+            out.push((name[..len].to_vec(), ino, off));
+            at += reclen;
+        }
+    }
+}
+
+/// generic/257, generic/637: ".." carries the parent's inode number, read
+/// from the start or after a seek; generic/736: a listing ends while its
+/// entries are renamed away and back.
+#[test]
+fn dotdot_and_directory_streams() {
+    use std::os::unix::fs::MetadataExt;
+    let tc = TestCluster::start(1, 3);
+    let m = tc.mnt();
+    std::fs::create_dir_all(m.join("a/b")).unwrap();
+    std::fs::write(m.join("a/b/f"), b"x").unwrap();
+    for (dir, parent) in [
+        (m.clone(), m.clone()), // the mount root is its own parent
+        (m.join("a"), m.clone()),
+        (m.join("a/b"), m.join("a")),
+    ] {
+        let want = meta(&parent).ino();
+        let f = open_dir(&dir);
+        let all = getdents(&f);
+        let dd = all.iter().find(|e| e.0 == b"..").expect("..");
+        assert_eq!(dd.1, want, "'..' of {} from the start", dir.display());
+        let dot = all.iter().find(|e| e.0 == b".").expect(".");
+        assert_eq!(dot.1, meta(&dir).ino());
+        // Seek to just after "." (its d_off) and read again.
+        // SAFETY: valid fd.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), dot.2, libc::SEEK_SET) };
+        assert_eq!(r, dot.2);
+        let rest = getdents(&f);
+        assert_eq!(rest[0].0, b"..");
+        assert_eq!(rest[0].1, want, "'..' of {} after lseek", dir.display());
+        assert_eq!(rest.len(), all.len() - 1);
+    }
+
+    // Rename every entry away and back while listing (each rename gives
+    // the entry a new cookie at the end): the listing still ends.
+    const N: usize = 300;
+    let d = m.join("renames");
+    std::fs::create_dir(&d).unwrap();
+    for i in 0..N {
+        std::fs::write(d.join(i.to_string()), b"").unwrap();
+    }
+    let mut seen = 0usize;
+    for e in std::fs::read_dir(&d).unwrap() {
+        let name = e.unwrap().file_name();
+        seen += 1;
+        assert!(seen <= 3 * N, "listing does not end");
+        std::fs::rename(d.join(&name), d.join("TEMPFILE")).unwrap();
+        std::fs::rename(d.join("TEMPFILE"), d.join(&name)).unwrap();
+    }
+    assert!(seen >= N, "only {seen} of {N} entries listed");
+    // A listing that starts afterwards sees every entry once.
+    assert_eq!(std::fs::read_dir(&d).unwrap().count(), N);
+}
+
+/// generic/035: a directory removed (rmdir, or replaced by rename) while
+/// open can still be fstat'ed, with nlink 0, also from another mount.
+#[test]
+fn open_directories_outlive_their_removal() {
+    use std::os::unix::fs::MetadataExt;
+    let tc = TestCluster::start(1, 3);
+    let m = tc.mnt();
+    let m2 = SecondMount::new(tc.cluster.as_ref().unwrap(), tc.dir.path().join("mnt2"));
+    let fstat = |f: &File| {
+        f.metadata()
+            .unwrap_or_else(|e| panic!("fstat of a removed open directory: {e}"))
+    };
+
+    std::fs::create_dir(m.join("d")).unwrap();
+    let fd = open_dir(&m.join("d"));
+    let ino = fstat(&fd).ino();
+    std::fs::remove_dir(m.join("d")).unwrap();
+    let st = fstat(&fd);
+    assert_eq!((st.ino(), st.nlink()), (ino, 0));
+    assert!(st.is_dir());
+    // Nothing can be created in it.
+    // SAFETY: valid fd, NUL-terminated name.
+    let r = unsafe {
+        libc::openat(
+            fd.as_raw_fd(),
+            c"new".as_ptr(),
+            libc::O_CREAT | libc::O_WRONLY,
+            0o644,
+        )
+    };
+    assert_eq!(r, -1);
+    drop(fd);
+
+    // rename over an empty directory that is open.
+    std::fs::create_dir(m.join("d1")).unwrap();
+    std::fs::create_dir(m.join("d2")).unwrap();
+    std::fs::write(m.join("d1/f"), b"x").unwrap();
+    let fd2 = open_dir(&m.join("d2"));
+    std::fs::rename(m.join("d1"), m.join("d2")).unwrap();
+    assert_eq!(fstat(&fd2).nlink(), 0);
+    assert_eq!(std::fs::read(m.join("d2/f")).unwrap(), b"x");
+    drop(fd2);
+
+    // Open on the other mount, removed on this one.
+    std::fs::create_dir(m.join("e")).unwrap();
+    let fe = open_dir(&m2.path.join("e"));
+    // The other client reports its open directories with its heartbeats.
+    std::thread::sleep(Duration::from_secs(1));
+    std::fs::remove_dir(m.join("e")).unwrap();
+    assert_eq!(fstat(&fe).nlink(), 0);
+    drop(fe);
+    // Once closed, the name can be used again for a new directory.
+    std::fs::create_dir(m.join("e")).unwrap();
+    assert_eq!(meta(&m.join("e")).nlink(), 2);
+}
