@@ -906,14 +906,17 @@ impl Filesystem for AvalonFs {
                     Err(e) => return reply.error(errno(&e)),
                 },
             };
-            // Holes are not tracked yet: the whole file counts as data,
-            // which SEEK_DATA/SEEK_HOLE allow.
-            let off = offset.max(0) as u64;
-            match whence {
-                libc::SEEK_DATA if offset >= 0 && off < size => reply.offset(offset),
-                libc::SEEK_HOLE if offset >= 0 && off < size => reply.offset(size as i64),
-                libc::SEEK_DATA | libc::SEEK_HOLE => reply.error(Errno::ENXIO),
-                _ => reply.error(Errno::EINVAL),
+            let data = match whence {
+                libc::SEEK_DATA => true,
+                libc::SEEK_HOLE => false,
+                _ => return reply.error(Errno::EINVAL),
+            };
+            if offset < 0 {
+                return reply.error(Errno::ENXIO);
+            }
+            match c.seek_data_hole(ino, offset as u64, data, size).await {
+                Ok(off) => reply.offset(off as i64),
+                Err(e) => reply.error(errno(&e)),
             }
         });
     }

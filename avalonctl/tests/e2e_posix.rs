@@ -645,3 +645,83 @@ fn open_directories_outlive_their_removal() {
     std::fs::create_dir(m.join("e")).unwrap();
     assert_eq!(meta(&m.join("e")).nlink(), 2);
 }
+
+/// lseek(SEEK_DATA / SEEK_HOLE): Ok(offset) or the errno.
+fn seek(f: &File, off: i64, whence: i32) -> Result<i64, i32> {
+    // SAFETY: valid fd.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+    if r >= 0 {
+        Ok(r)
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+/// SEEK_DATA and SEEK_HOLE find the holes of sparse files (never-written
+/// chunks and blocks, punched ranges, the tail past the stored data) and
+/// answer ENXIO at or past the end (generic/285 and the other seek tests).
+#[test]
+fn seek_data_and_seek_hole_find_holes() {
+    use std::os::unix::fs::FileExt;
+    const MB: i64 = 1 << 20;
+    let tc = TestCluster::start(1, 3);
+    let m = tc.mnt();
+    let f = open_rw(&m.join("sparse"));
+    let (data, hole) = (libc::SEEK_DATA, libc::SEEK_HOLE);
+    // Empty file: ENXIO everywhere.
+    assert_eq!(seek(&f, 0, data), Err(libc::ENXIO));
+    assert_eq!(seek(&f, 0, hole), Err(libc::ENXIO));
+    // 64 KiB of data at 0, a hole, 64 KiB at 9 MiB (the third 4 MiB
+    // chunk; the second is never written), then a hole up to 16 MiB.
+    f.write_all_at(&vec![1u8; 64 << 10], 0).unwrap();
+    f.write_all_at(&vec![2u8; 64 << 10], 9 * MB as u64).unwrap();
+    f.set_len(16 * MB as u64).unwrap();
+    assert_eq!(seek(&f, 0, data), Ok(0));
+    assert_eq!(seek(&f, 0, hole), Ok(64 << 10));
+    assert_eq!(seek(&f, 100, hole), Ok(64 << 10));
+    assert_eq!(seek(&f, 64 << 10, data), Ok(9 * MB));
+    assert_eq!(seek(&f, 5 * MB, data), Ok(9 * MB));
+    assert_eq!(seek(&f, 9 * MB + 5, data), Ok(9 * MB + 5));
+    assert_eq!(seek(&f, 9 * MB, hole), Ok(9 * MB + (64 << 10)));
+    assert_eq!(seek(&f, 10 * MB, data), Err(libc::ENXIO));
+    assert_eq!(seek(&f, 10 * MB, hole), Ok(10 * MB));
+    assert_eq!(seek(&f, 16 * MB - 1, hole), Ok(16 * MB - 1));
+    assert_eq!(seek(&f, 16 * MB, data), Err(libc::ENXIO));
+    assert_eq!(seek(&f, 16 * MB, hole), Err(libc::ENXIO));
+    // A punched range becomes a hole.
+    // SAFETY: valid fd.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            64 << 10,
+        )
+    };
+    assert_eq!(r, 0, "punch: {}", std::io::Error::last_os_error());
+    assert_eq!(seek(&f, 0, data), Ok(9 * MB));
+    assert_eq!(seek(&f, 0, hole), Ok(0));
+    // Data written but still buffered in the client counts.
+    f.write_all_at(b"late", 13 * MB as u64).unwrap();
+    assert_eq!(seek(&f, 10 * MB, data), Ok(13 * MB));
+    // A file without holes: data up to the end, the hole at the end.
+    std::fs::write(m.join("full"), vec![3u8; 100_000]).unwrap();
+    let g = File::open(m.join("full")).unwrap();
+    assert_eq!(seek(&g, 0, hole), Ok(100_000));
+    assert_eq!(seek(&g, 99_999, data), Ok(99_999));
+    // cp --sparse keeps the holes and the content.
+    let st = Command::new("cp")
+        .args(["--sparse=always"])
+        .arg(m.join("sparse"))
+        .arg(m.join("copy"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(
+        sha_file(&m.join("copy")),
+        sha_file(&m.join("sparse")),
+        "copy differs"
+    );
+    let c = File::open(m.join("copy")).unwrap();
+    assert_eq!(seek(&c, 0, data), Ok(9 * MB));
+}
