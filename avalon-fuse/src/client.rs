@@ -7,7 +7,7 @@ use crate::meta_cache::{Cached, MetaCache};
 use avalon_proto::mds_conn::MdsConn;
 use avalon_proto::pb::{self, time_set::How, Attr, ClusterMap, RequestHeader, TimeSet};
 use bytes::Bytes;
-use dashmap::DashMap;
+use dashmap::{DashMap, DashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -46,6 +46,22 @@ pub struct SetAttr {
     pub ctime_ns: Option<i64>,
 }
 
+/// When reads update a file's access time (the mount's atime options).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AtimeMode {
+    /// noatime, or a read-only mount.
+    Never,
+    /// relatime (Linux's default): when atime is not after mtime or ctime,
+    /// or a day old.
+    #[default]
+    Relative,
+    /// strictatime: on every read (here: the first read of each open).
+    Always,
+}
+
+/// How old an access time relatime renews anyway.
+const RELATIME_MAX_AGE_NS: i64 = 24 * 3600 * 1_000_000_000;
+
 /// A connected client session.
 pub struct Client {
     /// Leader-following connection to the MDS.
@@ -70,6 +86,10 @@ pub struct Client {
     pub meta: MetaCache,
     /// Writes acknowledged to the kernel, not yet sent to the OSDs.
     pub(crate) wbuf: crate::write_buffer::WriteBuffer,
+    atime_mode: AtimeMode,
+    /// Files opened since their atime was due (see [`Client::note_open_atime`]):
+    /// the next read updates it, so at most one MDS write per open.
+    atime_due: DashSet<u64>,
 }
 
 fn time_set(t: Option<TimeChange>) -> Option<TimeSet> {
@@ -126,6 +146,8 @@ impl Client {
             wbuf: crate::write_buffer::WriteBuffer::new(
                 crate::write_buffer::WriteBuffer::budget_from_env(),
             ),
+            atime_mode: AtimeMode::default(),
+            atime_due: DashSet::new(),
         })
     }
 
@@ -133,6 +155,51 @@ impl Client {
     pub fn set_cache_budget(&mut self, bytes: u64) {
         let chunks = bytes / u64::from(avalon_proto::limits::DEFAULT_CHUNK_SIZE);
         self.cache = crate::chunk_cache::ChunkCache::new(chunks as usize);
+    }
+
+    /// Sets when reads update access times (before sharing the client).
+    pub fn set_atime_mode(&mut self, mode: AtimeMode) {
+        self.atime_mode = mode;
+    }
+
+    /// An open of `ino` for reading returned attributes `a`: if the mount's
+    /// atime mode says its access time is due, the next read renews it.
+    pub fn note_open_atime(&self, a: &Attr, now_ns: i64) {
+        let due = match self.atime_mode {
+            AtimeMode::Never => false,
+            AtimeMode::Always => true,
+            AtimeMode::Relative => {
+                a.atime_ns <= a.mtime_ns
+                    || a.atime_ns <= a.ctime_ns
+                    || now_ns.saturating_sub(a.atime_ns) >= RELATIME_MAX_AGE_NS
+            }
+        };
+        if due {
+            self.atime_due.insert(a.ino);
+        }
+    }
+
+    /// Renews the access time of `ino` if an open made it due (called on
+    /// reads; an MDS write only for the first read after such an open).
+    pub async fn touch_atime_if_due(&self, ino: u64) -> Result<()> {
+        if self.atime_due.remove(&ino).is_none() {
+            return Ok(());
+        }
+        let epoch = self.meta.epoch();
+        let req = pb::SetAttrRequest {
+            header: self.header(),
+            ino,
+            atime: time_set(Some(TimeChange::Now)),
+            access: true,
+            ..Default::default()
+        };
+        let r = self
+            .mds
+            .request(req, |mut c, r| async move { c.set_attr(r).await })
+            .await?;
+        let a = Self::ok_attr(r.attr)?;
+        self.meta.put_attr(epoch, &a);
+        Ok(())
     }
 
     /// This client's session id.
@@ -320,6 +387,7 @@ impl Client {
             atime: time_set(ch.atime),
             mtime: time_set(ch.mtime),
             ctime_ns: ch.ctime_ns,
+            access: false,
         };
         let r = self
             .mds

@@ -5,6 +5,7 @@
 use crate::attr::{ns_of, to_fuse};
 use crate::client::{Client, SetAttr, TimeChange};
 use crate::error::ClientError;
+use crate::recall::KernelCache;
 use avalon_proto::pb::Attr;
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -18,7 +19,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 use tokio::runtime::Handle;
 
@@ -43,6 +44,9 @@ pub struct AvalonFs {
     /// later and are left out, so a listing ends even while entries are
     /// renamed away and back (each rename gives a new, larger cookie).
     dir_marks: Arc<DashMap<u64, u64>>,
+    /// The kernel's caches, once the session is mounted (see
+    /// [`AvalonFs::kernel_slot`]).
+    kernel: Arc<OnceLock<KernelCache>>,
 }
 
 impl AvalonFs {
@@ -53,7 +57,14 @@ impl AvalonFs {
             rt,
             last_fh: AtomicU64::new(0),
             dir_marks: Arc::new(DashMap::new()),
+            kernel: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Where the mount puts its kernel cache handle once the session exists
+    /// (the notifier comes from the session, which takes the filesystem).
+    pub fn kernel_slot(&self) -> Arc<OnceLock<KernelCache>> {
+        self.kernel.clone()
     }
 
     fn new_fh(&self) -> FileHandle {
@@ -413,6 +424,10 @@ impl Filesystem for AvalonFs {
             match r {
                 Ok(a) => {
                     c.note_attr(&a);
+                    if flags.0 & libc::O_ACCMODE != libc::O_WRONLY && flags.0 & libc::O_NOATIME == 0
+                    {
+                        c.note_open_atime(&a, crate::attr::ns_of(SystemTime::now()));
+                    }
                     reply.opened(fh, FopenFlags::empty())
                 }
                 Err(e) => reply.error(errno(&e)),
@@ -474,7 +489,14 @@ impl Filesystem for AvalonFs {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move {
-            match c.read(ino, offset, size).await {
+            // The access time goes with the data (a stat right after the
+            // read must see it), at most once per open.
+            let (data, touched) =
+                tokio::join!(c.read(ino, offset, size), c.touch_atime_if_due(ino));
+            if let Err(e) = touched {
+                tracing::debug!(ino, error = %e, "could not update atime");
+            }
+            match data {
                 Ok(d) => reply.data(&d),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -872,7 +894,7 @@ impl Filesystem for AvalonFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -882,9 +904,26 @@ impl Filesystem for AvalonFs {
     ) {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
-        self.spawn(
-            async move { reply_empty(fallocate(&c, ino, offset, length, mode).await, reply) },
-        );
+        let (uid, gid, pid) = (req.uid(), req.gid(), req.pid());
+        let kernel = self.kernel.clone();
+        self.spawn(async move {
+            let mut r = fallocate(&c, ino, offset, length, mode).await;
+            if r.is_ok() && uid != 0 {
+                r = match kill_priv(&c, ino, gid, pid).await {
+                    // The kernel keeps the mode it was told before the
+                    // fallocate: it must ask again.
+                    Ok(true) => {
+                        if let Some(k) = kernel.get() {
+                            k.invalidate_attr(ino);
+                        }
+                        Ok(())
+                    }
+                    Ok(false) => Ok(()),
+                    Err(e) => Err(e),
+                };
+            }
+            reply_empty(r, reply)
+        });
     }
 
     fn lseek(
@@ -972,8 +1011,48 @@ impl Filesystem for AvalonFs {
     }
 }
 
+/// True if process `pid` (primary group `gid`) is a member of group `group`.
+fn in_group(pid: u32, gid: u32, group: u32) -> bool {
+    if gid == group {
+        return true;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(group)))
+}
+
+/// A data change by an unprivileged caller drops S_ISUID, and S_ISGID when
+/// group-executable or the caller is not in the file's group, as write
+/// does. The kernel does this for write(2) through setattr, but for
+/// fallocate only when S_IXGRP is set (no FUSE_HANDLE_KILLPRIV_V2), so the
+/// client does it.
+/// True if the mode changed.
+async fn kill_priv(c: &Client, ino: u64, gid: u32, pid: u32) -> crate::error::Result<bool> {
+    let a = c.getattr(ino).await?;
+    let mut mode = a.mode & 0o7777;
+    if mode & libc::S_ISUID != 0 {
+        mode &= !libc::S_ISUID;
+    }
+    if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || !in_group(pid, gid, a.gid)) {
+        mode &= !libc::S_ISGID;
+    }
+    if mode == a.mode & 0o7777 {
+        return Ok(false);
+    }
+    let ch = SetAttr {
+        mode: Some(mode),
+        ..Default::default()
+    };
+    c.setattr(ino, ch).await.map(|_| true)
+}
+
 /// fallocate(2): allocation only extends the size (space is not reserved
-/// ahead), punching and zeroing store no data.
+/// ahead, but more than the cluster has free fails with ENOSPC), punching
+/// and zeroing store no data.
 async fn fallocate(
     c: &Client,
     ino: u64,
@@ -992,7 +1071,18 @@ async fn fallocate(
         return Err(ClientError::posix(libc::EINVAL, "fallocate of zero length"));
     }
     match mode {
-        0 | KEEP_SIZE => {}
+        0 | KEEP_SIZE => {
+            // Nothing is reserved, but a request the free space cannot
+            // hold fails as on a local filesystem (counted whole: which
+            // parts are already stored is not known here).
+            let free = c.statfs().await?.avail_bytes;
+            if length > free {
+                return Err(ClientError::posix(
+                    libc::ENOSPC,
+                    "fallocate larger than the free space",
+                ));
+            }
+        }
         m if m == PUNCH | KEEP_SIZE => c.zero_range(ino, offset, length).await?,
         ZERO | 0x11 => c.zero_range(ino, offset, length).await?,
         m if m & PUNCH != 0 => {

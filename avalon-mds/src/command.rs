@@ -201,6 +201,11 @@ pub enum Op {
         name: Vec<u8>,
         guard: Option<u64>,
     },
+    /// A read's access-time update: atime only, ctime unchanged.
+    Touch {
+        ino: u64,
+        atime: TimeSpec,
+    },
 }
 
 /// A raft log entry payload.

@@ -216,6 +216,27 @@ impl Meta for MetaService {
     async fn set_attr(&self, req: Request<pb::SetAttrRequest>) -> Res<pb::AttrReply> {
         let r = req.into_inner();
         ino_ok(r.ino)?;
+        if r.access {
+            if r.mode.is_some()
+                || r.uid.is_some()
+                || r.gid.is_some()
+                || r.size.is_some()
+                || r.mtime.is_some()
+                || r.ctime_ns.is_some()
+            {
+                return Err(
+                    MdsError::Invalid("an access-time update changes only atime".into()).into(),
+                );
+            }
+            let op = Op::Touch {
+                ino: r.ino,
+                atime: time_spec(r.atime).unwrap_or(TimeSpec::Now),
+            };
+            return Ok(Response::new(attr_reply(
+                self.mutate(r.header.as_ref(), op, &[Change::attr(r.ino)])
+                    .await?,
+            )?));
+        }
         let op = Op::SetAttr {
             ino: r.ino,
             mode: r.mode,

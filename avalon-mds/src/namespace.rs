@@ -418,6 +418,14 @@ impl State {
             Op::Rmdir { parent, name } => self
                 .remove(now, *parent, name, true, None)
                 .map(|_| Reply::None),
+            Op::Touch { ino, atime } => {
+                let i = self.inode_mut(*ino)?;
+                i.attr.atime_ns = match atime {
+                    TimeSpec::Now => now,
+                    TimeSpec::Ns(n) => *n,
+                };
+                Ok(Reply::Attr(i.attr))
+            }
             Op::RmdirGuarded {
                 parent,
                 name,

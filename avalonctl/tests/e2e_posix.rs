@@ -725,3 +725,96 @@ fn seek_data_and_seek_hole_find_holes() {
     let c = File::open(m.join("copy")).unwrap();
     assert_eq!(seek(&c, 0, data), Ok(9 * MB));
 }
+
+/// generic/003: with relatime (the default) a read renews atime when it is
+/// not after mtime/ctime, and only then; ctime stays.
+#[test]
+fn relatime_updates_atime_on_read() {
+    use std::os::unix::fs::MetadataExt;
+    let tc = TestCluster::start(1, 3);
+    let m = tc.mnt();
+    let f = m.join("f");
+    std::fs::write(&f, b"aaa").unwrap();
+    let times = |p: &Path| {
+        let s = meta(p);
+        (
+            (s.atime(), s.atime_nsec()),
+            (s.mtime(), s.mtime_nsec()),
+            (s.ctime(), s.ctime_nsec()),
+        )
+    };
+    let (a0, m0, c0) = times(&f);
+    assert!(a0 <= m0);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(std::fs::read(&f).unwrap(), b"aaa");
+    let (a1, m1, c1) = times(&f);
+    assert!(
+        a1 > a0 && a1 > m1,
+        "first read renews atime: {a0:?} -> {a1:?}"
+    );
+    assert_eq!((m1, c1), (m0, c0), "a read changes neither mtime nor ctime");
+    // atime is now after mtime: another read leaves it.
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::read(&f).unwrap();
+    assert_eq!(times(&f).0, a1, "second read");
+    // After a write, the next read renews it again.
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&f, b"bbb").unwrap();
+    let (a2, m2, _) = times(&f);
+    assert_eq!(a2, a1);
+    assert!(m2 > a2);
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::read(&f).unwrap();
+    assert!(times(&f).0 > m2, "read after a write");
+}
+
+/// generic/683-685: fallocate, punch hole and zero range by an unprivileged
+/// caller drop S_ISUID and S_ISGID (root keeps them); generic/213:
+/// allocating more than the free space fails with ENOSPC.
+#[test]
+fn fallocate_drops_setid_bits_and_checks_free_space() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let tc = TestCluster::start(1, 3);
+    let m = tc.mnt();
+    std::fs::set_permissions(tc.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&m, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let f = m.join("setid");
+    let fs_ = f.to_str().unwrap();
+    for (args, mode) in [
+        (vec!["-o", "0", "-l", "65536"], 0o6666),
+        (vec!["-p", "-o", "0", "-l", "4096"], 0o6676),
+        (vec!["-z", "-o", "4096", "-l", "4096"], 0o2666),
+    ] {
+        std::fs::write(&f, vec![1u8; 65536]).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+        let mut cmd = vec!["fallocate"];
+        cmd.extend(args.iter().copied());
+        cmd.push(fs_);
+        assert!(as_nobody(&cmd), "fallocate {args:?} as nobody");
+        assert_eq!(meta(&f).mode() & 0o7777, mode & 0o777, "{args:?}");
+        // Root keeps them.
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+        run(Command::new("fallocate").args(&args).arg(&f));
+        assert_eq!(meta(&f).mode() & 0o7777, mode, "{args:?} as root");
+    }
+
+    // More than the free space: ENOSPC, and the size is unchanged.
+    // SAFETY: statvfs with a valid path and out struct.
+    let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
+    let p = std::ffi::CString::new(m.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::statvfs(p.as_ptr(), &mut sv) }, 0);
+    let avail = sv.f_bavail * sv.f_frsize;
+    let g = open_rw(&m.join("big"));
+    // SAFETY: valid fd.
+    let r = unsafe { libc::fallocate(g.as_raw_fd(), 0, 0, (2 * avail) as i64) };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENOSPC)
+    );
+    assert_eq!(g.metadata().unwrap().len(), 0);
+    // SAFETY: valid fd.
+    let r = unsafe { libc::fallocate(g.as_raw_fd(), 0, 0, 1 << 20) };
+    assert_eq!(r, 0, "a small fallocate still works");
+    assert_eq!(g.metadata().unwrap().len(), 1 << 20);
+}

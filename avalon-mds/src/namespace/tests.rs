@@ -941,3 +941,26 @@ fn open_directories_are_kept_as_orphans() {
     assert_eq!(s.getattr(g.ino), Err(libc::ENOENT));
     assert!(s.orphans.is_empty());
 }
+
+#[test]
+fn touch_changes_atime_only() {
+    let mut s = State::new();
+    let f = mknod(&mut s, ROOT_INO, "f", true).expect("f");
+    let later = MetaCommand {
+        now_ns: T0 + 500,
+        session_id: 0,
+        request_id: 0,
+        op: Op::Touch {
+            ino: f.ino,
+            atime: TimeSpec::Now,
+        },
+    };
+    let a = attr(s.apply(&later).0).expect("touch");
+    assert_eq!(a.atime_ns, T0 + 500);
+    assert_eq!((a.mtime_ns, a.ctime_ns), (f.mtime_ns, f.ctime_ns));
+    let t = Op::Touch {
+        ino: 9999,
+        atime: TimeSpec::Ns(1),
+    };
+    assert_eq!(run(&mut s, t), Err(libc::ENOENT));
+}
