@@ -38,9 +38,12 @@ use tokio::sync::Notify;
 /// (session, inode, owner) that may hold locks on the MDS.
 static HELD: LazyLock<DashSet<(u64, u64, u64)>> = LazyLock::new(DashSet::new);
 
+/// An open file's inode and the lock owners that set locks through it.
+type FileOwners = (u64, Vec<u64>);
+
 /// (session, fh) -> the inode and the owners that set locks through that
 /// open file.
-static BY_FILE: LazyLock<DashMap<(u64, u64), (u64, Vec<u64>)>> = LazyLock::new(DashMap::new);
+static BY_FILE: LazyLock<DashMap<(u64, u64), FileOwners>> = LazyLock::new(DashMap::new);
 
 /// (session, inode) -> releases of lock-holding open files under way.
 static RELEASING: LazyLock<DashMap<(u64, u64), usize>> = LazyLock::new(DashMap::new);

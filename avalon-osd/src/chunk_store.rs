@@ -1515,12 +1515,7 @@ impl ChunkStore {
     /// local filesystem's SEEK_DATA/SEEK_HOLE over the stored length, so
     /// punched and never-written ranges are holes), and whether chunks
     /// were left out.
-    pub fn extents(
-        &self,
-        ino: u64,
-        from: u64,
-        max: usize,
-    ) -> Result<(Vec<(u64, Vec<(u64, u64)>)>, bool)> {
+    pub fn extents(&self, ino: u64, from: u64, max: usize) -> Result<(Vec<ChunkData>, bool)> {
         let mut out = Vec::new();
         let indexes = self.indexes(ino)?;
         let mut it = indexes.range(from..);
@@ -1588,6 +1583,9 @@ impl ChunkStore {
         fsync_dir(&self.root)
     }
 }
+
+/// A chunk index and the byte ranges of it that hold data.
+pub type ChunkData = (u64, Vec<(u64, u64)>);
 
 /// Data ranges of the first `len` bytes of `file`, per SEEK_DATA and
 /// SEEK_HOLE; all of it when the filesystem cannot tell.
