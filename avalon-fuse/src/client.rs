@@ -861,6 +861,8 @@ impl Client {
         };
         if last {
             self.opens.remove_if(&ino, |_, n| *n == 0);
+            // Opened for reading but never read: nothing to renew.
+            self.atime_due.remove(&ino);
         }
         let req = pb::ReleaseRequest {
             header: self.header(),
