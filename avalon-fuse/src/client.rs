@@ -7,7 +7,7 @@ use crate::meta_cache::{Cached, MetaCache};
 use avalon_proto::mds_conn::MdsConn;
 use avalon_proto::pb::{self, time_set::How, Attr, ClusterMap, RequestHeader, TimeSet};
 use bytes::Bytes;
-use dashmap::DashMap;
+use dashmap::{DashMap, DashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -64,6 +64,22 @@ pub struct SetAttr {
     pub ctime_ns: Option<i64>,
 }
 
+/// When reads update a file's access time (the mount's atime options).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AtimeMode {
+    /// noatime, or a read-only mount.
+    Never,
+    /// relatime (Linux's default): when atime is not after mtime or ctime,
+    /// or a day old.
+    #[default]
+    Relative,
+    /// strictatime: on every read (here: the first read of each open).
+    Always,
+}
+
+/// How old an access time relatime renews anyway.
+const RELATIME_MAX_AGE_NS: i64 = 24 * 3600 * 1_000_000_000;
+
 /// A connected client session.
 pub struct Client {
     /// Leader-following connection to the MDS.
@@ -85,6 +101,10 @@ pub struct Client {
     pub(crate) write_gates: DashMap<u64, Arc<tokio::sync::RwLock<()>>>,
     /// Creates in flight (see [`Client::create`]).
     creating: std::sync::atomic::AtomicU32,
+    /// Open directories: count, and whether the MDS counts one open of
+    /// ours (registered before this client removes one, see
+    /// [`Client::rmdir`]). Reported in heartbeats like files.
+    open_dirs: DashMap<u64, (u32, bool)>,
     /// Whole chunks fetched by sequential readahead.
     pub(crate) cache: crate::chunk_cache::ChunkCache,
     /// Attributes and entries cached under the metadata lease.
@@ -93,6 +113,10 @@ pub struct Client {
     pub page_versions: crate::page_cache::PageVersions,
     /// Writes acknowledged to the kernel, not yet sent to the OSDs.
     pub(crate) wbuf: crate::write_buffer::WriteBuffer,
+    atime_mode: AtimeMode,
+    /// Files opened since their atime was due (see [`Client::note_open_atime`]):
+    /// the next read updates it, so at most one MDS write per open.
+    atime_due: DashSet<u64>,
 }
 
 fn time_set(t: Option<TimeChange>) -> Option<TimeSet> {
@@ -146,11 +170,14 @@ impl Client {
             opens: DashMap::new(),
             write_gates: DashMap::new(),
             creating: Default::default(),
+            open_dirs: DashMap::new(),
             cache: crate::chunk_cache::ChunkCache::new(32),
             meta: MetaCache::new(),
             wbuf: crate::write_buffer::WriteBuffer::new(
                 crate::write_buffer::WriteBuffer::budget_from_env(),
             ),
+            atime_mode: AtimeMode::default(),
+            atime_due: DashSet::new(),
         })
     }
 
@@ -158,6 +185,51 @@ impl Client {
     pub fn set_cache_budget(&mut self, bytes: u64) {
         let chunks = bytes / u64::from(avalon_proto::limits::DEFAULT_CHUNK_SIZE);
         self.cache = crate::chunk_cache::ChunkCache::new(chunks as usize);
+    }
+
+    /// Sets when reads update access times (before sharing the client).
+    pub fn set_atime_mode(&mut self, mode: AtimeMode) {
+        self.atime_mode = mode;
+    }
+
+    /// An open of `ino` for reading returned attributes `a`: if the mount's
+    /// atime mode says its access time is due, the next read renews it.
+    pub fn note_open_atime(&self, a: &Attr, now_ns: i64) {
+        let due = match self.atime_mode {
+            AtimeMode::Never => false,
+            AtimeMode::Always => true,
+            AtimeMode::Relative => {
+                a.atime_ns <= a.mtime_ns
+                    || a.atime_ns <= a.ctime_ns
+                    || now_ns.saturating_sub(a.atime_ns) >= RELATIME_MAX_AGE_NS
+            }
+        };
+        if due {
+            self.atime_due.insert(a.ino);
+        }
+    }
+
+    /// Renews the access time of `ino` if an open made it due (called on
+    /// reads; an MDS write only for the first read after such an open).
+    pub async fn touch_atime_if_due(&self, ino: u64) -> Result<()> {
+        if self.atime_due.remove(&ino).is_none() {
+            return Ok(());
+        }
+        let epoch = self.meta.epoch();
+        let req = pb::SetAttrRequest {
+            header: self.header(),
+            ino,
+            atime: time_set(Some(TimeChange::Now)),
+            access: true,
+            ..Default::default()
+        };
+        let r = self
+            .mds
+            .request(req, |mut c, r| async move { c.set_attr(r).await })
+            .await?;
+        let a = Self::ok_attr(r.attr)?;
+        self.meta.put_attr(epoch, &a);
+        Ok(())
     }
 
     /// This client's session id.
@@ -198,7 +270,12 @@ impl Client {
     pub async fn heartbeat(&self) -> Result<()> {
         let req = pb::ClientHeartbeatRequest {
             header: self.header(),
-            open_inos: self.opens.iter().map(|e| *e.key()).collect(),
+            open_inos: self
+                .opens
+                .iter()
+                .map(|e| *e.key())
+                .chain(self.open_dirs.iter().map(|e| *e.key()))
+                .collect(),
             dropped_cache: self.meta.take_dropped(),
             write_inos: self
                 .opens
@@ -352,6 +429,7 @@ impl Client {
             atime: time_set(ch.atime),
             mtime: time_set(ch.mtime),
             ctime_ns: ch.ctime_ns,
+            access: false,
         };
         let r = self
             .mds
@@ -521,8 +599,10 @@ impl Client {
         Ok(())
     }
 
-    /// Removes an empty directory.
+    /// Removes an empty directory. One this client has open stays on the
+    /// MDS until closed (fstat gives nlink 0).
     pub async fn rmdir(&self, parent: u64, name: &[u8]) -> Result<()> {
+        self.register_open_dir(parent, name).await;
         let req = pb::UnlinkRequest {
             header: self.header(),
             parent,
@@ -578,6 +658,10 @@ impl Client {
         new_name: &[u8],
         flags: u32,
     ) -> Result<()> {
+        if flags & libc::RENAME_EXCHANGE == 0 {
+            // A directory replaced while open stays, as with rmdir.
+            self.register_open_dir(new_parent, new_name).await;
+        }
         let req = pb::RenameRequest {
             header: self.header(),
             parent,
@@ -880,6 +964,84 @@ impl Client {
         }
     }
 
+    /// Counts an open of directory `ino`. The MDS learns of it with the
+    /// next heartbeat (no round trip per opendir), or at once when this
+    /// client removes the directory (see [`Client::rmdir`]).
+    pub fn open_dir(&self, ino: u64) {
+        self.open_dirs.entry(ino).or_insert((0, false)).0 += 1;
+    }
+
+    /// Ends one open of directory `ino`; the last one tells the MDS if it
+    /// counted an open of ours (an orphan directory then goes).
+    pub async fn release_dir(&self, ino: u64) -> Result<()> {
+        let mut registered = false;
+        let last = match self.open_dirs.get_mut(&ino) {
+            Some(mut e) => {
+                e.0 = e.0.saturating_sub(1);
+                registered = e.1 && e.0 == 0;
+                e.0 == 0
+            }
+            None => false,
+        };
+        if last {
+            self.open_dirs.remove_if(&ino, |_, e| e.0 == 0);
+        }
+        if registered {
+            let req = pb::ReleaseRequest {
+                header: self.header(),
+                ino,
+                flags: libc::O_RDONLY as u32,
+            };
+            self.mds
+                .request(req, |mut c, r| async move { c.release(r).await })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Before removing `name` in `parent`: if it is a directory this client
+    /// has open and the MDS may not know yet (heartbeats report opens
+    /// later), registers the open so that the removal keeps it.
+    async fn register_open_dir(&self, parent: u64, name: &[u8]) {
+        if self.open_dirs.is_empty() {
+            return;
+        }
+        let Ok(a) = self.lookup(parent, name).await else {
+            return;
+        };
+        match self.open_dirs.get(&a.ino) {
+            Some(e) if !e.1 => {}
+            _ => return,
+        }
+        let req = pb::OpenRequest {
+            header: self.header(),
+            ino: a.ino,
+            flags: libc::O_RDONLY as u32,
+        };
+        let r = self
+            .mds
+            .request(req, |mut c, r| async move { c.open(r).await })
+            .await;
+        if r.is_err() {
+            return;
+        }
+        match self.open_dirs.get_mut(&a.ino) {
+            Some(mut e) if !e.1 => e.1 = true,
+            // Closed meanwhile (or registered twice): give it back.
+            _ => {
+                let req = pb::ReleaseRequest {
+                    header: self.header(),
+                    ino: a.ino,
+                    flags: libc::O_RDONLY as u32,
+                };
+                let _ = self
+                    .mds
+                    .request(req, |mut c, r| async move { c.release(r).await })
+                    .await;
+            }
+        }
+    }
+
     /// Keeps the failure of a flush nobody waited for, for the file's next
     /// fsync or close.
     pub fn keep_write_error(&self, ino: u64, e: &ClientError) {
@@ -898,7 +1060,10 @@ impl Client {
         // Buffered data reaches the OSDs before the size that covers it.
         let flushed = self.flush_file(ino).await;
         let commit = self.commit_size(ino).await;
-        self.uncount_open(ino, flags);
+        if self.uncount_open(ino, flags) {
+            // Opened for reading but never read: nothing to renew.
+            self.atime_due.remove(&ino);
+        }
         let req = pb::ReleaseRequest {
             header: self.header(),
             ino,

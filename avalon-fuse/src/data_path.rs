@@ -617,6 +617,118 @@ impl Client {
         Ok(())
     }
 
+    /// Data ranges of `ino` from chunk `from` on, as the up OSDs store
+    /// them, merged (a range is data if any copy has data there), and the
+    /// byte offset up to which that is complete. None if an OSD did not
+    /// answer: nothing can be called a hole then.
+    async fn object_extents(&self, ino: u64, from: u64) -> Result<Option<(Vec<(u64, u64)>, u64)>> {
+        let cs = u64::from(self.chunk_size_of(ino));
+        let map = self.map();
+        let asks = map
+            .osds
+            .iter()
+            .filter(|o| o.state == OsdState::Up as i32)
+            .map(|o| {
+                let call = self.osd(&o.addr).map(|mut c| {
+                    let req = pb::ObjectExtentsRequest {
+                        header: self.header(),
+                        ino,
+                        from_index: from,
+                        max_chunks: 4096,
+                    };
+                    async move { c.object_extents(req).await }
+                });
+                async move {
+                    match tokio::time::timeout(IO_RETRY_BUDGET, call?).await {
+                        Ok(Ok(r)) => Ok(Some(r.into_inner())),
+                        Ok(Err(s)) if !retry_elsewhere(&s) => Err(ClientError::from(s)),
+                        _ => Ok(None),
+                    }
+                }
+            });
+        let mut ranges = Vec::new();
+        let mut complete_to = u64::MAX;
+        for r in try_join_all(asks).await? {
+            let Some(r) = r else { return Ok(None) };
+            if r.truncated {
+                let last = r.chunks.last().map_or(from, |c| c.index);
+                complete_to = complete_to.min(last.saturating_add(1).saturating_mul(cs));
+            }
+            for c in r.chunks {
+                let base = c.index.saturating_mul(cs);
+                ranges.extend(c.data.iter().map(|d| {
+                    (
+                        base.saturating_add(d.start.min(cs)),
+                        base.saturating_add(d.end.min(cs)),
+                    )
+                }));
+            }
+        }
+        ranges.retain(|r| r.0 < r.1 && r.0 < complete_to);
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (s, e) in ranges {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e.min(complete_to))),
+            }
+        }
+        Ok(Some((merged, complete_to)))
+    }
+
+    /// lseek SEEK_DATA (`data`) or SEEK_HOLE from `offset` in a file of
+    /// `size` bytes, from where the OSDs store data (their own sparse
+    /// files). ENXIO at or past the end; the end is a hole.
+    pub async fn seek_data_hole(
+        &self,
+        ino: u64,
+        offset: u64,
+        data: bool,
+        size: u64,
+    ) -> Result<u64> {
+        if offset >= size {
+            return Err(ClientError::posix(libc::ENXIO, "seek past the end"));
+        }
+        // Buffered writes are data too.
+        self.flush_file(ino).await?;
+        let cs = u64::from(self.chunk_size_of(ino));
+        let mut pos = offset;
+        loop {
+            let Some((ranges, complete_to)) = self.object_extents(ino, pos / cs).await? else {
+                // Not every OSD answered: all of the file counts as data.
+                return Ok(if data { offset } else { size });
+            };
+            if data {
+                if let Some(r) = ranges.iter().find(|r| r.1 > pos) {
+                    let at = r.0.max(pos);
+                    return if at < size {
+                        Ok(at)
+                    } else {
+                        Err(ClientError::posix(libc::ENXIO, "no data past the offset"))
+                    };
+                }
+            } else {
+                for r in &ranges {
+                    if r.0 > pos {
+                        break;
+                    }
+                    pos = pos.max(r.1);
+                }
+                if pos < complete_to {
+                    return Ok(pos.min(size));
+                }
+            }
+            if complete_to >= size {
+                return if data {
+                    Err(ClientError::posix(libc::ENXIO, "no data past the offset"))
+                } else {
+                    Ok(size)
+                };
+            }
+            pos = pos.max(complete_to);
+        }
+    }
+
     /// Makes `[offset, offset+len)` of `ino` read as zeros without storing
     /// data (punch hole / zero range). Does not change the file size.
     pub async fn zero_range(&self, ino: u64, offset: u64, len: u64) -> Result<()> {

@@ -5,8 +5,10 @@
 use crate::attr::{ns_of, to_fuse};
 use crate::client::{Client, SetAttr, TimeChange};
 use crate::error::ClientError;
+use crate::recall::KernelCache;
 use avalon_proto::pb::Attr;
 use bytes::Bytes;
+use dashmap::DashMap;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
@@ -16,7 +18,8 @@ use fuser::{
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 use tokio::runtime::Handle;
 
@@ -33,12 +36,39 @@ fn errno(e: &ClientError) -> Errno {
 pub struct AvalonFs {
     client: Arc<Client>,
     rt: Handle,
+    /// Last file handle given out: every open file gets its own, so that
+    /// its release can drop the OFD locks set through it (crate::locks).
+    last_fh: AtomicU64,
+    /// Open directory streams: fh -> the directory's next cookie when the
+    /// stream started (or was rewound). Entries from there on were added
+    /// later and are left out, so a listing ends even while entries are
+    /// renamed away and back (each rename gives a new, larger cookie).
+    dir_marks: Arc<DashMap<u64, u64>>,
+    /// The kernel's caches, once the session is mounted (see
+    /// [`AvalonFs::kernel_slot`]).
+    kernel: Arc<OnceLock<KernelCache>>,
 }
 
 impl AvalonFs {
     /// An adapter over a connected client, running its work on `rt`.
     pub fn new(client: Arc<Client>, rt: Handle) -> Self {
-        AvalonFs { client, rt }
+        AvalonFs {
+            client,
+            rt,
+            last_fh: AtomicU64::new(0),
+            dir_marks: Arc::new(DashMap::new()),
+            kernel: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Where the mount puts its kernel cache handle once the session exists
+    /// (the notifier comes from the session, which takes the filesystem).
+    pub fn kernel_slot(&self) -> Arc<OnceLock<KernelCache>> {
+        self.kernel.clone()
+    }
+
+    fn new_fh(&self) -> FileHandle {
+        FileHandle(self.last_fh.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
     /// Kernel node id → MDS inode (the mount root may be a subdirectory).
@@ -55,6 +85,33 @@ impl AvalonFs {
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         self.rt.spawn(f);
+    }
+}
+
+/// The high-water mark of a directory stream: taken from the first page
+/// of the stream (or of a rewind), kept for its later pages. 0 from an MDS
+/// that does not report it: no limit.
+fn stream_mark(marks: &DashMap<u64, u64>, fh: u64, offset: u64, next_cookie: u64) -> u64 {
+    let next = if next_cookie == 0 {
+        u64::MAX
+    } else {
+        next_cookie
+    };
+    if offset == 0 {
+        marks.insert(fh, next);
+        return next;
+    }
+    *marks.entry(fh).or_insert(next)
+}
+
+/// Kernel node id of ".." of directory `dir` whose parent the MDS says is
+/// `parent`: the mount root is its own parent (its real parent is outside
+/// the mount).
+fn dotdot(c: &Client, dir: u64, parent: u64) -> u64 {
+    if dir == c.root_ino || parent == 0 {
+        fuse_ino(c, dir)
+    } else {
+        fuse_ino(c, parent)
     }
 }
 
@@ -365,6 +422,7 @@ impl Filesystem for AvalonFs {
         let ino = self.mds_ino(ino);
         // With FUSE_ATOMIC_O_TRUNC the kernel leaves O_TRUNC to us.
         let trunc = flags.0 & libc::O_TRUNC != 0 && flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        let fh = self.new_fh();
         self.spawn(async move {
             // Close-to-open: an open sees the size other clients committed.
             let flags = flags.0 as u32;
@@ -385,12 +443,18 @@ impl Filesystem for AvalonFs {
             match r {
                 Ok((a, shared, keep)) => {
                     c.note_attr(&a);
-                    let mut how = direct_if(shared, flags as i32);
+                    let how_opened = flags as i32;
+                    if how_opened & libc::O_ACCMODE != libc::O_WRONLY
+                        && how_opened & libc::O_NOATIME == 0
+                    {
+                        c.note_open_atime(&a, crate::attr::ns_of(SystemTime::now()));
+                    }
+                    let mut how = direct_if(shared, how_opened);
                     // O_TRUNC changed the file after the version check.
                     if keep && !trunc {
                         how |= FopenFlags::FOPEN_KEEP_CACHE;
                     }
-                    reply.opened(FileHandle(0), how)
+                    reply.opened(fh, how)
                 }
                 Err(e) => reply.error(errno(&e)),
             }
@@ -413,6 +477,7 @@ impl Filesystem for AvalonFs {
         let (uid, gid) = (req.uid(), req.gid());
         let mode = crate::acl::create_mode(libc::S_IFREG | (mode & 0o7777), umask);
         let exclusive = flags & libc::O_EXCL != 0;
+        let fh = self.new_fh();
         self.spawn(async move {
             // The MDS counts the file open from its creation on (and the
             // heartbeats keep it so), so no separate Open round trip.
@@ -426,7 +491,7 @@ impl Filesystem for AvalonFs {
                         &c.meta.ttl(),
                         &attr,
                         Generation(a.generation),
-                        FileHandle(0),
+                        fh,
                         direct_if(shared, flags),
                     )
                 }
@@ -449,7 +514,14 @@ impl Filesystem for AvalonFs {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move {
-            match c.read(ino, offset, size).await {
+            // The access time goes with the data (a stat right after the
+            // read must see it), at most once per open.
+            let (data, touched) =
+                tokio::join!(c.read(ino, offset, size), c.touch_atime_if_due(ino));
+            if let Err(e) = touched {
+                tracing::debug!(ino, error = %e, "could not update atime");
+            }
+            match data {
                 Ok(d) => reply.data(&d),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -515,7 +587,7 @@ impl Filesystem for AvalonFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         flags: OpenFlags,
         lock_owner: Option<LockOwner>,
         _flush: bool,
@@ -523,11 +595,14 @@ impl Filesystem for AvalonFs {
     ) {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
+        // The open file's flock and OFD locks go with its last reference;
+        // noted before the task starts so that lock requests read after
+        // this wait for it.
+        let locks = crate::locks::begin_release(&c, fh.0, ino, lock_owner.map(|o| o.0));
         self.spawn(async move {
-            // The open file's flock goes with its last reference.
-            if let Some(o) = lock_owner {
-                if let Err(e) = crate::locks::release_owner(&c, ino, o.0).await {
-                    tracing::warn!(ino, error = %e, "could not release flock");
+            if let Some(l) = locks {
+                if let Err(e) = crate::locks::finish_release(&c, l).await {
+                    tracing::warn!(ino, error = %e, "could not release locks");
                 }
             }
             reply_empty(c.release(ino, flags.0 as u32).await, reply)
@@ -560,7 +635,7 @@ impl Filesystem for AvalonFs {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         lock_owner: LockOwner,
         start: u64,
         end: u64,
@@ -572,6 +647,9 @@ impl Filesystem for AvalonFs {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let tid = req.pid();
+        if typ != libc::F_UNLCK {
+            crate::locks::note_lock(&c, fh.0, ino, lock_owner.0);
+        }
         self.spawn(async move {
             let r = crate::locks::setlk(&c, ino, lock_owner.0, start, end, typ, pid, sleep, tid);
             reply_empty(r.await, reply)
@@ -591,31 +669,56 @@ impl Filesystem for AvalonFs {
         self.spawn(async move { reply_empty(c.fsync(ino).await, reply) });
     }
 
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let fh = self.new_fh();
+        self.client.open_dir(self.mds_ino(ino));
+        reply.opened(fh, FopenFlags::empty());
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dir_marks.remove(&fh.0);
+        let c = self.client.clone();
+        let ino = self.mds_ino(ino);
+        self.spawn(async move { reply_empty(c.release_dir(ino).await, reply) });
+    }
+
     fn readdir(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         let c = self.client.clone();
         let dir = self.mds_ino(ino);
+        let marks = self.dir_marks.clone();
         self.spawn(async move {
+            let mut cookie = offset.max(DOTDOT_COOKIE);
+            let mut page = match c.readdir(dir, cookie, READDIR_PAGE, false).await {
+                Ok(p) => p,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            let mark = stream_mark(&marks, fh.0, offset, page.next_cookie);
             if offset == 0 && reply.add(ino, 1, fuser::FileType::Directory, ".") {
                 return reply.ok();
             }
-            if offset <= 1 && reply.add(INodeNo(1), DOTDOT_COOKIE, fuser::FileType::Directory, "..")
-            {
+            let up = INodeNo(dotdot(&c, dir, page.parent));
+            if offset <= 1 && reply.add(up, DOTDOT_COOKIE, fuser::FileType::Directory, "..") {
                 return reply.ok();
             }
-            let mut cookie = offset.max(DOTDOT_COOKIE);
             loop {
-                let page = match c.readdir(dir, cookie, READDIR_PAGE, false).await {
-                    Ok(p) => p,
-                    Err(e) => return reply.error(errno(&e)),
-                };
                 for e in &page.entries {
+                    if e.cookie >= mark {
+                        return reply.ok();
+                    }
                     let kind = crate::attr::kind_of(e.mode);
                     if reply.add(
                         INodeNo(fuse_ino(&c, e.ino)),
@@ -630,6 +733,10 @@ impl Filesystem for AvalonFs {
                 if page.eof || page.entries.is_empty() {
                     return reply.ok();
                 }
+                page = match c.readdir(dir, cookie, READDIR_PAGE, false).await {
+                    Ok(p) => p,
+                    Err(e) => return reply.error(errno(&e)),
+                };
             }
         });
     }
@@ -638,13 +745,20 @@ impl Filesystem for AvalonFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         let c = self.client.clone();
         let dir = self.mds_ino(ino);
+        let marks = self.dir_marks.clone();
         self.spawn(async move {
+            let mut cookie = offset.max(DOTDOT_COOKIE);
+            let mut page = match c.readdir(dir, cookie, READDIR_PAGE, true).await {
+                Ok(p) => p,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            let mark = stream_mark(&marks, fh.0, offset, page.next_cookie);
             // "." and ".." carry attributes too; fetch them once per listing.
             if offset <= 1 {
                 let me = match c.getattr(dir).await {
@@ -657,24 +771,28 @@ impl Filesystem for AvalonFs {
                 {
                     return reply.ok();
                 }
+                // The kernel takes d_ino from the attributes and links no
+                // dentry for "..": only the inode number matters.
+                let up = FileAttr {
+                    ino: INodeNo(dotdot(&c, dir, page.parent)),
+                    ..attr
+                };
                 if reply.add(
-                    ino,
+                    up.ino,
                     DOTDOT_COOKIE,
                     "..",
                     &Duration::ZERO,
-                    &attr,
-                    Generation(me.generation),
+                    &up,
+                    Generation(0),
                 ) {
                     return reply.ok();
                 }
             }
-            let mut cookie = offset.max(DOTDOT_COOKIE);
             loop {
-                let page = match c.readdir(dir, cookie, READDIR_PAGE, true).await {
-                    Ok(p) => p,
-                    Err(e) => return reply.error(errno(&e)),
-                };
                 for e in &page.entries {
+                    if e.cookie >= mark {
+                        return reply.ok();
+                    }
                     let Some(a) = e.attr.as_ref() else {
                         return reply.error(Errno::EIO);
                     };
@@ -694,6 +812,10 @@ impl Filesystem for AvalonFs {
                 if page.eof || page.entries.is_empty() {
                     return reply.ok();
                 }
+                page = match c.readdir(dir, cookie, READDIR_PAGE, true).await {
+                    Ok(p) => p,
+                    Err(e) => return reply.error(errno(&e)),
+                };
             }
         });
     }
@@ -800,7 +922,7 @@ impl Filesystem for AvalonFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -810,9 +932,26 @@ impl Filesystem for AvalonFs {
     ) {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
-        self.spawn(
-            async move { reply_empty(fallocate(&c, ino, offset, length, mode).await, reply) },
-        );
+        let (uid, gid, pid) = (req.uid(), req.gid(), req.pid());
+        let kernel = self.kernel.clone();
+        self.spawn(async move {
+            let mut r = fallocate(&c, ino, offset, length, mode).await;
+            if r.is_ok() && uid != 0 {
+                r = match kill_priv(&c, ino, gid, pid).await {
+                    // The kernel keeps the mode it was told before the
+                    // fallocate: it must ask again.
+                    Ok(true) => {
+                        if let Some(k) = kernel.get() {
+                            k.invalidate_attr(ino);
+                        }
+                        Ok(())
+                    }
+                    Ok(false) => Ok(()),
+                    Err(e) => Err(e),
+                };
+            }
+            reply_empty(r, reply)
+        });
     }
 
     fn lseek(
@@ -834,14 +973,17 @@ impl Filesystem for AvalonFs {
                     Err(e) => return reply.error(errno(&e)),
                 },
             };
-            // Holes are not tracked yet: the whole file counts as data,
-            // which SEEK_DATA/SEEK_HOLE allow.
-            let off = offset.max(0) as u64;
-            match whence {
-                libc::SEEK_DATA if offset >= 0 && off < size => reply.offset(offset),
-                libc::SEEK_HOLE if offset >= 0 && off < size => reply.offset(size as i64),
-                libc::SEEK_DATA | libc::SEEK_HOLE => reply.error(Errno::ENXIO),
-                _ => reply.error(Errno::EINVAL),
+            let data = match whence {
+                libc::SEEK_DATA => true,
+                libc::SEEK_HOLE => false,
+                _ => return reply.error(Errno::EINVAL),
+            };
+            if offset < 0 {
+                return reply.error(Errno::ENXIO);
+            }
+            match c.seek_data_hole(ino, offset as u64, data, size).await {
+                Ok(off) => reply.offset(off as i64),
+                Err(e) => reply.error(errno(&e)),
             }
         });
     }
@@ -897,8 +1039,48 @@ impl Filesystem for AvalonFs {
     }
 }
 
+/// True if process `pid` (primary group `gid`) is a member of group `group`.
+fn in_group(pid: u32, gid: u32, group: u32) -> bool {
+    if gid == group {
+        return true;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(group)))
+}
+
+/// A data change by an unprivileged caller drops S_ISUID, and S_ISGID when
+/// group-executable or the caller is not in the file's group, as write
+/// does. The kernel does this for write(2) through setattr, but for
+/// fallocate only when S_IXGRP is set (no FUSE_HANDLE_KILLPRIV_V2), so the
+/// client does it.
+/// True if the mode changed.
+async fn kill_priv(c: &Client, ino: u64, gid: u32, pid: u32) -> crate::error::Result<bool> {
+    let a = c.getattr(ino).await?;
+    let mut mode = a.mode & 0o7777;
+    if mode & libc::S_ISUID != 0 {
+        mode &= !libc::S_ISUID;
+    }
+    if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || !in_group(pid, gid, a.gid)) {
+        mode &= !libc::S_ISGID;
+    }
+    if mode == a.mode & 0o7777 {
+        return Ok(false);
+    }
+    let ch = SetAttr {
+        mode: Some(mode),
+        ..Default::default()
+    };
+    c.setattr(ino, ch).await.map(|_| true)
+}
+
 /// fallocate(2): allocation only extends the size (space is not reserved
-/// ahead), punching and zeroing store no data.
+/// ahead, but more than the cluster has free fails with ENOSPC), punching
+/// and zeroing store no data.
 async fn fallocate(
     c: &Client,
     ino: u64,
@@ -917,7 +1099,18 @@ async fn fallocate(
         return Err(ClientError::posix(libc::EINVAL, "fallocate of zero length"));
     }
     match mode {
-        0 | KEEP_SIZE => {}
+        0 | KEEP_SIZE => {
+            // Nothing is reserved, but a request the free space cannot
+            // hold fails as on a local filesystem (counted whole: which
+            // parts are already stored is not known here).
+            let free = c.statfs().await?.avail_bytes;
+            if length > free {
+                return Err(ClientError::posix(
+                    libc::ENOSPC,
+                    "fallocate larger than the free space",
+                ));
+            }
+        }
         m if m == PUNCH | KEEP_SIZE => c.zero_range(ino, offset, length).await?,
         ZERO | 0x11 => c.zero_range(ino, offset, length).await?,
         m if m & PUNCH != 0 => {

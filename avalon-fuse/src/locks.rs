@@ -14,16 +14,41 @@
 //! `release` with the open file's owner for flock. To keep closes cheap, the
 //! client remembers which (inode, owner) pairs it ever locked and only then
 //! asks the MDS to drop them.
+//!
+//! OFD locks (F_OFD_SETLK) belong to the open file, like flock, but the
+//! kernel tells FUSE nothing when one goes with its file: `release` carries
+//! a lock owner only if flock was used. So every open file has its own
+//! handle (fh), the client records which owners locked through which
+//! handle, and the release of a handle drops those owners' locks. A POSIX
+//! (process) owner is always gone from the handle's record by then: its
+//! locks went with the flush of its own close of that file, which also
+//! forgets it here, so a lock it took later through another handle stays.
+//! The kernel sends release in the background, so a lock request that
+//! arrives while a release of the same inode is under way waits for it
+//! (another process may have closed and signalled us just before).
 
 use crate::client::Client;
 use crate::error::{ClientError, Result};
 use avalon_proto::pb;
-use dashmap::DashSet;
+use dashmap::{DashMap, DashSet};
 use std::sync::LazyLock;
 use std::time::Duration;
+use tokio::sync::Notify;
 
 /// (session, inode, owner) that may hold locks on the MDS.
 static HELD: LazyLock<DashSet<(u64, u64, u64)>> = LazyLock::new(DashSet::new);
+
+/// An open file's inode and the lock owners that set locks through it.
+type FileOwners = (u64, Vec<u64>);
+
+/// (session, fh) -> the inode and the owners that set locks through that
+/// open file.
+static BY_FILE: LazyLock<DashMap<(u64, u64), FileOwners>> = LazyLock::new(DashMap::new);
+
+/// (session, inode) -> releases of lock-holding open files under way.
+static RELEASING: LazyLock<DashMap<(u64, u64), usize>> = LazyLock::new(DashMap::new);
+/// Wakes lock requests waiting for releases.
+static RELEASED: LazyLock<Notify> = LazyLock::new(Notify::new);
 
 /// First and largest pause between retries of a blocking lock request.
 const FIRST_WAIT: Duration = Duration::from_millis(5);
@@ -66,11 +91,82 @@ pub async fn getlk(
     pid: u32,
 ) -> Result<LockInfo> {
     let req = lock_req(c, ino, owner, start, end, typ, pid)?;
+    wait_releases(c, ino).await;
     let r = c
         .mds
         .request(req, |mut m, r| async move { m.get_lock(r).await })
         .await?;
     Ok((r.start, r.end, r.r#type as i32, r.pid))
+}
+
+/// Records that `owner` sets a lock through open file `fh` (called in the
+/// order the kernel sent the requests, before the lock is set, so that the
+/// file's release finds it).
+pub fn note_lock(c: &Client, fh: u64, ino: u64, owner: u64) {
+    let mut e = BY_FILE
+        .entry((c.session_id(), fh))
+        .or_insert_with(|| (ino, Vec::new()));
+    if !e.1.contains(&owner) {
+        e.1.push(owner);
+    }
+}
+
+/// An open file's release that drops its owners' locks.
+pub struct Release {
+    ino: u64,
+    owners: Vec<u64>,
+}
+
+/// Starts the release of open file `fh` (called in the order the kernel
+/// sent the requests): takes the owners that locked through it, plus the
+/// flock owner the kernel names, and makes lock requests on the inode wait
+/// until [`finish_release`] dropped them.
+pub fn begin_release(c: &Client, fh: u64, ino: u64, flock_owner: Option<u64>) -> Option<Release> {
+    let mut owners = BY_FILE
+        .remove(&(c.session_id(), fh))
+        .map(|(_, (_, o))| o)
+        .unwrap_or_default();
+    if let Some(o) = flock_owner {
+        if !owners.contains(&o) {
+            owners.push(o);
+        }
+    }
+    owners.retain(|o| HELD.contains(&(c.session_id(), ino, *o)));
+    if owners.is_empty() {
+        return None;
+    }
+    *RELEASING.entry((c.session_id(), ino)).or_insert(0) += 1;
+    Some(Release { ino, owners })
+}
+
+/// Drops the locks of a release begun by [`begin_release`].
+pub async fn finish_release(c: &Client, r: Release) -> Result<()> {
+    let mut res = Ok(());
+    for o in &r.owners {
+        if let Err(e) = release_owner(c, r.ino, *o).await {
+            res = Err(e);
+        }
+    }
+    let key = (c.session_id(), r.ino);
+    if let Some(mut n) = RELEASING.get_mut(&key) {
+        *n = n.saturating_sub(1);
+    }
+    RELEASING.remove_if(&key, |_, n| *n == 0);
+    RELEASED.notify_waiters();
+    res
+}
+
+/// Waits until no release of a lock-holding open file of `ino` is under way.
+async fn wait_releases(c: &Client, ino: u64) {
+    let key = (c.session_id(), ino);
+    loop {
+        // Created before the check: notify_waiters wakes it from now on.
+        let woken = RELEASED.notified();
+        if !RELEASING.contains_key(&key) {
+            return;
+        }
+        woken.await;
+    }
 }
 
 async fn try_setlk(c: &Client, req: &pb::LockRequest) -> Result<()> {
@@ -127,6 +223,7 @@ pub async fn setlk(
         // release.
         HELD.insert(key);
     }
+    wait_releases(c, ino).await;
     let mut wait = FIRST_WAIT;
     loop {
         match try_setlk(c, &req).await {
@@ -147,6 +244,13 @@ pub async fn setlk(
 pub async fn release_owner(c: &Client, ino: u64, owner: u64) -> Result<()> {
     if HELD.remove(&(c.session_id(), ino, owner)).is_none() {
         return Ok(());
+    }
+    // The owner's locks go now: open files it locked through must not drop
+    // the locks it may take later through another one.
+    for mut e in BY_FILE.iter_mut() {
+        if e.key().0 == c.session_id() && e.0 == ino {
+            e.1.retain(|o| *o != owner);
+        }
     }
     let req = pb::ReleaseLocksRequest {
         header: c.header(),

@@ -6,7 +6,7 @@
 //! the mount's status, like other network filesystems' helpers.
 
 use anyhow::{bail, Context};
-use avalon_fuse::client::Client;
+use avalon_fuse::client::{AtimeMode, Client};
 use avalon_fuse::fs::AvalonFs;
 use avalon_fuse::mount_source;
 use clap::Parser;
@@ -64,6 +64,10 @@ struct Opts {
     fsname: Option<String>,
     subtype: bool,
     cache_mb: Option<u64>,
+    /// When reads renew access times (noatime, relatime, strictatime;
+    /// never on a read-only mount).
+    atime: AtimeMode,
+    read_only: bool,
 }
 
 /// Session heartbeat period: a quarter of the MDS's default 1 s lease.
@@ -86,10 +90,26 @@ fn parse_opts(list: &[String]) -> anyhow::Result<Opts> {
             None => (opt, None),
         };
         match (k, v) {
-            ("ro", None) => o.kernel.push(MountOption::RO),
-            ("rw", None) => o.kernel.push(MountOption::RW),
-            ("noatime", None) => o.kernel.push(MountOption::NoAtime),
-            ("atime", None) => o.kernel.push(MountOption::Atime),
+            ("ro", None) => {
+                o.read_only = true;
+                o.kernel.push(MountOption::RO)
+            }
+            ("rw", None) => {
+                o.read_only = false;
+                o.kernel.push(MountOption::RW)
+            }
+            ("noatime", None) => {
+                o.atime = AtimeMode::Never;
+                o.kernel.push(MountOption::NoAtime)
+            }
+            ("atime", None) => {
+                if o.atime == AtimeMode::Never {
+                    o.atime = AtimeMode::Relative;
+                }
+                o.kernel.push(MountOption::Atime)
+            }
+            ("relatime", None) => o.atime = AtimeMode::Relative,
+            ("strictatime" | "norelatime", None) => o.atime = AtimeMode::Always,
             ("nodev", None) => o.kernel.push(MountOption::NoDev),
             ("dev", None) => o.kernel.push(MountOption::Dev),
             ("nosuid", None) => o.kernel.push(MountOption::NoSuid),
@@ -123,11 +143,7 @@ fn parse_opts(list: &[String]) -> anyhow::Result<Opts> {
             }
             ("nosubtype", None) => o.subtype = false,
             ("keyfile", Some(_)) => {} // reserved for client keys (security issue)
-            (
-                "relatime" | "norelatime" | "strictatime" | "nodiratime" | "diratime" | "lazytime"
-                | "nolazytime" | "silent" | "loud",
-                None,
-            ) => {}
+            ("nodiratime" | "diratime" | "lazytime" | "nolazytime" | "silent" | "loud", None) => {}
             (
                 "_netdev" | "defaults" | "nofail" | "auto" | "noauto" | "user" | "nouser" | "users",
                 _,
@@ -259,6 +275,11 @@ fn run_foreground(args: &Args) -> anyhow::Result<()> {
         })?;
     let mut client = client;
     client.set_cache_budget(opts.cache_mb.unwrap_or(128) << 20);
+    client.set_atime_mode(if opts.read_only {
+        AtimeMode::Never
+    } else {
+        opts.atime
+    });
     let client = Arc::new(client);
     tracing::info!(
         session = client.session_id(),
@@ -280,12 +301,14 @@ fn run_foreground(args: &Args) -> anyhow::Result<()> {
     cfg.n_threads = Some(2);
     cfg.clone_fd = true;
     let fs = AvalonFs::new(client.clone(), rt.handle().clone());
+    let kernel_slot = fs.kernel_slot();
     let mut session = fuser::Session::new(fs, &mountpoint, &cfg)
         .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
 
     // Background duties: the recall stream, heartbeats (which renew the
     // metadata lease, so several per lease) and cluster map refresh.
     let kernel = avalon_fuse::recall::KernelCache::new(session.notifier(), client.root_ino);
+    let _ = kernel_slot.set(kernel.clone());
     rt.spawn(avalon_fuse::recall::run(client.clone(), Some(kernel)));
     let hb = client.clone();
     rt.spawn(async move {

@@ -155,19 +155,30 @@ impl MetaCache {
     }
 
     /// Caches attributes from a reply to a request started in `epoch`.
+    /// A reply that may not be cached still voids what was: it may be
+    /// this client's own change, which no recall announces.
     pub fn put_attr(&self, epoch: u64, a: &Attr) {
         if self.may_store(epoch) {
             self.attrs.insert(a.ino, *a);
+        } else {
+            self.drop_inode(a.ino);
         }
     }
 
-    /// Caches that `name` in `dir` is `ino` (0: absent).
+    /// Caches that `name` in `dir` is `ino` (0: absent). As with
+    /// attributes, a reply that may not be cached voids the old entry (a
+    /// negative entry must not outlive this client's own create).
     pub fn put_entry(&self, epoch: u64, dir: u64, name: &[u8], ino: u64) {
-        if is_dot(name) || !self.may_store(epoch) {
+        if is_dot(name) {
             return;
         }
-        self.entries
-            .insert((dir, Bytes::copy_from_slice(name)), ino);
+        let key = (dir, Bytes::copy_from_slice(name));
+        if self.may_store(epoch) {
+            self.entries.insert(key, ino);
+        } else {
+            self.entries.remove(&key);
+            self.complete.remove(&dir);
+        }
     }
 
     /// `dir` was just created by this client: it has no entries but ours.
@@ -363,6 +374,12 @@ mod tests {
         // A reply to a request sent before the recall is not cached.
         c.put_attr(e, &attr(8));
         assert_eq!(c.attr(8), None);
+        // Nor does it leave an older entry in place: a negative entry
+        // followed by our own create must not answer "absent".
+        c.put_entry(c.epoch(), 1, b"new", 0);
+        assert_eq!(c.lookup(1, b"new"), Some(Cached::Absent));
+        c.put_entry(e, 1, b"new", 8);
+        assert_eq!(c.lookup(1, b"new"), None);
         c.put_attr(c.epoch(), &attr(8));
         assert_eq!(c.attr(8), Some(attr(8)));
     }

@@ -33,6 +33,12 @@ impl KernelCache {
         fuser::INodeNo(if ino == self.root_ino { 1 } else { ino })
     }
 
+    /// Drops the kernel's cached attributes of `ino` (changed by this
+    /// client behind the kernel's back).
+    pub fn invalidate_attr(&self, ino: u64) {
+        let _ = self.notifier.inval_inode(self.node(ino), -1, 0);
+    }
+
     /// Applies one recall to the kernel (errors mean it had nothing cached).
     fn invalidate(&self, r: &pb::Recall) {
         let node = self.node(r.ino);

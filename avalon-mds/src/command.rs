@@ -112,10 +112,11 @@ pub enum Op {
         new_parent: u64,
         new_name: Vec<u8>,
         flags: u32,
-        /// Open-file guard for the last link of a regular file this removes:
-        /// `None` deletes it (no open-file tracking); `Some(ino)` deletes it
-        /// only if it is `ino` (which the leader saw closed), otherwise it
-        /// becomes an orphan (nlink 0, kept until reclaimed).
+        /// Open-file guard for the last link of a regular file (or the
+        /// directory) this removes: `None` deletes it (no open-file
+        /// tracking); `Some(ino)` deletes it only if it is `ino` (which the
+        /// leader saw closed), otherwise it becomes an orphan (nlink 0,
+        /// kept until reclaimed).
         guard: Option<u64>,
     },
     SetXattr {
@@ -197,6 +198,20 @@ pub enum Op {
     AppendWrite {
         ino: u64,
         len: u64,
+    },
+    /// Rmdir with an open-file guard (see [`Op::Rename::guard`]): a
+    /// directory that is still open is kept as an orphan, so that fstat on
+    /// it gives nlink 0 rather than ENOENT. A variant of its own, added
+    /// last, so that logs written with [`Op::Rmdir`] still decode.
+    RmdirGuarded {
+        parent: u64,
+        name: Vec<u8>,
+        guard: Option<u64>,
+    },
+    /// A read's access-time update: atime only, ctime unchanged.
+    Touch {
+        ino: u64,
+        atime: TimeSpec,
     },
 }
 

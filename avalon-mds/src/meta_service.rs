@@ -263,6 +263,27 @@ impl Meta for MetaService {
     async fn set_attr(&self, req: Request<pb::SetAttrRequest>) -> Res<pb::AttrReply> {
         let r = req.into_inner();
         ino_ok(r.ino)?;
+        if r.access {
+            if r.mode.is_some()
+                || r.uid.is_some()
+                || r.gid.is_some()
+                || r.size.is_some()
+                || r.mtime.is_some()
+                || r.ctime_ns.is_some()
+            {
+                return Err(
+                    MdsError::Invalid("an access-time update changes only atime".into()).into(),
+                );
+            }
+            let op = Op::Touch {
+                ino: r.ino,
+                atime: time_spec(r.atime).unwrap_or(TimeSpec::Now),
+            };
+            return Ok(Response::new(attr_reply(
+                self.mutate(r.header.as_ref(), op, &[Change::attr(r.ino)])
+                    .await?,
+            )?));
+        }
         let op = Op::SetAttr {
             ino: r.ino,
             mode: r.mode,
@@ -384,11 +405,13 @@ impl Meta for MetaService {
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
         let target = self.node.read_local(|s| s.child_ino(r.parent, &r.name));
+        let (guard, _pending) = self.node.removal_guard(target);
         let mut changes = vec![Change::entry(r.parent, &r.name)];
         changes.extend(target.map(Change::attr));
-        let op = Op::Rmdir {
+        let op = Op::RmdirGuarded {
             parent: r.parent,
             name: r.name.into(),
+            guard,
         };
         self.mutate(r.header.as_ref(), op, &changes).await?;
         Ok(Response::new(pb::DirChangeReply {
@@ -476,11 +499,13 @@ impl Meta for MetaService {
             r.max_entries.min(8192) as usize
         };
         let sid = session_of(r.header.as_ref());
-        let (entries, eof) = self
+        let (entries, eof, (parent, next_cookie)) = self
             .read_leased(sid, |s| {
-                let res = s.readdir(r.ino, r.cookie, max, r.plus);
+                let res = s
+                    .readdir(r.ino, r.cookie, max, r.plus)
+                    .and_then(|(e, eof)| Ok((e, eof, s.dir_info(r.ino)?)));
                 let mut inos = vec![r.ino];
-                if let Ok((entries, _)) = &res {
+                if let Ok((entries, _, _)) = &res {
                     inos.extend(entries.iter().filter(|e| e.attr.is_some()).map(|e| e.ino));
                 }
                 (res, inos)
@@ -499,6 +524,8 @@ impl Meta for MetaService {
                 })
                 .collect(),
             eof,
+            parent,
+            next_cookie,
         }))
     }
 

@@ -198,6 +198,29 @@ impl State {
         Ok(i)
     }
 
+    /// A directory that may take new entries: not one removed while open
+    /// (an orphan), as Linux refuses with ENOENT.
+    fn live_dir(&self, ino: u64) -> R<&Inode> {
+        let i = self.dir(ino)?;
+        if i.attr.nlink == 0 {
+            return Err(libc::ENOENT);
+        }
+        Ok(i)
+    }
+
+    /// A directory's parent (itself for the root) and the cookie its next
+    /// entry will get: entries with cookies from there on were added
+    /// after this moment.
+    pub fn dir_info(&self, ino: u64) -> R<(u64, u64)> {
+        let d = self.dir(ino)?;
+        let parent = if ino == ROOT_INO || d.parent == 0 {
+            ino
+        } else {
+            d.parent
+        };
+        Ok((parent, d.next_cookie))
+    }
+
     pub fn getattr(&self, ino: u64) -> R<Attr> {
         Ok(self.inode(ino)?.attr)
     }
@@ -395,6 +418,21 @@ impl State {
             Op::Rmdir { parent, name } => self
                 .remove(now, *parent, name, true, None)
                 .map(|_| Reply::None),
+            Op::Touch { ino, atime } => {
+                let i = self.inode_mut(*ino)?;
+                i.attr.atime_ns = match atime {
+                    TimeSpec::Now => now,
+                    TimeSpec::Ns(n) => *n,
+                };
+                Ok(Reply::Attr(i.attr))
+            }
+            Op::RmdirGuarded {
+                parent,
+                name,
+                guard,
+            } => self
+                .remove(now, *parent, name, true, *guard)
+                .map(|_| Reply::None),
             Op::Link {
                 ino,
                 new_parent,
@@ -504,9 +542,12 @@ impl State {
             Op::ReclaimOrphans { inos } => {
                 for i in inos {
                     if self.orphans.remove(i) {
-                        self.inodes.remove(i);
+                        let removed = self.inodes.remove(i);
                         self.locks.drop_inode(*i);
-                        self.gc_queue.insert(*i);
+                        // Directories have no data on the OSDs.
+                        if removed.is_some_and(|r| !r.is_dir()) {
+                            self.gc_queue.insert(*i);
+                        }
                     }
                 }
                 Ok(Reply::None)
@@ -644,7 +685,7 @@ impl State {
 
     /// Checks that `name` is free in directory `parent`; returns nothing.
     fn check_new_entry(&self, parent: u64, name: &[u8]) -> R<()> {
-        self.dir(parent)?;
+        self.live_dir(parent)?;
         check_name(name)?;
         if self.dentries.contains_key(&(parent, name.to_vec())) {
             return Err(libc::EEXIST);
@@ -770,7 +811,7 @@ impl State {
             @ (libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK) => t,
             _ => return Err(libc::EINVAL),
         };
-        self.dir(parent)?;
+        self.live_dir(parent)?;
         check_name(name)?;
         if let Some(d) = self.dentries.get(&(parent, name.to_vec())) {
             if exclusive {
@@ -843,7 +884,8 @@ impl State {
     }
 
     /// Drops one link of `ino`; removes the inode at zero links, or keeps
-    /// a regular file as an orphan unless `guard` allows deleting it.
+    /// a regular file or a directory as an orphan unless `guard` allows
+    /// deleting it (an open directory stays for fstat/fchdir users).
     fn drop_link(&mut self, now: i64, ino: u64, guard: Option<u64>) {
         let Some(i) = self.inodes.get_mut(&ino) else {
             return;
@@ -856,7 +898,7 @@ impl State {
         i.attr.ctime_ns = now;
         if i.attr.nlink == 0 {
             let is_reg = i.attr.mode & S_IFMT == S_IFREG;
-            if is_reg && guard.is_some_and(|g| g != ino) {
+            if (is_reg || i.is_dir()) && guard.is_some_and(|g| g != ino) {
                 self.orphans.insert(ino);
                 return;
             }
@@ -965,7 +1007,7 @@ impl State {
             return Err(libc::EINVAL);
         }
         self.dir(parent)?;
-        self.dir(new_parent)?;
+        self.live_dir(new_parent)?;
         check_name(name)?;
         check_name(new_name)?;
         let src = *self

@@ -1510,6 +1510,40 @@ impl ChunkStore {
         Ok(true)
     }
 
+    /// Where the chunks of `ino` with index `from` on hold data: up to
+    /// `max` chunks in index order, each with its data ranges (from the
+    /// local filesystem's SEEK_DATA/SEEK_HOLE over the stored length, so
+    /// punched and never-written ranges are holes), and whether chunks
+    /// were left out.
+    pub fn extents(&self, ino: u64, from: u64, max: usize) -> Result<(Vec<ChunkData>, bool)> {
+        let mut out = Vec::new();
+        let indexes = self.indexes(ino)?;
+        let mut it = indexes.range(from..);
+        for &index in it.by_ref() {
+            if out.len() >= max.max(1) {
+                return Ok((out, true));
+            }
+            let _i = self.lock_ino_shared(ino);
+            let _c = self.lock_chunk(ino, index);
+            let len = match self.meta_of(ino, index) {
+                Ok(Some(m)) => m.len,
+                Ok(None) => continue,
+                // Unknown content: say data, never a false hole.
+                Err(StoreError::Corruption { .. }) => u64::MAX,
+                Err(e) => return Err(e),
+            };
+            let dpath = self.data_path(ino, index);
+            let file = match File::open(&dpath) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&dpath)(e)),
+            };
+            let len = len.min(file.metadata().map_err(io_err(&dpath))?.len());
+            out.push((index, data_ranges(&file, len)));
+        }
+        Ok((out, false))
+    }
+
     /// Inode numbers with chunks stored here.
     pub fn inos(&self) -> Result<Vec<u64>> {
         let mut out = Vec::new();
@@ -1548,6 +1582,43 @@ impl ChunkStore {
         }
         fsync_dir(&self.root)
     }
+}
+
+/// A chunk index and the byte ranges of it that hold data.
+pub type ChunkData = (u64, Vec<(u64, u64)>);
+
+/// Data ranges of the first `len` bytes of `file`, per SEEK_DATA and
+/// SEEK_HOLE; all of it when the filesystem cannot tell.
+fn data_ranges(file: &File, len: u64) -> Vec<(u64, u64)> {
+    use std::os::unix::io::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < len {
+        // SAFETY: lseek on a valid descriptor has no memory effects.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole up to the end
+            }
+            out.push((pos, len));
+            break;
+        }
+        let start = data as u64;
+        if start >= len {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, start as libc::off_t, libc::SEEK_HOLE) };
+        let end = if hole < 0 {
+            len
+        } else {
+            (hole as u64).min(len)
+        };
+        out.push((start, end));
+        pos = end;
+    }
+    out
 }
 
 #[cfg(test)]
@@ -1819,6 +1890,44 @@ mod tests {
             DEFAULT_CHUNK_SIZE
         );
         assert!(check_range(u64::MAX, 1, CS).is_err());
+    }
+
+    #[test]
+    fn extents_show_written_ranges_only() {
+        let (_d, s) = store();
+        // Chunk 0: data in its first block, then a never-written gap, then
+        // data in block 3; chunk 2: data in block 1 only; chunk 1 absent.
+        w(&s, 5, 0, 0, &pattern(B, 1));
+        w(&s, 5, 0, (3 * B) as u32, &pattern(10, 2));
+        w(&s, 5, 2, B as u32, &pattern(B, 3));
+        let (all, more) = s.extents(5, 0, 10).expect("extents");
+        assert!(!more);
+        let idx: Vec<u64> = all.iter().map(|c| c.0).collect();
+        assert_eq!(idx, vec![0, 2]);
+        // The local filesystem may allocate more coarsely, never less.
+        let covers = |r: &[(u64, u64)], a: u64, b: u64| r.iter().any(|x| x.0 <= a && b <= x.1);
+        assert!(covers(&all[0].1, 0, B as u64));
+        assert!(covers(&all[0].1, 3 * B as u64, 3 * B as u64 + 10));
+        assert!(all[0].1.iter().all(|x| x.1 <= 3 * B as u64 + 10));
+        assert!(covers(&all[1].1, B as u64, 2 * B as u64));
+        // A punched block becomes a hole where the filesystem can punch.
+        s.apply(
+            5,
+            2,
+            B as u32,
+            Payload::Zero(B as u32),
+            CS,
+            VersionMode::Next,
+            false,
+        )
+        .expect("zero");
+        let (c2, _) = s.extents(5, 2, 10).expect("extents");
+        assert_eq!(c2.len(), 1);
+        // From an index on, and at most `max` chunks.
+        let (first, more) = s.extents(5, 0, 1).expect("extents");
+        assert_eq!((first.len(), first[0].0, more), (1, 0, true));
+        assert!(s.extents(5, 3, 10).expect("extents").0.is_empty());
+        assert!(s.extents(6, 0, 10).expect("extents").0.is_empty());
     }
 
     #[test]

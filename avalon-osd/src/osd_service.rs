@@ -8,9 +8,10 @@ use crate::replication::Replicator;
 use avalon_proto::limits::{MAX_CHUNK_SIZE, MAX_FILE_SIZE};
 use avalon_proto::pb::osd_server::Osd;
 use avalon_proto::pb::{
-    ChunkId, ChunkInfo, DeleteObjectsRequest, Empty, ListChunksReply, ListChunksRequest,
-    OsdStatusReply, ReadChunkReply, ReadChunkRequest, SyncObjectsRequest, TruncateObjectRequest,
-    WriteChunkReply, WriteChunkRequest,
+    ByteRange, ChunkExtents, ChunkId, ChunkInfo, DeleteObjectsRequest, Empty, ListChunksReply,
+    ListChunksRequest, ObjectExtentsReply, ObjectExtentsRequest, OsdStatusReply, ReadChunkReply,
+    ReadChunkRequest, SyncObjectsRequest, TruncateObjectRequest, WriteChunkReply,
+    WriteChunkRequest,
 };
 use avalon_proto::placement::pg_of;
 use std::sync::Arc;
@@ -24,6 +25,9 @@ pub const VECTORED_OFFSET: u32 = u32::MAX;
 
 /// Most extents one vectored write may carry.
 pub const MAX_EXTENTS: usize = 1 << 16;
+
+/// Most chunks one ObjectExtents reply describes.
+pub const MAX_EXTENT_CHUNKS: usize = 4096;
 
 /// Most inodes one DeleteObjects request may name.
 pub const MAX_DELETE_BATCH: usize = 100_000;
@@ -288,6 +292,32 @@ impl OsdService {
         })
     }
 
+    async fn extents(&self, req: ObjectExtentsRequest) -> Result<ObjectExtentsReply, OsdError> {
+        self.ready()?;
+        if req.ino == 0 {
+            return Err(OsdError::InvalidArgument("ino must not be 0".into()));
+        }
+        let (ino, from) = (req.ino, req.from_index);
+        let max = (req.max_chunks as usize).clamp(1, MAX_EXTENT_CHUNKS);
+        let (chunks, truncated) = self
+            .store
+            .blocking(move |s| s.extents(ino, from, max))
+            .await?;
+        Ok(ObjectExtentsReply {
+            chunks: chunks
+                .into_iter()
+                .map(|(index, data)| ChunkExtents {
+                    index,
+                    data: data
+                        .into_iter()
+                        .map(|(start, end)| ByteRange { start, end })
+                        .collect(),
+                })
+                .collect(),
+            truncated,
+        })
+    }
+
     fn status(&self) -> OsdStatusReply {
         OsdStatusReply {
             osd_id: self.membership.osd_id(),
@@ -351,6 +381,13 @@ impl Osd for OsdService {
         request: Request<ListChunksRequest>,
     ) -> Result<Response<ListChunksReply>, Status> {
         Ok(Response::new(self.list(request.into_inner()).await?))
+    }
+
+    async fn object_extents(
+        &self,
+        request: Request<ObjectExtentsRequest>,
+    ) -> Result<Response<ObjectExtentsReply>, Status> {
+        Ok(Response::new(self.extents(request.into_inner()).await?))
     }
 }
 

@@ -56,6 +56,19 @@ fn getlk(f: &File, typ: i32, start: i64, len: i64) -> (i32, i64, i64) {
     (i32::from(fl.l_type), fl.l_start, fl.l_len)
 }
 
+/// fcntl with an open-file-description lock command (F_OFD_SETLK,
+/// F_OFD_SETLKW, F_OFD_GETLK): the flock struct after the call, or the errno.
+fn ofd(f: &File, cmd: i32, typ: i32, start: i64, len: i64) -> Result<libc::flock, i32> {
+    let mut fl = flock_struct(typ, start, len);
+    // SAFETY: valid fd and a valid flock struct.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut fl) };
+    if r == 0 {
+        Ok(fl)
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
 fn flock(f: &File, op: i32) -> Result<(), i32> {
     // SAFETY: valid fd.
     let r = unsafe { libc::flock(f.as_raw_fd(), op) };
@@ -251,6 +264,68 @@ fn fcntl_and_flock_locks_exclude_across_mounts_and_processes() {
     drop((a, b, fa));
 }
 
+/// generic/478: an OFD lock belongs to its open file description; it stays
+/// while any descriptor of it is open and goes with the last one.
+#[test]
+fn ofd_locks_go_with_their_open_file() {
+    let tc = TestCluster::start(1, 3);
+    let m1 = tc.mnt();
+    let m2 = SecondMount::new(tc.cluster.as_ref().unwrap(), tc.dir.path().join("mnt2"));
+    let f = m1.join("f");
+    std::fs::write(&f, vec![1u8; 4096]).unwrap();
+    let wr = |f: &File| ofd(f, libc::F_OFD_SETLK, libc::F_WRLCK, 0, 10);
+    let probe = |f: &File| ofd(f, libc::F_OFD_GETLK, libc::F_WRLCK, 0, 10).unwrap();
+
+    for round in 0..3 {
+        let a = open_rw(&f);
+        let b = open_rw(&f);
+        wr(&a).expect("OFD write lock");
+        // Another open file of the same process is another owner.
+        assert_eq!(probe(&b).l_type, libc::F_WRLCK as i16, "round {round}");
+        assert_eq!(wr(&b), Err(libc::EAGAIN));
+        // Closing a duplicate keeps it (and this process's flush of the
+        // other descriptor does not drop it either).
+        let dup = a.try_clone().unwrap();
+        drop(dup);
+        let c = open_rw(&f);
+        drop(c);
+        assert_eq!(wr(&b), Err(libc::EAGAIN), "round {round}");
+        // Closing the last descriptor releases it at once for this mount:
+        // a waiter does not hang.
+        drop(a);
+        assert_eq!(probe(&b).l_type, libc::F_UNLCK as i16, "round {round}");
+        ofd(&b, libc::F_OFD_SETLKW, libc::F_WRLCK, 0, 10).expect("SETLKW after close");
+        drop(b);
+    }
+
+    // A process's POSIX lock outlives the release of another open file it
+    // locked through earlier (its flush already dropped those locks).
+    let a = open_rw(&f);
+    let b = open_rw(&f);
+    setlk(&a, libc::F_WRLCK, 0, 10).unwrap();
+    drop(a); // flush drops the POSIX lock taken through a
+    setlk(&b, libc::F_WRLCK, 20, 10).unwrap();
+    let other = open_rw(&m2.path.join("f"));
+    assert_eq!(setlk(&other, libc::F_WRLCK, 0, 10), Ok(()));
+    assert_eq!(setlk(&other, libc::F_WRLCK, 20, 1), Err(libc::EAGAIN));
+    setlk(&other, libc::F_UNLCK, 0, 0).unwrap();
+
+    // Across mounts: held while open, free after the close.
+    let a = open_rw(&f);
+    wr(&a).unwrap();
+    assert_eq!(probe(&other).l_type, libc::F_WRLCK as i16);
+    drop(a);
+    // The kernel sends the release in the background: the other mount
+    // sees it shortly after the close.
+    assert!(
+        wait_until(Duration::from_secs(10), || probe(&other).l_type
+            == libc::F_UNLCK as i16),
+        "OFD lock outlived its file on the other mount"
+    );
+    wr(&other).expect("free on the other mount");
+    drop((b, other));
+}
+
 /// The leader's id.
 fn leader(c: &LocalCluster) -> u64 {
     let addrs = c.layout.mds_addrs();
@@ -417,4 +492,329 @@ fn setgid_directories_and_posix_acls() {
     std::fs::set_permissions(&g, std::fs::Permissions::from_mode(0o2755)).unwrap();
     assert!(as_nobody(&["setfacl", "-m", "u:1:r", g.to_str().unwrap()]));
     assert_eq!(meta(&g).mode() & 0o2000, 0, "S_ISGID cleared");
+}
+
+/// Opens a directory (O_RDONLY | O_DIRECTORY).
+fn open_dir(p: &Path) -> File {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(p)
+        .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
+}
+
+/// getdents64 from the descriptor's current offset until the end:
+/// (name, d_ino, d_off) in order.
+fn getdents(f: &File) -> Vec<(Vec<u8>, u64, i64)> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: valid fd and a buffer of the given length.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                f.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        assert!(n >= 0, "getdents64: {}", std::io::Error::last_os_error());
+        if n == 0 {
+            return out;
+        }
+        let mut at = 0usize;
+        while at < n as usize {
+            let b = &buf[at..];
+            let ino = u64::from_ne_bytes(b[0..8].try_into().unwrap());
+            let off = i64::from_ne_bytes(b[8..16].try_into().unwrap());
+            let reclen = u16::from_ne_bytes(b[16..18].try_into().unwrap()) as usize;
+            let name = &b[19..reclen];
+            let len = name.iter().position(|c| *c == 0).unwrap_or(name.len());
+            out.push((name[..len].to_vec(), ino, off));
+            at += reclen;
+        }
+    }
+}
+
+/// generic/257, generic/637: ".." carries the parent's inode number, read
+/// from the start or after a seek; generic/736: a listing ends while its
+/// entries are renamed away and back.
+#[test]
+fn dotdot_and_directory_streams() {
+    use std::os::unix::fs::MetadataExt;
+    let tc = TestCluster::start(1, 3);
+    let m = tc.mnt();
+    std::fs::create_dir_all(m.join("a/b")).unwrap();
+    std::fs::write(m.join("a/b/f"), b"x").unwrap();
+    for (dir, parent) in [
+        (m.clone(), m.clone()), // the mount root is its own parent
+        (m.join("a"), m.clone()),
+        (m.join("a/b"), m.join("a")),
+    ] {
+        let want = meta(&parent).ino();
+        let f = open_dir(&dir);
+        let all = getdents(&f);
+        let dd = all.iter().find(|e| e.0 == b"..").expect("..");
+        assert_eq!(dd.1, want, "'..' of {} from the start", dir.display());
+        let dot = all.iter().find(|e| e.0 == b".").expect(".");
+        assert_eq!(dot.1, meta(&dir).ino());
+        // Seek to just after "." (its d_off) and read again.
+        // SAFETY: valid fd.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), dot.2, libc::SEEK_SET) };
+        assert_eq!(r, dot.2);
+        let rest = getdents(&f);
+        assert_eq!(rest[0].0, b"..");
+        assert_eq!(rest[0].1, want, "'..' of {} after lseek", dir.display());
+        assert_eq!(rest.len(), all.len() - 1);
+    }
+
+    // Rename every entry away and back while listing (each rename gives
+    // the entry a new cookie at the end): the listing still ends.
+    const N: usize = 300;
+    let d = m.join("renames");
+    std::fs::create_dir(&d).unwrap();
+    for i in 0..N {
+        std::fs::write(d.join(i.to_string()), b"").unwrap();
+    }
+    let mut seen = 0usize;
+    for e in std::fs::read_dir(&d).unwrap() {
+        let name = e.unwrap().file_name();
+        seen += 1;
+        assert!(seen <= 3 * N, "listing does not end");
+        std::fs::rename(d.join(&name), d.join("TEMPFILE")).unwrap();
+        std::fs::rename(d.join("TEMPFILE"), d.join(&name)).unwrap();
+    }
+    assert!(seen >= N, "only {seen} of {N} entries listed");
+    // A listing that starts afterwards sees every entry once.
+    assert_eq!(std::fs::read_dir(&d).unwrap().count(), N);
+}
+
+/// generic/035: a directory removed (rmdir, or replaced by rename) while
+/// open can still be fstat'ed, with nlink 0, also from another mount.
+#[test]
+fn open_directories_outlive_their_removal() {
+    use std::os::unix::fs::MetadataExt;
+    let tc = TestCluster::start(1, 3);
+    let m = tc.mnt();
+    let m2 = SecondMount::new(tc.cluster.as_ref().unwrap(), tc.dir.path().join("mnt2"));
+    let fstat = |f: &File| {
+        f.metadata()
+            .unwrap_or_else(|e| panic!("fstat of a removed open directory: {e}"))
+    };
+
+    std::fs::create_dir(m.join("d")).unwrap();
+    let fd = open_dir(&m.join("d"));
+    let ino = fstat(&fd).ino();
+    std::fs::remove_dir(m.join("d")).unwrap();
+    let st = fstat(&fd);
+    assert_eq!((st.ino(), st.nlink()), (ino, 0));
+    assert!(st.is_dir());
+    // Nothing can be created in it.
+    // SAFETY: valid fd, NUL-terminated name.
+    let r = unsafe {
+        libc::openat(
+            fd.as_raw_fd(),
+            c"new".as_ptr(),
+            libc::O_CREAT | libc::O_WRONLY,
+            0o644,
+        )
+    };
+    assert_eq!(r, -1);
+    drop(fd);
+
+    // rename over an empty directory that is open.
+    std::fs::create_dir(m.join("d1")).unwrap();
+    std::fs::create_dir(m.join("d2")).unwrap();
+    std::fs::write(m.join("d1/f"), b"x").unwrap();
+    let fd2 = open_dir(&m.join("d2"));
+    std::fs::rename(m.join("d1"), m.join("d2")).unwrap();
+    assert_eq!(fstat(&fd2).nlink(), 0);
+    assert_eq!(std::fs::read(m.join("d2/f")).unwrap(), b"x");
+    drop(fd2);
+
+    // Open on the other mount, removed on this one.
+    std::fs::create_dir(m.join("e")).unwrap();
+    let fe = open_dir(&m2.path.join("e"));
+    // The other client reports its open directories with its heartbeats.
+    std::thread::sleep(Duration::from_secs(1));
+    std::fs::remove_dir(m.join("e")).unwrap();
+    assert_eq!(fstat(&fe).nlink(), 0);
+    drop(fe);
+    // Once closed, the name can be used again for a new directory.
+    std::fs::create_dir(m.join("e")).unwrap();
+    assert_eq!(meta(&m.join("e")).nlink(), 2);
+}
+
+/// lseek(SEEK_DATA / SEEK_HOLE): Ok(offset) or the errno.
+fn seek(f: &File, off: i64, whence: i32) -> Result<i64, i32> {
+    // SAFETY: valid fd.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+    if r >= 0 {
+        Ok(r)
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+/// SEEK_DATA and SEEK_HOLE find the holes of sparse files (never-written
+/// chunks and blocks, punched ranges, the tail past the stored data) and
+/// answer ENXIO at or past the end (generic/285 and the other seek tests).
+#[test]
+fn seek_data_and_seek_hole_find_holes() {
+    use std::os::unix::fs::FileExt;
+    const MB: i64 = 1 << 20;
+    let tc = TestCluster::start(1, 3);
+    let m = tc.mnt();
+    let f = open_rw(&m.join("sparse"));
+    let (data, hole) = (libc::SEEK_DATA, libc::SEEK_HOLE);
+    // Empty file: ENXIO everywhere.
+    assert_eq!(seek(&f, 0, data), Err(libc::ENXIO));
+    assert_eq!(seek(&f, 0, hole), Err(libc::ENXIO));
+    // 64 KiB of data at 0, a hole, 64 KiB at 9 MiB (the third 4 MiB
+    // chunk; the second is never written), then a hole up to 16 MiB.
+    f.write_all_at(&vec![1u8; 64 << 10], 0).unwrap();
+    f.write_all_at(&vec![2u8; 64 << 10], 9 * MB as u64).unwrap();
+    f.set_len(16 * MB as u64).unwrap();
+    assert_eq!(seek(&f, 0, data), Ok(0));
+    assert_eq!(seek(&f, 0, hole), Ok(64 << 10));
+    assert_eq!(seek(&f, 100, hole), Ok(64 << 10));
+    assert_eq!(seek(&f, 64 << 10, data), Ok(9 * MB));
+    assert_eq!(seek(&f, 5 * MB, data), Ok(9 * MB));
+    assert_eq!(seek(&f, 9 * MB + 5, data), Ok(9 * MB + 5));
+    assert_eq!(seek(&f, 9 * MB, hole), Ok(9 * MB + (64 << 10)));
+    assert_eq!(seek(&f, 10 * MB, data), Err(libc::ENXIO));
+    assert_eq!(seek(&f, 10 * MB, hole), Ok(10 * MB));
+    assert_eq!(seek(&f, 16 * MB - 1, hole), Ok(16 * MB - 1));
+    assert_eq!(seek(&f, 16 * MB, data), Err(libc::ENXIO));
+    assert_eq!(seek(&f, 16 * MB, hole), Err(libc::ENXIO));
+    // A punched range becomes a hole.
+    // SAFETY: valid fd.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            64 << 10,
+        )
+    };
+    assert_eq!(r, 0, "punch: {}", std::io::Error::last_os_error());
+    assert_eq!(seek(&f, 0, data), Ok(9 * MB));
+    assert_eq!(seek(&f, 0, hole), Ok(0));
+    // Data written but still buffered in the client counts.
+    f.write_all_at(b"late", 13 * MB as u64).unwrap();
+    assert_eq!(seek(&f, 10 * MB, data), Ok(13 * MB));
+    // A file without holes: data up to the end, the hole at the end.
+    std::fs::write(m.join("full"), vec![3u8; 100_000]).unwrap();
+    let g = File::open(m.join("full")).unwrap();
+    assert_eq!(seek(&g, 0, hole), Ok(100_000));
+    assert_eq!(seek(&g, 99_999, data), Ok(99_999));
+    // cp --sparse keeps the holes and the content.
+    let st = Command::new("cp")
+        .args(["--sparse=always"])
+        .arg(m.join("sparse"))
+        .arg(m.join("copy"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(
+        sha_file(&m.join("copy")),
+        sha_file(&m.join("sparse")),
+        "copy differs"
+    );
+    let c = File::open(m.join("copy")).unwrap();
+    assert_eq!(seek(&c, 0, data), Ok(9 * MB));
+}
+
+/// generic/003: with relatime (the default) a read renews atime when it is
+/// not after mtime/ctime, and only then; ctime stays.
+#[test]
+fn relatime_updates_atime_on_read() {
+    use std::os::unix::fs::MetadataExt;
+    let tc = TestCluster::start(1, 3);
+    let m = tc.mnt();
+    let f = m.join("f");
+    std::fs::write(&f, b"aaa").unwrap();
+    let times = |p: &Path| {
+        let s = meta(p);
+        (
+            (s.atime(), s.atime_nsec()),
+            (s.mtime(), s.mtime_nsec()),
+            (s.ctime(), s.ctime_nsec()),
+        )
+    };
+    let (a0, m0, c0) = times(&f);
+    assert!(a0 <= m0);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(std::fs::read(&f).unwrap(), b"aaa");
+    let (a1, m1, c1) = times(&f);
+    assert!(
+        a1 > a0 && a1 > m1,
+        "first read renews atime: {a0:?} -> {a1:?}"
+    );
+    assert_eq!((m1, c1), (m0, c0), "a read changes neither mtime nor ctime");
+    // atime is now after mtime: another read leaves it.
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::read(&f).unwrap();
+    assert_eq!(times(&f).0, a1, "second read");
+    // After a write, the next read renews it again.
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&f, b"bbb").unwrap();
+    let (a2, m2, _) = times(&f);
+    assert_eq!(a2, a1);
+    assert!(m2 > a2);
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::read(&f).unwrap();
+    assert!(times(&f).0 > m2, "read after a write");
+}
+
+/// generic/683-685: fallocate, punch hole and zero range by an unprivileged
+/// caller drop S_ISUID and S_ISGID (root keeps them); generic/213:
+/// allocating more than the free space fails with ENOSPC.
+#[test]
+fn fallocate_drops_setid_bits_and_checks_free_space() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let tc = TestCluster::start(1, 3);
+    let m = tc.mnt();
+    std::fs::set_permissions(tc.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&m, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let f = m.join("setid");
+    let fs_ = f.to_str().unwrap();
+    for (args, mode) in [
+        (vec!["-o", "0", "-l", "65536"], 0o6666),
+        (vec!["-p", "-o", "0", "-l", "4096"], 0o6676),
+        (vec!["-z", "-o", "4096", "-l", "4096"], 0o2666),
+    ] {
+        std::fs::write(&f, vec![1u8; 65536]).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+        let mut cmd = vec!["fallocate"];
+        cmd.extend(args.iter().copied());
+        cmd.push(fs_);
+        assert!(as_nobody(&cmd), "fallocate {args:?} as nobody");
+        assert_eq!(meta(&f).mode() & 0o7777, mode & 0o777, "{args:?}");
+        // Root keeps them.
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+        run(Command::new("fallocate").args(&args).arg(&f));
+        assert_eq!(meta(&f).mode() & 0o7777, mode, "{args:?} as root");
+    }
+
+    // More than the free space: ENOSPC, and the size is unchanged.
+    // SAFETY: statvfs with a valid path and out struct.
+    let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
+    let p = std::ffi::CString::new(m.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::statvfs(p.as_ptr(), &mut sv) }, 0);
+    let avail = sv.f_bavail * sv.f_frsize;
+    let g = open_rw(&m.join("big"));
+    // SAFETY: valid fd.
+    let r = unsafe { libc::fallocate(g.as_raw_fd(), 0, 0, (2 * avail) as i64) };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENOSPC)
+    );
+    assert_eq!(g.metadata().unwrap().len(), 0);
+    // SAFETY: valid fd.
+    let r = unsafe { libc::fallocate(g.as_raw_fd(), 0, 0, 1 << 20) };
+    assert_eq!(r, 0, "a small fallocate still works");
+    assert_eq!(g.metadata().unwrap().len(), 1 << 20);
 }

@@ -885,3 +885,114 @@ fn append_write_reserves_disjoint_ranges_at_the_end() {
         Err(libc::EISDIR)
     );
 }
+
+#[test]
+fn open_directories_are_kept_as_orphans() {
+    let mut s = State::new();
+    let d = mkdir(&mut s, ROOT_INO, "d").expect("d");
+    let sub = mkdir(&mut s, d.ino, "sub").expect("sub");
+    assert_eq!(s.dir_info(sub.ino), Ok((d.ino, FIRST_COOKIE)));
+    assert_eq!(s.dir_info(ROOT_INO).map(|i| i.0), Ok(ROOT_INO));
+    // The guard says someone has it open: kept with nlink 0.
+    run(
+        &mut s,
+        Op::RmdirGuarded {
+            parent: d.ino,
+            name: b"sub".to_vec(),
+            guard: Some(0),
+        },
+    )
+    .expect("rmdir");
+    assert!(s.orphans.contains(&sub.ino));
+    assert_eq!(s.getattr(sub.ino).expect("orphan").nlink, 0);
+    assert_eq!(s.getattr(d.ino).expect("d").nlink, 2);
+    assert_eq!(s.lookup(d.ino, b"sub"), Err(libc::ENOENT));
+    // Nothing new goes into a removed directory.
+    assert_eq!(mknod(&mut s, sub.ino, "f", true), Err(libc::ENOENT));
+    assert_eq!(mkdir(&mut s, sub.ino, "x"), Err(libc::ENOENT));
+    let f = mknod(&mut s, d.ino, "f", true).expect("f");
+    assert_eq!(
+        rename(&mut s, d.ino, "f", sub.ino, "f", 0),
+        Err(libc::ENOENT)
+    );
+    assert_eq!(s.readdir(sub.ino, 0, 10, false), Ok((vec![], true)));
+    // A rename over an open empty directory keeps it too; the guard that
+    // names it lets it go.
+    let e = mkdir(&mut s, ROOT_INO, "e").expect("e");
+    let e2 = mkdir(&mut s, ROOT_INO, "e2").expect("e2");
+    run(
+        &mut s,
+        Op::Rename {
+            parent: ROOT_INO,
+            name: b"e".to_vec(),
+            new_parent: ROOT_INO,
+            new_name: b"d".to_vec(),
+            flags: 0,
+            guard: Some(0),
+        },
+    )
+    .expect_err("d is not empty");
+    run(
+        &mut s,
+        Op::Rename {
+            parent: ROOT_INO,
+            name: b"e".to_vec(),
+            new_parent: ROOT_INO,
+            new_name: b"e2".to_vec(),
+            flags: 0,
+            guard: Some(0),
+        },
+    )
+    .expect("rename over e2");
+    assert!(s.orphans.contains(&e2.ino));
+    assert_eq!(s.lookup(ROOT_INO, b"e2").expect("e2").ino, e.ino);
+    // Reclaimed: gone, and no data to collect for a directory.
+    run(
+        &mut s,
+        Op::ReclaimOrphans {
+            inos: vec![sub.ino, e2.ino, f.ino],
+        },
+    )
+    .expect("reclaim");
+    assert!(s.orphans.is_empty());
+    assert_eq!(s.getattr(sub.ino), Err(libc::ENOENT));
+    assert_eq!(s.getattr(e2.ino), Err(libc::ENOENT));
+    assert!(s.gc_queue.is_empty());
+    // Without an open, rmdir removes at once.
+    mkdir(&mut s, ROOT_INO, "g").expect("g");
+    let g = s.lookup(ROOT_INO, b"g").expect("g");
+    run(
+        &mut s,
+        Op::RmdirGuarded {
+            parent: ROOT_INO,
+            name: b"g".to_vec(),
+            guard: Some(g.ino),
+        },
+    )
+    .expect("rmdir g");
+    assert_eq!(s.getattr(g.ino), Err(libc::ENOENT));
+    assert!(s.orphans.is_empty());
+}
+
+#[test]
+fn touch_changes_atime_only() {
+    let mut s = State::new();
+    let f = mknod(&mut s, ROOT_INO, "f", true).expect("f");
+    let later = MetaCommand {
+        now_ns: T0 + 500,
+        session_id: 0,
+        request_id: 0,
+        op: Op::Touch {
+            ino: f.ino,
+            atime: TimeSpec::Now,
+        },
+    };
+    let a = attr(s.apply(&later).0).expect("touch");
+    assert_eq!(a.atime_ns, T0 + 500);
+    assert_eq!((a.mtime_ns, a.ctime_ns), (f.mtime_ns, f.ctime_ns));
+    let t = Op::Touch {
+        ino: 9999,
+        atime: TimeSpec::Ns(1),
+    };
+    assert_eq!(run(&mut s, t), Err(libc::ENOENT));
+}

@@ -153,8 +153,9 @@ impl SecondMount {
     pub fn pid(&self) -> u32 {
         let out = run(Command::new("pgrep").args([
             "-f",
+            // A detached client runs as `--foreground --detached`.
             &format!(
-                "avalon-fuse --foreground {} {}",
+                "avalon-fuse --foreground (--detached )?{} {}",
                 self.source,
                 self.path.display()
             ),
