@@ -60,6 +60,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let log = LogStore::open(&cfg.data_dir).context("opening raft log")?;
+    let durability = log.durability();
     let fresh = log.is_empty()?;
     let sm = StateMachineStore::open(&cfg.data_dir).context("opening state machine")?;
     let shared = sm.shared();
@@ -70,7 +71,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         cfg.id,
         Arc::new(raft_config(&cfg)?),
         NetworkFactory,
-        log.clone(),
+        log,
         sm,
     )
     .await
@@ -89,7 +90,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         read_lease: read_lease::ReadLease::for_election_min(cfg.election_min_ms),
         leases: leases::LeaseTable::new(Duration::from_millis(cfg.lease_ms)),
         lease_term: Mutex::new((0, std::time::Instant::now())),
-        log_sync: log_sync::LogSync::new(log),
+        log_sync: log_sync::LogSync::new(durability),
         shutdown: shutdown.child_token(),
     });
 
@@ -129,7 +130,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     );
 
     let mut failure = None;
+    // Biased: the server also ends on `shutdown`, and a shutdown must not
+    // be taken for the server stopping on its own.
     tokio::select! {
+        biased;
         _ = shutdown.cancelled() => {
             tracing::info!(id = cfg.id, "MDS shutting down");
             node.shutdown.cancel();
@@ -144,11 +148,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         }
         r = &mut server => {
             node.shutdown.cancel();
-            failure = Some(match r {
-                Ok(Ok(())) => anyhow::anyhow!("gRPC server stopped unexpectedly"),
-                Ok(Err(e)) => anyhow::Error::new(e).context("gRPC server failed"),
-                Err(e) => anyhow::Error::new(e).context("gRPC server task failed"),
-            });
+            failure = match r {
+                Ok(Ok(())) if shutdown.is_cancelled() => None,
+                Ok(Ok(())) => Some(anyhow::anyhow!("gRPC server stopped unexpectedly")),
+                Ok(Err(e)) => Some(anyhow::Error::new(e).context("gRPC server failed")),
+                Err(e) => Some(anyhow::Error::new(e).context("gRPC server task failed")),
+            };
         }
     }
     if let Err(e) = raft.shutdown().await {

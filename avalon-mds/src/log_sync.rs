@@ -3,7 +3,7 @@
 //! acknowledged so far is on disk on a majority too.
 
 use crate::node::MdsError;
-use crate::raft_store::{LogStore, NodeId};
+use crate::raft_store::{LogDurability, NodeId};
 use avalon_proto::pb::raft_client::RaftClient;
 use avalon_proto::pb::FlushLogRequest;
 use futures::future::BoxFuture;
@@ -16,23 +16,23 @@ use tonic::transport::Channel;
 /// How long a sync waits for a majority before it fails (EIO at fsync).
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// This node's log plus clients to the peers' `FlushLog`.
+/// This node's log durability plus clients to the peers' `FlushLog`.
 pub struct LogSync {
-    log: LogStore,
+    log: LogDurability,
     peers: Mutex<HashMap<String, RaftClient<Channel>>>,
 }
 
 impl LogSync {
     /// Syncs `log` here and asks peers to sync theirs.
-    pub fn new(log: LogStore) -> Self {
+    pub fn new(log: LogDurability) -> Self {
         LogSync {
             log,
             peers: Mutex::new(HashMap::new()),
         }
     }
 
-    /// This node's raft log.
-    pub fn log(&self) -> &LogStore {
+    /// This node's raft log's durability.
+    pub fn log(&self) -> &LogDurability {
         &self.log
     }
 

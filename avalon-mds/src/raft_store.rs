@@ -148,7 +148,20 @@ impl LogStore {
     /// Opens (or creates) `dir/raft-log.redb`.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let db = Database::create(dir.join("raft-log.redb"))?;
+        // A restart in the same process may find the previous store's
+        // flusher finishing its last commit (it holds the file meanwhile).
+        let path = dir.join("raft-log.redb");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let db = loop {
+            match Database::create(&path) {
+                Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                r => break r?,
+            }
+        };
         let tx = db.begin_write()?;
         {
             tx.open_table(LOGS)?;
@@ -181,6 +194,24 @@ impl LogStore {
         })
     }
 
+    /// A handle to wait for this log's durability that does not keep the
+    /// database open (the node outlives its raft in a restart).
+    pub fn durability(&self) -> LogDurability {
+        LogDurability {
+            flush_tx: self.flush_tx.clone(),
+            durable: self.durable.clone(),
+        }
+    }
+}
+
+/// Waits for a [`LogStore`]'s flusher (see [`LogStore::durability`]).
+#[derive(Clone)]
+pub struct LogDurability {
+    flush_tx: std::sync::mpsc::Sender<()>,
+    durable: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl LogDurability {
     /// Waits until every entry up to `index` is on disk here (false on
     /// timeout: this node does not have the entry yet, or its disk fails).
     pub async fn flush_upto(&self, index: u64, timeout: std::time::Duration) -> bool {
@@ -209,12 +240,9 @@ impl LogStore {
         };
         tokio::time::timeout(timeout, wait).await.unwrap_or(false)
     }
+}
 
-    /// The last entry index appended to this log.
-    pub fn last_appended(&self) -> u64 {
-        lock(&self.marks).appended
-    }
-
+impl LogStore {
     fn get_meta<T: for<'a> Deserialize<'a>>(&self, key: &str) -> Result<Option<T>, SErr> {
         let tx = self.db.begin_read().map_err(rd)?;
         let t = tx.open_table(META).map_err(rd)?;

@@ -39,7 +39,14 @@ fn config(id: u64, addrs: &[String], dir: &Path) -> Config {
 
 fn start(cfg: Config) -> Node {
     let token = CancellationToken::new();
-    let task = tokio::spawn(avalon_mds::run(cfg.clone(), token.clone()));
+    let run = avalon_mds::run(cfg.clone(), token.clone());
+    let task = tokio::spawn(async move {
+        let r = run.await;
+        if let Err(e) = &r {
+            eprintln!("MDS node stopped: {e:#}");
+        }
+        r
+    });
     Node { cfg, token, task }
 }
 
