@@ -711,6 +711,9 @@ impl Client {
             if let Some(a) = &e.attr {
                 self.meta.put_attr(epoch, a);
                 self.meta.put_entry(epoch, ino, &e.name, a.ino);
+                if e.no_xattrs {
+                    self.meta.put_no_xattrs(epoch, a.ino);
+                }
             }
         }
         Ok(r)

@@ -505,9 +505,23 @@ impl Meta for MetaService {
                     .readdir(r.ino, r.cookie, max, r.plus)
                     .and_then(|(e, eof)| Ok((e, eof, s.dir_info(r.ino)?)));
                 let mut inos = vec![r.ino];
-                if let Ok((entries, _, _)) = &res {
-                    inos.extend(entries.iter().filter(|e| e.attr.is_some()).map(|e| e.ino));
-                }
+                let res = res.map(|(entries, eof, info)| {
+                    let entries: Vec<_> = entries
+                        .into_iter()
+                        .map(|e| {
+                            let bare = e.attr.is_some()
+                                && s.inodes.get(&e.ino).is_some_and(|i| i.xattrs.is_empty());
+                            (e, bare)
+                        })
+                        .collect();
+                    inos.extend(
+                        entries
+                            .iter()
+                            .filter(|e| e.0.attr.is_some())
+                            .map(|e| e.0.ino),
+                    );
+                    (entries, eof, info)
+                });
                 (res, inos)
             })
             .await?
@@ -515,12 +529,13 @@ impl Meta for MetaService {
         Ok(Response::new(pb::ReadDirReply {
             entries: entries
                 .into_iter()
-                .map(|e| pb::DirEntry {
+                .map(|(e, no_xattrs)| pb::DirEntry {
                     name: e.name.into(),
                     ino: e.ino,
                     mode: e.mode,
                     cookie: e.cookie,
                     attr: e.attr.as_ref().map(attr_pb),
+                    no_xattrs,
                 })
                 .collect(),
             eof,

@@ -100,6 +100,21 @@ fn names_and_attributes_changed_on_one_mount_are_seen_by_the_other_at_once() {
         "B still sees a removed xattr"
     );
     std::fs::remove_file(&xa).unwrap();
+    // A listing tells B which files have no xattrs at all (ls -l's
+    // security.selinux per file); A's setxattr still reaches B.
+    let (ya, yb) = (a_dir.join("y"), b_dir.join("y"));
+    std::fs::write(&ya, b"y").unwrap();
+    for e in std::fs::read_dir(&b_dir).unwrap() {
+        e.unwrap().metadata().unwrap();
+    }
+    assert_eq!(getxattr(&yb, "user.k"), None);
+    setxattr(&ya, "user.k", "set");
+    assert_eq!(
+        getxattr(&yb, "user.k").as_deref(),
+        Some("set"),
+        "B's listing hid A's xattr"
+    );
+    std::fs::remove_file(&ya).unwrap();
     // Directory listings follow too.
     let listed = |d: &Path| {
         let mut v: Vec<String> = std::fs::read_dir(d)
