@@ -117,9 +117,6 @@ pub struct Client {
     /// Files opened since their atime was due (see [`Client::note_open_atime`]):
     /// the next read updates it, so at most one MDS write per open.
     atime_due: DashSet<u64>,
-    /// Access-time renewals under way: a getattr of the file waits for
-    /// its renewal, the read that started it does not.
-    atime_inflight: DashMap<u64, Arc<tokio::sync::Notify>>,
 }
 
 fn time_set(t: Option<TimeChange>) -> Option<TimeSet> {
@@ -181,7 +178,6 @@ impl Client {
             ),
             atime_mode: AtimeMode::default(),
             atime_due: DashSet::new(),
-            atime_inflight: DashMap::new(),
         })
     }
 
@@ -213,39 +209,12 @@ impl Client {
         }
     }
 
-    /// Renews the access time of `ino` in the background if an open made
-    /// it due (called on reads; an MDS write only for the first read after
-    /// such an open). The read does not wait; a getattr of the file does.
-    pub fn touch_atime_if_due(self: &Arc<Self>, ino: u64) {
+    /// Renews the access time of `ino` if an open made it due (called on
+    /// reads; an MDS write only for the first read after such an open).
+    pub async fn touch_atime_if_due(&self, ino: u64) -> Result<()> {
         if self.atime_due.remove(&ino).is_none() {
-            return;
+            return Ok(());
         }
-        let done = Arc::new(tokio::sync::Notify::new());
-        self.atime_inflight.insert(ino, done.clone());
-        let me = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = me.touch_atime(ino).await {
-                tracing::debug!(ino, error = %e, "could not update atime");
-            }
-            me.atime_inflight.remove(&ino);
-            done.notify_waiters();
-        });
-    }
-
-    /// Waits for an access-time renewal of `ino` under way, if any.
-    async fn atime_settled(&self, ino: u64) {
-        let Some(done) = self.atime_inflight.get(&ino).map(|e| e.value().clone()) else {
-            return;
-        };
-        let wait = done.notified();
-        tokio::pin!(wait);
-        wait.as_mut().enable();
-        if self.atime_inflight.contains_key(&ino) {
-            wait.await;
-        }
-    }
-
-    async fn touch_atime(&self, ino: u64) -> Result<()> {
         let epoch = self.meta.epoch();
         let req = pb::SetAttrRequest {
             header: self.header(),
@@ -423,7 +392,6 @@ impl Client {
 
     /// Fresh attributes of an inode.
     pub async fn getattr(&self, ino: u64) -> Result<Attr> {
-        self.atime_settled(ino).await;
         if let Some(a) = self.meta.attr(ino) {
             return Ok(a);
         }

@@ -514,9 +514,14 @@ impl Filesystem for AvalonFs {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move {
-            // At most once per open; a stat after the read waits for it.
-            c.touch_atime_if_due(ino);
-            match c.read(ino, offset, size).await {
+            // The access time goes with the data (a stat right after the
+            // read must see it), at most once per open.
+            let (data, touched) =
+                tokio::join!(c.read(ino, offset, size), c.touch_atime_if_due(ino));
+            if let Err(e) = touched {
+                tracing::debug!(ino, error = %e, "could not update atime");
+            }
+            match data {
                 Ok(d) => reply.data(&d),
                 Err(e) => reply.error(errno(&e)),
             }
