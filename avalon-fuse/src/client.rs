@@ -990,14 +990,7 @@ impl Client {
             self.open_dirs.remove_if(&ino, |_, e| e.0 == 0);
         }
         if registered {
-            let req = pb::ReleaseRequest {
-                header: self.header(),
-                ino,
-                flags: libc::O_RDONLY as u32,
-            };
-            self.mds
-                .request(req, |mut c, r| async move { c.release(r).await })
-                .await?;
+            self.send_release(ino, libc::O_RDONLY as u32).await?;
         }
         Ok(())
     }
@@ -1032,15 +1025,7 @@ impl Client {
             Some(mut e) if !e.1 => e.1 = true,
             // Closed meanwhile (or registered twice): give it back.
             _ => {
-                let req = pb::ReleaseRequest {
-                    header: self.header(),
-                    ino: a.ino,
-                    flags: libc::O_RDONLY as u32,
-                };
-                let _ = self
-                    .mds
-                    .request(req, |mut c, r| async move { c.release(r).await })
-                    .await;
+                let _ = self.send_release(a.ino, libc::O_RDONLY as u32).await;
             }
         }
     }
@@ -1067,6 +1052,12 @@ impl Client {
             // Opened for reading but never read: nothing to renew.
             self.atime_due.remove(&ino);
         }
+        self.send_release(ino, flags).await?;
+        flushed.and(commit.map(|_| ()))
+    }
+
+    /// Tells the MDS one open of `ino` (with open flags `flags`) ended.
+    async fn send_release(&self, ino: u64, flags: u32) -> Result<()> {
         let req = pb::ReleaseRequest {
             header: self.header(),
             ino,
@@ -1075,7 +1066,7 @@ impl Client {
         self.mds
             .request(req, |mut c, r| async move { c.release(r).await })
             .await?;
-        flushed.and(commit.map(|_| ()))
+        Ok(())
     }
 
     /// Makes everything written to `ino` durable on the OSDs, and its size

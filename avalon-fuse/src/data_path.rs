@@ -150,9 +150,22 @@ impl Client {
         // The size already covers the range: a crash before the data is
         // stored leaves zeros there, never other bytes.
         let offset = a.size - len;
-        self.page_versions.changed(ino);
         let cs = self.chunk_size_of(ino);
-        let parts = split_range(offset, len, cs);
+        self.send_through(ino, split_range(offset, len, cs), data, sync, cs)
+            .await?;
+        Ok(len as u32)
+    }
+
+    /// Sends `data`, cut into `parts` (chunk, offset, length), straight to
+    /// the OSDs, after what is buffered for those chunks.
+    async fn send_through(
+        &self,
+        ino: u64,
+        parts: Vec<(u64, u32, u32)>,
+        data: Bytes,
+        sync: bool,
+        cs: u32,
+    ) -> Result<()> {
         self.flush_chunks(ino, parts.iter().map(|p| p.0)).await?;
         let mut pos = 0usize;
         let sends = parts.into_iter().map(|(index, off, n)| {
@@ -161,7 +174,7 @@ impl Client {
             self.chunk_op(ino, index, off, piece, 0, sync, cs)
         });
         try_join_all(sends).await?;
-        Ok(len as u32)
+        Ok(())
     }
 
     /// A write at `offset` through this client's buffer (or straight to
@@ -205,14 +218,7 @@ impl Client {
             }
         } else {
             // Buffered writes to these chunks go first, in order.
-            self.flush_chunks(ino, parts.iter().map(|p| p.0)).await?;
-            let mut pos = 0usize;
-            let sends = parts.into_iter().map(|(index, off, n)| {
-                let piece = data.slice(pos..pos + n as usize);
-                pos += n as usize;
-                self.chunk_op(ino, index, off, piece, 0, sync, cs)
-            });
-            try_join_all(sends).await?;
+            self.send_through(ino, parts, data, sync, cs).await?;
         }
         let mut st = self.files.entry(ino).or_default();
         st.size = st.size.max(end);
