@@ -2,6 +2,7 @@
 //! mounted client keeps per inode. FUSE-independent, so it can be driven
 //! directly from tests and tools.
 
+use crate::delegation::NewNode;
 use crate::error::{ClientError, Result};
 use crate::meta_cache::{Cached, MetaCache};
 use avalon_proto::mds_conn::MdsConn;
@@ -99,6 +100,9 @@ pub struct Client {
     /// shared-write mode takes it exclusively, so that no buffered write
     /// is left behind the flush that mode starts with.
     pub(crate) write_gates: DashMap<u64, Arc<tokio::sync::RwLock<()>>>,
+    /// The recall stream is open: shared-write demands reach this client.
+    /// Until then every write goes through (see [`Client::stream_opened`]).
+    stream_up: std::sync::atomic::AtomicBool,
     /// Creates in flight (see [`Client::create`]).
     creating: std::sync::atomic::AtomicU32,
     /// Open directories: count, and whether the MDS counts one open of
@@ -109,6 +113,9 @@ pub struct Client {
     pub(crate) cache: crate::chunk_cache::ChunkCache,
     /// Attributes and entries cached under the metadata lease.
     pub meta: MetaCache,
+    /// Directories delegated to this session, and the changes made under
+    /// them not yet sent (`delegation.rs`).
+    pub deleg: crate::delegation::Delegations,
     /// Which files' kernel pages an open may keep.
     pub page_versions: crate::page_cache::PageVersions,
     /// Writes acknowledged to the kernel, not yet sent to the OSDs.
@@ -170,9 +177,11 @@ impl Client {
             opens: DashMap::new(),
             write_gates: DashMap::new(),
             creating: Default::default(),
+            stream_up: Default::default(),
             open_dirs: DashMap::new(),
             cache: crate::chunk_cache::ChunkCache::new(32),
             meta: MetaCache::new(),
+            deleg: Default::default(),
             wbuf: crate::write_buffer::WriteBuffer::new(
                 crate::write_buffer::WriteBuffer::budget_from_env(),
             ),
@@ -215,6 +224,9 @@ impl Client {
         if self.atime_due.remove(&ino).is_none() {
             return Ok(());
         }
+        if self.touch_delegated(ino) {
+            return Ok(());
+        }
         let epoch = self.meta.epoch();
         let req = pb::SetAttrRequest {
             header: self.header(),
@@ -224,12 +236,29 @@ impl Client {
             ..Default::default()
         };
         let r = self
-            .mds
-            .request(req, |mut c, r| async move { c.set_attr(r).await })
+            .rpc(req, |mut c, r| async move { c.set_attr(r).await })
             .await?;
         let a = Self::ok_attr(r.attr)?;
         self.meta.put_attr(epoch, &a);
         Ok(())
+    }
+
+    /// A request to the MDS, after every delegated change made before it
+    /// (see `delegation.rs`).
+    pub(crate) async fn rpc<R, T, F, Fut>(
+        &self,
+        req: R,
+        f: F,
+    ) -> std::result::Result<T, tonic::Status>
+    where
+        R: Clone,
+        F: FnMut(pb::meta_client::MetaClient<Channel>, R) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        // A failed flush already logged and dropped what it could not
+        // send; the request goes on from the MDS's state.
+        let _ = self.barrier().await;
+        self.mds.request(req, f).await
     }
 
     /// This client's session id.
@@ -291,12 +320,17 @@ impl Client {
             .await;
         match r {
             Ok(r) => {
+                if r.lease_ms == 0 {
+                    // No lease: the MDS may revoke delegations unheard.
+                    self.deleg.drop_all();
+                }
                 self.meta
                     .renew(sent, Duration::from_millis(u64::from(r.lease_ms)));
                 Ok(())
             }
             Err(e) => {
                 self.meta.clear();
+                self.deleg.drop_all();
                 Err(e.into())
             }
         }
@@ -370,8 +404,7 @@ impl Client {
             name: Bytes::copy_from_slice(name),
         };
         let r = self
-            .mds
-            .request(req, |mut c, r| async move { c.lookup(r).await })
+            .rpc(req, |mut c, r| async move { c.lookup(r).await })
             .await;
         match r {
             Ok(r) => {
@@ -401,8 +434,7 @@ impl Client {
             ino,
         };
         let r = self
-            .mds
-            .request(req, |mut c, r| async move { c.get_attr(r).await })
+            .rpc(req, |mut c, r| async move { c.get_attr(r).await })
             .await?;
         let a = Self::ok_attr(r.attr)?;
         self.meta.put_attr(epoch, &a);
@@ -411,6 +443,9 @@ impl Client {
 
     /// Changes attributes. A size change also cuts or extends the data.
     pub async fn setattr(&self, ino: u64, ch: SetAttr) -> Result<Attr> {
+        if let Some(a) = self.setattr_delegated(ino, &ch) {
+            return Ok(a);
+        }
         if ch.size.is_some() {
             self.page_versions.changed(ino);
         }
@@ -432,8 +467,7 @@ impl Client {
             access: false,
         };
         let r = self
-            .mds
-            .request(req, |mut c, r| async move { c.set_attr(r).await })
+            .rpc(req, |mut c, r| async move { c.set_attr(r).await })
             .await?;
         let a = Self::ok_attr(r.attr)?;
         self.meta.put_attr(epoch, &a);
@@ -458,6 +492,14 @@ impl Client {
         gid: u32,
         exclusive: bool,
     ) -> Result<Attr> {
+        if mode & libc::S_IFMT == libc::S_IFREG || mode & libc::S_IFMT == 0 {
+            if let Some(a) = self
+                .create_delegated(parent, name, mode, uid, gid, NewNode::File)
+                .await
+            {
+                return Ok(a);
+            }
+        }
         let r = self
             .make_node(parent, name, mode, rdev, uid, gid, exclusive, 0)
             .await?;
@@ -477,17 +519,29 @@ impl Client {
         exclusive: bool,
         flags: u32,
     ) -> Result<(Attr, bool)> {
+        if let Some(a) = self
+            .create_delegated(parent, name, mode, uid, gid, NewNode::File)
+            .await
+        {
+            self.note_created_open(a.ino, flags);
+            self.note_unregistered_open(a.ino, flags);
+            return Ok((a, false));
+        }
         // The inode is known only from the reply: a shared-write demand
         // that comes before it must not be dropped as "not open here".
         self.creating.fetch_add(1, Ordering::SeqCst);
         let r = self
             .make_node(parent, name, mode, 0, uid, gid, exclusive, flags)
             .await;
+        let r = r.and_then(|r| Ok((Self::ok_attr(r.attr)?, r.shared_write)));
+        if let Ok((a, _)) = &r {
+            // Counted open before the create stops counting as in flight:
+            // a demand in between must not find the file "not open here".
+            self.note_created_open(a.ino, flags);
+        }
         self.creating.fetch_sub(1, Ordering::SeqCst);
-        let r = r?;
-        let a = Self::ok_attr(r.attr)?;
-        self.note_created_open(a.ino, flags);
-        if r.shared_write {
+        let (a, shared_write) = r?;
+        if shared_write {
             if let Err(e) = self.share_writes(a.ino).await {
                 self.keep_write_error(a.ino, &e);
             }
@@ -520,8 +574,7 @@ impl Client {
             open_flags,
         };
         let r = self
-            .mds
-            .request(req, |mut c, r| async move { c.mknod(r).await })
+            .rpc(req, |mut c, r| async move { c.mknod(r).await })
             .await?;
         self.note_entry(epoch, parent, name, &r);
         Ok(r)
@@ -536,6 +589,12 @@ impl Client {
         uid: u32,
         gid: u32,
     ) -> Result<Attr> {
+        if let Some(a) = self
+            .create_delegated(parent, name, mode, uid, gid, NewNode::Dir)
+            .await
+        {
+            return Ok(a);
+        }
         let epoch = self.meta.epoch();
         let req = pb::MkdirRequest {
             header: self.header(),
@@ -546,8 +605,7 @@ impl Client {
             gid,
         };
         let r = self
-            .mds
-            .request(req, |mut c, r| async move { c.mkdir(r).await })
+            .rpc(req, |mut c, r| async move { c.mkdir(r).await })
             .await?;
         self.note_entry(epoch, parent, name, &r);
         if let Some(a) = &r.attr {
@@ -565,6 +623,12 @@ impl Client {
         uid: u32,
         gid: u32,
     ) -> Result<Attr> {
+        if let Some(a) = self
+            .create_delegated(parent, name, 0, uid, gid, NewNode::Symlink(target))
+            .await
+        {
+            return Ok(a);
+        }
         let epoch = self.meta.epoch();
         let req = pb::SymlinkRequest {
             header: self.header(),
@@ -575,8 +639,7 @@ impl Client {
             gid,
         };
         let r = self
-            .mds
-            .request(req, |mut c, r| async move { c.symlink(r).await })
+            .rpc(req, |mut c, r| async move { c.symlink(r).await })
             .await?;
         self.note_entry(epoch, parent, name, &r);
         Self::ok_attr(r.attr)
@@ -584,6 +647,10 @@ impl Client {
 
     /// Removes a non-directory entry.
     pub async fn unlink(&self, parent: u64, name: &[u8]) -> Result<()> {
+        if self.unlink_delegated(parent, name) {
+            return Ok(());
+        }
+        self.register_opens().await;
         let req = pb::UnlinkRequest {
             header: self.header(),
             parent,
@@ -591,8 +658,7 @@ impl Client {
         };
         let epoch = self.meta.epoch();
         let r = self
-            .mds
-            .request(req, |mut c, r| async move { c.unlink(r).await })
+            .rpc(req, |mut c, r| async move { c.unlink(r).await })
             .await?;
         self.meta.removed(epoch, parent, name);
         self.note_dirs(epoch, &[parent], &r);
@@ -610,8 +676,7 @@ impl Client {
         };
         let epoch = self.meta.epoch();
         let r = self
-            .mds
-            .request(req, |mut c, r| async move { c.rmdir(r).await })
+            .rpc(req, |mut c, r| async move { c.rmdir(r).await })
             .await?;
         self.meta.removed(epoch, parent, name);
         self.note_dirs(epoch, &[parent], &r);
@@ -625,8 +690,7 @@ impl Client {
             ino,
         };
         let r = self
-            .mds
-            .request(req, |mut c, r| async move { c.readlink(r).await })
+            .rpc(req, |mut c, r| async move { c.readlink(r).await })
             .await?;
         Ok(r.target)
     }
@@ -642,8 +706,7 @@ impl Client {
             new_name: Bytes::copy_from_slice(new_name),
         };
         let r = self
-            .mds
-            .request(req, |mut c, r| async move { c.link(r).await })
+            .rpc(req, |mut c, r| async move { c.link(r).await })
             .await?;
         self.note_entry(epoch, new_parent, new_name, &r);
         Self::ok_attr(r.attr)
@@ -658,6 +721,10 @@ impl Client {
         new_name: &[u8],
         flags: u32,
     ) -> Result<()> {
+        if self.rename_delegated(parent, name, new_parent, new_name, flags) {
+            return Ok(());
+        }
+        self.register_opens().await;
         if flags & libc::RENAME_EXCHANGE == 0 {
             // A directory replaced while open stays, as with rmdir.
             self.register_open_dir(new_parent, new_name).await;
@@ -672,8 +739,7 @@ impl Client {
         };
         let epoch = self.meta.epoch();
         let r = self
-            .mds
-            .request(req, |mut c, r| async move { c.rename(r).await })
+            .rpc(req, |mut c, r| async move { c.rename(r).await })
             .await?;
         // The moved inode's ctime changed and an exchange moved the other
         // too: drop both names and let the next lookup ask.
@@ -704,8 +770,7 @@ impl Client {
             plus,
         };
         let r = self
-            .mds
-            .request(req, |mut c, r| async move { c.read_dir(r).await })
+            .rpc(req, |mut c, r| async move { c.read_dir(r).await })
             .await?;
         for e in &r.entries {
             if let Some(a) = &e.attr {
@@ -726,8 +791,7 @@ impl Client {
             ino: self.root_ino,
         };
         Ok(self
-            .mds
-            .request(req, |mut c, r| async move { c.stat_fs(r).await })
+            .rpc(req, |mut c, r| async move { c.stat_fs(r).await })
             .await?)
     }
 
@@ -740,8 +804,7 @@ impl Client {
             value: Bytes::copy_from_slice(value),
             flags,
         };
-        self.mds
-            .request(req, |mut c, r| async move { c.set_xattr(r).await })
+        self.rpc(req, |mut c, r| async move { c.set_xattr(r).await })
             .await?;
         self.meta.forget_attr(ino);
         Ok(())
@@ -764,8 +827,7 @@ impl Client {
             name: Bytes::copy_from_slice(name),
         };
         let r = self
-            .mds
-            .request(req, |mut c, r| async move { c.get_xattr(r).await })
+            .rpc(req, |mut c, r| async move { c.get_xattr(r).await })
             .await
             .map_err(ClientError::from);
         match r {
@@ -789,8 +851,7 @@ impl Client {
             ino,
         };
         let r = self
-            .mds
-            .request(req, |mut c, r| async move { c.list_xattr(r).await })
+            .rpc(req, |mut c, r| async move { c.list_xattr(r).await })
             .await?;
         Ok(r.names)
     }
@@ -802,8 +863,7 @@ impl Client {
             ino,
             name: Bytes::copy_from_slice(name),
         };
-        self.mds
-            .request(req, |mut c, r| async move { c.remove_xattr(r).await })
+        self.rpc(req, |mut c, r| async move { c.remove_xattr(r).await })
             .await?;
         self.meta.forget_attr(ino);
         Ok(())
@@ -816,6 +876,14 @@ impl Client {
             Some(st) if st.dirty => st.size,
             _ => return Ok(None),
         };
+        if let Some(a) = self.commit_delegated(ino, size) {
+            if let Some(mut st) = self.files.get_mut(&ino) {
+                if st.size <= size {
+                    st.dirty = false;
+                }
+            }
+            return Ok(Some(a));
+        }
         let req = pb::CommitWriteRequest {
             header: self.header(),
             ino,
@@ -824,8 +892,7 @@ impl Client {
         // The reply's attributes are as new as it gets.
         self.meta.forget_attr(ino);
         let r = self
-            .mds
-            .request(req, |mut c, r| async move { c.commit_write(r).await })
+            .rpc(req, |mut c, r| async move { c.commit_write(r).await })
             .await?;
         if let Some(mut st) = self.files.get_mut(&ino) {
             // Writes that raced past `size` stay dirty.
@@ -838,7 +905,12 @@ impl Client {
             .ok_or_else(|| ClientError::Unavailable("MDS reply without attributes".into()))
     }
 
-    fn count_open(&self, ino: u64, flags: u32) {
+    /// This client's opens of `ino`.
+    pub fn open_count(&self, ino: u64) -> OpenCount {
+        self.opens.get(&ino).map(|n| *n).unwrap_or_default()
+    }
+
+    pub(crate) fn count_open(&self, ino: u64, flags: u32) {
         let mut n = self.opens.entry(ino).or_default();
         n.all += 1;
         if opens_for_write(flags) {
@@ -875,6 +947,15 @@ impl Client {
     /// Opens `ino`: its attributes, whether it is in shared-write mode,
     /// and whether the kernel may keep the pages it cached before.
     pub async fn open(&self, ino: u64, flags: u32) -> Result<(Attr, bool, bool)> {
+        if let Some(a) = self.open_delegated(ino, flags) {
+            let keep = self
+                .page_versions
+                .open(&a, flags as i32 & libc::O_APPEND == 0);
+            if !keep {
+                self.cache.invalidate_file(ino);
+            }
+            return Ok((a, false, keep));
+        }
         // Counted before asking: a shared-write demand for the file may
         // come before the reply and must find it open.
         self.count_open(ino, flags);
@@ -885,8 +966,7 @@ impl Client {
             flags,
         };
         let r = match self
-            .mds
-            .request(req, |mut c, r| async move { c.open(r).await })
+            .rpc(req, |mut c, r| async move { c.open(r).await })
             .await
         {
             Ok(r) => r,
@@ -928,9 +1008,25 @@ impl Client {
         self.count_open(ino, flags);
     }
 
-    /// True if `ino` is in shared-write mode here.
+    /// True if `ino` is in shared-write mode here (also: for every file
+    /// while the recall stream is not open, when a demand cannot reach us).
     pub fn is_shared(&self, ino: u64) -> bool {
-        self.files.get(&ino).is_some_and(|s| s.shared)
+        !self.stream_up.load(Ordering::Acquire) || self.files.get(&ino).is_some_and(|s| s.shared)
+    }
+
+    /// The recall stream opened: files opened for writing before it stay
+    /// in shared-write mode (a demand sent meanwhile was lost), later ones
+    /// buffer until a demand comes.
+    pub fn stream_opened(&self) {
+        for e in self.opens.iter().filter(|e| e.writes > 0) {
+            self.files.entry(*e.key()).or_default().shared = true;
+        }
+        self.stream_up.store(true, Ordering::Release);
+    }
+
+    /// The recall stream broke: demands may be lost from now on.
+    pub fn stream_closed(&self) {
+        self.stream_up.store(false, Ordering::Release);
     }
 
     /// Puts `ino` in shared-write mode if this client has it open: from
@@ -1015,8 +1111,7 @@ impl Client {
             flags: libc::O_RDONLY as u32,
         };
         let r = self
-            .mds
-            .request(req, |mut c, r| async move { c.open(r).await })
+            .rpc(req, |mut c, r| async move { c.open(r).await })
             .await;
         if r.is_err() {
             return;
@@ -1046,14 +1141,15 @@ impl Client {
     /// first, then the MDS's count.
     pub async fn release(&self, ino: u64, flags: u32) -> Result<()> {
         // Buffered data reaches the OSDs before the size that covers it.
-        let flushed = self.flush_file(ino).await;
-        let commit = self.commit_size(ino).await;
+        let closed = self.close_file(ino).await;
         if self.uncount_open(ino, flags) {
             // Opened for reading but never read: nothing to renew.
             self.atime_due.remove(&ino);
         }
-        self.send_release(ino, flags).await?;
-        flushed.and(commit.map(|_| ()))
+        if !self.deleg.release_unregistered(ino, flags) {
+            self.send_release(ino, flags).await?;
+        }
+        closed
     }
 
     /// Tells the MDS one open of `ino` (with open flags `flags`) ended.
@@ -1063,8 +1159,7 @@ impl Client {
             ino,
             flags,
         };
-        self.mds
-            .request(req, |mut c, r| async move { c.release(r).await })
+        self.rpc(req, |mut c, r| async move { c.release(r).await })
             .await?;
         Ok(())
     }
@@ -1083,8 +1178,7 @@ impl Client {
         let req = pb::SyncMetaRequest {
             header: self.header(),
         };
-        self.mds
-            .request(req, |mut c, r| async move { c.sync_meta(r).await })
+        self.rpc(req, |mut c, r| async move { c.sync_meta(r).await })
             .await?;
         Ok(())
     }
@@ -1114,6 +1208,9 @@ impl Client {
             if let Err(e) = self.commit_size(ino).await {
                 tracing::warn!(ino, error = %e, "could not commit file size");
             }
+        }
+        if let Err(e) = self.flush_delegated().await {
+            tracing::warn!(error = %e, "could not send delegated changes");
         }
     }
 }

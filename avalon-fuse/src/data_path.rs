@@ -140,8 +140,7 @@ impl Client {
         };
         self.meta.forget_attr(ino);
         let r = self
-            .mds
-            .request(req, |mut c, r| async move { c.append_write(r).await })
+            .rpc(req, |mut c, r| async move { c.append_write(r).await })
             .await?;
         let a = r
             .attr

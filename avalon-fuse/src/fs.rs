@@ -80,11 +80,24 @@ impl AvalonFs {
         }
     }
 
+    /// Runs an operation: polled once here, on the FUSE thread, and
+    /// handed to the runtime only if it has to wait. Most operations are
+    /// answered from caches without waiting, and a hand-over to another
+    /// thread costs more than such an operation.
     fn spawn<F>(&self, f: F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.rt.spawn(f);
+        let mut f = Box::pin(f);
+        let _rt = self.rt.enter();
+        // The runtime polls a spawned task at once, with its own waker,
+        // so what this first poll registered with the no-op one is
+        // replaced before anything waits on it.
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        if f.as_mut().poll(&mut cx).is_pending() {
+            self.rt.spawn(f);
+        }
     }
 }
 
@@ -577,9 +590,8 @@ impl Filesystem for AvalonFs {
             let unlocked = crate::locks::release_owner(&c, ino, lock_owner.0).await;
             // Close: buffered writes reach the OSDs (errors of earlier
             // background writes are reported here), then the size.
-            let flushed = c.flush_file(ino).await;
-            let committed = c.commit_size(ino).await.map(|_| ());
-            reply_empty(flushed.and(committed).and(unlocked), reply)
+            let closed = c.close_file(ino).await;
+            reply_empty(closed.and(unlocked), reply)
         });
     }
 

@@ -7,6 +7,7 @@ pub mod attr;
 pub mod chunk_cache;
 pub mod client;
 pub mod data_path;
+pub mod delegation;
 pub mod error;
 pub mod fs;
 pub mod locks;

@@ -93,8 +93,7 @@ pub async fn getlk(
     let req = lock_req(c, ino, owner, start, end, typ, pid)?;
     wait_releases(c, ino).await;
     let r = c
-        .mds
-        .request(req, |mut m, r| async move { m.get_lock(r).await })
+        .rpc(req, |mut m, r| async move { m.get_lock(r).await })
         .await?;
     Ok((r.start, r.end, r.r#type as i32, r.pid))
 }
@@ -173,8 +172,7 @@ async fn try_setlk(c: &Client, req: &pb::LockRequest) -> Result<()> {
     let mut req = req.clone();
     // A fresh request id per attempt: the MDS remembers answers by id.
     req.header = c.header();
-    c.mds
-        .request(req, |mut m, r| async move { m.set_lock(r).await })
+    c.rpc(req, |mut m, r| async move { m.set_lock(r).await })
         .await?;
     Ok(())
 }
@@ -257,8 +255,7 @@ pub async fn release_owner(c: &Client, ino: u64, owner: u64) -> Result<()> {
         ino,
         owner,
     };
-    c.mds
-        .request(req, |mut m, r| async move { m.release_locks(r).await })
+    c.rpc(req, |mut m, r| async move { m.release_locks(r).await })
         .await?;
     Ok(())
 }

@@ -310,6 +310,8 @@ fn run_foreground(args: &Args) -> anyhow::Result<()> {
     let kernel = avalon_fuse::recall::KernelCache::new(session.notifier(), client.root_ino);
     let _ = kernel_slot.set(kernel.clone());
     rt.spawn(avalon_fuse::recall::run(client.clone(), Some(kernel)));
+    let fl = client.clone();
+    rt.spawn(async move { fl.run_delegation_flusher().await });
     let hb = client.clone();
     rt.spawn(async move {
         let mut tick = tokio::time::interval(HEARTBEAT);

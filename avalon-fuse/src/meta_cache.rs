@@ -258,6 +258,23 @@ impl MetaCache {
         }
     }
 
+    /// True if `ino` is known to have no extended attributes at all.
+    pub fn bare(&self, ino: u64) -> bool {
+        self.valid()
+            && self
+                .xattrs
+                .get(&ino)
+                .is_some_and(|x| x.all && x.known.values().all(|v| v.is_none()))
+    }
+
+    /// Changes the cached attributes of `ino` in place (this client's own
+    /// change under a delegation); nothing if they are not cached.
+    pub fn update_attr(&self, ino: u64, f: impl FnOnce(&mut Attr)) {
+        if let Some(mut a) = self.attrs.get_mut(&ino) {
+            f(&mut a);
+        }
+    }
+
     /// Records that `ino` has no extended attributes at all.
     pub fn put_no_xattrs(&self, epoch: u64, ino: u64) {
         if self.may_store(epoch) {
@@ -365,7 +382,7 @@ mod tests {
             name: Bytes::from_static(b"a"),
             entry: true,
             data: false,
-            shared_write: false,
+            ..Default::default()
         });
         assert_eq!(c.lookup(1, b"a"), None);
         assert_eq!(c.attr(7), None);
@@ -416,7 +433,7 @@ mod tests {
             name: Bytes::new(),
             entry: false,
             data: false,
-            shared_write: false,
+            ..Default::default()
         });
         assert_eq!(c.xattr(7, b"user.a"), None);
         c.put_xattr(c.epoch(), 7, b"user.a", None);
@@ -430,7 +447,7 @@ mod tests {
             name: Bytes::new(),
             entry: false,
             data: false,
-            shared_write: false,
+            ..Default::default()
         });
         assert_eq!(c.xattr(8, b"security.capability"), None);
     }

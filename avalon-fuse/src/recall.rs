@@ -62,23 +62,29 @@ pub async fn run(client: Arc<Client>, kernel: Option<KernelCache>) {
             .request(req, |mut c, r| async move { c.session(r).await })
             .await
         {
-            Ok(mut stream) => loop {
-                match stream.message().await {
-                    Ok(Some(ev)) => apply(&client, kernel.as_ref(), ev).await,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "recall stream ended");
-                        break;
+            Ok(mut stream) => {
+                client.stream_opened();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(ev)) => apply(&client, kernel.as_ref(), ev).await,
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "recall stream ended");
+                            break;
+                        }
                     }
                 }
-            },
+            }
             Err(e) => tracing::debug!(error = %e, "cannot open the recall stream"),
         }
         // Recalls may have been missed: trust nothing cached until the
         // stream is back and a heartbeat renewed the lease. Shared-write
         // demands may have been missed too: write through every file open
         // for writing.
+        client.stream_closed();
         client.meta.clear();
+        client.deleg.drop_all();
+        let _ = client.flush_delegated().await;
         client.share_all_writes().await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -128,6 +134,11 @@ async fn apply(client: &Arc<Client>, kernel: Option<&KernelCache>, ev: pb::Sessi
 /// Applies a shared-write demand: the file's buffered writes are stored and
 /// its size committed, cached pages and attributes dropped, then acknowledged.
 async fn share(client: &Arc<Client>, kernel: Option<&KernelCache>, ev: pb::SessionEvent) {
+    for r in ev.recalls.iter().filter(|r| r.delegation) {
+        if let Err(e) = client.revoke_delegation(r.ino).await {
+            tracing::warn!(root = r.ino, error = %e, "revoking a delegation");
+        }
+    }
     for r in ev.recalls.iter().filter(|r| r.shared_write) {
         if let Err(e) = client.share_writes(r.ino).await {
             client.keep_write_error(r.ino, &e);

@@ -213,6 +213,31 @@ pub enum Op {
         ino: u64,
         atime: TimeSpec,
     },
+    /// A create a client made under its delegation: inode number (from a
+    /// range reserved with [`Op::ReserveInos`]) and mode (umask applied)
+    /// chosen by the client. `mode`'s type is S_IFREG, S_IFDIR or S_IFLNK
+    /// (then `target` is set).
+    CreateAs {
+        ino: u64,
+        parent: u64,
+        name: Vec<u8>,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        target: Option<Vec<u8>>,
+        layout: Layout,
+    },
+    /// Changes a client made under its delegations, in its order, each
+    /// with the time it stamped; applied one after the other, each on its
+    /// own ([`Reply::Batch`] has their errnos).
+    Batch {
+        ops: Vec<(i64, Op)>,
+    },
+    /// Takes `count` inode numbers out of the allocator for a client's
+    /// creates under delegation ([`Reply::Inos`] has the first).
+    ReserveInos {
+        count: u64,
+    },
 }
 
 /// A raft log entry payload.
@@ -252,8 +277,18 @@ pub struct Attr {
 pub enum Reply {
     None,
     Attr(Attr),
-    OsdRegistered { osd_id: u64, epoch: u64 },
-    ClientRegistered { session_id: u64, root_ino: u64 },
+    OsdRegistered {
+        osd_id: u64,
+        epoch: u64,
+    },
+    ClientRegistered {
+        session_id: u64,
+        root_ino: u64,
+    },
+    /// Per op of an [`Op::Batch`]: 0 or its errno.
+    Batch(Vec<i32>),
+    /// First of the numbers [`Op::ReserveInos`] reserved.
+    Inos(u64),
 }
 
 /// What applying one log entry produced: a reply or a Linux errno.

@@ -207,14 +207,10 @@ impl LeaseTable {
                     }
                 }
             }
-            for c in changes {
-                if let Some(h) = inner.holders.get_mut(&c.ino) {
-                    h.retain(|s| *s == from);
-                    if h.is_empty() {
-                        inner.holders.remove(&c.ino);
-                    }
-                }
-            }
+            // The holders stay registered: a recall drops one entry or an
+            // inode's attributes, and the client keeps the rest it cached
+            // of that inode (the other entries of a directory), which a
+            // later change must recall too.
             let now = Instant::now();
             if !per_session.is_empty() {
                 tracing::debug!(from, sessions = per_session.len(), "recalling");
@@ -223,9 +219,6 @@ impl LeaseTable {
                 let Some(s) = inner.sessions.get_mut(&sid) else {
                     continue;
                 };
-                for c in &cs {
-                    s.held.remove(&c.ino);
-                }
                 let Some(deadline) = s.valid_until.filter(|t| *t > now) else {
                     continue;
                 };
@@ -240,7 +233,7 @@ impl LeaseTable {
                             name: c.name.clone().unwrap_or_default().into(),
                             entry: c.name.is_some(),
                             data: c.data,
-                            shared_write: false,
+                            ..Default::default()
                         })
                         .collect(),
                     flush_seq: 0,
@@ -270,41 +263,67 @@ impl LeaseTable {
     /// client writes through every file it has open for writing while it
     /// has no stream (see the client's recall loop).
     pub async fn demand_flush(&self, sid: u64, ino: u64, max_wait: Duration) {
-        let wrx = {
-            let mut g = self.lock();
-            let Some(s) = g.sessions.get_mut(&sid) else {
-                return;
-            };
-            let Some(tx) = s.tx.clone() else {
-                return;
-            };
-            s.next_flush_seq += 1;
-            let flush_seq = s.next_flush_seq;
-            let ev = pb::SessionEvent {
-                seq: 0,
-                recalls: vec![pb::Recall {
-                    ino,
-                    name: Default::default(),
-                    entry: false,
-                    data: true,
-                    shared_write: true,
-                }],
-                flush_seq,
-            };
-            if tx.try_send(Ok(ev)).is_err() {
-                return;
-            }
-            let (wtx, wrx) = oneshot::channel();
-            s.flushing.insert(flush_seq, wtx);
-            wrx
+        let r = pb::Recall {
+            ino,
+            data: true,
+            shared_write: true,
+            ..Default::default()
         };
-        if tokio::time::timeout(max_wait, wrx).await.is_err() {
+        if !self.demand(sid, r, max_wait).await {
             tracing::warn!(
                 session = sid,
                 ino,
                 "shared-write demand unanswered; going on"
             );
         }
+    }
+
+    /// Sends session `sid` the demand `r` (acknowledged on its own, with a
+    /// `flush_seq`) and waits for the acknowledgement for at most
+    /// `max_wait`. False if it did not come (or the session has no
+    /// stream to be told on).
+    pub async fn demand(&self, sid: u64, r: pb::Recall, max_wait: Duration) -> bool {
+        let wrx = {
+            let mut g = self.lock();
+            let Some(s) = g.sessions.get_mut(&sid) else {
+                return false;
+            };
+            let Some(tx) = s.tx.clone() else {
+                return false;
+            };
+            s.next_flush_seq += 1;
+            let flush_seq = s.next_flush_seq;
+            let ev = pb::SessionEvent {
+                seq: 0,
+                recalls: vec![r],
+                flush_seq,
+            };
+            if tx.try_send(Ok(ev)).is_err() {
+                return false;
+            }
+            let (wtx, wrx) = oneshot::channel();
+            s.flushing.insert(flush_seq, wtx);
+            wrx
+        };
+        matches!(tokio::time::timeout(max_wait, wrx).await, Ok(Ok(())))
+    }
+
+    /// True if a session other than `sid` may cache `ino`.
+    pub fn held_by_others(&self, sid: u64, ino: u64) -> bool {
+        self.lock()
+            .holders
+            .get(&ino)
+            .is_some_and(|h| h.iter().any(|s| *s != sid))
+    }
+
+    /// How long session `sid`'s lease still holds (zero: none).
+    pub fn lease_left(&self, sid: u64) -> Duration {
+        self.lock()
+            .sessions
+            .get(&sid)
+            .and_then(|s| s.valid_until)
+            .map(|t| t.saturating_duration_since(Instant::now()))
+            .unwrap_or_default()
     }
 
     /// A recall went unanswered until the lease ran out: the session's
@@ -377,8 +396,8 @@ mod tests {
             "waited for the lease"
         );
         acker.await.unwrap();
-        // Session 1 made the change and keeps its lease; 2 lost it on 10 only.
-        assert_eq!(t.len(), 2);
+        // Both keep what they hold: 2 still caches the rest of 10.
+        assert_eq!(t.len(), 3);
     }
 
     #[tokio::test]

@@ -9,6 +9,7 @@
 pub mod acl;
 pub mod command;
 pub mod config;
+pub mod delegation;
 pub mod gc;
 pub mod leases;
 pub mod locks;
@@ -89,6 +90,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         pending_changed: tokio::sync::Notify::new(),
         read_lease: read_lease::ReadLease::for_election_min(cfg.election_min_ms),
         leases: leases::LeaseTable::new(Duration::from_millis(cfg.lease_ms)),
+        delegations: Default::default(),
         lease_term: Mutex::new((0, std::time::Instant::now())),
         log_sync: log_sync::LogSync::new(durability),
         shutdown: shutdown.child_token(),

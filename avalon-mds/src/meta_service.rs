@@ -20,6 +20,12 @@ const RECALL_QUEUE: usize = 4096;
 /// store what they buffered (their own data path retries as long).
 const SHARED_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Most inode numbers one Delegate reserves.
+const MAX_INOS_PER_DELEGATE: u64 = 4096;
+
+/// Most changes in one Apply.
+const MAX_APPLY_OPS: usize = 4096;
+
 /// True if open(2) flags open for writing.
 fn writes(flags: u32) -> bool {
     flags as i32 & libc::O_ACCMODE != libc::O_RDONLY
@@ -159,9 +165,26 @@ impl MetaService {
         changes: &[Change],
     ) -> Result<Reply, Status> {
         let sid = session_of(hdr);
+        let inos: Vec<u64> = changes.iter().map(|c| c.ino).collect();
+        let mut tries = 0;
+        let _pin = loop {
+            match self.node.delegations.pin(sid, &inos) {
+                Ok(p) => break p,
+                Err(groups) if tries < 3 => {
+                    tries += 1;
+                    self.revoke(groups).await;
+                }
+                Err(_) => {
+                    return Err(MdsError::Unavailable(
+                        "a delegation kept coming back; try again".into(),
+                    )
+                    .into())
+                }
+            }
+        };
         // The requester caches the reply: register it before the change,
         // so that a later change by someone else recalls it too.
-        self.node.leases.grant(sid, changes.iter().map(|c| c.ino));
+        self.node.leases.grant(sid, inos);
         let r = self.node.write(hdr, op).await?;
         self.node.leases.recall(sid, changes).await;
         Ok(r)
@@ -206,20 +229,65 @@ impl MetaService {
 
     /// A linearizable read whose result session `sid` may cache: `f`
     /// returns it with the inodes it covers, registered under the state
-    /// lock (see leases.rs).
+    /// lock (see leases.rs). If another session holds a delegation of one
+    /// of them, that is revoked first and the read done again.
     async fn read_leased<T, I: IntoIterator<Item = u64>>(
         &self,
         sid: u64,
-        f: impl FnOnce(&State) -> (T, I),
+        f: impl Fn(&State) -> (T, I),
     ) -> Result<T, MdsError> {
         let leases = &self.node.leases;
-        self.node
-            .read(|s| {
-                let (v, inos) = f(s);
-                leases.grant(sid, inos);
-                v
-            })
-            .await
+        let delegations = &self.node.delegations;
+        for _ in 0..3 {
+            let (v, conflicts) = self
+                .node
+                .read(|s| {
+                    let (v, inos) = f(s);
+                    let inos: Vec<u64> = inos.into_iter().collect();
+                    let conflicts = delegations.conflicts(sid, inos.iter().copied());
+                    if conflicts.is_empty() {
+                        leases.grant(sid, inos);
+                    }
+                    (v, conflicts)
+                })
+                .await?;
+            if conflicts.is_empty() {
+                return Ok(v);
+            }
+            self.revoke(conflicts).await;
+        }
+        Err(MdsError::Unavailable(
+            "a delegation kept coming back; try again".into(),
+        ))
+    }
+
+    /// Revokes the delegations of sessions other than `sid` that cover any
+    /// of `inos`, so that their holders' pending changes are in the state
+    /// before `sid`'s request reads or changes it.
+    async fn settle(&self, sid: u64, inos: impl IntoIterator<Item = u64>) {
+        let conflicts = self.node.delegations.conflicts(sid, inos);
+        if !conflicts.is_empty() {
+            self.revoke(conflicts).await;
+        }
+    }
+
+    /// Revokes delegation groups `(holder, root)`: each holder sends what
+    /// it has pending and acknowledges, or its lease runs out.
+    async fn revoke(&self, groups: Vec<(u64, u64)>) {
+        let leases = &self.node.leases;
+        futures::future::join_all(groups.into_iter().map(|(holder, root)| async move {
+            let r = pb::Recall {
+                ino: root,
+                delegation: true,
+                ..Default::default()
+            };
+            let wait = leases.lease_left(holder);
+            if !wait.is_zero() && !leases.demand(holder, r, wait).await {
+                tracing::warn!(session = holder, root, "delegation revoke unanswered");
+            }
+            self.node.delegations.revoke(root);
+        }))
+        .await;
     }
 }
 
@@ -423,6 +491,7 @@ impl Meta for MetaService {
     async fn readlink(&self, req: Request<pb::GetAttrRequest>) -> Res<pb::ReadlinkReply> {
         let r = req.into_inner();
         ino_ok(r.ino)?;
+        self.settle(session_of(r.header.as_ref()), [r.ino]).await;
         let target = self
             .node
             .read(|s| s.readlink(r.ino))
@@ -588,6 +657,7 @@ impl Meta for MetaService {
     async fn list_xattr(&self, req: Request<pb::GetAttrRequest>) -> Res<pb::ListXattrReply> {
         let r = req.into_inner();
         ino_ok(r.ino)?;
+        self.settle(session_of(r.header.as_ref()), [r.ino]).await;
         let names = self
             .node
             .read(|s| s.listxattr(r.ino))
@@ -645,6 +715,7 @@ impl Meta for MetaService {
         self.node.check_leader()?;
         let sid = r.header.as_ref().map(|h| h.session_id).unwrap_or(0);
         let write = sid != 0 && writes(r.flags);
+        self.settle(sid, [r.ino]).await;
         if sid != 0 {
             self.node.open_begin(sid, r.ino).await;
         }
@@ -684,6 +755,218 @@ impl Meta for MetaService {
         Ok(Response::new(pb::Empty {}))
     }
 
+    async fn delegate(&self, req: Request<pb::DelegateRequest>) -> Res<pb::DelegateReply> {
+        let r = req.into_inner();
+        let sid = session_of(r.header.as_ref());
+        if sid == 0 {
+            return Err(MdsError::Invalid("delegations are for client sessions".into()).into());
+        }
+        let layout = self.node.layout();
+        let mut reply = pb::DelegateReply {
+            chunk_size: layout.chunk_size,
+            replicas: layout.replicas,
+            write_quorum: layout.write_quorum,
+            ..Default::default()
+        };
+        if r.want_inos > 0 {
+            let count = u64::from(r.want_inos).min(MAX_INOS_PER_DELEGATE);
+            match self
+                .node
+                .write(r.header.as_ref(), Op::ReserveInos { count })
+                .await?
+            {
+                Reply::Inos(start) => {
+                    self.node.delegations.reserve(sid, start, count);
+                    reply.ino_start = start;
+                    reply.ino_count = count as u32;
+                }
+                other => {
+                    return Err(MdsError::Internal(format!("reserve replied {other:?}")).into())
+                }
+            }
+        }
+        if r.dir != 0 {
+            ino_ok(r.dir)?;
+            // A new leader does not know what its predecessor let others
+            // cache: no delegation before those leases lapsed.
+            self.node.wait_fresh_leader().await;
+            let leases = &self.node.leases;
+            let delegations = &self.node.delegations;
+            let granted = self
+                .node
+                .read(|s| {
+                    let dir = s
+                        .getattr(r.dir)
+                        .ok()
+                        .filter(|a| a.mode & libc::S_IFMT == libc::S_IFDIR);
+                    let bare = s.inodes.get(&r.dir).is_some_and(|i| i.xattrs.is_empty());
+                    match dir {
+                        // Under the state lock: no other session's read of
+                        // the directory can slip between check and grant.
+                        Some(a)
+                            if delegations.grant(sid, r.dir, leases.held_by_others(sid, r.dir)) =>
+                        {
+                            leases.grant(sid, [r.dir]);
+                            Some((a, bare))
+                        }
+                        _ => None,
+                    }
+                })
+                .await?;
+            if let Some((a, bare)) = granted {
+                reply.granted = true;
+                reply.dir = Some(attr_pb(&a));
+                reply.dir_no_xattrs = bare;
+            }
+        }
+        Ok(Response::new(reply))
+    }
+
+    async fn apply(&self, req: Request<pb::ApplyRequest>) -> Res<pb::ApplyReply> {
+        let r = req.into_inner();
+        let hdr = r.header.as_ref();
+        let sid = session_of(hdr);
+        if sid == 0 {
+            return Err(MdsError::Invalid("delegations are for client sessions".into()).into());
+        }
+        if r.ops.len() > MAX_APPLY_OPS {
+            return Err(
+                MdsError::Invalid(format!("at most {MAX_APPLY_OPS} changes per apply")).into(),
+            );
+        }
+        let layout = self.node.layout();
+        let mut ops = Vec::with_capacity(r.ops.len());
+        let mut changes = Vec::with_capacity(r.ops.len());
+        let mut named = Vec::with_capacity(r.ops.len());
+        let mut creates = Vec::new();
+        for d in r.ops {
+            use pb::delegated_op::Op as D;
+            let op = match d.op {
+                Some(D::Create(c)) => {
+                    ino_ok(c.parent)?;
+                    name_ok(&c.name)?;
+                    if self
+                        .node
+                        .delegations
+                        .reserved_for(c.ino)
+                        .is_some_and(|s| s != sid)
+                    {
+                        return Err(MdsError::Invalid(format!(
+                            "inode {} is reserved for another session",
+                            c.ino
+                        ))
+                        .into());
+                    }
+                    named.push(c.parent);
+                    changes.push(Change::entry(c.parent, &c.name));
+                    creates.push((ops.len(), c.parent, c.ino));
+                    let target =
+                        (c.mode & libc::S_IFMT == libc::S_IFLNK).then(|| c.target.to_vec());
+                    Op::CreateAs {
+                        ino: c.ino,
+                        parent: c.parent,
+                        name: c.name.into(),
+                        mode: c.mode,
+                        uid: c.uid,
+                        gid: c.gid,
+                        target,
+                        layout,
+                    }
+                }
+                Some(D::SetAttr(a)) => {
+                    ino_ok(a.ino)?;
+                    if a.access {
+                        return Err(
+                            MdsError::Invalid("no access-time updates in an apply".into()).into(),
+                        );
+                    }
+                    named.push(a.ino);
+                    changes.push(if a.size.is_some() {
+                        Change::data(a.ino)
+                    } else {
+                        Change::attr(a.ino)
+                    });
+                    Op::SetAttr {
+                        ino: a.ino,
+                        mode: a.mode,
+                        uid: a.uid,
+                        gid: a.gid,
+                        size: a.size,
+                        atime: time_spec(a.atime),
+                        mtime: time_spec(a.mtime),
+                        ctime_ns: a.ctime_ns,
+                    }
+                }
+                Some(D::Unlink(u)) => {
+                    ino_ok(u.parent)?;
+                    name_ok(&u.name)?;
+                    named.push(u.parent);
+                    changes.push(Change::entry(u.parent, &u.name));
+                    // Only files nobody has open are removed under a
+                    // delegation (nobody else can reach them, and the
+                    // holder does not): no open-file guard.
+                    Op::Unlink {
+                        parent: u.parent,
+                        name: u.name.into(),
+                        guard: None,
+                    }
+                }
+                Some(D::Rename(m)) => {
+                    ino_ok(m.parent)?;
+                    ino_ok(m.new_parent)?;
+                    name_ok(&m.name)?;
+                    name_ok(&m.new_name)?;
+                    if m.flags != 0 {
+                        return Err(MdsError::Invalid("no rename flags in an apply".into()).into());
+                    }
+                    named.extend([m.parent, m.new_parent]);
+                    changes.push(Change::entry(m.parent, &m.name));
+                    changes.push(Change::entry(m.new_parent, &m.new_name));
+                    Op::Rename {
+                        parent: m.parent,
+                        name: m.name.into(),
+                        new_parent: m.new_parent,
+                        new_name: m.new_name.into(),
+                        flags: 0,
+                        guard: None,
+                    }
+                }
+                Some(D::CommitWrite(w)) => {
+                    ino_ok(w.ino)?;
+                    named.push(w.ino);
+                    changes.push(Change::data(w.ino));
+                    Op::CommitWrite {
+                        ino: w.ino,
+                        size: w.size,
+                    }
+                }
+                None => return Err(MdsError::Invalid("empty delegated change".into()).into()),
+            };
+            ops.push((d.now_ns, op));
+        }
+        // Everything named must be this session's or nobody's: another
+        // session's delegation means this one's was revoked meanwhile
+        // (its lease lapsed) and the changes came too late.
+        if !self.node.delegations.conflicts(sid, named).is_empty() {
+            return Err(Status::failed_precondition(
+                "these changes name inodes delegated to another session",
+            ));
+        }
+        let errnos = match self.node.write(hdr, Op::Batch { ops }).await? {
+            Reply::Batch(e) => e,
+            other => return Err(MdsError::Internal(format!("apply replied {other:?}")).into()),
+        };
+        for (i, parent, ino) in creates {
+            self.node.delegations.consumed(ino);
+            if errnos.get(i) == Some(&0) {
+                self.node.delegations.created(sid, parent, ino);
+                self.node.leases.grant(sid, [ino]);
+            }
+        }
+        self.node.leases.recall(sid, &changes).await;
+        Ok(Response::new(pb::ApplyReply { errnos }))
+    }
+
     async fn check_inodes(
         &self,
         req: Request<pb::CheckInodesRequest>,
@@ -699,9 +982,16 @@ impl Meta for MetaService {
                     .iter()
                     .copied()
                     .filter(|&i| i != 0 && i < s.next_ino && !s.inodes.contains_key(&i))
-                    .collect()
+                    .collect::<Vec<u64>>()
             })
             .await?;
+        // Reserved numbers whose create may still be on its way (the data
+        // of a file created under a delegation can reach the OSDs first).
+        let delegations = &self.node.delegations;
+        let dead = dead
+            .into_iter()
+            .filter(|i| delegations.reserved_for(*i).is_none())
+            .collect();
         Ok(Response::new(pb::CheckInodesReply { dead }))
     }
 

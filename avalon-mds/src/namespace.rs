@@ -30,6 +30,8 @@ pub const DEDUP_PER_SESSION: usize = 1024;
 pub const TOTAL_INODES: u64 = 1 << 40;
 /// First cookie of real directory entries (1 and 2 are "." and "..").
 pub const FIRST_COOKIE: u64 = 3;
+/// Most inode numbers one [`Op::ReserveInos`] takes.
+pub const MAX_RESERVE: u64 = 1 << 16;
 
 type R<T> = Result<T, i32>;
 
@@ -458,6 +460,43 @@ impl State {
                 .map(|_| Reply::None),
             Op::RemoveXattr { ino, name } => self.removexattr(now, *ino, name).map(|_| Reply::None),
             Op::CommitWrite { ino, size } => self.commit_write(now, *ino, *size).map(Reply::Attr),
+            Op::CreateAs {
+                ino,
+                parent,
+                name,
+                mode,
+                uid,
+                gid,
+                target,
+                layout,
+            } => self
+                .create_as(
+                    now,
+                    *ino,
+                    *parent,
+                    name,
+                    (*mode, *uid, *gid),
+                    target.as_deref(),
+                    *layout,
+                )
+                .map(Reply::Attr),
+            Op::Batch { ops } => Ok(Reply::Batch(
+                ops.iter()
+                    .map(|(t, op)| match op {
+                        Op::CreateAs { .. }
+                        | Op::SetAttr { .. }
+                        | Op::Unlink { .. }
+                        | Op::Rename { .. }
+                        | Op::CommitWrite { .. } => self.apply_op(*t, op).err().unwrap_or(0),
+                        _ => libc::EINVAL,
+                    })
+                    .collect(),
+            )),
+            Op::ReserveInos { count } => {
+                let start = self.next_ino;
+                self.next_ino += (*count).min(MAX_RESERVE);
+                Ok(Reply::Inos(start))
+            }
             Op::AppendWrite { ino, len } => self.append_write(now, *ino, *len).map(Reply::Attr),
             Op::RegisterOsd {
                 osd_id,
@@ -636,6 +675,10 @@ impl State {
     fn alloc_inode(&mut self, now: i64, mode: u32, uid: u32, gid: u32) -> Inode {
         let ino = self.next_ino;
         self.next_ino += 1;
+        self.new_inode(ino, now, mode, uid, gid)
+    }
+
+    fn new_inode(&mut self, ino: u64, now: i64, mode: u32, uid: u32, gid: u32) -> Inode {
         let generation = self.next_generation;
         self.next_generation += 1;
         Inode {
@@ -881,6 +924,71 @@ impl State {
         inode.attr.size = target.len() as u64;
         inode.symlink = Some(target.to_vec());
         Ok(self.insert_new(now, parent, name, inode, 0))
+    }
+
+    /// A create under a client's delegation (see [`Op::CreateAs`]): the
+    /// number must be reserved and unused, the rest is checked as for any
+    /// create. `owner` is (mode, uid, gid).
+    #[allow(clippy::too_many_arguments)]
+    fn create_as(
+        &mut self,
+        now: i64,
+        ino: u64,
+        parent: u64,
+        name: &[u8],
+        (mode, uid, gid): (u32, u32, u32),
+        target: Option<&[u8]>,
+        layout: Layout,
+    ) -> R<Attr> {
+        if ino <= ROOT_INO
+            || ino >= self.next_ino
+            || self.inodes.contains_key(&ino)
+            || self.gc_queue.contains(&ino)
+        {
+            return Err(libc::EINVAL);
+        }
+        self.check_new_entry(parent, name)?;
+        let mut inode = self.new_inode(ino, now, mode & (S_IFMT | 0o7777), uid, gid);
+        // The client showed generation 1 already (it cannot know the
+        // counter); numbers are never reused, so (ino, 1) stays unique.
+        inode.attr.generation = 1;
+        match mode & S_IFMT {
+            S_IFREG => {
+                inode.attr.chunk_size = layout.chunk_size;
+                inode.attr.replicas = layout.replicas;
+                inode.attr.write_quorum = layout.write_quorum;
+            }
+            S_IFDIR => {
+                if self.inode(parent)?.attr.nlink >= LINK_MAX {
+                    return Err(libc::EMLINK);
+                }
+                inode.attr.nlink = 2;
+                inode.parent = parent;
+            }
+            S_IFLNK => {
+                let t = target.ok_or(libc::EINVAL)?;
+                if t.is_empty() {
+                    return Err(libc::ENOENT);
+                }
+                if t.len() > PATH_MAX {
+                    return Err(libc::ENAMETOOLONG);
+                }
+                inode.attr.mode = S_IFLNK | 0o777;
+                inode.attr.size = t.len() as u64;
+                inode.symlink = Some(t.to_vec());
+            }
+            _ => return Err(libc::EINVAL),
+        }
+        // The generation was taken even if a check above failed: harmless
+        // (generations only need to differ), and apply stays deterministic.
+        let is_dir = inode.is_dir();
+        let attr = self.insert_new(now, parent, name, inode, 0);
+        if is_dir {
+            if let Some(p) = self.inodes.get_mut(&parent) {
+                p.attr.nlink += 1;
+            }
+        }
+        Ok(attr)
     }
 
     /// Drops one link of `ino`; removes the inode at zero links, or keeps

@@ -196,6 +196,8 @@ pub struct MdsNode {
     pub read_lease: ReadLease,
     /// Which sessions may cache what (metadata leases).
     pub leases: LeaseTable,
+    /// Directories delegated to sessions (`delegation.rs`).
+    pub delegations: crate::delegation::Delegations,
     /// (raft term, when this node first wrote as leader in it).
     pub lease_term: Mutex<(u64, Instant)>,
     /// The raft log, and making it durable on a majority (fsync).
@@ -319,7 +321,7 @@ impl MdsNode {
 
     /// A new leader does not know which clients cache what: it holds
     /// changes back until every lease its predecessor granted has lapsed.
-    async fn wait_fresh_leader(&self) {
+    pub async fn wait_fresh_leader(&self) {
         let term = self.raft.metrics().borrow().current_term;
         let since = {
             let mut t = self.lease_term.lock().unwrap_or_else(|e| e.into_inner());
@@ -613,6 +615,7 @@ impl MdsNode {
             match self.write(None, Op::ExpireSession { session_id: id }).await {
                 Ok(_) | Err(MdsError::Errno(_)) => {
                     self.leases.remove_session(id);
+                    self.delegations.remove_session(id);
                     self.lock_liveness().client_seen.remove(&id);
                     self.lock_opens().drop_session(id);
                 }
@@ -669,6 +672,7 @@ impl MdsNode {
                 if was_leader {
                     self.lock_liveness().leader_since = None;
                     self.leases.clear();
+                    self.delegations.clear();
                     let mut t = self.lock_opens();
                     t.entries.clear();
                     t.by_ino.clear();

@@ -62,6 +62,8 @@ fake_meta! {
         open(pb::OpenRequest) -> pb::AttrReply;
         release(pb::ReleaseRequest) -> pb::Empty;
         sync_meta(pb::SyncMetaRequest) -> pb::Empty;
+        delegate(pb::DelegateRequest) -> pb::DelegateReply;
+        apply(pb::ApplyRequest) -> pb::ApplyReply;
         register_client(pb::RegisterClientRequest) -> pb::RegisterClientReply;
         client_heartbeat(pb::ClientHeartbeatRequest) -> pb::ClientHeartbeatReply;
         ack_recall(pb::AckRecallRequest) -> pb::Empty;

@@ -433,3 +433,99 @@ fn two_writers_see_each_others_writes_while_both_hold_the_file_open() {
         );
     }
 }
+
+/// A tree made on A under a write delegation of its directory (creates,
+/// writes, chmod, utimes, renames, unlinks, symlinks, subdirectories,
+/// all answered by A's client and sent to the MDS later) is seen whole and
+/// exact by B's very next look, with no sleep or sync in between; and
+/// after B looked, A's further changes there are seen too.
+#[test]
+fn a_tree_made_under_a_delegation_is_seen_whole_by_the_other_mount() {
+    use std::os::unix::fs::symlink;
+    let mut tc = TestCluster::start(3, 3);
+    let b_path = tc.dir.path().join("mnt-b");
+    let b = SecondMount::new(tc.c(), b_path);
+    for round in 0..3 {
+        let (a_dir, b_dir) = (
+            tc.mnt().join(format!("tree{round}")),
+            b.path.join(format!("tree{round}")),
+        );
+        std::fs::create_dir(&a_dir).unwrap();
+        std::fs::create_dir(a_dir.join("sub")).unwrap();
+        let mtime = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        for i in 0..60u64 {
+            let p = a_dir.join(format!("f{i}"));
+            std::fs::write(&p, data(i as usize * 37, i)).unwrap();
+            if i % 3 == 0 {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+            }
+            if i % 4 == 0 {
+                let f = std::fs::File::options().write(true).open(&p).unwrap();
+                f.set_modified(mtime).unwrap();
+            }
+            std::fs::write(a_dir.join("sub").join(format!("s{i}")), b"sub").unwrap();
+        }
+        for i in 0..10 {
+            std::fs::rename(a_dir.join(format!("f{i}")), a_dir.join(format!("r{i}"))).unwrap();
+            std::fs::remove_file(a_dir.join(format!("f{}", 10 + i))).unwrap();
+        }
+        // Over an existing file, and a symlink.
+        std::fs::rename(a_dir.join("f20"), a_dir.join("f21")).unwrap();
+        symlink("f22", a_dir.join("link")).unwrap();
+
+        // B looks right away.
+        let mut names: Vec<String> = std::fs::read_dir(&b_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        let mut want: Vec<String> = (0..10)
+            .map(|i| format!("r{i}"))
+            .chain((21..60).map(|i| format!("f{i}")))
+            .chain(["link".to_string(), "sub".to_string()])
+            .collect();
+        want.sort();
+        assert_eq!(names, want, "round {round}: B's listing");
+        for i in (0..10).chain(21..60) {
+            let name = if i < 10 {
+                format!("r{i}")
+            } else {
+                format!("f{i}")
+            };
+            let src = if i == 21 { 20 } else { i };
+            let p = b_dir.join(&name);
+            let m = std::fs::metadata(&p).unwrap();
+            assert_eq!(
+                std::fs::read(&p).unwrap(),
+                data(src as usize * 37, src),
+                "round {round}: {name}"
+            );
+            let mode = if src % 3 == 0 { 0o600 } else { 0o644 };
+            assert_eq!(m.mode() & 0o777, mode, "round {round}: mode of {name}");
+            if src % 4 == 0 {
+                assert_eq!(
+                    m.modified().unwrap(),
+                    mtime,
+                    "round {round}: mtime of {name}"
+                );
+            }
+            assert_eq!(
+                m.ino(),
+                std::fs::metadata(tc.mnt().join(format!("tree{round}")).join(&name))
+                    .unwrap()
+                    .ino()
+            );
+        }
+        assert_eq!(
+            std::fs::read_link(b_dir.join("link")).unwrap(),
+            Path::new("f22")
+        );
+        assert_eq!(std::fs::read_dir(b_dir.join("sub")).unwrap().count(), 60);
+        // B holds the directory now: A's next changes there go to the MDS
+        // at once, and B sees them too.
+        std::fs::write(a_dir.join("late"), b"late").unwrap();
+        std::fs::remove_file(a_dir.join("r0")).unwrap();
+        assert_eq!(std::fs::read(b_dir.join("late")).unwrap(), b"late");
+        assert!(absent(&b_dir.join("r0")), "round {round}: B still sees r0");
+    }
+}

@@ -380,6 +380,107 @@ fn setattr_symlink_xattr_commit() {
 }
 
 #[test]
+fn creates_under_delegation_use_reserved_numbers_and_batches_apply_each_op() {
+    let mut s = State::new();
+    let start = match run(&mut s, Op::ReserveInos { count: 10 }) {
+        Ok(Reply::Inos(i)) => i,
+        other => panic!("reserve: {other:?}"),
+    };
+    assert_eq!(s.next_ino, start + 10);
+    let create =
+        |ino: u64, parent: u64, name: &str, mode: u32, target: Option<&str>| Op::CreateAs {
+            ino,
+            parent,
+            name: name.into(),
+            mode,
+            uid: 7,
+            gid: 8,
+            target: target.map(|t| t.into()),
+            layout: Layout::default(),
+        };
+    let r = run(
+        &mut s,
+        Op::Batch {
+            ops: vec![
+                (T0 + 1, create(start, ROOT_INO, "d", S_IFDIR | 0o750, None)),
+                (T0 + 2, create(start + 1, start, "f", S_IFREG | 0o640, None)),
+                (T0 + 3, create(start + 2, start, "l", S_IFLNK, Some("f"))),
+                // Taken, reused, outside the range, name taken: refused.
+                (T0 + 4, create(start + 1, start, "g", S_IFREG | 0o644, None)),
+                (
+                    T0 + 4,
+                    create(start + 20, start, "g", S_IFREG | 0o644, None),
+                ),
+                (T0 + 4, create(start + 3, start, "f", S_IFREG | 0o644, None)),
+                (
+                    T0 + 4,
+                    create(start + 4, start, "x", libc::S_IFIFO | 0o644, None),
+                ),
+                (
+                    T0 + 5,
+                    Op::CommitWrite {
+                        ino: start + 1,
+                        size: 4096,
+                    },
+                ),
+                (
+                    T0 + 6,
+                    Op::Rename {
+                        parent: start,
+                        name: b"f".to_vec(),
+                        new_parent: start,
+                        new_name: b"f2".to_vec(),
+                        flags: 0,
+                        guard: None,
+                    },
+                ),
+                (T0 + 7, Op::ReserveInos { count: 5 }),
+                (
+                    T0 + 8,
+                    Op::Unlink {
+                        parent: start,
+                        name: b"l".to_vec(),
+                        guard: None,
+                    },
+                ),
+            ],
+        },
+    );
+    let errnos = match r {
+        Ok(Reply::Batch(e)) => e,
+        other => panic!("batch: {other:?}"),
+    };
+    assert_eq!(
+        errnos,
+        vec![
+            0,
+            0,
+            0,
+            libc::EINVAL,
+            libc::EINVAL,
+            libc::EEXIST,
+            libc::EINVAL,
+            0,
+            0,
+            libc::EINVAL,
+            0
+        ]
+    );
+    let d = s.getattr(start).unwrap();
+    assert_eq!((d.mode, d.nlink, d.uid, d.gid), (S_IFDIR | 0o750, 2, 7, 8));
+    assert_eq!(d.crtime_ns, T0 + 1);
+    assert_eq!(s.getattr(ROOT_INO).unwrap().nlink, 3);
+    let f = s.lookup(start, b"f2").unwrap();
+    assert_eq!(
+        (f.ino, f.size, f.mtime_ns, f.ctime_ns),
+        (start + 1, 4096, T0 + 5, T0 + 6)
+    );
+    assert_eq!(f.generation, 1, "a client-numbered inode has generation 1");
+    assert_eq!(s.lookup(start, b"l"), Err(libc::ENOENT));
+    assert_eq!(s.next_ino, start + 10, "nested reserve refused");
+}
+
+#[test]
 fn dedup_and_cluster_ops() {
     let mut s = State::new();
     let c = MetaCommand {

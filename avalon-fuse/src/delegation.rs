@@ -1,0 +1,850 @@
+//! Write delegations on the client (see avalon-mds `delegation.rs`).
+//!
+//! While this session holds the delegation of a directory, creates in it
+//! (and in the directories created there), and changes to what was so
+//! created (chmod, chown, utimes, the size a close commits, unlink,
+//! rename inside the group), are made here, answered at once, and queued.
+//! The queue goes to the MDS with `Apply` in order: every few milliseconds,
+//! before any other request to the MDS (so a request never overtakes a
+//! change made before it), at fsync, and when the MDS revokes the
+//! delegation because another session needs the directory.
+//!
+//! A local change needs everything it decides on in the metadata cache
+//! (the name's absence, the attributes it changes, that the parent has no
+//! default ACL); when something is missing it goes the synchronous way.
+
+use crate::client::{Client, SetAttr, TimeChange};
+use crate::error::Result;
+use crate::meta_cache::Cached;
+use avalon_proto::pb::{self, delegated_op::Op as D, time_set::How, Attr, TimeSet};
+use bytes::Bytes;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How often queued changes go to the MDS at the latest.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(20);
+/// Queued changes that make the flusher go at once.
+const FLUSH_AT: usize = 1024;
+/// Most changes per Apply (the MDS takes up to 4096).
+const APPLY_MAX: usize = 2048;
+/// Inode numbers asked for at a time.
+const INOS_WANTED: u32 = 2048;
+/// Inode numbers left that make the client ask for more.
+const INOS_LOW: u64 = 256;
+/// How long a directory the MDS would not delegate is not asked for again.
+const REFUSED_FOR: Duration = Duration::from_secs(2);
+
+/// The delegation state of one client.
+#[derive(Default)]
+pub struct Delegations {
+    st: Mutex<State>,
+    /// One flush at a time, so that batches reach the MDS in order.
+    flushing: tokio::sync::Mutex<()>,
+    /// Wakes the flusher early.
+    wake: tokio::sync::Notify,
+    /// One Delegate request at a time.
+    asking: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Inode → root directory of the delegation it is under (roots map to
+    /// themselves).
+    owned: HashMap<u64, u64>,
+    /// Directories the MDS did not delegate lately.
+    refused: HashMap<u64, Instant>,
+    /// Reserved inode numbers not used yet: [next, end) ranges.
+    inos: VecDeque<(u64, u64)>,
+    /// Layout of regular files created here: chunk size, replicas, quorum.
+    layout: (u32, u32, u32),
+    /// Changes not sent yet, in order.
+    pending: Vec<pb::DelegatedOp>,
+    /// Changes taken by a flush that has not finished.
+    in_flight: usize,
+    /// Opens of files created here that the MDS does not count yet
+    /// (ino → open flags of each).
+    unregistered: HashMap<u64, Vec<u32>>,
+    /// Revokes received so far: a grant whose request was in flight while
+    /// one came may be the revoked one, and is not used.
+    revokes: u64,
+}
+
+impl State {
+    fn take_ino(&mut self) -> Option<u64> {
+        let (next, end) = self.inos.front_mut()?;
+        let ino = *next;
+        *next += 1;
+        if *next >= *end {
+            self.inos.pop_front();
+        }
+        Some(ino)
+    }
+
+    fn inos_left(&self) -> u64 {
+        self.inos.iter().map(|(n, e)| e - n).sum()
+    }
+
+    fn push(&mut self, now_ns: i64, op: D) -> bool {
+        self.pending.push(pb::DelegatedOp {
+            now_ns,
+            op: Some(op),
+        });
+        self.pending.len() >= FLUSH_AT
+    }
+}
+
+/// Wall clock now, in nanoseconds since the epoch.
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn ns(t: i64) -> Option<TimeSet> {
+    Some(TimeSet {
+        how: Some(How::Ns(t)),
+    })
+}
+
+/// What a create under delegation makes.
+pub enum NewNode<'a> {
+    File,
+    Dir,
+    Symlink(&'a [u8]),
+}
+
+impl Delegations {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True if changes wait to be sent (or are on their way).
+    pub fn busy(&self) -> bool {
+        let s = self.lock();
+        !s.pending.is_empty() || s.in_flight > 0
+    }
+
+    /// True if `ino` is under one of this session's delegations.
+    pub fn owns(&self, ino: u64) -> bool {
+        self.lock().owned.contains_key(&ino)
+    }
+
+    /// Forgets every delegation (the lease or the recall stream was lost:
+    /// the MDS may revoke them without being heard). Queued changes still
+    /// go out.
+    pub fn drop_all(&self) {
+        let mut s = self.lock();
+        s.owned.clear();
+        s.revokes += 1;
+    }
+
+    /// Forgets the delegation rooted at `root`; returns the files under it
+    /// that are open here without the MDS counting them.
+    fn drop_group(&self, root: u64) -> Vec<(u64, Vec<u32>)> {
+        let mut s = self.lock();
+        s.revokes += 1;
+        let inos: Vec<u64> = s
+            .owned
+            .iter()
+            .filter(|(_, r)| **r == root)
+            .map(|(i, _)| *i)
+            .collect();
+        let mut opens = Vec::new();
+        for i in inos {
+            s.owned.remove(&i);
+            if let Some(f) = s.unregistered.remove(&i) {
+                opens.push((i, f));
+            }
+        }
+        opens
+    }
+
+    /// An open of `ino` with `flags` ends: true if the MDS never counted it
+    /// (a file created here), so there is nothing to tell it.
+    pub fn release_unregistered(&self, ino: u64, flags: u32) -> bool {
+        let mut s = self.lock();
+        let Some(v) = s.unregistered.get_mut(&ino) else {
+            return false;
+        };
+        // The kernel's release flags differ from the create's (O_CREAT,
+        // O_EXCL are gone): the access mode tells the opens apart.
+        let mode = flags & libc::O_ACCMODE as u32;
+        let Some(i) = v.iter().position(|f| *f & libc::O_ACCMODE as u32 == mode) else {
+            return false;
+        };
+        v.swap_remove(i);
+        if v.is_empty() {
+            s.unregistered.remove(&ino);
+        }
+        true
+    }
+}
+
+impl Client {
+    /// Sends every queued delegated change before this returns (called
+    /// before any other MDS request: nothing overtakes a change made
+    /// earlier).
+    pub async fn barrier(&self) -> Result<()> {
+        if !self.deleg.busy() {
+            return Ok(());
+        }
+        self.flush_delegated().await
+    }
+
+    /// Sends the queued delegated changes, in order.
+    pub async fn flush_delegated(&self) -> Result<()> {
+        let _g = self.deleg.flushing.lock().await;
+        loop {
+            let ops: Vec<pb::DelegatedOp> = {
+                let mut s = self.deleg.lock();
+                let n = s.pending.len().min(APPLY_MAX);
+                s.in_flight = n;
+                s.pending.drain(..n).collect()
+            };
+            if ops.is_empty() {
+                return Ok(());
+            }
+            // A file's data reaches the OSDs before the size that covers
+            // it (a close under a delegation does not wait for that).
+            let mut stores: Vec<u64> = ops
+                .iter()
+                .filter_map(|o| match &o.op {
+                    Some(D::CommitWrite(w)) => Some(w.ino),
+                    _ => None,
+                })
+                .collect();
+            stores.sort_unstable();
+            stores.dedup();
+            let stored =
+                futures::future::join_all(stores.iter().map(|i| self.flush_file(*i))).await;
+            for (ino, r) in stores.iter().zip(stored) {
+                if let Err(e) = r {
+                    self.keep_write_error(*ino, &e);
+                }
+            }
+            let n = ops.len();
+            let req = pb::ApplyRequest {
+                header: self.header(),
+                ops,
+            };
+            let r = self
+                .mds
+                .request(req, |mut c, r| async move { c.apply(r).await })
+                .await;
+            self.deleg.lock().in_flight = 0;
+            match r {
+                Ok(r) => {
+                    let failed = r.errnos.iter().filter(|e| **e != 0).count();
+                    if failed > 0 {
+                        // The cached view of those inodes was wrong: start
+                        // over from the MDS's.
+                        tracing::warn!(failed, of = n, errnos = ?r.errnos, "delegated changes refused by the MDS");
+                        self.meta.clear();
+                        self.deleg.drop_all();
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(changes = n, error = %e, "delegated changes could not be sent; they are lost");
+                    self.meta.clear();
+                    self.deleg.drop_all();
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// Background task: sends queued changes every [`FLUSH_EVERY`] (or at
+    /// once when many are queued).
+    pub async fn run_delegation_flusher(&self) {
+        loop {
+            tokio::select! {
+                _ = self.deleg.wake.notified() => {}
+                _ = tokio::time::sleep(FLUSH_EVERY) => {}
+            }
+            if self.deleg.busy() {
+                let _ = self.flush_delegated().await;
+            }
+        }
+    }
+
+    /// The MDS revokes the delegation rooted at `root`: queued changes go
+    /// out, files created under it and open here are registered as open,
+    /// then it is forgotten.
+    pub async fn revoke_delegation(&self, root: u64) -> Result<()> {
+        let opens = self.deleg.drop_group(root);
+        let flushed = self.flush_delegated().await;
+        for (ino, flags) in opens {
+            for f in flags {
+                self.register_open(ino, f).await;
+            }
+        }
+        flushed
+    }
+
+    /// Registers with the MDS every open of a file created here that it
+    /// does not count yet (before a synchronous removal, which must see
+    /// them to keep the file as an orphan).
+    pub async fn register_opens(&self) {
+        let opens: Vec<(u64, Vec<u32>)> = {
+            let mut s = self.deleg.lock();
+            if s.unregistered.is_empty() {
+                return;
+            }
+            s.unregistered.drain().collect()
+        };
+        let _ = self.barrier().await;
+        for (ino, flags) in opens {
+            for f in flags {
+                self.register_open(ino, f).await;
+            }
+        }
+    }
+
+    /// Tells the MDS of an open of `ino` it did not count; the file may be
+    /// in shared-write mode from then on.
+    async fn register_open(&self, ino: u64, flags: u32) {
+        let req = pb::OpenRequest {
+            header: self.header(),
+            ino,
+            flags,
+        };
+        match self
+            .mds
+            .request(req, |mut c, r| async move { c.open(r).await })
+            .await
+        {
+            Ok(r) if r.shared_write => {
+                if let Err(e) = self.share_writes(ino).await {
+                    self.keep_write_error(ino, &e);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(ino, error = %e, "could not register an open"),
+        }
+    }
+
+    /// Makes sure `parent` is delegated here and inode numbers are at hand;
+    /// false if not (then the change goes the synchronous way).
+    async fn delegated_dir(&self, parent: u64) -> bool {
+        {
+            let s = self.deleg.lock();
+            let have = s.owned.contains_key(&parent);
+            if have && s.inos_left() > INOS_LOW {
+                return true;
+            }
+            if !have
+                && s.refused
+                    .get(&parent)
+                    .is_some_and(|t| t.elapsed() < REFUSED_FOR)
+            {
+                return false;
+            }
+        }
+        let _g = self.deleg.asking.lock().await;
+        let (have, want, revokes) = {
+            let s = self.deleg.lock();
+            (
+                s.owned.contains_key(&parent),
+                if s.inos_left() > INOS_LOW {
+                    0
+                } else {
+                    INOS_WANTED
+                },
+                s.revokes,
+            )
+        };
+        if have && want == 0 {
+            return true;
+        }
+        // What is queued goes first: the MDS must know the directory (it
+        // may be one created here) before delegating it.
+        if self.barrier().await.is_err() {
+            return false;
+        }
+        let epoch = self.meta.epoch();
+        let req = pb::DelegateRequest {
+            header: self.header(),
+            dir: if have { 0 } else { parent },
+            want_inos: want,
+        };
+        let r = match self
+            .mds
+            .request(req, |mut c, r| async move { c.delegate(r).await })
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "delegate failed");
+                return false;
+            }
+        };
+        let mut s = self.deleg.lock();
+        if r.ino_count > 0 {
+            s.inos
+                .push_back((r.ino_start, r.ino_start + u64::from(r.ino_count)));
+        }
+        s.layout = (r.chunk_size, r.replicas, r.write_quorum);
+        if have {
+            return s.inos_left() > 0;
+        }
+        if !r.granted || s.revokes != revokes {
+            s.refused.insert(parent, Instant::now());
+            s.refused.retain(|_, t| t.elapsed() < REFUSED_FOR);
+            return false;
+        }
+        s.owned.insert(parent, parent);
+        drop(s);
+        if let Some(a) = &r.dir {
+            self.meta.put_attr(epoch, a);
+            if r.dir_no_xattrs {
+                self.meta.put_no_xattrs(epoch, a.ino);
+            }
+        }
+        true
+    }
+
+    /// Creates `name` in `parent` under a delegation, if everything needed
+    /// is at hand; None: do it the synchronous way. `mode` as in
+    /// `MknodRequest` (umask in the high bits).
+    pub async fn create_delegated(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        kind: NewNode<'_>,
+    ) -> Option<Attr> {
+        if name.is_empty() || name.len() > avalon_proto::limits::NAME_MAX || name.contains(&b'/') {
+            return None;
+        }
+        if !matches!(self.meta.lookup(parent, name), Some(Cached::Absent)) {
+            return None;
+        }
+        if !self.delegated_dir(parent).await {
+            return None;
+        }
+        let epoch = self.meta.epoch();
+        // Decided from the cache: the name is absent, the parent's
+        // attributes are known and it has no default ACL.
+        if !matches!(self.meta.lookup(parent, name), Some(Cached::Absent)) {
+            return None;
+        }
+        let p = self.meta.attr(parent)?;
+        if !self.meta.bare(parent) {
+            return None;
+        }
+        let now = now_ns();
+        let umask = if mode & (1 << 31) != 0 {
+            (mode >> 16) & 0o777
+        } else {
+            0
+        };
+        let (ftype, mut perm, nlink, size, target) = match kind {
+            NewNode::File => (libc::S_IFREG, mode & 0o7777 & !umask, 1, 0, None),
+            NewNode::Dir => (libc::S_IFDIR, mode & 0o7777 & !umask, 2, 0, None),
+            NewNode::Symlink(t) => {
+                if t.is_empty() || t.len() > avalon_proto::limits::PATH_MAX {
+                    return None;
+                }
+                (libc::S_IFLNK, 0o777, 1, t.len() as u64, Some(t))
+            }
+        };
+        if ftype == libc::S_IFDIR && p.nlink >= avalon_proto::limits::LINK_MAX {
+            return None;
+        }
+        let mut gid = gid;
+        if p.mode & libc::S_ISGID != 0 {
+            gid = p.gid;
+            if ftype == libc::S_IFDIR {
+                perm |= libc::S_ISGID;
+            }
+        }
+        let (chunk_size, replicas, write_quorum);
+        let ino = {
+            let mut s = self.deleg.lock();
+            let Some(&root) = s.owned.get(&parent) else {
+                return None;
+            };
+            (chunk_size, replicas, write_quorum) = if ftype == libc::S_IFREG {
+                s.layout
+            } else {
+                (0, 0, 0)
+            };
+            let ino = s.take_ino()?;
+            s.owned.insert(ino, root);
+            let full = s.push(
+                now,
+                D::Create(pb::CreateAs {
+                    ino,
+                    parent,
+                    name: Bytes::copy_from_slice(name),
+                    mode: ftype | perm,
+                    uid,
+                    gid,
+                    target: target.map(Bytes::copy_from_slice).unwrap_or_default(),
+                }),
+            );
+            if full {
+                self.deleg.wake.notify_one();
+            }
+            ino
+        };
+        let a = Attr {
+            ino,
+            mode: ftype | perm,
+            nlink,
+            uid,
+            gid,
+            rdev: 0,
+            size,
+            atime_ns: now,
+            mtime_ns: now,
+            ctime_ns: now,
+            crtime_ns: now,
+            generation: 1,
+            chunk_size,
+            replicas,
+            write_quorum,
+        };
+        self.meta.put_attr(epoch, &a);
+        self.meta.put_entry(epoch, parent, name, ino);
+        self.meta.put_no_xattrs(epoch, ino);
+        if ftype == libc::S_IFDIR {
+            self.meta.put_complete(epoch, ino);
+        }
+        self.meta.update_attr(parent, |p| {
+            p.mtime_ns = now;
+            p.ctime_ns = now;
+            if ftype == libc::S_IFDIR {
+                p.nlink += 1;
+            }
+        });
+        if ftype == libc::S_IFREG {
+            self.note_attr(&a);
+        }
+        Some(a)
+    }
+
+    /// Records an open of `ino` (just created under a delegation) that the
+    /// MDS does not count.
+    pub fn note_unregistered_open(&self, ino: u64, flags: u32) {
+        self.deleg
+            .lock()
+            .unregistered
+            .entry(ino)
+            .or_default()
+            .push(flags);
+    }
+
+    /// Changes attributes of an inode created under a delegation, if its
+    /// attributes are cached and no size change is asked for; None: do it
+    /// the synchronous way.
+    pub fn setattr_delegated(&self, ino: u64, ch: &SetAttr) -> Option<Attr> {
+        if ch.size.is_some() {
+            return None;
+        }
+        // chmod rewrites an access ACL, which the MDS does: only for an
+        // inode known to have none.
+        if ch.mode.is_some() && !self.meta.bare(ino) {
+            return None;
+        }
+        let mut s = self.deleg.lock();
+        if !s.owned.contains_key(&ino) {
+            return None;
+        }
+        let mut a = self.meta.attr(ino)?;
+        let now = now_ns();
+        let t = |c: TimeChange| match c {
+            TimeChange::Now => now,
+            TimeChange::At(n) => n,
+        };
+        let mut changed = false;
+        if let Some(m) = ch.mode {
+            a.mode = (a.mode & libc::S_IFMT) | (m & 0o7777);
+            changed = true;
+        }
+        if let Some(u) = ch.uid {
+            a.uid = u;
+            changed = true;
+        }
+        if let Some(g) = ch.gid {
+            a.gid = g;
+            changed = true;
+        }
+        let atime = ch.atime.map(t);
+        let mtime = ch.mtime.map(t);
+        if let Some(x) = atime {
+            a.atime_ns = x;
+            changed = true;
+        }
+        if let Some(x) = mtime {
+            a.mtime_ns = x;
+            changed = true;
+        }
+        if changed {
+            a.ctime_ns = now;
+        }
+        if let Some(c) = ch.ctime_ns {
+            a.ctime_ns = c;
+        }
+        let full = s.push(
+            now,
+            D::SetAttr(pb::SetAttrRequest {
+                header: None,
+                ino,
+                mode: ch.mode.map(|m| m & 0o7777),
+                uid: ch.uid,
+                gid: ch.gid,
+                size: None,
+                atime: atime.and_then(ns),
+                mtime: mtime.and_then(ns),
+                ctime_ns: ch.ctime_ns,
+                access: false,
+            }),
+        );
+        self.meta.put_attr(self.meta.epoch(), &a);
+        drop(s);
+        if full {
+            self.deleg.wake.notify_one();
+        }
+        Some(a)
+    }
+
+    /// Opens a file created under a delegation without asking the MDS
+    /// (nobody else can have changed it); the open is counted here only.
+    /// None: the synchronous way.
+    pub fn open_delegated(&self, ino: u64, flags: u32) -> Option<Attr> {
+        let mut s = self.deleg.lock();
+        if !s.owned.contains_key(&ino) {
+            return None;
+        }
+        let a = self.meta.attr(ino)?;
+        if a.mode & libc::S_IFMT != libc::S_IFREG {
+            return None;
+        }
+        s.unregistered.entry(ino).or_default().push(flags);
+        drop(s);
+        self.count_open(ino, flags);
+        Some(a)
+    }
+
+    /// Renews the access time of a file created under a delegation (ctime
+    /// stays); false: the synchronous way.
+    pub fn touch_delegated(&self, ino: u64) -> bool {
+        let mut s = self.deleg.lock();
+        if !s.owned.contains_key(&ino) {
+            return false;
+        }
+        let Some(mut a) = self.meta.attr(ino) else {
+            return false;
+        };
+        let now = now_ns();
+        a.atime_ns = now;
+        let full = s.push(
+            now,
+            D::SetAttr(pb::SetAttrRequest {
+                header: None,
+                ino,
+                atime: ns(now),
+                ctime_ns: Some(a.ctime_ns),
+                ..Default::default()
+            }),
+        );
+        self.meta.put_attr(self.meta.epoch(), &a);
+        drop(s);
+        if full {
+            self.deleg.wake.notify_one();
+        }
+        true
+    }
+
+    /// Commits the size of a file created under a delegation (and stamps
+    /// mtime/ctime), if its attributes are cached; None: the synchronous way.
+    pub fn commit_delegated(&self, ino: u64, size: u64) -> Option<Attr> {
+        let mut s = self.deleg.lock();
+        if !s.owned.contains_key(&ino) {
+            return None;
+        }
+        let mut a = self.meta.attr(ino)?;
+        let now = now_ns();
+        a.size = a.size.max(size);
+        a.mtime_ns = now;
+        a.ctime_ns = now;
+        let full = s.push(
+            now,
+            D::CommitWrite(pb::CommitWriteRequest {
+                header: None,
+                ino,
+                size,
+            }),
+        );
+        self.meta.put_attr(self.meta.epoch(), &a);
+        drop(s);
+        if full {
+            self.deleg.wake.notify_one();
+        }
+        Some(a)
+    }
+
+    /// Removes `name` from `parent` under a delegation: a file or symbolic
+    /// link created here, with one link, not open here. False: the
+    /// synchronous way.
+    pub fn unlink_delegated(&self, parent: u64, name: &[u8]) -> bool {
+        let Some(Cached::Found(a)) = self.meta.lookup(parent, name) else {
+            return false;
+        };
+        if a.mode & libc::S_IFMT == libc::S_IFDIR || a.nlink != 1 || self.is_open(a.ino) {
+            return false;
+        }
+        let mut s = self.deleg.lock();
+        let (Some(r1), Some(r2)) = (s.owned.get(&parent), s.owned.get(&a.ino)) else {
+            return false;
+        };
+        if r1 != r2 || self.meta.attr(parent).is_none() {
+            return false;
+        }
+        let now = now_ns();
+        s.owned.remove(&a.ino);
+        let full = s.push(
+            now,
+            D::Unlink(pb::UnlinkRequest {
+                header: None,
+                parent,
+                name: Bytes::copy_from_slice(name),
+            }),
+        );
+        let epoch = self.meta.epoch();
+        self.meta.removed(epoch, parent, name);
+        self.meta.update_attr(parent, |p| {
+            p.mtime_ns = now;
+            p.ctime_ns = now;
+        });
+        drop(s);
+        self.files.remove(&a.ino);
+        self.cache.invalidate_file(a.ino);
+        if full {
+            self.deleg.wake.notify_one();
+        }
+        true
+    }
+
+    /// Renames under a delegation: both directories and the moved inode in
+    /// one group, no flags, a directory only inside its parent, and the
+    /// target absent or a file created here with one link, not open.
+    /// False: the synchronous way.
+    pub fn rename_delegated(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        flags: u32,
+    ) -> bool {
+        if flags != 0 || new_name.is_empty() || new_name.len() > avalon_proto::limits::NAME_MAX {
+            return false;
+        }
+        let Some(Cached::Found(src)) = self.meta.lookup(parent, name) else {
+            return false;
+        };
+        let is_dir = src.mode & libc::S_IFMT == libc::S_IFDIR;
+        if is_dir && parent != new_parent {
+            return false;
+        }
+        let target = match self.meta.lookup(new_parent, new_name) {
+            Some(Cached::Absent) => None,
+            Some(Cached::Found(t)) => {
+                if t.ino == src.ino
+                    || t.mode & libc::S_IFMT == libc::S_IFDIR
+                    || is_dir
+                    || t.nlink != 1
+                    || self.is_open(t.ino)
+                {
+                    return false;
+                }
+                Some(t)
+            }
+            None => return false,
+        };
+        let mut s = self.deleg.lock();
+        let root = match s.owned.get(&parent) {
+            Some(r) => *r,
+            None => return false,
+        };
+        let same = |i: &u64| s.owned.get(i) == Some(&root);
+        if !same(&new_parent)
+            || !same(&src.ino)
+            || target.as_ref().is_some_and(|t| !same(&t.ino))
+            || self.meta.attr(new_parent).is_none()
+        {
+            return false;
+        }
+        let now = now_ns();
+        if let Some(t) = &target {
+            s.owned.remove(&t.ino);
+        }
+        let full = s.push(
+            now,
+            D::Rename(pb::RenameRequest {
+                header: None,
+                parent,
+                name: Bytes::copy_from_slice(name),
+                new_parent,
+                new_name: Bytes::copy_from_slice(new_name),
+                flags: 0,
+            }),
+        );
+        let epoch = self.meta.epoch();
+        self.meta.renamed(epoch, parent, name, new_parent, new_name);
+        let mut moved = src;
+        moved.ctime_ns = now;
+        self.meta.put_attr(epoch, &moved);
+        for d in [parent, new_parent] {
+            self.meta.update_attr(d, |p| {
+                p.mtime_ns = now;
+                p.ctime_ns = now;
+            });
+        }
+        drop(s);
+        if let Some(t) = target {
+            self.files.remove(&t.ino);
+            self.cache.invalidate_file(t.ino);
+        }
+        if full {
+            self.deleg.wake.notify_one();
+        }
+        true
+    }
+
+    /// A close of `ino` (flush, release): buffered data reaches the OSDs
+    /// and the size the MDS, and an earlier background write's failure is
+    /// reported. Under a delegation only the size is queued: the data goes
+    /// out just before it (with the queue, within [`FLUSH_EVERY`], or at
+    /// fsync or a revoke), and a later failure is kept for fsync.
+    pub async fn close_file(&self, ino: u64) -> Result<()> {
+        if self.deleg.owns(ino) {
+            if let Some(st) = self.known_size(ino).filter(|s| s.dirty) {
+                if self.commit_delegated(ino, st.size).is_some() {
+                    if let Some(mut f) = self.files.get_mut(&ino) {
+                        if f.size <= st.size {
+                            f.dirty = false;
+                        }
+                    }
+                    return Ok(());
+                }
+            } else {
+                return Ok(());
+            }
+        }
+        let flushed = self.flush_file(ino).await;
+        let committed = self.commit_size(ino).await.map(|_| ());
+        flushed.and(committed)
+    }
+
+    /// True if this client has `ino` open.
+    fn is_open(&self, ino: u64) -> bool {
+        self.open_count(ino).all > 0
+    }
+}
