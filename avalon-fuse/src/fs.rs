@@ -156,6 +156,54 @@ fn reply_entry(c: &Client, r: crate::error::Result<Attr>, reply: ReplyEntry) {
     }
 }
 
+/// LOOKUP of "." in inode `ino`: how the kernel finds the inode of a file
+/// handle (`open_by_handle_at`) that is no longer in its cache. Node ids
+/// are MDS inode numbers, which are never reused, and the reply carries
+/// the inode's generation, which the kernel compares with the handle's.
+/// A removed inode is absent: the kernel turns that into ESTALE.
+async fn export_self(c: &Client, ino: u64) -> crate::error::Result<Attr> {
+    let a = c.getattr(ino).await?;
+    if a.nlink == 0 && ino != c.root_ino {
+        // Unlinked, still open through another mount (through this one
+        // the kernel would still have it): stale, as a deleted inode that
+        // a local filesystem reads back from disk.
+        return Err(ClientError::posix(libc::ENOENT, "inode was removed"));
+    }
+    Ok(a)
+}
+
+/// LOOKUP of ".." in directory `dir`: how the kernel connects a directory
+/// it got from a file handle to the tree (one step towards the root at a
+/// time). The MDS keeps every directory's parent and reports it with each
+/// readdir page; a page that starts past the last cookie carries no
+/// entries, only that. The mount root is its own parent; a directory
+/// whose parents lead out of a subdirectory mount (moved out by another
+/// mount) has none here.
+async fn export_parent(c: &Client, dir: u64) -> crate::error::Result<Attr> {
+    if dir == c.root_ino {
+        return c.getattr(dir).await;
+    }
+    let page = c.readdir(dir, u64::MAX, 1, false).await?;
+    let outside = page.parent == avalon_proto::limits::ROOT_INO && c.root_ino != page.parent;
+    if page.parent == 0 || page.parent == dir || outside {
+        return Err(ClientError::posix(libc::ENOENT, "no parent in this mount"));
+    }
+    c.getattr(page.parent).await
+}
+
+/// Reply to an export lookup: the entry, never a negative one (the kernel
+/// only wants an inode here). The mount root is node 1, generation 0, as
+/// the kernel requires of it.
+fn reply_export(c: &Client, r: crate::error::Result<Attr>, reply: ReplyEntry) {
+    match r {
+        Ok(a) => {
+            let generation = if a.ino == c.root_ino { 0 } else { a.generation };
+            reply.entry(&c.meta.ttl(), &file_attr(c, &a), Generation(generation))
+        }
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
 /// Open flags for the kernel: direct I/O in shared-write mode, where it
 /// must not keep pages that other writers change, and for O_APPEND,
 /// whose writes must each reach us whole to be placed atomically at the
@@ -222,6 +270,10 @@ impl Filesystem for AvalonFs {
         // The MDS applies the umask (not under a default ACL).
         let acl = InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK;
         let _ = config.add_capabilities(acl & have);
+        // File handles (name_to_handle_at / open_by_handle_at) that
+        // outlive the kernel's cache of their inode: it looks them up as
+        // "." and ".." by node id (export_self, export_parent).
+        let _ = config.add_capabilities(InitFlags::FUSE_EXPORT_SUPPORT & have);
         Ok(())
     }
 
@@ -238,8 +290,14 @@ impl Filesystem for AvalonFs {
         let parent = self.mds_ino(parent);
         let name = name.as_bytes().to_vec();
         self.spawn(async move {
-            let r = c.lookup(parent, &name).await;
-            reply_entry(&c, r, reply)
+            // The VFS resolves "." and ".." in paths itself: these come
+            // only from the kernel's export operations (file handles).
+            let r = match name.as_slice() {
+                b"." => export_self(&c, parent).await,
+                b".." => export_parent(&c, parent).await,
+                _ => return reply_entry(&c, c.lookup(parent, &name).await, reply),
+            };
+            reply_export(&c, r, reply)
         });
     }
 

@@ -818,3 +818,150 @@ fn fallocate_drops_setid_bits_and_checks_free_space() {
     assert_eq!(r, 0, "a small fallocate still works");
     assert_eq!(g.metadata().unwrap().len(), 1 << 20);
 }
+
+/// A file handle as `name_to_handle_at` fills it (MAX_HANDLE_SZ bytes).
+#[repr(C)]
+struct Handle {
+    handle_bytes: u32,
+    handle_type: i32,
+    f_handle: [u8; 128],
+}
+
+fn name_to_handle(p: &Path) -> Handle {
+    let mut h = Handle {
+        handle_bytes: 128,
+        handle_type: 0,
+        f_handle: [0; 128],
+    };
+    let path = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let mut mount_id = 0;
+    // SAFETY: a valid path, a handle buffer of the size it declares and
+    // a valid out pointer.
+    let r = unsafe {
+        libc::name_to_handle_at(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            (&mut h as *mut Handle).cast::<libc::file_handle>(),
+            &mut mount_id,
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "name_to_handle_at {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+    h
+}
+
+/// open_by_handle_at on the mount of `mount_fd`: the open file, or the errno.
+fn open_by_handle(mount_fd: &File, h: &mut Handle, flags: i32) -> Result<File, i32> {
+    use std::os::unix::io::FromRawFd;
+    // SAFETY: a valid fd and a handle that name_to_handle_at filled.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount_fd.as_raw_fd(),
+            (h as *mut Handle).cast::<libc::file_handle>(),
+            flags,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    // SAFETY: a new fd that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Drops the kernel's unused dentries and inodes (FUSE sends FORGET).
+fn drop_caches() {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("drop_caches (needs root)");
+}
+
+/// generic/426, 467, 477: a file handle outlives the kernel's cache of its
+/// inode (drop_caches, a new client process after umount/mount): the
+/// kernel looks the node id up as "." and a directory's parents as ".."
+/// (FUSE_EXPORT_SUPPORT), and gets the same file back, with its content
+/// and, for a directory, its path. A handle to a file that was removed is
+/// stale (ESTALE), also when the file was still open at the time.
+#[test]
+fn file_handles_outlive_the_kernel_cache() {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let mut tc = TestCluster::start(1, 3);
+    let m = tc.mnt();
+    std::fs::create_dir_all(m.join("d/sub/deeper")).unwrap();
+    let content = data(300_000, 426);
+    std::fs::write(m.join("d/sub/f"), &content).unwrap();
+    std::fs::write(m.join("d/gone"), b"removed").unwrap();
+    std::fs::write(m.join("d/gone-open"), b"removed while open").unwrap();
+    let mut hf = name_to_handle(&m.join("d/sub/f"));
+    let mut hd = name_to_handle(&m.join("d/sub/deeper"));
+    let mut hg = name_to_handle(&m.join("d/gone"));
+    let mut ho = name_to_handle(&m.join("d/gone-open"));
+    let f_ino = meta(&m.join("d/sub/f")).ino();
+    let d_ino = meta(&m.join("d/sub/deeper")).ino();
+    std::fs::remove_file(m.join("d/gone")).unwrap();
+    let held = File::open(m.join("d/gone-open")).unwrap();
+    std::fs::remove_file(m.join("d/gone-open")).unwrap();
+    // Still open: the kernel has the inode and the handle opens it.
+    let mut mount_fd = File::open(&m).unwrap();
+    let mut s = String::new();
+    open_by_handle(&mount_fd, &mut ho, libc::O_RDONLY)
+        .expect("handle to an unlinked open file")
+        .read_to_string(&mut s)
+        .unwrap();
+    assert_eq!(s, "removed while open");
+    drop(held);
+
+    let check = |mount_fd: &File, hf: &mut Handle, hd: &mut Handle, dir_path: &Path| {
+        let mut f = open_by_handle(mount_fd, hf, libc::O_RDONLY).expect("file handle");
+        assert_eq!(f.metadata().unwrap().ino(), f_ino);
+        let mut got = Vec::new();
+        f.read_to_end(&mut got).unwrap();
+        assert!(got == content, "content read through the handle differs");
+        let d = open_by_handle(mount_fd, hd, libc::O_RDONLY | libc::O_DIRECTORY)
+            .expect("directory handle");
+        assert_eq!(d.metadata().unwrap().ino(), d_ino);
+        // The kernel connected the directory to the tree through "..".
+        let path = std::fs::read_link(format!("/proc/self/fd/{}", d.as_raw_fd())).unwrap();
+        assert_eq!(path, dir_path);
+    };
+
+    // Same client, kernel caches dropped.
+    drop_caches();
+    check(&mount_fd, &mut hf, &mut hd, &m.join("d/sub/deeper"));
+    drop_caches();
+    assert_eq!(
+        open_by_handle(&mount_fd, &mut hg, libc::O_RDONLY).err(),
+        Some(libc::ESTALE),
+        "handle to a removed file"
+    );
+    assert_eq!(
+        open_by_handle(&mount_fd, &mut ho, libc::O_RDONLY).err(),
+        Some(libc::ESTALE),
+        "handle to a file removed while open, now closed"
+    );
+
+    // A new client process, after the parent directory was renamed.
+    std::fs::rename(m.join("d/sub"), m.join("d/moved")).unwrap();
+    drop(mount_fd);
+    tc.c().unmount();
+    tc.c().mount().unwrap();
+    mount_fd = File::open(&m).unwrap();
+    check(&mount_fd, &mut hf, &mut hd, &m.join("d/moved/deeper"));
+    assert_eq!(
+        open_by_handle(&mount_fd, &mut hg, libc::O_RDONLY).err(),
+        Some(libc::ESTALE),
+        "handle to a removed file, new client"
+    );
+    // A removed directory's handle is stale too.
+    std::fs::remove_dir(m.join("d/moved/deeper")).unwrap();
+    drop_caches();
+    assert_eq!(
+        open_by_handle(&mount_fd, &mut hd, libc::O_RDONLY).err(),
+        Some(libc::ESTALE),
+        "handle to a removed directory"
+    );
+}
