@@ -185,6 +185,7 @@ pub async fn run_with_listener(
         scrub_interval: Duration::from_millis(cfg.scrub_interval_ms),
         scrub_bytes_per_sec: cfg.scrub_bytes_per_sec,
         gc_interval: Duration::from_millis(cfg.gc_interval_ms),
+        dead_since: Default::default(),
     });
     let maintaining = tokio::spawn(maintenance.run(stop.clone()));
 

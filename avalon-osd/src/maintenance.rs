@@ -39,7 +39,17 @@ pub struct Maintenance {
     pub scrub_bytes_per_sec: u64,
     /// 0 = never.
     pub gc_interval: Duration,
+    /// Inodes the MDS called deleted, and since when (see [`DEAD_GRACE`]).
+    pub dead_since: std::sync::Mutex<HashMap<u64, std::time::Instant>>,
 }
+
+/// How long the MDS must keep calling an inode deleted before its chunks
+/// go. A client numbers the files it creates under a delegation itself
+/// and may store their data before the create reaches the MDS; a new MDS
+/// leader does not know which numbers are so promised, and calls them
+/// deleted until the create arrives (the client sends it within seconds,
+/// also across a failover).
+pub const DEAD_GRACE: Duration = Duration::from_secs(10);
 
 impl Maintenance {
     /// Runs scrub passes and GC sweeps until `shutdown`.
@@ -106,7 +116,22 @@ impl Maintenance {
         };
         if !inos.is_empty() {
             let dead = self.membership.dead_inos(inos).await;
+            let dead: Vec<u64> = {
+                let now = std::time::Instant::now();
+                let mut since = self.dead_since.lock().unwrap_or_else(|e| e.into_inner());
+                since.retain(|ino, _| dead.contains(ino));
+                dead.iter()
+                    .copied()
+                    .filter(|ino| {
+                        now.duration_since(*since.entry(*ino).or_insert(now)) >= DEAD_GRACE
+                    })
+                    .collect()
+            };
             for ino in dead {
+                self.dead_since
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&ino);
                 let before = self.store.chunk_count();
                 match self.store.blocking(move |s| s.delete_object(ino)).await {
                     Ok(()) => {
