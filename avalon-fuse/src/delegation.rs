@@ -465,9 +465,7 @@ impl Client {
         let (chunk_size, replicas, write_quorum);
         let ino = {
             let mut s = self.deleg.lock();
-            let Some(&root) = s.owned.get(&parent) else {
-                return None;
-            };
+            let &root = s.owned.get(&parent)?;
             (chunk_size, replicas, write_quorum) = if ftype == libc::S_IFREG {
                 s.layout
             } else {
