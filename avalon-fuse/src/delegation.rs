@@ -549,7 +549,7 @@ impl Client {
         if ch.mode.is_some() && !self.meta.bare(ino) {
             return None;
         }
-        let mut s = self.deleg.lock();
+        let s = self.deleg.lock();
         if !s.owned.contains_key(&ino) {
             return None;
         }
@@ -588,27 +588,37 @@ impl Client {
         if let Some(c) = ch.ctime_ns {
             a.ctime_ns = c;
         }
-        let full = s.push(
-            now,
-            D::SetAttr(pb::SetAttrRequest {
-                header: None,
-                ino,
-                mode: ch.mode.map(|m| m & 0o7777),
-                uid: ch.uid,
-                gid: ch.gid,
-                size: None,
-                atime: atime.and_then(ns),
-                mtime: mtime.and_then(ns),
-                ctime_ns: ch.ctime_ns,
-                access: false,
-            }),
-        );
-        self.meta.put_attr(self.meta.epoch(), &a);
+        let op = D::SetAttr(pb::SetAttrRequest {
+            header: None,
+            ino,
+            mode: ch.mode.map(|m| m & 0o7777),
+            uid: ch.uid,
+            gid: ch.gid,
+            size: None,
+            atime: atime.and_then(ns),
+            mtime: mtime.and_then(ns),
+            ctime_ns: ch.ctime_ns,
+            access: false,
+        });
+        self.queue_attr_change(s, now, op, &a);
+        Some(a)
+    }
+
+    /// Queues `op` (made at `now`, under the state lock `s`) and caches
+    /// `a`, the attributes it leaves, as the inode's from now on.
+    fn queue_attr_change(
+        &self,
+        mut s: std::sync::MutexGuard<'_, State>,
+        now: i64,
+        op: D,
+        a: &Attr,
+    ) {
+        let full = s.push(now, op);
+        self.meta.put_attr(self.meta.epoch(), a);
         drop(s);
         if full {
             self.deleg.wake.notify_one();
         }
-        Some(a)
     }
 
     /// Opens a file created under a delegation without asking the MDS
@@ -632,7 +642,7 @@ impl Client {
     /// Renews the access time of a file created under a delegation (ctime
     /// stays); false: the synchronous way.
     pub fn touch_delegated(&self, ino: u64) -> bool {
-        let mut s = self.deleg.lock();
+        let s = self.deleg.lock();
         if !s.owned.contains_key(&ino) {
             return false;
         }
@@ -641,28 +651,21 @@ impl Client {
         };
         let now = now_ns();
         a.atime_ns = now;
-        let full = s.push(
-            now,
-            D::SetAttr(pb::SetAttrRequest {
-                header: None,
-                ino,
-                atime: ns(now),
-                ctime_ns: Some(a.ctime_ns),
-                ..Default::default()
-            }),
-        );
-        self.meta.put_attr(self.meta.epoch(), &a);
-        drop(s);
-        if full {
-            self.deleg.wake.notify_one();
-        }
+        let op = D::SetAttr(pb::SetAttrRequest {
+            header: None,
+            ino,
+            atime: ns(now),
+            ctime_ns: Some(a.ctime_ns),
+            ..Default::default()
+        });
+        self.queue_attr_change(s, now, op, &a);
         true
     }
 
     /// Commits the size of a file created under a delegation (and stamps
     /// mtime/ctime), if its attributes are cached; None: the synchronous way.
     pub fn commit_delegated(&self, ino: u64, size: u64) -> Option<Attr> {
-        let mut s = self.deleg.lock();
+        let s = self.deleg.lock();
         if !s.owned.contains_key(&ino) {
             return None;
         }
@@ -671,19 +674,12 @@ impl Client {
         a.size = a.size.max(size);
         a.mtime_ns = now;
         a.ctime_ns = now;
-        let full = s.push(
-            now,
-            D::CommitWrite(pb::CommitWriteRequest {
-                header: None,
-                ino,
-                size,
-            }),
-        );
-        self.meta.put_attr(self.meta.epoch(), &a);
-        drop(s);
-        if full {
-            self.deleg.wake.notify_one();
-        }
+        let op = D::CommitWrite(pb::CommitWriteRequest {
+            header: None,
+            ino,
+            size,
+        });
+        self.queue_attr_change(s, now, op, &a);
         Some(a)
     }
 
