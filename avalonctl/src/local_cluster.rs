@@ -247,6 +247,45 @@ impl LocalCluster {
     /// Starts (or restarts) the cluster in `dir` and waits until it is
     /// healthy and, if asked, mounted at `dir/mnt`.
     pub fn start(dir: &Path, opts: Options) -> anyhow::Result<LocalCluster> {
+        let fresh = !dir.join("cluster.toml").exists();
+        let mut attempt = 0;
+        loop {
+            match Self::start_once(dir, opts.clone()) {
+                // Ports are chosen free, then bound by the daemons: another
+                // process may take one in between. A new cluster starts over
+                // on other ports.
+                Err(e)
+                    if fresh
+                        && attempt < 3
+                        && format!("{e:#}").contains("Address already in use") =>
+                {
+                    attempt += 1;
+                    Self::forget_layout(dir);
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Removes what a first start that failed created: the layout and the
+    /// nodes' data directories (the logs stay).
+    fn forget_layout(dir: &Path) {
+        let path = dir.join("cluster.toml");
+        if let Ok(layout) = std::fs::read_to_string(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|s| toml::from_str::<Layout>(&s).map_err(anyhow::Error::from))
+        {
+            for n in &layout.mds {
+                let _ = std::fs::remove_dir_all(dir.join(format!("mds{}", n.id)));
+            }
+            for n in &layout.osds {
+                let _ = std::fs::remove_dir_all(dir.join(format!("osd{}", n.id)));
+            }
+        }
+        let _ = std::fs::remove_file(path);
+    }
+
+    fn start_once(dir: &Path, opts: Options) -> anyhow::Result<LocalCluster> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let dir = std::fs::canonicalize(dir)?;
         for sub in ["logs", "run", "mnt"] {
