@@ -85,12 +85,11 @@ impl State {
         self.inos.iter().map(|(n, e)| e - n).sum()
     }
 
-    fn push(&mut self, now_ns: i64, op: D) -> bool {
+    fn push(&mut self, now_ns: i64, op: D) {
         self.pending.push(pb::DelegatedOp {
             now_ns,
             op: Some(op),
         });
-        self.pending.len() >= FLUSH_AT
     }
 }
 
@@ -118,6 +117,15 @@ pub enum NewNode<'a> {
 impl Delegations {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues change `op` made at `now` (under the state lock `s`); wakes
+    /// the flusher once enough are queued.
+    fn queue(&self, s: &mut State, now: i64, op: D) {
+        s.push(now, op);
+        if s.pending.len() >= FLUSH_AT {
+            self.wake.notify_one();
+        }
     }
 
     /// True if changes wait to be sent (or are on their way).
@@ -473,7 +481,8 @@ impl Client {
             };
             let ino = s.take_ino()?;
             s.owned.insert(ino, root);
-            let full = s.push(
+            self.deleg.queue(
+                &mut s,
                 now,
                 D::Create(pb::CreateAs {
                     ino,
@@ -485,9 +494,6 @@ impl Client {
                     target: target.map(Bytes::copy_from_slice).unwrap_or_default(),
                 }),
             );
-            if full {
-                self.deleg.wake.notify_one();
-            }
             ino
         };
         let a = Attr {
@@ -613,12 +619,8 @@ impl Client {
         op: D,
         a: &Attr,
     ) {
-        let full = s.push(now, op);
+        self.deleg.queue(&mut s, now, op);
         self.meta.put_attr(self.meta.epoch(), a);
-        drop(s);
-        if full {
-            self.deleg.wake.notify_one();
-        }
     }
 
     /// Opens a file created under a delegation without asking the MDS
@@ -702,7 +704,8 @@ impl Client {
         }
         let now = now_ns();
         s.owned.remove(&a.ino);
-        let full = s.push(
+        self.deleg.queue(
+            &mut s,
             now,
             D::Unlink(pb::UnlinkRequest {
                 header: None,
@@ -717,11 +720,7 @@ impl Client {
             p.ctime_ns = now;
         });
         drop(s);
-        self.files.remove(&a.ino);
-        self.cache.invalidate_file(a.ino);
-        if full {
-            self.deleg.wake.notify_one();
-        }
+        self.forget_file(a.ino);
         true
     }
 
@@ -779,7 +778,8 @@ impl Client {
         if let Some(t) = &target {
             s.owned.remove(&t.ino);
         }
-        let full = s.push(
+        self.deleg.queue(
+            &mut s,
             now,
             D::Rename(pb::RenameRequest {
                 header: None,
@@ -803,11 +803,7 @@ impl Client {
         }
         drop(s);
         if let Some(t) = target {
-            self.files.remove(&t.ino);
-            self.cache.invalidate_file(t.ino);
-        }
-        if full {
-            self.deleg.wake.notify_one();
+            self.forget_file(t.ino);
         }
         true
     }
@@ -835,6 +831,12 @@ impl Client {
         let flushed = self.flush_file(ino).await;
         let committed = self.commit_size(ino).await.map(|_| ());
         flushed.and(committed)
+    }
+
+    /// Drops what this client keeps of the data of `ino`, removed here.
+    fn forget_file(&self, ino: u64) {
+        self.files.remove(&ino);
+        self.cache.invalidate_file(ino);
     }
 
     /// True if this client has `ino` open.
