@@ -91,6 +91,8 @@ pub struct Client {
     pub root_ino: u64,
     pub(crate) map: RwLock<Arc<ClusterMap>>,
     pub(crate) osds: DashMap<String, pb::osd_client::OsdClient<Channel>>,
+    /// Connections to the OSDs' data ports, for chunk reads.
+    pub(crate) data_conns: crate::data_conn::DataConns,
     pub(crate) files: DashMap<u64, FileState>,
     /// Open handles per inode, reported in heartbeats so that a new MDS
     /// leader knows which unlinked files are still in use (and which have
@@ -172,6 +174,7 @@ impl Client {
             root_ino: reg.root_ino,
             map: RwLock::new(Arc::new(map)),
             osds: DashMap::new(),
+            data_conns: Default::default(),
             files: DashMap::new(),
             page_versions: Default::default(),
             opens: DashMap::new(),

@@ -546,9 +546,8 @@ impl Client {
                     length,
                     map_epoch: map.epoch,
                 };
-                let mut c = self.osd(&osd.addr)?;
-                match c.read_chunk(req).await {
-                    Ok(r) => return Ok(r.into_inner().data),
+                match self.data_conns.read_chunk(&osd.addr, &req).await {
+                    Ok((_, data)) => return Ok(data),
                     Err(s) if !retry_elsewhere(&s) => return Err(s.into()),
                     Err(s) => {
                         tracing::debug!(ino, index, osd = osd.id, code = ?s.code(), msg = s.message(), "chunk read failed");

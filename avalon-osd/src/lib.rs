@@ -8,6 +8,7 @@
 
 pub mod chunk_store;
 pub mod config;
+pub mod data_port;
 pub mod error;
 pub mod maintenance;
 pub mod membership;
@@ -137,24 +138,24 @@ pub async fn run_with_listener(
         reorder_wait: Duration::from_millis(cfg.reorder_wait_ms),
         recovery: Arc::clone(&recovery),
     });
-    let svc = OsdService::new(
+    let svc = Arc::new(OsdService::new(
         Arc::clone(&store),
         Arc::clone(&membership),
         replicator,
         Arc::clone(&recovery),
-    );
+    ));
 
     let stop = shutdown.child_token();
     let server = tonic::transport::Server::builder()
         .http2_adaptive_window(Some(true))
         .add_service(
-            OsdServer::new(svc)
+            OsdServer::from_arc(Arc::clone(&svc))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(
-            // Small replies (acks, 4 KiB reads) must not wait for Nagle.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            // Data-wire connections are served beside gRPC on this port.
+            data_port::incoming(listener, svc, stop.clone()),
             stop.clone().cancelled_owned(),
         );
     let server = tokio::spawn(server);

@@ -190,7 +190,8 @@ impl OsdService {
         }
     }
 
-    async fn read(
+    /// Serves a chunk read (`internal`: from another OSD, no admission).
+    pub(crate) async fn read(
         &self,
         req: ReadChunkRequest,
         internal: bool,

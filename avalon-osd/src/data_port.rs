@@ -1,0 +1,130 @@
+//! The data port: chunk reads over [`avalon_proto::data_wire`] on the gRPC
+//! port. Each accepted connection is classified by its first bytes: one
+//! that opens with the data-wire magic is served here, every other one is
+//! handed to the gRPC server.
+
+use crate::osd_service::OsdService;
+use avalon_proto::data_wire::{self, MAGIC, MAX_REQUEST_BYTES, READ_CHUNK};
+use avalon_proto::pb::ReadChunkRequest;
+use futures::Stream;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+/// How long a new connection may take to send its first bytes before it is
+/// given to the gRPC server (which has its own timeouts) undecided.
+const CLASSIFY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts connections on `listener` until `stop`; serves data-wire ones and
+/// yields the others, for the gRPC server.
+pub fn incoming(
+    listener: TcpListener,
+    svc: Arc<OsdService>,
+    stop: CancellationToken,
+) -> impl Stream<Item = io::Result<TcpStream>> {
+    let (tx, rx) = mpsc::channel::<TcpStream>(64);
+    tokio::spawn(async move {
+        loop {
+            let conn = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            let s = match conn {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of descriptors and the like: pass, do not spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            // Small replies (acks, 4 KiB reads) must not wait for Nagle.
+            let _ = s.set_nodelay(true);
+            let (tx, svc, stop) = (tx.clone(), svc.clone(), stop.clone());
+            tokio::spawn(async move {
+                let data = tokio::time::timeout(CLASSIFY_TIMEOUT, speaks_data_wire(&s)).await;
+                match data {
+                    Ok(Ok(true)) => serve(s, svc, stop).await,
+                    Ok(Err(_)) => {}
+                    Ok(Ok(false)) | Err(_) => {
+                        let _ = tx.send(s).await;
+                    }
+                }
+            });
+        }
+    });
+    futures::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|s| (Ok(s), rx)) },
+    )
+}
+
+/// True if the connection's first bytes are the data-wire magic (decided as
+/// soon as a byte differs: HTTP/2 opens with "PRI *").
+async fn speaks_data_wire(s: &TcpStream) -> io::Result<bool> {
+    let mut buf = [0u8; MAGIC.len()];
+    loop {
+        let n = s.peek(&mut buf).await?;
+        if n == 0 || buf[..n] != MAGIC[..n] {
+            return Ok(false);
+        }
+        if n == MAGIC.len() {
+            return Ok(true);
+        }
+        // Part of the magic so far (peek does not wait for more).
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Serves one data-wire connection: request, reply, in turn, until the
+/// client closes it, sends something invalid, or the OSD stops.
+async fn serve(mut s: TcpStream, svc: Arc<OsdService>, stop: CancellationToken) {
+    let mut magic = [0u8; MAGIC.len()];
+    if s.read_exact(&mut magic).await.is_err() {
+        return;
+    }
+    loop {
+        let frame = tokio::select! {
+            _ = stop.cancelled() => return,
+            f = data_wire::read_frame(&mut s, MAX_REQUEST_BYTES) => f,
+        };
+        let (kind, payload) = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::UnexpectedEof {
+                    let st = Status::invalid_argument(format!("data port: {e}"));
+                    let _ = s.write_all(&data_wire::encode_status(&st)).await;
+                }
+                return;
+            }
+        };
+        if kind != READ_CHUNK {
+            let st = Status::unimplemented(format!("data port: unknown request kind {kind}"));
+            let _ = s.write_all(&data_wire::encode_status(&st)).await;
+            return;
+        }
+        let reply = match <ReadChunkRequest as prost::Message>::decode(payload) {
+            Ok(req) => svc.read(req, false).await.map_err(Status::from),
+            Err(e) => Err(Status::invalid_argument(format!(
+                "data port: bad ReadChunkRequest: {e}"
+            ))),
+        };
+        let sent = match reply {
+            Ok(r) => {
+                let head = data_wire::ok_header(r.version, r.data.len());
+                // One vectored write: header and data leave in one segment.
+                let mut out = bytes::Buf::chain(&head[..], r.data);
+                s.write_all_buf(&mut out).await
+            }
+            Err(st) => s.write_all(&data_wire::encode_status(&st)).await,
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}
