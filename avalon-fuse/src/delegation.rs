@@ -24,6 +24,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How often queued changes go to the MDS at the latest.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(20);
+/// Queued atime updates alone wait this long to be sent (unless anything
+/// else is sent first): each flush is a raft entry on every MDS, and a
+/// reader of many files would otherwise make one every [`FLUSH_EVERY`] for
+/// times nobody waits for (Linux's lazytime keeps them in memory longer).
+const LAZY_EVERY: Duration = Duration::from_secs(1);
 /// Queued changes that make the flusher go at once.
 const FLUSH_AT: usize = 1024;
 /// Most changes per Apply (the MDS takes up to 4096).
@@ -60,6 +65,10 @@ struct State {
     layout: (u32, u32, u32),
     /// Changes not sent yet, in order.
     pending: Vec<pb::DelegatedOp>,
+    /// When the oldest of `pending` was queued.
+    pending_since: Option<Instant>,
+    /// `pending` holds more than atime updates.
+    pending_eager: bool,
     /// Changes taken by a flush that has not finished.
     in_flight: usize,
     /// Opens of files created here that the MDS does not count yet
@@ -85,7 +94,11 @@ impl State {
         self.inos.iter().map(|(n, e)| e - n).sum()
     }
 
-    fn push(&mut self, now_ns: i64, op: D) {
+    fn push(&mut self, now_ns: i64, op: D, lazy: bool) {
+        if self.pending.is_empty() {
+            self.pending_since = Some(Instant::now());
+        }
+        self.pending_eager |= !lazy;
         self.pending.push(pb::DelegatedOp {
             now_ns,
             op: Some(op),
@@ -122,7 +135,13 @@ impl Delegations {
     /// Queues change `op` made at `now` (under the state lock `s`); wakes
     /// the flusher once enough are queued.
     fn queue(&self, s: &mut State, now: i64, op: D) {
-        s.push(now, op);
+        self.queue_as(s, now, op, false);
+    }
+
+    /// [`Delegations::queue`], saying whether the change is only an atime
+    /// update (sent within [`LAZY_EVERY`] rather than [`FLUSH_EVERY`]).
+    fn queue_as(&self, s: &mut State, now: i64, op: D, lazy: bool) {
+        s.push(now, op, lazy);
         if s.pending.len() >= FLUSH_AT {
             self.wake.notify_one();
         }
@@ -132,6 +151,13 @@ impl Delegations {
     pub fn busy(&self) -> bool {
         let s = self.lock();
         !s.pending.is_empty() || s.in_flight > 0
+    }
+
+    /// True if the flusher should send what is queued now.
+    fn due(&self) -> bool {
+        let s = self.lock();
+        !s.pending.is_empty()
+            && (s.pending_eager || s.pending_since.is_none_or(|t| t.elapsed() >= LAZY_EVERY))
     }
 
     /// True if `ino` is under one of this session's delegations.
@@ -209,7 +235,12 @@ impl Client {
                 let mut s = self.deleg.lock();
                 let n = s.pending.len().min(APPLY_MAX);
                 s.in_flight = n;
-                s.pending.drain(..n).collect()
+                let ops = s.pending.drain(..n).collect();
+                if s.pending.is_empty() {
+                    s.pending_since = None;
+                    s.pending_eager = false;
+                }
+                ops
             };
             if ops.is_empty() {
                 return Ok(());
@@ -271,7 +302,7 @@ impl Client {
                 _ = self.deleg.wake.notified() => {}
                 _ = tokio::time::sleep(FLUSH_EVERY) => {}
             }
-            if self.deleg.busy() {
+            if self.deleg.due() {
                 let _ = self.flush_delegated().await;
             }
         }
@@ -606,7 +637,7 @@ impl Client {
             ctime_ns: ch.ctime_ns,
             access: false,
         });
-        self.queue_attr_change(s, now, op, &a);
+        self.queue_attr_change(s, now, op, &a, false);
         Some(a)
     }
 
@@ -618,8 +649,9 @@ impl Client {
         now: i64,
         op: D,
         a: &Attr,
+        lazy: bool,
     ) {
-        self.deleg.queue(&mut s, now, op);
+        self.deleg.queue_as(&mut s, now, op, lazy);
         self.meta.put_attr(self.meta.epoch(), a);
     }
 
@@ -660,7 +692,7 @@ impl Client {
             ctime_ns: Some(a.ctime_ns),
             ..Default::default()
         });
-        self.queue_attr_change(s, now, op, &a);
+        self.queue_attr_change(s, now, op, &a, true);
         true
     }
 
@@ -681,7 +713,7 @@ impl Client {
             ino,
             size,
         });
-        self.queue_attr_change(s, now, op, &a);
+        self.queue_attr_change(s, now, op, &a, false);
         Some(a)
     }
 

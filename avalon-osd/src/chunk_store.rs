@@ -34,8 +34,10 @@ const META_SUFFIX: &str = ".meta";
 /// Header: magic, format, version, length, block count.
 const META_HEADER: usize = 4 + 4 + 8 + 8 + 4;
 /// Open chunks kept by default (two descriptors each), before the process
-/// file limit lowers it.
-pub const DEFAULT_OPEN_CHUNKS: usize = 1024;
+/// file limit lowers it. Opening a chunk whose directory entries and inodes
+/// the kernel dropped costs several disk reads, more than reading a small
+/// chunk itself: keep a working set of many small files open.
+pub const DEFAULT_OPEN_CHUNKS: usize = 8192;
 /// Descriptors left for sockets and everything else.
 const FD_RESERVE: u64 = 256;
 
