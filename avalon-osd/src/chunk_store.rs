@@ -25,11 +25,16 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use lru::LruCache;
 use std::num::NonZeroUsize;
 
-/// Checksum block size: one crc32c per this many bytes.
-pub const BLOCK_SIZE: u64 = 64 * 1024;
+/// Checksum block size: one crc32c per this many bytes. A read verifies
+/// (so reads from disk) every block it touches: a 4 KiB random read costs
+/// one 16 KiB read (73 us on the test disk, against 144 us for 64 KiB),
+/// for a 1 KiB sidecar per 4 MiB chunk.
+pub const BLOCK_SIZE: u64 = 16 * 1024;
+/// Checksum block size of sidecar format 1 (converted when opened).
+const V1_BLOCK_SIZE: u64 = 64 * 1024;
 const LOCK_STRIPES: usize = 1024;
 const META_MAGIC: &[u8; 4] = b"AVCK";
-const META_FORMAT: u32 = 1;
+const META_FORMAT: u32 = 2;
 const META_SUFFIX: &str = ".meta";
 /// Header: magic, format, version, length, block count.
 const META_HEADER: usize = 4 + 4 + 8 + 8 + 4;
@@ -148,6 +153,15 @@ fn blocks_for(len: u64) -> usize {
     len.div_ceil(BLOCK_SIZE) as usize
 }
 
+/// Checksum block size of a sidecar format.
+fn format_block_size(format: u32) -> Option<u64> {
+    match format {
+        1 => Some(V1_BLOCK_SIZE),
+        META_FORMAT => Some(BLOCK_SIZE),
+        _ => None,
+    }
+}
+
 /// The sidecar metadata of one chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ChunkMeta {
@@ -177,7 +191,20 @@ impl ChunkMeta {
         (META_HEADER + 4 * self.crcs.len() + 4) as u64
     }
 
+    /// Decodes a sidecar of the current format.
+    #[cfg(test)]
     fn decode(b: &[u8]) -> std::result::Result<ChunkMeta, String> {
+        match Self::decode_any(b)? {
+            (m, BLOCK_SIZE) => Ok(m),
+            (_, block) => Err(format!(
+                "metadata sidecar has {block}-byte checksum blocks, not {BLOCK_SIZE}"
+            )),
+        }
+    }
+
+    /// Decodes a sidecar of any known format: the metadata and the size of
+    /// the blocks its crcs cover.
+    fn decode_any(b: &[u8]) -> std::result::Result<(ChunkMeta, u64), String> {
         if b.len() < META_HEADER + 4 {
             return Err(format!("metadata sidecar too short ({} bytes)", b.len()));
         }
@@ -197,22 +224,22 @@ impl ChunkMeta {
             u64::from_le_bytes(a)
         };
         let format = u32_at(4);
-        if format != META_FORMAT {
+        let Some(block) = format_block_size(format) else {
             return Err(format!("metadata sidecar format {format} unknown"));
-        }
+        };
         let version = u64_at(8);
         let len = u64_at(16);
         let count = u32_at(24) as usize;
         if body.len() != META_HEADER + 4 * count {
             return Err("metadata sidecar length does not match its block count".into());
         }
-        if count != blocks_for(len) {
+        if count as u64 != len.div_ceil(block) {
             return Err(format!(
                 "metadata sidecar has {count} block checksums for length {len}"
             ));
         }
         let crcs = (0..count).map(|i| u32_at(META_HEADER + 4 * i)).collect();
-        Ok(ChunkMeta { version, len, crcs })
+        Ok((ChunkMeta { version, len, crcs }, block))
     }
 
     /// Digest of the chunk's content (length and block crcs): two copies at
@@ -606,7 +633,8 @@ impl ChunkStore {
             }
             Err(e) => return Err(io_err(&mpath)(e)),
         };
-        let meta = ChunkMeta::decode(&raw).map_err(|d| Self::corrupt(ino, index, d))?;
+        let (meta, block) =
+            ChunkMeta::decode_any(&raw).map_err(|d| Self::corrupt(ino, index, d))?;
         match data_len {
             None => Err(Self::corrupt(ino, index, "data file missing")),
             Some(l) if l != meta.len => Err(Self::corrupt(
@@ -614,8 +642,38 @@ impl ChunkStore {
                 index,
                 format!("data file holds {l} bytes, metadata says {}", meta.len),
             )),
-            Some(_) => Ok(Some(meta)),
+            Some(_) if block == BLOCK_SIZE => Ok(Some(meta)),
+            Some(_) => self.convert_meta(ino, index, meta, block).map(Some),
         }
+    }
+
+    /// Rewrites an older sidecar (checksums over `block`-byte blocks) for
+    /// [`BLOCK_SIZE`] blocks, once, after verifying the data against it. The
+    /// caller holds the chunk's lock.
+    fn convert_meta(&self, ino: u64, index: u64, old: ChunkMeta, block: u64) -> Result<ChunkMeta> {
+        let dpath = self.data_path(ino, index);
+        let data = fs::read(&dpath).map_err(io_err(&dpath))?;
+        if data.len() as u64 != old.len {
+            return Err(Self::corrupt(ino, index, "data file changed length"));
+        }
+        let verified = data
+            .chunks(block as usize)
+            .zip(&old.crcs)
+            .all(|(b, &c)| crc32c::crc32c(b) == c);
+        if !verified {
+            return Err(Self::corrupt(ino, index, "block checksum mismatch"));
+        }
+        let meta = ChunkMeta {
+            version: old.version,
+            len: old.len,
+            crcs: data
+                .chunks(BLOCK_SIZE as usize)
+                .map(crc32c::crc32c)
+                .collect(),
+        };
+        self.store_meta(ino, index, &meta, true)?;
+        tracing::debug!(ino, index, "chunk sidecar converted to the current format");
+        Ok(meta)
     }
 
     fn store_meta(&self, ino: u64, index: u64, meta: &ChunkMeta, sync: bool) -> Result<()> {
@@ -742,16 +800,6 @@ impl ChunkStore {
             .pop(&(ino, index));
     }
 
-    /// Drops every chunk of `ino` from the open-chunk cache (the caller
-    /// holds the inode's exclusive lock).
-    fn forget_ino(&self, ino: u64) {
-        let mut g = self.open_chunks.lock().unwrap_or_else(|e| e.into_inner());
-        let keys: Vec<(u64, u64)> = g.iter().map(|(k, _)| *k).filter(|k| k.0 == ino).collect();
-        for k in keys {
-            g.pop(&k);
-        }
-    }
-
     /// A chunk's metadata: the open copy, or loaded from disk without
     /// opening the chunk (listings must not flush the cache).
     fn meta_of(&self, ino: u64, index: u64) -> Result<Option<ChunkMeta>> {
@@ -779,7 +827,7 @@ impl ChunkStore {
     /// data is corrupt; `None` when the sidecar is missing or unreadable.
     pub fn meta_version(&self, ino: u64, index: u64) -> Option<u64> {
         let raw = fs::read(self.meta_path(ino, index)).ok()?;
-        ChunkMeta::decode(&raw).ok().map(|m| m.version)
+        ChunkMeta::decode_any(&raw).ok().map(|(m, _)| m.version)
     }
 
     /// The stored version of a chunk (0 when it does not exist).
@@ -1429,8 +1477,13 @@ impl ChunkStore {
         let cs = u64::from(effective_chunk_size(chunk_size)?);
         let _i = self.lock_ino_exclusive(ino);
         // Works on the files directly; open copies are reloaded afterwards.
-        self.forget_ino(ino);
-        for index in self.indexes(ino)? {
+        // (A chunk is open only while its files exist: the listing names
+        // every open one, without a walk over all open chunks.)
+        let indexes = self.indexes(ino)?;
+        for &index in &indexes {
+            self.forget(ino, index);
+        }
+        for index in indexes {
             let keep = match index.checked_mul(cs) {
                 Some(s) if s < size => size - s,
                 _ => 0,
@@ -1577,11 +1630,13 @@ impl ChunkStore {
             return Err(StoreError::InvalidArgument("ino must not be 0".into()));
         }
         let _i = self.lock_ino_exclusive(ino);
-        self.forget_ino(ino);
         let dir = self.ino_dir(ino);
         if !dir.exists() {
             return Ok(());
         }
+        // Each closes its chunk first. (This used to walk every open chunk
+        // per deleted inode under the cache lock, which stalled all reads
+        // while the GC removed thousands of files.)
         for index in self.indexes(ino)? {
             self.remove_chunk_files(ino, index)?;
         }
@@ -1663,6 +1718,57 @@ mod tests {
 
     fn r(s: &ChunkStore, ino: u64, idx: u64, off: u32, len: u32) -> Vec<u8> {
         s.read(ino, idx, off, len).expect("read").0
+    }
+
+    /// A format-1 sidecar (crcs over 64 KiB blocks) for `data`.
+    fn v1_sidecar(version: u64, data: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(META_MAGIC);
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&version.to_le_bytes());
+        b.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        let crcs: Vec<u32> = data
+            .chunks(V1_BLOCK_SIZE as usize)
+            .map(crc32c::crc32c)
+            .collect();
+        b.extend_from_slice(&(crcs.len() as u32).to_le_bytes());
+        for c in crcs {
+            b.extend_from_slice(&c.to_le_bytes());
+        }
+        let own = crc32c::crc32c(&b);
+        b.extend_from_slice(&own.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn format_1_sidecars_are_converted_once_verified() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let root = d.path().join("chunks");
+        let data = pattern(3 * V1_BLOCK_SIZE as usize + 1000, 7);
+        {
+            let s = ChunkStore::open(&root).expect("open");
+            w(&s, 51, 0, 0, &data);
+            w(&s, 52, 0, 0, &data);
+            // As an older OSD left them.
+            fs::write(s.meta_path(51, 0), v1_sidecar(1, &data)).expect("meta");
+            fs::write(s.meta_path(52, 0), v1_sidecar(1, &data)).expect("meta");
+            let mut bad = data.clone();
+            bad[70_000] ^= 1;
+            fs::write(s.data_path(52, 0), &bad).expect("data");
+        }
+        let s = ChunkStore::open(&root).expect("restart");
+        assert_eq!(s.meta_version(51, 0), Some(1));
+        assert_eq!(r(&s, 51, 0, 0, data.len() as u32), data);
+        let raw = fs::read(s.meta_path(51, 0)).expect("meta");
+        let m = ChunkMeta::decode(&raw).expect("current format on disk");
+        assert_eq!(m.crcs.len(), blocks_for(data.len() as u64));
+        assert_eq!(m.version, 1);
+        // A copy that does not match its old checksums is corrupt, not
+        // blessed with new ones.
+        assert!(matches!(
+            s.read(52, 0, 0, 10),
+            Err(StoreError::Corruption { .. })
+        ));
     }
 
     #[test]
