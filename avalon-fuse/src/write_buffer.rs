@@ -33,8 +33,9 @@ pub const DEFAULT_BUDGET: u64 = 64 << 20;
 /// Environment variable overriding the budget, in MiB (0 turns buffering
 /// off: every write goes straight to the OSDs, as before).
 pub const BUDGET_ENV: &str = "AVALON_WRITE_BUFFER_MB";
-/// Writes at least this large bypass the buffer.
-pub const DIRECT_WRITE_BYTES: u64 = 512 << 10;
+/// Writes at least this large bypass the buffer (none from the kernel,
+/// whose writes are at most 1 MiB).
+pub const DIRECT_WRITE_BYTES: u64 = 2 << 20;
 /// A chunk holding this much pending data is sent at once.
 pub const FULL_CHUNK_BYTES: u64 = 1 << 20;
 /// Pending data older than this is sent by the background ticker.
@@ -213,9 +214,11 @@ impl WriteBuffer {
         self.budget
     }
 
-    /// True when writes of `len` bytes should be buffered: small ones.
-    /// Large writes (the kernel's writeback of sequential data) gain
-    /// nothing from coalescing and go straight out, many in parallel.
+    /// True when writes of `len` bytes should be buffered. Large ones too:
+    /// the kernel hands over one write at a time per writer (no writeback
+    /// cache), so a sequential writer waited for each 1 MiB to be stored
+    /// on two replicas; buffered, it goes on while up to
+    /// [`MAX_BACKGROUND_RPCS`] chunks are on their way.
     pub fn accepts(&self, len: u64) -> bool {
         self.budget > 0 && len < DIRECT_WRITE_BYTES && len <= self.budget / 4
     }
