@@ -44,6 +44,12 @@ pub struct AvalonFs {
     /// later and are left out, so a listing ends even while entries are
     /// renamed away and back (each rename gives a new, larger cookie).
     dir_marks: Arc<DashMap<u64, u64>>,
+    /// Open directory streams known to have ended: fh -> the cookie of the
+    /// last entry given. The kernel asks once more after the last page and
+    /// is answered from here, not by the MDS (nothing with a cookie past
+    /// it and below the stream's mark can appear: new entries get larger
+    /// cookies). Halves the readdir round trips of find, du and rm -r.
+    dir_ends: Arc<DashMap<u64, u64>>,
     /// The kernel's caches, once the session is mounted (see
     /// [`AvalonFs::kernel_slot`]).
     kernel: Arc<OnceLock<KernelCache>>,
@@ -57,6 +63,7 @@ impl AvalonFs {
             rt,
             last_fh: AtomicU64::new(0),
             dir_marks: Arc::new(DashMap::new()),
+            dir_ends: Arc::new(DashMap::new()),
             kernel: Arc::new(OnceLock::new()),
         }
     }
@@ -99,6 +106,16 @@ impl AvalonFs {
             self.rt.spawn(f);
         }
     }
+}
+
+/// True if directory stream `fh` is known to end before `offset` (see
+/// `AvalonFs::dir_ends`); a rewind (offset 0) starts it over.
+fn stream_ended(ends: &DashMap<u64, u64>, fh: u64, offset: u64) -> bool {
+    if offset == 0 {
+        ends.remove(&fh);
+        return false;
+    }
+    ends.get(&fh).is_some_and(|end| offset >= *end)
 }
 
 /// The high-water mark of a directory stream: taken from the first page
@@ -754,6 +771,7 @@ impl Filesystem for AvalonFs {
         reply: ReplyEmpty,
     ) {
         self.dir_marks.remove(&fh.0);
+        self.dir_ends.remove(&fh.0);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move { reply_empty(c.release_dir(ino).await, reply) });
@@ -767,9 +785,13 @@ impl Filesystem for AvalonFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        if stream_ended(&self.dir_ends, fh.0, offset) {
+            return reply.ok();
+        }
         let c = self.client.clone();
         let dir = self.mds_ino(ino);
         let marks = self.dir_marks.clone();
+        let ends = self.dir_ends.clone();
         self.spawn(async move {
             let mut cookie = offset.max(DOTDOT_COOKIE);
             let mut page = match c.readdir(dir, cookie, READDIR_PAGE, false).await {
@@ -787,6 +809,7 @@ impl Filesystem for AvalonFs {
             loop {
                 for e in &page.entries {
                     if e.cookie >= mark {
+                        ends.insert(fh.0, cookie);
                         return reply.ok();
                     }
                     let kind = crate::attr::kind_of(e.mode);
@@ -801,6 +824,7 @@ impl Filesystem for AvalonFs {
                     cookie = e.cookie;
                 }
                 if page.eof || page.entries.is_empty() {
+                    ends.insert(fh.0, cookie);
                     return reply.ok();
                 }
                 page = match c.readdir(dir, cookie, READDIR_PAGE, false).await {
@@ -819,9 +843,13 @@ impl Filesystem for AvalonFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        if stream_ended(&self.dir_ends, fh.0, offset) {
+            return reply.ok();
+        }
         let c = self.client.clone();
         let dir = self.mds_ino(ino);
         let marks = self.dir_marks.clone();
+        let ends = self.dir_ends.clone();
         self.spawn(async move {
             let mut cookie = offset.max(DOTDOT_COOKIE);
             let mut page = match c.readdir(dir, cookie, READDIR_PAGE, true).await {
@@ -861,6 +889,7 @@ impl Filesystem for AvalonFs {
             loop {
                 for e in &page.entries {
                     if e.cookie >= mark {
+                        ends.insert(fh.0, cookie);
                         return reply.ok();
                     }
                     let Some(a) = e.attr.as_ref() else {
@@ -880,6 +909,7 @@ impl Filesystem for AvalonFs {
                     cookie = e.cookie;
                 }
                 if page.eof || page.entries.is_empty() {
+                    ends.insert(fh.0, cookie);
                     return reply.ok();
                 }
                 page = match c.readdir(dir, cookie, READDIR_PAGE, true).await {
