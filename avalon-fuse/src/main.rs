@@ -19,6 +19,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// mimalloc: the daemons allocate and free many small objects per request
+/// (glibc's malloc/free were ~30% of the MDS's CPU applying batches).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Mount an Avalon filesystem.
 #[derive(Parser, Debug)]
 #[command(name = "avalon-fuse", version, about)]

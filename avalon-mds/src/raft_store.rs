@@ -82,6 +82,9 @@ pub struct LogStore {
 struct LogMarks {
     appended: u64,
     epoch: u64,
+    /// The committed mark (encoded) not written yet: the flusher's next
+    /// commit carries it, instead of a transaction of its own per entry.
+    committed: Option<Vec<u8>>,
 }
 
 const KEY_FLUSH: &str = "flush";
@@ -100,11 +103,16 @@ fn flusher(
         while rx.try_recv().is_ok() {}
         // Everything appended before this read is in the database already,
         // so the commit below covers it.
-        let (epoch, target) = {
-            let m = lock(&marks);
-            (m.epoch, m.appended)
+        let (epoch, target, committed) = {
+            let mut m = lock(&marks);
+            (m.epoch, m.appended, m.committed.take())
         };
         if target <= *durable.borrow() {
+            if let Some(c) = committed {
+                // Not written: put back for the next commit (unless a newer
+                // mark came meanwhile).
+                lock(&marks).committed.get_or_insert(c);
+            }
             continue;
         }
         n = n.wrapping_add(1);
@@ -115,6 +123,10 @@ fn flusher(
                 let mut t = tx.open_table(META).map_err(|e| e.to_string())?;
                 t.insert(KEY_FLUSH, n.to_le_bytes().as_slice())
                     .map_err(|e| e.to_string())?;
+                if let Some(c) = &committed {
+                    t.insert(KEY_COMMITTED, c.as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
             }
             tx.commit().map_err(|e| e.to_string())
         })();
@@ -178,7 +190,7 @@ impl LogStore {
         let db = Arc::new(db);
         let marks = Arc::new(Mutex::new(LogMarks {
             appended: last,
-            epoch: 0,
+            ..Default::default()
         }));
         let durable = Arc::new(tokio::sync::watch::Sender::new(last));
         let (flush_tx, rx) = std::sync::mpsc::channel();
@@ -323,12 +335,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SErr> {
-        // Not fsynced on its own: the next durable commit carries it, and a
-        // lost committed mark only delays re-applying until the leader says.
-        self.put_meta(KEY_COMMITTED, &committed, false)
+        // Written by the flusher's next commit, not in a transaction of its
+        // own (one per entry on every node): a lost committed mark only
+        // delays re-applying until the leader says.
+        let bytes = postcard::to_allocvec(&committed).map_err(wr)?;
+        lock(&self.marks).committed = Some(bytes);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
+        let pending = lock(&self.marks).committed.clone();
+        if let Some(b) = pending {
+            return postcard::from_bytes::<Option<LogId<NodeId>>>(&b).map_err(rd);
+        }
         Ok(self
             .get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?
             .flatten())

@@ -5,6 +5,11 @@ use clap::Parser;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc: the daemons allocate and free many small objects per request
+/// (glibc's malloc/free were ~30% of the MDS's CPU applying batches).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let cfg = match Config::from_cli(cli) {
