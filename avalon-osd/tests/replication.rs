@@ -599,3 +599,107 @@ async fn concurrent_writes_converge() {
     }
     mds.token.cancel();
 }
+
+/// One exchange on a data-port connection: a request frame out, the reply
+/// frame back, decoded.
+async fn data_port_call(
+    conn: &mut tokio::net::TcpStream,
+    frame: &[u8],
+) -> std::io::Result<Result<(u64, bytes::Bytes), Status>> {
+    use avalon_proto::data_wire;
+    use tokio::io::AsyncWriteExt;
+    conn.write_all(frame).await?;
+    let (kind, payload) = data_wire::read_frame(conn, 8 << 20).await?;
+    Ok(data_wire::decode_read_reply(kind, payload))
+}
+
+/// The data port answers chunk reads on the gRPC port, keeps a connection
+/// across a refused request, and refuses malformed frames with a status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_port_serves_reads_beside_grpc() {
+    use avalon_proto::data_wire::{self, MAGIC, READ_CHUNK};
+    use tokio::io::AsyncWriteExt;
+    let mut mds = start_mds().await;
+    let mut osds = Vec::new();
+    for _ in 0..3 {
+        osds.push(start_osd(&mds.addr).await);
+    }
+    mds.registered
+        .wait_for(|n| *n == 3)
+        .await
+        .expect("registered");
+    let map = mds.map.map.lock().expect("lock").clone();
+    let ino = 91;
+    let primary = chunk_members(&map, ino, 0)[0].addr.clone();
+    wait_ready(&osds).await;
+    wait_serving(&primary, ino, map.epoch).await;
+    let body: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+    client(&primary)
+        .await
+        .write_chunk(write_req(ino, 0, body.clone(), map.epoch))
+        .await
+        .expect("write");
+
+    let req = |offset: u32, length: u32| {
+        data_wire::encode_request(
+            READ_CHUNK,
+            &pb::ReadChunkRequest {
+                header: None,
+                chunk: Some(ChunkId { ino, index: 0 }),
+                offset,
+                length,
+                map_epoch: map.epoch,
+            },
+        )
+    };
+    let mut conn = tokio::net::TcpStream::connect(&primary)
+        .await
+        .expect("connect");
+    conn.write_all(MAGIC).await.expect("magic");
+    let (version, data) = data_port_call(&mut conn, &req(1000, 5000))
+        .await
+        .expect("io")
+        .expect("read");
+    assert_eq!((version, &data[..]), (1, &body[1000..6000]));
+    // A range past the chunk size is refused; the connection goes on.
+    let e = data_port_call(&mut conn, &req(u32::MAX - 10, 100))
+        .await
+        .expect("io")
+        .expect_err("out of range");
+    assert_eq!(avalon_proto::errno::errno_of(&e), libc::EINVAL, "{e:?}");
+    let (_, data) = data_port_call(&mut conn, &req(99_990, 100))
+        .await
+        .expect("io")
+        .expect("read at the end");
+    assert_eq!(&data[..], &body[99_990..]);
+    // An unknown request kind, then an oversized frame: each gets a status
+    // and the connection is closed.
+    let mut odd = req(0, 10);
+    odd[4] = 9;
+    let e = data_port_call(&mut conn, &odd)
+        .await
+        .expect("io")
+        .expect_err("unknown kind");
+    assert_eq!(e.code(), Code::Unimplemented);
+    let mut conn = tokio::net::TcpStream::connect(&primary)
+        .await
+        .expect("connect");
+    conn.write_all(MAGIC).await.expect("magic");
+    let mut huge = (u32::MAX).to_le_bytes().to_vec();
+    huge.push(READ_CHUNK);
+    let e = data_port_call(&mut conn, &huge)
+        .await
+        .expect("io")
+        .expect_err("oversized");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    // gRPC on the same port is unaffected.
+    client(&primary)
+        .await
+        .status(pb::Empty {})
+        .await
+        .expect("gRPC status");
+    for o in &mut osds {
+        o.stop().await;
+    }
+    mds.token.cancel();
+}
