@@ -321,19 +321,37 @@ impl Client {
             .mds
             .request(req, |mut c, r| async move { c.client_heartbeat(r).await })
             .await;
+        // A heartbeat that renews nothing (an error, or no lease from a
+        // leader that could not confirm itself in time) takes nothing away
+        // either: what this client holds stays good until its lease runs
+        // out, which the MDS waits for before revoking anything unheard.
+        // Dropping it all at once turned one slow quorum check under load
+        // into seconds of synchronous work. Once the lease ran out, though,
+        // the MDS may have revoked delegations unheard: they go, and the
+        // cache with them.
+        let lapsed = self.meta.lapsed();
         match r {
-            Ok(r) => {
-                if r.lease_ms == 0 {
-                    // No lease: the MDS may revoke delegations unheard.
+            Ok(r) if r.lease_ms > 0 => {
+                if lapsed {
                     self.deleg.drop_all();
                 }
                 self.meta
                     .renew(sent, Duration::from_millis(u64::from(r.lease_ms)));
                 Ok(())
             }
+            Ok(_) => {
+                tracing::debug!("heartbeat renewed no lease");
+                if lapsed {
+                    self.meta.clear();
+                    self.deleg.drop_all();
+                }
+                Ok(())
+            }
             Err(e) => {
-                self.meta.clear();
-                self.deleg.drop_all();
+                if lapsed {
+                    self.meta.clear();
+                    self.deleg.drop_all();
+                }
                 Err(e.into())
             }
         }

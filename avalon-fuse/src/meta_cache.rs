@@ -81,6 +81,12 @@ impl MetaCache {
         !self.lease_left().is_zero()
     }
 
+    /// True if a lease was held and has run out without renewal.
+    pub fn lapsed(&self) -> bool {
+        let l = self.lease_until.lock().unwrap_or_else(|e| e.into_inner());
+        l.is_some_and(|t| t <= Instant::now())
+    }
+
     /// A heartbeat sent at `sent` was answered with a lease of `lease`
     /// (zero: none; the cache is void).
     pub fn renew(&self, sent: Instant, lease: Duration) {
