@@ -329,32 +329,23 @@ impl Client {
         // into seconds of synchronous work. Once the lease ran out, though,
         // the MDS may have revoked delegations unheard: they go, and the
         // cache with them.
-        let lapsed = self.meta.lapsed();
-        match r {
-            Ok(r) if r.lease_ms > 0 => {
-                if lapsed {
-                    self.deleg.drop_all();
-                }
-                self.meta
-                    .renew(sent, Duration::from_millis(u64::from(r.lease_ms)));
-                Ok(())
-            }
-            Ok(_) => {
-                tracing::debug!("heartbeat renewed no lease");
-                if lapsed {
-                    self.meta.clear();
-                    self.deleg.drop_all();
-                }
-                Ok(())
-            }
-            Err(e) => {
-                if lapsed {
-                    self.meta.clear();
-                    self.deleg.drop_all();
-                }
-                Err(e.into())
+        let lease = match &r {
+            Ok(r) => Duration::from_millis(u64::from(r.lease_ms)),
+            Err(_) => Duration::ZERO,
+        };
+        if self.meta.lapsed() {
+            self.deleg.drop_all();
+            if lease.is_zero() {
+                self.meta.clear();
             }
         }
+        if lease.is_zero() {
+            tracing::debug!("heartbeat renewed no lease");
+        } else {
+            // Empties the cache first if the lease had lapsed.
+            self.meta.renew(sent, lease);
+        }
+        r.map(|_| ()).map_err(Into::into)
     }
 
     /// Caches what a namespace change reply says: the new entry and its

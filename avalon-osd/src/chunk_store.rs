@@ -258,13 +258,16 @@ pub fn content_digest(len: u64, crcs: &[u32]) -> u64 {
     h.max(1)
 }
 
+/// The crc of every [`BLOCK_SIZE`] block of `data`, as a sidecar keeps them.
+fn block_crcs(data: &[u8]) -> Vec<u32> {
+    data.chunks(BLOCK_SIZE as usize)
+        .map(crc32c::crc32c)
+        .collect()
+}
+
 /// Digest of `data` as [`content_digest`] computes it for a stored chunk.
 pub fn data_digest(data: &[u8]) -> u64 {
-    let crcs: Vec<u32> = data
-        .chunks(BLOCK_SIZE as usize)
-        .map(crc32c::crc32c)
-        .collect();
-    content_digest(data.len() as u64, &crcs)
+    content_digest(data.len() as u64, &block_crcs(data))
 }
 
 fn mix(mut x: u64) -> u64 {
@@ -666,10 +669,7 @@ impl ChunkStore {
         let meta = ChunkMeta {
             version: old.version,
             len: old.len,
-            crcs: data
-                .chunks(BLOCK_SIZE as usize)
-                .map(crc32c::crc32c)
-                .collect(),
+            crcs: block_crcs(&data),
         };
         self.store_meta(ino, index, &meta, true)?;
         tracing::debug!(ino, index, "chunk sidecar converted to the current format");
@@ -1479,11 +1479,8 @@ impl ChunkStore {
         // Works on the files directly; open copies are reloaded afterwards.
         // (A chunk is open only while its files exist: the listing names
         // every open one, without a walk over all open chunks.)
-        let indexes = self.indexes(ino)?;
-        for &index in &indexes {
+        for index in self.indexes(ino)? {
             self.forget(ino, index);
-        }
-        for index in indexes {
             let keep = match index.checked_mul(cs) {
                 Some(s) if s < size => size - s,
                 _ => 0,

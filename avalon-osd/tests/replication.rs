@@ -279,6 +279,22 @@ async fn wait_ready(osds: &[TestOsd]) {
     }
 }
 
+/// A fake MDS and three OSDs, all registered and holding a map; the map.
+async fn start_three() -> (Mds, Vec<TestOsd>, ClusterMap) {
+    let mut mds = start_mds().await;
+    let mut osds = Vec::new();
+    for _ in 0..3 {
+        osds.push(start_osd(&mds.addr).await);
+    }
+    mds.registered
+        .wait_for(|n| *n == 3)
+        .await
+        .expect("all registered");
+    wait_ready(&osds).await;
+    let map = mds.map.map.lock().expect("lock").clone();
+    (mds, osds, map)
+}
+
 fn write_req(ino: u64, offset: u32, data: Vec<u8>, epoch: u64) -> pb::WriteChunkRequest {
     pb::WriteChunkRequest {
         header: None,
@@ -320,17 +336,7 @@ async fn read(addr: &str, ino: u64, offset: u32, length: u32) -> Result<(Vec<u8>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicate_degrade_and_fail() {
-    let mut mds = start_mds().await;
-    let mut osds = Vec::new();
-    for _ in 0..3 {
-        osds.push(start_osd(&mds.addr).await);
-    }
-    mds.registered
-        .wait_for(|n| *n == 3)
-        .await
-        .expect("all registered");
-    wait_ready(&osds).await;
-    let map = mds.map.map.lock().expect("lock").clone();
+    let (mds, mut osds, map) = start_three().await;
     let ino = 42;
     let members: Vec<String> = chunk_members(&map, ino, 0)
         .iter()
@@ -543,23 +549,13 @@ async fn restart_keeps_id_and_data() {
 /// them in the primary's version order and end identical to the primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writes_converge() {
-    let mut mds = start_mds().await;
-    let mut osds = Vec::new();
-    for _ in 0..3 {
-        osds.push(start_osd(&mds.addr).await);
-    }
-    mds.registered
-        .wait_for(|n| *n == 3)
-        .await
-        .expect("registered");
-    let map = mds.map.map.lock().expect("lock").clone();
+    let (mds, mut osds, map) = start_three().await;
     let ino = 77;
     let members: Vec<String> = chunk_members(&map, ino, 0)
         .iter()
         .map(|o| o.addr.clone())
         .collect();
     let primary = members[0].clone();
-    wait_ready(&osds).await;
     for m in &members {
         wait_serving(m, ino, map.epoch).await;
     }
@@ -619,19 +615,9 @@ async fn data_port_call(
 async fn data_port_serves_reads_beside_grpc() {
     use avalon_proto::data_wire::{self, MAGIC, READ_CHUNK};
     use tokio::io::AsyncWriteExt;
-    let mut mds = start_mds().await;
-    let mut osds = Vec::new();
-    for _ in 0..3 {
-        osds.push(start_osd(&mds.addr).await);
-    }
-    mds.registered
-        .wait_for(|n| *n == 3)
-        .await
-        .expect("registered");
-    let map = mds.map.map.lock().expect("lock").clone();
+    let (mds, mut osds, map) = start_three().await;
     let ino = 91;
     let primary = chunk_members(&map, ino, 0)[0].addr.clone();
-    wait_ready(&osds).await;
     wait_serving(&primary, ino, map.epoch).await;
     let body: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
     client(&primary)
