@@ -110,11 +110,13 @@ pub struct Client {
     /// Open directories: count, and whether the MDS counts one open of
     /// ours (registered before this client removes one, see
     /// [`Client::rmdir`]). Reported in heartbeats like files.
-    open_dirs: DashMap<u64, (u32, bool)>,
+    pub(crate) open_dirs: DashMap<u64, (u32, bool)>,
     /// Whole chunks fetched by sequential readahead.
     pub(crate) cache: crate::chunk_cache::ChunkCache,
     /// Attributes and entries cached under the metadata lease.
     pub meta: MetaCache,
+    /// Directory listings read ahead for tree walks.
+    pub(crate) dir_ahead: crate::dir_read_ahead::DirReadAhead,
     /// Directories delegated to this session, and the changes made under
     /// them not yet sent (`delegation.rs`).
     pub deleg: crate::delegation::Delegations,
@@ -184,6 +186,7 @@ impl Client {
             open_dirs: DashMap::new(),
             cache: crate::chunk_cache::ChunkCache::new(32),
             meta: MetaCache::new(),
+            dir_ahead: Default::default(),
             deleg: Default::default(),
             wbuf: crate::write_buffer::WriteBuffer::new(
                 crate::write_buffer::WriteBuffer::budget_from_env(),
@@ -353,7 +356,7 @@ impl Client {
     fn note_entry(&self, epoch: u64, parent: u64, name: &[u8], r: &pb::EntryReply) {
         if let Some(a) = &r.attr {
             self.meta.put_attr(epoch, a);
-            self.meta.put_entry(epoch, parent, name, a.ino);
+            self.meta.created(epoch, parent, name, a.ino);
             if r.no_xattrs {
                 self.meta.put_no_xattrs(epoch, a.ino);
             }
@@ -680,6 +683,9 @@ impl Client {
     /// Removes an empty directory. One this client has open stays on the
     /// MDS until closed (fstat gives nlink 0).
     pub async fn rmdir(&self, parent: u64, name: &[u8]) -> Result<()> {
+        if self.rmdir_delegated(parent, name) {
+            return Ok(());
+        }
         self.register_open_dir(parent, name).await;
         let req = pb::UnlinkRequest {
             header: self.header(),
@@ -773,7 +779,20 @@ impl Client {
         max_entries: u32,
         plus: bool,
     ) -> Result<pb::ReadDirReply> {
-        let epoch = self.meta.epoch();
+        if let Some(r) = self.listing_read_ahead(ino, cookie).await {
+            return Ok(r);
+        }
+        self.readdir_from_mds(ino, cookie, max_entries, plus).await
+    }
+
+    /// [`Client::readdir`], from the MDS.
+    pub(crate) async fn readdir_from_mds(
+        &self,
+        ino: u64,
+        cookie: u64,
+        max_entries: u32,
+        plus: bool,
+    ) -> Result<pb::ReadDirReply> {
         let req = pb::ReadDirRequest {
             header: self.header(),
             ino,
@@ -781,19 +800,68 @@ impl Client {
             max_entries,
             plus,
         };
+        if let Some(r) = self.readdir_unqueued(&req).await {
+            return r;
+        }
+        let epoch = self.meta.epoch();
         let r = self
             .rpc(req, |mut c, r| async move { c.read_dir(r).await })
             .await?;
+        self.note_listing(epoch, ino, &r);
+        Ok(r)
+    }
+
+    /// A listing that needs not wait for the queue of delegated changes:
+    /// none of them adds, removes or moves entries of this directory (rm
+    /// -rf lists each directory while the removals made in the previous
+    /// one are queued); queued attribute changes of its entries are this
+    /// client's own, and its cache has them. None: it must wait.
+    pub(crate) async fn readdir_unqueued(
+        &self,
+        req: &pb::ReadDirRequest,
+    ) -> Option<Result<pb::ReadDirReply>> {
+        if self.deleg.changes_dir(req.ino) {
+            return None;
+        }
+        let epoch = self.meta.epoch();
+        let r = match self
+            .mds
+            .request(req.clone(), |mut c, r| async move { c.read_dir(r).await })
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e.into())),
+        };
+        let r = self.own_attrs(r)?;
+        self.note_listing(epoch, req.ino, &r);
+        Some(Ok(r))
+    }
+
+    /// Puts this client's attributes of inodes under its delegations into
+    /// listing `r` (the MDS may not have their queued changes yet); None
+    /// if one of them is not cached.
+    fn own_attrs(&self, mut r: pb::ReadDirReply) -> Option<pb::ReadDirReply> {
+        for e in &mut r.entries {
+            if let Some(a) = &mut e.attr {
+                if self.deleg.owns(a.ino) {
+                    *a = self.meta.attr(a.ino)?;
+                }
+            }
+        }
+        Some(r)
+    }
+
+    /// Caches the entries of a listing of `dir` started in `epoch`.
+    fn note_listing(&self, epoch: u64, dir: u64, r: &pb::ReadDirReply) {
         for e in &r.entries {
             if let Some(a) = &e.attr {
                 self.meta.put_attr(epoch, a);
-                self.meta.put_entry(epoch, ino, &e.name, a.ino);
+                self.meta.put_entry(epoch, dir, &e.name, a.ino);
                 if e.no_xattrs {
                     self.meta.put_no_xattrs(epoch, a.ino);
                 }
             }
         }
-        Ok(r)
     }
 
     /// Filesystem capacity and usage.

@@ -33,6 +33,13 @@ const LAZY_EVERY: Duration = Duration::from_secs(1);
 const FLUSH_AT: usize = 1024;
 /// Most changes per Apply (the MDS takes up to 4096).
 const APPLY_MAX: usize = 2048;
+/// Queued changes that make a create wait for the flusher: sending them
+/// waits for their files' data to be stored, and anything that must wait
+/// for the queue (a listing of a directory changed in it, a synchronous
+/// request) would otherwise wait for seconds of work.
+const PENDING_MAX: usize = 2 * FLUSH_AT;
+/// Longest a create waits for the flusher before queueing anyway.
+const PENDING_WAIT: Duration = Duration::from_secs(5);
 /// Inode numbers asked for at a time.
 const INOS_WANTED: u32 = 2048;
 /// Inode numbers left that make the client ask for more.
@@ -48,6 +55,8 @@ pub struct Delegations {
     flushing: tokio::sync::Mutex<()>,
     /// Wakes the flusher early.
     wake: tokio::sync::Notify,
+    /// Woken whenever a flush has sent a batch.
+    drained: tokio::sync::Notify,
     /// One Delegate request at a time.
     asking: tokio::sync::Mutex<()>,
 }
@@ -69,6 +78,10 @@ struct State {
     pending_since: Option<Instant>,
     /// `pending` holds more than atime updates.
     pending_eager: bool,
+    /// Directories whose entries queued or in-flight changes add, remove
+    /// or move → how many such changes (a listing of any other directory
+    /// need not wait for them).
+    pending_dirs: HashMap<u64, usize>,
     /// Changes taken by a flush that has not finished.
     in_flight: usize,
     /// Opens of files created here that the MDS does not count yet
@@ -99,6 +112,9 @@ impl State {
             self.pending_since = Some(Instant::now());
         }
         self.pending_eager |= !lazy;
+        for d in entry_dirs(&op).into_iter().flatten() {
+            *self.pending_dirs.entry(d).or_default() += 1;
+        }
         self.pending.push(pb::DelegatedOp {
             now_ns,
             op: Some(op),
@@ -118,6 +134,29 @@ fn ns(t: i64) -> Option<TimeSet> {
     Some(TimeSet {
         how: Some(How::Ns(t)),
     })
+}
+
+/// The directories whose entries a delegated change touches.
+fn entry_dirs(op: &D) -> [Option<u64>; 2] {
+    match op {
+        D::Create(c) => [Some(c.parent), None],
+        D::Unlink(u) | D::Rmdir(u) => [Some(u.parent), None],
+        D::Rename(m) => [Some(m.parent), Some(m.new_parent)],
+        D::SetAttr(_) | D::CommitWrite(_) => [None, None],
+    }
+}
+
+/// A delegated change's kind, for logs.
+fn op_kind(op: &Option<D>) -> &'static str {
+    match op {
+        Some(D::Create(_)) => "create",
+        Some(D::SetAttr(_)) => "setattr",
+        Some(D::Unlink(_)) => "unlink",
+        Some(D::Rmdir(_)) => "rmdir",
+        Some(D::Rename(_)) => "rename",
+        Some(D::CommitWrite(_)) => "commit_write",
+        None => "none",
+    }
 }
 
 /// What a create under delegation makes.
@@ -147,6 +186,24 @@ impl Delegations {
         }
     }
 
+    /// Waits while [`PENDING_MAX`] changes are queued (for at most
+    /// [`PENDING_WAIT`]).
+    async fn backpressure(&self) {
+        let until = tokio::time::Instant::now() + PENDING_WAIT;
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if self.lock().pending.len() < PENDING_MAX {
+                return;
+            }
+            self.wake.notify_one();
+            if tokio::time::timeout_at(until, drained).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// True if changes wait to be sent (or are on their way).
     pub fn busy(&self) -> bool {
         let s = self.lock();
@@ -158,6 +215,12 @@ impl Delegations {
         let s = self.lock();
         !s.pending.is_empty()
             && (s.pending_eager || s.pending_since.is_none_or(|t| t.elapsed() >= LAZY_EVERY))
+    }
+
+    /// True if queued or in-flight changes add, remove or move entries of
+    /// directory `dir`.
+    pub fn changes_dir(&self, dir: u64) -> bool {
+        self.lock().pending_dirs.contains_key(&dir)
     }
 
     /// True if `ino` is under one of this session's delegations.
@@ -264,6 +327,14 @@ impl Client {
                 }
             }
             let n = ops.len();
+            // Named in the warning if the MDS refuses some.
+            let kinds: Vec<&'static str> = ops.iter().map(|o| op_kind(&o.op)).collect();
+            let dirs: Vec<u64> = ops
+                .iter()
+                .filter_map(|o| o.op.as_ref())
+                .flat_map(entry_dirs)
+                .flatten()
+                .collect();
             let req = pb::ApplyRequest {
                 header: self.header(),
                 ops,
@@ -272,14 +343,32 @@ impl Client {
                 .mds
                 .request(req, |mut c, r| async move { c.apply(r).await })
                 .await;
-            self.deleg.lock().in_flight = 0;
+            self.deleg.drained.notify_waiters();
+            {
+                let mut s = self.deleg.lock();
+                s.in_flight = 0;
+                for d in dirs {
+                    if let Some(n) = s.pending_dirs.get_mut(&d) {
+                        *n -= 1;
+                        if *n == 0 {
+                            s.pending_dirs.remove(&d);
+                        }
+                    }
+                }
+            }
             match r {
                 Ok(r) => {
-                    let failed = r.errnos.iter().filter(|e| **e != 0).count();
-                    if failed > 0 {
+                    let failed: Vec<(&str, i32)> = r
+                        .errnos
+                        .iter()
+                        .zip(&kinds)
+                        .filter(|(e, _)| **e != 0)
+                        .map(|(e, k)| (*k, *e))
+                        .collect();
+                    if !failed.is_empty() {
                         // The cached view of those inodes was wrong: start
                         // over from the MDS's.
-                        tracing::warn!(failed, of = n, errnos = ?r.errnos, "delegated changes refused by the MDS");
+                        tracing::warn!(of = n, ?failed, "delegated changes refused by the MDS");
                         self.meta.clear();
                         self.deleg.drop_all();
                     }
@@ -398,8 +487,10 @@ impl Client {
             return true;
         }
         // What is queued goes first: the MDS must know the directory (it
-        // may be one created here) before delegating it.
-        if self.barrier().await.is_err() {
+        // may be one created here) before delegating it. Inode numbers
+        // alone need not wait for the queue (it can hold seconds of
+        // changes whose data is still being stored).
+        if !have && self.barrier().await.is_err() {
             return false;
         }
         let epoch = self.meta.epoch();
@@ -465,6 +556,7 @@ impl Client {
         if !self.delegated_dir(parent).await {
             return None;
         }
+        self.deleg.backpressure().await;
         let epoch = self.meta.epoch();
         // Decided from the cache: the name is absent, the parent's
         // attributes are known and it has no default ACL.
@@ -545,7 +637,7 @@ impl Client {
             write_quorum,
         };
         self.meta.put_attr(epoch, &a);
-        self.meta.put_entry(epoch, parent, name, ino);
+        self.meta.created(epoch, parent, name, ino);
         self.meta.put_no_xattrs(epoch, ino);
         if ftype == libc::S_IFDIR {
             self.meta.put_complete(epoch, ino);
@@ -753,6 +845,47 @@ impl Client {
         });
         drop(s);
         self.forget_file(a.ino);
+        true
+    }
+
+    /// Removes directory `name` from `parent` under a delegation: one made
+    /// under the same delegation, known to be empty, not open here. False:
+    /// the synchronous way.
+    pub fn rmdir_delegated(&self, parent: u64, name: &[u8]) -> bool {
+        let Some(Cached::Found(a)) = self.meta.lookup(parent, name) else {
+            return false;
+        };
+        if a.mode & libc::S_IFMT != libc::S_IFDIR
+            || !self.meta.empty_dir(a.ino)
+            || self.open_dirs.contains_key(&a.ino)
+        {
+            return false;
+        }
+        let mut s = self.deleg.lock();
+        let (Some(r1), Some(r2)) = (s.owned.get(&parent), s.owned.get(&a.ino)) else {
+            return false;
+        };
+        if r1 != r2 || self.meta.attr(parent).is_none() {
+            return false;
+        }
+        let now = now_ns();
+        s.owned.remove(&a.ino);
+        self.deleg.queue(
+            &mut s,
+            now,
+            D::Rmdir(pb::UnlinkRequest {
+                header: None,
+                parent,
+                name: Bytes::copy_from_slice(name),
+            }),
+        );
+        let epoch = self.meta.epoch();
+        self.meta.removed(epoch, parent, name);
+        self.meta.update_attr(parent, |p| {
+            p.mtime_ns = now;
+            p.ctime_ns = now;
+            p.nlink = p.nlink.saturating_sub(1);
+        });
         true
     }
 

@@ -108,6 +108,19 @@ impl AvalonFs {
     }
 }
 
+/// A page of directory `dir` after `cookie`; starts reading ahead the
+/// subdirectories it lists (a tree walk lists them next).
+async fn dir_page(
+    c: &Arc<Client>,
+    dir: u64,
+    cookie: u64,
+    plus: bool,
+) -> crate::error::Result<avalon_proto::pb::ReadDirReply> {
+    let page = c.readdir(dir, cookie, READDIR_PAGE, plus).await?;
+    c.read_ahead_dirs(&page, DOTDOT_COOKIE, READDIR_PAGE);
+    Ok(page)
+}
+
 /// True if directory stream `fh` is known to end before `offset` (see
 /// `AvalonFs::dir_ends`); a rewind (offset 0) starts it over.
 fn stream_ended(ends: &DashMap<u64, u64>, fh: u64, offset: u64) -> bool {
@@ -794,7 +807,7 @@ impl Filesystem for AvalonFs {
         let ends = self.dir_ends.clone();
         self.spawn(async move {
             let mut cookie = offset.max(DOTDOT_COOKIE);
-            let mut page = match c.readdir(dir, cookie, READDIR_PAGE, false).await {
+            let mut page = match dir_page(&c, dir, cookie, false).await {
                 Ok(p) => p,
                 Err(e) => return reply.error(errno(&e)),
             };
@@ -827,7 +840,7 @@ impl Filesystem for AvalonFs {
                     ends.insert(fh.0, cookie);
                     return reply.ok();
                 }
-                page = match c.readdir(dir, cookie, READDIR_PAGE, false).await {
+                page = match dir_page(&c, dir, cookie, false).await {
                     Ok(p) => p,
                     Err(e) => return reply.error(errno(&e)),
                 };
@@ -852,7 +865,7 @@ impl Filesystem for AvalonFs {
         let ends = self.dir_ends.clone();
         self.spawn(async move {
             let mut cookie = offset.max(DOTDOT_COOKIE);
-            let mut page = match c.readdir(dir, cookie, READDIR_PAGE, true).await {
+            let mut page = match dir_page(&c, dir, cookie, true).await {
                 Ok(p) => p,
                 Err(e) => return reply.error(errno(&e)),
             };
@@ -912,7 +925,7 @@ impl Filesystem for AvalonFs {
                     ends.insert(fh.0, cookie);
                     return reply.ok();
                 }
-                page = match c.readdir(dir, cookie, READDIR_PAGE, true).await {
+                page = match dir_page(&c, dir, cookie, true).await {
                     Ok(p) => p,
                     Err(e) => return reply.error(errno(&e)),
                 };

@@ -9,6 +9,7 @@ pub mod client;
 pub mod data_conn;
 pub mod data_path;
 pub mod delegation;
+pub mod dir_read_ahead;
 pub mod error;
 pub mod fs;
 pub mod locks;

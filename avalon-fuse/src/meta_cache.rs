@@ -7,9 +7,9 @@
 //! in flight while a recall arrived may predate the change, so it is not
 //! cached: every store names the recall epoch its request started in.
 
-use avalon_proto::pb::{Attr, Recall};
+use avalon_proto::pb::{Attr, ReadDirReply, Recall};
 use bytes::Bytes;
-use dashmap::{DashMap, DashSet};
+use dashmap::DashMap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 /// Most entries kept before the cache starts over (a coarse bound on
 /// memory; the MDS side forgets a session's leases when it lapses).
 const MAX_ENTRIES: usize = 1 << 20;
+/// Most listings read ahead and not used yet.
+const MAX_LISTINGS: usize = 4096;
 
 /// What a lookup found in the cache.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,11 +39,18 @@ pub struct MetaCache {
     attrs: DashMap<u64, Attr>,
     /// (directory, name) → inode; 0 records that the name is absent.
     entries: DashMap<(u64, Bytes), u64>,
-    /// Directories all of whose entries are in `entries`.
-    complete: DashSet<u64>,
+    /// Directories all of whose entries are in `entries` → how many of
+    /// those are positive (0: the directory is known to be empty).
+    complete: DashMap<u64, u64>,
     /// Extended attributes asked for, per inode. They go with the inode's
     /// attributes: a setxattr recalls those.
     xattrs: DashMap<u64, Xattrs>,
+    /// Listings read ahead (see `Client::read_ahead_dirs`): directory →
+    /// the cookie it starts after and the reply. Each is used once.
+    listings: DashMap<u64, (u64, ReadDirReply)>,
+    /// Bumped by every change of entries this cache hears of: a listing
+    /// read across one is not kept.
+    ns_gen: AtomicU64,
     /// Emptied since the last heartbeat (the MDS may forget our leases).
     dropped: std::sync::atomic::AtomicBool,
 }
@@ -117,6 +126,55 @@ impl MetaCache {
         self.entries.clear();
         self.complete.clear();
         self.xattrs.clear();
+        self.ns_gen.fetch_add(1, Ordering::AcqRel);
+        self.listings.clear();
+    }
+
+    /// The generation to pass to [`MetaCache::put_listing`] for a listing
+    /// read starting now.
+    pub fn ns_gen(&self) -> u64 {
+        self.ns_gen.load(Ordering::Acquire)
+    }
+
+    /// Entries of `dir` changed: a listing of it read ahead is stale.
+    fn changed_dir(&self, dir: u64) {
+        self.ns_gen.fetch_add(1, Ordering::AcqRel);
+        self.listings.remove(&dir);
+    }
+
+    /// Keeps a whole listing of `dir` (entries after `cookie`) read ahead
+    /// in `epoch` and namespace generation `gen`, for one later use.
+    pub fn put_listing(&self, epoch: u64, gen: u64, dir: u64, cookie: u64, r: ReadDirReply) {
+        if !r.eof || self.ns_gen() != gen || !self.may_store(epoch) {
+            return;
+        }
+        if self.listings.len() >= MAX_LISTINGS {
+            self.listings.clear();
+        }
+        self.listings.insert(dir, (cookie, r));
+    }
+
+    /// True if a listing of `dir` read ahead waits to be used.
+    pub fn has_listing(&self, dir: u64) -> bool {
+        self.listings.contains_key(&dir)
+    }
+
+    /// Takes the listing of `dir` after `cookie` read ahead, with each
+    /// entry's attributes as cached now; None if there is none or an
+    /// entry's attributes are no longer cached (changed since).
+    pub fn take_listing(&self, dir: u64, cookie: u64) -> Option<ReadDirReply> {
+        if !self.valid() {
+            return None;
+        }
+        let (_, (from, mut r)) = self.listings.remove_if(&dir, |_, l| l.0 == cookie)?;
+        debug_assert_eq!(from, cookie);
+        for e in &mut r.entries {
+            if let Some(a) = &mut e.attr {
+                *a = *self.attrs.get(&a.ino)?;
+                e.no_xattrs = e.no_xattrs && self.bare(a.ino);
+            }
+        }
+        Some(r)
     }
 
     /// Cached attributes of `ino`.
@@ -139,7 +197,7 @@ impl MetaCache {
         {
             Some(0) => Some(Cached::Absent),
             Some(ino) => self.attrs.get(&ino).map(|a| Cached::Found(*a)),
-            None if self.complete.contains(&dir) => Some(Cached::Absent),
+            None if self.complete.contains_key(&dir) => Some(Cached::Absent),
             None => None,
         }
     }
@@ -180,24 +238,60 @@ impl MetaCache {
         }
         let key = (dir, Bytes::copy_from_slice(name));
         if self.may_store(epoch) {
-            self.entries.insert(key, ino);
+            let old = self.entries.insert(key, ino);
+            self.count(dir, old, ino);
         } else {
             self.entries.remove(&key);
             self.complete.remove(&dir);
+            self.changed_dir(dir);
+        }
+    }
+
+    /// This client made `name` in `dir` (inode `ino`).
+    pub fn created(&self, epoch: u64, dir: u64, name: &[u8], ino: u64) {
+        self.changed_dir(dir);
+        self.put_entry(epoch, dir, name, ino);
+    }
+
+    /// Removes the cached entry `name` of `dir`; returns what it named.
+    fn unset_entry(&self, dir: u64, name: &[u8]) -> Option<u64> {
+        let old = self
+            .entries
+            .remove(&(dir, Bytes::copy_from_slice(name)))
+            .map(|(_, ino)| ino);
+        self.count(dir, old, 0);
+        old
+    }
+
+    /// Keeps the positive-entry count of a complete `dir` as one of its
+    /// entries goes from `old` to `new` (0 or None: absent).
+    fn count(&self, dir: u64, old: Option<u64>, new: u64) {
+        let was = old.is_some_and(|o| o != 0);
+        if was != (new != 0) {
+            if let Some(mut n) = self.complete.get_mut(&dir) {
+                *n = if was { n.saturating_sub(1) } else { *n + 1 };
+            }
         }
     }
 
     /// `dir` was just created by this client: it has no entries but ours.
     pub fn put_complete(&self, epoch: u64, dir: u64) {
         if self.may_store(epoch) {
-            self.complete.insert(dir);
+            self.complete.insert(dir, 0);
         }
+    }
+
+    /// True if `dir` is known to have no entries (it was created here
+    /// and everything put in it since was removed again).
+    pub fn empty_dir(&self, dir: u64) -> bool {
+        self.valid() && self.complete.get(&dir).is_some_and(|n| *n == 0)
     }
 
     /// This client removed `name` from `dir` (the inode's link count and
     /// ctime changed: its attributes are dropped).
     pub fn removed(&self, epoch: u64, dir: u64, name: &[u8]) {
-        if let Some((_, ino)) = self.entries.remove(&(dir, Bytes::copy_from_slice(name))) {
+        self.changed_dir(dir);
+        if let Some(ino) = self.unset_entry(dir, name) {
             self.drop_inode(ino);
         }
         self.put_entry(epoch, dir, name, 0);
@@ -207,18 +301,13 @@ impl MetaCache {
     /// whatever was there). The moved inode's ctime changed: its
     /// attributes are dropped, its new name kept if it was known.
     pub fn renamed(&self, epoch: u64, dir: u64, name: &[u8], new_dir: u64, new_name: &[u8]) {
-        let moved = self
-            .entries
-            .remove(&(dir, Bytes::copy_from_slice(name)))
-            .map(|(_, ino)| ino)
-            .filter(|ino| *ino != 0);
+        self.changed_dir(dir);
+        self.changed_dir(new_dir);
+        let moved = self.unset_entry(dir, name).filter(|ino| *ino != 0);
         if let Some(ino) = moved {
             self.drop_inode(ino);
         }
-        if let Some((_, old)) = self
-            .entries
-            .remove(&(new_dir, Bytes::copy_from_slice(new_name)))
-        {
+        if let Some(old) = self.unset_entry(new_dir, new_name) {
             self.drop_inode(old);
         }
         self.put_entry(epoch, dir, name, 0);
@@ -233,10 +322,11 @@ impl MetaCache {
 
     /// Forgets what is cached of `name` in `dir`, positive or negative.
     pub fn forget_entry(&self, dir: u64, name: &[u8]) {
+        self.changed_dir(dir);
+        self.complete.remove(&dir);
         if let Some((_, ino)) = self.entries.remove(&(dir, Bytes::copy_from_slice(name))) {
             self.drop_inode(ino);
         }
-        self.complete.remove(&dir);
     }
 
     /// Forgets `ino`'s attributes (changed by this client in a way the
@@ -308,6 +398,7 @@ impl MetaCache {
     /// Applies one recall from the MDS.
     pub fn recall(&self, r: &Recall) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.changed_dir(r.ino);
         if r.entry {
             if let Some((_, ino)) = self.entries.remove(&(r.ino, r.name.clone())) {
                 self.drop_inode(ino);
@@ -467,5 +558,109 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         c.renew(Instant::now(), Duration::from_secs(60));
         assert_eq!(c.attr(3), None);
+    }
+
+    #[test]
+    fn a_directory_made_here_is_known_empty_while_its_entries_are_tracked() {
+        let c = leased();
+        let e = c.epoch();
+        assert!(!c.empty_dir(1), "not made here: unknown");
+        c.put_complete(e, 1);
+        assert!(c.empty_dir(1));
+        c.put_attr(e, &attr(7));
+        c.created(e, 1, b"a", 7);
+        c.created(e, 1, b"b", 8);
+        assert!(!c.empty_dir(1));
+        // A lookup of a known name changes nothing.
+        c.put_entry(e, 1, b"a", 7);
+        c.removed(e, 1, b"a");
+        assert!(!c.empty_dir(1), "b is still there");
+        // Moved out: the directory is empty again; moved in: it is not.
+        c.renamed(e, 1, b"b", 2, b"b");
+        assert!(c.empty_dir(1));
+        c.put_complete(e, 3);
+        c.put_entry(e, 2, b"c", 9);
+        c.renamed(e, 2, b"c", 3, b"c");
+        assert!(!c.empty_dir(3));
+        // Whatever voids completeness voids emptiness.
+        c.forget_entry(1, b"x");
+        assert!(!c.empty_dir(1));
+        c.put_complete(e, 4);
+        c.recall(&Recall {
+            ino: 4,
+            name: Bytes::from_static(b"y"),
+            entry: true,
+            ..Default::default()
+        });
+        assert!(!c.empty_dir(4));
+    }
+
+    fn listing(entries: &[(u64, &'static [u8])]) -> ReadDirReply {
+        ReadDirReply {
+            entries: entries
+                .iter()
+                .map(|(ino, name)| avalon_proto::pb::DirEntry {
+                    name: Bytes::from_static(name),
+                    ino: *ino,
+                    mode: libc::S_IFREG,
+                    cookie: *ino,
+                    attr: Some(attr(*ino)),
+                    no_xattrs: true,
+                })
+                .collect(),
+            eof: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_listing_read_ahead_is_used_once_and_only_while_nothing_changed() {
+        let c = leased();
+        let (e, g) = (c.epoch(), c.ns_gen());
+        c.put_attr(e, &attr(5));
+        c.put_attr(e, &attr(6));
+        c.put_listing(e, g, 1, 2, listing(&[(5, b"a"), (6, b"b")]));
+        assert!(c.take_listing(1, 9).is_none(), "another starting point");
+        let got = c.take_listing(1, 2).expect("kept");
+        assert_eq!(got.entries.len(), 2);
+        assert!(c.take_listing(1, 2).is_none(), "used once");
+
+        // Attributes are the cache's at the time of use; an entry whose
+        // attributes were dropped makes the listing unusable.
+        c.put_listing(e, g, 1, 2, listing(&[(5, b"a"), (6, b"b")]));
+        c.update_attr(5, |a| a.size = 42);
+        assert_eq!(
+            c.take_listing(1, 2).unwrap().entries[0].attr.unwrap().size,
+            42
+        );
+        c.put_listing(e, g, 1, 2, listing(&[(5, b"a"), (6, b"b")]));
+        c.forget_attr(6);
+        assert!(c.take_listing(1, 2).is_none());
+
+        // A change of the directory's entries drops it, and a listing
+        // read across any change is not kept.
+        c.put_attr(e, &attr(6));
+        let g = c.ns_gen();
+        c.put_listing(e, g, 1, 2, listing(&[(5, b"a")]));
+        c.created(e, 1, b"new", 6);
+        assert!(c.take_listing(1, 2).is_none());
+        c.put_listing(e, g, 1, 2, listing(&[(5, b"a")]));
+        assert!(c.take_listing(1, 2).is_none(), "read before the create");
+        let g = c.ns_gen();
+        c.put_listing(e, g, 1, 2, listing(&[(5, b"a")]));
+        c.recall(&Recall {
+            ino: 1,
+            name: Bytes::from_static(b"x"),
+            entry: true,
+            ..Default::default()
+        });
+        assert!(c.take_listing(1, 2).is_none());
+        // Only whole listings are kept.
+        let (e, g) = (c.epoch(), c.ns_gen());
+        c.put_attr(e, &attr(5));
+        let mut part = listing(&[(5, b"a")]);
+        part.eof = false;
+        c.put_listing(e, g, 1, 2, part);
+        assert!(!c.has_listing(1));
     }
 }

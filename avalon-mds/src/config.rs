@@ -72,9 +72,13 @@ impl Default for Config {
             osd_down_after_ms: 10_000,
             osd_out_after_ms: 60_000,
             snapshot_logs: 5000,
-            heartbeat_ms: 100,
-            election_min_ms: 600,
-            election_max_ms: 1200,
+            // openraft gives an AppendEntries one heartbeat interval
+            // before it sends it again: at 100 ms, batches of delegated
+            // changes on a busy 2-core machine timed out and were re-sent
+            // over and over, stalling commits for seconds.
+            heartbeat_ms: 250,
+            election_min_ms: 1000,
+            election_max_ms: 2000,
             gc_interval_ms: 2000,
             session_timeout_ms: 30_000,
             orphan_grace_ms: 5000,

@@ -911,6 +911,19 @@ impl Meta for MetaService {
                         guard: None,
                     }
                 }
+                Some(D::Rmdir(u)) => {
+                    ino_ok(u.parent)?;
+                    name_ok(&u.name)?;
+                    named.push(u.parent);
+                    changes.push(Change::entry(u.parent, &u.name));
+                    // As for unlink: a directory made under the
+                    // delegation, empty, and open nowhere (the holder
+                    // removes only those it does not have open).
+                    Op::Rmdir {
+                        parent: u.parent,
+                        name: u.name.into(),
+                    }
+                }
                 Some(D::Rename(m)) => {
                     ino_ok(m.parent)?;
                     ino_ok(m.new_parent)?;

@@ -486,6 +486,7 @@ impl State {
                         Op::CreateAs { .. }
                         | Op::SetAttr { .. }
                         | Op::Unlink { .. }
+                        | Op::Rmdir { .. }
                         | Op::Rename { .. }
                         | Op::CommitWrite { .. } => self.apply_op(*t, op).err().unwrap_or(0),
                         _ => libc::EINVAL,

@@ -124,24 +124,13 @@ impl NetworkConn {
     }
 }
 
-/// Least time an AppendEntries may take before it counts as failed. openraft
-/// allows one heartbeat interval (100 ms by default); on a busy 2-core
-/// machine a batch of delegated changes took longer to reach both followers,
-/// the leader gave up and sent it again, and commits stalled for seconds
-/// (the clients' leases lapsed behind them). Waiting longer for a reply
-/// delays nothing else: followers reset their election timers when a
-/// request arrives, not when the leader hears back.
-const APPEND_MIN_TTL: Duration = Duration::from_millis(400);
-
 impl RaftNetwork<TypeConfig> for NetworkConn {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        let r = self
-            .call(Kind::Append, &rpc, option.hard_ttl().max(APPEND_MIN_TTL))
-            .await;
+        let r = self.call(Kind::Append, &rpc, option.hard_ttl()).await;
         self.map(r)
     }
 

@@ -529,3 +529,129 @@ fn a_tree_made_under_a_delegation_is_seen_whole_by_the_other_mount() {
         assert!(absent(&b_dir.join("r0")), "round {round}: B still sees r0");
     }
 }
+
+fn sorted_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("list {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Directories made and emptied under a delegation are removed there too
+/// (rm -rf of a tree this mount made): the other mount sees them gone at
+/// once, a directory with entries still refuses with ENOTEMPTY, a removed
+/// name can be made again, and the parent's link count follows.
+#[test]
+fn directories_removed_under_a_delegation_are_gone_for_the_other_mount() {
+    let mut tc = TestCluster::start(3, 3);
+    let b_path = tc.dir.path().join("mnt-b");
+    let b = SecondMount::new(tc.c(), b_path);
+    for round in 0..2 {
+        let top = format!("rmt{round}");
+        let (a, bp) = (tc.mnt().join(&top), b.path.join(&top));
+        for d in 0..4 {
+            for e in 0..3 {
+                let dir = a.join(format!("d{d}/e{e}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                for f in 0..4 {
+                    std::fs::write(dir.join(format!("f{f}")), b"x").unwrap();
+                }
+            }
+        }
+        let err = std::fs::remove_dir(a.join("d0")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTEMPTY), "round {round}");
+        let err = std::fs::remove_dir(a.join("d0/e0")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTEMPTY), "round {round}");
+        std::fs::remove_dir_all(a.join("d1")).unwrap();
+        for f in 0..4 {
+            std::fs::remove_file(a.join(format!("d2/e0/f{f}"))).unwrap();
+        }
+        std::fs::remove_dir(a.join("d2/e0")).unwrap();
+        std::fs::create_dir(a.join("d2/e0")).unwrap();
+        std::fs::write(a.join("d2/e0/again"), b"again").unwrap();
+        // Emptied by a rename out of it.
+        std::fs::rename(a.join("d3/e1/f0"), a.join("d3/moved")).unwrap();
+        for f in 1..4 {
+            std::fs::remove_file(a.join(format!("d3/e1/f{f}"))).unwrap();
+        }
+        std::fs::remove_dir(a.join("d3/e1")).unwrap();
+        assert_eq!(
+            std::fs::metadata(&a).unwrap().nlink(),
+            2 + 3,
+            "round {round}: d0, d2, d3 left"
+        );
+
+        assert!(absent(&bp.join("d1")), "round {round}: B still sees d1");
+        assert!(
+            absent(&bp.join("d3/e1")),
+            "round {round}: B still sees d3/e1"
+        );
+        assert_eq!(sorted_names(&bp), ["d0", "d2", "d3"], "round {round}");
+        assert_eq!(sorted_names(&bp.join("d2/e0")), ["again"], "round {round}");
+        assert_eq!(std::fs::read(bp.join("d2/e0/again")).unwrap(), b"again");
+        assert_eq!(sorted_names(&bp.join("d0/e2")).len(), 4, "round {round}");
+        assert_eq!(std::fs::metadata(&bp).unwrap().nlink(), 5, "round {round}");
+
+        std::fs::remove_dir_all(&a).unwrap();
+        assert!(absent(&bp), "round {round}: B still sees the tree");
+    }
+}
+
+/// Listings read ahead for a tree walk never hide a change: one made on
+/// the other mount after the read-ahead, nor one this mount made itself.
+#[test]
+fn listings_read_ahead_never_hide_changes() {
+    let mut tc = TestCluster::start(3, 3);
+    let b_path = tc.dir.path().join("mnt-b");
+    let b = SecondMount::new(tc.c(), b_path);
+    let (a, bp) = (tc.mnt().join("ra"), b.path.join("ra"));
+    for s in 0..10 {
+        std::fs::create_dir_all(a.join(format!("s{s}"))).unwrap();
+        for f in 0..3 {
+            std::fs::write(a.join(format!("s{s}/f{f}")), b"x").unwrap();
+        }
+    }
+    for round in 0..3 {
+        // B lists the top: its subdirectories are read ahead.
+        assert_eq!(sorted_names(&bp).len(), 10, "round {round}");
+        std::thread::sleep(Duration::from_millis(50));
+        let made = format!("new{round}");
+        std::fs::write(a.join("s5").join(&made), b"new").unwrap();
+        std::fs::remove_file(a.join(format!("s6/f{round}"))).unwrap();
+        let s5 = sorted_names(&bp.join("s5"));
+        assert!(
+            s5.contains(&made),
+            "round {round}: B's s5 lacks {made}: {s5:?}"
+        );
+        let s6 = sorted_names(&bp.join("s6"));
+        assert!(
+            !s6.contains(&format!("f{round}")),
+            "round {round}: B's s6 still has f{round}: {s6:?}"
+        );
+
+        // B's own changes after its read-ahead.
+        assert_eq!(sorted_names(&bp).len(), 10, "round {round}");
+        std::thread::sleep(Duration::from_millis(50));
+        let mine = format!("mine{round}");
+        std::fs::write(bp.join("s7").join(&mine), b"mine").unwrap();
+        std::fs::rename(
+            bp.join(format!("s8/f{round}")),
+            bp.join(format!("s8/g{round}")),
+        )
+        .unwrap();
+        let s7 = sorted_names(&bp.join("s7"));
+        assert!(
+            s7.contains(&mine),
+            "round {round}: B's s7 lacks {mine}: {s7:?}"
+        );
+        let s8 = sorted_names(&bp.join("s8"));
+        assert!(
+            s8.contains(&format!("g{round}")) && !s8.contains(&format!("f{round}")),
+            "round {round}: B's s8 after its rename: {s8:?}"
+        );
+        // And A sees B's.
+        assert!(sorted_names(&a.join("s7")).contains(&mine), "round {round}");
+    }
+}
