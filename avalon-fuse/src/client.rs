@@ -779,7 +779,11 @@ impl Client {
         max_entries: u32,
         plus: bool,
     ) -> Result<pb::ReadDirReply> {
+        let epoch = self.meta.epoch();
         if let Some(r) = self.listing_read_ahead(ino, cookie).await {
+            // Noted only now: the kernel holds the directory's lock while
+            // it lists, so no change of ours to it runs meanwhile.
+            self.note_listing(epoch, ino, &r);
             return Ok(r);
         }
         self.readdir_from_mds(ino, cookie, max_entries, plus).await
@@ -801,7 +805,9 @@ impl Client {
             plus,
         };
         if let Some(r) = self.readdir_unqueued(&req).await {
-            return r;
+            let (epoch, r) = r?;
+            self.note_listing(epoch, ino, &r);
+            return Ok(r);
         }
         let epoch = self.meta.epoch();
         let r = self
@@ -815,11 +821,12 @@ impl Client {
     /// none of them adds, removes or moves entries of this directory (rm
     /// -rf lists each directory while the removals made in the previous
     /// one are queued); queued attribute changes of its entries are this
-    /// client's own, and its cache has them. None: it must wait.
+    /// client's own, and its cache has them. None: it must wait. With the
+    /// recall epoch it started in; not cached yet.
     pub(crate) async fn readdir_unqueued(
         &self,
         req: &pb::ReadDirRequest,
-    ) -> Option<Result<pb::ReadDirReply>> {
+    ) -> Option<Result<(u64, pb::ReadDirReply)>> {
         if self.deleg.changes_dir(req.ino) {
             return None;
         }
@@ -832,9 +839,7 @@ impl Client {
             Ok(r) => r,
             Err(e) => return Some(Err(e.into())),
         };
-        let r = self.own_attrs(r)?;
-        self.note_listing(epoch, req.ino, &r);
-        Some(Ok(r))
+        Some(Ok((epoch, self.own_attrs(r)?)))
     }
 
     /// Puts this client's attributes of inodes under its delegations into

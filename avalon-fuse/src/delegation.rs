@@ -18,6 +18,7 @@ use crate::error::Result;
 use crate::meta_cache::Cached;
 use avalon_proto::pb::{self, delegated_op::Op as D, time_set::How, Attr, TimeSet};
 use bytes::Bytes;
+use futures::StreamExt;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -38,6 +39,8 @@ const APPLY_MAX: usize = 2048;
 /// for the queue (a listing of a directory changed in it, a synchronous
 /// request) would otherwise wait for seconds of work.
 const PENDING_MAX: usize = 2 * FLUSH_AT;
+/// Files whose buffered data a flush stores at a time.
+const STORES_AT_ONCE: usize = 16;
 /// Longest a create waits for the flusher before queueing anyway.
 const PENDING_WAIT: Duration = Duration::from_secs(5);
 /// Inode numbers asked for at a time.
@@ -319,11 +322,18 @@ impl Client {
                 .collect();
             stores.sort_unstable();
             stores.dedup();
-            let stored =
-                futures::future::join_all(stores.iter().map(|i| self.flush_file(*i))).await;
-            for (ino, r) in stores.iter().zip(stored) {
+            // A few at a time: a batch can name hundreds of files, and as
+            // many chunk writes at once (each forwarded to two replicas)
+            // overran the OSDs' HTTP/2 connections (streams reset, replicas
+            // marked stale, reads stalled for seconds).
+            let stored: Vec<(u64, Result<()>)> = futures::stream::iter(stores)
+                .map(|ino| async move { (ino, self.flush_file(ino).await) })
+                .buffer_unordered(STORES_AT_ONCE)
+                .collect()
+                .await;
+            for (ino, r) in stored {
                 if let Err(e) = r {
-                    self.keep_write_error(*ino, &e);
+                    self.keep_write_error(ino, &e);
                 }
             }
             let n = ops.len();

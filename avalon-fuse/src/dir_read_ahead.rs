@@ -81,7 +81,9 @@ impl Client {
                     max_entries: max,
                     plus: true,
                 };
-                if let Some(Ok(r)) = c.readdir_unqueued(&req).await {
+                // Its entries go into the cache only when it is used: a
+                // change of ours may run beside this (no kernel lock).
+                if let Some(Ok((_, r))) = c.readdir_unqueued(&req).await {
                     c.meta.put_listing(epoch, gen, dir, cookie, r);
                 }
                 c.dir_ahead.running.remove(&dir);

@@ -145,13 +145,19 @@ impl MetaCache {
     /// Keeps a whole listing of `dir` (entries after `cookie`) read ahead
     /// in `epoch` and namespace generation `gen`, for one later use.
     pub fn put_listing(&self, epoch: u64, gen: u64, dir: u64, cookie: u64, r: ReadDirReply) {
-        if !r.eof || self.ns_gen() != gen || !self.may_store(epoch) {
+        if !r.eof || !self.may_store(epoch) {
             return;
         }
         if self.listings.len() >= MAX_LISTINGS {
             self.listings.clear();
         }
-        self.listings.insert(dir, (cookie, r));
+        // The generation is checked under the entry's lock, which
+        // `changed_dir` takes after bumping it: a change either shows
+        // here or drops what this stores.
+        let slot = self.listings.entry(dir);
+        if self.ns_gen() == gen {
+            slot.insert((cookie, r));
+        }
     }
 
     /// True if a listing of `dir` read ahead waits to be used.
