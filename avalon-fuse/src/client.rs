@@ -337,6 +337,7 @@ impl Client {
             Err(_) => Duration::ZERO,
         };
         if self.meta.lapsed() {
+            tracing::warn!("metadata lease ran out unrenewed: delegations and cache dropped");
             self.deleg.drop_all();
             if lease.is_zero() {
                 self.meta.clear();

@@ -82,7 +82,11 @@ impl Default for Config {
             gc_interval_ms: 2000,
             session_timeout_ms: 30_000,
             orphan_grace_ms: 5000,
-            lease_ms: 1000,
+            // Eight client heartbeats: a raft stall of a second under load
+            // (no quorum check, so no renewal) no longer costs a client its
+            // cache and delegations (an rm -rf of a tree made there then
+            // went synchronous: 3 s became 40 s).
+            lease_ms: 2000,
             join: false,
         }
     }
