@@ -829,31 +829,9 @@ impl Client {
         if a.mode & libc::S_IFMT == libc::S_IFDIR || a.nlink != 1 || self.is_open(a.ino) {
             return false;
         }
-        let mut s = self.deleg.lock();
-        let (Some(r1), Some(r2)) = (s.owned.get(&parent), s.owned.get(&a.ino)) else {
-            return false;
-        };
-        if r1 != r2 || self.meta.attr(parent).is_none() {
+        if !self.remove_delegated(parent, name, a.ino, false) {
             return false;
         }
-        let now = now_ns();
-        s.owned.remove(&a.ino);
-        self.deleg.queue(
-            &mut s,
-            now,
-            D::Unlink(pb::UnlinkRequest {
-                header: None,
-                parent,
-                name: Bytes::copy_from_slice(name),
-            }),
-        );
-        let epoch = self.meta.epoch();
-        self.meta.removed(epoch, parent, name);
-        self.meta.update_attr(parent, |p| {
-            p.mtime_ns = now;
-            p.ctime_ns = now;
-        });
-        drop(s);
         self.forget_file(a.ino);
         true
     }
@@ -871,30 +849,37 @@ impl Client {
         {
             return false;
         }
+        self.remove_delegated(parent, name, a.ino, true)
+    }
+
+    /// Queues the removal of `name` (inode `ino`, a directory if `dir`)
+    /// from `parent` if both are in one delegation group and the parent's
+    /// attributes are cached; false otherwise.
+    fn remove_delegated(&self, parent: u64, name: &[u8], ino: u64, dir: bool) -> bool {
         let mut s = self.deleg.lock();
-        let (Some(r1), Some(r2)) = (s.owned.get(&parent), s.owned.get(&a.ino)) else {
+        let (Some(r1), Some(r2)) = (s.owned.get(&parent), s.owned.get(&ino)) else {
             return false;
         };
         if r1 != r2 || self.meta.attr(parent).is_none() {
             return false;
         }
         let now = now_ns();
-        s.owned.remove(&a.ino);
-        self.deleg.queue(
-            &mut s,
-            now,
-            D::Rmdir(pb::UnlinkRequest {
-                header: None,
-                parent,
-                name: Bytes::copy_from_slice(name),
-            }),
-        );
+        s.owned.remove(&ino);
+        let req = pb::UnlinkRequest {
+            header: None,
+            parent,
+            name: Bytes::copy_from_slice(name),
+        };
+        let op = if dir { D::Rmdir(req) } else { D::Unlink(req) };
+        self.deleg.queue(&mut s, now, op);
         let epoch = self.meta.epoch();
         self.meta.removed(epoch, parent, name);
         self.meta.update_attr(parent, |p| {
             p.mtime_ns = now;
             p.ctime_ns = now;
-            p.nlink = p.nlink.saturating_sub(1);
+            if dir {
+                p.nlink = p.nlink.saturating_sub(1);
+            }
         });
         true
     }
