@@ -787,17 +787,6 @@ impl Client {
             self.note_listing(epoch, ino, &r);
             return Ok(r);
         }
-        self.readdir_from_mds(ino, cookie, max_entries, plus).await
-    }
-
-    /// [`Client::readdir`], from the MDS.
-    pub(crate) async fn readdir_from_mds(
-        &self,
-        ino: u64,
-        cookie: u64,
-        max_entries: u32,
-        plus: bool,
-    ) -> Result<pb::ReadDirReply> {
         let req = pb::ReadDirRequest {
             header: self.header(),
             ino,

@@ -172,8 +172,7 @@ impl MetaCache {
         if !self.valid() {
             return None;
         }
-        let (_, (from, mut r)) = self.listings.remove_if(&dir, |_, l| l.0 == cookie)?;
-        debug_assert_eq!(from, cookie);
+        let (_, (_, mut r)) = self.listings.remove_if(&dir, |_, l| l.0 == cookie)?;
         for e in &mut r.entries {
             if let Some(a) = &mut e.attr {
                 *a = *self.attrs.get(&a.ino)?;
