@@ -25,7 +25,13 @@
 //! forgets it here, so a lock it took later through another handle stays.
 //! The kernel sends release in the background, so a lock request that
 //! arrives while a release of the same inode is under way waits for it
-//! (another process may have closed and signalled us just before).
+//! (another process may have closed and signalled us just before); and
+//! since two threads handle requests side by side, a lock request on an
+//! inode this client holds locks on first waits for the other FUSE threads
+//! to finish what they read before it. A new open file may reuse a
+//! released one's address as its owner, so lock requests wait for
+//! releases before marking their owner held, and a release forgets only
+//! its own file's record.
 
 use crate::client::Client;
 use crate::error::{ClientError, Result};
@@ -142,7 +148,7 @@ pub fn begin_release(c: &Client, fh: u64, ino: u64, flock_owner: Option<u64>) ->
 pub async fn finish_release(c: &Client, r: Release) -> Result<()> {
     let mut res = Ok(());
     for o in &r.owners {
-        if let Err(e) = release_owner(c, r.ino, *o).await {
+        if let Err(e) = drop_locks(c, r.ino, *o).await {
             res = Err(e);
         }
     }
@@ -158,6 +164,9 @@ pub async fn finish_release(c: &Client, r: Release) -> Result<()> {
 /// Waits until no release of a lock-holding open file of `ino` is under way.
 async fn wait_releases(c: &Client, ino: u64) {
     let key = (c.session_id(), ino);
+    if HELD.iter().any(|k| k.0 == key.0 && k.1 == ino) {
+        earlier_requests_handled().await;
+    }
     loop {
         // Created before the check: notify_waiters wakes it from now on.
         let woken = RELEASED.notified();
@@ -165,6 +174,50 @@ async fn wait_releases(c: &Client, ino: u64) {
             return;
         }
         woken.await;
+    }
+}
+
+/// Waits (at most [`ORDER_WAIT`]) until every other FUSE thread is back
+/// reading the device. The kernel queues requests in order, but two
+/// threads read and handle them side by side: one may still hold, unhandled,
+/// the release of a file closed just before this lock request was sent.
+/// A thread blocked reading holds nothing.
+async fn earlier_requests_handled() {
+    // SAFETY: gettid has no preconditions.
+    let me = unsafe { libc::syscall(libc::SYS_gettid) };
+    let deadline = tokio::time::Instant::now() + ORDER_WAIT;
+    for &tid in FUSE_THREADS.iter().filter(|t| i64::from(**t) != me) {
+        while !reading_device(tid) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// The longest a lock request waits for the other FUSE threads.
+const ORDER_WAIT: Duration = Duration::from_millis(50);
+
+/// This process's FUSE threads (fuser names them `fuser-N`; all exist
+/// before the first request is read).
+static FUSE_THREADS: LazyLock<Vec<u32>> = LazyLock::new(|| {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            comm.starts_with("fuser-")
+                .then(|| t.file_name().to_str()?.parse().ok())?
+        })
+        .collect()
+});
+
+/// True if thread `tid` is blocked in read(2) (or gone).
+fn reading_device(tid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")) {
+        // "running", or the number and arguments of the syscall it waits in.
+        Ok(s) => s.split(' ').next() == Some(&libc::SYS_read.to_string()),
+        Err(_) => true,
     }
 }
 
@@ -215,13 +268,15 @@ pub async fn setlk(
     tid: u32,
 ) -> Result<()> {
     let req = lock_req(c, ino, owner, start, end, typ, pid)?;
-    let key = (c.session_id(), ino, owner);
+    // The releases first: the kernel reuses a closed file's address as the
+    // owner of the next open file's OFD locks, and the old file's release
+    // must not take the new owner's locks (nor its HELD mark) with it.
+    wait_releases(c, ino).await;
     if typ != libc::F_UNLCK {
         // Before the request: a close racing with it must not skip the
         // release.
-        HELD.insert(key);
+        HELD.insert((c.session_id(), ino, owner));
     }
-    wait_releases(c, ino).await;
     let mut wait = FIRST_WAIT;
     loop {
         match try_setlk(c, &req).await {
@@ -237,18 +292,28 @@ pub async fn setlk(
     }
 }
 
-/// Drops every lock `owner` holds on `ino` (close/flush, flock release),
-/// if this client ever took one.
+/// A close (flush): drops every lock the process `owner` holds on `ino`, if
+/// this client ever took one.
 pub async fn release_owner(c: &Client, ino: u64, owner: u64) -> Result<()> {
-    if HELD.remove(&(c.session_id(), ino, owner)).is_none() {
+    if !HELD.contains(&(c.session_id(), ino, owner)) {
         return Ok(());
     }
-    // The owner's locks go now: open files it locked through must not drop
-    // the locks it may take later through another one.
+    // The process's locks go now: open files it locked through must not
+    // drop the locks it may take later through another one.
     for mut e in BY_FILE.iter_mut() {
         if e.key().0 == c.session_id() && e.0 == ino {
             e.1.retain(|o| *o != owner);
         }
+    }
+    drop_locks(c, ino, owner).await
+}
+
+/// Drops every lock `owner` holds on `ino`, if this client ever took one.
+/// (Not the other open files' records of the owner: after a release the
+/// owner's address may already name a newly opened file.)
+async fn drop_locks(c: &Client, ino: u64, owner: u64) -> Result<()> {
+    if HELD.remove(&(c.session_id(), ino, owner)).is_none() {
+        return Ok(());
     }
     let req = pb::ReleaseLocksRequest {
         header: c.header(),
