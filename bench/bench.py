@@ -34,6 +34,12 @@ Workloads (--only takes a comma-separated list of these):
           dropped before the read), 4k random read and write (--fio-time
           seconds each, psync)
 
+Each workload starts on a quiet machine: after the previous one (on any
+system) ended, the harness syncs and waits until the CPUs are at least
+--settle-idle idle (at most --settle-max seconds; the wait is logged), so
+one system's background work (deletions, write-back) is not measured as
+another's workload.
+
 Reading the output: one column per system; `avalon/bindfs` and
 `avalon/moosefs` are speed ratios (for time metrics the inverse of the time
 ratio), so 1.0 is parity, 0.5 twice as slow, 2.0 twice as fast. --chart
@@ -153,6 +159,29 @@ def drop_caches():
             f.write("3\n")
     except OSError:
         pass
+
+
+def cpu_idle(window):
+    """Fraction of CPU time idle over the next `window` seconds."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # idle + iowait
+    t0, i0 = snap()
+    time.sleep(window)
+    t1, i1 = snap()
+    return (i1 - i0) / max(1, t1 - t0)
+
+
+def settle(a):
+    """Syncs, then waits until the machine is quiet (see the module doc).
+    Returns the seconds waited."""
+    t = time.time()
+    subprocess.run(["sync"], timeout=CMD_TIMEOUT)
+    quiet = 0
+    while quiet < 2 and time.time() - t < a.settle_max:
+        quiet = quiet + 1 if cpu_idle(0.5) >= a.settle_idle else 0
+    return time.time() - t
 
 
 def free_port():
@@ -742,6 +771,10 @@ def main():
     ap.add_argument("--fio-size", metavar="SIZE", default="1G", help="fio: file size (default: %(default)s)")
     ap.add_argument("--fio-time", metavar="SECS", type=int, default=20,
                     help="fio and cached: seconds per random-I/O job (default: %(default)s)")
+    ap.add_argument("--settle-idle", metavar="FRACTION", type=float, default=0.8,
+                    help="CPU idle fraction that counts as quiet before each workload (default: %(default)s)")
+    ap.add_argument("--settle-max", metavar="SECS", type=float, default=60,
+                    help="longest wait for quiet before each workload (default: %(default)s)")
     ap.add_argument("--json", metavar="FILE", help="write results (medians and samples) as JSON")
     ap.add_argument("--chart", metavar="FILE.svg", help="write an SVG bar chart of speed ratios to bindfs")
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build first")
@@ -802,7 +835,9 @@ def main():
             order = systems[k:] + systems[:k]
             for g in groups:
                 for s in order:  # interleaved: each workload on every system in turn
-                    log(f"[{rep + 1}/{a.repeat}] {g} on {s.name}")
+                    waited = settle(a)
+                    log(f"[{rep + 1}/{a.repeat}] {g} on {s.name}"
+                        + (f" (settled {waited:.0f}s)" if waited >= 2 else ""))
                     t = time.time()
                     try:
                         r = run_workload(g, s, a)
