@@ -6,7 +6,6 @@ use crate::chunk_store::{ChunkStore, Payload, StoreError, VersionMode};
 use crate::error::OsdError;
 use crate::membership::Membership;
 use crate::recovery::{Recovery, INTERNAL_KEY};
-use avalon_proto::data_conn::DataConns;
 use avalon_proto::limits::MAX_MESSAGE_BYTES;
 use avalon_proto::mds_conn::channel;
 use avalon_proto::pb::osd_client::OsdClient;
@@ -22,11 +21,9 @@ use tokio::sync::Notify;
 use tonic::transport::Channel;
 use tonic::Status;
 
-/// Connections to peer OSDs: gRPC clients cached by address, and pooled
-/// data-port connections for forwarded writes.
+/// gRPC clients of peer OSDs, cached by address.
 pub struct Peers {
     clients: Mutex<HashMap<String, OsdClient<Channel>>>,
-    data: DataConns,
     timeout: Duration,
 }
 
@@ -35,7 +32,6 @@ impl Peers {
     pub fn new(timeout: Duration) -> Peers {
         Peers {
             clients: Mutex::new(HashMap::new()),
-            data: DataConns::default(),
             timeout,
         }
     }
@@ -52,13 +48,22 @@ impl Peers {
         Ok(c)
     }
 
-    /// Sends a forwarded write to the OSD at `addr` (over its data port).
+    /// Sends a forwarded write to the OSD at `addr`.
     pub async fn forward(
         &self,
         addr: &str,
         req: WriteChunkRequest,
     ) -> Result<WriteChunkReply, Status> {
-        self.data.write_chunk(addr, &req, self.timeout).await
+        let mut c = self.client(addr)?;
+        let mut r = tonic::Request::new(req);
+        r.set_timeout(self.timeout);
+        match tokio::time::timeout(self.timeout, c.write_chunk(r)).await {
+            Ok(res) => res.map(tonic::Response::into_inner),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "no answer within {:?}",
+                self.timeout
+            ))),
+        }
     }
 }
 
