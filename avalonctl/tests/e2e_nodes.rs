@@ -91,7 +91,11 @@ fn osd_id(c: &LocalCluster, map: &ClusterMap, n: u64) -> u64 {
 }
 
 fn chunk_path(c: &LocalCluster, n: u64, ino: u64, index: u64) -> PathBuf {
-    avalon_osd::chunk_store::chunk_file(&c.dir.join(format!("osd{n}/chunks")), ino, index)
+    c.dir
+        .join(format!("osd{n}"))
+        .join("chunks")
+        .join(format!("{ino:016x}"))
+        .join(format!("{index:016x}"))
 }
 
 /// (ino, chunk count, content digest) of every file.
@@ -167,11 +171,7 @@ fn chunk_count_on(c: &LocalCluster, n: u64) -> usize {
         if let Ok(r) = std::fs::read_dir(e.path()) {
             k += r
                 .flatten()
-                .filter(|f| {
-                    let name = f.file_name();
-                    let name = name.to_string_lossy();
-                    !name.ends_with(".meta") && !name.ends_with(".tmp")
-                })
+                .filter(|f| !f.file_name().to_string_lossy().contains('.'))
                 .count();
         }
     }
@@ -403,10 +403,11 @@ fn deleted_space_returns_on_all_osds() {
     let used_before = statfs_used(&c.mountpoint());
     let holds = |c: &LocalCluster, n: u64| {
         inos.values().any(|ino| {
-            let root = c.dir.join(format!("osd{n}/chunks"));
-            !avalon_osd::chunk_store::files_of(&root, *ino)
-                .unwrap_or_default()
-                .is_empty()
+            c.dir
+                .join(format!("osd{n}"))
+                .join("chunks")
+                .join(format!("{ino:016x}"))
+                .exists()
         })
     };
     assert!((1..=3).all(|n| holds(c, n)));
