@@ -280,12 +280,16 @@ impl Filesystem for AvalonFs {
         let wanted = InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_BIG_WRITES
             | InitFlags::FUSE_ASYNC_READ
             // Files opened for direct I/O (O_APPEND, shared-write mode)
             // can still be mapped.
             | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
+        // No FUSE_ATOMIC_O_TRUNC: with it the kernel empties its page cache
+        // and i_size at FUSE_OPEN, before its own ETXTBSY check, so an
+        // open(O_RDONLY | O_TRUNC) of a running executable killed it with
+        // SIGBUS. Without it the kernel checks first and then truncates
+        // with a SETATTR.
         // No FUSE_WRITEBACK_CACHE: with it the kernel owns a regular file's
         // size and times for as long as it caches the inode and never takes
         // them from us again, so another mount's writes would stay
@@ -521,26 +525,11 @@ impl Filesystem for AvalonFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
-        // With FUSE_ATOMIC_O_TRUNC the kernel leaves O_TRUNC to us.
-        let trunc = flags.0 & libc::O_TRUNC != 0 && flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         let fh = self.new_fh();
         self.spawn(async move {
             // Close-to-open: an open sees the size other clients committed.
             let flags = flags.0 as u32;
-            let mut r = c.open(ino, flags).await;
-            if trunc {
-                if let Ok((_, shared, keep)) = r {
-                    let ch = SetAttr {
-                        size: Some(0),
-                        mtime: Some(TimeChange::Now),
-                        ..Default::default()
-                    };
-                    r = c.setattr(ino, ch).await.map(|a| (a, shared, keep));
-                    if r.is_err() {
-                        let _ = c.release(ino, flags).await;
-                    }
-                }
-            }
+            let r = c.open(ino, flags).await;
             match r {
                 Ok((a, shared, keep)) => {
                     c.note_attr(&a);
@@ -551,8 +540,7 @@ impl Filesystem for AvalonFs {
                         c.note_open_atime(&a, crate::attr::ns_of(SystemTime::now()));
                     }
                     let mut how = direct_if(shared, how_opened);
-                    // O_TRUNC changed the file after the version check.
-                    if keep && !trunc {
+                    if keep {
                         how |= FopenFlags::FOPEN_KEEP_CACHE;
                     }
                     reply.opened(fh, how)

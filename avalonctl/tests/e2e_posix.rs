@@ -969,3 +969,57 @@ fn file_handles_outlive_the_kernel_cache() {
         "handle to a removed directory"
     );
 }
+
+#[test]
+fn a_running_executable_is_neither_opened_for_writing_nor_truncated() {
+    use std::io::Read;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let tc = TestCluster::start(1, 3);
+    let exe = tc.mnt().join("cat");
+    let original = std::fs::read("/usr/bin/cat").expect("read /usr/bin/cat");
+    std::fs::write(&exe, &original).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // cat blocks reading its stdin until the checks are done.
+    let mut child = Command::new(&exe)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("exec a copy of cat from the mount");
+    let try_open = |flags: i32| {
+        OpenOptions::new()
+            .read(flags & libc::O_ACCMODE != libc::O_WRONLY)
+            .write(flags & libc::O_ACCMODE != libc::O_RDONLY)
+            .custom_flags(flags & libc::O_TRUNC)
+            .open(&exe)
+            .map(drop)
+            .map_err(|e| e.raw_os_error())
+    };
+    assert_eq!(try_open(libc::O_WRONLY), Err(Some(libc::ETXTBSY)));
+    assert_eq!(try_open(libc::O_RDWR), Err(Some(libc::ETXTBSY)));
+    // The kernel refuses this one only after opening the file: the open
+    // must not have emptied the cached image the process runs from.
+    assert_eq!(
+        try_open(libc::O_RDONLY | libc::O_TRUNC),
+        Err(Some(libc::ETXTBSY))
+    );
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"still running\n").unwrap();
+    drop(stdin);
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the running copy of cat died: {status:?}");
+    assert_eq!(out, "still running\n");
+    assert!(
+        std::fs::read(&exe).unwrap() == original,
+        "the executable changed"
+    );
+    // Not running any more: O_TRUNC empties it, read-only or not (Linux).
+    try_open(libc::O_RDONLY | libc::O_TRUNC).expect("open with O_TRUNC");
+    assert_eq!(meta(&exe).len(), 0);
+}
