@@ -105,6 +105,8 @@ pub struct Client {
     /// The recall stream is open: shared-write demands reach this client.
     /// Until then every write goes through (see [`Client::stream_opened`]).
     stream_up: std::sync::atomic::AtomicBool,
+    /// Woken when the recall stream opens (see [`Client::wait_stream`]).
+    stream_ready: tokio::sync::Notify,
     /// Creates in flight (see [`Client::create`]).
     creating: std::sync::atomic::AtomicU32,
     /// Open directories: count, and whether the MDS counts one open of
@@ -183,6 +185,7 @@ impl Client {
             write_gates: DashMap::new(),
             creating: Default::default(),
             stream_up: Default::default(),
+            stream_ready: tokio::sync::Notify::new(),
             open_dirs: DashMap::new(),
             cache: crate::chunk_cache::ChunkCache::new(32),
             meta: MetaCache::new(),
@@ -1097,6 +1100,18 @@ impl Client {
             self.files.entry(*e.key()).or_default().shared = true;
         }
         self.stream_up.store(true, Ordering::Release);
+        self.stream_ready.notify_waiters();
+    }
+
+    /// Waits up to `within` for the recall stream to open; true if it is.
+    /// A mount serves no file before it: one opened for writing while the
+    /// stream is down stays in (slow, unbuffered) shared-write mode.
+    pub async fn wait_stream(&self, within: Duration) -> bool {
+        let ready = self.stream_ready.notified();
+        if self.stream_up.load(Ordering::Acquire) {
+            return true;
+        }
+        tokio::time::timeout(within, ready).await.is_ok()
     }
 
     /// The recall stream broke: demands may be lost from now on.

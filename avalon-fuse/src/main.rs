@@ -77,6 +77,8 @@ struct Opts {
 
 /// Session heartbeat period: a quarter of the MDS's default 1 s lease.
 const HEARTBEAT: Duration = Duration::from_millis(250);
+/// How long a mount waits for its recall stream before it serves anyway.
+const STREAM_WAIT: Duration = Duration::from_secs(5);
 /// The cluster map is refreshed every this many heartbeats (2 s).
 const MAP_REFRESH_TICKS: u64 = 8;
 
@@ -352,6 +354,11 @@ fn run_foreground(args: &Args) -> anyhow::Result<()> {
         }
     });
 
+    // Files opened before the recall stream is up stay in shared-write
+    // mode for good; give it a moment (the MDS answered a moment ago).
+    if !rt.block_on(client.wait_stream(STREAM_WAIT)) {
+        tracing::warn!("the recall stream is not open yet; writes go through until it is");
+    }
     // Tell a waiting parent (mount helper mode) that the mount is up.
     println!("READY");
     let _ = std::io::stdout().flush();

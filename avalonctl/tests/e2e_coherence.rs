@@ -348,13 +348,21 @@ fn appends_from_both_mounts(create: bool, n: usize, alone: usize) {
     bt.join().unwrap();
     let bodies = [std::fs::read(&pa).unwrap(), std::fs::read(&pb).unwrap()];
     for (side, body) in [("A", &bodies[0]), ("B", &bodies[1])] {
-        assert_eq!(
-            body.len(),
-            2 * n * 100,
-            "{side} reads {} bytes, want {}",
-            body.len(),
-            2 * n * 100
-        );
+        if body.len() != 2 * n * 100 {
+            // Which records are missing tells a lost write from a short size.
+            let heads: Vec<String> = body
+                .chunks(100)
+                .map(|r| String::from_utf8_lossy(&r[..r.len().min(7)]).into_owned())
+                .collect();
+            let other = &bodies[usize::from(side == "A")];
+            panic!(
+                "{side} reads {} bytes, want {} (the other mount {}); records: {}",
+                body.len(),
+                2 * n * 100,
+                other.len(),
+                heads.join(" ")
+            );
+        }
         let mut seen = std::collections::HashSet::new();
         let mut next = [0usize; 2];
         for (k, r) in body.chunks(100).enumerate() {
