@@ -92,7 +92,7 @@ pub struct Client {
     pub(crate) map: RwLock<Arc<ClusterMap>>,
     pub(crate) osds: DashMap<String, pb::osd_client::OsdClient<Channel>>,
     /// Connections to the OSDs' data ports, for chunk reads.
-    pub(crate) data_conns: crate::data_conn::DataConns,
+    pub(crate) data_conns: avalon_proto::data_conn::DataConns,
     pub(crate) files: DashMap<u64, FileState>,
     /// Open handles per inode, reported in heartbeats so that a new MDS
     /// leader knows which unlinked files are still in use (and which have

@@ -36,6 +36,9 @@ const VECTORED_WRITE_OFFSET: u32 = u32::MAX;
 /// How long one chunk operation keeps trying other replicas and newer maps
 /// before the application gets EIO.
 pub const IO_RETRY_BUDGET: Duration = Duration::from_secs(20);
+/// A chunk write unanswered this long is taken as lost (and retried
+/// elsewhere). Far beyond a primary's own wait for its replicas.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Data for one piece of a read: fetched for it alone, or a cached chunk
 /// and the piece's offset in it.
@@ -416,8 +419,11 @@ impl Client {
                     zero_length,
                     extents: extents.clone(),
                 };
-                let mut c = self.osd(&osd.addr)?;
-                match c.write_chunk(req).await {
+                match self
+                    .data_conns
+                    .write_chunk(&osd.addr, &req, WRITE_TIMEOUT)
+                    .await
+                {
                     Ok(_) => {
                         // A readahead that raced the write may hold old data.
                         self.cache.invalidate(ino, index);

@@ -6,7 +6,6 @@ pub mod acl;
 pub mod attr;
 pub mod chunk_cache;
 pub mod client;
-pub mod data_conn;
 pub mod data_path;
 pub mod delegation;
 pub mod dir_read_ahead;

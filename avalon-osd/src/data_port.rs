@@ -1,11 +1,12 @@
-//! The data port: chunk reads over [`avalon_proto::data_wire`] on the gRPC
-//! port. Each accepted connection is classified by its first bytes: one
+//! The data port: chunk reads and writes over [`avalon_proto::data_wire`]
+//! on the gRPC port. Each accepted connection is classified by its first bytes: one
 //! that opens with the data-wire magic is served here, every other one is
 //! handed to the gRPC server.
 
 use crate::osd_service::OsdService;
-use avalon_proto::data_wire::{self, MAGIC, MAX_REQUEST_BYTES, READ_CHUNK};
-use avalon_proto::pb::ReadChunkRequest;
+use avalon_proto::data_wire::{self, MAGIC, MAX_REQUEST_BYTES, READ_CHUNK, WRITE_CHUNK};
+use avalon_proto::pb::{ReadChunkRequest, WriteChunkRequest};
+use bytes::Bytes;
 use futures::Stream;
 use std::io;
 use std::sync::Arc;
@@ -103,28 +104,49 @@ async fn serve(mut s: TcpStream, svc: Arc<OsdService>, stop: CancellationToken) 
                 return;
             }
         };
-        if kind != READ_CHUNK {
-            let st = Status::unimplemented(format!("data port: unknown request kind {kind}"));
-            let _ = s.write_all(&data_wire::encode_status(&st)).await;
-            return;
-        }
-        let reply = match <ReadChunkRequest as prost::Message>::decode(payload) {
-            Ok(req) => svc.read(req, false).await.map_err(Status::from),
-            Err(e) => Err(Status::invalid_argument(format!(
-                "data port: bad ReadChunkRequest: {e}"
-            ))),
-        };
-        let sent = match reply {
-            Ok(r) => {
-                let head = data_wire::ok_header(r.version, r.data.len());
-                // One vectored write: header and data leave in one segment.
-                let mut out = bytes::Buf::chain(&head[..], r.data);
-                s.write_all_buf(&mut out).await
+        let sent = match kind {
+            READ_CHUNK => read(&mut s, &svc, payload).await,
+            WRITE_CHUNK => {
+                let reply = match <WriteChunkRequest as prost::Message>::decode(payload) {
+                    // The data fields are slices of the frame: no copy.
+                    Ok(req) => svc.write(req).await.map_err(Status::from),
+                    Err(e) => Err(Status::invalid_argument(format!(
+                        "data port: bad WriteChunkRequest: {e}"
+                    ))),
+                };
+                let frame = match reply {
+                    Ok(r) => data_wire::encode_reply(&r),
+                    Err(st) => data_wire::encode_status(&st),
+                };
+                s.write_all(&frame).await
             }
-            Err(st) => s.write_all(&data_wire::encode_status(&st)).await,
+            _ => {
+                let st = Status::unimplemented(format!("data port: unknown request kind {kind}"));
+                let _ = s.write_all(&data_wire::encode_status(&st)).await;
+                return;
+            }
         };
         if sent.is_err() {
             return;
         }
+    }
+}
+
+/// Serves one chunk read and sends its reply.
+async fn read(s: &mut TcpStream, svc: &OsdService, payload: Bytes) -> io::Result<()> {
+    let reply = match <ReadChunkRequest as prost::Message>::decode(payload) {
+        Ok(req) => svc.read(req, false).await.map_err(Status::from),
+        Err(e) => Err(Status::invalid_argument(format!(
+            "data port: bad ReadChunkRequest: {e}"
+        ))),
+    };
+    match reply {
+        Ok(r) => {
+            let head = data_wire::ok_header(r.version, r.data.len());
+            // One vectored write: header and data leave in one segment.
+            let mut out = bytes::Buf::chain(&head[..], r.data);
+            s.write_all_buf(&mut out).await
+        }
+        Err(st) => s.write_all(&data_wire::encode_status(&st)).await,
     }
 }

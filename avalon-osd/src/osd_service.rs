@@ -180,7 +180,9 @@ impl OsdService {
         Ok(())
     }
 
-    async fn write(&self, req: WriteChunkRequest) -> Result<WriteChunkReply, OsdError> {
+    /// Serves a chunk write: as the chunk's primary, or as a replica when
+    /// forwarded.
+    pub(crate) async fn write(&self, req: WriteChunkRequest) -> Result<WriteChunkReply, OsdError> {
         self.ready()?;
         let (ino, index, cs) = validate_write(&req)?;
         if req.forwarded {

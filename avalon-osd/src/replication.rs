@@ -6,6 +6,7 @@ use crate::chunk_store::{ChunkStore, Payload, StoreError, VersionMode};
 use crate::error::OsdError;
 use crate::membership::Membership;
 use crate::recovery::{Recovery, INTERNAL_KEY};
+use avalon_proto::data_conn::DataConns;
 use avalon_proto::limits::MAX_MESSAGE_BYTES;
 use avalon_proto::mds_conn::channel;
 use avalon_proto::pb::osd_client::OsdClient;
@@ -21,9 +22,11 @@ use tokio::sync::Notify;
 use tonic::transport::Channel;
 use tonic::Status;
 
-/// gRPC clients of peer OSDs, cached by address.
+/// Connections to peer OSDs: gRPC clients cached by address, and pooled
+/// data-port connections for forwarded writes.
 pub struct Peers {
     clients: Mutex<HashMap<String, OsdClient<Channel>>>,
+    data: DataConns,
     timeout: Duration,
 }
 
@@ -32,6 +35,7 @@ impl Peers {
     pub fn new(timeout: Duration) -> Peers {
         Peers {
             clients: Mutex::new(HashMap::new()),
+            data: DataConns::default(),
             timeout,
         }
     }
@@ -48,22 +52,13 @@ impl Peers {
         Ok(c)
     }
 
-    /// Sends a forwarded write to the OSD at `addr`.
+    /// Sends a forwarded write to the OSD at `addr` (over its data port).
     pub async fn forward(
         &self,
         addr: &str,
         req: WriteChunkRequest,
     ) -> Result<WriteChunkReply, Status> {
-        let mut c = self.client(addr)?;
-        let mut r = tonic::Request::new(req);
-        r.set_timeout(self.timeout);
-        match tokio::time::timeout(self.timeout, c.write_chunk(r)).await {
-            Ok(res) => res.map(tonic::Response::into_inner),
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "no answer within {:?}",
-                self.timeout
-            ))),
-        }
+        self.data.write_chunk(addr, &req, self.timeout).await
     }
 }
 

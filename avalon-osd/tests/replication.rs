@@ -689,3 +689,88 @@ async fn data_port_serves_reads_beside_grpc() {
     }
     mds.token.cancel();
 }
+
+/// Writes through the data port reach every replica (the primary forwards
+/// them over the data port too); a malformed or out-of-range write gets a
+/// status and the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_port_writes_replicate() {
+    use avalon_proto::data_conn::DataConns;
+    use avalon_proto::data_wire::{self, MAGIC, WRITE_CHUNK};
+    use tokio::io::AsyncWriteExt;
+    let (mds, mut osds, map) = start_three().await;
+    let ino = 92;
+    let members = chunk_members(&map, ino, 0);
+    let primary = members[0].addr.clone();
+    wait_serving(&primary, ino, map.epoch).await;
+    let conns = DataConns::default();
+    let body: Vec<u8> = (0..200_000u32).map(|i| (i * 13) as u8).collect();
+    let reply = conns
+        .write_chunk(
+            &primary,
+            &write_req(ino, 0, body.clone(), map.epoch),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("write");
+    assert_eq!(reply.version, 1);
+    assert!(reply.acks >= 2, "{reply:?}");
+    for m in &members {
+        let read = pb::ReadChunkRequest {
+            header: None,
+            chunk: Some(ChunkId { ino, index: 0 }),
+            offset: 0,
+            length: body.len() as u32,
+            map_epoch: map.epoch,
+        };
+        let got = eventually("replica holds the write", || async {
+            conns
+                .read_chunk(&m.addr, &read)
+                .await
+                .ok()
+                .filter(|(v, _)| *v == 1)
+        })
+        .await;
+        assert!(got.1 == body[..], "osd {} holds other bytes", m.id);
+    }
+
+    let mut conn = tokio::net::TcpStream::connect(&primary)
+        .await
+        .expect("connect");
+    conn.write_all(MAGIC).await.expect("magic");
+    async fn call(
+        conn: &mut tokio::net::TcpStream,
+        frame: Vec<u8>,
+    ) -> Result<pb::WriteChunkReply, Status> {
+        conn.write_all(&frame).await.expect("send");
+        let (kind, payload) = data_wire::read_frame(conn, 1 << 20).await.expect("reply");
+        data_wire::decode_write_reply(kind, payload)
+    }
+    // Not a WriteChunkRequest: refused, the connection goes on.
+    let mut garbled = 3u32.to_le_bytes().to_vec();
+    garbled.extend_from_slice(&[WRITE_CHUNK, 0xff, 0xff]);
+    let e = call(&mut conn, garbled).await.expect_err("garbled");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // Past the chunk's end: EINVAL.
+    let e = call(
+        &mut conn,
+        data_wire::encode_request(
+            WRITE_CHUNK,
+            &write_req(ino, u32::MAX - 10, vec![1; 100], map.epoch),
+        ),
+    )
+    .await
+    .expect_err("out of range");
+    assert_eq!(avalon_proto::errno::errno_of(&e), libc::EINVAL, "{e:?}");
+    let r = call(
+        &mut conn,
+        data_wire::encode_request(WRITE_CHUNK, &write_req(ino, 10, vec![9; 10], map.epoch)),
+    )
+    .await
+    .expect("write after refusals");
+    assert_eq!(r.version, 2);
+    for o in &mut osds {
+        o.stop().await;
+    }
+    mds.token.cancel();
+}

@@ -1,11 +1,14 @@
-//! The OSD data port's framing: chunk reads without gRPC.
+//! The OSD data port's framing: chunk reads and writes without gRPC.
 //!
 //! A unary gRPC call costs several task hand-offs on each side (HTTP/2
 //! connection task, stream task, buffer worker); on a small machine each is
 //! a thread wake-up, and a 4 KiB read spent ~4 loopback round trips' worth
 //! of time in them. On this framing the task that asks writes the request
 //! and reads the reply on its own connection (one request at a time per
-//! connection, connections pooled by the client).
+//! connection, connections pooled by the client). Writes (a client's to a
+//! chunk's primary, the primary's to its replicas) come here too: through
+//! gRPC every write's data was copied into a growing, zeroed encode buffer
+//! and framed again by HTTP/2, a fifth of an OSD's CPU in a streaming write.
 //!
 //! The OSD serves it on its gRPC port: a connection that opens with
 //! [`MAGIC`] speaks this framing, any other is HTTP/2. Messages stay the
@@ -24,14 +27,16 @@ pub const MAGIC: &[u8; 8] = b"AVDATA1\n";
 
 /// Request kind: a `ReadChunkRequest`.
 pub const READ_CHUNK: u8 = 1;
+/// Request kind: a `WriteChunkRequest`; answered by a `WriteChunkReply`.
+pub const WRITE_CHUNK: u8 = 2;
 
 /// Reply kind: success, `[u64 LE version][data]`.
 pub const REPLY_OK: u8 = 0;
 /// Reply kind: failure, an encoded status (see [`encode_status`]).
 pub const REPLY_ERR: u8 = 1;
 
-/// Largest request frame accepted (requests carry no data).
-pub const MAX_REQUEST_BYTES: usize = 64 << 10;
+/// Largest request frame accepted: a write of a whole chunk.
+pub const MAX_REQUEST_BYTES: usize = crate::limits::MAX_MESSAGE_BYTES;
 
 /// Bytes before the data in a successful reply frame.
 pub const OK_HEADER_BYTES: usize = 4 + 1 + 8;
@@ -148,6 +153,24 @@ pub fn decode_status(mut p: Bytes) -> Status {
     s
 }
 
+/// A successful reply frame carrying a protobuf message (writes).
+pub fn encode_reply(msg: &impl prost::Message) -> Vec<u8> {
+    encode_request(REPLY_OK, msg)
+}
+
+/// A write's reply frame: the OSD's answer, or the failure.
+pub fn decode_write_reply(kind: u8, payload: Bytes) -> Result<crate::pb::WriteChunkReply, Status> {
+    match kind {
+        REPLY_OK => prost::Message::decode(payload).map_err(|e| {
+            Status::internal(format!("garbled write reply on the OSD data port: {e}"))
+        }),
+        REPLY_ERR => Err(decode_status(payload)),
+        _ => Err(Status::internal(format!(
+            "unknown reply kind {kind} on the OSD data port"
+        ))),
+    }
+}
+
 /// A reply frame's result: the chunk version and data, or the failure.
 pub fn decode_read_reply(kind: u8, mut payload: Bytes) -> Result<(u64, Bytes), Status> {
     match kind {
@@ -204,6 +227,36 @@ mod tests {
         assert_eq!(kind, READ_CHUNK);
         let back: crate::pb::ReadChunkRequest = prost::Message::decode(payload).unwrap();
         assert_eq!(back, req);
+    }
+
+    #[tokio::test]
+    async fn a_write_and_its_reply_round_trip() {
+        let req = crate::pb::WriteChunkRequest {
+            offset: 512,
+            data: Bytes::from(vec![7u8; 100_000]),
+            extents: vec![crate::pb::WriteExtent {
+                offset: 9,
+                data: Bytes::from_static(b"xyz"),
+            }],
+            ..Default::default()
+        };
+        let frame = encode_request(WRITE_CHUNK, &req);
+        let (kind, payload) = read_frame(&mut &frame[..], MAX_REQUEST_BYTES)
+            .await
+            .unwrap();
+        assert_eq!(kind, WRITE_CHUNK);
+        let back: crate::pb::WriteChunkRequest = prost::Message::decode(payload).unwrap();
+        assert_eq!(back, req);
+
+        let reply = crate::pb::WriteChunkReply {
+            version: 5,
+            acks: 3,
+        };
+        let frame = encode_reply(&reply);
+        let (kind, payload) = read_frame(&mut &frame[..], 1 << 10).await.unwrap();
+        assert_eq!(decode_write_reply(kind, payload).unwrap(), reply);
+        let e = decode_write_reply(REPLY_OK, Bytes::from_static(&[0xff])).unwrap_err();
+        assert_eq!(e.code(), Code::Internal);
     }
 
     #[tokio::test]

@@ -1,9 +1,11 @@
-//! Pooled connections to the OSDs' data ports ([`avalon_proto::data_wire`]):
-//! the caller's own task writes the request and reads the reply, so a chunk
-//! read costs one loopback round trip and no task hand-offs.
+//! Pooled connections to the OSDs' data ports ([`crate::data_wire`]): the
+//! caller's own task writes the request and reads the reply, so a chunk
+//! read or write costs one loopback round trip and no task hand-offs. Used
+//! by clients (reads, writes to a chunk's primary) and by primaries
+//! (writes forwarded to replicas).
 
-use avalon_proto::data_wire::{self, MAGIC, READ_CHUNK};
-use avalon_proto::pb::ReadChunkRequest;
+use crate::data_wire::{self, MAGIC, READ_CHUNK, WRITE_CHUNK};
+use crate::pb::{ReadChunkRequest, WriteChunkReply, WriteChunkRequest};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -15,11 +17,11 @@ use tonic::Status;
 /// Connecting to an OSD gives up after this long (as the gRPC channels do).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A whole exchange gives up after this long; the read then goes to another
-/// replica. Generous: a 4 MiB read on a busy disk takes well under a second.
-const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A read gives up after this long; it then goes to another replica.
+/// Generous: a 4 MiB read on a busy disk takes well under a second.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Idle connections kept per OSD (more are opened while reads overlap).
+/// Idle connections kept per OSD (more are opened while requests overlap).
 const IDLE_PER_OSD: usize = 16;
 
 /// Room in a reply frame beyond the data asked for (an error's message).
@@ -41,8 +43,36 @@ impl DataConns {
     ) -> Result<(u64, Bytes), Status> {
         let frame = data_wire::encode_request(READ_CHUNK, req);
         let max = 1 + 8 + req.length as usize + REPLY_SLACK;
-        // A pooled connection may have been closed by the OSD (a restart):
-        // one more try on a fresh connection. Reads are idempotent.
+        let (kind, payload) = self.exchange(addr, &frame, max, READ_TIMEOUT).await?;
+        data_wire::decode_read_reply(kind, payload)
+    }
+
+    /// Sends a chunk write to the OSD at `addr` and waits at most `timeout`
+    /// for its answer (transport failures and silence are `Unavailable`).
+    pub async fn write_chunk(
+        &self,
+        addr: &str,
+        req: &WriteChunkRequest,
+        timeout: Duration,
+    ) -> Result<WriteChunkReply, Status> {
+        // One copy of the data, into a frame of exactly its size.
+        let frame = data_wire::encode_request(WRITE_CHUNK, req);
+        let (kind, payload) = self.exchange(addr, &frame, REPLY_SLACK, timeout).await?;
+        data_wire::decode_write_reply(kind, payload)
+    }
+
+    /// Sends `frame` and reads the reply frame (at most `max` bytes). A
+    /// pooled connection may have been closed by the OSD (a restart): one
+    /// more try on a fresh connection. Reads are idempotent, and so is a
+    /// write sent again (the same bytes at the same place; a client has one
+    /// write per chunk in flight, and retries failed ones anyway).
+    async fn exchange(
+        &self,
+        addr: &str,
+        frame: &[u8],
+        max: usize,
+        timeout: Duration,
+    ) -> Result<(u8, Bytes), Status> {
         let mut pooled = self.checkout(addr);
         loop {
             let reused = pooled.is_some();
@@ -50,18 +80,18 @@ impl DataConns {
                 Some(c) => c,
                 None => connect(addr).await?,
             };
-            let sent = tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+            let sent = tokio::time::timeout(timeout, async {
                 if !reused {
                     conn.write_all(MAGIC).await?;
                 }
-                conn.write_all(&frame).await?;
+                conn.write_all(frame).await?;
                 data_wire::read_frame(&mut conn, max).await
             })
             .await;
             match sent {
-                Ok(Ok((kind, payload))) => {
+                Ok(Ok(reply)) => {
                     self.checkin(addr, conn);
-                    return data_wire::decode_read_reply(kind, payload);
+                    return Ok(reply);
                 }
                 Ok(Err(_)) if reused => continue,
                 Ok(Err(e)) => {
@@ -69,7 +99,7 @@ impl DataConns {
                 }
                 Err(_) => {
                     return Err(Status::unavailable(format!(
-                        "OSD {addr} data port: no reply within {EXCHANGE_TIMEOUT:?}"
+                        "OSD {addr} data port: no reply within {timeout:?}"
                     )))
                 }
             }
