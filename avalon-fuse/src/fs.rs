@@ -121,6 +121,69 @@ async fn dir_page(
     Ok(page)
 }
 
+/// What a directory listing adds to a readdir or readdirplus reply.
+enum DirItem<'a> {
+    /// ".", at offset 0.
+    Dot,
+    /// "..", with the parent's kernel node id.
+    DotDot(INodeNo),
+    /// An entry of the directory.
+    Entry(&'a avalon_proto::pb::DirEntry),
+}
+
+/// One readdir(plus) request of a directory stream.
+struct DirStream {
+    dir: u64,
+    fh: u64,
+    offset: u64,
+    plus: bool,
+}
+
+impl DirStream {
+    /// Hands the stream's items from `offset` on to `add` until it says
+    /// the reply is full (`Ok(true)`) or the stream ends (then noted in
+    /// `ends`, as is its end at the stream's mark, see `dir_marks`).
+    async fn fill(
+        self,
+        c: &Arc<Client>,
+        marks: &DashMap<u64, u64>,
+        ends: &DashMap<u64, u64>,
+        mut add: impl FnMut(DirItem<'_>) -> Result<bool, Errno>,
+    ) -> Result<(), Errno> {
+        let (dir, fh, offset) = (self.dir, self.fh, self.offset);
+        let mut cookie = offset.max(DOTDOT_COOKIE);
+        let mut page = dir_page(c, dir, cookie, self.plus)
+            .await
+            .map_err(|e| errno(&e))?;
+        let mark = stream_mark(marks, fh, offset, page.next_cookie);
+        if offset == 0 && add(DirItem::Dot)? {
+            return Ok(());
+        }
+        if offset <= 1 && add(DirItem::DotDot(INodeNo(dotdot(c, dir, page.parent))))? {
+            return Ok(());
+        }
+        loop {
+            for e in &page.entries {
+                if e.cookie >= mark {
+                    ends.insert(fh, cookie);
+                    return Ok(());
+                }
+                if add(DirItem::Entry(e))? {
+                    return Ok(());
+                }
+                cookie = e.cookie;
+            }
+            if page.eof || page.entries.is_empty() {
+                ends.insert(fh, cookie);
+                return Ok(());
+            }
+            page = dir_page(c, dir, cookie, self.plus)
+                .await
+                .map_err(|e| errno(&e))?;
+        }
+    }
+}
+
 /// True if directory stream `fh` is known to end before `offset` (see
 /// `AvalonFs::dir_ends`); a rewind (offset 0) starts it over.
 fn stream_ended(ends: &DashMap<u64, u64>, fh: u64, offset: u64) -> bool {
@@ -790,48 +853,33 @@ impl Filesystem for AvalonFs {
             return reply.ok();
         }
         let c = self.client.clone();
-        let dir = self.mds_ino(ino);
-        let marks = self.dir_marks.clone();
-        let ends = self.dir_ends.clone();
+        let (marks, ends) = (self.dir_marks.clone(), self.dir_ends.clone());
+        let stream = DirStream {
+            dir: self.mds_ino(ino),
+            fh: fh.0,
+            offset,
+            plus: false,
+        };
         self.spawn(async move {
-            let mut cookie = offset.max(DOTDOT_COOKIE);
-            let mut page = match dir_page(&c, dir, cookie, false).await {
-                Ok(p) => p,
-                Err(e) => return reply.error(errno(&e)),
-            };
-            let mark = stream_mark(&marks, fh.0, offset, page.next_cookie);
-            if offset == 0 && reply.add(ino, 1, fuser::FileType::Directory, ".") {
-                return reply.ok();
-            }
-            let up = INodeNo(dotdot(&c, dir, page.parent));
-            if offset <= 1 && reply.add(up, DOTDOT_COOKIE, fuser::FileType::Directory, "..") {
-                return reply.ok();
-            }
-            loop {
-                for e in &page.entries {
-                    if e.cookie >= mark {
-                        ends.insert(fh.0, cookie);
-                        return reply.ok();
-                    }
-                    let kind = crate::attr::kind_of(e.mode);
-                    if reply.add(
-                        INodeNo(fuse_ino(&c, e.ino)),
-                        e.cookie,
-                        kind,
-                        OsStr::from_bytes(&e.name),
-                    ) {
-                        return reply.ok();
-                    }
-                    cookie = e.cookie;
-                }
-                if page.eof || page.entries.is_empty() {
-                    ends.insert(fh.0, cookie);
-                    return reply.ok();
-                }
-                page = match dir_page(&c, dir, cookie, false).await {
-                    Ok(p) => p,
-                    Err(e) => return reply.error(errno(&e)),
-                };
+            let filled = stream
+                .fill(&c, &marks, &ends, |item| {
+                    Ok(match item {
+                        DirItem::Dot => reply.add(ino, 1, fuser::FileType::Directory, "."),
+                        DirItem::DotDot(up) => {
+                            reply.add(up, DOTDOT_COOKIE, fuser::FileType::Directory, "..")
+                        }
+                        DirItem::Entry(e) => reply.add(
+                            INodeNo(fuse_ino(&c, e.ino)),
+                            e.cookie,
+                            crate::attr::kind_of(e.mode),
+                            OsStr::from_bytes(&e.name),
+                        ),
+                    })
+                })
+                .await;
+            match filled {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
             }
         });
     }
@@ -849,74 +897,74 @@ impl Filesystem for AvalonFs {
         }
         let c = self.client.clone();
         let dir = self.mds_ino(ino);
-        let marks = self.dir_marks.clone();
-        let ends = self.dir_ends.clone();
+        let (marks, ends) = (self.dir_marks.clone(), self.dir_ends.clone());
+        let stream = DirStream {
+            dir,
+            fh: fh.0,
+            offset,
+            plus: true,
+        };
         self.spawn(async move {
-            let mut cookie = offset.max(DOTDOT_COOKIE);
-            let mut page = match dir_page(&c, dir, cookie, true).await {
-                Ok(p) => p,
-                Err(e) => return reply.error(errno(&e)),
+            // "." and ".." carry attributes too; fetched once per listing.
+            let me = if offset <= 1 {
+                match c.getattr(dir).await {
+                    Ok(a) => Some(a),
+                    Err(e) => return reply.error(errno(&e)),
+                }
+            } else {
+                None
             };
-            let mark = stream_mark(&marks, fh.0, offset, page.next_cookie);
-            // "." and ".." carry attributes too; fetch them once per listing.
-            if offset <= 1 {
-                let me = match c.getattr(dir).await {
-                    Ok(a) => a,
-                    Err(e) => return reply.error(errno(&e)),
-                };
-                let attr = file_attr(&c, &me);
-                if offset == 0
-                    && reply.add(ino, 1, ".", &c.meta.ttl(), &attr, Generation(me.generation))
-                {
-                    return reply.ok();
-                }
-                // The kernel takes d_ino from the attributes and links no
-                // dentry for "..": only the inode number matters.
-                let up = FileAttr {
-                    ino: INodeNo(dotdot(&c, dir, page.parent)),
-                    ..attr
-                };
-                if reply.add(
-                    up.ino,
-                    DOTDOT_COOKIE,
-                    "..",
-                    &Duration::ZERO,
-                    &up,
-                    Generation(0),
-                ) {
-                    return reply.ok();
-                }
-            }
-            loop {
-                for e in &page.entries {
-                    if e.cookie >= mark {
-                        ends.insert(fh.0, cookie);
-                        return reply.ok();
+            let filled = stream
+                .fill(&c, &marks, &ends, |item| match item {
+                    DirItem::Dot | DirItem::DotDot(_) => {
+                        let Some(me) = me.as_ref() else {
+                            return Err(Errno::EIO);
+                        };
+                        let attr = file_attr(&c, me);
+                        Ok(match item {
+                            DirItem::DotDot(up) => {
+                                // The kernel takes d_ino from the attributes
+                                // and links no dentry for "..": only the
+                                // inode number matters.
+                                let up = FileAttr { ino: up, ..attr };
+                                reply.add(
+                                    up.ino,
+                                    DOTDOT_COOKIE,
+                                    "..",
+                                    &Duration::ZERO,
+                                    &up,
+                                    Generation(0),
+                                )
+                            }
+                            _ => reply.add(
+                                ino,
+                                1,
+                                ".",
+                                &c.meta.ttl(),
+                                &attr,
+                                Generation(me.generation),
+                            ),
+                        })
                     }
-                    let Some(a) = e.attr.as_ref() else {
-                        return reply.error(Errno::EIO);
-                    };
-                    let attr = file_attr(&c, a);
-                    if reply.add(
-                        attr.ino,
-                        e.cookie,
-                        OsStr::from_bytes(&e.name),
-                        &c.meta.ttl(),
-                        &attr,
-                        Generation(a.generation),
-                    ) {
-                        return reply.ok();
+                    DirItem::Entry(e) => {
+                        let Some(a) = e.attr.as_ref() else {
+                            return Err(Errno::EIO);
+                        };
+                        let attr = file_attr(&c, a);
+                        Ok(reply.add(
+                            attr.ino,
+                            e.cookie,
+                            OsStr::from_bytes(&e.name),
+                            &c.meta.ttl(),
+                            &attr,
+                            Generation(a.generation),
+                        ))
                     }
-                    cookie = e.cookie;
-                }
-                if page.eof || page.entries.is_empty() {
-                    ends.insert(fh.0, cookie);
-                    return reply.ok();
-                }
-                page = match dir_page(&c, dir, cookie, true).await {
-                    Ok(p) => p,
-                    Err(e) => return reply.error(errno(&e)),
-                };
+                })
+                .await;
+            match filled {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
             }
         });
     }
