@@ -1,12 +1,20 @@
 //! The on-disk chunk store.
 //!
 //! A chunk is identified by `(ino, index)`. Its bytes live in
-//! `ROOT/<ino as 16 hex>/<index as 16 hex>`, a sparse file whose length is
-//! the chunk's stored length (bytes past it read as zeros: a hole). Next to
-//! it, `<index>.meta` holds the chunk's version and a crc32c per 64 KiB block
+//! `ROOT/<bucket>/<ino as 16 hex>.<index as 16 hex>`, a sparse file whose
+//! length is the chunk's stored length (bytes past it read as zeros: a
+//! hole); the bucket is `ino % 4096` as 3 hex digits, a directory made
+//! with its first chunk and kept. Next to it, `<name>.meta`
+//! holds the chunk's version and a crc32c per 64 KiB block
 //! of the stored bytes (the crc of a trailing partial block covers just the
 //! stored bytes), protected by a crc of its own so that a torn sidecar is
 //! detected.
+//!
+//! No directory per inode: on an ext4 without a journal every new inode
+//! costs a scan past recently freed ones, and a small file's chunk took
+//! three (directory, data, sidecar); the mkdir alone was a quarter of an
+//! OSD's CPU while small files were written. A store of the older layout
+//! (`ROOT/<ino>/<index>`) is moved into the buckets when opened.
 //!
 //! All methods are synchronous and may block on disk I/O: async callers run
 //! them on the blocking pool (see [`ChunkStore::blocking`]). Writers to one
@@ -36,6 +44,10 @@ const LOCK_STRIPES: usize = 1024;
 const META_MAGIC: &[u8; 4] = b"AVCK";
 const META_FORMAT: u32 = 2;
 const META_SUFFIX: &str = ".meta";
+/// Suffix of a chunk being installed whole (renamed into place when done).
+const TMP_SUFFIX: &str = ".tmp";
+/// Directories the chunk files are spread over (by inode number).
+const BUCKETS: u64 = 4096;
 /// Header: magic, format, version, length, block count.
 const META_HEADER: usize = 4 + 4 + 8 + 8 + 4;
 /// Open chunks kept by default (two descriptors each), before the process
@@ -289,6 +301,8 @@ pub struct ChunkStore {
     /// Recently used chunks: open files and verified metadata, so that a
     /// request neither reopens the files nor rereads the sidecar.
     open_chunks: Mutex<LruCache<(u64, u64), OpenRef>>,
+    /// Which bucket directories exist.
+    buckets: Vec<std::sync::atomic::AtomicBool>,
 }
 
 /// A chunk whose files are open, with its metadata as last stored.
@@ -434,6 +448,69 @@ fn parse_hex_name(name: &str) -> Option<u64> {
     }
 }
 
+fn parse_bucket_name(name: &str) -> Option<u64> {
+    if name.len() == 3 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        u64::from_str_radix(name, 16).ok()
+    } else {
+        None
+    }
+}
+
+/// What a file in a bucket is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileKind {
+    Data,
+    Meta,
+    Tmp,
+}
+
+/// `<ino>.<index>[.meta|.tmp|.meta.tmp]`: the chunk and the kind of file.
+fn parse_chunk_name(name: &str) -> Option<(u64, u64, FileKind)> {
+    let (stem, kind) = if let Some(s) = name.strip_suffix(TMP_SUFFIX) {
+        (s.strip_suffix(META_SUFFIX).unwrap_or(s), FileKind::Tmp)
+    } else if let Some(s) = name.strip_suffix(META_SUFFIX) {
+        (s, FileKind::Meta)
+    } else {
+        (name, FileKind::Data)
+    };
+    let (ino, index) = stem.split_once('.')?;
+    Some((parse_hex_name(ino)?, parse_hex_name(index)?, kind))
+}
+
+/// Name of a chunk's data file (its sidecar adds [`META_SUFFIX`]).
+fn chunk_name(ino: u64, index: u64) -> String {
+    format!("{ino:016x}.{index:016x}")
+}
+
+/// Path of chunk `(ino, index)`'s data file in the store rooted at `root`
+/// (for tools and tests that look at the files).
+pub fn chunk_file(root: &Path, ino: u64, index: u64) -> PathBuf {
+    root.join(format!("{:03x}", ino % BUCKETS))
+        .join(chunk_name(ino, index))
+}
+
+/// Every file (data, sidecar, unfinished install) of inode `ino` in the
+/// store rooted at `root`, sorted.
+pub fn files_of(root: &Path, ino: u64) -> io::Result<Vec<PathBuf>> {
+    let dir = root.join(format!("{:03x}", ino % BUCKETS));
+    let mut out = Vec::new();
+    let rd = match fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for ent in rd {
+        let ent = ent?;
+        if let Some((i, _, _)) = ent.file_name().to_str().and_then(parse_chunk_name) {
+            if i == ino {
+                out.push(ent.path());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 fn fsync_dir(path: &Path) -> Result<()> {
     File::open(path)
         .and_then(|d| d.sync_all())
@@ -522,27 +599,37 @@ impl ChunkStore {
             open_chunks: Mutex::new(LruCache::new(
                 NonZeroUsize::new(open_chunks.max(1)).unwrap_or(NonZeroUsize::MIN),
             )),
+            buckets: (0..BUCKETS)
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
         };
-        let (mut used, mut chunks) = (0u64, 0u64);
         for ent in fs::read_dir(&store.root).map_err(io_err(&store.root))? {
             let ent = ent.map_err(io_err(&store.root))?;
-            let name = ent.file_name();
-            if name.to_str().and_then(parse_hex_name).is_none() {
-                continue;
+            if let Some(b) = ent.file_name().to_str().and_then(parse_bucket_name) {
+                store.buckets[b as usize].store(true, Ordering::Relaxed);
             }
-            let dir = ent.path();
-            if !dir.is_dir() {
-                continue;
-            }
+        }
+        store.move_old_layout()?;
+        let (mut used, mut chunks) = (0u64, 0u64);
+        for b in store.made_buckets() {
+            let dir = store.bucket(b);
             for f in fs::read_dir(&dir).map_err(io_err(&dir))? {
                 let f = f.map_err(io_err(&dir))?;
-                if f.file_name().to_str().and_then(parse_hex_name).is_none() {
-                    continue;
-                }
-                let md = f.metadata().map_err(io_err(&f.path()))?;
-                if md.is_file() {
-                    used += md.len();
-                    chunks += 1;
+                match f.file_name().to_str().and_then(parse_chunk_name) {
+                    Some((_, _, FileKind::Data)) => {
+                        let md = f.metadata().map_err(io_err(&f.path()))?;
+                        if md.is_file() {
+                            used += md.len();
+                            chunks += 1;
+                        }
+                    }
+                    // An install cut short by a crash: never renamed into
+                    // place, so nothing refers to it.
+                    Some((_, _, FileKind::Tmp)) => {
+                        let p = f.path();
+                        fs::remove_file(&p).map_err(io_err(&p))?;
+                    }
+                    _ => {}
                 }
             }
         }
@@ -578,17 +665,87 @@ impl ChunkStore {
             .map_err(|e| StoreError::Internal(format!("store task failed: {e}")))?
     }
 
+    fn bucket(&self, b: u64) -> PathBuf {
+        self.root.join(format!("{b:03x}"))
+    }
+
+    /// The directory holding `ino`'s chunk files.
     fn ino_dir(&self, ino: u64) -> PathBuf {
-        self.root.join(format!("{ino:016x}"))
+        self.bucket(ino % BUCKETS)
+    }
+
+    /// The buckets that exist.
+    fn made_buckets(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..BUCKETS).filter(|&b| self.buckets[b as usize].load(Ordering::Relaxed))
+    }
+
+    /// Makes `ino`'s bucket if it does not exist yet (durably: a chunk
+    /// synced in it must not vanish with it).
+    fn make_bucket(&self, ino: u64) -> Result<()> {
+        let b = ino % BUCKETS;
+        if self.buckets[b as usize].load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let dir = self.bucket(b);
+        match fs::create_dir(&dir) {
+            Ok(()) => fsync_dir(&self.root)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(&dir)(e)),
+        }
+        self.buckets[b as usize].store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Path of a chunk's data file.
     pub fn data_path(&self, ino: u64, index: u64) -> PathBuf {
-        self.ino_dir(ino).join(format!("{index:016x}"))
+        chunk_file(&self.root, ino, index)
     }
 
     fn meta_path(&self, ino: u64, index: u64) -> PathBuf {
-        self.ino_dir(ino).join(format!("{index:016x}{META_SUFFIX}"))
+        self.ino_dir(ino)
+            .join(format!("{}{META_SUFFIX}", chunk_name(ino, index)))
+    }
+
+    /// Moves the chunks of a store written with a directory per inode
+    /// (`ROOT/<ino>/<index>[.meta]`) into the buckets, then drops the
+    /// emptied directories. Files are renamed, so a crash midway leaves
+    /// every chunk in one place or the other, and the next open goes on.
+    fn move_old_layout(&self) -> Result<()> {
+        let mut moved = false;
+        for ent in fs::read_dir(&self.root).map_err(io_err(&self.root))? {
+            let ent = ent.map_err(io_err(&self.root))?;
+            let Some(ino) = ent.file_name().to_str().and_then(parse_hex_name) else {
+                continue;
+            };
+            let old = ent.path();
+            if !old.is_dir() {
+                continue;
+            }
+            self.make_bucket(ino)?;
+            for f in fs::read_dir(&old).map_err(io_err(&old))? {
+                let f = f.map_err(io_err(&old))?;
+                let name = f.file_name();
+                let Some(name) = name.to_str() else { continue };
+                let (stem, suffix) = match name.strip_suffix(META_SUFFIX) {
+                    Some(stem) => (stem, META_SUFFIX),
+                    None => (name, ""),
+                };
+                let Some(index) = parse_hex_name(stem) else {
+                    continue; // an unfinished install: dropped with the directory
+                };
+                let to = self
+                    .ino_dir(ino)
+                    .join(format!("{}{suffix}", chunk_name(ino, index)));
+                fs::rename(f.path(), &to).map_err(io_err(&to))?;
+            }
+            fsync_dir(&self.ino_dir(ino))?;
+            fs::remove_dir_all(&old).map_err(io_err(&old))?;
+            moved = true;
+        }
+        if moved {
+            fsync_dir(&self.root)?;
+        }
+        Ok(())
     }
 
     fn lock_ino_shared(&self, ino: u64) -> RwLockReadGuard<'_, ()> {
@@ -747,13 +904,8 @@ impl ChunkStore {
     }
 
     /// Creates a new, empty chunk's files (the caller holds its lock).
-    fn create_chunk(&self, ino: u64, index: u64) -> Result<(OpenRef, bool)> {
-        let dir = self.ino_dir(ino);
-        let mut created_dir = false;
-        if !dir.is_dir() {
-            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-            created_dir = true;
-        }
+    fn create_chunk(&self, ino: u64, index: u64) -> Result<OpenRef> {
+        self.make_bucket(ino)?;
         let dpath = self.data_path(ino, index);
         let mpath = self.meta_path(ino, index);
         let data = OpenOptions::new()
@@ -778,7 +930,7 @@ impl ChunkStore {
                 crcs: Vec::new(),
             },
         };
-        Ok((self.remember(ino, index, oc), created_dir))
+        Ok(self.remember(ino, index, oc))
     }
 
     fn remember(&self, ino: u64, index: u64, oc: OpenChunk) -> OpenRef {
@@ -936,12 +1088,9 @@ impl ChunkStore {
                 version
             }
         };
-        let (entry, existed, created_dir) = match found {
-            Some(c) => (c, true, false),
-            None => {
-                let (c, d) = self.create_chunk(ino, index)?;
-                (c, false, d)
-            }
+        let (entry, existed) = match found {
+            Some(c) => (c, true),
+            None => (self.create_chunk(ino, index)?, false),
         };
         let mut oc = lock_open(&entry);
         let old_meta_len = oc.meta.encoded_len();
@@ -967,9 +1116,6 @@ impl ChunkStore {
                     oc.data.sync_all().map_err(io_err(&dpath))?;
                     if !existed {
                         fsync_dir(&self.ino_dir(ino))?;
-                    }
-                    if created_dir {
-                        fsync_dir(&self.root)?;
                     }
                 }
                 Ok(())
@@ -1101,8 +1247,7 @@ impl ChunkStore {
         if !self.sync_files(ino, index)? {
             return Ok(());
         }
-        fsync_dir(&self.ino_dir(ino))?;
-        fsync_dir(&self.root)
+        fsync_dir(&self.ino_dir(ino))
     }
 
     fn mark_dirty(&self, ino: u64, index: u64) {
@@ -1134,11 +1279,7 @@ impl ChunkStore {
                 for &index in &indexes {
                     self.sync_files(ino, index)?;
                 }
-                let dir = self.ino_dir(ino);
-                if dir.is_dir() {
-                    fsync_dir(&dir)?;
-                }
-                fsync_dir(&self.root)
+                fsync_dir(&self.ino_dir(ino))
             })();
             if let Err(e) = r {
                 let mut g = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
@@ -1153,38 +1294,24 @@ impl ChunkStore {
     /// version and length (`None` when its metadata is corrupt).
     pub fn list(&self, mut want: impl FnMut(u64, u64) -> bool) -> Result<Vec<ListedChunk>> {
         let mut out = Vec::new();
-        let rd = match fs::read_dir(&self.root) {
-            Ok(rd) => rd,
-            Err(e) => return Err(io_err(&self.root)(e)),
-        };
-        let mut inos = Vec::new();
-        for ent in rd {
-            let ent = ent.map_err(io_err(&self.root))?;
-            if let Some(ino) = ent.file_name().to_str().and_then(parse_hex_name) {
-                inos.push(ino);
+        for (ino, index) in self.all_chunks()? {
+            if !want(ino, index) {
+                continue;
             }
-        }
-        inos.sort_unstable();
-        for ino in inos {
-            for index in self.indexes(ino)? {
-                if !want(ino, index) {
-                    continue;
-                }
-                let _i = self.lock_ino_shared(ino);
-                let _c = self.lock_chunk(ino, index);
-                let (state, digest) = match self.meta_of(ino, index) {
-                    Ok(Some(m)) => (Some((m.version, m.len)), m.digest()),
-                    Ok(None) => continue,
-                    Err(StoreError::Corruption { .. }) => (None, 0),
-                    Err(e) => return Err(e),
-                };
-                out.push(ListedChunk {
-                    ino,
-                    index,
-                    state,
-                    digest,
-                });
-            }
+            let _i = self.lock_ino_shared(ino);
+            let _c = self.lock_chunk(ino, index);
+            let (state, digest) = match self.meta_of(ino, index) {
+                Ok(Some(m)) => (Some((m.version, m.len)), m.digest()),
+                Ok(None) => continue,
+                Err(StoreError::Corruption { .. }) => (None, 0),
+                Err(e) => return Err(e),
+            };
+            out.push(ListedChunk {
+                ino,
+                index,
+                state,
+                digest,
+            });
         }
         Ok(out)
     }
@@ -1223,15 +1350,13 @@ impl ChunkStore {
             }
             Err(e) => return Err(e),
         };
+        self.make_bucket(ino)?;
         let dir = self.ino_dir(ino);
-        let created_dir = !dir.is_dir();
-        if created_dir {
-            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        }
         let dpath = self.data_path(ino, index);
         let mpath = self.meta_path(ino, index);
-        let dtmp = dir.join(format!("{index:016x}.tmp"));
-        let mtmp = dir.join(format!("{index:016x}{META_SUFFIX}.tmp"));
+        let name = chunk_name(ino, index);
+        let dtmp = dir.join(format!("{name}{TMP_SUFFIX}"));
+        let mtmp = dir.join(format!("{name}{META_SUFFIX}{TMP_SUFFIX}"));
         let f = OpenOptions::new()
             .write(true)
             .create(true)
@@ -1261,9 +1386,6 @@ impl ChunkStore {
         fs::rename(&dtmp, &dpath).map_err(io_err(&dpath))?;
         fs::rename(&mtmp, &mpath).map_err(io_err(&mpath))?;
         fsync_dir(&dir)?;
-        if created_dir {
-            fsync_dir(&self.root)?;
-        }
         if existed {
             self.used.fetch_sub(old_len, Ordering::Relaxed);
         } else {
@@ -1426,18 +1548,33 @@ impl ChunkStore {
     fn indexes(&self, ino: u64) -> Result<BTreeSet<u64>> {
         let dir = self.ino_dir(ino);
         let mut out = BTreeSet::new();
-        let rd = match fs::read_dir(&dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(io_err(&dir)(e)),
-        };
-        for ent in rd {
+        if !self.buckets[(ino % BUCKETS) as usize].load(Ordering::Acquire) {
+            return Ok(out);
+        }
+        for ent in fs::read_dir(&dir).map_err(io_err(&dir))? {
             let ent = ent.map_err(io_err(&dir))?;
-            let name = ent.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let stem = name.strip_suffix(META_SUFFIX).unwrap_or(name);
-            if let Some(i) = parse_hex_name(stem) {
-                out.insert(i);
+            match ent.file_name().to_str().and_then(parse_chunk_name) {
+                Some((i, index, FileKind::Data | FileKind::Meta)) if i == ino => {
+                    out.insert(index);
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every chunk stored here (data or metadata file), in order.
+    fn all_chunks(&self) -> Result<BTreeSet<(u64, u64)>> {
+        let mut out = BTreeSet::new();
+        for b in self.made_buckets() {
+            let dir = self.bucket(b);
+            for ent in fs::read_dir(&dir).map_err(io_err(&dir))? {
+                let ent = ent.map_err(io_err(&dir))?;
+                if let Some((ino, index, FileKind::Data | FileKind::Meta)) =
+                    ent.file_name().to_str().and_then(parse_chunk_name)
+                {
+                    out.insert((ino, index));
+                }
             }
         }
         Ok(out)
@@ -1610,14 +1747,8 @@ impl ChunkStore {
 
     /// Inode numbers with chunks stored here.
     pub fn inos(&self) -> Result<Vec<u64>> {
-        let mut out = Vec::new();
-        for ent in fs::read_dir(&self.root).map_err(io_err(&self.root))? {
-            let ent = ent.map_err(io_err(&self.root))?;
-            if let Some(ino) = ent.file_name().to_str().and_then(parse_hex_name) {
-                out.push(ino);
-            }
-        }
-        out.sort_unstable();
+        let mut out: Vec<u64> = self.all_chunks()?.into_iter().map(|c| c.0).collect();
+        out.dedup();
         Ok(out)
     }
 
@@ -1627,26 +1758,21 @@ impl ChunkStore {
             return Err(StoreError::InvalidArgument("ino must not be 0".into()));
         }
         let _i = self.lock_ino_exclusive(ino);
-        let dir = self.ino_dir(ino);
-        if !dir.exists() {
+        let indexes = self.indexes(ino)?;
+        if indexes.is_empty() {
             return Ok(());
         }
         // Each closes its chunk first. (This used to walk every open chunk
         // per deleted inode under the cache lock, which stalled all reads
         // while the GC removed thousands of files.)
-        for index in self.indexes(ino)? {
+        for index in indexes {
             self.remove_chunk_files(ino, index)?;
         }
         self.dirty
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&ino);
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(&dir)(e)),
-        }
-        fsync_dir(&self.root)
+        fsync_dir(&self.ino_dir(ino))
     }
 }
 
@@ -1905,7 +2031,7 @@ mod tests {
         s.delete_object(7).expect("delete");
         assert_eq!(s.chunk_count(), 0);
         assert_eq!(s.used_bytes(), 0);
-        assert!(!s.root().join(format!("{:016x}", 7)).exists());
+        assert_eq!(files_of(s.root(), 7).expect("list"), Vec::<PathBuf>::new());
         s.delete_object(7).expect("delete twice");
         s.truncate_object(7, 0, CS).expect("truncate missing");
     }
@@ -2351,11 +2477,11 @@ mod tests {
         // Data written, sidecar not (crash between the two writes).
         let f = OpenOptions::new()
             .write(true)
-            .open(root.join(format!("{:016x}/{:016x}", 41, 1)))
+            .open(chunk_file(&root, 41, 1))
             .expect("data");
         f.write_all_at(b"new bytes", 7).expect("write");
         // Sidecar torn: the first half of a new sidecar over the old one.
-        let mpath = root.join(format!("{:016x}/{:016x}.meta", 41, 2));
+        let mpath = s_meta_path(&root, 41, 2);
         let old = fs::read(&mpath).expect("meta");
         let newer = ChunkMeta {
             version: 9,
@@ -2503,5 +2629,57 @@ mod tests {
                 prop_assert_eq!(s.chunk_count(), model.iter().flatten().count() as u64);
             }
         }
+    }
+
+    /// A chunk's sidecar path (the store is closed).
+    fn s_meta_path(root: &Path, ino: u64, index: u64) -> PathBuf {
+        let mut p = chunk_file(root, ino, index).into_os_string();
+        p.push(META_SUFFIX);
+        PathBuf::from(p)
+    }
+
+    #[test]
+    fn a_store_with_a_directory_per_inode_is_moved_into_buckets() {
+        let t = tempfile::tempdir().expect("tmp");
+        let root = t.path().join("chunks");
+        {
+            let s = ChunkStore::open(&root).expect("open");
+            w(&s, 0x1234, 0, 0, b"first chunk");
+            w(&s, 0x1234, 3, 5, b"fourth");
+            w(&s, 0x99, 0, 0, b"other");
+        }
+        // Rewrite the files as the older layout had them.
+        for (ino, index) in [(0x1234u64, 0u64), (0x1234, 3), (0x99, 0)] {
+            let old = root.join(format!("{ino:016x}"));
+            fs::create_dir_all(&old).expect("dir");
+            fs::rename(
+                chunk_file(&root, ino, index),
+                old.join(format!("{index:016x}")),
+            )
+            .expect("data");
+            fs::rename(
+                s_meta_path(&root, ino, index),
+                old.join(format!("{index:016x}{META_SUFFIX}")),
+            )
+            .expect("meta");
+        }
+        fs::write(
+            root.join(format!("{:016x}/{:016x}.tmp", 0x1234, 7)),
+            b"junk",
+        )
+        .expect("tmp");
+        let s = ChunkStore::open(&root).expect("reopen");
+        assert_eq!(s.chunk_count(), 3);
+        assert_eq!(r(&s, 0x1234, 0, 0, 11), b"first chunk");
+        assert_eq!(r(&s, 0x1234, 3, 5, 6), b"fourth");
+        assert_eq!(r(&s, 0x99, 0, 0, 5), b"other");
+        assert!(!root.join(format!("{:016x}", 0x1234)).exists());
+        assert_eq!(s.inos().expect("inos"), vec![0x99, 0x1234]);
+        s.delete_object(0x1234).expect("delete");
+        assert_eq!(
+            files_of(&root, 0x1234).expect("files"),
+            Vec::<PathBuf>::new()
+        );
+        assert_eq!(s.chunk_count(), 1);
     }
 }

@@ -1,6 +1,7 @@
 //! Three in-process OSDs and a minimal fake MDS on 127.0.0.1: replication,
 //! degraded writes and quorum failure.
 
+use avalon_osd::chunk_store::chunk_file;
 use avalon_osd::Config;
 use avalon_proto::pb::meta_server::{Meta, MetaServer};
 use avalon_proto::pb::osd_client::OsdClient;
@@ -369,10 +370,7 @@ async fn replicate_degrade_and_fail() {
         })
         .await;
         assert_eq!(got.0, data);
-        let path = osds[by_addr(m)]
-            .dir
-            .path()
-            .join(format!("chunks/{ino:016x}/{:016x}", 0));
+        let path = chunk_file(&osds[by_addr(m)].dir.path().join("chunks"), ino, 0);
         assert_eq!(std::fs::metadata(&path).expect("chunk file").len(), 101_000);
     }
     // The hole before the data reads as zeros; past the end is short.
@@ -404,10 +402,7 @@ async fn replicate_degrade_and_fail() {
 
     // A flipped byte on a replica's disk is reported as DataLoss.
     let victim = members[2].clone();
-    let path = osds[by_addr(&victim)]
-        .dir
-        .path()
-        .join(format!("chunks/{ino:016x}/{:016x}", 0));
+    let path = chunk_file(&osds[by_addr(&victim)].dir.path().join("chunks"), ino, 0);
     let mut raw = std::fs::read(&path).expect("raw");
     raw[5000] ^= 0xff;
     std::fs::write(&path, &raw).expect("flip");

@@ -41,7 +41,7 @@ fn sha_stream(path: &Path) -> Vec<u8> {
 fn chunk_copies(dir: &Path, ino: u64, index: u64) -> usize {
     (1..=3)
         .filter(|n| {
-            dir.join(format!("osd{n}/chunks/{ino:016x}/{index:016x}"))
+            avalon_osd::chunk_store::chunk_file(&dir.join(format!("osd{n}/chunks")), ino, index)
                 .exists()
         })
         .count()

@@ -534,10 +534,13 @@ fn open_unlinked_file_lives_until_close_then_gc() {
     std::fs::write(&p, &data).expect("write");
     let ino = std::fs::metadata(&p).expect("stat").ino();
     let root = tc.dir.path().to_path_buf();
+    // The chunk files of the inode, on every OSD.
     let chunk_dirs = move || -> Vec<PathBuf> {
         (1..=3)
-            .map(|n| root.join(format!("osd{n}/chunks/{ino:016x}")))
-            .filter(|d| d.exists())
+            .flat_map(|n| {
+                avalon_osd::chunk_store::files_of(&root.join(format!("osd{n}/chunks")), ino)
+                    .unwrap_or_default()
+            })
             .collect()
     };
     assert!(

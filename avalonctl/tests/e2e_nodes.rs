@@ -91,11 +91,7 @@ fn osd_id(c: &LocalCluster, map: &ClusterMap, n: u64) -> u64 {
 }
 
 fn chunk_path(c: &LocalCluster, n: u64, ino: u64, index: u64) -> PathBuf {
-    c.dir
-        .join(format!("osd{n}"))
-        .join("chunks")
-        .join(format!("{ino:016x}"))
-        .join(format!("{index:016x}"))
+    avalon_osd::chunk_store::chunk_file(&c.dir.join(format!("osd{n}/chunks")), ino, index)
 }
 
 /// (ino, chunk count, content digest) of every file.
@@ -171,7 +167,11 @@ fn chunk_count_on(c: &LocalCluster, n: u64) -> usize {
         if let Ok(r) = std::fs::read_dir(e.path()) {
             k += r
                 .flatten()
-                .filter(|f| !f.file_name().to_string_lossy().contains('.'))
+                .filter(|f| {
+                    let name = f.file_name();
+                    let name = name.to_string_lossy();
+                    !name.ends_with(".meta") && !name.ends_with(".tmp")
+                })
                 .count();
         }
     }
@@ -403,11 +403,10 @@ fn deleted_space_returns_on_all_osds() {
     let used_before = statfs_used(&c.mountpoint());
     let holds = |c: &LocalCluster, n: u64| {
         inos.values().any(|ino| {
-            c.dir
-                .join(format!("osd{n}"))
-                .join("chunks")
-                .join(format!("{ino:016x}"))
-                .exists()
+            let root = c.dir.join(format!("osd{n}/chunks"));
+            !avalon_osd::chunk_store::files_of(&root, *ino)
+                .unwrap_or_default()
+                .is_empty()
         })
     };
     assert!((1..=3).all(|n| holds(c, n)));

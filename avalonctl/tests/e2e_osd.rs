@@ -51,17 +51,18 @@ fn osd_chunks_dir(c: &LocalCluster, n: u64) -> PathBuf {
 /// Digest of every chunk file (data and metadata) of `ino` on OSD `n`,
 /// keyed by file name.
 fn chunk_files(c: &LocalCluster, n: u64, ino: u64) -> BTreeMap<String, Vec<u8>> {
-    let dir = osd_chunks_dir(c, n).join(format!("{ino:016x}"));
+    let files = avalon_osd::chunk_store::files_of(&osd_chunks_dir(c, n), ino);
     let mut out = BTreeMap::new();
-    let Ok(rd) = std::fs::read_dir(&dir) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
+    for p in files.unwrap_or_default() {
+        let name = p
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         if name.ends_with(".tmp") {
             continue;
         }
-        if let Ok(b) = std::fs::read(e.path()) {
+        if let Ok(b) = std::fs::read(&p) {
             out.insert(name, sha(&b));
         }
     }
@@ -69,7 +70,7 @@ fn chunk_files(c: &LocalCluster, n: u64, ino: u64) -> BTreeMap<String, Vec<u8>> 
 }
 
 fn data_chunk_count(files: &BTreeMap<String, Vec<u8>>) -> usize {
-    files.keys().filter(|k| !k.contains('.')).count()
+    files.keys().filter(|k| !k.ends_with(".meta")).count()
 }
 
 /// True when all three OSDs hold identical chunk files for `ino`, with
@@ -132,9 +133,13 @@ fn replicated_on_disk_and_corruption_repaired() {
     for n in 1..=3 {
         let total: u64 = (0..4u64)
             .map(|i| {
-                std::fs::metadata(osd_chunks_dir(c, n).join(format!("{ino:016x}/{i:016x}")))
-                    .expect("chunk file")
-                    .len()
+                std::fs::metadata(avalon_osd::chunk_store::chunk_file(
+                    &osd_chunks_dir(c, n),
+                    ino,
+                    i,
+                ))
+                .expect("chunk file")
+                .len()
             })
             .sum();
         assert_eq!(total, bytes.len() as u64, "osd{n} stores the whole file");
@@ -144,7 +149,7 @@ fn replicated_on_disk_and_corruption_repaired() {
     // sequential read fetches whole chunks, starting at the up member
     // chosen by chunk index (reads spread over replicas).
     let victim = whole_chunk_reader(c, ino, 1);
-    let file = osd_chunks_dir(c, victim).join(format!("{ino:016x}/{:016x}", 1));
+    let file = avalon_osd::chunk_store::chunk_file(&osd_chunks_dir(c, victim), ino, 1);
     let good = std::fs::read(&file).expect("chunk");
     let mut bad = good.clone();
     for b in &mut bad[1000..1010] {
