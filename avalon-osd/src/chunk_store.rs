@@ -688,8 +688,10 @@ impl ChunkStore {
         }
         let dir = self.bucket(b);
         match fs::create_dir(&dir) {
+            // Also when another thread just made it: its fsync of the root
+            // may not have happened yet.
             Ok(()) => fsync_dir(&self.root)?,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => fsync_dir(&self.root)?,
             Err(e) => return Err(io_err(&dir)(e)),
         }
         self.buckets[b as usize].store(true, Ordering::Release);

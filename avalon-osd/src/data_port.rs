@@ -1,7 +1,7 @@
 //! The data port: chunk reads and writes over [`avalon_proto::data_wire`]
-//! on the gRPC port. Each accepted connection is classified by its first bytes: one
-//! that opens with the data-wire magic is served here, every other one is
-//! handed to the gRPC server.
+//! on the gRPC port. Each accepted connection is classified by its first
+//! bytes: one that opens with the data-wire magic is served here, every
+//! other one is handed to the gRPC server.
 
 use crate::osd_service::OsdService;
 use avalon_proto::data_wire::{self, MAGIC, MAX_REQUEST_BYTES, READ_CHUNK, WRITE_CHUNK};
