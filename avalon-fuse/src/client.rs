@@ -14,6 +14,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
+/// The extended attribute holding a file's SELinux label.
+const SELINUX_XATTR: &[u8] = b"security.selinux";
+
 /// Per-inode state the client keeps while it has written data whose size
 /// the MDS has not been told yet.
 #[derive(Debug, Clone, Copy, Default)]
@@ -127,6 +130,8 @@ pub struct Client {
     /// Writes acknowledged to the kernel, not yet sent to the OSDs.
     pub(crate) wbuf: crate::write_buffer::WriteBuffer,
     atime_mode: AtimeMode,
+    /// Whether `security.selinux` is stored (mount option `selinux`).
+    selinux_labels: bool,
     /// Files opened since their atime was due (see [`Client::note_open_atime`]):
     /// the next read updates it, so at most one MDS write per open.
     atime_due: DashSet<u64>,
@@ -195,6 +200,7 @@ impl Client {
                 crate::write_buffer::WriteBuffer::budget_from_env(),
             ),
             atime_mode: AtimeMode::default(),
+            selinux_labels: false,
             atime_due: DashSet::new(),
         })
     }
@@ -203,6 +209,26 @@ impl Client {
     pub fn set_cache_budget(&mut self, bytes: u64) {
         let chunks = bytes / u64::from(avalon_proto::limits::DEFAULT_CHUNK_SIZE);
         self.cache = crate::chunk_cache::ChunkCache::new(chunks as usize);
+    }
+
+    /// Stores SELinux labels (`security.selinux`) like any other xattr
+    /// (before sharing the client). Off by default, as GlusterFS's
+    /// `selinux` mount option: without a security module answering for it
+    /// in the kernel, ls -l asks for it on every file, and an EOPNOTSUPP
+    /// lets it stop asking after the first instead of a round trip each.
+    pub fn set_selinux_labels(&mut self, on: bool) {
+        self.selinux_labels = on;
+    }
+
+    /// The error for `name` if it is an SELinux label and labels are off.
+    fn unstored_xattr(&self, name: &[u8]) -> Result<()> {
+        if !self.selinux_labels && name == SELINUX_XATTR {
+            return Err(ClientError::posix(
+                libc::EOPNOTSUPP,
+                "SELinux labels are not stored (mount option selinux)",
+            ));
+        }
+        Ok(())
     }
 
     /// Sets when reads update access times (before sharing the client).
@@ -875,6 +901,7 @@ impl Client {
 
     /// Sets an extended attribute.
     pub async fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: u32) -> Result<()> {
+        self.unstored_xattr(name)?;
         let req = pb::SetXattrRequest {
             header: self.header(),
             ino,
@@ -890,9 +917,10 @@ impl Client {
 
     /// Value of an extended attribute.
     pub async fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Bytes> {
+        self.unstored_xattr(name)?;
         // The kernel asks for security.capability before every write and
-        // ls -l for security.selinux of every file: answer from the cache
-        // while the lease holds (setxattr elsewhere recalls the inode).
+        // ls -l for system.posix_acl_access of every file: answer from the
+        // cache while the lease holds (setxattr elsewhere recalls the inode).
         match self.meta.xattr(ino, name) {
             Some(Some(v)) => return Ok(v),
             Some(None) => return Err(ClientError::posix(libc::ENODATA, "no such attribute")),
@@ -931,11 +959,16 @@ impl Client {
         let r = self
             .rpc(req, |mut c, r| async move { c.list_xattr(r).await })
             .await?;
-        Ok(r.names)
+        let mut names = r.names;
+        if !self.selinux_labels {
+            names.retain(|n| n.as_ref() != SELINUX_XATTR);
+        }
+        Ok(names)
     }
 
     /// Removes an extended attribute.
     pub async fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+        self.unstored_xattr(name)?;
         let req = pb::XattrRequest {
             header: self.header(),
             ino,

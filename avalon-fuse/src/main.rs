@@ -34,7 +34,8 @@ struct Args {
     mountpoint: PathBuf,
     /// Mount options, comma separated (ro, rw, allow_other, noatime, log=FILE,
     /// log_level=LEVEL, connect_timeout=SECS, threads=N, fsname=NAME, cache_mb=MB,
-    /// nosubtype; _netdev, defaults, nofail and x-* are accepted and ignored).
+    /// nosubtype, selinux; _netdev, defaults, nofail and x-* are accepted and
+    /// ignored).
     #[arg(short = 'o')]
     options: Vec<String>,
     /// Stay in the foreground (do not detach).
@@ -73,6 +74,8 @@ struct Opts {
     /// never on a read-only mount).
     atime: AtimeMode,
     read_only: bool,
+    /// Store SELinux labels (security.selinux); off: EOPNOTSUPP.
+    selinux: bool,
 }
 
 /// Session heartbeat period: a quarter of the MDS's default 1 s lease.
@@ -149,6 +152,7 @@ fn parse_opts(list: &[String]) -> anyhow::Result<Opts> {
                 )
             }
             ("nosubtype", None) => o.subtype = false,
+            ("selinux", None) => o.selinux = true,
             ("keyfile", Some(_)) => {} // reserved for client keys (security issue)
             ("nodiratime" | "diratime" | "lazytime" | "nolazytime" | "silent" | "loud", None) => {}
             (
@@ -282,6 +286,7 @@ fn run_foreground(args: &Args) -> anyhow::Result<()> {
         })?;
     let mut client = client;
     client.set_cache_budget(opts.cache_mb.unwrap_or(128) << 20);
+    client.set_selinux_labels(opts.selinux);
     client.set_atime_mode(if opts.read_only {
         AtimeMode::Never
     } else {

@@ -663,3 +663,77 @@ fn listings_read_ahead_never_hide_changes() {
         assert!(sorted_names(&a.join("s7")).contains(&mine), "round {round}");
     }
 }
+
+/// getxattr: the value, or the errno.
+fn getxattr_errno(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    let (path, name) = (cpath(p), std::ffi::CString::new(name).unwrap());
+    let mut buf = [0u8; 256];
+    // SAFETY: valid C strings and a buffer of the length given.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    Ok(buf[..n as usize].to_vec())
+}
+
+/// listxattr: the names.
+fn listxattr(p: &Path) -> Vec<String> {
+    let path = cpath(p);
+    let mut buf = [0u8; 1024];
+    // SAFETY: a valid C string and a buffer of the length given.
+    let n = unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(n >= 0, "listxattr: {}", std::io::Error::last_os_error());
+    buf[..n as usize]
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect()
+}
+
+#[test]
+fn selinux_labels_are_stored_only_with_the_selinux_option() {
+    let tc = TestCluster::start(1, 3);
+    let labelled = SecondMount::with_options(
+        tc.cluster.as_ref().unwrap(),
+        tc.dir.path().join("mnt-selinux"),
+        "selinux",
+    );
+    let (pa, pb) = (tc.mnt().join("f"), labelled.path.join("f"));
+    std::fs::write(&pa, b"x").unwrap();
+    const LABEL: &str = "security.selinux";
+    // Without the option the filesystem has no SELinux labels (ls -l
+    // stops asking after one file) ...
+    assert_eq!(getxattr_errno(&pa, LABEL), Err(libc::EOPNOTSUPP));
+    let (path, name) = (cpath(&pa), std::ffi::CString::new(LABEL).unwrap());
+    // SAFETY: valid C strings and a value of the length given.
+    let r = unsafe { libc::setxattr(path.as_ptr(), name.as_ptr(), b"l".as_ptr().cast(), 1, 0) };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EOPNOTSUPP)
+    );
+    // ... while other security attributes and user ones are stored.
+    setxattr(&pa, "security.avalon-test", "s");
+    setxattr(&pa, "user.note", "u");
+    assert_eq!(getxattr(&pb, "security.avalon-test").as_deref(), Some("s"));
+    // With it, labels are stored like any attribute.
+    assert_eq!(getxattr_errno(&pb, LABEL), Err(libc::ENODATA));
+    setxattr(&pb, LABEL, "system_u:object_r:avalon_t:s0");
+    assert_eq!(
+        getxattr(&pb, LABEL).as_deref(),
+        Some("system_u:object_r:avalon_t:s0")
+    );
+    assert!(listxattr(&pb).contains(&LABEL.to_string()));
+    // The mount without the option neither shows nor removes it.
+    assert!(!listxattr(&pa).contains(&LABEL.to_string()));
+    assert_eq!(getxattr_errno(&pa, LABEL), Err(libc::EOPNOTSUPP));
+    removexattr(&pb, LABEL);
+    assert_eq!(getxattr_errno(&pb, LABEL), Err(libc::ENODATA));
+}

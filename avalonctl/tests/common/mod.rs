@@ -136,15 +136,24 @@ pub struct SecondMount {
 
 impl SecondMount {
     pub fn new(c: &LocalCluster, path: PathBuf) -> SecondMount {
+        Self::with_options(c, path, "")
+    }
+
+    /// A second mount with more mount options (`,`-separated, may be "").
+    pub fn with_options(c: &LocalCluster, path: PathBuf, options: &str) -> SecondMount {
         std::fs::create_dir_all(&path).unwrap();
         let source = c.layout.source();
         let bin = avalonctl::local_cluster::default_bin_dir().join("avalon-fuse");
         let log = path.with_extension("log");
+        let mut opts = format!("log={}", log.display());
+        if !options.is_empty() {
+            opts = format!("{opts},{options}");
+        }
         run(Command::new(bin)
             .arg(&source)
             .arg(&path)
             .arg("-o")
-            .arg(format!("log={}", log.display())));
+            .arg(opts));
         assert!(avalonctl::local_cluster::is_mounted(&path));
         SecondMount { path, source }
     }
