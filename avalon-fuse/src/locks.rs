@@ -43,6 +43,27 @@ use tokio::sync::Notify;
 
 /// (session, inode, owner) that may hold locks on the MDS.
 static HELD: LazyLock<DashSet<(u64, u64, u64)>> = LazyLock::new(DashSet::new);
+/// (session, inode) -> how many owners in [`HELD`] name it.
+static HELD_INODES: LazyLock<DashMap<(u64, u64), usize>> = LazyLock::new(DashMap::new);
+
+/// Notes that `owner` may hold locks on `ino`.
+fn mark_held(session: u64, ino: u64, owner: u64) {
+    if HELD.insert((session, ino, owner)) {
+        *HELD_INODES.entry((session, ino)).or_insert(0) += 1;
+    }
+}
+
+/// Forgets `owner`'s mark on `ino`; false if it had none.
+fn unmark_held(session: u64, ino: u64, owner: u64) -> bool {
+    if HELD.remove(&(session, ino, owner)).is_none() {
+        return false;
+    }
+    if let Some(mut n) = HELD_INODES.get_mut(&(session, ino)) {
+        *n = n.saturating_sub(1);
+    }
+    HELD_INODES.remove_if(&(session, ino), |_, n| *n == 0);
+    true
+}
 
 /// An open file's inode and the lock owners that set locks through it.
 type FileOwners = (u64, Vec<u64>);
@@ -164,7 +185,7 @@ pub async fn finish_release(c: &Client, r: Release) -> Result<()> {
 /// Waits until no release of a lock-holding open file of `ino` is under way.
 async fn wait_releases(c: &Client, ino: u64) {
     let key = (c.session_id(), ino);
-    if HELD.iter().any(|k| k.0 == key.0 && k.1 == ino) {
+    if HELD_INODES.contains_key(&key) {
         earlier_requests_handled().await;
     }
     loop {
@@ -216,7 +237,7 @@ static FUSE_THREADS: LazyLock<Vec<u32>> = LazyLock::new(|| {
 fn reading_device(tid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")) {
         // "running", or the number and arguments of the syscall it waits in.
-        Ok(s) => s.split(' ').next() == Some(&libc::SYS_read.to_string()),
+        Ok(s) => s.split(' ').next().and_then(|n| n.parse().ok()) == Some(libc::SYS_read),
         Err(_) => true,
     }
 }
@@ -275,7 +296,7 @@ pub async fn setlk(
     if typ != libc::F_UNLCK {
         // Before the request: a close racing with it must not skip the
         // release.
-        HELD.insert((c.session_id(), ino, owner));
+        mark_held(c.session_id(), ino, owner);
     }
     let mut wait = FIRST_WAIT;
     loop {
@@ -312,7 +333,7 @@ pub async fn release_owner(c: &Client, ino: u64, owner: u64) -> Result<()> {
 /// (Not the other open files' records of the owner: after a release the
 /// owner's address may already name a newly opened file.)
 async fn drop_locks(c: &Client, ino: u64, owner: u64) -> Result<()> {
-    if HELD.remove(&(c.session_id(), ino, owner)).is_none() {
+    if !unmark_held(c.session_id(), ino, owner) {
         return Ok(());
     }
     let req = pb::ReleaseLocksRequest {
