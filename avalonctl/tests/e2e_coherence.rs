@@ -141,6 +141,17 @@ fn cpath(p: &Path) -> std::ffi::CString {
 }
 
 fn getxattr(p: &Path, name: &str) -> Option<String> {
+    match getxattr_errno(p, name) {
+        Ok(v) => Some(String::from_utf8_lossy(&v).into_owned()),
+        Err(e) => {
+            assert_eq!(e, libc::ENODATA, "getxattr: errno {e}");
+            None
+        }
+    }
+}
+
+/// getxattr: the value, or the errno.
+fn getxattr_errno(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
     let (path, name) = (cpath(p), std::ffi::CString::new(name).unwrap());
     let mut buf = [0u8; 256];
     // SAFETY: valid C strings and a buffer of the length given.
@@ -153,11 +164,9 @@ fn getxattr(p: &Path, name: &str) -> Option<String> {
         )
     };
     if n < 0 {
-        let e = std::io::Error::last_os_error();
-        assert_eq!(e.raw_os_error(), Some(libc::ENODATA), "getxattr: {e}");
-        return None;
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
     }
-    Some(String::from_utf8_lossy(&buf[..n as usize]).into_owned())
+    Ok(buf[..n as usize].to_vec())
 }
 
 fn setxattr(p: &Path, name: &str, value: &str) {
@@ -662,25 +671,6 @@ fn listings_read_ahead_never_hide_changes() {
         // And A sees B's.
         assert!(sorted_names(&a.join("s7")).contains(&mine), "round {round}");
     }
-}
-
-/// getxattr: the value, or the errno.
-fn getxattr_errno(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
-    let (path, name) = (cpath(p), std::ffi::CString::new(name).unwrap());
-    let mut buf = [0u8; 256];
-    // SAFETY: valid C strings and a buffer of the length given.
-    let n = unsafe {
-        libc::getxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
-    }
-    Ok(buf[..n as usize].to_vec())
 }
 
 /// listxattr: the names.
