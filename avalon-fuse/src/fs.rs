@@ -592,8 +592,7 @@ impl Filesystem for AvalonFs {
         self.spawn(async move {
             // Close-to-open: an open sees the size other clients committed.
             let flags = flags.0 as u32;
-            let r = c.open(ino, flags).await;
-            match r {
+            match c.open(ino, flags).await {
                 Ok((a, shared, keep)) => {
                     c.note_attr(&a);
                     let how_opened = flags as i32;

@@ -36,33 +36,39 @@
 use crate::client::Client;
 use crate::error::{ClientError, Result};
 use avalon_proto::pb;
-use dashmap::{DashMap, DashSet};
+use dashmap::DashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 use tokio::sync::Notify;
 
-/// (session, inode, owner) that may hold locks on the MDS.
-static HELD: LazyLock<DashSet<(u64, u64, u64)>> = LazyLock::new(DashSet::new);
-/// (session, inode) -> how many owners in [`HELD`] name it.
-static HELD_INODES: LazyLock<DashMap<(u64, u64), usize>> = LazyLock::new(DashMap::new);
+/// (session, inode) -> the owners that may hold locks on it at the MDS
+/// (one entry per inode, so "any lock here on this inode?" is one lookup).
+static HELD: LazyLock<DashMap<(u64, u64), Vec<u64>>> = LazyLock::new(DashMap::new);
+
+/// True if `owner` may hold locks on `ino`.
+fn is_held(session: u64, ino: u64, owner: u64) -> bool {
+    HELD.get(&(session, ino))
+        .is_some_and(|owners| owners.contains(&owner))
+}
 
 /// Notes that `owner` may hold locks on `ino`.
 fn mark_held(session: u64, ino: u64, owner: u64) {
-    if HELD.insert((session, ino, owner)) {
-        *HELD_INODES.entry((session, ino)).or_insert(0) += 1;
+    let mut owners = HELD.entry((session, ino)).or_default();
+    if !owners.contains(&owner) {
+        owners.push(owner);
     }
 }
 
 /// Forgets `owner`'s mark on `ino`; false if it had none.
 fn unmark_held(session: u64, ino: u64, owner: u64) -> bool {
-    if HELD.remove(&(session, ino, owner)).is_none() {
-        return false;
-    }
-    if let Some(mut n) = HELD_INODES.get_mut(&(session, ino)) {
-        *n = n.saturating_sub(1);
-    }
-    HELD_INODES.remove_if(&(session, ino), |_, n| *n == 0);
-    true
+    let key = (session, ino);
+    let found = HELD.get_mut(&key).is_some_and(|mut owners| {
+        let before = owners.len();
+        owners.retain(|o| *o != owner);
+        owners.len() != before
+    });
+    HELD.remove_if(&key, |_, owners| owners.is_empty());
+    found
 }
 
 /// An open file's inode and the lock owners that set locks through it.
@@ -157,7 +163,7 @@ pub fn begin_release(c: &Client, fh: u64, ino: u64, flock_owner: Option<u64>) ->
             owners.push(o);
         }
     }
-    owners.retain(|o| HELD.contains(&(c.session_id(), ino, *o)));
+    owners.retain(|o| is_held(c.session_id(), ino, *o));
     if owners.is_empty() {
         return None;
     }
@@ -185,7 +191,7 @@ pub async fn finish_release(c: &Client, r: Release) -> Result<()> {
 /// Waits until no release of a lock-holding open file of `ino` is under way.
 async fn wait_releases(c: &Client, ino: u64) {
     let key = (c.session_id(), ino);
-    if HELD_INODES.contains_key(&key) {
+    if HELD.contains_key(&key) {
         earlier_requests_handled().await;
     }
     loop {
@@ -316,7 +322,7 @@ pub async fn setlk(
 /// A close (flush): drops every lock the process `owner` holds on `ino`, if
 /// this client ever took one.
 pub async fn release_owner(c: &Client, ino: u64, owner: u64) -> Result<()> {
-    if !HELD.contains(&(c.session_id(), ino, owner)) {
+    if !is_held(c.session_id(), ino, owner) {
         return Ok(());
     }
     // The process's locks go now: open files it locked through must not
