@@ -9,6 +9,7 @@
 pub mod chunk_store;
 pub mod config;
 pub mod data_port;
+pub mod direct_io;
 pub mod error;
 pub mod maintenance;
 pub mod membership;
