@@ -22,6 +22,7 @@
 //! (truncate, delete) take a striped per-inode lock exclusively.
 
 use crate::direct_io;
+use crate::spare_files::{SpareFiles, MAX_SPARES};
 use avalon_proto::limits::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -47,6 +48,8 @@ const META_FORMAT: u32 = 2;
 const META_SUFFIX: &str = ".meta";
 /// Suffix of a chunk being installed whole (renamed into place when done).
 const TMP_SUFFIX: &str = ".tmp";
+/// Directory of the spare files (see `spare_files`), beside the buckets.
+const SPARE_DIR: &str = "spare";
 /// Directories the chunk files are spread over (by inode number).
 const BUCKETS: u64 = 4096;
 /// Header: magic, format, version, length, block count.
@@ -306,6 +309,12 @@ pub struct ChunkStore {
     buckets: Vec<AtomicBool>,
     /// Large writes go direct (off once the filesystem refused one).
     direct_writes: AtomicBool,
+    /// A bucket was made since the root's last fsync.
+    root_dirty: AtomicBool,
+    /// One fsync of the root at a time (see `sync_dir_of`).
+    root_sync: Mutex<()>,
+    /// Emptied files of removed chunks, reused for new ones.
+    spares: SpareFiles,
 }
 
 /// A chunk whose files are open, with its metadata as last stored.
@@ -618,6 +627,8 @@ impl ChunkStore {
     pub fn open_with_cache(root: impl Into<PathBuf>, open_chunks: usize) -> Result<ChunkStore> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(io_err(&root))?;
+        let spare_dir = root.join(SPARE_DIR);
+        let spares = SpareFiles::open(spare_dir.clone(), MAX_SPARES).map_err(io_err(&spare_dir))?;
         let store = ChunkStore {
             root,
             ino_locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
@@ -630,6 +641,9 @@ impl ChunkStore {
             )),
             buckets: (0..BUCKETS).map(|_| AtomicBool::new(false)).collect(),
             direct_writes: AtomicBool::new(true),
+            root_dirty: AtomicBool::new(false),
+            root_sync: Mutex::new(()),
+            spares,
         };
         for ent in fs::read_dir(&store.root).map_err(io_err(&store.root))? {
             let ent = ent.map_err(io_err(&store.root))?;
@@ -716,14 +730,35 @@ impl ChunkStore {
         }
         let dir = self.bucket(b);
         match fs::create_dir(&dir) {
-            // Also when another thread just made it: its fsync of the root
-            // may not have happened yet.
-            Ok(()) => fsync_dir(&self.root)?,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => fsync_dir(&self.root)?,
+            // Also when another thread just made it: it may not have
+            // marked the root yet.
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_err(&dir)(e)),
         }
+        self.root_dirty.store(true, Ordering::Release);
         self.buckets[b as usize].store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// fsyncs the directory of `ino`'s chunks, and first the root if a
+    /// bucket was made since its last fsync. The root waits for the first
+    /// sync that needs it: a fresh store makes a bucket for nearly every
+    /// new file, and an fsync of the root for each was most of the disk
+    /// traffic of writing small files.
+    fn sync_dir_of(&self, ino: u64) -> Result<()> {
+        {
+            // Held across the fsync: a sync that finds the flag cleared by
+            // another must not return before that one's fsync is done.
+            let _g = self.root_sync.lock().unwrap_or_else(|e| e.into_inner());
+            if self.root_dirty.swap(false, Ordering::AcqRel) {
+                if let Err(e) = fsync_dir(&self.root) {
+                    self.root_dirty.store(true, Ordering::Release);
+                    return Err(e);
+                }
+            }
+        }
+        fsync_dir(&self.ino_dir(ino))
     }
 
     /// Path of a chunk's data file.
@@ -939,6 +974,8 @@ impl ChunkStore {
         self.make_bucket(ino)?;
         let dpath = self.data_path(ino, index);
         let mpath = self.meta_path(ino, index);
+        self.spares.take_to(&dpath);
+        self.spares.take_to(&mpath);
         let data = OpenOptions::new()
             .read(true)
             .write(true)
@@ -1147,7 +1184,7 @@ impl ChunkStore {
                         .map_err(io_err(&self.meta_path(ino, index)))?;
                     oc.data.sync_all().map_err(io_err(&dpath))?;
                     if !existed {
-                        fsync_dir(&self.ino_dir(ino))?;
+                        self.sync_dir_of(ino)?;
                     }
                 }
                 Ok(())
@@ -1318,7 +1355,7 @@ impl ChunkStore {
         if !self.sync_files(ino, index)? {
             return Ok(());
         }
-        fsync_dir(&self.ino_dir(ino))
+        self.sync_dir_of(ino)
     }
 
     fn mark_dirty(&self, ino: u64, index: u64) {
@@ -1350,7 +1387,7 @@ impl ChunkStore {
                 for &index in &indexes {
                     self.sync_files(ino, index)?;
                 }
-                fsync_dir(&self.ino_dir(ino))
+                self.sync_dir_of(ino)
             })();
             if let Err(e) = r {
                 let mut g = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
@@ -1428,6 +1465,8 @@ impl ChunkStore {
         let name = chunk_name(ino, index);
         let dtmp = dir.join(format!("{name}{TMP_SUFFIX}"));
         let mtmp = dir.join(format!("{name}{META_SUFFIX}{TMP_SUFFIX}"));
+        self.spares.take_to(&dtmp);
+        self.spares.take_to(&mtmp);
         let f = OpenOptions::new()
             .write(true)
             .create(true)
@@ -1456,7 +1495,7 @@ impl ChunkStore {
         self.forget(ino, index);
         fs::rename(&dtmp, &dpath).map_err(io_err(&dpath))?;
         fs::rename(&mtmp, &mpath).map_err(io_err(&mpath))?;
-        fsync_dir(&dir)?;
+        self.sync_dir_of(ino)?;
         if existed {
             self.used.fetch_sub(old_len, Ordering::Relaxed);
         } else {
@@ -1656,7 +1695,7 @@ impl ChunkStore {
         let dpath = self.data_path(ino, index);
         match fs::metadata(&dpath) {
             Ok(m) => {
-                fs::remove_file(&dpath).map_err(io_err(&dpath))?;
+                self.spares.discard(&dpath).map_err(io_err(&dpath))?;
                 self.used.fetch_sub(m.len(), Ordering::Relaxed);
                 self.chunks.fetch_sub(1, Ordering::Relaxed);
             }
@@ -1664,7 +1703,7 @@ impl ChunkStore {
             Err(e) => return Err(io_err(&dpath)(e)),
         }
         let mpath = self.meta_path(ino, index);
-        match fs::remove_file(&mpath) {
+        match self.spares.discard(&mpath) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err(&mpath)(e)),

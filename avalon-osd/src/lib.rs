@@ -16,6 +16,7 @@ pub mod membership;
 pub mod osd_service;
 pub mod recovery;
 pub mod replication;
+pub mod spare_files;
 
 pub use config::{Cli, Config};
 

@@ -163,7 +163,8 @@ fn chunk_count_on(c: &LocalCluster, n: u64) -> usize {
     let Ok(rd) = std::fs::read_dir(c.dir.join(format!("osd{n}")).join("chunks")) else {
         return 0;
     };
-    for e in rd.flatten() {
+    // Bucket directories only (not the spare files beside them).
+    for e in rd.flatten().filter(|e| e.file_name() != "spare") {
         if let Ok(r) = std::fs::read_dir(e.path()) {
             k += r
                 .flatten()
