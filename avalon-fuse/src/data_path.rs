@@ -471,11 +471,30 @@ impl Client {
         let len = u64::from(size).min(file_size - offset);
         let cs = self.chunk_size_of(ino);
         let parts = split_range(offset, len, cs);
-        // This client's buffered writes to the range land first.
+        let mut buf = vec![0u8; len as usize];
+        // Parts that this client's buffered writes hold whole are read from
+        // there (the newest bytes): a file read right after it was written
+        // needs neither a flush nor an OSD.
+        let mut pos = 0usize;
+        let buffered: Vec<bool> = parts
+            .iter()
+            .map(|&(index, off, n)| {
+                let dst = &mut buf[pos..pos + n as usize];
+                pos += n as usize;
+                self.wbuf.copy_if_covered(ino, index, u64::from(off), dst)
+            })
+            .collect();
+        if buffered.iter().all(|&b| b) {
+            return Ok(buf);
+        }
+        // Other buffered writes to the range land first.
         let held: Vec<u64> = parts
             .iter()
-            .filter(|&&(index, off, n)| self.wbuf.holds(ino, index, u64::from(off), u64::from(n)))
-            .map(|p| p.0)
+            .zip(&buffered)
+            .filter(|&(&(index, off, n), &b)| {
+                !b && self.wbuf.holds(ino, index, u64::from(off), u64::from(n))
+            })
+            .map(|(p, _)| p.0)
             .collect();
         if !held.is_empty() {
             self.flush_chunks(ino, held.into_iter()).await?;
@@ -497,33 +516,41 @@ impl Client {
                 }
             }
         }
-        let reads = parts.iter().map(|&(index, off, n)| async move {
-            let slot = match self.cache.get(ino, index) {
-                Some(s) => Some(s),
-                None if sequential => Some(self.cache.get_or_insert(ino, index).0),
-                None => None,
-            };
-            match slot {
-                Some(slot) => {
-                    let chunk = slot
-                        .get_or_try_init(|| self.read_chunk(ino, index, 0, cs))
-                        .await?;
-                    Ok::<_, ClientError>(Piece::Cached(chunk.clone(), off as usize))
+        let reads = parts
+            .iter()
+            .zip(&buffered)
+            .map(|(&(index, off, n), &b)| async move {
+                if b {
+                    return Ok(None);
                 }
-                None => Ok(Piece::Direct(self.read_chunk(ino, index, off, n).await?)),
-            }
-        });
+                let slot = match self.cache.get(ino, index) {
+                    Some(s) => Some(s),
+                    None if sequential => Some(self.cache.get_or_insert(ino, index).0),
+                    None => None,
+                };
+                match slot {
+                    Some(slot) => {
+                        let chunk = slot
+                            .get_or_try_init(|| self.read_chunk(ino, index, 0, cs))
+                            .await?;
+                        Ok::<_, ClientError>(Some(Piece::Cached(chunk.clone(), off as usize)))
+                    }
+                    None => Ok(Some(Piece::Direct(
+                        self.read_chunk(ino, index, off, n).await?,
+                    ))),
+                }
+            });
         let datas = try_join_all(reads).await?;
-        let mut buf = vec![0u8; len as usize];
         let mut pos = 0usize;
         for ((_, _, n), d) in parts.iter().zip(datas) {
             let n = *n as usize;
             match d {
-                Piece::Direct(d) => {
+                None => {}
+                Some(Piece::Direct(d)) => {
                     let take = d.len().min(n);
                     buf[pos..pos + take].copy_from_slice(&d[..take]);
                 }
-                Piece::Cached(chunk, off) => copy_out(&chunk, off, n, &mut buf[pos..pos + n]),
+                Some(Piece::Cached(chunk, off)) => copy_out(&chunk, off, n, &mut buf[pos..pos + n]),
             }
             pos += n;
         }

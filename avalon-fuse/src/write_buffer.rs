@@ -116,6 +116,33 @@ impl Extents {
             .is_some_and(|(k, d)| u64::from(*k) + d.len() as u64 > off)
     }
 
+    /// Copies `[off, off+dst.len())` into `dst` if extents hold every
+    /// byte of it; false (and `dst` unspecified) otherwise.
+    pub fn copy_if_covered(&self, off: u64, dst: &mut [u8]) -> bool {
+        let end = off + dst.len() as u64;
+        let mut at = off;
+        // The extent holding `off` starts at or before it; the ones after
+        // it must follow without a gap.
+        let first = self.starting_before(off + 1).next_back();
+        let rest = self
+            .starting_before(end)
+            .filter(|(k, _)| u64::from(**k) > off);
+        for (k, d) in first.into_iter().chain(rest) {
+            let (ks, ke) = (u64::from(*k), u64::from(*k) + d.len() as u64);
+            if ks > at || ke <= at {
+                return false;
+            }
+            let n = ke.min(end) - at;
+            let (from, to) = ((at - ks) as usize, (at - off) as usize);
+            dst[to..to + n as usize].copy_from_slice(&d[from..from + n as usize]);
+            at += n;
+            if at == end {
+                return true;
+            }
+        }
+        at == end
+    }
+
     fn starting_before(&self, end: u64) -> std::collections::btree_map::Range<'_, u32, Bytes> {
         match u32::try_from(end) {
             Ok(e) => self.map.range(..e),
@@ -371,6 +398,16 @@ impl WriteBuffer {
             .is_some_and(|c| c.inflight > 0 || c.pending.overlaps(off, len))
     }
 
+    /// Copies `[off, off+dst.len())` of a chunk into `dst` if buffered
+    /// writes hold all of it (the newest bytes there); false otherwise.
+    pub fn copy_if_covered(&self, ino: u64, index: u64, off: u64, dst: &mut [u8]) -> bool {
+        let g = self.lock();
+        g.files
+            .get(&ino)
+            .and_then(|f| f.chunks.get(&index))
+            .is_some_and(|c| c.pending.copy_if_covered(off, dst))
+    }
+
     /// Inodes with buffered data or an unreported error.
     pub fn inos(&self) -> Vec<u64> {
         self.lock().files.keys().copied().collect()
@@ -531,6 +568,15 @@ mod tests {
             e.overlay(&mut img);
             prop_assert_eq!(&img, &model);
             prop_assert_eq!(e.bytes(), written.iter().filter(|&&w| w).count() as u64);
+            // A range reads from the extents exactly when all of it was written.
+            for (from, n) in [(0usize, 5000usize), (0, 1), (100, 300), (999, 2), (3000, 700), (4500, 500)] {
+                let mut dst = vec![0xeeu8; n];
+                let covered = written[from..from + n].iter().all(|&w| w);
+                prop_assert_eq!(e.copy_if_covered(from as u64, &mut dst), covered);
+                if covered {
+                    prop_assert_eq!(&dst[..], &model[from..from + n]);
+                }
+            }
             let mut last_end = 0u64;
             for (off, d) in e.take() {
                 prop_assert!(u64::from(off) >= last_end);
