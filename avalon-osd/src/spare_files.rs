@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Most spare files kept per store.
-pub const MAX_SPARES: usize = 16384;
+pub const MAX_SPARES: usize = 65536;
 
 /// The spare files of one store.
 pub struct SpareFiles {
