@@ -14,6 +14,12 @@ use std::time::Duration;
 /// the MDS may hold; past this the recall is acknowledged anyway (the
 /// invalidation still happens once the lock is free).
 const KERNEL_WAIT: Duration = Duration::from_millis(50);
+/// How long an inode invalidation (attributes, pages) may wait for the
+/// kernel. It takes no lock a request of ours holds while it waits for
+/// the MDS, and a reader sees another mount's write only if its pages are
+/// gone before the recall is acknowledged: on a busy machine the entry
+/// bound above was sometimes too short for that.
+const INODE_WAIT: Duration = Duration::from_secs(2);
 
 /// Invalidates the kernel's caches of this mount.
 #[derive(Clone)]
@@ -39,15 +45,39 @@ impl KernelCache {
         let _ = self.notifier.inval_inode(self.node(ino), -1, 0);
     }
 
-    /// Applies one recall to the kernel (errors mean it had nothing cached).
-    fn invalidate(&self, r: &pb::Recall) {
-        let node = self.node(r.ino);
-        if r.entry {
-            let _ = self.notifier.inval_entry(node, OsStr::from_bytes(&r.name));
-        }
+    /// Applies the inode part of a recall to the kernel: attributes, and
+    /// the cached pages of a data recall (errors mean it had nothing
+    /// cached).
+    fn invalidate_inode(&self, r: &pb::Recall) {
         // Offset -1: attributes only; 0 with length 0: all cached pages too.
         let offset = if r.data { 0 } else { -1 };
-        let _ = self.notifier.inval_inode(node, offset, 0);
+        let _ = self.notifier.inval_inode(self.node(r.ino), offset, 0);
+    }
+
+    /// Applies the entry part of a recall to the kernel, if it has one.
+    fn invalidate_entry(&self, r: &pb::Recall) {
+        if r.entry {
+            let _ = self
+                .notifier
+                .inval_entry(self.node(r.ino), OsStr::from_bytes(&r.name));
+        }
+    }
+
+    /// Applies recalls to the kernel: inodes first, waiting for them at
+    /// most [`INODE_WAIT`], then entries, at most [`KERNEL_WAIT`].
+    async fn apply(&self, recalls: Vec<pb::Recall>) {
+        let recalls = std::sync::Arc::new(recalls);
+        let (k, rs) = (self.clone(), recalls.clone());
+        let inodes =
+            tokio::task::spawn_blocking(move || rs.iter().for_each(|r| k.invalidate_inode(r)));
+        let _ = tokio::time::timeout(INODE_WAIT, inodes).await;
+        if recalls.iter().any(|r| r.entry) {
+            let k = self.clone();
+            let entries = tokio::task::spawn_blocking(move || {
+                recalls.iter().for_each(|r| k.invalidate_entry(r))
+            });
+            let _ = tokio::time::timeout(KERNEL_WAIT, entries).await;
+        }
     }
 }
 
@@ -108,14 +138,7 @@ async fn apply(client: &Arc<Client>, kernel: Option<&KernelCache>, ev: pb::Sessi
         }
     }
     if let Some(k) = kernel {
-        let k = k.clone();
-        let recalls = ev.recalls;
-        let job = tokio::task::spawn_blocking(move || {
-            for r in &recalls {
-                k.invalidate(r);
-            }
-        });
-        let _ = tokio::time::timeout(KERNEL_WAIT, job).await;
+        k.apply(ev.recalls).await;
     }
     let req = pb::AckRecallRequest {
         header: client.header(),
@@ -146,9 +169,7 @@ async fn share(client: &Arc<Client>, kernel: Option<&KernelCache>, ev: pb::Sessi
         client.meta.recall(r);
         client.cache.invalidate_file(r.ino);
         if let Some(k) = kernel {
-            let (k, r) = (k.clone(), r.clone());
-            let job = tokio::task::spawn_blocking(move || k.invalidate(&r));
-            let _ = tokio::time::timeout(KERNEL_WAIT, job).await;
+            k.apply(vec![r.clone()]).await;
         }
     }
     let req = pb::AckRecallRequest {
