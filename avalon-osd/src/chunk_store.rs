@@ -309,10 +309,9 @@ pub struct ChunkStore {
     buckets: Vec<AtomicBool>,
     /// Large writes go direct (off once the filesystem refused one).
     direct_writes: AtomicBool,
-    /// A bucket was made since the root's last fsync.
-    root_dirty: AtomicBool,
-    /// One fsync of the root at a time (see `sync_dir_of`).
-    root_sync: Mutex<()>,
+    /// A bucket was made since the root's last fsync (held across that
+    /// fsync, see `sync_dir_of`).
+    root_dirty: Mutex<bool>,
     /// Emptied files of removed chunks, reused for new ones.
     spares: SpareFiles,
 }
@@ -641,8 +640,7 @@ impl ChunkStore {
             )),
             buckets: (0..BUCKETS).map(|_| AtomicBool::new(false)).collect(),
             direct_writes: AtomicBool::new(true),
-            root_dirty: AtomicBool::new(false),
-            root_sync: Mutex::new(()),
+            root_dirty: Mutex::new(false),
             spares,
         };
         for ent in fs::read_dir(&store.root).map_err(io_err(&store.root))? {
@@ -736,7 +734,7 @@ impl ChunkStore {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_err(&dir)(e)),
         }
-        self.root_dirty.store(true, Ordering::Release);
+        *self.root_dirty.lock().unwrap_or_else(|e| e.into_inner()) = true;
         self.buckets[b as usize].store(true, Ordering::Release);
         Ok(())
     }
@@ -750,12 +748,10 @@ impl ChunkStore {
         {
             // Held across the fsync: a sync that finds the flag cleared by
             // another must not return before that one's fsync is done.
-            let _g = self.root_sync.lock().unwrap_or_else(|e| e.into_inner());
-            if self.root_dirty.swap(false, Ordering::AcqRel) {
-                if let Err(e) = fsync_dir(&self.root) {
-                    self.root_dirty.store(true, Ordering::Release);
-                    return Err(e);
-                }
+            let mut dirty = self.root_dirty.lock().unwrap_or_else(|e| e.into_inner());
+            if *dirty {
+                fsync_dir(&self.root)?;
+                *dirty = false;
             }
         }
         fsync_dir(&self.ino_dir(ino))
@@ -1211,11 +1207,11 @@ impl ChunkStore {
     /// Writes `data` at `off` of a chunk's data file: the aligned middle
     /// of a large write direct (see `direct_io`), the rest buffered.
     fn write_data(&self, oc: &mut OpenChunk, dpath: &Path, data: &[u8], off: u64) -> Result<()> {
-        let mid = match self.direct_writes.load(Ordering::Relaxed) {
-            true => direct_io::aligned_part(off, data.len()),
-            false => None,
-        };
-        if let Some(mid) = mid {
+        let direct = self.direct_writes.load(Ordering::Relaxed);
+        if let Some(mid) = direct
+            .then(|| direct_io::aligned_part(off, data.len()))
+            .flatten()
+        {
             match Self::write_direct(oc, dpath, &data[mid.clone()], off + mid.start as u64) {
                 Ok(n) => {
                     let rest = mid.start + n;

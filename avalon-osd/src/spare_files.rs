@@ -16,7 +16,7 @@
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Most spare files kept per store.
@@ -27,8 +27,6 @@ pub struct SpareFiles {
     dir: PathBuf,
     /// Names (numbers) of the spares ready for use.
     free: Mutex<Vec<u64>>,
-    /// Spares held or being made (bounds the directory).
-    held: AtomicUsize,
     next: AtomicU64,
     max: usize,
 }
@@ -49,7 +47,6 @@ impl SpareFiles {
         Ok(SpareFiles {
             dir,
             free: Mutex::new(Vec::new()),
-            held: AtomicUsize::new(0),
             next: AtomicU64::new(0),
             max,
         })
@@ -61,43 +58,43 @@ impl SpareFiles {
 
     /// Removes the file at `path`: moved here and emptied when there is
     /// room, else deleted. A missing file is `NotFound`, as for a delete.
+    /// (Concurrent discards may each find the last free place: the bound
+    /// can be passed by as many as run at once.)
     pub fn discard(&self, path: &Path) -> io::Result<()> {
-        if self.held.fetch_add(1, Ordering::AcqRel) >= self.max {
-            self.held.fetch_sub(1, Ordering::AcqRel);
+        if self.count() >= self.max {
             return fs::remove_file(path);
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let to = self.path(n);
-        if let Err(e) = fs::rename(path, &to) {
-            self.held.fetch_sub(1, Ordering::AcqRel);
-            return Err(e);
-        }
+        fs::rename(path, &to)?;
         // The name is gone from the bucket either way: a spare that cannot
         // be emptied (its blocks freed now) is deleted instead.
         match OpenOptions::new().write(true).truncate(true).open(&to) {
-            Ok(_) => self.free.lock().unwrap_or_else(|e| e.into_inner()).push(n),
+            Ok(_) => self.lock().push(n),
             Err(e) => {
                 tracing::debug!(error = %e, path = %to.display(), "spare file not emptied");
                 let _ = fs::remove_file(&to);
-                self.held.fetch_sub(1, Ordering::AcqRel);
             }
         }
         Ok(())
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Puts an empty spare at `path`, replacing any file there; false when
     /// none is left (the caller creates the file as usual).
     pub fn take_to(&self, path: &Path) -> bool {
-        let Some(n) = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop() else {
+        let Some(n) = self.lock().pop() else {
             return false;
         };
-        self.held.fetch_sub(1, Ordering::AcqRel);
         fs::rename(self.path(n), path).is_ok()
     }
 
     /// Spares ready for use.
     pub fn count(&self) -> usize {
-        self.free.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.lock().len()
     }
 }
 
