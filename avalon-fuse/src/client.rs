@@ -654,7 +654,7 @@ impl Client {
             .await?;
         self.note_entry(epoch, parent, name, &r);
         if let Some(a) = &r.attr {
-            self.meta.put_complete(epoch, a.ino);
+            self.meta.put_complete(epoch, parent, name, a.ino);
         }
         Self::ok_attr(r.attr)
     }

@@ -650,7 +650,7 @@ impl Client {
         self.meta.created(epoch, parent, name, ino);
         self.meta.put_no_xattrs(epoch, ino);
         if ftype == libc::S_IFDIR {
-            self.meta.put_complete(epoch, ino);
+            self.meta.put_complete(epoch, parent, name, ino);
         }
         self.meta.update_attr(parent, |p| {
             p.mtime_ns = now;

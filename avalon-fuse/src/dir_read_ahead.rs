@@ -50,9 +50,11 @@ impl Client {
             .filter(|e| e.mode & libc::S_IFMT == libc::S_IFDIR)
             .map(|e| e.ino)
             // One with changes queued here would wait for them (the walk
-            // would wait for that): the walk lists it itself.
+            // would wait for that): the walk lists it itself. One whose
+            // entries are all cached is listed from the cache.
             .filter(|ino| {
-                !self.meta.has_listing(*ino)
+                !self.meta.is_complete(*ino)
+                    && !self.meta.has_listing(*ino)
                     && !self.dir_ahead.running.contains_key(ino)
                     && !self.deleg.changes_dir(*ino)
             })

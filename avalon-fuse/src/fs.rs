@@ -4,11 +4,11 @@
 
 use crate::attr::{ns_of, to_fuse};
 use crate::client::{Client, SetAttr, TimeChange};
+use crate::dir_stream::{fuse_ino, DirItem, DirStream, DirStreams, DOTDOT_COOKIE};
 use crate::error::ClientError;
 use crate::recall::KernelCache;
 use avalon_proto::pb::Attr;
 use bytes::Bytes;
-use dashmap::DashMap;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
@@ -23,11 +23,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 use tokio::runtime::Handle;
 
-/// Directory entries fetched per readdir RPC.
-const READDIR_PAGE: u32 = 512;
-/// Cookies 1 and 2 are "." and ".."; the MDS numbers real entries from 3.
-const DOTDOT_COOKIE: u64 = 2;
-
 fn errno(e: &ClientError) -> Errno {
     Errno::from_i32(e.errno())
 }
@@ -39,17 +34,8 @@ pub struct AvalonFs {
     /// Last file handle given out: every open file gets its own, so that
     /// its release can drop the OFD locks set through it (crate::locks).
     last_fh: AtomicU64,
-    /// Open directory streams: fh -> the directory's next cookie when the
-    /// stream started (or was rewound). Entries from there on were added
-    /// later and are left out, so a listing ends even while entries are
-    /// renamed away and back (each rename gives a new, larger cookie).
-    dir_marks: Arc<DashMap<u64, u64>>,
-    /// Open directory streams known to have ended: fh -> the cookie of the
-    /// last entry given. The kernel asks once more after the last page and
-    /// is answered from here, not by the MDS (nothing with a cookie past
-    /// it and below the stream's mark can appear: new entries get larger
-    /// cookies). Halves the readdir round trips of find, du and rm -r.
-    dir_ends: Arc<DashMap<u64, u64>>,
+    /// Open directory streams.
+    dirs: Arc<DirStreams>,
     /// The kernel's caches, once the session is mounted (see
     /// [`AvalonFs::kernel_slot`]).
     kernel: Arc<OnceLock<KernelCache>>,
@@ -62,8 +48,7 @@ impl AvalonFs {
             client,
             rt,
             last_fh: AtomicU64::new(0),
-            dir_marks: Arc::new(DashMap::new()),
-            dir_ends: Arc::new(DashMap::new()),
+            dirs: Arc::default(),
             kernel: Arc::new(OnceLock::new()),
         }
     }
@@ -105,128 +90,6 @@ impl AvalonFs {
         if f.as_mut().poll(&mut cx).is_pending() {
             self.rt.spawn(f);
         }
-    }
-}
-
-/// A page of directory `dir` after `cookie`; starts reading ahead the
-/// subdirectories it lists (a tree walk lists them next).
-async fn dir_page(
-    c: &Arc<Client>,
-    dir: u64,
-    cookie: u64,
-    plus: bool,
-) -> crate::error::Result<avalon_proto::pb::ReadDirReply> {
-    let page = c.readdir(dir, cookie, READDIR_PAGE, plus).await?;
-    c.read_ahead_dirs(&page, DOTDOT_COOKIE, READDIR_PAGE);
-    Ok(page)
-}
-
-/// What a directory listing adds to a readdir or readdirplus reply.
-enum DirItem<'a> {
-    /// ".", at offset 0.
-    Dot,
-    /// "..", with the parent's kernel node id.
-    DotDot(INodeNo),
-    /// An entry of the directory.
-    Entry(&'a avalon_proto::pb::DirEntry),
-}
-
-/// One readdir(plus) request of a directory stream.
-struct DirStream {
-    dir: u64,
-    fh: u64,
-    offset: u64,
-    plus: bool,
-}
-
-impl DirStream {
-    /// Hands the stream's items from `offset` on to `add` until it says
-    /// the reply is full (`Ok(true)`) or the stream ends (then noted in
-    /// `ends`, as is its end at the stream's mark, see `dir_marks`).
-    async fn fill(
-        self,
-        c: &Arc<Client>,
-        marks: &DashMap<u64, u64>,
-        ends: &DashMap<u64, u64>,
-        mut add: impl FnMut(DirItem<'_>) -> Result<bool, Errno>,
-    ) -> Result<(), Errno> {
-        let (dir, fh, offset) = (self.dir, self.fh, self.offset);
-        let mut cookie = offset.max(DOTDOT_COOKIE);
-        let mut page = dir_page(c, dir, cookie, self.plus)
-            .await
-            .map_err(|e| errno(&e))?;
-        let mark = stream_mark(marks, fh, offset, page.next_cookie);
-        if offset == 0 && add(DirItem::Dot)? {
-            return Ok(());
-        }
-        if offset <= 1 && add(DirItem::DotDot(INodeNo(dotdot(c, dir, page.parent))))? {
-            return Ok(());
-        }
-        loop {
-            for e in &page.entries {
-                if e.cookie >= mark {
-                    ends.insert(fh, cookie);
-                    return Ok(());
-                }
-                if add(DirItem::Entry(e))? {
-                    return Ok(());
-                }
-                cookie = e.cookie;
-            }
-            if page.eof || page.entries.is_empty() {
-                ends.insert(fh, cookie);
-                return Ok(());
-            }
-            page = dir_page(c, dir, cookie, self.plus)
-                .await
-                .map_err(|e| errno(&e))?;
-        }
-    }
-}
-
-/// True if directory stream `fh` is known to end before `offset` (see
-/// `AvalonFs::dir_ends`); a rewind (offset 0) starts it over.
-fn stream_ended(ends: &DashMap<u64, u64>, fh: u64, offset: u64) -> bool {
-    if offset == 0 {
-        ends.remove(&fh);
-        return false;
-    }
-    ends.get(&fh).is_some_and(|end| offset >= *end)
-}
-
-/// The high-water mark of a directory stream: taken from the first page
-/// of the stream (or of a rewind), kept for its later pages. 0 from an MDS
-/// that does not report it: no limit.
-fn stream_mark(marks: &DashMap<u64, u64>, fh: u64, offset: u64, next_cookie: u64) -> u64 {
-    let next = if next_cookie == 0 {
-        u64::MAX
-    } else {
-        next_cookie
-    };
-    if offset == 0 {
-        marks.insert(fh, next);
-        return next;
-    }
-    *marks.entry(fh).or_insert(next)
-}
-
-/// Kernel node id of ".." of directory `dir` whose parent the MDS says is
-/// `parent`: the mount root is its own parent (its real parent is outside
-/// the mount).
-fn dotdot(c: &Client, dir: u64, parent: u64) -> u64 {
-    if dir == c.root_ino || parent == 0 {
-        fuse_ino(c, dir)
-    } else {
-        fuse_ino(c, parent)
-    }
-}
-
-/// Kernel node id of an MDS inode.
-fn fuse_ino(c: &Client, ino: u64) -> u64 {
-    if ino == c.root_ino {
-        1
-    } else {
-        ino
     }
 }
 
@@ -833,8 +696,7 @@ impl Filesystem for AvalonFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.dir_marks.remove(&fh.0);
-        self.dir_ends.remove(&fh.0);
+        self.dirs.release(fh.0);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move { reply_empty(c.release_dir(ino).await, reply) });
@@ -848,11 +710,11 @@ impl Filesystem for AvalonFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        if stream_ended(&self.dir_ends, fh.0, offset) {
+        if self.dirs.ended(fh.0, offset) {
             return reply.ok();
         }
         let c = self.client.clone();
-        let (marks, ends) = (self.dir_marks.clone(), self.dir_ends.clone());
+        let dirs = self.dirs.clone();
         let stream = DirStream {
             dir: self.mds_ino(ino),
             fh: fh.0,
@@ -861,7 +723,7 @@ impl Filesystem for AvalonFs {
         };
         self.spawn(async move {
             let filled = stream
-                .fill(&c, &marks, &ends, |item| {
+                .fill(&c, &dirs, |item| {
                     Ok(match item {
                         DirItem::Dot => reply.add(ino, 1, fuser::FileType::Directory, "."),
                         DirItem::DotDot(up) => {
@@ -891,12 +753,12 @@ impl Filesystem for AvalonFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        if stream_ended(&self.dir_ends, fh.0, offset) {
+        if self.dirs.ended(fh.0, offset) {
             return reply.ok();
         }
         let c = self.client.clone();
         let dir = self.mds_ino(ino);
-        let (marks, ends) = (self.dir_marks.clone(), self.dir_ends.clone());
+        let dirs = self.dirs.clone();
         let stream = DirStream {
             dir,
             fh: fh.0,
@@ -914,7 +776,7 @@ impl Filesystem for AvalonFs {
                 None
             };
             let filled = stream
-                .fill(&c, &marks, &ends, |item| match item {
+                .fill(&c, &dirs, |item| match item {
                     DirItem::Dot | DirItem::DotDot(_) => {
                         let Some(me) = me.as_ref() else {
                             return Err(Errno::EIO);

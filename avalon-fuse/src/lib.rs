@@ -9,6 +9,7 @@ pub mod client;
 pub mod data_path;
 pub mod delegation;
 pub mod dir_read_ahead;
+pub mod dir_stream;
 pub mod error;
 pub mod fs;
 pub mod locks;

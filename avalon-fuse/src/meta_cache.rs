@@ -7,7 +7,7 @@
 //! in flight while a recall arrived may predate the change, so it is not
 //! cached: every store names the recall epoch its request started in.
 
-use avalon_proto::pb::{Attr, ReadDirReply, Recall};
+use avalon_proto::pb::{Attr, DirEntry, ReadDirReply, Recall};
 use bytes::Bytes;
 use dashmap::DashMap;
 use std::collections::HashMap;
@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 const MAX_ENTRIES: usize = 1 << 20;
 /// Most listings read ahead and not used yet.
 const MAX_LISTINGS: usize = 4096;
+/// Cookies of listings made from this cache have this bit set: the MDS
+/// numbers entries from 3 up, far below it.
+pub const LOCAL_COOKIE: u64 = 1 << 62;
 
 /// What a lookup found in the cache.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,9 +42,8 @@ pub struct MetaCache {
     attrs: DashMap<u64, Attr>,
     /// (directory, name) → inode; 0 records that the name is absent.
     entries: DashMap<(u64, Bytes), u64>,
-    /// Directories all of whose entries are in `entries` → how many of
-    /// those are positive (0: the directory is known to be empty).
-    complete: DashMap<u64, u64>,
+    /// Directories all of whose entries are in `entries` (made here).
+    complete: DashMap<u64, Known>,
     /// Extended attributes asked for, per inode. They go with the inode's
     /// attributes: a setxattr recalls those.
     xattrs: DashMap<u64, Xattrs>,
@@ -53,6 +55,31 @@ pub struct MetaCache {
     ns_gen: AtomicU64,
     /// Emptied since the last heartbeat (the MDS may forget our leases).
     dropped: std::sync::atomic::AtomicBool,
+}
+
+/// A directory all of whose entries the cache holds.
+struct Known {
+    /// Its parent, for "..": kept only while the cache holds the
+    /// directory's own entry in it (see [`MetaCache::lost`]).
+    parent: u64,
+    /// Its positive entries: name → inode.
+    children: HashMap<Bytes, u64>,
+}
+
+/// The cookie of `name` in a listing made from the cache: its FNV-1a hash
+/// with [`LOCAL_COOKIE`] set. A hash rather than a position, so that it
+/// stays valid across changes and streams (an NFS export reopens the
+/// directory for each page).
+pub fn local_cookie(name: &[u8]) -> u64 {
+    let h = name.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    LOCAL_COOKIE | (h >> 2)
+}
+
+/// True if `cookie` was given by a listing made from the cache.
+pub fn is_local_cookie(cookie: u64) -> bool {
+    cookie & LOCAL_COOKIE != 0
 }
 
 /// What is known of one inode's extended attributes.
@@ -241,14 +268,26 @@ impl MetaCache {
         if is_dot(name) {
             return;
         }
-        let key = (dir, Bytes::copy_from_slice(name));
+        let name = Bytes::copy_from_slice(name);
         if self.may_store(epoch) {
-            let old = self.entries.insert(key, ino);
-            self.count(dir, old, ino);
+            let old = self.entries.insert((dir, name.clone()), ino);
+            if old.is_some_and(|o| o != ino) {
+                self.lost(old);
+            }
+            self.count(dir, name, ino);
         } else {
-            self.entries.remove(&key);
+            self.lost(self.entries.remove(&(dir, name)).map(|(_, ino)| ino));
             self.complete.remove(&dir);
             self.changed_dir(dir);
+        }
+    }
+
+    /// The cache no longer holds an entry naming `ino` (other than by its
+    /// own rename, which moves it): if `ino` is a directory whose entries
+    /// it holds, its parent is no longer known, so it is dropped.
+    fn lost(&self, ino: Option<u64>) {
+        if let Some(ino) = ino.filter(|i| *i != 0) {
+            self.complete.remove(&ino);
         }
     }
 
@@ -260,36 +299,99 @@ impl MetaCache {
 
     /// Removes the cached entry `name` of `dir`; returns what it named.
     fn unset_entry(&self, dir: u64, name: &[u8]) -> Option<u64> {
+        let name = Bytes::copy_from_slice(name);
         let old = self
             .entries
-            .remove(&(dir, Bytes::copy_from_slice(name)))
+            .remove(&(dir, name.clone()))
             .map(|(_, ino)| ino);
-        self.count(dir, old, 0);
+        self.count(dir, name, 0);
         old
     }
 
-    /// Keeps the positive-entry count of a complete `dir` as one of its
-    /// entries goes from `old` to `new` (0 or None: absent).
-    fn count(&self, dir: u64, old: Option<u64>, new: u64) {
-        let was = old.is_some_and(|o| o != 0);
-        if was != (new != 0) {
-            if let Some(mut n) = self.complete.get_mut(&dir) {
-                *n = if was { n.saturating_sub(1) } else { *n + 1 };
+    /// Keeps the entries of a complete `dir` as its entry `name` becomes
+    /// `ino` (0: absent).
+    fn count(&self, dir: u64, name: Bytes, ino: u64) {
+        if let Some(mut k) = self.complete.get_mut(&dir) {
+            if ino == 0 {
+                k.children.remove(&name);
+            } else {
+                k.children.insert(name, ino);
             }
         }
     }
 
-    /// `dir` was just created by this client: it has no entries but ours.
-    pub fn put_complete(&self, epoch: u64, dir: u64) {
-        if self.may_store(epoch) {
-            self.complete.insert(dir, 0);
+    /// Directory `dir`, `name` in `parent`, was just created by this
+    /// client: it has no entries but ours. Kept only while its own entry
+    /// is cached (that is what keeps its parent known).
+    pub fn put_complete(&self, epoch: u64, parent: u64, name: &[u8], dir: u64) {
+        if !self.may_store(epoch) {
+            return;
+        }
+        // Checked under the slot's lock: a recall bumps the epoch before
+        // it drops the slot, so it either shows here or drops this.
+        let slot = self.complete.entry(dir);
+        let named = self
+            .entries
+            .get(&(parent, Bytes::copy_from_slice(name)))
+            .is_some_and(|i| *i == dir);
+        if named && self.epoch() == epoch {
+            slot.insert(Known {
+                parent,
+                children: HashMap::new(),
+            });
         }
     }
 
     /// True if `dir` is known to have no entries (it was created here
     /// and everything put in it since was removed again).
     pub fn empty_dir(&self, dir: u64) -> bool {
-        self.valid() && self.complete.get(&dir).is_some_and(|n| *n == 0)
+        self.valid()
+            && self
+                .complete
+                .get(&dir)
+                .is_some_and(|k| k.children.is_empty())
+    }
+
+    /// True if the cache holds every entry of `dir`.
+    pub fn is_complete(&self, dir: u64) -> bool {
+        self.valid() && self.complete.contains_key(&dir)
+    }
+
+    /// The whole listing of `dir` made from the cache, if it holds every
+    /// entry and their attributes: in cookie order ([`local_cookie`]),
+    /// with attributes, and `parent` set.
+    pub fn complete_listing(&self, dir: u64) -> Option<ReadDirReply> {
+        if !self.valid() {
+            return None;
+        }
+        let (parent, children) = {
+            let k = self.complete.get(&dir)?;
+            let c: Vec<(Bytes, u64)> = k.children.iter().map(|(n, i)| (n.clone(), *i)).collect();
+            (k.parent, c)
+        };
+        let mut entries = Vec::with_capacity(children.len());
+        for (name, ino) in children {
+            let a = *self.attrs.get(&ino)?;
+            entries.push(DirEntry {
+                cookie: local_cookie(&name),
+                ino,
+                mode: a.mode,
+                no_xattrs: self.bare(ino),
+                attr: Some(a),
+                name,
+            });
+        }
+        entries.sort_unstable_by_key(|e| e.cookie);
+        // Two names of one hash could not be told apart by a cookie.
+        if entries.windows(2).any(|w| w[0].cookie == w[1].cookie) {
+            return None;
+        }
+        Some(ReadDirReply {
+            entries,
+            eof: true,
+            parent,
+            next_cookie: 0,
+        })
     }
 
     /// This client removed `name` from `dir` (the inode's link count and
@@ -298,6 +400,7 @@ impl MetaCache {
         self.changed_dir(dir);
         if let Some(ino) = self.unset_entry(dir, name) {
             self.drop_inode(ino);
+            self.lost(Some(ino));
         }
         self.put_entry(epoch, dir, name, 0);
     }
@@ -311,9 +414,13 @@ impl MetaCache {
         let moved = self.unset_entry(dir, name).filter(|ino| *ino != 0);
         if let Some(ino) = moved {
             self.drop_inode(ino);
+            if let Some(mut k) = self.complete.get_mut(&ino) {
+                k.parent = new_dir;
+            }
         }
         if let Some(old) = self.unset_entry(new_dir, new_name) {
             self.drop_inode(old);
+            self.lost(Some(old));
         }
         self.put_entry(epoch, dir, name, 0);
         match moved {
@@ -331,6 +438,7 @@ impl MetaCache {
         self.complete.remove(&dir);
         if let Some((_, ino)) = self.entries.remove(&(dir, Bytes::copy_from_slice(name))) {
             self.drop_inode(ino);
+            self.lost(Some(ino));
         }
     }
 
@@ -407,6 +515,7 @@ impl MetaCache {
         if r.entry {
             if let Some((_, ino)) = self.entries.remove(&(r.ino, r.name.clone())) {
                 self.drop_inode(ino);
+                self.lost(Some(ino));
             }
             self.complete.remove(&r.ino);
         }
@@ -429,6 +538,13 @@ mod tests {
             nlink: 1,
             ..Default::default()
         }
+    }
+
+    /// Directory `dir` made here (named in directory 100).
+    fn made(c: &MetaCache, e: u64, dir: u64) {
+        let name = format!("d{dir}");
+        c.put_entry(e, 100, name.as_bytes(), dir);
+        c.put_complete(e, 100, name.as_bytes(), dir);
     }
 
     fn leased() -> MetaCache {
@@ -461,7 +577,7 @@ mod tests {
         assert_eq!(c.lookup(1, b"a"), Some(Cached::Found(attr(7))));
         assert_eq!(c.lookup(1, b"gone"), Some(Cached::Absent));
         assert_eq!(c.lookup(1, b"other"), None);
-        c.put_complete(e, 1);
+        made(&c, e, 1);
         assert_eq!(c.lookup(1, b"other"), Some(Cached::Absent));
         // "." and ".." are the kernel's business.
         c.put_entry(e, 1, b"..", 9);
@@ -478,7 +594,7 @@ mod tests {
         c.put_attr(e, &attr(7));
         c.put_attr(e, &attr(1));
         c.put_entry(e, 1, b"a", 7);
-        c.put_complete(e, 1);
+        made(&c, e, 1);
         c.recall(&Recall {
             ino: 1,
             name: Bytes::from_static(b"a"),
@@ -507,7 +623,7 @@ mod tests {
     fn a_rename_moves_the_entry_and_never_hides_the_new_name() {
         let c = leased();
         let e = c.epoch();
-        c.put_complete(e, 1);
+        made(&c, e, 1);
         c.put_attr(e, &attr(7));
         c.put_entry(e, 1, b"f", 7);
         c.renamed(e, 1, b"f", 1, b"g");
@@ -570,7 +686,7 @@ mod tests {
         let c = leased();
         let e = c.epoch();
         assert!(!c.empty_dir(1), "not made here: unknown");
-        c.put_complete(e, 1);
+        made(&c, e, 1);
         assert!(c.empty_dir(1));
         c.put_attr(e, &attr(7));
         c.created(e, 1, b"a", 7);
@@ -583,14 +699,14 @@ mod tests {
         // Moved out: the directory is empty again; moved in: it is not.
         c.renamed(e, 1, b"b", 2, b"b");
         assert!(c.empty_dir(1));
-        c.put_complete(e, 3);
+        made(&c, e, 3);
         c.put_entry(e, 2, b"c", 9);
         c.renamed(e, 2, b"c", 3, b"c");
         assert!(!c.empty_dir(3));
         // Whatever voids completeness voids emptiness.
         c.forget_entry(1, b"x");
         assert!(!c.empty_dir(1));
-        c.put_complete(e, 4);
+        made(&c, e, 4);
         c.recall(&Recall {
             ino: 4,
             name: Bytes::from_static(b"y"),
@@ -598,6 +714,73 @@ mod tests {
             ..Default::default()
         });
         assert!(!c.empty_dir(4));
+    }
+
+    fn names(l: &ReadDirReply) -> Vec<&[u8]> {
+        let mut n: Vec<&[u8]> = l.entries.iter().map(|e| &e.name[..]).collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn a_directory_made_here_is_listed_from_the_cache_while_it_is_known_whole() {
+        let c = leased();
+        let e = c.epoch();
+        assert!(c.complete_listing(1).is_none(), "not made here");
+        made(&c, e, 1);
+        let l = c.complete_listing(1).expect("made here, empty");
+        assert!(l.entries.is_empty() && l.eof);
+        assert_eq!(l.parent, 100);
+        for (ino, name) in [(7, &b"a"[..]), (8, b"b"), (9, b"c")] {
+            c.put_attr(e, &attr(ino));
+            c.created(e, 1, name, ino);
+        }
+        c.removed(e, 1, b"b");
+        let l = c.complete_listing(1).unwrap();
+        assert_eq!(names(&l), [&b"a"[..], b"c"]);
+        assert!(l.entries.windows(2).all(|w| w[0].cookie < w[1].cookie));
+        for e in &l.entries {
+            assert_eq!(e.cookie, local_cookie(&e.name));
+            assert!(is_local_cookie(e.cookie) && e.cookie > 2);
+            assert_eq!(e.attr.unwrap().ino, e.ino);
+        }
+        // An entry whose attributes are not cached: asked of the MDS.
+        c.forget_attr(9);
+        assert!(c.complete_listing(1).is_none());
+        c.put_attr(e, &attr(9));
+
+        // Moved by this client: its parent follows.
+        made(&c, e, 2);
+        c.renamed(e, 100, b"d1", 2, b"moved");
+        assert_eq!(c.complete_listing(1).unwrap().parent, 2);
+        assert!(
+            c.complete_listing(2).is_none(),
+            "moved: its ctime is asked for"
+        );
+        c.put_attr(e, &attr(1));
+        assert_eq!(names(&c.complete_listing(2).unwrap()), [&b"moved"[..]]);
+        // Its name dropped any other way: its parent is unknown, so is
+        // the listing.
+        c.forget_entry(2, b"moved");
+        assert!(c.complete_listing(1).is_none());
+        made(&c, e, 3);
+        c.recall(&Recall {
+            ino: 100,
+            name: Bytes::from_static(b"d3"),
+            entry: true,
+            ..Default::default()
+        });
+        assert!(c.complete_listing(3).is_none());
+        // A directory put in place of another drops the one replaced.
+        let e = c.epoch();
+        made(&c, e, 4);
+        made(&c, e, 5);
+        c.renamed(e, 100, b"d4", 100, b"d5");
+        assert!(c.complete_listing(5).is_none());
+        assert_eq!(c.complete_listing(4).unwrap().parent, 100);
+        // Not without a lease.
+        c.renew(Instant::now(), Duration::ZERO);
+        assert!(c.complete_listing(4).is_none());
     }
 
     fn listing(entries: &[(u64, &'static [u8])]) -> ReadDirReply {

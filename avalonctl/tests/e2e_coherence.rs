@@ -673,6 +673,156 @@ fn listings_read_ahead_never_hide_changes() {
     }
 }
 
+/// A directory stream through libc: opendir, readdir, telldir, seekdir.
+struct Dir(*mut libc::DIR);
+
+impl Dir {
+    fn open(p: &Path) -> Dir {
+        // SAFETY: a valid C string; the result is checked.
+        let d = unsafe { libc::opendir(cpath(p).as_ptr()) };
+        assert!(!d.is_null(), "opendir {}", p.display());
+        Dir(d)
+    }
+
+    /// The next entry: (name, d_ino); None at the end.
+    fn next(&mut self) -> Option<(String, u64)> {
+        // SAFETY: an open stream; the entry is copied out before the next
+        // call on it.
+        let e = unsafe { libc::readdir(self.0) };
+        if e.is_null() {
+            return None;
+        }
+        // SAFETY: readdir returned a valid entry.
+        let (name, ino) = unsafe {
+            let name = std::ffi::CStr::from_ptr((*e).d_name.as_ptr());
+            (name.to_string_lossy().into_owned(), (*e).d_ino)
+        };
+        Some((name, ino))
+    }
+
+    /// Up to `n` entries other than "." and "..".
+    fn take(&mut self, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            match self.next() {
+                Some((name, _)) if name == "." || name == ".." => {}
+                Some((name, _)) => out.push(name),
+                None => break,
+            }
+        }
+        out
+    }
+
+    fn tell(&mut self) -> libc::c_long {
+        // SAFETY: an open stream.
+        unsafe { libc::telldir(self.0) }
+    }
+
+    fn seek(&mut self, pos: libc::c_long) {
+        // SAFETY: an open stream and a position telldir gave for it.
+        unsafe { libc::seekdir(self.0, pos) }
+    }
+
+    fn rewind(&mut self) {
+        // SAFETY: an open stream.
+        unsafe { libc::rewinddir(self.0) }
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        // SAFETY: opened by opendir, closed once.
+        unsafe { libc::closedir(self.0) };
+    }
+}
+
+/// d_ino of ".." in a listing of `dir`.
+fn dotdot_ino(dir: &Path) -> u64 {
+    let mut d = Dir::open(dir);
+    while let Some((name, ino)) = d.next() {
+        if name == ".." {
+            return ino;
+        }
+    }
+    panic!("no .. in {}", dir.display())
+}
+
+/// Directories made on a mount are listed from its cache: each entry once
+/// (also across telldir/seekdir, a rewind, and pages of a stream the other
+/// mount changes the directory under), ".." names the parent (also after
+/// a rename), and the other mount's changes show in the next listing.
+#[test]
+fn listings_of_directories_made_here_are_whole_and_follow_changes() {
+    let mut tc = TestCluster::start(3, 3);
+    // Made while A is the only client: under its delegation.
+    let a = tc.mnt().join("big");
+    std::fs::create_dir(&a).unwrap();
+    let n = 700;
+    let mut want: Vec<String> = (0..n).map(|i| format!("file-{i:04}")).collect();
+    for name in &want {
+        std::fs::write(a.join(name), b"x").unwrap();
+    }
+    std::fs::create_dir(a.join("sub")).unwrap();
+    std::fs::create_dir(tc.mnt().join("other")).unwrap();
+    want.push("sub".into());
+    want.sort();
+    assert_eq!(sorted_names(&a), want);
+
+    // Across pages, a telldir/seekdir and a rewind.
+    let mut d = Dir::open(&a);
+    let mut seen = d.take(300);
+    let pos = d.tell();
+    let next = d.take(50);
+    d.seek(pos);
+    assert_eq!(d.take(50), next, "seekdir back gives the same entries");
+    seen.extend(next);
+    seen.extend(d.take(usize::MAX));
+    seen.sort();
+    assert_eq!(seen, want, "one stream gives each entry once");
+    d.rewind();
+    let mut again = d.take(usize::MAX);
+    again.sort();
+    assert_eq!(again, want, "after rewinddir");
+    drop(d);
+
+    let b_path = tc.dir.path().join("mnt-b");
+    let b = SecondMount::new(tc.c(), b_path);
+    let bp = b.path.join("big");
+    assert_eq!(sorted_names(&bp), want, "B's listing");
+    // The other mount changes the directory in the middle of a stream:
+    // every entry it leaves alone is given exactly once.
+    let mut d = Dir::open(&a);
+    let mut seen = d.take(200);
+    std::fs::write(bp.join("from-b"), b"b").unwrap();
+    std::fs::remove_file(bp.join("file-0650")).unwrap();
+    seen.extend(d.take(usize::MAX));
+    drop(d);
+    let mut counts = std::collections::HashMap::new();
+    for name in &seen {
+        *counts.entry(name.as_str()).or_insert(0) += 1;
+    }
+    for name in want.iter().filter(|n| *n != "file-0650") {
+        assert_eq!(counts.get(name.as_str()), Some(&1), "{name} in the stream");
+    }
+    want.retain(|n| n != "file-0650");
+    want.push("from-b".into());
+    want.sort();
+    assert_eq!(sorted_names(&a), want, "A's next listing has B's changes");
+
+    // "..": the parent's inode, also once moved.
+    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    std::fs::create_dir(a.join("sub/inner")).unwrap();
+    assert_eq!(dotdot_ino(&a.join("sub")), ino(&a));
+    assert_eq!(dotdot_ino(&a.join("sub/inner")), ino(&a.join("sub")));
+    std::fs::rename(a.join("sub"), tc.mnt().join("other/sub")).unwrap();
+    assert_eq!(
+        dotdot_ino(&tc.mnt().join("other/sub")),
+        ino(&tc.mnt().join("other"))
+    );
+    assert_eq!(sorted_names(&tc.mnt().join("other/sub")), ["inner"]);
+    assert_eq!(sorted_names(&b.path.join("other/sub")), ["inner"]);
+}
+
 /// listxattr: the names.
 fn listxattr(p: &Path) -> Vec<String> {
     let path = cpath(p);
