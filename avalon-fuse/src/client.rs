@@ -192,7 +192,9 @@ impl Client {
             stream_up: Default::default(),
             stream_ready: tokio::sync::Notify::new(),
             open_dirs: DashMap::new(),
-            cache: crate::chunk_cache::ChunkCache::new(32),
+            cache: crate::chunk_cache::ChunkCache::new(
+                32 * u64::from(avalon_proto::limits::DEFAULT_CHUNK_SIZE),
+            ),
             meta: MetaCache::new(),
             dir_ahead: Default::default(),
             deleg: Default::default(),
@@ -207,8 +209,7 @@ impl Client {
 
     /// Sets the memory budget of the chunk cache (before sharing the client).
     pub fn set_cache_budget(&mut self, bytes: u64) {
-        let chunks = bytes / u64::from(avalon_proto::limits::DEFAULT_CHUNK_SIZE);
-        self.cache = crate::chunk_cache::ChunkCache::new(chunks as usize);
+        self.cache = crate::chunk_cache::ChunkCache::new(bytes);
     }
 
     /// Stores SELinux labels (`security.selinux`) like any other xattr

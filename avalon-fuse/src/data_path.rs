@@ -32,6 +32,9 @@ use tonic::Code;
 /// predates `WriteChunkRequest.extents`, so it refuses instead of storing
 /// an empty write.
 const VECTORED_WRITE_OFFSET: u32 = u32::MAX;
+/// Largest written chunk copied together from several buffered runs to be
+/// kept in the chunk cache (a single run is kept without a copy).
+const KEEP_COPY_MAX: u64 = 256 << 10;
 
 /// How long one chunk operation keeps trying other replicas and newer maps
 /// before the application gets EIO.
@@ -105,7 +108,12 @@ impl Client {
         sync: bool,
         append: bool,
     ) -> Result<u32> {
-        self.page_versions.changed(ino);
+        // Those opens are direct I/O: the kernel's pages do not see them.
+        if append || self.is_shared(ino) {
+            self.page_versions.bypassed(ino);
+        } else {
+            self.page_versions.changed(ino);
+        }
         let gate = self.write_gate(ino);
         let guard = gate.read().await;
         if self.is_shared(ino) {
@@ -209,9 +217,11 @@ impl Client {
             for &(index, off, n) in &parts {
                 let piece = data.slice(pos..pos + n as usize);
                 pos += n as usize;
-                // A cached copy of the chunk is stale from now on.
+                let full = self.wbuf.add(ino, index, off, piece);
+                // A cached copy of the chunk is stale from now on (dropped
+                // after buffering: see `WriteBuffer::done_then`).
                 self.cache.invalidate(ino, index);
-                if self.wbuf.add(ino, index, off, piece) {
+                if full {
                     self.spawn_flush(ino, index);
                 }
             }
@@ -264,15 +274,55 @@ impl Client {
         };
         let me = self.clone();
         tokio::spawn(async move {
+            let whole = me.whole_chunk(ino, index, &ext);
             let r = me.send_extents(ino, index, ext).await;
-            me.wbuf.done(
+            me.wbuf.done_then(
                 ino,
                 index,
                 true,
                 r.err().map(|e| (e.errno(), e.to_string())),
+                || me.keep_written(ino, index, whole),
             );
             me.kick_flush();
         });
+    }
+
+    /// What chunk `(ino, index)` holds once `ext` (everything buffered for
+    /// it) is stored, if `ext` holds every byte of it up to the end of the
+    /// file: one contiguous run from 0 (a small file written whole). Not
+    /// for runs that would need copying into one past [`KEEP_COPY_MAX`].
+    fn whole_chunk(&self, ino: u64, index: u64, ext: &[(u32, Bytes)]) -> Option<Bytes> {
+        let size = self.files.get(&ino).filter(|st| !st.shared)?.size;
+        let start = index.checked_mul(u64::from(self.chunk_size_of(ino)))?;
+        let below_eof = size.checked_sub(start).filter(|n| *n > 0)?;
+        let mut end = 0u64;
+        for (off, data) in ext {
+            if u64::from(*off) != end {
+                return None;
+            }
+            end += data.len() as u64;
+        }
+        if end < below_eof.min(u64::from(self.chunk_size_of(ino))) {
+            return None;
+        }
+        match ext {
+            [(_, only)] => Some(only.clone()),
+            _ if end <= KEEP_COPY_MAX => {
+                let mut b = bytes::BytesMut::with_capacity(end as usize);
+                for (_, data) in ext {
+                    b.extend_from_slice(data);
+                }
+                Some(b.freeze())
+            }
+            _ => None,
+        }
+    }
+
+    /// Caches a chunk this client just stored whole (see `whole_chunk`).
+    fn keep_written(&self, ino: u64, index: u64, whole: Option<Bytes>) {
+        if let Some(b) = whole {
+            self.cache.put(ino, index, b);
+        }
     }
 
     /// Writes extents taken from the buffer to one chunk.
@@ -314,10 +364,14 @@ impl Client {
                 Take::Idle => return Ok(()),
                 Take::Busy => changed.await,
                 Take::Send(ext) => {
+                    let whole = self.whole_chunk(ino, index, &ext);
                     let r = self.send_extents(ino, index, ext).await;
                     // The caller reports its own failure; the buffer keeps
                     // no error for it.
-                    self.wbuf.done(ino, index, false, None);
+                    let whole = whole.filter(|_| r.is_ok());
+                    self.wbuf.done_then(ino, index, false, None, || {
+                        self.keep_written(ino, index, whole)
+                    });
                     // Anything written since is not ours to wait for.
                     return r;
                 }
@@ -505,7 +559,7 @@ impl Client {
             let last = parts.last().map_or(0, |p| p.0);
             let end_index = file_size.saturating_sub(1) / u64::from(cs);
             for index in last + 1..=(last + READAHEAD_CHUNKS).min(end_index) {
-                let (slot, new) = self.cache.get_or_insert(ino, index);
+                let (slot, new) = self.cache.get_or_insert(ino, index, u64::from(cs));
                 if new {
                     let me = self.clone();
                     tokio::spawn(async move {
@@ -525,7 +579,9 @@ impl Client {
                 }
                 let slot = match self.cache.get(ino, index) {
                     Some(s) => Some(s),
-                    None if sequential => Some(self.cache.get_or_insert(ino, index).0),
+                    None if sequential => {
+                        Some(self.cache.get_or_insert(ino, index, u64::from(cs)).0)
+                    }
                     None => None,
                 };
                 match slot {

@@ -976,12 +976,13 @@ impl Client {
     pub async fn close_file(&self, ino: u64) -> Result<()> {
         if self.deleg.owns(ino) {
             if let Some(st) = self.known_size(ino).filter(|s| s.dirty) {
-                if self.commit_delegated(ino, st.size).is_some() {
+                if let Some(a) = self.commit_delegated(ino, st.size) {
                     if let Some(mut f) = self.files.get_mut(&ino) {
                         if f.size <= st.size {
                             f.dirty = false;
                         }
                     }
+                    self.page_versions.written(&a);
                     return Ok(());
                 }
             } else {
@@ -989,8 +990,13 @@ impl Client {
             }
         }
         let flushed = self.flush_file(ino).await;
-        let committed = self.commit_size(ino).await.map(|_| ());
-        flushed.and(committed)
+        let committed = self.commit_size(ino).await;
+        if let (Ok(()), Ok(Some(a))) = (&flushed, &committed) {
+            if !self.is_shared(ino) {
+                self.page_versions.written(a);
+            }
+        }
+        flushed.and(committed.map(|_| ()))
     }
 
     /// Drops what this client keeps of the data of `ino`, removed here.

@@ -4,12 +4,14 @@
 //! The pages are current if the file's version at the MDS (ctime and size,
 //! which every committed change moves) is the one seen at the previous
 //! open here, and nothing changed the file through this client or a recall
-//! since. Another mount's committed write moves ctime, so close-to-open
+//! since, or the version is the one this client's own committed writes
+//! left. Another mount's committed write moves ctime, so close-to-open
 //! consistency holds; while the file is open here, its recall drops the
-//! kernel's pages (see recall.rs).
+//! kernel's pages (see recall.rs). The client's chunk cache follows the
+//! same decision.
 
 use avalon_proto::pb::Attr;
-use dashmap::DashMap;
+use dashmap::{DashMap, DashSet};
 
 /// Versions remembered at most; past that all are forgotten (so a file is
 /// read again once, never served stale).
@@ -19,6 +21,9 @@ const MAX_FILES: usize = 1 << 17;
 #[derive(Default)]
 pub struct PageVersions {
     map: DashMap<u64, (i64, u64)>,
+    /// Files written around the kernel's pages (O_APPEND opens are direct
+    /// I/O) since this client last wrote them through the pages.
+    bypassed: DashSet<u64>,
 }
 
 impl PageVersions {
@@ -35,6 +40,27 @@ impl PageVersions {
         }
         let v = (a.ctime_ns, a.size);
         self.map.insert(a.ino, v) == Some(v)
+    }
+
+    /// This client's writes to `a.ino`, now committed, went through the
+    /// kernel's pages, which are current at `a`'s version: an open that
+    /// finds the file at that version keeps them (and the client's cached
+    /// chunks), as it would after a read.
+    pub fn written(&self, a: &Attr) {
+        if self.bypassed.remove(&a.ino).is_some() {
+            return;
+        }
+        if self.map.len() >= MAX_FILES {
+            self.map.clear();
+        }
+        self.map.insert(a.ino, (a.ctime_ns, a.size));
+    }
+
+    /// `ino` was written with direct I/O: its pages are not current (see
+    /// `written`).
+    pub fn bypassed(&self, ino: u64) {
+        self.changed(ino);
+        self.bypassed.insert(ino);
     }
 
     /// `ino` changed here or elsewhere: its pages are not known current.

@@ -173,6 +173,8 @@ struct ChunkBuf {
     pending: Extents,
     /// Bytes of the RPC in flight for this chunk (0: none).
     inflight: u64,
+    /// What that RPC sends: still read from here until it is stored.
+    sending: Extents,
     /// When the oldest pending byte arrived.
     since: Instant,
 }
@@ -291,6 +293,7 @@ impl WriteBuffer {
         let c = f.chunks.entry(index).or_insert_with(|| ChunkBuf {
             pending: Extents::default(),
             inflight: 0,
+            sending: Extents::default(),
             since: Instant::now(),
         });
         if c.pending.is_empty() {
@@ -316,7 +319,8 @@ impl WriteBuffer {
             return Take::Idle;
         }
         c.inflight = c.pending.bytes();
-        let ext = c.pending.take();
+        c.sending = std::mem::take(&mut c.pending);
+        let ext = c.sending.map.iter().map(|(k, d)| (*k, d.clone())).collect();
         if background {
             g.background += 1;
         }
@@ -332,6 +336,21 @@ impl WriteBuffer {
     /// Reports the end of the RPC of a chunk that [`WriteBuffer::take`]
     /// handed out; an error is kept for the file's next fsync or flush.
     pub fn done(&self, ino: u64, index: u64, background: bool, error: Option<(i32, String)>) {
+        self.done_then(ino, index, background, error, || {});
+    }
+
+    /// [`WriteBuffer::done`], calling `drained` under the buffer's lock if
+    /// the chunk got no new data while its RPC was in flight: a write
+    /// buffers its data before it drops cached copies of the chunk, so
+    /// what `drained` caches is either current or dropped by that write.
+    pub fn done_then(
+        &self,
+        ino: u64,
+        index: u64,
+        background: bool,
+        error: Option<(i32, String)>,
+        drained: impl FnOnce(),
+    ) {
         let mut g = self.lock();
         if background {
             g.background = g.background.saturating_sub(1);
@@ -341,8 +360,12 @@ impl WriteBuffer {
             if let Some(c) = f.chunks.get_mut(&index) {
                 freed = c.inflight;
                 c.inflight = 0;
+                c.sending = Extents::default();
                 if c.pending.is_empty() {
                     f.chunks.remove(&index);
+                    if error.is_none() {
+                        drained();
+                    }
                 }
             }
             if let Some(e) = error {
@@ -399,13 +422,18 @@ impl WriteBuffer {
     }
 
     /// Copies `[off, off+dst.len())` of a chunk into `dst` if buffered
-    /// writes hold all of it (the newest bytes there); false otherwise.
+    /// writes hold all of it (the newest bytes there), pending or in
+    /// flight; false otherwise.
     pub fn copy_if_covered(&self, ino: u64, index: u64, off: u64, dst: &mut [u8]) -> bool {
         let g = self.lock();
         g.files
             .get(&ino)
             .and_then(|f| f.chunks.get(&index))
-            .is_some_and(|c| c.pending.copy_if_covered(off, dst))
+            .is_some_and(|c| {
+                c.pending.copy_if_covered(off, dst)
+                    || (!c.pending.overlaps(off, dst.len() as u64)
+                        && c.sending.copy_if_covered(off, dst))
+            })
     }
 
     /// Inodes with buffered data or an unreported error.
@@ -514,6 +542,36 @@ mod tests {
         assert_eq!(wb.take_error(7).map(|e| e.0), Some(libc::EIO));
         assert_eq!(wb.take_error(7), None);
         assert_eq!(wb.chunks_of(7), vec![1]);
+    }
+
+    #[test]
+    fn data_in_flight_is_read_from_the_buffer_until_stored() {
+        let wb = WriteBuffer::new(1 << 20);
+        wb.add(7, 0, 0, b(4096, 1));
+        let Take::Send(_) = wb.take(7, 0, false) else {
+            panic!("expected data")
+        };
+        let mut dst = [0u8; 100];
+        assert!(wb.copy_if_covered(7, 0, 10, &mut dst), "in flight");
+        assert_eq!(dst, [1u8; 100]);
+        // Newer pending bytes win; a read across both is not answered.
+        wb.add(7, 0, 50, b(20, 2));
+        assert!(wb.copy_if_covered(7, 0, 50, &mut dst[..20]));
+        assert_eq!(dst[..20], [2u8; 20]);
+        assert!(!wb.copy_if_covered(7, 0, 40, &mut dst[..20]));
+        assert!(wb.copy_if_covered(7, 0, 100, &mut dst[..20]));
+        assert_eq!(dst[..20], [1u8; 20]);
+        // Stored: what is left is the pending write only.
+        let mut drained = false;
+        wb.done_then(7, 0, false, None, || drained = true);
+        assert!(!drained, "new data came in while in flight");
+        assert!(!wb.copy_if_covered(7, 0, 100, &mut dst[..20]));
+        let Take::Send(_) = wb.take(7, 0, false) else {
+            panic!("expected data")
+        };
+        wb.done_then(7, 0, false, None, || drained = true);
+        assert!(drained);
+        assert!(!wb.copy_if_covered(7, 0, 50, &mut dst[..20]));
     }
 
     #[test]

@@ -243,6 +243,66 @@ fn data_written_and_closed_on_one_mount_is_read_by_the_other_at_once() {
     assert_eq!(&head, b"OVERWRITTEN", "B's open file kept stale pages");
 }
 
+/// Drops the kernel's page, dentry and inode caches (not the client's).
+fn drop_kernel_caches() {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+}
+
+/// Small files a mount wrote whole are read back from its own cache, and
+/// that cache never hides what the other mount wrote after it, nor a
+/// later partial write of its own.
+#[test]
+fn files_a_mount_wrote_whole_and_keeps_never_hide_later_writes() {
+    let mut tc = TestCluster::start(3, 3);
+    let b_path = tc.dir.path().join("mnt-b");
+    let b = SecondMount::new(tc.c(), b_path);
+    for round in 0..6u64 {
+        let name = format!("small{round}");
+        let (pa, pb) = (tc.mnt().join(&name), b.path.join(&name));
+        let mine = data(4096 + round as usize * 1000, round);
+        std::fs::write(&pa, &mine).unwrap();
+        assert!(
+            std::fs::read(&pa).unwrap() == mine,
+            "round {round}: A's own"
+        );
+        // Stored, then read back with the kernel's caches gone.
+        std::thread::sleep(Duration::from_millis(300));
+        drop_kernel_caches();
+        assert!(
+            std::fs::read(&pa).unwrap() == mine,
+            "round {round}: A after drop"
+        );
+        // A partial overwrite of its own.
+        let mut f = std::fs::OpenOptions::new().write(true).open(&pa).unwrap();
+        f.seek(SeekFrom::Start(100)).unwrap();
+        f.write_all(b"PATCH").unwrap();
+        drop(f);
+        let mut want = mine.clone();
+        want[100..105].copy_from_slice(b"PATCH");
+        drop_kernel_caches();
+        assert!(
+            std::fs::read(&pa).unwrap() == want,
+            "round {round}: A's patch"
+        );
+        // B rewrites it (same size, other bytes, and a shorter file).
+        let theirs = data(want.len(), 100 + round);
+        let mut f = std::fs::OpenOptions::new().write(true).open(&pb).unwrap();
+        f.write_all(&theirs).unwrap();
+        drop(f);
+        assert!(
+            std::fs::read(&pa).unwrap() == theirs,
+            "round {round}: A sees B's"
+        );
+        drop_kernel_caches();
+        assert!(
+            std::fs::read(&pa).unwrap() == theirs,
+            "round {round}: after drop"
+        );
+        std::fs::write(&pb, b"short").unwrap();
+        assert_eq!(std::fs::read(&pa).unwrap(), b"short", "round {round}");
+    }
+}
+
 #[test]
 fn a_client_killed_with_sigkill_holds_nobody_up_past_its_lease() {
     let mut tc = TestCluster::start(3, 3);
