@@ -12,6 +12,7 @@
 
 use avalon_proto::pb::Attr;
 use dashmap::{DashMap, DashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Versions remembered at most; past that all are forgotten (so a file is
 /// read again once, never served stale).
@@ -24,6 +25,9 @@ pub struct PageVersions {
     /// Files written around the kernel's pages (O_APPEND opens are direct
     /// I/O) since this client last wrote them through the pages.
     bypassed: DashSet<u64>,
+    /// `bypassed` was full once: no own write is trusted to leave current
+    /// pages any more.
+    bypassed_overflow: AtomicBool,
 }
 
 impl PageVersions {
@@ -47,7 +51,8 @@ impl PageVersions {
     /// finds the file at that version keeps them (and the client's cached
     /// chunks), as it would after a read.
     pub fn written(&self, a: &Attr) {
-        if self.bypassed.remove(&a.ino).is_some() {
+        if self.bypassed.remove(&a.ino).is_some() || self.bypassed_overflow.load(Ordering::Relaxed)
+        {
             return;
         }
         if self.map.len() >= MAX_FILES {
@@ -60,7 +65,11 @@ impl PageVersions {
     /// `written`).
     pub fn bypassed(&self, ino: u64) {
         self.changed(ino);
-        self.bypassed.insert(ino);
+        if self.bypassed.len() < MAX_FILES {
+            self.bypassed.insert(ino);
+        } else {
+            self.bypassed_overflow.store(true, Ordering::Relaxed);
+        }
     }
 
     /// `ino` changed here or elsewhere: its pages are not known current.
@@ -97,5 +106,22 @@ mod tests {
         assert!(!p.open(&attr(5, 11, 101), true), "written here");
         assert!(!p.open(&attr(5, 11, 101), false), "direct I/O");
         assert!(!p.open(&attr(5, 11, 101), true), "direct I/O forgot it");
+    }
+
+    #[test]
+    fn own_committed_writes_leave_pages_current_unless_they_went_around() {
+        let p = PageVersions::default();
+        p.changed(6);
+        p.written(&attr(6, 20, 4096));
+        assert!(p.open(&attr(6, 20, 4096), true), "our own version");
+        assert!(!p.open(&attr(6, 21, 4096), true), "another's commit");
+        // An O_APPEND (direct) write since: not trusted at the commit.
+        p.bypassed(6);
+        p.written(&attr(6, 22, 5000));
+        assert!(!p.open(&attr(6, 22, 5000), true));
+        // Until the next write through the pages and its commit.
+        p.changed(6);
+        p.written(&attr(6, 23, 5000));
+        assert!(p.open(&attr(6, 23, 5000), true));
     }
 }
