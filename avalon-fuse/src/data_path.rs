@@ -553,7 +553,11 @@ impl Client {
         if !held.is_empty() {
             self.flush_chunks(ino, held.into_iter()).await?;
         }
-        let sequential = self.cache.note_read(ino, offset, len);
+        // Another session writes a shared-write file through at any time,
+        // and its commits reach this client only while it holds a lease:
+        // such a file is read from the OSDs each time, never cached.
+        let shared = self.is_shared(ino);
+        let sequential = !shared && self.cache.note_read(ino, offset, len);
         if sequential {
             // Keep READAHEAD_CHUNKS chunks past this read loading.
             let last = parts.last().map_or(0, |p| p.0);
@@ -577,7 +581,7 @@ impl Client {
                 if b {
                     return Ok(None);
                 }
-                let slot = match self.cache.get(ino, index) {
+                let slot = match self.cache.get(ino, index).filter(|_| !shared) {
                     Some(s) => Some(s),
                     None if sequential => {
                         Some(self.cache.get_or_insert(ino, index, u64::from(cs)).0)

@@ -210,7 +210,12 @@ impl Filesystem for AvalonFs {
             | InitFlags::FUSE_ASYNC_READ
             // Files opened for direct I/O (O_APPEND, shared-write mode)
             // can still be mapped.
-            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
+            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP
+            // Pages of a file whose mtime moved are dropped when the kernel
+            // next takes its attributes: what a reader whose lease lapsed
+            // (no recalls reach it) has cached of a file another mount
+            // overwrote in place.
+            | InitFlags::FUSE_AUTO_INVAL_DATA;
         // No FUSE_ATOMIC_O_TRUNC: with it the kernel empties its page cache
         // and i_size at FUSE_OPEN, before its own ETXTBSY check, so an
         // open(O_RDONLY | O_TRUNC) of a running executable killed it with

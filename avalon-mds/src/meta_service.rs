@@ -190,13 +190,14 @@ impl MetaService {
         Ok(r)
     }
 
-    /// Counts an open of `ino` for writing by `sid`. A second writer puts
+    /// Counts an open of `ino` by `sid` (for writing if `write`). A
+    /// second writer, or a reader of a file another session writes, puts
     /// the file in shared-write mode: the others store what they buffered
     /// and commit its size before this returns (so the opener reads
-    /// attributes that cover it), then everyone writes through. Returns
-    /// whether the file is in that mode.
-    async fn open_write(&self, sid: u64, ino: u64) -> bool {
-        let (shared, tell) = self.node.open_write(sid, ino);
+    /// attributes that cover it), then everyone writes through and reads
+    /// uncached. Returns whether the file is in that mode.
+    async fn open_shared(&self, sid: u64, ino: u64, write: bool) -> bool {
+        let (shared, tell) = self.node.open_shared(sid, ino, write);
         let leases = &self.node.leases;
         futures::future::join_all(
             tell.into_iter()
@@ -396,7 +397,7 @@ impl Meta for MetaService {
                 self.node.note_created(sid, ino);
                 if writes(r.open_flags) {
                     // O_CREAT may find the file open for writing elsewhere.
-                    e.shared_write = self.open_write(sid, ino).await;
+                    e.shared_write = self.open_shared(sid, ino, true).await;
                     if e.shared_write {
                         // The other writers' commits moved the size on.
                         e.attr = self.dir_attr(ino);
@@ -719,7 +720,7 @@ impl Meta for MetaService {
         if sid != 0 {
             self.node.open_begin(sid, r.ino).await;
         }
-        let shared_write = write && self.open_write(sid, r.ino).await;
+        let shared_write = sid != 0 && self.open_shared(sid, r.ino, write).await;
         let res = match self.read_leased(sid, |s| (s.getattr(r.ino), [r.ino])).await {
             Ok(Ok(a)) => Ok(a),
             Ok(Err(e)) => Err(MdsError::Errno(e)),

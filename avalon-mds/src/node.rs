@@ -403,15 +403,21 @@ impl MdsNode {
         }
     }
 
-    /// Counts an open of `ino` for writing by `sid` (after
-    /// [`MdsNode::open_begin`]). Returns whether the file now has several
-    /// writers (shared-write mode) and which other writers have not been
-    /// told so yet; they are marked told.
-    pub fn open_write(&self, sid: u64, ino: u64) -> (bool, Vec<u64>) {
+    /// Counts an open of `ino` by `sid` (after [`MdsNode::open_begin`]),
+    /// for writing if `write`. Returns whether the file is now in
+    /// shared-write mode, and which other sessions in it have not been
+    /// told so yet (they are marked told). The mode starts when one
+    /// session writes the file while another has it open at all: two
+    /// writers, or a writer and a reader (who must see each write, not
+    /// what the writer buffered). Readers count by the opens this leader
+    /// saw (a new leader learns writers only, from heartbeats).
+    pub fn open_shared(&self, sid: u64, ino: u64, write: bool) -> (bool, Vec<u64>) {
         let now = Instant::now();
         let grace = self.grace();
         let mut t = self.lock_opens();
-        t.entry(sid, ino).writes += 1;
+        if write {
+            t.entry(sid, ino).writes += 1;
+        }
         let others: Vec<u64> = t
             .by_ino
             .get(&ino)
@@ -421,7 +427,7 @@ impl MdsNode {
         let mut tell = Vec::new();
         for other in others {
             if let Some(e) = t.entries.get_mut(&(other, ino)) {
-                if e.is_writer(grace, now) {
+                if e.is_writer(grace, now) || (write && e.opens > 0) {
                     shared = true;
                     if !e.shared {
                         e.shared = true;
@@ -454,6 +460,10 @@ impl MdsNode {
             }
         }
         e.opens = e.opens.saturating_sub(1);
+        if e.opens == 0 {
+            // A reader's next open is told afresh too.
+            e.shared = false;
+        }
         if e.opens == 0 && e.reported_at.is_none_or(|r| now.duration_since(r) >= grace) {
             t.remove(sid, ino);
         }

@@ -511,6 +511,84 @@ fn two_writers_see_each_others_writes_while_both_hold_the_file_open() {
     }
 }
 
+#[test]
+fn a_reader_sees_each_write_of_a_file_another_mount_holds_open() {
+    use std::os::unix::fs::FileExt;
+    let mut tc = TestCluster::start(3, 3);
+    let b_path = tc.dir.path().join("mnt-b");
+    let b = SecondMount::new(tc.c(), b_path);
+    let read_all = |f: &mut std::fs::File| {
+        let mut v = Vec::new();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.read_to_end(&mut v).unwrap();
+        v
+    };
+    let open_w = |p: &Path| std::fs::OpenOptions::new().write(true).open(p).unwrap();
+
+    // B reads (and caches) the file, then A opens it for writing: every
+    // write of A is in B's next read, with no close or fsync on A.
+    let (pa, pb) = (tc.mnt().join("log"), b.path.join("log"));
+    std::fs::write(&pa, b"old contents").unwrap();
+    let mut rb = std::fs::File::open(&pb).unwrap();
+    assert_eq!(read_all(&mut rb), b"old contents");
+    let wa = open_w(&pa);
+    let mut model = b"old contents".to_vec();
+    for i in 0..20usize {
+        let rec = format!("line {i:02}\n");
+        wa.write_all_at(rec.as_bytes(), model.len() as u64).unwrap();
+        model.extend_from_slice(rec.as_bytes());
+        let head = format!("{i:03}");
+        wa.write_all_at(head.as_bytes(), 0).unwrap();
+        model[..3].copy_from_slice(head.as_bytes());
+        assert!(
+            read_all(&mut rb) == model,
+            "round {i}: B reads {:?}",
+            String::from_utf8_lossy(&read_all(&mut rb))
+        );
+    }
+    drop((wa, rb));
+
+    // In-place overwrites of the same length (the size never moves), with
+    // B's lease in place by now (its cache, recalls) and without.
+    for (round, name) in ["same-size", "same-size-later"].iter().enumerate() {
+        if round == 1 {
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        let (pa, pb) = (tc.mnt().join(name), b.path.join(name));
+        let mut model = data(20_000, round as u64);
+        std::fs::write(&pa, &model).unwrap();
+        let mut rb = std::fs::File::open(&pb).unwrap();
+        assert!(read_all(&mut rb) == model);
+        let wa = open_w(&pa);
+        for i in 0..12usize {
+            let at = (i * 1_531) % 19_000;
+            let patch = format!("<{round}:{i:02}>");
+            wa.write_all_at(patch.as_bytes(), at as u64).unwrap();
+            model[at..at + patch.len()].copy_from_slice(patch.as_bytes());
+            assert!(
+                read_all(&mut rb) == model,
+                "{name} round {i}: B misses the write at {at}"
+            );
+        }
+    }
+
+    // A writes alone (buffered), then B opens the file for reading: A
+    // stores what it buffered before B's open returns, and writes through
+    // from then on.
+    let (pa, pb) = (tc.mnt().join("later"), b.path.join("later"));
+    std::fs::write(&pa, b"").unwrap();
+    let wa = open_w(&pa);
+    wa.write_all_at(b"buffered on A", 0).unwrap();
+    let mut rb = std::fs::File::open(&pb).unwrap();
+    assert_eq!(
+        read_all(&mut rb),
+        b"buffered on A",
+        "B does not see what A wrote before B opened"
+    );
+    wa.write_all_at(b"; then more", 13).unwrap();
+    assert_eq!(read_all(&mut rb), b"buffered on A; then more");
+}
+
 /// A tree made on A under a write delegation of its directory (creates,
 /// writes, chmod, utimes, renames, unlinks, symlinks, subdirectories,
 /// all answered by A's client and sent to the MDS later) is seen whole and
