@@ -49,7 +49,8 @@ impl PageVersions {
     /// This client's writes to `a.ino`, now committed, went through the
     /// kernel's pages, which are current at `a`'s version: an open that
     /// finds the file at that version keeps them (and the client's cached
-    /// chunks), as it would after a read.
+    /// chunks), as it would after a read. (The kernel itself drops its
+    /// pages once it sees the commit's new mtime: FUSE_AUTO_INVAL_DATA.)
     pub fn written(&self, a: &Attr) {
         if self.bypassed.remove(&a.ino).is_some() || self.bypassed_overflow.load(Ordering::Relaxed)
         {
