@@ -108,15 +108,17 @@ impl Client {
         sync: bool,
         append: bool,
     ) -> Result<u32> {
-        // Those opens are direct I/O: the kernel's pages do not see them.
-        if append || self.is_shared(ino) {
+        let gate = self.write_gate(ino);
+        let guard = gate.read().await;
+        // Shared-write and O_APPEND opens are direct I/O: the kernel's
+        // pages do not see those writes.
+        let shared = self.is_shared(ino);
+        if shared || append {
             self.page_versions.bypassed(ino);
         } else {
             self.page_versions.changed(ino);
         }
-        let gate = self.write_gate(ino);
-        let guard = gate.read().await;
-        if self.is_shared(ino) {
+        if shared {
             drop(guard);
             return self.write_shared(ino, offset, data, sync, append).await;
         }
@@ -293,8 +295,10 @@ impl Client {
     /// for runs that would need copying into one past [`KEEP_COPY_MAX`].
     fn whole_chunk(&self, ino: u64, index: u64, ext: &[(u32, Bytes)]) -> Option<Bytes> {
         let size = self.files.get(&ino).filter(|st| !st.shared)?.size;
-        let start = index.checked_mul(u64::from(self.chunk_size_of(ino)))?;
-        let below_eof = size.checked_sub(start).filter(|n| *n > 0)?;
+        let cs = u64::from(self.chunk_size_of(ino));
+        let below_eof = size
+            .checked_sub(index.checked_mul(cs)?)
+            .filter(|n| *n > 0)?;
         let mut end = 0u64;
         for (off, data) in ext {
             if u64::from(*off) != end {
@@ -302,7 +306,7 @@ impl Client {
             }
             end += data.len() as u64;
         }
-        if end < below_eof.min(u64::from(self.chunk_size_of(ino))) {
+        if end < below_eof.min(cs) {
             return None;
         }
         match ext {

@@ -157,6 +157,19 @@ fn dotdot(c: &Client, dir: u64, parent: u64) -> u64 {
     }
 }
 
+/// Adds "." and ".." (parent `parent`) where a stream at `offset` still
+/// has them; true if the reply is full.
+fn add_dots(
+    c: &Client,
+    dir: u64,
+    offset: u64,
+    parent: u64,
+    add: &mut impl FnMut(DirItem<'_>) -> std::result::Result<bool, Errno>,
+) -> std::result::Result<bool, Errno> {
+    Ok((offset == 0 && add(DirItem::Dot)?)
+        || (offset <= 1 && add(DirItem::DotDot(INodeNo(dotdot(c, dir, parent))))?))
+}
+
 /// Kernel node id of an MDS inode.
 pub fn fuse_ino(c: &Client, ino: u64) -> u64 {
     if ino == c.root_ino {
@@ -200,10 +213,7 @@ impl DirStream {
         let mut cookie = offset.max(DOTDOT_COOKIE);
         let mut page = dir_page(c, dir, cookie, self.plus).await.map_err(errno)?;
         let mark = s.mark(fh, offset, page.next_cookie);
-        if offset == 0 && add(DirItem::Dot)? {
-            return Ok(());
-        }
-        if offset <= 1 && add(DirItem::DotDot(INodeNo(dotdot(c, dir, page.parent))))? {
+        if add_dots(c, dir, offset, page.parent, &mut add)? {
             return Ok(());
         }
         loop {
@@ -234,10 +244,7 @@ impl DirStream {
         mut add: impl FnMut(DirItem<'_>) -> std::result::Result<bool, Errno>,
     ) -> std::result::Result<(), Errno> {
         let (dir, fh, offset) = (self.dir, self.fh, self.offset);
-        if offset == 0 && add(DirItem::Dot)? {
-            return Ok(());
-        }
-        if offset <= 1 && add(DirItem::DotDot(INodeNo(dotdot(c, dir, l.parent))))? {
+        if add_dots(c, dir, offset, l.parent, &mut add)? {
             return Ok(());
         }
         let mut cookie = offset.max(DOTDOT_COOKIE);

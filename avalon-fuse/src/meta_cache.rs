@@ -274,7 +274,7 @@ impl MetaCache {
             if old.is_some_and(|o| o != ino) {
                 self.lost(old);
             }
-            self.count(dir, name, ino);
+            self.set_child(dir, name, ino);
         } else {
             self.lost(self.entries.remove(&(dir, name)).map(|(_, ino)| ino));
             self.complete.remove(&dir);
@@ -304,13 +304,13 @@ impl MetaCache {
             .entries
             .remove(&(dir, name.clone()))
             .map(|(_, ino)| ino);
-        self.count(dir, name, 0);
+        self.set_child(dir, name, 0);
         old
     }
 
     /// Keeps the entries of a complete `dir` as its entry `name` becomes
     /// `ino` (0: absent).
-    fn count(&self, dir: u64, name: Bytes, ino: u64) {
+    fn set_child(&self, dir: u64, name: Bytes, ino: u64) {
         if let Some(mut k) = self.complete.get_mut(&dir) {
             if ino == 0 {
                 k.children.remove(&name);

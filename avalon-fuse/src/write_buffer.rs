@@ -150,7 +150,13 @@ impl Extents {
         }
     }
 
+    /// The runs, in offset order (the data is shared, not copied).
+    pub fn runs(&self) -> Vec<(u32, Bytes)> {
+        self.map.iter().map(|(k, d)| (*k, d.clone())).collect()
+    }
+
     /// Takes everything, in offset order.
+    #[cfg(test)]
     pub fn take(&mut self) -> Vec<(u32, Bytes)> {
         self.bytes = 0;
         std::mem::take(&mut self.map).into_iter().collect()
@@ -320,7 +326,7 @@ impl WriteBuffer {
         }
         c.inflight = c.pending.bytes();
         c.sending = std::mem::take(&mut c.pending);
-        let ext = c.sending.map.iter().map(|(k, d)| (*k, d.clone())).collect();
+        let ext = c.sending.runs();
         if background {
             g.background += 1;
         }
