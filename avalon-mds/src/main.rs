@@ -31,6 +31,9 @@ async fn main() -> std::process::ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+    // Test builds arm fault-injection points from $FAILPOINTS.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
