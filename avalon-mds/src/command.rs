@@ -238,6 +238,10 @@ pub enum Op {
     ReserveInos {
         count: u64,
     },
+    /// Commands of several clients proposed together (group commit, see
+    /// `proposer.rs`): each applied as if alone, with its own dedup;
+    /// [`Reply::Multi`] has their answers in order.
+    Multi(Vec<MetaCommand>),
 }
 
 /// A raft log entry payload.
@@ -289,6 +293,8 @@ pub enum Reply {
     Batch(Vec<i32>),
     /// First of the numbers [`Op::ReserveInos`] reserved.
     Inos(u64),
+    /// Per command of an [`Op::Multi`], its answer.
+    Multi(Vec<MetaResponse>),
 }
 
 /// What applying one log entry produced: a reply or a Linux errno.

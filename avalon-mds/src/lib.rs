@@ -17,6 +17,7 @@ pub mod log_sync;
 pub mod meta_service;
 pub mod namespace;
 pub mod node;
+pub mod proposer;
 pub mod raft_net;
 pub mod raft_store;
 pub mod read_lease;
@@ -52,6 +53,20 @@ fn raft_config(cfg: &Config) -> anyhow::Result<openraft::Config> {
         ..Default::default()
     };
     Ok(c.validate()?)
+}
+
+/// Resolves once raft has stopped with a fatal error (storage, panic).
+async fn raft_fatal(
+    metrics: &mut tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, BasicNode>>,
+) -> String {
+    loop {
+        if let Err(e) = &metrics.borrow_and_update().running_state {
+            return e.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "raft core ended".to_string();
+        }
+    }
 }
 
 /// Runs one MDS node until `shutdown` is cancelled.
@@ -93,6 +108,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         delegations: Default::default(),
         lease_term: Mutex::new((0, std::time::Instant::now())),
         log_sync: log_sync::LogSync::new(durability),
+        proposer: proposer::Proposer::start(raft.clone()),
         shutdown: shutdown.child_token(),
     });
 
@@ -132,6 +148,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     );
 
     let mut failure = None;
+    let log_failed = node.log_sync.log().clone();
+    let mut metrics = raft.metrics();
+    let server_abort = server.abort_handle();
     // Biased: the server also ends on `shutdown`, and a shutdown must not
     // be taken for the server stopping on its own.
     tokio::select! {
@@ -157,6 +176,20 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 Err(e) => Some(anyhow::Error::new(e).context("gRPC server task failed")),
             };
         }
+        // A storage error stops raft for good: a node that cannot write its
+        // log must not stay up answering Unavailable; it exits non-zero and
+        // its supervisor restarts it on what is on disk.
+        e = log_failed.failed() => {
+            node.shutdown.cancel();
+            failure = Some(anyhow::anyhow!("{e}; stopping (restart recovers from the log on disk)"));
+        }
+        e = raft_fatal(&mut metrics) => {
+            node.shutdown.cancel();
+            failure = Some(anyhow::anyhow!("raft stopped: {e}; stopping (restart recovers from the log on disk)"));
+        }
+    }
+    if failure.is_some() {
+        server_abort.abort();
     }
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");

@@ -340,6 +340,11 @@ impl State {
 
     /// Applies one command, with per-session dedup of retried requests.
     pub fn apply(&mut self, cmd: &MetaCommand) -> MetaResponse {
+        if let Op::Multi(cmds) = &cmd.op {
+            return MetaResponse(Ok(Reply::Multi(
+                cmds.iter().map(|c| self.apply(c)).collect(),
+            )));
+        }
         let dedup = cmd.session_id != 0 && cmd.request_id != 0;
         if dedup {
             if let Some(prev) = self.dedup.get(&cmd.session_id).and_then(|q| {
@@ -493,6 +498,8 @@ impl State {
                     })
                     .collect(),
             )),
+            // Taken apart in `apply`; a Multi nested in a Batch is refused.
+            Op::Multi(_) => Err(libc::EINVAL),
             Op::ReserveInos { count } => {
                 let start = self.next_ino;
                 self.next_ino += (*count).min(MAX_RESERVE);

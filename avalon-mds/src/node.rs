@@ -202,6 +202,8 @@ pub struct MdsNode {
     pub lease_term: Mutex<(u64, Instant)>,
     /// The raft log, and making it durable on a majority (fsync).
     pub log_sync: crate::log_sync::LogSync,
+    /// Batches concurrent writes into shared log entries (group commit).
+    pub proposer: crate::proposer::Proposer,
     pub shutdown: CancellationToken,
 }
 
@@ -261,20 +263,12 @@ impl MdsNode {
     }
 
     /// Leader: returns once every operation applied so far is on disk on
-    /// a majority of voters (client fsync/fsyncdir).
+    /// a majority of voters (client fsync/fsyncdir). Applied means
+    /// committed, and a node acknowledges an entry only once it is on its
+    /// disk: that holds already, so this only checks leadership (a former
+    /// leader cannot vouch for what the new one committed).
     pub async fn sync_log(&self) -> Result<(), MdsError> {
-        self.check_leader()?;
-        let (upto, voters) = {
-            let m = self.raft.metrics();
-            let m = m.borrow();
-            let membership = m.membership_config.membership();
-            let voters: Vec<(NodeId, String)> = membership
-                .voter_ids()
-                .filter_map(|id| membership.get_node(&id).map(|n| (id, n.addr.clone())))
-                .collect();
-            (m.last_applied.map(|l| l.index).unwrap_or(0), voters)
-        };
-        self.log_sync.sync_majority(self.id, upto, &voters).await
+        self.check_leader()
     }
 
     /// Current voters.
@@ -313,9 +307,10 @@ impl MdsNode {
             request_id,
             op,
         };
-        match self.raft.client_write(cmd).await {
-            Ok(r) => r.data.0.map_err(MdsError::Errno),
-            Err(e) => Err(self.raft_err(e)),
+        match self.proposer.propose(cmd).await {
+            Some(Ok(r)) => r.0.map_err(MdsError::Errno),
+            Some(Err(e)) => Err(self.raft_err(e)),
+            None => Err(MdsError::Unavailable("MDS shutting down".into())),
         }
     }
 

@@ -59,13 +59,17 @@ fn wr(e: impl std::fmt::Display) -> SErr {
 
 /// The raft log and vote in a redb database.
 ///
-/// Durability contract (see docs/ARCHITECTURE.md): `append` writes entries
-/// without fsync and reports them stored at once, so an operation is
-/// acknowledged when a majority holds it in memory; a flusher thread makes
-/// everything appended durable right behind (group commit: one fsync for
-/// all entries appended meanwhile), and [`LogStore::flush_upto`] lets
-/// fsync/fsyncdir wait until their entries are on disk. Votes, truncations
-/// and purges are durable before they return.
+/// Durability contract (see docs/ARCHITECTURE.md): an entry is reported
+/// stored to raft (its [`LogFlushed`] callback fires) only once it is on
+/// disk, so a node acknowledges AppendEntries only for durable entries and
+/// a committed entry survives any crash of a minority. `append` writes the
+/// entries without fsync and hands its callback to a flusher thread that
+/// makes everything appended so far durable with one commit (group commit:
+/// entries appended while an fsync is under way share the next one) and
+/// then fires every callback it covered. Votes, truncations and purges are
+/// durable before they return. A storage error is final: the callbacks get
+/// it (raft stops) and [`LogDurability::failed`] reports it, so the node
+/// exits and a supervisor restarts it on what is on disk.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
@@ -74,6 +78,8 @@ pub struct LogStore {
     marks: Arc<Mutex<LogMarks>>,
     /// Every entry up to this index is on disk.
     durable: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Set once a write of the log failed: nothing is acknowledged after.
+    failed: Arc<tokio::sync::watch::Sender<Option<String>>>,
 }
 
 /// The last appended index, and how many truncations happened: a flush
@@ -85,27 +91,78 @@ struct LogMarks {
     /// The committed mark (encoded) not written yet: the flusher's next
     /// commit carries it, instead of a transaction of its own per entry.
     committed: Option<Vec<u8>>,
+    /// Appends waiting for their entries to be on disk.
+    waiting: Vec<LogFlushed<TypeConfig>>,
 }
 
 const KEY_FLUSH: &str = "flush";
 
-/// Flusher thread: one durable commit per batch of appended entries.
-/// Holds the database weakly, so that it closes as soon as the store is
-/// dropped (a restart in the same process can open it again).
+/// Why a fail point fired: `return(crash)` ends the process on the spot
+/// (no destructor, no flush: what kill -9 leaves), `return(enospc)` fails
+/// the operation with ENOSPC, anything else with EIO.
+#[cfg(feature = "failpoints")]
+pub(crate) fn injected_fault(point: &str, arg: Option<String>) -> String {
+    match arg.as_deref() {
+        Some("crash") => {
+            eprintln!("avalon-mds: fail point {point}: crash");
+            std::process::abort()
+        }
+        Some("enospc") => format!(
+            "{point}: {}",
+            std::io::Error::from_raw_os_error(libc::ENOSPC)
+        ),
+        _ => format!("{point}: {}", std::io::Error::from_raw_os_error(libc::EIO)),
+    }
+}
+
+/// One durable commit of everything appended so far (and of the pending
+/// committed mark), with the fail points around its fsync.
+fn flush_commit(db: &Database, n: u64, committed: Option<&[u8]>) -> Result<(), String> {
+    fail::fail_point!("mds-log-before-fsync", |a| Err(injected_fault(
+        "mds-log-before-fsync",
+        a
+    )));
+    let tx = db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let mut t = tx.open_table(META).map_err(|e| e.to_string())?;
+        t.insert(KEY_FLUSH, n.to_le_bytes().as_slice())
+            .map_err(|e| e.to_string())?;
+        if let Some(c) = committed {
+            t.insert(KEY_COMMITTED, c).map_err(|e| e.to_string())?;
+        }
+    }
+    tx.commit().map_err(|e| e.to_string())?;
+    // Durable here, not yet acknowledged: a crash now must lose nothing.
+    fail::fail_point!("mds-log-after-fsync", |a| Err(injected_fault(
+        "mds-log-after-fsync",
+        a
+    )));
+    Ok(())
+}
+
+/// Flusher thread: one durable commit per batch of appended entries, then
+/// their callbacks. Holds the database weakly, so that it closes as soon as
+/// the store is dropped (a restart in the same process can open it again).
 fn flusher(
     db: std::sync::Weak<Database>,
     rx: std::sync::mpsc::Receiver<()>,
     marks: Arc<Mutex<LogMarks>>,
     durable: Arc<tokio::sync::watch::Sender<u64>>,
+    failed: Arc<tokio::sync::watch::Sender<Option<String>>>,
 ) {
     let mut n: u64 = 0;
     while rx.recv().is_ok() {
         while rx.try_recv().is_ok() {}
         // Everything appended before this read is in the database already,
-        // so the commit below covers it.
-        let (epoch, target, committed) = {
+        // so the commit below covers it and the callbacks taken with it.
+        let (epoch, target, committed, waiting) = {
             let mut m = lock(&marks);
-            (m.epoch, m.appended, m.committed.take())
+            (
+                m.epoch,
+                m.appended,
+                m.committed.take(),
+                std::mem::take(&mut m.waiting),
+            )
         };
         if target <= *durable.borrow() {
             if let Some(c) = committed {
@@ -113,25 +170,21 @@ fn flusher(
                 // mark came meanwhile).
                 lock(&marks).committed.get_or_insert(c);
             }
+            for cb in waiting {
+                cb.log_io_completed(Ok(()));
+            }
             continue;
         }
         n = n.wrapping_add(1);
-        let res = (|| -> Result<(), String> {
-            let db = db.upgrade().ok_or("raft log closed")?;
-            let tx = db.begin_write().map_err(|e| e.to_string())?;
-            {
-                let mut t = tx.open_table(META).map_err(|e| e.to_string())?;
-                t.insert(KEY_FLUSH, n.to_le_bytes().as_slice())
-                    .map_err(|e| e.to_string())?;
-                if let Some(c) = &committed {
-                    t.insert(KEY_COMMITTED, c.as_slice())
-                        .map_err(|e| e.to_string())?;
-                }
+        let Some(strong) = db.upgrade() else {
+            for cb in waiting {
+                cb.log_io_completed(Err(std::io::Error::other("raft log closed")));
             }
-            tx.commit().map_err(|e| e.to_string())
-        })();
-        match res {
+            return;
+        };
+        match flush_commit(&strong, n, committed.as_deref()) {
             Ok(()) => {
+                drop(strong);
                 if lock(&marks).epoch == epoch {
                     durable.send_if_modified(|d| {
                         let newer = target > *d;
@@ -141,12 +194,24 @@ fn flusher(
                         newer
                     });
                 }
+                for cb in waiting {
+                    cb.log_io_completed(Ok(()));
+                }
             }
             Err(e) => {
-                tracing::error!(error = %e, "raft log flush failed");
-                if db.strong_count() == 0 {
-                    return;
+                // Final, never retried: after a failed fsync the kernel may
+                // have dropped the pages, and a later fsync that succeeds
+                // would claim them durable.
+                let msg = format!("raft log flush failed: {e}");
+                tracing::error!("{msg}");
+                for cb in waiting {
+                    cb.log_io_completed(Err(std::io::Error::other(msg.clone())));
                 }
+                for cb in std::mem::take(&mut lock(&marks).waiting) {
+                    cb.log_io_completed(Err(std::io::Error::other(msg.clone())));
+                }
+                failed.send_replace(Some(msg));
+                return;
             }
         }
     }
@@ -193,16 +258,23 @@ impl LogStore {
             ..Default::default()
         }));
         let durable = Arc::new(tokio::sync::watch::Sender::new(last));
+        let failed = Arc::new(tokio::sync::watch::Sender::new(None));
         let (flush_tx, rx) = std::sync::mpsc::channel();
-        let (fdb, fm, fd) = (Arc::downgrade(&db), marks.clone(), durable.clone());
+        let (fdb, fm, fd, ff) = (
+            Arc::downgrade(&db),
+            marks.clone(),
+            durable.clone(),
+            failed.clone(),
+        );
         std::thread::Builder::new()
             .name("raft-log-flush".into())
-            .spawn(move || flusher(fdb, rx, fm, fd))?;
+            .spawn(move || flusher(fdb, rx, fm, fd, ff))?;
         Ok(LogStore {
             db,
             flush_tx,
             marks,
             durable,
+            failed,
         })
     }
 
@@ -212,6 +284,7 @@ impl LogStore {
         LogDurability {
             flush_tx: self.flush_tx.clone(),
             durable: self.durable.clone(),
+            failed: self.failed.clone(),
         }
     }
 }
@@ -221,6 +294,7 @@ impl LogStore {
 pub struct LogDurability {
     flush_tx: std::sync::mpsc::Sender<()>,
     durable: Arc<tokio::sync::watch::Sender<u64>>,
+    failed: Arc<tokio::sync::watch::Sender<Option<String>>>,
 }
 
 impl LogDurability {
@@ -230,6 +304,9 @@ impl LogDurability {
         let mut rx = self.durable.subscribe();
         if *rx.borrow() >= index {
             return true;
+        }
+        if self.failed.borrow().is_some() {
+            return false;
         }
         let _ = self.flush_tx.send(());
         let poke = self.flush_tx.clone();
@@ -251,6 +328,21 @@ impl LogDurability {
             }
         };
         tokio::time::timeout(timeout, wait).await.unwrap_or(false)
+    }
+
+    /// Resolves with the error once a write of the log failed (the node
+    /// must stop: it cannot acknowledge anything any more).
+    pub async fn failed(&self) -> String {
+        let mut rx = self.failed.subscribe();
+        let failed = match rx.wait_for(|f| f.is_some()).await {
+            Ok(f) => f.clone(),
+            Err(_) => None,
+        };
+        match failed {
+            Some(e) => e,
+            // The store is gone (shut down): never resolves.
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -358,7 +450,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
+        if let Some(e) = self.failed.borrow().clone() {
+            callback.log_io_completed(Err(std::io::Error::other(e.clone())));
+            return Err(wr(e));
+        }
         let res = (|| -> Result<u64, SErr> {
+            fail::fail_point!("mds-log-append", |a| Err(wr(injected_fault(
+                "mds-log-append",
+                a
+            ))));
             let mut tx = self.db.begin_write().map_err(wr)?;
             // Made durable by the flusher right behind (group commit).
             tx.set_durability(Durability::None);
@@ -376,20 +476,28 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         })();
         match res {
             Ok(last) => {
-                if last > 0 {
+                {
                     let mut m = lock(&self.marks);
                     m.appended = m.appended.max(last);
+                    // Acknowledged (to the leader, to raft) only once on
+                    // disk: the flusher fires it after its commit.
+                    m.waiting.push(callback);
                 }
-                // Stored in memory on this node is what acknowledges an
-                // operation (majority in memory); fsync waits for the disk.
-                callback.log_io_completed(Ok(()));
                 if self.flush_tx.send(()).is_err() {
-                    tracing::error!("raft log flusher stopped");
+                    // The flusher is gone: only after a failure or a close.
+                    let waiting = std::mem::take(&mut lock(&self.marks).waiting);
+                    for cb in waiting {
+                        cb.log_io_completed(Err(std::io::Error::other("raft log flusher stopped")));
+                    }
+                    return Err(wr("raft log flusher stopped"));
                 }
                 Ok(())
             }
             Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                let msg = e.to_string();
+                self.failed
+                    .send_replace(Some(format!("raft log append failed: {msg}")));
+                callback.log_io_completed(Err(std::io::Error::other(msg)));
                 Err(e)
             }
         }
@@ -488,12 +596,18 @@ fn snap_err(verb: ErrorVerb, e: impl std::fmt::Display) -> SErr {
 
 /// Writes `bytes` to `dir/name` atomically and durably.
 fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    fail::fail_point!("mds-sm-snapshot-write", |a| Err(std::io::Error::other(
+        injected_fault("mds-sm-snapshot-write", a)
+    )));
     let tmp = dir.join(format!("{name}.tmp"));
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
+    fail::fail_point!("mds-sm-snapshot-rename", |a| Err(std::io::Error::other(
+        injected_fault("mds-sm-snapshot-rename", a)
+    )));
     std::fs::rename(&tmp, dir.join(name))?;
     std::fs::File::open(dir)?.sync_all()
 }
