@@ -1162,7 +1162,12 @@ impl Meta for MetaService {
         let r = req.into_inner();
         self.node.check_leader()?;
         let sid = r.header.map(|h| h.session_id).unwrap_or(0);
-        if !self.node.read_local(|s| s.sessions.contains_key(&sid)) {
+        // "No session" tells the client that its queued changes are lost:
+        // only after a linearizable read (a new leader may not have
+        // applied a registration its predecessor committed yet).
+        if !self.node.read_local(|s| s.sessions.contains_key(&sid))
+            && !self.node.read(|s| s.sessions.contains_key(&sid)).await?
+        {
             return Err(MdsError::NotFound(format!("no session {sid}")).into());
         }
         self.node.client_seen_now(sid);
