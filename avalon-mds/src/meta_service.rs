@@ -978,6 +978,16 @@ impl Meta for MetaService {
             }
         }
         self.node.leases.recall(sid, &changes).await;
+        // Tests: the batch is applied but its reply lost, as when a leader
+        // dies right after applying; the client's resend must be answered
+        // from the dedup table.
+        fail::fail_point!("mds-apply-reply-lost", |_| {
+            tracing::warn!(
+                session = sid,
+                "fail point mds-apply-reply-lost: reply dropped"
+            );
+            Err(Status::unavailable("fail point mds-apply-reply-lost"))
+        });
         Ok(Response::new(pb::ApplyReply { errnos }))
     }
 
