@@ -291,9 +291,17 @@ impl Client {
         F: FnMut(pb::meta_client::MetaClient<Channel>, R) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
-        // A failed flush already logged and dropped what it could not
-        // send; the request goes on from the MDS's state.
-        let _ = self.barrier().await;
+        // Never ahead of a change made before it: not while the queue is
+        // not applied, nor when some of it was lost (the request would act
+        // on a state without those changes).
+        if let Err(e) = self.barrier().await {
+            return Err(match e {
+                ClientError::Posix { errno, message } => {
+                    avalon_proto::errno::status(errno, message)
+                }
+                e => tonic::Status::unavailable(e.to_string()),
+            });
+        }
         self.mds.request(req, f).await
     }
 
@@ -364,7 +372,14 @@ impl Client {
         // cache with them.
         let lease = match &r {
             Ok(r) => Duration::from_millis(u64::from(r.lease_ms)),
-            Err(_) => Duration::ZERO,
+            Err(e) => {
+                // Only the leader says so, after a linearizable read: the
+                // session expired, and with it what is queued.
+                if e.code() == tonic::Code::NotFound {
+                    self.deleg.lose_session();
+                }
+                Duration::ZERO
+            }
         };
         if self.meta.lapsed() {
             tracing::warn!("metadata lease ran out unrenewed: delegations and cache dropped");
@@ -1290,10 +1305,19 @@ impl Client {
 
     /// Makes everything written to `ino` durable on the OSDs, and its size
     /// on the MDS (fsync).
+    /// A delegated change to it that the MDS will never apply is reported.
     pub async fn fsync(&self, ino: u64) -> Result<()> {
         self.sync_data(ino).await?;
         self.commit_size(ino).await?;
-        self.sync_meta().await
+        let synced = self.sync_meta().await;
+        synced.and(self.lost_change(ino))
+    }
+
+    /// fsyncdir of `ino`: [`Client::sync_meta`], and a delegated change to
+    /// the directory that the MDS will never apply is reported.
+    pub async fn sync_dir(&self, ino: u64) -> Result<()> {
+        let synced = self.sync_meta().await;
+        synced.and(self.lost_change(ino))
     }
 
     /// Returns once every namespace change acknowledged to this client is

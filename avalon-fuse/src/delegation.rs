@@ -12,15 +12,24 @@
 //! A local change needs everything it decides on in the metadata cache
 //! (the name's absence, the attributes it changes, that the parent has no
 //! default ACL); when something is missing it goes the synchronous way.
+//!
+//! A batch is sent until the MDS answers it, across failovers, for as long
+//! as the session lives, always with the same request id: the MDS
+//! deduplicates by it in its replicated state, so a batch the old leader
+//! applied (its reply lost) is not applied again by the new one. Changes
+//! the MDS refuses, or that a lost session leaves behind, are logged and
+//! reported at the next fsync or close of what they touch
+//! (`lost_changes.rs`); a request that waited for them fails.
 
 use crate::client::{Client, SetAttr, TimeChange};
-use crate::error::Result;
+use crate::error::{ClientError, Result};
+use crate::lost_changes::LostChanges;
 use crate::meta_cache::Cached;
 use avalon_proto::pb::{self, delegated_op::Op as D, time_set::How, Attr, TimeSet};
 use bytes::Bytes;
 use futures::StreamExt;
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How often queued changes go to the MDS at the latest.
@@ -49,6 +58,9 @@ const INOS_WANTED: u32 = 2048;
 const INOS_LOW: u64 = 256;
 /// How long a directory the MDS would not delegate is not asked for again.
 const REFUSED_FOR: Duration = Duration::from_secs(2);
+/// Pause between two sendings of a batch no MDS leader took (each sending
+/// itself follows the leader for the connection's retry budget).
+const RESEND_AFTER: Duration = Duration::from_secs(1);
 
 /// The delegation state of one client.
 #[derive(Default)]
@@ -62,6 +74,17 @@ pub struct Delegations {
     drained: tokio::sync::Notify,
     /// One Delegate request at a time.
     asking: tokio::sync::Mutex<()>,
+    /// Changes the MDS will never apply, reported at fsync and close.
+    pub lost: LostChanges,
+}
+
+/// A batch of changes on its way to the MDS. It stays here until the MDS
+/// answered it, so a flush that is cancelled or fails midway leaves it to
+/// the next one, which sends it again under the same request id.
+struct Batch {
+    req: Arc<pb::ApplyRequest>,
+    /// The buffered data of the files whose sizes it commits is stored.
+    stored: bool,
 }
 
 #[derive(Default)]
@@ -85,8 +108,11 @@ struct State {
     /// or move → how many such changes (a listing of any other directory
     /// need not wait for them).
     pending_dirs: HashMap<u64, usize>,
-    /// Changes taken by a flush that has not finished.
-    in_flight: usize,
+    /// The batch on its way (taken from `pending`, not answered yet).
+    batch: Option<Batch>,
+    /// The MDS expired this session: nothing queued will be applied, and
+    /// nothing is delegated any more.
+    session_lost: bool,
     /// Opens of files created here that the MDS does not count yet
     /// (ino → open flags of each).
     unregistered: HashMap<u64, Vec<u32>>,
@@ -149,19 +175,6 @@ fn entry_dirs(op: &D) -> [Option<u64>; 2] {
     }
 }
 
-/// A delegated change's kind, for logs.
-fn op_kind(op: &Option<D>) -> &'static str {
-    match op {
-        Some(D::Create(_)) => "create",
-        Some(D::SetAttr(_)) => "setattr",
-        Some(D::Unlink(_)) => "unlink",
-        Some(D::Rmdir(_)) => "rmdir",
-        Some(D::Rename(_)) => "rename",
-        Some(D::CommitWrite(_)) => "commit_write",
-        None => "none",
-    }
-}
-
 /// What a create under delegation makes.
 pub enum NewNode<'a> {
     File,
@@ -210,14 +223,16 @@ impl Delegations {
     /// True if changes wait to be sent (or are on their way).
     pub fn busy(&self) -> bool {
         let s = self.lock();
-        !s.pending.is_empty() || s.in_flight > 0
+        !s.pending.is_empty() || s.batch.is_some()
     }
 
-    /// True if the flusher should send what is queued now.
+    /// True if the flusher should send what is queued now (a batch not
+    /// answered yet: at once).
     fn due(&self) -> bool {
         let s = self.lock();
-        !s.pending.is_empty()
-            && (s.pending_eager || s.pending_since.is_none_or(|t| t.elapsed() >= LAZY_EVERY))
+        s.batch.is_some()
+            || !s.pending.is_empty()
+                && (s.pending_eager || s.pending_since.is_none_or(|t| t.elapsed() >= LAZY_EVERY))
     }
 
     /// True if queued or in-flight changes add, remove or move entries of
@@ -238,6 +253,31 @@ impl Delegations {
         let mut s = self.lock();
         s.owned.clear();
         s.revokes += 1;
+    }
+
+    /// The MDS expired this session (it answered a heartbeat with "no
+    /// session"): delegations go, none is asked for again, and what is
+    /// queued is lost (the next flush logs and records it). Sending it
+    /// anyway could apply a batch twice: the MDS dropped the session's
+    /// request ids with it.
+    pub fn lose_session(&self) {
+        let mut s = self.lock();
+        if !s.session_lost {
+            tracing::error!(
+                queued = s.pending.len() + s.batch.as_ref().map_or(0, |b| b.req.ops.len()),
+                "the MDS expired this session: its queued delegated changes are lost"
+            );
+        }
+        s.session_lost = true;
+        s.owned.clear();
+        s.revokes += 1;
+        drop(s);
+        self.wake.notify_one();
+    }
+
+    /// True once the MDS expired this session.
+    pub fn session_lost(&self) -> bool {
+        self.lock().session_lost
     }
 
     /// Forgets the delegation rooted at `root`; returns the files under it
@@ -285,112 +325,267 @@ impl Delegations {
 impl Client {
     /// Sends every queued delegated change before this returns (called
     /// before any other MDS request: nothing overtakes a change made
-    /// earlier).
+    /// earlier). Fails if changes it waited for were lost (the request
+    /// would act on a state without them), or if no MDS leader took them
+    /// within the connection's retry budget (they are still being sent).
     pub async fn barrier(&self) -> Result<()> {
         if !self.deleg.busy() {
             return Ok(());
         }
-        self.flush_delegated().await
+        match tokio::time::timeout(self.mds.retry_for, self.flush_delegated()).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Unavailable(format!(
+                "delegated changes made before this request not applied within {:?} \
+                 (no MDS leader); still sending them",
+                self.mds.retry_for
+            ))),
+        }
     }
 
-    /// Sends the queued delegated changes, in order.
+    /// Sends the queued delegated changes, in order, each batch until the
+    /// MDS answered it. Fails with EIO if changes were lost meanwhile
+    /// (refused, or the session expired; see `lost_changes.rs`).
+    /// Cancel-safe: a batch on its way stays queued for the next flush.
     pub async fn flush_delegated(&self) -> Result<()> {
+        // Read before waiting for a flush under way: its losses count.
+        let losses = self.deleg.lost.events();
         let _g = self.deleg.flushing.lock().await;
         loop {
-            let ops: Vec<pb::DelegatedOp> = {
+            let (req, stored) = {
                 let mut s = self.deleg.lock();
-                let n = s.pending.len().min(APPLY_MAX);
-                s.in_flight = n;
-                let ops = s.pending.drain(..n).collect();
-                if s.pending.is_empty() {
-                    s.pending_since = None;
-                    s.pending_eager = false;
+                if s.batch.is_none() {
+                    let n = s.pending.len().min(APPLY_MAX);
+                    if n == 0 {
+                        break;
+                    }
+                    let ops = s.pending.drain(..n).collect();
+                    if s.pending.is_empty() {
+                        s.pending_since = None;
+                        s.pending_eager = false;
+                    }
+                    s.batch = Some(Batch {
+                        req: Arc::new(pb::ApplyRequest {
+                            header: self.header(),
+                            ops,
+                        }),
+                        stored: false,
+                    });
                 }
-                ops
+                match &s.batch {
+                    Some(b) => (b.req.clone(), b.stored),
+                    None => break,
+                }
             };
-            if ops.is_empty() {
-                return Ok(());
-            }
-            // A file's data reaches the OSDs before the size that covers
-            // it (a close under a delegation does not wait for that).
-            let mut stores: Vec<u64> = ops
-                .iter()
-                .filter_map(|o| match &o.op {
-                    Some(D::CommitWrite(w)) => Some(w.ino),
-                    _ => None,
-                })
-                .collect();
-            stores.sort_unstable();
-            stores.dedup();
-            // A few at a time: a batch can name hundreds of files, and as
-            // many chunk writes at once (each forwarded to two replicas)
-            // overran the OSDs' HTTP/2 connections (streams reset, replicas
-            // marked stale, reads stalled for seconds).
-            let stored: Vec<(u64, Result<()>)> = futures::stream::iter(stores)
-                .map(|ino| async move { (ino, self.flush_file(ino).await) })
-                .buffer_unordered(STORES_AT_ONCE)
-                .collect()
-                .await;
-            for (ino, r) in stored {
-                if let Err(e) = r {
-                    self.keep_write_error(ino, &e);
+            if !stored {
+                self.store_batch_data(&req).await;
+                if let Some(b) = self.deleg.lock().batch.as_mut() {
+                    b.stored = true;
                 }
             }
-            let n = ops.len();
-            // Named in the warning if the MDS refuses some.
-            let kinds: Vec<&'static str> = ops.iter().map(|o| op_kind(&o.op)).collect();
-            let dirs: Vec<u64> = ops
+            let answer = self.send_batch(req.clone()).await;
+            self.settle_batch(&req, answer);
+        }
+        if self.deleg.lost.events() != losses {
+            return Err(ClientError::posix(
+                libc::EIO,
+                "delegated changes made before this were lost (see the mount's log)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Stores the buffered data of the files whose sizes batch `req`
+    /// commits: a file's data reaches the OSDs before the size that covers
+    /// it (a close under a delegation does not wait for that). A failure
+    /// is kept for the file's fsync.
+    async fn store_batch_data(&self, req: &pb::ApplyRequest) {
+        let mut stores: Vec<u64> = req
+            .ops
+            .iter()
+            .filter_map(|o| match &o.op {
+                Some(D::CommitWrite(w)) => Some(w.ino),
+                _ => None,
+            })
+            .collect();
+        stores.sort_unstable();
+        stores.dedup();
+        // A few at a time: a batch can name hundreds of files, and as
+        // many chunk writes at once (each forwarded to two replicas)
+        // overran the OSDs' HTTP/2 connections (streams reset, replicas
+        // marked stale, reads stalled for seconds).
+        let stored: Vec<(u64, Result<()>)> = futures::stream::iter(stores)
+            .map(|ino| async move { (ino, self.flush_file(ino).await) })
+            .buffer_unordered(STORES_AT_ONCE)
+            .collect()
+            .await;
+        for (ino, r) in stored {
+            if let Err(e) = r {
+                self.keep_write_error(ino, &e);
+            }
+        }
+    }
+
+    /// Sends batch `req` until the MDS answers it: across failovers, for
+    /// as long as the session lives, under the same request id (so a
+    /// batch that an old leader applied, its reply lost, is answered from
+    /// the MDS's dedup table instead of being applied again). Returns the
+    /// errno of each change, or the errno and reason of a refusal of the
+    /// whole batch that a retry cannot fix.
+    async fn send_batch(
+        &self,
+        req: Arc<pb::ApplyRequest>,
+    ) -> std::result::Result<Vec<i32>, (i32, String)> {
+        let mut warned = false;
+        loop {
+            if self.deleg.session_lost() {
+                return Err((libc::EIO, "the MDS expired this session".into()));
+            }
+            let r = self
+                .mds
+                .request(req.clone(), |mut c, r| async move {
+                    c.apply(pb::ApplyRequest::clone(&r)).await
+                })
+                .await;
+            let e = match r {
+                Ok(r) => {
+                    if warned {
+                        tracing::info!(changes = req.ops.len(), "delegated changes sent at last");
+                    }
+                    return Ok(r.errnos);
+                }
+                Err(e) => e,
+            };
+            if avalon_proto::errno::has_errno(&e) {
+                let errno = avalon_proto::errno::errno_of(&e);
+                if errno == libc::ESTALE {
+                    // The MDS has no such session (expired).
+                    self.deleg.lose_session();
+                }
+                // A full MDS is reported as such; anything else as EIO.
+                let report = if matches!(errno, libc::ENOSPC | libc::EDQUOT) {
+                    errno
+                } else {
+                    libc::EIO
+                };
+                return Err((report, format!("refused: {} (errno {errno})", e.message())));
+            }
+            if !matches!(
+                e.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::Cancelled
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Aborted
+            ) {
+                return Err((
+                    libc::EIO,
+                    format!("refused: {:?}: {}", e.code(), e.message()),
+                ));
+            }
+            if !warned {
+                tracing::warn!(
+                    changes = req.ops.len(),
+                    error = %e,
+                    "delegated changes not taken yet; sending them again for as long as the session lives"
+                );
+                warned = true;
+            }
+            tokio::time::sleep(RESEND_AFTER).await;
+        }
+    }
+
+    /// Ends batch `req` with the MDS's `answer`: it leaves the queue, and
+    /// the changes the MDS refused are recorded as lost.
+    fn settle_batch(
+        &self,
+        req: &pb::ApplyRequest,
+        answer: std::result::Result<Vec<i32>, (i32, String)>,
+    ) {
+        {
+            let mut s = self.deleg.lock();
+            s.batch = None;
+            for d in req
+                .ops
                 .iter()
                 .filter_map(|o| o.op.as_ref())
                 .flat_map(entry_dirs)
                 .flatten()
-                .collect();
-            let req = pb::ApplyRequest {
-                header: self.header(),
-                ops,
-            };
-            let r = self
-                .mds
-                .request(req, |mut c, r| async move { c.apply(r).await })
-                .await;
-            self.deleg.drained.notify_waiters();
             {
-                let mut s = self.deleg.lock();
-                s.in_flight = 0;
-                for d in dirs {
-                    if let Some(n) = s.pending_dirs.get_mut(&d) {
-                        *n -= 1;
-                        if *n == 0 {
-                            s.pending_dirs.remove(&d);
-                        }
+                if let Some(n) = s.pending_dirs.get_mut(&d) {
+                    *n -= 1;
+                    if *n == 0 {
+                        s.pending_dirs.remove(&d);
                     }
-                }
-            }
-            match r {
-                Ok(r) => {
-                    let failed: Vec<(&str, i32)> = r
-                        .errnos
-                        .iter()
-                        .zip(&kinds)
-                        .filter(|(e, _)| **e != 0)
-                        .map(|(e, k)| (*k, *e))
-                        .collect();
-                    if !failed.is_empty() {
-                        // The cached view of those inodes was wrong: start
-                        // over from the MDS's.
-                        tracing::warn!(of = n, ?failed, "delegated changes refused by the MDS");
-                        self.meta.clear();
-                        self.deleg.drop_all();
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(changes = n, error = %e, "delegated changes could not be sent; they are lost");
-                    self.meta.clear();
-                    self.deleg.drop_all();
-                    return Err(e.into());
                 }
             }
         }
+        self.deleg.drained.notify_waiters();
+        let lost: Vec<(&pb::DelegatedOp, i32)>;
+        let (report, why) = match answer {
+            Ok(errnos) => {
+                // An answer without an errno for a change says nothing of
+                // it: counted as refused.
+                lost = req
+                    .ops
+                    .iter()
+                    .enumerate()
+                    .map(|(i, o)| (o, errnos.get(i).copied().unwrap_or(libc::EIO)))
+                    .filter(|(_, e)| *e != 0)
+                    .collect();
+                (
+                    libc::EIO,
+                    "refused by the MDS (errno per change)".to_string(),
+                )
+            }
+            Err((report, why)) => {
+                lost = req.ops.iter().map(|o| (o, 0)).collect();
+                (report, why)
+            }
+        };
+        if lost.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            of = req.ops.len(),
+            lost = lost.len(),
+            "delegated changes refused by the MDS"
+        );
+        self.deleg.lost.record(&lost, report, &why);
+        // The cached view of those inodes was wrong: start over from the
+        // MDS's.
+        self.meta.clear();
+        self.deleg.drop_all();
+    }
+
+    /// The error to report at the fsync or close of `ino`, once, if a
+    /// delegated change touching it was lost.
+    pub fn lost_change(&self, ino: u64) -> Result<()> {
+        match self.deleg.lost.take(ino) {
+            None => Ok(()),
+            Some(errno) => Err(ClientError::posix(
+                errno,
+                format!("delegated changes to inode {ino} were lost (see the mount's log)"),
+            )),
+        }
+    }
+
+    /// Gives up on every queued change (`why`: the process ends without
+    /// the MDS having taken them): each is logged as lost.
+    pub fn abandon_delegated(&self, why: &str) {
+        let (batch, pending) = {
+            let mut s = self.deleg.lock();
+            (
+                s.batch.take().map(|b| b.req),
+                std::mem::take(&mut s.pending),
+            )
+        };
+        let lost: Vec<(&pb::DelegatedOp, i32)> = batch
+            .iter()
+            .flat_map(|b| b.ops.iter())
+            .chain(pending.iter())
+            .map(|o| (o, 0))
+            .collect();
+        self.deleg.lost.record(&lost, libc::EIO, why);
     }
 
     /// Background task: sends queued changes every [`FLUSH_EVERY`] (or at
@@ -468,6 +663,9 @@ impl Client {
     async fn delegated_dir(&self, parent: u64) -> bool {
         {
             let s = self.deleg.lock();
+            if s.session_lost {
+                return false;
+            }
             let have = s.owned.contains_key(&parent);
             if have && s.inos_left() > INOS_LOW {
                 return true;
@@ -973,7 +1171,14 @@ impl Client {
     /// reported. Under a delegation only the size is queued: the data goes
     /// out just before it (with the queue, within [`FLUSH_EVERY`], or at
     /// fsync or a revoke), and a later failure is kept for fsync.
+    /// A change to it that the MDS will never apply is reported here too.
     pub async fn close_file(&self, ino: u64) -> Result<()> {
+        let closed = self.close_data(ino).await;
+        closed.and(self.lost_change(ino))
+    }
+
+    /// [`Client::close_file`] but for lost changes.
+    async fn close_data(&self, ino: u64) -> Result<()> {
         if self.deleg.owns(ino) {
             if let Some(st) = self.known_size(ino).filter(|s| s.dirty) {
                 if let Some(a) = self.commit_delegated(ino, st.size) {

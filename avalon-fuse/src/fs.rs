@@ -245,9 +245,12 @@ impl Filesystem for AvalonFs {
     fn destroy(&mut self) {
         let c = self.client.clone();
         // Pending sizes reach the MDS before the process goes away.
-        let _ = self.rt.block_on(async move {
+        let done = self.rt.block_on(async {
             tokio::time::timeout(Duration::from_secs(10), c.commit_all()).await
         });
+        if done.is_err() {
+            c.abandon_delegated("the mount ended before the MDS took them (10 s)");
+        }
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -838,7 +841,7 @@ impl Filesystem for AvalonFs {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
@@ -846,7 +849,8 @@ impl Filesystem for AvalonFs {
         // Changes are acknowledged once a majority of MDS nodes holds them;
         // fsyncdir waits until they are on disk there too.
         let c = self.client.clone();
-        self.spawn(async move { reply_empty(c.sync_meta().await, reply) });
+        let ino = self.mds_ino(ino);
+        self.spawn(async move { reply_empty(c.sync_dir(ino).await, reply) });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

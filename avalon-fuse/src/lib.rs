@@ -13,6 +13,7 @@ pub mod dir_stream;
 pub mod error;
 pub mod fs;
 pub mod locks;
+pub mod lost_changes;
 pub mod meta_cache;
 pub mod mount_source;
 pub mod page_cache;

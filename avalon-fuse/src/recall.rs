@@ -114,7 +114,8 @@ pub async fn run(client: Arc<Client>, kernel: Option<KernelCache>) {
         client.stream_closed();
         client.meta.clear();
         client.deleg.drop_all();
-        let _ = client.flush_delegated().await;
+        // Bounded: the flusher goes on sending what no leader took yet.
+        let _ = client.barrier().await;
         client.share_all_writes().await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -978,6 +978,16 @@ impl Meta for MetaService {
             }
         }
         self.node.leases.recall(sid, &changes).await;
+        // Tests: the batch is applied but its reply lost, as when a leader
+        // dies right after applying; the client's resend must be answered
+        // from the dedup table.
+        fail::fail_point!("mds-apply-reply-lost", |_| {
+            tracing::warn!(
+                session = sid,
+                "fail point mds-apply-reply-lost: reply dropped"
+            );
+            Err(Status::unavailable("fail point mds-apply-reply-lost"))
+        });
         Ok(Response::new(pb::ApplyReply { errnos }))
     }
 
@@ -1162,7 +1172,12 @@ impl Meta for MetaService {
         let r = req.into_inner();
         self.node.check_leader()?;
         let sid = r.header.map(|h| h.session_id).unwrap_or(0);
-        if !self.node.read_local(|s| s.sessions.contains_key(&sid)) {
+        // "No session" tells the client that its queued changes are lost:
+        // only after a linearizable read (a new leader may not have
+        // applied a registration its predecessor committed yet).
+        if !self.node.read_local(|s| s.sessions.contains_key(&sid))
+            && !self.node.read(|s| s.sessions.contains_key(&sid)).await?
+        {
             return Err(MdsError::NotFound(format!("no session {sid}")).into());
         }
         self.node.client_seen_now(sid);

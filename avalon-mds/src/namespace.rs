@@ -356,6 +356,15 @@ impl State {
                 return prev;
             }
         }
+        // A client's delegated batch from a session that expired is
+        // refused: expiry dropped the session's request ids, so it may be
+        // a retry of a batch applied before, which must not apply twice.
+        if cmd.session_id != 0
+            && matches!(cmd.op, Op::Batch { .. })
+            && !self.sessions.contains_key(&cmd.session_id)
+        {
+            return MetaResponse(Err(libc::ESTALE));
+        }
         let resp = MetaResponse(self.apply_op(cmd.now_ns, &cmd.op));
         if dedup {
             let q = self.dedup.entry(cmd.session_id).or_default();

@@ -551,6 +551,73 @@ fn dedup_and_cluster_ops() {
     assert_eq!(run(&mut s, missing), Err(libc::ENOENT));
 }
 
+/// A client's batch sent again (its reply lost in a failover) is answered
+/// from the dedup table, not applied twice; once the session expired (and
+/// its request ids with it) a batch is refused whole.
+#[test]
+fn a_resent_batch_applies_once_and_an_expired_session_applies_none() {
+    let mut s = State::new();
+    let sid = match run(
+        &mut s,
+        Op::RegisterClient {
+            hostname: "h".into(),
+            mountpoint: b"/mnt".to_vec(),
+            pid: 1,
+            subdir: b"/".to_vec(),
+        },
+    ) {
+        Ok(Reply::ClientRegistered { session_id, .. }) => session_id,
+        other => panic!("register: {other:?}"),
+    };
+    let start = match run(&mut s, Op::ReserveInos { count: 4 }) {
+        Ok(Reply::Inos(i)) => i,
+        other => panic!("reserve: {other:?}"),
+    };
+    let create = |ino: u64, name: &str| Op::CreateAs {
+        ino,
+        parent: ROOT_INO,
+        name: name.into(),
+        mode: S_IFREG | 0o644,
+        uid: 0,
+        gid: 0,
+        target: None,
+        layout: Layout::default(),
+    };
+    let batch = |request_id: u64, ops: Vec<Op>| MetaCommand {
+        now_ns: T0,
+        session_id: sid,
+        request_id,
+        op: Op::Batch {
+            ops: ops.into_iter().map(|o| (T0, o)).collect(),
+        },
+    };
+    // Create a, rename it to b, create a again: applied twice, the second
+    // rename would move the new a over b.
+    let rename = Op::Rename {
+        parent: ROOT_INO,
+        name: b"a".to_vec(),
+        new_parent: ROOT_INO,
+        new_name: b"b".to_vec(),
+        flags: 0,
+        guard: None,
+    };
+    let b1 = batch(5, vec![create(start, "a"), rename, create(start + 1, "a")]);
+    let first = s.apply(&b1);
+    assert_eq!(first.0, Ok(Reply::Batch(vec![0, 0, 0])));
+    let before = s.clone();
+    assert_eq!(s.apply(&b1), first, "answered from the dedup table");
+    assert_eq!(s, before, "the resent batch changed nothing");
+    assert_eq!(s.lookup(ROOT_INO, b"b").map(|a| a.ino), Ok(start));
+    assert_eq!(s.lookup(ROOT_INO, b"a").map(|a| a.ino), Ok(start + 1));
+
+    run(&mut s, Op::ExpireSession { session_id: sid }).expect("expire");
+    let before = s.clone();
+    assert_eq!(s.apply(&b1).0, Err(libc::ESTALE), "resent after expiry");
+    let b2 = batch(6, vec![create(start + 2, "c")]);
+    assert_eq!(s.apply(&b2).0, Err(libc::ESTALE), "new batch after expiry");
+    assert_eq!(s, before, "an expired session's batches change nothing");
+}
+
 // ------------------------------------------------------------------ model
 
 /// An independent model: paths to node kinds; files carry an identity so
