@@ -197,7 +197,7 @@ fn a_full_cluster_refuses_writes_with_enospc_and_recovers_after_rm() {
         "--heartbeat-ms",
         "200",
         "--nearfull-ratio",
-        "0.5",
+        "0.3",
         "--full-ratio",
         "0.7",
         "--scrub-interval-ms",
@@ -227,10 +227,26 @@ fn a_full_cluster_refuses_writes_with_enospc_and_recovers_after_rm() {
     );
     assert_eq!(t.c().status().health, "HEALTH_OK");
 
-    // A file that must survive all that follows.
-    let keep = data(12 << 20, 1);
+    // A file that must survive all that follows; it takes every disk
+    // past the near-full ratio (36 of 96 MiB, 0.3): status warns, naming
+    // each OSD and its fill, and writes go on.
+    let keep = data(36 << 20, 1);
     std::fs::write(mnt.join("keep"), &keep).expect("write keep");
     let keep_sha = sha(&keep);
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let st = t.c().status();
+            st.health == "HEALTH_WARN"
+                && st.health_detail.len() == 3
+                && st.health_detail.iter().all(|d| {
+                    d.starts_with("osd.") && d.contains("is near full (") && d.contains("% used")
+                })
+        }),
+        "no near-full warning:\n{}",
+        avalonctl::status::render(&t.c().status())
+    );
+    let shown = avalonctl::status::render(&t.c().status());
+    assert!(shown.contains("health: HEALTH_WARN"), "{shown}");
 
     // Fill the disks (three copies of everything, 96 MiB each) through
     // the mount: the writer must get ENOSPC, at a write or an fsync.
@@ -265,10 +281,20 @@ fn a_full_cluster_refuses_writes_with_enospc_and_recovers_after_rm() {
         st.health_detail
     );
 
-    // A new file cannot take data either, and it is ENOSPC, not EIO.
-    let (_, err) = fill(&mnt.join("more"), 4 << 20, 7);
-    let err = err.expect("a full cluster takes no new data");
-    assert_eq!(errno(&err), libc::ENOSPC, "{err:?}");
+    // A new file cannot take data either (once the other OSDs heard of
+    // the full one, at their next heartbeat), and it is ENOSPC, not EIO.
+    let mut n = 0;
+    let mut last = None;
+    let refused = wait_until(Duration::from_secs(20), || {
+        n += 1;
+        let (_, err) = fill(&mnt.join(format!("more{n}")), 1 << 20, 7);
+        let Some(e) = err else { return false };
+        assert_eq!(errno(&e), libc::ENOSPC, "{e:?}");
+        last = Some(e);
+        true
+    });
+    assert!(refused, "a full cluster takes new data ({n} files)");
+    eprintln!("a new file refused after {n} attempt(s): {last:?}");
 
     // Reads work at full: what was there and what was fsynced.
     assert_eq!(sha_file(&mnt.join("keep")), keep_sha, "keep changed");
@@ -293,9 +319,15 @@ fn a_full_cluster_refuses_writes_with_enospc_and_recovers_after_rm() {
     // rm frees the space (the MDS's GC deletes the chunks), and writes
     // work again once no OSD is full.
     std::fs::remove_file(mnt.join("fill")).expect("rm at full");
-    let _ = std::fs::remove_file(mnt.join("more"));
+    for i in 1..=n {
+        let _ = std::fs::remove_file(mnt.join(format!("more{i}")));
+    }
+    // Until the GC deleted the chunks only `keep` (36 of 96 MiB) is left.
     assert!(
-        wait_until(Duration::from_secs(60), || full_osds(t.c()).0.is_empty()),
+        wait_until(Duration::from_secs(60), || {
+            let st = t.c().status();
+            st.osds.len() == 3 && st.osds.iter().all(|o| o.fill_ratio() < 0.5)
+        }),
         "space not freed after rm:\n{}",
         full_osds(t.c()).1
     );
