@@ -41,8 +41,9 @@ pub struct Config {
     /// Period of the garbage collection sweep (chunks of deleted files,
     /// copies of PGs this OSD no longer holds) in milliseconds; 0 = never.
     pub gc_interval_ms: u64,
-    /// Fill ratio of the data directory's filesystem (1 - free/total) at
-    /// which the OSD reports itself near full (`avalonctl status` warns).
+    /// Fill ratio of the data directory's filesystem (as df's Use%:
+    /// used / (used + free)) at which the OSD reports itself near full
+    /// (`avalonctl status` warns).
     pub nearfull_ratio: f64,
     /// Fill ratio at which the OSD reports itself full: client writes to
     /// every PG it is a member of fail with ENOSPC until space is freed.

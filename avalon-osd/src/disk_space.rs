@@ -72,6 +72,7 @@ impl DiskSpace {
         if let Some(u) = self.usage() {
             r.disk_total_bytes = u.total;
             r.disk_free_bytes = u.free;
+            r.disk_used_bytes = u.used;
             r.disk_fill = u.fill(self.nearfull_ratio, self.full_ratio) as i32;
         }
     }

@@ -59,16 +59,19 @@ pub struct OsdRow {
     /// OSD judges it: ok, nearfull or full (writes to its PGs refused).
     pub disk_total_bytes: u64,
     pub disk_free_bytes: u64,
+    pub disk_used_bytes: u64,
     pub disk_fill: String,
 }
 
 impl OsdRow {
-    /// Fill ratio of its disk, 1 - free/total (0 when not reported).
+    /// Fill ratio of its disk as df's Use%, used / (used + free) (0 when
+    /// not reported).
     pub fn fill_ratio(&self) -> f64 {
-        if self.disk_total_bytes == 0 {
+        let room = self.disk_used_bytes.saturating_add(self.disk_free_bytes);
+        if room == 0 {
             return 0.0;
         }
-        1.0 - self.disk_free_bytes.min(self.disk_total_bytes) as f64 / self.disk_total_bytes as f64
+        self.disk_used_bytes as f64 / room as f64
     }
 }
 
@@ -326,6 +329,7 @@ pub async fn collect(addrs: &[String], timeout: Duration) -> ClusterStatus {
                     removed_chunks: o.report.as_ref().map_or(0, |r| r.removed_chunks),
                     disk_total_bytes: o.report.as_ref().map_or(0, |r| r.disk_total_bytes),
                     disk_free_bytes: o.report.as_ref().map_or(0, |r| r.disk_free_bytes),
+                    disk_used_bytes: o.report.as_ref().map_or(0, |r| r.disk_used_bytes),
                     disk_fill: o
                         .report
                         .as_ref()
@@ -546,6 +550,7 @@ mod tests {
             removed_chunks: 0,
             disk_total_bytes: 100 << 20,
             disk_free_bytes: free,
+            disk_used_bytes: (100 << 20) - free,
             disk_fill: fill.into(),
         }
     }

@@ -10,19 +10,22 @@ use std::path::Path;
 pub struct DiskUsage {
     /// Bytes in the filesystem.
     pub total: u64,
-    /// Bytes an unprivileged writer can still allocate (`f_bavail`: the
-    /// root reserve counts as used, so a daemon running as root does not
-    /// fill the disk past what its admin sees as 100%).
+    /// Bytes an unprivileged writer can still allocate (`f_bavail`).
     pub free: u64,
+    /// Bytes in use (`f_blocks - f_bfree`).
+    pub used: u64,
 }
 
 impl DiskUsage {
-    /// The fill ratio, `1 - free / total` (1.0 for a filesystem of size 0).
+    /// The fill ratio as `df` shows it (Use%): `used / (used + free)`, so
+    /// 1.0 when an unprivileged writer gets ENOSPC, and the root reserve
+    /// (ext4's 5%) counts neither way. 1.0 for a filesystem without room.
     pub fn ratio(&self) -> f64 {
-        if self.total == 0 {
+        let room = self.used.saturating_add(self.free);
+        if room == 0 {
             return 1.0;
         }
-        1.0 - self.free.min(self.total) as f64 / self.total as f64
+        self.used as f64 / room as f64
     }
 
     /// How full this counts as against the two thresholds.
@@ -53,9 +56,11 @@ pub fn disk_usage(path: &Path) -> std::io::Result<DiskUsage> {
     #[allow(clippy::unnecessary_cast)]
     let frsize = st.f_frsize as u64;
     #[allow(clippy::unnecessary_cast)]
+    let (blocks, bfree, bavail) = (st.f_blocks as u64, st.f_bfree as u64, st.f_bavail as u64);
     Ok(DiskUsage {
-        total: (st.f_blocks as u64).saturating_mul(frsize),
-        free: (st.f_bavail as u64).saturating_mul(frsize),
+        total: blocks.saturating_mul(frsize),
+        free: bavail.saturating_mul(frsize),
+        used: blocks.saturating_sub(bfree).saturating_mul(frsize),
     })
 }
 
@@ -79,17 +84,26 @@ mod tests {
         let u = DiskUsage {
             total: 1000,
             free: 100,
+            used: 900,
         };
         assert!((u.ratio() - 0.9).abs() < 1e-9);
         assert_eq!(u.fill(0.85, 0.95), DiskFill::NearFull);
         assert_eq!(u.fill(0.95, 0.99), DiskFill::Ok);
         assert_eq!(u.fill(0.5, 0.9), DiskFill::Full);
         assert_eq!(DiskUsage::default().fill(0.85, 0.95), DiskFill::Full);
-        let more_free_than_total = DiskUsage {
-            total: 10,
-            free: 20,
+        // A root reserve (total > used + free) is counted neither way.
+        let reserved = DiskUsage {
+            total: 1000,
+            free: 0,
+            used: 950,
         };
-        assert_eq!(more_free_than_total.ratio(), 0.0);
+        assert_eq!(reserved.ratio(), 1.0);
+        let half = DiskUsage {
+            total: 1000,
+            free: 475,
+            used: 475,
+        };
+        assert!((half.ratio() - 0.5).abs() < 1e-9);
     }
 
     #[test]
@@ -105,7 +119,7 @@ mod tests {
     #[test]
     fn statvfs_of_a_real_dir() {
         let u = disk_usage(Path::new("/")).expect("statvfs /");
-        assert!(u.total > 0 && u.free <= u.total);
+        assert!(u.total > 0 && u.free <= u.total && u.used <= u.total);
         assert!(disk_usage(Path::new("/no/such/dir")).is_err());
     }
 }
