@@ -65,11 +65,17 @@ fn attempt_order(members: Vec<&OsdInfo>) -> Vec<&OsdInfo> {
 /// serving, which costs more than a small read.
 const SPREAD_READ_BYTES: u32 = 1 << 20;
 
-/// True for failures where another replica or a newer map may help.
+/// True for failures where another replica or a newer map may help. Not
+/// a full disk (ENOSPC): the application must see it at once, not EIO
+/// after the retry budget.
 fn retry_elsewhere(s: &tonic::Status) -> bool {
     !matches!(
         s.code(),
-        Code::InvalidArgument | Code::OutOfRange | Code::PermissionDenied | Code::Unauthenticated
+        Code::InvalidArgument
+            | Code::OutOfRange
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::ResourceExhausted
     )
 }
 
@@ -209,6 +215,12 @@ impl Client {
         };
         if len == 0 {
             return Ok(0);
+        }
+        // An earlier background write of the file found the cluster full:
+        // later writes fail with ENOSPC too (the error stays for the
+        // file's fsync or close, which report it once and clear it).
+        if let Some((errno, msg)) = self.wbuf.no_space_error(ino) {
+            return Err(ClientError::posix(errno, msg));
         }
         let cs = self.chunk_size_of(ino);
         let parts = split_range(offset, len, cs);
@@ -858,8 +870,15 @@ impl Client {
                 "size past the largest file size",
             ));
         }
-        // Buffered writes happened before the truncate.
-        self.flush_file(ino).await?;
+        // Buffered writes happened before the truncate. One that found the
+        // cluster full stays reported at fsync/close: a truncate (which
+        // frees space) goes on.
+        match self.flush_file(ino).await {
+            Err(e) if matches!(e.errno(), libc::ENOSPC | libc::EDQUOT) => {
+                self.wbuf.keep_error(ino, (e.errno(), e.to_string()));
+            }
+            r => r?,
+        }
         self.cache.invalidate_file(ino);
         let cs = self.chunk_size_of(ino);
         self.broadcast("truncate", |mut c, header| async move {

@@ -397,6 +397,14 @@ impl WriteBuffer {
             .get_or_insert(error);
     }
 
+    /// The error a background write of `ino` left, if it is ENOSPC or
+    /// EDQUOT (left in place for the next fsync or flush).
+    pub fn no_space_error(&self, ino: u64) -> Option<(i32, String)> {
+        let g = self.lock();
+        let e = g.files.get(&ino)?.error.as_ref()?;
+        (e.0 == libc::ENOSPC || e.0 == libc::EDQUOT).then(|| e.clone())
+    }
+
     /// Takes the error a background write of `ino` left, if any.
     pub fn take_error(&self, ino: u64) -> Option<(i32, String)> {
         let mut g = self.lock();
@@ -545,9 +553,26 @@ mod tests {
         wb.done(7, 0, false, Some((libc::EIO, "boom".into())));
         assert!(matches!(wb.take(7, 0, false), Take::Idle));
         // The error waits for the next fsync/flush, reported once.
+        assert_eq!(wb.no_space_error(7), None, "EIO is not reported at write");
         assert_eq!(wb.take_error(7).map(|e| e.0), Some(libc::EIO));
         assert_eq!(wb.take_error(7), None);
         assert_eq!(wb.chunks_of(7), vec![1]);
+    }
+
+    #[test]
+    fn a_full_cluster_is_reported_at_the_next_write_and_at_fsync() {
+        let wb = WriteBuffer::new(1 << 20);
+        wb.add(9, 0, 0, b(4096, 1));
+        let Take::Send(_) = wb.take(9, 0, true) else {
+            panic!("expected data")
+        };
+        wb.done(9, 0, true, Some((libc::ENOSPC, "osd 2 is full".into())));
+        // Every write sees it until fsync or close takes it, once.
+        assert_eq!(wb.no_space_error(9).map(|e| e.0), Some(libc::ENOSPC));
+        assert_eq!(wb.no_space_error(9).map(|e| e.0), Some(libc::ENOSPC));
+        assert_eq!(wb.take_error(9).map(|e| e.0), Some(libc::ENOSPC));
+        assert_eq!(wb.no_space_error(9), None);
+        assert_eq!(wb.take_error(9), None);
     }
 
     #[test]

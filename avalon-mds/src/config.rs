@@ -55,6 +55,10 @@ pub struct Config {
     /// Join an existing group (added with `avalonctl mds add`): never
     /// initialize a new raft group, even with empty storage.
     pub join: bool,
+    /// Metadata reserve floor in MiB: with less than the larger of this
+    /// and 2% of the data dir's filesystem free, creates get ENOSPC and
+    /// deletes are still served.
+    pub disk_reserve_mb: u64,
 }
 
 impl Default for Config {
@@ -88,6 +92,7 @@ impl Default for Config {
             // went synchronous: 3 s became 40 s).
             lease_ms: 2000,
             join: false,
+            disk_reserve_mb: 256,
         }
     }
 }
@@ -138,6 +143,9 @@ pub struct Args {
     /// Grace period of unlinked-but-open files (ms).
     #[arg(long)]
     pub orphan_grace_ms: Option<u64>,
+    /// Metadata reserve floor in MiB (creates get ENOSPC below it).
+    #[arg(long)]
+    pub disk_reserve_mb: Option<u64>,
     /// Join an existing group instead of initializing one (the leader adds
     /// this node with `avalonctl mds add`).
     #[arg(long)]
@@ -173,7 +181,8 @@ impl Config {
             osd_down_after_ms,
             osd_out_after_ms,
             session_timeout_ms,
-            orphan_grace_ms
+            orphan_grace_ms,
+            disk_reserve_mb
         );
         if args.join {
             cfg.join = true;

@@ -10,6 +10,7 @@ pub mod acl;
 pub mod command;
 pub mod config;
 pub mod delegation;
+pub mod disk_reserve;
 pub mod gc;
 pub mod leases;
 pub mod locks;
@@ -132,7 +133,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
     tasks.close();
 
-    let meta = MetaServer::new(MetaService { node: node.clone() })
+    let meta = MetaServer::new(MetaService::new(node.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let raft_svc = RaftServer::new(RaftService { node: node.clone() })

@@ -2,6 +2,7 @@
 //! raft and serves linearizable reads from the state machine.
 
 use crate::command::{Attr, Op, OsdState, Reply, TimeSpec};
+use crate::disk_reserve::DiskReserve;
 use crate::leases::Change;
 use crate::locks::LockKind;
 use crate::namespace::State;
@@ -34,6 +35,8 @@ fn writes(flags: u32) -> bool {
 /// The `Meta` service of one node.
 pub struct MetaService {
     pub node: Arc<MdsNode>,
+    /// Free space of this node's data dir (the metadata reserve).
+    pub reserve: DiskReserve,
 }
 
 /// Converts a stored attribute to its wire form.
@@ -121,6 +124,25 @@ fn attr_reply(r: Reply) -> Result<pb::AttrReply, MdsError> {
 }
 
 impl MetaService {
+    /// The service of `node`, its reserve from the node's config.
+    pub fn new(node: Arc<MdsNode>) -> MetaService {
+        let reserve = DiskReserve::new(
+            node.cfg.data_dir.clone(),
+            node.cfg.disk_reserve_mb.saturating_mul(1 << 20),
+        );
+        MetaService { node, reserve }
+    }
+
+    /// ENOSPC for a request that grows the namespace while this leader's
+    /// disk is under the metadata reserve (a follower forwards to the
+    /// leader, which judges by its own disk).
+    fn check_growth(&self) -> Result<(), MdsError> {
+        if self.node.is_leader() {
+            self.reserve.check_growth()?;
+        }
+        Ok(())
+    }
+
     /// The cluster map as this node's state has it.
     pub fn cluster_map(&self, s: &State) -> pb::ClusterMap {
         let leader = self.node.is_leader();
@@ -375,6 +397,7 @@ impl Meta for MetaService {
 
     async fn mknod(&self, req: Request<pb::MknodRequest>) -> Res<pb::EntryReply> {
         let r = req.into_inner();
+        self.check_growth()?;
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
         let changes = [Change::entry(r.parent, &r.name)];
@@ -410,6 +433,7 @@ impl Meta for MetaService {
 
     async fn mkdir(&self, req: Request<pb::MkdirRequest>) -> Res<pb::EntryReply> {
         let r = req.into_inner();
+        self.check_growth()?;
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
         let changes = [Change::entry(r.parent, &r.name)];
@@ -427,6 +451,7 @@ impl Meta for MetaService {
 
     async fn symlink(&self, req: Request<pb::SymlinkRequest>) -> Res<pb::EntryReply> {
         let r = req.into_inner();
+        self.check_growth()?;
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
         if r.target.is_empty() {
@@ -505,6 +530,7 @@ impl Meta for MetaService {
 
     async fn link(&self, req: Request<pb::LinkRequest>) -> Res<pb::EntryReply> {
         let r = req.into_inner();
+        self.check_growth()?;
         ino_ok(r.ino)?;
         ino_ok(r.new_parent)?;
         name_ok(&r.new_name)?;
@@ -630,6 +656,7 @@ impl Meta for MetaService {
 
     async fn set_xattr(&self, req: Request<pb::SetXattrRequest>) -> Res<pb::Empty> {
         let r = req.into_inner();
+        self.check_growth()?;
         ino_ok(r.ino)?;
         let op = Op::SetXattr {
             ino: r.ino,
@@ -762,6 +789,10 @@ impl Meta for MetaService {
         if sid == 0 {
             return Err(MdsError::Invalid("delegations are for client sessions".into()).into());
         }
+        // No new delegated creates while the metadata disk is low (the
+        // client creates synchronously and gets ENOSPC); queued ones that
+        // the client acknowledged already are applied.
+        self.check_growth()?;
         let layout = self.node.layout();
         let mut reply = pb::DelegateReply {
             chunk_size: layout.chunk_size,
@@ -1131,8 +1162,15 @@ impl Meta for MetaService {
             )
             .await?;
         }
-        let map_epoch = self.node.read_local(|s| s.map_epoch);
-        Ok(Response::new(pb::OsdHeartbeatReply { map_epoch }))
+        let full = self.node.osds_reporting_full();
+        let (map_epoch, full_osds) = self.node.read_local(|s| {
+            let up = |id: &u64| s.osds.get(id).is_some_and(|o| o.state == OsdState::Up);
+            (s.map_epoch, full.into_iter().filter(up).collect())
+        });
+        Ok(Response::new(pb::OsdHeartbeatReply {
+            map_epoch,
+            full_osds,
+        }))
     }
 
     async fn register_client(
@@ -1287,6 +1325,7 @@ impl Meta for MetaService {
             let sm = self.node.sm.read().unwrap_or_else(|e| e.into_inner());
             (sm.last_applied.map(|l| l.index).unwrap_or(0), sm.digest())
         };
+        let disk = self.reserve.usage();
         let me = pb::MdsInfo {
             state_digest: digest,
             id: self.node.id,
@@ -1296,6 +1335,9 @@ impl Meta for MetaService {
             term: m.current_term,
             last_applied: applied,
             leader_id: m.current_leader.unwrap_or(0),
+            disk_total_bytes: disk.map_or(0, |u| u.total),
+            disk_free_bytes: disk.map_or(0, |u| u.free),
+            disk_low: self.reserve.low(),
         };
         let membership = m.membership_config.membership();
         let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
@@ -1326,6 +1368,7 @@ impl Meta for MetaService {
                 } else {
                     0
                 },
+                ..Default::default()
             })
             .collect();
         let (map, clients, inodes) = self.node.read_local(|s| {

@@ -577,6 +577,17 @@ impl MdsNode {
         }
     }
 
+    /// OSDs whose last report to this leader says their disk is full.
+    pub fn osds_reporting_full(&self) -> Vec<u64> {
+        let full = avalon_proto::pb::DiskFill::Full as i32;
+        self.lock_liveness()
+            .osd_reports
+            .iter()
+            .filter(|(_, r)| r.disk_fill == full)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// The last report of an OSD, if this leader got one.
     pub fn osd_last_report(&self, id: u64) -> Option<avalon_proto::pb::OsdReport> {
         self.lock_liveness().osd_reports.get(&id).cloned()

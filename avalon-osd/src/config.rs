@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Configuration of one OSD.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address the Osd gRPC service binds (`host:port`).
@@ -41,6 +41,13 @@ pub struct Config {
     /// Period of the garbage collection sweep (chunks of deleted files,
     /// copies of PGs this OSD no longer holds) in milliseconds; 0 = never.
     pub gc_interval_ms: u64,
+    /// Fill ratio of the data directory's filesystem (as df's Use%:
+    /// used / (used + free)) at which the OSD reports itself near full
+    /// (`avalonctl status` warns).
+    pub nearfull_ratio: f64,
+    /// Fill ratio at which the OSD reports itself full: client writes to
+    /// every PG it is a member of fail with ENOSPC until space is freed.
+    pub full_ratio: f64,
 }
 
 impl Default for Config {
@@ -60,6 +67,8 @@ impl Default for Config {
             scrub_interval_ms: 3_600_000,
             scrub_bytes_per_sec: 64 << 20,
             gc_interval_ms: 30_000,
+            nearfull_ratio: 0.85,
+            full_ratio: 0.95,
         }
     }
 }
@@ -111,6 +120,12 @@ pub struct Cli {
     /// Recovery copy limit in bytes per second, 0 = none [default: 268435456].
     #[arg(long, value_name = "BYTES")]
     pub recovery_bytes_per_sec: Option<u64>,
+    /// Fill ratio reported as near full [default: 0.85].
+    #[arg(long, value_name = "RATIO")]
+    pub nearfull_ratio: Option<f64>,
+    /// Fill ratio at which writes are refused with ENOSPC [default: 0.95].
+    #[arg(long, value_name = "RATIO")]
+    pub full_ratio: Option<f64>,
 }
 
 impl Config {
@@ -168,6 +183,12 @@ impl Config {
         if let Some(v) = cli.recovery_bytes_per_sec {
             c.recovery_bytes_per_sec = v;
         }
+        if let Some(v) = cli.nearfull_ratio {
+            c.nearfull_ratio = v;
+        }
+        if let Some(v) = cli.full_ratio {
+            c.full_ratio = v;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -180,6 +201,8 @@ impl Config {
             self.forward_timeout_ms > 0,
             "forward_timeout_ms must be > 0"
         );
+        avalon_proto::disk_usage::check_ratios(self.nearfull_ratio, self.full_ratio)
+            .map_err(|e| anyhow::anyhow!("bad disk ratios: {e}"))?;
         Ok(())
     }
 }
@@ -202,6 +225,10 @@ mod tests {
         assert_eq!(c.capacity, 10);
         assert_eq!(c.data_dir, Config::default().data_dir);
         assert!(Config::from_toml("bogus = 1").is_err());
+        let c = Config::from_toml("nearfull_ratio = 0.5\nfull_ratio = 0.6\n").expect("ratios");
+        assert!(c.validate().is_ok());
+        let c = Config::from_toml("nearfull_ratio = 0.9\nfull_ratio = 0.8\n").expect("parse");
+        assert!(c.validate().is_err(), "nearfull above full");
     }
 
     #[test]

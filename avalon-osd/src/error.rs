@@ -33,6 +33,10 @@ pub enum OsdError {
     /// The metadata service could not be reached.
     #[error("metadata service unavailable: {0}")]
     Mds(String),
+    /// A disk of the chunk's placement group is full (or a copy failed
+    /// with ENOSPC): the client's write fails with ENOSPC.
+    #[error("no space: {0}")]
+    NoSpace(String),
 }
 
 /// Metadata key set on every status an OSD answers with, so that a client
@@ -71,6 +75,7 @@ fn status_of(e: OsdError) -> Status {
             | OsdError::Mds(_)
             | OsdError::Peering(_) => Status::unavailable(msg),
             OsdError::StaleMap(_) => Status::failed_precondition(msg),
+            OsdError::NoSpace(_) => errno::status(libc::ENOSPC, msg),
         }
     }
 }
@@ -106,5 +111,8 @@ mod tests {
         }
         .into();
         assert_eq!(s.code(), Code::Unavailable);
+        let s: Status = OsdError::NoSpace("osd 2 is full".into()).into();
+        assert_eq!(errno::errno_of(&s), libc::ENOSPC);
+        assert_eq!(s.code(), Code::ResourceExhausted);
     }
 }

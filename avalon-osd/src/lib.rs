@@ -10,6 +10,7 @@ pub mod chunk_store;
 pub mod config;
 pub mod data_port;
 pub mod direct_io;
+pub mod disk_space;
 pub mod error;
 pub mod maintenance;
 pub mod membership;
@@ -37,18 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Size in bytes of the filesystem holding `path` (statvfs).
 pub fn filesystem_capacity(path: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: `st` is plain old data that statvfs fills in; `c` is a valid
-    // NUL-terminated path that outlives the call.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    #[allow(clippy::unnecessary_cast)]
-    Ok((st.f_blocks as u64).saturating_mul(st.f_frsize as u64))
+    Ok(avalon_proto::disk_usage::disk_usage(path)?.total)
 }
 
 fn host_name() -> String {
@@ -132,7 +122,13 @@ pub async fn run_with_listener(
         Arc::clone(&peers),
         cfg.recovery_bytes_per_sec,
     ));
+    let space = Arc::new(disk_space::DiskSpace::new(
+        cfg.data_dir.clone(),
+        cfg.nearfull_ratio,
+        cfg.full_ratio,
+    ));
     let replicator = Arc::new(Replicator {
+        space: Arc::clone(&space),
         store: Arc::clone(&store),
         membership: Arc::clone(&membership),
         peers: Arc::clone(&peers),
@@ -168,12 +164,18 @@ pub async fn run_with_listener(
         let stop = stop.clone();
         let interval = Duration::from_millis(cfg.heartbeat_ms);
         let rec = Arc::clone(&recovery);
+        let disk = Arc::clone(&space);
         let report: Arc<dyn Fn() -> avalon_proto::pb::OsdReport + Send + Sync> =
-            Arc::new(move || rec.report());
+            Arc::new(move || {
+                let mut r = rec.report();
+                disk.report_into(&mut r);
+                r
+            });
+        let space = Arc::clone(&space);
         tokio::spawn(async move {
             if membership.register(&store, &stop).await.is_some() {
                 membership
-                    .heartbeat_loop(store, interval, report, stop)
+                    .heartbeat_loop(store, interval, report, space, stop)
                     .await;
             }
         })

@@ -2,6 +2,7 @@
 //! id, heartbeats and map refreshes.
 
 use crate::chunk_store::ChunkStore;
+use crate::disk_space::DiskSpace;
 use crate::error::OsdError;
 use avalon_proto::errno::has_errno;
 use avalon_proto::mds_conn::MdsConn;
@@ -244,12 +245,14 @@ impl Membership {
     }
 
     /// Heartbeats every `interval` until `shutdown`; refetches the map when
-    /// the MDS reports another epoch, re-registers when it no longer knows us.
+    /// the MDS reports another epoch, re-registers when it no longer knows us,
+    /// and hands the OSDs the MDS reports full to `space`.
     pub async fn heartbeat_loop(
         self: Arc<Self>,
         store: Arc<ChunkStore>,
         interval: Duration,
         report: Arc<dyn Fn() -> OsdReport + Send + Sync>,
+        space: Arc<DiskSpace>,
         shutdown: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(interval);
@@ -279,6 +282,7 @@ impl Membership {
             };
             match res {
                 Ok(reply) => {
+                    space.set_full_osds(reply.full_osds);
                     if reply.map_epoch != self.epoch() {
                         match self.fetch_map(budget).await {
                             Ok(m) => self.set_map(m),

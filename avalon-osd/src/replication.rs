@@ -3,10 +3,12 @@
 //! answer once the write quorum holds it.
 
 use crate::chunk_store::{ChunkStore, Payload, StoreError, VersionMode};
+use crate::disk_space::DiskSpace;
 use crate::error::OsdError;
 use crate::membership::Membership;
 use crate::recovery::{Recovery, INTERNAL_KEY};
 use avalon_proto::data_conn::DataConns;
+use avalon_proto::errno::{errno_of, has_errno};
 use avalon_proto::limits::MAX_MESSAGE_BYTES;
 use avalon_proto::mds_conn::channel;
 use avalon_proto::pb::osd_client::OsdClient;
@@ -155,6 +157,8 @@ pub struct Replicator {
     pub reorder_wait: Duration,
     /// Peering state: gates client writes, records chunks that missed one.
     pub recovery: Arc<Recovery>,
+    /// Full disks: refuses client writes to PGs with a full member.
+    pub space: Arc<DiskSpace>,
 }
 
 /// What a (validated) write request stores, in order.
@@ -171,7 +175,17 @@ fn items(req: &WriteChunkRequest) -> Vec<(u32, Payload<'_>)> {
     }
 }
 
-type Outcome = (u64, String, Result<(), String>);
+/// Why one copy of a write failed; `no_space` when it was ENOSPC/EDQUOT.
+struct Failure {
+    msg: String,
+    no_space: bool,
+}
+
+type Outcome = (u64, String, Result<(), Failure>);
+
+fn is_no_space(errno: i32) -> bool {
+    errno == libc::ENOSPC || errno == libc::EDQUOT
+}
 
 impl Replicator {
     /// Handles a client write (`forwarded == false`) to chunk
@@ -187,6 +201,13 @@ impl Replicator {
         let me = self.membership.osd_id();
         self.recovery.admit(&map, ino, index).await?;
         let members = chunk_members(&map, ino, index);
+        // Before anything is stored: the primary decides for the whole PG
+        // (a replica stores what its primary stored). Zeroing (punch hole)
+        // only frees space within what is stored: served at full, too.
+        let zeroing = req.data.is_empty() && req.extents.is_empty();
+        if !zeroing {
+            self.space.admit_write(me, &members)?;
+        }
         let mut skipped = Vec::new();
         let mut targets = Vec::new();
         for o in members.iter().filter(|o| o.id != me) {
@@ -227,7 +248,11 @@ impl Replicator {
                 let r = store
                     .blocking(move |s| s.sync_chunk(ino, index))
                     .await
-                    .map_err(|e| e.to_string());
+                    .map_err(|e| Failure {
+                        no_space: matches!(&e, StoreError::Io { source, .. }
+                            if source.raw_os_error().is_some_and(is_no_space)),
+                        msg: e.to_string(),
+                    });
                 let _ = tx.send((me, addr, r));
             });
         } else {
@@ -254,9 +279,12 @@ impl Replicator {
                     .forward(&addr, fwd)
                     .await
                     .map(|_| ())
-                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()));
+                    .map_err(|s| Failure {
+                        no_space: has_errno(&s) && is_no_space(errno_of(&s)),
+                        msg: format!("{:?}: {}", s.code(), s.message()),
+                    });
                 if let Err(e) = &r {
-                    tracing::warn!(osd = id, %addr, ino, index, version, error = %e,
+                    tracing::warn!(osd = id, %addr, ino, index, version, error = %e.msg,
                         "replica missed a write");
                 }
                 let _ = tx.send((id, addr, r));
@@ -265,12 +293,24 @@ impl Replicator {
         drop(tx);
 
         let mut failures = skipped;
+        let mut no_space = false;
         while acks < need {
             match rx.recv().await {
                 Some((_, _, Ok(()))) => acks += 1,
-                Some((id, addr, Err(e))) => failures.push(format!("osd {id} ({addr}): {e}")),
+                Some((id, addr, Err(e))) => {
+                    no_space |= e.no_space;
+                    failures.push(format!("osd {id} ({addr}): {}", e.msg));
+                }
                 None => break,
             }
+        }
+        if acks < need && no_space {
+            // A disk filled past the full ratio before the MDS said so: the
+            // client must see ENOSPC, not a retryable quorum failure.
+            return Err(OsdError::NoSpace(format!(
+                "write quorum not reached: {acks} of {need} copies; {}",
+                failures.join("; ")
+            )));
         }
         if acks < need {
             return Err(OsdError::Quorum {

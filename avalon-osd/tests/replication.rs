@@ -134,7 +134,10 @@ fake_meta! {
         if !m.osds.iter().any(|o| o.id == r.osd_id) {
             return Err(Status::not_found("unknown OSD"));
         }
-        Ok(Response::new(pb::OsdHeartbeatReply { map_epoch: m.epoch }))
+        Ok(Response::new(pb::OsdHeartbeatReply {
+            map_epoch: m.epoch,
+            full_osds: Vec::new(),
+        }))
     }
 }
 

@@ -20,6 +20,11 @@ pub struct MdsRow {
     pub term: u64,
     pub last_applied: u64,
     pub leader_id: u64,
+    /// Its data dir's filesystem: size, free bytes, and whether the free
+    /// space is under the metadata reserve (creates refused).
+    pub disk_total_bytes: u64,
+    pub disk_free_bytes: u64,
+    pub disk_low: bool,
 }
 
 /// One object storage daemon.
@@ -50,6 +55,24 @@ pub struct OsdRow {
     pub scrub_errors: u64,
     pub repaired_chunks: u64,
     pub removed_chunks: u64,
+    /// Its data dir's filesystem (0: not reported yet), and how full the
+    /// OSD judges it: ok, nearfull or full (writes to its PGs refused).
+    pub disk_total_bytes: u64,
+    pub disk_free_bytes: u64,
+    pub disk_used_bytes: u64,
+    pub disk_fill: String,
+}
+
+impl OsdRow {
+    /// Fill ratio of its disk as df's Use%, used / (used + free) (0 when
+    /// not reported).
+    pub fn fill_ratio(&self) -> f64 {
+        let room = self.disk_used_bytes.saturating_add(self.disk_free_bytes);
+        if room == 0 {
+            return 0.0;
+        }
+        self.disk_used_bytes as f64 / room as f64
+    }
 }
 
 /// One client session.
@@ -74,6 +97,53 @@ pub struct ClusterStatus {
     pub osds: Vec<OsdRow>,
     pub clients: Vec<ClientRow>,
     pub pgs: PgHealth,
+    /// HEALTH_OK, HEALTH_WARN (a disk near full) or HEALTH_ERR (an OSD
+    /// full: writes to its PGs fail with ENOSPC; an MDS under its reserve:
+    /// creates fail with ENOSPC; no leader).
+    pub health: String,
+    /// What made it WARN or ERR, one line each.
+    pub health_detail: Vec<String>,
+}
+
+/// Overall health and its reasons, from the disks the status shows.
+pub fn health_of(leader: Option<u64>, mds: &[MdsRow], osds: &[OsdRow]) -> (String, Vec<String>) {
+    let mut err = Vec::new();
+    let mut warn = Vec::new();
+    if leader.is_none() {
+        err.push("no MDS leader".to_string());
+    }
+    for o in osds.iter().filter(|o| o.state == "up") {
+        let pct = o.fill_ratio() * 100.0;
+        match o.disk_fill.as_str() {
+            "full" => err.push(format!(
+                "osd.{} is full ({pct:.1}% used, {} free): writes to its PGs fail with ENOSPC",
+                o.id,
+                human(o.disk_free_bytes)
+            )),
+            "nearfull" => warn.push(format!(
+                "osd.{} is near full ({pct:.1}% used, {} free)",
+                o.id,
+                human(o.disk_free_bytes)
+            )),
+            _ => {}
+        }
+    }
+    for m in mds.iter().filter(|m| m.disk_low) {
+        err.push(format!(
+            "mds.{} is under its metadata disk reserve ({} free): creates fail with ENOSPC",
+            m.id,
+            human(m.disk_free_bytes)
+        ));
+    }
+    let level = if !err.is_empty() {
+        "HEALTH_ERR"
+    } else if !warn.is_empty() {
+        "HEALTH_WARN"
+    } else {
+        "HEALTH_OK"
+    };
+    err.extend(warn);
+    (level.to_string(), err)
 }
 
 /// Placement-group health, from the cluster map and the OSDs' reports.
@@ -142,6 +212,15 @@ impl ClusterStatus {
     }
 }
 
+fn disk_fill(f: i32) -> &'static str {
+    match pb::DiskFill::try_from(f) {
+        Ok(pb::DiskFill::Ok) => "ok",
+        Ok(pb::DiskFill::NearFull) => "nearfull",
+        Ok(pb::DiskFill::Full) => "full",
+        Err(_) => "unknown",
+    }
+}
+
 fn osd_state(s: i32) -> &'static str {
     match OsdState::try_from(s) {
         Ok(OsdState::Up) => "up",
@@ -197,6 +276,9 @@ pub async fn collect(addrs: &[String], timeout: Duration) -> ClusterStatus {
                 term: s.term,
                 last_applied: s.last_applied,
                 leader_id: s.leader_id,
+                disk_total_bytes: s.disk_total_bytes,
+                disk_free_bytes: s.disk_free_bytes,
+                disk_low: s.disk_low,
             },
             None => MdsRow {
                 id: known_ids.get(addr).copied().unwrap_or(0),
@@ -206,6 +288,9 @@ pub async fn collect(addrs: &[String], timeout: Duration) -> ClusterStatus {
                 term: 0,
                 last_applied: 0,
                 leader_id: 0,
+                disk_total_bytes: 0,
+                disk_free_bytes: 0,
+                disk_low: false,
             },
         })
         .collect();
@@ -242,6 +327,15 @@ pub async fn collect(addrs: &[String], timeout: Duration) -> ClusterStatus {
                     scrub_errors: o.report.as_ref().map_or(0, |r| r.scrub_errors),
                     repaired_chunks: o.report.as_ref().map_or(0, |r| r.repaired_chunks),
                     removed_chunks: o.report.as_ref().map_or(0, |r| r.removed_chunks),
+                    disk_total_bytes: o.report.as_ref().map_or(0, |r| r.disk_total_bytes),
+                    disk_free_bytes: o.report.as_ref().map_or(0, |r| r.disk_free_bytes),
+                    disk_used_bytes: o.report.as_ref().map_or(0, |r| r.disk_used_bytes),
+                    disk_fill: o
+                        .report
+                        .as_ref()
+                        .filter(|r| r.disk_total_bytes > 0)
+                        .map_or("", |r| disk_fill(r.disk_fill))
+                        .to_string(),
                 })
                 .collect();
             pg_health = PgHealth::of(&map);
@@ -267,8 +361,12 @@ pub async fn collect(addrs: &[String], timeout: Duration) -> ClusterStatus {
         }
         None => (Vec::new(), Vec::new(), 0, 0, 0, 0),
     };
+    let leader_id = leader.and_then(|r| r.self_.as_ref().map(|s| s.id));
+    let (health, health_detail) = health_of(leader_id, &mds, &osds);
     ClusterStatus {
-        leader_id: leader.and_then(|r| r.self_.as_ref().map(|s| s.id)),
+        leader_id,
+        health,
+        health_detail,
         map_epoch,
         replicas,
         write_quorum,
@@ -346,6 +444,12 @@ pub fn render(s: &ClusterStatus) -> String {
         },
         if p.healthy { "; HEALTHY" } else { "" }
     );
+    if !s.health.is_empty() {
+        let _ = writeln!(o, "health: {}", s.health);
+        for d in &s.health_detail {
+            let _ = writeln!(o, "  {d}");
+        }
+    }
     let _ = writeln!(
         o,
         "\nMDS\n  {:<4} {:<22} {:>8} {:<12} {:>6} {:>10}",
@@ -360,13 +464,14 @@ pub fn render(s: &ClusterStatus) -> String {
     }
     let _ = writeln!(
         o,
-        "\nOSD\n  {:<4} {:<22} {:>8} {:<9} {:>11} {:>11} {:>10} {:>5} {:>7} {:>10} {:>8} {:>8}",
+        "\nOSD\n  {:<4} {:<22} {:>8} {:<9} {:>11} {:>11} {:>14} {:>10} {:>5} {:>7} {:>10} {:>8} {:>8}",
         "ID",
         "ADDRESS",
         "PID",
         "STATE",
         "CAPACITY",
         "USED",
+        "DISK",
         "SEEN",
         "PGS",
         "PEERING",
@@ -380,15 +485,21 @@ pub fn render(s: &ClusterStatus) -> String {
         } else {
             d.state.clone()
         };
+        let disk = match d.disk_fill.as_str() {
+            "" => "-".to_string(),
+            "ok" => format!("{:.1}%", d.fill_ratio() * 100.0),
+            f => format!("{:.1}% {f}", d.fill_ratio() * 100.0),
+        };
         let _ = writeln!(
             o,
-            "  {:<4} {:<22} {:>8} {:<9} {:>11} {:>11} {:>8}ms {:>5} {:>7} {:>10} {:>8} {:>8}",
+            "  {:<4} {:<22} {:>8} {:<9} {:>11} {:>11} {:>14} {:>8}ms {:>5} {:>7} {:>10} {:>8} {:>8}",
             d.id,
             d.addr,
             d.pid,
             state,
             human(d.capacity_bytes),
             human(d.used_bytes),
+            disk,
             d.last_seen_ms,
             d.pgs,
             d.pgs_peering,
@@ -410,4 +521,60 @@ pub fn render(s: &ClusterStatus) -> String {
         );
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn osd(id: u64, fill: &str, free: u64) -> OsdRow {
+        OsdRow {
+            id,
+            addr: String::new(),
+            pid: 0,
+            state: "up".into(),
+            capacity_bytes: 0,
+            used_bytes: 0,
+            failure_domain: String::new(),
+            last_seen_ms: 0,
+            admin_out: false,
+            report_epoch: 0,
+            pgs: 0,
+            pgs_peering: 0,
+            recovery_chunks: 0,
+            recovery_bytes: 0,
+            recovered_chunks: 0,
+            scrubbed_chunks: 0,
+            scrub_errors: 0,
+            repaired_chunks: 0,
+            removed_chunks: 0,
+            disk_total_bytes: 100 << 20,
+            disk_free_bytes: free,
+            disk_used_bytes: (100 << 20) - free,
+            disk_fill: fill.into(),
+        }
+    }
+
+    #[test]
+    fn health_names_the_osd_and_its_fill() {
+        let (h, d) = health_of(Some(1), &[], &[osd(1, "ok", 50 << 20)]);
+        assert_eq!((h.as_str(), d.len()), ("HEALTH_OK", 0));
+        let (h, d) = health_of(
+            Some(1),
+            &[],
+            &[osd(1, "ok", 50 << 20), osd(2, "nearfull", 10 << 20)],
+        );
+        assert_eq!(h, "HEALTH_WARN");
+        assert_eq!(d, vec!["osd.2 is near full (90.0% used, 10.0 MiB free)"]);
+        let (h, d) = health_of(
+            Some(1),
+            &[],
+            &[osd(3, "full", 1 << 20), osd(2, "nearfull", 10 << 20)],
+        );
+        assert_eq!(h, "HEALTH_ERR");
+        assert!(d[0].starts_with("osd.3 is full (99.0% used"), "{d:?}");
+        assert_eq!(d.len(), 2);
+        let (h, _) = health_of(None, &[], &[]);
+        assert_eq!(h, "HEALTH_ERR");
+    }
 }

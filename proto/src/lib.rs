@@ -4,6 +4,7 @@
 
 pub mod data_conn;
 pub mod data_wire;
+pub mod disk_usage;
 pub mod errno;
 pub mod limits;
 pub mod mds_conn;
