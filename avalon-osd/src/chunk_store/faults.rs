@@ -1,0 +1,53 @@
+//! Named fail points of the chunk store (the `fail` crate), compiled in
+//! only with the crate's `failpoints` feature (tests), else nothing.
+//!
+//! Armed with `return(EIO)` (also the default), `return(ENOSPC)` or
+//! another errno name, a point makes its operation fail with that error;
+//! [`WRITE`] also takes `return(torn)`: the first half of the data is
+//! written, then the write fails with EIO, as a disk that stopped midway.
+
+use std::io;
+
+/// Before a write changes anything (data or sidecar).
+pub const BEFORE_WRITE: &str = "osd-chunk-before-write";
+/// The data write itself.
+pub const WRITE: &str = "osd-chunk-write";
+/// After the data is written, before the sidecar is.
+pub const AFTER_DATA_WRITE: &str = "osd-chunk-after-data-write";
+/// Before a chunk file is fsynced (nothing synced yet).
+pub const BEFORE_FSYNC: &str = "osd-chunk-before-fsync";
+/// The fsync of a chunk file or directory (the fsync is not done).
+pub const FSYNC: &str = "osd-chunk-fsync";
+/// A read of a chunk's data.
+pub const READ: &str = "osd-chunk-read";
+
+/// The error an armed point returns: the errno named by its argument.
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+fn error_of(arg: Option<&str>) -> io::Error {
+    let code = match arg {
+        Some("ENOSPC") => libc::ENOSPC,
+        Some("EDQUOT") => libc::EDQUOT,
+        Some("EROFS") => libc::EROFS,
+        Some("ENOMEM") => libc::ENOMEM,
+        _ => libc::EIO,
+    };
+    io::Error::from_raw_os_error(code)
+}
+
+/// The injected error when the point `name` is armed.
+pub(super) fn check(name: &str) -> io::Result<()> {
+    fail::fail_point!(name, |arg: Option<String>| Err(error_of(arg.as_deref())));
+    let _ = name;
+    Ok(())
+}
+
+/// For a data write of `len` bytes when [`WRITE`] is armed: how many of
+/// the bytes to write before failing, and the error.
+pub(super) fn write_fault(len: usize) -> Option<(usize, io::Error)> {
+    fail::fail_point!(WRITE, |arg: Option<String>| Some(match arg.as_deref() {
+        Some("torn") => (len / 2, error_of(None)),
+        a => (0, error_of(a)),
+    }));
+    let _ = len;
+    None
+}
