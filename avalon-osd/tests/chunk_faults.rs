@@ -102,3 +102,41 @@ fn failed_read_is_an_error_not_data() {
     fail::remove(faults::READ);
     assert_eq!(s.read(7, 0, 0, 100).expect("read").0, pattern(100, 3));
 }
+
+/// A write that stops midway (a torn data write, or data written and the
+/// sidecar not) leaves a chunk that reads, in this process and after a
+/// restart, as old or new content per 4 KiB page, never as corrupt.
+#[test]
+fn torn_writes_read_as_old_or_new() {
+    let _f = FailScenario::setup();
+    for (point, action) in [
+        (faults::WRITE, "return(torn)"),
+        (faults::AFTER_DATA_WRITE, "return(EIO)"),
+        (faults::AFTER_DATA_WRITE, "return(ENOSPC)"),
+    ] {
+        let d = tempfile::tempdir().expect("tempdir");
+        let old = pattern(40_000, 1);
+        let new = pattern(60_000, 2);
+        let s = synced_store(d.path(), &old);
+        fail::cfg(point, action).expect("arm");
+        write(&s, 7, 0, &new, false).expect_err("injected failure");
+        fail::remove(point);
+        let check = |s: &ChunkStore| {
+            let (got, _) = s.read(7, 0, 0, CS).expect("a torn write is not corruption");
+            assert!(got.len() == old.len() || got.len() == new.len());
+            for (p, page) in got.chunks(4096).enumerate() {
+                let at = |b: &[u8], i: usize| b.get(p * 4096 + i).copied().unwrap_or(0);
+                let is = |b: &[u8]| (0..page.len()).all(|i| page[i] == at(b, i));
+                assert!(is(&old) || is(&new), "{point}={action}: page {p} torn");
+            }
+            got
+        };
+        let here = check(&s);
+        drop(s);
+        let s = ChunkStore::open(d.path()).expect("restart");
+        assert_eq!(check(&s), here);
+        // Listed as corrupt, so that peering replaces it by a replica's.
+        let l = s.list(|_, _| true).expect("list");
+        assert_eq!(l[0].state, None, "{point}={action}");
+    }
+}

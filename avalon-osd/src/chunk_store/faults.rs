@@ -3,8 +3,9 @@
 //!
 //! Armed with `return(EIO)` (also the default), `return(ENOSPC)` or
 //! another errno name, a point makes its operation fail with that error;
-//! [`WRITE`] also takes `return(torn)`: the first half of the data is
-//! written, then the write fails with EIO, as a disk that stopped midway.
+//! [`WRITE`] also takes `return(torn)`: the data up to a page boundary
+//! near its middle is written, then the write fails with EIO, as a disk
+//! that stopped midway.
 
 use std::io;
 
@@ -41,13 +42,17 @@ pub(super) fn check(name: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// For a data write of `len` bytes when [`WRITE`] is armed: how many of
-/// the bytes to write before failing, and the error.
-pub(super) fn write_fault(len: usize) -> Option<(usize, io::Error)> {
+/// For a data write of `len` bytes at `off` when [`WRITE`] is armed: how
+/// many of the bytes to write before failing (a torn write stops at a
+/// 4 KiB page boundary near the middle), and the error.
+pub(super) fn write_fault(off: u64, len: usize) -> Option<(usize, io::Error)> {
     fail::fail_point!(WRITE, |arg: Option<String>| Some(match arg.as_deref() {
-        Some("torn") => (len / 2, error_of(None)),
+        Some("torn") => {
+            let mid = (off + len as u64 / 2) / 4096 * 4096;
+            (mid.saturating_sub(off) as usize, error_of(None))
+        }
         a => (0, error_of(a)),
     }));
-    let _ = len;
+    let _ = (off, len);
     None
 }

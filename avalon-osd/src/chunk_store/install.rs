@@ -4,7 +4,7 @@
 use super::disk::OpenMode;
 use super::error::{io_err, Result, StoreError};
 use super::layout::{chunk_name, META_SUFFIX, TMP_SUFFIX};
-use super::sidecar::{blocks_for, ChunkMeta, BLOCK_SIZE};
+use super::sidecar::{blocks_for, ChunkMeta, BLOCK_SIZE, SUSPECT};
 use super::{check_range, ChunkStore};
 use avalon_proto::limits::MAX_CHUNK_SIZE;
 use std::sync::atomic::Ordering;
@@ -31,6 +31,8 @@ impl ChunkStore {
         let _i = self.locks.ino_shared(ino);
         let _c = self.locks.chunk(ino, index);
         let (existed, old_len) = match self.meta_of(ino, index) {
+            // A copy that a crash left unverified yields to any other.
+            Ok(Some(m)) if m.flags & SUSPECT != 0 => (true, m.len),
             Ok(Some(m)) => {
                 if m.version > version || (m.version == version && !replace_equal) {
                     return Ok(false);
@@ -73,6 +75,7 @@ impl ChunkStore {
             version,
             len: data.len() as u64,
             crcs,
+            flags: 0,
         };
         let mf = self
             .disk

@@ -3,6 +3,7 @@
 
 use super::disk::OpenMode;
 use super::error::{io_err, Result, StoreError};
+use super::sidecar::SUSPECT;
 use super::ChunkStore;
 use super::ListedChunk;
 use std::io;
@@ -22,6 +23,8 @@ impl ChunkStore {
             let _i = self.locks.ino_shared(ino);
             let _c = self.locks.chunk(ino, index);
             let (state, digest) = match self.meta_of(ino, index) {
+                // Reported as corrupt so that peering replaces it.
+                Ok(Some(m)) if m.flags & SUSPECT != 0 => (None, 0),
                 Ok(Some(m)) => (Some((m.version, m.len)), m.digest()),
                 Ok(None) => continue,
                 Err(StoreError::Corruption { .. }) => (None, 0),

@@ -29,6 +29,8 @@ mod sync;
 mod write;
 
 #[cfg(test)]
+mod sim_disk;
+#[cfg(test)]
 mod tests;
 
 pub use error::{Result, StoreError};

@@ -7,7 +7,7 @@
 
 use super::disk::{DiskFile, OpenMode};
 use super::error::{io_err, Result};
-use super::sidecar::ChunkMeta;
+use super::sidecar::{ChunkMeta, FRESH};
 use super::ChunkStore;
 use lru::LruCache;
 use std::num::NonZeroUsize;
@@ -25,8 +25,9 @@ const FD_RESERVE: u64 = 256;
 /// its own mutex is never contended. The sidecar on disk is rewritten (one
 /// `pwrite`, to the page cache) by every change before the change is
 /// acknowledged, so it always matches `meta` for a process that is killed;
-/// after a power loss, data and sidecar that disagree are detected by the
-/// block checksums and the sidecar's own checksum.
+/// after a power loss, a chunk whose sidecar says it was being changed
+/// (its `DIRTY` flag, made durable before the first change since an
+/// fsync) is checked whole and settled when opened (see `sidecar`).
 #[derive(Debug)]
 pub(super) struct OpenChunk {
     pub(super) data: Arc<dyn DiskFile>,
@@ -34,6 +35,9 @@ pub(super) struct OpenChunk {
     /// The data file opened for direct writes, at the first that needs it.
     pub(super) direct: Option<Arc<dyn DiskFile>>,
     pub(super) meta: ChunkMeta,
+    /// Changes applied since opened (a sync clears the dirty flag only if
+    /// none came while it ran).
+    pub(super) writes: u64,
 }
 
 /// A shared open chunk.
@@ -131,6 +135,7 @@ impl ChunkStore {
                 meta_file,
                 direct: None,
                 meta,
+                writes: 0,
             },
         )))
     }
@@ -154,11 +159,10 @@ impl ChunkStore {
             data,
             meta_file,
             direct: None,
-            meta: ChunkMeta {
-                version: 0,
-                len: 0,
-                crcs: Vec::new(),
-            },
+            // Needs no durable intent: until its first fsync a crash may
+            // drop it whole (nothing of it was durable).
+            meta: ChunkMeta::empty(FRESH),
+            writes: 0,
         };
         Ok(self.remember(ino, index, oc))
     }

@@ -3,7 +3,7 @@
 
 use super::disk::OpenMode;
 use super::error::{corrupt, io_err, Result, StoreError};
-use super::sidecar::{blocks_for, ChunkMeta, BLOCK_SIZE};
+use super::sidecar::{blocks_for, ChunkMeta, BLOCK_SIZE, DIRTY, FRESH};
 use super::{effective_chunk_size, ChunkStore};
 use std::io;
 use std::sync::atomic::Ordering;
@@ -70,8 +70,7 @@ impl ChunkStore {
                     self.fsync(&*f, &dpath)?;
                     let meta = ChunkMeta {
                         version: v.saturating_add(1),
-                        len: 0,
-                        crcs: Vec::new(),
+                        ..ChunkMeta::empty(0)
                     };
                     self.store_meta(ino, index, &meta, true)?;
                     self.chunks.fetch_add(1, Ordering::Relaxed);
@@ -87,6 +86,10 @@ impl ChunkStore {
                 .disk
                 .open(&dpath, OpenMode::Write)
                 .map_err(io_err(&dpath))?;
+            // Durably dirty first: a crash while cutting leaves a chunk
+            // that is checked and settled when opened, never "corrupt".
+            meta.flags |= DIRTY;
+            self.store_meta(ino, index, &meta, true)?;
             let tail = keep % BLOCK_SIZE;
             let nblocks = blocks_for(keep);
             if tail != 0 {
@@ -110,8 +113,9 @@ impl ChunkStore {
             let old_len = meta.len;
             meta.len = keep;
             meta.version = meta.version.saturating_add(1);
-            self.store_meta(ino, index, &meta, true)?;
             self.fsync(&*file, &dpath)?;
+            meta.flags &= !(DIRTY | FRESH);
+            self.store_meta(ino, index, &meta, true)?;
             self.used.fetch_sub(old_len - keep, Ordering::Relaxed);
         }
         Ok(())

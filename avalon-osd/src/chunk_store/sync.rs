@@ -4,11 +4,23 @@
 use super::disk::{DiskFile, OpenMode};
 use super::error::{io_err, Result};
 use super::faults;
-use super::open_cache::lock_open;
+use super::open_cache::{lock_open, OpenRef};
+use super::sidecar::{DIRTY, FRESH};
 use super::ChunkStore;
 use std::collections::BTreeSet;
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
+
+/// What an fsync of a chunk found.
+enum Synced {
+    /// No such chunk.
+    Missing,
+    /// Synced through files opened for it.
+    Closed,
+    /// Synced through the open chunk, at this many changes.
+    Open(OpenRef, u64),
+}
 
 impl ChunkStore {
     /// fsyncs one file of a chunk.
@@ -19,35 +31,71 @@ impl ChunkStore {
     }
 
     /// fsyncs a chunk's data and sidecar (open ones through the cache).
-    /// `false` when the chunk does not exist.
-    fn sync_files(&self, ino: u64, index: u64) -> Result<bool> {
+    fn sync_files(&self, ino: u64, index: u64) -> Result<Synced> {
         if let Some(c) = self.cached(ino, index) {
             // fsync without holding the chunk: writes go on meanwhile.
-            let (data, meta) = {
+            let (data, meta, writes) = {
                 let oc = lock_open(&c);
-                (oc.data.clone(), oc.meta_file.clone())
+                (oc.data.clone(), oc.meta_file.clone(), oc.writes)
             };
             self.fsync(&*data, &self.data_path(ino, index))?;
             self.fsync(&*meta, &self.meta_path(ino, index))?;
-            return Ok(true);
+            return Ok(Synced::Open(c, writes));
         }
         for path in [self.data_path(ino, index), self.meta_path(ino, index)] {
             match self.disk.open(&path, OpenMode::Read) {
                 Ok(f) => self.fsync(&*f, &path)?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Synced::Missing),
                 Err(e) => return Err(io_err(&path)(e)),
             }
         }
-        Ok(true)
+        Ok(Synced::Closed)
+    }
+
+    /// After a chunk and its directory were fsynced: clears its dirty
+    /// flag, unless it changed since (the sidecar is rewritten without an
+    /// fsync: a crash that loses this only costs a check when reopened).
+    fn settle(&self, ino: u64, index: u64, synced: Synced) {
+        let _i = self.locks.ino_shared(ino);
+        let _c = self.locks.chunk(ino, index);
+        let (c, writes) = match synced {
+            Synced::Open(c, writes) => (c, writes),
+            // Evicted while dirty: loading it checks and settles it (its
+            // pages were just written back, so mostly cached).
+            Synced::Closed if self.cached(ino, index).is_none() => {
+                if let Err(e) = self.load_meta(ino, index) {
+                    tracing::warn!(ino, index, error = %e, "synced chunk not settled");
+                }
+                return;
+            }
+            _ => return,
+        };
+        if !self.cached(ino, index).is_some_and(|x| Arc::ptr_eq(&x, &c)) {
+            return; // replaced meanwhile (install, truncate, delete)
+        }
+        let mut oc = lock_open(&c);
+        if oc.writes != writes || !oc.meta.dirty() {
+            return;
+        }
+        oc.meta.flags &= !(DIRTY | FRESH);
+        let len = oc.meta.encoded_len();
+        if let Err(e) = self.persist_meta(ino, index, &oc, len) {
+            tracing::warn!(ino, index, error = %e, "sidecar not rewritten after fsync");
+            drop(oc);
+            self.forget(ino, index);
+        }
     }
 
     /// Makes a chunk durable: fsyncs its data, metadata and directories.
     /// A chunk that no longer exists needs nothing.
     pub fn sync_chunk(&self, ino: u64, index: u64) -> Result<()> {
-        if !self.sync_files(ino, index)? {
+        let synced = self.sync_files(ino, index)?;
+        if matches!(synced, Synced::Missing) {
             return Ok(());
         }
-        self.sync_dir_of(ino)
+        self.sync_dir_of(ino)?;
+        self.settle(ino, index, synced);
+        Ok(())
     }
 
     pub(super) fn mark_dirty(&self, ino: u64, index: u64) {
@@ -76,10 +124,15 @@ impl ChunkStore {
                 .remove(&ino);
             let Some(indexes) = taken else { continue };
             let r = (|| {
+                let mut synced = Vec::with_capacity(indexes.len());
                 for &index in &indexes {
-                    self.sync_files(ino, index)?;
+                    synced.push((index, self.sync_files(ino, index)?));
                 }
-                self.sync_dir_of(ino)
+                self.sync_dir_of(ino)?;
+                for (index, s) in synced {
+                    self.settle(ino, index, s);
+                }
+                Ok(())
             })();
             if let Err(e) = r {
                 let mut g = self.dirty.lock().unwrap_or_else(|e| e.into_inner());

@@ -6,7 +6,7 @@ use super::disk::DiskFile;
 use super::error::{io_err, Result, StoreError};
 use super::faults;
 use super::open_cache::{lock_open, OpenChunk};
-use super::sidecar::{blocks_for, BLOCK_SIZE};
+use super::sidecar::{blocks_for, BLOCK_SIZE, DIRTY};
 use super::{check_range, effective_chunk_size, ChunkStore, Payload, VersionMode, WriteOutcome};
 use crate::direct_io;
 use std::path::Path;
@@ -151,6 +151,14 @@ impl ChunkStore {
             None => (self.create_chunk(ino, index)?, false),
         };
         let mut oc = lock_open(&entry);
+        if !oc.meta.dirty() {
+            if let Err(e) = self.record_intent(ino, index, &mut oc) {
+                drop(oc);
+                self.forget(ino, index);
+                return Err(e);
+            }
+        }
+        oc.writes += 1;
         let old_meta_len = oc.meta.encoded_len();
         let old_len = oc.meta.len;
         let applied = self
@@ -200,10 +208,22 @@ impl ChunkStore {
         })
     }
 
+    /// Makes the chunk's sidecar say, durably, that the chunk is being
+    /// changed, before its first change since its last fsync: after a
+    /// crash, blocks of such a chunk that fail their crc are torn writes
+    /// nobody fsynced, not damage (see `ChunkStore::recover_dirty`). One
+    /// sidecar fsync per chunk per fsync of the chunk.
+    fn record_intent(&self, ino: u64, index: u64, oc: &mut OpenChunk) -> Result<()> {
+        oc.meta.flags |= DIRTY;
+        let len = oc.meta.encoded_len();
+        self.persist_meta(ino, index, oc, len)?;
+        self.fsync(&*oc.meta_file, &self.meta_path(ino, index))
+    }
+
     /// Writes `data` at `off` of a chunk's data file: the aligned middle
     /// of a large write direct (see `direct_io`), the rest buffered.
     fn write_data(&self, oc: &mut OpenChunk, dpath: &Path, data: &[u8], off: u64) -> Result<()> {
-        if let Some((n, e)) = faults::write_fault(data.len()) {
+        if let Some((n, e)) = faults::write_fault(off, data.len()) {
             oc.data
                 .write_all_at(&data[..n], off)
                 .map_err(io_err(dpath))?;
