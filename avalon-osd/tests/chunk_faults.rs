@@ -73,34 +73,74 @@ fn eio_and_enospc_before_and_at_the_data_write() {
     }
 }
 
+/// A lost copy: reads answer corruption (DataLoss: another replica
+/// serves), listings report it corrupt (peering replaces it), writes and
+/// syncs fail with EIO, until an install from a replica repairs it.
+fn assert_lost_until_installed(s: &ChunkStore, what: &str) {
+    assert!(s.is_lost(7, 0), "{what}");
+    assert!(
+        matches!(s.read(7, 0, 0, 10), Err(StoreError::Corruption { .. })),
+        "{what}"
+    );
+    if let Some(r) = s.try_read_cached(7, 0, 0, 10) {
+        assert!(matches!(r, Err(StoreError::Corruption { .. })), "{what}");
+    }
+    assert_eq!(s.list(|_, _| true).expect("list")[0].state, None, "{what}");
+    let e = s.sync_objects(&[7]).expect_err("sync of a lost copy");
+    assert_eq!(errno(&e), Some(libc::EIO), "{what}");
+    let e = write(s, 7, 0, b"more", false).expect_err("write to a lost copy");
+    assert_eq!(errno(&e), Some(libc::EIO), "{what}");
+    // Repair, as recovery does, with whatever version the replicas hold.
+    assert!(s.install(7, 0, b"repaired", 1, true).expect("install"));
+    assert!(!s.is_lost(7, 0));
+    assert_eq!(s.read(7, 0, 0, 100).expect("read").0, b"repaired");
+    s.sync_objects(&[7]).expect("sync after repair");
+    assert_eq!(write(s, 7, 0, b"R", true).expect("write after repair"), 2);
+}
+
+/// A failed fsync is final: never retried as if it might succeed.
 #[test]
-fn failed_fsync_fails_the_sync() {
+fn failed_fsync_is_final() {
     let _f = FailScenario::setup();
     for point in [faults::BEFORE_FSYNC, faults::FSYNC] {
+        // Through a client's sync.
         let d = tempfile::tempdir().expect("tempdir");
         let s = synced_store(d.path(), b"old");
         write(&s, 7, 0, b"new", false).expect("write");
         fail::cfg(point, "return(EIO)").expect("arm");
         let e = s.sync_objects(&[7]).expect_err("sync must fail");
         assert_eq!(errno(&e), Some(libc::EIO));
+        fail::remove(point);
+        // The disk works again; the sync still fails: the bytes it was
+        // to make durable may be gone.
+        assert_lost_until_installed(&s, point);
+        // Through an O_SYNC write.
+        let d2 = tempfile::tempdir().expect("tempdir");
+        let s = synced_store(d2.path(), b"old");
+        fail::cfg(point, "return(EIO)").expect("arm");
         let e = write(&s, 7, 0, b"sync", true).expect_err("O_SYNC write must fail");
         assert_eq!(errno(&e), Some(libc::EIO));
         fail::remove(point);
+        assert_lost_until_installed(&s, point);
     }
 }
 
+/// A disk read error loses the copy: DataLoss, repaired from a replica.
 #[test]
-fn failed_read_is_an_error_not_data() {
+fn read_error_loses_the_copy() {
     let _f = FailScenario::setup();
     let d = tempfile::tempdir().expect("tempdir");
     let s = synced_store(d.path(), &pattern(5000, 3));
     fail::cfg(faults::READ, "return(EIO)").expect("arm");
-    assert!(s.read(7, 0, 0, 100).is_err());
     if let Some(r) = s.try_read_cached(7, 0, 0, 100) {
         assert!(r.is_err());
     }
+    assert!(matches!(
+        s.read(7, 0, 0, 100),
+        Err(StoreError::Corruption { .. })
+    ));
     fail::remove(faults::READ);
-    assert_eq!(s.read(7, 0, 0, 100).expect("read").0, pattern(100, 3));
+    assert_lost_until_installed(&s, faults::READ);
 }
 
 /// A write that stops midway (a torn data write, or data written and the

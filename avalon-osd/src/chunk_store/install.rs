@@ -32,7 +32,9 @@ impl ChunkStore {
         let _c = self.locks.chunk(ino, index);
         let (existed, old_len) = match self.meta_of(ino, index) {
             // A copy that a crash left unverified yields to any other.
-            Ok(Some(m)) if m.flags & SUSPECT != 0 => (true, m.len),
+            Ok(Some(m)) if m.flags & SUSPECT != 0 || self.lost.contains(ino, index) => {
+                (true, m.len)
+            }
             Ok(Some(m)) => {
                 if m.version > version || (m.version == version && !replace_equal) {
                     return Ok(false);
@@ -94,6 +96,7 @@ impl ChunkStore {
             self.chunks.fetch_add(1, Ordering::Relaxed);
         }
         self.used.fetch_add(meta.len, Ordering::Relaxed);
+        self.lost.remove(ino, index);
         Ok(true)
     }
 }

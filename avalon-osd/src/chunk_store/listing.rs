@@ -24,7 +24,9 @@ impl ChunkStore {
             let _c = self.locks.chunk(ino, index);
             let (state, digest) = match self.meta_of(ino, index) {
                 // Reported as corrupt so that peering replaces it.
-                Ok(Some(m)) if m.flags & SUSPECT != 0 => (None, 0),
+                Ok(Some(m)) if m.flags & SUSPECT != 0 || self.lost.contains(ino, index) => {
+                    (None, 0)
+                }
                 Ok(Some(m)) => (Some((m.version, m.len)), m.digest()),
                 Ok(None) => continue,
                 Err(StoreError::Corruption { .. }) => (None, 0),

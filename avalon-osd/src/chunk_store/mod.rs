@@ -20,6 +20,7 @@ mod install;
 pub mod layout;
 mod listing;
 mod locks;
+mod lost;
 mod open_cache;
 mod read;
 mod remove;
@@ -119,6 +120,8 @@ pub struct ChunkStore {
     chunks: AtomicU64,
     /// Chunks written without fsync since their last sync, by inode.
     dirty: Mutex<HashMap<u64, BTreeSet<u64>>>,
+    /// Copies lost to disk errors, until rebuilt.
+    lost: lost::Lost,
     /// Recently used chunks: open files and verified metadata.
     open_chunks: OpenCache,
     /// Which bucket directories exist.
@@ -202,6 +205,7 @@ impl ChunkStore {
             used: AtomicU64::new(0),
             chunks: AtomicU64::new(0),
             dirty: Mutex::new(HashMap::new()),
+            lost: lost::Lost::default(),
             open_chunks: new_cache(open_chunks),
             buckets: (0..BUCKETS).map(|_| AtomicBool::new(false)).collect(),
             direct_writes: AtomicBool::new(true),

@@ -84,6 +84,9 @@ impl ChunkStore {
         check_range(u64::from(offset), u64::from(len), MAX_CHUNK_SIZE)?;
         let _i = self.locks.ino_shared(ino);
         let _c = self.locks.chunk(ino, index);
+        if self.lost.contains(ino, index) {
+            return Err(Self::lost_copy(ino, index));
+        }
         let Some(entry) = self.open_chunk(ino, index)? else {
             return Ok((Vec::new(), 0));
         };
@@ -96,13 +99,15 @@ impl ChunkStore {
         let mut buf = span.buffer();
         let read =
             faults::check(faults::READ).and_then(|()| oc.data.read_exact_at(&mut buf, span.start));
-        read.map_err(|e| {
+        if let Err(e) = read {
+            drop(oc);
             if e.kind() == io::ErrorKind::UnexpectedEof {
-                corrupt(ino, index, "data file shorter than its metadata")
-            } else {
-                io_err(&self.data_path(ino, index))(e)
+                return Err(corrupt(ino, index, "data file shorter than its metadata"));
             }
-        })?;
+            // A disk read error: this copy is lost, another replica serves.
+            self.mark_lost(ino, index, &io_err(&self.data_path(ino, index))(e));
+            return Err(Self::lost_copy(ino, index));
+        }
         span.verify(&buf, &meta.crcs)
             .map_err(|m| corrupt(ino, index, m))?;
         let version = meta.version;
@@ -125,6 +130,9 @@ impl ChunkStore {
             return None;
         }
         let _locks = self.locks.try_chunk(ino, index)?;
+        if self.lost.contains(ino, index) {
+            return Some(Err(Self::lost_copy(ino, index)));
+        }
         let entry = self.try_cached(ino, index)?;
         let oc = entry.try_lock().ok()?;
         let meta = &oc.meta;
@@ -132,8 +140,8 @@ impl ChunkStore {
             return Some(Ok((Vec::new(), meta.version)));
         };
         let mut buf = span.buffer();
-        if let Err(e) = faults::check(faults::READ) {
-            return Some(Err(io_err(&self.data_path(ino, index))(e)));
+        if faults::check(faults::READ).is_err() {
+            return None; // the blocking path meets the error and handles it
         }
         if oc.data.read_nowait(&mut buf, span.start) != Some(buf.len()) {
             // Not (all) cached, or unsupported: the blocking path decides.

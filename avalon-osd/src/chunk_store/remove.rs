@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 impl ChunkStore {
     fn remove_chunk_files(&self, ino: u64, index: u64) -> Result<()> {
         self.forget(ino, index);
+        self.lost.remove(ino, index);
         let dpath = self.data_path(ino, index);
         match self.disk.stat(&dpath) {
             Ok((len, _)) => {

@@ -16,6 +16,9 @@ impl ChunkStore {
     pub fn scrub_chunk(&self, ino: u64, index: u64) -> Result<u64> {
         let _i = self.locks.ino_shared(ino);
         let _c = self.locks.chunk(ino, index);
+        if self.lost.contains(ino, index) {
+            return Err(Self::lost_copy(ino, index));
+        }
         let meta = match self.cached(ino, index) {
             Some(c) => {
                 let meta = lock_open(&c).meta.clone();

@@ -89,11 +89,17 @@ impl ChunkStore {
     /// Makes a chunk durable: fsyncs its data, metadata and directories.
     /// A chunk that no longer exists needs nothing.
     pub fn sync_chunk(&self, ino: u64, index: u64) -> Result<()> {
-        let synced = self.sync_files(ino, index)?;
+        if self.lost.contains(ino, index) {
+            return Err(Self::lost_io(&self.data_path(ino, index)));
+        }
+        let synced = self
+            .sync_files(ino, index)
+            .inspect_err(|e| self.mark_lost(ino, index, e))?;
         if matches!(synced, Synced::Missing) {
             return Ok(());
         }
-        self.sync_dir_of(ino)?;
+        self.sync_dir_of(ino)
+            .inspect_err(|e| self.mark_lost(ino, index, e))?;
         self.settle(ino, index, synced);
         Ok(())
     }
@@ -114,29 +120,44 @@ impl ChunkStore {
     }
 
     /// Makes every chunk of `inos` written since its last sync durable
-    /// (data, metadata, directories). On failure the chunks stay dirty.
+    /// (data, metadata, directories). A failed fsync is final: it is never
+    /// retried as if it might succeed (the kernel may have dropped the
+    /// pages it could not write, and a second fsync would find nothing to
+    /// do). The chunk becomes a lost copy (see `lost`), rebuilt from its
+    /// replicas, and every sync of its object fails until then.
     pub fn sync_objects(&self, inos: &[u64]) -> Result<()> {
         for &ino in inos {
+            if self.lost.any_of(ino) {
+                return Err(Self::lost_io(&self.ino_dir(ino)));
+            }
             let taken = self
                 .dirty
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&ino);
             let Some(indexes) = taken else { continue };
-            let r = (|| {
-                let mut synced = Vec::with_capacity(indexes.len());
-                for &index in &indexes {
-                    synced.push((index, self.sync_files(ino, index)?));
+            let mut synced = Vec::with_capacity(indexes.len());
+            let mut failed = None;
+            for &index in &indexes {
+                match self.sync_files(ino, index) {
+                    Ok(s) => synced.push((index, s)),
+                    Err(e) => {
+                        self.mark_lost(ino, index, &e);
+                        failed.get_or_insert(e);
+                    }
                 }
-                self.sync_dir_of(ino)?;
-                for (index, s) in synced {
-                    self.settle(ino, index, s);
+            }
+            if let Err(e) = self.sync_dir_of(ino) {
+                // The new names of these chunks may be gone.
+                for &(index, _) in &synced {
+                    self.mark_lost(ino, index, &e);
                 }
-                Ok(())
-            })();
-            if let Err(e) = r {
-                let mut g = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-                g.entry(ino).or_default().extend(indexes);
+                return Err(failed.unwrap_or(e));
+            }
+            for (index, s) in synced {
+                self.settle(ino, index, s);
+            }
+            if let Some(e) = failed {
                 return Err(e);
             }
         }

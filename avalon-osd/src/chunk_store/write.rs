@@ -38,6 +38,23 @@ fn zero_range(file: &dyn DiskFile, path: &Path, off: u64, len: u64) -> Result<()
     }
 }
 
+/// How recording a write intent failed.
+enum IntentError {
+    /// Writing the sidecar.
+    Write(StoreError),
+    /// Its fsync.
+    Fsync(StoreError),
+}
+use IntentError::{Fsync, Write};
+
+impl IntentError {
+    fn into_inner(self) -> StoreError {
+        match self {
+            Write(e) | Fsync(e) => e,
+        }
+    }
+}
+
 impl ChunkStore {
     /// The stored version of a chunk (0 when it does not exist).
     pub fn version(&self, ino: u64, index: u64) -> Result<u64> {
@@ -117,7 +134,9 @@ impl ChunkStore {
         }
         let _i = self.locks.ino_shared(ino);
         let _c = self.locks.chunk(ino, index);
-
+        if self.lost.contains(ino, index) {
+            return Err(Self::lost_io(&self.data_path(ino, index)));
+        }
         let found = self.open_chunk(ino, index)?;
         let current = found.as_ref().map_or(0, |c| lock_open(c).meta.version);
         let duplicate = matches!(mode, VersionMode::Exact { version, .. } if version == current);
@@ -154,8 +173,12 @@ impl ChunkStore {
         if !oc.meta.dirty() {
             if let Err(e) = self.record_intent(ino, index, &mut oc) {
                 drop(oc);
-                self.forget(ino, index);
-                return Err(e);
+                match &e {
+                    // The sidecar's fsync failed: final (see `sync`).
+                    Fsync(e) => self.mark_lost(ino, index, e),
+                    Write(_) => self.forget(ino, index),
+                }
+                return Err(e.into_inner());
             }
         }
         oc.writes += 1;
@@ -177,22 +200,29 @@ impl ChunkStore {
             }
         }
         let dpath = self.data_path(ino, index);
-        let done = self
-            .persist_meta(ino, index, &oc, old_meta_len)
-            .and_then(|()| {
-                if sync {
-                    self.fsync(&*oc.meta_file, &self.meta_path(ino, index))?;
-                    self.fsync(&*oc.data, &dpath)?;
-                    if !existed {
-                        self.sync_dir_of(ino)?;
+        if let Err(e) = self.persist_meta(ino, index, &oc, old_meta_len) {
+            drop(oc);
+            self.forget(ino, index);
+            return Err(e);
+        }
+        let synced = if sync {
+            self.fsync(&*oc.meta_file, &self.meta_path(ino, index))
+                .and_then(|()| self.fsync(&*oc.data, &dpath))
+                .and_then(|()| {
+                    if existed {
+                        Ok(())
+                    } else {
+                        self.sync_dir_of(ino)
                     }
-                }
-                Ok(())
-            });
+                })
+        } else {
+            Ok(())
+        };
         let new_len = oc.meta.len;
         drop(oc);
-        if let Err(e) = done {
-            self.forget(ino, index);
+        if let Err(e) = synced {
+            // Final (see `sync`): the bytes may be gone whatever a retry says.
+            self.mark_lost(ino, index, &e);
             return Err(e);
         }
         if !sync {
@@ -213,11 +243,17 @@ impl ChunkStore {
     /// crash, blocks of such a chunk that fail their crc are torn writes
     /// nobody fsynced, not damage (see `ChunkStore::recover_dirty`). One
     /// sidecar fsync per chunk per fsync of the chunk.
-    fn record_intent(&self, ino: u64, index: u64, oc: &mut OpenChunk) -> Result<()> {
+    fn record_intent(
+        &self,
+        ino: u64,
+        index: u64,
+        oc: &mut OpenChunk,
+    ) -> std::result::Result<(), IntentError> {
         oc.meta.flags |= DIRTY;
         let len = oc.meta.encoded_len();
-        self.persist_meta(ino, index, oc, len)?;
+        self.persist_meta(ino, index, oc, len).map_err(Write)?;
         self.fsync(&*oc.meta_file, &self.meta_path(ino, index))
+            .map_err(Fsync)
     }
 
     /// Writes `data` at `off` of a chunk's data file: the aligned middle
