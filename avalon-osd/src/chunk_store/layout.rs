@@ -238,7 +238,7 @@ impl ChunkStore {
 
     /// fsyncs a directory.
     pub(super) fn sync_dir(&self, path: &Path) -> Result<()> {
-        super::faults::check(super::faults::FSYNC)
+        super::faults::check(super::faults::FSYNC, path)
             .and_then(|()| self.disk.sync_dir(path))
             .map_err(io_err(path))
     }

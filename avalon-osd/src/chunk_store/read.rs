@@ -97,8 +97,8 @@ impl ChunkStore {
             return Ok((Vec::new(), meta.version));
         };
         let mut buf = span.buffer();
-        let read =
-            faults::check(faults::READ).and_then(|()| oc.data.read_exact_at(&mut buf, span.start));
+        let read = faults::check(faults::READ, &self.data_path(ino, index))
+            .and_then(|()| oc.data.read_exact_at(&mut buf, span.start));
         if let Err(e) = read {
             drop(oc);
             if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -140,7 +140,7 @@ impl ChunkStore {
             return Some(Ok((Vec::new(), meta.version)));
         };
         let mut buf = span.buffer();
-        if faults::check(faults::READ).is_err() {
+        if faults::check(faults::READ, &self.data_path(ino, index)).is_err() {
             return None; // the blocking path meets the error and handles it
         }
         if oc.data.read_nowait(&mut buf, span.start) != Some(buf.len()) {

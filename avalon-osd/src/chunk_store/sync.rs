@@ -25,8 +25,8 @@ enum Synced {
 impl ChunkStore {
     /// fsyncs one file of a chunk.
     pub(super) fn fsync(&self, f: &dyn DiskFile, path: &Path) -> Result<()> {
-        faults::check(faults::BEFORE_FSYNC).map_err(io_err(path))?;
-        faults::check(faults::FSYNC).map_err(io_err(path))?;
+        faults::check(faults::BEFORE_FSYNC, path).map_err(io_err(path))?;
+        faults::check(faults::FSYNC, path).map_err(io_err(path))?;
         f.sync_all().map_err(io_err(path))
     }
 

@@ -164,7 +164,8 @@ impl ChunkStore {
                 version
             }
         };
-        faults::check(faults::BEFORE_WRITE).map_err(io_err(&self.data_path(ino, index)))?;
+        let dpath = self.data_path(ino, index);
+        faults::check(faults::BEFORE_WRITE, &dpath).map_err(io_err(&dpath))?;
         let (entry, existed) = match found {
             Some(c) => (c, true),
             None => (self.create_chunk(ino, index)?, false),
@@ -186,9 +187,7 @@ impl ChunkStore {
         let old_len = oc.meta.len;
         let applied = self
             .apply_to(ino, index, &mut oc, items, new_version)
-            .and_then(|()| {
-                faults::check(faults::AFTER_DATA_WRITE).map_err(io_err(&self.data_path(ino, index)))
-            });
+            .and_then(|()| faults::check(faults::AFTER_DATA_WRITE, &dpath).map_err(io_err(&dpath)));
         match applied {
             Ok(()) => {}
             Err(e) => {
@@ -259,7 +258,7 @@ impl ChunkStore {
     /// Writes `data` at `off` of a chunk's data file: the aligned middle
     /// of a large write direct (see `direct_io`), the rest buffered.
     fn write_data(&self, oc: &mut OpenChunk, dpath: &Path, data: &[u8], off: u64) -> Result<()> {
-        if let Some((n, e)) = faults::write_fault(off, data.len()) {
+        if let Some((n, e)) = faults::write_fault(dpath, off, data.len()) {
             oc.data
                 .write_all_at(&data[..n], off)
                 .map_err(io_err(dpath))?;
