@@ -4,7 +4,7 @@
 use super::disk::OpenMode;
 use super::error::{io_err, Result, StoreError};
 use super::layout::{chunk_name, META_SUFFIX, TMP_SUFFIX};
-use super::sidecar::{blocks_for, ChunkMeta, BLOCK_SIZE, SUSPECT};
+use super::sidecar::{blocks_for, ChunkMeta, BLOCK_SIZE, DIRTY, SUSPECT};
 use super::{check_range, ChunkStore};
 use avalon_proto::limits::MAX_CHUNK_SIZE;
 use std::sync::atomic::Ordering;
@@ -30,7 +30,11 @@ impl ChunkStore {
         check_range(0, data.len() as u64, MAX_CHUNK_SIZE)?;
         let _i = self.locks.ino_shared(ino);
         let _c = self.locks.chunk(ino, index);
-        let (existed, old_len) = match self.meta_of(ino, index) {
+        let old = match self.meta_of(ino, index) {
+            Err(e) if !matches!(e, StoreError::Corruption { .. }) => return Err(e),
+            o => o,
+        };
+        let (existed, old_len) = match &old {
             // A copy that a crash left unverified yields to any other.
             Ok(Some(m)) if m.flags & SUSPECT != 0 || self.lost.contains(ino, index) => {
                 (true, m.len)
@@ -42,13 +46,10 @@ impl ChunkStore {
                 (true, m.len)
             }
             Ok(None) => (false, 0),
-            Err(StoreError::Corruption { .. }) => {
-                match self.disk.stat(&self.data_path(ino, index)) {
-                    Ok((len, _)) => (true, len),
-                    Err(_) => (false, 0),
-                }
-            }
-            Err(e) => return Err(e),
+            Err(_) => match self.disk.stat(&self.data_path(ino, index)) {
+                Ok((len, _)) => (true, len),
+                Err(_) => (false, 0),
+            },
         };
         self.make_bucket(ino)?;
         let dir = self.ino_dir(ino);
@@ -87,6 +88,16 @@ impl ChunkStore {
         self.fsync(&*mf, &mtmp)?;
         // The open files (if any) are the replaced ones from here on.
         self.forget(ino, index);
+        if let Ok(Some(m)) = old {
+            // Durably dirty (and suspect) first: a crash between the two
+            // renames leaves new data beside the old sidecar, which is then
+            // checked and repaired again, never reported corrupt.
+            let m = ChunkMeta {
+                flags: m.flags | DIRTY | SUSPECT,
+                ..m
+            };
+            self.store_meta(ino, index, &m, true)?;
+        }
         self.disk.rename(&dtmp, &dpath).map_err(io_err(&dpath))?;
         self.disk.rename(&mtmp, &mpath).map_err(io_err(&mpath))?;
         self.sync_dir_of(ino)?;
