@@ -47,7 +47,7 @@ use error::io_err;
 use layout::{parse_bucket_name, parse_chunk_name, FileKind, BUCKETS, SPARE_DIR};
 use locks::Locks;
 use open_cache::{new_cache, open_chunk_budget, OpenCache};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -120,6 +120,9 @@ pub struct ChunkStore {
     chunks: AtomicU64,
     /// Chunks written without fsync since their last sync, by inode.
     dirty: Mutex<HashMap<u64, BTreeSet<u64>>>,
+    /// Chunks whose write failed midway in this process: their blocks
+    /// may disagree with their sidecar without any damage.
+    torn_here: Mutex<HashSet<(u64, u64)>>,
     /// Copies lost to disk errors, until rebuilt.
     lost: lost::Lost,
     /// Recently used chunks: open files and verified metadata.
@@ -206,6 +209,7 @@ impl ChunkStore {
             chunks: AtomicU64::new(0),
             dirty: Mutex::new(HashMap::new()),
             lost: lost::Lost::default(),
+            torn_here: Mutex::new(HashSet::new()),
             open_chunks: new_cache(open_chunks),
             buckets: (0..BUCKETS).map(|_| AtomicBool::new(false)).collect(),
             direct_writes: AtomicBool::new(true),

@@ -324,7 +324,9 @@ impl ChunkStore {
     }
 
     /// Settles a chunk whose sidecar says it was changed since its last
-    /// fsync (so a crash may have torn it): the whole data file is read;
+    /// fsync (so a crash, or a write that failed midway, may have torn it;
+    /// a chunk this process wrote and merely evicted is held to its crcs):
+    /// the whole data file is read;
     /// when it matches the sidecar (length and every crc) the chunk is
     /// intact, else its crcs are recomputed from what the data file holds
     /// (each 4 KiB page of it old or new content, as on a local
@@ -367,6 +369,17 @@ impl ChunkStore {
         let intact = meta
             .as_ref()
             .is_some_and(|m| m.len == data.len() as u64 && m.crcs == crcs);
+        let failed_here = self
+            .torn_here
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(ino, index));
+        if !intact && !failed_here && self.dirty_here(ino, index) {
+            // Written by this process, evicted, no crash and no failed
+            // write since: the page cache held what was written, so a
+            // mismatch is damage, as for a clean chunk.
+            return Err(corrupt(ino, index, "block checksum mismatch"));
+        }
         let mut flags = flags & !(DIRTY | FRESH);
         if !intact {
             flags |= SUSPECT;

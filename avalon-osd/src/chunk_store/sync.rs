@@ -113,6 +113,15 @@ impl ChunkStore {
             .insert(index);
     }
 
+    /// Whether this process wrote chunk `(ino, index)` since its last sync.
+    pub(super) fn dirty_here(&self, ino: u64, index: u64) -> bool {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ino)
+            .is_some_and(|s| s.contains(&index))
+    }
+
     /// Number of chunks written since their last fsync.
     pub fn dirty_count(&self) -> usize {
         let g = self.dirty.lock().unwrap_or_else(|e| e.into_inner());

@@ -177,7 +177,7 @@ impl ChunkStore {
                 match &e {
                     // The sidecar's fsync failed: final (see `sync`).
                     Fsync(e) => self.mark_lost(ino, index, e),
-                    Write(_) => self.forget(ino, index),
+                    Write(_) => self.note_torn(ino, index),
                 }
                 return Err(e.into_inner());
             }
@@ -192,16 +192,17 @@ impl ChunkStore {
             Ok(()) => {}
             Err(e) => {
                 // Files and memory may disagree now: reload from disk next
-                // time (a torn write there fails verification).
+                // time, where the torn blocks are accepted (as after a
+                // crash: old or new per page) and the copy repaired.
                 drop(oc);
-                self.forget(ino, index);
+                self.note_torn(ino, index);
                 return Err(e);
             }
         }
         let dpath = self.data_path(ino, index);
         if let Err(e) = self.persist_meta(ino, index, &oc, old_meta_len) {
             drop(oc);
-            self.forget(ino, index);
+            self.note_torn(ino, index);
             return Err(e);
         }
         let synced = if sync {
@@ -235,6 +236,16 @@ impl ChunkStore {
             version: new_version,
             duplicate,
         })
+    }
+
+    /// Drops a chunk whose write failed midway from the cache, noting
+    /// that its files may disagree (see `ChunkStore::recover_dirty`).
+    fn note_torn(&self, ino: u64, index: u64) {
+        self.torn_here
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((ino, index));
+        self.forget(ino, index);
     }
 
     /// Makes the chunk's sidecar say, durably, that the chunk is being
