@@ -13,17 +13,18 @@
 //! still refer to a file that was renamed into a bucket, so the store
 //! deletes whatever it finds here when it opens.
 
-use std::fs::{self, OpenOptions};
+use crate::chunk_store::disk::{Disk, OpenMode};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Most spare files kept per store.
 pub const MAX_SPARES: usize = 65536;
 
 /// The spare files of one store.
 pub struct SpareFiles {
+    disk: Arc<dyn Disk>,
     dir: PathBuf,
     /// Names (numbers) of the spares ready for use.
     free: Mutex<Vec<u64>>,
@@ -34,17 +35,18 @@ pub struct SpareFiles {
 impl SpareFiles {
     /// Opens the spare directory `dir` (made if missing), deleting what
     /// an earlier process left there.
-    pub fn open(dir: PathBuf, max: usize) -> io::Result<SpareFiles> {
-        fs::create_dir_all(&dir)?;
-        for ent in fs::read_dir(&dir)? {
-            let p = ent?.path();
-            match fs::remove_file(&p) {
+    pub fn open(disk: Arc<dyn Disk>, dir: PathBuf, max: usize) -> io::Result<SpareFiles> {
+        disk.create_dir_all(&dir)?;
+        for ent in disk.read_dir(&dir)? {
+            let p = dir.join(ent.name);
+            match disk.remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
         }
         Ok(SpareFiles {
+            disk,
             dir,
             free: Mutex::new(Vec::new()),
             next: AtomicU64::new(0),
@@ -62,18 +64,22 @@ impl SpareFiles {
     /// can be passed by as many as run at once.)
     pub fn discard(&self, path: &Path) -> io::Result<()> {
         if self.count() >= self.max {
-            return fs::remove_file(path);
+            return self.disk.remove_file(path);
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let to = self.path(n);
-        fs::rename(path, &to)?;
+        self.disk.rename(path, &to)?;
         // The name is gone from the bucket either way: a spare that cannot
         // be emptied (its blocks freed now) is deleted instead.
-        match OpenOptions::new().write(true).truncate(true).open(&to) {
-            Ok(_) => self.lock().push(n),
+        match self
+            .disk
+            .open(&to, OpenMode::Write)
+            .and_then(|f| f.set_len(0))
+        {
+            Ok(()) => self.lock().push(n),
             Err(e) => {
                 tracing::debug!(error = %e, path = %to.display(), "spare file not emptied");
-                let _ = fs::remove_file(&to);
+                let _ = self.disk.remove_file(&to);
             }
         }
         Ok(())
@@ -89,7 +95,7 @@ impl SpareFiles {
         let Some(n) = self.lock().pop() else {
             return false;
         };
-        fs::rename(self.path(n), path).is_ok()
+        self.disk.rename(&self.path(n), path).is_ok()
     }
 
     /// Spares ready for use.
@@ -101,11 +107,13 @@ impl SpareFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chunk_store::disk::StdDisk;
+    use std::fs;
 
     #[test]
     fn discarded_files_come_back_empty_and_the_pool_is_bounded() {
         let d = tempfile::tempdir().unwrap();
-        let s = SpareFiles::open(d.path().join("spare"), 2).unwrap();
+        let s = SpareFiles::open(Arc::new(StdDisk), d.path().join("spare"), 2).unwrap();
         let f = |n: &str| d.path().join(n);
         for n in ["a", "b", "c"] {
             fs::write(f(n), b"chunk bytes").unwrap();
@@ -129,7 +137,7 @@ mod tests {
         assert!(!f("z").exists());
         // Leftovers of an earlier process are deleted, not reused.
         s.discard(&f("x")).unwrap();
-        let s2 = SpareFiles::open(d.path().join("spare"), 2).unwrap();
+        let s2 = SpareFiles::open(Arc::new(StdDisk), d.path().join("spare"), 2).unwrap();
         assert_eq!(s2.count(), 0);
         assert_eq!(fs::read_dir(d.path().join("spare")).unwrap().count(), 0);
     }
