@@ -2,7 +2,7 @@
 //!
 //! A [`MetaCommand`] carries everything the state machine needs to apply it
 //! deterministically: the leader stamps the time, and file layouts come from
-//! the leader's configuration. Inode, generation, OSD and session numbers are
+//! the cluster-wide settings (`settings.rs`). Inode, generation, OSD and session numbers are
 //! allocated by the state machine itself.
 
 use serde::{Deserialize, Serialize};
@@ -242,6 +242,18 @@ pub enum Op {
     /// `proposer.rs`): each applied as if alone, with its own dedup;
     /// [`Reply::Multi`] has their answers in order.
     Multi(Vec<MetaCommand>),
+    /// The cluster-wide settings, written once by the first leader (or by
+    /// the first leader of a cluster created before they were stored,
+    /// from its configuration); ignored when settings exist.
+    InitSettings {
+        settings: crate::settings::ClusterSettings,
+    },
+    /// Changes replicas and write quorum (`avalonctl pool set`): a new
+    /// map, after which the OSDs re-peer and copy (or drop) chunks.
+    SetReplicas {
+        replicas: u32,
+        write_quorum: u32,
+    },
 }
 
 /// A raft log entry payload.
@@ -295,6 +307,9 @@ pub enum Reply {
     Inos(u64),
     /// Per command of an [`Op::Multi`], its answer.
     Multi(Vec<MetaResponse>),
+    /// The settings in force after [`Op::InitSettings`] or
+    /// [`Op::SetReplicas`].
+    Settings(crate::settings::ClusterSettings),
 }
 
 /// What applying one log entry produced: a reply or a Linux errno.

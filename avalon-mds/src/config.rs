@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::settings::FailureDomainRule;
+
 /// Effective configuration of one MDS node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -19,14 +21,22 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Initial members, as "id=host:port".
     pub peers: Vec<String>,
+    /// Cluster-wide settings (`settings.rs`): used when this node creates
+    /// the cluster; afterwards the cluster's stored values rule, and a
+    /// value set here that differs makes the node refuse to start. `None`:
+    /// not set (the cluster's value, or the default at creation).
+    /// Cluster id (created at random unless given).
+    pub cluster_id: Option<String>,
     /// Replicas per chunk (n).
-    pub replicas: u32,
+    pub replicas: Option<u32>,
     /// Write quorum (m).
-    pub write_quorum: u32,
+    pub write_quorum: Option<u32>,
     /// Placement groups.
-    pub pg_count: u32,
+    pub pg_count: Option<u32>,
     /// Chunk size of new files.
-    pub chunk_size: u32,
+    pub chunk_size: Option<u32>,
+    /// How placement spreads copies over failure domains ("spread").
+    pub failure_domain_rule: Option<FailureDomainRule>,
     /// tracing filter (e.g. "info", "avalon_mds=debug").
     pub log_level: String,
     /// An OSD without heartbeat for this long is marked down.
@@ -68,10 +78,12 @@ impl Default for Config {
             listen: "127.0.0.1:7100".into(),
             data_dir: PathBuf::from("/var/lib/avalon/mds"),
             peers: Vec::new(),
-            replicas: 3,
-            write_quorum: 2,
-            pg_count: avalon_proto::limits::DEFAULT_PG_COUNT,
-            chunk_size: avalon_proto::limits::DEFAULT_CHUNK_SIZE,
+            cluster_id: None,
+            replicas: None,
+            write_quorum: None,
+            pg_count: None,
+            chunk_size: None,
+            failure_domain_rule: None,
             log_level: "info".into(),
             osd_down_after_ms: 10_000,
             osd_out_after_ms: 60_000,
@@ -97,6 +109,15 @@ impl Default for Config {
     }
 }
 
+/// Default values of the numeric cluster-wide settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DefaultSettings {
+    pub replicas: u32,
+    pub write_quorum: u32,
+    pub pg_count: u32,
+    pub chunk_size: u32,
+}
+
 /// Command-line flags of `avalon-mds`.
 #[derive(Debug, Parser, Default)]
 #[command(name = "avalon-mds", version, about = "Avalon metadata service")]
@@ -116,6 +137,9 @@ pub struct Args {
     /// Initial members: 1=host:port,2=host:port,...
     #[arg(long, value_delimiter = ',')]
     pub peers: Option<Vec<String>>,
+    /// Cluster id (at creation; later it must match the cluster's).
+    #[arg(long)]
+    pub cluster_id: Option<String>,
     /// Replicas per chunk.
     #[arg(long)]
     pub replicas: Option<u32>,
@@ -128,6 +152,9 @@ pub struct Args {
     /// Chunk size of new files in bytes.
     #[arg(long)]
     pub chunk_size: Option<u32>,
+    /// Failure-domain rule of placement ("spread").
+    #[arg(long)]
+    pub failure_domain_rule: Option<String>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long)]
     pub log_level: Option<String>,
@@ -168,15 +195,23 @@ impl Config {
                 if let Some(v) = &args.$f { cfg.$f = v.clone(); }
             )*};
         }
+        macro_rules! set {
+            ($($f:ident),*) => {$(
+                if let Some(v) = &args.$f { cfg.$f = Some(v.clone()); }
+            )*};
+        }
+        set!(cluster_id, replicas, write_quorum, pg_count, chunk_size);
+        if let Some(r) = &args.failure_domain_rule {
+            cfg.failure_domain_rule =
+                Some(FailureDomainRule::parse(r).with_context(|| {
+                    format!("unknown failure domain rule {r:?} (known: spread)")
+                })?);
+        }
         over!(
             id,
             listen,
             data_dir,
             peers,
-            replicas,
-            write_quorum,
-            pg_count,
-            chunk_size,
             log_level,
             osd_down_after_ms,
             osd_out_after_ms,
@@ -197,14 +232,24 @@ impl Config {
         if self.id == 0 {
             bail!("id must be >= 1");
         }
-        if self.replicas == 0 || self.write_quorum == 0 || self.write_quorum > self.replicas {
-            bail!("need 1 <= write_quorum <= replicas");
-        }
-        if self.pg_count == 0 {
+        // The values this node would create a cluster with.
+        let d = Config::default_settings();
+        crate::settings::check_quorum(
+            self.replicas.unwrap_or(d.replicas),
+            self.write_quorum.unwrap_or(d.write_quorum),
+        )?;
+        if self.pg_count == Some(0) {
             bail!("pg_count must be >= 1");
         }
-        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.chunk_size) {
-            bail!("chunk_size must be in {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}");
+        if let Some(cs) = self.chunk_size {
+            if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
+                bail!("chunk_size must be in {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}");
+            }
+        }
+        if let Some(id) = &self.cluster_id {
+            if id.trim().is_empty() || id.len() > 128 {
+                bail!("cluster_id must be 1..=128 characters");
+            }
         }
         if self.election_min_ms == 0
             || self.election_max_ms <= self.election_min_ms
@@ -217,6 +262,17 @@ impl Config {
         }
         self.peer_map()?;
         Ok(())
+    }
+
+    /// Default cluster-wide settings (a cluster created by a node whose
+    /// configuration sets none of them).
+    pub fn default_settings() -> DefaultSettings {
+        DefaultSettings {
+            replicas: 3,
+            write_quorum: 2,
+            pg_count: avalon_proto::limits::DEFAULT_PG_COUNT,
+            chunk_size: avalon_proto::limits::DEFAULT_CHUNK_SIZE,
+        }
     }
 
     /// The initial members: `--peers`, or just this node if empty.
@@ -271,8 +327,11 @@ mod tests {
         ]);
         let c = Config::load(&args).expect("load");
         assert_eq!(c.id, 2);
-        assert_eq!(c.replicas, 2);
-        assert_eq!(c.pg_count, 64);
+        assert_eq!(c.replicas, Some(2));
+        assert_eq!(c.pg_count, Some(64));
+        // Not set anywhere: no value (the cluster's rules).
+        assert_eq!(c.chunk_size, None);
+        assert_eq!(c.failure_domain_rule, None);
         assert_eq!(c.peer_map().expect("peers").len(), 2);
         let args = Args::parse_from(["avalon-mds", "--peers", "1=a:1,2=b:2", "--id", "3"]);
         assert!(Config::load(&args).is_err());

@@ -22,6 +22,7 @@ pub mod proposer;
 pub mod raft_net;
 pub mod raft_store;
 pub mod read_lease;
+pub mod settings;
 
 use crate::config::Config;
 use crate::meta_service::MetaService;
@@ -32,7 +33,7 @@ use anyhow::Context;
 use avalon_proto::limits::MAX_MESSAGE_BYTES;
 use avalon_proto::pb::meta_server::MetaServer;
 use avalon_proto::pb::raft_server::RaftServer;
-use openraft::{BasicNode, SnapshotPolicy};
+use openraft::{BasicNode, RaftLogReader, SnapshotPolicy};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -70,9 +71,13 @@ async fn raft_fatal(
     }
 }
 
-/// Runs one MDS node until `shutdown` is cancelled.
+/// Runs one MDS node until `shutdown` is cancelled. Fails at once if the
+/// node's configuration disagrees with the cluster-wide settings it has
+/// stored, or later when it learns them (joining, catching up).
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     cfg.validate()?;
+    // Also cancelled by this node itself when it must refuse to run.
+    let shutdown = shutdown.child_token();
     let peers = cfg.peer_map()?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
@@ -81,6 +86,32 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let fresh = log.is_empty()?;
     let sm = StateMachineStore::open(&cfg.data_dir).context("opening state machine")?;
     let shared = sm.shared();
+    // The cluster-wide settings this node already has (snapshot and log):
+    // a configuration that disagrees stops it before it serves.
+    let stored = {
+        let (applied, cur) = {
+            let sm = shared.read().unwrap_or_else(|e| e.into_inner());
+            (
+                sm.last_applied.map_or(0, |l| l.index),
+                sm.state.settings.clone(),
+            )
+        };
+        let entries = log
+            .clone()
+            .try_get_log_entries(applied + 1..)
+            .await
+            .context("reading raft log")?;
+        settings::replay(
+            cur,
+            entries.iter().filter_map(|e| match &e.payload {
+                openraft::EntryPayload::Normal(c) => Some(&c.op),
+                _ => None,
+            }),
+        )
+    };
+    if let Some(s) = &stored {
+        s.check(&cfg)?;
+    }
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
@@ -110,8 +141,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         lease_term: Mutex::new((0, std::time::Instant::now())),
         log_sync: log_sync::LogSync::new(durability),
         proposer: proposer::Proposer::start(raft.clone()),
+        settings_init: tokio::sync::Mutex::new(()),
         shutdown: shutdown.child_token(),
     });
+    let refused: Arc<Mutex<Option<settings::Mismatch>>> = Arc::default();
 
     if fresh && !cfg.join && peers.keys().next() == Some(&cfg.id) {
         let members: BTreeMap<u64, BasicNode> = peers
@@ -130,6 +163,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         tasks.spawn(async move { n.liveness_loop().await });
         let n = node.clone();
         tasks.spawn(async move { gc::gc_loop(&n).await });
+        let (n, stop, r) = (node.clone(), shutdown.clone(), refused.clone());
+        tasks.spawn(async move { settings::guard_loop(&n, stop, &r).await });
     }
     tasks.close();
 
@@ -197,6 +232,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
     let _ = tokio::time::timeout(Duration::from_secs(3), tasks.wait()).await;
     tracing::info!(id = cfg.id, "MDS stopped");
+    if let Some(m) = refused.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        return Err(m.into());
+    }
     match failure {
         Some(e) => Err(e),
         None => Ok(()),

@@ -7,6 +7,7 @@ use crate::leases::Change;
 use crate::locks::LockKind;
 use crate::namespace::State;
 use crate::node::{role_name, MdsError, MdsNode};
+use crate::settings::ClusterSettings;
 use avalon_proto::limits::check_name;
 use avalon_proto::pb::{self, meta_server::Meta, time_set};
 use std::sync::Arc;
@@ -57,6 +58,18 @@ pub fn attr_pb(a: &Attr) -> pb::Attr {
         chunk_size: a.chunk_size,
         replicas: a.replicas,
         write_quorum: a.write_quorum,
+    }
+}
+
+/// Converts the cluster-wide settings to their wire form.
+pub fn settings_pb(s: &ClusterSettings) -> pb::ClusterSettings {
+    pb::ClusterSettings {
+        cluster_id: s.cluster_id.clone(),
+        pg_count: s.pg_count,
+        replicas: s.replicas,
+        write_quorum: s.write_quorum,
+        chunk_size: s.chunk_size,
+        failure_domain_rule: s.failure_domain_rule.name().to_string(),
     }
 }
 
@@ -143,14 +156,23 @@ impl MetaService {
         Ok(())
     }
 
-    /// The cluster map as this node's state has it.
+    /// The cluster map as this node's state has it. Placement comes from
+    /// the cluster-wide settings; before they are written (status only:
+    /// the map RPCs wait for them) from what this node would propose.
     pub fn cluster_map(&self, s: &State) -> pb::ClusterMap {
         let leader = self.node.is_leader();
+        let (pg_count, replicas, write_quorum) = match &s.settings {
+            Some(c) => (c.pg_count, c.replicas, c.write_quorum),
+            None => {
+                let d = ClusterSettings::bootstrap(&self.node.cfg);
+                (d.pg_count, d.replicas, d.write_quorum)
+            }
+        };
         pb::ClusterMap {
             epoch: s.map_epoch,
-            pg_count: self.node.cfg.pg_count,
-            replicas: self.node.cfg.replicas,
-            write_quorum: self.node.cfg.write_quorum,
+            pg_count,
+            replicas,
+            write_quorum,
             osds: s
                 .osds
                 .values()
@@ -409,7 +431,7 @@ impl Meta for MetaService {
             uid: r.uid,
             gid: r.gid,
             exclusive: r.exclusive,
-            layout: self.node.layout(),
+            layout: self.node.layout().await?,
         };
         let mut e = entry(self.mutate(r.header.as_ref(), op, &changes).await?)?;
         self.created(r.header.as_ref(), r.parent, &mut e);
@@ -641,8 +663,10 @@ impl Meta for MetaService {
     }
 
     async fn stat_fs(&self, _req: Request<pb::GetAttrRequest>) -> Res<pb::StatFsReply> {
-        let rep = self.node.cfg.replicas;
-        let s = self.node.read(|s| s.statfs(rep)).await?;
+        let s = self
+            .node
+            .read(|s| s.statfs(s.settings.as_ref().map_or(1, |c| c.replicas)))
+            .await?;
         Ok(Response::new(pb::StatFsReply {
             total_bytes: s.total_bytes,
             free_bytes: s.free_bytes,
@@ -793,7 +817,7 @@ impl Meta for MetaService {
         // client creates synchronously and gets ENOSPC); queued ones that
         // the client acknowledged already are applied.
         self.check_growth()?;
-        let layout = self.node.layout();
+        let layout = self.node.layout().await?;
         let mut reply = pb::DelegateReply {
             chunk_size: layout.chunk_size,
             replicas: layout.replicas,
@@ -866,7 +890,7 @@ impl Meta for MetaService {
                 MdsError::Invalid(format!("at most {MAX_APPLY_OPS} changes per apply")).into(),
             );
         }
-        let layout = self.node.layout();
+        let layout = self.node.layout().await?;
         let mut ops = Vec::with_capacity(r.ops.len());
         let mut changes = Vec::with_capacity(r.ops.len());
         let mut named = Vec::with_capacity(r.ops.len());
@@ -1084,6 +1108,7 @@ impl Meta for MetaService {
     }
 
     async fn get_cluster_map(&self, _req: Request<pb::Empty>) -> Res<pb::ClusterMap> {
+        self.node.ensure_settings().await?;
         let map = self.node.read(|s| self.cluster_map(s)).await?;
         Ok(Response::new(map))
     }
@@ -1396,5 +1421,40 @@ impl Meta for MetaService {
             clients,
             inodes,
         }))
+    }
+
+    async fn get_settings(&self, _req: Request<pb::Empty>) -> Res<pb::ClusterSettings> {
+        self.node.ensure_settings().await?;
+        let s = self.node.read(|s| s.settings.clone()).await?;
+        let s =
+            s.ok_or_else(|| MdsError::Unavailable("cluster settings not written yet".into()))?;
+        Ok(Response::new(settings_pb(&s)))
+    }
+
+    async fn set_replicas(&self, req: Request<pb::SetReplicasRequest>) -> Res<pb::ClusterSettings> {
+        let r = req.into_inner();
+        self.node.ensure_settings().await?;
+        let cur = self.node.settings()?;
+        // Unset: keep the quorum, at most the new number of copies.
+        let write_quorum = match r.write_quorum {
+            0 => cur.write_quorum.min(r.replicas),
+            m => m,
+        };
+        crate::settings::check_quorum(r.replicas, write_quorum)
+            .map_err(|e| MdsError::Invalid(e.to_string()))?;
+        tracing::info!(
+            from = cur.replicas,
+            to = r.replicas,
+            write_quorum,
+            "replicas set by hand"
+        );
+        let op = Op::SetReplicas {
+            replicas: r.replicas,
+            write_quorum,
+        };
+        match self.node.write(r.header.as_ref(), op).await? {
+            Reply::Settings(s) => Ok(Response::new(settings_pb(&s))),
+            other => Err(MdsError::Internal(format!("unexpected reply {other:?}")).into()),
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! command. Every error is a Linux errno; nothing here panics on any input.
 
 use crate::command::{Attr, Layout, MetaCommand, MetaResponse, Op, OsdState, Reply, TimeSpec};
+use crate::settings::ClusterSettings;
 use avalon_proto::limits::{
     check_name, LINK_MAX, MAX_FILE_SIZE, NAME_MAX, PATH_MAX, ROOT_INO, XATTR_NAME_MAX,
     XATTR_SIZE_MAX,
@@ -126,6 +127,10 @@ pub struct State {
     pub orphans: BTreeSet<u64>,
     /// fcntl/flock locks by inode (`locks.rs`).
     pub locks: crate::locks::LockTable,
+    /// Cluster-wide settings (`settings.rs`); `None` until the first
+    /// leader writes them. Last field: older snapshots end before it.
+    #[serde(deserialize_with = "crate::settings::absent_as_none")]
+    pub settings: Option<ClusterSettings>,
 }
 
 impl Default for State {
@@ -173,6 +178,7 @@ impl State {
             dedup: BTreeMap::new(),
             orphans: BTreeSet::new(),
             locks: crate::locks::LockTable::default(),
+            settings: None,
         }
     }
 
@@ -637,6 +643,38 @@ impl State {
             } => {
                 self.locks.release_owner(*ino, *session, *owner);
                 Ok(Reply::None)
+            }
+            Op::InitSettings { settings } => {
+                // First writer wins: a second leader's proposal (a race
+                // at creation) changes nothing.
+                if self.settings.is_none() {
+                    crate::settings::check_quorum(settings.replicas, settings.write_quorum)
+                        .map_err(|_| libc::EINVAL)?;
+                    if settings.pg_count == 0 || settings.chunk_size == 0 {
+                        return Err(libc::EINVAL);
+                    }
+                    self.settings = Some(settings.clone());
+                    self.map_epoch += 1;
+                }
+                self.settings
+                    .clone()
+                    .map(Reply::Settings)
+                    .ok_or(libc::EINVAL)
+            }
+            Op::SetReplicas {
+                replicas,
+                write_quorum,
+            } => {
+                crate::settings::check_quorum(*replicas, *write_quorum)
+                    .map_err(|_| libc::EINVAL)?;
+                let s = self.settings.as_mut().ok_or(libc::EAGAIN)?;
+                if (s.replicas, s.write_quorum) != (*replicas, *write_quorum) {
+                    s.replicas = *replicas;
+                    s.write_quorum = *write_quorum;
+                    // Placement depends on replicas: OSDs re-peer.
+                    self.map_epoch += 1;
+                }
+                Ok(Reply::Settings(s.clone()))
             }
         }
     }

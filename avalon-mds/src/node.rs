@@ -7,6 +7,7 @@ use crate::leases::LeaseTable;
 use crate::namespace::State;
 use crate::raft_store::{NodeId, Raft, SharedSm};
 use crate::read_lease::ReadLease;
+use crate::settings::ClusterSettings;
 use avalon_proto::pb::RequestHeader;
 use openraft::error::{ForwardToLeader, RaftError};
 use openraft::{BasicNode, ServerState, TryAsRef};
@@ -204,6 +205,8 @@ pub struct MdsNode {
     pub log_sync: crate::log_sync::LogSync,
     /// Batches concurrent writes into shared log entries (group commit).
     pub proposer: crate::proposer::Proposer,
+    /// One proposal of the cluster-wide settings at a time.
+    pub settings_init: tokio::sync::Mutex<()>,
     pub shutdown: CancellationToken,
 }
 
@@ -227,12 +230,56 @@ pub fn role_name(s: ServerState) -> &'static str {
 }
 
 impl MdsNode {
-    /// Layout for new regular files.
-    pub fn layout(&self) -> Layout {
-        Layout {
-            chunk_size: self.cfg.chunk_size,
-            replicas: self.cfg.replicas,
-            write_quorum: self.cfg.write_quorum,
+    /// The cluster-wide settings as this node's state has them;
+    /// unavailable until the first leader has written them.
+    pub fn settings(&self) -> Result<ClusterSettings, MdsError> {
+        self.read_local(|s| s.settings.clone())
+            .ok_or_else(|| MdsError::Unavailable("cluster settings not written yet".into()))
+    }
+
+    /// Layout for new regular files (from the cluster-wide settings;
+    /// the leader writes them first if there are none yet).
+    pub async fn layout(&self) -> Result<Layout, MdsError> {
+        self.ensure_settings().await?;
+        let s = self.settings()?;
+        Ok(Layout {
+            chunk_size: s.chunk_size,
+            replicas: s.replicas,
+            write_quorum: s.write_quorum,
+        })
+    }
+
+    /// Leader: writes the cluster-wide settings if the state has none yet
+    /// (a new cluster, or one created before they were stored, which
+    /// adopts this node's configuration once).
+    pub async fn ensure_settings(&self) -> Result<(), MdsError> {
+        if self.read_local(|s| s.settings.is_some()) {
+            return Ok(());
+        }
+        let _one = self.settings_init.lock().await;
+        if self.read_local(|s| s.settings.is_some()) {
+            return Ok(());
+        }
+        self.check_leader()?;
+        let settings = ClusterSettings::bootstrap(&self.cfg);
+        let cmd = MetaCommand {
+            now_ns: now_ns(),
+            session_id: 0,
+            request_id: 0,
+            op: Op::InitSettings {
+                settings: settings.clone(),
+            },
+        };
+        match self.raft.client_write(cmd).await {
+            Ok(r) => match r.data.0 {
+                Ok(Reply::Settings(s)) => {
+                    tracing::info!(settings = ?s, "cluster-wide settings stored");
+                    Ok(())
+                }
+                Ok(other) => Err(MdsError::Internal(format!("settings replied {other:?}"))),
+                Err(e) => Err(MdsError::Errno(e)),
+            },
+            Err(e) => Err(self.raft_err(e)),
         }
     }
 
@@ -300,6 +347,8 @@ impl MdsNode {
     /// Replicates `op` and returns the state machine's answer.
     pub async fn write(&self, hdr: Option<&RequestHeader>, op: Op) -> Result<Reply, MdsError> {
         self.wait_fresh_leader().await;
+        // Nothing is written under settings that are not the cluster's.
+        self.ensure_settings().await?;
         let (session_id, request_id) = hdr.map(|h| (h.session_id, h.request_id)).unwrap_or((0, 0));
         let cmd = MetaCommand {
             now_ns: now_ns(),

@@ -1,7 +1,8 @@
 //! Library side of `avalonctl`: starting and stopping local clusters (used by
 //! `avalonctl up` and by the end-to-end test harness) and reading cluster
-//! status.
+//! status, and the cluster-wide settings (`pool`).
 
 pub mod local_cluster;
 pub mod mds_admin;
+pub mod pool;
 pub mod status;

@@ -36,6 +36,8 @@ pub struct NodeSpec {
 pub struct Layout {
     pub mds: Vec<NodeSpec>,
     pub osds: Vec<NodeSpec>,
+    /// Replicas and write quorum the cluster is created with (later the
+    /// cluster's own settings rule: `avalonctl pool set`).
     pub replicas: u32,
     pub write_quorum: u32,
     /// Extra flags for every MDS (e.g. `--osd-out-after-ms 3000`).
@@ -374,6 +376,15 @@ impl LocalCluster {
     }
 
     fn respawn(&self, p: &mut Proc) -> anyhow::Result<()> {
+        // An MDS's flags depend on whether its data directory exists yet.
+        if let Some(n) = self
+            .layout
+            .mds
+            .iter()
+            .find(|n| format!("mds{}", n.id) == p.name)
+        {
+            p.args = self.mds_args(n);
+        }
         p.child = Some(spawn_daemon(
             &self.dir,
             &p.name,
@@ -714,24 +725,29 @@ pub fn mds_args(dir: &Path, layout: &Layout, n: &NodeSpec) -> Vec<String> {
     if !layout.mds.iter().any(|m| m.id == n.id) {
         peers.push(format!("{}={}", n.id, n.addr));
     }
+    let data_dir = dir.join(format!("mds{}", n.id));
     let mut v: Vec<String> = vec![
         "--id".into(),
         n.id.to_string(),
         "--listen".into(),
         n.addr.clone(),
         "--data-dir".into(),
-        dir.join(format!("mds{}", n.id))
-            .to_string_lossy()
-            .into_owned(),
+        data_dir.to_string_lossy().into_owned(),
         "--peers".into(),
         peers.join(","),
-        "--replicas".into(),
-        layout.replicas.to_string(),
-        "--write-quorum".into(),
-        layout.write_quorum.to_string(),
     ];
     if n.join {
         v.push("--join".into());
+    } else if !data_dir.exists() {
+        // Cluster-wide settings are given once, to create the cluster; a
+        // restart takes them from the replicated state (they may have been
+        // changed since with `avalonctl pool set`), a joining node too.
+        v.extend([
+            "--replicas".into(),
+            layout.replicas.to_string(),
+            "--write-quorum".into(),
+            layout.write_quorum.to_string(),
+        ]);
     }
     v.extend(layout.mds_flags.iter().cloned());
     v

@@ -63,6 +63,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: OsdCmd,
     },
+    /// Cluster-wide settings (kept in the replicated MDS state): show them,
+    /// or change the number of replicas, which re-replicates the data.
+    Pool {
+        #[command(subcommand)]
+        cmd: PoolCmd,
+    },
     /// Wait until every placement group has its full set of current
     /// replicas (every member up and peered, nothing left to copy); shows
     /// progress. Exits 0 when healthy, 1 at the timeout.
@@ -76,6 +82,107 @@ enum Cmd {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum PoolCmd {
+    /// Print the cluster id, replicas, write quorum, placement groups,
+    /// chunk size and failure-domain rule.
+    Show {
+        /// A local cluster directory (reads its layout).
+        dir: Option<PathBuf>,
+        /// MDS addresses instead of a directory: host:port[,host:port...]
+        #[arg(long)]
+        mds: Option<String>,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// `pool set [DIR] replicas N`: keep N copies of every chunk. The OSDs
+    /// copy chunks to new members (or drop surplus copies); a progress bar
+    /// follows until every PG has its N current copies.
+    Set {
+        /// [DIR] replicas N
+        #[arg(num_args = 2..=3, required = true)]
+        args: Vec<String>,
+        /// New write quorum (default: the current one, at most N).
+        #[arg(long)]
+        write_quorum: Option<u32>,
+        /// MDS addresses instead of a directory: host:port[,host:port...]
+        #[arg(long)]
+        mds: Option<String>,
+        /// Return once the change is committed; do not follow the copying.
+        #[arg(long)]
+        no_wait: bool,
+        /// Seconds to wait for re-replication.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+}
+
+fn pool_cmd(cmd: PoolCmd) -> anyhow::Result<()> {
+    use avalonctl::pool;
+    match cmd {
+        PoolCmd::Show { dir, mds, json } => {
+            let addrs = mds_addrs(dir.as_deref(), mds.as_deref())?;
+            let s = block_on(pool::get(&addrs))?;
+            if json {
+                let v = serde_json::json!({
+                    "cluster_id": s.cluster_id,
+                    "replicas": s.replicas,
+                    "write_quorum": s.write_quorum,
+                    "pg_count": s.pg_count,
+                    "chunk_size": s.chunk_size,
+                    "failure_domain_rule": s.failure_domain_rule,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", pool::render(&s));
+            }
+            Ok(())
+        }
+        PoolCmd::Set {
+            args,
+            write_quorum,
+            mds,
+            no_wait,
+            timeout,
+        } => {
+            let (dir, key, value) = match args.as_slice() {
+                [dir, k, v] => (Some(PathBuf::from(dir)), k, v),
+                [k, v] => (None, k, v),
+                _ => bail!("usage: pool set [DIR] replicas N"),
+            };
+            if key != "replicas" {
+                bail!("only `replicas` can be changed (pg count, chunk size, failure-domain rule and cluster id are fixed when the cluster is created)");
+            }
+            let replicas: u32 = value
+                .parse()
+                .with_context(|| format!("bad number of replicas {value:?}"))?;
+            let addrs = mds_addrs(dir.as_deref(), mds.as_deref())?;
+            let before = block_on(pool::get(&addrs))?;
+            let s = block_on(pool::set_replicas(
+                &addrs,
+                replicas,
+                write_quorum.unwrap_or(0),
+            ))?;
+            println!(
+                "replicas {} -> {}, write quorum {} -> {} (committed to the cluster's settings)",
+                before.replicas, s.replicas, before.write_quorum, s.write_quorum
+            );
+            println!(
+                "note: an MDS whose config file or flags set `replicas`/`write_quorum` to other values will refuse to start; update or remove them"
+            );
+            if no_wait {
+                return Ok(());
+            }
+            if wait_healthy(&addrs, Duration::from_secs(timeout))? {
+                Ok(())
+            } else {
+                std::process::exit(1);
+            }
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -161,9 +268,8 @@ fn wait_healthy(addrs: &[String], timeout: Duration) -> anyhow::Result<bool> {
         let st = rt.block_on(status::collect(addrs, Duration::from_secs(2)));
         let p = &st.pgs;
         peak_bytes = peak_bytes.max(p.recovery_bytes);
-        let done = (p.recovery_bytes * 100)
-            .checked_div(peak_bytes)
-            .map_or(100, |left| 100 - left);
+        let done =
+            avalonctl::pool::percent_done(p.pg_copies, p.recovering, p.recovery_bytes, peak_bytes);
         let line = if st.leader_id.is_none() {
             "no MDS leader".to_string()
         } else {
@@ -468,6 +574,7 @@ fn main() -> anyhow::Result<()> {
         } => up(dir, mds, osds, no_mount, log_level),
         Cmd::Mds { cmd } => mds_cmd(cmd),
         Cmd::Osd { cmd } => osd_cmd(cmd),
+        Cmd::Pool { cmd } => pool_cmd(cmd),
         Cmd::WaitHealthy { dir, mds, timeout } => {
             let addrs = mds_addrs(dir.as_deref(), mds.as_deref())?;
             if wait_healthy(&addrs, Duration::from_secs(timeout))? {

@@ -156,6 +156,9 @@ pub struct PgHealth {
     /// PG copies that their (up) OSD has not peered yet under the current
     /// map: being compared or copied.
     pub recovering: u32,
+    /// PG copies the up OSDs hold under the current map (the total of which
+    /// `recovering` are not peered yet).
+    pub pg_copies: u32,
     /// Chunks and bytes still to copy, summed over the OSDs.
     pub recovery_chunks: u64,
     pub recovery_bytes: u64,
@@ -192,6 +195,7 @@ impl PgHealth {
         for o in map.osds.iter().filter(|o| o.state == OsdState::Up as i32) {
             match &o.report {
                 Some(r) if r.map_epoch == map.epoch => {
+                    h.pg_copies += r.pgs;
                     h.recovering += r.pgs_peering;
                     h.recovery_chunks += r.recovery_chunks;
                     h.recovery_bytes += r.recovery_bytes;

@@ -73,6 +73,8 @@ fake_meta! {
         get_lock(pb::LockRequest) -> pb::LockReply;
         set_lock(pb::LockRequest) -> pb::Empty;
         release_locks(pb::ReleaseLocksRequest) -> pb::Empty;
+        get_settings(pb::Empty) -> pb::ClusterSettings;
+        set_replicas(pb::SetReplicasRequest) -> pb::ClusterSettings;
     }
 
     type SessionStream = tokio_stream::wrappers::ReceiverStream<Result<pb::SessionEvent, Status>>;
