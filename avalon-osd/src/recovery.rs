@@ -557,18 +557,25 @@ impl Recovery {
         let me = self.membership.osd_id();
         let pg_count = map.pg_count.max(1);
         let todo: BTreeMap<u32, Vec<&OsdInfo>> = {
-            let g = self.pgs.lock().unwrap_or_else(|e| e.into_inner());
-            (0..pg_count)
-                .filter_map(|pg| {
-                    let members = pg_members(&map, pg);
-                    let mine = members.iter().find(|o| o.id == me)?;
-                    let peered = g.peered.get(&pg) == Some(&pg_signature(&map, pg));
-                    if !is_up(mine) || peered != scrub {
-                        return None;
-                    }
-                    Some((pg, members))
-                })
-                .collect()
+            let mut g = self.pgs.lock().unwrap_or_else(|e| e.into_inner());
+            let mut todo = BTreeMap::new();
+            for pg in 0..pg_count {
+                let members = pg_members(&map, pg);
+                let Some(mine) = members.iter().find(|o| o.id == me) else {
+                    // Not a member any more: forget it was peered. Should it
+                    // come back under the same member list (replicas changed
+                    // back, an OSD out and in again), the writes it missed
+                    // meanwhile must be pulled before it serves.
+                    g.peered.remove(&pg);
+                    continue;
+                };
+                let peered = g.peered.get(&pg) == Some(&pg_signature(&map, pg));
+                if !is_up(mine) || peered != scrub {
+                    continue;
+                }
+                todo.insert(pg, members);
+            }
+            todo
         };
         if todo.is_empty() {
             return 0;
