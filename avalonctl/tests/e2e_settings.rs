@@ -14,6 +14,7 @@ use avalonctl::local_cluster::{mds_args, LocalCluster};
 use common::{data, run, sha, sha_file, wait_until, TestCluster};
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,49 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// A started `avalon-mds` and the file its stderr goes to.
+struct Started {
+    daemon: Daemon,
+    err_path: PathBuf,
+}
+
+impl Started {
+    /// Starts `avalon-mds` with `args`, stderr to `logs/{name}.log`.
+    fn new(t: &TestCluster, name: &str, args: &[String]) -> Started {
+        let dir = std::fs::canonicalize(t.dir.path()).expect("dir");
+        let bin = avalonctl::local_cluster::default_bin_dir().join("avalon-mds");
+        let err_path = dir.join("logs").join(format!("{name}.log"));
+        let err = std::fs::File::create(&err_path).expect("stderr file");
+        let child = Command::new(&bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        Started {
+            daemon: Daemon(Some(child)),
+            err_path,
+        }
+    }
+
+    /// (exit status, stderr) once it exits, or None if it still runs
+    /// after `limit` (it is killed when dropped).
+    fn wait(&mut self, limit: Duration) -> Option<(std::process::ExitStatus, String)> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let c = self.daemon.0.as_mut()?;
+            if let Ok(Some(status)) = c.try_wait() {
+                self.daemon.0 = None;
+                let err = std::fs::read_to_string(&self.err_path).unwrap_or_default();
+                return Some((status, err));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 }
 
@@ -47,30 +91,21 @@ fn run_mds(
     let dir = std::fs::canonicalize(t.dir.path()).expect("dir");
     let mut args = mds_args(&dir, layout, n);
     args.extend(extra.iter().map(|s| s.to_string()));
-    let bin = avalonctl::local_cluster::default_bin_dir().join("avalon-mds");
-    let err_path = dir.join("logs").join(format!("mds{id}-refused.log"));
-    let err = std::fs::File::create(&err_path).expect("stderr file");
-    let child = Command::new(&bin)
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(err)
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-    let mut d = Daemon(Some(child));
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        let c = d.0.as_mut().expect("child");
-        if let Ok(Some(status)) = c.try_wait() {
-            d.0 = None;
-            return Some((
-                status,
-                std::fs::read_to_string(&err_path).unwrap_or_default(),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    Started::new(t, &format!("mds{id}-refused"), &args).wait(limit)
+}
+
+/// Checks that a refusal names `key`, both values and `fix`.
+fn assert_message(who: &str, stderr: &str, key: &str, stored: &str, local: &str, fix: &str) {
+    for want in [
+        format!("cluster setting `{key}` is {stored}"),
+        format!("sets it to {local}"),
+        fix.to_string(),
+    ] {
+        assert!(
+            stderr.to_lowercase().contains(&want.to_lowercase()),
+            "{who}: {want:?} missing in:\n{stderr}"
+        );
     }
-    None
 }
 
 /// The fix that the message of a changeable or fixed setting gives.
@@ -95,16 +130,7 @@ fn assert_refuses(
         !status.success(),
         "MDS {id} exited with {status}:\n{stderr}"
     );
-    for want in [
-        format!("cluster setting `{key}` is {stored}"),
-        format!("sets it to {local}"),
-        fix.to_string(),
-    ] {
-        assert!(
-            stderr.to_lowercase().contains(&want.to_lowercase()),
-            "MDS {id}: {want:?} missing in:\n{stderr}"
-        );
-    }
+    assert_message(&format!("MDS {id}"), &stderr, key, stored, local, fix);
 }
 
 /// The leader's cluster settings.
@@ -222,6 +248,81 @@ fn one_mds_with_other_settings_refuses_the_others_serve() {
     });
     assert!(caught_up, "MDS 3 did not come back as a follower");
     assert!(t.c().mds_pid(3).is_some());
+
+    // A brand-new node that joins with other replicas learns the cluster's
+    // settings as it catches up, then stops; the others keep serving.
+    let port = avalonctl::local_cluster::free_port().expect("port");
+    let addr4 = format!("127.0.0.1:{port}");
+    let dir = std::fs::canonicalize(t.dir.path()).expect("dir");
+    let mut peers: Vec<String> = layout
+        .mds
+        .iter()
+        .map(|n| format!("{}={}", n.id, n.addr))
+        .collect();
+    peers.push(format!("4={addr4}"));
+    let args: Vec<String> = [
+        "--id",
+        "4",
+        "--listen",
+        &addr4,
+        "--data-dir",
+        &dir.join("mds4").to_string_lossy(),
+        "--peers",
+        &peers.join(","),
+        "--join",
+        "--replicas",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut joiner = Started::new(&t, "mds4-joining", &args);
+    // The leader adds it (learner, then voter); whether the add completes
+    // before the node stops does not matter here: 3 of 4 voters are up.
+    let addrs = layout.mds_addrs();
+    let a4 = addr4.clone();
+    let adder = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(avalonctl::mds_admin::add_mds(
+            &addrs,
+            4,
+            &a4,
+            Duration::from_secs(30),
+        ))
+    });
+    let (status, stderr) = joiner
+        .wait(Duration::from_secs(90))
+        .expect("the joining MDS with other replicas did not stop");
+    assert!(
+        !status.success(),
+        "joining MDS exited with {status}:\n{stderr}"
+    );
+    assert_message("joining MDS 4", &stderr, "replicas", "3", "2", FIX);
+    let _ = adder.join();
+    let path = t.mnt().join("after-joiner-stopped");
+    std::fs::write(&path, b"still serving").expect("write after the joiner stopped");
+    assert_eq!(std::fs::read(&path).expect("read"), b"still serving");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    if rt
+        .block_on(avalonctl::mds_admin::status_of(
+            &layout.mds[0].addr,
+            Duration::from_secs(2),
+        ))
+        .is_some_and(|s| s.members.iter().any(|m| m.id == 4))
+    {
+        rt.block_on(avalonctl::mds_admin::remove_mds(
+            &layout.mds_addrs(),
+            4,
+            Duration::from_secs(60),
+        ))
+        .expect("remove the stopped MDS 4");
+    }
 }
 
 /// (ino, index) -> number of OSDs holding a copy of a chunk of `ino`.
