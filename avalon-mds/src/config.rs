@@ -234,9 +234,10 @@ impl Config {
         }
         // The values this node would create a cluster with.
         let d = Config::default_settings();
+        let replicas = self.replicas.unwrap_or(d.replicas);
         crate::settings::check_quorum(
-            self.replicas.unwrap_or(d.replicas),
-            self.write_quorum.unwrap_or(d.write_quorum),
+            replicas,
+            self.write_quorum.unwrap_or(d.write_quorum.min(replicas)),
         )?;
         if self.pg_count == Some(0) {
             bail!("pg_count must be >= 1");

@@ -122,14 +122,16 @@ impl ClusterSettings {
     /// where it sets nothing, and a new cluster id unless one is given.
     pub fn bootstrap(cfg: &Config) -> ClusterSettings {
         let d = Config::default_settings();
+        let replicas = cfg.replicas.unwrap_or(d.replicas);
         ClusterSettings {
             cluster_id: cfg
                 .cluster_id
                 .clone()
                 .unwrap_or_else(|| new_cluster_id(cfg.id)),
             pg_count: cfg.pg_count.unwrap_or(d.pg_count),
-            replicas: cfg.replicas.unwrap_or(d.replicas),
-            write_quorum: cfg.write_quorum.unwrap_or(d.write_quorum),
+            replicas,
+            // The default quorum, at most the copies there are.
+            write_quorum: cfg.write_quorum.unwrap_or(d.write_quorum.min(replicas)),
             chunk_size: cfg.chunk_size.unwrap_or(d.chunk_size),
             failure_domain_rule: cfg.failure_domain_rule.unwrap_or_default(),
         }
@@ -324,6 +326,13 @@ mod tests {
         assert_eq!(s.pg_count, avalon_proto::limits::DEFAULT_PG_COUNT);
         assert_eq!(s.cluster_id.len(), 32);
         assert_eq!(s.check(&cfg), Ok(()));
+        let one = Config {
+            replicas: Some(1),
+            ..Config::default()
+        };
+        assert!(one.validate().is_ok());
+        let s = ClusterSettings::bootstrap(&one);
+        assert_eq!((s.replicas, s.write_quorum), (1, 1));
     }
 
     #[test]

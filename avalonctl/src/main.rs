@@ -114,6 +114,10 @@ enum PoolCmd {
         /// Return once the change is committed; do not follow the copying.
         #[arg(long)]
         no_wait: bool,
+        /// Set more replicas than there are OSDs in (placement stays
+        /// degraded until enough OSDs are added).
+        #[arg(long)]
+        force: bool,
         /// Seconds to wait for re-replication.
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
@@ -146,6 +150,7 @@ fn pool_cmd(cmd: PoolCmd) -> anyhow::Result<()> {
             write_quorum,
             mds,
             no_wait,
+            force,
             timeout,
         } => {
             let (dir, key, value) = match args.as_slice() {
@@ -161,6 +166,13 @@ fn pool_cmd(cmd: PoolCmd) -> anyhow::Result<()> {
                 .with_context(|| format!("bad number of replicas {value:?}"))?;
             let addrs = mds_addrs(dir.as_deref(), mds.as_deref())?;
             let before = block_on(pool::get(&addrs))?;
+            let st = block_on(async { Ok(status::collect(&addrs, Duration::from_secs(2)).await) })?;
+            let in_osds = st.osds.iter().filter(|o| o.state != "out").count();
+            if st.leader_id.is_some() && replicas as usize > in_osds && !force {
+                bail!(
+                    "only {in_osds} OSDs are in: {replicas} copies cannot be placed (the cluster would stay degraded); add OSDs first, or give --force"
+                );
+            }
             let s = block_on(pool::set_replicas(
                 &addrs,
                 replicas,
