@@ -204,23 +204,27 @@ pub fn replay<'a>(
     ops: impl IntoIterator<Item = &'a Op>,
 ) -> Option<ClusterSettings> {
     for op in ops {
-        match op {
-            // Group commit: several clients' commands in one entry.
-            Op::Multi(cmds) => cur = replay(cur, cmds.iter().map(|c| &c.op)),
-            Op::InitSettings { settings } if cur.is_none() => cur = Some(settings.clone()),
-            Op::SetReplicas {
-                replicas,
-                write_quorum,
-            } if check_quorum(*replicas, *write_quorum).is_ok() => {
-                if let Some(c) = cur.as_mut() {
-                    c.replicas = *replicas;
-                    c.write_quorum = *write_quorum;
-                }
-            }
-            _ => {}
-        }
+        replay_one(&mut cur, op);
     }
     cur
+}
+
+fn replay_one(cur: &mut Option<ClusterSettings>, op: &Op) {
+    match op {
+        // Group commit: several clients' commands in one entry.
+        Op::Multi(cmds) => cmds.iter().for_each(|c| replay_one(cur, &c.op)),
+        Op::InitSettings { settings } if cur.is_none() => *cur = Some(settings.clone()),
+        Op::SetReplicas {
+            replicas,
+            write_quorum,
+        } if check_quorum(*replicas, *write_quorum).is_ok() => {
+            if let Some(c) = cur.as_mut() {
+                c.replicas = *replicas;
+                c.write_quorum = *write_quorum;
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Every node: once the cluster's settings are known (a node that joins,
