@@ -306,3 +306,94 @@ async fn followers_killed_at_the_log_flush_lose_no_acknowledged_create() {
         acked.len()
     );
 }
+
+/// Waits (bounded) for node `id` to exit by itself; its exit status.
+fn exit_status(c: &mut Cluster, id: u64, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let p = c.procs[(id - 1) as usize].as_mut()?;
+        if let Ok(Some(st)) = p.try_wait() {
+            c.procs[(id - 1) as usize] = None;
+            return Some(st);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_write_error_ends_the_node_and_the_others_serve() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = Cluster::new(dir.path());
+    for id in 1..=3 {
+        c.start(id, None);
+    }
+    let leader = leader_among(&c, &[1, 2, 3], Duration::from_secs(60)).await;
+    let followers: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
+    // One follower's fsync fails (EIO), the other's append finds its disk
+    // full (ENOSPC), each after a few writes went through.
+    let faults = [
+        "mds-log-before-fsync=3*off->return(eio)",
+        "mds-log-append=3*off->return(enospc)",
+    ];
+    for (f, fp) in followers.iter().zip(faults) {
+        c.kill(*f);
+        c.start(*f, Some(fp));
+    }
+    let mut m = client(c.addr(leader)).await.expect("leader channel");
+    let mut acked = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut i = 0;
+    // Until both followers are gone (the leader then stops committing).
+    while followers.iter().any(|&f| {
+        c.procs[(f - 1) as usize]
+            .as_mut()
+            .is_some_and(|p| matches!(p.try_wait(), Ok(None)))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "the failing followers never stopped\n{}",
+            c.logs()
+        );
+        let name = format!("e{i}");
+        i += 1;
+        if create(&mut m, &name).await {
+            acked.push(name);
+        }
+    }
+    for (&f, fp) in followers.iter().zip(faults) {
+        let st = exit_status(&mut c, f, Duration::from_secs(10));
+        assert!(
+            st.is_some_and(|s| !s.success()),
+            "mds{f} ({fp}) exit status {st:?}\n{}",
+            c.logs()
+        );
+    }
+    let logs = c.logs();
+    assert!(logs.contains("raft log flush failed"), "{logs}");
+    assert!(logs.contains("No space left on device"), "{logs}");
+    // Restarted (a supervisor's job), they recover from their disks and
+    // every acknowledged create is there.
+    for &f in &followers {
+        c.start(f, None);
+    }
+    c.kill(leader);
+    let l = leader_among(&c, &followers, Duration::from_secs(60)).await;
+    let lost = missing(&c, l, &acked).await;
+    assert!(lost.is_empty(), "acknowledged creates lost: {lost:?}");
+    c.start(leader, None);
+    let mut m = client(c.addr(l)).await.expect("leader channel");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !create(&mut m, "after").await {
+        assert!(
+            Instant::now() < deadline,
+            "no create after the restart\n{}",
+            c.logs()
+        );
+        m = client(c.addr(leader_among(&c, &[1, 2, 3], Duration::from_secs(60)).await))
+            .await
+            .expect("leader channel");
+    }
+}
