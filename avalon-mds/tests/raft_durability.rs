@@ -386,7 +386,10 @@ async fn a_log_write_error_ends_the_node_and_the_others_serve() {
     c.start(leader, None);
     let mut m = client(c.addr(l)).await.expect("leader channel");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !create(&mut m, "after").await {
+    // A new name each try: one that timed out may still have been applied.
+    let mut k = 0;
+    while !create(&mut m, &format!("after-{k}")).await {
+        k += 1;
         assert!(
             Instant::now() < deadline,
             "no create after the restart\n{}",
