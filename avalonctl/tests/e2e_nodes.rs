@@ -10,6 +10,7 @@
 
 mod common;
 
+use avalon_osd::chunk_store::sidecar_content;
 use avalon_proto::pb::{ClusterMap, OsdState};
 use avalon_proto::placement::chunk_members;
 use avalonctl::local_cluster::{LocalCluster, Options};
@@ -132,7 +133,7 @@ fn placement_problem(c: &LocalCluster, map: &ClusterMap, files: &Files) -> Optio
             if members.len() < map.replicas as usize {
                 return Some(format!("{}: only {} members", p.display(), members.len()));
             }
-            let mut seen: Option<(Vec<u8>, Vec<u8>)> = None;
+            let mut seen: Option<(Vec<u8>, Option<(u64, u64, Vec<u32>)>)> = None;
             for m in members {
                 if m.state != OsdState::Up as i32 {
                     return Some(format!("member {} of {} not up", m.id, p.display()));
@@ -144,7 +145,8 @@ fn placement_problem(c: &LocalCluster, map: &ClusterMap, files: &Files) -> Optio
                 let (Ok(db), Ok(mb)) = (std::fs::read(&d), std::fs::read(&meta)) else {
                     return Some(format!("osd{n} lacks {}", d.display()));
                 };
-                let got = (sha(&db), mb);
+                // Flags aside: each replica clears its dirty flag lazily.
+                let got = (sha(&db), sidecar_content(&mb));
                 match &seen {
                     None => seen = Some(got),
                     Some(s) if *s != got => {

@@ -38,7 +38,7 @@ pub use error::{Result, StoreError};
 pub use layout::{chunk_file, files_of};
 pub use listing::ChunkData;
 pub use open_cache::DEFAULT_OPEN_CHUNKS;
-pub use sidecar::{content_digest, data_digest, BLOCK_SIZE};
+pub use sidecar::{content_digest, data_digest, sidecar_content, BLOCK_SIZE};
 
 use crate::spare_files::{SpareFiles, MAX_SPARES};
 use avalon_proto::limits::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};

@@ -53,6 +53,15 @@ fn format_block_size(format: u32) -> Option<u64> {
     }
 }
 
+/// What a sidecar file says of its chunk, its flags aside: version,
+/// stored length and block crcs. Replicas holding the same content agree
+/// on it whatever each one's fsync state (flags are cleared lazily).
+/// `None` if the bytes do not decode.
+pub fn sidecar_content(bytes: &[u8]) -> Option<(u64, u64, Vec<u32>)> {
+    let (m, _) = ChunkMeta::decode_any(bytes).ok()?;
+    Some((m.version, m.len, m.crcs))
+}
+
 /// The sidecar metadata of one chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct ChunkMeta {
