@@ -7,6 +7,7 @@
 
 mod common;
 
+use avalon_osd::chunk_store::sidecar_content;
 use avalon_proto::pb::OsdState;
 use avalon_proto::placement::chunk_members;
 use avalonctl::local_cluster::LocalCluster;
@@ -48,7 +49,7 @@ fn osd_chunks_dir(c: &LocalCluster, n: u64) -> PathBuf {
     c.dir.join(format!("osd{n}")).join("chunks")
 }
 
-/// Digest of every chunk file (data and metadata) of `ino` on OSD `n`,
+/// Digest of every chunk file (data, and metadata by content) of `ino` on OSD `n`,
 /// keyed by file name.
 fn chunk_files(c: &LocalCluster, n: u64, ino: u64) -> BTreeMap<String, Vec<u8>> {
     let files = avalon_osd::chunk_store::files_of(&osd_chunks_dir(c, n), ino);
@@ -63,7 +64,14 @@ fn chunk_files(c: &LocalCluster, n: u64, ino: u64) -> BTreeMap<String, Vec<u8>> 
             continue;
         }
         if let Ok(b) = std::fs::read(&p) {
-            out.insert(name, sha(&b));
+            // A sidecar by what it says, flags aside: each replica clears
+            // its dirty flag lazily.
+            let d = if name.ends_with(".meta") {
+                sha(format!("{:?}", sidecar_content(&b)).as_bytes())
+            } else {
+                sha(&b)
+            };
+            out.insert(name, d);
         }
     }
     out
