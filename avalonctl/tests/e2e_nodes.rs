@@ -133,7 +133,7 @@ fn placement_problem(c: &LocalCluster, map: &ClusterMap, files: &Files) -> Optio
             if members.len() < map.replicas as usize {
                 return Some(format!("{}: only {} members", p.display(), members.len()));
             }
-            let mut seen: Option<(Vec<u8>, Option<(u64, u64, Vec<u32>)>)> = None;
+            let mut seen = None;
             for m in members {
                 if m.state != OsdState::Up as i32 {
                     return Some(format!("member {} of {} not up", m.id, p.display()));
