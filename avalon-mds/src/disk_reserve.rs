@@ -5,10 +5,10 @@
 //! the deletes that free space (on the OSDs and here).
 
 use crate::node::MdsError;
-use avalon_proto::disk_usage::{disk_usage, DiskUsage};
+use avalon_proto::disk_usage::{DiskSampler, DiskUsage};
 use std::path::PathBuf;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+
+use std::time::Duration;
 
 /// How old a statvfs sample may be before a request takes a new one.
 const SAMPLE_EVERY: Duration = Duration::from_millis(200);
@@ -21,40 +21,23 @@ pub fn reserve_bytes(total: u64, min_bytes: u64) -> u64 {
 
 /// Watches this node's data directory.
 pub struct DiskReserve {
-    dir: PathBuf,
+    disk: DiskSampler,
     min_bytes: u64,
-    last: Mutex<Option<(Instant, DiskUsage)>>,
 }
 
 impl DiskReserve {
     /// A reserve of at least `min_bytes` on the filesystem of `dir`.
     pub fn new(dir: PathBuf, min_bytes: u64) -> DiskReserve {
         DiskReserve {
-            dir,
+            disk: DiskSampler::new(dir, SAMPLE_EVERY),
             min_bytes,
-            last: Mutex::new(None),
         }
     }
 
     /// The data directory's usage (sampled at most [`SAMPLE_EVERY`] ago);
     /// `None` when statvfs fails (nothing is refused then).
     pub fn usage(&self) -> Option<DiskUsage> {
-        let now = Instant::now();
-        if let Some((at, u)) = *self.last.lock().unwrap_or_else(|e| e.into_inner()) {
-            if now.duration_since(at) < SAMPLE_EVERY {
-                return Some(u);
-            }
-        }
-        match disk_usage(&self.dir) {
-            Ok(u) => {
-                *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((now, u));
-                Some(u)
-            }
-            Err(e) => {
-                tracing::warn!(dir = %self.dir.display(), error = %e, "statvfs failed");
-                None
-            }
-        }
+        self.disk.usage()
     }
 
     /// True when the free space is under the reserve.
@@ -67,7 +50,7 @@ impl DiskReserve {
     /// grow the namespace.
     pub fn check_growth(&self) -> Result<(), MdsError> {
         if self.low() {
-            tracing::debug!(dir = %self.dir.display(), "metadata disk under its reserve; refusing a create");
+            tracing::debug!(dir = %self.disk.dir().display(), "metadata disk under its reserve; refusing a create");
             return Err(MdsError::Errno(libc::ENOSPC));
         }
         Ok(())

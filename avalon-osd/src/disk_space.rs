@@ -5,11 +5,11 @@
 //! truncates and recovery are never refused: they are what frees space.
 
 use crate::error::OsdError;
-use avalon_proto::disk_usage::{disk_usage, DiskUsage};
+use avalon_proto::disk_usage::{DiskSampler, DiskUsage};
 use avalon_proto::pb::{DiskFill, OsdInfo, OsdReport};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 /// How old a statvfs sample may be before a write takes a new one. A disk
 /// fills at a few hundred MB/s at most, so 50 ms is well inside the margin
@@ -18,10 +18,9 @@ pub const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 
 /// This OSD's view of full disks, its own and its peers'.
 pub struct DiskSpace {
-    dir: PathBuf,
+    disk: DiskSampler,
     nearfull_ratio: f64,
     full_ratio: f64,
-    last: Mutex<Option<(Instant, DiskUsage)>>,
     /// Up OSDs the MDS leader last reported full (heartbeat replies).
     full_osds: RwLock<Arc<Vec<u64>>>,
 }
@@ -31,10 +30,9 @@ impl DiskSpace {
     /// by the config).
     pub fn new(dir: PathBuf, nearfull_ratio: f64, full_ratio: f64) -> DiskSpace {
         DiskSpace {
-            dir,
+            disk: DiskSampler::new(dir, SAMPLE_EVERY),
             nearfull_ratio,
             full_ratio,
-            last: Mutex::new(None),
             full_osds: RwLock::new(Arc::new(Vec::new())),
         }
     }
@@ -42,22 +40,7 @@ impl DiskSpace {
     /// The data directory's usage, sampled at most [`SAMPLE_EVERY`] ago;
     /// `None` if statvfs fails (then nothing is refused for space).
     pub fn usage(&self) -> Option<DiskUsage> {
-        let now = Instant::now();
-        if let Some((at, u)) = *self.last.lock().unwrap_or_else(|e| e.into_inner()) {
-            if now.duration_since(at) < SAMPLE_EVERY {
-                return Some(u);
-            }
-        }
-        match disk_usage(&self.dir) {
-            Ok(u) => {
-                *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((now, u));
-                Some(u)
-            }
-            Err(e) => {
-                tracing::warn!(dir = %self.dir.display(), error = %e, "statvfs failed");
-                None
-            }
-        }
+        self.disk.usage()
     }
 
     /// How full this OSD's disk is.

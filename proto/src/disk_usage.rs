@@ -3,7 +3,9 @@
 //! reserve) and `avalonctl status` share.
 
 use crate::pb::DiskFill;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Size and free space of one filesystem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -37,6 +39,52 @@ impl DiskUsage {
             DiskFill::NearFull
         } else {
             DiskFill::Ok
+        }
+    }
+}
+
+/// A directory's filesystem usage, statvfs'ed at most once per period:
+/// requests that check for space share the last sample.
+#[derive(Debug)]
+pub struct DiskSampler {
+    dir: PathBuf,
+    every: Duration,
+    last: Mutex<Option<(Instant, DiskUsage)>>,
+}
+
+impl DiskSampler {
+    /// Samples the filesystem of `dir` at most once per `every`.
+    pub fn new(dir: PathBuf, every: Duration) -> DiskSampler {
+        DiskSampler {
+            dir,
+            every,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// The directory sampled.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The usage, sampled at most one period ago; `None` if statvfs fails
+    /// (then nothing is refused for space).
+    pub fn usage(&self) -> Option<DiskUsage> {
+        let now = Instant::now();
+        if let Some((at, u)) = *self.last.lock().unwrap_or_else(|e| e.into_inner()) {
+            if now.duration_since(at) < self.every {
+                return Some(u);
+            }
+        }
+        match disk_usage(&self.dir) {
+            Ok(u) => {
+                *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((now, u));
+                Some(u)
+            }
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "statvfs failed");
+                None
+            }
         }
     }
 }
