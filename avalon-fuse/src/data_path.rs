@@ -23,6 +23,8 @@ use avalon_proto::pb::{self, osd_client::OsdClient, ChunkId, OsdInfo, OsdState};
 use avalon_proto::placement::{chunk_members, split_range};
 use bytes::Bytes;
 use futures::future::{join_all, try_join_all};
+use futures::stream::{self, StreamExt, TryStreamExt};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -32,6 +34,10 @@ use tonic::Code;
 /// predates `WriteChunkRequest.extents`, so it refuses instead of storing
 /// an empty write.
 const VECTORED_WRITE_OFFSET: u32 = u32::MAX;
+
+/// Chunk cuts of one truncate in flight at once.
+const CUT_CONCURRENCY: usize = 32;
+
 /// Largest written chunk copied together from several buffered runs to be
 /// kept in the chunk cache (a single run is kept without a copy).
 const KEEP_COPY_MAX: u64 = 256 << 10;
@@ -352,17 +358,12 @@ impl Client {
                 .into_iter()
                 .map(|(offset, data)| pb::WriteExtent { offset, data })
                 .collect();
-            self.chunk_write(
-                ino,
-                index,
-                VECTORED_WRITE_OFFSET,
-                Bytes::new(),
-                0,
+            let body = pb::WriteChunkRequest {
+                offset: VECTORED_WRITE_OFFSET,
                 extents,
-                false,
-                cs,
-            )
-            .await
+                ..Default::default()
+            };
+            self.chunk_write(ino, index, body, false, cs).await
         };
         if let Err(e) = &r {
             tracing::warn!(ino, index, error = %e, "buffered write failed; reported at the next fsync or close");
@@ -451,21 +452,23 @@ impl Client {
         sync: bool,
         cs: u32,
     ) -> Result<()> {
-        self.chunk_write(ino, index, offset, data, zero_length, Vec::new(), sync, cs)
-            .await
+        let body = pb::WriteChunkRequest {
+            offset,
+            data,
+            zero_length,
+            ..Default::default()
+        };
+        self.chunk_write(ino, index, body, sync, cs).await
     }
 
-    /// One `WriteChunk` (plain, zeroing or vectored) through the chunk's
-    /// primary, failing over to other members and newer maps.
-    #[allow(clippy::too_many_arguments)]
+    /// One `WriteChunk` through the chunk's primary, failing over to other
+    /// members and newer maps. `body` says what it stores (offset and data,
+    /// zeroing, extents or a cut); the rest is filled in here.
     async fn chunk_write(
         &self,
         ino: u64,
         index: u64,
-        offset: u32,
-        data: Bytes,
-        zero_length: u32,
-        extents: Vec<pb::WriteExtent>,
+        body: pb::WriteChunkRequest,
         sync: bool,
         cs: u32,
     ) -> Result<()> {
@@ -479,15 +482,12 @@ impl Client {
                 let req = pb::WriteChunkRequest {
                     header: self.header(),
                     chunk: Some(ChunkId { ino, index }),
-                    offset,
-                    data: data.clone(),
                     sync,
                     map_epoch: map.epoch,
                     forwarded: false,
                     version: 0,
                     chunk_size: cs,
-                    zero_length,
-                    extents: extents.clone(),
+                    ..body.clone()
                 };
                 match self
                     .data_conns
@@ -861,8 +861,10 @@ impl Client {
         Ok(())
     }
 
-    /// Cuts the data of `ino` to `size` bytes on every OSD that may hold
-    /// part of it (growing a file needs no data change: it is sparse).
+    /// Cuts the data of `ino` to `size` bytes (growing a file needs no data
+    /// change: it is sparse). Each chunk holding bytes at or past `size` is
+    /// cut through its primary, versioned and replicated like a write, so
+    /// a replica that misses the cut is behind by a version and catches up.
     pub async fn truncate_data(&self, ino: u64, size: u64) -> Result<()> {
         if size > MAX_FILE_SIZE {
             return Err(ClientError::posix(
@@ -881,16 +883,48 @@ impl Client {
         }
         self.cache.invalidate_file(ino);
         let cs = self.chunk_size_of(ino);
-        self.broadcast("truncate", |mut c, header| async move {
-            c.truncate_object(pb::TruncateObjectRequest {
-                header,
-                ino,
-                size,
-                chunk_size: cs,
-            })
+        let chunk = u64::from(cs);
+        let cuts = self
+            .chunks_past(ino, size, chunk)
+            .await?
+            .into_iter()
+            .map(|index| {
+                // index <= MAX_FILE_SIZE / chunk: no overflow.
+                let keep = size.saturating_sub(index * chunk).min(chunk) as u32;
+                let body = pb::WriteChunkRequest {
+                    offset: VECTORED_WRITE_OFFSET,
+                    truncate_to: Some(keep),
+                    ..Default::default()
+                };
+                self.chunk_write(ino, index, body, true, cs)
+            });
+        stream::iter(cuts)
+            .buffer_unordered(CUT_CONCURRENCY)
+            .try_collect()
             .await
-            .map(|_| ())
-        })
-        .await
+    }
+
+    /// Chunks of `ino` that may hold bytes at or past `size`: those where
+    /// an up OSD stores data past it; if one did not answer, every chunk
+    /// up to the largest size known for the file.
+    async fn chunks_past(&self, ino: u64, size: u64, chunk: u64) -> Result<BTreeSet<u64>> {
+        let first = size / chunk;
+        let mut out = BTreeSet::new();
+        let mut from = first;
+        loop {
+            let Some((ranges, complete_to)) = self.object_extents(ino, from).await? else {
+                let attr = self.getattr(ino).await?.size;
+                let known = self.known_size(ino).map_or(0, |st| st.size).max(attr);
+                out.extend(first..known.div_ceil(chunk).min(MAX_FILE_SIZE / chunk + 1));
+                return Ok(out);
+            };
+            for (start, end) in ranges.into_iter().filter(|r| r.1 > size) {
+                out.extend(start.max(size) / chunk..=(end - 1) / chunk);
+            }
+            if complete_to == u64::MAX {
+                return Ok(out);
+            }
+            from = complete_to / chunk;
+        }
     }
 }

@@ -10,8 +10,7 @@ use avalon_proto::pb::osd_server::Osd;
 use avalon_proto::pb::{
     ByteRange, ChunkExtents, ChunkId, ChunkInfo, DeleteObjectsRequest, Empty, ListChunksReply,
     ListChunksRequest, ObjectExtentsReply, ObjectExtentsRequest, OsdStatusReply, ReadChunkReply,
-    ReadChunkRequest, SyncObjectsRequest, TruncateObjectRequest, WriteChunkReply,
-    WriteChunkRequest,
+    ReadChunkRequest, SyncObjectsRequest, WriteChunkReply, WriteChunkRequest,
 };
 use avalon_proto::placement::pg_of;
 use std::sync::Arc;
@@ -58,7 +57,15 @@ pub fn validate_write(req: &WriteChunkRequest) -> Result<(u64, u64, u32), OsdErr
         ));
     }
     let len = (req.data.len() as u64).max(u64::from(req.zero_length));
-    if req.extents.is_empty() {
+    if let Some(keep) = req.truncate_to {
+        // The sentinel offset makes an OSD that predates cuts refuse them.
+        if len > 0 || !req.extents.is_empty() || req.offset != VECTORED_OFFSET {
+            return Err(OsdError::InvalidArgument(
+                "a truncate carries no data, zero_length or extents, at offset 0xffffffff".into(),
+            ));
+        }
+        check_range(u64::from(keep), 0, cs)?;
+    } else if req.extents.is_empty() {
         check_range(u64::from(req.offset), len, cs)?;
     } else {
         // The sentinel offset makes an OSD that predates extents refuse the
@@ -127,20 +134,6 @@ pub fn validate_list(req: &ListChunksRequest) -> Result<Option<(u32, u32)>, OsdE
         )));
     }
     Ok(Some((req.pg, req.pg_count)))
-}
-
-/// Validates a truncate; returns the effective chunk size.
-pub fn validate_truncate(req: &TruncateObjectRequest) -> Result<u32, OsdError> {
-    if req.ino == 0 {
-        return Err(OsdError::InvalidArgument("ino must not be 0".into()));
-    }
-    if req.size > MAX_FILE_SIZE {
-        return Err(OsdError::InvalidArgument(format!(
-            "size {} exceeds the largest file size {MAX_FILE_SIZE}",
-            req.size
-        )));
-    }
-    Ok(effective_chunk_size(req.chunk_size)?)
 }
 
 /// Validates a delete.
@@ -231,16 +224,6 @@ impl OsdService {
             data: data.into(),
             version,
         })
-    }
-
-    async fn truncate(&self, req: TruncateObjectRequest) -> Result<Empty, OsdError> {
-        self.ready()?;
-        let cs = validate_truncate(&req)?;
-        let (ino, size) = (req.ino, req.size);
-        self.store
-            .blocking(move |s| s.truncate_object(ino, size, cs))
-            .await?;
-        Ok(Empty {})
     }
 
     async fn delete(&self, req: DeleteObjectsRequest) -> Result<Empty, OsdError> {
@@ -354,13 +337,6 @@ impl Osd for OsdService {
         ))
     }
 
-    async fn truncate_object(
-        &self,
-        request: Request<TruncateObjectRequest>,
-    ) -> Result<Response<Empty>, Status> {
-        Ok(Response::new(self.truncate(request.into_inner()).await?))
-    }
-
     async fn delete_objects(
         &self,
         request: Request<DeleteObjectsRequest>,
@@ -450,6 +426,25 @@ mod tests {
         assert!(validate_write(&v).is_err(), "no data beside extents");
         // An OSD that predates extents sees an out-of-range write.
         assert!(check_range(u64::from(VECTORED_OFFSET), 0, cs).is_err());
+        // A cut: nothing but the new length, at the sentinel offset.
+        let cut = |offset, keep, len| WriteChunkRequest {
+            truncate_to: Some(keep),
+            ..wreq(1, offset, len, cs)
+        };
+        assert!(validate_write(&cut(VECTORED_OFFSET, 0, 0)).is_ok());
+        assert!(validate_write(&cut(VECTORED_OFFSET, cs, 0)).is_ok());
+        assert!(validate_write(&cut(VECTORED_OFFSET, cs + 1, 0)).is_err());
+        assert!(validate_write(&cut(0, 10, 0)).is_err(), "sentinel offset");
+        assert!(
+            validate_write(&cut(VECTORED_OFFSET, 10, 5)).is_err(),
+            "no data"
+        );
+        let mut v = cut(VECTORED_OFFSET, 10, 0);
+        v.zero_length = 4;
+        assert!(validate_write(&v).is_err(), "no zeroing");
+        v.zero_length = 0;
+        v.extents = vec![ext(0, 10)];
+        assert!(validate_write(&v).is_err(), "no extents");
     }
 
     #[test]
@@ -462,16 +457,6 @@ mod tests {
         };
         assert!(validate_read(&read(0, 100)).is_ok());
         assert!(validate_read(&read(u32::MAX, u32::MAX)).is_err());
-        let t = |ino, size, chunk_size| TruncateObjectRequest {
-            header: None,
-            ino,
-            size,
-            chunk_size,
-        };
-        assert!(validate_truncate(&t(1, 0, 0)).is_ok());
-        assert!(validate_truncate(&t(0, 0, 0)).is_err());
-        assert!(validate_truncate(&t(1, u64::MAX, 0)).is_err());
-        assert!(validate_truncate(&t(1, 5, 3)).is_err());
         let d = |inos: Vec<u64>| DeleteObjectsRequest { header: None, inos };
         assert!(validate_delete(&d(vec![1, 2])).is_ok());
         assert!(validate_delete(&d(vec![1, 0])).is_err());
@@ -520,9 +505,6 @@ mod tests {
                 }
                 if let Ok(r) = ReadChunkRequest::decode(&bytes[..]) {
                     let _ = validate_read(&r);
-                }
-                if let Ok(r) = TruncateObjectRequest::decode(&bytes[..]) {
-                    let _ = validate_truncate(&r);
                 }
                 if let Ok(r) = ListChunksRequest::decode(&bytes[..]) {
                     let _ = validate_list(&r);

@@ -163,7 +163,9 @@ pub struct Replicator {
 
 /// What a (validated) write request stores, in order.
 fn items(req: &WriteChunkRequest) -> Vec<(u32, Payload<'_>)> {
-    if !req.extents.is_empty() {
+    if let Some(keep) = req.truncate_to {
+        vec![(keep, Payload::Cut)]
+    } else if !req.extents.is_empty() {
         req.extents
             .iter()
             .map(|e| (e.offset, Payload::Data(&e.data)))
@@ -237,6 +239,15 @@ impl Replicator {
             .await?;
         self.applied.notify_waiters();
         let version = outcome.version;
+        if outcome.unchanged {
+            // A cut of a chunk already that short (or absent): no version
+            // taken, nothing to replicate. A member holding more at this
+            // version cannot exist; one behind catches up by peering.
+            return Ok(WriteChunkReply {
+                version,
+                acks: need,
+            });
+        }
 
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Outcome>();
         let mut acks: u32 = 0;
@@ -271,6 +282,7 @@ impl Replicator {
                 chunk_size,
                 zero_length: req.zero_length,
                 extents: req.extents.clone(),
+                truncate_to: req.truncate_to,
             };
             let peers = Arc::clone(&self.peers);
             let tx = tx.clone();

@@ -78,6 +78,31 @@ async fn replicate_degrade_and_fail() {
         .expect_err("read range");
     assert_eq!(e.code(), Code::InvalidArgument);
 
+    // A truncate is a versioned write through the primary: every member
+    // holds the cut at the next version; a repeated cut takes none.
+    for _ in 0..2 {
+        let r = client(&primary)
+            .await
+            .write_chunk(cut_req(ino, 50_000, map.epoch))
+            .await
+            .expect("cut")
+            .into_inner();
+        assert_eq!(r.version, 2);
+        assert!(r.acks >= 2, "acks {}", r.acks);
+    }
+    for m in &members {
+        let got = eventually("replica holds the cut", || async {
+            read(m, ino, 1000, 100_000)
+                .await
+                .ok()
+                .filter(|(_, v)| *v == 2)
+        })
+        .await;
+        assert_eq!(got.0, data[..49_000]);
+        let path = chunk_file(&osds[by_addr(m)].dir.path().join("chunks"), ino, 0);
+        assert_eq!(std::fs::metadata(&path).expect("chunk file").len(), 50_000);
+    }
+
     // A flipped byte on a replica's disk is reported as DataLoss.
     let victim = members[2].clone();
     let path = chunk_file(&osds[by_addr(&victim)].dir.path().join("chunks"), ino, 0);
@@ -105,10 +130,10 @@ async fn replicate_degrade_and_fail() {
         .await
         .expect("degraded write")
         .into_inner();
-    assert_eq!(r.version, 2);
+    assert_eq!(r.version, 3);
     assert_eq!(r.acks, 2);
     let (got, v) = read(&members[1], ino, 0, 500).await.expect("read replica");
-    assert_eq!((got, v), (vec![7u8; 500], 2));
+    assert_eq!((got, v), (vec![7u8; 500], 3));
 
     // Two replicas down: the write fails with Unavailable, in bounded time.
     let si = by_addr(&members[1]);
@@ -161,15 +186,10 @@ async fn restart_keeps_id_and_data() {
         .expect("write")
         .into_inner();
     assert_eq!((r.version, r.acks), (1, 1));
-    // Truncate and delete are local.
+    // A cut on a lone OSD.
     client(&addr)
         .await
-        .truncate_object(pb::TruncateObjectRequest {
-            header: None,
-            ino: 5,
-            size: 2,
-            chunk_size: 256 * 1024,
-        })
+        .write_chunk(cut_req(5, 2, epoch))
         .await
         .expect("truncate");
     assert_eq!(read(&addr, 5, 0, 100).await.expect("read").0, b"he");

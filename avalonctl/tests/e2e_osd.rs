@@ -1,6 +1,7 @@
 //! End-to-end tests of the OSD data path through a real mount: replication
 //! on disk, an OSD killed during a write and a read, catch-up after a
-//! restart, two OSDs of three down, and repair of a corrupted copy.
+//! restart, two OSDs of three down, repair of a corrupted copy, and a
+//! replica that missed a truncate converging.
 //!
 //! Run with `cargo build --workspace && AVALON_BIN_DIR=target/debug cargo
 //! test -p avalonctl --test e2e_osd -- --test-threads=1` (root, FUSE).
@@ -362,4 +363,74 @@ fn two_of_three_down_reads_work_writes_fail_fast() {
     let e = res.expect_err("a write without a quorum must fail");
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e:?}");
     assert!(took < Duration::from_secs(60), "took {took:?}");
+}
+
+/// (5) A replica down during a truncate catches up when it is back: every
+/// copy holds the cut content at the same version, and once the file grows
+/// again the cut-off range reads as zeros even from that replica alone.
+#[test]
+fn replica_down_during_truncate_converges() {
+    let mut t = TestCluster::start(1, 3);
+    let path = t.mnt().join("cut");
+    let bytes = data(3 * CHUNK + 100_000, 55);
+    write_file(&path, &bytes);
+    let ino = ino_of(&path);
+    let c = t.c();
+    assert!(
+        wait_until(Duration::from_secs(60), || replicas_identical(c, ino, 4)),
+        "not replicated"
+    );
+    c.kill_osd(2);
+    wait_marked_down(c, 2);
+    let size = CHUNK + 5000;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
+    f.set_len(size as u64)
+        .expect("truncate with a replica down");
+    f.sync_all().expect("fsync");
+    drop(f);
+    assert_eq!(sha(&read_fresh(&path)), sha(&bytes[..size]));
+    assert_ne!(
+        chunk_files(c, 2, ino),
+        chunk_files(c, 1, ino),
+        "osd2 was down: it cannot hold the cut yet"
+    );
+
+    c.restart_stopped().expect("restart osd2");
+    let c = t.c();
+    // Chunks 2 and 3 stay as empty tombstones (versioned, like the cut).
+    assert!(
+        wait_until(Duration::from_secs(90), || replicas_identical(c, ino, 4)),
+        "osd2 did not converge to the truncated content"
+    );
+    let lens: Vec<u64> = (0..4)
+        .map(|index| {
+            let p = avalon_osd::chunk_store::chunk_file(&osd_chunks_dir(c, 2), ino, index);
+            std::fs::metadata(&p).expect("chunk file").len()
+        })
+        .collect();
+    assert_eq!(lens, vec![CHUNK as u64, 5000, 0, 0]);
+
+    // osd2 alone serves the file; grown again, the cut range is zeros.
+    c.kill_osd(1);
+    c.kill_osd(3);
+    wait_marked_down(c, 1);
+    wait_marked_down(c, 3);
+    let grown = bytes.len() as u64;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
+    f.set_len(grown).expect("grow");
+    drop(f);
+    let got = read_fresh(&path);
+    assert_eq!(got.len() as u64, grown);
+    assert_eq!(sha(&got[..size]), sha(&bytes[..size]));
+    assert!(
+        got[size..].iter().all(|&b| b == 0),
+        "bytes cut off came back"
+    );
+    c.restart_stopped().expect("restart");
 }

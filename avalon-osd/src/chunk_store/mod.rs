@@ -74,6 +74,9 @@ pub struct WriteOutcome {
     pub version: u64,
     /// The write was a duplicate of the stored version and was not applied.
     pub duplicate: bool,
+    /// A primary's cut of a chunk already that short, or absent: nothing
+    /// changed and no version was taken.
+    pub unchanged: bool,
 }
 
 /// The effective chunk size of a layout: 0 means the default; otherwise it
@@ -146,6 +149,8 @@ pub enum Payload<'a> {
     /// Zeros over this many bytes at the offset (a punched hole); never
     /// extends the stored length.
     Zero(u32),
+    /// Cuts the chunk to the offset (a file truncate); never extends it.
+    Cut,
 }
 
 impl Payload<'_> {
@@ -153,6 +158,7 @@ impl Payload<'_> {
         match self {
             Payload::Data(d) => d.len() as u64,
             Payload::Zero(n) => u64::from(*n),
+            Payload::Cut => 0,
         }
     }
 }

@@ -1,10 +1,8 @@
-//! Removing chunks: one chunk (recovery's cleanup), a whole object
-//! (deletes), and cutting an object's chunks (truncate).
+//! Removing chunks: one chunk (recovery's cleanup) and a whole object
+//! (deletes). A truncate is a write (`Payload::Cut`).
 
-use super::disk::OpenMode;
-use super::error::{corrupt, io_err, Result, StoreError};
-use super::sidecar::{blocks_for, ChunkMeta, BLOCK_SIZE, DIRTY, FRESH};
-use super::{effective_chunk_size, ChunkStore};
+use super::error::{io_err, Result, StoreError};
+use super::ChunkStore;
 use std::io;
 use std::sync::atomic::Ordering;
 
@@ -28,98 +26,6 @@ impl ChunkStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err(&mpath)(e)),
         }
-    }
-
-    /// Cuts object `ino` (a file of `chunk_size`-byte chunks) to `size`
-    /// bytes: chunks starting at or past `size` become empty, the one
-    /// containing `size` is cut. Every chunk that changes gets the next
-    /// version, so a replica that missed the truncate holds an older
-    /// version and learns it when peering (an emptied chunk stays as a
-    /// zero-length tombstone until the object is deleted). Idempotent: a
-    /// chunk already short enough is left alone.
-    pub fn truncate_object(&self, ino: u64, size: u64, chunk_size: u32) -> Result<()> {
-        if ino == 0 {
-            return Err(StoreError::InvalidArgument("ino must not be 0".into()));
-        }
-        let cs = u64::from(effective_chunk_size(chunk_size)?);
-        let _i = self.locks.ino_exclusive(ino);
-        // Works on the files directly; open copies are reloaded afterwards.
-        // (A chunk is open only while its files exist: the listing names
-        // every open one, without a walk over all open chunks.)
-        for index in self.indexes(ino)? {
-            self.forget(ino, index);
-            let keep = match index.checked_mul(cs) {
-                Some(s) if s < size => size - s,
-                _ => 0,
-            };
-            if keep >= cs {
-                continue;
-            }
-            let mut meta = match self.load_meta(ino, index) {
-                Ok(Some(m)) => m,
-                Ok(None) => continue,
-                Err(StoreError::Corruption { .. }) if keep == 0 => {
-                    // Nothing of it survives: replace by an empty chunk
-                    // one version past what its sidecar says.
-                    let v = self.meta_version(ino, index).unwrap_or(0);
-                    self.remove_chunk_files(ino, index)?;
-                    let dpath = self.data_path(ino, index);
-                    let f = self
-                        .disk
-                        .open(&dpath, OpenMode::CreateTruncate)
-                        .map_err(io_err(&dpath))?;
-                    self.fsync(&*f, &dpath)?;
-                    let meta = ChunkMeta {
-                        version: v.saturating_add(1),
-                        ..ChunkMeta::empty(0)
-                    };
-                    self.store_meta(ino, index, &meta, true)?;
-                    self.chunks.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            if keep >= meta.len {
-                continue;
-            }
-            let dpath = self.data_path(ino, index);
-            let file = self
-                .disk
-                .open(&dpath, OpenMode::Write)
-                .map_err(io_err(&dpath))?;
-            // Durably dirty first: a crash while cutting leaves a chunk
-            // that is checked and settled when opened, never "corrupt".
-            meta.flags |= DIRTY;
-            self.store_meta(ino, index, &meta, true)?;
-            let tail = keep % BLOCK_SIZE;
-            let nblocks = blocks_for(keep);
-            if tail != 0 {
-                // Verify the block being cut before re-checksumming its prefix.
-                let b = keep / BLOCK_SIZE;
-                let bs = b * BLOCK_SIZE;
-                let be = (bs + BLOCK_SIZE).min(meta.len);
-                let mut buf = vec![0u8; (be - bs) as usize];
-                file.read_exact_at(&mut buf, bs).map_err(io_err(&dpath))?;
-                if crc32c::crc32c(&buf) != meta.crcs[b as usize] {
-                    return Err(corrupt(
-                        ino,
-                        index,
-                        format!("block {b} checksum mismatch while truncating"),
-                    ));
-                }
-                meta.crcs[b as usize] = crc32c::crc32c(&buf[..tail as usize]);
-            }
-            file.set_len(keep).map_err(io_err(&dpath))?;
-            meta.crcs.truncate(nblocks);
-            let old_len = meta.len;
-            meta.len = keep;
-            meta.version = meta.version.saturating_add(1);
-            self.fsync(&*file, &dpath)?;
-            meta.flags &= !(DIRTY | FRESH);
-            self.store_meta(ino, index, &meta, true)?;
-            self.used.fetch_sub(old_len - keep, Ordering::Relaxed);
-        }
-        Ok(())
     }
 
     /// Removes one chunk if its version is at most `max_version` (a copy

@@ -3,7 +3,7 @@
 //! (see `direct_io`).
 
 use super::disk::DiskFile;
-use super::error::{io_err, Result, StoreError};
+use super::error::{corrupt, io_err, Result, StoreError};
 use super::faults;
 use super::open_cache::{lock_open, OpenChunk};
 use super::sidecar::{blocks_for, BLOCK_SIZE, DIRTY};
@@ -138,7 +138,19 @@ impl ChunkStore {
             return Err(Self::lost_io(&self.data_path(ino, index)));
         }
         let found = self.open_chunk(ino, index)?;
-        let current = found.as_ref().map_or(0, |c| lock_open(c).meta.version);
+        let (current, len) = found.as_ref().map_or((0, 0), |c| {
+            let oc = lock_open(c);
+            (oc.meta.version, oc.meta.len)
+        });
+        if let ([(keep, Payload::Cut)], VersionMode::Next) = (items, mode) {
+            if len <= u64::from(*keep) {
+                return Ok(WriteOutcome {
+                    version: current,
+                    duplicate: false,
+                    unchanged: true,
+                });
+            }
+        }
         let duplicate = matches!(mode, VersionMode::Exact { version, .. } if version == current);
         let new_version = match mode {
             VersionMode::Next => current
@@ -228,13 +240,18 @@ impl ChunkStore {
         if !sync {
             self.mark_dirty(ino, index);
         }
-        self.used.fetch_add(new_len - old_len, Ordering::Relaxed);
+        if new_len >= old_len {
+            self.used.fetch_add(new_len - old_len, Ordering::Relaxed);
+        } else {
+            self.used.fetch_sub(old_len - new_len, Ordering::Relaxed);
+        }
         if !existed {
             self.chunks.fetch_add(1, Ordering::Relaxed);
         }
         Ok(WriteOutcome {
             version: new_version,
             duplicate,
+            unchanged: false,
         })
     }
 
@@ -345,6 +362,36 @@ impl ChunkStore {
                         for b in off / BLOCK_SIZE..=(end - 1) / BLOCK_SIZE {
                             touched.insert(b, None);
                         }
+                    }
+                }
+                Payload::Cut => {
+                    if off >= len {
+                        continue;
+                    }
+                    let tail = off % BLOCK_SIZE;
+                    let b = off / BLOCK_SIZE;
+                    if tail != 0 && !touched.contains_key(&b) {
+                        // The block being cut keeps a prefix whose crc is
+                        // recomputed below: verify it first, so that a
+                        // rotten block is never blessed with a new crc.
+                        let bs = b * BLOCK_SIZE;
+                        let mut buf = vec![0u8; ((bs + BLOCK_SIZE).min(len) - bs) as usize];
+                        oc.data
+                            .read_exact_at(&mut buf, bs)
+                            .map_err(io_err(&dpath))?;
+                        if crc32c::crc32c(&buf) != oc.meta.crcs[b as usize] {
+                            return Err(corrupt(
+                                ino,
+                                index,
+                                format!("block {b} checksum mismatch while truncating"),
+                            ));
+                        }
+                    }
+                    oc.data.set_len(off).map_err(io_err(&dpath))?;
+                    len = off;
+                    touched.retain(|&t, _| t < blocks_for(off) as u64);
+                    if tail != 0 {
+                        touched.insert(b, None);
                     }
                 }
                 Payload::Data(data) => {

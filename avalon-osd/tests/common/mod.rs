@@ -313,6 +313,16 @@ pub fn write_req(ino: u64, offset: u32, data: Vec<u8>, epoch: u64) -> pb::WriteC
         chunk_size: 256 * 1024,
         zero_length: 0,
         extents: vec![],
+        truncate_to: None,
+    }
+}
+
+/// A client's cut of chunk 0 of `ino` to `keep` bytes (a truncate).
+pub fn cut_req(ino: u64, keep: u32, epoch: u64) -> pb::WriteChunkRequest {
+    pb::WriteChunkRequest {
+        offset: u32::MAX,
+        truncate_to: Some(keep),
+        ..write_req(ino, 0, vec![], epoch)
     }
 }
 
