@@ -25,12 +25,27 @@ pub struct FileState {
     pub size: u64,
     /// The file's chunk size (layout).
     pub chunk_size: u32,
-    /// True when `size` grew through writes not yet committed to the MDS.
+    /// True when writes (their size, mtime and ctime) are not yet
+    /// committed to the MDS.
     pub dirty: bool,
+    /// True when those writes grew the file past the size the MDS holds:
+    /// even fdatasync must commit it.
+    pub grown: bool,
     /// Another session writes the file too (shared-write mode): writes go
     /// through uncached, O_APPEND offsets come from the MDS, reads ask for
     /// the size. Until this client's last close of the file.
     pub shared: bool,
+}
+
+impl FileState {
+    /// The MDS holds `size` and this client's times: nothing is pending,
+    /// unless writes raced past `size`.
+    pub fn committed(&mut self, size: u64) {
+        if self.size <= size {
+            self.dirty = false;
+            self.grown = false;
+        }
+    }
 }
 
 /// Opens of one inode by this client.
@@ -97,6 +112,8 @@ pub struct Client {
     /// Connections to the OSDs' data ports, for chunk reads.
     pub(crate) data_conns: avalon_proto::data_conn::DataConns,
     pub(crate) files: DashMap<u64, FileState>,
+    /// Files with chunk writes sent without sync since their last fsync.
+    pub(crate) sync_marks: crate::sync_marks::SyncMarks,
     /// Open handles per inode, reported in heartbeats so that a new MDS
     /// leader knows which unlinked files are still in use (and which have
     /// several writers).
@@ -185,6 +202,7 @@ impl Client {
             osds: DashMap::new(),
             data_conns: Default::default(),
             files: DashMap::new(),
+            sync_marks: Default::default(),
             page_versions: Default::default(),
             opens: DashMap::new(),
             write_gates: DashMap::new(),
@@ -535,7 +553,7 @@ impl Client {
         if let Some(size) = ch.size {
             if let Some(mut st) = self.files.get_mut(&ino) {
                 st.size = size;
-                st.dirty = false;
+                st.committed(size);
             }
         }
         Ok(a)
@@ -1005,9 +1023,7 @@ impl Client {
         };
         if let Some(a) = self.commit_delegated(ino, size) {
             if let Some(mut st) = self.files.get_mut(&ino) {
-                if st.size <= size {
-                    st.dirty = false;
-                }
+                st.committed(size);
             }
             return Ok(Some(a));
         }
@@ -1023,9 +1039,7 @@ impl Client {
             .await?;
         if let Some(mut st) = self.files.get_mut(&ino) {
             // Writes that raced past `size` stay dirty.
-            if st.size <= size {
-                st.dirty = false;
-            }
+            st.committed(size);
         }
         r.attr
             .map(Some)
@@ -1306,9 +1320,13 @@ impl Client {
     /// Makes everything written to `ino` durable on the OSDs, and its size
     /// on the MDS (fsync).
     /// A delegated change to it that the MDS will never apply is reported.
-    pub async fn fsync(&self, ino: u64) -> Result<()> {
+    pub async fn fsync(&self, ino: u64, datasync: bool) -> Result<()> {
         self.sync_data(ino).await?;
-        self.commit_size(ino).await?;
+        // fdatasync leaves times to the next commit, not a grown size
+        // (the data past the old size could not be read back without it).
+        if !datasync || self.known_size(ino).is_some_and(|st| st.grown) {
+            self.commit_size(ino).await?;
+        }
         let synced = self.sync_meta().await;
         synced.and(self.lost_change(ino))
     }
@@ -1321,14 +1339,12 @@ impl Client {
     }
 
     /// Returns once every namespace change acknowledged to this client is
-    /// on disk on a majority of MDS nodes (fsync, fsyncdir).
+    /// on disk on a majority of MDS nodes (fsync, fsyncdir). The MDS
+    /// answers a change only once its raft entry is committed, durable on
+    /// a majority; what remains is this client's queue of delegated
+    /// changes, which it acknowledged itself: sent and applied here.
     pub async fn sync_meta(&self) -> Result<()> {
-        let req = pb::SyncMetaRequest {
-            header: self.header(),
-        };
-        self.rpc(req, |mut c, r| async move { c.sync_meta(r).await })
-            .await?;
-        Ok(())
+        self.barrier().await
     }
 
     /// Grows the file to at least `size` (never shrinks it).
@@ -1338,6 +1354,7 @@ impl Client {
             if size > st.size {
                 st.size = size;
                 st.dirty = true;
+                st.grown = true;
             }
         }
         self.commit_size(ino).await.map(|_| ())

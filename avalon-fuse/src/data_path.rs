@@ -190,7 +190,8 @@ impl Client {
         sync: bool,
         cs: u32,
     ) -> Result<()> {
-        self.flush_chunks(ino, parts.iter().map(|p| p.0)).await?;
+        self.flush_chunks(ino, parts.iter().map(|p| p.0), false)
+            .await?;
         let mut pos = 0usize;
         let sends = parts.into_iter().map(|(index, off, n)| {
             let piece = data.slice(pos..pos + n as usize);
@@ -253,7 +254,10 @@ impl Client {
             self.send_through(ino, parts, data, sync, cs).await?;
         }
         let mut st = self.files.entry(ino).or_default();
-        st.size = st.size.max(end);
+        if end > st.size {
+            st.size = end;
+            st.grown = true;
+        }
         // Every write moves mtime and ctime (make, rsync and other mounts'
         // caches go by them), committed at close or fsync.
         st.dirty = true;
@@ -295,7 +299,7 @@ impl Client {
         let me = self.clone();
         tokio::spawn(async move {
             let whole = me.whole_chunk(ino, index, &ext);
-            let r = me.send_extents(ino, index, ext).await;
+            let r = me.send_extents(ino, index, ext, false).await;
             me.wbuf.done_then(
                 ino,
                 index,
@@ -348,11 +352,17 @@ impl Client {
     }
 
     /// Writes extents taken from the buffer to one chunk.
-    async fn send_extents(&self, ino: u64, index: u64, ext: Vec<(u32, Bytes)>) -> Result<()> {
+    async fn send_extents(
+        &self,
+        ino: u64,
+        index: u64,
+        ext: Vec<(u32, Bytes)>,
+        sync: bool,
+    ) -> Result<()> {
         let cs = self.chunk_size_of(ino);
         let r = if ext.len() == 1 {
             let (off, data) = ext.into_iter().next().unwrap_or_default();
-            self.chunk_op(ino, index, off, data, 0, false, cs).await
+            self.chunk_op(ino, index, off, data, 0, sync, cs).await
         } else {
             let extents = ext
                 .into_iter()
@@ -363,7 +373,7 @@ impl Client {
                 extents,
                 ..Default::default()
             };
-            self.chunk_write(ino, index, body, false, cs).await
+            self.chunk_write(ino, index, body, sync, cs).await
         };
         if let Err(e) = &r {
             tracing::warn!(ino, index, error = %e, "buffered write failed; reported at the next fsync or close");
@@ -372,8 +382,9 @@ impl Client {
     }
 
     /// Sends what the buffer holds for chunk `(ino, index)` when called
-    /// and waits until it (and anything in flight before) is stored.
-    async fn flush_chunk(&self, ino: u64, index: u64) -> Result<()> {
+    /// (with `sync`: durably) and waits until it (and anything in flight
+    /// before) is stored.
+    async fn flush_chunk(&self, ino: u64, index: u64, sync: bool) -> Result<()> {
         loop {
             // Registered before looking, so a completion in between wakes it.
             let changed = self.wbuf.changed();
@@ -382,7 +393,7 @@ impl Client {
                 Take::Busy => changed.await,
                 Take::Send(ext) => {
                     let whole = self.whole_chunk(ino, index, &ext);
-                    let r = self.send_extents(ino, index, ext).await;
+                    let r = self.send_extents(ino, index, ext, sync).await;
                     // The caller reports its own failure; the buffer keeps
                     // no error for it.
                     let whole = whole.filter(|_| r.is_ok());
@@ -397,7 +408,12 @@ impl Client {
     }
 
     /// [`Client::flush_chunk`] for several chunks of a file, in parallel.
-    async fn flush_chunks(&self, ino: u64, indexes: impl Iterator<Item = u64>) -> Result<()> {
+    async fn flush_chunks(
+        &self,
+        ino: u64,
+        indexes: impl Iterator<Item = u64>,
+        sync: bool,
+    ) -> Result<()> {
         let busy: Vec<u64> = {
             let held = self.wbuf.chunks_of(ino);
             indexes.filter(|i| held.contains(i)).collect()
@@ -405,7 +421,7 @@ impl Client {
         if busy.is_empty() {
             return Ok(());
         }
-        let rs = join_all(busy.into_iter().map(|i| self.flush_chunk(ino, i))).await;
+        let rs = join_all(busy.into_iter().map(|i| self.flush_chunk(ino, i, sync))).await;
         rs.into_iter().collect::<Result<Vec<()>>>()?;
         Ok(())
     }
@@ -413,8 +429,14 @@ impl Client {
     /// Sends everything buffered for `ino` and waits for it; reports a
     /// failure of an earlier background write of the file (once).
     pub async fn flush_file(&self, ino: u64) -> Result<()> {
+        self.flush_file_as(ino, false).await
+    }
+
+    /// [`Client::flush_file`]; with `sync`, what it sends is made durable
+    /// (fsynced by every copy) before it is acknowledged.
+    async fn flush_file_as(&self, ino: u64, sync: bool) -> Result<()> {
         let chunks = self.wbuf.chunks_of(ino);
-        let r = self.flush_chunks(ino, chunks.into_iter()).await;
+        let r = self.flush_chunks(ino, chunks.into_iter(), sync).await;
         if let Some((errno, msg)) = self.wbuf.take_error(ino) {
             return Err(if errno == libc::EIO {
                 ClientError::Unavailable(msg)
@@ -473,6 +495,9 @@ impl Client {
         cs: u32,
     ) -> Result<()> {
         self.cache.invalidate(ino, index);
+        if !sync {
+            self.sync_marks.note_unsynced(ino);
+        }
         let deadline = Instant::now() + IO_RETRY_BUDGET;
         let mut last = String::from("no OSD holds this chunk's placement group");
         let mut backoff = Duration::from_millis(20);
@@ -567,7 +592,7 @@ impl Client {
             .map(|(p, _)| p.0)
             .collect();
         if !held.is_empty() {
-            self.flush_chunks(ino, held.into_iter()).await?;
+            self.flush_chunks(ino, held.into_iter(), false).await?;
         }
         // Another session writes a shared-write file through at any time,
         // and its commits reach this client only while it holds a lease:
@@ -677,8 +702,14 @@ impl Client {
 
     /// Asks every up OSD to make the writes to `ino` it acknowledged durable.
     /// Each OSD syncs what it stored itself, so every replica is covered.
+    /// Buffered data goes out as sync writes (one round trip: the primary
+    /// and its replicas fsync before they answer); only when writes went
+    /// out without sync since the last fsync are the OSDs asked as well.
     pub async fn sync_data(&self, ino: u64) -> Result<()> {
-        self.flush_file(ino).await?;
+        self.flush_file_as(ino, true).await?;
+        let Some(mark) = self.sync_marks.pending(ino) else {
+            return Ok(());
+        };
         self.broadcast("fsync", |mut c, header| async move {
             c.sync_objects(pb::SyncObjectsRequest {
                 header,
@@ -687,7 +718,9 @@ impl Client {
             .await
             .map(|_| ())
         })
-        .await
+        .await?;
+        self.sync_marks.synced(ino, mark);
+        Ok(())
     }
 
     /// Runs `op` on every up OSD at once. An OSD that cannot be reached
@@ -853,7 +886,8 @@ impl Client {
         }
         let cs = self.chunk_size_of(ino);
         let parts = split_range(offset, len, cs);
-        self.flush_chunks(ino, parts.iter().map(|p| p.0)).await?;
+        self.flush_chunks(ino, parts.iter().map(|p| p.0), false)
+            .await?;
         let parts = parts
             .into_iter()
             .map(|(index, off, n)| self.chunk_op(ino, index, off, Bytes::new(), n, false, cs));

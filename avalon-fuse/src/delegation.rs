@@ -1183,9 +1183,7 @@ impl Client {
             if let Some(st) = self.known_size(ino).filter(|s| s.dirty) {
                 if let Some(a) = self.commit_delegated(ino, st.size) {
                     if let Some(mut f) = self.files.get_mut(&ino) {
-                        if f.size <= st.size {
-                            f.dirty = false;
-                        }
+                        f.committed(st.size);
                     }
                     self.page_versions.written(&a);
                     return Ok(());

@@ -682,12 +682,12 @@ impl Filesystem for AvalonFs {
         _req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
-        _datasync: bool,
+        datasync: bool,
         reply: ReplyEmpty,
     ) {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
-        self.spawn(async move { reply_empty(c.fsync(ino).await, reply) });
+        self.spawn(async move { reply_empty(c.fsync(ino, datasync).await, reply) });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

@@ -18,4 +18,5 @@ pub mod meta_cache;
 pub mod mount_source;
 pub mod page_cache;
 pub mod recall;
+pub mod sync_marks;
 pub mod write_buffer;
