@@ -4,4 +4,9 @@
 //! checkers over the recorded history.
 
 pub mod check;
+pub mod cluster;
 pub mod history;
+pub mod nemesis;
+pub mod report;
+pub mod run;
+pub mod workload;

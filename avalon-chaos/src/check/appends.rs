@@ -114,13 +114,19 @@ mod tests {
         assert_eq!(r.verdict, Verdict::Fail);
         assert!(r.details[0].contains("1/1"), "{r:?}");
         // A failed append there twice is a duplicate too.
-        let s = append_record(1, 1) + &append_record(2, 1) + &append_record(1, 2) + &append_record(1, 2);
+        let s = append_record(1, 1)
+            + &append_record(2, 1)
+            + &append_record(1, 2)
+            + &append_record(1, 2);
         assert_eq!(check(&history(), &obs(s)).verdict, Verdict::Fail);
     }
 
     #[test]
     fn lost_or_torn_append_fails() {
-        assert_eq!(check(&history(), &obs(append_record(1, 1))).verdict, Verdict::Fail);
+        assert_eq!(
+            check(&history(), &obs(append_record(1, 1))).verdict,
+            Verdict::Fail
+        );
         let torn = append_record(1, 1) + &append_record(2, 1) + "R 1 2 ";
         assert_eq!(check(&history(), &obs(torn)).verdict, Verdict::Fail);
         let zeros = append_record(1, 1) + "\0\0\0\n" + &append_record(2, 1);

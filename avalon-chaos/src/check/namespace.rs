@@ -98,7 +98,10 @@ enum Found {
     Linearizable,
     /// No order explains the history; the operation whose completion the
     /// longest partial linearization could not get past.
-    Violation { stuck: usize, linearized: usize },
+    Violation {
+        stuck: usize,
+        linearized: usize,
+    },
     GaveUp,
 }
 
@@ -268,7 +271,10 @@ pub fn check(history: &[Entry]) -> CheckResult {
     for (dir, (names, ops)) in dirs {
         r.checked += 1;
         if names.len() > MAX_NAMES {
-            r.inconclusive(format!("{dir}: {} names, more than {MAX_NAMES}", names.len()));
+            r.inconclusive(format!(
+                "{dir}: {} names, more than {MAX_NAMES}",
+                names.len()
+            ));
             continue;
         }
         match search(&ops) {
@@ -466,7 +472,11 @@ mod tests {
             t += 10;
         }
         let r = check(&h);
-        assert_eq!(r.verdict, Verdict::Inconclusive, "8 names exceed the model: {r:?}");
+        assert_eq!(
+            r.verdict,
+            Verdict::Inconclusive,
+            "8 names exceed the model: {r:?}"
+        );
         let small: Vec<Entry> = h.into_iter().filter(|e| e.client < 3).collect();
         let r = check(&small);
         assert_eq!(r.verdict, Verdict::Pass, "{r:?}");
