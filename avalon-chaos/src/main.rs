@@ -34,6 +34,13 @@ struct Args {
     /// Client threads per mount (two mounts).
     #[arg(long, default_value_t = 3)]
     clients_per_mount: u32,
+    /// Number of FUSE mounts of the cluster.
+    #[arg(long, default_value_t = 2)]
+    mounts: usize,
+    /// Weights of namespace, data, append and lock operations (e.g.
+    /// 0,0,1,0 for appends only).
+    #[arg(long, value_parser = parse_mix, default_value = "45,30,13,12")]
+    mix: [u32; 4],
     /// Run directory (must be new or empty) [default: /var/tmp/avalon-chaos-SEED-PID].
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -60,6 +67,22 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(format!("bad duration unit in {s:?} (s, m, h)")),
     };
     Ok(Duration::from_secs(secs))
+}
+
+/// Four comma-separated weights.
+fn parse_mix(s: &str) -> Result<[u32; 4], String> {
+    let v: Vec<u32> = s
+        .split(',')
+        .map(|p| p.trim().parse::<u32>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("bad mix {s:?}: {e}"))?;
+    let m: [u32; 4] = v
+        .try_into()
+        .map_err(|_| format!("bad mix {s:?}: four weights"))?;
+    if m.iter().sum::<u32>() == 0 {
+        return Err("the mix weights are all zero".into());
+    }
+    Ok(m)
 }
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -101,6 +124,8 @@ fn main() {
         duration,
         kinds,
         clients_per_mount: args.clients_per_mount,
+        mounts: args.mounts,
+        mix: args.mix,
         dir: dir.clone(),
         bin_dir: args
             .bin_dir

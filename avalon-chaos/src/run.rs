@@ -28,6 +28,10 @@ pub struct Options {
     pub duration: Duration,
     pub kinds: Vec<FaultKind>,
     pub clients_per_mount: u32,
+    /// Number of FUSE mounts (clients spread over them).
+    pub mounts: usize,
+    /// Relative weights of namespace, data, append and lock operations.
+    pub mix: [u32; 4],
     /// Run directory (fresh).
     pub dir: PathBuf,
     pub bin_dir: PathBuf,
@@ -64,7 +68,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         opts.duration,
         opts.dir.display()
     );
-    let cluster = Cluster::start(&opts.dir, &opts.bin_dir, 3, 3, 2).context("cluster start")?;
+    let cluster = Cluster::start(&opts.dir, &opts.bin_dir, 3, 3, opts.mounts.max(1))
+        .context("cluster start")?;
     let mounts: Vec<PathBuf> = cluster.mounts.iter().map(|m| m.path.clone()).collect();
     let addrs = cluster.layout.mds_addrs();
     let osds = cluster.layout.osds.len();
@@ -77,7 +82,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         append_files: 2,
         lock_files: 2,
         seed: opts.seed,
-        mix: workload::DEFAULT_MIX,
+        mix: opts.mix,
     };
     workload::setup(&wcfg).context("workload setup")?;
     let rec = Arc::new(Recorder::new());

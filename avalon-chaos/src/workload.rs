@@ -39,9 +39,6 @@ pub struct Config {
     pub mix: [u32; 4],
 }
 
-/// The default mix: mostly namespace and data operations.
-pub const DEFAULT_MIX: [u32; 4] = [45, 30, 13, 12];
-
 /// Creates the directories and shared files (through the first mount).
 pub fn setup(cfg: &Config) -> std::io::Result<()> {
     let m = &cfg.mounts[0];
