@@ -22,6 +22,7 @@ pub mod proposer;
 pub mod raft_net;
 pub mod raft_store;
 pub mod read_lease;
+pub mod ready;
 pub mod settings;
 
 use crate::config::Config;
@@ -165,6 +166,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         tasks.spawn(async move { gc::gc_loop(&n).await });
         let (n, stop, r) = (node.clone(), shutdown.clone(), refused.clone());
         tasks.spawn(async move { settings::guard_loop(&n, stop, &r).await });
+        tasks.spawn(ready::notify_when_member(
+            raft.metrics(),
+            cfg.id,
+            shutdown.clone(),
+        ));
     }
     tasks.close();
 

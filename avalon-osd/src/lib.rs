@@ -157,6 +157,10 @@ pub async fn run_with_listener(
             stop.clone().cancelled_owned(),
         );
     let server = tokio::spawn(server);
+    // systemd (Type=notify): listening, store open. No-op without NOTIFY_SOCKET.
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
 
     let background = {
         let membership = Arc::clone(&membership);

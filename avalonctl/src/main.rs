@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod generate;
+
 /// Administer Avalon clusters.
 #[derive(Parser, Debug)]
 #[command(name = "avalonctl", version, about)]
@@ -82,6 +84,9 @@ enum Cmd {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
+    /// Write man pages and bash/zsh completions under DIR (packaging).
+    #[command(hide = true)]
+    Generate { dir: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -594,6 +599,11 @@ fn main() -> anyhow::Result<()> {
             } else {
                 std::process::exit(1);
             }
+        }
+        Cmd::Generate { dir } => {
+            use clap::CommandFactory;
+            generate::write_all(Cli::command(), &dir)
+                .with_context(|| format!("writing man pages and completions to {}", dir.display()))
         }
         Cmd::Down { dir, timeout } => local_cluster::down(&dir, Duration::from_secs(timeout)),
         Cmd::Status { dir, mds, json } => {
