@@ -237,6 +237,40 @@ mod tests {
         assert_eq!(Config::from_toml(text).expect("example"), Config::default());
     }
 
+    /// The example installed as /etc/avalon/osd.example.toml: valid as
+    /// shipped, and every commented-out `# key = value` is a real key with
+    /// its default value.
+    #[test]
+    fn packaged_example_parses() {
+        let text = include_str!("../../packaging/etc/osd.example.toml");
+        let c = Config::from_toml(text).expect("example as shipped");
+        c.validate().expect("example valid");
+        let all: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(kv)
+                    if kv.split_once(" = ").is_some_and(|(k, _)| {
+                        k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                    }) =>
+                {
+                    kv
+                }
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let every = Config::from_toml(&all).expect("example with every key");
+        // The commented values are the defaults: only the keys set as
+        // shipped differ.
+        let expect = Config {
+            listen: c.listen.clone(),
+            data_dir: c.data_dir.clone(),
+            mds: c.mds.clone(),
+            ..Config::default()
+        };
+        assert_eq!(every, expect);
+    }
+
     #[test]
     fn flags_override_file() {
         let dir = tempfile::tempdir().expect("tempdir");
