@@ -56,17 +56,26 @@ OLD_HELPER=$(readlink "$HELPER" 2>/dev/null || true)
 PIDS=()
 LISTENERS=()
 
+# Those of our packages dpkg still knows (installed, or config files left).
+known_packages() {
+    local p
+    for p in "${PACKAGES[@]}"; do
+        if dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q "ok installed\|config-files"; then
+            echo "$p"
+        fi
+    done
+}
+
 cleanup() {
     local rc=$?
     set +e
     if findmnt "$MNT" >/dev/null 2>&1; then umount "$MNT" || umount -l "$MNT"; fi
     for pid in "${PIDS[@]}" "${LISTENERS[@]}"; do kill "$pid" 2>/dev/null; done
     for pid in "${PIDS[@]}" "${LISTENERS[@]}"; do wait "$pid" 2>/dev/null; done
-    local installed=()
-    for p in "${PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed\|config-files" && installed+=("$p")
-    done
-    [ ${#installed[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq "${installed[@]}" >/dev/null 2>&1
+    local left
+    left=$(known_packages)
+    # shellcheck disable=SC2086
+    [ -z "$left" ] || dpkg --purge $left >/dev/null 2>&1
     rm -rf /etc/avalon /var/lib/avalon
     if getent passwd avalon >/dev/null; then userdel avalon; fi
     if getent group avalon >/dev/null; then groupdel avalon; fi
@@ -99,7 +108,7 @@ $list"
 }
 expect_files avalon-mds ./usr/bin/avalon-mds ./lib/systemd/system/avalon-mds@.service \
     ./etc/avalon/mds.example.toml ./usr/share/doc/avalon-mds/copyright \
-    ./usr/share/doc/avalon-mds/INSTALL.md
+    ./usr/share/doc/avalon-mds/cluster-guide.md
 expect_files avalon-osd ./usr/bin/avalon-osd ./lib/systemd/system/avalon-osd@.service \
     ./etc/avalon/osd.example.toml ./usr/share/doc/avalon-osd/copyright
 expect_files avalon-client ./usr/bin/avalon-fuse "./sbin/mount.fuse.avalon -> /usr/bin/avalon-fuse" \
@@ -134,7 +143,7 @@ fi
 say "lintian"
 command -v lintian >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lintian >/dev/null
 # Errors fail the test; warnings are shown.
-lintian --fail-on error --no-tag-display-limit "$PKGDIR"/*.deb | tee "$WORK/lintian.log" || fail "lintian found errors"
+lintian --fail-on error --tag-display-limit 0 "$PKGDIR"/*.deb | tee "$WORK/lintian.log" || fail "lintian found errors"
 echo "lintian: $(grep -c '^E:' "$WORK/lintian.log" || true) errors, $(grep -c '^W:' "$WORK/lintian.log" || true) warnings"
 
 # --- 2. install and start a cluster from the installed files ---------------
@@ -313,7 +322,12 @@ getent passwd avalon >/dev/null || fail "remove deleted the avalon user"
 echo "data intact after remove; configs and user kept"
 
 say "apt purge (without AVALON_PURGE_DATA)"
-DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq "${PACKAGES[@]}" >"$WORK/apt-purge.log" 2>&1
+# Only packages with conffiles are left after remove (the others are gone).
+mapfile -t left < <(known_packages)
+[ ${#left[@]} -gt 0 ] || fail "no package left in config-files state after remove"
+DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq "${left[@]}" >"$WORK/apt-purge.log" 2>&1 ||
+    fail "apt purge: $(tail -n 5 "$WORK/apt-purge.log")"
+[ -z "$(known_packages)" ] || fail "still known to dpkg after purge: $(known_packages)"
 snapshot | diff -q - "$WORK/data.before" >/dev/null || fail "data changed by apt purge"
 [ ! -e /etc/avalon/mds.example.toml ] || fail "purge left the example config"
 echo "data intact after purge"

@@ -16,6 +16,15 @@ pub fn write_all(mut cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
     // Hidden commands (this one) stay out of the manuals.
     cmd.build();
     clap_mangen::generate_to(cmd.clone(), &man)?;
+    // clap's implicit `help` subcommands would get pages of their own
+    // (avalonctl-help-status.1 ...): they repeat the real ones.
+    for entry in std::fs::read_dir(&man)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.contains("-help") {
+            std::fs::remove_file(&path)?;
+        }
+    }
     for shell in [Shell::Bash, Shell::Zsh] {
         clap_complete::generate_to(shell, &mut cmd, "avalonctl", &completions)?;
     }
