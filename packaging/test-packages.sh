@@ -134,6 +134,11 @@ if compgen -G "$PKGDIR/*.rpm" >/dev/null; then
             *) continue ;;
         esac
         for w in $want; do grep -qxF "$w" "$WORK/rpm.list" || fail "$(basename "$f"): $w missing"; done
+        case $(basename "$f") in
+            avalon-mds-* | avalon-osd-*)
+                rpm -qp --scripts "$f" 2>/dev/null | grep -q "useradd -r -g avalon" || fail "$(basename "$f"): no avalon user scriptlet"
+                ;;
+        esac
         echo "$(basename "$f"): ok"
     done
 else
