@@ -14,6 +14,11 @@ it).
 
     bench/failover.py                   # 10 repeats
     bench/failover.py --repeats 3 --seed 7 --json /tmp/failover.json
+    bench/failover.py --mounts 2        # one more (idle) mount of the cluster
+
+With --mounts 2 or more, the other mounts hold sessions (and so, as far as
+a new leader knows, leases), which the new leader must wait out before it
+acknowledges a change (docs/ARCHITECTURE.md, "Failover timing").
 
 Prints each repeat and the distribution (min, median, p90, max) of the
 longest gaps; exits 1 if any gap is >= --limit (default 2 s) or a repeat
@@ -135,6 +140,7 @@ class Cluster:
         self.mnt = os.path.join(base, "mnt")
         self.up = None
         self.restarted = []
+        self.extra = []
 
     def start(self, timeout):
         log(f"starting the cluster in {self.base}")
@@ -181,6 +187,21 @@ class Cluster:
             time.sleep(0.5)
         raise RuntimeError(f"the MDS group did not become whole within {timeout} s")
 
+    def mount_extra(self, n):
+        """Mount number `n` (2, 3, ...) of the same cluster at BASE/mnt<n>."""
+        st = self.status()
+        if not st:
+            raise RuntimeError("no cluster status for the extra mount")
+        source = ",".join(m["addr"] for m in st["mds"]) + ":/"
+        path = os.path.join(self.base, f"mnt{n}")
+        os.makedirs(path, exist_ok=True)
+        logf = os.path.join(self.base, "logs", f"client{n}.log")
+        subprocess.run([os.path.join(BIN, "avalon-fuse"), source, path, "-o", f"log={logf}"],
+                       check=True, capture_output=True, timeout=120)
+        self.extra.append(path)
+        if not is_mounted(path):
+            raise RuntimeError(f"extra mount {path} did not mount")
+
     def restart(self, cmdline, mds_id):
         logf = open(os.path.join(self.base, "logs", f"mds{mds_id}.log"), "a")
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info"))
@@ -190,6 +211,11 @@ class Cluster:
         return p
 
     def stop(self):
+        for path in self.extra:
+            if is_mounted(path):
+                subprocess.run(["fusermount3", "-u", path], capture_output=True, timeout=60)
+            if is_mounted(path):
+                subprocess.run(["umount", "-l", path], capture_output=True, timeout=60)
         if self.up is not None and self.up.poll() is None:
             self.up.send_signal(signal.SIGINT)
             try:
@@ -322,6 +348,8 @@ def main():
                     help="give up on a repeat whose creates do not come back within this")
     ap.add_argument("--recover-max", type=float, default=120.0,
                     help="seconds to wait for the restarted MDS to catch up")
+    ap.add_argument("--mounts", type=int, default=1,
+                    help="mounts of the cluster; the loop runs on the first, the others idle")
     ap.add_argument("--limit", type=float, default=2.0,
                     help="exit 1 if any longest gap is at least this (s)")
     ap.add_argument("--dir", default=None, help="work directory (default: a new one in /var/tmp)")
@@ -353,6 +381,8 @@ def main():
     try:
         c.start(180)
         c.wait_whole(a.recover_max)
+        for n in range(2, a.mounts + 1):
+            c.mount_extra(n)
         for n in range(a.repeats):
             results.append(one_repeat(a, c, n, rng, work))
     except (Exception, KeyboardInterrupt) as e:
@@ -364,12 +394,13 @@ def main():
     bad = [r for r in results
            if r["longest_gap_s"] >= a.limit or r["error_count"] or r["missing_count"]
            or r["unexpected"]]
-    summary = {"seed": seed, "repeats": len(results), "limit_s": a.limit,
+    summary = {"seed": seed, "repeats": len(results), "mounts": a.mounts, "limit_s": a.limit,
                "results": results, "failure": failure}
     if gaps:
         summary.update(min_s=min(gaps), median_s=round(statistics.median(gaps), 3),
                        p90_s=pct(gaps, 90), max_s=max(gaps))
-        print(f"longest gap between successful creates over {len(gaps)} repeats (seed {seed}):")
+        print(f"longest gap between successful creates over {len(gaps)} repeats "
+              f"(seed {seed}, {a.mounts} mount{'s' if a.mounts > 1 else ''}):")
         print("  " + " ".join(f"{g:.2f}" for g in gaps))
         print(f"  min {min(gaps):.2f} s  median {statistics.median(gaps):.2f} s  "
               f"p90 {pct(gaps, 90):.2f} s  max {max(gaps):.2f} s  (limit {a.limit:.2f} s)")
