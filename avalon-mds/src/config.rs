@@ -93,8 +93,13 @@ impl Default for Config {
             // changes on a busy 2-core machine timed out and were re-sent
             // over and over, stalling commits for seconds.
             heartbeat_ms: 250,
-            election_min_ms: 1000,
-            election_max_ms: 2000,
+            // A follower stands for election after openraft's leader lease
+            // (= election_max_ms) plus a random election timeout without
+            // hearing from the leader: 800-1000 ms, i.e. three to four
+            // missed heartbeats. (1000/2000 made it 3-4 s, most of a
+            // failover.) The read lease is election_min_ms / 2.
+            election_min_ms: 300,
+            election_max_ms: 500,
             gc_interval_ms: 2000,
             session_timeout_ms: 30_000,
             orphan_grace_ms: 5000,

@@ -6,7 +6,8 @@
 //! leader sent it: attributes of an inode, and the entries of a directory
 //! it looked names up in. The table lives in the leader's memory only. A
 //! new leader knows nobody's cache, so it holds back changes until every
-//! lease the old leader granted has lapsed (`wait_fresh_leader`).
+//! lease the old leader granted to another session has lapsed
+//! (`fresh_leader.rs`).
 //!
 //! Ordering: a reader is registered *before* (or under the same state lock
 //! as) the read of the state it will cache, and a change is recalled

@@ -11,6 +11,7 @@ pub mod command;
 pub mod config;
 pub mod delegation;
 pub mod disk_reserve;
+pub mod fresh_leader;
 pub mod gc;
 pub mod leases;
 pub mod locks;
@@ -139,7 +140,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         read_lease: read_lease::ReadLease::for_election_min(cfg.election_min_ms),
         leases: leases::LeaseTable::new(Duration::from_millis(cfg.lease_ms)),
         delegations: Default::default(),
-        lease_term: Mutex::new((0, std::time::Instant::now())),
+        fresh: fresh_leader::FreshLeader::new(
+            Duration::from_millis(cfg.election_min_ms / 2),
+            Duration::from_millis(cfg.lease_ms),
+            Duration::from_millis(cfg.election_max_ms),
+        ),
         log_sync: log_sync::LogSync::new(durability),
         proposer: proposer::Proposer::start(raft.clone()),
         settings_init: tokio::sync::Mutex::new(()),

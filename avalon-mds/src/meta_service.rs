@@ -845,7 +845,7 @@ impl Meta for MetaService {
             ino_ok(r.dir)?;
             // A new leader does not know what its predecessor let others
             // cache: no delegation before those leases lapsed.
-            self.node.wait_fresh_leader().await;
+            self.node.wait_fresh_leader(sid).await;
             let leases = &self.node.leases;
             let delegations = &self.node.delegations;
             let granted = self

@@ -199,8 +199,8 @@ pub struct MdsNode {
     pub leases: LeaseTable,
     /// Directories delegated to sessions (`delegation.rs`).
     pub delegations: crate::delegation::Delegations,
-    /// (raft term, when this node first wrote as leader in it).
-    pub lease_term: Mutex<(u64, Instant)>,
+    /// What a new leader waits for before acknowledging changes.
+    pub fresh: crate::fresh_leader::FreshLeader,
     /// The raft log, and making it durable on a majority (fsync).
     pub log_sync: crate::log_sync::LogSync,
     /// Batches concurrent writes into shared log entries (group commit).
@@ -346,10 +346,12 @@ impl MdsNode {
 
     /// Replicates `op` and returns the state machine's answer.
     pub async fn write(&self, hdr: Option<&RequestHeader>, op: Op) -> Result<Reply, MdsError> {
-        self.wait_fresh_leader().await;
+        // A follower answers "not leader" at once, not after a wait.
+        self.check_leader()?;
+        let (session_id, request_id) = hdr.map(|h| (h.session_id, h.request_id)).unwrap_or((0, 0));
+        self.wait_fresh_leader(session_id).await;
         // Nothing is written under settings that are not the cluster's.
         self.ensure_settings().await?;
-        let (session_id, request_id) = hdr.map(|h| (h.session_id, h.request_id)).unwrap_or((0, 0));
         let cmd = MetaCommand {
             now_ns: now_ns(),
             session_id,
@@ -363,22 +365,56 @@ impl MdsNode {
         }
     }
 
-    /// A new leader does not know which clients cache what: it holds
-    /// changes back until every lease its predecessor granted has lapsed.
-    pub async fn wait_fresh_leader(&self) {
+    /// A new leader does not know which clients cache what nor what its
+    /// predecessor delegated: a change by session `from` (0: none) waits
+    /// until every lease a predecessor may have granted to another
+    /// session has lapsed (`fresh_leader.rs`). Returns at once on a
+    /// follower (the write that follows fails there).
+    pub async fn wait_fresh_leader(&self, from: u64) {
+        if !self.is_leader() {
+            return;
+        }
         let term = self.raft.metrics().borrow().current_term;
-        let since = {
-            let mut t = self.lease_term.lock().unwrap_or_else(|e| e.into_inner());
-            if t.0 != term {
-                *t = (term, Instant::now());
+        let until = self.fresh.until(term);
+        if Instant::now() >= until {
+            return;
+        }
+        if let Some(sessions) = self.sessions_at_term_start(term).await {
+            if crate::fresh_leader::FreshLeader::alone(&sessions, from) {
+                return;
             }
-            t.1
-        };
-        let until = since + self.leases.ttl();
+        }
         let now = Instant::now();
         if now < until {
             tokio::time::sleep(until - now).await;
         }
+    }
+
+    /// The sessions in the state once this term's first entry is applied
+    /// (so every session a predecessor registered is among them); None if
+    /// this node is no longer the leader of `term`.
+    async fn sessions_at_term_start(&self, term: u64) -> Option<std::sync::Arc<Vec<u64>>> {
+        if let Some(s) = self.fresh.sessions(term) {
+            return Some(s);
+        }
+        self.raft.ensure_linearizable().await.ok()?;
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_term != term || m.current_leader != Some(self.id) {
+            return None;
+        }
+        let sessions = self.read_local(|s| s.sessions.keys().copied().collect());
+        Some(self.fresh.set_sessions(term, sessions))
+    }
+
+    /// True if this node must refuse to vote for another candidate: as
+    /// leader, its last confirmed quorum round let it grant client leases,
+    /// and its followers refuse the same for openraft's leader lease after
+    /// that round (see `fresh_leader.rs`). Also after it stepped down (a
+    /// higher term in a reply deposes a leader without any vote).
+    pub fn holds_leader_lease(&self) -> bool {
+        self.read_lease
+            .last_confirmed()
+            .is_some_and(|t| t.elapsed() <= Duration::from_millis(self.cfg.election_max_ms))
     }
 
     /// A linearizable read of the state (leader only): local while the

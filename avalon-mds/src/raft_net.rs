@@ -188,6 +188,22 @@ impl raft_server::Raft for RaftService {
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let rpc: VoteRequest<NodeId> = decode(req.get_ref())?;
+        // A (recent) leader refuses while its followers would (openraft's
+        // leader lease): it may have granted client leases that a new
+        // leader's wait counts on having ended (`fresh_leader.rs`).
+        // openraft 0.9 has a leader vote as soon as the candidate's log is
+        // long enough. The answer carries no log id, so the candidate just
+        // counts a refusal.
+        if rpc.vote.leader_id().voted_for() != Some(self.node.id) && self.node.holds_leader_lease()
+        {
+            let vote = self.node.raft.metrics().borrow().vote;
+            let refused: Result<VoteResponse<NodeId>, RaftError<NodeId>> = Ok(VoteResponse {
+                vote,
+                vote_granted: false,
+                last_log_id: None,
+            });
+            return encode(&refused);
+        }
         encode(&self.node.raft.vote(rpc).await)
     }
 

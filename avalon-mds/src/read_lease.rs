@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 /// The time until which this node may serve reads from its own state.
 pub struct ReadLease {
     valid_until: Mutex<Option<Instant>>,
+    /// Start of the last confirmed round (kept across revokes: grants made
+    /// under it count from there, see `fresh_leader.rs`).
+    confirmed: Mutex<Option<Instant>>,
     /// Single flight: concurrent readers share one quorum round.
     refresh: tokio::sync::Mutex<()>,
     lease: Duration,
@@ -28,6 +31,7 @@ impl ReadLease {
     pub fn new(lease: Duration) -> Self {
         ReadLease {
             valid_until: Mutex::new(None),
+            confirmed: Mutex::new(None),
             refresh: tokio::sync::Mutex::new(()),
             lease,
         }
@@ -36,6 +40,16 @@ impl ReadLease {
     /// Lease length for an election timeout floor of `election_min_ms`.
     pub fn for_election_min(election_min_ms: u64) -> Self {
         Self::new(Duration::from_millis(election_min_ms / 2))
+    }
+
+    /// How long a confirmed round lets this node read locally.
+    pub fn length(&self) -> Duration {
+        self.lease
+    }
+
+    /// When the last confirmed quorum round started, if any.
+    pub fn last_confirmed(&self) -> Option<Instant> {
+        *self.confirmed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn is_valid(&self) -> bool {
@@ -68,6 +82,7 @@ impl ReadLease {
         let started = Instant::now();
         match confirm().await {
             Ok(()) => {
+                *self.confirmed.lock().unwrap_or_else(|e| e.into_inner()) = Some(started);
                 *self.valid_until.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(started + self.lease);
                 Ok(())
