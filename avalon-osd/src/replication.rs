@@ -410,6 +410,18 @@ impl Replicator {
                     }
                     let _ = tokio::time::timeout_at(deadline, notified).await;
                 }
+                Err(e @ (StoreError::Io { .. } | StoreError::Corruption { .. })) => {
+                    // This copy missed the write (its disk failed, maybe
+                    // midway, or the copy is damaged) while the quorum may
+                    // hold it: rebuilt from a peer now, not at the next write.
+                    tracing::warn!(ino, index, version, error = %e,
+                        "a replicated write failed on this disk; marking the chunk for recovery");
+                    if matches!(e, StoreError::Corruption { .. }) {
+                        self.recovery.mark_corrupt(ino, index);
+                    }
+                    self.recovery.mark_stale(ino, index, version);
+                    return Err(e.into());
+                }
                 Err(e) => return Err(e.into()),
             }
         }

@@ -2,12 +2,14 @@
 //! feature; fail points armed for one OSD's data directory): a read error
 //! answers DataLoss so the client reads another replica, and the copy is
 //! rebuilt from the others; a failed fsync fails that OSD's sync for good
-//! (never retried into a success) until the copy is rebuilt.
+//! (never retried into a success) until the copy is rebuilt; a write
+//! error (EIO, or a torn write) on one replica still reaches the write
+//! quorum, and that replica's copy is rebuilt without a further write.
 #![cfg(feature = "failpoints")]
 
 mod common;
 
-use avalon_osd::chunk_store::faults;
+use avalon_osd::chunk_store::{data_digest, faults};
 use avalon_proto::pb::{self as pb};
 use avalon_proto::placement::chunk_members;
 use common::*;
@@ -135,6 +137,105 @@ async fn failed_fsync_fails_the_sync_until_rebuilt() {
         }
     })
     .await;
+    for o in &mut osds {
+        o.stop().await;
+    }
+    mds.token.cancel();
+}
+
+/// The copy of chunk 0 of `ino` that the OSD at `addr` lists: version and
+/// digest; `None` when it lists none or reports it corrupt.
+async fn listed(addr: &str, ino: u64) -> Option<(u64, u64)> {
+    let reply = client(addr)
+        .await
+        .list_chunks(pb::ListChunksRequest {
+            header: None,
+            pg: 0,
+            pg_count: 0,
+            all: true,
+        })
+        .await
+        .ok()?
+        .into_inner();
+    reply
+        .chunks
+        .iter()
+        .find(|c| {
+            c.chunk
+                .as_ref()
+                .is_some_and(|id| id.ino == ino && id.index == 0)
+        })
+        .map(|c| (c.version, c.digest))
+}
+
+/// Waits until every OSD lists chunk 0 of `ino` at `version` with the
+/// digest of `data` (none reports it corrupt) and reads `data` from it.
+async fn converged(osds: &[TestOsd], ino: u64, version: u64, data: &[u8]) {
+    let want = (version, data_digest(data));
+    for o in osds {
+        eventually("copy rebuilt", || async {
+            (listed(&o.addr, ino).await == Some(want)).then_some(())
+        })
+        .await;
+        let (got, v) = read(&o.addr, ino, 0, data.len() as u32)
+            .await
+            .expect("read the copy");
+        assert_eq!(v, version, "{}", o.addr);
+        assert!(got == data, "{} holds other bytes", o.addr);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_error_on_a_replica_keeps_the_quorum_and_the_copy_is_rebuilt() {
+    let _f = FailScenario::setup();
+    let (mds, mut osds, map) = start_three().await;
+    let ino = 79;
+    let members = chunk_members(&map, ino, 0);
+    let primary = members[0].addr.clone();
+    let victim = osds
+        .iter()
+        .position(|o| o.addr == members[1].addr)
+        .expect("a replica that is not the primary");
+    wait_serving(&primary, ino, map.epoch).await;
+    let mut data: Vec<u8> = (0..60_000u32).map(|i| (i * 11) as u8).collect();
+    let first = client(&primary)
+        .await
+        .write_chunk(write_req(ino, 0, data.clone(), map.epoch))
+        .await
+        .expect("write")
+        .into_inner();
+    converged(&osds, ino, first.version, &data).await;
+
+    // One replica's data writes fail: with EIO at once, then torn midway
+    // (the first half of the range written, then EIO).
+    let mut version = first.version;
+    for (round, fault) in ["EIO", "torn"].into_iter().enumerate() {
+        let offset = 4096 * (round as u32 + 1) + 100;
+        let patch: Vec<u8> = (0..40_000u32)
+            .map(|i| (i * 3 + 17 * round as u32 + 1) as u8)
+            .collect();
+        arm_for(faults::WRITE, fault, osds[victim].dir.path());
+        let reply = client(&primary)
+            .await
+            .write_chunk(write_req(ino, offset, patch.clone(), map.epoch))
+            .await
+            .unwrap_or_else(|e| panic!("write with a failing replica ({fault}): {e:?}"))
+            .into_inner();
+        fail::remove(faults::WRITE);
+        assert!(reply.acks >= 2, "{fault}: {} acks", reply.acks);
+        assert!(
+            reply.version > version,
+            "{fault}: version {}",
+            reply.version
+        );
+        version = reply.version;
+        let end = offset as usize + patch.len();
+        data.resize(data.len().max(end), 0);
+        data[offset as usize..end].copy_from_slice(&patch);
+        // No further write: the failed copy is rebuilt to the same version
+        // and content as the others.
+        converged(&osds, ino, version, &data).await;
+    }
     for o in &mut osds {
         o.stop().await;
     }
