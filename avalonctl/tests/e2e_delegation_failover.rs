@@ -16,7 +16,7 @@ mod common;
 
 use avalonctl::local_cluster::LocalCluster;
 use avalonctl::mds_admin;
-use common::{wait_until, SecondMount, TestCluster};
+use common::{leader, rt, wait_until, SecondMount, TestCluster};
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -29,30 +29,6 @@ use std::time::{Duration, Instant};
 const ROUNDS: usize = 240;
 /// Files created in each round's directory.
 const FILES: usize = 8;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-/// The leader's id as the MDS nodes of `c` report it (waits for one).
-fn leader(c: &LocalCluster) -> u64 {
-    let addrs = c.layout.mds_addrs();
-    let rt = rt();
-    let mut found = None;
-    assert!(
-        wait_until(Duration::from_secs(120), || {
-            found = rt
-                .block_on(mds_admin::find_leader(&addrs))
-                .map(|(id, _)| id);
-            found.is_some()
-        }),
-        "no MDS leader"
-    );
-    found.unwrap_or(0)
-}
 
 /// Waits until every MDS of the layout answers with the same last_applied
 /// and state digest.

@@ -12,37 +12,13 @@ mod common;
 
 use avalonctl::local_cluster::LocalCluster;
 use avalonctl::mds_admin;
-use common::{wait_until, SecondMount, TestCluster};
+use common::{leader, rt, wait_until, SecondMount, TestCluster};
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-/// The leader's id as the MDS nodes of `c` report it.
-fn leader(c: &LocalCluster) -> u64 {
-    let addrs = c.layout.mds_addrs();
-    let rt = rt();
-    let mut found = None;
-    assert!(
-        wait_until(Duration::from_secs(60), || {
-            found = rt
-                .block_on(mds_admin::find_leader(&addrs))
-                .map(|(id, _)| id);
-            found.is_some()
-        }),
-        "no MDS leader"
-    );
-    found.unwrap_or(0)
-}
 
 /// Waits until every MDS of the layout answers with the same last_applied
 /// and state digest (a restarted node caught up).

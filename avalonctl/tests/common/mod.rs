@@ -181,3 +181,28 @@ impl Drop for SecondMount {
         unmount(&self.path);
     }
 }
+
+/// A single-threaded runtime for a test's async admin calls.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The MDS leader's id as the nodes of `c` report it (waits for one).
+pub fn leader(c: &LocalCluster) -> u64 {
+    let addrs = c.layout.mds_addrs();
+    let rt = rt();
+    let mut found = None;
+    assert!(
+        wait_until(Duration::from_secs(120), || {
+            found = rt
+                .block_on(avalonctl::mds_admin::find_leader(&addrs))
+                .map(|(id, _)| id);
+            found.is_some()
+        }),
+        "no MDS leader"
+    );
+    found.unwrap_or(0)
+}
