@@ -6,16 +6,14 @@
 //! unmounts and kills everything, also when the harness panics.
 
 use anyhow::{anyhow, bail, Context};
-use avalonctl::local_cluster::{is_mounted, mds_args, osd_args, unmount, Layout, NodeSpec};
+use avalonctl::local_cluster::{mds_args, osd_args, spawn_client, unmount, Layout, NodeSpec};
 use avalonctl::status::{self, ClusterStatus};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Which daemon.
@@ -282,37 +280,13 @@ impl Cluster {
         let path = self.dir.join(format!("mnt{i}"));
         std::fs::create_dir_all(&path)?;
         let log = self.dir.join("logs").join(format!("mount{i}.log"));
-        let mut child = Command::new(self.bin_dir.join("avalon-fuse"))
-            .arg("--foreground")
+        let mut cmd = Command::new(self.bin_dir.join("avalon-fuse"));
+        cmd.arg("--foreground")
             .arg(self.layout.source())
             .arg(&path)
             .arg("-o")
-            .arg(format!("log={}", log.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .context("cannot start avalon-fuse")?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let ready = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
-        if ready.trim() != "READY" || !is_mounted(&path) {
-            let _ = child.kill();
-            let out = child
-                .wait_with_output()
-                .map(|o| String::from_utf8_lossy(&o.stderr).into_owned());
-            bail!(
-                "mount at {} failed: {}",
-                path.display(),
-                out.unwrap_or_default().trim()
-            );
-        }
+            .arg(format!("log={}", log.display()));
+        let child = spawn_client(cmd, &path)?;
         self.mounts.push(Mount { path, child });
         Ok(())
     }

@@ -323,20 +323,7 @@ mod tests {
         let c: Config = toml::from_str(text).expect("example as shipped");
         c.validate().expect("example valid");
         assert_eq!(c.peer_map().expect("peers").len(), 3);
-        let all: String = text
-            .lines()
-            .map(|l| match l.strip_prefix("# ") {
-                Some(kv)
-                    if kv.split_once(" = ").is_some_and(|(k, _)| {
-                        k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-                    }) =>
-                {
-                    kv
-                }
-                _ => l,
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
+        let all = avalon_proto::config_example::uncomment_settings(text);
         let c: Config = toml::from_str(&all).expect("example with every key");
         assert_eq!(c.replicas, Some(3));
         assert_eq!(c.lease_ms, Config::default().lease_ms);

@@ -245,20 +245,7 @@ mod tests {
         let text = include_str!("../../packaging/etc/osd.example.toml");
         let c = Config::from_toml(text).expect("example as shipped");
         c.validate().expect("example valid");
-        let all: String = text
-            .lines()
-            .map(|l| match l.strip_prefix("# ") {
-                Some(kv)
-                    if kv.split_once(" = ").is_some_and(|(k, _)| {
-                        k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-                    }) =>
-                {
-                    kv
-                }
-                _ => l,
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
+        let all = avalon_proto::config_example::uncomment_settings(text);
         let every = Config::from_toml(&all).expect("example with every key");
         // The commented values are the defaults: only the keys set as
         // shipped differ.

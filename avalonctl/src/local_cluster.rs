@@ -196,6 +196,40 @@ pub struct LocalCluster {
     client: Option<Proc>,
 }
 
+/// Starts a foreground `avalon-fuse` (`cmd`, its arguments set) and waits
+/// until it prints READY, i.e. `mnt` is mounted; else kills it and fails
+/// with what it wrote to stderr.
+pub fn spawn_client(mut cmd: Command, mnt: &Path) -> anyhow::Result<std::process::Child> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd.spawn().context("cannot start avalon-fuse")?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("no stdout pipe"))?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let ready = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+    if ready.trim() != "READY" || !is_mounted(mnt) {
+        let _ = child.kill();
+        let out = child
+            .wait_with_output()
+            .map(|o| String::from_utf8_lossy(&o.stderr).into_owned());
+        bail!(
+            "mount at {} failed: {}",
+            mnt.display(),
+            out.unwrap_or_default().trim()
+        );
+    }
+    Ok(child)
+}
+
 /// True when `path` is a mount point (per /proc/self/mountinfo).
 pub fn is_mounted(path: &Path) -> bool {
     let Ok(canon) = std::fs::canonicalize(path).or_else(|_| Ok::<_, ()>(path.to_path_buf())) else {
@@ -475,35 +509,8 @@ impl LocalCluster {
             format!("log={}", self.dir.join("logs").join("client.log").display()),
         ];
         let mut cmd = Command::new(self.opts.bin_dir.join("avalon-fuse"));
-        cmd.args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        cmd.env("RUST_LOG", &self.opts.log_level);
-        let mut child = cmd.spawn().context("cannot start avalon-fuse")?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow!("no stdout pipe"))?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let ready = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
-        if ready.trim() != "READY" {
-            let _ = child.kill();
-            let out = child
-                .wait_with_output()
-                .map(|o| String::from_utf8_lossy(&o.stderr).into_owned());
-            bail!(
-                "mount at {} failed: {}",
-                mnt.display(),
-                out.unwrap_or_default().trim()
-            );
-        }
+        cmd.args(&args).env("RUST_LOG", &self.opts.log_level);
+        let child = spawn_client(cmd, &mnt)?;
         std::fs::write(
             self.dir.join("run").join("client.pid"),
             child.id().to_string(),

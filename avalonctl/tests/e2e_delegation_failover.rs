@@ -15,8 +15,7 @@
 mod common;
 
 use avalonctl::local_cluster::LocalCluster;
-use avalonctl::mds_admin;
-use common::{leader, rt, wait_until, SecondMount, TestCluster};
+use common::{leader, wait_converged, wait_until, SecondMount, TestCluster};
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -29,29 +28,6 @@ use std::time::{Duration, Instant};
 const ROUNDS: usize = 240;
 /// Files created in each round's directory.
 const FILES: usize = 8;
-
-/// Waits until every MDS of the layout answers with the same last_applied
-/// and state digest.
-fn wait_converged(c: &LocalCluster, limit: Duration) {
-    let addrs = c.layout.mds_addrs();
-    let rt = rt();
-    let mut last = Vec::new();
-    let ok = wait_until(limit, || {
-        last = addrs
-            .iter()
-            .map(|a| {
-                rt.block_on(mds_admin::status_of(a, Duration::from_secs(2)))
-                    .and_then(|s| s.self_)
-                    .map(|m| (m.last_applied, m.state_digest))
-            })
-            .collect();
-        match last.first() {
-            Some(Some((idx, dig))) => *idx > 0 && last.iter().all(|x| *x == Some((*idx, *dig))),
-            _ => false,
-        }
-    });
-    assert!(ok, "MDS nodes did not converge: {last:?}");
-}
 
 /// One entry of a tree.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,38 +10,13 @@
 
 mod common;
 
-use avalonctl::local_cluster::LocalCluster;
-use avalonctl::mds_admin;
-use common::{leader, rt, wait_until, SecondMount, TestCluster};
+use common::{leader, wait_converged, wait_until, SecondMount, TestCluster};
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Waits until every MDS of the layout answers with the same last_applied
-/// and state digest (a restarted node caught up).
-fn wait_converged(c: &LocalCluster) {
-    let addrs = c.layout.mds_addrs();
-    let rt = rt();
-    let mut last = Vec::new();
-    let ok = wait_until(Duration::from_secs(120), || {
-        last = addrs
-            .iter()
-            .map(|a| {
-                rt.block_on(mds_admin::status_of(a, Duration::from_secs(2)))
-                    .and_then(|s| s.self_)
-                    .map(|m| (m.last_applied, m.state_digest))
-            })
-            .collect();
-        let Some(Some(first)) = last.first().cloned() else {
-            return false;
-        };
-        first.0 > 0 && last.iter().all(|x| *x == Some(first))
-    });
-    assert!(ok, "MDS nodes did not converge: {last:?}");
-}
 
 /// A thread creating `f<i>` in a directory with O_CREAT|O_EXCL, one new
 /// name after another, until stopped.
@@ -163,7 +138,7 @@ fn creates_go_on_across_leader_kills() {
         w.wait_for(at + 300);
         eprintln!("round {round}: {} creates", w.count());
         tc.c().restart_mds(victim).expect("restart killed MDS");
-        wait_converged(tc.c());
+        wait_converged(tc.c(), Duration::from_secs(120));
     }
     let (acked, failed) = w.finish();
     assert!(failed.is_empty(), "failed creates: {failed:?}");
@@ -209,7 +184,7 @@ fn new_leader_does_not_hide_a_create_behind_an_old_negative_entry() {
         );
     }
     tc.c().restart_mds(victim).expect("restart killed MDS");
-    wait_converged(tc.c());
+    wait_converged(tc.c(), Duration::from_secs(120));
     let listed = listing(&b_dir);
     assert_eq!(listed.len(), NAMES, "B lists {listed:?}");
 }

@@ -14,43 +14,13 @@ use avalon_proto::mds_conn::MdsConn;
 use avalon_proto::pb;
 use avalonctl::local_cluster::{LocalCluster, Options};
 use avalonctl::mds_admin;
-use common::{leader, rt, wait_until, TestCluster};
+use common::{leader, rt, wait_converged, wait_until, TestCluster};
 use std::collections::BTreeSet;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Waits until every MDS of the layout answers with the same last_applied
-/// and state digest; returns (last_applied, digest).
-fn wait_converged(c: &LocalCluster, limit: Duration) -> (u64, u64) {
-    let addrs = c.layout.mds_addrs();
-    let rt = rt();
-    let mut last = Vec::new();
-    let ok = wait_until(limit, || {
-        last = addrs
-            .iter()
-            .map(|a| {
-                rt.block_on(mds_admin::status_of(a, Duration::from_secs(2)))
-                    .and_then(|s| s.self_)
-                    .map(|m| (m.id, m.last_applied, m.state_digest))
-            })
-            .collect();
-        let Some(Some((_, idx, dig))) = last.first().cloned() else {
-            return false;
-        };
-        idx > 0
-            && last
-                .iter()
-                .all(|x| matches!(x, Some((_, i, d)) if *i == idx && *d == dig))
-    });
-    assert!(ok, "MDS nodes did not converge: {last:?}");
-    match last.first() {
-        Some(Some((_, i, d))) => (*i, *d),
-        _ => (0, 0),
-    }
-}
 
 /// The names in `dir`, failing on duplicates.
 fn names(dir: &Path) -> BTreeSet<String> {

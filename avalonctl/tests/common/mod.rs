@@ -206,3 +206,27 @@ pub fn leader(c: &LocalCluster) -> u64 {
     );
     found.unwrap_or(0)
 }
+
+/// Waits until every MDS of the layout answers with the same last_applied
+/// and state digest (a restarted node caught up); returns them.
+pub fn wait_converged(c: &LocalCluster, limit: Duration) -> (u64, u64) {
+    let addrs = c.layout.mds_addrs();
+    let rt = rt();
+    let mut last = Vec::new();
+    let ok = wait_until(limit, || {
+        last = addrs
+            .iter()
+            .map(|a| {
+                rt.block_on(avalonctl::mds_admin::status_of(a, Duration::from_secs(2)))
+                    .and_then(|s| s.self_)
+                    .map(|m| (m.last_applied, m.state_digest))
+            })
+            .collect();
+        match last.first() {
+            Some(Some((idx, dig))) => *idx > 0 && last.iter().all(|x| *x == Some((*idx, *dig))),
+            _ => false,
+        }
+    });
+    assert!(ok, "MDS nodes did not converge: {last:?}");
+    last.first().copied().flatten().unwrap_or((0, 0))
+}
