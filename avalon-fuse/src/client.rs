@@ -35,6 +35,12 @@ pub struct FileState {
     /// through uncached, O_APPEND offsets come from the MDS, reads ask for
     /// the size. Until this client's last close of the file.
     pub shared: bool,
+    /// Size commits to the MDS started and finished: an attribute reply
+    /// asked for while none was under way, with none started since, holds
+    /// every size this client committed before it.
+    pub commits_started: u32,
+    /// See `commits_started`.
+    pub commits_done: u32,
 }
 
 impl FileState {
@@ -446,9 +452,13 @@ impl Client {
         if a.mode & libc::S_IFMT != libc::S_IFREG {
             return a.size;
         }
+        // This client's only writer of the file: the MDS's size can only
+        // lag behind its own (a reply may have been sent before one of
+        // its commits), and its O_APPEND writes go at this size.
+        let sole_writer = !self.is_shared(a.ino) && self.open_count(a.ino).writes > 0;
         let mut st = self.files.entry(a.ino).or_default();
         st.chunk_size = a.chunk_size;
-        if st.dirty {
+        if st.dirty || sole_writer {
             st.size = st.size.max(a.size);
         } else {
             st.size = a.size;
@@ -1034,16 +1044,51 @@ impl Client {
         };
         // The reply's attributes are as new as it gets.
         self.meta.forget_attr(ino);
+        if let Some(mut st) = self.files.get_mut(&ino) {
+            st.commits_started = st.commits_started.wrapping_add(1);
+        }
         let r = self
             .rpc(req, |mut c, r| async move { c.commit_write(r).await })
-            .await?;
+            .await;
         if let Some(mut st) = self.files.get_mut(&ino) {
+            st.commits_done = st.commits_done.wrapping_add(1);
             // Writes that raced past `size` stay dirty.
-            st.committed(size);
+            if r.is_ok() {
+                st.committed(size);
+            }
         }
+        let r = r?;
         r.attr
             .map(Some)
             .ok_or_else(|| ClientError::Unavailable("MDS reply without attributes".into()))
+    }
+
+    /// Counts `ino`'s size commits done, if none is under way (see
+    /// [`FileState::commits_started`]).
+    fn commits_before(&self, ino: u64) -> Option<u32> {
+        match self.files.get(&ino) {
+            Some(st) if st.commits_started != st.commits_done => None,
+            Some(st) => Some(st.commits_done),
+            None => Some(0),
+        }
+    }
+
+    /// Takes the size of an open's reply: the MDS's size is the file's
+    /// (a truncate by another session may have lowered it) unless writes
+    /// of this client are pending or its commits crossed the request
+    /// (`commits`: from [`Client::commits_before`] when it was sent).
+    fn note_open_size(&self, a: &Attr, commits: Option<u32>) {
+        if a.mode & libc::S_IFMT != libc::S_IFREG {
+            return;
+        }
+        let mut st = self.files.entry(a.ino).or_default();
+        st.chunk_size = a.chunk_size;
+        let fresh = commits == Some(st.commits_started) && st.commits_started == st.commits_done;
+        if fresh && !st.dirty {
+            st.size = a.size;
+        } else {
+            st.size = st.size.max(a.size);
+        }
     }
 
     /// This client's opens of `ino`.
@@ -1101,6 +1146,7 @@ impl Client {
         // come before the reply and must find it open.
         self.count_open(ino, flags);
         let epoch = self.meta.epoch();
+        let commits = self.commits_before(ino);
         let req = pb::OpenRequest {
             header: self.header(),
             ino,
@@ -1124,6 +1170,7 @@ impl Client {
             }
         };
         self.meta.put_attr(epoch, &a);
+        self.note_open_size(&a, commits);
         if r.shared_write {
             // What this client buffered before goes out first; a failure
             // of that is the file's, reported at its fsync or close.

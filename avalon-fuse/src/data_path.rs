@@ -134,9 +134,32 @@ impl Client {
             drop(guard);
             return self.write_shared(ino, offset, data, sync, append).await;
         }
+        if append {
+            drop(guard);
+            return self.append_local(ino, data, sync).await;
+        }
         let r = self.write_local(ino, offset, data, sync, false).await;
         drop(guard);
         r
+    }
+
+    /// An O_APPEND write while this session is the file's only writer: at
+    /// the end of file as this client knows it (the MDS's size at open
+    /// plus its own writes), not at the kernel's offset, which comes from
+    /// an i_size that may predate other mounts' appends. The gate is taken
+    /// exclusively so that appends of this mount's threads get disjoint
+    /// ranges and a shared-write demand waits for the append under way.
+    async fn append_local(self: &Arc<Self>, ino: u64, data: Bytes, sync: bool) -> Result<u32> {
+        let gate = self.write_gate(ino);
+        let _g = gate.write().await;
+        if self.is_shared(ino) {
+            drop(_g);
+            return self.write_shared(ino, 0, data, sync, true).await;
+        }
+        // Set at open from the MDS and moved by this client's own writes
+        // and truncates since (see `Client::note_attr`).
+        let offset = self.known_size(ino).map_or(0, |st| st.size);
+        self.write_local(ino, offset, data, sync, false).await
     }
 
     /// A write in shared-write mode: through to the OSDs, then the size to

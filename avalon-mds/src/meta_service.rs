@@ -241,13 +241,18 @@ impl MetaService {
     /// attributes that cover it), then everyone writes through and reads
     /// uncached. Returns whether the file is in that mode.
     async fn open_shared(&self, sid: u64, ino: u64, write: bool) -> bool {
-        let (shared, tell) = self.node.open_shared(sid, ino, write);
-        let leases = &self.node.leases;
-        futures::future::join_all(
-            tell.into_iter()
-                .map(|other| leases.demand_flush(other, ino, SHARED_WRITE_WAIT)),
-        )
-        .await;
+        let node = &self.node;
+        let (shared, tell) = node.open_shared(sid, ino, write);
+        let demands = tell.into_iter().map(|told| async move {
+            node.leases
+                .demand_flush(told.sid, ino, SHARED_WRITE_WAIT)
+                .await;
+            drop(told);
+        });
+        futures::future::join_all(demands).await;
+        if shared {
+            node.wait_demands(ino).await;
+        }
         shared
     }
 

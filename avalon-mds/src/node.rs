@@ -105,6 +105,11 @@ pub struct OpenTable {
     pub by_ino: HashMap<u64, BTreeSet<u64>>,
     /// Inodes a proposed removal may delete; Opens of them wait.
     pub pending: HashMap<u64, u32>,
+    /// Shared-write demands under way per inode. Every open in shared-write
+    /// mode waits for all of them, not only for those it sent: a second
+    /// open of the same session would otherwise read the size before the
+    /// told session committed what it buffered, and append over it.
+    pub demanding: HashMap<u64, u32>,
 }
 
 impl OpenTable {
@@ -180,6 +185,22 @@ impl Drop for PendingRemoval<'_> {
             }
         }
         self.node.pending_changed.notify_waiters();
+    }
+}
+
+/// A session that must be told that `ino` is now in shared-write mode:
+/// the demand counts as under way until this is dropped (also when the
+/// open that sends it is abandoned).
+pub struct Told<'a> {
+    node: &'a MdsNode,
+    /// The session to tell.
+    pub sid: u64,
+    ino: u64,
+}
+
+impl Drop for Told<'_> {
+    fn drop(&mut self) {
+        self.node.demand_done(self.ino);
     }
 }
 
@@ -491,7 +512,7 @@ impl MdsNode {
     /// writers, or a writer and a reader (who must see each write, not
     /// what the writer buffered). Readers count by the opens this leader
     /// saw (a new leader learns writers only, from heartbeats).
-    pub fn open_shared(&self, sid: u64, ino: u64, write: bool) -> (bool, Vec<u64>) {
+    pub fn open_shared(&self, sid: u64, ino: u64, write: bool) -> (bool, Vec<Told<'_>>) {
         let now = Instant::now();
         let grace = self.grace();
         let mut t = self.lock_opens();
@@ -516,10 +537,51 @@ impl MdsNode {
                 }
             }
         }
-        if shared {
-            t.entry(sid, ino).shared = true;
+        // The reply tells `sid` its mode. Not shared: the session may have
+        // left shared-write mode at its own last close while this table
+        // still marks it told (its release is not here yet), so the next
+        // session to share the file must tell it again.
+        t.entry(sid, ino).shared = shared;
+        if !tell.is_empty() {
+            *t.demanding.entry(ino).or_default() += tell.len() as u32;
         }
-        (shared, tell)
+        let told = tell
+            .into_iter()
+            .map(|sid| Told {
+                node: self,
+                sid,
+                ino,
+            })
+            .collect();
+        (shared, told)
+    }
+
+    /// One shared-write demand for `ino` (counted by
+    /// [`MdsNode::open_shared`]) is answered or given up.
+    fn demand_done(&self, ino: u64) {
+        {
+            let mut t = self.lock_opens();
+            if let Some(n) = t.demanding.get_mut(&ino) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    t.demanding.remove(&ino);
+                }
+            }
+        }
+        self.pending_changed.notify_waiters();
+    }
+
+    /// Waits until no shared-write demand for `ino` is under way.
+    pub async fn wait_demands(&self, ino: u64) {
+        loop {
+            let notified = self.pending_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.lock_opens().demanding.contains_key(&ino) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Drops one open of `ino` by `sid` (`write`: an open for writing);
