@@ -135,6 +135,9 @@ pub struct Client {
     stream_ready: tokio::sync::Notify,
     /// Creates in flight (see [`Client::create`]).
     creating: std::sync::atomic::AtomicU32,
+    /// Names this client's changes in flight touch: not looked up in the
+    /// cache meanwhile (see `changing_names.rs`).
+    changing: crate::changing_names::ChangingNames,
     /// Open directories: count, and whether the MDS counts one open of
     /// ours (registered before this client removes one, see
     /// [`Client::rmdir`]). Reported in heartbeats like files.
@@ -213,6 +216,7 @@ impl Client {
             opens: DashMap::new(),
             write_gates: DashMap::new(),
             creating: Default::default(),
+            changing: Default::default(),
             stream_up: Default::default(),
             stream_ready: tokio::sync::Notify::new(),
             open_dirs: DashMap::new(),
@@ -327,6 +331,27 @@ impl Client {
             });
         }
         self.mds.request(req, f).await
+    }
+
+    /// The MDS refused a change of names (`names`: directory and name) as
+    /// absent, present or of the wrong kind, where this client's cache may
+    /// still say otherwise: the recall of another session's change is on
+    /// its way. Those names are forgotten at once, so that no later look
+    /// through this mount is older than what this answer showed.
+    fn contradicted(&self, e: &tonic::Status, names: &[(u64, &[u8])]) {
+        let errno = avalon_proto::errno::errno_of(e);
+        let stale = [
+            libc::ENOENT,
+            libc::EEXIST,
+            libc::ENOTEMPTY,
+            libc::ENOTDIR,
+            libc::EISDIR,
+        ];
+        if stale.contains(&errno) {
+            for (dir, name) in names {
+                self.meta.forget_entry(*dir, name);
+            }
+        }
     }
 
     /// This client's session id.
@@ -481,10 +506,15 @@ impl Client {
         if name.len() > avalon_proto::limits::NAME_MAX {
             return Err(ClientError::posix(libc::ENAMETOOLONG, "name too long"));
         }
-        match self.meta.lookup(parent, name) {
-            Some(Cached::Found(a)) => return Ok(a),
-            Some(Cached::Absent) => return Err(ClientError::posix(libc::ENOENT, "no such entry")),
-            None => {}
+        let changing = self.changing.contains(parent, name);
+        if !changing {
+            match self.meta.lookup(parent, name) {
+                Some(Cached::Found(a)) => return Ok(a),
+                Some(Cached::Absent) => {
+                    return Err(ClientError::posix(libc::ENOENT, "no such entry"))
+                }
+                None => {}
+            }
         }
         let epoch = self.meta.epoch();
         let req = pb::LookupRequest {
@@ -499,12 +529,15 @@ impl Client {
             Ok(r) => {
                 let a = Self::ok_attr(r.attr)?;
                 self.meta.put_attr(epoch, &a);
-                self.meta.put_entry(epoch, parent, name, a.ino);
+                if !changing && !self.changing.contains(parent, name) {
+                    self.meta.put_entry(epoch, parent, name, a.ino);
+                }
                 Ok(a)
             }
             Err(e) => {
                 let e = ClientError::from(e);
-                if e.errno() == libc::ENOENT {
+                let keep = !changing && !self.changing.contains(parent, name);
+                if e.errno() == libc::ENOENT && keep {
                     self.meta.put_entry(epoch, parent, name, 0);
                 }
                 Err(e)
@@ -662,9 +695,11 @@ impl Client {
             exclusive,
             open_flags,
         };
+        let _changing = self.changing.begin(&[(parent, name)]);
         let r = self
             .rpc(req, |mut c, r| async move { c.mknod(r).await })
-            .await?;
+            .await
+            .inspect_err(|e| self.contradicted(e, &[(parent, name)]))?;
         self.note_entry(epoch, parent, name, &r);
         Ok(r)
     }
@@ -693,9 +728,11 @@ impl Client {
             uid,
             gid,
         };
+        let _changing = self.changing.begin(&[(parent, name)]);
         let r = self
             .rpc(req, |mut c, r| async move { c.mkdir(r).await })
-            .await?;
+            .await
+            .inspect_err(|e| self.contradicted(e, &[(parent, name)]))?;
         self.note_entry(epoch, parent, name, &r);
         if let Some(a) = &r.attr {
             self.meta.put_complete(epoch, parent, name, a.ino);
@@ -727,9 +764,11 @@ impl Client {
             uid,
             gid,
         };
+        let _changing = self.changing.begin(&[(parent, name)]);
         let r = self
             .rpc(req, |mut c, r| async move { c.symlink(r).await })
-            .await?;
+            .await
+            .inspect_err(|e| self.contradicted(e, &[(parent, name)]))?;
         self.note_entry(epoch, parent, name, &r);
         Self::ok_attr(r.attr)
     }
@@ -746,9 +785,11 @@ impl Client {
             name: Bytes::copy_from_slice(name),
         };
         let epoch = self.meta.epoch();
+        let _changing = self.changing.begin(&[(parent, name)]);
         let r = self
             .rpc(req, |mut c, r| async move { c.unlink(r).await })
-            .await?;
+            .await
+            .inspect_err(|e| self.contradicted(e, &[(parent, name)]))?;
         self.meta.removed(epoch, parent, name);
         self.note_dirs(epoch, &[parent], &r);
         Ok(())
@@ -767,9 +808,11 @@ impl Client {
             name: Bytes::copy_from_slice(name),
         };
         let epoch = self.meta.epoch();
+        let _changing = self.changing.begin(&[(parent, name)]);
         let r = self
             .rpc(req, |mut c, r| async move { c.rmdir(r).await })
-            .await?;
+            .await
+            .inspect_err(|e| self.contradicted(e, &[(parent, name)]))?;
         self.meta.removed(epoch, parent, name);
         self.note_dirs(epoch, &[parent], &r);
         Ok(())
@@ -797,9 +840,11 @@ impl Client {
             new_parent,
             new_name: Bytes::copy_from_slice(new_name),
         };
+        let _changing = self.changing.begin(&[(new_parent, new_name)]);
         let r = self
             .rpc(req, |mut c, r| async move { c.link(r).await })
-            .await?;
+            .await
+            .inspect_err(|e| self.contradicted(e, &[(new_parent, new_name)]))?;
         self.note_entry(epoch, new_parent, new_name, &r);
         Self::ok_attr(r.attr)
     }
@@ -830,9 +875,13 @@ impl Client {
             flags,
         };
         let epoch = self.meta.epoch();
+        let _changing = self
+            .changing
+            .begin(&[(parent, name), (new_parent, new_name)]);
         let r = self
             .rpc(req, |mut c, r| async move { c.rename(r).await })
-            .await?;
+            .await
+            .inspect_err(|e| self.contradicted(e, &[(parent, name), (new_parent, new_name)]))?;
         // The moved inode's ctime changed and an exchange moved the other
         // too: drop both names and let the next lookup ask.
         if flags & libc::RENAME_EXCHANGE != 0 {

@@ -4,6 +4,7 @@
 
 pub mod acl;
 pub mod attr;
+pub mod changing_names;
 pub mod chunk_cache;
 pub mod client;
 pub mod data_path;

@@ -4,21 +4,14 @@
 
 use crate::client::Client;
 use avalon_proto::pb;
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long an entry invalidation may wait for the kernel. The kernel
-/// takes the directory's lock for it, which a request of ours blocked on
-/// the MDS may hold; past this the recall is acknowledged anyway (the
-/// invalidation still happens once the lock is free).
-const KERNEL_WAIT: Duration = Duration::from_millis(50);
 /// How long an inode invalidation (attributes, pages) may wait for the
 /// kernel. It takes no lock a request of ours holds while it waits for
 /// the MDS, and a reader sees another mount's write only if its pages are
-/// gone before the recall is acknowledged: on a busy machine the entry
-/// bound above was sometimes too short for that.
+/// gone before the recall is acknowledged: on a busy machine 50 ms was
+/// sometimes too short for that.
 const INODE_WAIT: Duration = Duration::from_secs(2);
 
 /// Invalidates the kernel's caches of this mount.
@@ -54,30 +47,14 @@ impl KernelCache {
         let _ = self.notifier.inval_inode(self.node(r.ino), offset, 0);
     }
 
-    /// Applies the entry part of a recall to the kernel, if it has one.
-    fn invalidate_entry(&self, r: &pb::Recall) {
-        if r.entry {
-            let _ = self
-                .notifier
-                .inval_entry(self.node(r.ino), OsStr::from_bytes(&r.name));
-        }
-    }
-
-    /// Applies recalls to the kernel: inodes first, waiting for them at
-    /// most [`INODE_WAIT`], then entries, at most [`KERNEL_WAIT`].
+    /// Applies recalls to the kernel, waiting for it at most
+    /// [`INODE_WAIT`]: attributes and cached pages. Names need nothing:
+    /// the kernel keeps none (`fs::ENTRY_TTL`).
     async fn apply(&self, recalls: Vec<pb::Recall>) {
-        let recalls = std::sync::Arc::new(recalls);
-        let (k, rs) = (self.clone(), recalls.clone());
+        let k = self.clone();
         let inodes =
-            tokio::task::spawn_blocking(move || rs.iter().for_each(|r| k.invalidate_inode(r)));
+            tokio::task::spawn_blocking(move || recalls.iter().for_each(|r| k.invalidate_inode(r)));
         let _ = tokio::time::timeout(INODE_WAIT, inodes).await;
-        if recalls.iter().any(|r| r.entry) {
-            let k = self.clone();
-            let entries = tokio::task::spawn_blocking(move || {
-                recalls.iter().for_each(|r| k.invalidate_entry(r))
-            });
-            let _ = tokio::time::timeout(KERNEL_WAIT, entries).await;
-        }
     }
 }
 
