@@ -66,10 +66,12 @@ fn wr(e: impl std::fmt::Display) -> SErr {
 /// entries without fsync and hands its callback to a flusher thread that
 /// makes everything appended so far durable with one commit (group commit:
 /// entries appended while an fsync is under way share the next one) and
-/// then fires every callback it covered. Votes, truncations and purges are
-/// durable before they return. A storage error is final: the callbacks get
-/// it (raft stops) and [`LogDurability::failed`] reports it, so the node
-/// exits and a supervisor restarts it on what is on disk.
+/// then fires every callback it covered. Votes and truncations are durable
+/// before they return; a purge becomes durable with the next commit (it
+/// only drops entries a durable snapshot covers). A storage error is
+/// final: the callbacks get it (raft stops) and [`LogDurability::failed`]
+/// reports it, so the node exits and a supervisor restarts it on what is
+/// on disk.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
@@ -523,14 +525,27 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
         let bytes = postcard::to_allocvec(&log_id).map_err(wr)?;
-        let tx = self.db.begin_write().map_err(wr)?;
-        {
-            let mut m = tx.open_table(META).map_err(wr)?;
-            m.insert(KEY_PURGED, bytes.as_slice()).map_err(wr)?;
-            let mut t = tx.open_table(LOGS).map_err(wr)?;
-            t.retain_in(..=log_id.index, |_, _| false).map_err(wr)?;
-        }
-        tx.commit().map_err(wr)
+        let db = self.db.clone();
+        // Off raft's core and the runtime's threads, and without an fsync
+        // of its own: openraft waits for the purge before it answers
+        // AppendEntries or heartbeats again, and a durable purge of
+        // thousands of entries took up to a second, long enough for an
+        // election. The flusher's next commit makes it durable; a crash
+        // before that leaves entries a durable snapshot already covers,
+        // which is harmless (purged again after the restart).
+        let purged = tokio::task::spawn_blocking(move || -> Result<(), SErr> {
+            let mut tx = db.begin_write().map_err(wr)?;
+            tx.set_durability(Durability::None);
+            {
+                let mut m = tx.open_table(META).map_err(wr)?;
+                m.insert(KEY_PURGED, bytes.as_slice()).map_err(wr)?;
+                let mut t = tx.open_table(LOGS).map_err(wr)?;
+                t.retain_in(..=log_id.index, |_, _| false).map_err(wr)?;
+            }
+            tx.commit().map_err(wr)
+        })
+        .await;
+        purged.map_err(wr)?
     }
 }
 
