@@ -98,26 +98,16 @@ fn file_attr(c: &Client, a: &Attr) -> FileAttr {
     to_fuse(a, fuse_ino(c, a.ino), size)
 }
 
-/// How long the kernel may keep a name (dentry) without asking us: not at
-/// all. A recall cannot take a name back from it in time: the kernel's
-/// invalidation needs the directory's lock, which one of our own requests
-/// in that directory may hold while it waits for the MDS, which waits for
-/// another mount's acknowledgement, whose own invalidation may wait the
-/// same way; and path walks read dentries without that lock. So every path
-/// walk asks us (`lookup`), and the client's cache, which a recall clears
-/// at once, answers without a round trip. Attributes are cached for the
-/// lease: their invalidation takes no lock.
-const ENTRY_TTL: Duration = Duration::ZERO;
-
 fn reply_entry(c: &Client, r: crate::error::Result<Attr>, reply: ReplyEntry) {
     match r {
-        Ok(a) => reply.entry_with_ttls(
-            &c.meta.ttl(),
-            &ENTRY_TTL,
-            &file_attr(c, &a),
-            Generation(a.generation),
-        ),
-        // No negative entry either (see ENTRY_TTL).
+        // The kernel may keep what we tell it as long as our lease holds:
+        // the MDS recalls it through us (recall.rs) before it changes.
+        Ok(a) => reply.entry(&c.meta.ttl(), &file_attr(c, &a), Generation(a.generation)),
+        Err(e) if e.errno() == libc::ENOENT && !c.meta.ttl().is_zero() => {
+            // A negative entry (node 0) the kernel caches too.
+            let none = crate::attr::to_fuse(&Attr::default(), 0, 0);
+            reply.entry(&c.meta.ttl(), &none, Generation(0))
+        }
         Err(e) => reply.error(errno(&e)),
     }
 }
@@ -519,10 +509,8 @@ impl Filesystem for AvalonFs {
             match r {
                 Ok((a, shared)) => {
                     let attr = file_attr(&c, &a);
-                    // One time-to-live for the name and the attributes
-                    // here: both not kept (see ENTRY_TTL).
                     reply.created(
-                        &ENTRY_TTL,
+                        &c.meta.ttl(),
                         &attr,
                         Generation(a.generation),
                         fh,
@@ -817,9 +805,14 @@ impl Filesystem for AvalonFs {
                                     Generation(0),
                                 )
                             }
-                            _ => {
-                                reply.add(ino, 1, ".", &ENTRY_TTL, &attr, Generation(me.generation))
-                            }
+                            _ => reply.add(
+                                ino,
+                                1,
+                                ".",
+                                &c.meta.ttl(),
+                                &attr,
+                                Generation(me.generation),
+                            ),
                         })
                     }
                     DirItem::Entry(e) => {
@@ -827,13 +820,11 @@ impl Filesystem for AvalonFs {
                             return Err(Errno::EIO);
                         };
                         let attr = file_attr(&c, a);
-                        // Name and attributes share one time-to-live
-                        // here: not kept (see ENTRY_TTL).
                         Ok(reply.add(
                             attr.ino,
                             e.cookie,
                             OsStr::from_bytes(&e.name),
-                            &ENTRY_TTL,
+                            &c.meta.ttl(),
                             &attr,
                             Generation(a.generation),
                         ))

@@ -319,7 +319,8 @@ fn run_foreground(args: &Args) -> anyhow::Result<()> {
 
     // Background duties: the recall stream, heartbeats (which renew the
     // metadata lease, so several per lease) and cluster map refresh.
-    let kernel = avalon_fuse::recall::KernelCache::new(session.notifier(), client.root_ino);
+    let device = std::os::fd::AsFd::as_fd(&session).try_clone_to_owned().ok();
+    let kernel = avalon_fuse::recall::KernelCache::new(session.notifier(), client.root_ino, device);
     let _ = kernel_slot.set(kernel.clone());
     rt.spawn(avalon_fuse::recall::run(client.clone(), Some(kernel)));
     let fl = client.clone();

@@ -4,14 +4,32 @@
 
 use crate::client::Client;
 use avalon_proto::pb;
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How long an entry invalidation may wait for the kernel. The kernel
+/// takes the directory's lock for it, which a request of ours may hold
+/// while it waits for the MDS, which may wait for another mount's
+/// acknowledgement, blocked the same way. Past this every name the kernel
+/// holds for the mount is expired at once (which takes no lock), so that
+/// no path walk, which reads names without that lock, sees the old one
+/// after the acknowledgement.
+const ENTRY_WAIT: Duration = Duration::from_millis(20);
+/// The same bound on kernels that cannot expire all names at once (before
+/// Linux 6.16): the recall is acknowledged anyway, and the name stays
+/// visible until the directory's lock is free.
+const KERNEL_WAIT: Duration = Duration::from_millis(50);
+/// FUSE_NOTIFY_INC_EPOCH: every name cached before it is looked up again.
+const FUSE_NOTIFY_INC_EPOCH: i32 = 8;
 /// How long an inode invalidation (attributes, pages) may wait for the
 /// kernel. It takes no lock a request of ours holds while it waits for
 /// the MDS, and a reader sees another mount's write only if its pages are
-/// gone before the recall is acknowledged: on a busy machine 50 ms was
-/// sometimes too short for that.
+/// gone before the recall is acknowledged: on a busy machine the entry
+/// bound above was sometimes too short for that.
 const INODE_WAIT: Duration = Duration::from_secs(2);
 
 /// Invalidates the kernel's caches of this mount.
@@ -19,13 +37,47 @@ const INODE_WAIT: Duration = Duration::from_secs(2);
 pub struct KernelCache {
     notifier: fuser::Notifier,
     root_ino: u64,
+    /// The mount's /dev/fuse descriptor, for the notification fuser has
+    /// no call for; cleared once the kernel refused it.
+    device: Option<Arc<OwnedFd>>,
+    epochs_work: Arc<AtomicBool>,
 }
 
 impl KernelCache {
     /// Invalidations through `notifier`; `root_ino` is the MDS inode the
     /// mount's root (kernel node 1) stands for.
-    pub fn new(notifier: fuser::Notifier, root_ino: u64) -> Self {
-        KernelCache { notifier, root_ino }
+    /// `device`: a duplicate of the mount's /dev/fuse descriptor.
+    pub fn new(notifier: fuser::Notifier, root_ino: u64, device: Option<OwnedFd>) -> Self {
+        KernelCache {
+            notifier,
+            root_ino,
+            device: device.map(Arc::new),
+            epochs_work: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// Expires every name (positive or negative) the kernel caches for
+    /// this mount, without taking any lock. False if this kernel cannot.
+    fn expire_all_names(&self) -> bool {
+        let Some(fd) = self.device.as_ref() else {
+            return false;
+        };
+        if !self.epochs_work.load(Ordering::Relaxed) {
+            return false;
+        }
+        // A notification is a bare fuse_out_header: length, the code in
+        // the error field, unique 0.
+        let mut msg = [0u8; 16];
+        msg[..4].copy_from_slice(&16u32.to_ne_bytes());
+        msg[4..8].copy_from_slice(&FUSE_NOTIFY_INC_EPOCH.to_ne_bytes());
+        match nix::unistd::write(fd.as_ref(), &msg) {
+            Ok(16) => true,
+            r => {
+                tracing::warn!(result = ?r, "this kernel cannot expire all names at once (Linux 6.16+): another mount's change of a name may show late here");
+                self.epochs_work.store(false, Ordering::Relaxed);
+                false
+            }
+        }
     }
 
     fn node(&self, ino: u64) -> fuser::INodeNo {
@@ -47,14 +99,34 @@ impl KernelCache {
         let _ = self.notifier.inval_inode(self.node(r.ino), offset, 0);
     }
 
-    /// Applies recalls to the kernel, waiting for it at most
-    /// [`INODE_WAIT`]: attributes and cached pages. Names need nothing:
-    /// the kernel keeps none (`fs::ENTRY_TTL`).
+    /// Applies the entry part of a recall to the kernel, if it has one.
+    fn invalidate_entry(&self, r: &pb::Recall) {
+        if r.entry {
+            let _ = self
+                .notifier
+                .inval_entry(self.node(r.ino), OsStr::from_bytes(&r.name));
+        }
+    }
+
+    /// Applies recalls to the kernel: inodes first, waiting for them at
+    /// most [`INODE_WAIT`], then entries, at most [`KERNEL_WAIT`].
     async fn apply(&self, recalls: Vec<pb::Recall>) {
-        let k = self.clone();
+        let recalls = std::sync::Arc::new(recalls);
+        let (k, rs) = (self.clone(), recalls.clone());
         let inodes =
-            tokio::task::spawn_blocking(move || recalls.iter().for_each(|r| k.invalidate_inode(r)));
+            tokio::task::spawn_blocking(move || rs.iter().for_each(|r| k.invalidate_inode(r)));
         let _ = tokio::time::timeout(INODE_WAIT, inodes).await;
+        if recalls.iter().any(|r| r.entry) {
+            let k = self.clone();
+            let entries = tokio::task::spawn_blocking(move || {
+                recalls.iter().for_each(|r| k.invalidate_entry(r))
+            });
+            let mut entries = entries;
+            let done = tokio::time::timeout(ENTRY_WAIT, &mut entries).await.is_ok();
+            if !done && !self.expire_all_names() {
+                let _ = tokio::time::timeout(KERNEL_WAIT - ENTRY_WAIT, entries).await;
+            }
+        }
     }
 }
 
