@@ -69,6 +69,9 @@ pub struct Config {
     /// and 2% of the data dir's filesystem free, creates get ENOSPC and
     /// deletes are still served.
     pub disk_reserve_mb: u64,
+    /// Serve Prometheus metrics (and the status page) over HTTP here
+    /// (host:port); unset: off.
+    pub metrics_addr: Option<String>,
 }
 
 impl Default for Config {
@@ -110,6 +113,7 @@ impl Default for Config {
             lease_ms: 2000,
             join: false,
             disk_reserve_mb: 256,
+            metrics_addr: None,
         }
     }
 }
@@ -178,6 +182,9 @@ pub struct Args {
     /// Metadata reserve floor in MiB (creates get ENOSPC below it).
     #[arg(long)]
     pub disk_reserve_mb: Option<u64>,
+    /// Serve Prometheus metrics on /metrics at this host:port (off unless set).
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
     /// Join an existing group instead of initializing one (the leader adds
     /// this node with `avalonctl mds add`).
     #[arg(long)]
@@ -205,7 +212,7 @@ impl Config {
                 if let Some(v) = &args.$f { cfg.$f = Some(v.clone()); }
             )*};
         }
-        set!(cluster_id, replicas, write_quorum, pg_count, chunk_size);
+        set!(cluster_id, replicas, write_quorum, pg_count, chunk_size, metrics_addr);
         if let Some(r) = &args.failure_domain_rule {
             cfg.failure_domain_rule =
                 Some(FailureDomainRule::parse(r).with_context(|| {
@@ -327,6 +334,7 @@ mod tests {
         let c: Config = toml::from_str(&all).expect("example with every key");
         assert_eq!(c.replicas, Some(3));
         assert_eq!(c.lease_ms, Config::default().lease_ms);
+        assert!(c.metrics_addr.is_some());
         c.validate().expect("every key valid");
     }
 

@@ -136,6 +136,7 @@ impl Delegations {
 
     /// Ends the group rooted at `root` (revoked, or given back).
     pub fn revoke(&self, root: u64) {
+        crate::metrics::revoked();
         let mut g = self.lock();
         if let Some(members) = g.groups.remove(&root) {
             for m in members {

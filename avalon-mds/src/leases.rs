@@ -239,6 +239,7 @@ impl LeaseTable {
                         .collect(),
                     flush_seq: 0,
                 };
+                crate::metrics::recall_sent();
                 let (wtx, wrx) = oneshot::channel();
                 s.waiting.entry(seq).or_default().push(wtx);
                 if let Some(tx) = &s.tx {
@@ -302,6 +303,7 @@ impl LeaseTable {
             if tx.try_send(Ok(ev)).is_err() {
                 return false;
             }
+            crate::metrics::demand_sent();
             let (wtx, wrx) = oneshot::channel();
             s.flushing.insert(flush_seq, wtx);
             wrx

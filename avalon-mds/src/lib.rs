@@ -17,6 +17,7 @@ pub mod leases;
 pub mod locks;
 pub mod log_sync;
 pub mod meta_service;
+pub mod metrics;
 pub mod namespace;
 pub mod node;
 pub mod proposer;
@@ -178,6 +179,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         ));
     }
     tasks.close();
+    if let Some(addr) = &cfg.metrics_addr {
+        metrics_endpoint(addr, &node, &shutdown).await?;
+    }
 
     let meta = MetaServer::new(MetaService::new(node.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -250,4 +254,25 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Starts serving `/metrics` on `addr` until `shutdown`.
+async fn metrics_endpoint(
+    addr: &str,
+    node: &Arc<MdsNode>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    avalon_proto::metrics_http::install()?;
+    metrics::init();
+    // Ends with raft (its metrics channel closes).
+    tokio::spawn(metrics::watch_raft(node.raft.metrics()));
+    let stop = shutdown.clone();
+    avalon_proto::metrics_http::serve(
+        addr,
+        metrics::refresh(node.clone()),
+        axum::Router::new(),
+        async move { stop.cancelled().await },
+    )
+    .await?;
+    Ok(())
 }

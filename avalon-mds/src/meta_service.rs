@@ -5,6 +5,7 @@ use crate::command::{Attr, Op, OsdState, Reply, TimeSpec};
 use crate::disk_reserve::DiskReserve;
 use crate::leases::Change;
 use crate::locks::LockKind;
+use crate::metrics::{Delegated, Rpc};
 use crate::namespace::State;
 use crate::node::{role_name, MdsError, MdsNode};
 use crate::settings::ClusterSettings;
@@ -344,6 +345,7 @@ impl MetaService {
 #[tonic::async_trait]
 impl Meta for MetaService {
     async fn lookup(&self, req: Request<pb::LookupRequest>) -> Res<pb::EntryReply> {
+        let _m = crate::metrics::op(Rpc::Lookup);
         let r = req.into_inner();
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
@@ -365,6 +367,7 @@ impl Meta for MetaService {
     }
 
     async fn get_attr(&self, req: Request<pb::GetAttrRequest>) -> Res<pb::AttrReply> {
+        let _m = crate::metrics::op(Rpc::GetAttr);
         let r = req.into_inner();
         ino_ok(r.ino)?;
         let sid = session_of(r.header.as_ref());
@@ -379,6 +382,7 @@ impl Meta for MetaService {
     }
 
     async fn set_attr(&self, req: Request<pb::SetAttrRequest>) -> Res<pb::AttrReply> {
+        let _m = crate::metrics::op(Rpc::SetAttr);
         let r = req.into_inner();
         ino_ok(r.ino)?;
         if r.access {
@@ -423,6 +427,7 @@ impl Meta for MetaService {
     }
 
     async fn mknod(&self, req: Request<pb::MknodRequest>) -> Res<pb::EntryReply> {
+        let _m = crate::metrics::op(Rpc::Mknod);
         let r = req.into_inner();
         self.check_growth()?;
         ino_ok(r.parent)?;
@@ -459,6 +464,7 @@ impl Meta for MetaService {
     }
 
     async fn mkdir(&self, req: Request<pb::MkdirRequest>) -> Res<pb::EntryReply> {
+        let _m = crate::metrics::op(Rpc::Mkdir);
         let r = req.into_inner();
         self.check_growth()?;
         ino_ok(r.parent)?;
@@ -477,6 +483,7 @@ impl Meta for MetaService {
     }
 
     async fn symlink(&self, req: Request<pb::SymlinkRequest>) -> Res<pb::EntryReply> {
+        let _m = crate::metrics::op(Rpc::Symlink);
         let r = req.into_inner();
         self.check_growth()?;
         ino_ok(r.parent)?;
@@ -501,6 +508,7 @@ impl Meta for MetaService {
     }
 
     async fn unlink(&self, req: Request<pb::UnlinkRequest>) -> Res<pb::DirChangeReply> {
+        let _m = crate::metrics::op(Rpc::Unlink);
         let r = req.into_inner();
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
@@ -522,6 +530,7 @@ impl Meta for MetaService {
     }
 
     async fn rmdir(&self, req: Request<pb::UnlinkRequest>) -> Res<pb::DirChangeReply> {
+        let _m = crate::metrics::op(Rpc::Rmdir);
         let r = req.into_inner();
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
@@ -542,6 +551,7 @@ impl Meta for MetaService {
     }
 
     async fn readlink(&self, req: Request<pb::GetAttrRequest>) -> Res<pb::ReadlinkReply> {
+        let _m = crate::metrics::op(Rpc::Readlink);
         let r = req.into_inner();
         ino_ok(r.ino)?;
         self.settle(session_of(r.header.as_ref()), [r.ino]).await;
@@ -556,6 +566,7 @@ impl Meta for MetaService {
     }
 
     async fn link(&self, req: Request<pb::LinkRequest>) -> Res<pb::EntryReply> {
+        let _m = crate::metrics::op(Rpc::Link);
         let r = req.into_inner();
         self.check_growth()?;
         ino_ok(r.ino)?;
@@ -576,6 +587,7 @@ impl Meta for MetaService {
     }
 
     async fn rename(&self, req: Request<pb::RenameRequest>) -> Res<pb::DirChangeReply> {
+        let _m = crate::metrics::op(Rpc::Rename);
         let r = req.into_inner();
         ino_ok(r.parent)?;
         ino_ok(r.new_parent)?;
@@ -614,6 +626,7 @@ impl Meta for MetaService {
     }
 
     async fn read_dir(&self, req: Request<pb::ReadDirRequest>) -> Res<pb::ReadDirReply> {
+        let _m = crate::metrics::op(Rpc::ReadDir);
         let r = req.into_inner();
         ino_ok(r.ino)?;
         let max = if r.max_entries == 0 {
@@ -668,6 +681,7 @@ impl Meta for MetaService {
     }
 
     async fn stat_fs(&self, _req: Request<pb::GetAttrRequest>) -> Res<pb::StatFsReply> {
+        let _m = crate::metrics::op(Rpc::StatFs);
         let s = self
             .node
             .read(|s| s.statfs(s.settings.as_ref().map_or(1, |c| c.replicas)))
@@ -684,6 +698,7 @@ impl Meta for MetaService {
     }
 
     async fn set_xattr(&self, req: Request<pb::SetXattrRequest>) -> Res<pb::Empty> {
+        let _m = crate::metrics::op(Rpc::SetXattr);
         let r = req.into_inner();
         self.check_growth()?;
         ino_ok(r.ino)?;
@@ -699,6 +714,7 @@ impl Meta for MetaService {
     }
 
     async fn get_xattr(&self, req: Request<pb::XattrRequest>) -> Res<pb::XattrReply> {
+        let _m = crate::metrics::op(Rpc::GetXattr);
         let r = req.into_inner();
         ino_ok(r.ino)?;
         let sid = session_of(r.header.as_ref());
@@ -712,6 +728,7 @@ impl Meta for MetaService {
     }
 
     async fn list_xattr(&self, req: Request<pb::GetAttrRequest>) -> Res<pb::ListXattrReply> {
+        let _m = crate::metrics::op(Rpc::ListXattr);
         let r = req.into_inner();
         ino_ok(r.ino)?;
         self.settle(session_of(r.header.as_ref()), [r.ino]).await;
@@ -726,6 +743,7 @@ impl Meta for MetaService {
     }
 
     async fn remove_xattr(&self, req: Request<pb::XattrRequest>) -> Res<pb::Empty> {
+        let _m = crate::metrics::op(Rpc::RemoveXattr);
         let r = req.into_inner();
         ino_ok(r.ino)?;
         let op = Op::RemoveXattr {
@@ -738,6 +756,7 @@ impl Meta for MetaService {
     }
 
     async fn commit_write(&self, req: Request<pb::CommitWriteRequest>) -> Res<pb::AttrReply> {
+        let _m = crate::metrics::op(Rpc::CommitWrite);
         let r = req.into_inner();
         ino_ok(r.ino)?;
         let op = Op::CommitWrite {
@@ -751,6 +770,7 @@ impl Meta for MetaService {
     }
 
     async fn append_write(&self, req: Request<pb::AppendWriteRequest>) -> Res<pb::AttrReply> {
+        let _m = crate::metrics::op(Rpc::AppendWrite);
         let r = req.into_inner();
         ino_ok(r.ino)?;
         if r.len == 0 {
@@ -767,6 +787,7 @@ impl Meta for MetaService {
     }
 
     async fn open(&self, req: Request<pb::OpenRequest>) -> Res<pb::AttrReply> {
+        let _m = crate::metrics::op(Rpc::Open);
         let r = req.into_inner();
         ino_ok(r.ino)?;
         self.node.check_leader()?;
@@ -797,6 +818,7 @@ impl Meta for MetaService {
     }
 
     async fn release(&self, req: Request<pb::ReleaseRequest>) -> Res<pb::Empty> {
+        let _m = crate::metrics::op(Rpc::Release);
         let r = req.into_inner();
         ino_ok(r.ino)?;
         self.node.check_leader()?;
@@ -808,11 +830,13 @@ impl Meta for MetaService {
     }
 
     async fn sync_meta(&self, _req: Request<pb::SyncMetaRequest>) -> Res<pb::Empty> {
+        let _m = crate::metrics::op(Rpc::SyncMeta);
         self.node.sync_log().await?;
         Ok(Response::new(pb::Empty {}))
     }
 
     async fn delegate(&self, req: Request<pb::DelegateRequest>) -> Res<pb::DelegateReply> {
+        let _m = crate::metrics::op(Rpc::Delegate);
         let r = req.into_inner();
         let sid = session_of(r.header.as_ref());
         if sid == 0 {
@@ -884,6 +908,7 @@ impl Meta for MetaService {
     }
 
     async fn apply(&self, req: Request<pb::ApplyRequest>) -> Res<pb::ApplyReply> {
+        let _m = crate::metrics::op(Rpc::Apply);
         let r = req.into_inner();
         let hdr = r.header.as_ref();
         let sid = session_of(hdr);
@@ -904,6 +929,7 @@ impl Meta for MetaService {
             use pb::delegated_op::Op as D;
             let op = match d.op {
                 Some(D::Create(c)) => {
+                    crate::metrics::delegated(Delegated::Create);
                     ino_ok(c.parent)?;
                     name_ok(&c.name)?;
                     if self
@@ -935,6 +961,7 @@ impl Meta for MetaService {
                     }
                 }
                 Some(D::SetAttr(a)) => {
+                    crate::metrics::delegated(Delegated::SetAttr);
                     ino_ok(a.ino)?;
                     if a.access {
                         return Err(
@@ -959,6 +986,7 @@ impl Meta for MetaService {
                     }
                 }
                 Some(D::Unlink(u)) => {
+                    crate::metrics::delegated(Delegated::Unlink);
                     ino_ok(u.parent)?;
                     name_ok(&u.name)?;
                     named.push(u.parent);
@@ -973,6 +1001,7 @@ impl Meta for MetaService {
                     }
                 }
                 Some(D::Rmdir(u)) => {
+                    crate::metrics::delegated(Delegated::Rmdir);
                     ino_ok(u.parent)?;
                     name_ok(&u.name)?;
                     named.push(u.parent);
@@ -986,6 +1015,7 @@ impl Meta for MetaService {
                     }
                 }
                 Some(D::Rename(m)) => {
+                    crate::metrics::delegated(Delegated::Rename);
                     ino_ok(m.parent)?;
                     ino_ok(m.new_parent)?;
                     name_ok(&m.name)?;
@@ -1006,6 +1036,7 @@ impl Meta for MetaService {
                     }
                 }
                 Some(D::CommitWrite(w)) => {
+                    crate::metrics::delegated(Delegated::CommitWrite);
                     ino_ok(w.ino)?;
                     named.push(w.ino);
                     changes.push(Change::data(w.ino));
@@ -1055,6 +1086,7 @@ impl Meta for MetaService {
         &self,
         req: Request<pb::CheckInodesRequest>,
     ) -> Res<pb::CheckInodesReply> {
+        let _m = crate::metrics::op(Rpc::CheckInodes);
         let r = req.into_inner();
         if r.inos.len() > 100_000 {
             return Err(MdsError::Invalid("at most 100000 inodes per check".into()).into());
@@ -1080,6 +1112,7 @@ impl Meta for MetaService {
     }
 
     async fn set_osd_state(&self, req: Request<pb::SetOsdStateRequest>) -> Res<pb::Empty> {
+        let _m = crate::metrics::op(Rpc::SetOsdState);
         let r = req.into_inner();
         let state = match r.state.as_str() {
             "out" | "drain" => OsdState::OutByAdmin,
@@ -1113,6 +1146,7 @@ impl Meta for MetaService {
     }
 
     async fn get_cluster_map(&self, _req: Request<pb::Empty>) -> Res<pb::ClusterMap> {
+        let _m = crate::metrics::op(Rpc::GetClusterMap);
         self.node.ensure_settings().await?;
         let map = self.node.read(|s| self.cluster_map(s)).await?;
         Ok(Response::new(map))
@@ -1122,6 +1156,7 @@ impl Meta for MetaService {
         &self,
         req: Request<pb::RegisterOsdRequest>,
     ) -> Res<pb::RegisterOsdReply> {
+        let _m = crate::metrics::op(Rpc::RegisterOsd);
         let r = req.into_inner();
         if r.addr.is_empty() || r.addr.len() > 1024 || r.failure_domain.len() > 1024 {
             return Err(MdsError::Invalid("bad OSD address or failure domain".into()).into());
@@ -1152,6 +1187,7 @@ impl Meta for MetaService {
         &self,
         req: Request<pb::OsdHeartbeatRequest>,
     ) -> Res<pb::OsdHeartbeatReply> {
+        let _m = crate::metrics::op(Rpc::OsdHeartbeat);
         let r = req.into_inner();
         self.node.check_leader()?;
         let known = self.node.read_local(|s| s.osds.get(&r.osd_id).cloned());
@@ -1207,6 +1243,7 @@ impl Meta for MetaService {
         &self,
         req: Request<pb::RegisterClientRequest>,
     ) -> Res<pb::RegisterClientReply> {
+        let _m = crate::metrics::op(Rpc::RegisterClient);
         let r = req.into_inner();
         if r.hostname.len() > 1024 || r.mountpoint.len() > 4096 || r.subdir.len() > 4096 {
             return Err(MdsError::Invalid("hostname, mountpoint or subdir too long".into()).into());
@@ -1237,6 +1274,7 @@ impl Meta for MetaService {
         &self,
         req: Request<pb::ClientHeartbeatRequest>,
     ) -> Res<pb::ClientHeartbeatReply> {
+        let _m = crate::metrics::op(Rpc::ClientHeartbeat);
         let r = req.into_inner();
         self.node.check_leader()?;
         let sid = r.header.map(|h| h.session_id).unwrap_or(0);
@@ -1265,6 +1303,7 @@ impl Meta for MetaService {
     type SessionStream = tokio_stream::wrappers::ReceiverStream<Result<pb::SessionEvent, Status>>;
 
     async fn session(&self, req: Request<pb::SessionRequest>) -> Res<Self::SessionStream> {
+        let _m = crate::metrics::op(Rpc::Session);
         let r = req.into_inner();
         self.node.check_leader()?;
         let sid = session_of(r.header.as_ref());
@@ -1279,6 +1318,7 @@ impl Meta for MetaService {
     }
 
     async fn ack_recall(&self, req: Request<pb::AckRecallRequest>) -> Res<pb::Empty> {
+        let _m = crate::metrics::op(Rpc::AckRecall);
         let r = req.into_inner();
         self.node
             .leases
@@ -1287,6 +1327,7 @@ impl Meta for MetaService {
     }
 
     async fn get_lock(&self, req: Request<pb::LockRequest>) -> Res<pb::LockReply> {
+        let _m = crate::metrics::op(Rpc::GetLock);
         let r = req.into_inner();
         ino_ok(r.ino)?;
         let sid = lock_session(r.header.as_ref())?;
@@ -1311,6 +1352,7 @@ impl Meta for MetaService {
     }
 
     async fn set_lock(&self, req: Request<pb::LockRequest>) -> Res<pb::Empty> {
+        let _m = crate::metrics::op(Rpc::SetLock);
         let r = req.into_inner();
         ino_ok(r.ino)?;
         let sid = lock_session(r.header.as_ref())?;
@@ -1328,6 +1370,7 @@ impl Meta for MetaService {
     }
 
     async fn release_locks(&self, req: Request<pb::ReleaseLocksRequest>) -> Res<pb::Empty> {
+        let _m = crate::metrics::op(Rpc::ReleaseLocks);
         let r = req.into_inner();
         ino_ok(r.ino)?;
         let sid = lock_session(r.header.as_ref())?;
@@ -1348,6 +1391,7 @@ impl Meta for MetaService {
     }
 
     async fn status(&self, _req: Request<pb::Empty>) -> Res<pb::StatusReply> {
+        let _m = crate::metrics::op(Rpc::Status);
         let m = self.node.raft.metrics().borrow().clone();
         let leader = self.node.is_leader();
         // Index and digest read together, under the state machine lock.
@@ -1429,6 +1473,7 @@ impl Meta for MetaService {
     }
 
     async fn get_settings(&self, _req: Request<pb::Empty>) -> Res<pb::ClusterSettings> {
+        let _m = crate::metrics::op(Rpc::GetSettings);
         self.node.ensure_settings().await?;
         let s = self.node.read(|s| s.settings.clone()).await?;
         let s =
@@ -1437,6 +1482,7 @@ impl Meta for MetaService {
     }
 
     async fn set_replicas(&self, req: Request<pb::SetReplicasRequest>) -> Res<pb::ClusterSettings> {
+        let _m = crate::metrics::op(Rpc::SetReplicas);
         let r = req.into_inner();
         self.node.ensure_settings().await?;
         let cur = self.node.settings()?;

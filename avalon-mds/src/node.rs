@@ -379,6 +379,7 @@ impl MdsNode {
             request_id,
             op,
         };
+        let _commit = crate::metrics::commit_timer();
         match self.proposer.propose(cmd).await {
             Some(Ok(r)) => r.0.map_err(MdsError::Errno),
             Some(Err(e)) => Err(self.raft_err(e)),

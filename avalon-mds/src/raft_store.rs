@@ -680,6 +680,7 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
+        let _m = crate::metrics::snapshot_timer();
         let (data, last_applied, membership) = {
             let sm = self.read();
             let data = postcard::to_allocvec(&*sm).map_err(|e| snap_err(ErrorVerb::Write, e))?;
@@ -719,6 +720,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
+        let _m = crate::metrics::apply_timer();
         let mut sm = self.write();
         let mut out = Vec::new();
         for e in entries {

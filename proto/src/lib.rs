@@ -9,6 +9,8 @@ pub mod disk_usage;
 pub mod errno;
 pub mod limits;
 pub mod mds_conn;
+pub mod metrics_http;
+pub mod op_metrics;
 pub mod placement;
 
 /// Generated protobuf messages and tonic services (`avalon.v1`).
