@@ -48,6 +48,8 @@ pub struct Config {
     /// Fill ratio at which the OSD reports itself full: client writes to
     /// every PG it is a member of fail with ENOSPC until space is freed.
     pub full_ratio: f64,
+    /// Serve Prometheus metrics over HTTP here (host:port); unset: off.
+    pub metrics_addr: Option<String>,
 }
 
 impl Default for Config {
@@ -69,6 +71,7 @@ impl Default for Config {
             gc_interval_ms: 30_000,
             nearfull_ratio: 0.85,
             full_ratio: 0.95,
+            metrics_addr: None,
         }
     }
 }
@@ -126,6 +129,9 @@ pub struct Cli {
     /// Fill ratio at which writes are refused with ENOSPC [default: 0.95].
     #[arg(long, value_name = "RATIO")]
     pub full_ratio: Option<f64>,
+    /// Serve Prometheus metrics on /metrics at this host:port [default: off].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
 }
 
 impl Config {
@@ -188,6 +194,9 @@ impl Config {
         }
         if let Some(v) = cli.full_ratio {
             c.full_ratio = v;
+        }
+        if let Some(v) = cli.metrics_addr {
+            c.metrics_addr = Some(v);
         }
         c.validate()?;
         Ok(c)
@@ -253,8 +262,10 @@ mod tests {
             listen: c.listen.clone(),
             data_dir: c.data_dir.clone(),
             mds: c.mds.clone(),
+            metrics_addr: every.metrics_addr.clone(),
             ..Config::default()
         };
+        assert!(every.metrics_addr.is_some());
         assert_eq!(every, expect);
     }
 

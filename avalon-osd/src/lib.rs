@@ -14,6 +14,7 @@ pub mod disk_space;
 pub mod error;
 pub mod maintenance;
 pub mod membership;
+pub mod metrics;
 pub mod osd_service;
 pub mod recovery;
 pub mod replication;
@@ -175,6 +176,9 @@ pub async fn run_with_listener(
                 disk.report_into(&mut r);
                 r
             });
+        if let Some(addr) = &cfg.metrics_addr {
+            metrics_endpoint(addr, report.clone(), &stop).await?;
+        }
         let space = Arc::clone(&space);
         tokio::spawn(async move {
             if membership.register(&store, &stop).await.is_some() {
@@ -207,5 +211,24 @@ pub async fn run_with_listener(
         .context("server task failed")?
         .context("gRPC server failed")?;
     tracing::info!("avalon-osd stopped");
+    Ok(())
+}
+
+/// Starts serving `/metrics` on `addr` until `stop`.
+async fn metrics_endpoint(
+    addr: &str,
+    report: Arc<dyn Fn() -> avalon_proto::pb::OsdReport + Send + Sync>,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    avalon_proto::metrics_http::install()?;
+    metrics::init();
+    let stop = stop.clone();
+    avalon_proto::metrics_http::serve(
+        addr,
+        metrics::refresh(report),
+        axum::Router::new(),
+        async move { stop.cancelled().await },
+    )
+    .await?;
     Ok(())
 }

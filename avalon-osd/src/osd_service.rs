@@ -3,6 +3,7 @@
 use crate::chunk_store::{check_range, effective_chunk_size, ChunkStore};
 use crate::error::OsdError;
 use crate::membership::Membership;
+use crate::metrics::Op;
 use crate::recovery::{Recovery, INTERNAL_KEY};
 use crate::replication::Replicator;
 use avalon_proto::limits::{MAX_CHUNK_SIZE, MAX_FILE_SIZE};
@@ -150,6 +151,11 @@ pub fn validate_delete(req: &DeleteObjectsRequest) -> Result<(), OsdError> {
     Ok(())
 }
 
+/// Bytes of data a write carries (plain or vectored).
+fn write_bytes(req: &WriteChunkRequest) -> usize {
+    req.data.len() + req.extents.iter().map(|e| e.data.len()).sum::<usize>()
+}
+
 impl OsdService {
     /// A service over `store`, answering once `membership` is registered.
     pub fn new(
@@ -176,6 +182,8 @@ impl OsdService {
     /// Serves a chunk write: as the chunk's primary, or as a replica when
     /// forwarded.
     pub(crate) async fn write(&self, req: WriteChunkRequest) -> Result<WriteChunkReply, OsdError> {
+        let _m = crate::metrics::op(if req.forwarded { Op::ReplicaWrite } else { Op::Write });
+        crate::metrics::written(write_bytes(&req), req.forwarded);
         self.ready()?;
         let (ino, index, cs) = validate_write(&req)?;
         if req.forwarded {
@@ -191,6 +199,7 @@ impl OsdService {
         req: ReadChunkRequest,
         internal: bool,
     ) -> Result<ReadChunkReply, OsdError> {
+        let _m = crate::metrics::op(Op::Read);
         self.ready()?;
         let (ino, index) = validate_read(&req)?;
         if !internal {
@@ -220,6 +229,7 @@ impl OsdService {
                 return Err(e.into());
             }
         };
+        crate::metrics::read(data.len());
         Ok(ReadChunkReply {
             data: data.into(),
             version,
@@ -227,6 +237,7 @@ impl OsdService {
     }
 
     async fn delete(&self, req: DeleteObjectsRequest) -> Result<Empty, OsdError> {
+        let _m = crate::metrics::op(Op::Delete);
         self.ready()?;
         validate_delete(&req)?;
         let inos = req.inos;
@@ -237,6 +248,7 @@ impl OsdService {
     }
 
     async fn sync(&self, req: SyncObjectsRequest) -> Result<Empty, OsdError> {
+        let _m = crate::metrics::op(Op::Sync);
         self.ready()?;
         validate_sync(&req)?;
         let inos = req.inos;
@@ -245,6 +257,7 @@ impl OsdService {
     }
 
     async fn list(&self, req: ListChunksRequest) -> Result<ListChunksReply, OsdError> {
+        let _m = crate::metrics::op(Op::List);
         let filter = validate_list(&req)?;
         let listed = self
             .store
@@ -279,6 +292,7 @@ impl OsdService {
     }
 
     async fn extents(&self, req: ObjectExtentsRequest) -> Result<ObjectExtentsReply, OsdError> {
+        let _m = crate::metrics::op(Op::Extents);
         self.ready()?;
         if req.ino == 0 {
             return Err(OsdError::InvalidArgument("ino must not be 0".into()));

@@ -27,6 +27,7 @@ impl ChunkStore {
     pub(super) fn fsync(&self, f: &dyn DiskFile, path: &Path) -> Result<()> {
         faults::check(faults::BEFORE_FSYNC, path).map_err(io_err(path))?;
         faults::check(faults::FSYNC, path).map_err(io_err(path))?;
+        let _m = crate::metrics::fsync();
         f.sync_all().map_err(io_err(path))
     }
 
