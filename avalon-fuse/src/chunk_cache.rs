@@ -133,8 +133,10 @@ impl ChunkCache {
     /// start loading it).
     pub fn get_or_insert(&self, ino: u64, index: u64, size: u64) -> (Slot, bool) {
         let mut m = self.slots();
-        if let Some(s) = m.lru.get(&(ino, index)) {
-            return (s.0.clone(), false);
+        let hit = m.lru.get(&(ino, index)).map(|s| s.0.clone());
+        crate::metrics::cache_lookup(crate::metrics::Cache::Chunk, hit.is_some());
+        if let Some(s) = hit {
+            return (s, false);
         }
         let s: Slot = Arc::new(OnceCell::new());
         m.put((ino, index), s.clone(), size);

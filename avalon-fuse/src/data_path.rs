@@ -565,6 +565,7 @@ impl Client {
                     "write of chunk {ino:x}.{index} failed: {last}"
                 )));
             }
+            crate::metrics::osd_retry();
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
             let _ = self.refresh_map().await;
@@ -717,6 +718,7 @@ impl Client {
                     "read of chunk {ino:x}.{index} failed: {last}"
                 )));
             }
+            crate::metrics::osd_retry();
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
             let _ = self.refresh_map().await;

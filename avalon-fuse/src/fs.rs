@@ -6,6 +6,7 @@ use crate::attr::{ns_of, to_fuse};
 use crate::client::{Client, SetAttr, TimeChange};
 use crate::dir_stream::{fuse_ino, DirItem, DirStream, DirStreams, DOTDOT_COOKIE};
 use crate::error::ClientError;
+use crate::metrics::FuseOp;
 use crate::recall::KernelCache;
 use avalon_proto::pb::Attr;
 use bytes::Bytes;
@@ -80,7 +81,9 @@ impl AvalonFs {
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        let mut f = Box::pin(f);
+        use std::future::Future as _;
+        let op = crate::metrics::take();
+        let mut f = Box::pin(async move { f.await; drop(op) });
         let _rt = self.rt.enter();
         // The runtime polls a spawned task at once, with its own waker,
         // so what this first poll registered with the no-op one is
@@ -254,6 +257,7 @@ impl Filesystem for AvalonFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _m = crate::metrics::op(FuseOp::Lookup);
         let c = self.client.clone();
         let parent = self.mds_ino(parent);
         let name = name.as_bytes().to_vec();
@@ -270,6 +274,7 @@ impl Filesystem for AvalonFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _m = crate::metrics::op(FuseOp::GetAttr);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move {
@@ -298,6 +303,7 @@ impl Filesystem for AvalonFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _m = crate::metrics::op(FuseOp::SetAttr);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let ch = SetAttr {
@@ -324,6 +330,7 @@ impl Filesystem for AvalonFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _m = crate::metrics::op(FuseOp::Readlink);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move {
@@ -344,6 +351,7 @@ impl Filesystem for AvalonFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _m = crate::metrics::op(FuseOp::Mknod);
         let c = self.client.clone();
         let parent = self.mds_ino(parent);
         let name = name.as_bytes().to_vec();
@@ -366,6 +374,7 @@ impl Filesystem for AvalonFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _m = crate::metrics::op(FuseOp::Mkdir);
         let c = self.client.clone();
         let parent = self.mds_ino(parent);
         let name = name.as_bytes().to_vec();
@@ -385,6 +394,7 @@ impl Filesystem for AvalonFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _m = crate::metrics::op(FuseOp::Unlink);
         let c = self.client.clone();
         let parent = self.mds_ino(parent);
         let name = name.as_bytes().to_vec();
@@ -392,6 +402,7 @@ impl Filesystem for AvalonFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _m = crate::metrics::op(FuseOp::Rmdir);
         let c = self.client.clone();
         let parent = self.mds_ino(parent);
         let name = name.as_bytes().to_vec();
@@ -406,6 +417,7 @@ impl Filesystem for AvalonFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _m = crate::metrics::op(FuseOp::Symlink);
         let c = self.client.clone();
         let parent = self.mds_ino(parent);
         let name = link_name.as_bytes().to_vec();
@@ -427,6 +439,7 @@ impl Filesystem for AvalonFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _m = crate::metrics::op(FuseOp::Rename);
         let c = self.client.clone();
         let (parent, newparent) = (self.mds_ino(parent), self.mds_ino(newparent));
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
@@ -447,6 +460,7 @@ impl Filesystem for AvalonFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _m = crate::metrics::op(FuseOp::Link);
         let c = self.client.clone();
         let (ino, newparent) = (self.mds_ino(ino), self.mds_ino(newparent));
         let newname = newname.as_bytes().to_vec();
@@ -457,6 +471,7 @@ impl Filesystem for AvalonFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _m = crate::metrics::op(FuseOp::Open);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let fh = self.new_fh();
@@ -493,6 +508,7 @@ impl Filesystem for AvalonFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _m = crate::metrics::op(FuseOp::Create);
         let c = self.client.clone();
         let parent = self.mds_ino(parent);
         let name = name.as_bytes().to_vec();
@@ -533,6 +549,7 @@ impl Filesystem for AvalonFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _m = crate::metrics::op(FuseOp::Read);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move {
@@ -544,7 +561,7 @@ impl Filesystem for AvalonFs {
                 tracing::debug!(ino, error = %e, "could not update atime");
             }
             match data {
-                Ok(d) => reply.data(&d),
+                Ok(d) => reply.data(crate::metrics::read(&d)),
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -562,6 +579,7 @@ impl Filesystem for AvalonFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _m = crate::metrics::op(FuseOp::Write);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let sync = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
@@ -569,6 +587,7 @@ impl Filesystem for AvalonFs {
         // The kernel's buffer is only borrowed: one copy into an owned,
         // reference-counted buffer that all chunk RPCs slice without copying.
         let data = Bytes::copy_from_slice(data);
+        crate::metrics::written(data.len());
         self.spawn(async move {
             match c.write(ino, offset, data, sync, append).await {
                 Ok(n) => {
@@ -592,6 +611,7 @@ impl Filesystem for AvalonFs {
         lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _m = crate::metrics::op(FuseOp::Flush);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move {
@@ -614,6 +634,7 @@ impl Filesystem for AvalonFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _m = crate::metrics::op(FuseOp::Release);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         // The open file's flock and OFD locks go with its last reference;
@@ -642,6 +663,7 @@ impl Filesystem for AvalonFs {
         pid: u32,
         reply: ReplyLock,
     ) {
+        let _m = crate::metrics::op(FuseOp::GetLk);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move {
@@ -665,6 +687,7 @@ impl Filesystem for AvalonFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
+        let _m = crate::metrics::op(FuseOp::SetLk);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let tid = req.pid();
@@ -685,12 +708,14 @@ impl Filesystem for AvalonFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _m = crate::metrics::op(FuseOp::Fsync);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move { reply_empty(c.fsync(ino, datasync).await, reply) });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _m = crate::metrics::op(FuseOp::OpenDir);
         let fh = self.new_fh();
         self.client.open_dir(self.mds_ino(ino));
         reply.opened(fh, FopenFlags::empty());
@@ -704,6 +729,7 @@ impl Filesystem for AvalonFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _m = crate::metrics::op(FuseOp::ReleaseDir);
         self.dirs.release(fh.0);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
@@ -718,6 +744,7 @@ impl Filesystem for AvalonFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _m = crate::metrics::op(FuseOp::ReadDir);
         if self.dirs.ended(fh.0, offset) {
             return reply.ok();
         }
@@ -761,6 +788,7 @@ impl Filesystem for AvalonFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _m = crate::metrics::op(FuseOp::ReadDirPlus);
         if self.dirs.ended(fh.0, offset) {
             return reply.ok();
         }
@@ -846,6 +874,7 @@ impl Filesystem for AvalonFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _m = crate::metrics::op(FuseOp::FsyncDir);
         // Changes are acknowledged once a majority of MDS nodes holds them;
         // fsyncdir waits until they are on disk there too.
         let c = self.client.clone();
@@ -854,6 +883,7 @@ impl Filesystem for AvalonFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _m = crate::metrics::op(FuseOp::StatFs);
         let c = self.client.clone();
         self.spawn(async move {
             match c.statfs().await {
@@ -885,6 +915,7 @@ impl Filesystem for AvalonFs {
         position: u32,
         reply: ReplyEmpty,
     ) {
+        let _m = crate::metrics::op(FuseOp::SetXattr);
         if position != 0 {
             return reply.error(Errno::EINVAL);
         }
@@ -903,6 +934,7 @@ impl Filesystem for AvalonFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _m = crate::metrics::op(FuseOp::GetXattr);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let name = name.as_bytes().to_vec();
@@ -915,6 +947,7 @@ impl Filesystem for AvalonFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _m = crate::metrics::op(FuseOp::ListXattr);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move {
@@ -933,6 +966,7 @@ impl Filesystem for AvalonFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _m = crate::metrics::op(FuseOp::RemoveXattr);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let name = name.as_bytes().to_vec();
@@ -949,6 +983,7 @@ impl Filesystem for AvalonFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _m = crate::metrics::op(FuseOp::Fallocate);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let (uid, gid, pid) = (req.uid(), req.gid(), req.pid());
@@ -982,6 +1017,7 @@ impl Filesystem for AvalonFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let _m = crate::metrics::op(FuseOp::Lseek);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move {
@@ -1020,6 +1056,7 @@ impl Filesystem for AvalonFs {
         _flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let _m = crate::metrics::op(FuseOp::CopyFileRange);
         let c = self.client.clone();
         let (src, dst) = (self.mds_ino(ino_in), self.mds_ino(ino_out));
         self.spawn(async move {
@@ -1053,6 +1090,7 @@ impl Filesystem for AvalonFs {
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        let _m = crate::metrics::op(FuseOp::Access);
         // Mounted with default_permissions: the kernel checks mode bits.
         reply.ok();
     }

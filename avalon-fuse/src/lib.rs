@@ -16,6 +16,7 @@ pub mod fs;
 pub mod locks;
 pub mod lost_changes;
 pub mod meta_cache;
+pub mod metrics;
 pub mod mount_source;
 pub mod page_cache;
 pub mod recall;

@@ -34,7 +34,7 @@ struct Args {
     mountpoint: PathBuf,
     /// Mount options, comma separated (ro, rw, allow_other, noatime, log=FILE,
     /// log_level=LEVEL, connect_timeout=SECS, threads=N, fsname=NAME, cache_mb=MB,
-    /// nosubtype, selinux; _netdev, defaults, nofail and x-* are accepted and
+    /// metrics=HOST:PORT, nosubtype, selinux; _netdev, defaults, nofail and x-* are accepted and
     /// ignored).
     #[arg(short = 'o')]
     options: Vec<String>,
@@ -76,6 +76,8 @@ struct Opts {
     read_only: bool,
     /// Store SELinux labels (security.selinux); off: EOPNOTSUPP.
     selinux: bool,
+    /// Serve Prometheus metrics at this host:port (`metrics=`); off by default.
+    metrics: Option<String>,
 }
 
 /// Session heartbeat period: a quarter of the MDS's default 1 s lease.
@@ -145,6 +147,7 @@ fn parse_opts(list: &[String]) -> anyhow::Result<Opts> {
                 )
             }
             ("fsname", Some(n)) => o.fsname = Some(n.to_string()),
+            ("metrics", Some(a)) => o.metrics = Some(a.to_string()),
             ("cache_mb", Some(n)) => {
                 o.cache_mb = Some(
                     n.parse()
@@ -293,6 +296,9 @@ fn run_foreground(args: &Args) -> anyhow::Result<()> {
         opts.atime
     });
     let client = Arc::new(client);
+    if let Some(addr) = &opts.metrics {
+        rt.block_on(avalon_fuse::metrics::serve(addr, client.clone()))?;
+    }
     tracing::info!(
         session = client.session_id(),
         root = client.root_ino,

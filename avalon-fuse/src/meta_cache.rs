@@ -7,6 +7,7 @@
 //! in flight while a recall arrived may predate the change, so it is not
 //! cached: every store names the recall epoch its request started in.
 
+use crate::metrics::Cache;
 use avalon_proto::pb::{Attr, DirEntry, ReadDirReply, Recall};
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -214,7 +215,7 @@ impl MetaCache {
         if !self.valid() {
             return None;
         }
-        self.attrs.get(&ino).map(|a| *a)
+        crate::metrics::cached(Cache::Attr, self.attrs.get(&ino).map(|a| *a))
     }
 
     /// What the cache knows of `name` in `dir`.
@@ -222,7 +223,7 @@ impl MetaCache {
         if !self.valid() {
             return None;
         }
-        match self
+        let r = match self
             .entries
             .get(&(dir, Bytes::copy_from_slice(name)))
             .map(|e| *e)
@@ -231,7 +232,8 @@ impl MetaCache {
             Some(ino) => self.attrs.get(&ino).map(|a| Cached::Found(*a)),
             None if self.complete.contains_key(&dir) => Some(Cached::Absent),
             None => None,
-        }
+        };
+        crate::metrics::cached(Cache::Entry, r)
     }
 
     fn may_store(&self, epoch: u64) -> bool {

@@ -95,6 +95,7 @@ impl MdsConn {
         if cur.as_ref().is_some_and(|(a, _)| a != failed) {
             return; // someone already moved on
         }
+        metrics::counter!("avalon_mds_conn_failovers_total").increment(1);
         *cur = match hint.filter(|h| h != failed) {
             Some(h) => self.client_for(&h).ok().map(|c| (h, c)),
             None => None,
@@ -142,6 +143,7 @@ impl MdsConn {
             let hint = leader_hint(&err);
             tracing::debug!(%addr, code = ?err.code(), msg = err.message(), ?hint, "MDS call failed; retrying");
             let hinted = hint.is_some();
+            metrics::counter!("avalon_mds_conn_retries_total").increment(1);
             self.switch(&addr, hint);
             if Instant::now() >= deadline {
                 return Err(Status::unavailable(format!(
