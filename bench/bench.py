@@ -76,6 +76,8 @@ from xml.sax.saxutils import escape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("AVALON_BIN_DIR") or os.path.join(ROOT, "target", "release")
+# Extra arguments of `avalonctl up` (--no-metrics).
+AVALON_UP_ARGS = []
 GROUPS = ["meta", "ls", "small", "tree", "cached", "fio"]
 PEERS = ["moosefs"]
 MOOSEFS_PKGS = ["moosefs-master", "moosefs-chunkserver", "moosefs-client"]
@@ -286,7 +288,7 @@ class Avalon(System):
         # Own session: a Ctrl-C reaches the harness only, which then stops
         # the cluster in order.
         self.logfile = os.path.join(os.path.dirname(self.base), "avalon-up.log")
-        self.proc = subprocess.Popen([os.path.join(BIN, "avalonctl"), "up", self.base],
+        self.proc = subprocess.Popen([os.path.join(BIN, "avalonctl"), "up", self.base] + AVALON_UP_ARGS,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=open(self.logfile, "w"), start_new_session=True)
         deadline = time.time() + 120
@@ -782,7 +784,11 @@ def main():
     ap.add_argument("--json", metavar="FILE", help="write results (medians and samples) as JSON")
     ap.add_argument("--chart", metavar="FILE.svg", help="write an SVG bar chart of speed ratios to bindfs")
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build first")
+    ap.add_argument("--no-metrics", action="store_true",
+                    help="start Avalon without its Prometheus endpoints (to measure what they cost)")
     a = ap.parse_args()
+    if a.no_metrics:
+        AVALON_UP_ARGS.append("--no-metrics")
     groups = GROUPS if not a.only else a.only.split(",")
     for g in groups:
         if g not in GROUPS:

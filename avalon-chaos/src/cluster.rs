@@ -92,6 +92,7 @@ impl Cluster {
                 id,
                 addr: format!("{ip}:{}", free_port(&ip)?),
                 join: false,
+                metrics_addr: None,
             })
         };
         let layout = Layout {
@@ -105,6 +106,7 @@ impl Cluster {
             write_quorum: 2.min(osds as u32),
             mds_flags: Vec::new(),
             osd_flags: Vec::new(),
+            client_metrics_addr: None,
         };
         let mut c = Cluster {
             dir,

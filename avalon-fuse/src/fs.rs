@@ -83,7 +83,10 @@ impl AvalonFs {
     {
         use std::future::Future as _;
         let op = crate::metrics::take();
-        let mut f = Box::pin(async move { f.await; drop(op) });
+        let mut f = Box::pin(async move {
+            f.await;
+            drop(op)
+        });
         let _rt = self.rt.enter();
         // The runtime polls a spawned task at once, with its own waker,
         // so what this first poll registered with the no-op one is

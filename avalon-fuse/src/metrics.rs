@@ -55,7 +55,11 @@ static M: OnceLock<Metrics> = OnceLock::new();
 
 fn init() {
     M.get_or_init(|| Metrics {
-        ops: OpHistograms::register("avalon_client_fuse_op_duration_seconds", "op", FuseOp::NAMES),
+        ops: OpHistograms::register(
+            "avalon_client_fuse_op_duration_seconds",
+            "op",
+            FuseOp::NAMES,
+        ),
         hits: Cache::NAMES
             .iter()
             .map(|c| counter!("avalon_client_cache_hits_total", "cache" => *c))

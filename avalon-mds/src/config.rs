@@ -212,7 +212,14 @@ impl Config {
                 if let Some(v) = &args.$f { cfg.$f = Some(v.clone()); }
             )*};
         }
-        set!(cluster_id, replicas, write_quorum, pg_count, chunk_size, metrics_addr);
+        set!(
+            cluster_id,
+            replicas,
+            write_quorum,
+            pg_count,
+            chunk_size,
+            metrics_addr
+        );
         if let Some(r) = &args.failure_domain_rule {
             cfg.failure_domain_rule =
                 Some(FailureDomainRule::parse(r).with_context(|| {

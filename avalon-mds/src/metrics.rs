@@ -173,10 +173,12 @@ pub async fn watch_raft(
                 leader = r.current_leader;
             }
             m.term.set(r.current_term as f64);
-            m.is_leader.set(f64::from(u8::from(r.current_leader == Some(r.id))));
+            m.is_leader
+                .set(f64::from(u8::from(r.current_leader == Some(r.id))));
             let last = r.last_log_index.unwrap_or(0);
             m.last_log_index.set(last as f64);
-            m.applied_index.set(r.last_applied.map_or(0, |l| l.index) as f64);
+            m.applied_index
+                .set(r.last_applied.map_or(0, |l| l.index) as f64);
             let snap = r.snapshot.map_or(0, |l| l.index);
             m.log_entries.set(last.saturating_sub(snap) as f64);
         }
@@ -191,11 +193,7 @@ pub fn refresh(node: Arc<MdsNode>) -> avalon_proto::metrics_http::Refresh {
     Arc::new(move || {
         let Some(m) = M.get() else { return };
         let (inodes, dirs, sessions, osds) = node.read_local(|s| {
-            let dirs = s
-                .inodes
-                .values()
-                .filter(|i| i.is_dir())
-                .count();
+            let dirs = s.inodes.values().filter(|i| i.is_dir()).count();
             (s.inodes.len(), dirs, s.sessions.len(), s.osds.len())
         });
         m.inodes.set(inodes as f64);

@@ -182,7 +182,11 @@ impl OsdService {
     /// Serves a chunk write: as the chunk's primary, or as a replica when
     /// forwarded.
     pub(crate) async fn write(&self, req: WriteChunkRequest) -> Result<WriteChunkReply, OsdError> {
-        let _m = crate::metrics::op(if req.forwarded { Op::ReplicaWrite } else { Op::Write });
+        let _m = crate::metrics::op(if req.forwarded {
+            Op::ReplicaWrite
+        } else {
+            Op::Write
+        });
         crate::metrics::written(write_bytes(&req), req.forwarded);
         self.ready()?;
         let (ino, index, cs) = validate_write(&req)?;

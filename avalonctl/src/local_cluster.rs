@@ -29,6 +29,10 @@ pub struct NodeSpec {
     /// An MDS added later (`avalonctl mds add`): started with `--join`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub join: bool,
+    /// Where it serves Prometheus metrics (`--metrics-addr`); layouts
+    /// made before metrics have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
 }
 
 /// What `DIR/cluster.toml` holds.
@@ -46,6 +50,9 @@ pub struct Layout {
     /// Extra flags for every OSD (e.g. `--scrub-interval-ms 500`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub osd_flags: Vec<String>,
+    /// Where the mount at `DIR/mnt` serves Prometheus metrics (`-o metrics=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_metrics_addr: Option<String>,
 }
 
 impl Layout {
@@ -61,6 +68,36 @@ impl Layout {
     /// The MDS addresses.
     pub fn mds_addrs(&self) -> Vec<String> {
         self.mds.iter().map(|n| n.addr.clone()).collect()
+    }
+
+    /// A metrics address for a node added to this layout: a free port if
+    /// its nodes serve metrics, else none.
+    fn metrics_port(&self) -> anyhow::Result<Option<String>> {
+        let on = self
+            .mds
+            .iter()
+            .chain(&self.osds)
+            .any(|n| n.metrics_addr.is_some());
+        Ok(match on {
+            true => Some(format!("127.0.0.1:{}", free_port()?)),
+            false => None,
+        })
+    }
+
+    /// Every metrics endpoint: (process name, host:port).
+    pub fn metrics_addrs(&self) -> Vec<(String, String)> {
+        let named = |kind: &str, n: &NodeSpec| {
+            n.metrics_addr
+                .clone()
+                .map(|a| (format!("{kind}{}", n.id), a))
+        };
+        let mds = self.mds.iter().filter_map(|n| named("mds", n));
+        let osds = self.osds.iter().filter_map(|n| named("osd", n));
+        let client = self
+            .client_metrics_addr
+            .clone()
+            .map(|a| ("client".to_string(), a));
+        mds.chain(osds).chain(client).collect()
     }
 
     /// The mount source for the whole filesystem.
@@ -88,6 +125,9 @@ pub struct Options {
     /// `cluster.toml`), e.g. `--osd-out-after-ms 3000`.
     pub mds_flags: Vec<String>,
     pub osd_flags: Vec<String>,
+    /// Give every daemon and the mount a metrics endpoint (first start
+    /// only; kept in `cluster.toml`).
+    pub metrics: bool,
 }
 
 impl Options {
@@ -102,6 +142,7 @@ impl Options {
             ready_timeout: Duration::from_secs(90),
             mds_flags: Vec::new(),
             osd_flags: Vec::new(),
+            metrics: true,
         }
     }
 }
@@ -370,11 +411,18 @@ impl LocalCluster {
         if opts.mds == 0 || opts.osds == 0 {
             bail!("a cluster needs at least one MDS and one OSD");
         }
+        let metrics_addr = || -> anyhow::Result<Option<String>> {
+            Ok(match opts.metrics {
+                true => Some(format!("127.0.0.1:{}", free_port()?)),
+                false => None,
+            })
+        };
         let mut node = |id: u64| -> anyhow::Result<NodeSpec> {
             Ok(NodeSpec {
                 id,
                 addr: format!("127.0.0.1:{}", free_port()?),
                 join: false,
+                metrics_addr: metrics_addr()?,
             })
         };
         let layout = Layout {
@@ -388,6 +436,7 @@ impl LocalCluster {
             write_quorum: 2.min(opts.osds as u32),
             mds_flags: opts.mds_flags.clone(),
             osd_flags: opts.osd_flags.clone(),
+            client_metrics_addr: metrics_addr()?,
         };
         std::fs::write(&path, toml::to_string_pretty(&layout)?)?;
         Ok(layout)
@@ -501,13 +550,16 @@ impl LocalCluster {
     /// Mounts the filesystem at `DIR/mnt` with a client process.
     pub fn mount(&mut self) -> anyhow::Result<()> {
         let mnt = self.mountpoint();
-        let args = vec![
+        let mut args = vec![
             "--foreground".to_string(),
             self.layout.source(),
             mnt.to_string_lossy().into_owned(),
             "-o".to_string(),
             format!("log={}", self.dir.join("logs").join("client.log").display()),
         ];
+        if let Some(a) = &self.layout.client_metrics_addr {
+            args[4].push_str(&format!(",metrics={a}"));
+        }
         let mut cmd = Command::new(self.opts.bin_dir.join("avalon-fuse"));
         cmd.args(&args).env("RUST_LOG", &self.opts.log_level);
         let child = spawn_client(cmd, &mnt)?;
@@ -743,6 +795,9 @@ pub fn mds_args(dir: &Path, layout: &Layout, n: &NodeSpec) -> Vec<String> {
         "--peers".into(),
         peers.join(","),
     ];
+    if let Some(a) = &n.metrics_addr {
+        v.extend(["--metrics-addr".into(), a.clone()]);
+    }
     if n.join {
         v.push("--join".into());
     } else if !data_dir.exists() {
@@ -774,6 +829,9 @@ pub fn osd_args(dir: &Path, layout: &Layout, n: &NodeSpec) -> Vec<String> {
         "--failure-domain".into(),
         format!("local-osd{}", n.id),
     ];
+    if let Some(a) = &n.metrics_addr {
+        v.extend(["--metrics-addr".into(), a.clone()]);
+    }
     v.extend(layout.osd_flags.iter().cloned());
     v
 }
@@ -793,6 +851,7 @@ fn new_osd_spec(dir: &Path, layout: &Layout) -> anyhow::Result<NodeSpec> {
         id: max + 1,
         addr: format!("127.0.0.1:{}", free_port()?),
         join: false,
+        metrics_addr: layout.metrics_port()?,
     })
 }
 
@@ -875,6 +934,7 @@ fn new_mds_spec(dir: &Path, layout: &Layout) -> anyhow::Result<NodeSpec> {
         id: max + 1,
         addr: format!("127.0.0.1:{}", free_port()?),
         join: true,
+        metrics_addr: layout.metrics_port()?,
     })
 }
 

@@ -36,6 +36,10 @@ enum Cmd {
         /// Log level of the daemons (RUST_LOG syntax).
         #[arg(long, default_value = "info")]
         log_level: String,
+        /// No Prometheus metrics endpoints (first start only; by default
+        /// every daemon and the mount serve /metrics on a port of their own).
+        #[arg(long)]
+        no_metrics: bool,
     },
     /// Stop the local cluster in DIR (started by `avalonctl up`).
     Down {
@@ -508,6 +512,7 @@ fn up(
     osds: usize,
     no_mount: bool,
     log_level: String,
+    metrics: bool,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("run"))?;
     let up_pid = dir.join("run").join("up.pid");
@@ -529,6 +534,7 @@ fn up(
     opts.osds = osds;
     opts.mount = !no_mount;
     opts.log_level = log_level;
+    opts.metrics = metrics;
     eprintln!("starting Avalon in {} ...", dir.display());
     let cluster = LocalCluster::start(&dir, opts);
     let mut cluster = match cluster {
@@ -548,6 +554,9 @@ fn up(
             cluster.mountpoint().display(),
             cluster.layout.source()
         );
+    }
+    for (name, addr) in cluster.layout.metrics_addrs() {
+        println!("metrics: {name:<7} http://{addr}/metrics");
     }
     println!(
         "by hand: mount -t fuse.avalon {} /some/dir   |   avalonctl status {}",
@@ -588,7 +597,8 @@ fn main() -> anyhow::Result<()> {
             osds,
             no_mount,
             log_level,
-        } => up(dir, mds, osds, no_mount, log_level),
+            no_metrics,
+        } => up(dir, mds, osds, no_mount, log_level, !no_metrics),
         Cmd::Mds { cmd } => mds_cmd(cmd),
         Cmd::Osd { cmd } => osd_cmd(cmd),
         Cmd::Pool { cmd } => pool_cmd(cmd),
