@@ -219,7 +219,8 @@ pub fn parse(text: &str) -> Result<Scrape, String> {
         let Some(ty) = sc.types.get(fam) else {
             return Err(err(format!("sample of undeclared family {fam}")));
         };
-        if ty == "counter" && !(value >= 0.0) {
+        // NaN is not a valid counter either.
+        if ty == "counter" && (value.is_nan() || value < 0.0) {
             return Err(err("negative counter".into()));
         }
         sc.samples.push(Sample {
@@ -232,10 +233,13 @@ pub fn parse(text: &str) -> Result<Scrape, String> {
     Ok(sc)
 }
 
+/// A histogram series' labels (without `le`) and its (le, count) buckets.
+type Buckets = BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>>;
+
 fn check_histograms(sc: &Scrape) -> Result<(), String> {
     for (fam, _) in sc.types.iter().filter(|(_, t)| *t == "histogram") {
         // Series of this family by their labels without `le`.
-        let mut series: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+        let mut series: Buckets = BTreeMap::new();
         let bucket = format!("{fam}_bucket");
         for s in sc.samples.iter().filter(|s| s.name == bucket) {
             let le = s
