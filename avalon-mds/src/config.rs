@@ -69,6 +69,8 @@ pub struct Config {
     /// and 2% of the data dir's filesystem free, creates get ENOSPC and
     /// deletes are still served.
     pub disk_reserve_mb: u64,
+    /// `[security]`: this node's keyfile, or `insecure = true`.
+    pub security: avalon_proto::tls::SecurityConfig,
 }
 
 impl Default for Config {
@@ -110,6 +112,7 @@ impl Default for Config {
             lease_ms: 2000,
             join: false,
             disk_reserve_mb: 256,
+            security: Default::default(),
         }
     }
 }
@@ -182,6 +185,12 @@ pub struct Args {
     /// this node with `avalonctl mds add`).
     #[arg(long)]
     pub join: bool,
+    /// This node's keyfile (`avalonctl auth add mds.N`): mutual TLS.
+    #[arg(long)]
+    pub keyfile: Option<PathBuf>,
+    /// No TLS and no authentication (logged loudly at start).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 impl Config {
@@ -226,6 +235,12 @@ impl Config {
         );
         if args.join {
             cfg.join = true;
+        }
+        if let Some(k) = &args.keyfile {
+            cfg.security.keyfile = Some(k.clone());
+        }
+        if args.insecure {
+            cfg.security.insecure = true;
         }
         cfg.validate()?;
         Ok(cfg)

@@ -1122,6 +1122,7 @@ impl Meta for MetaService {
         &self,
         req: Request<pb::RegisterOsdRequest>,
     ) -> Res<pb::RegisterOsdReply> {
+        crate::authz::osd_claim(&req, req.get_ref().osd_id)?;
         let r = req.into_inner();
         if r.addr.is_empty() || r.addr.len() > 1024 || r.failure_domain.len() > 1024 {
             return Err(MdsError::Invalid("bad OSD address or failure domain".into()).into());
@@ -1152,6 +1153,7 @@ impl Meta for MetaService {
         &self,
         req: Request<pb::OsdHeartbeatRequest>,
     ) -> Res<pb::OsdHeartbeatReply> {
+        crate::authz::osd_claim(&req, req.get_ref().osd_id)?;
         let r = req.into_inner();
         self.node.check_leader()?;
         let known = self.node.read_local(|s| s.osds.get(&r.osd_id).cloned());

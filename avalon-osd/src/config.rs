@@ -48,6 +48,8 @@ pub struct Config {
     /// Fill ratio at which the OSD reports itself full: client writes to
     /// every PG it is a member of fail with ENOSPC until space is freed.
     pub full_ratio: f64,
+    /// `[security]`: this OSD's keyfile, or `insecure = true`.
+    pub security: avalon_proto::tls::SecurityConfig,
 }
 
 impl Default for Config {
@@ -69,6 +71,7 @@ impl Default for Config {
             gc_interval_ms: 30_000,
             nearfull_ratio: 0.85,
             full_ratio: 0.95,
+            security: Default::default(),
         }
     }
 }
@@ -126,6 +129,12 @@ pub struct Cli {
     /// Fill ratio at which writes are refused with ENOSPC [default: 0.95].
     #[arg(long, value_name = "RATIO")]
     pub full_ratio: Option<f64>,
+    /// This OSD's keyfile (`avalonctl auth add osd.N`): mutual TLS.
+    #[arg(long, value_name = "PATH")]
+    pub keyfile: Option<PathBuf>,
+    /// No TLS and no authentication (logged loudly at start).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 impl Config {
@@ -188,6 +197,12 @@ impl Config {
         }
         if let Some(v) = cli.full_ratio {
             c.full_ratio = v;
+        }
+        if let Some(v) = cli.keyfile {
+            c.security.keyfile = Some(v);
+        }
+        if cli.insecure {
+            c.security.insecure = true;
         }
         c.validate()?;
         Ok(c)

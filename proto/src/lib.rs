@@ -10,6 +10,7 @@ pub mod errno;
 pub mod limits;
 pub mod mds_conn;
 pub mod placement;
+pub mod tls;
 
 /// Generated protobuf messages and tonic services (`avalon.v1`).
 #[allow(clippy::all, missing_docs)]
