@@ -268,6 +268,11 @@ mod tests {
             listen: c.listen.clone(),
             data_dir: c.data_dir.clone(),
             mds: c.mds.clone(),
+            // The one commented value that is an example, not a default.
+            security: avalon_proto::tls::SecurityConfig {
+                keyfile: Some("/etc/avalon/osd.1.key".into()),
+                insecure: false,
+            },
             ..Config::default()
         };
         assert_eq!(every, expect);
