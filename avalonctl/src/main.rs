@@ -589,6 +589,8 @@ fn up(
     let mut opts = Options::new();
     opts.mds = mds;
     opts.osds = osds;
+    // `avalonctl --insecure up DIR`: a new cluster without TLS (kept in its layout).
+    opts.insecure = KEY_FLAGS.get().is_some_and(|f| f.1);
     opts.mount = !no_mount;
     opts.log_level = log_level;
     eprintln!("starting Avalon in {} ...", dir.display());
