@@ -150,7 +150,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 return;
             }
         };
-        if sent.is_err() {
+        // TLS keeps what did not fit the socket in its own buffer until
+        // a flush: without one a reply can sit there until the next one.
+        if sent.is_err() || s.flush().await.is_err() {
             return;
         }
     }

@@ -94,6 +94,8 @@ impl DataConns {
                     conn.write_all(MAGIC).await?;
                 }
                 conn.write_all(frame).await?;
+                // A TLS connection sends what it buffered only on a flush.
+                conn.flush().await?;
                 data_wire::read_frame(&mut conn, max).await
             })
             .await;
