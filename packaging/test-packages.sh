@@ -189,6 +189,9 @@ for i in 1 2 3; do
         /etc/avalon/mds.example.toml >"/etc/avalon/mds-$i.toml"
     grep -qxF "listen = \"127.0.0.$i:$MDS_PORT\"" "/etc/avalon/mds-$i.toml" || fail "mds.example.toml has no listen line"
     grep -qF "peers = [$peers]" "/etc/avalon/mds-$i.toml" || fail "mds.example.toml has no peers line"
+    # TLS keys are tested by the e2e suite; the package test runs plaintext.
+    sed -i 's/^# insecure = false$/insecure = true/' "/etc/avalon/mds-$i.toml"
+    grep -qxF "insecure = true" "/etc/avalon/mds-$i.toml" || fail "mds.example.toml has no insecure line"
 done
 for n in 1 2 3; do
     a=127.0.0.$((n + 3))
@@ -196,8 +199,11 @@ for n in 1 2 3; do
         -e "s|^data_dir = .*|data_dir = \"/var/lib/avalon/osd-$n\"|" \
         -e "s|^mds = .*|mds = [$mdslist]|" \
         /etc/avalon/osd.example.toml >"/etc/avalon/osd-$n.toml"
-    # Six machines: each OSD its own failure domain.
-    echo "failure_domain = \"host$((n + 3))\"" >>"/etc/avalon/osd-$n.toml"
+    # Six machines: each OSD its own failure domain (set in place: the
+    # file ends in its [security] table).
+    sed -i "s|^# failure_domain = .*|failure_domain = \"host$((n + 3))\"|" "/etc/avalon/osd-$n.toml"
+    grep -qxF "failure_domain = \"host$((n + 3))\"" "/etc/avalon/osd-$n.toml" || fail "osd.example.toml has no failure_domain line"
+    sed -i 's/^# insecure = false$/insecure = true/' "/etc/avalon/osd-$n.toml"
     grep -qxF "listen = \"$a:$OSD_PORT\"" "/etc/avalon/osd-$n.toml" || fail "osd.example.toml has no listen line"
 done
 for i in 1 2 3; do
@@ -260,9 +266,9 @@ done
 
 MDS_ADDRS=127.0.0.1:$MDS_PORT,127.0.0.2:$MDS_PORT,127.0.0.3:$MDS_PORT
 say "avalonctl wait-healthy, status"
-avalonctl wait-healthy --mds "$MDS_ADDRS" --timeout 180 >"$WORK/wait-healthy.log" 2>&1 ||
+avalonctl wait-healthy --insecure --mds "$MDS_ADDRS" --timeout 180 >"$WORK/wait-healthy.log" 2>&1 ||
     fail "cluster not healthy: $(tail -n 5 "$WORK/wait-healthy.log")"
-avalonctl status --mds "$MDS_ADDRS" --json >"$WORK/status.json"
+avalonctl status --insecure --mds "$MDS_ADDRS" --json >"$WORK/status.json"
 python3 - "$WORK/status.json" "$MDS_PORT" "$OSD_PORT" <<'EOF'
 import json, sys
 st = json.load(open(sys.argv[1]))
@@ -280,7 +286,7 @@ EOF
 # --- 3. mount from an fstab line and use it --------------------------------
 say "mount -a from an fstab line"
 mkdir -p "$MNT"
-echo "$MDS_ADDRS:/  $MNT  fuse.avalon  _netdev,noatime,connect_timeout=60,log=$WORK/client.log  0 0" >"$WORK/fstab"
+echo "$MDS_ADDRS:/  $MNT  fuse.avalon  _netdev,noatime,insecure,connect_timeout=60,log=$WORK/client.log  0 0" >"$WORK/fstab"
 cat "$WORK/fstab"
 mount -a -T "$WORK/fstab"
 findmnt -n -o SOURCE,FSTYPE "$MNT" | tee "$WORK/findmnt.out"

@@ -45,6 +45,8 @@ findmnt "$DIR/mnt" >/dev/null || { echo "cluster did not come up; see $DIR.log" 
 src=$(findmnt -n -o SOURCE "$DIR/mnt")
 mds=${src%:/}
 echo "AVALON_MDS=$mds" >"$DIR/xfstests.env"
+# The mounts' key (mutual TLS), for mount.fuse.avalon-xfstests.
+echo "export AVALON_KEYFILE=$DIR/keys/client.local.key" >>"$DIR/xfstests.env"
 mkdir -p "$DIR/mnt/xfstests-test" "$DIR/mnt/xfstests-scratch" /mnt/avalon-test /mnt/avalon-scratch
 chmod 777 "$DIR/mnt/xfstests-test" "$DIR/mnt/xfstests-scratch"
 # Tests switch to these users (fsgqa, fsgqa2, 123456-fsgqa).

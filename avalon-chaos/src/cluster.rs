@@ -6,6 +6,7 @@
 //! unmounts and kills everything, also when the harness panics.
 
 use anyhow::{anyhow, bail, Context};
+use avalon_proto::tls::ClientTls;
 use avalonctl::local_cluster::{mds_args, osd_args, spawn_client, unmount, Layout, NodeSpec};
 use avalonctl::status::{self, ClusterStatus};
 use nix::sys::signal::{kill, Signal};
@@ -57,6 +58,8 @@ pub struct Cluster {
     pub daemons: Vec<Daemon>,
     /// The mounts.
     pub mounts: Vec<Mount>,
+    /// The administrator's TLS (`DIR/keys`), for status queries.
+    pub tls: ClientTls,
 }
 
 /// A free port on `ip` (closed again before returning).
@@ -107,8 +110,12 @@ impl Cluster {
             mds_flags: Vec::new(),
             osd_flags: Vec::new(),
             client_metrics_addr: None,
+            insecure: false,
         };
+        avalonctl::local_cluster::ensure_keys(&dir, &layout)?;
+        let tls = layout.admin_tls(&dir)?;
         let mut c = Cluster {
+            tls,
             dir,
             bin_dir: bin_dir.to_path_buf(),
             daemons: Vec::new(),
@@ -253,7 +260,7 @@ impl Cluster {
 
     /// The cluster's status as the MDS nodes report it.
     pub fn status(&self) -> ClusterStatus {
-        status_of(&self.layout.mds_addrs())
+        status_of(&self.tls, &self.layout.mds_addrs())
     }
 
     /// The MDS leader's id, if one answers.
@@ -287,7 +294,12 @@ impl Cluster {
             .arg(self.layout.source())
             .arg(&path)
             .arg("-o")
-            .arg(format!("log={}", log.display()));
+            .arg(format!("log={}", log.display()))
+            .arg("-o")
+            .arg(avalonctl::local_cluster::mount_key_option(
+                &self.dir,
+                &self.layout,
+            ));
         let child = spawn_client(cmd, &path)?;
         self.mounts.push(Mount { path, child });
         Ok(())
@@ -335,12 +347,12 @@ impl Drop for Cluster {
 }
 
 /// Status from the MDS at `addrs` (a small runtime of its own per call).
-pub fn status_of(addrs: &[String]) -> ClusterStatus {
+pub fn status_of(tls: &ClientTls, addrs: &[String]) -> ClusterStatus {
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
-        Ok(rt) => rt.block_on(status::collect(addrs, Duration::from_secs(2))),
+        Ok(rt) => rt.block_on(status::collect(tls, addrs, Duration::from_secs(2))),
         Err(_) => ClusterStatus::default(),
     }
 }

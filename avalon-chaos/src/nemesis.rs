@@ -5,6 +5,7 @@
 
 use crate::cluster::{status_of, Cluster, Role};
 use crate::history::Recorder;
+use avalon_proto::tls::ClientTls;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -145,7 +146,7 @@ pub fn run(
         return faults;
     }
     let lock = || cluster.lock().unwrap_or_else(|p| p.into_inner());
-    let (addrs, mds_idx, osd_idx) = {
+    let (addrs, mds_idx, osd_idx, tls) = {
         let c = lock();
         let mds: Vec<usize> = (0..c.daemons.len())
             .filter(|&i| matches!(c.daemons[i].role, Role::Mds(_)))
@@ -153,10 +154,10 @@ pub fn run(
         let osd: Vec<usize> = (0..c.daemons.len())
             .filter(|&i| matches!(c.daemons[i].role, Role::Osd(_)))
             .collect();
-        (c.layout.mds_addrs(), mds, osd)
+        (c.layout.mds_addrs(), mds, osd, c.tls.clone())
     };
     let leader_idx = |rng: &mut StdRng| -> usize {
-        let leader = status_of(&addrs).leader_id;
+        let leader = status_of(&tls, &addrs).leader_id;
         let c = lock();
         leader
             .and_then(|id| c.index(&format!("mds{id}")))
@@ -236,7 +237,7 @@ pub fn run(
         let end_s = rec.now_ns() as f64 / 1e9;
         let t = Instant::now();
         let healthy = lock().heal().is_ok()
-            && wait_healthy(&addrs, lock().layout.osds.len(), cfg.recover_bound);
+            && wait_healthy(&tls, &addrs, lock().layout.osds.len(), cfg.recover_bound);
         faults.push(Fault {
             kind,
             target: name,
@@ -249,10 +250,10 @@ pub fn run(
 }
 
 /// Waits up to `bound` for a leader, every OSD up and every PG healthy.
-pub fn wait_healthy(addrs: &[String], osds: usize, bound: Duration) -> bool {
+pub fn wait_healthy(tls: &ClientTls, addrs: &[String], osds: usize, bound: Duration) -> bool {
     let deadline = Instant::now() + bound;
     loop {
-        let s = status_of(addrs);
+        let s = status_of(tls, addrs);
         if s.healthy(osds) && s.pgs.healthy {
             return true;
         }

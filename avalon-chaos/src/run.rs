@@ -72,6 +72,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         .context("cluster start")?;
     let mounts: Vec<PathBuf> = cluster.mounts.iter().map(|m| m.path.clone()).collect();
     let addrs = cluster.layout.mds_addrs();
+    let tls = cluster.tls.clone();
     let osds = cluster.layout.osds.len();
     let cluster = Arc::new(Mutex::new(cluster));
     let wcfg = workload::Config {
@@ -116,7 +117,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     // Faults off: undo anything left, then time the recovery.
     let t = std::time::Instant::now();
     cluster.lock().unwrap_or_else(|p| p.into_inner()).heal()?;
-    let healthy = nemesis::wait_healthy(&addrs, osds, opts.recover_bound);
+    let healthy = nemesis::wait_healthy(&tls, &addrs, osds, opts.recover_bound);
     let healthy_after = healthy.then(|| t.elapsed().as_secs_f64());
     eprintln!("avalon-chaos: faults stopped; healthy again: {healthy_after:?}");
     // Some calm operations afterwards: everything must work again.
@@ -167,7 +168,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         recovery.fail(format!(
             "not healthy after {:?}:\n{}",
             opts.recover_bound,
-            avalonctl::status::render(&crate::cluster::status_of(&addrs))
+            avalonctl::status::render(&crate::cluster::status_of(&tls, &addrs))
         ));
     }
     checks.push(recovery);

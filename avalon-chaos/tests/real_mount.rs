@@ -25,6 +25,7 @@ fn checkers_pass_on_a_real_mount_and_catch_a_destroyed_write() {
     let cluster = Cluster::start(dir.path(), &bin, 3, 3, 2).expect("cluster starts");
     let mounts: Vec<_> = cluster.mounts.iter().map(|m| m.path.clone()).collect();
     let addrs = cluster.layout.mds_addrs();
+    let tls = cluster.tls.clone();
     let cluster = Arc::new(Mutex::new(cluster));
     let cfg = workload::Config {
         mounts: mounts.clone(),
@@ -58,7 +59,7 @@ fn checkers_pass_on_a_real_mount_and_catch_a_destroyed_write() {
     assert!(!faults.is_empty(), "no fault injected");
     cluster.lock().unwrap().heal().expect("heal");
     assert!(
-        nemesis::wait_healthy(&addrs, 3, Duration::from_secs(180)),
+        nemesis::wait_healthy(&tls, &addrs, 3, Duration::from_secs(180)),
         "cluster not healthy again"
     );
     assert_eq!(

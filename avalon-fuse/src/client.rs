@@ -180,8 +180,9 @@ impl Client {
         subdir: &[u8],
         mountpoint: &[u8],
         budget: Duration,
+        tls: avalon_proto::tls::ClientTls,
     ) -> Result<Client> {
-        let mut mds = MdsConn::new(mds_addrs);
+        let mut mds = MdsConn::new(mds_addrs, tls.clone());
         mds.retry_for = budget;
         let hostname = nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
@@ -209,7 +210,7 @@ impl Client {
             root_ino: reg.root_ino,
             map: RwLock::new(Arc::new(map)),
             osds: DashMap::new(),
-            data_conns: Default::default(),
+            data_conns: avalon_proto::data_conn::DataConns::new(tls),
             files: DashMap::new(),
             sync_marks: Default::default(),
             page_versions: Default::default(),

@@ -91,7 +91,10 @@ impl Client {
         if let Some(c) = self.osds.get(addr) {
             return Ok(c.clone());
         }
-        let ch = avalon_proto::mds_conn::channel(addr, Duration::from_secs(2))?;
+        let ch =
+            self.mds
+                .tls()
+                .channel(addr, avalon_proto::tls::Dial::Osd, Duration::from_secs(2))?;
         let c = OsdClient::new(ch)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);

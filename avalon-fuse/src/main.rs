@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use avalon_fuse::client::{AtimeMode, Client};
 use avalon_fuse::fs::AvalonFs;
 use avalon_fuse::mount_source;
+use avalon_proto::tls::{ClientTls, Dial};
 use clap::Parser;
 use fuser::{MountOption, SessionACL};
 use std::io::{BufRead, BufReader, Write};
@@ -34,7 +35,8 @@ struct Args {
     mountpoint: PathBuf,
     /// Mount options, comma separated (ro, rw, allow_other, noatime, log=FILE,
     /// log_level=LEVEL, connect_timeout=SECS, threads=N, fsname=NAME, cache_mb=MB,
-    /// metrics=HOST:PORT, nosubtype, selinux; _netdev, defaults, nofail and x-* are accepted and
+    /// metrics=HOST:PORT, nosubtype, selinux, name=client.NAME, keyfile=PATH (default
+    /// /etc/avalon/NAME.key), insecure (no TLS); _netdev, defaults, nofail and x-* are accepted and
     /// ignored).
     #[arg(short = 'o')]
     options: Vec<String>,
@@ -78,6 +80,10 @@ struct Opts {
     selinux: bool,
     /// Serve Prometheus metrics at this host:port (`metrics=`); off by default.
     metrics: Option<String>,
+    /// Identity (`client.NAME`) and its keyfile; `insecure`: plaintext.
+    name: Option<String>,
+    keyfile: Option<PathBuf>,
+    insecure: bool,
 }
 
 /// Session heartbeat period: a quarter of the MDS's default 1 s lease.
@@ -156,7 +162,9 @@ fn parse_opts(list: &[String]) -> anyhow::Result<Opts> {
             }
             ("nosubtype", None) => o.subtype = false,
             ("selinux", None) => o.selinux = true,
-            ("keyfile", Some(_)) => {} // reserved for client keys (security issue)
+            ("name", Some(n)) => o.name = Some(n.to_string()),
+            ("keyfile", Some(p)) => o.keyfile = Some(PathBuf::from(p)),
+            ("insecure", None) => o.insecure = true,
             ("nodiratime" | "diratime" | "lazytime" | "nolazytime" | "silent" | "loud", None) => {}
             (
                 "_netdev" | "defaults" | "nofail" | "auto" | "noauto" | "user" | "nouser" | "users",
@@ -252,6 +260,37 @@ fn run_background(args: &Args) -> anyhow::Result<()> {
     )
 }
 
+/// The mount's TLS from `name=`, `keyfile=` (default
+/// `/etc/avalon/NAME.key`) or `insecure`.
+fn client_tls(o: &Opts) -> anyhow::Result<ClientTls> {
+    if o.insecure {
+        anyhow::ensure!(
+            o.keyfile.is_none(),
+            "options insecure and keyfile= exclude each other"
+        );
+        tracing::warn!("mounted with -o insecure: no TLS, no authentication");
+        return Ok(ClientTls::plaintext());
+    }
+    let path = match (&o.keyfile, &o.name) {
+        (Some(p), _) => p.clone(),
+        (None, Some(n)) => PathBuf::from(format!("/etc/avalon/{n}.key")),
+        (None, None) => bail!(
+            "no key: mount with -o name=client.NAME,keyfile=PATH (made by `avalonctl auth add \
+             client.NAME`), or -o insecure for a cluster that runs without TLS"
+        ),
+    };
+    let tls = ClientTls::from_keyfile(&path)?;
+    if let (Some(n), Some(id)) = (&o.name, tls.identity()) {
+        anyhow::ensure!(
+            &id.name == n,
+            "keyfile {} is for {}, not {n}",
+            path.display(),
+            id.name
+        );
+    }
+    Ok(tls)
+}
+
 fn run_foreground(args: &Args) -> anyhow::Result<()> {
     let mut opts = parse_opts(&args.options)?;
     let src = mount_source::parse(&args.source).map_err(anyhow::Error::msg)?;
@@ -274,17 +313,23 @@ fn run_foreground(args: &Args) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let budget = Duration::from_secs(opts.connect_timeout.unwrap_or(10));
+    let tls = client_tls(&opts)?;
     let client = rt
         .block_on(Client::connect(
             src.mds.clone(),
             &src.subdir,
             mountpoint.as_os_str().as_bytes(),
             budget,
+            tls.clone(),
         ))
         .map_err(|e| {
+            // A refused certificate shows only as a transport error: ask
+            // the MDS nodes directly what went wrong in the handshake.
+            let why = rt.block_on(tls.diagnose(&src.mds, Dial::Mds));
             anyhow::anyhow!(
-                "cannot reach the Avalon metadata service at {}: {e}",
-                src.mds.join(",")
+                "cannot reach the Avalon metadata service at {}: {e}{}",
+                src.mds.join(","),
+                why.map(|w| format!(" ({w})")).unwrap_or_default()
             )
         })?;
     let mut client = client;

@@ -72,6 +72,8 @@ pub struct Config {
     /// Serve Prometheus metrics (and the status page) over HTTP here
     /// (host:port); unset: off.
     pub metrics_addr: Option<String>,
+    /// `[security]`: this node's keyfile, or `insecure = true`.
+    pub security: avalon_proto::tls::SecurityConfig,
 }
 
 impl Default for Config {
@@ -114,6 +116,7 @@ impl Default for Config {
             join: false,
             disk_reserve_mb: 256,
             metrics_addr: None,
+            security: Default::default(),
         }
     }
 }
@@ -189,6 +192,12 @@ pub struct Args {
     /// this node with `avalonctl mds add`).
     #[arg(long)]
     pub join: bool,
+    /// This node's keyfile (`avalonctl auth add mds.N`): mutual TLS.
+    #[arg(long)]
+    pub keyfile: Option<PathBuf>,
+    /// No TLS and no authentication (logged loudly at start).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 impl Config {
@@ -240,6 +249,12 @@ impl Config {
         );
         if args.join {
             cfg.join = true;
+        }
+        if let Some(k) = &args.keyfile {
+            cfg.security.keyfile = Some(k.clone());
+        }
+        if args.insecure {
+            cfg.security.insecure = true;
         }
         cfg.validate()?;
         Ok(cfg)

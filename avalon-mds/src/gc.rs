@@ -46,7 +46,9 @@ pub async fn gc_once(node: &MdsNode) -> anyhow::Result<usize> {
     // Down OSDs still hold data of these inodes; they must be cleaned when
     // they come back (later: per-OSD GC cursors in the state machine).
     for (id, addr) in &osds {
-        let ch = avalon_proto::mds_conn::channel(addr, Duration::from_secs(2))
+        let ch = node
+            .tls
+            .channel(addr, avalon_proto::tls::Dial::Osd, Duration::from_secs(2))
             .map_err(|e| anyhow::anyhow!("OSD {id} at {addr}: {}", e.message()))?;
         let mut c = OsdClient::new(ch);
         let req = DeleteObjectsRequest {

@@ -7,6 +7,7 @@
 //! service), [`gc`] (data garbage collection), [`config`].
 
 pub mod acl;
+pub mod authz;
 pub mod command;
 pub mod config;
 pub mod delegation;
@@ -115,13 +116,29 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     if let Some(s) = &stored {
         s.check(&cfg)?;
     }
+    let tls = cfg.security.load("avalon-mds")?;
+    if let Some(i) = &tls.identity {
+        anyhow::ensure!(
+            i.name == format!("mds.{}", cfg.id),
+            "keyfile {} is for {}, not mds.{}",
+            cfg.security
+                .keyfile
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""))
+                .display(),
+            i.name,
+            cfg.id
+        );
+    }
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let raft = Raft::new(
         cfg.id,
         Arc::new(raft_config(&cfg)?),
-        NetworkFactory,
+        NetworkFactory {
+            tls: tls.client.clone(),
+        },
         log,
         sm,
     )
@@ -150,6 +167,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         proposer: proposer::Proposer::start(raft.clone()),
         settings_init: tokio::sync::Mutex::new(()),
         shutdown: shutdown.child_token(),
+        tls: tls.client.clone(),
     });
     let refused: Arc<Mutex<Option<settings::Mismatch>>> = Arc::default();
 
@@ -189,10 +207,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let raft_svc = RaftServer::new(RaftService { node: node.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = tls.server.incoming(listener);
     let stop = shutdown.clone();
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(avalon_proto::tls::AuthzLayer(authz::policy))
             .add_service(meta)
             .add_service(raft_svc)
             .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),

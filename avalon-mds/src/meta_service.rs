@@ -1157,6 +1157,7 @@ impl Meta for MetaService {
         req: Request<pb::RegisterOsdRequest>,
     ) -> Res<pb::RegisterOsdReply> {
         let _m = crate::metrics::op(Rpc::RegisterOsd);
+        crate::authz::osd_claim(&req, req.get_ref().osd_id)?;
         let r = req.into_inner();
         if r.addr.is_empty() || r.addr.len() > 1024 || r.failure_domain.len() > 1024 {
             return Err(MdsError::Invalid("bad OSD address or failure domain".into()).into());
@@ -1188,6 +1189,7 @@ impl Meta for MetaService {
         req: Request<pb::OsdHeartbeatRequest>,
     ) -> Res<pb::OsdHeartbeatReply> {
         let _m = crate::metrics::op(Rpc::OsdHeartbeat);
+        crate::authz::osd_claim(&req, req.get_ref().osd_id)?;
         let r = req.into_inner();
         self.node.check_leader()?;
         let known = self.node.read_local(|s| s.osds.get(&r.osd_id).cloned());

@@ -229,6 +229,8 @@ pub struct MdsNode {
     /// One proposal of the cluster-wide settings at a time.
     pub settings_init: tokio::sync::Mutex<()>,
     pub shutdown: CancellationToken,
+    /// TLS for the connections this node opens (peers, OSDs).
+    pub tls: avalon_proto::tls::ClientTls,
 }
 
 /// Wall clock in nanoseconds since the epoch.

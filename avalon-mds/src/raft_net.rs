@@ -27,8 +27,11 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 /// Creates one [`NetworkConn`] per peer.
-#[derive(Clone, Default)]
-pub struct NetworkFactory;
+#[derive(Clone)]
+pub struct NetworkFactory {
+    /// This node's TLS (its `mds.N` key) for the connections to its peers.
+    pub tls: avalon_proto::tls::ClientTls,
+}
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = NetworkConn;
@@ -38,6 +41,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             addr: node.addr.clone(),
             client: None,
+            tls: self.tls.clone(),
         }
     }
 }
@@ -47,6 +51,7 @@ pub struct NetworkConn {
     target: NodeId,
     addr: String,
     client: Option<RaftClient<Channel>>,
+    tls: avalon_proto::tls::ClientTls,
 }
 
 #[derive(Clone, Copy)]
@@ -70,7 +75,13 @@ impl NetworkConn {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
-        let ch = avalon_proto::mds_conn::channel(&self.addr, Duration::from_secs(1))
+        let ch = self
+            .tls
+            .channel(
+                &self.addr,
+                avalon_proto::tls::Dial::Mds,
+                Duration::from_secs(1),
+            )
             .map_err(|e| CallErr::Unreachable(e.message().to_string()))?;
         let c = RaftClient::new(ch)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -33,6 +33,10 @@ fn config(id: u64, addrs: &[String], dir: &Path) -> Config {
             .collect(),
         snapshot_logs: 30,
         gc_interval_ms: 200,
+        security: avalon_proto::tls::SecurityConfig {
+            keyfile: None,
+            insecure: true,
+        },
         ..Config::default()
     }
 }
@@ -60,7 +64,13 @@ async fn stop(n: Node) {
 }
 
 async fn status(addr: &str) -> Option<pb::StatusReply> {
-    let ch = avalon_proto::mds_conn::channel(addr, Duration::from_millis(500)).ok()?;
+    let ch = avalon_proto::tls::ClientTls::plaintext()
+        .channel(
+            addr,
+            avalon_proto::tls::Dial::Mds,
+            Duration::from_millis(500),
+        )
+        .ok()?;
     let mut c = MetaClient::new(ch);
     tokio::time::timeout(Duration::from_secs(2), c.status(pb::Empty {}))
         .await
@@ -157,7 +167,7 @@ async fn three_nodes_failover_restart_and_snapshot() {
         .collect();
 
     let leader = leader_of(&addrs).await;
-    let conn = MdsConn::new(addrs.clone());
+    let conn = MdsConn::new(addrs.clone(), avalon_proto::tls::ClientTls::plaintext());
     let mut created = Vec::new();
     for i in 0..10 {
         let name = format!("before-{i}");
@@ -191,7 +201,9 @@ async fn three_nodes_failover_restart_and_snapshot() {
         || {
             let faddr = faddr.clone();
             async move {
-                let ch = avalon_proto::mds_conn::channel(&faddr, Duration::from_secs(1)).ok()?;
+                let ch = avalon_proto::tls::ClientTls::plaintext()
+                    .channel(&faddr, avalon_proto::tls::Dial::Mds, Duration::from_secs(1))
+                    .ok()?;
                 let err = MetaClient::new(ch)
                     .get_attr(pb::GetAttrRequest {
                         header: None,
@@ -263,7 +275,7 @@ async fn single_node_restart_keeps_state() {
     let cfg = config(1, &addrs, dir.path());
     let n = start(cfg.clone());
     leader_of(&addrs).await;
-    let conn = MdsConn::new(addrs.clone());
+    let conn = MdsConn::new(addrs.clone(), avalon_proto::tls::ClientTls::plaintext());
     // Dedup: the same session/request id applies once.
     let a = create(&conn, "f", 77).await;
     let b = create(&conn, "f", 77).await;

@@ -37,7 +37,11 @@ where
 async fn client(addr: &str) -> MetaClient<Channel> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(ch) = avalon_proto::mds_conn::channel(addr, Duration::from_secs(1)) {
+        if let Ok(ch) = avalon_proto::tls::ClientTls::plaintext().channel(
+            addr,
+            avalon_proto::tls::Dial::Mds,
+            Duration::from_secs(1),
+        ) {
             let mut c = MetaClient::new(ch);
             if let Ok(s) = c.status(pb::Empty {}).await {
                 if s.into_inner().self_.is_some_and(|m| m.role == "leader") {
@@ -123,6 +127,10 @@ async fn open_unlinked_files_and_session_expiry() {
         orphan_grace_ms: 400,
         session_timeout_ms: 2000,
         gc_interval_ms: 100_000,
+        security: avalon_proto::tls::SecurityConfig {
+            keyfile: None,
+            insecure: true,
+        },
         ..Config::default()
     };
     let token = CancellationToken::new();

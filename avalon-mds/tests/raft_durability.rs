@@ -77,6 +77,7 @@ impl Cluster {
             .arg(peers.join(","))
             .arg("--log-level")
             .arg("warn")
+            .arg("--insecure")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log);
@@ -144,7 +145,13 @@ impl Drop for Cluster {
 }
 
 async fn client(addr: &str) -> Option<MetaClient<tonic::transport::Channel>> {
-    let ch = avalon_proto::mds_conn::channel(addr, Duration::from_millis(500)).ok()?;
+    let ch = avalon_proto::tls::ClientTls::plaintext()
+        .channel(
+            addr,
+            avalon_proto::tls::Dial::Mds,
+            Duration::from_millis(500),
+        )
+        .ok()?;
     Some(MetaClient::new(ch))
 }
 

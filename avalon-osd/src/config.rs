@@ -50,6 +50,8 @@ pub struct Config {
     pub full_ratio: f64,
     /// Serve Prometheus metrics over HTTP here (host:port); unset: off.
     pub metrics_addr: Option<String>,
+    /// `[security]`: this OSD's keyfile, or `insecure = true`.
+    pub security: avalon_proto::tls::SecurityConfig,
 }
 
 impl Default for Config {
@@ -72,6 +74,7 @@ impl Default for Config {
             nearfull_ratio: 0.85,
             full_ratio: 0.95,
             metrics_addr: None,
+            security: Default::default(),
         }
     }
 }
@@ -132,6 +135,12 @@ pub struct Cli {
     /// Serve Prometheus metrics on /metrics at this host:port [default: off].
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<String>,
+    /// This OSD's keyfile (`avalonctl auth add osd.N`): mutual TLS.
+    #[arg(long, value_name = "PATH")]
+    pub keyfile: Option<PathBuf>,
+    /// No TLS and no authentication (logged loudly at start).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 impl Config {
@@ -198,6 +207,12 @@ impl Config {
         if let Some(v) = cli.metrics_addr {
             c.metrics_addr = Some(v);
         }
+        if let Some(v) = cli.keyfile {
+            c.security.keyfile = Some(v);
+        }
+        if cli.insecure {
+            c.security.insecure = true;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -263,6 +278,11 @@ mod tests {
             data_dir: c.data_dir.clone(),
             mds: c.mds.clone(),
             metrics_addr: every.metrics_addr.clone(),
+            // The one commented value that is an example, not a default.
+            security: avalon_proto::tls::SecurityConfig {
+                keyfile: Some("/etc/avalon/osd.1.key".into()),
+                insecure: false,
+            },
             ..Config::default()
         };
         assert!(every.metrics_addr.is_some());

@@ -1,17 +1,19 @@
 //! The data port: chunk reads and writes over [`avalon_proto::data_wire`]
-//! on the gRPC port. Each accepted connection is classified by its first
-//! bytes: one that opens with the data-wire magic is served here, every
-//! other one is handed to the gRPC server.
+//! on the gRPC port. With TLS, each accepted connection is classified by
+//! the ALPN its handshake settled on ([`tls::ALPN_DATA`]); in plaintext
+//! (`insecure`) by its first bytes: one that opens with the data-wire magic
+//! is served here, every other one is handed to the gRPC server.
 
 use crate::osd_service::OsdService;
 use avalon_proto::data_wire::{self, MAGIC, MAX_REQUEST_BYTES, READ_CHUNK, WRITE_CHUNK};
 use avalon_proto::pb::{ReadChunkRequest, WriteChunkRequest};
+use avalon_proto::tls::{self, Conn, Peer, ServerTls};
 use bytes::Bytes;
 use futures::Stream;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -25,10 +27,11 @@ const CLASSIFY_TIMEOUT: Duration = Duration::from_secs(10);
 /// yields the others, for the gRPC server.
 pub fn incoming(
     listener: TcpListener,
+    tls: ServerTls,
     svc: Arc<OsdService>,
     stop: CancellationToken,
-) -> impl Stream<Item = io::Result<TcpStream>> {
-    let (tx, rx) = mpsc::channel::<TcpStream>(64);
+) -> impl Stream<Item = io::Result<Conn>> {
+    let (tx, rx) = mpsc::channel::<Conn>(64);
     tokio::spawn(async move {
         loop {
             let conn = tokio::select! {
@@ -46,14 +49,27 @@ pub fn incoming(
             };
             // Small replies (acks, 4 KiB reads) must not wait for Nagle.
             let _ = s.set_nodelay(true);
-            let (tx, svc, stop) = (tx.clone(), svc.clone(), stop.clone());
+            let (tx, svc, stop, tls) = (tx.clone(), svc.clone(), stop.clone(), tls.clone());
             tokio::spawn(async move {
+                if !tls.is_plaintext() {
+                    match tls.accept(s).await {
+                        Ok(c) if c.alpn() == Some(tls::ALPN_DATA) => {
+                            let peer = c.peer().clone();
+                            serve(c, &peer, svc, stop).await
+                        }
+                        Ok(c) => {
+                            let _ = tx.send(c).await;
+                        }
+                        Err(e) => tracing::info!(error = %e, "refused connection"),
+                    }
+                    return;
+                }
                 let data = tokio::time::timeout(CLASSIFY_TIMEOUT, speaks_data_wire(&s)).await;
                 match data {
-                    Ok(Ok(true)) => serve(s, svc, stop).await,
+                    Ok(Ok(true)) => serve(s, &Peer::default(), svc, stop).await,
                     Ok(Err(_)) => {}
                     Ok(Ok(false)) | Err(_) => {
-                        let _ = tx.send(s).await;
+                        let _ = tx.send(Conn::plain(s)).await;
                     }
                 }
             });
@@ -84,7 +100,12 @@ async fn speaks_data_wire(s: &TcpStream) -> io::Result<bool> {
 
 /// Serves one data-wire connection: request, reply, in turn, until the
 /// client closes it, sends something invalid, or the OSD stops.
-async fn serve(mut s: TcpStream, svc: Arc<OsdService>, stop: CancellationToken) {
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    peer: &Peer,
+    svc: Arc<OsdService>,
+    stop: CancellationToken,
+) {
     let mut magic = [0u8; MAGIC.len()];
     if s.read_exact(&mut magic).await.is_err() {
         return;
@@ -109,7 +130,10 @@ async fn serve(mut s: TcpStream, svc: Arc<OsdService>, stop: CancellationToken) 
             WRITE_CHUNK => {
                 let reply = match <WriteChunkRequest as prost::Message>::decode(payload) {
                     // The data fields are slices of the frame: no copy.
-                    Ok(req) => svc.write(req).await.map_err(Status::from),
+                    Ok(req) => match crate::authz::write(peer, &req) {
+                        Ok(()) => svc.write(req).await.map_err(Status::from),
+                        Err(st) => Err(st),
+                    },
                     Err(e) => Err(Status::invalid_argument(format!(
                         "data port: bad WriteChunkRequest: {e}"
                     ))),
@@ -126,14 +150,20 @@ async fn serve(mut s: TcpStream, svc: Arc<OsdService>, stop: CancellationToken) 
                 return;
             }
         };
-        if sent.is_err() {
+        // TLS keeps what did not fit the socket in its own buffer until
+        // a flush: without one a reply can sit there until the next one.
+        if sent.is_err() || s.flush().await.is_err() {
             return;
         }
     }
 }
 
 /// Serves one chunk read and sends its reply.
-async fn read(s: &mut TcpStream, svc: &OsdService, payload: Bytes) -> io::Result<()> {
+async fn read<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    svc: &OsdService,
+    payload: Bytes,
+) -> io::Result<()> {
     let reply = match <ReadChunkRequest as prost::Message>::decode(payload) {
         Ok(req) => svc.read(req, false).await.map_err(Status::from),
         Err(e) => Err(Status::invalid_argument(format!(

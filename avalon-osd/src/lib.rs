@@ -6,6 +6,7 @@
 //! keeps its identity and the cluster map in step with the MDS
 //! ([`membership`]).
 
+pub mod authz;
 pub mod chunk_store;
 pub mod config;
 pub mod data_port;
@@ -67,6 +68,14 @@ pub async fn run_with_listener(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     cfg.validate()?;
+    let tls = cfg.security.load("avalon-osd")?;
+    let key_osd_id = match &tls.identity {
+        None => None,
+        Some(i) => Some(
+            i.osd_id()
+                .with_context(|| format!("the keyfile is for {}, not an OSD (osd.N)", i.name))?,
+        ),
+    };
     let local = listener.local_addr().context("listener address")?;
     let addr = if cfg.advertise.is_empty() {
         if local.ip().is_unspecified() {
@@ -110,13 +119,17 @@ pub async fn run_with_listener(
         cfg.failure_domain.clone()
     };
     let membership = Arc::new(Membership::new(
-        MdsConn::new(cfg.mds.clone()),
+        MdsConn::new(cfg.mds.clone(), tls.client.clone()),
         addr,
         failure_domain,
         capacity,
         cfg.data_dir.clone(),
+        key_osd_id,
     ));
-    let peers = Arc::new(Peers::new(Duration::from_millis(cfg.forward_timeout_ms)));
+    let peers = Arc::new(Peers::new(
+        Duration::from_millis(cfg.forward_timeout_ms),
+        tls.client.clone(),
+    ));
     let recovery = Arc::new(Recovery::new(
         Arc::clone(&store),
         Arc::clone(&membership),
@@ -147,6 +160,7 @@ pub async fn run_with_listener(
     let stop = shutdown.child_token();
     let server = tonic::transport::Server::builder()
         .http2_adaptive_window(Some(true))
+        .layer(avalon_proto::tls::AuthzLayer(authz::policy))
         .add_service(
             OsdServer::from_arc(Arc::clone(&svc))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -154,7 +168,7 @@ pub async fn run_with_listener(
         )
         .serve_with_incoming_shutdown(
             // Data-wire connections are served beside gRPC on this port.
-            data_port::incoming(listener, svc, stop.clone()),
+            data_port::incoming(listener, tls.server.clone(), svc, stop.clone()),
             stop.clone().cancelled_owned(),
         );
     let server = tokio::spawn(server);

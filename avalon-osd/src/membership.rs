@@ -54,6 +54,8 @@ pub struct Membership {
     id: AtomicU64,
     map: RwLock<Option<Arc<ClusterMap>>>,
     refresh: tokio::sync::Mutex<()>,
+    /// The id in this OSD's certificate (`osd.N`): the only one it may use.
+    key_id: Option<u64>,
 }
 
 impl Membership {
@@ -64,6 +66,7 @@ impl Membership {
         failure_domain: String,
         capacity: u64,
         data_dir: PathBuf,
+        key_id: Option<u64>,
     ) -> Membership {
         Membership {
             mds,
@@ -74,6 +77,7 @@ impl Membership {
             id: AtomicU64::new(0),
             map: RwLock::new(None),
             refresh: tokio::sync::Mutex::new(()),
+            key_id,
         }
     }
 
@@ -120,6 +124,18 @@ impl Membership {
         let known = match self.osd_id() {
             0 => read_osd_id(&self.data_dir).map_err(|e| OsdError::Mds(e.to_string()))?,
             id => id,
+        };
+        // With TLS the certificate names the id: a new data dir takes it,
+        // one that already belongs to another id is refused.
+        let known = match (self.key_id, known) {
+            (Some(k), 0) => k,
+            (Some(k), d) if d != k => {
+                return Err(OsdError::Mds(format!(
+                    "data dir {} belongs to OSD {d}, but the keyfile is for osd.{k}",
+                    self.data_dir.display()
+                )))
+            }
+            (_, d) => d,
         };
         let req = RegisterOsdRequest {
             header: None,

@@ -14,6 +14,7 @@ use avalon_proto::pb::{
     ReadChunkRequest, SyncObjectsRequest, WriteChunkReply, WriteChunkRequest,
 };
 use avalon_proto::placement::pg_of;
+use avalon_proto::tls::Peer;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -342,6 +343,7 @@ impl Osd for OsdService {
         &self,
         request: Request<WriteChunkRequest>,
     ) -> Result<Response<WriteChunkReply>, Status> {
+        crate::authz::write(&Peer::of(&request), request.get_ref())?;
         Ok(Response::new(self.write(request.into_inner()).await?))
     }
 
@@ -350,6 +352,9 @@ impl Osd for OsdService {
         request: Request<ReadChunkRequest>,
     ) -> Result<Response<ReadChunkReply>, Status> {
         let internal = request.metadata().contains_key(INTERNAL_KEY);
+        if internal {
+            crate::authz::internal_read(&Peer::of(&request))?;
+        }
         Ok(Response::new(
             self.read(request.into_inner(), internal).await?,
         ))

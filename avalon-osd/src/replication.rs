@@ -10,13 +10,13 @@ use crate::recovery::{Recovery, INTERNAL_KEY};
 use avalon_proto::data_conn::DataConns;
 use avalon_proto::errno::{errno_of, has_errno};
 use avalon_proto::limits::MAX_MESSAGE_BYTES;
-use avalon_proto::mds_conn::channel;
 use avalon_proto::pb::osd_client::OsdClient;
 use avalon_proto::pb::{
     ChunkId, ListChunksReply, ListChunksRequest, OsdState, ReadChunkReply, ReadChunkRequest,
     WriteChunkReply, WriteChunkRequest,
 };
 use avalon_proto::placement::{chunk_members, pg_of};
+use avalon_proto::tls::{ClientTls, Dial};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,15 +30,18 @@ pub struct Peers {
     clients: Mutex<HashMap<String, OsdClient<Channel>>>,
     data: DataConns,
     timeout: Duration,
+    tls: ClientTls,
 }
 
 impl Peers {
-    /// A cache whose forwarded calls time out after `timeout`.
-    pub fn new(timeout: Duration) -> Peers {
+    /// A cache whose forwarded calls time out after `timeout`, connecting
+    /// with `tls` (this OSD's key).
+    pub fn new(timeout: Duration, tls: ClientTls) -> Peers {
         Peers {
             clients: Mutex::new(HashMap::new()),
-            data: DataConns::default(),
+            data: DataConns::new(tls.clone()),
             timeout,
+            tls,
         }
     }
 
@@ -47,7 +50,7 @@ impl Peers {
         if let Some(c) = g.get(addr) {
             return Ok(c.clone());
         }
-        let c = OsdClient::new(channel(addr, Duration::from_secs(2))?)
+        let c = OsdClient::new(self.tls.channel(addr, Dial::Osd, Duration::from_secs(2))?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         g.insert(addr.to_string(), c.clone());

@@ -204,6 +204,10 @@ async fn restart_keeps_id_and_data() {
         data_dir: osd.dir.path().to_path_buf(),
         mds: vec![mds.addr.clone()],
         heartbeat_ms: 100,
+        security: avalon_proto::tls::SecurityConfig {
+            keyfile: None,
+            insecure: true,
+        },
         ..Config::default()
     };
     let task = tokio::spawn(avalon_osd::run_with_listener(cfg, listener, token.clone()));
@@ -396,7 +400,7 @@ async fn data_port_writes_replicate() {
     let members = chunk_members(&map, ino, 0);
     let primary = members[0].addr.clone();
     wait_serving(&primary, ino, map.epoch).await;
-    let conns = DataConns::default();
+    let conns = DataConns::new(avalon_proto::tls::ClientTls::plaintext());
     let body: Vec<u8> = (0..200_000u32).map(|i| (i * 13) as u8).collect();
     let reply = conns
         .write_chunk(

@@ -7,8 +7,10 @@
 //! Dropping a [`LocalCluster`] unmounts and stops everything, also when a
 //! test panics.
 
+use crate::keys;
 use crate::status::{self, ClusterStatus};
 use anyhow::{anyhow, bail, Context};
+use avalon_proto::tls::ClientTls;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
@@ -53,6 +55,11 @@ pub struct Layout {
     /// Where the mount at `DIR/mnt` serves Prometheus metrics (`-o metrics=`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_metrics_addr: Option<String>,
+    /// No TLS, no authentication (`--insecure` daemons, `-o insecure`
+    /// mounts). Otherwise every daemon and mount has a keyfile in
+    /// `DIR/keys` (made on first start).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
 }
 
 impl Layout {
@@ -100,6 +107,16 @@ impl Layout {
         mds.chain(osds).chain(client).collect()
     }
 
+    /// The TLS an administrator of the cluster in `dir` uses
+    /// (`DIR/keys/client.admin.key`), or plaintext when insecure.
+    pub fn admin_tls(&self, dir: &Path) -> anyhow::Result<ClientTls> {
+        if self.insecure {
+            return Ok(ClientTls::plaintext());
+        }
+        let path = keys::keyfile(&keys_dir(dir), keys::ADMIN);
+        ClientTls::from_keyfile(&path).map_err(anyhow::Error::from)
+    }
+
     /// The mount source for the whole filesystem.
     pub fn source(&self) -> String {
         format!("{}:/", self.mds_list())
@@ -128,6 +145,8 @@ pub struct Options {
     /// Give every daemon and the mount a metrics endpoint (first start
     /// only; kept in `cluster.toml`).
     pub metrics: bool,
+    /// Run without TLS (first start only; kept in `cluster.toml`).
+    pub insecure: bool,
 }
 
 impl Options {
@@ -143,6 +162,7 @@ impl Options {
             mds_flags: Vec::new(),
             osd_flags: Vec::new(),
             metrics: true,
+            insecure: false,
         }
     }
 }
@@ -235,6 +255,15 @@ pub struct LocalCluster {
     mds: Vec<Proc>,
     osds: Vec<Proc>,
     client: Option<Proc>,
+    tls: ClientTls,
+}
+
+impl LocalCluster {
+    /// The administrator's TLS (`DIR/keys/client.admin.key`), for tools and
+    /// tests that open their own connections.
+    pub fn tls(&self) -> &ClientTls {
+        &self.tls
+    }
 }
 
 /// Starts a foreground `avalon-fuse` (`cmd`, its arguments set) and waits
@@ -369,6 +398,8 @@ impl LocalCluster {
             std::fs::create_dir_all(dir.join(sub))?;
         }
         let layout = Self::load_or_create_layout(&dir, &opts)?;
+        ensure_keys(&dir, &layout)?;
+        let tls = layout.admin_tls(&dir)?;
         for b in ["avalon-mds", "avalon-osd", "avalon-fuse"] {
             if !opts.bin_dir.join(b).exists() {
                 bail!(
@@ -385,6 +416,7 @@ impl LocalCluster {
             mds: Vec::new(),
             osds: Vec::new(),
             client: None,
+            tls,
         };
         // A previous run that died may have left a dead mount behind.
         unmount(&c.mountpoint());
@@ -437,6 +469,7 @@ impl LocalCluster {
             mds_flags: opts.mds_flags.clone(),
             osd_flags: opts.osd_flags.clone(),
             client_metrics_addr: metrics_addr()?,
+            insecure: opts.insecure,
         };
         std::fs::write(&path, toml::to_string_pretty(&layout)?)?;
         Ok(layout)
@@ -512,7 +545,7 @@ impl LocalCluster {
             .enable_all()
             .build();
         match rt {
-            Ok(rt) => rt.block_on(status::collect(&addrs, Duration::from_secs(2))),
+            Ok(rt) => rt.block_on(status::collect(&self.tls, &addrs, Duration::from_secs(2))),
             Err(_) => ClusterStatus::default(),
         }
     }
@@ -556,6 +589,8 @@ impl LocalCluster {
             mnt.to_string_lossy().into_owned(),
             "-o".to_string(),
             format!("log={}", self.dir.join("logs").join("client.log").display()),
+            "-o".to_string(),
+            mount_key_option(&self.dir, &self.layout),
         ];
         if let Some(a) = &self.layout.client_metrics_addr {
             args[4].push_str(&format!(",metrics={a}"));
@@ -669,6 +704,7 @@ impl LocalCluster {
     /// `DIR/cluster.toml` and has the leader add it to the raft group.
     pub fn add_mds(&mut self) -> anyhow::Result<NodeSpec> {
         let spec = new_mds_spec(&self.dir, &self.layout)?;
+        ensure_key(&self.dir, &self.layout, &format!("mds.{}", spec.id))?;
         let args = mds_args(&self.dir, &self.layout, &spec);
         let p = self.spawn(&format!("mds{}", spec.id), "avalon-mds", args)?;
         self.mds.push(p);
@@ -676,6 +712,7 @@ impl LocalCluster {
         save_layout(&self.dir, &self.layout)?;
         let addrs = self.layout.mds_addrs();
         block_on(crate::mds_admin::add_mds(
+            &self.tls,
             &addrs,
             spec.id,
             &spec.addr,
@@ -689,6 +726,7 @@ impl LocalCluster {
     pub fn remove_mds(&mut self, id: u64) -> anyhow::Result<()> {
         let addrs = self.layout.mds_addrs();
         block_on(crate::mds_admin::remove_mds(
+            &self.tls,
             &addrs,
             id,
             Duration::from_secs(60),
@@ -711,6 +749,7 @@ impl LocalCluster {
     /// the MDS lists it up.
     pub fn add_osd(&mut self) -> anyhow::Result<NodeSpec> {
         let spec = new_osd_spec(&self.dir, &self.layout)?;
+        ensure_key(&self.dir, &self.layout, &format!("osd.{}", spec.id))?;
         let p = self.spawn(
             &format!("osd{}", spec.id),
             "avalon-osd",
@@ -811,6 +850,7 @@ pub fn mds_args(dir: &Path, layout: &Layout, n: &NodeSpec) -> Vec<String> {
             layout.write_quorum.to_string(),
         ]);
     }
+    v.extend(security_args(dir, layout, &format!("mds.{}", n.id)));
     v.extend(layout.mds_flags.iter().cloned());
     v
 }
@@ -832,6 +872,7 @@ pub fn osd_args(dir: &Path, layout: &Layout, n: &NodeSpec) -> Vec<String> {
     if let Some(a) = &n.metrics_addr {
         v.extend(["--metrics-addr".into(), a.clone()]);
     }
+    v.extend(security_args(dir, layout, &format!("osd.{}", n.id)));
     v.extend(layout.osd_flags.iter().cloned());
     v
 }
@@ -862,6 +903,7 @@ pub fn add_osd_detached(dir: &Path, bin_dir: &Path, log_level: &str) -> anyhow::
     let dir = std::fs::canonicalize(dir)?;
     let mut layout = load_layout(&dir)?;
     let spec = new_osd_spec(&dir, &layout)?;
+    ensure_key(&dir, &layout, &format!("osd.{}", spec.id))?;
     let name = format!("osd{}", spec.id);
     let args = osd_args(&dir, &layout, &spec);
     spawn_daemon(&dir, &name, &bin_dir.join("avalon-osd"), &args, log_level)?;
@@ -901,6 +943,59 @@ fn spawn_daemon(
         child.id().to_string(),
     )?;
     Ok(child)
+}
+
+/// The key directory of the local cluster in `dir`.
+pub fn keys_dir(dir: &Path) -> PathBuf {
+    dir.join("keys")
+}
+
+/// The identity the local cluster's mounts use.
+pub const MOUNT_IDENTITY: &str = "client.local";
+
+/// The CA and every keyfile the cluster in `dir` needs (its daemons, the
+/// administrator, the mounts), made where missing; nothing when insecure.
+pub fn ensure_keys(dir: &Path, layout: &Layout) -> anyhow::Result<()> {
+    if layout.insecure {
+        return Ok(());
+    }
+    let mut names: Vec<String> = layout.mds.iter().map(|n| format!("mds.{}", n.id)).collect();
+    names.extend(layout.osds.iter().map(|n| format!("osd.{}", n.id)));
+    names.extend([keys::ADMIN.to_string(), MOUNT_IDENTITY.to_string()]);
+    keys::ensure(&keys_dir(dir), &names)
+}
+
+/// `name`'s keyfile, made if missing (a node added later).
+fn ensure_key(dir: &Path, layout: &Layout, name: &str) -> anyhow::Result<()> {
+    if layout.insecure {
+        return Ok(());
+    }
+    keys::ensure(&keys_dir(dir), &[name.to_string()])
+}
+
+/// A daemon's `--keyfile DIR/keys/NAME.key`, or `--insecure`.
+fn security_args(dir: &Path, layout: &Layout, name: &str) -> Vec<String> {
+    if layout.insecure {
+        return vec!["--insecure".into()];
+    }
+    vec![
+        "--keyfile".into(),
+        keys::keyfile(&keys_dir(dir), name)
+            .to_string_lossy()
+            .into_owned(),
+    ]
+}
+
+/// The mount option that gives a mount of the cluster in `dir` its key
+/// (`name=client.local,keyfile=...`), or `insecure`.
+pub fn mount_key_option(dir: &Path, layout: &Layout) -> String {
+    if layout.insecure {
+        return "insecure".into();
+    }
+    format!(
+        "name={MOUNT_IDENTITY},keyfile={}",
+        keys::keyfile(&keys_dir(dir), MOUNT_IDENTITY).display()
+    )
 }
 
 /// Reads `DIR/cluster.toml`.
@@ -964,6 +1059,7 @@ pub fn add_mds_detached(dir: &Path, bin_dir: &Path, log_level: &str) -> anyhow::
     let dir = std::fs::canonicalize(dir)?;
     let mut layout = load_layout(&dir)?;
     let spec = new_mds_spec(&dir, &layout)?;
+    ensure_key(&dir, &layout, &format!("mds.{}", spec.id))?;
     let name = format!("mds{}", spec.id);
     let args = mds_args(&dir, &layout, &spec);
     spawn_daemon(&dir, &name, &bin_dir.join("avalon-mds"), &args, log_level)?;
@@ -971,6 +1067,7 @@ pub fn add_mds_detached(dir: &Path, bin_dir: &Path, log_level: &str) -> anyhow::
     save_layout(&dir, &layout)?;
     let addrs = layout.mds_addrs();
     block_on(crate::mds_admin::add_mds(
+        &layout.admin_tls(&dir)?,
         &addrs,
         spec.id,
         &spec.addr,
@@ -991,6 +1088,7 @@ pub fn remove_mds_in_dir(dir: &Path, id: u64) -> anyhow::Result<()> {
     }
     let addrs = layout.mds_addrs();
     block_on(crate::mds_admin::remove_mds(
+        &layout.admin_tls(dir)?,
         &addrs,
         id,
         Duration::from_secs(60),

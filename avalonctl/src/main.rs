@@ -1,6 +1,7 @@
 //! `avalonctl`: the Avalon admin CLI.
 
 use anyhow::{bail, Context};
+use avalon_proto::tls::ClientTls;
 use avalonctl::local_cluster::{self, LocalCluster, Options};
 use avalonctl::status;
 use clap::{Parser, Subcommand};
@@ -13,8 +14,41 @@ mod generate;
 #[derive(Parser, Debug)]
 #[command(name = "avalonctl", version, about)]
 struct Cli {
+    /// Keyfile to connect with (an admin key for admin commands) [default:
+    /// DIR/keys/client.admin.key for a local cluster DIR, else
+    /// /etc/avalon/client.admin.key].
+    #[arg(long, global = true, env = "AVALON_KEYFILE", value_name = "PATH")]
+    keyfile: Option<PathBuf>,
+    /// Connect without TLS (to a cluster whose daemons run `insecure`).
+    #[arg(long, global = true)]
+    insecure: bool,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// `--keyfile` and `--insecure`, set once in `main`.
+static KEY_FLAGS: std::sync::OnceLock<(Option<PathBuf>, bool)> = std::sync::OnceLock::new();
+
+/// Where the administrator's key is by default on a real cluster.
+const DEFAULT_ADMIN_KEY: &str = "/etc/avalon/client.admin.key";
+
+/// The TLS to connect with: `--insecure`, `--keyfile`, the local cluster
+/// DIR's admin key, or the default admin key.
+fn client_tls(dir: Option<&Path>) -> anyhow::Result<ClientTls> {
+    let (key, insecure) = KEY_FLAGS.get().cloned().unwrap_or_default();
+    if insecure {
+        return Ok(ClientTls::plaintext());
+    }
+    if let Some(k) = key {
+        return Ok(ClientTls::from_keyfile(&k)?);
+    }
+    if let Some(d) = dir {
+        return local_cluster::load_layout(d)?.admin_tls(d);
+    }
+    ClientTls::from_keyfile(Path::new(DEFAULT_ADMIN_KEY)).with_context(|| {
+        "no key to connect with: give --keyfile PATH (an admin key: `avalonctl auth add \
+         client.admin`), or --insecure for a cluster without TLS"
+    })
 }
 
 #[derive(Subcommand, Debug)]
@@ -88,6 +122,19 @@ enum Cmd {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
+    /// The cluster's CA: `cluster init --dir DIR` makes it (ca.key 0600,
+    /// ca.crt, cluster_id).
+    Cluster {
+        #[command(subcommand)]
+        cmd: KeyCmd,
+    },
+    /// Identities' keyfiles (key, certificate, CA certificate; 0600),
+    /// signed by the cluster CA: `auth add mds.1|osd.3|client.NAME`,
+    /// `auth ls`, `auth rm NAME`.
+    Auth {
+        #[command(subcommand)]
+        cmd: KeyCmd,
+    },
     /// Write man pages and bash/zsh completions under DIR (packaging).
     #[command(hide = true)]
     Generate { dir: PathBuf },
@@ -137,8 +184,8 @@ fn pool_cmd(cmd: PoolCmd) -> anyhow::Result<()> {
     use avalonctl::pool;
     match cmd {
         PoolCmd::Show { dir, mds, json } => {
-            let addrs = mds_addrs(dir.as_deref(), mds.as_deref())?;
-            let s = block_on(pool::get(&addrs))?;
+            let (addrs, tls) = mds_addrs(dir.as_deref(), mds.as_deref())?;
+            let s = block_on(pool::get(&tls, &addrs))?;
             if json {
                 let v = serde_json::json!({
                     "cluster_id": s.cluster_id,
@@ -173,9 +220,11 @@ fn pool_cmd(cmd: PoolCmd) -> anyhow::Result<()> {
             let replicas: u32 = value
                 .parse()
                 .with_context(|| format!("bad number of replicas {value:?}"))?;
-            let addrs = mds_addrs(dir.as_deref(), mds.as_deref())?;
-            let before = block_on(pool::get(&addrs))?;
-            let st = block_on(async { Ok(status::collect(&addrs, Duration::from_secs(2)).await) })?;
+            let (addrs, tls) = mds_addrs(dir.as_deref(), mds.as_deref())?;
+            let before = block_on(pool::get(&tls, &addrs))?;
+            let st = block_on(async {
+                Ok(status::collect(&tls, &addrs, Duration::from_secs(2)).await)
+            })?;
             let in_osds = st.osds.iter().filter(|o| o.state != "out").count();
             if st.leader_id.is_some() && replicas as usize > in_osds && !force {
                 bail!(
@@ -183,6 +232,7 @@ fn pool_cmd(cmd: PoolCmd) -> anyhow::Result<()> {
                 );
             }
             let s = block_on(pool::set_replicas(
+                &tls,
                 &addrs,
                 replicas,
                 write_quorum.unwrap_or(0),
@@ -197,7 +247,7 @@ fn pool_cmd(cmd: PoolCmd) -> anyhow::Result<()> {
             if no_wait {
                 return Ok(());
             }
-            if wait_healthy(&addrs, Duration::from_secs(timeout))? {
+            if wait_healthy(&tls, &addrs, Duration::from_secs(timeout))? {
                 Ok(())
             } else {
                 std::process::exit(1);
@@ -248,19 +298,25 @@ struct OsdTarget {
 }
 
 impl OsdTarget {
-    fn resolve(&self) -> anyhow::Result<(Vec<String>, u64)> {
+    fn resolve(&self) -> anyhow::Result<(Vec<String>, ClientTls, u64)> {
         let (dir, id) = match self.args.as_slice() {
             [dir, id] => (Some(PathBuf::from(dir)), id),
             [id] => (None, id),
             _ => bail!("give [DIR] ID"),
         };
         let id: u64 = id.parse().with_context(|| format!("bad OSD id {id:?}"))?;
-        Ok((mds_addrs(dir.as_deref(), self.mds.as_deref())?, id))
+        let (addrs, tls) = mds_addrs(dir.as_deref(), self.mds.as_deref())?;
+        Ok((addrs, tls, id))
     }
 }
 
-async fn set_osd_state(addrs: &[String], id: u64, state: &str) -> anyhow::Result<()> {
-    let conn = avalon_proto::mds_conn::MdsConn::new(addrs.to_vec());
+async fn set_osd_state(
+    tls: &ClientTls,
+    addrs: &[String],
+    id: u64,
+    state: &str,
+) -> anyhow::Result<()> {
+    let conn = avalon_proto::mds_conn::MdsConn::new(addrs.to_vec(), tls.clone());
     let req = avalon_proto::pb::SetOsdStateRequest {
         header: None,
         osd_id: id,
@@ -276,7 +332,7 @@ async fn set_osd_state(addrs: &[String], id: u64, state: &str) -> anyhow::Result
 }
 
 /// Polls the cluster until PGs are healthy; prints progress to stderr.
-fn wait_healthy(addrs: &[String], timeout: Duration) -> anyhow::Result<bool> {
+fn wait_healthy(tls: &ClientTls, addrs: &[String], timeout: Duration) -> anyhow::Result<bool> {
     use std::io::Write;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -286,7 +342,7 @@ fn wait_healthy(addrs: &[String], timeout: Duration) -> anyhow::Result<bool> {
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last = String::new();
     loop {
-        let st = rt.block_on(status::collect(addrs, Duration::from_secs(2)));
+        let st = rt.block_on(status::collect(tls, addrs, Duration::from_secs(2)));
         let p = &st.pgs;
         peak_bytes = peak_bytes.max(p.recovery_bytes);
         let done =
@@ -354,22 +410,22 @@ fn osd_cmd(cmd: OsdCmd) -> anyhow::Result<()> {
             Ok(())
         }
         OsdCmd::Out(t) => {
-            let (addrs, id) = t.resolve()?;
-            block_on(set_osd_state(&addrs, id, "out"))?;
+            let (addrs, tls, id) = t.resolve()?;
+            block_on(set_osd_state(&tls, &addrs, id, "out"))?;
             println!("OSD {id} is out; its PGs move to other OSDs");
             Ok(())
         }
         OsdCmd::In(t) => {
-            let (addrs, id) = t.resolve()?;
-            block_on(set_osd_state(&addrs, id, "in"))?;
+            let (addrs, tls, id) = t.resolve()?;
+            block_on(set_osd_state(&tls, &addrs, id, "in"))?;
             println!("OSD {id} is in");
             Ok(())
         }
         OsdCmd::Drain { target, timeout } => {
-            let (addrs, id) = target.resolve()?;
-            block_on(set_osd_state(&addrs, id, "drain"))?;
+            let (addrs, tls, id) = target.resolve()?;
+            block_on(set_osd_state(&tls, &addrs, id, "drain"))?;
             println!("OSD {id} is draining; keep it running until the data is re-replicated");
-            if wait_healthy(&addrs, Duration::from_secs(timeout))? {
+            if wait_healthy(&tls, &addrs, Duration::from_secs(timeout))? {
                 println!("OSD {id} is drained and can be stopped");
                 Ok(())
             } else {
@@ -441,8 +497,9 @@ fn mds_cmd(cmd: MdsCmd) -> anyhow::Result<()> {
                 let (Some(id), Some(addr)) = (id, addr) else {
                     bail!("with --mds give --id N and --addr HOST:PORT of the node to add");
                 };
-                let addrs = mds_addrs(None, Some(&list))?;
+                let (addrs, tls) = mds_addrs(None, Some(&list))?;
                 block_on(mds_admin::add_mds(
+                    &tls,
                     &addrs,
                     id,
                     &addr,
@@ -471,8 +528,9 @@ fn mds_cmd(cmd: MdsCmd) -> anyhow::Result<()> {
             let id: u64 = id.parse().with_context(|| format!("bad MDS id {id:?}"))?;
             match (dir, mds) {
                 (_, Some(list)) => {
-                    let addrs = mds_addrs(None, Some(&list))?;
+                    let (addrs, tls) = mds_addrs(None, Some(&list))?;
                     block_on(mds_admin::remove_mds(
+                        &tls,
                         &addrs,
                         id,
                         Duration::from_secs(timeout),
@@ -487,13 +545,17 @@ fn mds_cmd(cmd: MdsCmd) -> anyhow::Result<()> {
     }
 }
 
-fn mds_addrs(dir: Option<&Path>, mds: Option<&str>) -> anyhow::Result<Vec<String>> {
+/// The MDS addresses (`--mds`, or the local cluster DIR's) and the TLS to
+/// reach them with.
+fn mds_addrs(dir: Option<&Path>, mds: Option<&str>) -> anyhow::Result<(Vec<String>, ClientTls)> {
+    let tls = client_tls(if mds.is_some() { None } else { dir })?;
     if let Some(list) = mds {
-        return Ok(list
+        let addrs = list
             .split(',')
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
-            .collect());
+            .collect();
+        return Ok((addrs, tls));
     }
     let Some(dir) = dir else {
         bail!("give a cluster directory or --mds host:port[,host:port...]");
@@ -503,7 +565,7 @@ fn mds_addrs(dir: Option<&Path>, mds: Option<&str>) -> anyhow::Result<Vec<String
         .with_context(|| format!("no cluster layout at {}", path.display()))?;
     let layout: local_cluster::Layout =
         toml::from_str(&s).with_context(|| format!("bad layout in {}", path.display()))?;
-    Ok(layout.mds_addrs())
+    Ok((layout.mds_addrs(), tls))
 }
 
 fn up(
@@ -532,6 +594,8 @@ fn up(
     let mut opts = Options::new();
     opts.mds = mds;
     opts.osds = osds;
+    // `avalonctl --insecure up DIR`: a new cluster without TLS (kept in its layout).
+    opts.insecure = KEY_FLAGS.get().is_some_and(|f| f.1);
     opts.mount = !no_mount;
     opts.log_level = log_level;
     opts.metrics = metrics;
@@ -582,6 +646,72 @@ fn up(
     Ok(())
 }
 
+#[derive(Subcommand, Debug)]
+enum KeyCmd {
+    /// Make the cluster CA (and a new cluster id) in DIR.
+    Init {
+        /// Key directory.
+        #[arg(long, default_value = "/etc/avalon")]
+        dir: PathBuf,
+        /// Cluster id to put in the certificates [default: random].
+        #[arg(long)]
+        cluster_id: Option<String>,
+    },
+    /// Make NAME's keyfile (DIR/NAME.key): mds.N, osd.N, client.NAME
+    /// (client.admin may run admin commands).
+    Add {
+        name: String,
+        /// Key directory (holding the CA).
+        #[arg(long, default_value = "/etc/avalon")]
+        dir: PathBuf,
+    },
+    /// List the identities with a keyfile in DIR.
+    Ls {
+        #[arg(long, default_value = "/etc/avalon")]
+        dir: PathBuf,
+    },
+    /// Delete NAME's keyfile from DIR. This does not revoke it: a copy
+    /// still authenticates until the CA is replaced (server-side
+    /// revocation comes later).
+    Rm {
+        name: String,
+        #[arg(long, default_value = "/etc/avalon")]
+        dir: PathBuf,
+    },
+}
+
+fn auth_cmd(cmd: KeyCmd) -> anyhow::Result<()> {
+    use avalonctl::keys;
+    match cmd {
+        KeyCmd::Init { dir, cluster_id } => {
+            let id = keys::init(&dir, cluster_id.as_deref())?;
+            println!(
+                "cluster CA for cluster {id} in {}; next: avalonctl auth add NAME --dir {}",
+                dir.display(),
+                dir.display()
+            );
+        }
+        KeyCmd::Add { name, dir } => {
+            let p = keys::add(&dir, &name)?;
+            println!("{}", p.display());
+        }
+        KeyCmd::Ls { dir } => {
+            for n in keys::list(&dir)? {
+                println!("{n}");
+            }
+        }
+        KeyCmd::Rm { name, dir } => {
+            keys::remove(&dir, &name)?;
+            eprintln!(
+                "removed {}; note: not revoked on the servers yet (a copy of it still works \
+                 until the cluster CA is replaced)",
+                keys::keyfile(&dir, &name).display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -590,7 +720,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let _ = KEY_FLAGS.set((cli.keyfile.clone(), cli.insecure));
     match cli.cmd {
+        Cmd::Cluster { cmd } => auth_cmd(cmd),
+        Cmd::Auth { cmd } => auth_cmd(cmd),
         Cmd::Up {
             dir,
             mds,
@@ -603,8 +736,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Osd { cmd } => osd_cmd(cmd),
         Cmd::Pool { cmd } => pool_cmd(cmd),
         Cmd::WaitHealthy { dir, mds, timeout } => {
-            let addrs = mds_addrs(dir.as_deref(), mds.as_deref())?;
-            if wait_healthy(&addrs, Duration::from_secs(timeout))? {
+            let (addrs, tls) = mds_addrs(dir.as_deref(), mds.as_deref())?;
+            if wait_healthy(&tls, &addrs, Duration::from_secs(timeout))? {
                 Ok(())
             } else {
                 std::process::exit(1);
@@ -617,11 +750,11 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Down { dir, timeout } => local_cluster::down(&dir, Duration::from_secs(timeout)),
         Cmd::Status { dir, mds, json } => {
-            let addrs = mds_addrs(dir.as_deref(), mds.as_deref())?;
+            let (addrs, tls) = mds_addrs(dir.as_deref(), mds.as_deref())?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let st = rt.block_on(status::collect(&addrs, Duration::from_secs(2)));
+            let st = rt.block_on(status::collect(&tls, &addrs, Duration::from_secs(2)));
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {

@@ -2,13 +2,13 @@
 //! current leader (found through `Meta.Status`), retried across elections.
 
 use anyhow::{bail, Context};
-use avalon_proto::mds_conn::channel;
 use avalon_proto::pb::{self, meta_client::MetaClient, raft_client::RaftClient};
+use avalon_proto::tls::{ClientTls, Dial};
 use std::time::{Duration, Instant};
 
 /// Status of one MDS, if it answers within `timeout`.
-pub async fn status_of(addr: &str, timeout: Duration) -> Option<pb::StatusReply> {
-    let ch = channel(addr, timeout).ok()?;
+pub async fn status_of(tls: &ClientTls, addr: &str, timeout: Duration) -> Option<pb::StatusReply> {
+    let ch = tls.channel(addr, Dial::Mds, timeout).ok()?;
     let mut c = MetaClient::new(ch);
     match tokio::time::timeout(timeout, c.status(pb::Empty {})).await {
         Ok(Ok(r)) => Some(r.into_inner()),
@@ -18,13 +18,13 @@ pub async fn status_of(addr: &str, timeout: Duration) -> Option<pb::StatusReply>
 
 /// The leader's (id, address), as any of `addrs` (or the members they
 /// name) reports it.
-pub async fn find_leader(addrs: &[String]) -> Option<(u64, String)> {
+pub async fn find_leader(tls: &ClientTls, addrs: &[String]) -> Option<(u64, String)> {
     let mut seen: Vec<String> = addrs.to_vec();
     let mut i = 0;
     while i < seen.len() && i < 32 {
         let addr = seen[i].clone();
         i += 1;
-        let Some(s) = status_of(&addr, Duration::from_secs(2)).await else {
+        let Some(s) = status_of(tls, &addr, Duration::from_secs(2)).await else {
             continue;
         };
         let Some(me) = s.self_ else { continue };
@@ -33,7 +33,7 @@ pub async fn find_leader(addrs: &[String]) -> Option<(u64, String)> {
         }
         for m in &s.members {
             if m.id == me.leader_id && me.leader_id != 0 {
-                if let Some(l) = status_of(&m.addr, Duration::from_secs(2)).await {
+                if let Some(l) = status_of(tls, &m.addr, Duration::from_secs(2)).await {
                     if l.self_.is_some_and(|x| x.role == "leader") {
                         return Some((m.id, m.addr.clone()));
                     }
@@ -58,6 +58,7 @@ fn retriable(s: &tonic::Status) -> bool {
 }
 
 async fn on_leader<F, Fut>(
+    tls: &ClientTls,
     addrs: &[String],
     timeout: Duration,
     what: &str,
@@ -69,10 +70,11 @@ where
 {
     let deadline = Instant::now() + timeout;
     loop {
-        let err = match find_leader(addrs).await {
+        let err = match find_leader(tls, addrs).await {
             None => "no MDS leader found".to_string(),
             Some((_, addr)) => {
-                let ch = channel(&addr, Duration::from_secs(2))
+                let ch = tls
+                    .channel(&addr, Dial::Mds, Duration::from_secs(2))
                     .map_err(|e| anyhow::anyhow!("{addr}: {}", e.message()))?;
                 let left = deadline.saturating_duration_since(Instant::now());
                 match tokio::time::timeout(left.max(Duration::from_secs(1)), f(RaftClient::new(ch)))
@@ -95,6 +97,7 @@ where
 /// Adds MDS `id` at `addr` (already running with `--join`) to the group:
 /// it joins as a learner, catches up, then becomes a voter.
 pub async fn add_mds(
+    tls: &ClientTls,
     addrs: &[String],
     id: u64,
     addr: &str,
@@ -105,14 +108,14 @@ pub async fn add_mds(
     }
     // The new node must answer before the leader starts replicating to it.
     let deadline = Instant::now() + timeout;
-    while status_of(addr, Duration::from_secs(1)).await.is_none() {
+    while status_of(tls, addr, Duration::from_secs(1)).await.is_none() {
         if Instant::now() >= deadline {
             bail!("the new MDS at {addr} does not answer");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let addr = addr.to_string();
-    on_leader(addrs, timeout, "AddMds", |mut c| {
+    on_leader(tls, addrs, timeout, "AddMds", |mut c| {
         let addr = addr.clone();
         async move {
             c.add_mds(pb::AddMdsRequest { id, addr }).await?;
@@ -124,10 +127,15 @@ pub async fn add_mds(
 }
 
 /// Removes MDS `id` from the group (it may be the leader).
-pub async fn remove_mds(addrs: &[String], id: u64, timeout: Duration) -> anyhow::Result<()> {
+pub async fn remove_mds(
+    tls: &ClientTls,
+    addrs: &[String],
+    id: u64,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     // A retry after an attempt whose answer was lost finds it removed.
     let tried = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    on_leader(addrs, timeout, "RemoveMds", |mut c| {
+    on_leader(tls, addrs, timeout, "RemoveMds", |mut c| {
         let tried = tried.clone();
         async move {
             let again = tried.swap(true, std::sync::atomic::Ordering::SeqCst);

@@ -5,14 +5,15 @@
 use anyhow::{anyhow, bail};
 use avalon_proto::mds_conn::MdsConn;
 use avalon_proto::pb;
+use avalon_proto::tls::ClientTls;
 use std::time::Duration;
 
 /// How long one settings RPC may take, retries across elections included.
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The cluster's stored settings.
-pub async fn get(addrs: &[String]) -> anyhow::Result<pb::ClusterSettings> {
-    let conn = MdsConn::new(addrs.to_vec());
+pub async fn get(tls: &ClientTls, addrs: &[String]) -> anyhow::Result<pb::ClusterSettings> {
+    let conn = MdsConn::new(addrs.to_vec(), tls.clone());
     conn.call_within(RPC_TIMEOUT, |mut c| async move {
         c.get_settings(pb::Empty {}).await
     })
@@ -23,6 +24,7 @@ pub async fn get(addrs: &[String]) -> anyhow::Result<pb::ClusterSettings> {
 /// Sets replicas (and the write quorum; 0 keeps the current one, capped at
 /// `replicas`); returns the settings now in force.
 pub async fn set_replicas(
+    tls: &ClientTls,
     addrs: &[String],
     replicas: u32,
     write_quorum: u32,
@@ -30,7 +32,7 @@ pub async fn set_replicas(
     if replicas == 0 {
         bail!("replicas must be >= 1");
     }
-    let conn = MdsConn::new(addrs.to_vec());
+    let conn = MdsConn::new(addrs.to_vec(), tls.clone());
     let req = pb::SetReplicasRequest {
         header: None,
         replicas,

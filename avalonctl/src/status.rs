@@ -3,8 +3,8 @@
 //! as the leader sees them.
 
 use avalon_proto::limits::MAX_MESSAGE_BYTES;
-use avalon_proto::mds_conn::channel;
 use avalon_proto::pb::{self, meta_client::MetaClient, OsdState, StatusReply};
+use avalon_proto::tls::{ClientTls, Dial};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -234,8 +234,8 @@ fn osd_state(s: i32) -> &'static str {
     }
 }
 
-async fn ask(addr: &str, timeout: Duration) -> Option<StatusReply> {
-    let ch = channel(addr, timeout).ok()?;
+async fn ask(tls: &ClientTls, addr: &str, timeout: Duration) -> Option<StatusReply> {
+    let ch = tls.channel(addr, Dial::Mds, timeout).ok()?;
     let mut c = MetaClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES);
     match tokio::time::timeout(timeout, c.status(pb::Empty {})).await {
         Ok(Ok(r)) => Some(r.into_inner()),
@@ -244,9 +244,9 @@ async fn ask(addr: &str, timeout: Duration) -> Option<StatusReply> {
 }
 
 /// Asks every MDS in `addrs` (and every member they name) for its status.
-pub async fn collect(addrs: &[String], timeout: Duration) -> ClusterStatus {
+pub async fn collect(tls: &ClientTls, addrs: &[String], timeout: Duration) -> ClusterStatus {
     let mut replies: BTreeMap<String, Option<StatusReply>> = BTreeMap::new();
-    let first = ask_all(addrs, timeout).await;
+    let first = ask_all(tls, addrs, timeout).await;
     for (a, r) in addrs.iter().zip(first) {
         replies.insert(a.clone(), r);
     }
@@ -259,7 +259,7 @@ pub async fn collect(addrs: &[String], timeout: Duration) -> ClusterStatus {
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    let more = ask_all(&extra, timeout).await;
+    let more = ask_all(tls, &extra, timeout).await;
     for (a, r) in extra.iter().zip(more) {
         replies.insert(a.clone(), r);
     }
@@ -383,12 +383,15 @@ pub async fn collect(addrs: &[String], timeout: Duration) -> ClusterStatus {
 }
 
 /// Asks all `addrs` concurrently.
-async fn ask_all(addrs: &[String], timeout: Duration) -> Vec<Option<StatusReply>> {
+async fn ask_all(tls: &ClientTls, addrs: &[String], timeout: Duration) -> Vec<Option<StatusReply>> {
     let tasks: Vec<_> = addrs
         .iter()
         .map(|a| {
             let a = a.clone();
-            tokio::spawn(async move { ask(&a, timeout).await })
+            {
+                let tls = tls.clone();
+                tokio::spawn(async move { ask(&tls, &a, timeout).await })
+            }
         })
         .collect();
     let mut out = Vec::with_capacity(tasks.len());

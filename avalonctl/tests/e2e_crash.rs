@@ -276,7 +276,7 @@ fn kill_9_of_the_mds_leader_loses_no_fsynced_data_and_leaves_no_garbage() {
         .build()
         .unwrap();
     let (leader, _) = rt
-        .block_on(avalonctl::mds_admin::find_leader(&addrs))
+        .block_on(avalonctl::mds_admin::find_leader(c.tls(), &addrs))
         .expect("an MDS leader");
     c.kill_mds(leader);
     eprintln!("killed the leader mds{leader}");

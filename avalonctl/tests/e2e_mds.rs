@@ -155,7 +155,11 @@ fn add_and_remove_mds_while_client_works() {
     let (idx, dig) = wait_converged(tc.c(), Duration::from_secs(120));
     eprintln!("members {:?} at {idx}, digest {dig:016x}", tc.c().mds_ids());
     let st = rt()
-        .block_on(mds_admin::status_of(&added.addr, Duration::from_secs(2)))
+        .block_on(mds_admin::status_of(
+            tc.c().tls(),
+            &added.addr,
+            Duration::from_secs(2),
+        ))
         .expect("new MDS answers");
     let voters: Vec<u64> = st.members.iter().map(|m| m.id).collect();
     assert!(
@@ -200,7 +204,7 @@ fn hostile_requests_get_errnos() {
     o.osds = 1;
     o.mount = false;
     let c = LocalCluster::start(dir.path(), o).expect("cluster");
-    let conn = MdsConn::new(c.layout.mds_addrs());
+    let conn = MdsConn::new(c.layout.mds_addrs(), c.tls().clone());
     let rt = rt();
     macro_rules! call {
         ($method:ident, $req:expr) => {{
@@ -464,6 +468,7 @@ fn hostile_requests_get_errnos() {
     let pid = c.mds_pid(1).expect("mds pid");
     let st = rt
         .block_on(mds_admin::status_of(
+            c.tls(),
             &c.layout.mds_addrs()[0],
             Duration::from_secs(5),
         ))

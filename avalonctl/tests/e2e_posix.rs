@@ -337,7 +337,7 @@ fn leader(c: &LocalCluster) -> u64 {
     assert!(
         wait_until(Duration::from_secs(60), || {
             found = rt
-                .block_on(avalonctl::mds_admin::find_leader(&addrs))
+                .block_on(avalonctl::mds_admin::find_leader(c.tls(), &addrs))
                 .map(|(id, _)| id);
             found.is_some()
         }),

@@ -139,7 +139,7 @@ fn settings(c: &LocalCluster) -> pb::ClusterSettings {
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(avalonctl::pool::get(&c.layout.mds_addrs()))
+    rt.block_on(avalonctl::pool::get(c.tls(), &c.layout.mds_addrs()))
         .expect("settings")
 }
 
@@ -238,6 +238,7 @@ fn one_mds_with_other_settings_refuses_the_others_serve() {
         .expect("runtime");
     let caught_up = wait_until(Duration::from_secs(60), || {
         let Some(s) = rt.block_on(avalonctl::mds_admin::status_of(
+            t.c().tls(),
             &addr,
             Duration::from_secs(2),
         )) else {
@@ -276,17 +277,23 @@ fn one_mds_with_other_settings_refuses_the_others_serve() {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    let keys =
+        avalonctl::local_cluster::keys_dir(&std::fs::canonicalize(t.dir.path()).expect("dir"));
+    avalonctl::keys::ensure(&keys, &["mds.4".to_string()]).expect("key of mds.4");
+    let tls = t.c().tls().clone();
     let mut joiner = Started::new(&t, "mds4-joining", &args);
     // The leader adds it (learner, then voter); whether the add completes
     // before the node stops does not matter here: 3 of 4 voters are up.
     let addrs = layout.mds_addrs();
     let a4 = addr4.clone();
+    let adder_tls = tls.clone();
     let adder = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
         rt.block_on(avalonctl::mds_admin::add_mds(
+            &adder_tls,
             &addrs,
             4,
             &a4,
@@ -311,12 +318,14 @@ fn one_mds_with_other_settings_refuses_the_others_serve() {
         .expect("runtime");
     if rt
         .block_on(avalonctl::mds_admin::status_of(
+            &tls,
             &layout.mds[0].addr,
             Duration::from_secs(2),
         ))
         .is_some_and(|s| s.members.iter().any(|m| m.id == 4))
     {
         rt.block_on(avalonctl::mds_admin::remove_mds(
+            &tls,
             &layout.mds_addrs(),
             4,
             Duration::from_secs(60),
@@ -334,7 +343,14 @@ fn copies(c: &LocalCluster, ino: u64) -> BTreeMap<u64, usize> {
     let mut out = BTreeMap::new();
     for n in &c.layout.osds {
         let reply = rt.block_on(async {
-            let ch = avalon_proto::mds_conn::channel(&n.addr, Duration::from_secs(5)).ok()?;
+            let ch = c
+                .tls()
+                .channel(
+                    &n.addr,
+                    avalon_proto::tls::Dial::Osd,
+                    Duration::from_secs(5),
+                )
+                .ok()?;
             let mut osd = pb::osd_client::OsdClient::new(ch)
                 .max_decoding_message_size(avalon_proto::limits::MAX_MESSAGE_BYTES);
             let req = pb::ListChunksRequest {

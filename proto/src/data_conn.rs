@@ -6,12 +6,12 @@
 
 use crate::data_wire::{self, MAGIC, READ_CHUNK, WRITE_CHUNK};
 use crate::pb::{ReadChunkRequest, WriteChunkReply, WriteChunkRequest};
+use crate::tls::{ClientTls, Conn};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tonic::Status;
 
 /// Connecting to an OSD gives up after this long (as the gRPC channels do).
@@ -28,12 +28,21 @@ const IDLE_PER_OSD: usize = 16;
 const REPLY_SLACK: usize = 64 << 10;
 
 /// The pool: idle connections by OSD address.
-#[derive(Default)]
 pub struct DataConns {
-    idle: Mutex<HashMap<String, Vec<TcpStream>>>,
+    idle: Mutex<HashMap<String, Vec<Conn>>>,
+    tls: ClientTls,
 }
 
 impl DataConns {
+    /// An empty pool whose connections use `tls` (connections stay open
+    /// across requests: one handshake per connection).
+    pub fn new(tls: ClientTls) -> DataConns {
+        DataConns {
+            idle: Mutex::default(),
+            tls,
+        }
+    }
+
     /// Reads a chunk range from the OSD at `addr`: the chunk's version and
     /// bytes, or the OSD's status (transport failures are `Unavailable`).
     pub async fn read_chunk(
@@ -78,13 +87,15 @@ impl DataConns {
             let reused = pooled.is_some();
             let mut conn = match pooled.take() {
                 Some(c) => c,
-                None => connect(addr).await?,
+                None => self.connect(addr).await?,
             };
             let sent = tokio::time::timeout(timeout, async {
                 if !reused {
                     conn.write_all(MAGIC).await?;
                 }
                 conn.write_all(frame).await?;
+                // A TLS connection sends what it buffered only on a flush.
+                conn.flush().await?;
                 data_wire::read_frame(&mut conn, max).await
             })
             .await;
@@ -106,7 +117,14 @@ impl DataConns {
         }
     }
 
-    fn checkout(&self, addr: &str) -> Option<TcpStream> {
+    async fn connect(&self, addr: &str) -> Result<Conn, Status> {
+        tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect_data(addr))
+            .await
+            .map_err(|_| Status::unavailable(format!("OSD {addr}: connect timed out")))?
+            .map_err(|e| Status::unavailable(format!("OSD {addr}: {e}")))
+    }
+
+    fn checkout(&self, addr: &str) -> Option<Conn> {
         self.idle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -114,7 +132,7 @@ impl DataConns {
             .and_then(Vec::pop)
     }
 
-    fn checkin(&self, addr: &str, conn: TcpStream) {
+    fn checkin(&self, addr: &str, conn: Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         match idle.get_mut(addr) {
             Some(v) if v.len() < IDLE_PER_OSD => v.push(conn),
@@ -124,13 +142,4 @@ impl DataConns {
             }
         }
     }
-}
-
-async fn connect(addr: &str) -> Result<TcpStream, Status> {
-    let c = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| Status::unavailable(format!("OSD {addr}: connect timed out")))?
-        .map_err(|e| Status::unavailable(format!("OSD {addr}: {e}")))?;
-    let _ = c.set_nodelay(true);
-    Ok(c)
 }

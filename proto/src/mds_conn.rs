@@ -9,10 +9,11 @@
 use crate::errno::{has_errno, leader_hint};
 use crate::limits::MAX_MESSAGE_BYTES;
 use crate::pb::meta_client::MetaClient;
+use crate::tls::{ClientTls, Dial};
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// First pause before trying again when no node named a leader.
@@ -31,27 +32,25 @@ pub struct MdsConn {
     /// How long one call keeps retrying across failovers.
     pub retry_for: Duration,
     next: Mutex<usize>,
-}
-
-/// Opens a lazily connected channel to `addr` (`host:port`).
-pub fn channel(addr: &str, connect_timeout: Duration) -> Result<Channel, Status> {
-    let ep = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| Status::invalid_argument(format!("bad address {addr:?}: {e}")))?
-        .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
-        .http2_adaptive_window(true);
-    Ok(ep.connect_lazy())
+    tls: ClientTls,
 }
 
 impl MdsConn {
-    /// A connection over `addrs` (`host:port` each); nothing is dialed yet.
-    pub fn new(addrs: Vec<String>) -> Self {
+    /// A connection over `addrs` (`host:port` each) with `tls`; nothing is
+    /// dialed yet.
+    pub fn new(addrs: Vec<String>, tls: ClientTls) -> Self {
         MdsConn {
+            tls,
             addrs,
             current: Mutex::new(None),
             retry_for: Duration::from_secs(30),
             next: Mutex::new(0),
         }
+    }
+
+    /// The TLS its connections use.
+    pub fn tls(&self) -> &ClientTls {
+        &self.tls
     }
 
     /// The configured addresses.
@@ -60,7 +59,7 @@ impl MdsConn {
     }
 
     fn client_for(&self, addr: &str) -> Result<MetaClient<Channel>, Status> {
-        let ch = channel(addr, Duration::from_secs(2))?;
+        let ch = self.tls.channel(addr, Dial::Mds, Duration::from_secs(2))?;
         Ok(MetaClient::new(ch)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES))

@@ -215,6 +215,10 @@ pub async fn start_osd(mds: &str) -> TestOsd {
         heartbeat_ms: 100,
         forward_timeout_ms: 5_000,
         reorder_wait_ms: 2_000,
+        security: avalon_proto::tls::SecurityConfig {
+            keyfile: None,
+            insecure: true,
+        },
         ..Config::default()
     };
     let token = CancellationToken::new();
@@ -228,7 +232,9 @@ pub async fn start_osd(mds: &str) -> TestOsd {
 }
 
 pub async fn client(addr: &str) -> OsdClient<Channel> {
-    let ch = avalon_proto::mds_conn::channel(addr, Duration::from_secs(2)).expect("channel");
+    let ch = avalon_proto::tls::ClientTls::plaintext()
+        .channel(addr, avalon_proto::tls::Dial::Osd, Duration::from_secs(2))
+        .expect("channel");
     OsdClient::new(ch)
 }
 

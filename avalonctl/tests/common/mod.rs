@@ -119,7 +119,7 @@ pub fn cluster_map(c: &LocalCluster) -> avalon_proto::pb::ClusterMap {
         .enable_all()
         .build()
         .expect("runtime");
-    let conn = avalon_proto::mds_conn::MdsConn::new(c.layout.mds_addrs());
+    let conn = avalon_proto::mds_conn::MdsConn::new(c.layout.mds_addrs(), c.tls().clone());
     rt.block_on(
         conn.call_within(Duration::from_secs(10), |mut m| async move {
             m.get_cluster_map(avalon_proto::pb::Empty {}).await
@@ -145,7 +145,11 @@ impl SecondMount {
         let source = c.layout.source();
         let bin = avalonctl::local_cluster::default_bin_dir().join("avalon-fuse");
         let log = path.with_extension("log");
-        let mut opts = format!("log={}", log.display());
+        let mut opts = format!(
+            "log={},{}",
+            log.display(),
+            avalonctl::local_cluster::mount_key_option(&c.dir, &c.layout)
+        );
         if !options.is_empty() {
             opts = format!("{opts},{options}");
         }
@@ -198,7 +202,7 @@ pub fn leader(c: &LocalCluster) -> u64 {
     assert!(
         wait_until(Duration::from_secs(120), || {
             found = rt
-                .block_on(avalonctl::mds_admin::find_leader(&addrs))
+                .block_on(avalonctl::mds_admin::find_leader(c.tls(), &addrs))
                 .map(|(id, _)| id);
             found.is_some()
         }),
@@ -217,9 +221,13 @@ pub fn wait_converged(c: &LocalCluster, limit: Duration) -> (u64, u64) {
         last = addrs
             .iter()
             .map(|a| {
-                rt.block_on(avalonctl::mds_admin::status_of(a, Duration::from_secs(2)))
-                    .and_then(|s| s.self_)
-                    .map(|m| (m.last_applied, m.state_digest))
+                rt.block_on(avalonctl::mds_admin::status_of(
+                    c.tls(),
+                    a,
+                    Duration::from_secs(2),
+                ))
+                .and_then(|s| s.self_)
+                .map(|m| (m.last_applied, m.state_digest))
             })
             .collect();
         match last.first() {
