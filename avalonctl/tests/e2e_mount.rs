@@ -31,15 +31,21 @@ fn mount_helper_mounts_with_exact_source_and_umount_stops_it() {
     // must survive its parent's pipes closing (a tracing write to a dead
     // stderr used to abort it).
     let log = default_client_log(&mnt);
+    // The cluster's client key, as a user passes it.
+    let key = avalonctl::local_cluster::mount_key_option(dir.path(), &cluster.layout);
     let helper_installed = std::path::Path::new("/sbin/mount.fuse.avalon").exists();
     if helper_installed {
         run(Command::new("mount")
             .args(["-t", "fuse.avalon"])
             .arg(&source)
-            .arg(&mnt));
+            .arg(&mnt)
+            .args(["-o", &key]));
     } else {
         eprintln!("note: /sbin/mount.fuse.avalon not installed (./dev setup does it); running the helper directly");
-        run(Command::new(bin("avalon-fuse")).arg(&source).arg(&mnt));
+        run(Command::new(bin("avalon-fuse"))
+            .arg(&source)
+            .arg(&mnt)
+            .args(["-o", &key]));
     }
     let guard = UnmountOnDrop(mnt.clone());
     assert!(is_mounted(&mnt));
@@ -103,7 +109,8 @@ fn unreachable_source_fails_fast_and_leaves_nothing_mounted() {
     let out = Command::new(bin("avalon-fuse"))
         .arg(format!("127.0.0.1:{port}:/"))
         .arg(dir.path())
-        .args(["-o", "connect_timeout=3"])
+        // Plaintext: this is about an address nobody answers at, not keys.
+        .args(["-o", "connect_timeout=3,insecure"])
         .stdin(Stdio::null())
         .output()
         .unwrap();
