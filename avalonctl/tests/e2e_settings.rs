@@ -261,7 +261,7 @@ fn one_mds_with_other_settings_refuses_the_others_serve() {
         .map(|n| format!("{}={}", n.id, n.addr))
         .collect();
     peers.push(format!("4={addr4}"));
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         "--id",
         "4",
         "--listen",
@@ -280,6 +280,12 @@ fn one_mds_with_other_settings_refuses_the_others_serve() {
     let keys =
         avalonctl::local_cluster::keys_dir(&std::fs::canonicalize(t.dir.path()).expect("dir"));
     avalonctl::keys::ensure(&keys, &["mds.4".to_string()]).expect("key of mds.4");
+    args.extend([
+        "--keyfile".to_string(),
+        avalonctl::keys::keyfile(&keys, "mds.4")
+            .to_string_lossy()
+            .into_owned(),
+    ]);
     let tls = t.c().tls().clone();
     let mut joiner = Started::new(&t, "mds4-joining", &args);
     // The leader adds it (learner, then voter); whether the add completes
