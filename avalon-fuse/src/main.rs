@@ -342,7 +342,11 @@ fn run_foreground(args: &Args) -> anyhow::Result<()> {
     });
     let client = Arc::new(client);
     if let Some(addr) = &opts.metrics {
-        rt.block_on(avalon_fuse::metrics::serve(addr, client.clone()))?;
+        // Metrics are an aid: a port in use (another mount's) does not
+        // keep the filesystem from mounting.
+        if let Err(e) = rt.block_on(avalon_fuse::metrics::serve(addr, client.clone())) {
+            tracing::warn!(error = %e, "no metrics endpoint for this mount");
+        }
     }
     tracing::info!(
         session = client.session_id(),
