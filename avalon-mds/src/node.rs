@@ -496,11 +496,17 @@ impl MdsNode {
             e.opens += 1;
             e.last_open = Some(Instant::now());
         }
+        self.wait_opens(|t| !t.pending.contains_key(&ino)).await;
+    }
+
+    /// Waits until `done` holds of the open-file table (re-checked each
+    /// time removals or demands under way change).
+    async fn wait_opens(&self, done: impl Fn(&OpenTable) -> bool) {
         loop {
             let notified = self.pending_changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if !self.lock_opens().pending.contains_key(&ino) {
+            if done(&self.lock_opens()) {
                 return;
             }
             notified.await;
@@ -576,15 +582,7 @@ impl MdsNode {
 
     /// Waits until no shared-write demand for `ino` is under way.
     pub async fn wait_demands(&self, ino: u64) {
-        loop {
-            let notified = self.pending_changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if !self.lock_opens().demanding.contains_key(&ino) {
-                return;
-            }
-            notified.await;
-        }
+        self.wait_opens(|t| !t.demanding.contains_key(&ino)).await;
     }
 
     /// Drops one open of `ino` by `sid` (`write`: an open for writing);
