@@ -133,6 +133,13 @@ pub struct Client {
     stream_up: std::sync::atomic::AtomicBool,
     /// Woken when the recall stream opens (see [`Client::wait_stream`]).
     stream_ready: tokio::sync::Notify,
+    /// How many times the recall stream opened: names the one open now.
+    stream_gen: std::sync::atomic::AtomicU64,
+    /// The stream the leader said it does not have (see
+    /// [`Client::stream_gone`]).
+    lost_gen: std::sync::atomic::AtomicU64,
+    /// Woken when `lost_gen` is set.
+    stream_lost: tokio::sync::Notify,
     /// Creates in flight (see [`Client::create`]).
     creating: std::sync::atomic::AtomicU32,
     /// Names this client's changes in flight touch: not looked up in the
@@ -220,6 +227,9 @@ impl Client {
             changing: Default::default(),
             stream_up: Default::default(),
             stream_ready: tokio::sync::Notify::new(),
+            stream_gen: Default::default(),
+            lost_gen: Default::default(),
+            stream_lost: tokio::sync::Notify::new(),
             open_dirs: DashMap::new(),
             cache: crate::chunk_cache::ChunkCache::new(
                 32 * u64::from(avalon_proto::limits::DEFAULT_CHUNK_SIZE),
@@ -391,6 +401,10 @@ impl Client {
     /// Tells the MDS this session is alive, which renews its metadata
     /// lease (counted from the sending: the MDS's runs out later).
     pub async fn heartbeat(&self) -> Result<()> {
+        let stream = self
+            .stream_up
+            .load(Ordering::Acquire)
+            .then(|| self.stream_gen.load(Ordering::Acquire));
         let req = pb::ClientHeartbeatRequest {
             header: self.header(),
             open_inos: self
@@ -421,7 +435,23 @@ impl Client {
         // the MDS may have revoked delegations unheard: they go, and the
         // cache with them.
         let lease = match &r {
-            Ok(r) => Duration::from_millis(u64::from(r.lease_ms)),
+            Ok(r) => {
+                // The stream was open before this heartbeat left, so the
+                // leader would have it unless it went to another MDS.
+                if let Some(g) = stream.filter(|_| r.no_stream) {
+                    if self.stream_gen.load(Ordering::Acquire) == g
+                        && self.stream_up.load(Ordering::Acquire)
+                    {
+                        tracing::info!(
+                            "the leader has no recall stream of this session: reopening it"
+                        );
+                        self.stream_closed();
+                        self.lost_gen.store(g, Ordering::Release);
+                        self.stream_lost.notify_waiters();
+                    }
+                }
+                Duration::from_millis(u64::from(r.lease_ms))
+            }
             Err(e) => {
                 // Only the leader says so, after a linearizable read: the
                 // session expired, and with it what is queued.
@@ -1255,12 +1285,31 @@ impl Client {
     /// The recall stream opened: files opened for writing before it stay
     /// in shared-write mode (a demand sent meanwhile was lost), later ones
     /// buffer until a demand comes.
-    pub fn stream_opened(&self) {
+    /// Returns the stream's generation (see [`Client::stream_gone`]).
+    pub fn stream_opened(&self) -> u64 {
         for e in self.opens.iter().filter(|e| e.writes > 0) {
             self.files.entry(*e.key()).or_default().shared = true;
         }
+        let generation = self.stream_gen.fetch_add(1, Ordering::AcqRel) + 1;
         self.stream_up.store(true, Ordering::Release);
         self.stream_ready.notify_waiters();
+        generation
+    }
+
+    /// Returns once the leader said it has no recall stream of this
+    /// session although stream `generation` is open: that stream went to
+    /// a former leader (a paused one keeps the connection, so it never
+    /// breaks by itself) and demands no longer reach us through it.
+    pub async fn stream_gone(&self, generation: u64) {
+        loop {
+            let lost = self.stream_lost.notified();
+            tokio::pin!(lost);
+            lost.as_mut().enable();
+            if self.lost_gen.load(Ordering::Acquire) == generation {
+                return;
+            }
+            lost.await;
+        }
     }
 
     /// Waits up to `within` for the recall stream to open; true if it is.

@@ -142,9 +142,13 @@ pub async fn run(client: Arc<Client>, kernel: Option<KernelCache>) {
             .await
         {
             Ok(mut stream) => {
-                client.stream_opened();
+                let generation = client.stream_opened();
                 loop {
-                    match stream.message().await {
+                    let msg = tokio::select! {
+                        m = stream.message() => m,
+                        () = client.stream_gone(generation) => break,
+                    };
+                    match msg {
                         Ok(Some(ev)) => apply(&client, kernel.as_ref(), ev).await,
                         Ok(None) => break,
                         Err(e) => {

@@ -20,6 +20,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
+/// How often a demand checks whether a session without a recall stream
+/// has opened one, and whether a session it waits for is still alive.
+const STREAM_POLL: Duration = Duration::from_millis(20);
+
 /// One recalled entry (see `pb::Recall`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
@@ -74,6 +78,14 @@ struct SessionLease {
     /// Unacknowledged shared-write demands: flush_seq → waiter. Kept apart
     /// from `waiting`: a flush may outlast a lease and must not void it.
     flushing: HashMap<u64, oneshot::Sender<()>>,
+    /// Last heartbeat from the session (to this leader).
+    heard: Option<Instant>,
+}
+
+impl SessionLease {
+    fn stream_open(&self) -> bool {
+        self.tx.as_ref().is_some_and(|t| !t.is_closed())
+    }
 }
 
 #[derive(Default)]
@@ -134,9 +146,10 @@ impl LeaseTable {
         let mut g = self.lock();
         let inner = &mut *g;
         let s = inner.sessions.entry(sid).or_default();
+        s.heard = Some(Instant::now());
         // No lease for a session that cannot be recalled (no open stream),
         // nor while a recall to it is unanswered.
-        if !s.waiting.is_empty() || s.tx.as_ref().is_none_or(|t| t.is_closed()) {
+        if !s.waiting.is_empty() || !s.stream_open() {
             return Duration::ZERO;
         }
         if dropped || s.valid_until.is_none_or(|t| Instant::now() >= t) {
@@ -147,6 +160,14 @@ impl LeaseTable {
         let s = inner.sessions.entry(sid).or_default();
         s.valid_until = Some(Instant::now() + self.ttl);
         self.ttl
+    }
+
+    /// True if session `sid`'s recall stream is connected to this node.
+    pub fn has_stream(&self, sid: u64) -> bool {
+        self.lock()
+            .sessions
+            .get(&sid)
+            .is_some_and(SessionLease::stream_open)
     }
 
     /// Attaches the session's recall stream (replacing an older one).
@@ -261,9 +282,11 @@ impl LeaseTable {
     /// Tells session `sid` that file `ino` has another writer now: it
     /// sends what it buffered for the file, commits the size and writes
     /// through from then on. Waits for its acknowledgement, for at most
-    /// `max_wait`. A session without a recall stream cannot be told; its
-    /// client writes through every file it has open for writing while it
-    /// has no stream (see the client's recall loop).
+    /// `max_wait`. A session without a recall stream here is waited for
+    /// while it is alive: its client writes through, stores what it
+    /// buffered and commits sizes before it opens a stream (see the
+    /// client's recall loop), and a stream left on a former leader is
+    /// reopened once a heartbeat reply says it is not here.
     pub async fn demand_flush(&self, sid: u64, ino: u64, max_wait: Duration) {
         let r = pb::Recall {
             ino,
@@ -281,16 +304,31 @@ impl LeaseTable {
     }
 
     /// Sends session `sid` the demand `r` (acknowledged on its own, with a
-    /// `flush_seq`) and waits for the acknowledgement for at most
-    /// `max_wait`. False if it did not come (or the session has no
-    /// stream to be told on).
+    /// `flush_seq`) and waits for the acknowledgement while the session is
+    /// alive (heard from within a lease, counted from this call at the
+    /// earliest), for at most `max_wait`. A session without a stream is
+    /// waited for until it opens one. False if no acknowledgement came.
+    /// Its heartbeats renew its lease meanwhile: storing what it buffered
+    /// may take longer than a lease.
     pub async fn demand(&self, sid: u64, r: pb::Recall, max_wait: Duration) -> bool {
-        let wrx = {
+        let start = Instant::now();
+        let give_up = start + max_wait;
+        let tx = loop {
+            {
+                let g = self.lock();
+                let s = g.sessions.get(&sid);
+                if let Some(tx) = s.and_then(|s| s.tx.clone()).filter(|t| !t.is_closed()) {
+                    break tx;
+                }
+            }
+            if !self.alive(sid, start) || Instant::now() >= give_up {
+                return false;
+            }
+            tokio::time::sleep(STREAM_POLL).await;
+        };
+        let (flush_seq, mut wrx) = {
             let mut g = self.lock();
             let Some(s) = g.sessions.get_mut(&sid) else {
-                return false;
-            };
-            let Some(tx) = s.tx.clone() else {
                 return false;
             };
             s.next_flush_seq += 1;
@@ -306,9 +344,32 @@ impl LeaseTable {
             crate::metrics::demand_sent();
             let (wtx, wrx) = oneshot::channel();
             s.flushing.insert(flush_seq, wtx);
-            wrx
+            (flush_seq, wrx)
         };
-        matches!(tokio::time::timeout(max_wait, wrx).await, Ok(Ok(())))
+        loop {
+            tokio::select! {
+                r = &mut wrx => return r.is_ok(),
+                () = tokio::time::sleep(STREAM_POLL) => {}
+            }
+            if !self.alive(sid, start) || Instant::now() >= give_up {
+                if let Some(s) = self.lock().sessions.get_mut(&sid) {
+                    s.flushing.remove(&flush_seq);
+                }
+                return false;
+            }
+        }
+    }
+
+    /// True if session `sid` was heard from within a lease of now, where a
+    /// session not heard from since `since` counts as heard then.
+    fn alive(&self, sid: u64, since: Instant) -> bool {
+        let heard = self
+            .lock()
+            .sessions
+            .get(&sid)
+            .and_then(|s| s.heard)
+            .map_or(since, |h| h.max(since));
+        Instant::now() < heard + self.ttl
     }
 
     /// True if a session other than `sid` may cache `ino`.
@@ -480,8 +541,10 @@ mod tests {
             assert!(ev.recalls[0].shared_write && ev.recalls[0].data);
             // A flush may outlast the lease: renewal goes on meanwhile,
             // and a plain recall ack does not answer the demand.
-            tokio::time::sleep(Duration::from_millis(400)).await;
-            assert_eq!(t2.heartbeat(2, false), Duration::from_millis(300));
+            for _ in 0..4 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                assert_eq!(t2.heartbeat(2, false), Duration::from_millis(300));
+            }
             t2.ack(2, 100, 0);
             tokio::time::sleep(Duration::from_millis(50)).await;
             t2.ack(2, 0, ev.flush_seq);
@@ -495,13 +558,57 @@ mod tests {
         );
         assert!(took < Duration::from_secs(5), "timed out");
         acker.await.unwrap();
-        // Nobody to tell: no stream, or no session at all.
+        // Nobody to tell: no session at all, or a closed stream and no
+        // heartbeat: given up after a lease, not at `max_wait`.
         let start = Instant::now();
-        t.demand_flush(9, 10, Duration::from_secs(5)).await;
+        assert!(
+            !t.demand(9, pb::Recall::default(), Duration::from_secs(30))
+                .await
+        );
         let (tx, rx3) = mpsc::channel(1);
         t.attach(3, tx);
         drop(rx3);
-        t.demand_flush(3, 10, Duration::from_secs(5)).await;
-        assert!(start.elapsed() < Duration::from_secs(1));
+        assert!(
+            !t.demand(3, pb::Recall::default(), Duration::from_secs(30))
+                .await
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "waited for max_wait"
+        );
+    }
+
+    #[tokio::test]
+    async fn demand_waits_for_a_live_session_to_open_its_stream() {
+        let t = std::sync::Arc::new(table());
+        // A session that heartbeats here but whose stream is elsewhere
+        // (a former leader): no lease, and told it has no stream.
+        assert_eq!(t.heartbeat(4, false), Duration::ZERO);
+        assert!(!t.has_stream(4));
+        let t2 = t.clone();
+        let client = tokio::spawn(async move {
+            // Heartbeats go on for longer than a lease before the stream
+            // opens (the client first stores what it buffered).
+            for _ in 0..6 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                t2.heartbeat(4, false);
+            }
+            let (tx, mut rx) = mpsc::channel(8);
+            t2.attach(4, tx);
+            assert!(t2.has_stream(4));
+            let ev = rx.recv().await.unwrap().unwrap();
+            assert!(ev.recalls[0].shared_write);
+            t2.ack(4, 0, ev.flush_seq);
+        });
+        let r = pb::Recall {
+            ino: 10,
+            shared_write: true,
+            ..Default::default()
+        };
+        assert!(
+            t.demand(4, r, Duration::from_secs(30)).await,
+            "told once its stream opened"
+        );
+        client.await.unwrap();
     }
 }

@@ -20,7 +20,9 @@ type Res<T> = Result<Response<T>, Status>;
 const RECALL_QUEUE: usize = 4096;
 
 /// How long an open for writing waits for the file's other writers to
-/// store what they buffered (their own data path retries as long).
+/// store what they buffered (their own data path retries as long), and a
+/// delegation's revocation for its holder to apply what it queued; both
+/// give up sooner on a holder that stops heartbeating.
 const SHARED_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Most inode numbers one Delegate reserves.
@@ -243,6 +245,10 @@ impl MetaService {
     /// uncached. Returns whether the file is in that mode.
     async fn open_shared(&self, sid: u64, ino: u64, write: bool) -> bool {
         let node = &self.node;
+        // A new leader learns other sessions' opens from their heartbeats:
+        // deciding before they came could answer "not shared" to a second
+        // writer while the first still buffers.
+        node.wait_opens_reported().await;
         let (shared, tell) = node.open_shared(sid, ino, write);
         let demands = tell.into_iter().map(|told| async move {
             node.leases
@@ -332,8 +338,13 @@ impl MetaService {
                 delegation: true,
                 ..Default::default()
             };
-            let wait = leases.lease_left(holder);
-            if !wait.is_zero() && !leases.demand(holder, r, wait).await {
+            // Without a lease the holder acts on nothing unheard. With one,
+            // what it did under the delegation (answered already) must be
+            // applied before the change that revokes it: it is waited for
+            // while the holder is alive, however long its queue takes.
+            if !leases.lease_left(holder).is_zero()
+                && !leases.demand(holder, r, SHARED_WRITE_WAIT).await
+            {
                 tracing::warn!(session = holder, root, "delegation revoke unanswered");
             }
             self.node.delegations.revoke(root);
@@ -1299,7 +1310,10 @@ impl Meta for MetaService {
             Ok(()) => self.node.leases.heartbeat(sid, r.dropped_cache).as_millis() as u32,
             Err(_) => 0,
         };
-        Ok(Response::new(pb::ClientHeartbeatReply { lease_ms }))
+        Ok(Response::new(pb::ClientHeartbeatReply {
+            lease_ms,
+            no_stream: !self.node.leases.has_stream(sid),
+        }))
     }
 
     type SessionStream = tokio_stream::wrappers::ReceiverStream<Result<pb::SessionEvent, Status>>;

@@ -11,7 +11,7 @@ use crate::settings::ClusterSettings;
 use avalon_proto::pb::RequestHeader;
 use openraft::error::{ForwardToLeader, RaftError};
 use openraft::{BasicNode, ServerState, TryAsRef};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
@@ -63,6 +63,8 @@ pub struct Liveness {
     pub client_seen: HashMap<u64, Instant>,
     /// Since when this node has been leader (None: not leader).
     pub leader_since: Option<Instant>,
+    /// Sessions that reported their open files to this leader.
+    pub reported: HashSet<u64>,
 }
 
 /// What the leader knows about one session's opens of one inode.
@@ -486,6 +488,26 @@ impl MdsNode {
             .is_some_and(|t| t.elapsed() >= self.grace())
     }
 
+    /// True once every session has reported its open files to this leader
+    /// (or it has led for the grace period, after which a session that
+    /// did not report is taken as gone).
+    fn opens_reported(&self) -> bool {
+        if self.open_table_complete() {
+            return true;
+        }
+        let sessions: Vec<u64> = self.read_local(|s| s.sessions.keys().copied().collect());
+        let l = self.lock_liveness();
+        l.leader_since.is_some() && sessions.iter().all(|s| l.reported.contains(s))
+    }
+
+    /// Waits (at most the grace period) until [`Self::opens_reported`].
+    pub async fn wait_opens_reported(&self) {
+        let give_up = Instant::now() + self.grace();
+        while !self.opens_reported() && self.is_leader() && Instant::now() < give_up {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Records an open of `ino` by session `sid`, then waits until no
     /// proposed removal may delete it (so the read that follows sees it
     /// either deleted or protected).
@@ -653,6 +675,9 @@ impl MdsNode {
         for ino in stale {
             t.remove(sid, ino);
         }
+        drop(t);
+        // Only now: an open that sees the session reported sees its opens.
+        self.lock_liveness().reported.insert(sid);
     }
 
     /// The guard for a removal of `target` (see [`Op::Unlink`]): allows
@@ -834,7 +859,10 @@ impl MdsNode {
             let leader = self.is_leader();
             if !leader {
                 if was_leader {
-                    self.lock_liveness().leader_since = None;
+                    let mut l = self.lock_liveness();
+                    l.leader_since = None;
+                    l.reported.clear();
+                    drop(l);
                     self.leases.clear();
                     self.delegations.clear();
                     let mut t = self.lock_opens();
