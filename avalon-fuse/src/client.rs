@@ -140,6 +140,11 @@ pub struct Client {
     lost_gen: std::sync::atomic::AtomicU64,
     /// Woken when `lost_gen` is set.
     stream_lost: tokio::sync::Notify,
+    /// The recalls of the open stream applied so far (by their sequence
+    /// numbers; replies' recall marks count the same way).
+    recalls_applied: std::sync::atomic::AtomicU64,
+    /// Woken when `recalls_applied` grows.
+    recalls_moved: tokio::sync::Notify,
     /// Creates in flight (see [`Client::create`]).
     creating: std::sync::atomic::AtomicU32,
     /// Names this client's changes in flight touch: not looked up in the
@@ -230,6 +235,8 @@ impl Client {
             stream_gen: Default::default(),
             lost_gen: Default::default(),
             stream_lost: tokio::sync::Notify::new(),
+            recalls_applied: Default::default(),
+            recalls_moved: tokio::sync::Notify::new(),
             open_dirs: DashMap::new(),
             cache: crate::chunk_cache::ChunkCache::new(
                 32 * u64::from(avalon_proto::limits::DEFAULT_CHUNK_SIZE),
@@ -479,10 +486,10 @@ impl Client {
 
     /// Caches what a namespace change reply says: the new entry and its
     /// attributes, and the parent directory's attributes.
-    fn note_entry(&self, epoch: u64, parent: u64, name: &[u8], r: &pb::EntryReply) {
+    fn note_entry(&self, mut epoch: u64, parent: u64, name: &[u8], r: &pb::EntryReply) {
         if let Some(a) = &r.attr {
             self.meta.put_attr(epoch, a);
-            self.meta.created(epoch, parent, name, a.ino);
+            epoch = self.meta.created(epoch, parent, name, a.ino);
             if r.no_xattrs {
                 self.meta.put_no_xattrs(epoch, a.ino);
             }
@@ -821,7 +828,7 @@ impl Client {
             .rpc(req, |mut c, r| async move { c.unlink(r).await })
             .await
             .inspect_err(|e| self.contradicted(e, &[(parent, name)]))?;
-        self.meta.removed(epoch, parent, name);
+        let epoch = self.meta.removed(epoch, parent, name);
         self.note_dirs(epoch, &[parent], &r);
         Ok(())
     }
@@ -844,7 +851,7 @@ impl Client {
             .rpc(req, |mut c, r| async move { c.rmdir(r).await })
             .await
             .inspect_err(|e| self.contradicted(e, &[(parent, name)]))?;
-        self.meta.removed(epoch, parent, name);
+        let epoch = self.meta.removed(epoch, parent, name);
         self.note_dirs(epoch, &[parent], &r);
         Ok(())
     }
@@ -915,12 +922,13 @@ impl Client {
             .inspect_err(|e| self.contradicted(e, &[(parent, name), (new_parent, new_name)]))?;
         // The moved inode's ctime changed and an exchange moved the other
         // too: drop both names and let the next lookup ask.
-        if flags & libc::RENAME_EXCHANGE != 0 {
+        let epoch = if flags & libc::RENAME_EXCHANGE != 0 {
             self.meta.forget_entry(parent, name);
             self.meta.forget_entry(new_parent, new_name);
+            epoch
         } else {
-            self.meta.renamed(epoch, parent, name, new_parent, new_name);
-        }
+            self.meta.renamed(epoch, parent, name, new_parent, new_name)
+        };
         self.note_dirs(epoch, &[parent, new_parent], &r);
         Ok(())
     }
@@ -1291,6 +1299,8 @@ impl Client {
             self.files.entry(*e.key()).or_default().shared = true;
         }
         let generation = self.stream_gen.fetch_add(1, Ordering::AcqRel) + 1;
+        // Counted anew from the stream's first event.
+        self.recalls_applied.store(0, Ordering::Release);
         self.stream_up.store(true, Ordering::Release);
         self.stream_ready.notify_waiters();
         generation
@@ -1321,6 +1331,39 @@ impl Client {
             return true;
         }
         tokio::time::timeout(within, ready).await.is_ok()
+    }
+
+    /// True while the recall stream is open.
+    pub fn stream_is_up(&self) -> bool {
+        self.stream_up.load(Ordering::Acquire)
+    }
+
+    /// The recall stream's events up to `seq` are applied.
+    pub fn recalls_applied(&self, seq: u64) {
+        self.recalls_applied.store(seq, Ordering::Release);
+        self.recalls_moved.notify_waiters();
+    }
+
+    /// Waits up to `within` until the recalls up to `mark` are applied;
+    /// true if they are.
+    pub async fn wait_recalls(&self, mark: u64, within: Duration) -> bool {
+        let wait = async {
+            loop {
+                let moved = self.recalls_moved.notified();
+                tokio::pin!(moved);
+                moved.as_mut().enable();
+                if self.recalls_applied.load(Ordering::Acquire) >= mark {
+                    return;
+                }
+                moved.await;
+            }
+        };
+        tokio::time::timeout(within, wait).await.is_ok()
+    }
+
+    /// True if the recalls up to `mark` are applied.
+    pub fn recalls_done(&self, mark: u64) -> bool {
+        self.recalls_applied.load(Ordering::Acquire) >= mark
     }
 
     /// The recall stream broke: demands may be lost from now on.

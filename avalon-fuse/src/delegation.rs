@@ -845,7 +845,7 @@ impl Client {
             write_quorum,
         };
         self.meta.put_attr(epoch, &a);
-        self.meta.created(epoch, parent, name, ino);
+        let epoch = self.meta.created(epoch, parent, name, ino);
         self.meta.put_no_xattrs(epoch, ino);
         if ftype == libc::S_IFDIR {
             self.meta.put_complete(epoch, parent, name, ino);
@@ -1071,7 +1071,7 @@ impl Client {
         let op = if dir { D::Rmdir(req) } else { D::Unlink(req) };
         self.deleg.queue(&mut s, now, op);
         let epoch = self.meta.epoch();
-        self.meta.removed(epoch, parent, name);
+        let _ = self.meta.removed(epoch, parent, name);
         self.meta.update_attr(parent, |p| {
             p.mtime_ns = now;
             p.ctime_ns = now;
@@ -1149,7 +1149,7 @@ impl Client {
             }),
         );
         let epoch = self.meta.epoch();
-        self.meta.renamed(epoch, parent, name, new_parent, new_name);
+        let epoch = self.meta.renamed(epoch, parent, name, new_parent, new_name);
         let mut moved = src;
         moved.ctime_ns = now;
         self.meta.put_attr(epoch, &moved);

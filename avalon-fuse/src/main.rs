@@ -377,6 +377,12 @@ fn run_foreground(args: &Args) -> anyhow::Result<()> {
     let device = std::os::fd::AsFd::as_fd(&session).try_clone_to_owned().ok();
     let kernel = avalon_fuse::recall::KernelCache::new(session.notifier(), client.root_ino, device);
     let _ = kernel_slot.set(kernel.clone());
+    client
+        .mds
+        .set_gate(std::sync::Arc::new(avalon_fuse::recall::MarkGate::new(
+            &client,
+            Some(kernel.clone()),
+        )));
     rt.spawn(avalon_fuse::recall::run(client.clone(), Some(kernel)));
     let fl = client.clone();
     rt.spawn(async move { fl.run_delegation_flusher().await });

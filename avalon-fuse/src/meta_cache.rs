@@ -293,10 +293,29 @@ impl MetaCache {
         }
     }
 
-    /// This client made `name` in `dir` (inode `ino`).
-    pub fn created(&self, epoch: u64, dir: u64, name: &[u8], ino: u64) {
+    /// This client's own namespace change, from a request started in
+    /// `epoch`: a reply read at the MDS before the change and stored after
+    /// it would undo it here, so replies in flight are voided. Returns the
+    /// epoch the change's own stores use (a stale one if a recall came
+    /// during the request: they store nothing then).
+    fn own_change(&self, epoch: u64) -> u64 {
+        match self
+            .epoch
+            .compare_exchange(epoch, epoch + 1, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => epoch + 1,
+            Err(_) => self.epoch.fetch_add(1, Ordering::AcqRel),
+        }
+    }
+
+    /// This client made `name` in `dir` (inode `ino`). Returns the epoch
+    /// for the change's further stores (see `own_change`); so do
+    /// [`MetaCache::removed`] and [`MetaCache::renamed`].
+    pub fn created(&self, epoch: u64, dir: u64, name: &[u8], ino: u64) -> u64 {
+        let epoch = self.own_change(epoch);
         self.changed_dir(dir);
         self.put_entry(epoch, dir, name, ino);
+        epoch
     }
 
     /// Removes the cached entry `name` of `dir`; returns what it named.
@@ -398,19 +417,22 @@ impl MetaCache {
 
     /// This client removed `name` from `dir` (the inode's link count and
     /// ctime changed: its attributes are dropped).
-    pub fn removed(&self, epoch: u64, dir: u64, name: &[u8]) {
+    pub fn removed(&self, epoch: u64, dir: u64, name: &[u8]) -> u64 {
+        let epoch = self.own_change(epoch);
         self.changed_dir(dir);
         if let Some(ino) = self.unset_entry(dir, name) {
             self.drop_inode(ino);
             self.lost(Some(ino));
         }
         self.put_entry(epoch, dir, name, 0);
+        epoch
     }
 
     /// This client moved `name` in `dir` to `new_name` in `new_dir` (over
     /// whatever was there). The moved inode's ctime changed: its
     /// attributes are dropped, its new name kept if it was known.
-    pub fn renamed(&self, epoch: u64, dir: u64, name: &[u8], new_dir: u64, new_name: &[u8]) {
+    pub fn renamed(&self, epoch: u64, dir: u64, name: &[u8], new_dir: u64, new_name: &[u8]) -> u64 {
+        let epoch = self.own_change(epoch);
         self.changed_dir(dir);
         self.changed_dir(new_dir);
         let moved = self.unset_entry(dir, name).filter(|ino| *ino != 0);
@@ -432,6 +454,7 @@ impl MetaCache {
                 self.complete.remove(&new_dir);
             }
         }
+        epoch
     }
 
     /// Forgets what is cached of `name` in `dir`, positive or negative.
@@ -622,20 +645,34 @@ mod tests {
     }
 
     #[test]
+    fn a_reply_read_before_an_own_change_is_not_stored_after_it() {
+        let c = leased();
+        // A lookup of "f" starts, then this client's own rename of "f"
+        // (answered by the MDS after the lookup read) is noted first.
+        let lookup = c.epoch();
+        c.put_entry(c.epoch(), 1, b"f", 7);
+        let later = c.renamed(c.epoch(), 1, b"f", 1, b"g");
+        c.put_entry(lookup, 1, b"f", 7);
+        assert_ne!(c.lookup(1, b"f"), Some(Cached::Found(attr(7))));
+        // The change's own further stores count.
+        c.put_attr(later, &attr(7));
+        assert_eq!(c.lookup(1, b"g"), Some(Cached::Found(attr(7))));
+    }
+
+    #[test]
     fn a_rename_moves_the_entry_and_never_hides_the_new_name() {
         let c = leased();
-        let e = c.epoch();
-        made(&c, e, 1);
-        c.put_attr(e, &attr(7));
-        c.put_entry(e, 1, b"f", 7);
-        c.renamed(e, 1, b"f", 1, b"g");
+        made(&c, c.epoch(), 1);
+        c.put_attr(c.epoch(), &attr(7));
+        c.put_entry(c.epoch(), 1, b"f", 7);
+        c.renamed(c.epoch(), 1, b"f", 1, b"g");
         assert_eq!(c.lookup(1, b"f"), Some(Cached::Absent));
         // The entry is known, the attributes (ctime) are asked for again.
         assert_eq!(c.lookup(1, b"g"), None);
-        c.put_attr(e, &attr(7));
+        c.put_attr(c.epoch(), &attr(7));
         assert_eq!(c.lookup(1, b"g"), Some(Cached::Found(attr(7))));
         // A rename of a name the cache never saw voids completeness.
-        c.renamed(e, 2, b"x", 1, b"h");
+        c.renamed(c.epoch(), 2, b"x", 1, b"h");
         assert_eq!(c.lookup(1, b"h"), None);
     }
 
@@ -686,29 +723,28 @@ mod tests {
     #[test]
     fn a_directory_made_here_is_known_empty_while_its_entries_are_tracked() {
         let c = leased();
-        let e = c.epoch();
         assert!(!c.empty_dir(1), "not made here: unknown");
-        made(&c, e, 1);
+        made(&c, c.epoch(), 1);
         assert!(c.empty_dir(1));
-        c.put_attr(e, &attr(7));
-        c.created(e, 1, b"a", 7);
-        c.created(e, 1, b"b", 8);
+        c.put_attr(c.epoch(), &attr(7));
+        c.created(c.epoch(), 1, b"a", 7);
+        c.created(c.epoch(), 1, b"b", 8);
         assert!(!c.empty_dir(1));
         // A lookup of a known name changes nothing.
-        c.put_entry(e, 1, b"a", 7);
-        c.removed(e, 1, b"a");
+        c.put_entry(c.epoch(), 1, b"a", 7);
+        c.removed(c.epoch(), 1, b"a");
         assert!(!c.empty_dir(1), "b is still there");
         // Moved out: the directory is empty again; moved in: it is not.
-        c.renamed(e, 1, b"b", 2, b"b");
+        c.renamed(c.epoch(), 1, b"b", 2, b"b");
         assert!(c.empty_dir(1));
-        made(&c, e, 3);
-        c.put_entry(e, 2, b"c", 9);
-        c.renamed(e, 2, b"c", 3, b"c");
+        made(&c, c.epoch(), 3);
+        c.put_entry(c.epoch(), 2, b"c", 9);
+        c.renamed(c.epoch(), 2, b"c", 3, b"c");
         assert!(!c.empty_dir(3));
         // Whatever voids completeness voids emptiness.
         c.forget_entry(1, b"x");
         assert!(!c.empty_dir(1));
-        made(&c, e, 4);
+        made(&c, c.epoch(), 4);
         c.recall(&Recall {
             ino: 4,
             name: Bytes::from_static(b"y"),
@@ -727,17 +763,16 @@ mod tests {
     #[test]
     fn a_directory_made_here_is_listed_from_the_cache_while_it_is_known_whole() {
         let c = leased();
-        let e = c.epoch();
         assert!(c.complete_listing(1).is_none(), "not made here");
-        made(&c, e, 1);
+        made(&c, c.epoch(), 1);
         let l = c.complete_listing(1).expect("made here, empty");
         assert!(l.entries.is_empty() && l.eof);
         assert_eq!(l.parent, 100);
         for (ino, name) in [(7, &b"a"[..]), (8, b"b"), (9, b"c")] {
-            c.put_attr(e, &attr(ino));
-            c.created(e, 1, name, ino);
+            c.put_attr(c.epoch(), &attr(ino));
+            c.created(c.epoch(), 1, name, ino);
         }
-        c.removed(e, 1, b"b");
+        c.removed(c.epoch(), 1, b"b");
         let l = c.complete_listing(1).unwrap();
         assert_eq!(names(&l), [&b"a"[..], b"c"]);
         assert!(l.entries.windows(2).all(|w| w[0].cookie < w[1].cookie));
@@ -749,23 +784,23 @@ mod tests {
         // An entry whose attributes are not cached: asked of the MDS.
         c.forget_attr(9);
         assert!(c.complete_listing(1).is_none());
-        c.put_attr(e, &attr(9));
+        c.put_attr(c.epoch(), &attr(9));
 
         // Moved by this client: its parent follows.
-        made(&c, e, 2);
-        c.renamed(e, 100, b"d1", 2, b"moved");
+        made(&c, c.epoch(), 2);
+        c.renamed(c.epoch(), 100, b"d1", 2, b"moved");
         assert_eq!(c.complete_listing(1).unwrap().parent, 2);
         assert!(
             c.complete_listing(2).is_none(),
             "moved: its ctime is asked for"
         );
-        c.put_attr(e, &attr(1));
+        c.put_attr(c.epoch(), &attr(1));
         assert_eq!(names(&c.complete_listing(2).unwrap()), [&b"moved"[..]]);
         // Its name dropped any other way: its parent is unknown, so is
         // the listing.
         c.forget_entry(2, b"moved");
         assert!(c.complete_listing(1).is_none());
-        made(&c, e, 3);
+        made(&c, c.epoch(), 3);
         c.recall(&Recall {
             ino: 100,
             name: Bytes::from_static(b"d3"),
@@ -775,9 +810,9 @@ mod tests {
         assert!(c.complete_listing(3).is_none());
         // A directory put in place of another drops the one replaced.
         let e = c.epoch();
-        made(&c, e, 4);
-        made(&c, e, 5);
-        c.renamed(e, 100, b"d4", 100, b"d5");
+        made(&c, c.epoch(), 4);
+        made(&c, c.epoch(), 5);
+        c.renamed(c.epoch(), 100, b"d4", 100, b"d5");
         assert!(c.complete_listing(5).is_none());
         assert_eq!(c.complete_listing(4).unwrap().parent, 100);
         // Not without a lease.

@@ -184,6 +184,11 @@ async fn apply(client: &Arc<Client>, kernel: Option<&KernelCache>, ev: pb::Sessi
         tokio::spawn(async move { share(&client, kernel.as_ref(), ev).await });
         return;
     }
+    if ev.recalls.is_empty() {
+        // The stream's first event: the recalls sent before it.
+        client.recalls_applied(ev.seq);
+        return;
+    }
     for r in &ev.recalls {
         client.meta.recall(r);
         if r.data {
@@ -194,6 +199,7 @@ async fn apply(client: &Arc<Client>, kernel: Option<&KernelCache>, ev: pb::Sessi
     if let Some(k) = kernel {
         k.apply(ev.recalls).await;
     }
+    client.recalls_applied(ev.seq);
     let req = pb::AckRecallRequest {
         header: client.header(),
         seq: ev.seq,
@@ -237,5 +243,51 @@ async fn share(client: &Arc<Client>, kernel: Option<&KernelCache>, ev: pb::Sessi
         .await
     {
         tracing::warn!(error = %e, flush_seq = ev.flush_seq, "could not acknowledge a demand");
+    }
+}
+
+/// How long a reply waits for the recalls its mark names. Applying one
+/// takes at most the kernel's wait (`KERNEL_WAIT`) once it arrived.
+const MARK_WAIT: Duration = Duration::from_millis(250);
+
+/// Holds each MDS reply until the recalls sent to this session before it
+/// was made are applied (see `recall_mark.rs`); if they do not come in
+/// time, drops every cached name and attribute instead.
+pub struct MarkGate {
+    client: std::sync::Weak<Client>,
+    kernel: Option<KernelCache>,
+}
+
+impl MarkGate {
+    /// A gate for `client`'s replies, expiring `kernel`'s names if needed.
+    pub fn new(client: &Arc<Client>, kernel: Option<KernelCache>) -> Self {
+        MarkGate {
+            client: Arc::downgrade(client),
+            kernel,
+        }
+    }
+}
+
+impl avalon_proto::recall_mark::MarkGate for MarkGate {
+    fn pass(&self, mark: u64) -> Option<avalon_proto::recall_mark::BoxFut<()>> {
+        let client = self.client.upgrade()?;
+        // Without a stream nothing cached is trusted anyway (see `run`).
+        if !client.stream_is_up() || client.recalls_done(mark) {
+            return None;
+        }
+        let kernel = self.kernel.clone();
+        tracing::debug!(mark, "a reply waits for recalls");
+        Some(Box::pin(async move {
+            if !client.wait_recalls(mark, MARK_WAIT).await {
+                tracing::debug!(
+                    mark,
+                    "recalls named by a reply did not come: dropping cached names"
+                );
+                client.meta.clear();
+                if let Some(k) = kernel {
+                    k.expire_all_names();
+                }
+            }
+        }))
     }
 }

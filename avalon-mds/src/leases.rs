@@ -92,6 +92,10 @@ impl SessionLease {
 struct Inner {
     sessions: HashMap<u64, SessionLease>,
     holders: HashMap<u64, HashSet<u64>>,
+    /// Changes on their way whose recalls are not sent yet: ticket →
+    /// inodes (see [`LeaseTable::announce`]).
+    changing: HashMap<u64, Vec<u64>>,
+    next_ticket: u64,
 }
 
 /// The leader's lease table.
@@ -170,9 +174,50 @@ impl LeaseTable {
             .is_some_and(SessionLease::stream_open)
     }
 
-    /// Attaches the session's recall stream (replacing an older one).
+    /// Attaches the session's recall stream (replacing an older one). Its
+    /// first event names the recalls sent so far (and carries none): the
+    /// client counts replies' recall marks from there.
     pub fn attach(&self, sid: u64, tx: mpsc::Sender<Result<pb::SessionEvent, tonic::Status>>) {
-        self.lock().sessions.entry(sid).or_default().tx = Some(tx);
+        let mut g = self.lock();
+        let s = g.sessions.entry(sid).or_default();
+        let _ = tx.try_send(Ok(pb::SessionEvent {
+            seq: s.next_seq,
+            recalls: Vec::new(),
+            flush_seq: 0,
+        }));
+        s.tx = Some(tx);
+    }
+
+    /// The recall mark of a reply to session `sid` made now: how many
+    /// recalls it was sent. None while a change to an inode it holds is
+    /// on its way with its recalls unsent (a reply that read the change
+    /// would otherwise not count them): ask again shortly.
+    pub fn sent(&self, sid: u64) -> Option<u64> {
+        let g = self.lock();
+        let touched = g
+            .changing
+            .values()
+            .flatten()
+            .any(|ino| g.holders.get(ino).is_some_and(|h| h.contains(&sid)));
+        if touched {
+            return None;
+        }
+        Some(g.sessions.get(&sid).map_or(0, |s| s.next_seq))
+    }
+
+    /// A change of `inos` is about to be made (after any delegation of
+    /// them was revoked, before it is proposed): until its recalls are
+    /// sent ([`LeaseTable::recall`] with the ticket) or the returned guard
+    /// is dropped, replies to their holders wait for their mark.
+    pub fn announce(&self, inos: Vec<u64>) -> Announced<'_> {
+        let mut g = self.lock();
+        g.next_ticket += 1;
+        let ticket = g.next_ticket;
+        g.changing.insert(ticket, inos);
+        Announced {
+            table: self,
+            ticket,
+        }
     }
 
     /// The session acknowledged every recall up to `seq` and the
@@ -214,7 +259,8 @@ impl LeaseTable {
 
     /// Recalls `changes` from every session but `from` that may cache them
     /// and waits until each has acknowledged or its lease has lapsed.
-    pub async fn recall(&self, from: u64, changes: &[Change]) {
+    /// `announced`: the change's ticket, retired once its recalls are sent.
+    pub async fn recall(&self, from: u64, changes: &[Change], announced: Option<Announced<'_>>) {
         let mut waits = Vec::new();
         {
             let mut g = self.lock();
@@ -270,7 +316,11 @@ impl LeaseTable {
                 }
                 waits.push((sid, seq, deadline, wrx));
             }
+            if let Some(a) = &announced {
+                inner.changing.remove(&a.ticket);
+            }
         }
+        drop(announced);
         for (sid, seq, deadline, wrx) in waits {
             let left = deadline.saturating_duration_since(Instant::now());
             if tokio::time::timeout(left, wrx).await.is_err() {
@@ -420,6 +470,18 @@ impl LeaseTable {
     }
 }
 
+/// A change announced to the lease table (see [`LeaseTable::announce`]).
+pub struct Announced<'a> {
+    table: &'a LeaseTable,
+    ticket: u64,
+}
+
+impl Drop for Announced<'_> {
+    fn drop(&mut self) {
+        self.table.lock().changing.remove(&self.ticket);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,10 +492,18 @@ mod tests {
 
     type Events = mpsc::Receiver<Result<pb::SessionEvent, tonic::Status>>;
 
+    /// Takes the first event of a stream: no recalls, `sent` counted.
+    fn hello(rx: &mut Events, sent: u64) {
+        let ev = rx.try_recv().unwrap().unwrap();
+        assert!(ev.recalls.is_empty() && ev.flush_seq == 0);
+        assert_eq!(ev.seq, sent);
+    }
+
     /// Attaches a recall stream for `sid` and takes a lease.
     fn lease(t: &LeaseTable, sid: u64) -> Events {
-        let (tx, rx) = mpsc::channel(8);
+        let (tx, mut rx) = mpsc::channel(8);
         t.attach(sid, tx);
+        hello(&mut rx, t.sent(sid).unwrap());
         assert_eq!(t.heartbeat(sid, false), Duration::from_millis(300));
         rx
     }
@@ -454,7 +524,7 @@ mod tests {
             t2.ack(2, ev.seq, 0);
         });
         let start = Instant::now();
-        t.recall(1, &[Change::entry(10, b"x")]).await;
+        t.recall(1, &[Change::entry(10, b"x")], None).await;
         assert!(
             start.elapsed() < Duration::from_millis(250),
             "waited for the lease"
@@ -462,6 +532,18 @@ mod tests {
         acker.await.unwrap();
         // Both keep what they hold: 2 still caches the rest of 10.
         assert_eq!(t.len(), 3);
+        // Replies to 2 now carry the mark 1, to 1 none; a new stream of 2
+        // starts counting from there.
+        assert_eq!((t.sent(2), t.sent(1)), (Some(1), Some(0)));
+        // A change to what 2 holds, announced and not yet recalled: 2's
+        // replies wait; 1 holds nothing of it.
+        let a = t.announce(vec![11]);
+        assert_eq!((t.sent(2), t.sent(1)), (None, Some(0)));
+        drop(a);
+        assert_eq!(t.sent(2), Some(1));
+        let (tx, mut rx) = mpsc::channel(8);
+        t.attach(2, tx);
+        hello(&mut rx, 1);
     }
 
     #[tokio::test]
@@ -475,8 +557,12 @@ mod tests {
             t2.ack(2, ev.seq, 0);
             ev.recalls.len()
         });
-        t.recall(1, &[Change::entry(10, b"old"), Change::entry(10, b"new")])
-            .await;
+        t.recall(
+            1,
+            &[Change::entry(10, b"old"), Change::entry(10, b"new")],
+            None,
+        )
+        .await;
         assert_eq!(acker.await.unwrap(), 2);
     }
 
@@ -487,7 +573,7 @@ mod tests {
         let _rx = lease(&t, 2);
         t.grant(2, [10, 11]);
         let start = Instant::now();
-        t.recall(1, &[Change::attr(10)]).await;
+        t.recall(1, &[Change::attr(10)], None).await;
         let took = start.elapsed();
         assert!(
             took >= Duration::from_millis(250),
@@ -506,7 +592,7 @@ mod tests {
         let _rx = lease(&t, 2);
         t.grant(2, [10]);
         let t2 = t.clone();
-        let r = tokio::spawn(async move { t2.recall(1, &[Change::data(10)]).await });
+        let r = tokio::spawn(async move { t2.recall(1, &[Change::data(10)], None).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(t.heartbeat(2, false), Duration::ZERO);
         r.await.unwrap();
@@ -596,6 +682,7 @@ mod tests {
             let (tx, mut rx) = mpsc::channel(8);
             t2.attach(4, tx);
             assert!(t2.has_stream(4));
+            hello(&mut rx, 0);
             let ev = rx.recv().await.unwrap().unwrap();
             assert!(ev.recalls[0].shared_write);
             t2.ack(4, 0, ev.flush_seq);

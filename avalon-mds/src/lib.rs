@@ -209,9 +209,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let incoming = tls.server.incoming(listener);
     let stop = shutdown.clone();
+    let leases = node.clone();
+    let sent: avalon_proto::recall_mark::SentRecalls = Arc::new(move |sid| leases.leases.sent(sid));
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
             .layer(avalon_proto::tls::AuthzLayer(authz::policy))
+            .layer(avalon_proto::recall_mark::RecallMarkLayer(sent))
             .add_service(meta)
             .add_service(raft_svc)
             .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),

@@ -104,8 +104,11 @@ fn ino_ok(ino: u64) -> Result<(), MdsError> {
 }
 
 /// The requesting session (0: a daemon or tool).
+/// The request's session, whose reply carries its recall mark.
 fn session_of(h: Option<&pb::RequestHeader>) -> u64 {
-    h.map(|h| h.session_id).unwrap_or(0)
+    let sid = h.map(|h| h.session_id).unwrap_or(0);
+    avalon_proto::recall_mark::reply_to(sid);
+    sid
 }
 
 /// The session a lock request is made for (locks need one).
@@ -231,9 +234,10 @@ impl MetaService {
         };
         // The requester caches the reply: register it before the change,
         // so that a later change by someone else recalls it too.
+        let announced = self.node.leases.announce(inos.clone());
         self.node.leases.grant(sid, inos);
         let r = self.node.write(hdr, op).await?;
-        self.node.leases.recall(sid, changes).await;
+        self.node.leases.recall(sid, changes, Some(announced)).await;
         Ok(r)
     }
 
@@ -1068,6 +1072,10 @@ impl Meta for MetaService {
                 "these changes name inodes delegated to another session",
             ));
         }
+        let announced = self
+            .node
+            .leases
+            .announce(changes.iter().map(|c| c.ino).collect());
         let errnos = match self.node.write(hdr, Op::Batch { ops }).await? {
             Reply::Batch(e) => e,
             other => return Err(MdsError::Internal(format!("apply replied {other:?}")).into()),
@@ -1079,7 +1087,10 @@ impl Meta for MetaService {
                 self.node.leases.grant(sid, [ino]);
             }
         }
-        self.node.leases.recall(sid, &changes).await;
+        self.node
+            .leases
+            .recall(sid, &changes, Some(announced))
+            .await;
         // Tests: the batch is applied but its reply lost, as when a leader
         // dies right after applying; the client's resend must be answered
         // from the dedup table.
@@ -1323,6 +1334,9 @@ impl Meta for MetaService {
         let r = req.into_inner();
         self.node.check_leader()?;
         let sid = session_of(r.header.as_ref());
+        // The stream's first event counts the recalls; its opener must not
+        // wait for them.
+        avalon_proto::recall_mark::reply_to(0);
         if sid == 0 || !self.node.read_local(|s| s.sessions.contains_key(&sid)) {
             return Err(MdsError::NotFound(format!("no session {sid}")).into());
         }
@@ -1336,9 +1350,10 @@ impl Meta for MetaService {
     async fn ack_recall(&self, req: Request<pb::AckRecallRequest>) -> Res<pb::Empty> {
         let _m = crate::metrics::op(Rpc::AckRecall);
         let r = req.into_inner();
-        self.node
-            .leases
-            .ack(session_of(r.header.as_ref()), r.seq, r.flush_seq);
+        // Sent by the recall loop itself: waiting for a mark there would
+        // wait for the loop.
+        let sid = r.header.as_ref().map_or(0, |h| h.session_id);
+        self.node.leases.ack(sid, r.seq, r.flush_seq);
         Ok(Response::new(pb::Empty {}))
     }
 

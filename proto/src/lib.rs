@@ -12,6 +12,7 @@ pub mod mds_conn;
 pub mod metrics_http;
 pub mod op_metrics;
 pub mod placement;
+pub mod recall_mark;
 pub mod tls;
 
 /// Generated protobuf messages and tonic services (`avalon.v1`).

@@ -9,9 +9,10 @@
 use crate::errno::{has_errno, leader_hint};
 use crate::limits::MAX_MESSAGE_BYTES;
 use crate::pb::meta_client::MetaClient;
+use crate::recall_mark::{mark_of, MarkGate};
 use crate::tls::{ClientTls, Dial};
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -33,6 +34,8 @@ pub struct MdsConn {
     pub retry_for: Duration,
     next: Mutex<usize>,
     tls: ClientTls,
+    /// Passes each reply's recall mark (a client's; see `recall_mark.rs`).
+    gate: OnceLock<Arc<dyn MarkGate>>,
 }
 
 impl MdsConn {
@@ -45,6 +48,24 @@ impl MdsConn {
             current: Mutex::new(None),
             retry_for: Duration::from_secs(30),
             next: Mutex::new(0),
+            gate: OnceLock::new(),
+        }
+    }
+
+    /// Makes every reply wait at `gate` for the recalls its mark names
+    /// before the caller sees it (set once).
+    pub fn set_gate(&self, gate: Arc<dyn MarkGate>) {
+        let _ = self.gate.set(gate);
+    }
+
+    async fn pass(&self, md: &tonic::metadata::MetadataMap) {
+        if let Some(g) = self.gate.get() {
+            let mark = mark_of(md);
+            if mark != 0 {
+                if let Some(wait) = g.pass(mark) {
+                    wait.await;
+                }
+            }
         }
     }
 
@@ -133,10 +154,14 @@ impl MdsConn {
         loop {
             let (addr, client) = self.pick()?;
             let err = match f(client).await {
-                Ok(r) => return Ok(r.into_inner()),
+                Ok(r) => {
+                    self.pass(r.metadata()).await;
+                    return Ok(r.into_inner());
+                }
                 Err(e) => e,
             };
             if has_errno(&err) || !retryable(&err) {
+                self.pass(err.metadata()).await;
                 return Err(err);
             }
             let hint = leader_hint(&err);
