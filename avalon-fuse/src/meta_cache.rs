@@ -809,7 +809,6 @@ mod tests {
         });
         assert!(c.complete_listing(3).is_none());
         // A directory put in place of another drops the one replaced.
-        let e = c.epoch();
         made(&c, c.epoch(), 4);
         made(&c, c.epoch(), 5);
         c.renamed(c.epoch(), 100, b"d4", 100, b"d5");
