@@ -76,7 +76,7 @@ from xml.sax.saxutils import escape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("AVALON_BIN_DIR") or os.path.join(ROOT, "target", "release")
-# Extra arguments of `avalonctl up` (--no-metrics).
+# Extra arguments of `avalonctl up` (--no-metrics, --insecure).
 AVALON_UP_ARGS = []
 GROUPS = ["meta", "ls", "small", "tree", "cached", "fio"]
 PEERS = ["moosefs"]
@@ -786,9 +786,13 @@ def main():
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build first")
     ap.add_argument("--no-metrics", action="store_true",
                     help="start Avalon without its Prometheus endpoints (to measure what they cost)")
+    ap.add_argument("--insecure", action="store_true",
+                    help="start Avalon without TLS and keys (plaintext; to measure what TLS costs)")
     a = ap.parse_args()
     if a.no_metrics:
         AVALON_UP_ARGS.append("--no-metrics")
+    if a.insecure:
+        AVALON_UP_ARGS.append("--insecure")
     groups = GROUPS if not a.only else a.only.split(",")
     for g in groups:
         if g not in GROUPS:
