@@ -205,10 +205,12 @@ impl Client {
             mountpoint: Bytes::copy_from_slice(mountpoint),
             pid: std::process::id(),
             subdir: Bytes::copy_from_slice(subdir),
+            version: Some(avalon_proto::version::local()),
         };
         let reg = mds
             .request(req, |mut c, r| async move { c.register_client(r).await })
             .await?;
+        avalon_proto::version::check("this client", "the MDS", reg.version.as_ref())?;
         let map = mds
             .call(|mut c| async move { c.get_cluster_map(pb::Empty {}).await })
             .await?;
@@ -427,6 +429,7 @@ impl Client {
                 .filter(|e| e.writes > 0)
                 .map(|e| *e.key())
                 .collect(),
+            version: Some(avalon_proto::version::local()),
         };
         let sent = Instant::now();
         let r = self

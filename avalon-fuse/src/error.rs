@@ -14,6 +14,9 @@ pub enum ClientError {
     /// Input from the kernel or the user that the protocol cannot carry.
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// This client and the MDS speak incompatible protocol versions.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl ClientError {
@@ -29,7 +32,7 @@ impl ClientError {
     pub fn errno(&self) -> i32 {
         match self {
             ClientError::Posix { errno, .. } => *errno,
-            ClientError::Unavailable(_) => libc::EIO,
+            ClientError::Unavailable(_) | ClientError::Refused(_) => libc::EIO,
             ClientError::Invalid(_) => libc::EINVAL,
         }
     }
@@ -37,7 +40,9 @@ impl ClientError {
 
 impl From<tonic::Status> for ClientError {
     fn from(s: tonic::Status) -> Self {
-        if errno::has_errno(&s) {
+        if avalon_proto::version::is_refusal(&s) {
+            ClientError::Refused(s.message().to_string())
+        } else if errno::has_errno(&s) {
             ClientError::Posix {
                 errno: errno::errno_of(&s),
                 message: s.message().to_string(),

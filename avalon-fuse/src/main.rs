@@ -323,6 +323,12 @@ fn run_foreground(args: &Args) -> anyhow::Result<()> {
             tls.clone(),
         ))
         .map_err(|e| {
+            if let avalon_fuse::error::ClientError::Refused(m) = &e {
+                return anyhow::anyhow!(
+                    "the Avalon metadata service at {} refused this client: {m}",
+                    src.mds.join(",")
+                );
+            }
             // A refused certificate shows only as a transport error: ask
             // the MDS nodes directly what went wrong in the handshake.
             let why = rt.block_on(tls.diagnose(&src.mds, Dial::Mds));

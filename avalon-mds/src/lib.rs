@@ -85,6 +85,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let peers = cfg.peer_map()?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    // Before anything reads it: a directory a newer release wrote is refused.
+    avalon_proto::data_format::check(
+        &cfg.data_dir,
+        "mds",
+        avalon_proto::data_format::MDS_FORMAT,
+    )?;
     let log = LogStore::open(&cfg.data_dir).context("opening raft log")?;
     let durability = log.durability();
     let fresh = log.is_empty()?;
@@ -137,6 +143,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         cfg.id,
         Arc::new(raft_config(&cfg)?),
         NetworkFactory {
+            id: cfg.id,
             tls: tls.client.clone(),
         },
         log,

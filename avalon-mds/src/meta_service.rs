@@ -7,7 +7,7 @@ use crate::leases::Change;
 use crate::locks::LockKind;
 use crate::metrics::{Delegated, Rpc};
 use crate::namespace::State;
-use crate::node::{role_name, MdsError, MdsNode};
+use crate::node::{role_name, MdsError, MdsNode, PeerKind};
 use crate::settings::ClusterSettings;
 use avalon_proto::limits::check_name;
 use avalon_proto::pb::{self, meta_server::Meta, time_set};
@@ -101,6 +101,23 @@ fn ino_ok(ino: u64) -> Result<(), MdsError> {
     } else {
         Ok(())
     }
+}
+
+/// Checks the protocol version a client or OSD sent (`id`: its OSD id or
+/// session, 0 when it has none yet); a refusal is logged here too.
+fn check_version(
+    who: &str,
+    id: u64,
+    v: Option<&pb::NodeVersion>,
+) -> Result<pb::NodeVersion, Status> {
+    let peer = if id == 0 {
+        who.to_string()
+    } else {
+        format!("{who} ({id})")
+    };
+    avalon_proto::version::check("this MDS", &peer, v).inspect_err(|s| {
+        tracing::warn!(error = %s.message(), "refusing a peer");
+    })
 }
 
 /// The requesting session (0: a daemon or tool).
@@ -201,6 +218,7 @@ impl MetaService {
                     } else {
                         None
                     },
+                    version: self.node.peer_version(PeerKind::Osd, o.id),
                 })
                 .collect(),
         }
@@ -1181,6 +1199,7 @@ impl Meta for MetaService {
         let _m = crate::metrics::op(Rpc::RegisterOsd);
         crate::authz::osd_claim(&req, req.get_ref().osd_id)?;
         let r = req.into_inner();
+        let version = check_version("an OSD", r.osd_id, r.version.as_ref())?;
         if r.addr.is_empty() || r.addr.len() > 1024 || r.failure_domain.len() > 1024 {
             return Err(MdsError::Invalid("bad OSD address or failure domain".into()).into());
         }
@@ -1195,11 +1214,13 @@ impl Meta for MetaService {
         match self.mutate(r.header.as_ref(), op, &[]).await? {
             Reply::OsdRegistered { osd_id, .. } => {
                 self.node.osd_seen_now(osd_id);
+                self.node.version_seen(PeerKind::Osd, osd_id, version);
                 let map = self.node.read_local(|s| self.cluster_map(s));
                 tracing::info!(osd = osd_id, epoch = map.epoch, "OSD registered");
                 Ok(Response::new(pb::RegisterOsdReply {
                     osd_id,
                     map: Some(map),
+                    version: Some(avalon_proto::version::local()),
                 }))
             }
             other => Err(MdsError::Internal(format!("unexpected reply {other:?}")).into()),
@@ -1213,7 +1234,9 @@ impl Meta for MetaService {
         let _m = crate::metrics::op(Rpc::OsdHeartbeat);
         crate::authz::osd_claim(&req, req.get_ref().osd_id)?;
         let r = req.into_inner();
+        let version = check_version("an OSD", r.osd_id, r.version.as_ref())?;
         self.node.check_leader()?;
+        self.node.version_seen(PeerKind::Osd, r.osd_id, version);
         let known = self.node.read_local(|s| s.osds.get(&r.osd_id).cloned());
         let Some(osd) = known else {
             return Err(MdsError::NotFound(format!("OSD {} is not registered", r.osd_id)).into());
@@ -1269,6 +1292,7 @@ impl Meta for MetaService {
     ) -> Res<pb::RegisterClientReply> {
         let _m = crate::metrics::op(Rpc::RegisterClient);
         let r = req.into_inner();
+        let version = check_version("the client", 0, r.version.as_ref())?;
         if r.hostname.len() > 1024 || r.mountpoint.len() > 4096 || r.subdir.len() > 4096 {
             return Err(MdsError::Invalid("hostname, mountpoint or subdir too long".into()).into());
         }
@@ -1285,9 +1309,12 @@ impl Meta for MetaService {
                 root_ino,
             } => {
                 self.node.client_seen_now(session_id);
+                self.node
+                    .version_seen(PeerKind::Client, session_id, version);
                 Ok(Response::new(pb::RegisterClientReply {
                     session_id,
                     root_ino,
+                    version: Some(avalon_proto::version::local()),
                 }))
             }
             other => Err(MdsError::Internal(format!("unexpected reply {other:?}")).into()),
@@ -1311,6 +1338,8 @@ impl Meta for MetaService {
             return Err(MdsError::NotFound(format!("no session {sid}")).into());
         }
         self.node.client_seen_now(sid);
+        let version = check_version("the client", sid, r.version.as_ref())?;
+        self.node.version_seen(PeerKind::Client, sid, version);
         if r.open_inos.len() > 1_000_000 || r.write_inos.len() > 1_000_000 {
             return Err(MdsError::Invalid("too many open inodes".into()).into());
         }
@@ -1443,6 +1472,7 @@ impl Meta for MetaService {
             disk_total_bytes: disk.map_or(0, |u| u.total),
             disk_free_bytes: disk.map_or(0, |u| u.free),
             disk_low: self.reserve.low(),
+            version: Some(avalon_proto::version::local()),
         };
         let membership = m.membership_config.membership();
         let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
@@ -1473,6 +1503,11 @@ impl Meta for MetaService {
                 } else {
                     0
                 },
+                version: if *id == self.node.id {
+                    me.version.clone()
+                } else {
+                    self.node.peer_version(PeerKind::Mds, *id)
+                },
                 ..Default::default()
             })
             .collect();
@@ -1490,6 +1525,7 @@ impl Meta for MetaService {
                     } else {
                         0
                     },
+                    version: self.node.peer_version(PeerKind::Client, c.id),
                 })
                 .collect();
             (self.cluster_map(s), clients, s.inodes.len() as u64)

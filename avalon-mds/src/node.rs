@@ -65,6 +65,16 @@ pub struct Liveness {
     pub leader_since: Option<Instant>,
     /// Sessions that reported their open files to this leader.
     pub reported: HashSet<u64>,
+    /// Each peer's protocol version as last heard (for `avalonctl status`).
+    pub versions: HashMap<(PeerKind, u64), avalon_proto::pb::NodeVersion>,
+}
+
+/// The kind of peer a remembered version belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerKind {
+    Mds,
+    Osd,
+    Client,
 }
 
 /// What the leader knows about one session's opens of one inode.
@@ -764,6 +774,16 @@ impl MdsNode {
     /// The last report of an OSD, if this leader got one.
     pub fn osd_last_report(&self, id: u64) -> Option<avalon_proto::pb::OsdReport> {
         self.lock_liveness().osd_reports.get(&id).cloned()
+    }
+
+    /// Remembers the version a peer sent (in memory, for status).
+    pub fn version_seen(&self, kind: PeerKind, id: u64, v: avalon_proto::pb::NodeVersion) {
+        self.lock_liveness().versions.insert((kind, id), v);
+    }
+
+    /// A peer's last heard version, if this node heard one.
+    pub fn peer_version(&self, kind: PeerKind, id: u64) -> Option<avalon_proto::pb::NodeVersion> {
+        self.lock_liveness().versions.get(&(kind, id)).cloned()
     }
 
     pub fn client_seen_now(&self, id: u64) {

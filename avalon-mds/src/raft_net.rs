@@ -1,10 +1,12 @@
 //! Raft network glue: openraft RPCs over the tonic `Raft` service, with
-//! postcard-serialized openraft structs in `RaftMessage.payload`.
+//! postcard-serialized openraft structs in `RaftMessage.payload`. Every
+//! message carries its sender's protocol version: a node refuses a too-old
+//! peer, and a node refused as too old stops (it cannot serve in the group).
 
 // openraft's error types are large by design; boxing them would fight its API.
 #![allow(clippy::result_large_err)]
 
-use crate::node::MdsNode;
+use crate::node::{MdsNode, PeerKind};
 use crate::raft_store::{NodeId, TypeConfig};
 use avalon_proto::limits::MAX_MESSAGE_BYTES;
 use avalon_proto::pb::raft_client::RaftClient;
@@ -29,6 +31,8 @@ use tonic::{Request, Response, Status};
 /// Creates one [`NetworkConn`] per peer.
 #[derive(Clone)]
 pub struct NetworkFactory {
+    /// This node's raft id (sent with every message).
+    pub id: NodeId,
     /// This node's TLS (its `mds.N` key) for the connections to its peers.
     pub tls: avalon_proto::tls::ClientTls,
 }
@@ -38,6 +42,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> NetworkConn {
         NetworkConn {
+            id: self.id,
             target,
             addr: node.addr.clone(),
             client: None,
@@ -48,6 +53,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 
 /// A lazily connected client to one peer's `Raft` service.
 pub struct NetworkConn {
+    id: NodeId,
     target: NodeId,
     addr: String,
     client: Option<RaftClient<Channel>>,
@@ -100,6 +106,8 @@ impl NetworkConn {
         let mut c = self.client()?;
         let msg = RaftMessage {
             payload: payload.into(),
+            version: Some(avalon_proto::version::local()),
+            from: self.id,
         };
         let fut = async move {
             match kind {
@@ -110,6 +118,12 @@ impl NetworkConn {
         };
         let resp = match tokio::time::timeout(ttl, fut).await {
             Err(_) => return Err(CallErr::Network(format!("timeout after {ttl:?}"))),
+            Ok(Err(s)) if avalon_proto::version::is_refusal(&s) => {
+                // This node is too old for its peer: nothing to retry.
+                tracing::error!(peer = self.target, "{}", s.message());
+                eprintln!("avalon-mds: {}", s.message());
+                std::process::exit(2);
+            }
             Ok(Err(s)) => {
                 return Err(if s.code() == tonic::Code::Unavailable {
                     CallErr::Unreachable(s.message().to_string())
@@ -119,6 +133,11 @@ impl NetworkConn {
             }
             Ok(Ok(r)) => r.into_inner(),
         };
+        let peer = format!("MDS {}", self.target);
+        if let Err(s) = avalon_proto::version::check("this MDS", &peer, resp.version.as_ref()) {
+            tracing::warn!(error = %s.message(), "ignoring a too-old peer's answer");
+            return Err(CallErr::Network(s.message().to_string()));
+        }
         postcard::from_bytes(&resp.payload).map_err(|e| CallErr::Network(e.to_string()))
     }
 
@@ -184,7 +203,31 @@ fn encode<T: Serialize>(v: &T) -> Result<Response<RaftMessage>, Status> {
     let payload = postcard::to_allocvec(v).map_err(|e| Status::internal(e.to_string()))?;
     Ok(Response::new(RaftMessage {
         payload: payload.into(),
+        version: Some(avalon_proto::version::local()),
+        from: 0,
     }))
+}
+
+impl RaftService {
+    /// Checks and remembers the version of the peer that sent `m` (a refusal
+    /// is logged when that peer's version changes, not on every message).
+    fn check_peer(&self, m: &RaftMessage) -> Result<(), Status> {
+        let peer = if m.from == 0 {
+            "an MDS".to_string()
+        } else {
+            format!("MDS {}", m.from)
+        };
+        let sent = avalon_proto::version::of_peer(m.version.as_ref());
+        let known = self.node.peer_version(PeerKind::Mds, m.from);
+        self.node.version_seen(PeerKind::Mds, m.from, sent);
+        avalon_proto::version::check("this MDS", &peer, m.version.as_ref())
+            .map(|_| ())
+            .inspect_err(|s| {
+                if known.as_ref() != Some(&avalon_proto::version::of_peer(m.version.as_ref())) {
+                    tracing::warn!(error = %s.message(), "refusing a peer");
+                }
+            })
+    }
 }
 
 #[tonic::async_trait]
@@ -193,11 +236,13 @@ impl raft_server::Raft for RaftService {
         &self,
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
+        self.check_peer(req.get_ref())?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
         encode(&self.node.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.check_peer(req.get_ref())?;
         let rpc: VoteRequest<NodeId> = decode(req.get_ref())?;
         // A (recent) leader refuses while its followers would (openraft's
         // leader lease): it may have granted client leases that a new
@@ -222,6 +267,7 @@ impl raft_server::Raft for RaftService {
         &self,
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
+        self.check_peer(req.get_ref())?;
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
         encode(&self.node.raft.install_snapshot(rpc).await)
     }

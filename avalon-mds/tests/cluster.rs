@@ -294,6 +294,7 @@ async fn single_node_restart_keeps_state() {
                 used_bytes: 0,
                 failure_domain: "host-a".into(),
                 pid: 1,
+                version: None,
             })
             .await
         })

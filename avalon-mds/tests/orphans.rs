@@ -61,6 +61,7 @@ async fn register(c: &mut MetaClient<Channel>) -> u64 {
         mountpoint: b"/mnt".to_vec().into(),
         pid: 1,
         subdir: Default::default(),
+        version: None,
     })
     .await
     .expect("register")
@@ -155,6 +156,7 @@ async fn open_unlinked_files_and_session_expiry() {
                         open_inos,
                         dropped_cache: false,
                         write_inos: Vec::new(),
+                        version: None,
                     })
                     .await;
                 tokio::time::sleep(Duration::from_millis(200)).await;

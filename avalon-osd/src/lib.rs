@@ -91,6 +91,12 @@ pub async fn run_with_listener(
         move || -> anyhow::Result<(ChunkStore, u64)> {
             std::fs::create_dir_all(&data_dir)
                 .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+            // Before anything reads it: a directory a newer release wrote is refused.
+            avalon_proto::data_format::check(
+                &data_dir,
+                "osd",
+                avalon_proto::data_format::OSD_FORMAT,
+            )?;
             let store = ChunkStore::open(data_dir.join("chunks"))?;
             let capacity = if capacity > 0 {
                 capacity

@@ -145,6 +145,7 @@ impl Membership {
             used_bytes: used,
             failure_domain: self.failure_domain.clone(),
             pid: std::process::id(),
+            version: Some(avalon_proto::version::local()),
         };
         let reply = self
             .mds
@@ -153,7 +154,13 @@ impl Membership {
                 async move { c.register_osd(r).await }
             })
             .await
+            .inspect_err(stop_if_refused)
             .map_err(|s| OsdError::Mds(format!("{:?}: {}", s.code(), s.message())))?;
+        if let Err(s) =
+            avalon_proto::version::check("this OSD", "the MDS", reply.version.as_ref())
+        {
+            stop_if_refused(&s);
+        }
         if reply.osd_id == 0 {
             return Err(OsdError::Mds("MDS assigned OSD id 0".into()));
         }
@@ -287,6 +294,7 @@ impl Membership {
                 pid: std::process::id(),
                 addr: self.addr.clone(),
                 report: Some(report()),
+                version: Some(avalon_proto::version::local()),
             };
             let beat = self.mds.call_within(budget, |mut c| {
                 let r = req.clone();
@@ -296,6 +304,9 @@ impl Membership {
                 _ = shutdown.cancelled() => return,
                 r = beat => r,
             };
+            if let Err(s) = &res {
+                stop_if_refused(s);
+            }
             match res {
                 Ok(reply) => {
                     space.set_full_osds(reply.full_osds);
@@ -317,6 +328,16 @@ impl Membership {
                 }
             }
         }
+    }
+}
+
+/// Exits when the MDS refused this OSD's protocol version (or it found the
+/// MDS's too old): no retry can help, and the message says what to upgrade.
+fn stop_if_refused(s: &tonic::Status) {
+    if avalon_proto::version::is_refusal(s) {
+        tracing::error!("{}", s.message());
+        eprintln!("avalon-osd: {}", s.message());
+        std::process::exit(2);
     }
 }
 

@@ -25,6 +25,9 @@ pub struct MdsRow {
     pub disk_total_bytes: u64,
     pub disk_free_bytes: u64,
     pub disk_low: bool,
+    /// Protocol version and release, "2 (0.1.0)"; "1" for a release from
+    /// before versioning, "" when unknown (see [`version_text`]).
+    pub version: String,
 }
 
 /// One object storage daemon.
@@ -61,6 +64,8 @@ pub struct OsdRow {
     pub disk_free_bytes: u64,
     pub disk_used_bytes: u64,
     pub disk_fill: String,
+    /// Protocol version and release as the leader last heard them.
+    pub version: String,
 }
 
 impl OsdRow {
@@ -83,6 +88,8 @@ pub struct ClientRow {
     pub mountpoint: String,
     pub pid: u32,
     pub last_seen_ms: u64,
+    /// Protocol version and release as the leader last heard them.
+    pub version: String,
 }
 
 /// The whole picture.
@@ -234,6 +241,12 @@ fn osd_state(s: i32) -> &'static str {
     }
 }
 
+/// A node's version as status shows it: "2 (0.1.0)", "1" for a release
+/// from before versioning, "" when not heard yet.
+pub fn version_text(v: Option<&pb::NodeVersion>) -> String {
+    v.map(avalon_proto::version::describe).unwrap_or_default()
+}
+
 async fn ask(tls: &ClientTls, addr: &str, timeout: Duration) -> Option<StatusReply> {
     let ch = tls.channel(addr, Dial::Mds, timeout).ok()?;
     let mut c = MetaClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -283,6 +296,8 @@ pub async fn collect(tls: &ClientTls, addrs: &[String], timeout: Duration) -> Cl
                 disk_total_bytes: s.disk_total_bytes,
                 disk_free_bytes: s.disk_free_bytes,
                 disk_low: s.disk_low,
+                // An MDS from before versioning answers without one.
+                version: version_text(Some(&avalon_proto::version::of_peer(s.version.as_ref()))),
             },
             None => MdsRow {
                 id: known_ids.get(addr).copied().unwrap_or(0),
@@ -295,6 +310,7 @@ pub async fn collect(tls: &ClientTls, addrs: &[String], timeout: Duration) -> Cl
                 disk_total_bytes: 0,
                 disk_free_bytes: 0,
                 disk_low: false,
+                version: String::new(),
             },
         })
         .collect();
@@ -340,6 +356,7 @@ pub async fn collect(tls: &ClientTls, addrs: &[String], timeout: Duration) -> Cl
                         .filter(|r| r.disk_total_bytes > 0)
                         .map_or("", |r| disk_fill(r.disk_fill))
                         .to_string(),
+                    version: version_text(o.version.as_ref()),
                 })
                 .collect();
             pg_health = PgHealth::of(&map);
@@ -352,6 +369,7 @@ pub async fn collect(tls: &ClientTls, addrs: &[String], timeout: Duration) -> Cl
                     mountpoint: String::from_utf8_lossy(&c.mountpoint).into_owned(),
                     pid: c.pid,
                     last_seen_ms: c.last_seen_ms,
+                    version: version_text(c.version.as_ref()),
                 })
                 .collect();
             (
@@ -459,19 +477,19 @@ pub fn render(s: &ClusterStatus) -> String {
     }
     let _ = writeln!(
         o,
-        "\nMDS\n  {:<4} {:<22} {:>8} {:<12} {:>6} {:>10}",
+        "\nMDS\n  {:<4} {:<22} {:>8} {:<12} {:>6} {:>10}  VERSION",
         "ID", "ADDRESS", "PID", "ROLE", "TERM", "APPLIED"
     );
     for m in &s.mds {
         let _ = writeln!(
             o,
-            "  {:<4} {:<22} {:>8} {:<12} {:>6} {:>10}",
-            m.id, m.addr, m.pid, m.role, m.term, m.last_applied
+            "  {:<4} {:<22} {:>8} {:<12} {:>6} {:>10}  {}",
+            m.id, m.addr, m.pid, m.role, m.term, m.last_applied, m.version
         );
     }
     let _ = writeln!(
         o,
-        "\nOSD\n  {:<4} {:<22} {:>8} {:<9} {:>11} {:>11} {:>14} {:>10} {:>5} {:>7} {:>10} {:>8} {:>8}",
+        "\nOSD\n  {:<4} {:<22} {:>8} {:<9} {:>11} {:>11} {:>14} {:>10} {:>5} {:>7} {:>10} {:>8} {:>8}  VERSION",
         "ID",
         "ADDRESS",
         "PID",
@@ -499,7 +517,7 @@ pub fn render(s: &ClusterStatus) -> String {
         };
         let _ = writeln!(
             o,
-            "  {:<4} {:<22} {:>8} {:<9} {:>11} {:>11} {:>14} {:>8}ms {:>5} {:>7} {:>10} {:>8} {:>8}",
+            "  {:<4} {:<22} {:>8} {:<9} {:>11} {:>11} {:>14} {:>8}ms {:>5} {:>7} {:>10} {:>8} {:>8}  {}",
             d.id,
             d.addr,
             d.pid,
@@ -512,19 +530,20 @@ pub fn render(s: &ClusterStatus) -> String {
             d.pgs_peering,
             human(d.recovery_bytes),
             d.scrubbed_chunks,
-            d.repaired_chunks
+            d.repaired_chunks,
+            d.version
         );
     }
     let _ = writeln!(
         o,
-        "\nCLIENTS\n  {:<8} {:<16} {:>8} {:>10}  MOUNTPOINT",
-        "SESSION", "HOST", "PID", "SEEN"
+        "\nCLIENTS\n  {:<8} {:<16} {:>8} {:>10}  {:<12} MOUNTPOINT",
+        "SESSION", "HOST", "PID", "SEEN", "VERSION"
     );
     for c in &s.clients {
         let _ = writeln!(
             o,
-            "  {:<8} {:<16} {:>8} {:>8}ms  {}",
-            c.session_id, c.hostname, c.pid, c.last_seen_ms, c.mountpoint
+            "  {:<8} {:<16} {:>8} {:>8}ms  {:<12} {}",
+            c.session_id, c.hostname, c.pid, c.last_seen_ms, c.version, c.mountpoint
         );
     }
     o
@@ -558,6 +577,7 @@ mod tests {
             disk_total_bytes: 100 << 20,
             disk_free_bytes: free,
             disk_used_bytes: (100 << 20) - free,
+            version: String::new(),
             disk_fill: fill.into(),
         }
     }

@@ -3,6 +3,7 @@
 //! errno codec, protocol limits).
 
 pub mod config_example;
+pub mod data_format;
 pub mod data_conn;
 pub mod data_wire;
 pub mod disk_usage;
@@ -14,6 +15,7 @@ pub mod op_metrics;
 pub mod placement;
 pub mod recall_mark;
 pub mod tls;
+pub mod version;
 
 /// Generated protobuf messages and tonic services (`avalon.v1`).
 #[allow(clippy::all, missing_docs)]

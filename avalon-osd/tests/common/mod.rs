@@ -119,6 +119,7 @@ fake_meta! {
         let reply = pb::RegisterOsdReply {
             osd_id: id,
             map: Some(m.clone()),
+            version: None,
         };
         let n = m.osds.len();
         drop(m);
