@@ -191,7 +191,8 @@ while read -r name sum; do
 done <"$WORK/written"
 "$CTL" status "$DIR"
 files=$(wc -l <"$WORK/written")
-errors=$(cat "$WORK/errors" 2>/dev/null | wc -l)
+errors=0
+[ -e "$WORK/errors" ] && errors=$(wc -l <"$WORK/errors")
 python3 - "$WORK/rounds" <<'EOF'
 import sys
 rounds = {}

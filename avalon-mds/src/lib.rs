@@ -86,11 +86,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     // Before anything reads it: a directory a newer release wrote is refused.
-    avalon_proto::data_format::check(
-        &cfg.data_dir,
-        "mds",
-        avalon_proto::data_format::MDS_FORMAT,
-    )?;
+    avalon_proto::data_format::check(&cfg.data_dir, "mds", avalon_proto::data_format::MDS_FORMAT)?;
     let log = LogStore::open(&cfg.data_dir).context("opening raft log")?;
     let durability = log.durability();
     let fresh = log.is_empty()?;

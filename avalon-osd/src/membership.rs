@@ -156,8 +156,7 @@ impl Membership {
             .await
             .inspect_err(stop_if_refused)
             .map_err(|s| OsdError::Mds(format!("{:?}: {}", s.code(), s.message())))?;
-        if let Err(s) =
-            avalon_proto::version::check("this OSD", "the MDS", reply.version.as_ref())
+        if let Err(s) = avalon_proto::version::check("this OSD", "the MDS", reply.version.as_ref())
         {
             stop_if_refused(&s);
         }

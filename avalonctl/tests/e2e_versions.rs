@@ -43,7 +43,10 @@ fn run_to_end(mut cmd: Command, out: &std::path::Path, limit: Duration) -> (Opti
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    (status.code(), std::fs::read_to_string(out).unwrap_or_default())
+    (
+        status.code(),
+        std::fs::read_to_string(out).unwrap_or_default(),
+    )
 }
 
 #[test]

@@ -3,8 +3,8 @@
 //! errno codec, protocol limits).
 
 pub mod config_example;
-pub mod data_format;
 pub mod data_conn;
+pub mod data_format;
 pub mod data_wire;
 pub mod disk_usage;
 pub mod errno;

@@ -80,11 +80,7 @@ pub fn describe(v: &NodeVersion) -> String {
 /// Checks a peer's version: `me` names this node ("this MDS"), `peer` the
 /// other side ("OSD 4", "the client"). An absent version counts as
 /// [`UNVERSIONED`]. Returns the peer's version, or the refusal to send it.
-pub fn check(
-    me: &str,
-    peer: &str,
-    v: Option<&NodeVersion>,
-) -> Result<NodeVersion, tonic::Status> {
+pub fn check(me: &str, peer: &str, v: Option<&NodeVersion>) -> Result<NodeVersion, tonic::Status> {
     let v = of_peer(v);
     if v.protocol >= MIN_PEER_VERSION {
         return Ok(v);
@@ -127,7 +123,10 @@ mod tests {
         let s = check("this MDS", "OSD 1", Some(&old)).expect_err("refused");
         assert!(is_refusal(&s));
         let m = s.message();
-        assert!(m.contains(&format!("OSD 1 speaks protocol version {} (0.0.1)", old.protocol)));
+        assert!(m.contains(&format!(
+            "OSD 1 speaks protocol version {} (0.0.1)",
+            old.protocol
+        )));
         assert!(m.contains(&format!("this MDS speaks {PROTOCOL_VERSION}")));
         assert!(!is_refusal(&tonic::Status::failed_precondition("other")));
     }
