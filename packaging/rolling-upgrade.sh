@@ -99,7 +99,8 @@ mountpoint -q "$DIR/mnt" || { echo "the old cluster did not mount" >&2; cat "$WO
 # ---------------------------------------------------------------- I/O loop
 # Each round writes a new 256 KiB file, reads it back and compares; the
 # checksums go to a list checked again at the end. A round's duration in
-# ms goes to $WORK/rounds (with the phase it ran in); $WORK/pause holds the
+# ms goes to $WORK/rounds (with the phase it ran in: old, the name of the
+# node being replaced, new); $WORK/pause holds the
 # loop while the client is remounted.
 PHASE=$WORK/phase
 echo old >"$PHASE"
@@ -135,6 +136,7 @@ leader() { status_json | python3 -c 'import json,sys; print(json.load(sys.stdin)
 replace() {
     local name=$1 bin=$2 pidf=$DIR/run/$1.pid pid args=()
     pid=$(cat "$pidf")
+    echo "$name" >"$PHASE"
     mapfile -d '' args < <(tail -z -n +2 "/proc/$pid/cmdline")
     kill "$pid"
     for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
@@ -144,7 +146,6 @@ replace() {
     log "  $name: pid $pid -> $! ($(basename "$bin") new)"
 }
 
-echo daemons >"$PHASE"
 L=$(leader)
 [ -n "$L" ] || { echo "no leader" >&2; exit 1; }
 log "MDS leader is $L; replacing the followers first"
@@ -199,10 +200,11 @@ rounds = {}
 for line in open(sys.argv[1]):
     ms, phase = line.split()
     rounds.setdefault(phase, []).append(int(ms))
-for phase in ("old", "daemons", "new"):
-    r = sorted(rounds.get(phase, []))
-    if r:
-        print(f"{phase:8} rounds {len(r):4}  median {r[len(r)//2]:6} ms  longest {r[-1]:6} ms")
+# Phases in the order they ran: old, then the node being replaced (from its
+# stop until the next one's), then new.
+for phase, r in rounds.items():
+    r = sorted(r)
+    print(f"{phase:8} rounds {len(r):4}  median {r[len(r)//2]:6} ms  longest {r[-1]:6} ms")
 EOF
 log "files written and checked: $files, lost or wrong: $lost, failed rounds: $errors"
 new_versions=$(status_json | python3 -c 'import json,sys; s=json.load(sys.stdin); print(sorted({n["version"] for k in ("mds","osds","clients") for n in s[k]}))')
