@@ -39,6 +39,8 @@ DIR=${DIR:-$WORK/cluster}
 OLD_TREE=""
 UP_PID=""
 WRITER_PID=""
+# Daemons this script started (`up` stops only those it started itself).
+STARTED=()
 
 log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 
@@ -47,16 +49,9 @@ cleanup() {
     [ -n "$WRITER_PID" ] && kill "$WRITER_PID" 2>/dev/null && wait "$WRITER_PID" 2>/dev/null
     if mountpoint -q "$DIR/mnt" 2>/dev/null; then fusermount3 -u "$DIR/mnt" || umount -l "$DIR/mnt"; fi
     [ -n "$UP_PID" ] && kill "$UP_PID" 2>/dev/null && wait "$UP_PID" 2>/dev/null
-    # The replaced daemons are ours, not `up`'s: stop them by their pid files.
-    for f in "$DIR"/run/*.pid; do
-        [ -e "$f" ] || continue
-        p=$(cat "$f"); [ -n "$p" ] && kill "$p" 2>/dev/null
-    done
-    sleep 2
-    for f in "$DIR"/run/*.pid; do
-        [ -e "$f" ] || continue
-        p=$(cat "$f"); [ -n "$p" ] && kill -9 "$p" 2>/dev/null
-    done
+    for p in "${STARTED[@]}"; do kill "$p" 2>/dev/null; done
+    sleep 3
+    for p in "${STARTED[@]}"; do kill -9 "$p" 2>/dev/null; done
     if [ -n "$OLD_TREE" ]; then
         git -C "$ROOT" worktree remove --force "$OLD_TREE"
     fi
@@ -143,6 +138,7 @@ replace() {
     kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
     RUST_LOG=info setsid "$bin" "${args[@]}" </dev/null >>"$DIR/logs/$name.log" 2>&1 &
     echo $! >"$pidf"
+    STARTED+=("$!")
     log "  $name: pid $pid -> $! ($(basename "$bin") new)"
 }
 
