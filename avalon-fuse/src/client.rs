@@ -1223,7 +1223,8 @@ impl Client {
     /// the file is in shared-write mode (another session writes it too).
     /// Opens `ino`: its attributes, whether it is in shared-write mode,
     /// and whether the kernel may keep the pages it cached before.
-    pub async fn open(&self, ino: u64, flags: u32) -> Result<(Attr, bool, bool)> {
+    /// `cred` is the opener's (uid, gid), for the MDS's permission check.
+    pub async fn open(&self, ino: u64, flags: u32, cred: (u32, u32)) -> Result<(Attr, bool, bool)> {
         if let Some(a) = self.open_delegated(ino, flags) {
             let keep = self
                 .page_versions
@@ -1242,6 +1243,9 @@ impl Client {
             header: self.header(),
             ino,
             flags,
+            uid: cred.0,
+            gid: cred.1,
+            has_cred: true,
         };
         let r = match self
             .rpc(req, |mut c, r| async move { c.open(r).await })
@@ -1454,6 +1458,7 @@ impl Client {
             header: self.header(),
             ino: a.ino,
             flags: libc::O_RDONLY as u32,
+            ..Default::default()
         };
         let r = self
             .rpc(req, |mut c, r| async move { c.open(r).await })

@@ -642,6 +642,7 @@ impl Client {
             header: self.header(),
             ino,
             flags,
+            ..Default::default()
         };
         match self
             .mds

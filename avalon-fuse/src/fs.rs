@@ -473,15 +473,16 @@ impl Filesystem for AvalonFs {
         });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _m = crate::metrics::op(FuseOp::Open);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let fh = self.new_fh();
+        let cred = (req.uid(), req.gid());
         self.spawn(async move {
             // Close-to-open: an open sees the size other clients committed.
             let flags = flags.0 as u32;
-            match c.open(ino, flags).await {
+            match c.open(ino, flags, cred).await {
                 Ok((a, shared, keep)) => {
                     c.note_attr(&a);
                     let how_opened = flags as i32;

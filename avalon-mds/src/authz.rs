@@ -21,6 +21,10 @@ pub fn policy(path: &str, peer: &Peer) -> Result<(), Status> {
                 i.is_admin() || i.is_mds()
             }),
         ("avalon.v1.Raft", _) => peer.require("send Raft messages (MDS only)", Identity::is_mds),
+        ("avalon.v1.Meta", "SetClientCaps" | "ListClientCaps") => peer.require(
+            "change or list client capabilities (admin only)",
+            Identity::is_admin,
+        ),
         ("avalon.v1.Meta", "SetOsdState" | "SetReplicas") => peer.require(
             "change OSD states or cluster settings (admin only)",
             Identity::is_admin,
@@ -77,6 +81,8 @@ mod tests {
         assert!(policy("/avalon.v1.Meta/RegisterOsd", &peer("client.x")).is_err());
         assert!(policy("/avalon.v1.Meta/RegisterOsd", &peer("osd.4")).is_ok());
         assert!(policy("/avalon.v1.Meta/Lookup", &peer("client.x")).is_ok());
+        assert!(policy("/avalon.v1.Meta/SetClientCaps", &peer("client.x")).is_err());
+        assert!(policy("/avalon.v1.Meta/SetClientCaps", &peer("client.admin")).is_ok());
         assert!(policy(vote, &Peer::default()).is_ok(), "insecure");
     }
 

@@ -254,6 +254,21 @@ pub enum Op {
         replicas: u32,
         write_quorum: u32,
     },
+    /// Sets (or, with `None`, drops) a client identity's capabilities
+    /// (`caps.rs`); a revoked entry also drops the identity's sessions.
+    SetClientCaps {
+        name: String,
+        caps: Option<crate::caps::ClientCaps>,
+    },
+    /// [`Op::RegisterClient`] by a client identity, which then owns the
+    /// session; `subdir` is already within its capabilities' subtree.
+    RegisterClientAs {
+        hostname: String,
+        mountpoint: Vec<u8>,
+        pid: u32,
+        subdir: Vec<u8>,
+        identity: String,
+    },
 }
 
 /// A raft log entry payload.

@@ -8,6 +8,7 @@
 
 pub mod acl;
 pub mod authz;
+pub mod caps;
 pub mod command;
 pub mod config;
 pub mod delegation;
@@ -218,6 +219,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         tonic::transport::Server::builder()
             .layer(avalon_proto::tls::AuthzLayer(authz::policy))
             .layer(avalon_proto::recall_mark::RecallMarkLayer(sent))
+            .layer(caps::CapsLayer(node.clone()))
             .add_service(meta)
             .add_service(raft_svc)
             .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),

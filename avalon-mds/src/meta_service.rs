@@ -1,6 +1,7 @@
 //! The `Meta` gRPC service: validates requests, replicates mutations through
 //! raft and serves linearizable reads from the state machine.
 
+use crate::caps::{self, ClientCaps};
 use crate::command::{Attr, Op, OsdState, Reply, TimeSpec};
 use crate::disk_reserve::DiskReserve;
 use crate::leases::Change;
@@ -11,6 +12,7 @@ use crate::node::{role_name, MdsError, MdsNode, PeerKind};
 use crate::settings::ClusterSettings;
 use avalon_proto::limits::check_name;
 use avalon_proto::pb::{self, meta_server::Meta, time_set};
+use avalon_proto::tls::Peer;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -120,6 +122,16 @@ fn check_version(
     })
 }
 
+/// `uid` after the caller's root_squash.
+fn squash_uid(lim: Option<&(String, ClientCaps)>, uid: u32) -> u32 {
+    lim.map_or(uid, |(_, c)| c.uid(uid))
+}
+
+/// `gid` after the caller's root_squash.
+fn squash_gid(lim: Option<&(String, ClientCaps)>, gid: u32) -> u32 {
+    lim.map_or(gid, |(_, c)| c.gid(gid))
+}
+
 /// The requesting session (0: a daemon or tool).
 /// The request's session, whose reply carries its recall mark.
 fn session_of(h: Option<&pb::RequestHeader>) -> u64 {
@@ -221,6 +233,60 @@ impl MetaService {
                     version: self.node.peer_version(PeerKind::Osd, o.id),
                 })
                 .collect(),
+        }
+    }
+
+    /// The capabilities limiting the caller of `req` (`caps.rs`; `None`:
+    /// full access) with its identity name.
+    fn limits<T>(&self, req: &Request<T>) -> Option<(String, ClientCaps)> {
+        let peer = Peer::of(req);
+        let name = caps::client_name(&peer)?.to_string();
+        caps::of_peer(&self.node, &peer).map(|c| (name, c))
+    }
+
+    /// For a confined caller: EACCES unless the session is its own and
+    /// each of `inos` is within that session's root (which registration
+    /// put within the identity's subtree). By inode number too, so a
+    /// guessed number or a file handle does not escape the subtree.
+    fn reach(
+        &self,
+        lim: Option<&(String, ClientCaps)>,
+        hdr: Option<&pb::RequestHeader>,
+        inos: &[u64],
+    ) -> Result<(), MdsError> {
+        let Some((name, c)) = lim else { return Ok(()) };
+        if !c.confined() {
+            return Ok(());
+        }
+        let sid = session_of(hdr);
+        let ok = self.node.read_local(|s| {
+            let Some(root) = s.sessions.get(&sid).map(|x| x.root_ino) else {
+                return false;
+            };
+            s.clients.owners.get(&sid) == Some(name) && inos.iter().all(|&i| s.within(i, root))
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(MdsError::Errno(libc::EACCES))
+        }
+    }
+
+    /// PERMISSION_DENIED when a TLS caller names a session another
+    /// identity opened (sessions opened over plaintext have no owner and
+    /// stay usable by any caller).
+    fn own_session(&self, peer: &Peer, sid: u64) -> Result<(), Status> {
+        let Some(id) = peer.identity.as_ref().filter(|_| peer.secured) else {
+            return Ok(());
+        };
+        let owner = self
+            .node
+            .read_local(|s| s.clients.owners.get(&sid).cloned());
+        match owner {
+            Some(o) if o != id.name => Err(Status::permission_denied(format!(
+                "session {sid} belongs to another identity"
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -379,7 +445,9 @@ impl MetaService {
 impl Meta for MetaService {
     async fn lookup(&self, req: Request<pb::LookupRequest>) -> Res<pb::EntryReply> {
         let _m = crate::metrics::op(Rpc::Lookup);
+        let lim = self.limits(&req);
         let r = req.into_inner();
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.parent])?;
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
         let sid = session_of(r.header.as_ref());
@@ -401,7 +469,9 @@ impl Meta for MetaService {
 
     async fn get_attr(&self, req: Request<pb::GetAttrRequest>) -> Res<pb::AttrReply> {
         let _m = crate::metrics::op(Rpc::GetAttr);
+        let lim = self.limits(&req);
         let r = req.into_inner();
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         ino_ok(r.ino)?;
         let sid = session_of(r.header.as_ref());
         let a = self
@@ -416,8 +486,14 @@ impl Meta for MetaService {
 
     async fn set_attr(&self, req: Request<pb::SetAttrRequest>) -> Res<pb::AttrReply> {
         let _m = crate::metrics::op(Rpc::SetAttr);
+        let lim = self.limits(&req);
         let r = req.into_inner();
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         ino_ok(r.ino)?;
+        // A read-only key's reads still update atime; other changes fail.
+        if !r.access && lim.as_ref().is_some_and(|(_, c)| c.read_only) {
+            return Err(MdsError::Errno(libc::EROFS).into());
+        }
         if r.access {
             if r.mode.is_some()
                 || r.uid.is_some()
@@ -442,8 +518,8 @@ impl Meta for MetaService {
         let op = Op::SetAttr {
             ino: r.ino,
             mode: r.mode,
-            uid: r.uid,
-            gid: r.gid,
+            uid: r.uid.map(|u| squash_uid(lim.as_ref(), u)),
+            gid: r.gid.map(|g| squash_gid(lim.as_ref(), g)),
             size: r.size,
             atime: time_spec(r.atime),
             mtime: time_spec(r.mtime),
@@ -461,7 +537,9 @@ impl Meta for MetaService {
 
     async fn mknod(&self, req: Request<pb::MknodRequest>) -> Res<pb::EntryReply> {
         let _m = crate::metrics::op(Rpc::Mknod);
+        let lim = self.limits(&req);
         let r = req.into_inner();
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.parent])?;
         self.check_growth()?;
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
@@ -471,8 +549,8 @@ impl Meta for MetaService {
             name: r.name.into(),
             mode: r.mode,
             rdev: r.rdev,
-            uid: r.uid,
-            gid: r.gid,
+            uid: squash_uid(lim.as_ref(), r.uid),
+            gid: squash_gid(lim.as_ref(), r.gid),
             exclusive: r.exclusive,
             layout: self.node.layout().await?,
         };
@@ -498,7 +576,9 @@ impl Meta for MetaService {
 
     async fn mkdir(&self, req: Request<pb::MkdirRequest>) -> Res<pb::EntryReply> {
         let _m = crate::metrics::op(Rpc::Mkdir);
+        let lim = self.limits(&req);
         let r = req.into_inner();
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.parent])?;
         self.check_growth()?;
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
@@ -507,8 +587,8 @@ impl Meta for MetaService {
             parent: r.parent,
             name: r.name.into(),
             mode: r.mode,
-            uid: r.uid,
-            gid: r.gid,
+            uid: squash_uid(lim.as_ref(), r.uid),
+            gid: squash_gid(lim.as_ref(), r.gid),
         };
         let mut e = entry(self.mutate(r.header.as_ref(), op, &changes).await?)?;
         self.created(r.header.as_ref(), r.parent, &mut e);
@@ -517,7 +597,9 @@ impl Meta for MetaService {
 
     async fn symlink(&self, req: Request<pb::SymlinkRequest>) -> Res<pb::EntryReply> {
         let _m = crate::metrics::op(Rpc::Symlink);
+        let lim = self.limits(&req);
         let r = req.into_inner();
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.parent])?;
         self.check_growth()?;
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
@@ -532,8 +614,8 @@ impl Meta for MetaService {
             parent: r.parent,
             name: r.name.into(),
             target: r.target.into(),
-            uid: r.uid,
-            gid: r.gid,
+            uid: squash_uid(lim.as_ref(), r.uid),
+            gid: squash_gid(lim.as_ref(), r.gid),
         };
         let mut e = entry(self.mutate(r.header.as_ref(), op, &changes).await?)?;
         self.created(r.header.as_ref(), r.parent, &mut e);
@@ -542,7 +624,9 @@ impl Meta for MetaService {
 
     async fn unlink(&self, req: Request<pb::UnlinkRequest>) -> Res<pb::DirChangeReply> {
         let _m = crate::metrics::op(Rpc::Unlink);
+        let lim = self.limits(&req);
         let r = req.into_inner();
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.parent])?;
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
         let name: Vec<u8> = r.name.into();
@@ -564,7 +648,9 @@ impl Meta for MetaService {
 
     async fn rmdir(&self, req: Request<pb::UnlinkRequest>) -> Res<pb::DirChangeReply> {
         let _m = crate::metrics::op(Rpc::Rmdir);
+        let lim = self.limits(&req);
         let r = req.into_inner();
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.parent])?;
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
         let target = self.node.read_local(|s| s.child_ino(r.parent, &r.name));
@@ -585,7 +671,9 @@ impl Meta for MetaService {
 
     async fn readlink(&self, req: Request<pb::GetAttrRequest>) -> Res<pb::ReadlinkReply> {
         let _m = crate::metrics::op(Rpc::Readlink);
+        let lim = self.limits(&req);
         let r = req.into_inner();
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         ino_ok(r.ino)?;
         self.settle(session_of(r.header.as_ref()), [r.ino]).await;
         let target = self
@@ -600,7 +688,9 @@ impl Meta for MetaService {
 
     async fn link(&self, req: Request<pb::LinkRequest>) -> Res<pb::EntryReply> {
         let _m = crate::metrics::op(Rpc::Link);
+        let lim = self.limits(&req);
         let r = req.into_inner();
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino, r.new_parent])?;
         self.check_growth()?;
         ino_ok(r.ino)?;
         ino_ok(r.new_parent)?;
@@ -621,7 +711,9 @@ impl Meta for MetaService {
 
     async fn rename(&self, req: Request<pb::RenameRequest>) -> Res<pb::DirChangeReply> {
         let _m = crate::metrics::op(Rpc::Rename);
+        let lim = self.limits(&req);
         let r = req.into_inner();
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.parent, r.new_parent])?;
         ino_ok(r.parent)?;
         ino_ok(r.new_parent)?;
         name_ok(&r.name)?;
@@ -660,7 +752,9 @@ impl Meta for MetaService {
 
     async fn read_dir(&self, req: Request<pb::ReadDirRequest>) -> Res<pb::ReadDirReply> {
         let _m = crate::metrics::op(Rpc::ReadDir);
+        let lim = self.limits(&req);
         let r = req.into_inner();
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         ino_ok(r.ino)?;
         let max = if r.max_entries == 0 {
             1024
@@ -732,7 +826,9 @@ impl Meta for MetaService {
 
     async fn set_xattr(&self, req: Request<pb::SetXattrRequest>) -> Res<pb::Empty> {
         let _m = crate::metrics::op(Rpc::SetXattr);
+        let lim = self.limits(&req);
         let r = req.into_inner();
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         self.check_growth()?;
         ino_ok(r.ino)?;
         let op = Op::SetXattr {
@@ -748,7 +844,9 @@ impl Meta for MetaService {
 
     async fn get_xattr(&self, req: Request<pb::XattrRequest>) -> Res<pb::XattrReply> {
         let _m = crate::metrics::op(Rpc::GetXattr);
+        let lim = self.limits(&req);
         let r = req.into_inner();
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         ino_ok(r.ino)?;
         let sid = session_of(r.header.as_ref());
         let value = self
@@ -762,7 +860,9 @@ impl Meta for MetaService {
 
     async fn list_xattr(&self, req: Request<pb::GetAttrRequest>) -> Res<pb::ListXattrReply> {
         let _m = crate::metrics::op(Rpc::ListXattr);
+        let lim = self.limits(&req);
         let r = req.into_inner();
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         ino_ok(r.ino)?;
         self.settle(session_of(r.header.as_ref()), [r.ino]).await;
         let names = self
@@ -777,7 +877,9 @@ impl Meta for MetaService {
 
     async fn remove_xattr(&self, req: Request<pb::XattrRequest>) -> Res<pb::Empty> {
         let _m = crate::metrics::op(Rpc::RemoveXattr);
+        let lim = self.limits(&req);
         let r = req.into_inner();
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         ino_ok(r.ino)?;
         let op = Op::RemoveXattr {
             ino: r.ino,
@@ -790,7 +892,9 @@ impl Meta for MetaService {
 
     async fn commit_write(&self, req: Request<pb::CommitWriteRequest>) -> Res<pb::AttrReply> {
         let _m = crate::metrics::op(Rpc::CommitWrite);
+        let lim = self.limits(&req);
         let r = req.into_inner();
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         ino_ok(r.ino)?;
         let op = Op::CommitWrite {
             ino: r.ino,
@@ -804,7 +908,9 @@ impl Meta for MetaService {
 
     async fn append_write(&self, req: Request<pb::AppendWriteRequest>) -> Res<pb::AttrReply> {
         let _m = crate::metrics::op(Rpc::AppendWrite);
+        let lim = self.limits(&req);
         let r = req.into_inner();
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         ino_ok(r.ino)?;
         if r.len == 0 {
             return Err(MdsError::Errno(libc::EINVAL).into());
@@ -821,8 +927,37 @@ impl Meta for MetaService {
 
     async fn open(&self, req: Request<pb::OpenRequest>) -> Res<pb::AttrReply> {
         let _m = crate::metrics::op(Rpc::Open);
+        let lim = self.limits(&req);
         let r = req.into_inner();
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         ino_ok(r.ino)?;
+        if let Some((_, c)) = &lim {
+            let truncates = r.flags as i32 & libc::O_TRUNC != 0;
+            if c.read_only && (writes(r.flags) || truncates) {
+                return Err(MdsError::Errno(libc::EROFS).into());
+            }
+            // The kernel let root through; the squashed uid is judged here.
+            if r.has_cred && c.root_squash && r.uid == 0 {
+                let a = self
+                    .node
+                    .read_local(|s| s.getattr(r.ino))
+                    .map_err(MdsError::Errno)?;
+                let (uid, gid) = (c.uid(r.uid), c.gid(r.gid));
+                let bits = if a.uid == uid {
+                    a.mode >> 6
+                } else if a.gid == gid {
+                    a.mode >> 3
+                } else {
+                    a.mode
+                } & 0o7;
+                let acc = r.flags as i32 & libc::O_ACCMODE;
+                let need_r = acc != libc::O_WRONLY;
+                let need_w = acc != libc::O_RDONLY || truncates;
+                if (need_r && bits & 0o4 == 0) || (need_w && bits & 0o2 == 0) {
+                    return Err(MdsError::Errno(libc::EACCES).into());
+                }
+            }
+        }
         self.node.check_leader()?;
         let sid = r.header.as_ref().map(|h| h.session_id).unwrap_or(0);
         let write = sid != 0 && writes(r.flags);
@@ -1291,16 +1426,41 @@ impl Meta for MetaService {
         req: Request<pb::RegisterClientRequest>,
     ) -> Res<pb::RegisterClientReply> {
         let _m = crate::metrics::op(Rpc::RegisterClient);
+        let peer = Peer::of(&req);
+        let lim = self.limits(&req);
         let r = req.into_inner();
         let version = check_version("the client", 0, r.version.as_ref())?;
         if r.hostname.len() > 1024 || r.mountpoint.len() > 4096 || r.subdir.len() > 4096 {
             return Err(MdsError::Invalid("hostname, mountpoint or subdir too long".into()).into());
         }
-        let op = Op::RegisterClient {
-            hostname: r.hostname,
-            mountpoint: r.mountpoint.into(),
-            pid: r.pid,
-            subdir: r.subdir.into(),
+        let op = match peer.identity.as_ref().filter(|_| peer.secured) {
+            // The session belongs to the identity that opened it; a
+            // confined one's mount root is SOURCE's path under its subtree.
+            Some(id) => {
+                let mut subdir: Vec<u8> = r.subdir.into();
+                if let Some((_, c)) = lim.as_ref().filter(|(_, c)| c.confined()) {
+                    if subdir.split(|&b| b == b'/').any(|p| p == b"..") {
+                        return Err(MdsError::Errno(libc::EACCES).into());
+                    }
+                    let mut p = c.path.clone().into_bytes();
+                    p.push(b'/');
+                    p.extend_from_slice(&subdir);
+                    subdir = p;
+                }
+                Op::RegisterClientAs {
+                    hostname: r.hostname,
+                    mountpoint: r.mountpoint.into(),
+                    pid: r.pid,
+                    subdir,
+                    identity: id.name.clone(),
+                }
+            }
+            None => Op::RegisterClient {
+                hostname: r.hostname,
+                mountpoint: r.mountpoint.into(),
+                pid: r.pid,
+                subdir: r.subdir.into(),
+            },
         };
         // A registration is not deduplicated: it has no session yet.
         match self.mutate(None, op, &[]).await? {
@@ -1326,9 +1486,11 @@ impl Meta for MetaService {
         req: Request<pb::ClientHeartbeatRequest>,
     ) -> Res<pb::ClientHeartbeatReply> {
         let _m = crate::metrics::op(Rpc::ClientHeartbeat);
+        let peer = Peer::of(&req);
         let r = req.into_inner();
         self.node.check_leader()?;
         let sid = r.header.map(|h| h.session_id).unwrap_or(0);
+        self.own_session(&peer, sid)?;
         // "No session" tells the client that its queued changes are lost:
         // only after a linearizable read (a new leader may not have
         // applied a registration its predecessor committed yet).
@@ -1360,12 +1522,14 @@ impl Meta for MetaService {
 
     async fn session(&self, req: Request<pb::SessionRequest>) -> Res<Self::SessionStream> {
         let _m = crate::metrics::op(Rpc::Session);
+        let peer = Peer::of(&req);
         let r = req.into_inner();
         self.node.check_leader()?;
         let sid = session_of(r.header.as_ref());
         // The stream's first event counts the recalls; its opener must not
         // wait for them.
         avalon_proto::recall_mark::reply_to(0);
+        self.own_session(&peer, sid)?;
         if sid == 0 || !self.node.read_local(|s| s.sessions.contains_key(&sid)) {
             return Err(MdsError::NotFound(format!("no session {sid}")).into());
         }
@@ -1378,10 +1542,12 @@ impl Meta for MetaService {
 
     async fn ack_recall(&self, req: Request<pb::AckRecallRequest>) -> Res<pb::Empty> {
         let _m = crate::metrics::op(Rpc::AckRecall);
+        let peer = Peer::of(&req);
         let r = req.into_inner();
         // Sent by the recall loop itself: waiting for a mark there would
         // wait for the loop.
         let sid = r.header.as_ref().map_or(0, |h| h.session_id);
+        self.own_session(&peer, sid)?;
         self.node.leases.ack(sid, r.seq, r.flush_seq);
         Ok(Response::new(pb::Empty {}))
     }
@@ -1574,5 +1740,42 @@ impl Meta for MetaService {
             Reply::Settings(s) => Ok(Response::new(settings_pb(&s))),
             other => Err(MdsError::Internal(format!("unexpected reply {other:?}")).into()),
         }
+    }
+
+    async fn set_client_caps(&self, req: Request<pb::SetClientCapsRequest>) -> Res<pb::Empty> {
+        let r = req.into_inner();
+        let c = r
+            .caps
+            .ok_or_else(|| MdsError::Invalid("no capabilities".into()))?;
+        if !c.name.starts_with("client.") || c.name == avalon_proto::tls::ADMIN_NAME {
+            return Err(MdsError::Invalid(format!(
+                "capabilities are for client.NAME identities other than the admin, not {:?}",
+                c.name
+            ))
+            .into());
+        }
+        if c.path.split('/').any(|p| p == "..") || c.path.len() > 4096 {
+            return Err(MdsError::Invalid(format!("bad subtree path {:?}", c.path)).into());
+        }
+        let op = Op::SetClientCaps {
+            name: c.name.clone(),
+            caps: (!r.clear).then(|| ClientCaps::from_pb(&c)),
+        };
+        self.node.write(r.header.as_ref(), op).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn list_client_caps(&self, _req: Request<pb::Empty>) -> Res<pb::ClientCapsList> {
+        let caps = self
+            .node
+            .read(|s| {
+                s.clients
+                    .caps
+                    .iter()
+                    .map(|(n, c)| c.to_pb(n))
+                    .collect::<Vec<_>>()
+            })
+            .await?;
+        Ok(Response::new(pb::ClientCapsList { caps }))
     }
 }

@@ -131,6 +131,10 @@ pub struct State {
     /// leader writes them. Last field: older snapshots end before it.
     #[serde(deserialize_with = "crate::settings::absent_as_none")]
     pub settings: Option<ClusterSettings>,
+    /// Client capabilities and session owners (`caps.rs`). Last field:
+    /// older snapshots end before it.
+    #[serde(deserialize_with = "crate::caps::absent_as_default")]
+    pub clients: crate::caps::ClientTable,
 }
 
 impl Default for State {
@@ -179,6 +183,7 @@ impl State {
             orphans: BTreeSet::new(),
             locks: crate::locks::LockTable::default(),
             settings: None,
+            clients: crate::caps::ClientTable::default(),
         }
     }
 
@@ -576,24 +581,42 @@ impl State {
                 mountpoint,
                 pid,
                 subdir,
+            } => self.register_client(hostname, mountpoint, *pid, subdir),
+            Op::RegisterClientAs {
+                hostname,
+                mountpoint,
+                pid,
+                subdir,
+                identity,
             } => {
-                let root_ino = self.resolve_dir(subdir)?;
-                let id = self.next_session_id;
-                self.next_session_id += 1;
-                self.sessions.insert(
-                    id,
-                    Session {
-                        id,
-                        hostname: hostname.clone(),
-                        mountpoint: mountpoint.clone(),
-                        pid: *pid,
-                        root_ino,
-                    },
-                );
-                Ok(Reply::ClientRegistered {
-                    session_id: id,
-                    root_ino,
-                })
+                let r = self.register_client(hostname, mountpoint, *pid, subdir)?;
+                if let Reply::ClientRegistered { session_id, .. } = &r {
+                    self.clients.owners.insert(*session_id, identity.clone());
+                }
+                Ok(r)
+            }
+            Op::SetClientCaps { name, caps } => {
+                match caps {
+                    Some(c) => {
+                        if c.revoked {
+                            let gone: Vec<u64> = self
+                                .clients
+                                .owners
+                                .iter()
+                                .filter(|(_, o)| *o == name)
+                                .map(|(s, _)| *s)
+                                .collect();
+                            for sid in gone {
+                                self.drop_session(sid);
+                            }
+                        }
+                        self.clients.caps.insert(name.clone(), c.clone());
+                    }
+                    None => {
+                        self.clients.caps.remove(name);
+                    }
+                }
+                Ok(Reply::None)
             }
             Op::GcDone { inos } => {
                 for i in inos {
@@ -615,9 +638,10 @@ impl State {
                 Ok(Reply::None)
             }
             Op::ExpireSession { session_id } => {
-                self.sessions.remove(session_id).ok_or(libc::ENOENT)?;
-                self.dedup.remove(session_id);
-                self.locks.drop_session(*session_id);
+                if !self.sessions.contains_key(session_id) {
+                    return Err(libc::ENOENT);
+                }
+                self.drop_session(*session_id);
                 Ok(Reply::None)
             }
             Op::SetLock {
@@ -677,6 +701,72 @@ impl State {
                 Ok(Reply::Settings(s.clone()))
             }
         }
+    }
+
+    /// Registers a client session whose mount root is `subdir`.
+    fn register_client(
+        &mut self,
+        hostname: &str,
+        mountpoint: &[u8],
+        pid: u32,
+        subdir: &[u8],
+    ) -> R<Reply> {
+        let root_ino = self.resolve_dir(subdir)?;
+        let id = self.next_session_id;
+        self.next_session_id += 1;
+        self.sessions.insert(
+            id,
+            Session {
+                id,
+                hostname: hostname.to_string(),
+                mountpoint: mountpoint.to_vec(),
+                pid,
+                root_ino,
+            },
+        );
+        Ok(Reply::ClientRegistered {
+            session_id: id,
+            root_ino,
+        })
+    }
+
+    /// Forgets session `sid` and what it held.
+    fn drop_session(&mut self, sid: u64) {
+        self.sessions.remove(&sid);
+        self.dedup.remove(&sid);
+        self.locks.drop_session(sid);
+        self.clients.owners.remove(&sid);
+    }
+
+    /// True if `ino` is `root` or below it (a confined session's reach,
+    /// `caps.rs`): a directory by its parent pointers; a non-directory if
+    /// one of its links is in such a directory (found by a scan of the
+    /// entries: confined sessions only, until there is a reverse index).
+    pub fn within(&self, ino: u64, root: u64) -> bool {
+        if root == ROOT_INO || ino == root {
+            return true;
+        }
+        if self.inodes.get(&ino).is_some_and(|i| !i.is_dir()) {
+            return self
+                .dentries
+                .iter()
+                .any(|((dir, _), d)| d.ino == ino && self.within_dir(*dir, root));
+        }
+        self.within_dir(ino, root)
+    }
+
+    fn within_dir(&self, ino: u64, root: u64) -> bool {
+        let mut cur = ino;
+        for _ in 0..4096 {
+            if cur == root {
+                return true;
+            }
+            match self.inodes.get(&cur) {
+                Some(i) if i.is_dir() && cur != ROOT_INO => cur = i.parent,
+                _ => return false,
+            }
+        }
+        false
     }
 
     fn register_osd(

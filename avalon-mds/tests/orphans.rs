@@ -111,6 +111,7 @@ async fn open(c: &mut MetaClient<Channel>, sid: u64, ino: u64) -> Result<pb::Att
         header: hdr(sid),
         ino,
         flags: libc::O_RDWR as u32,
+        ..Default::default()
     })
     .await
     .map(|r| r.into_inner().attr.unwrap_or_default())

@@ -1,6 +1,7 @@
 //! `avalonctl`: the Avalon admin CLI.
 
 use anyhow::{bail, Context};
+use avalon_proto::pb;
 use avalon_proto::tls::ClientTls;
 use avalonctl::local_cluster::{self, LocalCluster, Options};
 use avalonctl::status;
@@ -658,26 +659,116 @@ enum KeyCmd {
         cluster_id: Option<String>,
     },
     /// Make NAME's keyfile (DIR/NAME.key): mds.N, osd.N, client.NAME
-    /// (client.admin may run admin commands).
+    /// (client.admin may run admin commands). With capability flags (and
+    /// --mds), also limits the client on the MDS.
     Add {
         name: String,
         /// Key directory (holding the CA).
         #[arg(long, default_value = "/etc/avalon")]
         dir: PathBuf,
+        #[command(flatten)]
+        caps: CapsArgs,
+    },
+    /// Set client.NAME's capabilities on the MDS (replacing its old ones;
+    /// no flags: full access).
+    Caps {
+        name: String,
+        #[command(flatten)]
+        caps: CapsArgs,
     },
     /// List the identities with a keyfile in DIR.
     Ls {
         #[arg(long, default_value = "/etc/avalon")]
         dir: PathBuf,
     },
-    /// Delete NAME's keyfile from DIR. This does not revoke it: a copy
-    /// still authenticates until the CA is replaced (server-side
-    /// revocation comes later).
+    /// Delete NAME's keyfile from DIR; with --mds, also revoke client.NAME
+    /// on the MDS (its sessions end within a lease; its certificate is
+    /// refused from then on).
     Rm {
         name: String,
         #[arg(long, default_value = "/etc/avalon")]
         dir: PathBuf,
+        /// MDS addresses (host:port[,...]) to revoke the client at.
+        #[arg(long)]
+        mds: Option<String>,
     },
+}
+
+/// A client key's capabilities (`auth add|caps`), enforced by the MDS.
+#[derive(clap::Args, Debug)]
+struct CapsArgs {
+    /// MDS addresses (host:port[,...]) to set the capabilities at.
+    #[arg(long)]
+    mds: Option<String>,
+    /// Confine the client to this subtree (its mounts' root).
+    #[arg(long)]
+    path: Option<String>,
+    /// Refuse every change with EROFS.
+    #[arg(long)]
+    read_only: bool,
+    /// uid/gid 0 become --squash-uid/--squash-gid.
+    #[arg(long)]
+    root_squash: bool,
+    #[arg(long, default_value_t = 65534)]
+    squash_uid: u32,
+    #[arg(long, default_value_t = 65534)]
+    squash_gid: u32,
+}
+
+impl CapsArgs {
+    fn limited(&self) -> bool {
+        self.path.is_some() || self.read_only || self.root_squash
+    }
+
+    fn to_pb(&self, name: &str) -> pb::ClientCaps {
+        pb::ClientCaps {
+            name: name.to_string(),
+            path: self.path.clone().unwrap_or_default(),
+            read_only: self.read_only,
+            root_squash: self.root_squash,
+            squash_uid: self.squash_uid,
+            squash_gid: self.squash_gid,
+            revoked: false,
+        }
+    }
+}
+
+/// Sends client capabilities (or their removal) to the MDS at `mds`.
+fn send_caps(
+    dir: Option<&Path>,
+    mds: &str,
+    caps: pb::ClientCaps,
+    clear: bool,
+) -> anyhow::Result<()> {
+    // The admin key: --keyfile, else DIR's client.admin.key, else the default.
+    let admin = dir.map(|d| avalonctl::keys::keyfile(d, avalonctl::keys::ADMIN));
+    let tls = match (KEY_FLAGS.get().and_then(|k| k.0.clone()), admin) {
+        (None, Some(a)) if a.exists() && !KEY_FLAGS.get().is_some_and(|k| k.1) => {
+            ClientTls::from_keyfile(&a)?
+        }
+        _ => client_tls(None)?,
+    };
+    let addrs: Vec<String> = mds
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let name = caps.name.clone();
+    block_on(async move {
+        let conn = avalon_proto::mds_conn::MdsConn::new(addrs, tls);
+        let req = pb::SetClientCapsRequest {
+            header: None,
+            caps: Some(caps),
+            clear,
+        };
+        conn.call_within(Duration::from_secs(30), |mut c| {
+            let r = req.clone();
+            async move { c.set_client_caps(r).await }
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("setting the capabilities of {name}: {}", s.message()))
+    })?;
+    Ok(())
 }
 
 fn auth_cmd(cmd: KeyCmd) -> anyhow::Result<()> {
@@ -691,22 +782,48 @@ fn auth_cmd(cmd: KeyCmd) -> anyhow::Result<()> {
                 dir.display()
             );
         }
-        KeyCmd::Add { name, dir } => {
+        KeyCmd::Add { name, dir, caps } => {
+            if caps.limited() && caps.mds.is_none() {
+                bail!("capability flags need --mds host:port to set them at");
+            }
             let p = keys::add(&dir, &name)?;
+            if let Some(mds) = &caps.mds {
+                send_caps(Some(&dir), mds, caps.to_pb(&name), !caps.limited())?;
+            }
             println!("{}", p.display());
+        }
+        KeyCmd::Caps { name, caps } => {
+            let Some(mds) = &caps.mds else {
+                bail!("give --mds host:port");
+            };
+            send_caps(None, mds, caps.to_pb(&name), !caps.limited())?;
         }
         KeyCmd::Ls { dir } => {
             for n in keys::list(&dir)? {
                 println!("{n}");
             }
         }
-        KeyCmd::Rm { name, dir } => {
-            keys::remove(&dir, &name)?;
-            eprintln!(
-                "removed {}; note: not revoked on the servers yet (a copy of it still works \
-                 until the cluster CA is replaced)",
-                keys::keyfile(&dir, &name).display()
-            );
+        KeyCmd::Rm { name, dir, mds } => {
+            if let Some(mds) = &mds {
+                let caps = pb::ClientCaps {
+                    name: name.clone(),
+                    revoked: true,
+                    ..Default::default()
+                };
+                send_caps(Some(&dir), mds, caps, false)?;
+                eprintln!("revoked {name} on the MDS");
+            }
+            match keys::remove(&dir, &name) {
+                Ok(()) => eprintln!("removed {}", keys::keyfile(&dir, &name).display()),
+                Err(e) if mds.is_some() => eprintln!("{e:#}"),
+                Err(e) => return Err(e),
+            }
+            if mds.is_none() {
+                eprintln!(
+                    "note: not revoked on the servers (give --mds to revoke; a copy of the key \
+                     works until then)"
+                );
+            }
         }
     }
     Ok(())

@@ -254,7 +254,8 @@ fn hostile_requests_get_errnos() {
             pb::OpenRequest {
                 header: hdr(),
                 ino: 777_777,
-                flags: 0
+                flags: 0,
+                ..Default::default()
             }
         ),
         &[libc::ENOENT],
