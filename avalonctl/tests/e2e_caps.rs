@@ -114,7 +114,7 @@ fn capabilities_confine_limit_squash_and_revoke() {
         let reg = c
             .register_client(pb::RegisterClientRequest {
                 hostname: "test".into(),
-                subdir: b"/".to_vec(),
+                subdir: b"/".to_vec().into(),
                 ..Default::default()
             })
             .await
@@ -174,13 +174,24 @@ fn capabilities_confine_limit_squash_and_revoke() {
     for (what, e) in erofs {
         assert_eq!(e, libc::EROFS, "{what}");
     }
-    let xattr = Command::new("setfattr")
-        .args(["-n", "user.a", "-v", "1"])
-        .arg(p("secret"))
-        .output()
-        .expect("setfattr");
-    let err = String::from_utf8_lossy(&xattr.stderr);
-    assert!(err.contains("Read-only file system"), "setxattr: {err}");
+    let path =
+        std::ffi::CString::new(p("secret").into_os_string().into_encoded_bytes()).expect("path");
+    // SAFETY: NUL-terminated path and name, a valid 1-byte value.
+    let rc = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            c"user.a".as_ptr(),
+            b"1".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    assert_eq!(rc, -1, "setxattr");
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EROFS),
+        "setxattr"
+    );
     drop(ro);
 
     // Revocation: the mounted client is cut off within a lease, and a new
