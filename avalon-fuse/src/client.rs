@@ -427,6 +427,7 @@ impl Client {
                 .filter(|e| e.writes > 0)
                 .map(|e| *e.key())
                 .collect(),
+            totals: crate::metrics::totals(),
         };
         let sent = Instant::now();
         let r = self

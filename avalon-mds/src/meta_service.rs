@@ -1311,6 +1311,7 @@ impl Meta for MetaService {
             return Err(MdsError::NotFound(format!("no session {sid}")).into());
         }
         self.node.client_seen_now(sid);
+        self.node.client_totals_report(sid, r.totals);
         if r.open_inos.len() > 1_000_000 || r.write_inos.len() > 1_000_000 {
             return Err(MdsError::Invalid("too many open inodes".into()).into());
         }
@@ -1443,6 +1444,8 @@ impl Meta for MetaService {
             disk_total_bytes: disk.map_or(0, |u| u.total),
             disk_free_bytes: disk.map_or(0, |u| u.free),
             disk_low: self.reserve.low(),
+            metrics_addr: self.node.metrics_addr.get().cloned().unwrap_or_default(),
+            totals: crate::metrics::totals(),
         };
         let membership = m.membership_config.membership();
         let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
@@ -1490,6 +1493,7 @@ impl Meta for MetaService {
                     } else {
                         0
                     },
+                    totals: self.node.client_totals(c.id),
                 })
                 .collect();
             (self.cluster_map(s), clients, s.inodes.len() as u64)

@@ -155,6 +155,7 @@ async fn open_unlinked_files_and_session_expiry() {
                         open_inos,
                         dropped_cache: false,
                         write_inos: Vec::new(),
+                        totals: None,
                     })
                     .await;
                 tokio::time::sleep(Duration::from_millis(200)).await;

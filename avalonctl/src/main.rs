@@ -622,6 +622,15 @@ fn up(
     for (name, addr) in cluster.layout.metrics_addrs() {
         println!("metrics: {name:<7} http://{addr}/metrics");
     }
+    // Every MDS serves the page (a follower redirects to the leader's).
+    let page = st
+        .mds
+        .iter()
+        .filter(|m| !m.metrics_addr.is_empty())
+        .min_by_key(|m| m.role != "leader");
+    if let Some(m) = page {
+        println!("status page: http://{}/status", m.metrics_addr);
+    }
     println!(
         "by hand: mount -t fuse.avalon {} /some/dir   |   avalonctl status {}",
         cluster.layout.source(),

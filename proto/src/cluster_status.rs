@@ -1,10 +1,10 @@
 //! Cluster status as `avalonctl status` shows it: every MDS (asked
 //! directly, so an unreachable one shows as such), and the OSDs and clients
-//! as the leader sees them.
+//! as the leader sees them. The MDS status page renders the same.
 
-use avalon_proto::limits::MAX_MESSAGE_BYTES;
-use avalon_proto::pb::{self, meta_client::MetaClient, OsdState, StatusReply};
-use avalon_proto::tls::{ClientTls, Dial};
+use crate::limits::MAX_MESSAGE_BYTES;
+use crate::pb::{self, meta_client::MetaClient, OsdState, StatusReply};
+use crate::tls::{ClientTls, Dial};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -25,6 +25,31 @@ pub struct MdsRow {
     pub disk_total_bytes: u64,
     pub disk_free_bytes: u64,
     pub disk_low: bool,
+    /// Its Prometheus and status page listener ("": none).
+    pub metrics_addr: String,
+    /// Its metadata operation totals since start.
+    pub totals: Totals,
+}
+
+/// Counters since a process started (see `pb::OpTotals`); all zero when
+/// the process runs without metrics.
+#[derive(Debug, Clone, Copy, Serialize, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub ops: u64,
+    pub op_micros: u64,
+    pub read_bytes: u64,
+    pub written_bytes: u64,
+}
+
+impl From<Option<&pb::OpTotals>> for Totals {
+    fn from(t: Option<&pb::OpTotals>) -> Totals {
+        t.map_or_else(Totals::default, |t| Totals {
+            ops: t.ops,
+            op_micros: t.op_micros,
+            read_bytes: t.read_bytes,
+            written_bytes: t.written_bytes,
+        })
+    }
 }
 
 /// One object storage daemon.
@@ -61,6 +86,8 @@ pub struct OsdRow {
     pub disk_free_bytes: u64,
     pub disk_used_bytes: u64,
     pub disk_fill: String,
+    /// Its operation totals (bytes: as primary) since start.
+    pub totals: Totals,
 }
 
 impl OsdRow {
@@ -83,6 +110,8 @@ pub struct ClientRow {
     pub mountpoint: String,
     pub pid: u32,
     pub last_seen_ms: u64,
+    /// The mount's operation totals since start.
+    pub totals: Totals,
 }
 
 /// The whole picture.
@@ -183,7 +212,7 @@ impl PgHealth {
             .count();
         let want = (map.replicas.max(1) as usize).min(in_osds);
         for pg in 0..map.pg_count {
-            let members = avalon_proto::placement::pg_members(map, pg);
+            let members = crate::placement::pg_members(map, pg);
             let up = members
                 .iter()
                 .filter(|o| o.state == OsdState::Up as i32)
@@ -283,6 +312,8 @@ pub async fn collect(tls: &ClientTls, addrs: &[String], timeout: Duration) -> Cl
                 disk_total_bytes: s.disk_total_bytes,
                 disk_free_bytes: s.disk_free_bytes,
                 disk_low: s.disk_low,
+                metrics_addr: s.metrics_addr,
+                totals: s.totals.as_ref().into(),
             },
             None => MdsRow {
                 id: known_ids.get(addr).copied().unwrap_or(0),
@@ -295,6 +326,8 @@ pub async fn collect(tls: &ClientTls, addrs: &[String], timeout: Duration) -> Cl
                 disk_total_bytes: 0,
                 disk_free_bytes: 0,
                 disk_low: false,
+                metrics_addr: String::new(),
+                totals: Totals::default(),
             },
         })
         .collect();
@@ -340,6 +373,7 @@ pub async fn collect(tls: &ClientTls, addrs: &[String], timeout: Duration) -> Cl
                         .filter(|r| r.disk_total_bytes > 0)
                         .map_or("", |r| disk_fill(r.disk_fill))
                         .to_string(),
+                    totals: o.report.as_ref().and_then(|r| r.totals.as_ref()).into(),
                 })
                 .collect();
             pg_health = PgHealth::of(&map);
@@ -352,6 +386,7 @@ pub async fn collect(tls: &ClientTls, addrs: &[String], timeout: Duration) -> Cl
                     mountpoint: String::from_utf8_lossy(&c.mountpoint).into_owned(),
                     pid: c.pid,
                     last_seen_ms: c.last_seen_ms,
+                    totals: c.totals.as_ref().into(),
                 })
                 .collect();
             (
@@ -559,6 +594,7 @@ mod tests {
             disk_free_bytes: free,
             disk_used_bytes: (100 << 20) - free,
             disk_fill: fill.into(),
+            totals: Totals::default(),
         }
     }
 
