@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod generate;
+mod top;
 
 /// Administer Avalon clusters.
 #[derive(Parser, Debug)]
@@ -92,6 +93,15 @@ enum Cmd {
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
+    },
+    /// A live view of ops/s, latency and throughput per MDS, OSD and
+    /// client, and the slowest OSDs (refreshed every second; q quits).
+    Top {
+        /// A local cluster directory (reads its layout).
+        dir: Option<PathBuf>,
+        /// MDS addresses instead of a directory: host:port[,host:port...]
+        #[arg(long)]
+        mds: Option<String>,
     },
     /// Add or remove metadata servers (raft membership).
     Mds {
@@ -758,6 +768,10 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("writing man pages and completions to {}", dir.display()))
         }
         Cmd::Down { dir, timeout } => local_cluster::down(&dir, Duration::from_secs(timeout)),
+        Cmd::Top { dir, mds } => {
+            let (addrs, tls) = mds_addrs(dir.as_deref(), mds.as_deref())?;
+            top::run(tls, addrs)
+        }
         Cmd::Status { dir, mds, json } => {
             let (addrs, tls) = mds_addrs(dir.as_deref(), mds.as_deref())?;
             let rt = tokio::runtime::Builder::new_current_thread()
