@@ -430,6 +430,7 @@ impl Client {
                 .map(|e| *e.key())
                 .collect(),
             version: Some(avalon_proto::version::local()),
+            totals: crate::metrics::totals(),
         };
         let sent = Instant::now();
         let r = self

@@ -139,6 +139,7 @@ pub fn cache_lookup(cache: Cache, hit: bool) {
 pub fn written(n: usize) {
     if let Some(m) = M.get() {
         m.written.increment(n as u64);
+        m.ops.totals.written(n as u64);
     }
 }
 
@@ -146,8 +147,14 @@ pub fn written(n: usize) {
 pub fn read(data: &[u8]) -> &[u8] {
     if let Some(m) = M.get() {
         m.read.increment(data.len() as u64);
+        m.ops.totals.read(data.len() as u64);
     }
     data
+}
+
+/// The mount's operation totals for its heartbeat (none with metrics off).
+pub fn totals() -> Option<avalon_proto::pb::OpTotals> {
+    M.get().map(|m| m.ops.totals.get())
 }
 
 /// Counts one chunk read or write tried again after its OSDs failed.

@@ -28,6 +28,7 @@ pub mod raft_store;
 pub mod read_lease;
 pub mod ready;
 pub mod settings;
+pub mod status_page;
 
 use crate::config::Config;
 use crate::meta_service::MetaService;
@@ -172,6 +173,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         settings_init: tokio::sync::Mutex::new(()),
         shutdown: shutdown.child_token(),
         tls: tls.client.clone(),
+        metrics_addr: std::sync::OnceLock::new(),
     });
     let refused: Arc<Mutex<Option<settings::Mismatch>>> = Arc::default();
 
@@ -283,7 +285,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
 }
 
-/// Starts serving `/metrics` on `addr` until `shutdown`.
+/// Starts serving `/metrics` and the status page (`/`, `/status`) on
+/// `addr` until `shutdown`.
 async fn metrics_endpoint(
     addr: &str,
     node: &Arc<MdsNode>,
@@ -294,12 +297,14 @@ async fn metrics_endpoint(
     // Ends with raft (its metrics channel closes).
     tokio::spawn(metrics::watch_raft(node.raft.metrics()));
     let stop = shutdown.clone();
-    avalon_proto::metrics_http::serve(
+    let bound = avalon_proto::metrics_http::serve(
         addr,
         metrics::refresh(node.clone()),
-        axum::Router::new(),
+        status_page::router(node.clone()),
         async move { stop.cancelled().await },
     )
     .await?;
+    let _ = node.metrics_addr.set(bound.to_string());
+    tracing::info!(%bound, "status page on http://{bound}/status");
     Ok(())
 }

@@ -1502,6 +1502,7 @@ impl Meta for MetaService {
         self.node.client_seen_now(sid);
         let version = check_version("the client", sid, r.version.as_ref())?;
         self.node.version_seen(PeerKind::Client, sid, version);
+        self.node.client_totals_report(sid, r.totals);
         if r.open_inos.len() > 1_000_000 || r.write_inos.len() > 1_000_000 {
             return Err(MdsError::Invalid("too many open inodes".into()).into());
         }
@@ -1639,6 +1640,8 @@ impl Meta for MetaService {
             disk_free_bytes: disk.map_or(0, |u| u.free),
             disk_low: self.reserve.low(),
             version: Some(avalon_proto::version::local()),
+            metrics_addr: self.node.metrics_addr.get().cloned().unwrap_or_default(),
+            totals: crate::metrics::totals(),
         };
         let membership = m.membership_config.membership();
         let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
@@ -1692,6 +1695,7 @@ impl Meta for MetaService {
                         0
                     },
                     version: self.node.peer_version(PeerKind::Client, c.id),
+                    totals: self.node.client_totals(c.id),
                 })
                 .collect();
             (self.cluster_map(s), clients, s.inodes.len() as u64)

@@ -99,6 +99,11 @@ pub fn op(rpc: Rpc) -> OpTimer<'static> {
     }
 }
 
+/// This node's metadata operation totals (none with metrics off).
+pub fn totals() -> Option<avalon_proto::pb::OpTotals> {
+    M.get().map(|m| m.ops.totals.get())
+}
+
 /// Counts one change received under a delegation.
 pub fn delegated(d: Delegated) {
     if let Some(m) = M.get() {

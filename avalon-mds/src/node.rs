@@ -61,6 +61,8 @@ pub struct Liveness {
     /// Last recovery/scrub report of each OSD (from its heartbeats).
     pub osd_reports: HashMap<u64, avalon_proto::pb::OsdReport>,
     pub client_seen: HashMap<u64, Instant>,
+    /// Each session's last reported operation totals (status page, top).
+    pub client_totals: HashMap<u64, avalon_proto::pb::OpTotals>,
     /// Since when this node has been leader (None: not leader).
     pub leader_since: Option<Instant>,
     /// Sessions that reported their open files to this leader.
@@ -243,6 +245,8 @@ pub struct MdsNode {
     pub shutdown: CancellationToken,
     /// TLS for the connections this node opens (peers, OSDs).
     pub tls: avalon_proto::tls::ClientTls,
+    /// Where this node serves metrics and the status page, once bound.
+    pub metrics_addr: std::sync::OnceLock<String>,
 }
 
 /// Wall clock in nanoseconds since the epoch.
@@ -790,6 +794,27 @@ impl MdsNode {
         self.lock_liveness().client_seen.insert(id, Instant::now());
     }
 
+    /// Keeps a session's reported operation totals.
+    pub fn client_totals_report(&self, id: u64, totals: Option<avalon_proto::pb::OpTotals>) {
+        if let Some(t) = totals {
+            self.lock_liveness().client_totals.insert(id, t);
+        }
+    }
+
+    /// Each OSD's operation totals from its last report to this leader.
+    pub fn osd_totals(&self) -> Vec<(u64, avalon_proto::pb::OpTotals)> {
+        self.lock_liveness()
+            .osd_reports
+            .iter()
+            .filter_map(|(id, r)| r.totals.map(|t| (*id, t)))
+            .collect()
+    }
+
+    /// A session's last reported operation totals.
+    pub fn client_totals(&self, id: u64) -> Option<avalon_proto::pb::OpTotals> {
+        self.lock_liveness().client_totals.get(&id).copied()
+    }
+
     pub fn osd_last_seen_ms(&self, id: u64) -> u64 {
         self.lock_liveness()
             .osd_seen
@@ -825,7 +850,9 @@ impl MdsNode {
                 Ok(_) | Err(MdsError::Errno(_)) => {
                     self.leases.remove_session(id);
                     self.delegations.remove_session(id);
-                    self.lock_liveness().client_seen.remove(&id);
+                    let mut l = self.lock_liveness();
+                    l.client_seen.remove(&id);
+                    l.client_totals.remove(&id);
                     self.lock_opens().drop_session(id);
                 }
                 Err(e) => tracing::warn!(session = id, error = %e, "could not expire session"),

@@ -158,6 +158,7 @@ async fn open_unlinked_files_and_session_expiry() {
                         dropped_cache: false,
                         write_inos: Vec::new(),
                         version: None,
+                        totals: None,
                     })
                     .await;
                 tokio::time::sleep(Duration::from_millis(200)).await;

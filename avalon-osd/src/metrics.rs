@@ -98,6 +98,9 @@ pub fn op(op: Op) -> InFlight {
 pub fn written(bytes: usize, replica: bool) {
     if let Some(m) = M.get() {
         m.written[usize::from(replica)].increment(bytes as u64);
+        if !replica {
+            m.ops.totals.written(bytes as u64);
+        }
     }
 }
 
@@ -105,7 +108,14 @@ pub fn written(bytes: usize, replica: bool) {
 pub fn read(bytes: usize) {
     if let Some(m) = M.get() {
         m.read.increment(bytes as u64);
+        m.ops.totals.read(bytes as u64);
     }
+}
+
+/// The OSD's operation totals for its heartbeat report (none with
+/// metrics off).
+pub fn totals() -> Option<avalon_proto::pb::OpTotals> {
+    M.get().map(|m| m.ops.totals.get())
 }
 
 /// Times one fsync of a chunk file until dropped.

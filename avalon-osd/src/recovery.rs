@@ -263,6 +263,7 @@ impl Recovery {
             repaired_chunks: st.repaired_chunks.load(Ordering::Relaxed)
                 + st.diverged_chunks.load(Ordering::Relaxed),
             removed_chunks: st.removed_chunks.load(Ordering::Relaxed),
+            totals: crate::metrics::totals(),
             ..Default::default()
         };
         let Some(map) = self.membership.map() else {

@@ -6,4 +6,5 @@ pub mod keys;
 pub mod local_cluster;
 pub mod mds_admin;
 pub mod pool;
-pub mod status;
+/// Cluster status (shared with the MDS status page, so it lives in the protocol crate).
+pub use avalon_proto::cluster_status as status;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod generate;
+mod top;
 
 /// Administer Avalon clusters.
 #[derive(Parser, Debug)]
@@ -93,6 +94,15 @@ enum Cmd {
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
+    },
+    /// A live view of ops/s, latency and throughput per MDS, OSD and
+    /// client, and the slowest OSDs (refreshed every second; q quits).
+    Top {
+        /// A local cluster directory (reads its layout).
+        dir: Option<PathBuf>,
+        /// MDS addresses instead of a directory: host:port[,host:port...]
+        #[arg(long)]
+        mds: Option<String>,
     },
     /// Add or remove metadata servers (raft membership).
     Mds {
@@ -623,6 +633,15 @@ fn up(
     for (name, addr) in cluster.layout.metrics_addrs() {
         println!("metrics: {name:<7} http://{addr}/metrics");
     }
+    // Every MDS serves the page (a follower redirects to the leader's).
+    let page = st
+        .mds
+        .iter()
+        .filter(|m| !m.metrics_addr.is_empty())
+        .min_by_key(|m| m.role != "leader");
+    if let Some(m) = page {
+        println!("status page: http://{}/status", m.metrics_addr);
+    }
     println!(
         "by hand: mount -t fuse.avalon {} /some/dir   |   avalonctl status {}",
         cluster.layout.source(),
@@ -866,6 +885,10 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("writing man pages and completions to {}", dir.display()))
         }
         Cmd::Down { dir, timeout } => local_cluster::down(&dir, Duration::from_secs(timeout)),
+        Cmd::Top { dir, mds } => {
+            let (addrs, tls) = mds_addrs(dir.as_deref(), mds.as_deref())?;
+            top::run(tls, addrs)
+        }
         Cmd::Status { dir, mds, json } => {
             let (addrs, tls) = mds_addrs(dir.as_deref(), mds.as_deref())?;
             let rt = tokio::runtime::Builder::new_current_thread()

@@ -1,10 +1,10 @@
 //! Cluster status as `avalonctl status` shows it: every MDS (asked
 //! directly, so an unreachable one shows as such), and the OSDs and clients
-//! as the leader sees them.
+//! as the leader sees them. The MDS status page renders the same.
 
-use avalon_proto::limits::MAX_MESSAGE_BYTES;
-use avalon_proto::pb::{self, meta_client::MetaClient, OsdState, StatusReply};
-use avalon_proto::tls::{ClientTls, Dial};
+use crate::limits::MAX_MESSAGE_BYTES;
+use crate::pb::{self, meta_client::MetaClient, OsdState, StatusReply};
+use crate::tls::{ClientTls, Dial};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -28,6 +28,31 @@ pub struct MdsRow {
     /// Protocol version and release, "2 (0.1.0)"; "1" for a release from
     /// before versioning, "" when unknown (see [`version_text`]).
     pub version: String,
+    /// Its Prometheus and status page listener ("": none).
+    pub metrics_addr: String,
+    /// Its metadata operation totals since start.
+    pub totals: Totals,
+}
+
+/// Counters since a process started (see `pb::OpTotals`); all zero when
+/// the process runs without metrics.
+#[derive(Debug, Clone, Copy, Serialize, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub ops: u64,
+    pub op_micros: u64,
+    pub read_bytes: u64,
+    pub written_bytes: u64,
+}
+
+impl From<Option<&pb::OpTotals>> for Totals {
+    fn from(t: Option<&pb::OpTotals>) -> Totals {
+        t.map_or_else(Totals::default, |t| Totals {
+            ops: t.ops,
+            op_micros: t.op_micros,
+            read_bytes: t.read_bytes,
+            written_bytes: t.written_bytes,
+        })
+    }
 }
 
 /// One object storage daemon.
@@ -66,6 +91,8 @@ pub struct OsdRow {
     pub disk_fill: String,
     /// Protocol version and release as the leader last heard them.
     pub version: String,
+    /// Its operation totals (bytes: as primary) since start.
+    pub totals: Totals,
 }
 
 impl OsdRow {
@@ -90,6 +117,8 @@ pub struct ClientRow {
     pub last_seen_ms: u64,
     /// Protocol version and release as the leader last heard them.
     pub version: String,
+    /// The mount's operation totals since start.
+    pub totals: Totals,
 }
 
 /// The whole picture.
@@ -190,7 +219,7 @@ impl PgHealth {
             .count();
         let want = (map.replicas.max(1) as usize).min(in_osds);
         for pg in 0..map.pg_count {
-            let members = avalon_proto::placement::pg_members(map, pg);
+            let members = crate::placement::pg_members(map, pg);
             let up = members
                 .iter()
                 .filter(|o| o.state == OsdState::Up as i32)
@@ -244,7 +273,7 @@ fn osd_state(s: i32) -> &'static str {
 /// A node's version as status shows it: "2 (0.1.0)", "1" for a release
 /// from before versioning, "" when not heard yet.
 pub fn version_text(v: Option<&pb::NodeVersion>) -> String {
-    v.map(avalon_proto::version::describe).unwrap_or_default()
+    v.map(crate::version::describe).unwrap_or_default()
 }
 
 async fn ask(tls: &ClientTls, addr: &str, timeout: Duration) -> Option<StatusReply> {
@@ -297,7 +326,9 @@ pub async fn collect(tls: &ClientTls, addrs: &[String], timeout: Duration) -> Cl
                 disk_free_bytes: s.disk_free_bytes,
                 disk_low: s.disk_low,
                 // An MDS from before versioning answers without one.
-                version: version_text(Some(&avalon_proto::version::of_peer(s.version.as_ref()))),
+                version: version_text(Some(&crate::version::of_peer(s.version.as_ref()))),
+                metrics_addr: s.metrics_addr,
+                totals: s.totals.as_ref().into(),
             },
             None => MdsRow {
                 id: known_ids.get(addr).copied().unwrap_or(0),
@@ -311,6 +342,8 @@ pub async fn collect(tls: &ClientTls, addrs: &[String], timeout: Duration) -> Cl
                 disk_free_bytes: 0,
                 disk_low: false,
                 version: String::new(),
+                metrics_addr: String::new(),
+                totals: Totals::default(),
             },
         })
         .collect();
@@ -357,6 +390,7 @@ pub async fn collect(tls: &ClientTls, addrs: &[String], timeout: Duration) -> Cl
                         .map_or("", |r| disk_fill(r.disk_fill))
                         .to_string(),
                     version: version_text(o.version.as_ref()),
+                    totals: o.report.as_ref().and_then(|r| r.totals.as_ref()).into(),
                 })
                 .collect();
             pg_health = PgHealth::of(&map);
@@ -370,6 +404,7 @@ pub async fn collect(tls: &ClientTls, addrs: &[String], timeout: Duration) -> Cl
                     pid: c.pid,
                     last_seen_ms: c.last_seen_ms,
                     version: version_text(c.version.as_ref()),
+                    totals: c.totals.as_ref().into(),
                 })
                 .collect();
             (
@@ -579,6 +614,7 @@ mod tests {
             disk_used_bytes: (100 << 20) - free,
             version: String::new(),
             disk_fill: fill.into(),
+            totals: Totals::default(),
         }
     }
 
