@@ -509,6 +509,7 @@ mod tests {
                 pid: 1,
                 last_seen_ms: 0,
                 totals: Totals::default(),
+                version: String::new(),
             }],
             ..Default::default()
         };

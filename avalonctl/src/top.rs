@@ -275,6 +275,7 @@ mod tests {
                 op_micros: micros,
                 ..Default::default()
             },
+            version: String::new(),
         }
     }
 
@@ -296,6 +297,7 @@ mod tests {
                     ops: 5,
                     ..Default::default()
                 },
+                version: String::new(),
             }],
             ..Default::default()
         };

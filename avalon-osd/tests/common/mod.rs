@@ -75,6 +75,8 @@ fake_meta! {
         release_locks(pb::ReleaseLocksRequest) -> pb::Empty;
         get_settings(pb::Empty) -> pb::ClusterSettings;
         set_replicas(pb::SetReplicasRequest) -> pb::ClusterSettings;
+        set_client_caps(pb::SetClientCapsRequest) -> pb::Empty;
+        list_client_caps(pb::Empty) -> pb::ClientCapsList;
     }
 
     type SessionStream = tokio_stream::wrappers::ReceiverStream<Result<pb::SessionEvent, Status>>;
