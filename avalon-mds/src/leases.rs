@@ -93,8 +93,8 @@ struct Inner {
     sessions: HashMap<u64, SessionLease>,
     holders: HashMap<u64, HashSet<u64>>,
     /// Changes on their way whose recalls are not sent yet: ticket →
-    /// inodes (see [`LeaseTable::announce`]).
-    changing: HashMap<u64, Vec<u64>>,
+    /// (changing session, inodes) (see [`LeaseTable::announce`]).
+    changing: HashMap<u64, (u64, Vec<u64>)>,
     next_ticket: u64,
 }
 
@@ -188,17 +188,24 @@ impl LeaseTable {
         s.tx = Some(tx);
     }
 
-    /// The recall mark of a reply to session `sid` made now: how many
-    /// recalls it was sent. None while a change to an inode it holds is
-    /// on its way with its recalls unsent (a reply that read the change
-    /// would otherwise not count them): ask again shortly.
-    pub fn sent(&self, sid: u64) -> Option<u64> {
+    /// The recall mark of a reply to session `sid`: how many recalls it
+    /// was sent. None while a change by another session to an inode it
+    /// holds, announced before the reply was made, is on its way with its
+    /// recalls unsent (the reply may have read it): ask again shortly
+    /// with the same `horizon` (0 on the first call; it is set to the
+    /// last ticket then, so that later changes never hold the reply up).
+    pub fn sent(&self, sid: u64, horizon: &mut u64) -> Option<u64> {
         let g = self.lock();
-        let touched = g
-            .changing
-            .values()
-            .flatten()
-            .any(|ino| g.holders.get(ino).is_some_and(|h| h.contains(&sid)));
+        if *horizon == 0 {
+            *horizon = g.next_ticket;
+        }
+        let touched = g.changing.iter().any(|(t, (from, inos))| {
+            *t <= *horizon
+                && *from != sid
+                && inos
+                    .iter()
+                    .any(|ino| g.holders.get(ino).is_some_and(|h| h.contains(&sid)))
+        });
         if touched {
             return None;
         }
@@ -209,11 +216,12 @@ impl LeaseTable {
     /// them was revoked, before it is proposed): until its recalls are
     /// sent ([`LeaseTable::recall`] with the ticket) or the returned guard
     /// is dropped, replies to their holders wait for their mark.
-    pub fn announce(&self, inos: Vec<u64>) -> Announced<'_> {
+    /// `from`: the changing session (never recalled, so never waits).
+    pub fn announce(&self, from: u64, inos: Vec<u64>) -> Announced<'_> {
         let mut g = self.lock();
         g.next_ticket += 1;
         let ticket = g.next_ticket;
-        g.changing.insert(ticket, inos);
+        g.changing.insert(ticket, (from, inos));
         Announced {
             table: self,
             ticket,
@@ -503,7 +511,7 @@ mod tests {
     fn lease(t: &LeaseTable, sid: u64) -> Events {
         let (tx, mut rx) = mpsc::channel(8);
         t.attach(sid, tx);
-        hello(&mut rx, t.sent(sid).unwrap());
+        hello(&mut rx, t.sent(sid, &mut 0).unwrap());
         assert_eq!(t.heartbeat(sid, false), Duration::from_millis(300));
         rx
     }
@@ -534,13 +542,29 @@ mod tests {
         assert_eq!(t.len(), 3);
         // Replies to 2 now carry the mark 1, to 1 none; a new stream of 2
         // starts counting from there.
-        assert_eq!((t.sent(2), t.sent(1)), (Some(1), Some(0)));
-        // A change to what 2 holds, announced and not yet recalled: 2's
-        // replies wait; 1 holds nothing of it.
-        let a = t.announce(vec![11]);
-        assert_eq!((t.sent(2), t.sent(1)), (None, Some(0)));
+        let sent = |sid| t.sent(sid, &mut 0);
+        assert_eq!((sent(2), sent(1)), (Some(1), Some(0)));
+        // A change by 1 to what 2 holds, announced and not yet recalled:
+        // 2's replies wait; 1 holds nothing of it. 2's own change holds
+        // nothing up for 2, and one announced after a reply was made does
+        // not hold that reply up.
+        let mut horizon = 0;
+        let a = t.announce(1, vec![11]);
+        assert_eq!((t.sent(2, &mut horizon), sent(1)), (None, Some(0)));
+        let own = t.announce(2, vec![11]);
+        let mut before = 0;
+        assert_eq!(t.sent(2, &mut before), None, "1's change still counts");
         drop(a);
-        assert_eq!(t.sent(2), Some(1));
+        assert_eq!(t.sent(2, &mut horizon), Some(1));
+        let later = t.announce(1, vec![11]);
+        assert_eq!(
+            t.sent(2, &mut horizon),
+            Some(1),
+            "announced after the reply"
+        );
+        assert_eq!(sent(2), None);
+        drop((own, later));
+        assert_eq!(t.sent(2, &mut 0), Some(1));
         let (tx, mut rx) = mpsc::channel(8);
         t.attach(2, tx);
         hello(&mut rx, 1);

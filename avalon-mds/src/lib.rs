@@ -216,7 +216,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let incoming = tls.server.incoming(listener);
     let stop = shutdown.clone();
     let leases = node.clone();
-    let sent: avalon_proto::recall_mark::SentRecalls = Arc::new(move |sid| leases.leases.sent(sid));
+    let sent: avalon_proto::recall_mark::SentRecalls =
+        Arc::new(move |sid, horizon| leases.leases.sent(sid, horizon));
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
             .layer(avalon_proto::tls::AuthzLayer(authz::policy))

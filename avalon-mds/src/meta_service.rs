@@ -318,7 +318,7 @@ impl MetaService {
         };
         // The requester caches the reply: register it before the change,
         // so that a later change by someone else recalls it too.
-        let announced = self.node.leases.announce(inos.clone());
+        let announced = self.node.leases.announce(sid, inos.clone());
         self.node.leases.grant(sid, inos);
         let r = self.node.write(hdr, op).await?;
         self.node.leases.recall(sid, changes, Some(announced)).await;
@@ -1228,7 +1228,7 @@ impl Meta for MetaService {
         let announced = self
             .node
             .leases
-            .announce(changes.iter().map(|c| c.ino).collect());
+            .announce(sid, changes.iter().map(|c| c.ino).collect());
         let errnos = match self.node.write(hdr, Op::Batch { ops }).await? {
             Reply::Batch(e) => e,
             other => return Err(MdsError::Internal(format!("apply replied {other:?}")).into()),

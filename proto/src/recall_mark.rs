@@ -36,8 +36,10 @@ pub fn mark_of(md: &tonic::metadata::MetadataMap) -> u64 {
 }
 
 /// The recalls sent to a session so far; None while a change the
-/// session must be told of has its recalls still unsent.
-pub type SentRecalls = Arc<dyn Fn(u64) -> Option<u64> + Send + Sync>;
+/// session must be told of, announced before the reply was made, has its
+/// recalls still unsent. The second argument is where "before" ends,
+/// kept between the calls for one reply (0 on the first).
+pub type SentRecalls = Arc<dyn Fn(u64, &mut u64) -> Option<u64> + Send + Sync>;
 
 /// How often a reply waiting for a change's recalls to go out looks again.
 const UNSENT_POLL: Duration = Duration::from_millis(1);
@@ -98,8 +100,9 @@ where
             let sid = REPLY_SID.with(Cell::get);
             if sid != 0 {
                 let give_up = Instant::now() + UNSENT_WAIT;
+                let mut horizon = 0;
                 let mark = loop {
-                    match sent(sid) {
+                    match sent(sid, &mut horizon) {
                         Some(m) => break m,
                         None if Instant::now() < give_up => tokio::time::sleep(UNSENT_POLL).await,
                         None => break u64::MAX,
