@@ -1,7 +1,7 @@
 //! Client capabilities (`avalonctl auth add|caps|rm`): what each client
 //! identity may do, kept in the replicated state ([`ClientTable`]) so that
 //! every MDS enforces the same table and an admin changes it with one raft
-//! entry. [`CapsLayer`] refuses, before any handler runs, every request of
+//! entry. [`check`] refuses, before any handler runs, every request of
 //! a revoked identity and every namespace change of a read-only one; the
 //! handlers apply what needs the request body (write opens, root_squash,
 //! the subtree of the mount's root, session ownership).
@@ -17,9 +17,6 @@ use avalon_proto::pb;
 use avalon_proto::tls::{Identity, Peer, ADMIN_NAME};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::task::{Context, Poll};
-use tonic::codegen::http;
 use tonic::Status;
 
 /// The unprivileged uid/gid root is squashed to by default (nobody).
@@ -171,61 +168,16 @@ pub fn refusal(name: &str, caps: &ClientCaps, method: &str) -> Option<Status> {
     None
 }
 
-/// tower layer that applies [`refusal`] to every Meta request.
-#[derive(Clone)]
-pub struct CapsLayer(pub Arc<MdsNode>);
-
-impl<S> tower::Layer<S> for CapsLayer {
-    type Service = CapsCheck<S>;
-
-    fn layer(&self, inner: S) -> CapsCheck<S> {
-        CapsCheck {
-            inner,
-            node: self.0.clone(),
+/// The policy (for [`avalon_proto::tls::AuthzLayer`]) that applies
+/// [`refusal`] to every Meta request of a client identity.
+pub fn check(node: &MdsNode, path: &str, peer: &Peer) -> Result<(), Status> {
+    let refused = match (path.strip_prefix("/avalon.v1.Meta/"), client_name(peer)) {
+        (Some(method), Some(name)) => {
+            of_peer(node, peer).and_then(|caps| refusal(name, &caps, method))
         }
-    }
-}
-
-/// The service [`CapsLayer`] makes.
-#[derive(Clone)]
-pub struct CapsCheck<S> {
-    inner: S,
-    node: Arc<MdsNode>,
-}
-
-type BoxFut<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-
-impl<S, B> tower::Service<http::Request<B>> for CapsCheck<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFut<Result<S::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let peer = req.extensions().get::<Peer>().cloned().unwrap_or_default();
-        let path = req.uri().path();
-        let refused = match (path.strip_prefix("/avalon.v1.Meta/"), client_name(&peer)) {
-            (Some(method), Some(name)) => {
-                of_peer(&self.node, &peer).and_then(|caps| refusal(name, &caps, method))
-            }
-            _ => None,
-        };
-        match refused {
-            None => Box::pin(self.inner.call(req)),
-            Some(st) => {
-                tracing::info!(path, peer = ?peer.identity, msg = st.message(), "refused by capabilities");
-                Box::pin(std::future::ready(Ok(st.into_http())))
-            }
-        }
-    }
+        _ => None,
+    };
+    refused.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]

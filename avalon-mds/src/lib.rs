@@ -218,11 +218,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let leases = node.clone();
     let sent: avalon_proto::recall_mark::SentRecalls =
         Arc::new(move |sid, horizon| leases.leases.sent(sid, horizon));
+    let capped = node.clone();
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
-            .layer(avalon_proto::tls::AuthzLayer(authz::policy))
+            .layer(avalon_proto::tls::AuthzLayer::new(authz::policy))
             .layer(avalon_proto::recall_mark::RecallMarkLayer(sent))
-            .layer(caps::CapsLayer(node.clone()))
+            .layer(avalon_proto::tls::AuthzLayer::new(move |path, peer| {
+                caps::check(&capped, path, peer)
+            }))
             .add_service(meta)
             .add_service(raft_svc)
             .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),

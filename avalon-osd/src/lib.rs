@@ -166,7 +166,7 @@ pub async fn run_with_listener(
     let stop = shutdown.child_token();
     let server = tonic::transport::Server::builder()
         .http2_adaptive_window(Some(true))
-        .layer(avalon_proto::tls::AuthzLayer(authz::policy))
+        .layer(avalon_proto::tls::AuthzLayer::new(authz::policy))
         .add_service(
             OsdServer::from_arc(Arc::clone(&svc))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

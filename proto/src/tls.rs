@@ -719,12 +719,19 @@ impl AsyncWrite for Conn {
 
 /// A per-server policy: may this peer call this gRPC method (its path,
 /// `/avalon.v1.Service/Method`)?
-pub type Policy = fn(&str, &Peer) -> Result<(), Status>;
+pub type Policy = Arc<dyn Fn(&str, &Peer) -> Result<(), Status> + Send + Sync>;
 
 /// tower layer that applies a [`Policy`] to every gRPC request before any
 /// service sees it.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct AuthzLayer(pub Policy);
+
+impl AuthzLayer {
+    /// A layer applying `policy`.
+    pub fn new(policy: impl Fn(&str, &Peer) -> Result<(), Status> + Send + Sync + 'static) -> Self {
+        AuthzLayer(Arc::new(policy))
+    }
+}
 
 impl<S> tower::Layer<S> for AuthzLayer {
     type Service = Authz<S>;
@@ -732,7 +739,7 @@ impl<S> tower::Layer<S> for AuthzLayer {
     fn layer(&self, inner: S) -> Authz<S> {
         Authz {
             inner,
-            policy: self.0,
+            policy: self.0.clone(),
         }
     }
 }
