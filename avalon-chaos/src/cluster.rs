@@ -185,7 +185,12 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .env("RUST_LOG", "info")
+            // The harness's own RUST_LOG reaches the daemons (to debug a
+            // failing seed); info otherwise.
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env_remove("FAILPOINTS")
             // Its own process group: a Ctrl-C reaches only the harness,
             // which then stops everything itself.

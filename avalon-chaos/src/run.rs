@@ -87,6 +87,14 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     };
     workload::setup(&wcfg).context("workload setup")?;
     let rec = Arc::new(Recorder::new());
+    // The history's times count from here: this ties them to the logs.
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    println!(
+        "avalon-chaos: history time 0 is UNIX time {:.6}",
+        t0.as_secs_f64()
+    );
     let wl = Workload::start(&wcfg, rec.clone());
     let start_ns = rec.now_ns();
     // A few seconds of calm first, so a fault never hits an idle system.

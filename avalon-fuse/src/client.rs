@@ -102,6 +102,10 @@ pub enum AtimeMode {
     Always,
 }
 
+/// Most times a lookup is asked again because another mount changed the
+/// name while it was in flight (it is the newest answer after that).
+const LOOKUP_TRIES: u32 = 3;
+
 /// How old an access time relatime renews anyway.
 const RELATIME_MAX_AGE_NS: i64 = 24 * 3600 * 1_000_000_000;
 
@@ -558,15 +562,26 @@ impl Client {
                 None => {}
             }
         }
-        let epoch = self.meta.epoch();
         let req = pb::LookupRequest {
             header: self.header(),
             parent,
             name: Bytes::copy_from_slice(name),
         };
-        let r = self
-            .rpc(req, |mut c, r| async move { c.lookup(r).await })
-            .await;
+        let mut tries = 0;
+        let (epoch, r) = loop {
+            let epoch = self.meta.epoch();
+            let mark = self.meta.moved.mark();
+            let r = self
+                .rpc(req.clone(), |mut c, r| async move { c.lookup(r).await })
+                .await;
+            // Read before another mount's change of this very name, whose
+            // recall its mark made us apply: ask again (moved_names.rs).
+            tries += 1;
+            if tries < LOOKUP_TRIES && self.meta.moved.touched_since(mark, parent, name) {
+                continue;
+            }
+            break (epoch, r);
+        };
         match r {
             Ok(r) => {
                 let a = Self::ok_attr(r.attr)?;

@@ -270,7 +270,24 @@ impl Filesystem for AvalonFs {
             let r = match name.as_slice() {
                 b"." => export_self(&c, parent).await,
                 b".." => export_parent(&c, parent).await,
-                _ => return reply_entry(&c, c.lookup(parent, &name).await, reply),
+                _ => {
+                    let r = c.lookup(parent, &name).await;
+                    if let Err(e) = &r {
+                        if e.errno() == libc::ENOENT {
+                            c.meta.moved.told(parent, &name, 0);
+                        }
+                    }
+                    let r = r.and_then(|a| {
+                        if c.meta.moved.stale_lookup(parent, &name, a.ino) {
+                            // See moved_names.rs: the kernel looks again.
+                            tracing::debug!(parent, ino = a.ino, "lookup: another name just moved");
+                            Err(ClientError::posix(libc::ESTALE, "another name just moved"))
+                        } else {
+                            Ok(a)
+                        }
+                    });
+                    return reply_entry(&c, r, reply);
+                }
             };
             reply_export(&c, r, reply)
         });

@@ -18,6 +18,7 @@ pub mod lost_changes;
 pub mod meta_cache;
 pub mod metrics;
 pub mod mount_source;
+pub mod moved_names;
 pub mod page_cache;
 pub mod recall;
 pub mod sync_marks;

@@ -56,6 +56,8 @@ pub struct MetaCache {
     ns_gen: AtomicU64,
     /// Emptied since the last heartbeat (the MDS may forget our leases).
     dropped: std::sync::atomic::AtomicBool,
+    /// Names recalls took away a moment ago, with the inodes they named.
+    pub moved: crate::moved_names::MovedNames,
 }
 
 /// A directory all of whose entries the cache holds.
@@ -538,7 +540,15 @@ impl MetaCache {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.changed_dir(r.ino);
         if r.entry {
-            if let Some((_, ino)) = self.entries.remove(&(r.ino, r.name.clone())) {
+            let old = self.entries.remove(&(r.ino, r.name.clone()));
+            // The MDS says what the name named (the kernel may hold it
+            // even where this cache did not, e.g. after our own create).
+            let child = match r.child {
+                0 => old.as_ref().map_or(0, |e| e.1),
+                c => c,
+            };
+            self.moved.recalled(r.ino, &r.name, child);
+            if let Some((_, ino)) = old {
                 self.drop_inode(ino);
                 self.lost(Some(ino));
             }

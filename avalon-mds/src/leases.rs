@@ -32,6 +32,8 @@ pub struct Change {
     pub name: Option<Vec<u8>>,
     /// The file's contents changed too.
     pub data: bool,
+    /// For an entry: the inode it named before the change (0: none).
+    pub child: u64,
 }
 
 impl Change {
@@ -41,6 +43,7 @@ impl Change {
             ino,
             name: None,
             data: false,
+            child: 0,
         }
     }
 
@@ -50,6 +53,7 @@ impl Change {
             ino,
             name: None,
             data: true,
+            child: 0,
         }
     }
 
@@ -59,6 +63,16 @@ impl Change {
             ino: dir,
             name: Some(name.to_vec()),
             data: false,
+            child: 0,
+        }
+    }
+
+    /// Entry `name` of directory `dir`, which named `child` (if any),
+    /// changed.
+    pub fn entry_of(dir: u64, name: &[u8], child: Option<u64>) -> Change {
+        Change {
+            child: child.unwrap_or(0),
+            ..Change::entry(dir, name)
         }
     }
 }
@@ -309,6 +323,7 @@ impl LeaseTable {
                             name: c.name.clone().unwrap_or_default().into(),
                             entry: c.name.is_some(),
                             data: c.data,
+                            child: c.child,
                             ..Default::default()
                         })
                         .collect(),

@@ -727,8 +727,8 @@ impl Meta for MetaService {
         });
         let (guard, _pending) = self.node.removal_guard(target);
         let mut changes = vec![
-            Change::entry(r.parent, &r.name),
-            Change::entry(r.new_parent, &new_name),
+            Change::entry_of(r.parent, &r.name, source),
+            Change::entry_of(r.new_parent, &new_name, target),
         ];
         changes.extend(source.into_iter().chain(target).map(Change::attr));
         let op = Op::Rename {
