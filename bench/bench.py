@@ -16,6 +16,7 @@ started is stopped at the end, on errors and on Ctrl-C.
                    --tree-entries 2000               # quick look
     bench/bench.py --only meta,cached --repeat 3 --json /tmp/b.json --chart /tmp/b.svg
     bench/bench.py --no-peers --systems local,bindfs,avalon
+    bench/bench.py --only scale --scale-files 1000000 --systems moosefs,avalon
 
 Workloads (--only takes a comma-separated list of these):
   meta    create / stat / rename / unlink of --files empty files by one
@@ -35,6 +36,12 @@ Workloads (--only takes a comma-separated list of these):
   fio     sequential write and read (bs=1M, --fio-size, end_fsync; caches
           dropped before the read), 4k random read and write (--fio-time
           seconds each, psync)
+  scale   (only when named) --workers processes, each in its own directory,
+          create empty files up to --scale-files in total, in ten steps;
+          after each: the step's create rate, worst and p99 single create,
+          the stat rate over --scale-stats random files created so far, and
+          the RSS of each metadata server (avalon-mds, mfsmaster). Stops
+          after the step that passes --scale-time seconds.
 
 Each workload starts on a quiet machine: after the previous one (on any
 system) ended, the harness syncs and waits until the CPUs are at least
@@ -57,12 +64,14 @@ installed or they fail to start.
 """
 
 import argparse
+import array
 import contextlib
 import glob
 import json
 import math
 import multiprocessing
 import os
+import random
 import shutil
 import signal
 import socket
@@ -79,6 +88,8 @@ BIN = os.environ.get("AVALON_BIN_DIR") or os.path.join(ROOT, "target", "release"
 # Extra arguments of `avalonctl up` (--no-metrics, --insecure).
 AVALON_UP_ARGS = []
 GROUPS = ["meta", "ls", "small", "tree", "cached", "fio"]
+# Long workloads, run only when --only names them.
+EXTRA_GROUPS = ["scale"]
 PEERS = ["moosefs"]
 MOOSEFS_PKGS = ["moosefs-master", "moosefs-chunkserver", "moosefs-client"]
 POLICY_RC = "/usr/sbin/policy-rc.d"
@@ -228,6 +239,37 @@ def unmount(path):
             subprocess.run(["umount", "-l", path])
 
 
+def procs_named(comm, arg_part):
+    """Pids of running processes named `comm` with `arg_part` in their
+    command line."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/comm") as f:
+                if f.read().strip() != comm[:15]:
+                    continue
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if arg_part.encode() in f.read():
+                    out.append(int(d))
+        except OSError:
+            continue
+    return sorted(out)
+
+
+def rss_mb(pid):
+    """Resident memory of a process in MB (10^6 bytes), None once gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    return None
+
+
 def non_loopback_listeners(pids):
     """Listening TCP sockets of these pids not bound to 127.0.0.0/8."""
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
@@ -257,6 +299,10 @@ class System:
 
     def info(self):
         return {}
+
+    def meta_pids(self):
+        """Pids of this system's metadata servers (their RSS is reported)."""
+        return []
 
 
 class Local(System):
@@ -307,6 +353,9 @@ class Avalon(System):
                 subprocess.run([os.path.join(BIN, "avalonctl"), "down", self.base])
                 stop_proc(self.proc, signal.SIGKILL)
         unmount(self.path)
+
+    def meta_pids(self):
+        return procs_named("avalon-mds", self.base)
 
 
 class MooseFS(System):
@@ -436,6 +485,9 @@ class MooseFS(System):
         # chunkservers first, then the master (which saves its metadata)
         for name, p in reversed(self.procs):
             stop_proc(p, timeout=60)
+
+    def meta_pids(self):
+        return [p.pid for n, p in self.procs if n == "mfsmaster" and p.poll() is None]
 
     def info(self):
         v = subprocess.run(["mfsmaster", "-v"], capture_output=True, text=True).stdout.strip()
@@ -608,20 +660,124 @@ def bench_fio(d, a):
     return out
 
 
+def scale_create(args):
+    """Creates files d/f{start}..; returns (seconds, files created, each
+    create's latency in ms as packed floats). Stops at `deadline`."""
+    d, start, n, deadline = args
+    lat = array.array("f")
+    t0 = time.perf_counter()
+    for i in range(start, start + n):
+        t = time.perf_counter()
+        os.close(os.open(os.path.join(d, f"f{i}"), os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644))
+        t1 = time.perf_counter()
+        lat.append((t1 - t) * 1000)
+        if t1 > deadline:
+            break
+    return time.perf_counter() - t0, len(lat), lat.tobytes()
+
+
+def scale_stat(paths):
+    t = time.perf_counter()
+    for p in paths:
+        os.stat(p)
+    return time.perf_counter() - t
+
+
+# Per-tenth figures of the scale workload, by system, one list per repeat.
+SCALE_DETAILS = {}
+
+
+def bench_scale(d, a, system):
+    """8 (--workers) processes each create files in their own directory up
+    to --scale-files in total, in ten steps; after each step the stat rate
+    over a random sample of all files so far and the metadata servers' RSS.
+    Stops after the step that passes --scale-time seconds."""
+    total, workers = a.scale_files, a.workers
+    dirs = [os.path.join(d, f"w{w}") for w in range(workers)]
+    for dw in dirs:
+        os.mkdir(dw)
+    per_step = max(1, total // 10 // workers)
+    done = [0] * workers
+    rng = random.Random(20)
+    deadline = time.perf_counter() + a.scale_time
+    rows, all_lat, create_secs = [], array.array("f"), 0.0
+    started = time.perf_counter()
+    with multiprocessing.Pool(workers, initializer=signal.signal,
+                              initargs=(signal.SIGTERM, signal.SIG_DFL)) as pool:
+        for step in range(10):
+            t = time.perf_counter()
+            res = pool.map(scale_create, [(dirs[w], done[w], per_step, deadline)
+                                          for w in range(workers)])
+            secs = time.perf_counter() - t
+            create_secs += secs
+            lat = array.array("f")
+            for w, (_, n, raw) in enumerate(res):
+                done[w] += n
+                part = array.array("f")
+                part.frombytes(raw)
+                lat.extend(part)
+            all_lat.extend(lat)
+            srt = sorted(lat)
+            # Stat a sample of every file so far, in random order.
+            k = min(a.scale_stats // workers, min(done)) if min(done) else 0
+            sample = [[os.path.join(dirs[rng.randrange(workers)], f"f{rng.randrange(min(done))}")
+                       for _ in range(k)] for _ in range(workers)]
+            ts = time.perf_counter()
+            pool.map(scale_stat, sample)
+            stat_secs = time.perf_counter() - ts
+            rss = [rss_mb(p) for p in system.meta_pids()]
+            row = {"files": sum(done), "create_per_s": rate(len(lat), secs),
+                   "create_max_ms": srt[-1] if srt else None,
+                   "create_p99_ms": srt[int(len(srt) * 0.99)] if srt else None,
+                   "stat_per_s": rate(k * workers, stat_secs) if k else None,
+                   "mds_rss_mb": [round(r) for r in rss if r is not None],
+                   "load": os.getloadavg()[0], "elapsed_s": time.perf_counter() - started}
+            rows.append(row)
+            log(f"    {row['files']:>10,} files: {fmt(row['create_per_s'])} creates/s "
+                f"(max {fmt(row['create_max_ms'])} ms, p99 {fmt(row['create_p99_ms'])} ms), "
+                f"{fmt(row['stat_per_s'])} stats/s, MDS RSS {row['mds_rss_mb']} MB, "
+                f"load {row['load']:.1f}")
+            if len(lat) < per_step * workers:
+                log(f"    --scale-time {a.scale_time}s reached: stopping at {sum(done):,} files")
+                break
+    SCALE_DETAILS.setdefault(system.name, []).append(rows)
+    srt = sorted(all_lat)
+    out = {
+        metric("scale create/s (first tenth)"): rows[0]["create_per_s"],
+        metric("scale create/s (last tenth)"): rows[-1]["create_per_s"],
+        metric("scale create/s (whole run)"): rate(len(all_lat), create_secs),
+        metric("scale worst create ms", False): srt[-1],
+        metric("scale p99 create ms", False): srt[int(len(srt) * 0.99)],
+    }
+    if rows[0]["stat_per_s"]:
+        out[metric("scale stat/s (first tenth)")] = rows[0]["stat_per_s"]
+        out[metric("scale stat/s (last tenth)")] = rows[-1]["stat_per_s"]
+    if rows[-1]["mds_rss_mb"]:
+        out[metric("scale MDS RSS MB (largest)", False)] = max(rows[-1]["mds_rss_mb"])
+    return out
+
+
 WORKLOADS = {"meta": bench_meta, "ls": bench_ls, "small": bench_small, "tree": bench_tree,
-             "cached": bench_cached, "fio": bench_fio}
+             "cached": bench_cached, "fio": bench_fio, "scale": bench_scale}
+# Workloads that also take the System (for its server pids).
+WANTS_SYSTEM = {"scale"}
 
 
 def run_workload(gname, s, a):
     d = os.path.join(s.path, f"bench-{gname}")
     os.makedirs(d)
     try:
+        if gname in WANTS_SYSTEM:
+            return WORKLOADS[gname](d, a, s)
         return WORKLOADS[gname](d, a)
     finally:
         # Not after Ctrl-C: the whole temp dir goes once everything stopped.
         if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
             try:
-                shutil.rmtree(d)
+                if gname == "scale":  # up to millions of entries: rm is faster
+                    subprocess.run(["rm", "-rf", d], timeout=CMD_TIMEOUT)
+                else:
+                    shutil.rmtree(d)
             except OSError as e:
                 log(f"  cleaning {d}: {e}")
                 subprocess.run(["rm", "-rf", d], timeout=CMD_TIMEOUT)
@@ -751,8 +907,8 @@ def chart(path, results, names, metrics, title):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", metavar="LIST", help=f"comma-separated workloads to run, from: {','.join(GROUPS)} "
-                    "(default: all)")
+    ap.add_argument("--only", metavar="LIST", help="comma-separated workloads to run, from: "
+                    f"{','.join(GROUPS + EXTRA_GROUPS)} (default: all but {','.join(EXTRA_GROUPS)})")
     ap.add_argument("--systems", metavar="LIST", default="local,bindfs,moosefs,avalon",
                     help="comma-separated systems, from: local,bindfs,moosefs,avalon "
                     "(default: %(default)s)")
@@ -764,6 +920,13 @@ def main():
                     help="meta: files per phase; ls: directory entries (default: %(default)s)")
     ap.add_argument("--workers", metavar="W", type=int, default=8,
                     help="meta: parallel processes (default: %(default)s)")
+    ap.add_argument("--scale-files", metavar="N", type=int, default=100000,
+                    help="scale: files created in total (default: %(default)s)")
+    ap.add_argument("--scale-stats", metavar="N", type=int, default=20000,
+                    help="scale: files stat'ed after each tenth (default: %(default)s)")
+    ap.add_argument("--scale-time", metavar="SECS", type=float, default=3600,
+                    help="scale: stop after the tenth that passes this many seconds "
+                    "(default: %(default)s)")
     ap.add_argument("--small-files", metavar="N", type=int, default=2000, help="small: files (default: %(default)s)")
     ap.add_argument("--small-size", metavar="BYTES", type=int, default=4096,
                     help="small: bytes per file (default: %(default)s)")
@@ -795,8 +958,9 @@ def main():
         AVALON_UP_ARGS.append("--insecure")
     groups = GROUPS if not a.only else a.only.split(",")
     for g in groups:
-        if g not in GROUPS:
-            ap.error(f"--only: unknown workload {g!r}; choose from {','.join(GROUPS)}")
+        if g not in GROUPS + EXTRA_GROUPS:
+            ap.error(f"--only: unknown workload {g!r}; choose from "
+                     f"{','.join(GROUPS + EXTRA_GROUPS)}")
     wanted = a.systems.split(",")
     for s in wanted:
         if s not in ("local", "bindfs", "moosefs", "avalon"):
@@ -885,6 +1049,14 @@ def main():
     results = {n: {m: statistics.median(v) for m, v in samples[n].items()} for n in names}
     metrics = [m for m in METRICS if any(m in results[n] for n in names)]
     print(table(results, names, metrics))
+    for n, reps in SCALE_DETAILS.items():
+        for i, rows in enumerate(reps):
+            print(f"\nscale on {n} (repeat {i + 1}): files, creates/s, max ms, p99 ms, "
+                  "stats/s, MDS RSS MB, load")
+            for r in rows:
+                print(f"{r['files']:>10,} {fmt(r['create_per_s']):>8} {fmt(r['create_max_ms']):>8} "
+                      f"{fmt(r['create_p99_ms']):>7} {fmt(r['stat_per_s']):>9} "
+                      f"{r['mds_rss_mb']} {r['load']:.1f}")
     for e in errors:
         print(f"FAILED: {e}")
     for n, why in skipped.items():
@@ -899,7 +1071,7 @@ def main():
                        "systems": {s.name: s.info() for s in systems},
                        "higher_is_better": {m: METRICS[m] for m in metrics},
                        "results": results, "samples": samples, "errors": errors,
-                       "skipped": skipped}, f, indent=2)
+                       "skipped": skipped, "scale_tenths": SCALE_DETAILS}, f, indent=2)
     if a.chart:
         if "bindfs" in names:
             chart(a.chart, results, names, metrics, title)
