@@ -763,8 +763,19 @@ WORKLOADS = {"meta": bench_meta, "ls": bench_ls, "small": bench_small, "tree": b
 WANTS_SYSTEM = {"scale"}
 
 
+# Workloads whose files stay until the system is torn down (removing
+# millions of files would take longer than the workload); each repeat
+# works in a directory of its own.
+KEEP_FILES = {"scale"}
+
+
 def run_workload(gname, s, a):
     d = os.path.join(s.path, f"bench-{gname}")
+    if gname in KEEP_FILES:
+        k = 1
+        while os.path.exists(d):
+            k += 1
+            d = os.path.join(s.path, f"bench-{gname}-{k}")
     os.makedirs(d)
     try:
         if gname in WANTS_SYSTEM:
@@ -772,12 +783,9 @@ def run_workload(gname, s, a):
         return WORKLOADS[gname](d, a)
     finally:
         # Not after Ctrl-C: the whole temp dir goes once everything stopped.
-        if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+        if gname not in KEEP_FILES and not isinstance(sys.exc_info()[1], KeyboardInterrupt):
             try:
-                if gname == "scale":  # up to millions of entries: rm is faster
-                    subprocess.run(["rm", "-rf", d], timeout=CMD_TIMEOUT)
-                else:
-                    shutil.rmtree(d)
+                shutil.rmtree(d)
             except OSError as e:
                 log(f"  cleaning {d}: {e}")
                 subprocess.run(["rm", "-rf", d], timeout=CMD_TIMEOUT)

@@ -55,7 +55,8 @@ fn raft_config(cfg: &Config) -> anyhow::Result<openraft::Config> {
         election_timeout_min: cfg.election_min_ms,
         election_timeout_max: cfg.election_max_ms,
         install_snapshot_timeout: 10_000,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs.max(1)),
+        // Snapshots are asked for by `raft_store::snapshot_pacer`.
+        snapshot_policy: SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: (cfg.snapshot_logs / 5).min(1000),
         max_payload_entries: 1000,
         ..Default::default()
@@ -196,6 +197,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         tasks.spawn(async move { gc::gc_loop(&n).await });
         let (n, stop, r) = (node.clone(), shutdown.clone(), refused.clone());
         tasks.spawn(async move { settings::guard_loop(&n, stop, &r).await });
+        tasks.spawn(raft_store::snapshot_pacer(
+            raft.clone(),
+            node.sm.clone(),
+            cfg.id,
+            cfg.snapshot_logs,
+            shutdown.clone(),
+        ));
         tasks.spawn(ready::notify_when_member(
             raft.metrics(),
             cfg.id,

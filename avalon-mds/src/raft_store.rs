@@ -609,22 +609,66 @@ fn snap_err(verb: ErrorVerb, e: impl std::fmt::Display) -> SErr {
     io_err(ErrorSubject::Snapshot(None), verb, e)
 }
 
-/// Writes `bytes` to `dir/name` atomically and durably.
-fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes what `fill` writes to `dir/name` atomically and durably.
+fn write_atomically(
+    dir: &Path,
+    name: &str,
+    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     fail::fail_point!("mds-sm-snapshot-write", |a| Err(std::io::Error::other(
         injected_fault("mds-sm-snapshot-write", a)
     )));
     let tmp = dir.join(format!("{name}.tmp"));
     {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+        let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+        fill(&mut f)?;
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     }
     fail::fail_point!("mds-sm-snapshot-rename", |a| Err(std::io::Error::other(
         injected_fault("mds-sm-snapshot-rename", a)
     )));
     std::fs::rename(&tmp, dir.join(name))?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// postcard's unsigned varint (LEB128), as it prefixes a byte vector.
+fn write_varint(w: &mut dyn Write, mut v: u64) -> std::io::Result<()> {
+    let mut buf = [0u8; 10];
+    let mut i = 0;
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            buf[i] = b;
+            i += 1;
+            break;
+        }
+        buf[i] = b | 0x80;
+        i += 1;
+    }
+    w.write_all(&buf[..i])
+}
+
+/// Writes `state` as a [`SnapshotFile`] to `dir/snapshot.bin`, serialized
+/// straight into the file: the same bytes as postcard of a `SnapshotFile`
+/// whose `data` is postcard of `state` (the format older releases read),
+/// without that buffer. One pass counts the bytes for the length prefix,
+/// a second writes them. Returns the size of the data.
+fn write_snapshot_file(
+    dir: &Path,
+    meta: &SnapshotMeta<NodeId, BasicNode>,
+    state: &SmData,
+) -> Result<u64, SErr> {
+    let size = postcard::experimental::serialized_size(state)
+        .map_err(|e| snap_err(ErrorVerb::Write, e))? as u64;
+    write_atomically(dir, SNAPSHOT_FILE, |w| {
+        postcard::to_io(meta, &mut *w).map_err(std::io::Error::other)?;
+        write_varint(w, size)?;
+        postcard::to_io(state, &mut *w).map_err(std::io::Error::other)?;
+        Ok(())
+    })
+    .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+    Ok(size)
 }
 
 impl StateMachineStore {
@@ -668,45 +712,75 @@ impl StateMachineStore {
         meta: &SnapshotMeta<NodeId, BasicNode>,
         data: &[u8],
     ) -> Result<(), SErr> {
-        let file = SnapshotFile {
-            meta: meta.clone(),
-            data: data.to_vec(),
-        };
-        let bytes = postcard::to_allocvec(&file).map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        write_atomically(&self.dir, SNAPSHOT_FILE, &bytes)
-            .map_err(|e| snap_err(ErrorVerb::Write, e))
+        write_atomically(&self.dir, SNAPSHOT_FILE, |w| {
+            postcard::to_io(meta, &mut *w).map_err(std::io::Error::other)?;
+            write_varint(w, data.len() as u64)?;
+            w.write_all(data)
+        })
+        .map_err(|e| snap_err(ErrorVerb::Write, e))
     }
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
-        let _m = crate::metrics::snapshot_timer();
-        let (data, last_applied, membership) = {
-            let sm = self.read();
-            let data = postcard::to_allocvec(&*sm).map_err(|e| snap_err(ErrorVerb::Write, e))?;
-            (data, sm.last_applied, sm.last_membership.clone())
-        };
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let snapshot_id = match last_applied {
+/// Builds one snapshot from a copy of the state taken between two applies
+/// (see [`StateMachineStore::get_snapshot_builder`]).
+pub struct SnapshotBuilder {
+    /// The state at the moment the builder was made; `None` once built.
+    view: Option<SmData>,
+    dir: PathBuf,
+    counter: Arc<AtomicU64>,
+}
+
+impl SnapshotBuilder {
+    /// Serializes the copy straight to `dir/snapshot.bin` (no buffer of the
+    /// whole state in memory) and returns its metadata and size in bytes.
+    fn write(
+        view: &SmData,
+        dir: &Path,
+        n: u64,
+    ) -> Result<(SnapshotMeta<NodeId, BasicNode>, u64), SErr> {
+        let snapshot_id = match view.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, n),
             None => format!("0-0-{n}"),
         };
         let meta = SnapshotMeta {
-            last_log_id: last_applied,
-            last_membership: membership,
+            last_log_id: view.last_applied,
+            last_membership: view.last_membership.clone(),
             snapshot_id,
         };
-        self.save_snapshot(&meta, &data)?;
-        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
+        let size = write_snapshot_file(dir, &meta, view)?;
+        Ok((meta, size))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
+        let _m = crate::metrics::snapshot_timer();
+        let view = self
+            .view
+            .take()
+            .ok_or_else(|| snap_err(ErrorVerb::Read, "snapshot builder used twice"))?;
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let dir = self.dir.clone();
+        // Serializing millions of entries takes seconds of CPU: on a
+        // blocking thread, so neither applies (the copy is this builder's
+        // own) nor the runtime's workers wait for it.
+        let (meta, size) =
+            tokio::task::spawn_blocking(move || SnapshotBuilder::write(&view, &dir, n))
+                .await
+                .map_err(|e| snap_err(ErrorVerb::Write, e))??;
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = size, "built snapshot");
+        // openraft keeps only the metadata of a built snapshot; the data is
+        // read back from the file when a follower needs it
+        // (`get_current_snapshot`).
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(Cursor::new(Vec::new())),
         })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
-    type SnapshotBuilder = StateMachineStore;
+    type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(
         &mut self,
@@ -738,7 +812,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        self.clone()
+        // Called by raft's state machine task between two applies, so this
+        // copy is exactly the state at `last_applied`. The namespace maps
+        // are shared, copy-on-write maps (`namespace::NsMap`): the copy
+        // costs O(1) in their size, and applies go on beside it.
+        SnapshotBuilder {
+            view: Some(self.read().clone()),
+            dir: self.dir.clone(),
+            counter: self.counter.clone(),
+        }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, SErr> {
@@ -767,6 +849,63 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: f.meta,
             snapshot: Box::new(Cursor::new(f.data)),
         }))
+    }
+}
+
+// ------------------------------------------------------------------ snapshot pacing
+
+/// A snapshot is due after at least one log entry per this many inodes.
+const INODES_PER_SNAPSHOT_ENTRY: u64 = 20;
+
+/// Log entries since the last snapshot after which node `id` takes the
+/// next: `snapshot_logs`, or one per [`INODES_PER_SNAPSHOT_ENTRY`] inodes
+/// when that is more (a snapshot's cost grows with the namespace, so a
+/// fixed count made a large namespace spend most of its time in
+/// snapshots), times 1, 1.25 or 1.5 by node id so the nodes of a group,
+/// which apply the same entries, do not all serialize at once.
+pub fn snapshot_threshold(snapshot_logs: u64, inodes: u64, id: u64) -> u64 {
+    let base = snapshot_logs
+        .max(inodes / INODES_PER_SNAPSHOT_ENTRY)
+        .max(1);
+    base + base * (id % 3) / 4
+}
+
+/// Asks raft for this node's snapshots by [`snapshot_threshold`] (raft's
+/// own policy, a fixed count of entries, is off). Runs until raft stops or
+/// `stop` is cancelled.
+pub async fn snapshot_pacer(
+    raft: Raft,
+    sm: SharedSm,
+    id: u64,
+    snapshot_logs: u64,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut rx = raft.metrics();
+    // The applied index a snapshot was asked at, and when: not asked again
+    // until a snapshot covers it (or a minute passed: a build that failed).
+    let mut asked: Option<(u64, std::time::Instant)> = None;
+    loop {
+        let (applied, snap) = {
+            let m = rx.borrow_and_update();
+            (
+                m.last_applied.map_or(0, |l| l.index),
+                m.snapshot.map_or(0, |l| l.index),
+            )
+        };
+        let inodes = sm.read().unwrap_or_else(|e| e.into_inner()).state.inodes.len() as u64;
+        let due = applied.saturating_sub(snap) >= snapshot_threshold(snapshot_logs, inodes, id);
+        let pending = matches!(asked, Some((at, when))
+            if snap < at && when.elapsed() < std::time::Duration::from_secs(60));
+        if due && !pending {
+            if raft.trigger().snapshot().await.is_err() {
+                return;
+            }
+            asked = Some((applied, std::time::Instant::now()));
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = stop.cancelled() => return,
+        }
     }
 }
 
