@@ -929,4 +929,83 @@ mod tests {
     fn openraft_storage_suite() -> Result<(), SErr> {
         Suite::test_all(Builder)
     }
+
+    fn mkdir_entry(index: u64, name: &str) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(MetaCommand {
+                now_ns: index as i64,
+                session_id: 0,
+                request_id: 0,
+                op: crate::command::Op::Mkdir {
+                    parent: avalon_proto::limits::ROOT_INO,
+                    name: name.as_bytes().to_vec(),
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                },
+            }),
+        }
+    }
+
+    /// A snapshot is the state at the index its builder was made at, even
+    /// though entries are applied while it is being built, and its file
+    /// reads back (in the format older releases wrote) to that state.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn snapshot_taken_while_applying_is_the_state_at_its_index() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut sm = StateMachineStore::open(dir.path())?;
+        let first: Vec<_> = (1..=500).map(|i| mkdir_entry(i, &format!("d{i}"))).collect();
+        sm.apply(first).await?;
+        let at_index = sm.read().clone();
+        let mut builder = sm.get_snapshot_builder().await;
+        // Applies go on while the snapshot is built, on another task.
+        let building = tokio::spawn(async move { builder.build_snapshot().await });
+        for i in 501..=1500 {
+            sm.apply(vec![mkdir_entry(i, &format!("d{i}"))]).await?;
+        }
+        let built = building.await??;
+        assert_eq!(built.meta.last_log_id.map(|l| l.index), Some(500));
+        assert_eq!(sm.read().state.inodes.len(), 1501);
+
+        let cur = sm.get_current_snapshot().await?.expect("a snapshot file");
+        assert_eq!(cur.meta, built.meta);
+        let restored: SmData = postcard::from_bytes(cur.snapshot.get_ref())?;
+        assert_eq!(restored.state, at_index.state);
+        assert_eq!(restored.last_applied, at_index.last_applied);
+        assert_eq!(restored.digest(), at_index.digest());
+        // The same bytes a whole-buffer serialization gave.
+        let file = std::fs::read(dir.path().join(SNAPSHOT_FILE))?;
+        let old = postcard::to_allocvec(&SnapshotFile {
+            meta: built.meta.clone(),
+            data: postcard::to_allocvec(&at_index)?,
+        })?;
+        assert!(file == old, "snapshot file differs from the old format");
+
+        // A restart restores it; the entries after it come from the log.
+        drop(sm);
+        let reopened = StateMachineStore::open(dir.path())?;
+        assert_eq!(reopened.read().state, at_index.state);
+        Ok(())
+    }
+
+    #[test]
+    fn varint_prefix_is_postcards() {
+        for n in [0usize, 1, 127, 128, 300, 16_383, 16_384, 1 << 21] {
+            let whole = postcard::to_allocvec(&vec![7u8; n]).expect("serialize");
+            let mut prefix = Vec::new();
+            write_varint(&mut prefix, n as u64).expect("write");
+            assert_eq!(prefix, whole[..whole.len() - n], "length {n}");
+        }
+    }
+
+    #[test]
+    fn snapshot_threshold_grows_with_the_namespace_and_is_staggered() {
+        assert_eq!(snapshot_threshold(5000, 1000, 3), 5000);
+        assert_eq!(snapshot_threshold(5000, 1_000_000, 3), 50_000);
+        assert_eq!(snapshot_threshold(5000, 10_000_000, 3), 500_000);
+        let per_node: Vec<u64> = (1..=3).map(|id| snapshot_threshold(5000, 0, id)).collect();
+        assert_eq!(per_node, vec![6250, 7500, 5000]);
+        assert_eq!(snapshot_threshold(0, 0, 1), 1);
+    }
 }
