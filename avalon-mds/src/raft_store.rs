@@ -864,9 +864,7 @@ const INODES_PER_SNAPSHOT_ENTRY: u64 = 20;
 /// snapshots), times 1, 1.25 or 1.5 by node id so the nodes of a group,
 /// which apply the same entries, do not all serialize at once.
 pub fn snapshot_threshold(snapshot_logs: u64, inodes: u64, id: u64) -> u64 {
-    let base = snapshot_logs
-        .max(inodes / INODES_PER_SNAPSHOT_ENTRY)
-        .max(1);
+    let base = snapshot_logs.max(inodes / INODES_PER_SNAPSHOT_ENTRY).max(1);
     base + base * (id % 3) / 4
 }
 
@@ -892,7 +890,12 @@ pub async fn snapshot_pacer(
                 m.snapshot.map_or(0, |l| l.index),
             )
         };
-        let inodes = sm.read().unwrap_or_else(|e| e.into_inner()).state.inodes.len() as u64;
+        let inodes = sm
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .state
+            .inodes
+            .len() as u64;
         let due = applied.saturating_sub(snap) >= snapshot_threshold(snapshot_logs, inodes, id);
         let pending = matches!(asked, Some((at, when))
             if snap < at && when.elapsed() < std::time::Duration::from_secs(60));
@@ -955,7 +958,9 @@ mod tests {
     async fn snapshot_taken_while_applying_is_the_state_at_its_index() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let mut sm = StateMachineStore::open(dir.path())?;
-        let first: Vec<_> = (1..=500).map(|i| mkdir_entry(i, &format!("d{i}"))).collect();
+        let first: Vec<_> = (1..=500)
+            .map(|i| mkdir_entry(i, &format!("d{i}")))
+            .collect();
         sm.apply(first).await?;
         let at_index = sm.read().clone();
         let mut builder = sm.get_snapshot_builder().await;
