@@ -43,6 +43,11 @@ const KEY_PURGED: &str = "purged";
 
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 
+/// redb's page cache for the raft log (its default is 1 GiB): the log is
+/// read near its end (replication, a restart's replay), and every MDS
+/// holds the whole namespace in memory besides.
+const LOG_CACHE_BYTES: usize = 64 << 20;
+
 fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::fmt::Display) -> SErr {
     StorageIOError::new(subject, verb, AnyError::error(e.to_string())).into()
 }
@@ -232,7 +237,10 @@ impl LogStore {
         let path = dir.join("raft-log.redb");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let db = loop {
-            match Database::create(&path) {
+            match redb::Builder::new()
+                .set_cache_size(LOG_CACHE_BYTES)
+                .create(&path)
+            {
                 Err(redb::DatabaseError::DatabaseAlreadyOpen)
                     if std::time::Instant::now() < deadline =>
                 {
