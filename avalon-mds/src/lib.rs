@@ -25,8 +25,10 @@ pub mod node;
 pub mod proposer;
 pub mod raft_net;
 pub mod raft_store;
+pub mod quota;
 pub mod read_lease;
 pub mod ready;
+pub mod rstats;
 pub mod settings;
 pub mod status_page;
 
