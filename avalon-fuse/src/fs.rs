@@ -946,7 +946,7 @@ impl Filesystem for AvalonFs {
         let value = value.to_vec();
         let (uid, gid, pid) = (req.uid(), req.gid(), req.pid());
         self.spawn(async move {
-            let r = match c.setxattr(ino, &name, &value, flags as u32).await {
+            let r = match c.setxattr_as(ino, &name, &value, flags as u32, Some(uid)).await {
                 Ok(()) => crate::acl::after_setxattr(&c, ino, &name, uid, gid, pid).await,
                 Err(e) => Err(e),
             };
@@ -986,12 +986,13 @@ impl Filesystem for AvalonFs {
         });
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _m = crate::metrics::op(FuseOp::RemoveXattr);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let name = name.as_bytes().to_vec();
-        self.spawn(async move { reply_empty(c.removexattr(ino, &name).await, reply) });
+        let uid = req.uid();
+        self.spawn(async move { reply_empty(c.removexattr(ino, &name, Some(uid)).await, reply) });
     }
 
     fn fallocate(
