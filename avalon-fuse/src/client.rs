@@ -1242,7 +1242,22 @@ impl Client {
             _ => false,
         };
         if due {
-            self.commit_size(ino).await?;
+            if let Err(e) = self.commit_size(ino).await {
+                if e.errno() == libc::EDQUOT {
+                    // The file stays at the size the MDS accepted (what
+                    // was written past it is not part of it, as every
+                    // mount sees), and this file's later writes, fsync
+                    // and close report EDQUOT until then.
+                    if let Some(mut st) = self.files.get_mut(&ino) {
+                        st.size = st.mds_size;
+                        st.dirty = false;
+                        st.grown = false;
+                    }
+                    self.meta.forget_attr(ino);
+                    self.wbuf.keep_error(ino, (e.errno(), e.to_string()));
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }

@@ -60,14 +60,8 @@ pub fn get(path: &Path, name: &str) -> Result<Option<Vec<u8>>> {
     let mut buf = vec![0u8; 4096];
     loop {
         // SAFETY: p and n are NUL-terminated; buf is valid for buf.len().
-        let r = unsafe {
-            libc::getxattr(
-                p.as_ptr(),
-                n.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
+        let r =
+            unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if r >= 0 {
             buf.truncate(r as usize);
             return Ok(Some(buf));

@@ -34,9 +34,15 @@ fn s(p: &Path) -> &str {
 /// (bytes of non-directories, non-directories, directories) strictly below
 /// `dir`, counted by find(1).
 fn find_counts(dir: &Path) -> (u64, u64, u64) {
-    let sizes = run(Command::new("find")
-        .arg(dir)
-        .args(["-mindepth", "1", "-not", "-type", "d", "-printf", "%s\\n"]));
+    let sizes = run(Command::new("find").arg(dir).args([
+        "-mindepth",
+        "1",
+        "-not",
+        "-type",
+        "d",
+        "-printf",
+        "%s\\n",
+    ]));
     let bytes = sizes
         .lines()
         .map(|l| l.trim().parse::<u64>().expect("size"))
@@ -101,11 +107,13 @@ impl SubMount {
             path.with_extension("log").display(),
             avalonctl::local_cluster::mount_key_option(&c.dir, &c.layout)
         );
-        run(Command::new(avalonctl::local_cluster::default_bin_dir().join("avalon-fuse"))
-            .arg(&source)
-            .arg(&path)
-            .arg("-o")
-            .arg(opts));
+        run(
+            Command::new(avalonctl::local_cluster::default_bin_dir().join("avalon-fuse"))
+                .arg(&source)
+                .arg(&path)
+                .arg("-o")
+                .arg(opts),
+        );
         assert!(avalonctl::local_cluster::is_mounted(&path));
         SubMount { path }
     }
@@ -148,7 +156,8 @@ fn write_until_error(path: &Path, limit: u64, seed: u8) -> (u64, Option<i32>) {
 fn rstats_match_find_after_concurrent_changes_on_two_mounts() {
     let mut t = TestCluster::start(1, 3);
     let m1 = t.mnt();
-    let m2 = SecondMount::new(t.c(), t.dir.path().join("m2"));
+    let p2 = t.dir.path().join("m2");
+    let m2 = SecondMount::new(t.c(), p2);
     let r1 = m1.join("r");
     for d in ["a", "b", "c", "c/deep/er"] {
         std::fs::create_dir_all(r1.join(d)).expect("mkdir");
@@ -228,7 +237,11 @@ fn rstats_match_find_after_concurrent_changes_on_two_mounts() {
         let out = ctl(&["du", s(dir)]);
         let f: Vec<&str> = out.trim().split('\t').collect();
         assert_eq!(
-            (f[0].parse::<u64>().ok(), f[1].parse().ok(), f[2].parse().ok()),
+            (
+                f[0].parse::<u64>().ok(),
+                f[1].parse().ok(),
+                f[2].parse().ok()
+            ),
             (Some(want.0), Some(want.1), Some(want.2)),
             "avalonctl du {out}"
         );
@@ -260,7 +273,8 @@ fn rstats_match_find_after_concurrent_changes_on_two_mounts() {
 fn quotas_stop_writers_show_in_df_and_nest() {
     let mut t = TestCluster::start(1, 3);
     let m1 = t.mnt();
-    let m2 = SecondMount::new(t.c(), t.dir.path().join("m2"));
+    let p2 = t.dir.path().join("m2");
+    let m2 = SecondMount::new(t.c(), p2);
     let q1 = m1.join("q");
     std::fs::create_dir(&q1).expect("mkdir");
     let q2 = m2.path.join("q");
@@ -277,7 +291,8 @@ fn quotas_stop_writers_show_in_df_and_nest() {
     // df on a mount of the quota directory shows the quota as the size
     // and its usage as used.
     std::fs::write(q1.join("ten"), vec![7u8; 10 * MIB as usize]).expect("write");
-    let sub = SubMount::new(t.c(), "q", t.dir.path().join("mq"));
+    let pq = t.dir.path().join("mq");
+    let sub = SubMount::new(t.c(), "q", pq);
     let st = nix::sys::statvfs::statvfs(&sub.path).expect("statvfs");
     let frsize = st.fragment_size() as u64;
     assert_eq!(st.blocks() as u64 * frsize, 64 * MIB, "df size");
@@ -307,7 +322,10 @@ fn quotas_stop_writers_show_in_df_and_nest() {
         rbytes <= 64 * MIB + WINDOW,
         "usage {rbytes} within the documented overshoot"
     );
-    assert!(rbytes >= 64 * MIB - 2 * WINDOW, "usage {rbytes}: writers got near the quota");
+    assert!(
+        rbytes >= 64 * MIB - 2 * WINDOW,
+        "usage {rbytes}: writers got near the quota"
+    );
     // Nor does a truncate get past it.
     let e = std::fs::OpenOptions::new()
         .write(true)
@@ -346,7 +364,8 @@ fn quotas_stop_writers_show_in_df_and_nest() {
         .set_len(2 * MIB)
         .expect_err("the tighter quota applies");
     assert_eq!(e.raw_os_error(), Some(libc::EDQUOT));
-    let sub_n = SubMount::new(t.c(), "q/n", t.dir.path().join("mn"));
+    let pn = t.dir.path().join("mn");
+    let sub_n = SubMount::new(t.c(), "q/n", pn);
     let st = nix::sys::statvfs::statvfs(&sub_n.path).expect("statvfs");
     assert_eq!(st.blocks() as u64 * st.fragment_size() as u64, MIB);
     assert_eq!(st.files() as u64, 5, "df -i shows the inode quota");
@@ -355,11 +374,15 @@ fn quotas_stop_writers_show_in_df_and_nest() {
     let ls = ctl(&["quota", "ls", s(&m1)]);
     let lines: Vec<&str> = ls.lines().collect();
     assert!(
-        lines.iter().any(|l| l.contains("/q ") && l.contains("128.0M")),
+        lines
+            .iter()
+            .any(|l| l.contains("/q ") && l.contains("128.0M")),
         "{ls}"
     );
     assert!(
-        lines.iter().any(|l| l.contains("/q/n ") && l.contains("1.0M")),
+        lines
+            .iter()
+            .any(|l| l.contains("/q/n ") && l.contains("1.0M")),
         "{ls}"
     );
 

@@ -131,7 +131,9 @@ fn check(s: &State) {
         } else {
             assert!(
                 s.dentries.get_key_value(&(i.parent, Vec::new())).is_none()
-                    && s.dentries.iter().any(|((d, _), e)| e.ino == *n && *d == i.parent),
+                    && s.dentries
+                        .iter()
+                        .any(|((d, _), e)| e.ino == *n && *d == i.parent),
                 "inode {n}: primary {} is not one of its directories",
                 i.parent
             );
@@ -348,10 +350,7 @@ fn quotas_refuse_creates_and_growth() {
     write(&mut s, f, 13 << 20).expect("raised");
     setx(&mut s, q, crate::quota::MAX_FILES, "0").expect("lift");
     mknod(&mut s, inner, "h").expect("lifted");
-    assert_eq!(
-        s.getxattr(q, crate::quota::MAX_FILES),
-        Err(libc::ENODATA)
-    );
+    assert_eq!(s.getxattr(q, crate::quota::MAX_FILES), Err(libc::ENODATA));
     check(&s);
 }
 
