@@ -16,6 +16,9 @@ use tonic::transport::Channel;
 
 /// The extended attribute holding a file's SELinux label.
 const SELINUX_XATTR: &[u8] = b"security.selinux";
+/// Prefix of the xattrs the MDS computes (`avalon.dir.*` recursive
+/// statistics, `avalon.quota.*`): never cached here.
+const VIRTUAL_XATTRS: &[u8] = b"avalon.";
 
 /// Per-inode state the client keeps while it has written data whose size
 /// the MDS has not been told yet.
@@ -41,12 +44,18 @@ pub struct FileState {
     pub commits_started: u32,
     /// See `commits_started`.
     pub commits_done: u32,
+    /// Under a directory byte quota: the size is committed before a write
+    /// takes the file more than this past `mds_size` (0: no quota).
+    pub quota_window: u64,
+    /// The size the MDS holds, as far as this client knows.
+    pub mds_size: u64,
 }
 
 impl FileState {
     /// The MDS holds `size` and this client's times: nothing is pending,
     /// unless writes raced past `size`.
     pub fn committed(&mut self, size: u64) {
+        self.mds_size = self.mds_size.max(size);
         if self.size <= size {
             self.dirty = false;
             self.grown = false;
@@ -712,12 +721,14 @@ impl Client {
         let r = self
             .make_node(parent, name, mode, 0, uid, gid, exclusive, flags)
             .await;
-        let r = r.and_then(|r| Ok((Self::ok_attr(r.attr)?, r.shared_write)));
-        if let Ok((a, _)) = &r {
+        let r = r.and_then(|r| Ok((Self::ok_attr(r.attr)?, r.shared_write, r.quota_window)));
+        let r = r.map(|(a, shared, window)| {
             // Counted open before the create stops counting as in flight:
             // a demand in between must not find the file "not open here".
             self.note_created_open(a.ino, flags);
-        }
+            self.note_quota(a.ino, window);
+            (a, shared)
+        });
         self.creating.fetch_sub(1, Ordering::SeqCst);
         let (a, shared_write) = r?;
         if shared_write {
@@ -1052,6 +1063,19 @@ impl Client {
 
     /// Sets an extended attribute.
     pub async fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: u32) -> Result<()> {
+        self.setxattr_as(ino, name, value, flags, None).await
+    }
+
+    /// Sets an extended attribute as caller `uid` (the MDS lets only root
+    /// set quotas).
+    pub async fn setxattr_as(
+        &self,
+        ino: u64,
+        name: &[u8],
+        value: &[u8],
+        flags: u32,
+        uid: Option<u32>,
+    ) -> Result<()> {
         self.unstored_xattr(name)?;
         let req = pb::SetXattrRequest {
             header: self.header(),
@@ -1059,6 +1083,8 @@ impl Client {
             name: Bytes::copy_from_slice(name),
             value: Bytes::copy_from_slice(value),
             flags,
+            uid: uid.unwrap_or(0),
+            has_cred: uid.is_some(),
         };
         self.rpc(req, |mut c, r| async move { c.set_xattr(r).await })
             .await?;
@@ -1069,6 +1095,9 @@ impl Client {
     /// Value of an extended attribute.
     pub async fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Bytes> {
         self.unstored_xattr(name)?;
+        if name.starts_with(VIRTUAL_XATTRS) {
+            return self.virtual_xattr(ino, name).await;
+        }
         // The kernel asks for security.capability before every write and
         // ls -l for system.posix_acl_access of every file: answer from the
         // cache while the lease holds (setxattr elsewhere recalls the inode).
@@ -1082,6 +1111,7 @@ impl Client {
             header: self.header(),
             ino,
             name: Bytes::copy_from_slice(name),
+            ..Default::default()
         };
         let r = self
             .rpc(req, |mut c, r| async move { c.get_xattr(r).await })
@@ -1101,6 +1131,23 @@ impl Client {
         }
     }
 
+    /// A value the MDS computes (recursive statistics, quotas): never
+    /// cached, and asked after this client's delegated changes are sent,
+    /// so that they count.
+    async fn virtual_xattr(&self, ino: u64, name: &[u8]) -> Result<Bytes> {
+        self.flush_delegated().await?;
+        let req = pb::XattrRequest {
+            header: self.header(),
+            ino,
+            name: Bytes::copy_from_slice(name),
+            ..Default::default()
+        };
+        let r = self
+            .rpc(req, |mut c, r| async move { c.get_xattr(r).await })
+            .await?;
+        Ok(r.value)
+    }
+
     /// Names of the extended attributes of an inode.
     pub async fn listxattr(&self, ino: u64) -> Result<Vec<Bytes>> {
         let req = pb::GetAttrRequest {
@@ -1117,13 +1164,16 @@ impl Client {
         Ok(names)
     }
 
-    /// Removes an extended attribute.
-    pub async fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+    /// Removes an extended attribute as caller `uid` (see
+    /// [`Client::setxattr_as`]).
+    pub async fn removexattr(&self, ino: u64, name: &[u8], uid: Option<u32>) -> Result<()> {
         self.unstored_xattr(name)?;
         let req = pb::XattrRequest {
             header: self.header(),
             ino,
             name: Bytes::copy_from_slice(name),
+            uid: uid.unwrap_or(0),
+            has_cred: uid.is_some(),
         };
         self.rpc(req, |mut c, r| async move { c.remove_xattr(r).await })
             .await?;
@@ -1170,6 +1220,48 @@ impl Client {
             .ok_or_else(|| ClientError::Unavailable("MDS reply without attributes".into()))
     }
 
+    /// Records the quota window the MDS gave with an open or create reply.
+    fn note_quota(&self, ino: u64, window: u64) {
+        if let Some(mut st) = self.files.get_mut(&ino) {
+            st.quota_window = window;
+        } else if window > 0 {
+            self.files.entry(ino).or_default().quota_window = window;
+        }
+    }
+
+    /// Under a byte quota, a write that would take the file more than the
+    /// window past the size the MDS holds first commits what was written
+    /// so far. Once the quota is full the MDS refuses that (EDQUOT) and
+    /// this write fails with it: a writer stops within one window
+    /// (`quota.rs` in the MDS has the bound).
+    pub(crate) async fn keep_in_quota(&self, ino: u64, end: u64) -> Result<()> {
+        let due = match self.files.get(&ino) {
+            Some(st) if st.quota_window > 0 => {
+                st.dirty && end > st.mds_size.saturating_add(st.quota_window)
+            }
+            _ => false,
+        };
+        if due {
+            if let Err(e) = self.commit_size(ino).await {
+                if e.errno() == libc::EDQUOT {
+                    // The file stays at the size the MDS accepted (what
+                    // was written past it is not part of it, as every
+                    // mount sees), and this file's later writes, fsync
+                    // and close report EDQUOT until then.
+                    if let Some(mut st) = self.files.get_mut(&ino) {
+                        st.size = st.mds_size;
+                        st.dirty = false;
+                        st.grown = false;
+                    }
+                    self.meta.forget_attr(ino);
+                    self.wbuf.keep_error(ino, (e.errno(), e.to_string()));
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// Counts `ino`'s size commits done, if none is under way (see
     /// [`FileState::commits_started`]).
     fn commits_before(&self, ino: u64) -> Option<u32> {
@@ -1190,6 +1282,7 @@ impl Client {
         }
         let mut st = self.files.entry(a.ino).or_default();
         st.chunk_size = a.chunk_size;
+        st.mds_size = a.size;
         let fresh = commits == Some(st.commits_started) && st.commits_started == st.commits_done;
         if fresh && !st.dirty {
             st.size = a.size;
@@ -1282,6 +1375,7 @@ impl Client {
         };
         self.meta.put_attr(epoch, &a);
         self.note_open_size(&a, commits);
+        self.note_quota(ino, r.quota_window);
         if r.shared_write {
             // What this client buffered before goes out first; a failure
             // of that is the file's, reported at its fsync or close.

@@ -255,6 +255,7 @@ impl Client {
         if let Some((errno, msg)) = self.wbuf.no_space_error(ino) {
             return Err(ClientError::posix(errno, msg));
         }
+        self.keep_in_quota(ino, end).await?;
         let cs = self.chunk_size_of(ino);
         let parts = split_range(offset, len, cs);
         if !sync && !direct && self.wbuf.accepts(len) {

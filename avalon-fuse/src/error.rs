@@ -17,6 +17,9 @@ pub enum ClientError {
     /// This client and the MDS speak incompatible protocol versions.
     #[error("{0}")]
     Refused(String),
+    /// A directory quota above the file or directory is full (EDQUOT).
+    #[error("quota exceeded: {0}")]
+    QuotaExceeded(String),
 }
 
 impl ClientError {
@@ -34,6 +37,7 @@ impl ClientError {
             ClientError::Posix { errno, .. } => *errno,
             ClientError::Unavailable(_) | ClientError::Refused(_) => libc::EIO,
             ClientError::Invalid(_) => libc::EINVAL,
+            ClientError::QuotaExceeded(_) => libc::EDQUOT,
         }
     }
 }
@@ -42,6 +46,8 @@ impl From<tonic::Status> for ClientError {
     fn from(s: tonic::Status) -> Self {
         if avalon_proto::version::is_refusal(&s) {
             ClientError::Refused(s.message().to_string())
+        } else if errno::has_errno(&s) && errno::errno_of(&s) == libc::EDQUOT {
+            ClientError::QuotaExceeded(s.message().to_string())
         } else if errno::has_errno(&s) {
             ClientError::Posix {
                 errno: errno::errno_of(&s),

@@ -609,6 +609,7 @@ impl Filesystem for AvalonFs {
         // reference-counted buffer that all chunk RPCs slice without copying.
         let data = Bytes::copy_from_slice(data);
         crate::metrics::written(data.len());
+        let kernel = self.kernel.clone();
         self.spawn(async move {
             match c.write(ino, offset, data, sync, append).await {
                 Ok(n) => {
@@ -619,7 +620,17 @@ impl Filesystem for AvalonFs {
                     }
                     reply.written(n)
                 }
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => {
+                    if e.errno() == libc::EDQUOT {
+                        // The size went back to what the MDS accepted:
+                        // the kernel's, grown by the earlier writes, is
+                        // stale.
+                        if let Some(k) = kernel.get() {
+                            k.invalidate_attr(ino);
+                        }
+                    }
+                    reply.error(errno(&e))
+                }
             }
         });
     }
@@ -946,7 +957,10 @@ impl Filesystem for AvalonFs {
         let value = value.to_vec();
         let (uid, gid, pid) = (req.uid(), req.gid(), req.pid());
         self.spawn(async move {
-            let r = match c.setxattr(ino, &name, &value, flags as u32).await {
+            let r = match c
+                .setxattr_as(ino, &name, &value, flags as u32, Some(uid))
+                .await
+            {
                 Ok(()) => crate::acl::after_setxattr(&c, ino, &name, uid, gid, pid).await,
                 Err(e) => Err(e),
             };
@@ -986,12 +1000,13 @@ impl Filesystem for AvalonFs {
         });
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _m = crate::metrics::op(FuseOp::RemoveXattr);
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let name = name.as_bytes().to_vec();
-        self.spawn(async move { reply_empty(c.removexattr(ino, &name).await, reply) });
+        let uid = req.uid();
+        self.spawn(async move { reply_empty(c.removexattr(ino, &name, Some(uid)).await, reply) });
     }
 
     fn fallocate(

@@ -134,6 +134,16 @@ impl Delegations {
         }
     }
 
+    /// Every group of a session other than `sid`: (holder, root).
+    pub fn others(&self, sid: u64) -> Vec<(u64, u64)> {
+        let g = self.lock();
+        g.owner
+            .iter()
+            .filter(|(ino, (holder, root))| *ino == root && *holder != sid)
+            .map(|(_, &(holder, root))| (holder, root))
+            .collect()
+    }
+
     /// Ends the group rooted at `root` (revoked, or given back).
     pub fn revoke(&self, root: u64) {
         crate::metrics::revoked();

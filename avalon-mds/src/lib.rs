@@ -23,10 +23,12 @@ pub mod metrics;
 pub mod namespace;
 pub mod node;
 pub mod proposer;
+pub mod quota;
 pub mod raft_net;
 pub mod raft_store;
 pub mod read_lease;
 pub mod ready;
+pub mod rstats;
 pub mod settings;
 pub mod status_page;
 

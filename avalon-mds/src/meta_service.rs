@@ -159,6 +159,7 @@ fn entry(r: Reply) -> Result<pb::EntryReply, MdsError> {
             parent: None,
             shared_write: false,
             no_xattrs: false,
+            quota_window: 0,
         }),
         other => Err(MdsError::Internal(format!("unexpected reply {other:?}"))),
     }
@@ -168,6 +169,7 @@ fn attr_reply(r: Reply) -> Result<pb::AttrReply, MdsError> {
     entry(r).map(|e| pb::AttrReply {
         attr: e.attr,
         shared_write: false,
+        quota_window: 0,
     })
 }
 
@@ -372,6 +374,57 @@ impl MetaService {
         }
     }
 
+    /// The size-commit window a writer of `ino` keeps to (`quota.rs`): 0
+    /// when no byte quota applies to it.
+    fn quota_window(&self, ino: u64) -> u64 {
+        self.node.read_local(|s| {
+            if crate::quota::bytes_governed(s, ino) {
+                crate::quota::WINDOW
+            } else {
+                0
+            }
+        })
+    }
+
+    /// Revokes the delegations of sessions other than `sid` within
+    /// directory `dir`'s subtree: their queued creates and size commits
+    /// reach the state before a recursive statistic is read, or before a
+    /// quota starts to apply there.
+    async fn settle_subtree(&self, sid: u64, dir: u64) {
+        let groups = self.node.delegations.others(sid);
+        if groups.is_empty() {
+            return;
+        }
+        let inside: Vec<(u64, u64)> = self.node.read_local(|s| {
+            groups
+                .into_iter()
+                .filter(|(_, root)| s.within(*root, dir))
+                .collect()
+        });
+        if !inside.is_empty() {
+            self.revoke(inside).await;
+        }
+    }
+
+    /// EPERM unless the caller may set quotas: root (after squashing) on
+    /// a mount, or an unlimited identity (client.admin) without a uid.
+    fn check_quota_admin(
+        lim: Option<&(String, ClientCaps)>,
+        has_cred: bool,
+        uid: u32,
+    ) -> Result<(), MdsError> {
+        let ok = if has_cred {
+            squash_uid(lim, uid) == 0
+        } else {
+            lim.is_none()
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(MdsError::Errno(libc::EPERM))
+        }
+    }
+
     /// A linearizable read whose result session `sid` may cache: `f`
     /// returns it with the inodes it covers, registered under the state
     /// lock (see leases.rs). If another session holds a delegation of one
@@ -464,6 +517,7 @@ impl Meta for MetaService {
             parent: None,
             shared_write: false,
             no_xattrs: false,
+            quota_window: 0,
         }))
     }
 
@@ -481,6 +535,7 @@ impl Meta for MetaService {
         Ok(Response::new(pb::AttrReply {
             attr: Some(attr_pb(&a)),
             shared_write: false,
+            quota_window: 0,
         }))
     }
 
@@ -559,6 +614,7 @@ impl Meta for MetaService {
         let sid = session_of(r.header.as_ref());
         let created = e.attr.as_ref().map(|a| (a.ino, a.mode & libc::S_IFMT));
         if let Some((ino, libc::S_IFREG)) = created {
+            e.quota_window = self.quota_window(ino);
             if sid != 0 {
                 self.node.note_created(sid, ino);
                 if writes(r.open_flags) {
@@ -807,11 +863,16 @@ impl Meta for MetaService {
         }))
     }
 
-    async fn stat_fs(&self, _req: Request<pb::GetAttrRequest>) -> Res<pb::StatFsReply> {
+    async fn stat_fs(&self, req: Request<pb::GetAttrRequest>) -> Res<pb::StatFsReply> {
         let _m = crate::metrics::op(Rpc::StatFs);
+        let dir = req.into_inner().ino;
+        // A mount of (or under) a quota directory sees the quota.
         let s = self
             .node
-            .read(|s| s.statfs(s.settings.as_ref().map_or(1, |c| c.replicas)))
+            .read(|s| {
+                let base = s.statfs(s.settings.as_ref().map_or(1, |c| c.replicas));
+                crate::quota::statfs(s, dir, base)
+            })
             .await?;
         Ok(Response::new(pb::StatFsReply {
             total_bytes: s.total_bytes,
@@ -831,6 +892,11 @@ impl Meta for MetaService {
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         self.check_growth()?;
         ino_ok(r.ino)?;
+        if crate::quota::is_quota_name(&r.name) {
+            Self::check_quota_admin(lim.as_ref(), r.has_cred, r.uid)?;
+            self.settle_subtree(session_of(r.header.as_ref()), r.ino)
+                .await;
+        }
         let op = Op::SetXattr {
             ino: r.ino,
             name: r.name.into(),
@@ -849,6 +915,9 @@ impl Meta for MetaService {
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         ino_ok(r.ino)?;
         let sid = session_of(r.header.as_ref());
+        if r.name.starts_with(crate::rstats::PREFIX) || r.name == crate::quota::LIST {
+            self.settle_subtree(sid, r.ino).await;
+        }
         let value = self
             .read_leased(sid, |s| (s.getxattr(r.ino, &r.name), [r.ino]))
             .await?
@@ -881,6 +950,9 @@ impl Meta for MetaService {
         let r = req.into_inner();
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         ino_ok(r.ino)?;
+        if crate::quota::is_quota_name(&r.name) {
+            Self::check_quota_admin(lim.as_ref(), r.has_cred, r.uid)?;
+        }
         let op = Op::RemoveXattr {
             ino: r.ino,
             name: r.name.into(),
@@ -975,6 +1047,7 @@ impl Meta for MetaService {
             Ok(a) => Ok(Response::new(pb::AttrReply {
                 attr: Some(attr_pb(&a)),
                 shared_write,
+                quota_window: self.quota_window(r.ino),
             })),
             Err(e) => {
                 if sid != 0 {
@@ -1053,6 +1126,9 @@ impl Meta for MetaService {
                         .ok()
                         .filter(|a| a.mode & libc::S_IFMT == libc::S_IFDIR);
                     let bare = s.inodes.get(&r.dir).is_some_and(|i| i.xattrs.is_empty());
+                    // Creates under a quota are checked as they happen:
+                    // no delegation there.
+                    let dir = dir.filter(|_| !crate::quota::governed(s, r.dir));
                     match dir {
                         // Under the state lock: no other session's read of
                         // the directory can slip between check and grant.

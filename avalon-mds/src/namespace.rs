@@ -40,7 +40,9 @@ type R<T> = Result<T, i32>;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inode {
     pub attr: Attr,
-    /// Parent directory (directories only; they have exactly one).
+    /// Parent directory; for a non-directory, the directory of its
+    /// primary link, which its recursive statistics count under
+    /// (`rstats.rs`), or 0 (no link, or a state from before rstats).
     pub parent: u64,
     /// Next readdir cookie (directories only).
     pub next_cookie: u64,
@@ -141,6 +143,13 @@ pub struct State {
     /// older snapshots end before it.
     #[serde(deserialize_with = "crate::caps::absent_as_default")]
     pub clients: crate::caps::ClientTable,
+    /// Recursive directory statistics (`rstats.rs`). Older snapshots end
+    /// before it (then rebuilt at the next apply).
+    #[serde(deserialize_with = "crate::rstats::absent_as_default")]
+    pub rstats: crate::rstats::RStats,
+    /// Directory quotas (`quota.rs`). Older snapshots end before it.
+    #[serde(deserialize_with = "crate::quota::absent_as_default")]
+    pub quotas: crate::quota::Quotas,
 }
 
 impl Default for State {
@@ -190,6 +199,8 @@ impl State {
             locks: crate::locks::LockTable::default(),
             settings: None,
             clients: crate::caps::ClientTable::default(),
+            rstats: crate::rstats::RStats::new(),
+            quotas: crate::quota::Quotas::default(),
         }
     }
 
@@ -301,6 +312,11 @@ impl State {
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> R<Vec<u8>> {
         let i = self.inode(ino)?;
         check_xattr_name(name)?;
+        if let Some(v) = crate::rstats::getxattr(self, ino, name)
+            .or_else(|| crate::quota::getxattr(self, ino, name))
+        {
+            return v;
+        }
         i.xattrs.get(name).cloned().ok_or(libc::ENODATA)
     }
 
@@ -357,6 +373,9 @@ impl State {
 
     /// Applies one command, with per-session dedup of retried requests.
     pub fn apply(&mut self, cmd: &MetaCommand) -> MetaResponse {
+        if !self.rstats.ready {
+            crate::rstats::rebuild(self);
+        }
         if let Op::Multi(cmds) = &cmd.op {
             return MetaResponse(Ok(Reply::Multi(
                 cmds.iter().map(|c| self.apply(c)).collect(),
@@ -404,11 +423,17 @@ impl State {
                 atime,
                 mtime,
                 ctime_ns,
-            } => self
-                .setattr(
+            } => {
+                if let Some(s) = size {
+                    crate::quota::check_size(self, *ino, *s, true)?;
+                }
+                let old = crate::rstats::size_of(self, *ino);
+                let a = self.setattr(
                     now, *ino, *mode, *uid, *gid, *size, *atime, *mtime, *ctime_ns,
-                )
-                .map(Reply::Attr),
+                )?;
+                crate::rstats::changed(self, *ino, old);
+                Ok(Reply::Attr(a))
+            }
             Op::Mknod {
                 parent,
                 name,
@@ -858,6 +883,7 @@ impl State {
             d.attr.mtime_ns = now;
             d.attr.ctime_ns = now;
         }
+        crate::rstats::touched(self, dir, now);
     }
 
     fn add_entry(&mut self, dir: u64, name: &[u8], ino: u64) {
@@ -910,6 +936,7 @@ impl State {
         let attr = inode.attr;
         self.inodes.insert(attr.ino, inode);
         self.add_entry(parent, name, attr.ino);
+        crate::rstats::linked(self, parent, attr.ino, now);
         self.touch_dir(parent, now);
         attr
     }
@@ -1020,6 +1047,7 @@ impl State {
             }
             return Ok(existing.attr);
         }
+        crate::quota::check_new(self, parent)?;
         let mut inode = self.alloc_inode(now, ftype | (mode & 0o7777), uid, gid);
         if ftype == S_IFREG {
             inode.attr.chunk_size = layout.chunk_size;
@@ -1045,6 +1073,7 @@ impl State {
         if self.inode(parent)?.attr.nlink >= LINK_MAX {
             return Err(libc::EMLINK);
         }
+        crate::quota::check_new(self, parent)?;
         let mut inode = self.alloc_inode(now, S_IFDIR | (mode & 0o7777), uid, gid);
         inode.attr.nlink = 2;
         inode.parent = parent;
@@ -1071,6 +1100,7 @@ impl State {
             return Err(libc::ENAMETOOLONG);
         }
         self.check_new_entry(parent, name)?;
+        crate::quota::check_new(self, parent)?;
         let mut inode = self.alloc_inode(now, S_IFLNK | 0o777, uid, gid);
         inode.attr.size = target.len() as u64;
         inode.symlink = Some(target.to_vec());
@@ -1099,6 +1129,7 @@ impl State {
             return Err(libc::EINVAL);
         }
         self.check_new_entry(parent, name)?;
+        crate::quota::check_new(self, parent)?;
         let mut inode = self.new_inode(ino, now, mode & (S_IFMT | 0o7777), uid, gid);
         // The client showed generation 1 already (it cannot know the
         // counter); numbers are never reused, so (ino, 1) stays unique.
@@ -1207,6 +1238,7 @@ impl State {
                 p.attr.nlink = p.attr.nlink.saturating_sub(1);
             }
         }
+        crate::rstats::unlinking(self, parent, d.ino, now);
         self.drop_link(now, d.ino, guard);
         self.touch_dir(parent, now);
         Ok(())
@@ -1229,7 +1261,9 @@ impl State {
         let i = self.inode_mut(ino)?;
         i.attr.nlink += 1;
         i.attr.ctime_ns = now;
-        Ok(i.attr)
+        let attr = i.attr;
+        crate::rstats::touched(self, ino, now);
+        Ok(attr)
     }
 
     /// True if `dir` is `anc` or lies below it.
@@ -1293,6 +1327,8 @@ impl State {
             if dst_dir && self.is_in_subtree(parent, dst.ino) {
                 return Err(libc::EINVAL);
             }
+            crate::quota::check_move(self, src.ino, parent, new_parent)?;
+            crate::quota::check_move(self, dst.ino, new_parent, parent)?;
             // Swap the inode numbers, keep the cookies.
             if let Some(e) = self.dentries.get_mut(&(parent, name.to_vec())) {
                 e.ino = dst.ino;
@@ -1320,6 +1356,8 @@ impl State {
                     i.attr.ctime_ns = now;
                 }
             }
+            crate::rstats::moved(self, src.ino, parent, new_parent, now);
+            crate::rstats::moved(self, dst.ino, new_parent, parent, now);
             self.touch_dir(parent, now);
             self.touch_dir(new_parent, now);
             return Ok(());
@@ -1327,6 +1365,7 @@ impl State {
         if src_dir && self.is_in_subtree(new_parent, src.ino) {
             return Err(libc::EINVAL);
         }
+        crate::quota::check_move(self, src.ino, parent, new_parent)?;
         if let Some(dst) = dst {
             if flags & RENAME_NOREPLACE != 0 {
                 return Err(libc::EEXIST);
@@ -1354,6 +1393,7 @@ impl State {
             if dst_dir {
                 self.adjust_nlink(new_parent, -1);
             }
+            crate::rstats::unlinking(self, new_parent, dst.ino, now);
             self.drop_link(now, dst.ino, guard);
         }
         self.del_entry(parent, name);
@@ -1368,6 +1408,7 @@ impl State {
             }
             i.attr.ctime_ns = now;
         }
+        crate::rstats::moved(self, src.ino, parent, new_parent, now);
         self.touch_dir(parent, now);
         self.touch_dir(new_parent, now);
         Ok(())
@@ -1386,6 +1427,12 @@ impl State {
     fn setxattr(&mut self, now: i64, ino: u64, name: &[u8], value: &[u8], flags: u32) -> R<()> {
         self.inode(ino)?;
         check_xattr_name(name)?;
+        if crate::quota::is_quota_name(name) {
+            return crate::quota::set(self, ino, name, value);
+        }
+        if name.starts_with(crate::rstats::PREFIX) {
+            return Err(libc::EPERM);
+        }
         if value.len() > XATTR_SIZE_MAX {
             return Err(libc::E2BIG);
         }
@@ -1415,15 +1462,20 @@ impl State {
         }
         i.xattrs.insert(name.to_vec(), value.to_vec());
         i.attr.ctime_ns = now;
+        crate::rstats::touched(self, ino, now);
         Ok(())
     }
 
     fn removexattr(&mut self, now: i64, ino: u64, name: &[u8]) -> R<()> {
         self.inode(ino)?;
         check_xattr_name(name)?;
+        if crate::quota::is_quota_name(name) {
+            return crate::quota::remove(self, ino, name);
+        }
         let i = self.inode_mut(ino)?;
         i.xattrs.remove(name).ok_or(libc::ENODATA)?;
         i.attr.ctime_ns = now;
+        crate::rstats::touched(self, ino, now);
         Ok(())
     }
 
@@ -1438,10 +1490,15 @@ impl State {
         if size > MAX_FILE_SIZE {
             return Err(libc::EFBIG);
         }
+        crate::quota::check_size(self, ino, size, false)?;
+        let i = self.inode_mut(ino)?;
+        let old = i.attr.size;
         i.attr.size = i.attr.size.max(size);
         i.attr.mtime_ns = now;
         i.attr.ctime_ns = now;
-        Ok(i.attr)
+        let attr = i.attr;
+        crate::rstats::changed(self, ino, old);
+        Ok(attr)
     }
 
     /// Reserves `len` bytes at the end of a regular file: the size grows

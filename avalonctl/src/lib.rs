@@ -2,6 +2,7 @@
 //! `avalonctl up` and by the end-to-end test harness) and reading cluster
 //! status, and the cluster-wide settings (`pool`).
 
+pub mod dir_quota;
 pub mod keys;
 pub mod local_cluster;
 pub mod mds_admin;

@@ -146,9 +146,113 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KeyCmd,
     },
+    /// Recursive usage of directories in a mount, from the MDS's
+    /// statistics (instant, whatever the tree's size): bytes, files,
+    /// subdirectories.
+    Du {
+        /// Directories in an Avalon mount.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Sizes as 1.5G rather than bytes.
+        #[arg(short = 'H', long)]
+        human: bool,
+    },
+    /// Directory quotas on bytes and inodes (set by root only).
+    Quota {
+        #[command(subcommand)]
+        cmd: QuotaCmd,
+    },
     /// Write man pages and bash/zsh completions under DIR (packaging).
     #[command(hide = true)]
     Generate { dir: PathBuf },
+}
+
+#[derive(Subcommand, Debug)]
+enum QuotaCmd {
+    /// Set the limits of a directory (0 lifts one).
+    Set {
+        /// A directory in an Avalon mount.
+        path: PathBuf,
+        /// Bytes below it: a size like 10G, 512M, 1000.
+        #[arg(long)]
+        max_bytes: Option<String>,
+        /// Files and directories below it.
+        #[arg(long)]
+        max_files: Option<String>,
+    },
+    /// Show the limits and usage of a directory.
+    Get {
+        /// A directory in an Avalon mount.
+        path: PathBuf,
+    },
+    /// List the quota directories at or below a directory, with usage.
+    Ls {
+        /// A directory in an Avalon mount (its mount point: all).
+        path: PathBuf,
+    },
+}
+
+fn quota_cmd(cmd: QuotaCmd) -> anyhow::Result<()> {
+    use avalonctl::dir_quota::{self, limit};
+    match cmd {
+        QuotaCmd::Set {
+            path,
+            max_bytes,
+            max_files,
+        } => {
+            if max_bytes.is_none() && max_files.is_none() {
+                bail!("give --max-bytes and/or --max-files");
+            }
+            dir_quota::set_limits(&path, max_bytes.as_deref(), max_files.as_deref())?;
+            Ok(())
+        }
+        QuotaCmd::Get { path } => {
+            let l = dir_quota::limits(&path)?;
+            let u = dir_quota::du(&path)?;
+            println!("path       {}", path.display());
+            println!(
+                "bytes      {} used of {}",
+                u.rbytes,
+                limit(l.max_bytes, false)
+            );
+            println!(
+                "inodes     {} used of {}",
+                u.rfiles + u.rsubdirs,
+                limit(l.max_files, false)
+            );
+            Ok(())
+        }
+        QuotaCmd::Ls { path } => {
+            println!(
+                "{:<40} {:>10} {:>10} {:>12} {:>12}",
+                "PATH", "MAX_BYTES", "USED", "MAX_INODES", "USED_INODES"
+            );
+            for q in dir_quota::list(&path)? {
+                println!(
+                    "{:<40} {:>10} {:>10} {:>12} {:>12}",
+                    path.join(&q.path).display(),
+                    limit(q.limits.max_bytes, true),
+                    dir_quota::human(q.used_bytes),
+                    limit(q.limits.max_files, false),
+                    q.used_inodes
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn du_cmd(paths: &[PathBuf], human: bool) -> anyhow::Result<()> {
+    for p in paths {
+        let u = avalonctl::dir_quota::du(p)?;
+        let bytes = if human {
+            avalonctl::dir_quota::human(u.rbytes)
+        } else {
+            u.rbytes.to_string()
+        };
+        println!("{bytes}\t{}\t{}\t{}", u.rfiles, u.rsubdirs, p.display());
+    }
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]
@@ -884,6 +988,8 @@ fn main() -> anyhow::Result<()> {
             generate::write_all(Cli::command(), &dir)
                 .with_context(|| format!("writing man pages and completions to {}", dir.display()))
         }
+        Cmd::Du { paths, human } => du_cmd(&paths, human),
+        Cmd::Quota { cmd } => quota_cmd(cmd),
         Cmd::Down { dir, timeout } => local_cluster::down(&dir, Duration::from_secs(timeout)),
         Cmd::Top { dir, mds } => {
             let (addrs, tls) = mds_addrs(dir.as_deref(), mds.as_deref())?;

@@ -419,6 +419,7 @@ fn hostile_requests_get_errnos() {
         name: name.to_vec().into(),
         value: vec![7u8; len].into(),
         flags: 0,
+        ..Default::default()
     };
     expect_err(
         "xattr value > 64 KiB",
