@@ -50,7 +50,8 @@ pub struct RStats {
     /// False in a state decoded from a snapshot older than rstats: the
     /// table is rebuilt before the next command applies.
     pub ready: bool,
-    pub dirs: BTreeMap<u64, DirStats>,
+    /// Copy-on-write like the namespace maps: a snapshot copies it in O(1).
+    pub dirs: crate::namespace::NsMap<u64, DirStats>,
 }
 
 impl RStats {
@@ -58,7 +59,7 @@ impl RStats {
     pub fn new() -> Self {
         RStats {
             ready: true,
-            dirs: BTreeMap::new(),
+            dirs: Default::default(),
         }
     }
 }
@@ -320,16 +321,20 @@ pub fn rebuild(s: &mut State) {
         primary.entry(e.ino).or_insert(*dir);
     }
     let mut adds = Vec::new();
-    for (ino, i) in s.inodes.iter_mut() {
+    let inos: Vec<u64> = s.inodes.keys().copied().collect();
+    for ino in inos {
+        let Some(i) = s.inodes.get_mut(&ino) else {
+            continue;
+        };
         if i.is_dir() {
-            if *ino != ROOT_INO && i.attr.nlink > 0 {
-                adds.push((i.parent, *ino, true, i.attr.ctime_ns));
+            if ino != ROOT_INO && i.attr.nlink > 0 {
+                adds.push((i.parent, ino, true, i.attr.ctime_ns));
             } else {
-                adds.push((0, *ino, true, i.attr.ctime_ns));
+                adds.push((0, ino, true, i.attr.ctime_ns));
             }
         } else {
-            i.parent = primary.get(ino).copied().unwrap_or(0);
-            adds.push((i.parent, *ino, false, i.attr.ctime_ns));
+            i.parent = primary.get(&ino).copied().unwrap_or(0);
+            adds.push((i.parent, ino, false, i.attr.ctime_ns));
         }
     }
     s.rstats.ready = true;
