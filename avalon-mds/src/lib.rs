@@ -9,6 +9,7 @@
 pub mod acl;
 pub mod authz;
 pub mod caps;
+pub mod chunk_caps;
 pub mod command;
 pub mod config;
 pub mod delegation;
@@ -207,7 +208,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         metrics_endpoint(addr, &node, &shutdown).await?;
     }
 
-    let meta = MetaServer::new(MetaService::new(node.clone()))
+    let mut meta_svc = MetaService::new(node.clone());
+    meta_svc.chunk_caps = chunk_caps::CapIssuer::new(tls.chunk_cap_key.clone(), cfg.chunk_cap_secs);
+    let meta = MetaServer::new(meta_svc)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let raft_svc = RaftServer::new(RaftService { node: node.clone() })

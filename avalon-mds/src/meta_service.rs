@@ -43,6 +43,8 @@ pub struct MetaService {
     pub node: Arc<MdsNode>,
     /// Free space of this node's data dir (the metadata reserve).
     pub reserve: DiskReserve,
+    /// Signs the chunk capabilities of opens, creates and GetChunkCap.
+    pub chunk_caps: crate::chunk_caps::CapIssuer,
 }
 
 /// Converts a stored attribute to its wire form.
@@ -159,6 +161,7 @@ fn entry(r: Reply) -> Result<pb::EntryReply, MdsError> {
             parent: None,
             shared_write: false,
             no_xattrs: false,
+            chunk_cap: Default::default(),
         }),
         other => Err(MdsError::Internal(format!("unexpected reply {other:?}"))),
     }
@@ -168,6 +171,7 @@ fn attr_reply(r: Reply) -> Result<pb::AttrReply, MdsError> {
     entry(r).map(|e| pb::AttrReply {
         attr: e.attr,
         shared_write: false,
+        chunk_cap: Default::default(),
     })
 }
 
@@ -178,7 +182,12 @@ impl MetaService {
             node.cfg.data_dir.clone(),
             node.cfg.disk_reserve_mb.saturating_mul(1 << 20),
         );
-        MetaService { node, reserve }
+        let chunk_caps = crate::chunk_caps::CapIssuer::new(None, node.cfg.chunk_cap_secs);
+        MetaService {
+            node,
+            reserve,
+            chunk_caps,
+        }
     }
 
     /// ENOSPC for a request that grows the namespace while this leader's
@@ -464,6 +473,7 @@ impl Meta for MetaService {
             parent: None,
             shared_write: false,
             no_xattrs: false,
+            chunk_cap: Default::default(),
         }))
     }
 
@@ -481,6 +491,7 @@ impl Meta for MetaService {
         Ok(Response::new(pb::AttrReply {
             attr: Some(attr_pb(&a)),
             shared_write: false,
+            chunk_cap: Default::default(),
         }))
     }
 
@@ -538,6 +549,7 @@ impl Meta for MetaService {
     async fn mknod(&self, req: Request<pb::MknodRequest>) -> Res<pb::EntryReply> {
         let _m = crate::metrics::op(Rpc::Mknod);
         let lim = self.limits(&req);
+        let peer = Peer::of(&req);
         let r = req.into_inner();
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.parent])?;
         self.check_growth()?;
@@ -559,6 +571,7 @@ impl Meta for MetaService {
         let sid = session_of(r.header.as_ref());
         let created = e.attr.as_ref().map(|a| (a.ino, a.mode & libc::S_IFMT));
         if let Some((ino, libc::S_IFREG)) = created {
+            e.chunk_cap = self.chunk_caps.issue(&peer, sid, ino, true);
             if sid != 0 {
                 self.node.note_created(sid, ino);
                 if writes(r.open_flags) {
@@ -928,6 +941,7 @@ impl Meta for MetaService {
     async fn open(&self, req: Request<pb::OpenRequest>) -> Res<pb::AttrReply> {
         let _m = crate::metrics::op(Rpc::Open);
         let lim = self.limits(&req);
+        let peer = Peer::of(&req);
         let r = req.into_inner();
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         ino_ok(r.ino)?;
@@ -975,6 +989,13 @@ impl Meta for MetaService {
             Ok(a) => Ok(Response::new(pb::AttrReply {
                 attr: Some(attr_pb(&a)),
                 shared_write,
+                // Read-write for opens that change data (O_TRUNC too).
+                chunk_cap: self.chunk_caps.issue(
+                    &peer,
+                    sid,
+                    r.ino,
+                    writes(r.flags) || r.flags as i32 & libc::O_TRUNC != 0,
+                ),
             })),
             Err(e) => {
                 if sid != 0 {
@@ -983,6 +1004,32 @@ impl Meta for MetaService {
                 Err(e.into())
             }
         }
+    }
+
+    async fn get_chunk_cap(&self, req: Request<pb::ChunkCapRequest>) -> Res<pb::ChunkCapReply> {
+        let peer = Peer::of(&req);
+        let lim = self.limits(&req);
+        let r = req.into_inner();
+        ino_ok(r.ino)?;
+        let sid = r.header.as_ref().map_or(0, |h| h.session_id);
+        self.own_session(&peer, sid)?;
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
+        if r.write && lim.as_ref().is_some_and(|(_, c)| c.read_only) {
+            return Err(MdsError::Errno(libc::EROFS).into());
+        }
+        // A client's capabilities come with a live session of its own (a
+        // removed key's sessions are gone: its caps run out at expiry).
+        if peer.secured
+            && caps::client_name(&peer).is_some()
+            && !self.node.read_local(|s| s.sessions.contains_key(&sid))
+        {
+            return Err(Status::permission_denied(format!(
+                "no session {sid}: no chunk capabilities"
+            )));
+        }
+        Ok(Response::new(pb::ChunkCapReply {
+            cap: self.chunk_caps.issue(&peer, sid, r.ino, r.write),
+        }))
     }
 
     async fn release(&self, req: Request<pb::ReleaseRequest>) -> Res<pb::Empty> {
