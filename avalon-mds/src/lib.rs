@@ -138,12 +138,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
+    let peer_features = raft_net::PeerFeatures::default();
     let raft = Raft::new(
         cfg.id,
         Arc::new(raft_config(&cfg)?),
         NetworkFactory {
             id: cfg.id,
             tls: tls.client.clone(),
+            features: peer_features.clone(),
         },
         log,
         sm,
@@ -175,6 +177,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         shutdown: shutdown.child_token(),
         tls: tls.client.clone(),
         metrics_addr: std::sync::OnceLock::new(),
+        peer_features,
     });
     let refused: Arc<Mutex<Option<settings::Mismatch>>> = Arc::default();
 

@@ -38,6 +38,46 @@ fn writes(flags: u32) -> bool {
     flags as i32 & libc::O_ACCMODE != libc::O_RDONLY
 }
 
+/// `op` (a client registration) under a random, nonzero session id.
+fn with_random_id(op: Op) -> Op {
+    let session_id = loop {
+        let id = rand::random::<u64>();
+        if id != 0 {
+            break id;
+        }
+    };
+    match op {
+        Op::RegisterClientAs {
+            hostname,
+            mountpoint,
+            pid,
+            subdir,
+            identity,
+        } => Op::RegisterClientWithId {
+            hostname,
+            mountpoint,
+            pid,
+            subdir,
+            identity: Some(identity),
+            session_id,
+        },
+        Op::RegisterClient {
+            hostname,
+            mountpoint,
+            pid,
+            subdir,
+        } => Op::RegisterClientWithId {
+            hostname,
+            mountpoint,
+            pid,
+            subdir,
+            identity: None,
+            session_id,
+        },
+        other => other,
+    }
+}
+
 /// The `Meta` service of one node.
 pub struct MetaService {
     pub node: Arc<MdsNode>,
@@ -1509,8 +1549,31 @@ impl Meta for MetaService {
                 subdir: r.subdir.into(),
             },
         };
-        // A registration is not deduplicated: it has no session yet.
-        match self.mutate(None, op, &[]).await? {
+        // Session ids are drawn at random (not guessable) once every member
+        // applies such registrations; a taken id is drawn again.
+        let random = self
+            .node
+            .voters_have(avalon_proto::version::FEATURE_RANDOM_SESSIONS);
+        let mut tries = 0;
+        let reply = loop {
+            let op = if random {
+                with_random_id(op.clone())
+            } else {
+                op.clone()
+            };
+            // A registration is not deduplicated: it has no session yet.
+            match self.mutate(None, op, &[]).await {
+                Err(s)
+                    if random
+                        && tries < 4
+                        && avalon_proto::errno::errno_of(&s) == libc::EEXIST =>
+                {
+                    tries += 1;
+                }
+                r => break r?,
+            }
+        };
+        match reply {
             Reply::ClientRegistered {
                 session_id,
                 root_ino,

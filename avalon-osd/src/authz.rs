@@ -79,11 +79,7 @@ pub fn chunk_access(
         Some(v) => v.check(key, cred, ino, write, &id.name, now),
         None => chunk_cap::check(key, cred, ino, write, &id.name, now).map(|_| ()),
     };
-    r.map_err(|e| {
-        let mut st = e.status();
-        *st.message_mut() = format!("{}: {}", id.name, st.message());
-        st
-    })
+    r.map_err(|e| e.status())
 }
 
 #[cfg(test)]
