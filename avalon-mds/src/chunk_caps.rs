@@ -31,7 +31,11 @@ impl CapIssuer {
         };
         key.sign(&ChunkCap {
             ino,
-            rights: if write { Rights::ReadWrite } else { Rights::Read },
+            rights: if write {
+                Rights::ReadWrite
+            } else {
+                Rights::Read
+            },
             session_id: sid,
             holder: id.name.clone(),
             expires_ms: avalon_proto::chunk_cap::now_ms().saturating_add(self.ttl_ms),

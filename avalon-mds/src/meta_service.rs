@@ -1564,9 +1564,7 @@ impl Meta for MetaService {
             // A registration is not deduplicated: it has no session yet.
             match self.mutate(None, op, &[]).await {
                 Err(s)
-                    if random
-                        && tries < 4
-                        && avalon_proto::errno::errno_of(&s) == libc::EEXIST =>
+                    if random && tries < 4 && avalon_proto::errno::errno_of(&s) == libc::EEXIST =>
                 {
                     tries += 1;
                 }

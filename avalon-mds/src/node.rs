@@ -363,10 +363,7 @@ impl MdsNode {
     /// True when every other voter answered with `feature` (a new log
     /// entry kind is proposed only once every member can apply it).
     pub fn voters_have(&self, feature: u64) -> bool {
-        let f = self
-            .peer_features
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let f = self.peer_features.lock().unwrap_or_else(|e| e.into_inner());
         self.voter_ids()
             .into_iter()
             .filter(|&id| id != self.id)

@@ -135,13 +135,25 @@ mod tests {
         assert!(chunk_access(k, &x, &rw, 5, true, Some(&mut seen)).is_ok());
         let denied = |r: Result<(), Status>| r.unwrap_err().code() == tonic::Code::PermissionDenied;
         assert!(denied(chunk_access(k, &x, &Bytes::new(), 5, false, None)));
-        assert!(denied(chunk_access(k, &x, &rw, 6, false, None)), "other inode");
-        assert!(denied(chunk_access(k, &peer("client.y"), &rw, 5, false, None)), "other holder");
+        assert!(
+            denied(chunk_access(k, &x, &rw, 6, false, None)),
+            "other inode"
+        );
+        assert!(
+            denied(chunk_access(k, &peer("client.y"), &rw, 5, false, None)),
+            "other holder"
+        );
         let ro = cap(5, Rights::Read, "client.x", later);
-        assert!(denied(chunk_access(k, &x, &ro, 5, true, None)), "read cap for a write");
+        assert!(
+            denied(chunk_access(k, &x, &ro, 5, true, None)),
+            "read cap for a write"
+        );
         let other = CapKey::new(&[1u8; chunk_cap::KEY_BYTES]).unwrap();
         let forged = other.sign(&chunk_cap::decode(&rw).unwrap());
-        assert!(denied(chunk_access(k, &x, &forged, 5, false, None)), "forged");
+        assert!(
+            denied(chunk_access(k, &x, &forged, 5, false, None)),
+            "forged"
+        );
         let old = cap(5, Rights::ReadWrite, "client.x", 1);
         let e = chunk_access(k, &x, &old, 5, false, None).unwrap_err();
         assert!(chunk_cap::is_expired(&e), "{e:?}");

@@ -303,10 +303,15 @@ mod tests {
     #[test]
     fn connections_are_counted_per_peer_and_released() {
         let conns = Arc::new(PeerConns::default());
-        let a: Vec<_> = (0..3).filter_map(|_| conns.take("client.a".into(), 3)).collect();
+        let a: Vec<_> = (0..3)
+            .filter_map(|_| conns.take("client.a".into(), 3))
+            .collect();
         assert_eq!(a.len(), 3);
         assert!(conns.take("client.a".into(), 3).is_none(), "over the cap");
-        assert!(conns.take("client.b".into(), 3).is_some(), "others unaffected");
+        assert!(
+            conns.take("client.b".into(), 3).is_some(),
+            "others unaffected"
+        );
         drop(a);
         assert!(conns.take("client.a".into(), 3).is_some(), "released");
         assert!(conns.0.lock().unwrap().get("client.b").is_none());

@@ -6,15 +6,15 @@ use crate::membership::Membership;
 use crate::metrics::Op;
 use crate::recovery::{Recovery, INTERNAL_KEY};
 use crate::replication::Replicator;
+use avalon_proto::chunk_cap::{CapKey, Verified};
 use avalon_proto::limits::{MAX_CHUNK_SIZE, MAX_FILE_SIZE};
 use avalon_proto::pb::osd_server::Osd;
+use avalon_proto::pb::RequestHeader;
 use avalon_proto::pb::{
     ByteRange, ChunkExtents, ChunkId, ChunkInfo, DeleteObjectsRequest, Empty, ListChunksReply,
     ListChunksRequest, ObjectExtentsReply, ObjectExtentsRequest, OsdStatusReply, ReadChunkReply,
     ReadChunkRequest, SyncObjectsRequest, WriteChunkReply, WriteChunkRequest,
 };
-use avalon_proto::chunk_cap::{CapKey, Verified};
-use avalon_proto::pb::RequestHeader;
 use avalon_proto::placement::pg_of;
 use avalon_proto::tls::Peer;
 use std::sync::Arc;

@@ -62,8 +62,8 @@ fn chunk_cap_block(dir: &Path) -> anyhow::Result<String> {
             &format!("{}\n", random_hex(avalon_proto::chunk_cap::KEY_BYTES)?),
         )?;
     }
-    let hex = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let hex =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let block = format!(
         "-----BEGIN {l}-----\n{}\n-----END {l}-----\n",
         hex.trim(),
@@ -242,7 +242,11 @@ mod tests {
         assert_eq!(cluster, "c1");
         assert!(init(d.path(), None).is_err(), "no second CA");
         let p = add(d.path(), "osd.3").expect("add");
-        for f in [p.clone(), d.path().join(CA_KEY), d.path().join(CHUNK_CAP_KEY)] {
+        for f in [
+            p.clone(),
+            d.path().join(CA_KEY),
+            d.path().join(CHUNK_CAP_KEY),
+        ] {
             let mode = std::fs::metadata(&f).expect("stat").permissions().mode();
             assert_eq!(mode & 0o777, 0o600, "{}", f.display());
         }
@@ -251,7 +255,10 @@ mod tests {
         assert_eq!(k.identity().cluster, "c1");
         assert!(add(d.path(), "osd.3").is_err(), "no overwrite");
         assert!(add(d.path(), "root").is_err(), "bad name");
-        assert!(k.chunk_cap_key().is_some(), "daemons hold the chunk-cap key");
+        assert!(
+            k.chunk_cap_key().is_some(),
+            "daemons hold the chunk-cap key"
+        );
         let c = add(d.path(), "client.alice").expect("add");
         let c = tls::KeyFile::load(&c).expect("load");
         assert!(c.chunk_cap_key().is_none(), "clients do not");

@@ -223,11 +223,15 @@ fn chunk_capabilities_guard_every_chunk_access() {
                 };
                 check(
                     "data-port write",
-                    dc.write_chunk(a, &write_req(ino_a, cap), t10).await.map(|_| ()),
+                    dc.write_chunk(a, &write_req(ino_a, cap), t10)
+                        .await
+                        .map(|_| ()),
                 );
                 check(
                     "data-port truncate",
-                    dc.write_chunk(a, &cut_req(ino_a, cap), t10).await.map(|_| ()),
+                    dc.write_chunk(a, &cut_req(ino_a, cap), t10)
+                        .await
+                        .map(|_| ()),
                 );
                 check(
                     "gRPC write",
@@ -236,7 +240,9 @@ fn chunk_capabilities_guard_every_chunk_access() {
                 if *what != "a read capability" {
                     check(
                         "data-port read",
-                        dc.read_chunk(a, &read_req(ino_a, len, cap)).await.map(|_| ()),
+                        dc.read_chunk(a, &read_req(ino_a, len, cap))
+                            .await
+                            .map(|_| ()),
                     );
                     check(
                         "gRPC read",
@@ -258,7 +264,11 @@ fn chunk_capabilities_guard_every_chunk_access() {
         }
     });
     // Nothing changed on any OSD, nor through the mount.
-    assert_eq!(copies(&good_read), before, "a refused request changed a copy");
+    assert_eq!(
+        copies(&good_read),
+        before,
+        "a refused request changed a copy"
+    );
     assert_eq!(std::fs::read(root.join("a")).expect("read a"), data_a);
 
     // The MDS signs capabilities for a session of the key's own.
@@ -310,7 +320,18 @@ fn chunk_capabilities_guard_every_chunk_access() {
     });
 
     // `auth rm`: no more capabilities, and the one held stops at expiry.
-    ctl(&kd, &["auth", "rm", "client.x", "--dir", &kds, "--mds", &mds.join(",")]);
+    ctl(
+        &kd,
+        &[
+            "auth",
+            "rm",
+            "client.x",
+            "--dir",
+            &kds,
+            "--mds",
+            &mds.join(","),
+        ],
+    );
     let refused = rt.block_on(async {
         m.get_chunk_cap(pb::ChunkCapRequest {
             header: Some(pb::RequestHeader {

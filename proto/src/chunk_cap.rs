@@ -208,7 +208,9 @@ fn decode_hex(s: &str) -> Result<Vec<u8>, String> {
     }
     (0..s.len())
         .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| "chunk-cap key is not hex".into()))
+        .map(|i| {
+            u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| "chunk-cap key is not hex".into())
+        })
         .collect()
 }
 
@@ -356,8 +358,14 @@ mod tests {
         let k = key(1);
         let rw = k.sign(&cap(42, Rights::ReadWrite, 10_000));
         let ro = k.sign(&cap(42, Rights::Read, 10_000));
-        assert_eq!(check(&k, &[], 42, false, "client.x", 0), Err(CapError::Missing));
-        assert_eq!(check(&k, b"junk", 42, false, "client.x", 0), Err(CapError::Malformed));
+        assert_eq!(
+            check(&k, &[], 42, false, "client.x", 0),
+            Err(CapError::Missing)
+        );
+        assert_eq!(
+            check(&k, b"junk", 42, false, "client.x", 0),
+            Err(CapError::Malformed)
+        );
         // Another cluster's key, and a flipped bit anywhere.
         assert_eq!(
             check(&key(2), &rw, 42, false, "client.x", 0),
@@ -366,7 +374,10 @@ mod tests {
         for i in 0..rw.len() {
             let mut f = rw.to_vec();
             f[i] ^= 0x10;
-            assert!(check(&k, &f, 42, false, "client.x", 0).is_err(), "bit in byte {i}");
+            assert!(
+                check(&k, &f, 42, false, "client.x", 0).is_err(),
+                "bit in byte {i}"
+            );
         }
         assert!(matches!(
             check(&k, &rw, 43, false, "client.x", 0),
@@ -376,7 +387,10 @@ mod tests {
             check(&k, &rw, 42, false, "client.y", 0),
             Err(CapError::WrongHolder { .. })
         ));
-        assert_eq!(check(&k, &ro, 42, true, "client.x", 0), Err(CapError::ReadOnly));
+        assert_eq!(
+            check(&k, &ro, 42, true, "client.x", 0),
+            Err(CapError::ReadOnly)
+        );
         let e = check(&k, &rw, 42, true, "client.x", 10_500).unwrap_err();
         assert_eq!(e, CapError::Expired { ago_ms: 500 });
         assert!(is_expired(&e.status()));
@@ -409,7 +423,9 @@ mod tests {
         // A forgery that is not byte-identical is verified and refused.
         let mut f = rw.to_vec();
         f[5] ^= 1;
-        assert!(v.check(&k, &Bytes::from(f), 42, true, "client.x", 1).is_err());
+        assert!(v
+            .check(&k, &Bytes::from(f), 42, true, "client.x", 1)
+            .is_err());
         for i in 0..20u64 {
             let c = k.sign(&cap(100 + i, Rights::Read, 10_000));
             assert!(v.check(&k, &c, 100 + i, false, "client.x", 1).is_ok());
@@ -420,7 +436,10 @@ mod tests {
     #[test]
     fn keys_travel_in_keyfile_blocks() {
         let raw = [0xabu8; KEY_BYTES];
-        let text = format!("-----BEGIN PRIVATE KEY-----\nxx\n-----END PRIVATE KEY-----\n{}", pem_block(&raw));
+        let text = format!(
+            "-----BEGIN PRIVATE KEY-----\nxx\n-----END PRIVATE KEY-----\n{}",
+            pem_block(&raw)
+        );
         let k = CapKey::from_pem(text.as_bytes()).unwrap().unwrap();
         let c = cap(1, Rights::Read, 5);
         assert!(CapKey::new(&raw).unwrap().verify(&k.sign(&c)).is_ok());

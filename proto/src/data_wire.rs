@@ -360,7 +360,10 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         let (mut client, mut server) = tokio::io::duplex(1 << 20);
         client
-            .write_all(&encode_request(READ_CHUNK, &crate::pb::ReadChunkRequest::default()))
+            .write_all(&encode_request(
+                READ_CHUNK,
+                &crate::pb::ReadChunkRequest::default(),
+            ))
             .await
             .unwrap();
         let (kind, _) = read_frame_within(&mut server, MAX_REQUEST_BYTES, idle, whole)

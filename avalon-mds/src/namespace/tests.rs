@@ -572,10 +572,16 @@ fn sessions_take_the_random_id_they_were_given() {
             root_ino: ROOT_INO
         })
     );
-    assert_eq!(s.clients.owners.get(&sid).map(String::as_str), Some("client.a"));
+    assert_eq!(
+        s.clients.owners.get(&sid).map(String::as_str),
+        Some("client.a")
+    );
     assert_eq!(run(&mut s, reg(sid, Some("client.b"))), Err(libc::EEXIST));
     assert_eq!(run(&mut s, reg(0, None)), Err(libc::EEXIST));
-    assert_eq!(s.clients.owners.get(&sid).map(String::as_str), Some("client.a"));
+    assert_eq!(
+        s.clients.owners.get(&sid).map(String::as_str),
+        Some("client.a")
+    );
     assert!(run(&mut s, reg(7, None)).is_ok());
     assert!(!s.clients.owners.contains_key(&7));
 }
