@@ -203,7 +203,7 @@ pub fn pem_block(key: &[u8]) -> String {
 }
 
 fn decode_hex(s: &str) -> Result<Vec<u8>, String> {
-    if s.len() % 2 != 0 || !s.is_ascii() {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
         return Err("chunk-cap key is not hex".into());
     }
     (0..s.len())
