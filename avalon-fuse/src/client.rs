@@ -130,6 +130,8 @@ pub struct Client {
     pub(crate) osds: DashMap<String, pb::osd_client::OsdClient<Channel>>,
     /// Connections to the OSDs' data ports, for chunk reads.
     pub(crate) data_conns: avalon_proto::data_conn::DataConns,
+    /// Chunk capabilities held, sent with every chunk request.
+    pub(crate) chunk_caps: crate::chunk_caps::ChunkCaps,
     pub(crate) files: DashMap<u64, FileState>,
     /// Files with chunk writes sent without sync since their last fsync.
     pub(crate) sync_marks: crate::sync_marks::SyncMarks,
@@ -237,6 +239,7 @@ impl Client {
             root_ino: reg.root_ino,
             map: RwLock::new(Arc::new(map)),
             osds: DashMap::new(),
+            chunk_caps: crate::chunk_caps::ChunkCaps::new(!tls.is_plaintext()),
             data_conns: avalon_proto::data_conn::DataConns::new(tls),
             files: DashMap::new(),
             sync_marks: Default::default(),
@@ -769,6 +772,11 @@ impl Client {
             .await
             .inspect_err(|e| self.contradicted(e, &[(parent, name)]))?;
         self.note_entry(epoch, parent, name, &r);
+        if let Some(a) = &r.attr {
+            if !r.chunk_cap.is_empty() {
+                self.chunk_caps.put(a.ino, r.chunk_cap.clone());
+            }
+        }
         Ok(r)
     }
 
@@ -1374,6 +1382,7 @@ impl Client {
             }
         };
         self.meta.put_attr(epoch, &a);
+        self.chunk_caps.put(ino, r.chunk_cap);
         self.note_open_size(&a, commits);
         self.note_quota(ino, r.quota_window);
         if r.shared_write {

@@ -17,6 +17,7 @@ use crate::chunk_cache::{copy_out, READAHEAD_CHUNKS};
 use crate::client::Client;
 use crate::error::{ClientError, Result};
 use crate::write_buffer::{Take, TICK};
+use avalon_proto::chunk_cap;
 use avalon_proto::errno::OSD_ANSWERED_KEY;
 use avalon_proto::limits::{DEFAULT_CHUNK_SIZE, MAX_FILE_SIZE, MAX_MESSAGE_BYTES};
 use avalon_proto::pb::{self, osd_client::OsdClient, ChunkId, OsdInfo, OsdState};
@@ -34,6 +35,10 @@ use tonic::Code;
 /// predates `WriteChunkRequest.extents`, so it refuses instead of storing
 /// an empty write.
 const VECTORED_WRITE_OFFSET: u32 = u32::MAX;
+
+/// Times one chunk request asks for a fresh capability after an OSD
+/// called its capability expired (more means clocks far apart).
+const MAX_CAP_RENEWALS: u32 = 3;
 
 /// Chunk cuts of one truncate in flight at once.
 const CUT_CONCURRENCY: usize = 32;
@@ -528,11 +533,13 @@ impl Client {
         let deadline = Instant::now() + IO_RETRY_BUDGET;
         let mut last = String::from("no OSD holds this chunk's placement group");
         let mut backoff = Duration::from_millis(20);
-        loop {
+        let mut renewals = 0;
+        'rounds: loop {
             let map = self.map();
+            let cap = self.chunk_cap(ino, true).await?;
             for osd in attempt_order(chunk_members(&map, ino, index)) {
                 let req = pb::WriteChunkRequest {
-                    header: self.header(),
+                    header: self.header_with(cap.clone()),
                     chunk: Some(ChunkId { ino, index }),
                     sync,
                     map_epoch: map.epoch,
@@ -550,6 +557,12 @@ impl Client {
                         // A readahead that raced the write may hold old data.
                         self.cache.invalidate(ino, index);
                         return Ok(());
+                    }
+                    Err(s) if chunk_cap::is_expired(&s) && renewals < MAX_CAP_RENEWALS => {
+                        // Nothing was written: renew and send again.
+                        renewals += 1;
+                        self.chunk_caps.forget(ino);
+                        continue 'rounds;
                     }
                     Err(s) if !retry_elsewhere(&s) => return Err(s.into()),
                     Err(s) => {
@@ -690,8 +703,10 @@ impl Client {
         let deadline = Instant::now() + IO_RETRY_BUDGET;
         let mut last = String::from("no OSD holds this chunk's placement group");
         let mut backoff = Duration::from_millis(20);
-        loop {
+        let mut renewals = 0;
+        'rounds: loop {
             let map = self.map();
+            let cap = self.chunk_cap(ino, false).await?;
             let mut order = attempt_order(chunk_members(&map, ino, index));
             let up = order
                 .iter()
@@ -702,7 +717,7 @@ impl Client {
             }
             for osd in order {
                 let req = pb::ReadChunkRequest {
-                    header: self.header(),
+                    header: self.header_with(cap.clone()),
                     chunk: Some(ChunkId { ino, index }),
                     offset,
                     length,
@@ -710,6 +725,11 @@ impl Client {
                 };
                 match self.data_conns.read_chunk(&osd.addr, &req).await {
                     Ok((_, data)) => return Ok(data),
+                    Err(s) if chunk_cap::is_expired(&s) && renewals < MAX_CAP_RENEWALS => {
+                        renewals += 1;
+                        self.chunk_caps.forget(ino);
+                        continue 'rounds;
+                    }
                     Err(s) if !retry_elsewhere(&s) => return Err(s.into()),
                     Err(s) => {
                         tracing::debug!(ino, index, osd = osd.id, code = ?s.code(), msg = s.message(), "chunk read failed");
@@ -799,6 +819,7 @@ impl Client {
     async fn object_extents(&self, ino: u64, from: u64) -> Result<Option<(Vec<(u64, u64)>, u64)>> {
         let cs = u64::from(self.chunk_size_of(ino));
         let map = self.map();
+        let cap = self.chunk_cap(ino, false).await?;
         let asks = map
             .osds
             .iter()
@@ -806,7 +827,7 @@ impl Client {
             .map(|o| {
                 let call = self.osd(&o.addr).map(|mut c| {
                     let req = pb::ObjectExtentsRequest {
-                        header: self.header(),
+                        header: self.header_with(cap.clone()),
                         ino,
                         from_index: from,
                         max_chunks: 4096,

@@ -6,6 +6,7 @@ pub mod acl;
 pub mod attr;
 pub mod changing_names;
 pub mod chunk_cache;
+pub mod chunk_caps;
 pub mod client;
 pub mod data_path;
 pub mod delegation;

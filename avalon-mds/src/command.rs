@@ -269,6 +269,17 @@ pub enum Op {
         subdir: Vec<u8>,
         identity: String,
     },
+    /// A client registration under a session id the leader chose at random
+    /// (so ids cannot be guessed); `identity`, when set, owns the session.
+    /// Fails with EEXIST if the id is taken (the leader draws again).
+    RegisterClientWithId {
+        hostname: String,
+        mountpoint: Vec<u8>,
+        pid: u32,
+        subdir: Vec<u8>,
+        identity: Option<String>,
+        session_id: u64,
+    },
 }
 
 /// A raft log entry payload.

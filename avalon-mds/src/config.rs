@@ -69,6 +69,9 @@ pub struct Config {
     /// and 2% of the data dir's filesystem free, creates get ENOSPC and
     /// deletes are still served.
     pub disk_reserve_mb: u64,
+    /// Lifetime of the chunk capabilities this node signs, in seconds:
+    /// clients renew them before; a removed key's stop working after it.
+    pub chunk_cap_secs: u64,
     /// Serve Prometheus metrics (and the status page) over HTTP here
     /// (host:port); unset: off.
     pub metrics_addr: Option<String>,
@@ -115,6 +118,7 @@ impl Default for Config {
             lease_ms: 2000,
             join: false,
             disk_reserve_mb: 256,
+            chunk_cap_secs: 60,
             metrics_addr: None,
             security: Default::default(),
         }
@@ -185,6 +189,9 @@ pub struct Args {
     /// Metadata reserve floor in MiB (creates get ENOSPC below it).
     #[arg(long)]
     pub disk_reserve_mb: Option<u64>,
+    /// Lifetime of signed chunk capabilities in seconds.
+    #[arg(long)]
+    pub chunk_cap_secs: Option<u64>,
     /// Serve Prometheus metrics on /metrics at this host:port (off unless set).
     #[arg(long)]
     pub metrics_addr: Option<String>,
@@ -245,7 +252,8 @@ impl Config {
             osd_out_after_ms,
             session_timeout_ms,
             orphan_grace_ms,
-            disk_reserve_mb
+            disk_reserve_mb,
+            chunk_cap_secs
         );
         if args.join {
             cfg.join = true;
@@ -291,6 +299,9 @@ impl Config {
             || self.heartbeat_ms >= self.election_min_ms
         {
             bail!("need heartbeat_ms < election_min_ms < election_max_ms");
+        }
+        if !(1..=86_400).contains(&self.chunk_cap_secs) {
+            bail!("chunk_cap_secs must be in 1..=86400");
         }
         if !(100..=60_000).contains(&self.lease_ms) {
             bail!("lease_ms must be in 100..=60000");

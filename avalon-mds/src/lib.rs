@@ -9,6 +9,7 @@
 pub mod acl;
 pub mod authz;
 pub mod caps;
+pub mod chunk_caps;
 pub mod command;
 pub mod config;
 pub mod delegation;
@@ -140,12 +141,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
+    let peer_features = raft_net::PeerFeatures::default();
     let raft = Raft::new(
         cfg.id,
         Arc::new(raft_config(&cfg)?),
         NetworkFactory {
             id: cfg.id,
             tls: tls.client.clone(),
+            features: peer_features.clone(),
         },
         log,
         sm,
@@ -177,6 +180,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         shutdown: shutdown.child_token(),
         tls: tls.client.clone(),
         metrics_addr: std::sync::OnceLock::new(),
+        peer_features,
     });
     let refused: Arc<Mutex<Option<settings::Mismatch>>> = Arc::default();
 
@@ -217,7 +221,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         metrics_endpoint(addr, &node, &shutdown).await?;
     }
 
-    let meta = MetaServer::new(MetaService::new(node.clone()))
+    let mut meta_svc = MetaService::new(node.clone());
+    meta_svc.chunk_caps = chunk_caps::CapIssuer::new(tls.chunk_cap_key.clone(), cfg.chunk_cap_secs);
+    let meta = MetaServer::new(meta_svc)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let raft_svc = RaftServer::new(RaftService { node: node.clone() })

@@ -38,11 +38,53 @@ fn writes(flags: u32) -> bool {
     flags as i32 & libc::O_ACCMODE != libc::O_RDONLY
 }
 
+/// `op` (a client registration) under a random, nonzero session id.
+fn with_random_id(op: Op) -> Op {
+    let session_id = loop {
+        let id = rand::random::<u64>();
+        if id != 0 {
+            break id;
+        }
+    };
+    match op {
+        Op::RegisterClientAs {
+            hostname,
+            mountpoint,
+            pid,
+            subdir,
+            identity,
+        } => Op::RegisterClientWithId {
+            hostname,
+            mountpoint,
+            pid,
+            subdir,
+            identity: Some(identity),
+            session_id,
+        },
+        Op::RegisterClient {
+            hostname,
+            mountpoint,
+            pid,
+            subdir,
+        } => Op::RegisterClientWithId {
+            hostname,
+            mountpoint,
+            pid,
+            subdir,
+            identity: None,
+            session_id,
+        },
+        other => other,
+    }
+}
+
 /// The `Meta` service of one node.
 pub struct MetaService {
     pub node: Arc<MdsNode>,
     /// Free space of this node's data dir (the metadata reserve).
     pub reserve: DiskReserve,
+    /// Signs the chunk capabilities of opens, creates and GetChunkCap.
+    pub chunk_caps: crate::chunk_caps::CapIssuer,
 }
 
 /// Converts a stored attribute to its wire form.
@@ -160,6 +202,7 @@ fn entry(r: Reply) -> Result<pb::EntryReply, MdsError> {
             shared_write: false,
             no_xattrs: false,
             quota_window: 0,
+            chunk_cap: Default::default(),
         }),
         other => Err(MdsError::Internal(format!("unexpected reply {other:?}"))),
     }
@@ -170,6 +213,7 @@ fn attr_reply(r: Reply) -> Result<pb::AttrReply, MdsError> {
         attr: e.attr,
         shared_write: false,
         quota_window: 0,
+        chunk_cap: Default::default(),
     })
 }
 
@@ -180,7 +224,12 @@ impl MetaService {
             node.cfg.data_dir.clone(),
             node.cfg.disk_reserve_mb.saturating_mul(1 << 20),
         );
-        MetaService { node, reserve }
+        let chunk_caps = crate::chunk_caps::CapIssuer::new(None, node.cfg.chunk_cap_secs);
+        MetaService {
+            node,
+            reserve,
+            chunk_caps,
+        }
     }
 
     /// ENOSPC for a request that grows the namespace while this leader's
@@ -518,6 +567,7 @@ impl Meta for MetaService {
             shared_write: false,
             no_xattrs: false,
             quota_window: 0,
+            chunk_cap: Default::default(),
         }))
     }
 
@@ -536,6 +586,7 @@ impl Meta for MetaService {
             attr: Some(attr_pb(&a)),
             shared_write: false,
             quota_window: 0,
+            chunk_cap: Default::default(),
         }))
     }
 
@@ -593,6 +644,7 @@ impl Meta for MetaService {
     async fn mknod(&self, req: Request<pb::MknodRequest>) -> Res<pb::EntryReply> {
         let _m = crate::metrics::op(Rpc::Mknod);
         let lim = self.limits(&req);
+        let peer = Peer::of(&req);
         let r = req.into_inner();
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.parent])?;
         self.check_growth()?;
@@ -615,6 +667,7 @@ impl Meta for MetaService {
         let created = e.attr.as_ref().map(|a| (a.ino, a.mode & libc::S_IFMT));
         if let Some((ino, libc::S_IFREG)) = created {
             e.quota_window = self.quota_window(ino);
+            e.chunk_cap = self.chunk_caps.issue(&peer, sid, ino, true);
             if sid != 0 {
                 self.node.note_created(sid, ino);
                 if writes(r.open_flags) {
@@ -1000,6 +1053,7 @@ impl Meta for MetaService {
     async fn open(&self, req: Request<pb::OpenRequest>) -> Res<pb::AttrReply> {
         let _m = crate::metrics::op(Rpc::Open);
         let lim = self.limits(&req);
+        let peer = Peer::of(&req);
         let r = req.into_inner();
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         ino_ok(r.ino)?;
@@ -1048,6 +1102,13 @@ impl Meta for MetaService {
                 attr: Some(attr_pb(&a)),
                 shared_write,
                 quota_window: self.quota_window(r.ino),
+                // Read-write for opens that change data (O_TRUNC too).
+                chunk_cap: self.chunk_caps.issue(
+                    &peer,
+                    sid,
+                    r.ino,
+                    writes(r.flags) || r.flags as i32 & libc::O_TRUNC != 0,
+                ),
             })),
             Err(e) => {
                 if sid != 0 {
@@ -1056,6 +1117,32 @@ impl Meta for MetaService {
                 Err(e.into())
             }
         }
+    }
+
+    async fn get_chunk_cap(&self, req: Request<pb::ChunkCapRequest>) -> Res<pb::ChunkCapReply> {
+        let peer = Peer::of(&req);
+        let lim = self.limits(&req);
+        let r = req.into_inner();
+        ino_ok(r.ino)?;
+        let sid = r.header.as_ref().map_or(0, |h| h.session_id);
+        self.own_session(&peer, sid)?;
+        self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
+        if r.write && lim.as_ref().is_some_and(|(_, c)| c.read_only) {
+            return Err(MdsError::Errno(libc::EROFS).into());
+        }
+        // A client's capabilities come with a live session of its own (a
+        // removed key's sessions are gone: its caps run out at expiry).
+        if peer.secured
+            && caps::client_name(&peer).is_some()
+            && !self.node.read_local(|s| s.sessions.contains_key(&sid))
+        {
+            return Err(Status::permission_denied(format!(
+                "no session {sid}: no chunk capabilities"
+            )));
+        }
+        Ok(Response::new(pb::ChunkCapReply {
+            cap: self.chunk_caps.issue(&peer, sid, r.ino, r.write),
+        }))
     }
 
     async fn release(&self, req: Request<pb::ReleaseRequest>) -> Res<pb::Empty> {
@@ -1538,8 +1625,29 @@ impl Meta for MetaService {
                 subdir: r.subdir.into(),
             },
         };
-        // A registration is not deduplicated: it has no session yet.
-        match self.mutate(None, op, &[]).await? {
+        // Session ids are drawn at random (not guessable) once every member
+        // applies such registrations; a taken id is drawn again.
+        let random = self
+            .node
+            .voters_have(avalon_proto::version::FEATURE_RANDOM_SESSIONS);
+        let mut tries = 0;
+        let reply = loop {
+            let op = if random {
+                with_random_id(op.clone())
+            } else {
+                op.clone()
+            };
+            // A registration is not deduplicated: it has no session yet.
+            match self.mutate(None, op, &[]).await {
+                Err(s)
+                    if random && tries < 4 && avalon_proto::errno::errno_of(&s) == libc::EEXIST =>
+                {
+                    tries += 1;
+                }
+                r => break r?,
+            }
+        };
+        match reply {
             Reply::ClientRegistered {
                 session_id,
                 root_ino,

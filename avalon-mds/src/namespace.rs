@@ -626,6 +626,27 @@ impl State {
                 }
                 Ok(r)
             }
+            Op::RegisterClientWithId {
+                hostname,
+                mountpoint,
+                pid,
+                subdir,
+                identity,
+                session_id,
+            } => {
+                if *session_id == 0 || self.sessions.contains_key(session_id) {
+                    return Err(libc::EEXIST);
+                }
+                let root_ino = self.resolve_dir(subdir)?;
+                self.add_session(*session_id, hostname, mountpoint, *pid, root_ino);
+                if let Some(id) = identity {
+                    self.clients.owners.insert(*session_id, id.clone());
+                }
+                Ok(Reply::ClientRegistered {
+                    session_id: *session_id,
+                    root_ino,
+                })
+            }
             Op::SetClientCaps { name, caps } => {
                 match caps {
                     Some(c) => {
@@ -745,6 +766,14 @@ impl State {
         let root_ino = self.resolve_dir(subdir)?;
         let id = self.next_session_id;
         self.next_session_id += 1;
+        self.add_session(id, hostname, mountpoint, pid, root_ino);
+        Ok(Reply::ClientRegistered {
+            session_id: id,
+            root_ino,
+        })
+    }
+
+    fn add_session(&mut self, id: u64, hostname: &str, mountpoint: &[u8], pid: u32, root_ino: u64) {
         self.sessions.insert(
             id,
             Session {
@@ -755,10 +784,6 @@ impl State {
                 root_ino,
             },
         );
-        Ok(Reply::ClientRegistered {
-            session_id: id,
-            root_ino,
-        })
     }
 
     /// Forgets session `sid` and what it held.

@@ -247,6 +247,8 @@ pub struct MdsNode {
     pub tls: avalon_proto::tls::ClientTls,
     /// Where this node serves metrics and the status page, once bound.
     pub metrics_addr: std::sync::OnceLock<String>,
+    /// The MDS peers' feature bits, from their raft answers.
+    pub peer_features: crate::raft_net::PeerFeatures,
 }
 
 /// Wall clock in nanoseconds since the epoch.
@@ -358,6 +360,16 @@ impl MdsNode {
     }
 
     /// Current voters.
+    /// True when every other voter answered with `feature` (a new log
+    /// entry kind is proposed only once every member can apply it).
+    pub fn voters_have(&self, feature: u64) -> bool {
+        let f = self.peer_features.lock().unwrap_or_else(|e| e.into_inner());
+        self.voter_ids()
+            .into_iter()
+            .filter(|&id| id != self.id)
+            .all(|id| f.get(&id).is_some_and(|b| b & feature != 0))
+    }
+
     pub fn voter_ids(&self) -> BTreeSet<NodeId> {
         self.raft
             .metrics()

@@ -35,7 +35,13 @@ pub struct NetworkFactory {
     pub id: NodeId,
     /// This node's TLS (its `mds.N` key) for the connections to its peers.
     pub tls: avalon_proto::tls::ClientTls,
+    /// The feature bits each peer's answers carried.
+    pub features: PeerFeatures,
 }
+
+/// Feature bits by MDS id, from the peers' answers to raft messages (the
+/// leader learns its followers' versions there).
+pub type PeerFeatures = Arc<std::sync::Mutex<std::collections::HashMap<NodeId, u64>>>;
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = NetworkConn;
@@ -47,6 +53,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             addr: node.addr.clone(),
             client: None,
             tls: self.tls.clone(),
+            features: self.features.clone(),
         }
     }
 }
@@ -58,6 +65,7 @@ pub struct NetworkConn {
     addr: String,
     client: Option<RaftClient<Channel>>,
     tls: avalon_proto::tls::ClientTls,
+    features: PeerFeatures,
 }
 
 #[derive(Clone, Copy)]
@@ -138,6 +146,11 @@ impl NetworkConn {
             tracing::warn!(error = %s.message(), "ignoring a too-old peer's answer");
             return Err(CallErr::Network(s.message().to_string()));
         }
+        let features = avalon_proto::version::of_peer(resp.version.as_ref()).features;
+        self.features
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.target, features);
         postcard::from_bytes(&resp.payload).map_err(|e| CallErr::Network(e.to_string()))
     }
 

@@ -2,11 +2,15 @@
 //! ([`avalon_proto::tls::Peer`]): [`policy`] for every gRPC request (by
 //! path, through [`avalon_proto::tls::AuthzLayer`]), [`write`] and
 //! [`internal_read`] for the flags that only another OSD may set, on gRPC
-//! and the data port alike. Plaintext (`insecure`) connections are not
-//! checked.
+//! and the data port alike, and [`chunk_access`]: every other caller's
+//! chunk read, write, truncate or extents query needs a chunk capability
+//! the MDS signed ([`avalon_proto::chunk_cap`]). Plaintext (`insecure`)
+//! connections are not checked.
 
+use avalon_proto::chunk_cap::{self, CapKey, Verified};
 use avalon_proto::pb::WriteChunkRequest;
 use avalon_proto::tls::{Identity, Peer};
+use bytes::Bytes;
 use tonic::Status;
 
 fn is_osd(i: &Identity) -> bool {
@@ -43,6 +47,41 @@ pub fn internal_read(peer: &Peer) -> Result<(), Status> {
     peer.require("read past the peering gate (OSD only)", is_osd)
 }
 
+/// Access to the chunks of `ino` (`write`: a change) by `peer`, which sent
+/// `cred` (its request header's credential). Other OSDs (replication,
+/// recovery, scrub) need no capability; everyone else one for this inode,
+/// issued to them, with the rights asked for and not expired. `seen`
+/// remembers what a connection's capabilities verified to. Without a key
+/// (a keyfile that predates capabilities, logged at start) nothing is
+/// checked.
+pub fn chunk_access(
+    key: Option<&CapKey>,
+    peer: &Peer,
+    cred: &Bytes,
+    ino: u64,
+    write: bool,
+    seen: Option<&mut Verified>,
+) -> Result<(), Status> {
+    if !peer.secured {
+        return Ok(());
+    }
+    let Some(id) = &peer.identity else {
+        return Err(Status::unauthenticated(
+            "no identity in the client certificate; cannot access chunks",
+        ));
+    };
+    if is_osd(id) {
+        return Ok(());
+    }
+    let Some(key) = key else { return Ok(()) };
+    let now = chunk_cap::now_ms();
+    let r = match seen {
+        Some(v) => v.check(key, cred, ino, write, &id.name, now),
+        None => chunk_cap::check(key, cred, ino, write, &id.name, now).map(|_| ()),
+    };
+    r.map_err(|e| e.status())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,5 +111,55 @@ mod tests {
         assert!(write(&peer("client.x"), &WriteChunkRequest::default()).is_ok());
         assert!(internal_read(&peer("client.x")).is_err());
         assert!(write(&Peer::default(), &fwd).is_ok(), "insecure");
+    }
+
+    #[test]
+    fn chunk_access_needs_a_cap_except_between_osds() {
+        use avalon_proto::chunk_cap::{ChunkCap, Rights};
+        let key = CapKey::new(&[9u8; chunk_cap::KEY_BYTES]).unwrap();
+        let cap = |ino, rights, holder: &str, expires_ms| {
+            key.sign(&ChunkCap {
+                ino,
+                rights,
+                session_id: 1,
+                holder: holder.into(),
+                expires_ms,
+            })
+        };
+        let later = chunk_cap::now_ms() + 60_000;
+        let x = peer("client.x");
+        let rw = cap(5, Rights::ReadWrite, "client.x", later);
+        let k = Some(&key);
+        assert!(chunk_access(k, &x, &rw, 5, true, None).is_ok());
+        let mut seen = Verified::default();
+        assert!(chunk_access(k, &x, &rw, 5, true, Some(&mut seen)).is_ok());
+        let denied = |r: Result<(), Status>| r.unwrap_err().code() == tonic::Code::PermissionDenied;
+        assert!(denied(chunk_access(k, &x, &Bytes::new(), 5, false, None)));
+        assert!(
+            denied(chunk_access(k, &x, &rw, 6, false, None)),
+            "other inode"
+        );
+        assert!(
+            denied(chunk_access(k, &peer("client.y"), &rw, 5, false, None)),
+            "other holder"
+        );
+        let ro = cap(5, Rights::Read, "client.x", later);
+        assert!(
+            denied(chunk_access(k, &x, &ro, 5, true, None)),
+            "read cap for a write"
+        );
+        let other = CapKey::new(&[1u8; chunk_cap::KEY_BYTES]).unwrap();
+        let forged = other.sign(&chunk_cap::decode(&rw).unwrap());
+        assert!(
+            denied(chunk_access(k, &x, &forged, 5, false, None)),
+            "forged"
+        );
+        let old = cap(5, Rights::ReadWrite, "client.x", 1);
+        let e = chunk_access(k, &x, &old, 5, false, None).unwrap_err();
+        assert!(chunk_cap::is_expired(&e), "{e:?}");
+        // OSDs, plaintext, and OSDs without a key: no capability.
+        assert!(chunk_access(k, &peer("osd.2"), &Bytes::new(), 5, true, None).is_ok());
+        assert!(chunk_access(k, &Peer::default(), &Bytes::new(), 5, true, None).is_ok());
+        assert!(chunk_access(None, &x, &Bytes::new(), 5, true, None).is_ok());
     }
 }

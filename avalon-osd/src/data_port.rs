@@ -3,15 +3,25 @@
 //! the ALPN its handshake settled on ([`tls::ALPN_DATA`]); in plaintext
 //! (`insecure`) by its first bytes: one that opens with the data-wire magic
 //! is served here, every other one is handed to the gRPC server.
+//!
+//! Hostile peers: a frame must arrive whole within [`FRAME_TIMEOUT`] of its
+//! first byte and a connection may idle [`IDLE_TIMEOUT`] between frames;
+//! frame buffers grow with the bytes received, not the length claimed; each
+//! peer (identity, or address when plaintext) has at most
+//! [`MAX_CONNS_PER_PEER`] data connections, i.e. requests in flight (one
+//! at a time per connection). Client requests need chunk capabilities
+//! ([`crate::authz::chunk_access`]), verified once per connection.
 
 use crate::osd_service::OsdService;
+use avalon_proto::chunk_cap::Verified;
 use avalon_proto::data_wire::{self, MAGIC, MAX_REQUEST_BYTES, READ_CHUNK, WRITE_CHUNK};
 use avalon_proto::pb::{ReadChunkRequest, WriteChunkRequest};
 use avalon_proto::tls::{self, Conn, Peer, ServerTls};
 use bytes::Bytes;
 use futures::Stream;
+use std::collections::HashMap;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -23,6 +33,64 @@ use tonic::Status;
 /// given to the gRPC server (which has its own timeouts) undecided.
 const CLASSIFY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A request frame must be complete this long after its first byte
+/// (a whole-chunk write over a slow link takes far less).
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A data connection idle this long between requests is closed (clients
+/// open a new one when a pooled one turns out closed).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Data connections (hence requests in flight) one peer may hold open.
+pub const MAX_CONNS_PER_PEER: usize = 512;
+
+/// Open data connections by peer.
+#[derive(Default)]
+struct PeerConns(Mutex<HashMap<String, usize>>);
+
+/// One counted connection; uncounted when dropped.
+struct PeerSlot {
+    conns: Arc<PeerConns>,
+    key: String,
+}
+
+impl PeerConns {
+    /// A slot for a connection of `key`, unless it has `max` already.
+    fn take(self: &Arc<Self>, key: String, max: usize) -> Option<PeerSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(key.clone()).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            conns: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut m = self.conns.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Who counts as one peer: its identity, or its IP address in plaintext.
+fn peer_key(peer: &Peer, addr: Option<std::net::SocketAddr>) -> String {
+    match (&peer.identity, addr) {
+        (Some(i), _) => i.name.clone(),
+        (None, Some(a)) => a.ip().to_string(),
+        (None, None) => String::new(),
+    }
+}
+
 /// Accepts connections on `listener` until `stop`; serves data-wire ones and
 /// yields the others, for the gRPC server.
 pub fn incoming(
@@ -32,14 +100,15 @@ pub fn incoming(
     stop: CancellationToken,
 ) -> impl Stream<Item = io::Result<Conn>> {
     let (tx, rx) = mpsc::channel::<Conn>(64);
+    let conns = Arc::new(PeerConns::default());
     tokio::spawn(async move {
         loop {
             let conn = tokio::select! {
                 _ = stop.cancelled() => break,
                 r = listener.accept() => r,
             };
-            let s = match conn {
-                Ok((s, _)) => s,
+            let (s, addr) = match conn {
+                Ok((s, a)) => (s, a),
                 Err(e) => {
                     // Out of descriptors and the like: pass, do not spin.
                     tracing::warn!(error = %e, "accept failed");
@@ -50,12 +119,17 @@ pub fn incoming(
             // Small replies (acks, 4 KiB reads) must not wait for Nagle.
             let _ = s.set_nodelay(true);
             let (tx, svc, stop, tls) = (tx.clone(), svc.clone(), stop.clone(), tls.clone());
+            let conns = conns.clone();
             tokio::spawn(async move {
                 if !tls.is_plaintext() {
                     match tls.accept(s).await {
                         Ok(c) if c.alpn() == Some(tls::ALPN_DATA) => {
                             let peer = c.peer().clone();
-                            serve(c, &peer, svc, stop).await
+                            let key = peer_key(&peer, Some(addr));
+                            match conns.take(key, MAX_CONNS_PER_PEER) {
+                                Some(_slot) => serve(c, &peer, svc, stop).await,
+                                None => refuse_busy(c, &peer).await,
+                            }
                         }
                         Ok(c) => {
                             let _ = tx.send(c).await;
@@ -66,7 +140,13 @@ pub fn incoming(
                 }
                 let data = tokio::time::timeout(CLASSIFY_TIMEOUT, speaks_data_wire(&s)).await;
                 match data {
-                    Ok(Ok(true)) => serve(s, &Peer::default(), svc, stop).await,
+                    Ok(Ok(true)) => {
+                        let peer = Peer::default();
+                        match conns.take(peer_key(&peer, Some(addr)), MAX_CONNS_PER_PEER) {
+                            Some(_slot) => serve(s, &peer, svc, stop).await,
+                            None => refuse_busy(s, &peer).await,
+                        }
+                    }
                     Ok(Err(_)) => {}
                     Ok(Ok(false)) | Err(_) => {
                         let _ = tx.send(Conn::plain(s)).await;
@@ -98,8 +178,24 @@ async fn speaks_data_wire(s: &TcpStream) -> io::Result<bool> {
     }
 }
 
+/// Answers a connection over its peer's cap with a status and closes it.
+async fn refuse_busy<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, peer: &Peer) {
+    tracing::warn!(peer = ?peer.identity, "data connection refused: {MAX_CONNS_PER_PEER} open already");
+    let mut magic = [0u8; MAGIC.len()];
+    let st = Status::resource_exhausted(format!(
+        "too many data connections from this peer (at most {MAX_CONNS_PER_PEER})"
+    ));
+    let sent = async {
+        s.read_exact(&mut magic).await?;
+        data_wire::read_frame(&mut s, MAX_REQUEST_BYTES).await?;
+        s.write_all(&data_wire::encode_status(&st)).await?;
+        s.flush().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), sent).await;
+}
+
 /// Serves one data-wire connection: request, reply, in turn, until the
-/// client closes it, sends something invalid, or the OSD stops.
+/// client closes it, sends something invalid, stalls, or the OSD stops.
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: S,
     peer: &Peer,
@@ -107,18 +203,23 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     stop: CancellationToken,
 ) {
     let mut magic = [0u8; MAGIC.len()];
-    if s.read_exact(&mut magic).await.is_err() {
-        return;
+    match tokio::time::timeout(FRAME_TIMEOUT, s.read_exact(&mut magic)).await {
+        Ok(Ok(_)) => {}
+        _ => return,
     }
+    let mut seen = Verified::default();
     loop {
         let frame = tokio::select! {
             _ = stop.cancelled() => return,
-            f = data_wire::read_frame(&mut s, MAX_REQUEST_BYTES) => f,
+            f = data_wire::read_frame_within(&mut s, MAX_REQUEST_BYTES, IDLE_TIMEOUT, FRAME_TIMEOUT) => f,
         };
         let (kind, payload) = match frame {
             Ok(f) => f,
             Err(e) => {
-                if e.kind() != io::ErrorKind::UnexpectedEof {
+                if !matches!(
+                    e.kind(),
+                    io::ErrorKind::UnexpectedEof | io::ErrorKind::TimedOut
+                ) {
                     let st = Status::invalid_argument(format!("data port: {e}"));
                     let _ = s.write_all(&data_wire::encode_status(&st)).await;
                 }
@@ -126,14 +227,20 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
         };
         let sent = match kind {
-            READ_CHUNK => read(&mut s, &svc, payload).await,
+            READ_CHUNK => read(&mut s, peer, &mut seen, &svc, payload).await,
             WRITE_CHUNK => {
                 let reply = match <WriteChunkRequest as prost::Message>::decode(payload) {
                     // The data fields are slices of the frame: no copy.
-                    Ok(req) => match crate::authz::write(peer, &req) {
-                        Ok(()) => svc.write(req).await.map_err(Status::from),
-                        Err(st) => Err(st),
-                    },
+                    Ok(req) => {
+                        let ino = req.chunk.as_ref().map_or(0, |c| c.ino);
+                        let allowed = crate::authz::write(peer, &req).and_then(|()| {
+                            svc.chunk_access(peer, req.header.as_ref(), ino, true, Some(&mut seen))
+                        });
+                        match allowed {
+                            Ok(()) => svc.write(req).await.map_err(Status::from),
+                            Err(st) => Err(st),
+                        }
+                    }
                     Err(e) => Err(Status::invalid_argument(format!(
                         "data port: bad WriteChunkRequest: {e}"
                     ))),
@@ -161,11 +268,19 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 /// Serves one chunk read and sends its reply.
 async fn read<S: AsyncWrite + Unpin>(
     s: &mut S,
+    peer: &Peer,
+    seen: &mut Verified,
     svc: &OsdService,
     payload: Bytes,
 ) -> io::Result<()> {
     let reply = match <ReadChunkRequest as prost::Message>::decode(payload) {
-        Ok(req) => svc.read(req, false).await.map_err(Status::from),
+        Ok(req) => {
+            let ino = req.chunk.as_ref().map_or(0, |c| c.ino);
+            match svc.chunk_access(peer, req.header.as_ref(), ino, false, Some(seen)) {
+                Ok(()) => svc.read(req, false).await.map_err(Status::from),
+                Err(st) => Err(st),
+            }
+        }
         Err(e) => Err(Status::invalid_argument(format!(
             "data port: bad ReadChunkRequest: {e}"
         ))),
@@ -178,5 +293,27 @@ async fn read<S: AsyncWrite + Unpin>(
             s.write_all_buf(&mut out).await
         }
         Err(st) => s.write_all(&data_wire::encode_status(&st)).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_counted_per_peer_and_released() {
+        let conns = Arc::new(PeerConns::default());
+        let a: Vec<_> = (0..3)
+            .filter_map(|_| conns.take("client.a".into(), 3))
+            .collect();
+        assert_eq!(a.len(), 3);
+        assert!(conns.take("client.a".into(), 3).is_none(), "over the cap");
+        assert!(
+            conns.take("client.b".into(), 3).is_some(),
+            "others unaffected"
+        );
+        drop(a);
+        assert!(conns.take("client.a".into(), 3).is_some(), "released");
+        assert!(conns.0.lock().unwrap().get("client.b").is_none());
     }
 }

@@ -161,7 +161,11 @@ pub async fn run_with_listener(
         Arc::clone(&membership),
         replicator,
         Arc::clone(&recovery),
+        tls.chunk_cap_key.clone(),
     ));
+    if tls.server.is_plaintext() {
+        tracing::warn!("insecure: chunk capabilities are not checked; any caller may read, write and truncate any chunk");
+    }
 
     let stop = shutdown.child_token();
     let server = tonic::transport::Server::builder()

@@ -6,8 +6,10 @@ use crate::membership::Membership;
 use crate::metrics::Op;
 use crate::recovery::{Recovery, INTERNAL_KEY};
 use crate::replication::Replicator;
+use avalon_proto::chunk_cap::{CapKey, Verified};
 use avalon_proto::limits::{MAX_CHUNK_SIZE, MAX_FILE_SIZE};
 use avalon_proto::pb::osd_server::Osd;
+use avalon_proto::pb::RequestHeader;
 use avalon_proto::pb::{
     ByteRange, ChunkExtents, ChunkId, ChunkInfo, DeleteObjectsRequest, Empty, ListChunksReply,
     ListChunksRequest, ObjectExtentsReply, ObjectExtentsRequest, OsdStatusReply, ReadChunkReply,
@@ -39,6 +41,8 @@ pub struct OsdService {
     membership: Arc<Membership>,
     replicator: Arc<Replicator>,
     recovery: Arc<Recovery>,
+    /// Checks clients' chunk capabilities (`None`: not checked).
+    cap_key: Option<CapKey>,
 }
 
 fn chunk_id(c: Option<&ChunkId>) -> Result<(u64, u64), OsdError> {
@@ -164,13 +168,30 @@ impl OsdService {
         membership: Arc<Membership>,
         replicator: Arc<Replicator>,
         recovery: Arc<Recovery>,
+        cap_key: Option<CapKey>,
     ) -> OsdService {
         OsdService {
             store,
             membership,
             replicator,
             recovery,
+            cap_key,
         }
+    }
+
+    /// May `peer` (which sent `header`) read or (`write`) change the chunks
+    /// of `ino`? See [`crate::authz::chunk_access`].
+    pub(crate) fn chunk_access(
+        &self,
+        peer: &Peer,
+        header: Option<&RequestHeader>,
+        ino: u64,
+        write: bool,
+        seen: Option<&mut Verified>,
+    ) -> Result<(), Status> {
+        let none = bytes::Bytes::new();
+        let cred = header.map_or(&none, |h| &h.credential);
+        crate::authz::chunk_access(self.cap_key.as_ref(), peer, cred, ino, write, seen)
     }
 
     fn ready(&self) -> Result<(), OsdError> {
@@ -343,8 +364,12 @@ impl Osd for OsdService {
         &self,
         request: Request<WriteChunkRequest>,
     ) -> Result<Response<WriteChunkReply>, Status> {
-        crate::authz::write(&Peer::of(&request), request.get_ref())?;
-        Ok(Response::new(self.write(request.into_inner()).await?))
+        let peer = Peer::of(&request);
+        let req = request.into_inner();
+        crate::authz::write(&peer, &req)?;
+        let ino = req.chunk.as_ref().map_or(0, |c| c.ino);
+        self.chunk_access(&peer, req.header.as_ref(), ino, true, None)?;
+        Ok(Response::new(self.write(req).await?))
     }
 
     async fn read_chunk(
@@ -352,12 +377,14 @@ impl Osd for OsdService {
         request: Request<ReadChunkRequest>,
     ) -> Result<Response<ReadChunkReply>, Status> {
         let internal = request.metadata().contains_key(INTERNAL_KEY);
+        let peer = Peer::of(&request);
         if internal {
-            crate::authz::internal_read(&Peer::of(&request))?;
+            crate::authz::internal_read(&peer)?;
         }
-        Ok(Response::new(
-            self.read(request.into_inner(), internal).await?,
-        ))
+        let req = request.into_inner();
+        let ino = req.chunk.as_ref().map_or(0, |c| c.ino);
+        self.chunk_access(&peer, req.header.as_ref(), ino, false, None)?;
+        Ok(Response::new(self.read(req, internal).await?))
     }
 
     async fn delete_objects(
@@ -389,7 +416,10 @@ impl Osd for OsdService {
         &self,
         request: Request<ObjectExtentsRequest>,
     ) -> Result<Response<ObjectExtentsReply>, Status> {
-        Ok(Response::new(self.extents(request.into_inner()).await?))
+        let peer = Peer::of(&request);
+        let req = request.into_inner();
+        self.chunk_access(&peer, req.header.as_ref(), req.ino, false, None)?;
+        Ok(Response::new(self.extents(req).await?))
     }
 }
 

@@ -2,9 +2,13 @@
 //! `avalonctl auth add|ls|rm`), in one key directory:
 //!
 //! - `ca.key` (0600) and `ca.crt`: the cluster CA; `cluster_id`: its id;
+//! - `chunk_cap.key` (0600): the cluster's chunk-capability key (random,
+//!   hex), with which the MDS signs the capabilities clients show the OSDs
+//!   ([`avalon_proto::chunk_cap`]);
 //! - `NAME.key` (0600), one per identity (`mds.1`, `osd.3`, `client.alice`,
 //!   `client.admin`): its private key, its certificate and the CA
-//!   certificate, in PEM. The certificate names the identity as the SAN URI
+//!   certificate, in PEM; MDS and OSD keyfiles also carry the chunk-cap
+//!   key (so no daemon needs another file or setting for it). The certificate names the identity as the SAN URI
 //!   `avalon://CLUSTER/NAME` (and CN NAME); MDS and OSD certificates also
 //!   carry the DNS name clients check ([`avalon_proto::tls`]).
 //!
@@ -30,16 +34,45 @@ pub const CA_CERT: &str = "ca.crt";
 pub const ADMIN: &str = tls::ADMIN_NAME;
 /// The cluster id the CA was made for.
 pub const CLUSTER_ID: &str = "cluster_id";
+/// The chunk-capability key shared by the MDS group and the OSDs.
+pub const CHUNK_CAP_KEY: &str = "chunk_cap.key";
 
 /// Where `NAME`'s keyfile lives in `dir`.
 pub fn keyfile(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.key"))
 }
 
-fn random_id() -> anyhow::Result<String> {
-    let mut b = [0u8; 8];
+fn random_hex(n: usize) -> anyhow::Result<String> {
+    let mut b = vec![0u8; n];
     std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut b)?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+fn random_id() -> anyhow::Result<String> {
+    random_hex(8)
+}
+
+/// The chunk-cap key of `dir` as a keyfile block; made first if the
+/// directory predates chunk capabilities.
+fn chunk_cap_block(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join(CHUNK_CAP_KEY);
+    if !path.exists() {
+        write_private(
+            &path,
+            &format!("{}\n", random_hex(avalon_proto::chunk_cap::KEY_BYTES)?),
+        )?;
+    }
+    let hex =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let block = format!(
+        "-----BEGIN {l}-----\n{}\n-----END {l}-----\n",
+        hex.trim(),
+        l = avalon_proto::chunk_cap::PEM_LABEL
+    );
+    match avalon_proto::chunk_cap::CapKey::from_pem(block.as_bytes()) {
+        Some(Ok(_)) => Ok(block),
+        _ => bail!("{} is not a chunk-cap key", path.display()),
+    }
 }
 
 /// Writes `text` to a new file readable by its owner only.
@@ -88,6 +121,7 @@ pub fn init(dir: &Path, cluster: Option<&str>) -> anyhow::Result<String> {
     write_private(&dir.join(CA_KEY), &key.serialize_pem())?;
     std::fs::write(dir.join(CA_CERT), cert.pem())?;
     std::fs::write(dir.join(CLUSTER_ID), format!("{cluster}\n"))?;
+    chunk_cap_block(dir)?;
     Ok(cluster)
 }
 
@@ -143,9 +177,16 @@ pub fn add(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     ];
     let key = KeyPair::generate()?;
     let cert = p.signed_by(&key, &issuer, &ca_key)?;
+    // Daemons (not clients) hold the key that signs and checks chunk
+    // capabilities.
+    let cap = if name.starts_with("mds.") || name.starts_with("osd.") {
+        chunk_cap_block(dir)?
+    } else {
+        String::new()
+    };
     write_private(
         &path,
-        &format!("{}{}{}", key.serialize_pem(), cert.pem(), ca_pem),
+        &format!("{}{}{}{cap}", key.serialize_pem(), cert.pem(), ca_pem),
     )?;
     Ok(path)
 }
@@ -201,7 +242,11 @@ mod tests {
         assert_eq!(cluster, "c1");
         assert!(init(d.path(), None).is_err(), "no second CA");
         let p = add(d.path(), "osd.3").expect("add");
-        for f in [p.clone(), d.path().join(CA_KEY)] {
+        for f in [
+            p.clone(),
+            d.path().join(CA_KEY),
+            d.path().join(CHUNK_CAP_KEY),
+        ] {
             let mode = std::fs::metadata(&f).expect("stat").permissions().mode();
             assert_eq!(mode & 0o777, 0o600, "{}", f.display());
         }
@@ -210,7 +255,13 @@ mod tests {
         assert_eq!(k.identity().cluster, "c1");
         assert!(add(d.path(), "osd.3").is_err(), "no overwrite");
         assert!(add(d.path(), "root").is_err(), "bad name");
-        add(d.path(), "client.alice").expect("add");
+        assert!(
+            k.chunk_cap_key().is_some(),
+            "daemons hold the chunk-cap key"
+        );
+        let c = add(d.path(), "client.alice").expect("add");
+        let c = tls::KeyFile::load(&c).expect("load");
+        assert!(c.chunk_cap_key().is_none(), "clients do not");
         assert_eq!(list(d.path()).expect("ls"), ["client.alice", "osd.3"]);
         remove(d.path(), "osd.3").expect("rm");
         assert_eq!(list(d.path()).expect("ls"), ["client.alice"]);

@@ -62,11 +62,25 @@ pub fn ok_header(version: u64, data_len: usize) -> [u8; OK_HEADER_BYTES] {
     h
 }
 
+/// Buffer a frame body starts with; it doubles as bytes arrive, so a
+/// peer that claims a large frame and sends little holds little memory.
+const FIRST_BODY_BYTES: usize = 64 << 10;
+
 /// Reads one frame: its kind and payload. Frames longer than `max` bytes
-/// are refused (`InvalidData`) before anything is allocated for them.
+/// are refused (`InvalidData`) before anything is allocated for them, and
+/// the claimed length is never allocated ahead of the bytes themselves.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> io::Result<(u8, Bytes)> {
     let mut head = [0u8; 5];
     r.read_exact(&mut head).await?;
+    read_body(r, head, max).await
+}
+
+/// The body of the frame whose 5 header bytes are `head`.
+async fn read_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    head: [u8; 5],
+    max: usize,
+) -> io::Result<(u8, Bytes)> {
     let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
     if len == 0 || len > max {
         return Err(io::Error::new(
@@ -74,13 +88,48 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> io::Resu
             format!("data frame of {len} bytes (limit {max})"),
         ));
     }
-    let mut body = BytesMut::with_capacity(len - 1);
-    while body.len() < len - 1 {
+    let want = len - 1;
+    let mut body = BytesMut::with_capacity(want.min(FIRST_BODY_BYTES));
+    while body.len() < want {
+        if body.len() == body.capacity() {
+            // Double, up to what is still to come.
+            let more = body.capacity().max(1).min(want - body.len());
+            body.reserve(more);
+        }
         if r.read_buf(&mut body).await? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
     }
     Ok((head[4], body.freeze()))
+}
+
+/// [`read_frame`] for a server: waits up to `idle` for a frame to begin
+/// (`TimedOut` after), then up to `whole` for all of it, so a peer that
+/// sends part of a frame and stalls is dropped.
+pub async fn read_frame_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+    idle: std::time::Duration,
+    whole: std::time::Duration,
+) -> io::Result<(u8, Bytes)> {
+    let mut head = [0u8; 5];
+    let first = tokio::time::timeout(idle, r.read(&mut head))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "idle data connection"))??;
+    if first == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    tokio::time::timeout(whole, async {
+        r.read_exact(&mut head[first..]).await?;
+        read_body(r, head, max).await
+    })
+    .await
+    .map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("data frame not complete within {whole:?}"),
+        )
+    })?
 }
 
 /// A failure as a whole reply frame: code, message and the `avalon-*`
@@ -275,10 +324,99 @@ mod tests {
         assert!(read_frame(&mut &short[..], MAX_REQUEST_BYTES)
             .await
             .is_err());
+        // A claimed length the peer never sends: refused at EOF, and the
+        // buffer grew only with what came.
+        let mut big = Vec::new();
+        big.put_u32_le(MAX_REQUEST_BYTES as u32);
+        big.put_u8(WRITE_CHUNK);
+        big.put_slice(&[0u8; 100]);
+        assert!(read_frame(&mut &big[..], MAX_REQUEST_BYTES).await.is_err());
         // Garbage error payloads and unknown kinds become errors, not panics.
         let e = decode_read_reply(REPLY_ERR, Bytes::from_static(&[1, 2])).unwrap_err();
         assert_eq!(e.code(), Code::Internal);
         assert!(decode_read_reply(9, Bytes::new()).is_err());
         assert!(decode_read_reply(REPLY_OK, Bytes::from_static(&[1])).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_frame_is_dropped_holding_little() {
+        use std::time::Duration;
+        use tokio::io::AsyncWriteExt;
+        let (mut client, mut server) = tokio::io::duplex(1 << 20);
+        let mut head = Vec::new();
+        head.put_u32_le(MAX_REQUEST_BYTES as u32);
+        head.put_u8(WRITE_CHUNK);
+        head.put_slice(&[1u8; 1000]);
+        client.write_all(&head).await.unwrap();
+        let (idle, whole) = (Duration::from_secs(300), Duration::from_secs(30));
+        let e = read_frame_within(&mut server, MAX_REQUEST_BYTES, idle, whole)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        // A silent connection times out as idle; a complete frame passes.
+        let e = read_frame_within(&mut server, MAX_REQUEST_BYTES, idle, whole)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        let (mut client, mut server) = tokio::io::duplex(1 << 20);
+        client
+            .write_all(&encode_request(
+                READ_CHUNK,
+                &crate::pb::ReadChunkRequest::default(),
+            ))
+            .await
+            .unwrap();
+        let (kind, _) = read_frame_within(&mut server, MAX_REQUEST_BYTES, idle, whole)
+            .await
+            .unwrap();
+        assert_eq!(kind, READ_CHUNK);
+    }
+
+    #[tokio::test]
+    async fn the_growing_buffer_tracks_the_bytes_received() {
+        // A body in many small reads ends whole and equal.
+        let payload: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
+        let mut frame = Vec::new();
+        frame.put_u32_le(1 + payload.len() as u32);
+        frame.put_u8(WRITE_CHUNK);
+        frame.extend_from_slice(&payload);
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            client.write_all(&frame).await.unwrap();
+        });
+        let (kind, body) = read_frame(&mut server, MAX_REQUEST_BYTES).await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(kind, WRITE_CHUNK);
+        assert_eq!(&body[..], &payload[..]);
+    }
+
+    #[tokio::test]
+    async fn random_bytes_never_panic_the_decoders() {
+        // A bounded fuzz loop (xorshift) over the frame reader, the reply
+        // and status decoders and the request messages.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..5000 {
+            let len = (next() % 200) as usize;
+            let mut b: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if b.len() >= 4 && next() % 2 == 0 {
+                // A plausible length, so the body paths run too.
+                let l = (next() % 256) as u32;
+                b[..4].copy_from_slice(&l.to_le_bytes());
+            }
+            if let Ok((kind, payload)) = read_frame(&mut &b[..], 1 << 16).await {
+                let _ = decode_read_reply(kind, payload.clone());
+                let _ = decode_write_reply(kind, payload.clone());
+                let _ = <crate::pb::WriteChunkRequest as prost::Message>::decode(payload.clone());
+                let _ = <crate::pb::ReadChunkRequest as prost::Message>::decode(payload);
+            }
+            let _ = decode_status(Bytes::from(b));
+        }
     }
 }

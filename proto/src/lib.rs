@@ -2,6 +2,7 @@
 //! few pure functions every component must agree on (chunk placement, the
 //! errno codec, protocol limits).
 
+pub mod chunk_cap;
 pub mod cluster_status;
 pub mod config_example;
 pub mod data_conn;

@@ -153,6 +153,7 @@ pub struct KeyFile {
     cert: CertificateDer<'static>,
     ca: CertificateDer<'static>,
     identity: Identity,
+    chunk_cap_key: Option<crate::chunk_cap::CapKey>,
 }
 
 impl KeyFile {
@@ -182,12 +183,19 @@ impl KeyFile {
         let ca = certs[certs.len() - 1].clone();
         let identity = Identity::from_cert(&cert)
             .ok_or_else(|| format!("certificate has no {URI_SCHEME}CLUSTER/NAME identity"))?;
+        let chunk_cap_key = crate::chunk_cap::CapKey::from_pem(pem).transpose()?;
         Ok(KeyFile {
             key,
             cert,
             ca,
             identity,
+            chunk_cap_key,
         })
+    }
+
+    /// The cluster's chunk-capability key (MDS and OSD keyfiles only).
+    pub fn chunk_cap_key(&self) -> Option<&crate::chunk_cap::CapKey> {
+        self.chunk_cap_key.as_ref()
     }
 
     /// The identity the certificate names.
@@ -222,6 +230,9 @@ pub struct DaemonTls {
     pub client: ClientTls,
     /// Its identity (`None` when insecure).
     pub identity: Option<Identity>,
+    /// The chunk-capability key from its keyfile (`None` when insecure or
+    /// when the keyfile predates chunk capabilities: then none are checked).
+    pub chunk_cap_key: Option<crate::chunk_cap::CapKey>,
 }
 
 impl SecurityConfig {
@@ -231,10 +242,20 @@ impl SecurityConfig {
         match (&self.keyfile, self.insecure) {
             (Some(path), false) => {
                 let k = KeyFile::load(path)?;
+                if k.chunk_cap_key().is_none() {
+                    tracing::warn!(
+                        "{daemon}: keyfile {} has no {} block: chunk capabilities are neither \
+                         signed nor checked (any client key may read and write any chunk); \
+                         make the keyfile again with `avalonctl auth add`",
+                        path.display(),
+                        crate::chunk_cap::PEM_LABEL
+                    );
+                }
                 Ok(DaemonTls {
                     server: ServerTls::from_key(&k)?,
                     client: ClientTls::from_key(&k)?,
                     identity: Some(k.identity().clone()),
+                    chunk_cap_key: k.chunk_cap_key().cloned(),
                 })
             }
             (None, true) => {
@@ -246,6 +267,7 @@ impl SecurityConfig {
                     server: ServerTls::plaintext(),
                     client: ClientTls::plaintext(),
                     identity: None,
+                    chunk_cap_key: None,
                 })
             }
             (Some(_), true) => Err(TlsError::Config(

@@ -27,8 +27,13 @@ pub const FEATURE_VERSION_EXCHANGE: u64 = 1 << 0;
 /// version and unknown newer formats are refused.
 pub const FEATURE_VERSIONED_FORMATS: u64 = 1 << 1;
 
+/// Feature bit: the MDS applies `Op::RegisterClientWithId` (random session
+/// ids chosen by the leader).
+pub const FEATURE_RANDOM_SESSIONS: u64 = 1 << 2;
+
 /// Every feature this build has.
-pub const FEATURES: u64 = FEATURE_VERSION_EXCHANGE | FEATURE_VERSIONED_FORMATS;
+pub const FEATURES: u64 =
+    FEATURE_VERSION_EXCHANGE | FEATURE_VERSIONED_FORMATS | FEATURE_RANDOM_SESSIONS;
 
 /// The crate (release) version, e.g. "0.1.0".
 pub const RELEASE: &str = env!("CARGO_PKG_VERSION");

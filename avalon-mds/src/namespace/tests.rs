@@ -551,6 +551,41 @@ fn dedup_and_cluster_ops() {
     assert_eq!(run(&mut s, missing), Err(libc::ENOENT));
 }
 
+/// A registration under a leader-drawn id keeps that id and its owner; a
+/// taken (or zero) id is refused, for the leader to draw again.
+#[test]
+fn sessions_take_the_random_id_they_were_given() {
+    let mut s = State::new();
+    let reg = |id: u64, who: Option<&str>| Op::RegisterClientWithId {
+        hostname: "h".into(),
+        mountpoint: b"/mnt".to_vec(),
+        pid: 1,
+        subdir: b"/".to_vec(),
+        identity: who.map(str::to_string),
+        session_id: id,
+    };
+    let sid = 0x9c3a_51d2_e07f_1b44;
+    assert_eq!(
+        run(&mut s, reg(sid, Some("client.a"))),
+        Ok(Reply::ClientRegistered {
+            session_id: sid,
+            root_ino: ROOT_INO
+        })
+    );
+    assert_eq!(
+        s.clients.owners.get(&sid).map(String::as_str),
+        Some("client.a")
+    );
+    assert_eq!(run(&mut s, reg(sid, Some("client.b"))), Err(libc::EEXIST));
+    assert_eq!(run(&mut s, reg(0, None)), Err(libc::EEXIST));
+    assert_eq!(
+        s.clients.owners.get(&sid).map(String::as_str),
+        Some("client.a")
+    );
+    assert!(run(&mut s, reg(7, None)).is_ok());
+    assert!(!s.clients.owners.contains_key(&7));
+}
+
 /// A client's batch sent again (its reply lost in a failover) is answered
 /// from the dedup table, not applied twice; once the session expired (and
 /// its request ids with it) a batch is refused whole.

@@ -77,6 +77,7 @@ fake_meta! {
         set_replicas(pb::SetReplicasRequest) -> pb::ClusterSettings;
         set_client_caps(pb::SetClientCapsRequest) -> pb::Empty;
         list_client_caps(pb::Empty) -> pb::ClientCapsList;
+        get_chunk_cap(pb::ChunkCapRequest) -> pb::ChunkCapReply;
     }
 
     type SessionStream = tokio_stream::wrappers::ReceiverStream<Result<pb::SessionEvent, Status>>;
