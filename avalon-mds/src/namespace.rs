@@ -113,12 +113,49 @@ pub struct StatFs {
 /// it while applies go on (`raft_store.rs`).
 pub type NsMap<K, V> = imbl::OrdMap<K, V>;
 
+/// Decodes an [`NsMap`] entry by entry. imbl's own decoder reserves room
+/// for the length the input claims, so damaged or hostile bytes (a
+/// snapshot file, one sent by a peer) could make it allocate terabytes
+/// and abort.
+pub fn de_ns_map<'de, D, K, V>(d: D) -> Result<NsMap<K, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    K: Deserialize<'de> + Ord + Clone,
+    V: Deserialize<'de> + Clone,
+{
+    struct Entries<K, V>(std::marker::PhantomData<(K, V)>);
+    impl<'de, K, V> serde::de::Visitor<'de> for Entries<K, V>
+    where
+        K: Deserialize<'de> + Ord + Clone,
+        V: Deserialize<'de> + Clone,
+    {
+        type Value = NsMap<K, V>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut m = NsMap::new();
+            while let Some((k, v)) = a.next_entry()? {
+                m.insert(k, v);
+            }
+            Ok(m)
+        }
+    }
+    d.deserialize_map(Entries(std::marker::PhantomData))
+}
+
 /// The whole replicated state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
+    #[serde(deserialize_with = "de_ns_map")]
     pub inodes: NsMap<u64, Inode>,
+    #[serde(deserialize_with = "de_ns_map")]
     pub dentries: NsMap<(u64, Vec<u8>), Dentry>,
     /// (directory, cookie) -> name, for readdir in cookie order.
+    #[serde(deserialize_with = "de_ns_map")]
     pub cookies: NsMap<(u64, u64), Vec<u8>>,
     pub next_ino: u64,
     pub next_generation: u64,

@@ -51,6 +51,7 @@ pub struct RStats {
     /// table is rebuilt before the next command applies.
     pub ready: bool,
     /// Copy-on-write like the namespace maps: a snapshot copies it in O(1).
+    #[serde(deserialize_with = "crate::namespace::de_ns_map")]
     pub dirs: crate::namespace::NsMap<u64, DirStats>,
 }
 
