@@ -1115,17 +1115,7 @@ impl Client {
             None => {}
         }
         let epoch = self.meta.epoch();
-        let req = pb::XattrRequest {
-            header: self.header(),
-            ino,
-            name: Bytes::copy_from_slice(name),
-            ..Default::default()
-        };
-        let r = self
-            .rpc(req, |mut c, r| async move { c.get_xattr(r).await })
-            .await
-            .map_err(ClientError::from);
-        match r {
+        match self.get_xattr_rpc(ino, name).await {
             Ok(r) => {
                 self.meta.put_xattr(epoch, ino, name, Some(r.value.clone()));
                 Ok(r.value)
@@ -1144,16 +1134,20 @@ impl Client {
     /// so that they count.
     async fn virtual_xattr(&self, ino: u64, name: &[u8]) -> Result<Bytes> {
         self.flush_delegated().await?;
+        Ok(self.get_xattr_rpc(ino, name).await?.value)
+    }
+
+    /// Asks the MDS for one extended attribute of `ino`.
+    async fn get_xattr_rpc(&self, ino: u64, name: &[u8]) -> Result<pb::XattrReply> {
         let req = pb::XattrRequest {
             header: self.header(),
             ino,
             name: Bytes::copy_from_slice(name),
             ..Default::default()
         };
-        let r = self
+        Ok(self
             .rpc(req, |mut c, r| async move { c.get_xattr(r).await })
-            .await?;
-        Ok(r.value)
+            .await?)
     }
 
     /// Names of the extended attributes of an inode.
