@@ -508,8 +508,8 @@ impl Client {
     /// attributes, and the parent directory's attributes.
     fn note_entry(&self, mut epoch: u64, parent: u64, name: &[u8], r: &pb::EntryReply) {
         if let Some(a) = &r.attr {
-            self.meta.put_attr(epoch, a);
             epoch = self.meta.created(epoch, parent, name, a.ino);
+            self.meta.put_attr(epoch, a);
             if r.no_xattrs {
                 self.meta.put_no_xattrs(epoch, a.ino);
             }

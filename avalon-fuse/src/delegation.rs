@@ -845,8 +845,10 @@ impl Client {
             replicas,
             write_quorum,
         };
-        self.meta.put_attr(epoch, &a);
+        // The change's own epoch first: other threads' changes made since
+        // `epoch` was read do not void these stores.
         let epoch = self.meta.created(epoch, parent, name, ino);
+        self.meta.put_attr(epoch, &a);
         self.meta.put_no_xattrs(epoch, ino);
         if ftype == libc::S_IFDIR {
             self.meta.put_complete(epoch, parent, name, ino);

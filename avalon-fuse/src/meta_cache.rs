@@ -24,6 +24,12 @@ const MAX_LISTINGS: usize = 4096;
 /// Cookies of listings made from this cache have this bit set: the MDS
 /// numbers entries from 3 up, far below it.
 pub const LOCAL_COOKIE: u64 = 1 << 62;
+/// Set in the epochs that a change's own stores use (see
+/// [`MetaCache::own_change`]): the rest is the epoch its request started in.
+const OWN: u64 = 1 << 63;
+/// Inodes whose last own change is remembered before the record starts
+/// over (voiding every request in flight, as a recall does).
+const OWN_TOUCHED_MAX: usize = 1 << 16;
 
 /// What a lookup found in the cache.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,8 +44,16 @@ pub enum Cached {
 #[derive(Default)]
 pub struct MetaCache {
     lease_until: Mutex<Option<Instant>>,
-    /// Bumped by every recall and lease loss.
+    /// Bumped by every recall and lease loss, and by this client's own
+    /// namespace changes.
     epoch: AtomicU64,
+    /// The epoch the latest recall or emptying made: it voids every store
+    /// of a request started before it.
+    recalled: AtomicU64,
+    /// Inodes and directories this client's own namespace changes touched,
+    /// with the epoch each change made: a reply read at the MDS before such
+    /// a change is not stored about them (other stores of that reply are).
+    own_touched: DashMap<u64, u64>,
     attrs: DashMap<u64, Attr>,
     /// (directory, name) → inode; 0 records that the name is absent.
     entries: DashMap<(u64, Bytes), u64>,
@@ -151,7 +165,7 @@ impl MetaCache {
 
     /// Forgets every entry and voids replies in flight.
     fn empty(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.bump_recalled();
         self.attrs.clear();
         self.entries.clear();
         self.complete.clear();
@@ -175,7 +189,7 @@ impl MetaCache {
     /// Keeps a whole listing of `dir` (entries after `cookie`) read ahead
     /// in `epoch` and namespace generation `gen`, for one later use.
     pub fn put_listing(&self, epoch: u64, gen: u64, dir: u64, cookie: u64, r: ReadDirReply) {
-        if !r.eof || !self.may_store(epoch) {
+        if !r.eof || !self.may_store(epoch, &[dir]) {
             return;
         }
         if self.listings.len() >= MAX_LISTINGS {
@@ -238,8 +252,32 @@ impl MetaCache {
         crate::metrics::cached(Cache::Entry, r)
     }
 
-    fn may_store(&self, epoch: u64) -> bool {
-        if self.epoch() != epoch || !self.valid() {
+    /// Bumps the epoch for a recall or an emptying, which voids every
+    /// store of a request under way, a change's own included.
+    fn bump_recalled(&self) {
+        let now = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        self.recalled.fetch_max(now, Ordering::AcqRel);
+    }
+
+    /// Whether a store about `about` from a request started in `epoch` is
+    /// still current: no recall or emptying came since, and, for a reply
+    /// read at the MDS, no own change of this client touched them since. A
+    /// change's own stores are not voided by other own changes (other
+    /// threads' changes in other directories, which the kernel does not
+    /// serialize with it).
+    fn current(&self, epoch: u64, about: &[u64]) -> bool {
+        let start = epoch & !OWN;
+        if self.recalled.load(Ordering::Acquire) > start {
+            return false;
+        }
+        epoch & OWN != 0
+            || about
+                .iter()
+                .all(|x| self.own_touched.get(x).is_none_or(|e| *e <= start))
+    }
+
+    fn may_store(&self, epoch: u64, about: &[u64]) -> bool {
+        if !self.current(epoch, about) || !self.valid() {
             return false;
         }
         if self.entries.len() + self.attrs.len() > MAX_ENTRIES {
@@ -258,7 +296,7 @@ impl MetaCache {
     /// A reply that may not be cached still voids what was: it may be
     /// this client's own change, which no recall announces.
     pub fn put_attr(&self, epoch: u64, a: &Attr) {
-        if self.may_store(epoch) {
+        if self.may_store(epoch, &[a.ino]) {
             self.attrs.insert(a.ino, *a);
         } else {
             self.drop_inode(a.ino);
@@ -273,7 +311,7 @@ impl MetaCache {
             return;
         }
         let name = Bytes::copy_from_slice(name);
-        if self.may_store(epoch) {
+        if self.may_store(epoch, &[dir]) {
             let old = self.entries.insert((dir, name.clone()), ino);
             if old.is_some_and(|o| o != ino) {
                 self.lost(old);
@@ -295,29 +333,43 @@ impl MetaCache {
         }
     }
 
-    /// This client's own namespace change, from a request started in
-    /// `epoch`: a reply read at the MDS before the change and stored after
-    /// it would undo it here, so replies in flight are voided. Returns the
-    /// epoch the change's own stores use (a stale one if a recall came
-    /// during the request: they store nothing then).
-    fn own_change(&self, epoch: u64) -> u64 {
-        match self
-            .epoch
-            .compare_exchange(epoch, epoch + 1, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => epoch + 1,
-            Err(_) => self.epoch.fetch_add(1, Ordering::AcqRel),
+    /// This client's own namespace change of `touched` (directories and
+    /// inodes), from a request started in `epoch`: a reply read at the MDS
+    /// before the change and stored after it would undo it here, so replies
+    /// in flight are voided for what it touched. Returns the epoch the
+    /// change's own stores use: they store nothing if a recall came since
+    /// the request started.
+    fn own_change(&self, epoch: u64, touched: &[u64]) -> u64 {
+        let now = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        if self.own_touched.len() >= OWN_TOUCHED_MAX {
+            // Forgetting who was touched when: void all in flight instead.
+            self.own_touched.clear();
+            self.recalled.fetch_max(now, Ordering::AcqRel);
         }
+        for &x in touched.iter().filter(|x| **x != 0) {
+            self.own_touched
+                .entry(x)
+                .and_modify(|e| *e = (*e).max(now))
+                .or_insert(now);
+        }
+        OWN | (epoch & !OWN)
     }
 
     /// This client made `name` in `dir` (inode `ino`). Returns the epoch
     /// for the change's further stores (see `own_change`); so do
     /// [`MetaCache::removed`] and [`MetaCache::renamed`].
     pub fn created(&self, epoch: u64, dir: u64, name: &[u8], ino: u64) -> u64 {
-        let epoch = self.own_change(epoch);
+        let epoch = self.own_change(epoch, &[dir, ino]);
         self.changed_dir(dir);
         self.put_entry(epoch, dir, name, ino);
         epoch
+    }
+
+    /// What the cached entry `name` of `dir` names (0: absent or unknown).
+    fn cached_entry(&self, dir: u64, name: &[u8]) -> u64 {
+        self.entries
+            .get(&(dir, Bytes::copy_from_slice(name)))
+            .map_or(0, |i| *i)
     }
 
     /// Removes the cached entry `name` of `dir`; returns what it named.
@@ -347,7 +399,7 @@ impl MetaCache {
     /// client: it has no entries but ours. Kept only while its own entry
     /// is cached (that is what keeps its parent known).
     pub fn put_complete(&self, epoch: u64, parent: u64, name: &[u8], dir: u64) {
-        if !self.may_store(epoch) {
+        if !self.may_store(epoch, &[parent, dir]) {
             return;
         }
         // Checked under the slot's lock: a recall bumps the epoch before
@@ -357,7 +409,7 @@ impl MetaCache {
             .entries
             .get(&(parent, Bytes::copy_from_slice(name)))
             .is_some_and(|i| *i == dir);
-        if named && self.epoch() == epoch {
+        if named && self.current(epoch, &[parent, dir]) {
             slot.insert(Known {
                 parent,
                 children: HashMap::new(),
@@ -420,7 +472,8 @@ impl MetaCache {
     /// This client removed `name` from `dir` (the inode's link count and
     /// ctime changed: its attributes are dropped).
     pub fn removed(&self, epoch: u64, dir: u64, name: &[u8]) -> u64 {
-        let epoch = self.own_change(epoch);
+        let gone = self.cached_entry(dir, name);
+        let epoch = self.own_change(epoch, &[dir, gone]);
         self.changed_dir(dir);
         if let Some(ino) = self.unset_entry(dir, name) {
             self.drop_inode(ino);
@@ -434,7 +487,11 @@ impl MetaCache {
     /// whatever was there). The moved inode's ctime changed: its
     /// attributes are dropped, its new name kept if it was known.
     pub fn renamed(&self, epoch: u64, dir: u64, name: &[u8], new_dir: u64, new_name: &[u8]) -> u64 {
-        let epoch = self.own_change(epoch);
+        let (moving, replaced) = (
+            self.cached_entry(dir, name),
+            self.cached_entry(new_dir, new_name),
+        );
+        let epoch = self.own_change(epoch, &[dir, new_dir, moving, replaced]);
         self.changed_dir(dir);
         self.changed_dir(new_dir);
         let moved = self.unset_entry(dir, name).filter(|ino| *ino != 0);
@@ -513,7 +570,7 @@ impl MetaCache {
 
     /// Records that `ino` has no extended attributes at all.
     pub fn put_no_xattrs(&self, epoch: u64, ino: u64) {
-        if self.may_store(epoch) {
+        if self.may_store(epoch, &[ino]) {
             self.xattrs.insert(
                 ino,
                 Xattrs {
@@ -526,7 +583,7 @@ impl MetaCache {
 
     /// Caches the value (None: absence) of xattr `name` of `ino`.
     pub fn put_xattr(&self, epoch: u64, ino: u64, name: &[u8], value: Option<Bytes>) {
-        if self.may_store(epoch) {
+        if self.may_store(epoch, &[ino]) {
             self.xattrs
                 .entry(ino)
                 .or_default()
@@ -537,7 +594,7 @@ impl MetaCache {
 
     /// Applies one recall from the MDS.
     pub fn recall(&self, r: &Recall) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.bump_recalled();
         self.changed_dir(r.ino);
         if r.entry {
             let old = self.entries.remove(&(r.ino, r.name.clone()));
@@ -667,6 +724,43 @@ mod tests {
         // The change's own further stores count.
         c.put_attr(later, &attr(7));
         assert_eq!(c.lookup(1, b"g"), Some(Cached::Found(attr(7))));
+    }
+
+    #[test]
+    fn own_changes_side_by_side_keep_their_stores_a_recall_voids_them() {
+        let c = leased();
+        made(&c, c.epoch(), 1);
+        made(&c, c.epoch(), 2);
+        // Two threads create in two directories at once: each started
+        // before the other's change was noted.
+        let (a, b) = (c.epoch(), c.epoch());
+        let a = c.created(a, 1, b"x", 7);
+        let b = c.created(b, 2, b"y", 8);
+        c.put_attr(a, &attr(7));
+        c.put_attr(b, &attr(8));
+        assert_eq!(c.lookup(1, b"x"), Some(Cached::Found(attr(7))));
+        assert_eq!(c.lookup(2, b"y"), Some(Cached::Found(attr(8))));
+        // Both directories stay complete: absent names are still known.
+        assert_eq!(c.lookup(1, b"z"), Some(Cached::Absent));
+        assert_eq!(c.lookup(2, b"z"), Some(Cached::Absent));
+        // A reply read at the MDS before either change is voided for what
+        // the changes touched, and kept for the rest.
+        let read = a & !OWN;
+        c.put_attr(read, &attr(7));
+        assert_eq!(c.attr(7), None);
+        c.put_entry(read, 2, b"y", 0);
+        assert_eq!(c.lookup(2, b"y"), None);
+        c.put_attr(read, &attr(9));
+        assert_eq!(c.attr(9), Some(attr(9)));
+        // A recall during a change's request voids the change's stores.
+        let started = c.epoch();
+        c.recall(&Recall {
+            ino: 5,
+            ..Default::default()
+        });
+        let late = c.created(started, 1, b"w", 10);
+        c.put_attr(late, &attr(10));
+        assert_eq!(c.attr(10), None);
     }
 
     #[test]
