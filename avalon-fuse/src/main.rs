@@ -27,7 +27,17 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Mount an Avalon filesystem.
 #[derive(Parser, Debug)]
-#[command(name = "avalon-fuse", version, about)]
+#[command(
+    name = "avalon-fuse",
+    version,
+    about,
+    long_about = "Mounts an Avalon filesystem with FUSE. Installed as \
+/sbin/mount.fuse.avalon, so `mount -t fuse.avalon SOURCE DIR -o OPTIONS` and \
+/etc/fstab lines (with _netdev) work. Without --foreground it detaches once the \
+mount is ready and logs to the file of `log=` (default under /var/log/avalon). \
+The client key is /etc/avalon/NAME.key for `name=client.NAME` unless `keyfile=` \
+says otherwise."
+)]
 struct Args {
     /// MDS addresses and optional subdirectory: host:port[,host:port...][:/dir]
     source: String,
@@ -203,6 +213,10 @@ fn init_logging(level: &str, log: Option<&PathBuf>) -> anyhow::Result<()> {
 }
 
 fn main() {
+    use clap::CommandFactory;
+    if let Some(code) = avalon_proto::man_page::write_if_asked(Args::command()) {
+        std::process::exit(code.into());
+    }
     let args = Args::parse();
     let code = match if args.foreground {
         run_foreground(&args)

@@ -136,7 +136,18 @@ pub struct DefaultSettings {
 
 /// Command-line flags of `avalon-mds`.
 #[derive(Debug, Parser, Default)]
-#[command(name = "avalon-mds", version, about = "Avalon metadata service")]
+#[command(
+    name = "avalon-mds",
+    version,
+    about = "Avalon metadata service",
+    long_about = "Avalon metadata service: keeps the namespace and the cluster map, \
+replicated over a Raft group of three or more nodes. Every flag is also a key of \
+the TOML file given with --config (under systemd: the unit avalon-mds@ID reads \
+/etc/avalon/mds-ID.toml; a commented example of every key is \
+/etc/avalon/mds.example.toml). Logs go to standard error (the journal under \
+systemd). SIGTERM or SIGINT stops the node cleanly; exit status 2 means a bad \
+configuration or a peer refused for its version."
+)]
 pub struct Args {
     /// TOML configuration file (same keys as the flags, snake_case).
     #[arg(long)]

@@ -8,6 +8,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    use clap::CommandFactory;
+    if let Some(code) = avalon_proto::man_page::write_if_asked(avalon_mds::config::Args::command())
+    {
+        return std::process::ExitCode::from(code);
+    }
     let args = avalon_mds::config::Args::parse();
     let cfg = match avalon_mds::config::Config::load(&args) {
         Ok(c) => c,

@@ -84,7 +84,13 @@ impl Default for Config {
 #[command(
     name = "avalon-osd",
     version,
-    about = "Avalon object storage daemon: stores file chunks and replicates writes"
+    about = "Avalon object storage daemon: stores file chunks and replicates writes",
+    long_about = "Avalon object storage daemon: stores file chunks in its data \
+directory, replicates writes to the other OSDs of each placement group, and \
+recovers and scrubs chunks. Every flag is also a key of the TOML file given with \
+--config (under systemd: the unit avalon-osd@ID reads /etc/avalon/osd-ID.toml; a \
+commented example of every key is /etc/avalon/osd.example.toml). Logs go to \
+standard error (the journal under systemd). SIGTERM or SIGINT stops it cleanly."
 )]
 pub struct Cli {
     /// TOML configuration file (same keys as the flags, snake_case).

@@ -11,6 +11,10 @@ use tokio_util::sync::CancellationToken;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    use clap::CommandFactory;
+    if let Some(code) = avalon_proto::man_page::write_if_asked(Cli::command()) {
+        return ExitCode::from(code);
+    }
     let cli = Cli::parse();
     let cfg = match Config::from_cli(cli) {
         Ok(c) => c,

@@ -11,6 +11,7 @@ pub mod data_wire;
 pub mod disk_usage;
 pub mod errno;
 pub mod limits;
+pub mod man_page;
 pub mod mds_conn;
 pub mod metrics_http;
 pub mod op_metrics;
