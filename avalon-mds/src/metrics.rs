@@ -198,7 +198,11 @@ pub fn refresh(node: Arc<MdsNode>) -> avalon_proto::metrics_http::Refresh {
     Arc::new(move || {
         let Some(m) = M.get() else { return };
         let (inodes, dirs, sessions, osds) = node.read_local(|s| {
-            let dirs = s.inodes.values().filter(|i| i.is_dir()).count();
+            // The root's recursive statistics count every directory below
+            // it: O(1), where filtering every inode cost O(namespace) per
+            // scrape (and held the state that long).
+            let root = avalon_proto::limits::ROOT_INO;
+            let dirs = crate::rstats::stats(s, root).rsubdirs + 1;
             (s.inodes.len(), dirs, s.sessions.len(), s.osds.len())
         });
         m.inodes.set(inodes as f64);
