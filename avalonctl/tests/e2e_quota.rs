@@ -7,7 +7,9 @@
 //!   mount of the quota directory shows the quota; raising it lets writes
 //!   continue;
 //! - an inode quota refuses creates with EDQUOT; nested quotas: the
-//!   tightest applies; `avalonctl quota ls` lists them.
+//!   tightest applies; `avalonctl quota ls` lists them;
+//! - only root sets a quota: another user gets EPERM, even as the owner of
+//!   the directory.
 
 mod common;
 
@@ -122,6 +124,44 @@ impl SubMount {
 impl Drop for SubMount {
     fn drop(&mut self) {
         avalonctl::local_cluster::unmount(&self.path);
+    }
+}
+
+/// Sets xattr `name` on `path` as uid/gid 65534 (nobody, no supplementary
+/// groups) in a forked child; the errno it got, 0 on success. (No
+/// setfattr binary is needed: a child calls setxattr(2) directly.)
+fn set_xattr_as_nobody(path: &Path, name: &str, value: &[u8]) -> i32 {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    let n = std::ffi::CString::new(name).expect("name");
+    // SAFETY: the child only makes system calls and _exits.
+    match unsafe { libc::fork() } {
+        -1 => panic!("fork: {}", std::io::Error::last_os_error()),
+        0 => unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(65534, 65534, 65534) != 0
+                || libc::setresuid(65534, 65534, 65534) != 0
+            {
+                libc::_exit(255);
+            }
+            let r = libc::setxattr(
+                p.as_ptr(),
+                n.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            );
+            libc::_exit(if r == 0 { 0 } else { *libc::__errno_location() });
+        },
+        pid => {
+            let mut status = 0;
+            // SAFETY: waits for the child forked above.
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            assert!(libc::WIFEXITED(status), "child status {status}");
+            let code = libc::WEXITSTATUS(status);
+            assert_ne!(code, 255, "the child could not become nobody");
+            code
+        }
     }
 }
 
@@ -287,6 +327,22 @@ fn quotas_stop_writers_show_in_df_and_nest() {
     }));
     let got = ctl(&["quota", "get", s(&q1)]);
     assert!(got.contains(&format!("of {}", 64 * MIB)), "{got}");
+
+    // Only root sets quotas: another user gets EPERM from the MDS even on
+    // a directory it owns (where the kernel's own checks let it through),
+    // and no limit is set.
+    let own = m1.join("nobodys");
+    std::fs::create_dir(&own).expect("mkdir");
+    std::os::unix::fs::chown(&own, Some(65534), Some(65534)).expect("chown");
+    for name in ["avalon.quota.max_bytes", "avalon.quota.max_files"] {
+        assert_eq!(
+            set_xattr_as_nobody(&own, name, b"1G"),
+            libc::EPERM,
+            "nobody setting {name} on its own directory"
+        );
+        assert_eq!(dir_quota::get(&own, name).expect("get"), None);
+    }
+    std::fs::remove_dir(&own).expect("rmdir");
 
     // df on a mount of the quota directory shows the quota as the size
     // and its usage as used.
