@@ -644,13 +644,51 @@ def bench_cached(d, a):
     return out
 
 
+SERVER_COMMS = ("avalon-", "mfs", "bindfs")
+
+
+def servers_cpu_s():
+    """CPU seconds (user + system) used so far by the filesystems' own
+    processes (Avalon's daemons and mount, MooseFS, bindfs): on a small
+    machine CPU per byte is steadier than throughput."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                st = f.read()
+        except OSError:
+            continue
+        comm, rest = st[st.index("(") + 1:st.rindex(")")], st[st.rindex(")") + 2:].split()
+        if comm.startswith(SERVER_COMMS):
+            total += int(rest[11]) + int(rest[12])  # utime, stime
+    return total / tick
+
+
+def fio_size_gib(size):
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    n = size.upper().rstrip("B").rstrip("I")
+    return float(n[:-1]) * units[n[-1]] / 2**30 if n[-1] in units else float(n) / 2**30
+
+
 def bench_fio(d, a):
     out = {}
+    gib = fio_size_gib(a.fio_size)
+    cpu = servers_cpu_s()
     bw, _ = fio(d, "seq", "write", "1M", a.fio_size, extra=["--end_fsync=1"])
     out[metric("seq write MiB/s")] = bw / 2**20
+    used, cpu = servers_cpu_s() - cpu, servers_cpu_s()
+    if used > 0:  # none for a system without server processes (local)
+        out[metric("seq write server CPU s/GiB", False)] = used / gib
     drop_caches()
+    cpu = servers_cpu_s()
     bw, _ = fio(d, "seq", "read", "1M", a.fio_size)
     out[metric("seq read MiB/s")] = bw / 2**20
+    used = servers_cpu_s() - cpu
+    if used > 0:  # none for a system without server processes (local)
+        out[metric("seq read server CPU s/GiB", False)] = used / gib
     drop_caches()
     _, iops = fio(d, "seq", "randread", "4k", a.fio_size, runtime=a.fio_time)
     out[metric("4k rand read IOPS")] = iops

@@ -1,6 +1,8 @@
 //! The data port: chunk reads and writes over [`avalon_proto::data_wire`]
 //! on the gRPC port. With TLS, each accepted connection is classified by
-//! the ALPN its handshake settled on ([`tls::ALPN_DATA`]); in plaintext
+//! the ALPN its handshake settled on: `avalon-data/2` (its records are then
+//! handled by [`avalon_proto::tls_records`]) or `avalon-data/1` (older
+//! clients: by rustls) is a data connection; in plaintext
 //! (`insecure`) by its first bytes: one that opens with the data-wire magic
 //! is served here, every other one is handed to the gRPC server.
 //!
@@ -16,7 +18,7 @@ use crate::osd_service::OsdService;
 use avalon_proto::chunk_cap::Verified;
 use avalon_proto::data_wire::{self, MAGIC, MAX_REQUEST_BYTES, READ_CHUNK, WRITE_CHUNK};
 use avalon_proto::pb::{ReadChunkRequest, WriteChunkRequest};
-use avalon_proto::tls::{self, Conn, Peer, ServerTls};
+use avalon_proto::tls::{Conn, Peer, ServerTls};
 use bytes::Bytes;
 use futures::Stream;
 use std::collections::HashMap;
@@ -123,10 +125,20 @@ pub fn incoming(
             tokio::spawn(async move {
                 if !tls.is_plaintext() {
                     match tls.accept(s).await {
-                        Ok(c) if c.alpn() == Some(tls::ALPN_DATA) => {
+                        Ok(c) if c.is_data() => {
                             let peer = c.peer().clone();
                             let key = peer_key(&peer, Some(addr));
-                            match conns.take(key, MAX_CONNS_PER_PEER) {
+                            // Counted before the hand-over: a peer over its
+                            // cap costs no receive buffer.
+                            let slot = conns.take(key, MAX_CONNS_PER_PEER);
+                            let c = match c.into_data_records().await {
+                                Ok(c) => c,
+                                Err(e) => {
+                                    tracing::info!(error = %e, "data connection dropped");
+                                    return;
+                                }
+                            };
+                            match slot {
                                 Some(_slot) => serve(c, &peer, svc, stop).await,
                                 None => refuse_busy(c, &peer).await,
                             }

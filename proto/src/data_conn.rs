@@ -4,7 +4,7 @@
 //! by clients (reads, writes to a chunk's primary) and by primaries
 //! (writes forwarded to replicas).
 
-use crate::data_wire::{self, MAGIC, READ_CHUNK, WRITE_CHUNK};
+use crate::data_wire::{self, MAGIC, READ_CHUNK};
 use crate::pb::{ReadChunkRequest, WriteChunkReply, WriteChunkRequest};
 use crate::tls::{ClientTls, Conn};
 use bytes::Bytes;
@@ -50,7 +50,7 @@ impl DataConns {
         addr: &str,
         req: &ReadChunkRequest,
     ) -> Result<(u64, Bytes), Status> {
-        let frame = data_wire::encode_request(READ_CHUNK, req);
+        let frame = [Bytes::from(data_wire::encode_request(READ_CHUNK, req))];
         let max = 1 + 8 + req.length as usize + REPLY_SLACK;
         let (kind, payload) = self.exchange(addr, &frame, max, READ_TIMEOUT).await?;
         data_wire::decode_read_reply(kind, payload)
@@ -64,13 +64,13 @@ impl DataConns {
         req: &WriteChunkRequest,
         timeout: Duration,
     ) -> Result<WriteChunkReply, Status> {
-        // One copy of the data, into a frame of exactly its size.
-        let frame = data_wire::encode_request(WRITE_CHUNK, req);
+        // The data is not copied: it is written from the request's buffers.
+        let frame = data_wire::write_request_parts(req);
         let (kind, payload) = self.exchange(addr, &frame, REPLY_SLACK, timeout).await?;
         data_wire::decode_write_reply(kind, payload)
     }
 
-    /// Sends `frame` and reads the reply frame (at most `max` bytes). A
+    /// Sends `frame` (its parts in order) and reads the reply frame (at most `max` bytes). A
     /// pooled connection may have been closed by the OSD (a restart): one
     /// more try on a fresh connection. Reads are idempotent, and so is a
     /// write sent again (the same bytes at the same place; a client has one
@@ -78,7 +78,7 @@ impl DataConns {
     async fn exchange(
         &self,
         addr: &str,
-        frame: &[u8],
+        frame: &[Bytes],
         max: usize,
         timeout: Duration,
     ) -> Result<(u8, Bytes), Status> {
@@ -93,7 +93,7 @@ impl DataConns {
                 if !reused {
                     conn.write_all(MAGIC).await?;
                 }
-                conn.write_all(frame).await?;
+                data_wire::write_parts(&mut conn, frame).await?;
                 // A TLS connection sends what it buffered only on a flush.
                 conn.flush().await?;
                 data_wire::read_frame(&mut conn, max).await

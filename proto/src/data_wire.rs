@@ -18,7 +18,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::io;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, KeyAndValueRef};
 use tonic::{Code, Status};
 
@@ -52,6 +52,97 @@ pub fn encode_request(kind: u8, msg: &impl prost::Message) -> Vec<u8> {
     b
 }
 
+/// A `WriteChunkRequest` frame in parts, the chunk data (`data` and each
+/// extent's) being the request's own buffers rather than copies: written
+/// with [`write_parts`], a 4 MiB write costs no copy before the socket (or
+/// the TLS record layer). Protobuf decoders take fields in any order, so
+/// the data fields follow the others; the frame decodes to `req`.
+pub fn write_request_parts(req: &crate::pb::WriteChunkRequest) -> Vec<Bytes> {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+    use prost::Message as _;
+    let rest = crate::pb::WriteChunkRequest {
+        data: Bytes::new(),
+        extents: Vec::new(),
+        ..req.clone()
+    };
+    let mut small = Vec::with_capacity(64 + rest.encoded_len());
+    small.put_u32_le(0); // length, set below
+    small.put_u8(WRITE_CHUNK);
+    // Encoding into a Vec with room cannot fail.
+    let _ = rest.encode(&mut small);
+    let mut parts = Vec::with_capacity(2 + 2 * req.extents.len());
+    let mut push = |small: &mut Vec<u8>, data: &Bytes| {
+        parts.push(Bytes::from(std::mem::take(small)));
+        if !data.is_empty() {
+            parts.push(data.clone());
+        }
+    };
+    if !req.data.is_empty() {
+        encode_key(4, WireType::LengthDelimited, &mut small);
+        encode_varint(req.data.len() as u64, &mut small);
+        push(&mut small, &req.data);
+    }
+    for e in &req.extents {
+        let off_len = if e.offset != 0 {
+            1 + encoded_len_varint(u64::from(e.offset))
+        } else {
+            0
+        };
+        let data_len = if e.data.is_empty() {
+            0
+        } else {
+            1 + encoded_len_varint(e.data.len() as u64) + e.data.len()
+        };
+        encode_key(11, WireType::LengthDelimited, &mut small);
+        encode_varint((off_len + data_len) as u64, &mut small);
+        if e.offset != 0 {
+            encode_key(1, WireType::Varint, &mut small);
+            encode_varint(u64::from(e.offset), &mut small);
+        }
+        if !e.data.is_empty() {
+            encode_key(2, WireType::LengthDelimited, &mut small);
+            encode_varint(e.data.len() as u64, &mut small);
+            push(&mut small, &e.data);
+        }
+    }
+    if !small.is_empty() {
+        parts.push(Bytes::from(small));
+    }
+    let len = parts.iter().map(Bytes::len).sum::<usize>() - 4;
+    let mut first = BytesMut::from(&parts[0][..]);
+    first[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    parts[0] = first.freeze();
+    parts.retain(|p| !p.is_empty());
+    parts
+}
+
+/// Writes `parts` in order, several per (vectored) write.
+pub async fn write_parts<W: AsyncWrite + Unpin>(w: &mut W, parts: &[Bytes]) -> io::Result<()> {
+    let (mut i, mut off) = (0, 0);
+    while i < parts.len() {
+        let slices: Vec<io::IoSlice<'_>> = std::iter::once(&parts[i][off..])
+            .chain(parts[i + 1..].iter().map(|p| &p[..]))
+            .take(64)
+            .map(io::IoSlice::new)
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && i < parts.len() {
+            let left = parts[i].len() - off;
+            if n < left {
+                off += n;
+                n = 0;
+            } else {
+                n -= left;
+                (i, off) = (i + 1, 0);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The header of a successful reply carrying `data_len` bytes.
 pub fn ok_header(version: u64, data_len: usize) -> [u8; OK_HEADER_BYTES] {
     let mut h = [0u8; OK_HEADER_BYTES];
@@ -62,8 +153,10 @@ pub fn ok_header(version: u64, data_len: usize) -> [u8; OK_HEADER_BYTES] {
     h
 }
 
-/// Buffer a frame body starts with; it doubles as bytes arrive, so a
-/// peer that claims a large frame and sends little holds little memory.
+/// Buffer a frame body starts with; it grows fourfold each time it fills,
+/// so a peer that claims a large frame and sends little holds little
+/// memory (at most four times what it sent), and a 4 MiB body costs three
+/// reallocations (copying 1.3 MiB), not six (copying 4 MiB).
 const FIRST_BODY_BYTES: usize = 64 << 10;
 
 /// Reads one frame: its kind and payload. Frames longer than `max` bytes
@@ -92,8 +185,8 @@ async fn read_body<R: AsyncRead + Unpin>(
     let mut body = BytesMut::with_capacity(want.min(FIRST_BODY_BYTES));
     while body.len() < want {
         if body.len() == body.capacity() {
-            // Double, up to what is still to come.
-            let more = body.capacity().max(1).min(want - body.len());
+            // Four times as large, up to what is still to come.
+            let more = (3 * body.capacity()).max(1).min(want - body.len());
             body.reserve(more);
         }
         if r.read_buf(&mut body).await? == 0 {
@@ -306,6 +399,57 @@ mod tests {
         assert_eq!(decode_write_reply(kind, payload).unwrap(), reply);
         let e = decode_write_reply(REPLY_OK, Bytes::from_static(&[0xff])).unwrap_err();
         assert_eq!(e.code(), Code::Internal);
+    }
+
+    #[tokio::test]
+    async fn a_write_in_parts_decodes_to_the_request() {
+        let big = Bytes::from((0..300_000u32).map(|i| i as u8).collect::<Vec<_>>());
+        let extents = vec![
+            crate::pb::WriteExtent {
+                offset: 0,
+                data: big.slice(..70_000),
+            },
+            crate::pb::WriteExtent {
+                offset: 1 << 20,
+                data: Bytes::new(),
+            },
+            crate::pb::WriteExtent {
+                offset: 300,
+                data: big.slice(5..200),
+            },
+        ];
+        let header = Some(crate::pb::RequestHeader {
+            credential: Bytes::from_static(b"cap"),
+            ..Default::default()
+        });
+        for req in [
+            crate::pb::WriteChunkRequest {
+                header: header.clone(),
+                offset: 512,
+                data: big.clone(),
+                sync: true,
+                version: 9,
+                ..Default::default()
+            },
+            crate::pb::WriteChunkRequest {
+                header,
+                offset: u32::MAX,
+                extents,
+                ..Default::default()
+            },
+            crate::pb::WriteChunkRequest::default(),
+        ] {
+            let parts = write_request_parts(&req);
+            // The big data travels as the request's own buffer.
+            assert!(req.data.is_empty() || parts.iter().any(|p| p.as_ptr() == big.as_ptr()));
+            let mut wire = Vec::new();
+            write_parts(&mut wire, &parts).await.unwrap();
+            assert_eq!(wire.len(), encode_request(WRITE_CHUNK, &req).len());
+            let (kind, payload) = read_frame(&mut &wire[..], MAX_REQUEST_BYTES).await.unwrap();
+            assert_eq!(kind, WRITE_CHUNK);
+            let back: crate::pb::WriteChunkRequest = prost::Message::decode(payload).unwrap();
+            assert_eq!(back, req);
+        }
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@ pub mod op_metrics;
 pub mod placement;
 pub mod recall_mark;
 pub mod tls;
+pub mod tls_records;
 pub mod version;
 
 /// Generated protobuf messages and tonic services (`avalon.v1`).
