@@ -433,7 +433,7 @@ mod tests {
     #[tokio::test]
     async fn large_vectored_and_small_writes_arrive_whole_and_in_order() {
         let (mut a, mut b) = pair(64 << 10);
-        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 31 >> 3) as u8).collect();
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| ((i * 31) >> 3) as u8).collect();
         let head = b"header";
         let expect = [&head[..], &big[..], b"x", b"tail"].concat();
         let writer = tokio::spawn(async move {
