@@ -114,7 +114,8 @@ expect_files avalon-osd ./usr/bin/avalon-osd ./lib/systemd/system/avalon-osd@.se
     ./usr/share/man/man8/avalon-osd.8.gz
 expect_files avalon-client ./usr/bin/avalon-fuse "./sbin/mount.fuse.avalon -> /usr/bin/avalon-fuse" \
     ./usr/share/doc/avalon-client/examples/fstab ./usr/share/doc/avalon-client/examples/mnt-avalon.mount \
-    ./usr/share/man/man8/avalon-fuse.8.gz "./usr/share/man/man8/mount.fuse.avalon.8.gz -> avalon-fuse.8.gz"
+    ./usr/share/man/man8/avalon-fuse.8.gz "./usr/share/man/man8/mount.fuse.avalon.8.gz -> avalon-fuse.8.gz" \
+    ./etc/logrotate.d/avalon-client
 expect_files avalonctl ./usr/bin/avalonctl ./usr/share/man/man1/avalonctl.1.gz \
     ./usr/share/bash-completion/completions/avalonctl ./usr/share/zsh/vendor-completions/_avalonctl
 for p in avalon-mds avalon-osd; do
@@ -131,7 +132,7 @@ if compgen -G "$PKGDIR/*.rpm" >/dev/null; then
         case $(basename "$f") in
             avalon-mds-*) want="/usr/bin/avalon-mds /usr/lib/systemd/system/avalon-mds@.service /etc/avalon/mds.example.toml /usr/share/man/man8/avalon-mds.8.gz" ;;
             avalon-osd-*) want="/usr/bin/avalon-osd /usr/lib/systemd/system/avalon-osd@.service /etc/avalon/osd.example.toml /usr/share/man/man8/avalon-osd.8.gz" ;;
-            avalon-client-*) want="/usr/bin/avalon-fuse /usr/sbin/mount.fuse.avalon /usr/share/man/man8/avalon-fuse.8.gz" ;;
+            avalon-client-*) want="/usr/bin/avalon-fuse /usr/sbin/mount.fuse.avalon /usr/share/man/man8/avalon-fuse.8.gz /etc/logrotate.d/avalon-client" ;;
             avalonctl-*) want="/usr/bin/avalonctl /usr/share/man/man1/avalonctl.1.gz" ;;
             *) continue ;;
         esac

@@ -7,12 +7,12 @@ use crate::error::{ClientError, Result};
 use crate::meta_cache::{Cached, MetaCache};
 use avalon_proto::mds_conn::MdsConn;
 use avalon_proto::pb::{self, time_set::How, Attr, ClusterMap, RequestHeader, TimeSet};
+use avalon_proto::request_id::Traced;
 use bytes::Bytes;
 use dashmap::{DashMap, DashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 
 /// The extended attribute holding a file's SELinux label.
 const SELINUX_XATTR: &[u8] = b"security.selinux";
@@ -127,7 +127,7 @@ pub struct Client {
     /// MDS inode that the mount's root stands for.
     pub root_ino: u64,
     pub(crate) map: RwLock<Arc<ClusterMap>>,
-    pub(crate) osds: DashMap<String, pb::osd_client::OsdClient<Channel>>,
+    pub(crate) osds: DashMap<String, pb::osd_client::OsdClient<Traced>>,
     /// Connections to the OSDs' data ports, for chunk reads.
     pub(crate) data_conns: avalon_proto::data_conn::DataConns,
     /// Chunk capabilities held, sent with every chunk request.
@@ -352,7 +352,7 @@ impl Client {
     ) -> std::result::Result<T, tonic::Status>
     where
         R: Clone,
-        F: FnMut(pb::meta_client::MetaClient<Channel>, R) -> Fut,
+        F: FnMut(pb::meta_client::MetaClient<Traced>, R) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
         // Never ahead of a change made before it: not while the queue is
@@ -401,6 +401,8 @@ impl Client {
             session_id: self.session_id,
             request_id: self.next_request.fetch_add(1, Ordering::Relaxed),
             credential: Bytes::new(),
+            // The FUSE operation this request serves (0: none).
+            trace_id: avalon_proto::request_id::current().unwrap_or(0),
         })
     }
 

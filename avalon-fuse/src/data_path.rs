@@ -17,18 +17,19 @@ use crate::chunk_cache::{copy_out, READAHEAD_CHUNKS};
 use crate::client::Client;
 use crate::error::{ClientError, Result};
 use crate::write_buffer::{Take, TICK};
+use avalon_proto::backoff::Backoff;
 use avalon_proto::chunk_cap;
 use avalon_proto::errno::OSD_ANSWERED_KEY;
 use avalon_proto::limits::{DEFAULT_CHUNK_SIZE, MAX_FILE_SIZE, MAX_MESSAGE_BYTES};
 use avalon_proto::pb::{self, osd_client::OsdClient, ChunkId, OsdInfo, OsdState};
 use avalon_proto::placement::{chunk_members, split_range};
+use avalon_proto::request_id::Traced;
 use bytes::Bytes;
 use futures::future::{join_all, try_join_all};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 use tonic::Code;
 
 /// The `offset` of a vectored write: out of range for an OSD that
@@ -50,6 +51,11 @@ const KEEP_COPY_MAX: u64 = 256 << 10;
 /// How long one chunk operation keeps trying other replicas and newer maps
 /// before the application gets EIO.
 pub const IO_RETRY_BUDGET: Duration = Duration::from_secs(20);
+/// Pauses between rounds of chunk reads or writes over a chunk's members:
+/// from this, doubling...
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(20);
+/// ...up to this.
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// A chunk write unanswered this long is taken as lost (and retried
 /// elsewhere). Far beyond a primary's own wait for its replicas.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -92,7 +98,7 @@ fn retry_elsewhere(s: &tonic::Status) -> bool {
 
 impl Client {
     /// A (cached) client for the OSD at `addr`.
-    pub(crate) fn osd(&self, addr: &str) -> Result<OsdClient<Channel>> {
+    pub(crate) fn osd(&self, addr: &str) -> Result<OsdClient<Traced>> {
         if let Some(c) = self.osds.get(addr) {
             return Ok(c.clone());
         }
@@ -100,7 +106,7 @@ impl Client {
             self.mds
                 .tls()
                 .channel(addr, avalon_proto::tls::Dial::Osd, Duration::from_secs(2))?;
-        let c = OsdClient::new(ch)
+        let c = OsdClient::with_interceptor(ch, avalon_proto::request_id::Stamp)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         self.osds.insert(addr.to_string(), c.clone());
@@ -532,7 +538,7 @@ impl Client {
         }
         let deadline = Instant::now() + IO_RETRY_BUDGET;
         let mut last = String::from("no OSD holds this chunk's placement group");
-        let mut backoff = Duration::from_millis(20);
+        let mut backoff = Backoff::new(FIRST_RETRY_PAUSE, MAX_RETRY_PAUSE).until(deadline);
         let mut renewals = 0;
         'rounds: loop {
             let map = self.map();
@@ -577,14 +583,12 @@ impl Client {
                     }
                 }
             }
-            if Instant::now() + backoff >= deadline {
+            if !backoff.wait().await {
                 return Err(ClientError::Unavailable(format!(
                     "write of chunk {ino:x}.{index} failed: {last}"
                 )));
             }
             crate::metrics::osd_retry();
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
             let _ = self.refresh_map().await;
         }
     }
@@ -702,7 +706,7 @@ impl Client {
     async fn read_chunk(&self, ino: u64, index: u64, offset: u32, length: u32) -> Result<Bytes> {
         let deadline = Instant::now() + IO_RETRY_BUDGET;
         let mut last = String::from("no OSD holds this chunk's placement group");
-        let mut backoff = Duration::from_millis(20);
+        let mut backoff = Backoff::new(FIRST_RETRY_PAUSE, MAX_RETRY_PAUSE).until(deadline);
         let mut renewals = 0;
         'rounds: loop {
             let map = self.map();
@@ -737,14 +741,12 @@ impl Client {
                     }
                 }
             }
-            if Instant::now() + backoff >= deadline {
+            if !backoff.wait().await {
                 return Err(ClientError::Unavailable(format!(
                     "read of chunk {ino:x}.{index} failed: {last}"
                 )));
             }
             crate::metrics::osd_retry();
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
             let _ = self.refresh_map().await;
         }
     }
@@ -778,7 +780,7 @@ impl Client {
     /// OSD refused it outright.
     async fn broadcast<F, Fut>(&self, what: &str, op: F) -> Result<()>
     where
-        F: Fn(OsdClient<Channel>, Option<pb::RequestHeader>) -> Fut,
+        F: Fn(OsdClient<Traced>, Option<pb::RequestHeader>) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<(), tonic::Status>>,
     {
         let map = self.map();

@@ -83,10 +83,13 @@ impl AvalonFs {
     {
         use std::future::Future as _;
         let op = crate::metrics::take();
-        let mut f = Box::pin(async move {
+        // One request id per operation: every MDS and OSD call it makes
+        // carries it (avalon_proto::request_id).
+        let id = avalon_proto::request_id::fresh();
+        let mut f = Box::pin(avalon_proto::request_id::scope(id, async move {
             f.await;
-            drop(op)
-        });
+            op.done(id)
+        }));
         let _rt = self.rt.enter();
         // The runtime polls a spawned task at once, with its own waker,
         // so what this first poll registered with the no-op one is

@@ -15,6 +15,7 @@ pub mod dir_stream;
 pub mod error;
 pub mod fs;
 pub mod locks;
+pub mod log_file;
 pub mod lost_changes;
 pub mod meta_cache;
 pub mod metrics;

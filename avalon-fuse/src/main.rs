@@ -8,7 +8,9 @@
 use anyhow::{bail, Context};
 use avalon_fuse::client::{AtimeMode, Client};
 use avalon_fuse::fs::AvalonFs;
+use avalon_fuse::log_file::LogFile;
 use avalon_fuse::mount_source;
+use avalon_proto::log_output::LogFormat;
 use avalon_proto::tls::{ClientTls, Dial};
 use clap::Parser;
 use fuser::{MountOption, SessionACL};
@@ -43,11 +45,11 @@ struct Args {
     source: String,
     /// Directory to mount on.
     mountpoint: PathBuf,
-    /// Mount options, comma separated (ro, rw, allow_other, noatime, log=FILE,
-    /// log_level=LEVEL, connect_timeout=SECS, threads=N, fsname=NAME, cache_mb=MB,
-    /// metrics=HOST:PORT, nosubtype, selinux, name=client.NAME, keyfile=PATH (default
-    /// /etc/avalon/NAME.key), insecure (no TLS); _netdev, defaults, nofail and x-* are accepted and
-    /// ignored).
+    /// Mount options, comma separated (ro, rw, allow_other, noatime, log=FILE (reopened on
+    /// SIGHUP), log_level=LEVEL, log_format=text|json, slow_request_ms=MS, connect_timeout=SECS,
+    /// threads=N, fsname=NAME, cache_mb=MB, metrics=HOST:PORT, nosubtype, selinux,
+    /// name=client.NAME, keyfile=PATH (default /etc/avalon/NAME.key), insecure (no TLS);
+    /// _netdev, defaults, nofail and x-* are accepted and ignored).
     #[arg(short = 'o')]
     options: Vec<String>,
     /// Stay in the foreground (do not detach).
@@ -77,6 +79,11 @@ struct Opts {
     kernel: Vec<MountOption>,
     log: Option<PathBuf>,
     log_level: Option<String>,
+    /// Log lines as text or JSON objects (`log_format=`).
+    log_format: LogFormat,
+    /// Operations slower than this are logged with their request id
+    /// (`slow_request_ms=`).
+    slow_request_ms: Option<u64>,
     connect_timeout: Option<u64>,
     threads: Option<usize>,
     fsname: Option<String>,
@@ -150,6 +157,13 @@ fn parse_opts(list: &[String]) -> anyhow::Result<Opts> {
             ("allow_other" | "default_permissions" | "allow_root", None) => {} // always on
             ("log", Some(p)) => o.log = Some(PathBuf::from(p)),
             ("log_level", Some(l)) => o.log_level = Some(l.to_string()),
+            ("log_format", Some(f)) => o.log_format = f.parse().map_err(anyhow::Error::msg)?,
+            ("slow_request_ms", Some(n)) => {
+                o.slow_request_ms = Some(
+                    n.parse()
+                        .with_context(|| format!("slow_request_ms={n}: not a number"))?,
+                )
+            }
             ("connect_timeout", Some(s)) => {
                 o.connect_timeout = Some(
                     s.parse()
@@ -187,29 +201,27 @@ fn parse_opts(list: &[String]) -> anyhow::Result<Opts> {
     Ok(o)
 }
 
-fn init_logging(level: &str, log: Option<&PathBuf>) -> anyhow::Result<()> {
+/// Starts logging to `log` (returned, to be reopened on SIGHUP) or stderr.
+fn init_logging(
+    level: &str,
+    format: LogFormat,
+    log: Option<&PathBuf>,
+) -> anyhow::Result<Option<LogFile>> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    // A logger that cannot write must not report it on stderr: that
-    // eprintln! panics when stderr is a pipe nobody reads any more.
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .log_internal_errors(false);
     match log {
         Some(p) => {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
+            let f = LogFile::open(p)
                 .with_context(|| format!("cannot open log file {}", p.display()))?;
-            b.with_ansi(false)
-                .with_writer(std::sync::Mutex::new(f))
-                .init();
+            avalon_proto::log_output::init(filter, format, false, false, f.clone());
+            Ok(Some(f))
         }
-        None => b.with_writer(std::io::stderr).init(),
+        None => {
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            avalon_proto::log_output::init(filter, format, ansi, false, std::io::stderr);
+            Ok(None)
+        }
     }
-    Ok(())
 }
 
 fn main() {
@@ -316,16 +328,29 @@ fn run_foreground(args: &Args) -> anyhow::Result<()> {
     if args.detached && opts.log.is_none() {
         opts.log = Some(default_log_file(&mountpoint));
     }
-    init_logging(
+    let log_file = init_logging(
         opts.log_level.as_deref().unwrap_or("info"),
+        opts.log_format,
         opts.log.as_ref(),
     )?;
+    avalon_proto::request_id::set_slow_threshold(
+        opts.slow_request_ms
+            .unwrap_or(avalon_proto::request_id::DEFAULT_SLOW_MS),
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(opts.threads.unwrap_or(4))
         .enable_all()
         .thread_name("avalon-client")
         .build()
         .context("cannot start the async runtime")?;
+    // Before anything else: SIGHUP's default action would end the process
+    // (logrotate's postrotate signals every client, some with no log file).
+    let hup = {
+        let _rt = rt.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot handle SIGHUP")?
+    };
+    rt.spawn(reopen_on_hangup(hup, log_file));
     let budget = Duration::from_secs(opts.connect_timeout.unwrap_or(10));
     let tls = client_tls(&opts)?;
     let client = rt
@@ -455,6 +480,22 @@ fn run_foreground(args: &Args) -> anyhow::Result<()> {
     tracing::info!("session ended");
     drop(rt);
     r.context("FUSE session failed")
+}
+
+/// Reopens the log file (if any) at each SIGHUP (logrotate's postrotate).
+async fn reopen_on_hangup(mut hup: tokio::signal::unix::Signal, f: Option<LogFile>) {
+    while hup.recv().await.is_some() {
+        let Some(f) = &f else {
+            tracing::debug!("SIGHUP: logging to stderr, no file to reopen");
+            continue;
+        };
+        match f.reopen() {
+            Ok(()) => tracing::info!(path = %f.path().display(), "log file reopened"),
+            Err(e) => {
+                tracing::warn!(path = %f.path().display(), error = %e, "cannot reopen the log file; still writing the old one")
+            }
+        }
+    }
 }
 
 /// Where a detached client without `log=` logs:

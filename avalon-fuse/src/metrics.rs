@@ -79,6 +79,27 @@ fn init() {
 /// A started FUSE operation: recorded when dropped.
 pub struct Timing(Option<(usize, Instant)>);
 
+impl Timing {
+    /// Records the operation now; one slower than the slow-request
+    /// threshold is logged at info with its request id `id`.
+    pub fn done(mut self, id: u64) {
+        if let Some((i, t)) = self.0.take() {
+            let took = t.elapsed();
+            if let Some(m) = M.get() {
+                m.ops.record(i, took.as_secs_f64());
+            }
+            if took >= avalon_proto::request_id::slow_threshold() {
+                tracing::info!(
+                    rid = %avalon_proto::request_id::Id(id),
+                    op = FuseOp::NAMES[i],
+                    ms = took.as_millis() as u64,
+                    "slow request"
+                );
+            }
+        }
+    }
+}
+
 impl Drop for Timing {
     fn drop(&mut self) {
         if let (Some((i, t)), Some(m)) = (self.0.take(), M.get()) {
@@ -94,11 +115,10 @@ thread_local! {
 }
 
 /// Notes the start of a FUSE operation on this thread; the guard records
-/// it at the handler's end unless the handler's future took it.
+/// it at the handler's end unless the handler's future took it. Noted
+/// without metrics too: slow operations are logged.
 pub fn op(op: FuseOp) -> OpGuard {
-    if M.get().is_some() {
-        CURRENT.with(|c| c.set(Some((op.index(), Instant::now()))));
-    }
+    CURRENT.with(|c| c.set(Some((op.index(), Instant::now()))));
     OpGuard
 }
 

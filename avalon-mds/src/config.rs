@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::settings::FailureDomainRule;
+use avalon_proto::log_output::LogFormat;
 
 /// Effective configuration of one MDS node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +40,10 @@ pub struct Config {
     pub failure_domain_rule: Option<FailureDomainRule>,
     /// tracing filter (e.g. "info", "avalon_mds=debug").
     pub log_level: String,
+    /// Log lines as text or JSON objects.
+    pub log_format: LogFormat,
+    /// Requests slower than this (ms) are logged at info with their id.
+    pub slow_request_ms: u64,
     /// An OSD without heartbeat for this long is marked down.
     pub osd_down_after_ms: u64,
     /// An OSD without heartbeat for this long is marked out (its PGs get
@@ -93,6 +98,8 @@ impl Default for Config {
             chunk_size: None,
             failure_domain_rule: None,
             log_level: "info".into(),
+            log_format: LogFormat::Text,
+            slow_request_ms: avalon_proto::request_id::DEFAULT_SLOW_MS,
             osd_down_after_ms: 10_000,
             osd_out_after_ms: 60_000,
             snapshot_logs: 5000,
@@ -185,6 +192,12 @@ pub struct Args {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Log format: text or json.
+    #[arg(long)]
+    pub log_format: Option<LogFormat>,
+    /// Log requests slower than this many ms at info, with their id.
+    #[arg(long)]
+    pub slow_request_ms: Option<u64>,
     /// Mark an OSD down after this many ms without heartbeat.
     #[arg(long)]
     pub osd_down_after_ms: Option<u64>,
@@ -259,6 +272,8 @@ impl Config {
             data_dir,
             peers,
             log_level,
+            log_format,
+            slow_request_ms,
             osd_down_after_ms,
             osd_out_after_ms,
             session_timeout_ms,
@@ -379,6 +394,8 @@ mod tests {
         assert_eq!(c.replicas, Some(3));
         assert_eq!(c.lease_ms, Config::default().lease_ms);
         assert!(c.metrics_addr.is_some());
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.slow_request_ms, Config::default().slow_request_ms);
         c.validate().expect("every key valid");
     }
 
@@ -400,6 +417,7 @@ mod tests {
         ]);
         let c = Config::load(&args).expect("load");
         assert_eq!(c.id, 2);
+        assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.replicas, Some(2));
         assert_eq!(c.pg_count, Some(64));
         // Not set anywhere: no value (the cluster's rules).

@@ -237,6 +237,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let capped = node.clone();
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
+            // Outermost: refusals, too, are logged with the request's id.
+            .layer(avalon_proto::request_id::TraceLayer)
             .layer(avalon_proto::tls::AuthzLayer::new(authz::policy))
             .layer(avalon_proto::recall_mark::RecallMarkLayer(sent))
             .layer(avalon_proto::tls::AuthzLayer::new(move |path, peer| {

@@ -31,11 +31,14 @@ async fn main() -> std::process::ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_new(&spec)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    avalon_proto::log_output::init(
+        filter,
+        cfg.log_format,
+        std::io::stderr().is_terminal(),
+        true,
+        std::io::stderr,
+    );
+    avalon_proto::request_id::set_slow_threshold(cfg.slow_request_ms);
     // Test builds arm fault-injection points from $FAILPOINTS.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();

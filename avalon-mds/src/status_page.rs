@@ -373,7 +373,7 @@ pub fn render(st: &ClusterStatus, me: u64, own: &str, samples: &[Sample]) -> Str
     o.push_str(
         "<h2>Metadata servers</h2><table id=\"mds\"><tr><th>id</th><th>address</th>\
          <th>role</th><th>term</th><th>applied index</th><th>pid</th><th>disk free</th>\
-         <th>page</th></tr>",
+         <th>version</th><th>page</th></tr>",
     );
     for m in &st.mds {
         let page = if m.metrics_addr.is_empty() {
@@ -386,7 +386,7 @@ pub fn render(st: &ClusterStatus, me: u64, own: &str, samples: &[Sample]) -> Str
             o,
             "<tr class=\"mds\" id=\"mds-{}\"><td>mds.{}{}</td><td>{}</td><td class=\"{}\">{}</td>\
              <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
-             <td class=\"n\">{}</td><td>{page}</td></tr>",
+             <td class=\"n\">{}</td><td class=\"version\">{}</td><td>{page}</td></tr>",
             m.id,
             m.id,
             if m.id == me { " (this)" } else { "" },
@@ -400,7 +400,8 @@ pub fn render(st: &ClusterStatus, me: u64, own: &str, samples: &[Sample]) -> Str
             m.term,
             m.last_applied,
             m.pid,
-            esc(&human(m.disk_free_bytes))
+            esc(&human(m.disk_free_bytes)),
+            esc(&m.version)
         );
     }
     o.push_str("</table>");
@@ -409,7 +410,7 @@ pub fn render(st: &ClusterStatus, me: u64, own: &str, samples: &[Sample]) -> Str
         "<h2>Object storage daemons</h2><table id=\"osds\"><tr><th>id</th><th>address</th>\
          <th>up/down</th><th>in/out</th><th>domain</th><th>capacity</th><th>fill</th>\
          <th>PGs</th><th>peering</th><th>to copy</th><th>scrubbed</th><th>scrub errors</th>\
-         <th>seen</th></tr>",
+         <th>seen</th><th>version</th></tr>",
     );
     for d in &st.osds {
         let up = if osd_up(d) { "up" } else { "down" };
@@ -437,7 +438,8 @@ pub fn render(st: &ClusterStatus, me: u64, own: &str, samples: &[Sample]) -> Str
             "<tr class=\"osd\" id=\"osd-{}\" data-state=\"{up}\"><td>osd.{}</td><td>{}</td>\
              <td class=\"updown {up}\">{up}</td><td>{inout}{}</td><td>{}</td><td class=\"n\">{}</td>\
              <td>{fill}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
-             <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{} ms</td></tr>",
+             <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{} ms</td>\
+             <td class=\"version\">{}</td></tr>",
             d.id,
             d.id,
             esc(&d.addr),
@@ -449,21 +451,23 @@ pub fn render(st: &ClusterStatus, me: u64, own: &str, samples: &[Sample]) -> Str
             esc(&human(d.recovery_bytes)),
             d.scrubbed_chunks,
             d.scrub_errors,
-            d.last_seen_ms
+            d.last_seen_ms,
+            esc(&d.version)
         );
     }
     o.push_str("</table>");
 
     o.push_str(
         "<h2>Clients</h2><table id=\"clients\"><tr><th>session</th><th>host</th><th>pid</th>\
-         <th>mount point</th><th>operations</th><th>read</th><th>written</th><th>seen</th></tr>",
+         <th>mount point</th><th>operations</th><th>read</th><th>written</th><th>seen</th>\
+         <th>version</th></tr>",
     );
     for c in &st.clients {
         let _ = write!(
             o,
             "<tr class=\"client\" id=\"client-{}\"><td class=\"n\">{}</td><td>{}</td>\
              <td class=\"n\">{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
-             <td class=\"n\">{}</td><td class=\"n\">{} ms</td></tr>",
+             <td class=\"n\">{}</td><td class=\"n\">{} ms</td><td class=\"version\">{}</td></tr>",
             c.session_id,
             c.session_id,
             esc(&c.hostname),
@@ -472,7 +476,8 @@ pub fn render(st: &ClusterStatus, me: u64, own: &str, samples: &[Sample]) -> Str
             c.totals.ops,
             esc(&human(c.totals.read_bytes)),
             esc(&human(c.totals.written_bytes)),
-            c.last_seen_ms
+            c.last_seen_ms,
+            esc(&c.version)
         );
     }
     o.push_str("</table>");
@@ -509,7 +514,7 @@ mod tests {
                 pid: 1,
                 last_seen_ms: 0,
                 totals: Totals::default(),
-                version: String::new(),
+                version: "2 (0.1.0)".into(),
             }],
             ..Default::default()
         };
@@ -519,6 +524,10 @@ mod tests {
         assert!(html.contains("/mnt/&quot;x&quot;"));
         assert!(html.contains("<p id=\"health\" class=\"health ok\">HEALTH_OK</p>"));
         assert!(html.contains("id=\"client-7\""));
+        assert!(
+            html.contains("<td class=\"version\">2 (0.1.0)</td>"),
+            "{html}"
+        );
     }
 
     #[test]

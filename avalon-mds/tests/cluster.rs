@@ -120,6 +120,7 @@ async fn create(conn: &MdsConn, name: &str, req_id: u64) -> pb::Attr {
                     session_id: if req_id == 0 { 0 } else { 9 },
                     request_id: req_id,
                     credential: Default::default(),
+                    trace_id: 0,
                 }),
                 parent: ROOT_INO,
                 name: name.into(),

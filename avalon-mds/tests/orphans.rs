@@ -19,6 +19,7 @@ fn hdr(sid: u64) -> Option<pb::RequestHeader> {
         session_id: sid,
         request_id: 0,
         credential: Default::default(),
+        trace_id: 0,
     })
 }
 

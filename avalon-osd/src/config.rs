@@ -1,6 +1,7 @@
 //! Daemon configuration: a TOML file with defaults for every key, overridden
 //! by command-line flags.
 
+use avalon_proto::log_output::LogFormat;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -26,6 +27,10 @@ pub struct Config {
     pub heartbeat_ms: u64,
     /// Log filter (`info`, `debug`, `avalon_osd=debug,info`, ...).
     pub log_level: String,
+    /// Log lines as text or JSON objects.
+    pub log_format: LogFormat,
+    /// Requests slower than this (ms) are logged at info with their id.
+    pub slow_request_ms: u64,
     /// How long a primary waits for one replica's answer, in milliseconds.
     pub forward_timeout_ms: u64,
     /// How long a replica waits for an earlier version of a chunk to arrive
@@ -65,6 +70,8 @@ impl Default for Config {
             capacity: 0,
             heartbeat_ms: 1000,
             log_level: "info".into(),
+            log_format: LogFormat::Text,
+            slow_request_ms: avalon_proto::request_id::DEFAULT_SLOW_MS,
             forward_timeout_ms: 10_000,
             reorder_wait_ms: 5_000,
             recovery_bytes_per_sec: 256 << 20,
@@ -120,6 +127,12 @@ pub struct Cli {
     /// Log filter [default: info].
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// Log format, text or json [default: text].
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Log requests slower than this at info, with their id [default: 1000].
+    #[arg(long, value_name = "MS")]
+    pub slow_request_ms: Option<u64>,
     /// Per-replica forward timeout in milliseconds [default: 10000].
     #[arg(long, value_name = "MS")]
     pub forward_timeout_ms: Option<u64>,
@@ -191,6 +204,12 @@ impl Config {
         }
         if let Some(v) = cli.log_level {
             c.log_level = v;
+        }
+        if let Some(v) = cli.log_format {
+            c.log_format = v;
+        }
+        if let Some(v) = cli.slow_request_ms {
+            c.slow_request_ms = v;
         }
         if let Some(v) = cli.forward_timeout_ms {
             c.forward_timeout_ms = v;
@@ -308,9 +327,12 @@ mod tests {
             "127.0.0.1:2",
             "--mds",
             "x:1,y:2",
+            "--log-format",
+            "json",
         ])
         .expect("cli");
         let c = Config::from_cli(cli).expect("config");
+        assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.listen, "127.0.0.1:2");
         assert_eq!(c.failure_domain, "r1");
         assert_eq!(c.mds, vec!["x:1", "y:2"]);

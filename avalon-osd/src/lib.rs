@@ -170,6 +170,8 @@ pub async fn run_with_listener(
     let stop = shutdown.child_token();
     let server = tonic::transport::Server::builder()
         .http2_adaptive_window(Some(true))
+        // Outermost: refusals, too, are logged with the request's id.
+        .layer(avalon_proto::request_id::TraceLayer)
         .layer(avalon_proto::tls::AuthzLayer::new(authz::policy))
         .add_service(
             OsdServer::from_arc(Arc::clone(&svc))

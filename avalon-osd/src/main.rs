@@ -30,11 +30,14 @@ fn main() -> ExitCode {
         );
         tracing_subscriber::EnvFilter::new("info")
     });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    avalon_proto::log_output::init(
+        filter,
+        cfg.log_format,
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        true,
+        std::io::stderr,
+    );
+    avalon_proto::request_id::set_slow_threshold(cfg.slow_request_ms);
     // Test builds arm fault-injection points from $FAILPOINTS.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();

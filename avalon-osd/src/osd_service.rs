@@ -16,6 +16,7 @@ use avalon_proto::pb::{
     ReadChunkRequest, SyncObjectsRequest, WriteChunkReply, WriteChunkRequest,
 };
 use avalon_proto::placement::pg_of;
+use avalon_proto::request_id;
 use avalon_proto::tls::Peer;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -202,8 +203,19 @@ impl OsdService {
     }
 
     /// Serves a chunk write: as the chunk's primary, or as a replica when
-    /// forwarded.
+    /// forwarded. A data-port request is traced here with the id its
+    /// header carries (a gRPC one already is, by the server's layer).
     pub(crate) async fn write(&self, req: WriteChunkRequest) -> Result<WriteChunkReply, OsdError> {
+        let id = req.header.as_ref().map_or(0, |h| h.trace_id);
+        let what = if req.forwarded {
+            "data port: replica write"
+        } else {
+            "data port: write"
+        };
+        request_id::serve_unless_served(id, what, self.write_untraced(req)).await
+    }
+
+    async fn write_untraced(&self, req: WriteChunkRequest) -> Result<WriteChunkReply, OsdError> {
         let _m = crate::metrics::op(if req.forwarded {
             Op::ReplicaWrite
         } else {
@@ -219,8 +231,19 @@ impl OsdService {
         }
     }
 
-    /// Serves a chunk read (`internal`: from another OSD, no admission).
+    /// Serves a chunk read (`internal`: from another OSD, no admission),
+    /// traced as [`OsdService::write`].
     pub(crate) async fn read(
+        &self,
+        req: ReadChunkRequest,
+        internal: bool,
+    ) -> Result<ReadChunkReply, OsdError> {
+        let id = req.header.as_ref().map_or(0, |h| h.trace_id);
+        request_id::serve_unless_served(id, "data port: read", self.read_untraced(req, internal))
+            .await
+    }
+
+    async fn read_untraced(
         &self,
         req: ReadChunkRequest,
         internal: bool,

@@ -16,18 +16,18 @@ use avalon_proto::pb::{
     WriteChunkReply, WriteChunkRequest,
 };
 use avalon_proto::placement::{chunk_members, pg_of};
+use avalon_proto::request_id::{Stamp, Traced};
 use avalon_proto::tls::{ClientTls, Dial};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
-use tonic::transport::Channel;
 use tonic::Status;
 
 /// Connections to peer OSDs: gRPC clients cached by address, and pooled
 /// data-port connections for forwarded writes.
 pub struct Peers {
-    clients: Mutex<HashMap<String, OsdClient<Channel>>>,
+    clients: Mutex<HashMap<String, OsdClient<Traced>>>,
     data: DataConns,
     timeout: Duration,
     tls: ClientTls,
@@ -45,12 +45,14 @@ impl Peers {
         }
     }
 
-    fn client(&self, addr: &str) -> Result<OsdClient<Channel>, Status> {
+    fn client(&self, addr: &str) -> Result<OsdClient<Traced>, Status> {
         let mut g = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = g.get(addr) {
             return Ok(c.clone());
         }
-        let c = OsdClient::new(self.tls.channel(addr, Dial::Osd, Duration::from_secs(2))?)
+        // Calls made for a request carry its id (recovery's, fresh ones).
+        let ch = self.tls.channel(addr, Dial::Osd, Duration::from_secs(2))?;
+        let c = OsdClient::with_interceptor(ch, Stamp)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         g.insert(addr.to_string(), c.clone());

@@ -44,6 +44,7 @@ fn header(cap: &Bytes) -> Option<pb::RequestHeader> {
         session_id: 0,
         request_id: 0,
         credential: cap.clone(),
+        trace_id: 0,
     })
 }
 

@@ -2,7 +2,7 @@
 //! local cluster (3 MDS, 3 OSDs, a mount, metrics listeners):
 //! - the MDS status page in a real browser: loaded in headless Chromium
 //!   (`--dump-dom`), its DOM must have the health line and a row per MDS,
-//!   OSD and client; after an OSD is killed it must come to show it down;
+//!   OSD and client, each with this build's version; after an OSD is killed it must come to show it down;
 //! - `avalonctl top` in a tmux pane must show non-zero ops during a
 //!   workload on the mount, and quit on `q`.
 //!
@@ -183,11 +183,19 @@ fn status_page_and_top_show_the_cluster() {
     let url = format!("http://{}/status", mds[0]);
     let mut dom = String::new();
     // The client's first heartbeat (with its row) may follow the mount.
+    // Every row has a version cell with this build's version.
+    let ours = format!(
+        "<td class=\"version\">{}</td>",
+        avalon_proto::version::describe(&avalon_proto::version::local())
+    );
     let complete = wait_until(Duration::from_secs(120), || {
         dom = dump_dom(&url, profile.path());
-        rows(&dom, "mds") == 3 && rows(&dom, "osd") == 3 && rows(&dom, "client") >= 1
+        rows(&dom, "mds") == 3
+            && rows(&dom, "osd") == 3
+            && rows(&dom, "client") >= 1
+            && dom.matches(&ours).count() >= 7
     });
-    assert!(complete, "page lacks rows:\n{dom}");
+    assert!(complete, "page lacks rows or versions ({ours}):\n{dom}");
     assert!(
         dom.contains("<p id=\"health\" class=\"health ok\">HEALTH_OK</p>"),
         "health line:\n{dom}"

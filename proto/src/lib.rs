@@ -2,6 +2,7 @@
 //! few pure functions every component must agree on (chunk placement, the
 //! errno codec, protocol limits).
 
+pub mod backoff;
 pub mod chunk_cap;
 pub mod cluster_status;
 pub mod config_example;
@@ -11,12 +12,14 @@ pub mod data_wire;
 pub mod disk_usage;
 pub mod errno;
 pub mod limits;
+pub mod log_output;
 pub mod man_page;
 pub mod mds_conn;
 pub mod metrics_http;
 pub mod op_metrics;
 pub mod placement;
 pub mod recall_mark;
+pub mod request_id;
 pub mod tls;
 pub mod tls_records;
 pub mod version;

@@ -6,15 +6,16 @@
 //! with a short backoff, until the call's deadline. Because mutations carry a
 //! request id that the MDS deduplicates, retrying them is safe.
 
+use crate::backoff::Backoff;
 use crate::errno::{has_errno, leader_hint};
 use crate::limits::MAX_MESSAGE_BYTES;
 use crate::pb::meta_client::MetaClient;
 use crate::recall_mark::{mark_of, MarkGate};
+use crate::request_id::{Stamp, Traced};
 use crate::tls::{ClientTls, Dial};
 use std::future::Future;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// First pause before trying again when no node named a leader.
@@ -29,7 +30,7 @@ const MAX_BACKOFF: Duration = Duration::from_millis(50);
 /// Leader-following client of the `Meta` service.
 pub struct MdsConn {
     addrs: Vec<String>,
-    current: Mutex<Option<(String, MetaClient<Channel>)>>,
+    current: Mutex<Option<(String, MetaClient<Traced>)>>,
     /// How long one call keeps retrying across failovers.
     pub retry_for: Duration,
     next: Mutex<usize>,
@@ -79,14 +80,14 @@ impl MdsConn {
         &self.addrs
     }
 
-    fn client_for(&self, addr: &str) -> Result<MetaClient<Channel>, Status> {
+    fn client_for(&self, addr: &str) -> Result<MetaClient<Traced>, Status> {
         let ch = self.tls.channel(addr, Dial::Mds, Duration::from_secs(2))?;
-        Ok(MetaClient::new(ch)
+        Ok(MetaClient::with_interceptor(ch, Stamp)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
 
-    fn pick(&self) -> Result<(String, MetaClient<Channel>), Status> {
+    fn pick(&self) -> Result<(String, MetaClient<Traced>), Status> {
         if let Some(c) = self
             .current
             .lock()
@@ -126,7 +127,7 @@ impl MdsConn {
     /// cluster has no reachable leader, for at most `retry_for`.
     pub async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, Status>
     where
-        F: FnMut(MetaClient<Channel>) -> Fut,
+        F: FnMut(MetaClient<Traced>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         self.call_within(self.retry_for, &mut f).await
@@ -137,7 +138,7 @@ impl MdsConn {
     pub async fn request<R, T, F, Fut>(&self, req: R, mut f: F) -> Result<T, Status>
     where
         R: Clone,
-        F: FnMut(MetaClient<Channel>, R) -> Fut,
+        F: FnMut(MetaClient<Traced>, R) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         self.call(|c| f(c, req.clone())).await
@@ -146,11 +147,11 @@ impl MdsConn {
     /// [`MdsConn::call`] with an explicit retry budget.
     pub async fn call_within<T, F, Fut>(&self, budget: Duration, mut f: F) -> Result<T, Status>
     where
-        F: FnMut(MetaClient<Channel>) -> Fut,
+        F: FnMut(MetaClient<Traced>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let deadline = Instant::now() + budget;
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
         loop {
             let (addr, client) = self.pick()?;
             let err = match f(client).await {
@@ -178,8 +179,7 @@ impl MdsConn {
                 )));
             }
             if !hinted {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                backoff.wait().await;
             }
         }
     }

@@ -18,11 +18,16 @@ pub struct TestCluster {
 
 impl TestCluster {
     pub fn start(mds: usize, osds: usize) -> TestCluster {
+        Self::start_with(opts(mds, osds))
+    }
+
+    /// A cluster started with options `o` (see [`opts`]).
+    pub fn start_with(o: Options) -> TestCluster {
         let dir = tempfile::Builder::new()
             .prefix("avalon-e2e-")
             .tempdir()
             .expect("temp dir");
-        let cluster = LocalCluster::start(dir.path(), opts(mds, osds)).expect("cluster starts");
+        let cluster = LocalCluster::start(dir.path(), o).expect("cluster starts");
         TestCluster {
             dir,
             cluster: Some(cluster),
