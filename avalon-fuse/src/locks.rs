@@ -35,6 +35,7 @@
 
 use crate::client::Client;
 use crate::error::{ClientError, Result};
+use avalon_proto::backoff::Backoff;
 use avalon_proto::pb;
 use dashmap::DashMap;
 use std::sync::LazyLock;
@@ -304,15 +305,14 @@ pub async fn setlk(
         // release.
         mark_held(c.session_id(), ino, owner);
     }
-    let mut wait = FIRST_WAIT;
+    let mut wait = Backoff::new(FIRST_WAIT, MAX_WAIT);
     loop {
         match try_setlk(c, &req).await {
             Err(e) if sleep && e.errno() == libc::EAGAIN => {
                 if interrupted(tid) {
                     return Err(ClientError::posix(libc::EINTR, "lock wait interrupted"));
                 }
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(MAX_WAIT);
+                wait.wait().await;
             }
             r => return r,
         }

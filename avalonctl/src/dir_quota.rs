@@ -192,19 +192,12 @@ pub fn list(path: &Path) -> Result<Vec<QuotaDir>> {
     Ok(out)
 }
 
-/// `n` bytes for people: 1023, 1.0K, 10.5M...
+/// `n` bytes for people, as `du -h` writes them: 1023, 1.0K, 10.5M...
 pub fn human(n: u64) -> String {
-    const UNITS: [&str; 6] = ["K", "M", "G", "T", "P", "E"];
     if n < 1024 {
         return n.to_string();
     }
-    let mut v = n as f64 / 1024.0;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{v:.1}{}", UNITS[u])
+    bytesize::ByteSize::b(n).display().iec_short().to_string()
 }
 
 /// A limit for people: "-" when unset.
@@ -213,5 +206,19 @@ pub fn limit(n: u64, bytes: bool) -> String {
         (0, _) => "-".into(),
         (n, true) => human(n),
         (n, false) => n.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_for_people() {
+        assert_eq!(human(1023), "1023");
+        assert_eq!(human(1024), "1.0K");
+        assert_eq!(human((10 << 20) + (512 << 10)), "10.5M");
+        assert_eq!(limit(0, true), "-");
+        assert_eq!(limit(2 << 30, true), "2.0G");
     }
 }

@@ -446,15 +446,23 @@ async fn set_osd_state(
     Ok(())
 }
 
-/// Polls the cluster until PGs are healthy; prints progress to stderr.
+/// Polls the cluster until PGs are healthy; prints progress to stderr: a
+/// bar redrawn in place on a terminal (indicatif), else a line per change.
 fn wait_healthy(tls: &ClientTls, addrs: &[String], timeout: Duration) -> anyhow::Result<bool> {
-    use std::io::Write;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let deadline = std::time::Instant::now() + timeout;
     let mut peak_bytes = 0u64;
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let b = indicatif::ProgressBar::new(100);
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("[{bar:20}] {pos:>3}%  {wide_msg}")
+        {
+            b.set_style(style.progress_chars("#>-"));
+        }
+        b
+    });
     let mut last = String::new();
     loop {
         let st = rt.block_on(status::collect(tls, addrs, Duration::from_secs(2)));
@@ -462,13 +470,11 @@ fn wait_healthy(tls: &ClientTls, addrs: &[String], timeout: Duration) -> anyhow:
         peak_bytes = peak_bytes.max(p.recovery_bytes);
         let done =
             avalonctl::pool::percent_done(p.pg_copies, p.recovering, p.recovery_bytes, peak_bytes);
-        let line = if st.leader_id.is_none() {
+        let text = if st.leader_id.is_none() {
             "no MDS leader".to_string()
         } else {
             format!(
-                "[{:<20}] {:>3}%  {} PGs: {} degraded, {} recovering, {} to copy{}",
-                "#".repeat((done / 5) as usize),
-                done,
+                "{} PGs: {} degraded, {} recovering, {} to copy{}",
                 p.pg_count,
                 p.degraded,
                 p.recovering,
@@ -480,16 +486,30 @@ fn wait_healthy(tls: &ClientTls, addrs: &[String], timeout: Duration) -> anyhow:
                 }
             )
         };
-        if tty {
-            eprint!("\r{line}\x1b[K");
-        } else if line != last {
-            eprintln!("{line}");
+        match &bar {
+            Some(b) => {
+                b.set_position(done);
+                b.set_message(text);
+            }
+            None => {
+                let line = if st.leader_id.is_none() {
+                    text
+                } else {
+                    format!(
+                        "[{:<20}] {:>3}%  {text}",
+                        "#".repeat((done / 5) as usize),
+                        done
+                    )
+                };
+                if line != last {
+                    eprintln!("{line}");
+                }
+                last = line;
+            }
         }
-        let _ = std::io::stderr().flush();
-        last = line;
         if st.leader_id.is_some() && p.healthy {
-            if tty {
-                eprintln!();
+            if let Some(b) = &bar {
+                b.finish_and_clear();
             }
             println!(
                 "healthy: {} PGs with {} current replicas each",
@@ -498,8 +518,8 @@ fn wait_healthy(tls: &ClientTls, addrs: &[String], timeout: Duration) -> anyhow:
             return Ok(true);
         }
         if std::time::Instant::now() >= deadline {
-            if tty {
-                eprintln!();
+            if let Some(b) = &bar {
+                b.abandon();
             }
             eprintln!("not healthy after {timeout:?}");
             return Ok(false);

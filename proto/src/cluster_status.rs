@@ -454,20 +454,9 @@ async fn ask_all(tls: &ClientTls, addrs: &[String], timeout: Duration) -> Vec<Op
     out
 }
 
-/// Bytes for people (KiB, MiB...).
+/// Bytes for people, in binary units: "512 B", "1.5 KiB", "2.0 GiB".
 pub fn human(bytes: u64) -> String {
-    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
+    bytesize::ByteSize::b(bytes).display().iec().to_string()
 }
 
 /// The status as a table a person reads at a glance.
@@ -616,6 +605,13 @@ mod tests {
             disk_fill: fill.into(),
             totals: Totals::default(),
         }
+    }
+
+    #[test]
+    fn bytes_for_people() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(2 << 30), "2.0 GiB");
     }
 
     #[test]
