@@ -33,6 +33,9 @@ const MAX_INOS_PER_DELEGATE: u64 = 4096;
 /// Most changes in one Apply.
 const MAX_APPLY_OPS: usize = 4096;
 
+/// Most entries one TrashList reply holds.
+const TRASH_LIST_MAX: usize = 10_000;
+
 /// True if open(2) flags open for writing.
 fn writes(flags: u32) -> bool {
     flags as i32 & libc::O_ACCMODE != libc::O_RDONLY
@@ -1991,11 +1994,14 @@ impl Meta for MetaService {
 
     async fn trash_list(&self, req: Request<pb::TrashListRequest>) -> Res<pb::TrashListReply> {
         let r = req.into_inner();
-        let entries = self
+        let mut entries = self
             .node
-            .read(|s| crate::trash::list(s, &r.path))
+            .read(|s| crate::trash::list(s, &r.path, TRASH_LIST_MAX + 1))
             .await?;
+        let more = entries.len() > TRASH_LIST_MAX;
+        entries.truncate(TRASH_LIST_MAX);
         Ok(Response::new(pb::TrashListReply {
+            more,
             entries: entries
                 .into_iter()
                 .map(|e| pb::TrashEntry {

@@ -545,8 +545,9 @@ pub struct Listed {
     pub expires_ns: i64,
 }
 
-/// The entries whose original path is `under` or below it, by id.
-pub fn list(s: &State, under: &str) -> Vec<Listed> {
+/// The first `max` entries (by id) whose original path is `under` or
+/// below it.
+pub fn list(s: &State, under: &str, max: usize) -> Vec<Listed> {
     let under = under.trim_end_matches('/');
     s.trash
         .entries
@@ -567,6 +568,7 @@ pub fn list(s: &State, under: &str) -> Vec<Listed> {
             deleted_ns: e.origin.deleted_ns,
             expires_ns: e.origin.expires_ns,
         })
+        .take(max)
         .collect()
 }
 

@@ -232,7 +232,14 @@ fn trash_cmd(cmd: TrashCmd) -> anyhow::Result<()> {
             json,
         } => {
             let (addrs, tls) = addrs(&cluster)?;
-            let entries = block_on(trash::list(&tls, &addrs, path.as_deref().unwrap_or("")))?;
+            let (entries, more) =
+                block_on(trash::list(&tls, &addrs, path.as_deref().unwrap_or("")))?;
+            if more {
+                eprintln!(
+                    "note: only the first {} entries (give a PATH to see others)",
+                    entries.len()
+                );
+            }
             if json {
                 let v: Vec<serde_json::Value> = entries
                     .iter()

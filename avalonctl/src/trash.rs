@@ -11,12 +11,13 @@ use std::time::Duration;
 /// How long one trash RPC may take, retries across elections included.
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The entries whose original path is `path` or below it ("" or "/": all).
+/// The entries whose original path is `path` or below it ("" or "/":
+/// all), the first 10000 by id; and whether more match.
 pub async fn list(
     tls: &ClientTls,
     addrs: &[String],
     path: &str,
-) -> anyhow::Result<Vec<pb::TrashEntry>> {
+) -> anyhow::Result<(Vec<pb::TrashEntry>, bool)> {
     let conn = MdsConn::new(addrs.to_vec(), tls.clone());
     let req = pb::TrashListRequest { path: path.into() };
     let r = conn
@@ -26,7 +27,7 @@ pub async fn list(
         })
         .await
         .map_err(|s| anyhow!("listing the trash: {}", s.message()))?;
-    Ok(r.entries)
+    Ok((r.entries, r.more))
 }
 
 /// Restores entry `id` (at its original path, or at `to`).
