@@ -283,10 +283,16 @@ pub enum Op {
     /// Puts trash entry `id` back (`trash.rs`): at its original place, or
     /// at `to` (a path from the root: into it if it is a directory, else
     /// as it). [`Reply::Attr`] has the restored inode's attributes.
-    TrashRestore { id: u64, to: Option<Vec<u8>> },
+    TrashRestore {
+        id: u64,
+        to: Option<Vec<u8>>,
+    },
     /// Frees trash entries now (with what was deleted from those that
     /// are directories), or all of them; [`Reply::Count`] says how many.
-    TrashPurge { ids: Vec<u64>, all: bool },
+    TrashPurge {
+        ids: Vec<u64>,
+        all: bool,
+    },
     /// Frees the trash entries due at the command's time (the leader's
     /// clock, proposed by the leader); [`Reply::Count`] says how many.
     TrashExpire,

@@ -110,7 +110,11 @@ pub fn render(entries: &[pb::TrashEntry]) -> String {
         out.push_str(&format!(
             "{:>8}  {:>12}  {:<19}  {:<19}  {}{}\n",
             e.id,
-            if dir { "-".to_string() } else { a.size.to_string() },
+            if dir {
+                "-".to_string()
+            } else {
+                a.size.to_string()
+            },
             utc(e.deleted_ns),
             utc(e.expires_ns),
             e.path,
@@ -147,7 +151,10 @@ mod tests {
             deleted_ns: 0,
             expires_ns: 60_000_000_000,
         };
-        let out = render(&[e(1, "/a/f", libc::S_IFREG | 0o644), e(2, "/a", libc::S_IFDIR)]);
+        let out = render(&[
+            e(1, "/a/f", libc::S_IFREG | 0o644),
+            e(2, "/a", libc::S_IFDIR),
+        ]);
         assert!(out.contains("/a/f\n") && out.contains(" 42 "), "{out}");
         assert!(out.contains("/a/\n"), "{out}");
         assert!(out.contains("1970-01-01 00:01:00"), "{out}");

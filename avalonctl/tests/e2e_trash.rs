@@ -79,7 +79,8 @@ fn user_xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
         let cn = CString::new(name).expect("name");
         let mut v = vec![0u8; 65536];
         // SAFETY: c and cn are NUL-terminated; v is valid for its length.
-        let len = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        let len =
+            unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
         assert!(len >= 0, "lgetxattr {}", p.display());
         v.truncate(len as usize);
         out.push((String::from_utf8_lossy(name).into_owned(), v));
@@ -154,7 +155,14 @@ fn set_mtime(p: &Path, secs: u64, nanos: u32) {
 }
 
 /// A file with contents, owner, mode, xattrs and mtime.
-fn put_file(p: &Path, len: usize, seed: u64, owner: (u32, u32), mode: u32, xattrs: &[(&str, &str)]) {
+fn put_file(
+    p: &Path,
+    len: usize,
+    seed: u64,
+    owner: (u32, u32),
+    mode: u32,
+    xattrs: &[(&str, &str)],
+) {
     std::fs::write(p, common::data(len, seed)).expect("write");
     std::os::unix::fs::chown(p, Some(owner.0), Some(owner.1)).expect("chown");
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
@@ -176,8 +184,22 @@ fn put_dir(p: &Path, owner: (u32, u32), mode: u32, xattrs: &[(&str, &str)]) {
 /// The tree that is removed and restored.
 fn build_tree(t: &Path) {
     put_dir(t, (1000, 1000), 0o755, &[("user.top", "yes")]);
-    put_file(&t.join("a.txt"), 1000, 1, (1000, 1000), 0o644, &[("user.color", "blue")]);
-    put_file(&t.join("big.bin"), 5 * MIB + 123, 2, (2000, 2000), 0o600, &[]);
+    put_file(
+        &t.join("a.txt"),
+        1000,
+        1,
+        (1000, 1000),
+        0o644,
+        &[("user.color", "blue")],
+    );
+    put_file(
+        &t.join("big.bin"),
+        5 * MIB + 123,
+        2,
+        (2000, 2000),
+        0o600,
+        &[],
+    );
     put_file(&t.join("exec.sh"), 77, 3, (1000, 100), 0o4755, &[]);
     put_file(&t.join("empty"), 0, 4, (0, 0), 0o444, &[]);
     std::os::unix::fs::symlink("a.txt", t.join("link")).expect("symlink");
@@ -185,7 +207,14 @@ fn build_tree(t: &Path) {
     put_dir(&sub, (1000, 1000), 0o750, &[("user.dir", "1")]);
     let deeper = sub.join("deeper");
     put_dir(&deeper, (2000, 2000), 0o700, &[]);
-    put_file(&deeper.join("f"), 3000, 5, (2000, 2000), 0o640, &[("user.a", "1"), ("user.b", "two")]);
+    put_file(
+        &deeper.join("f"),
+        3000,
+        5,
+        (2000, 2000),
+        0o640,
+        &[("user.a", "1"), ("user.b", "two")],
+    );
     put_file(&sub.join("g"), 70_000, 6, (0, 0), 0o666, &[]);
     put_dir(&t.join("emptydir"), (0, 0), 0o1777, &[]);
     // Directories last, deepest first: their mtimes stay as set.
@@ -266,7 +295,11 @@ fn rm_rf_survives_a_leader_kill_and_restores_identical() {
     assert!(out.contains("restored /proj/tree (11 inodes)"), "{out}");
     run(Command::new("diff").arg("-r").arg(&tree).arg(&copy));
     assert_eq!(manifest(&tree), before, "this mount");
-    assert_eq!(manifest(&m2.path.join("proj/tree")), before, "the other mount");
+    assert_eq!(
+        manifest(&m2.path.join("proj/tree")),
+        before,
+        "the other mount"
+    );
     assert_eq!(trash_counts(&dir), (0, 0));
     assert_eq!(dir_quota::du(&proj).expect("du").rbytes, tree_bytes);
 
@@ -291,9 +324,20 @@ fn rm_rf_survives_a_leader_kill_and_restores_identical() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/proj/x already exists"), "{err}");
     assert_eq!(std::fs::read(&x).expect("read x"), b"second");
-    ctl(&["trash", "restore", &id, "--to", "/proj/x.old", "--cluster", s(&dir)]);
+    ctl(&[
+        "trash",
+        "restore",
+        &id,
+        "--to",
+        "/proj/x.old",
+        "--cluster",
+        s(&dir),
+    ]);
     assert_eq!(std::fs::read(proj.join("x.old")).expect("read"), b"first");
-    assert_eq!(std::fs::read(m2.path.join("proj/x.old")).expect("read"), b"first");
+    assert_eq!(
+        std::fs::read(m2.path.join("proj/x.old")).expect("read"),
+        b"first"
+    );
 
     tc.c().restart_mds(victim).expect("restart killed MDS");
     wait_converged(tc.c(), Duration::from_secs(120));
