@@ -518,3 +518,23 @@ fn survives_a_snapshot_and_an_old_snapshot_loads() {
     assert!(old.trash.entries.is_empty());
     assert_eq!(old.inodes, s.inodes);
 }
+
+#[test]
+fn a_directory_gets_back_the_latest_of_one_name() {
+    let mut s = State::new();
+    let t = mkdir(&mut s, SEC, ROOT_INO, "t", 0o755, 0);
+    setx(&mut s, t, TRASH_SECONDS, "60").expect("trash on");
+    let d = mkdir(&mut s, SEC, t, "d", 0o755, 0);
+    let old = file(&mut s, 2 * SEC, d, "x", 1);
+    unlink(&mut s, 3 * SEC, d, "x").expect("rm old");
+    let new = file(&mut s, 4 * SEC, d, "x", 2);
+    unlink(&mut s, 5 * SEC, d, "x").expect("rm new");
+    rmdir(&mut s, 6 * SEC, t, "d").expect("rmdir");
+    restore(&mut s, 7 * SEC, id_of(&s, d), None).expect("restore d");
+    assert_eq!(s.lookup(d, b"x").map(|a| a.ino), Ok(new));
+    assert!(holds(&s, old), "the older one stays in the trash");
+    assert_eq!(s.trash.bytes, 1);
+    // The directory's mtime: before the first deletion it brought back.
+    assert_eq!(s.getattr(d).map(|a| a.mtime_ns), Ok(4 * SEC));
+    check_stats(&s);
+}
