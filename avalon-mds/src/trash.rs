@@ -343,7 +343,7 @@ pub enum RestoreError {
     Exists(String),
     #[error("the directory of {0} is no longer there (restore with --to PATH)")]
     NoParent(String),
-    #[error("{0}: {}", std::io::Error::from_raw_os_error(*.1))]
+    #[error("{0}: {err}", err = std::io::Error::from_raw_os_error(*.1))]
     Target(String, i32),
 }
 
