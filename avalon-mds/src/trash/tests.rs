@@ -223,7 +223,8 @@ fn rm_rf_then_restore_brings_the_tree_back_as_it_was() {
     assert!(list(&s, "/t/dx", 100).is_empty());
     check_stats(&s);
 
-    let r = restore(&mut s, 200 * SEC, id_of(&s, d), None).expect("restore");
+    let id_d = id_of(&s, d);
+    let r = restore(&mut s, 200 * SEC, id_d, None).expect("restore");
     assert!(matches!(r, Reply::Attr(a) if a.ino == d));
     assert!(s.trash.entries.is_empty() && s.trash.bytes == 0);
     assert_eq!(s.lookup(t, b"d").map(|a| a.ino), Ok(d));
@@ -249,14 +250,16 @@ fn a_file_restore_recreates_only_the_directories_above_it() {
     let mut s = State::new();
     let (t, d, e, f1, f2) = tree(&mut s);
     rm_rf(&mut s, t, d, e);
-    restore(&mut s, 200 * SEC, id_of(&s, f2), None).expect("restore f2");
+    let id_f2 = id_of(&s, f2);
+    restore(&mut s, 200 * SEC, id_f2, None).expect("restore f2");
     assert_eq!(s.lookup(e, b"f2").map(|a| a.ino), Ok(f2));
     assert_eq!(s.lookup(t, b"d").map(|a| a.ino), Ok(d));
     assert!(s.lookup(d, b"f1").is_err(), "a sibling stays in the trash");
     assert!(holds(&s, f1));
     assert_eq!(s.trash.entries.len(), 1);
     // The rest comes back into the recreated directory.
-    restore(&mut s, 201 * SEC, id_of(&s, f1), None).expect("restore f1");
+    let id_f1 = id_of(&s, f1);
+    restore(&mut s, 201 * SEC, id_f1, None).expect("restore f1");
     assert_eq!(s.lookup(d, b"f1").map(|a| a.ino), Ok(f1));
     check_stats(&s);
 }
@@ -290,7 +293,8 @@ fn a_restore_never_overwrites_and_says_where_it_cannot_go() {
     restore(&mut s, 12 * SEC, id, Some("/t")).expect("into /t");
     assert_eq!(s.lookup(t, b"f1").map(|a| a.ino), Ok(f1));
     unlink(&mut s, 13 * SEC, t, "f1").expect("rm again");
-    restore(&mut s, 14 * SEC, id_of(&s, f1), Some("/t/d/old")).expect("as /t/d/old");
+    let id_f1 = id_of(&s, f1);
+    restore(&mut s, 14 * SEC, id_f1, Some("/t/d/old")).expect("as /t/d/old");
     assert_eq!(s.lookup(d, b"old").map(|a| a.ino), Ok(f1));
     check_stats(&s);
 }
@@ -300,7 +304,8 @@ fn a_lost_parent_needs_to() {
     let mut s = State::new();
     let (t, d, e, _, f2) = tree(&mut s);
     rm_rf(&mut s, t, d, e);
-    let n = purge(&mut s, &[id_of(&s, e)]);
+    let id_e = id_of(&s, e);
+    let n = purge(&mut s, &[id_e]);
     assert_eq!(n, 2, "e and what was deleted from it");
     assert!(!holds(&s, f2));
     assert!(s.gc_queue.contains(&f2), "data freed through the GC");
@@ -530,7 +535,8 @@ fn a_directory_gets_back_the_latest_of_one_name() {
     let new = file(&mut s, 4 * SEC, d, "x", 2);
     unlink(&mut s, 5 * SEC, d, "x").expect("rm new");
     rmdir(&mut s, 6 * SEC, t, "d").expect("rmdir");
-    restore(&mut s, 7 * SEC, id_of(&s, d), None).expect("restore d");
+    let id_d = id_of(&s, d);
+    restore(&mut s, 7 * SEC, id_d, None).expect("restore d");
     assert_eq!(s.lookup(d, b"x").map(|a| a.ino), Ok(new));
     assert!(holds(&s, old), "the older one stays in the trash");
     assert_eq!(s.trash.bytes, 1);
