@@ -25,6 +25,10 @@ pub fn policy(path: &str, peer: &Peer) -> Result<(), Status> {
             "change or list client capabilities (admin only)",
             Identity::is_admin,
         ),
+        ("avalon.v1.Meta", "TrashList" | "TrashRestore" | "TrashPurge") => peer.require(
+            "list, restore or purge the trash (admin only)",
+            Identity::is_admin,
+        ),
         ("avalon.v1.Meta", "SetOsdState" | "SetReplicas") => peer.require(
             "change OSD states or cluster settings (admin only)",
             Identity::is_admin,
@@ -83,6 +87,8 @@ mod tests {
         assert!(policy("/avalon.v1.Meta/Lookup", &peer("client.x")).is_ok());
         assert!(policy("/avalon.v1.Meta/SetClientCaps", &peer("client.x")).is_err());
         assert!(policy("/avalon.v1.Meta/SetClientCaps", &peer("client.admin")).is_ok());
+        assert!(policy("/avalon.v1.Meta/TrashRestore", &peer("client.x")).is_err());
+        assert!(policy("/avalon.v1.Meta/TrashPurge", &peer("client.admin")).is_ok());
         assert!(policy(vote, &Peer::default()).is_ok(), "insecure");
     }
 

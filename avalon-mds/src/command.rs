@@ -280,6 +280,22 @@ pub enum Op {
         identity: Option<String>,
         session_id: u64,
     },
+    /// Puts trash entry `id` back (`trash.rs`): at its original place, or
+    /// at `to` (a path from the root: into it if it is a directory, else
+    /// as it). [`Reply::Attr`] has the restored inode's attributes.
+    TrashRestore {
+        id: u64,
+        to: Option<Vec<u8>>,
+    },
+    /// Frees trash entries now (with what was deleted from those that
+    /// are directories), or all of them; [`Reply::Count`] says how many.
+    TrashPurge {
+        ids: Vec<u64>,
+        all: bool,
+    },
+    /// Frees the trash entries due at the command's time (the leader's
+    /// clock, proposed by the leader); [`Reply::Count`] says how many.
+    TrashExpire,
 }
 
 /// A raft log entry payload.
@@ -336,6 +352,8 @@ pub enum Reply {
     /// The settings in force after [`Op::InitSettings`] or
     /// [`Op::SetReplicas`].
     Settings(crate::settings::ClusterSettings),
+    /// How many entries a trash purge or expiry freed.
+    Count(u64),
 }
 
 /// What applying one log entry produced: a reply or a Linux errno.

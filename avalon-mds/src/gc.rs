@@ -1,5 +1,7 @@
 //! Data garbage collection: the leader asks every up OSD to delete the
 //! objects of removed inodes, then drops them from the queue via raft.
+//! Each round first expires the trash entries that are due (`trash.rs`),
+//! whose data then goes the same way.
 
 use crate::command::{Op, OsdState};
 use crate::node::MdsNode;
@@ -21,9 +23,29 @@ pub async fn gc_loop(node: &MdsNode) {
         if !node.is_leader() {
             continue;
         }
+        if let Err(e) = expire_trash(node).await {
+            tracing::debug!(error = %e, "trash expiry not proposed");
+        }
         if let Err(e) = gc_once(node).await {
             tracing::debug!(error = %e, "GC round incomplete");
         }
+    }
+}
+
+/// Proposes the removal of the trash entries due by this leader's clock
+/// (the command carries the time: every replica frees the same ones).
+/// Returns how many went.
+pub async fn expire_trash(node: &MdsNode) -> anyhow::Result<u64> {
+    let due = node.read_local(crate::trash::next_expiry);
+    if due.is_none_or(|t| t > crate::node::now_ns()) {
+        return Ok(0);
+    }
+    match node.write(None, Op::TrashExpire).await? {
+        crate::command::Reply::Count(n) => {
+            tracing::info!(entries = n, "expired trash entries freed");
+            Ok(n)
+        }
+        other => anyhow::bail!("unexpected reply {other:?}"),
     }
 }
 

@@ -32,6 +32,7 @@ pub mod ready;
 pub mod rstats;
 pub mod settings;
 pub mod status_page;
+pub mod trash;
 
 use crate::config::Config;
 use crate::meta_service::MetaService;

@@ -33,6 +33,9 @@ const MAX_INOS_PER_DELEGATE: u64 = 4096;
 /// Most changes in one Apply.
 const MAX_APPLY_OPS: usize = 4096;
 
+/// Most entries one TrashList reply holds.
+const TRASH_LIST_MAX: usize = 10_000;
+
 /// True if open(2) flags open for writing.
 fn writes(flags: u32) -> bool {
     flags as i32 & libc::O_ACCMODE != libc::O_RDONLY
@@ -85,6 +88,12 @@ pub struct MetaService {
     pub reserve: DiskReserve,
     /// Signs the chunk capabilities of opens, creates and GetChunkCap.
     pub chunk_caps: crate::chunk_caps::CapIssuer,
+}
+
+/// A restore that cannot be done, as a status that says why (EEXIST for
+/// a name that is taken: nothing is overwritten).
+fn restore_status(e: crate::trash::RestoreError) -> Status {
+    avalon_proto::errno::status(e.errno(), e.to_string())
 }
 
 /// Converts a stored attribute to its wire form.
@@ -950,6 +959,11 @@ impl Meta for MetaService {
             self.settle_subtree(session_of(r.header.as_ref()), r.ino)
                 .await;
         }
+        if r.name == crate::trash::TRASH_SECONDS {
+            Self::check_quota_admin(lim.as_ref(), r.has_cred, r.uid)?;
+            self.settle_subtree(session_of(r.header.as_ref()), r.ino)
+                .await;
+        }
         let op = Op::SetXattr {
             ino: r.ino,
             name: r.name.into(),
@@ -1003,7 +1017,7 @@ impl Meta for MetaService {
         let r = req.into_inner();
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         ino_ok(r.ino)?;
-        if crate::quota::is_quota_name(&r.name) {
+        if crate::quota::is_quota_name(&r.name) || r.name == crate::trash::TRASH_SECONDS {
             Self::check_quota_admin(lim.as_ref(), r.has_cred, r.uid)?;
         }
         let op = Op::RemoveXattr {
@@ -1213,9 +1227,12 @@ impl Meta for MetaService {
                         .ok()
                         .filter(|a| a.mode & libc::S_IFMT == libc::S_IFDIR);
                     let bare = s.inodes.get(&r.dir).is_some_and(|i| i.xattrs.is_empty());
-                    // Creates under a quota are checked as they happen:
-                    // no delegation there.
-                    let dir = dir.filter(|_| !crate::quota::governed(s, r.dir));
+                    // Creates under a quota are checked as they happen,
+                    // and removals in a directory with a trash go to it
+                    // when they happen: no delegation there.
+                    let dir = dir.filter(|_| {
+                        !crate::quota::governed(s, r.dir) && crate::trash::seconds_of(s, r.dir) == 0
+                    });
                     match dir {
                         // Under the state lock: no other session's read of
                         // the directory can slip between check and grant.
@@ -1435,7 +1452,12 @@ impl Meta for MetaService {
                 r.inos
                     .iter()
                     .copied()
-                    .filter(|&i| i != 0 && i < s.next_ino && !s.inodes.contains_key(&i))
+                    .filter(|&i| {
+                        i != 0
+                            && i < s.next_ino
+                            && !s.inodes.contains_key(&i)
+                            && !crate::trash::holds(s, i)
+                    })
                     .collect::<Vec<u64>>()
             })
             .await?;
@@ -1864,7 +1886,7 @@ impl Meta for MetaService {
                 ..Default::default()
             })
             .collect();
-        let (map, clients, inodes) = self.node.read_local(|s| {
+        let (map, clients, inodes, trash) = self.node.read_local(|s| {
             let clients = s
                 .sessions
                 .values()
@@ -1882,7 +1904,8 @@ impl Meta for MetaService {
                     totals: self.node.client_totals(c.id),
                 })
                 .collect();
-            (self.cluster_map(s), clients, s.inodes.len() as u64)
+            let trash = (s.trash.entries.len() as u64, s.trash.bytes);
+            (self.cluster_map(s), clients, s.inodes.len() as u64, trash)
         });
         Ok(Response::new(pb::StatusReply {
             self_: Some(me),
@@ -1890,6 +1913,8 @@ impl Meta for MetaService {
             map: Some(map),
             clients,
             inodes,
+            trash_entries: trash.0,
+            trash_bytes: trash.1,
         }))
     }
 
@@ -1965,5 +1990,101 @@ impl Meta for MetaService {
             })
             .await?;
         Ok(Response::new(pb::ClientCapsList { caps }))
+    }
+
+    async fn trash_list(&self, req: Request<pb::TrashListRequest>) -> Res<pb::TrashListReply> {
+        let r = req.into_inner();
+        let mut entries = self
+            .node
+            .read(|s| crate::trash::list(s, &r.path, TRASH_LIST_MAX + 1))
+            .await?;
+        let more = entries.len() > TRASH_LIST_MAX;
+        entries.truncate(TRASH_LIST_MAX);
+        Ok(Response::new(pb::TrashListReply {
+            more,
+            entries: entries
+                .into_iter()
+                .map(|e| pb::TrashEntry {
+                    id: e.id,
+                    path: e.path,
+                    attr: Some(attr_pb(&e.attr)),
+                    deleted_ns: e.deleted_ns,
+                    expires_ns: e.expires_ns,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn trash_restore(
+        &self,
+        req: Request<pb::TrashRestoreRequest>,
+    ) -> Res<pb::TrashRestoreReply> {
+        let r = req.into_inner();
+        self.check_growth()?;
+        let to = (!r.to.is_empty()).then(|| r.to.clone().into_bytes());
+        // A restore is a namespace change like a create: mounts that cached
+        // the names (negative entries) or the directories hear of it.
+        let steps = self
+            .node
+            .read(|s| crate::trash::plan(s, r.id, to.as_deref()))
+            .await?
+            .map_err(restore_status)?;
+        let mut changes = Vec::new();
+        for st in &steps {
+            changes.push(Change::entry(st.parent, &st.name));
+            changes.push(Change::attr(st.parent));
+            changes.push(Change::attr(st.ino));
+        }
+        let op = Op::TrashRestore {
+            id: r.id,
+            to: to.clone(),
+        };
+        let attr = match self.mutate(r.header.as_ref(), op, &changes).await {
+            Ok(Reply::Attr(a)) => a,
+            Ok(other) => {
+                return Err(MdsError::Internal(format!("unexpected reply {other:?}")).into())
+            }
+            // Something changed since the plan: say what, from the state now.
+            Err(e) => {
+                let again = self
+                    .node
+                    .read_local(|s| crate::trash::plan(s, r.id, to.as_deref()).err());
+                return Err(again.map_or(e, restore_status));
+            }
+        };
+        let path = self.node.read_local(|s| {
+            let parent = steps
+                .iter()
+                .find(|st| st.id == r.id)
+                .map_or(0, |st| st.parent);
+            let name = steps
+                .iter()
+                .find(|st| st.id == r.id)
+                .map(|st| String::from_utf8_lossy(&st.name).into_owned())
+                .unwrap_or_default();
+            let dir = crate::trash::dir_path(s, parent);
+            format!("{}/{name}", dir.trim_end_matches('/'))
+        });
+        tracing::info!(id = r.id, %path, inodes = steps.len(), "trash entry restored");
+        Ok(Response::new(pb::TrashRestoreReply {
+            path,
+            attr: Some(attr_pb(&attr)),
+            restored: steps.len() as u64,
+        }))
+    }
+
+    async fn trash_purge(&self, req: Request<pb::TrashPurgeRequest>) -> Res<pb::TrashPurgeReply> {
+        let r = req.into_inner();
+        if r.ids.is_empty() && !r.all {
+            return Err(MdsError::Invalid("give entry ids or all".into()).into());
+        }
+        let op = Op::TrashPurge {
+            ids: r.ids,
+            all: r.all,
+        };
+        match self.node.write(r.header.as_ref(), op).await? {
+            Reply::Count(purged) => Ok(Response::new(pb::TrashPurgeReply { purged })),
+            other => Err(MdsError::Internal(format!("unexpected reply {other:?}")).into()),
+        }
     }
 }

@@ -187,6 +187,10 @@ pub struct State {
     /// Directory quotas (`quota.rs`). Older snapshots end before it.
     #[serde(deserialize_with = "crate::quota::absent_as_default")]
     pub quotas: crate::quota::Quotas,
+    /// Removed inodes kept for undelete (`trash.rs`). Older snapshots end
+    /// before it.
+    #[serde(deserialize_with = "crate::trash::absent_as_default")]
+    pub trash: crate::trash::Trash,
 }
 
 impl Default for State {
@@ -238,6 +242,7 @@ impl State {
             clients: crate::caps::ClientTable::default(),
             rstats: crate::rstats::RStats::new(),
             quotas: crate::quota::Quotas::default(),
+            trash: crate::trash::Trash::default(),
         }
     }
 
@@ -351,6 +356,7 @@ impl State {
         check_xattr_name(name)?;
         if let Some(v) = crate::rstats::getxattr(self, ino, name)
             .or_else(|| crate::quota::getxattr(self, ino, name))
+            .or_else(|| crate::trash::getxattr(self, ino, name))
         {
             return v;
         }
@@ -358,7 +364,15 @@ impl State {
     }
 
     pub fn listxattr(&self, ino: u64) -> R<Vec<Vec<u8>>> {
-        Ok(self.inode(ino)?.xattrs.keys().cloned().collect())
+        // The trash retention is kept with the xattrs but, like the other
+        // avalon.* attributes, not listed (copies must not carry it).
+        Ok(self
+            .inode(ino)?
+            .xattrs
+            .keys()
+            .filter(|k| k.as_slice() != crate::trash::TRASH_SECONDS)
+            .cloned()
+            .collect())
     }
 
     /// Usage as statfs reports it; each byte is stored `replicas` times.
@@ -573,8 +587,12 @@ impl State {
                     *layout,
                 )
                 .map(Reply::Attr),
-            Op::Batch { ops } => Ok(Reply::Batch(
-                ops.iter()
+            Op::Batch { ops } => {
+                // Removals into the trash take the leader's time, not the
+                // client's stamps.
+                self.trash.clock = crate::trash::ApplyClock(Some(now));
+                let errnos = ops
+                    .iter()
                     .map(|(t, op)| match op {
                         Op::CreateAs { .. }
                         | Op::SetAttr { .. }
@@ -584,8 +602,22 @@ impl State {
                         | Op::CommitWrite { .. } => self.apply_op(*t, op).err().unwrap_or(0),
                         _ => libc::EINVAL,
                     })
-                    .collect(),
-            )),
+                    .collect();
+                self.trash.clock = crate::trash::ApplyClock(None);
+                Ok(Reply::Batch(errnos))
+            }
+            Op::TrashRestore { id, to } => crate::trash::restore(self, now, *id, to.as_deref())
+                .map(|(attr, _)| Reply::Attr(attr))
+                .map_err(|e| e.errno()),
+            Op::TrashPurge { ids, all } => {
+                let n = if *all {
+                    crate::trash::purge_all(self)
+                } else {
+                    crate::trash::purge(self, ids)
+                };
+                Ok(Reply::Count(n))
+            }
+            Op::TrashExpire => Ok(Reply::Count(crate::trash::expire(self, now))),
             // Taken apart in `apply`; a Multi nested in a Batch is refused.
             Op::Multi(_) => Err(libc::EINVAL),
             Op::ReserveInos { count } => {
@@ -718,9 +750,14 @@ impl State {
                     if self.orphans.remove(i) {
                         let removed = self.inodes.remove(i);
                         self.locks.drop_inode(*i);
-                        // Directories have no data on the OSDs.
-                        if removed.is_some_and(|r| !r.is_dir()) {
-                            self.gc_queue.insert(*i);
+                        let trashed = self.trash.pending.remove(i);
+                        match (removed, trashed) {
+                            (Some(r), Some(o)) => crate::trash::put(self, r, o),
+                            // Directories have no data on the OSDs.
+                            (Some(r), None) if !r.is_dir() => {
+                                self.gc_queue.insert(*i);
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -940,7 +977,7 @@ impl State {
         }
     }
 
-    fn touch_dir(&mut self, dir: u64, now: i64) {
+    pub(crate) fn touch_dir(&mut self, dir: u64, now: i64) {
         if let Some(d) = self.inodes.get_mut(&dir) {
             d.attr.mtime_ns = now;
             d.attr.ctime_ns = now;
@@ -948,7 +985,7 @@ impl State {
         crate::rstats::touched(self, dir, now);
     }
 
-    fn add_entry(&mut self, dir: u64, name: &[u8], ino: u64) {
+    pub(crate) fn add_entry(&mut self, dir: u64, name: &[u8], ino: u64) {
         let Some(d) = self.inodes.get_mut(&dir) else {
             return;
         };
@@ -994,6 +1031,7 @@ impl State {
                 }
             }
             crate::acl::inherit(p, &mut inode, umask);
+            crate::trash::inherit(p, &mut inode);
         }
         let attr = inode.attr;
         self.inodes.insert(attr.ino, inode);
@@ -1187,6 +1225,7 @@ impl State {
             || ino >= self.next_ino
             || self.inodes.contains_key(&ino)
             || self.gc_queue.contains(&ino)
+            || crate::trash::holds(self, ino)
         {
             return Err(libc::EINVAL);
         }
@@ -1237,8 +1276,16 @@ impl State {
 
     /// Drops one link of `ino`; removes the inode at zero links, or keeps
     /// a regular file or a directory as an orphan unless `guard` allows
-    /// deleting it (an open directory stays for fstat/fchdir users).
-    fn drop_link(&mut self, now: i64, ino: u64, guard: Option<u64>) {
+    /// deleting it (an open directory stays for fstat/fchdir users). With
+    /// `trash`, the removed inode goes to the trash (an orphan when it is
+    /// reclaimed) instead of being freed.
+    fn drop_link(
+        &mut self,
+        now: i64,
+        ino: u64,
+        guard: Option<u64>,
+        trash: Option<crate::trash::Origin>,
+    ) {
         let Some(i) = self.inodes.get_mut(&ino) else {
             return;
         };
@@ -1252,12 +1299,19 @@ impl State {
             let is_reg = i.attr.mode & S_IFMT == S_IFREG;
             if (is_reg || i.is_dir()) && guard.is_some_and(|g| g != ino) {
                 self.orphans.insert(ino);
+                if let Some(o) = trash {
+                    self.trash.pending.insert(ino, o);
+                }
                 return;
             }
-            self.inodes.remove(&ino);
+            let removed = self.inodes.remove(&ino);
             self.locks.drop_inode(ino);
-            if is_reg {
-                self.gc_queue.insert(ino);
+            match (removed, trash) {
+                (Some(r), Some(o)) => crate::trash::put(self, r, o),
+                _ if is_reg => {
+                    self.gc_queue.insert(ino);
+                }
+                _ => {}
             }
         }
     }
@@ -1294,6 +1348,7 @@ impl State {
         } else if child.is_dir() {
             return Err(libc::EISDIR);
         }
+        let trash = crate::trash::origin(self, now, parent, name, d.ino);
         self.del_entry(parent, name);
         if rmdir {
             if let Some(p) = self.inodes.get_mut(&parent) {
@@ -1301,7 +1356,7 @@ impl State {
             }
         }
         crate::rstats::unlinking(self, parent, d.ino, now);
-        self.drop_link(now, d.ino, guard);
+        self.drop_link(now, d.ino, guard, trash);
         self.touch_dir(parent, now);
         Ok(())
     }
@@ -1451,12 +1506,13 @@ impl State {
                     return Err(libc::ENOTEMPTY);
                 }
             }
+            let trash = crate::trash::origin(self, now, new_parent, new_name, dst.ino);
             self.del_entry(new_parent, new_name);
             if dst_dir {
                 self.adjust_nlink(new_parent, -1);
             }
             crate::rstats::unlinking(self, new_parent, dst.ino, now);
-            self.drop_link(now, dst.ino, guard);
+            self.drop_link(now, dst.ino, guard, trash);
         }
         self.del_entry(parent, name);
         self.add_entry(new_parent, new_name, src.ino);
@@ -1491,6 +1547,9 @@ impl State {
         check_xattr_name(name)?;
         if crate::quota::is_quota_name(name) {
             return crate::quota::set(self, ino, name, value);
+        }
+        if name == crate::trash::TRASH_SECONDS {
+            return crate::trash::set(self, now, ino, value);
         }
         if name.starts_with(crate::rstats::PREFIX) {
             return Err(libc::EPERM);
@@ -1533,6 +1592,9 @@ impl State {
         check_xattr_name(name)?;
         if crate::quota::is_quota_name(name) {
             return crate::quota::remove(self, ino, name);
+        }
+        if name == crate::trash::TRASH_SECONDS {
+            return crate::trash::remove(self, now, ino);
         }
         let i = self.inode_mut(ino)?;
         i.xattrs.remove(name).ok_or(libc::ENODATA)?;

@@ -301,8 +301,9 @@ pub fn list(s: &State, under: u64) -> Vec<Listed> {
 }
 
 /// `dir`'s path below `under`, from the parent pointers and a scan of
-/// each parent's entries (few quota directories: fine).
-fn path_of(s: &State, dir: u64, under: u64) -> String {
+/// each parent's entries (few quota directories: fine; the trash names
+/// a removed entry's directory with it).
+pub(crate) fn path_of(s: &State, dir: u64, under: u64) -> String {
     let mut names: Vec<String> = Vec::new();
     let mut cur = dir;
     for parent in rstats::ancestors(s, dir).skip(1) {

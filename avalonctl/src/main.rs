@@ -162,9 +162,127 @@ enum Cmd {
         #[command(subcommand)]
         cmd: QuotaCmd,
     },
+    /// The trash of directories with `avalon.trash_seconds` set: list what
+    /// removed files and directories it keeps, restore them with their data
+    /// and attributes, or free the space now (admin only).
+    Trash {
+        #[command(subcommand)]
+        cmd: TrashCmd,
+    },
     /// Write man pages and bash/zsh completions under DIR (packaging).
     #[command(hide = true)]
     Generate { dir: PathBuf },
+}
+
+/// Which cluster a trash command talks to.
+#[derive(clap::Args, Debug)]
+struct ClusterArgs {
+    /// A local cluster directory (reads its layout).
+    #[arg(long, value_name = "DIR")]
+    cluster: Option<PathBuf>,
+    /// MDS addresses instead of a directory: host:port[,host:port...]
+    #[arg(long)]
+    mds: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum TrashCmd {
+    /// List the entries (id, size, deletion and expiry times, original
+    /// path) removed at or below PATH (a path from the filesystem root;
+    /// default: all).
+    Ls {
+        path: Option<String>,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put entry ID back with its data and attributes: at its original
+    /// path (recreating removed directories above it from the trash), or
+    /// at --to. A directory comes back with what was deleted from it.
+    /// An existing name is never overwritten.
+    Restore {
+        id: u64,
+        /// A path from the filesystem root: into it if it is a directory,
+        /// else as it.
+        #[arg(long, value_name = "PATH")]
+        to: Option<String>,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Free entry ID (with what was deleted from it if it is a directory),
+    /// or everything with --all, now.
+    Purge {
+        id: Option<u64>,
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+}
+
+fn trash_cmd(cmd: TrashCmd) -> anyhow::Result<()> {
+    use avalonctl::trash;
+    let addrs = |c: &ClusterArgs| mds_addrs(c.cluster.as_deref(), c.mds.as_deref());
+    match cmd {
+        TrashCmd::Ls {
+            path,
+            cluster,
+            json,
+        } => {
+            let (addrs, tls) = addrs(&cluster)?;
+            let (entries, more) =
+                block_on(trash::list(&tls, &addrs, path.as_deref().unwrap_or("")))?;
+            if more {
+                eprintln!(
+                    "note: only the first {} entries (give a PATH to see others)",
+                    entries.len()
+                );
+            }
+            if json {
+                let v: Vec<serde_json::Value> = entries
+                    .iter()
+                    .map(|e| {
+                        let a = e.attr.clone().unwrap_or_default();
+                        serde_json::json!({
+                            "id": e.id,
+                            "path": e.path,
+                            "ino": a.ino,
+                            "mode": a.mode,
+                            "uid": a.uid,
+                            "gid": a.gid,
+                            "size": a.size,
+                            "deleted_ns": e.deleted_ns,
+                            "expires_ns": e.expires_ns,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", trash::render(&entries));
+            }
+        }
+        TrashCmd::Restore { id, to, cluster } => {
+            let (addrs, tls) = addrs(&cluster)?;
+            let r = block_on(trash::restore(&tls, &addrs, id, to.as_deref()))?;
+            println!(
+                "restored {} ({} inode{})",
+                r.path,
+                r.restored,
+                if r.restored == 1 { "" } else { "s" }
+            );
+        }
+        TrashCmd::Purge { id, all, cluster } => {
+            if id.is_none() && !all {
+                bail!("give an entry ID or --all");
+            }
+            let (addrs, tls) = addrs(&cluster)?;
+            let n = block_on(trash::purge(&tls, &addrs, id.into_iter().collect(), all))?;
+            println!("purged {n} entr{}", if n == 1 { "y" } else { "ies" });
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]
@@ -1010,6 +1128,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Du { paths, human } => du_cmd(&paths, human),
         Cmd::Quota { cmd } => quota_cmd(cmd),
+        Cmd::Trash { cmd } => trash_cmd(cmd),
         Cmd::Down { dir, timeout } => local_cluster::down(&dir, Duration::from_secs(timeout)),
         Cmd::Top { dir, mds } => {
             let (addrs, tls) = mds_addrs(dir.as_deref(), mds.as_deref())?;

@@ -129,6 +129,10 @@ pub struct ClusterStatus {
     pub replicas: u32,
     pub write_quorum: u32,
     pub inodes: u64,
+    /// Entries in the trash and the bytes of data they keep (not in any
+    /// quota nor directory statistics).
+    pub trash_entries: u64,
+    pub trash_bytes: u64,
     pub mds: Vec<MdsRow>,
     pub osds: Vec<OsdRow>,
     pub clients: Vec<ClientRow>,
@@ -419,6 +423,7 @@ pub async fn collect(tls: &ClientTls, addrs: &[String], timeout: Duration) -> Cl
         None => (Vec::new(), Vec::new(), 0, 0, 0, 0),
     };
     let leader_id = leader.and_then(|r| r.self_.as_ref().map(|s| s.id));
+    let (trash_entries, trash_bytes) = leader.map_or((0, 0), |r| (r.trash_entries, r.trash_bytes));
     let (health, health_detail) = health_of(leader_id, &mds, &osds);
     ClusterStatus {
         leader_id,
@@ -428,6 +433,8 @@ pub async fn collect(tls: &ClientTls, addrs: &[String], timeout: Duration) -> Cl
         replicas,
         write_quorum,
         inodes,
+        trash_entries,
+        trash_bytes,
         mds,
         osds,
         clients,
@@ -492,6 +499,13 @@ pub fn render(s: &ClusterStatus) -> String {
             String::new()
         },
         if p.healthy { "; HEALTHY" } else { "" }
+    );
+    let _ = writeln!(
+        o,
+        "trash: {} entries, {} ({} bytes)",
+        s.trash_entries,
+        human(s.trash_bytes),
+        s.trash_bytes
     );
     if !s.health.is_empty() {
         let _ = writeln!(o, "health: {}", s.health);

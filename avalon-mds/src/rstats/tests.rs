@@ -309,8 +309,9 @@ fn an_old_snapshot_is_rebuilt() {
     write(&mut s, f, 42).expect("write");
     let full = postcard::to_allocvec(&s).expect("encode");
     let tail = postcard::to_allocvec(&s.rstats).expect("rstats").len()
-        + postcard::to_allocvec(&s.quotas).expect("quotas").len();
-    // A snapshot written before rstats: it ends before the two fields,
+        + postcard::to_allocvec(&s.quotas).expect("quotas").len()
+        + postcard::to_allocvec(&s.trash).expect("trash").len();
+    // A snapshot written before rstats: it ends before the later fields,
     // and its files have no primary directory.
     let mut old: State = postcard::from_bytes(&full[..full.len() - tail]).expect("decode");
     assert!(!old.rstats.ready);

@@ -78,6 +78,9 @@ fake_meta! {
         set_client_caps(pb::SetClientCapsRequest) -> pb::Empty;
         list_client_caps(pb::Empty) -> pb::ClientCapsList;
         get_chunk_cap(pb::ChunkCapRequest) -> pb::ChunkCapReply;
+        trash_list(pb::TrashListRequest) -> pb::TrashListReply;
+        trash_restore(pb::TrashRestoreRequest) -> pb::TrashRestoreReply;
+        trash_purge(pb::TrashPurgeRequest) -> pb::TrashPurgeReply;
     }
 
     type SessionStream = tokio_stream::wrappers::ReceiverStream<Result<pb::SessionEvent, Status>>;
