@@ -244,7 +244,7 @@ fn trash_cmd(cmd: TrashCmd) -> anyhow::Result<()> {
                 let v: Vec<serde_json::Value> = entries
                     .iter()
                     .map(|e| {
-                        let a = e.attr.clone().unwrap_or_default();
+                        let a = e.attr.unwrap_or_default();
                         serde_json::json!({
                             "id": e.id,
                             "path": e.path,

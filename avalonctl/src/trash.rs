@@ -105,7 +105,7 @@ pub fn render(entries: &[pb::TrashEntry]) -> String {
         "ID", "SIZE", "DELETED (UTC)", "EXPIRES (UTC)"
     );
     for e in entries {
-        let a = e.attr.clone().unwrap_or_default();
+        let a = e.attr.unwrap_or_default();
         let dir = a.mode & libc::S_IFMT == libc::S_IFDIR;
         out.push_str(&format!(
             "{:>8}  {:>12}  {:<19}  {:<19}  {}{}\n",
