@@ -427,4 +427,4 @@ pub fn getxattr(s: &State, ino: u64, name: &[u8]) -> Option<Result<Vec<u8>, i32>
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

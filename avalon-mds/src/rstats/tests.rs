@@ -3,7 +3,8 @@ use crate::command::{Layout, MetaCommand, Op, Reply};
 use crate::namespace::{State, RENAME_EXCHANGE};
 use proptest::prelude::*;
 
-fn run_at(s: &mut State, now: i64, op: Op) -> Result<Reply, i32> {
+/// Applies `op` as a command stamped `now` (also used by the trash tests).
+pub(crate) fn run_at(s: &mut State, now: i64, op: Op) -> Result<Reply, i32> {
     s.apply(&MetaCommand {
         now_ns: now,
         session_id: 0,

@@ -1,18 +1,9 @@
 use super::*;
-use crate::command::{Layout, MetaCommand, Op, Reply};
+use crate::command::{Layout, Op, Reply};
+use crate::rstats::tests::run_at;
 use crate::rstats::{compute, stats};
 
 const SEC: i64 = 1_000_000_000;
-
-fn run_at(s: &mut State, now: i64, op: Op) -> Result<Reply, i32> {
-    s.apply(&MetaCommand {
-        now_ns: now,
-        session_id: 0,
-        request_id: 0,
-        op,
-    })
-    .0
-}
 
 fn ino(r: Result<Reply, i32>) -> u64 {
     match r {
