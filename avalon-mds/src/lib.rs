@@ -23,6 +23,7 @@ pub mod meta_service;
 pub mod metrics;
 pub mod namespace;
 pub mod node;
+pub mod osd_probe;
 pub mod proposer;
 pub mod quota;
 pub mod raft_net;

@@ -466,6 +466,17 @@ impl MetaService {
 
     /// EPERM unless the caller may set quotas: root (after squashing) on
     /// a mount, or an unlimited identity (client.admin) without a uid.
+    /// Refuses (EOPNOTSUPP) what needs `feature` of every voter: in a
+    /// cluster still being upgraded an older member would apply it
+    /// differently.
+    fn require_voters(&self, feature: u64, what: &str) -> Result<(), MdsError> {
+        if self.node.voters_have(feature) {
+            return Ok(());
+        }
+        tracing::warn!("{what} are refused until every MDS runs a version that has them");
+        Err(MdsError::Errno(libc::EOPNOTSUPP))
+    }
+
     fn check_quota_admin(
         lim: Option<&(String, ClientCaps)>,
         has_cred: bool,
@@ -954,13 +965,12 @@ impl Meta for MetaService {
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         self.check_growth()?;
         ino_ok(r.ino)?;
-        if crate::quota::is_quota_name(&r.name) {
+        if crate::quota::is_quota_name(&r.name) || r.name == crate::trash::TRASH_SECONDS {
             Self::check_quota_admin(lim.as_ref(), r.has_cred, r.uid)?;
-            self.settle_subtree(session_of(r.header.as_ref()), r.ino)
-                .await;
-        }
-        if r.name == crate::trash::TRASH_SECONDS {
-            Self::check_quota_admin(lim.as_ref(), r.has_cred, r.uid)?;
+            self.require_voters(
+                avalon_proto::version::FEATURE_DIR_POLICIES,
+                "quotas and the trash",
+            )?;
             self.settle_subtree(session_of(r.header.as_ref()), r.ino)
                 .await;
         }
@@ -1533,7 +1543,7 @@ impl Meta for MetaService {
         };
         match self.mutate(r.header.as_ref(), op, &[]).await? {
             Reply::OsdRegistered { osd_id, .. } => {
-                self.node.osd_seen_now(osd_id);
+                self.node.osd_started(osd_id);
                 self.node.version_seen(PeerKind::Osd, osd_id, version);
                 let map = self.node.read_local(|s| self.cluster_map(s));
                 tracing::info!(osd = osd_id, epoch = map.epoch, "OSD registered");
@@ -1561,9 +1571,31 @@ impl Meta for MetaService {
         let Some(osd) = known else {
             return Err(MdsError::NotFound(format!("OSD {} is not registered", r.osd_id)).into());
         };
+        if r.stopping {
+            self.node.osd_stopping(r.osd_id, r.pid);
+            if osd.state == OsdState::Up {
+                tracing::info!(osd = r.osd_id, "OSD is stopping; marking down");
+                self.mutate(
+                    None,
+                    Op::SetOsdState {
+                        osd_id: r.osd_id,
+                        state: OsdState::Down,
+                    },
+                    &[],
+                )
+                .await?;
+            }
+            let map_epoch = self.node.read_local(|s| s.map_epoch);
+            return Ok(Response::new(pb::OsdHeartbeatReply {
+                map_epoch,
+                full_osds: Vec::new(),
+            }));
+        }
         self.node.osd_seen_now(r.osd_id);
         self.node.osd_report(r.osd_id, r.report);
-        if matches!(osd.state, OsdState::Down | OsdState::Out) {
+        if matches!(osd.state, OsdState::Down | OsdState::Out)
+            && !self.node.osd_is_stopping(r.osd_id, r.pid)
+        {
             tracing::info!(osd = r.osd_id, "OSD heartbeats again; marking up");
             self.mutate(
                 None,

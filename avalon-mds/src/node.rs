@@ -69,6 +69,9 @@ pub struct Liveness {
     pub reported: HashSet<u64>,
     /// Each peer's protocol version as last heard (for `avalonctl status`).
     pub versions: HashMap<(PeerKind, u64), avalon_proto::pb::NodeVersion>,
+    /// OSDs that said they are stopping, with their process id: heartbeats
+    /// of that process still in flight must not mark them up again.
+    pub osd_stopping: HashMap<u64, u32>,
 }
 
 /// The kind of peer a remembered version belongs to.
@@ -769,6 +772,25 @@ impl MdsNode {
         self.lock_liveness().osd_seen.insert(id, Instant::now());
     }
 
+    /// Records that OSD `id` (process `pid`) announced its shutdown.
+    pub fn osd_stopping(&self, id: u64, pid: u32) {
+        let mut l = self.lock_liveness();
+        l.osd_seen.insert(id, Instant::now());
+        l.osd_stopping.insert(id, pid);
+    }
+
+    /// Whether this process of OSD `id` announced its shutdown.
+    pub fn osd_is_stopping(&self, id: u64, pid: u32) -> bool {
+        self.lock_liveness().osd_stopping.get(&id) == Some(&pid)
+    }
+
+    /// Forgets a shutdown announcement: the OSD registered again.
+    pub fn osd_started(&self, id: u64) {
+        let mut l = self.lock_liveness();
+        l.osd_seen.insert(id, Instant::now());
+        l.osd_stopping.remove(&id);
+    }
+
     /// Records an OSD's recovery/scrub report (leader, in memory).
     pub fn osd_report(&self, id: u64, report: Option<avalon_proto::pb::OsdReport>) {
         if let Some(r) = report {
@@ -942,10 +964,20 @@ impl MdsNode {
             }
             self.expire_sessions().await;
             self.sweep_orphans().await;
+            let addrs: HashMap<u64, String> = self.read_local(|s| {
+                s.osds
+                    .values()
+                    .filter(|o| o.state == OsdState::Up)
+                    .map(|o| (o.id, o.addr.clone()))
+                    .collect()
+            });
             let osds: Vec<(u64, OsdState)> =
                 self.read_local(|s| s.osds.values().map(|o| (o.id, o.state)).collect());
             let now = Instant::now();
-            let stale: Vec<u64> = {
+            // Down by the heartbeat rule (with why), and silent for a probe.
+            let mut stale: Vec<(u64, &str)> = Vec::new();
+            let mut silent = Vec::new();
+            {
                 let mut l = self.lock_liveness();
                 if !was_leader {
                     // New leader: give every OSD a full period to report.
@@ -953,14 +985,28 @@ impl MdsNode {
                         l.osd_seen.insert(*id, now);
                     }
                 }
-                osds.iter()
-                    .filter(|(id, st)| {
-                        *st == OsdState::Up
-                            && l.osd_seen.entry(*id).or_insert(now).elapsed() >= down_after
-                    })
-                    .map(|(id, _)| *id)
-                    .collect()
-            };
+                for (id, st) in &osds {
+                    if *st != OsdState::Up {
+                        continue;
+                    }
+                    let quiet = l.osd_seen.entry(*id).or_insert(now).elapsed();
+                    if quiet >= down_after {
+                        stale.push((*id, "OSD missed heartbeats; marking down"));
+                    } else if quiet >= crate::osd_probe::PROBE_AFTER {
+                        if let Some(a) = addrs.get(id) {
+                            silent.push((*id, a.clone()));
+                        }
+                    }
+                }
+            }
+            if !silent.is_empty() {
+                for id in crate::osd_probe::refusing(silent).await {
+                    stale.push((
+                        id,
+                        "OSD is silent and its port refuses connections; marking down",
+                    ));
+                }
+            }
             let out_after = Duration::from_millis(self.cfg.osd_out_after_ms);
             let gone: Vec<u64> = if self.cfg.osd_out_after_ms == 0 {
                 Vec::new()
@@ -990,8 +1036,8 @@ impl MdsNode {
                 }
             }
             was_leader = true;
-            for id in stale {
-                tracing::warn!(osd = id, "OSD missed heartbeats; marking down");
+            for (id, why) in stale {
+                tracing::warn!(osd = id, "{why}");
                 if let Err(e) = self
                     .write(
                         None,

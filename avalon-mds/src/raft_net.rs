@@ -39,8 +39,8 @@ pub struct NetworkFactory {
     pub features: PeerFeatures,
 }
 
-/// Feature bits by MDS id, from the peers' answers to raft messages (the
-/// leader learns its followers' versions there).
+/// Feature bits by MDS id, from the peers' raft messages and answers (the
+/// leader learns its followers' versions there, a follower its leader's).
 pub type PeerFeatures = Arc<std::sync::Mutex<std::collections::HashMap<NodeId, u64>>>;
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -231,6 +231,15 @@ impl RaftService {
             format!("MDS {}", m.from)
         };
         let sent = avalon_proto::version::of_peer(m.version.as_ref());
+        if m.from != 0 {
+            // A follower learns the leader's features here, so that after a
+            // failover it knows those of a predecessor that is now silent.
+            self.node
+                .peer_features
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(m.from, sent.features);
+        }
         let known = self.node.peer_version(PeerKind::Mds, m.from);
         self.node.version_seen(PeerKind::Mds, m.from, sent);
         avalon_proto::version::check("this MDS", &peer, m.version.as_ref())

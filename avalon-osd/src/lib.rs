@@ -167,7 +167,10 @@ pub async fn run_with_listener(
         tracing::warn!("insecure: chunk capabilities are not checked; any caller may read, write and truncate any chunk");
     }
 
-    let stop = shutdown.child_token();
+    // `shutdown` ends the heartbeats first; serving stops (`stop`) once the
+    // MDS has been told, so requests in flight meanwhile are still answered.
+    let stop = CancellationToken::new();
+    let beats = shutdown.child_token();
     let server = tonic::transport::Server::builder()
         .http2_adaptive_window(Some(true))
         // Outermost: refusals, too, are logged with the request's id.
@@ -206,12 +209,33 @@ pub async fn run_with_listener(
             metrics_endpoint(addr, report.clone(), &stop).await?;
         }
         let space = Arc::clone(&space);
+        let beats = beats.clone();
         tokio::spawn(async move {
-            if membership.register(&store, &stop).await.is_some() {
+            if membership.register(&store, &beats).await.is_some() {
                 membership
-                    .heartbeat_loop(store, interval, report, space, stop)
+                    .heartbeat_loop(store, interval, report, space, beats)
                     .await;
             }
+        })
+    };
+    let stopper = {
+        let membership = Arc::clone(&membership);
+        let store = Arc::clone(&store);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = beats.cancelled() => {}
+                // The server ended by itself: no announcement.
+                _ = stop.cancelled() => {}
+            }
+            beats.cancel();
+            let _ = background.await;
+            if !stop.is_cancelled() {
+                membership
+                    .announce_stopping(store.used_bytes(), STOP_ANNOUNCE_BUDGET)
+                    .await;
+            }
+            stop.cancel();
         })
     };
 
@@ -230,7 +254,7 @@ pub async fn run_with_listener(
 
     let served = server.await;
     stop.cancel();
-    let _ = background.await;
+    let _ = stopper.await;
     let _ = recovering.await;
     let _ = maintaining.await;
     served
@@ -239,6 +263,9 @@ pub async fn run_with_listener(
     tracing::info!("avalon-osd stopped");
     Ok(())
 }
+
+/// How long a stopping OSD waits for the MDS to mark it down.
+const STOP_ANNOUNCE_BUDGET: Duration = Duration::from_secs(2);
 
 /// Starts serving `/metrics` on `addr` until `stop`.
 async fn metrics_endpoint(

@@ -266,6 +266,51 @@ impl Membership {
         self.map().ok_or(OsdError::NotReady)
     }
 
+    fn heartbeat_request(
+        &self,
+        used_bytes: u64,
+        report: Option<OsdReport>,
+        stopping: bool,
+    ) -> OsdHeartbeatRequest {
+        OsdHeartbeatRequest {
+            header: None,
+            osd_id: self.osd_id(),
+            capacity_bytes: self.capacity,
+            used_bytes,
+            pid: std::process::id(),
+            addr: self.addr.clone(),
+            report,
+            version: Some(avalon_proto::version::local()),
+            stopping,
+        }
+    }
+
+    /// Tells the MDS this OSD is shutting down, so that it is marked down
+    /// now rather than after `osd_down_after_ms` of silence, during which
+    /// clients would keep trying it. Call after the heartbeat loop ended (a
+    /// later heartbeat would not undo it: the MDS ignores heartbeats of a
+    /// stopping process until it registers again). Bounded by `budget`;
+    /// without an answer the MDS finds out from the missed heartbeats.
+    pub async fn announce_stopping(&self, used_bytes: u64, budget: Duration) {
+        if self.osd_id() == 0 {
+            return;
+        }
+        let req = self.heartbeat_request(used_bytes, None, true);
+        let res = self
+            .mds
+            .call_within(budget, |mut c| {
+                let r = req.clone();
+                async move { c.osd_heartbeat(r).await }
+            })
+            .await;
+        match res {
+            Ok(_) => tracing::info!("told the MDS we are stopping"),
+            Err(s) => {
+                tracing::warn!(error = %s.message(), "could not tell the MDS we are stopping")
+            }
+        }
+    }
+
     /// Heartbeats every `interval` until `shutdown`; refetches the map when
     /// the MDS reports another epoch, re-registers when it no longer knows us,
     /// and hands the OSDs the MDS reports full to `space`.
@@ -285,16 +330,7 @@ impl Membership {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let req = OsdHeartbeatRequest {
-                header: None,
-                osd_id: self.osd_id(),
-                capacity_bytes: self.capacity,
-                used_bytes: store.used_bytes(),
-                pid: std::process::id(),
-                addr: self.addr.clone(),
-                report: Some(report()),
-                version: Some(avalon_proto::version::local()),
-            };
+            let req = self.heartbeat_request(store.used_bytes(), Some(report()), false);
             let beat = self.mds.call_within(budget, |mut c| {
                 let r = req.clone();
                 async move { c.osd_heartbeat(r).await }

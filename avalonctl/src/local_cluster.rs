@@ -653,6 +653,14 @@ impl LocalCluster {
         }
     }
 
+    /// Stops OSD `n` (ordinal in the layout) as a service manager does:
+    /// SIGTERM, then SIGKILL after 10 s.
+    pub fn stop_osd(&mut self, n: u64) {
+        if let Some(p) = self.osds.iter_mut().find(|p| p.name == format!("osd{n}")) {
+            p.stop(Duration::from_secs(10));
+        }
+    }
+
     /// Starts every daemon that is not running again.
     pub fn restart_stopped(&mut self) -> anyhow::Result<()> {
         let mut mds = std::mem::take(&mut self.mds);

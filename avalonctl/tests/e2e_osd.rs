@@ -12,7 +12,7 @@ use avalon_osd::chunk_store::sidecar_content;
 use avalon_proto::pb::OsdState;
 use avalon_proto::placement::chunk_members;
 use avalonctl::local_cluster::LocalCluster;
-use common::{cluster_map, data, sha, sha_file, wait_until, TestCluster};
+use common::{cluster_map, data, opts, sha, sha_file, wait_until, TestCluster};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
@@ -44,6 +44,20 @@ fn dump_logs(c: &LocalCluster) {
             eprintln!("{l}");
         }
     }
+}
+
+/// Whether some MDS log has a line containing `text`.
+fn mds_logged(c: &LocalCluster, text: &str) -> bool {
+    let Ok(rd) = std::fs::read_dir(c.dir.join("logs")) else {
+        return false;
+    };
+    rd.flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("mds"))
+        .any(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .contains(text)
+        })
 }
 
 fn osd_chunks_dir(c: &LocalCluster, n: u64) -> PathBuf {
@@ -325,6 +339,69 @@ fn osd_killed_during_write_and_read_then_catches_up() {
         "osd1 did not come back in step"
     );
     assert_eq!(sha_file(&path), sha(&bytes));
+}
+
+/// An OSD stopped with SIGTERM (a restart or an upgrade) tells the MDS,
+/// which marks it down at once: with heartbeat detection set to ten minutes,
+/// only that announcement can explain it. Writes and fsyncs meanwhile go to
+/// the other replicas, and its registration marks it up again. A killed one
+/// is found by the leader's connection probe.
+#[test]
+fn stopped_or_killed_osd_is_marked_down_without_waiting_for_heartbeats() {
+    let mut o = opts(1, 3);
+    o.mds_flags = vec!["--osd-down-after-ms".into(), "600000".into()];
+    let mut t = TestCluster::start_with(o);
+    let before = data(6 * MIB, 31);
+    write_file(&t.mnt().join("before"), &before);
+
+    t.c().stop_osd(3);
+    wait_marked_down(t.c(), 3);
+    assert!(
+        mds_logged(t.c(), "OSD is stopping; marking down"),
+        "osd3 was not marked down on its own announcement"
+    );
+    let during = data(6 * MIB, 32);
+    write_file(&t.mnt().join("during"), &during);
+    assert_eq!(sha(&read_fresh(&t.mnt().join("before"))), sha(&before));
+
+    t.c().restart_stopped().expect("restart osd3");
+    let addr = t
+        .c()
+        .layout
+        .osds
+        .iter()
+        .find(|o| o.id == 3)
+        .expect("osd3")
+        .addr
+        .clone();
+    let c = t.c();
+    assert!(
+        wait_until(Duration::from_secs(60), || c
+            .status()
+            .osds
+            .iter()
+            .any(|o| o.addr == addr && o.state == "up")),
+        "osd3 not marked up after it registered again"
+    );
+    let ino = ino_of(&t.mnt().join("during"));
+    let c = t.c();
+    assert!(
+        wait_until(Duration::from_secs(90), || replicas_identical(c, ino, 2)),
+        "osd3 did not catch up with what was written while it was stopped"
+    );
+    assert_eq!(sha(&read_fresh(&t.mnt().join("during"))), sha(&during));
+
+    // A killed OSD cannot say so, but its port refuses connections: the
+    // leader probes an OSD that missed heartbeats and marks it down too.
+    t.c().kill_osd(2);
+    wait_marked_down(t.c(), 2);
+    assert!(
+        mds_logged(t.c(), "port refuses connections; marking down"),
+        "osd2 was not marked down by the probe"
+    );
+    write_file(&t.mnt().join("after"), &before);
+    assert_eq!(sha(&read_fresh(&t.mnt().join("after"))), sha(&before));
+    t.c().restart_stopped().expect("restart osd2");
 }
 
 /// (3) Two OSDs of three down: reads of current chunks succeed; a write

@@ -31,9 +31,17 @@ pub const FEATURE_VERSIONED_FORMATS: u64 = 1 << 1;
 /// ids chosen by the leader).
 pub const FEATURE_RANDOM_SESSIONS: u64 = 1 << 2;
 
+/// Feature bit: the MDS applies directory quotas and the trash (an unlink
+/// under `avalon.trash_seconds` keeps the inode, quota xattrs refuse growth,
+/// the trash ops). A member without it would apply the same entries
+/// differently, so those attributes are refused until every voter has it.
+pub const FEATURE_DIR_POLICIES: u64 = 1 << 3;
+
 /// Every feature this build has.
-pub const FEATURES: u64 =
-    FEATURE_VERSION_EXCHANGE | FEATURE_VERSIONED_FORMATS | FEATURE_RANDOM_SESSIONS;
+pub const FEATURES: u64 = FEATURE_VERSION_EXCHANGE
+    | FEATURE_VERSIONED_FORMATS
+    | FEATURE_RANDOM_SESSIONS
+    | FEATURE_DIR_POLICIES;
 
 /// The crate (release) version, e.g. "0.1.0".
 pub const RELEASE: &str = env!("CARGO_PKG_VERSION");
