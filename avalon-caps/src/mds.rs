@@ -229,9 +229,10 @@ impl Mds {
     /// Whether `ino` was reserved for `session` (a create it made under a
     /// delegation may use it).
     pub fn reserved_for(&self, session: SessionId, ino: Ino) -> bool {
-        self.reserved
-            .get(&session)
-            .is_some_and(|rs| rs.iter().any(|r| (r.start..r.start + r.count).contains(&ino)))
+        self.reserved.get(&session).is_some_and(|rs| {
+            rs.iter()
+                .any(|r| (r.start..r.start + r.count).contains(&ino))
+        })
     }
 
     /// The rights `session` holds on `ino` (as far as the MDS knows: the

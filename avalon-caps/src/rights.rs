@@ -73,14 +73,18 @@ impl Right {
 /// (files versus directories); they are declared compatible.
 pub const fn compatible(a: Right, b: Right) -> bool {
     use Right::*;
-    match (a, b) {
-        (AttrExcl, AttrShared | AttrExcl | DataBuffer | Delegation) => false,
-        (AttrShared | DataBuffer | Delegation, AttrExcl) => false,
-        (AttrShared, DataBuffer | Delegation) | (DataBuffer | Delegation, AttrShared) => false,
-        (DataBuffer, DataCache | DataBuffer) | (DataCache, DataBuffer) => false,
-        (Delegation, Entries | Listing | Delegation) | (Entries | Listing, Delegation) => false,
-        _ => true,
-    }
+    // The conflicting pairs, each listed both ways round.
+    !matches!(
+        (a, b),
+        (AttrExcl, AttrShared | AttrExcl | DataBuffer | Delegation)
+            | (AttrShared | DataBuffer | Delegation, AttrExcl)
+            | (AttrShared, DataBuffer | Delegation)
+            | (DataBuffer | Delegation, AttrShared)
+            | (DataBuffer, DataCache | DataBuffer)
+            | (DataCache, DataBuffer)
+            | (Delegation, Entries | Listing | Delegation)
+            | (Entries | Listing, Delegation)
+    )
 }
 
 /// A set of rights (a bit per [`Right`]).
