@@ -124,12 +124,7 @@ impl Client {
         if self.lost {
             return Vec::new();
         }
-        let deadline = if self.opened {
-            self.lease_until
-        } else {
-            self.started_at + self.lease_ms
-        };
-        if now >= deadline {
+        if self.expired(now) {
             return self.lose();
         }
         if self.opened && now >= self.last_renew + self.renew_ms {
@@ -188,10 +183,16 @@ impl Client {
         }
     }
 
-    /// A message from the MDS.
-    pub fn on_message(&mut self, msg: ToClient) -> Vec<ClientCmd> {
+    /// A message from the MDS, at `now`. A lease that ran out is lost
+    /// here too, before the message is looked at: a late renewal does not
+    /// bring back rights whose lease lapsed (their cached state may have
+    /// been dropped meanwhile).
+    pub fn on_message(&mut self, msg: ToClient, now: Millis) -> Vec<ClientCmd> {
         if self.lost {
             return Vec::new();
+        }
+        if self.expired(now) {
+            return self.lose();
         }
         match msg {
             ToClient::Renewed { sent_at } => {
@@ -246,6 +247,16 @@ impl Client {
     /// Until when the lease holds (0: none yet).
     pub fn lease_until(&self) -> Millis {
         self.lease_until
+    }
+
+    /// The lease ran out (or the session never opened within a lease).
+    fn expired(&self, now: Millis) -> bool {
+        let deadline = if self.opened {
+            self.lease_until
+        } else {
+            self.started_at + self.lease_ms
+        };
+        now >= deadline
     }
 
     fn dirty(&mut self, ino: Ino, r: Right) -> Decision {
@@ -309,16 +320,19 @@ mod tests {
 
     fn opened(now: Millis) -> Client {
         let (mut c, _) = Client::new(1000, 250, now);
-        c.on_message(ToClient::Renewed { sent_at: now });
+        c.on_message(ToClient::Renewed { sent_at: now }, now);
         c
     }
 
     fn grant(c: &mut Client, ino: Ino, rights: Rights) {
-        c.on_message(ToClient::Grant {
-            ino,
-            rights,
-            reserved: None,
-        });
+        c.on_message(
+            ToClient::Grant {
+                ino,
+                rights,
+                reserved: None,
+            },
+            1,
+        );
     }
 
     #[test]
@@ -395,14 +409,17 @@ mod tests {
             name_exists: false,
         };
         assert_eq!(c.decide(2, create, false, 1), Decision::Sync);
-        c.on_message(ToClient::Grant {
-            ino: 2,
-            rights: Rights::of(&[Entries, Listing, Delegation]),
-            reserved: Some(InoRange {
-                start: 50,
-                count: 2,
-            }),
-        });
+        c.on_message(
+            ToClient::Grant {
+                ino: 2,
+                rights: Rights::of(&[Entries, Listing, Delegation]),
+                reserved: Some(InoRange {
+                    start: 50,
+                    count: 2,
+                }),
+            },
+            1,
+        );
         assert_eq!(c.decide(2, create, false, 1), Decision::LocalCreate(50));
         assert_eq!(c.decide(2, create, false, 1), Decision::LocalCreate(51));
         assert_eq!(
@@ -426,11 +443,14 @@ mod tests {
         let mut c = opened(0);
         grant(&mut c, 3, Rights::of(&[DataCache, DataBuffer, AttrShared]));
         c.decide(3, Op::Write, false, 1);
-        let out = c.on_message(ToClient::Revoke {
-            ino: 3,
-            rights: Rights::of(&[DataCache, DataBuffer]),
-            id: 9,
-        });
+        let out = c.on_message(
+            ToClient::Revoke {
+                ino: 3,
+                rights: Rights::of(&[DataCache, DataBuffer]),
+                id: 9,
+            },
+            1,
+        );
         assert_eq!(
             out,
             vec![
@@ -448,11 +468,14 @@ mod tests {
         assert_eq!(c.held(3, 1), AttrShared.into());
         assert_eq!(c.dirty_rights(3), Rights::NONE);
         // Nothing dirty: drop and ack only.
-        let out = c.on_message(ToClient::Revoke {
-            ino: 3,
-            rights: AttrShared.into(),
-            id: 10,
-        });
+        let out = c.on_message(
+            ToClient::Revoke {
+                ino: 3,
+                rights: AttrShared.into(),
+                id: 10,
+            },
+            1,
+        );
         assert_eq!(out.len(), 2);
     }
 
@@ -464,11 +487,26 @@ mod tests {
             c.tick(250),
             vec![ClientCmd::Send(ToMds::Renew { sent_at: 250 })]
         );
-        c.on_message(ToClient::Renewed { sent_at: 250 });
+        c.on_message(ToClient::Renewed { sent_at: 250 }, 260);
         assert_eq!(c.lease_until(), 1250);
         assert_eq!(c.tick(1250), vec![ClientCmd::Reset]);
         assert_eq!(c.decide(1, Op::GetAttr, false, 1251), Decision::Wait);
         assert!(c.tick(1300).is_empty());
+    }
+
+    #[test]
+    fn a_late_renewal_does_not_revive_a_lapsed_lease() {
+        let mut c = opened(0);
+        grant(&mut c, 3, DataCache.into());
+        c.tick(250);
+        // The renewal sent at 250 is answered only at 1000, when the
+        // lease counted from 0 has run out.
+        assert_eq!(
+            c.on_message(ToClient::Renewed { sent_at: 250 }, 1000),
+            vec![ClientCmd::Reset]
+        );
+        assert_eq!(c.held(3, 1001), Rights::NONE);
+        assert_eq!(c.decide(3, Op::Read, false, 1001), Decision::Wait);
     }
 
     #[test]
@@ -481,7 +519,7 @@ mod tests {
         assert_eq!(c.sync_all().len(), 2);
         assert!(c.sync_all().is_empty());
         assert_eq!(c.held(3, 1), DataBuffer.into());
-        assert_eq!(c.on_message(ToClient::Unknown), vec![ClientCmd::Reset]);
+        assert_eq!(c.on_message(ToClient::Unknown, 1), vec![ClientCmd::Reset]);
         assert_eq!(c.held(3, 1), Rights::NONE);
     }
 }

@@ -204,6 +204,10 @@ struct Stats {
     resets: u64,
     crashes: u64,
     lost: u64,
+    /// Creates made under a delegation.
+    delegated: u64,
+    /// Flushes of dirty state on a revoke.
+    flushed: u64,
 }
 
 impl Sim {
@@ -527,7 +531,12 @@ impl Sim {
             self.log(|| format!("c{c}/s{s} -> {cmd:?}"));
             match cmd {
                 ClientCmd::Send(msg) => self.client_send(c, Wire::Caps(msg)),
-                ClientCmd::Flush { ino, rights } => self.flush(c, ino, rights),
+                ClientCmd::Flush { ino, rights } => {
+                    if self.faults {
+                        self.stats.flushed += 1;
+                    }
+                    self.flush(c, ino, rights)
+                }
                 ClientCmd::Drop { ino, rights } => {
                     let n = &mut self.clients[c];
                     let sh = n.shadow.entry(ino).or_default();
@@ -601,7 +610,7 @@ impl Sim {
                     }
                     _ => None,
                 };
-                let cmds = self.clients[c].engine.on_message(msg);
+                let cmds = self.clients[c].engine.on_message(msg, self.now);
                 if let (Some((ino, rights)), Some(snap)) = (grant_ino, snap) {
                     self.fill(c, ino, rights, snap);
                 }
@@ -743,6 +752,7 @@ impl Sim {
             }
             Decision::LocalCreate(new) => {
                 self.stats.local += 1;
+                self.stats.delegated += 1;
                 self.clients[c].op = None;
                 self.local(c, op, Some(new));
             }
@@ -1105,6 +1115,8 @@ fn simulation() {
                 total.resets += s.resets;
                 total.crashes += s.crashes;
                 total.lost += s.lost;
+                total.delegated += s.delegated;
+                total.flushed += s.flushed;
             }
             Err(v) => panic!(
                 "seed {seed} failed:\n  {v}\nreplay: AVALON_SIM_SEED={seed} AVALON_SIM_TRACE=1 \
@@ -1117,5 +1129,6 @@ fn simulation() {
     if seeds.len() >= 100 {
         assert!(total.local > 0 && total.remote > 0 && total.revokes > 0);
         assert!(total.resets > 0 && total.crashes > 0 && total.lost > 0);
+        assert!(total.delegated > 0 && total.flushed > 0);
     }
 }
