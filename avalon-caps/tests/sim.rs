@@ -4,7 +4,8 @@
 //! client crashes and lease expiries, random operations, and a reference
 //! model (the truth) checked after every step.
 //!
-//! `AVALON_SIM_SEEDS=N` runs seeds 0..N (default 1000);
+//! `AVALON_SIM_SEEDS=N` runs seeds 0..N (default 1000; from
+//! `AVALON_SIM_FIRST` on if set);
 //! `AVALON_SIM_SEED=S` replays one seed, `AVALON_SIM_TRACE=1` prints its
 //! events. A failure names its seed.
 
@@ -1103,7 +1104,10 @@ fn simulation() {
     let trace = std::env::var_os("AVALON_SIM_TRACE").is_some();
     let seeds: Vec<u64> = match env_u64("AVALON_SIM_SEED") {
         Some(s) => vec![s],
-        None => (0..env_u64("AVALON_SIM_SEEDS").unwrap_or(1000)).collect(),
+        None => {
+            let first = env_u64("AVALON_SIM_FIRST").unwrap_or(0);
+            (first..first + env_u64("AVALON_SIM_SEEDS").unwrap_or(1000)).collect()
+        }
     };
     let mut total = Stats::default();
     for &seed in &seeds {
