@@ -726,6 +726,7 @@ impl Client {
                     offset,
                     length,
                     map_epoch: map.epoch,
+                    snap_id: 0,
                 };
                 match self.data_conns.read_chunk(&osd.addr, &req).await {
                     Ok((_, data)) => return Ok(data),

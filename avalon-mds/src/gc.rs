@@ -76,6 +76,7 @@ pub async fn gc_once(node: &MdsNode) -> anyhow::Result<usize> {
         let req = DeleteObjectsRequest {
             header: Some(RequestHeader::default()),
             inos: inos.clone(),
+            snap_seq: 0,
         };
         tokio::time::timeout(Duration::from_secs(10), c.delete_objects(req))
             .await

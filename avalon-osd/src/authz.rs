@@ -25,6 +25,10 @@ pub fn policy(path: &str, peer: &Peer) -> Result<(), Status> {
         "DeleteObjects" => peer.require("delete objects (MDS or admin only)", |i: &Identity| {
             i.is_mds() || i.is_admin()
         }),
+        // The MDS dropping snapshots' clones, or an administrator.
+        "TrimSnapshots" => peer.require("trim snapshots (MDS or admin only)", |i: &Identity| {
+            i.is_mds() || i.is_admin()
+        }),
         // Peering, recovery and scrub between OSDs, or an administrator.
         "ListChunks" => peer.require("list chunks (OSD, MDS or admin only)", |i: &Identity| {
             is_osd(i) || i.is_mds() || i.is_admin()

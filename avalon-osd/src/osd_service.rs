@@ -13,11 +13,13 @@ use avalon_proto::pb::RequestHeader;
 use avalon_proto::pb::{
     ByteRange, ChunkExtents, ChunkId, ChunkInfo, DeleteObjectsRequest, Empty, ListChunksReply,
     ListChunksRequest, ObjectExtentsReply, ObjectExtentsRequest, OsdStatusReply, ReadChunkReply,
-    ReadChunkRequest, SyncObjectsRequest, WriteChunkReply, WriteChunkRequest,
+    ReadChunkRequest, SyncObjectsRequest, TrimSnapshotsReply, TrimSnapshotsRequest,
+    WriteChunkReply, WriteChunkRequest,
 };
 use avalon_proto::placement::pg_of;
 use avalon_proto::request_id;
 use avalon_proto::tls::Peer;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -255,10 +257,10 @@ impl OsdService {
             let map = self.membership.map_at_least(req.map_epoch).await?;
             self.recovery.admit(&map, ino, index).await?;
         }
-        let (offset, length) = (req.offset, req.length);
+        let (offset, length, snap) = (req.offset, req.length, req.snap_id);
         // Small reads of open, cached chunks are served right here; the
         // rest (and anything that might block) on the blocking pool.
-        let fast = if length <= INLINE_READ_BYTES {
+        let fast = if length <= INLINE_READ_BYTES && snap == 0 {
             self.store.try_read_cached(ino, index, offset, length)
         } else {
             None
@@ -267,7 +269,7 @@ impl OsdService {
             Some(r) => r,
             None => {
                 self.store
-                    .blocking(move |s| s.read(ino, index, offset, length))
+                    .blocking(move |s| s.read_snap(ino, index, offset, length, snap))
                     .await
             }
         };
@@ -289,11 +291,36 @@ impl OsdService {
         let _m = crate::metrics::op(Op::Delete);
         self.ready()?;
         validate_delete(&req)?;
-        let inos = req.inos;
+        let (inos, snap) = (req.inos, req.snap_seq);
         self.store
-            .blocking(move |s| inos.iter().try_for_each(|&ino| s.delete_object(ino)))
+            .blocking(move |s| {
+                inos.iter()
+                    .try_for_each(|&ino| s.delete_object_snap(ino, snap))
+            })
             .await?;
         Ok(Empty {})
+    }
+
+    async fn trim(&self, req: TrimSnapshotsRequest) -> Result<TrimSnapshotsReply, OsdError> {
+        let _m = crate::metrics::op(Op::Delete);
+        self.ready()?;
+        let live: BTreeSet<u64> = req.live.into_iter().collect();
+        let newest = req.newest;
+        let t = self
+            .store
+            .blocking(move |s| s.trim_clones(&live, newest))
+            .await?;
+        if t.clones > 0 {
+            tracing::info!(
+                clones = t.clones,
+                bytes = t.bytes,
+                "snapshot clones trimmed"
+            );
+        }
+        Ok(TrimSnapshotsReply {
+            clones: t.clones,
+            bytes: t.bytes,
+        })
     }
 
     async fn sync(&self, req: SyncObjectsRequest) -> Result<Empty, OsdError> {
@@ -377,6 +404,8 @@ impl OsdService {
             map_epoch: self.membership.epoch(),
             pid: std::process::id(),
             report: Some(self.recovery.report()),
+            clones: self.store.clone_count(),
+            clone_bytes: self.store.clone_bytes(),
         }
     }
 }
@@ -415,6 +444,13 @@ impl Osd for OsdService {
         request: Request<DeleteObjectsRequest>,
     ) -> Result<Response<Empty>, Status> {
         Ok(Response::new(self.delete(request.into_inner()).await?))
+    }
+
+    async fn trim_snapshots(
+        &self,
+        request: Request<TrimSnapshotsRequest>,
+    ) -> Result<Response<TrimSnapshotsReply>, Status> {
+        Ok(Response::new(self.trim(request.into_inner()).await?))
     }
 
     async fn status(&self, _request: Request<Empty>) -> Result<Response<OsdStatusReply>, Status> {
@@ -533,7 +569,11 @@ mod tests {
         };
         assert!(validate_read(&read(0, 100)).is_ok());
         assert!(validate_read(&read(u32::MAX, u32::MAX)).is_err());
-        let d = |inos: Vec<u64>| DeleteObjectsRequest { header: None, inos };
+        let d = |inos: Vec<u64>| DeleteObjectsRequest {
+            header: None,
+            inos,
+            snap_seq: 0,
+        };
         assert!(validate_delete(&d(vec![1, 2])).is_ok());
         assert!(validate_delete(&d(vec![1, 0])).is_err());
     }

@@ -98,6 +98,7 @@ impl Peers {
             offset,
             length,
             map_epoch: 0,
+            snap_id: 0,
         };
         match tokio::time::timeout(timeout, c.read_chunk(Self::internal(req, timeout))).await {
             Ok(r) => r.map(tonic::Response::into_inner),
@@ -239,7 +240,8 @@ impl Replicator {
         let outcome = self
             .store
             .blocking(move |s| {
-                s.apply_items(ino, index, &items(&r), chunk_size, VersionMode::Next, false)
+                let mode = VersionMode::Next;
+                s.apply_items_snap(ino, index, &items(&r), chunk_size, mode, false, r.snap_seq)
             })
             .await?;
         self.applied.notify_waiters();
@@ -288,6 +290,7 @@ impl Replicator {
                 zero_length: req.zero_length,
                 extents: req.extents.clone(),
                 truncate_to: req.truncate_to,
+                snap_seq: req.snap_seq,
             };
             let peers = Arc::clone(&self.peers);
             let tx = tx.clone();
@@ -380,7 +383,10 @@ impl Replicator {
             };
             let r = self
                 .store
-                .blocking(move |s| s.apply_items(ino, index, &items(&r2), chunk_size, mode, sync))
+                .blocking(move |s| {
+                    let snap = r2.snap_seq;
+                    s.apply_items_snap(ino, index, &items(&r2), chunk_size, mode, sync, snap)
+                })
                 .await;
             match r {
                 Ok(o) => {

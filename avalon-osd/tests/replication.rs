@@ -233,6 +233,7 @@ async fn restart_keeps_id_and_data() {
         .delete_objects(pb::DeleteObjectsRequest {
             header: None,
             inos: vec![5],
+            snap_seq: 0,
         })
         .await
         .expect("delete");
@@ -332,6 +333,7 @@ async fn data_port_serves_reads_beside_grpc() {
                 offset,
                 length,
                 map_epoch: map.epoch,
+                snap_id: 0,
             },
         )
     };
@@ -419,6 +421,7 @@ async fn data_port_writes_replicate() {
             offset: 0,
             length: body.len() as u32,
             map_epoch: map.epoch,
+            snap_id: 0,
         };
         let got = eventually("replica holds the write", || async {
             conns

@@ -76,6 +76,7 @@ fn read_req(ino: u64, len: u32, cap: &Bytes) -> pb::ReadChunkRequest {
         offset: 0,
         length: len,
         map_epoch: 0,
+        snap_id: 0,
     }
 }
 

@@ -128,6 +128,7 @@ fn every_surface_refuses_strangers_and_wrong_roles() {
         let del = pb::DeleteObjectsRequest {
             header: None,
             inos: vec![1, 2, 3],
+            snap_seq: 0,
         };
         let ch = client.channel(&osd_addr, Dial::Osd, t5).expect("channel");
         let e = OsdClient::new(ch)

@@ -79,6 +79,7 @@ impl ChunkStore {
             len: data.len() as u64,
             crcs,
             flags: 0,
+            snap: Default::default(),
         };
         let mf = self
             .disk

@@ -26,11 +26,14 @@ mod read;
 mod remove;
 mod scrub;
 pub mod sidecar;
+mod snaps;
 mod sync;
 mod write;
 
 #[cfg(test)]
 mod sim_disk;
+#[cfg(test)]
+mod snap_tests;
 #[cfg(test)]
 mod tests;
 
@@ -39,6 +42,7 @@ pub use layout::{chunk_file, files_of};
 pub use listing::ChunkData;
 pub use open_cache::DEFAULT_OPEN_CHUNKS;
 pub use sidecar::{content_digest, data_digest, sidecar_content, BLOCK_SIZE};
+pub use snaps::Trimmed;
 
 use crate::spare_files::{SpareFiles, MAX_SPARES};
 use avalon_proto::limits::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
@@ -139,6 +143,13 @@ pub struct ChunkStore {
     root_dirty: Mutex<bool>,
     /// Emptied files of removed chunks, reused for new ones.
     spares: SpareFiles,
+    /// Snapshot clones stored, and their bytes (see `snaps`).
+    clones: AtomicU64,
+    clone_bytes: AtomicU64,
+    /// The clone directory exists.
+    snaps_made: AtomicBool,
+    /// Clone buckets made durably (held while one is made).
+    snap_dirs: Mutex<HashSet<u64>>,
 }
 
 /// What a write stores.
@@ -221,6 +232,10 @@ impl ChunkStore {
             direct_writes: AtomicBool::new(true),
             root_dirty: Mutex::new(false),
             spares,
+            clones: AtomicU64::new(0),
+            clone_bytes: AtomicU64::new(0),
+            snaps_made: AtomicBool::new(false),
+            snap_dirs: Mutex::new(HashSet::new()),
         };
         for ent in store
             .disk
@@ -256,6 +271,7 @@ impl ChunkStore {
         }
         store.used.store(used, Ordering::Relaxed);
         store.chunks.store(chunks, Ordering::Relaxed);
+        store.open_snaps()?;
         Ok(store)
     }
 

@@ -16,7 +16,8 @@ use std::io;
 pub(super) struct BlockSpan {
     first: u64,
     last: u64,
-    start: u64,
+    /// Where the blocks read start in the chunk.
+    pub(super) start: u64,
     stop: u64,
     off: u64,
     end: u64,
@@ -84,6 +85,19 @@ impl ChunkStore {
         check_range(u64::from(offset), u64::from(len), MAX_CHUNK_SIZE)?;
         let _i = self.locks.ino_shared(ino);
         let _c = self.locks.chunk(ino, index);
+        self.read_head(ino, index, offset, len, None)
+    }
+
+    /// [`ChunkStore::read`] with the chunk's locks held; with `seen_by`, as
+    /// that snapshot sees the head: a hole unless created before it.
+    pub(super) fn read_head(
+        &self,
+        ino: u64,
+        index: u64,
+        offset: u32,
+        len: u32,
+        seen_by: Option<u64>,
+    ) -> Result<(Vec<u8>, u64)> {
         if self.lost.contains(ino, index) {
             return Err(Self::lost_copy(ino, index));
         }
@@ -92,6 +106,9 @@ impl ChunkStore {
         };
         let oc = lock_open(&entry);
         let meta = &oc.meta;
+        if seen_by.is_some_and(|s| meta.snap.born >= s) {
+            return Ok((Vec::new(), 0));
+        }
         // Only the checksum blocks the range touches are read and verified.
         let Some(span) = BlockSpan::of(offset, len, meta.len) else {
             return Ok((Vec::new(), meta.version));

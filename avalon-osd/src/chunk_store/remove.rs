@@ -54,11 +54,23 @@ impl ChunkStore {
 
     /// Removes every chunk of `ino`.
     pub fn delete_object(&self, ino: u64) -> Result<()> {
+        self.delete_object_snap(ino, 0)
+    }
+
+    /// Removes every chunk of `ino`, a file covered by snapshots up to
+    /// `snap_seq` (0: none): each chunk those snapshots still see (changed
+    /// before the newest of them) is kept as a clone first. Clones are
+    /// only ever removed by [`ChunkStore::trim_clones`], from the MDS's
+    /// list of live snapshots.
+    pub fn delete_object_snap(&self, ino: u64, snap_seq: u64) -> Result<()> {
         if ino == 0 {
             return Err(StoreError::InvalidArgument("ino must not be 0".into()));
         }
         let _i = self.locks.ino_exclusive(ino);
         let indexes = self.indexes(ino)?;
+        if snap_seq > 0 {
+            self.preserve_object(ino, &indexes, snap_seq)?;
+        }
         if indexes.is_empty() {
             return Ok(());
         }

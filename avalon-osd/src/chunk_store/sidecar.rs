@@ -19,13 +19,20 @@ pub const BLOCK_SIZE: u64 = 16 * 1024;
 /// Checksum block size of sidecar format 1 (converted when opened).
 pub(super) const V1_BLOCK_SIZE: u64 = 64 * 1024;
 pub(super) const META_MAGIC: &[u8; 4] = b"AVCK";
-/// The format written: 3 has flags and a crc of its own for the header.
+/// The format written for a chunk no snapshot ever touched: 3 has flags
+/// and a crc of its own for the header.
 const META_FORMAT: u32 = 3;
+/// Format 3 with the chunk's snapshot stamp ([`SnapStamp`]) in the
+/// header; written only when the stamp is not zero, so that stores without
+/// snapshots stay readable by older OSDs.
+const META_FORMAT_SNAP: u32 = 4;
 /// Header of formats 1 and 2: magic, format, version, length, block count.
 const OLD_HEADER: usize = 4 + 4 + 8 + 8 + 4;
 /// Header of format 3: magic, format, flags, version, length, block
 /// count, crc of these.
 const META_HEADER: usize = 4 + 4 + 4 + 8 + 8 + 4 + 4;
+/// Header of format 4: format 3's plus the snapshot stamp (two u64).
+const META_HEADER_SNAP: usize = META_HEADER + 16;
 
 /// Flag: the chunk may have been changed since its last fsync, so after a
 /// crash its blocks may be torn (made durable before the first change
@@ -48,7 +55,7 @@ pub(super) fn blocks_for(len: u64) -> usize {
 fn format_block_size(format: u32) -> Option<u64> {
     match format {
         1 => Some(V1_BLOCK_SIZE),
-        2 | META_FORMAT => Some(BLOCK_SIZE),
+        2 | META_FORMAT | META_FORMAT_SNAP => Some(BLOCK_SIZE),
         _ => None,
     }
 }
@@ -62,6 +69,18 @@ pub fn sidecar_content(bytes: &[u8]) -> Option<(u64, u64, Vec<u32>)> {
     Some((m.version, m.len, m.crcs))
 }
 
+/// Where a chunk stands against the cluster's snapshots (ids from the
+/// MDS's increasing sequence; 0: none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct SnapStamp {
+    /// The newest snapshot id covering the file at the chunk's last change:
+    /// a change carrying a newer one first keeps the content as a clone.
+    pub(super) seq: u64,
+    /// The newest snapshot id when the chunk was created: snapshots up to
+    /// it do not see the chunk (a hole).
+    pub(super) born: u64,
+}
+
 /// The sidecar metadata of one chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct ChunkMeta {
@@ -70,6 +89,8 @@ pub(super) struct ChunkMeta {
     pub(super) crcs: Vec<u32>,
     /// [`DIRTY`], [`FRESH`], [`SUSPECT`].
     pub(super) flags: u32,
+    /// Snapshot stamp (zero for chunks of files no snapshot covered).
+    pub(super) snap: SnapStamp,
 }
 
 /// Why a sidecar did not decode.
@@ -79,7 +100,11 @@ pub(super) enum BadSidecar {
     /// since its last fsync).
     Blank,
     /// The header is intact, the crcs are not: a rewrite torn by a crash.
-    Torn { flags: u32, version: u64 },
+    Torn {
+        flags: u32,
+        version: u64,
+        snap: SnapStamp,
+    },
     /// Anything else: damage.
     Damaged(String),
 }
@@ -112,6 +137,7 @@ impl ChunkMeta {
             len: 0,
             crcs: Vec::new(),
             flags,
+            snap: SnapStamp::default(),
         }
     }
 
@@ -120,14 +146,28 @@ impl ChunkMeta {
         self.flags & (DIRTY | FRESH) != 0
     }
 
+    /// The format and header size this sidecar is written with.
+    fn layout(&self) -> (u32, usize) {
+        if self.snap == SnapStamp::default() {
+            (META_FORMAT, META_HEADER)
+        } else {
+            (META_FORMAT_SNAP, META_HEADER_SNAP)
+        }
+    }
+
     pub(super) fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(self.encoded_len() as usize);
+        let (format, _) = self.layout();
         b.extend_from_slice(META_MAGIC);
-        b.extend_from_slice(&META_FORMAT.to_le_bytes());
+        b.extend_from_slice(&format.to_le_bytes());
         b.extend_from_slice(&self.flags.to_le_bytes());
         b.extend_from_slice(&self.version.to_le_bytes());
         b.extend_from_slice(&self.len.to_le_bytes());
         b.extend_from_slice(&(self.crcs.len() as u32).to_le_bytes());
+        if format == META_FORMAT_SNAP {
+            b.extend_from_slice(&self.snap.seq.to_le_bytes());
+            b.extend_from_slice(&self.snap.born.to_le_bytes());
+        }
         let head = crc32c::crc32c(&b);
         b.extend_from_slice(&head.to_le_bytes());
         for c in &self.crcs {
@@ -140,7 +180,7 @@ impl ChunkMeta {
 
     /// Size of the encoded sidecar.
     pub(super) fn encoded_len(&self) -> u64 {
-        (META_HEADER + 4 * self.crcs.len() + 4) as u64
+        (self.layout().1 + 4 * self.crcs.len() + 4) as u64
     }
 
     /// Decodes a sidecar of the current format.
@@ -173,17 +213,19 @@ impl ChunkMeta {
             ));
         }
         let format = u32_at(b, 4);
-        if format != META_FORMAT {
-            return Self::decode_old(b, format).map_err(BadSidecar::Damaged);
-        }
-        if b.len() < META_HEADER + 4 {
+        let header = match format {
+            META_FORMAT => META_HEADER,
+            META_FORMAT_SNAP => META_HEADER_SNAP,
+            _ => return Self::decode_old(b, format).map_err(BadSidecar::Damaged),
+        };
+        if b.len() < header + 4 {
             return Err(BadSidecar::Damaged(format!(
                 "metadata sidecar too short ({} bytes)",
                 b.len()
             )));
         }
-        let head = &b[..META_HEADER - 4];
-        if crc32c::crc32c(head) != u32_at(b, META_HEADER - 4) {
+        let head = &b[..header - 4];
+        if crc32c::crc32c(head) != u32_at(b, header - 4) {
             return Err(BadSidecar::Damaged(
                 "metadata sidecar header checksum mismatch".into(),
             ));
@@ -192,22 +234,35 @@ impl ChunkMeta {
         let version = u64_at(b, 12);
         let len = u64_at(b, 20);
         let count = u32_at(b, 28) as usize;
-        let total = META_HEADER + 4 * count + 4;
+        let snap = if format == META_FORMAT_SNAP {
+            SnapStamp {
+                seq: u64_at(b, 32),
+                born: u64_at(b, 40),
+            }
+        } else {
+            SnapStamp::default()
+        };
+        let total = header + 4 * count + 4;
         if count as u64 != len.div_ceil(BLOCK_SIZE) {
             return Err(BadSidecar::Damaged(format!(
                 "metadata sidecar has {count} block checksums for length {len}"
             )));
         }
         if b.len() < total || crc32c::crc32c(&b[..total - 4]) != u32_at(b, total - 4) {
-            return Err(BadSidecar::Torn { flags, version });
+            return Err(BadSidecar::Torn {
+                flags,
+                version,
+                snap,
+            });
         }
-        let crcs = (0..count).map(|i| u32_at(b, META_HEADER + 4 * i)).collect();
+        let crcs = (0..count).map(|i| u32_at(b, header + 4 * i)).collect();
         Ok((
             ChunkMeta {
                 version,
                 len,
                 crcs,
                 flags,
+                snap,
             },
             BLOCK_SIZE,
         ))
@@ -245,6 +300,7 @@ impl ChunkMeta {
                 len,
                 crcs,
                 flags: 0,
+                snap: SnapStamp::default(),
             },
             block,
         ))
@@ -305,8 +361,8 @@ impl ChunkStore {
             .map_or(Err(BadSidecar::Blank), ChunkMeta::decode_checked);
         match decoded {
             Ok((meta, _)) if meta.dirty() => {
-                let (flags, version) = (meta.flags, meta.version);
-                self.recover_dirty(ino, index, flags, version, Some(meta), data_len)
+                let (flags, version, snap) = (meta.flags, meta.version, meta.snap);
+                self.recover_dirty(ino, index, (flags, version, snap), Some(meta), data_len)
             }
             Ok((meta, block)) => match data_len {
                 None => Err(corrupt(ino, index, "data file missing")),
@@ -318,8 +374,12 @@ impl ChunkStore {
                 Some(_) if block == BLOCK_SIZE => Ok(Some(meta)),
                 Some(_) => self.convert_meta(ino, index, meta, block).map(Some),
             },
-            Err(BadSidecar::Torn { flags, version }) if flags & (DIRTY | FRESH) != 0 => {
-                self.recover_dirty(ino, index, flags, version, None, data_len)
+            Err(BadSidecar::Torn {
+                flags,
+                version,
+                snap,
+            }) if flags & (DIRTY | FRESH) != 0 => {
+                self.recover_dirty(ino, index, (flags, version, snap), None, data_len)
             }
             // Created, never fsynced, and its sidecar never written back
             // (or its name never made durable): nothing of it was durable.
@@ -343,17 +403,18 @@ impl ChunkStore {
     /// and it is marked [`SUSPECT`] so that peering replaces it by another
     /// replica's copy: its version may claim writes it lacks. Either way
     /// data and sidecar are then fsynced and the flags cleared, so the
-    /// chunk is checked once. `meta`: the sidecar, when more than its
+    /// chunk is checked once. `head`: flags, version and snapshot stamp
+    /// of the sidecar's header; `meta`: the sidecar, when more than its
     /// header survived.
     fn recover_dirty(
         &self,
         ino: u64,
         index: u64,
-        flags: u32,
-        version: u64,
+        head: (u32, u64, SnapStamp),
         meta: Option<ChunkMeta>,
         data_len: Option<u64>,
     ) -> Result<Option<ChunkMeta>> {
+        let (flags, version, snap) = head;
         let dpath = self.data_path(ino, index);
         let data = match data_len {
             Some(l) if l <= u64::from(MAX_CHUNK_SIZE) => {
@@ -405,6 +466,7 @@ impl ChunkStore {
             len: data.len() as u64,
             crcs,
             flags,
+            snap,
         };
         if data_len.is_some() {
             let f = self
@@ -456,6 +518,7 @@ impl ChunkStore {
             len: old.len,
             crcs: block_crcs(&data),
             flags: old.flags,
+            snap: old.snap,
         };
         self.store_meta(ino, index, &meta, true)?;
         tracing::debug!(ino, index, "chunk sidecar converted to the current format");

@@ -55,6 +55,9 @@ struct State {
     rng: u64,
     /// Crashes so far (open files of an earlier "boot" fail).
     boot: u64,
+    /// Changes left before the disk stops taking any (EIO until the next
+    /// crash), to stop the store midway through an operation.
+    budget: Option<u64>,
 }
 
 impl State {
@@ -86,6 +89,18 @@ impl State {
                     i.durable_len = len;
                 }
             }
+        }
+    }
+
+    /// Counts one change against the budget: EIO once it is spent.
+    fn spend(&mut self) -> io::Result<()> {
+        match &mut self.budget {
+            Some(0) => Err(io::Error::from_raw_os_error(libc::EIO)),
+            Some(n) => {
+                *n -= 1;
+                Ok(())
+            }
+            None => Ok(()),
         }
     }
 
@@ -123,6 +138,12 @@ impl SimDisk {
         let d = SimDisk::default();
         d.lock().rng = seed | 1;
         d
+    }
+
+    /// After `n` more changes (creates, writes, renames, removes, fsyncs)
+    /// every change fails with EIO, until the next [`SimDisk::crash`].
+    pub fn fail_after(&self, n: u64) {
+        self.lock().budget = Some(n);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -169,6 +190,7 @@ impl SimDisk {
         }
         s.names = s.durable_names.clone();
         s.boot += 1;
+        s.budget = None;
     }
 
     fn file(&self, ino: u64) -> Arc<dyn DiskFile> {
@@ -184,6 +206,9 @@ impl SimDisk {
 impl Disk for SimDisk {
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn DiskFile>> {
         let mut s = self.lock();
+        if mode != OpenMode::Read {
+            s.spend()?;
+        }
         match s.names.get(path).copied() {
             Some(Entry::Dir) => Err(io::ErrorKind::IsADirectory.into()),
             Some(Entry::File(ino)) => {
@@ -243,6 +268,7 @@ impl Disk for SimDisk {
 
     fn create_dir(&self, path: &Path) -> io::Result<()> {
         let mut s = self.lock();
+        s.spend()?;
         if s.names.contains_key(path) {
             return Err(io::ErrorKind::AlreadyExists.into());
         }
@@ -287,6 +313,7 @@ impl Disk for SimDisk {
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut s = self.lock();
+        s.spend()?;
         let Some(e) = s.names.remove(from) else {
             return Err(not_found());
         };
@@ -298,6 +325,7 @@ impl Disk for SimDisk {
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         let mut s = self.lock();
+        s.spend()?;
         match s.names.get(path) {
             Some(Entry::File(_)) => {
                 s.names.remove(path);
@@ -311,6 +339,7 @@ impl Disk for SimDisk {
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         let mut s = self.lock();
+        s.spend()?;
         if s.names.get(path) != Some(&Entry::Dir) {
             return Err(not_found());
         }
@@ -342,6 +371,7 @@ impl DiskFile for SimFile {
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<usize> {
         let mut s = self.state()?;
+        s.spend()?;
         let ino = self.ino;
         let end = off as usize + buf.len();
         let i = s.inodes.get_mut(&ino).expect("inode");
@@ -363,6 +393,7 @@ impl DiskFile for SimFile {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         let mut s = self.state()?;
+        s.spend()?;
         let ino = self.ino;
         let i = s.inodes.get_mut(&ino).expect("inode");
         i.current.resize(len as usize, 0);
@@ -376,6 +407,7 @@ impl DiskFile for SimFile {
 
     fn sync_all(&self) -> io::Result<()> {
         let mut s = self.state()?;
+        s.spend()?;
         s.commit();
         let i = s.inodes.get_mut(&self.ino).expect("inode");
         i.durable = i.current.clone();

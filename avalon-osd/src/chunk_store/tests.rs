@@ -750,6 +750,7 @@ fn torn_updates_are_detected() {
         len: 2 * B as u64,
         crcs: vec![1, 2],
         flags: 0,
+        snap: Default::default(),
     }
     .encode();
     let mut torn = old.clone();

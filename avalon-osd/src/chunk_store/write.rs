@@ -120,6 +120,25 @@ impl ChunkStore {
         mode: VersionMode,
         sync: bool,
     ) -> Result<WriteOutcome> {
+        self.apply_items_snap(ino, index, items, chunk_size, mode, sync, 0)
+    }
+
+    /// [`ChunkStore::apply_items`] for a file covered by snapshots up to
+    /// `snap_seq` (0: none): when that is newer than the chunk's last
+    /// change, the chunk's content is first kept, durably, as the clone
+    /// those snapshots read (see `snaps`); a chunk created now is marked
+    /// unseen by them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_items_snap(
+        &self,
+        ino: u64,
+        index: u64,
+        items: &[(u32, Payload<'_>)],
+        chunk_size: u32,
+        mode: VersionMode,
+        sync: bool,
+        snap_seq: u64,
+    ) -> Result<WriteOutcome> {
         if ino == 0 {
             return Err(StoreError::InvalidArgument("ino must not be 0".into()));
         }
@@ -183,6 +202,18 @@ impl ChunkStore {
             None => (self.create_chunk(ino, index)?, false),
         };
         let mut oc = lock_open(&entry);
+        if snap_seq > oc.meta.snap.seq {
+            // A duplicate's bytes are in the chunk already: nothing of
+            // the content before it is left to keep.
+            if !existed {
+                oc.meta.snap.born = snap_seq;
+            } else if !duplicate {
+                self.preserve(ino, index, &oc, snap_seq)?;
+            }
+            // Made durable with the write intent below (or with the new
+            // chunk's first fsync).
+            oc.meta.snap.seq = snap_seq;
+        }
         if !oc.meta.dirty() {
             if let Err(e) = self.record_intent(ino, index, &mut oc) {
                 drop(oc);

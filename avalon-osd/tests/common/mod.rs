@@ -273,6 +273,7 @@ pub async fn wait_serving(addr: &str, ino: u64, epoch: u64) {
                 offset: 0,
                 length: 0,
                 map_epoch: epoch,
+                snap_id: 0,
             })
             .await
             .ok()
@@ -327,6 +328,7 @@ pub fn write_req(ino: u64, offset: u32, data: Vec<u8>, epoch: u64) -> pb::WriteC
         zero_length: 0,
         extents: vec![],
         truncate_to: None,
+        snap_seq: 0,
     }
 }
 
@@ -355,6 +357,7 @@ pub async fn read(
                 offset,
                 length,
                 map_epoch: 0,
+                snap_id: 0,
             });
             r.metadata_mut().insert(
                 avalon_osd::recovery::INTERNAL_KEY,

@@ -1,0 +1,138 @@
+//! Snapshot clones on three in-process OSDs: a write carrying a newer
+//! snapshot id keeps the old content on every replica, snapshot reads
+//! serve it, a delete under a snapshot keeps the chunk, and a trim frees
+//! what no live snapshot needs.
+
+mod common;
+
+use avalon_proto::pb::{self as pb, ChunkId};
+use avalon_proto::placement::chunk_members;
+use common::*;
+use tonic::Request;
+
+/// This OSD's own copy of chunk 0 of `ino` as snapshot `snap` saw it.
+async fn read_snap(addr: &str, ino: u64, snap: u64) -> Option<Vec<u8>> {
+    let mut r = Request::new(pb::ReadChunkRequest {
+        header: None,
+        chunk: Some(ChunkId { ino, index: 0 }),
+        offset: 0,
+        length: 256 * 1024,
+        map_epoch: 0,
+        snap_id: snap,
+    });
+    r.metadata_mut().insert(
+        avalon_osd::recovery::INTERNAL_KEY,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    let r = client(addr).await.read_chunk(r).await.ok()?.into_inner();
+    Some(r.data.to_vec())
+}
+
+async fn clones(addr: &str) -> u64 {
+    let s = client(addr)
+        .await
+        .status(pb::Empty {})
+        .await
+        .expect("status");
+    s.into_inner().clones
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clones_on_every_replica_and_trim() {
+    let (mds, mut osds, map) = start_three().await;
+    let ino = 77;
+    let members: Vec<String> = chunk_members(&map, ino, 0)
+        .iter()
+        .map(|o| o.addr.clone())
+        .collect();
+    let primary = members[0].clone();
+    let old: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
+    eventually("primary peered and writes", || async {
+        client(&primary)
+            .await
+            .write_chunk(write_req(ino, 0, old.clone(), map.epoch))
+            .await
+            .ok()
+    })
+    .await;
+    // Snapshot 3 was taken; the next write carries it.
+    let req = pb::WriteChunkRequest {
+        snap_seq: 3,
+        ..write_req(ino, 100, vec![9; 1000], map.epoch)
+    };
+    let r = client(&primary)
+        .await
+        .write_chunk(req)
+        .await
+        .expect("write under snapshot 3")
+        .into_inner();
+    assert!(r.acks >= 2, "acks {}", r.acks);
+    let mut new = old.clone();
+    new[100..1100].copy_from_slice(&[9; 1000]);
+    for m in &members {
+        eventually("the replica applied the write", || async {
+            read_snap(m, ino, 0).await.filter(|d| *d == new)
+        })
+        .await;
+        assert_eq!(read_snap(m, ino, 3).await.as_ref(), Some(&old), "{m}");
+        assert_eq!(read_snap(m, ino, 4).await.as_ref(), Some(&new), "{m}");
+        assert_eq!(clones(m).await, 1, "{m}");
+    }
+
+    // Deleted while snapshot 5 covers the file: the content stays for it.
+    for o in &osds {
+        client(&o.addr)
+            .await
+            .delete_objects(pb::DeleteObjectsRequest {
+                header: None,
+                inos: vec![ino],
+                snap_seq: 5,
+            })
+            .await
+            .expect("delete");
+    }
+    for m in &members {
+        assert_eq!(read_snap(m, ino, 0).await, Some(vec![]), "{m}");
+        assert_eq!(read_snap(m, ino, 5).await.as_ref(), Some(&new), "{m}");
+        assert_eq!(read_snap(m, ino, 2).await.as_ref(), Some(&old), "{m}");
+        assert_eq!(clones(m).await, 2, "{m}");
+    }
+
+    // Snapshot 3 removed: its clone goes, 5's stays.
+    for m in &members {
+        let t = client(m)
+            .await
+            .trim_snapshots(pb::TrimSnapshotsRequest {
+                header: None,
+                live: vec![5],
+                newest: 5,
+            })
+            .await
+            .expect("trim")
+            .into_inner();
+        assert_eq!((t.clones, t.bytes), (1, old.len() as u64), "{m}");
+        assert_eq!(read_snap(m, ino, 5).await.as_ref(), Some(&new), "{m}");
+    }
+    // No snapshot left: the space is back.
+    for m in &members {
+        let t = client(m)
+            .await
+            .trim_snapshots(pb::TrimSnapshotsRequest {
+                header: None,
+                live: vec![],
+                newest: 5,
+            })
+            .await
+            .expect("trim")
+            .into_inner();
+        assert_eq!(t.clones, 1, "{m}");
+        let s = client(m).await.status(pb::Empty {}).await.expect("status");
+        let s = s.into_inner();
+        assert_eq!((s.clones, s.clone_bytes), (0, 0), "{m}");
+        assert_eq!(read_snap(m, ino, 5).await, Some(vec![]), "{m}");
+    }
+    for o in &mut osds {
+        o.stop().await;
+    }
+    mds.token.cancel();
+}
