@@ -148,6 +148,8 @@ pub struct ChunkStore {
     clone_bytes: AtomicU64,
     /// The clone directory exists.
     snaps_made: AtomicBool,
+    /// Clones try a reflink of the head first (off once refused).
+    reflinks: AtomicBool,
     /// Clone buckets made durably (held while one is made).
     snap_dirs: Mutex<HashSet<u64>>,
 }
@@ -235,6 +237,7 @@ impl ChunkStore {
             clones: AtomicU64::new(0),
             clone_bytes: AtomicU64::new(0),
             snaps_made: AtomicBool::new(false),
+            reflinks: AtomicBool::new(true),
             snap_dirs: Mutex::new(HashSet::new()),
         };
         for ent in store

@@ -337,6 +337,21 @@ impl Disk for SimDisk {
         }
     }
 
+    /// A copy of what reads see, through a new file (as a reflink: the
+    /// blocks are durable with the new file's first fsync).
+    fn reflink(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let data = {
+            let s = self.lock();
+            match s.names.get(from) {
+                Some(Entry::File(ino)) => s.inodes[ino].current.clone(),
+                _ => return Err(not_found()),
+            }
+        };
+        let f = self.open(to, OpenMode::CreateTruncate)?;
+        f.set_len(data.len() as u64)?;
+        f.write_all_at(&data, 0)
+    }
+
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         let mut s = self.lock();
         s.spend()?;

@@ -18,7 +18,7 @@
 //! without its sidecar, which the next open removes; a clone with a
 //! sidecar is whole.
 
-use super::disk::OpenMode;
+use super::disk::{DiskFile, OpenMode};
 use super::error::{corrupt, io_err, Result, StoreError};
 use super::layout::{
     chunk_name, parse_bucket_name, parse_hex_name, BUCKETS, META_SUFFIX, TMP_SUFFIX,
@@ -32,6 +32,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 /// Directory of the clones, beside the buckets (bucketed the same way).
 pub(super) const SNAP_DIR: &str = "snaps";
@@ -193,32 +194,20 @@ impl ChunkStore {
         }
         self.make_snap_bucket(ino)?;
         let len = oc.meta.len;
-        let mut data = vec![0u8; len as usize];
-        oc.data
-            .read_exact_at(&mut data, 0)
-            .map_err(io_err(&self.data_path(ino, index)))?;
-        // Never bless rot: the clone's crcs are the head's, checked here.
-        if block_crcs(&data) != oc.meta.crcs {
+        let dtmp = tmp_of(&dpath);
+        let mtmp = tmp_of(&mpath);
+        let f = match self.reflink_head(ino, index, &dtmp)? {
+            Some(f) => f,
+            None => self.copy_head(ino, index, oc, &dtmp)?,
+        };
+        let got = f.len().map_err(io_err(&dtmp))?;
+        if got != len {
             return Err(corrupt(
                 ino,
                 index,
-                "block checksum mismatch while keeping a snapshot clone",
+                format!("data file holds {got} bytes, metadata says {len}"),
             ));
         }
-        let dtmp = tmp_of(&dpath);
-        let mtmp = tmp_of(&mpath);
-        let f = self
-            .disk
-            .open(&dtmp, OpenMode::CreateTruncate)
-            .map_err(io_err(&dtmp))?;
-        for (b, block) in data.chunks(BLOCK_SIZE as usize).enumerate() {
-            // Holes stay holes.
-            if block.iter().any(|&x| x != 0) {
-                f.write_all_at(block, b as u64 * BLOCK_SIZE)
-                    .map_err(io_err(&dtmp))?;
-            }
-        }
-        f.set_len(len).map_err(io_err(&dtmp))?;
         self.fsync(&*f, &dtmp)?;
         let meta = ChunkMeta {
             version: oc.meta.version,
@@ -239,6 +228,63 @@ impl ChunkStore {
         self.clones.fetch_add(1, Ordering::Relaxed);
         self.clone_bytes.fetch_add(len, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The head's data file reflinked to `to` (its blocks shared, none
+    /// copied; the clone keeps the head's crcs, so rot in them is found
+    /// when read, never blessed); `None` where the filesystem cannot.
+    fn reflink_head(&self, ino: u64, index: u64, to: &Path) -> Result<Option<Arc<dyn DiskFile>>> {
+        if !self.reflinks.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        match self.disk.reflink(&self.data_path(ino, index), to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                tracing::info!("no reflinks on this filesystem: snapshot clones are copies");
+                self.reflinks.store(false, Ordering::Relaxed);
+                return Ok(None);
+            }
+            Err(e) => return Err(io_err(to)(e)),
+        }
+        let f = self.disk.open(to, OpenMode::Write).map_err(io_err(to))?;
+        Ok(Some(f))
+    }
+
+    /// The head's content copied to `to`, checked against its crcs first.
+    fn copy_head(
+        &self,
+        ino: u64,
+        index: u64,
+        oc: &OpenChunk,
+        to: &Path,
+    ) -> Result<Arc<dyn DiskFile>> {
+        let len = oc.meta.len;
+        let mut data = vec![0u8; len as usize];
+        oc.data
+            .read_exact_at(&mut data, 0)
+            .map_err(io_err(&self.data_path(ino, index)))?;
+        // The bytes are read anyway: a rotten block fails the change now
+        // rather than being copied into a clone.
+        if block_crcs(&data) != oc.meta.crcs {
+            return Err(corrupt(
+                ino,
+                index,
+                "block checksum mismatch while keeping a snapshot clone",
+            ));
+        }
+        let f = self
+            .disk
+            .open(to, OpenMode::CreateTruncate)
+            .map_err(io_err(to))?;
+        for (b, block) in data.chunks(BLOCK_SIZE as usize).enumerate() {
+            // Holes stay holes.
+            if block.iter().any(|&x| x != 0) {
+                f.write_all_at(block, b as u64 * BLOCK_SIZE)
+                    .map_err(io_err(to))?;
+            }
+        }
+        f.set_len(len).map_err(io_err(to))?;
+        Ok(f)
     }
 
     /// The ids of the clones of chunk `(ino, index)`, in order.
