@@ -127,6 +127,11 @@ sleep 5
 status_json() { "$CTL" status "$DIR" --json 2>/dev/null || true; }
 leader() { status_json | python3 -c 'import json,sys; print(json.load(sys.stdin)["leader_id"] or "")'; }
 
+# Whether process PID runs. The old daemons are children of the old
+# `avalonctl up`, which does not reap them: an exited one stays a zombie,
+# which `kill -0` still finds.
+running() { [ -e "/proc/$1" ] && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
+
 # Replaces daemon NAME (mds1, osd2, ...) by BIN with its command line.
 replace() {
     local name=$1 bin=$2 pidf=$DIR/run/$1.pid pid args=()
@@ -134,12 +139,40 @@ replace() {
     echo "$name" >"$PHASE"
     mapfile -d '' args < <(tail -z -n +2 "/proc/$pid/cmdline")
     kill "$pid"
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+    for _ in $(seq 1 100); do running "$pid" || break; sleep 0.1; done
+    running "$pid" && kill -9 "$pid"
     RUST_LOG=info setsid "$bin" "${args[@]}" </dev/null >>"$DIR/logs/$name.log" 2>&1 &
     echo $! >"$pidf"
     STARTED+=("$!")
     log "  $name: pid $pid -> $! ($(basename "$bin") new)"
+    wait_serving "$name" "$!"
+}
+
+# Waits until the leader lists NAME with process PID serving (an OSD up,
+# an MDS in the Raft group): `wait-healthy` alone may still see the
+# previous process as up, and the next replacement would then take two
+# nodes away at once.
+wait_serving() {
+    local name=$1 pid=$2 kind id
+    kind=${name%%[0-9]*}
+    id=${name#"$kind"}
+    for _ in $(seq 1 600); do
+        status_json | python3 -c '
+import json, sys
+kind, id, pid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+try:
+    j = json.load(sys.stdin)
+except ValueError:
+    sys.exit(1)
+if kind == "osd":
+    ok = any(o["id"] == id and o["pid"] == pid and o["state"] == "up" for o in j["osds"])
+else:
+    ok = any(m["id"] == id and m["pid"] == pid and m["role"] in ("leader", "follower") for m in j["mds"])
+sys.exit(0 if ok else 1)' "$kind" "$id" "$pid" && return 0
+        sleep 0.2
+    done
+    echo "$name (pid $pid) is not serving after 120 s" >&2
+    return 1
 }
 
 L=$(leader)
@@ -165,7 +198,7 @@ for _ in $(seq 1 600); do [ -e "$WORK/paused" ] && break; sleep 0.1; done
 cpid=$(pgrep -f "avalon-fuse --foreground .* $DIR/mnt" | head -n1)
 mapfile -d '' cargs < <(tail -z -n +2 "/proc/$cpid/cmdline")
 fusermount3 -u "$DIR/mnt"
-for _ in $(seq 1 100); do kill -0 "$cpid" 2>/dev/null || break; sleep 0.1; done
+for _ in $(seq 1 100); do running "$cpid" || break; sleep 0.1; done
 # The old client ran as `--foreground SOURCE MNT --detached -o ...`: the new
 # one detaches itself the same way.
 margs=()

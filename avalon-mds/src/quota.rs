@@ -211,6 +211,20 @@ pub fn check_size(s: &State, ino: u64, size: u64, strict: bool) -> Result<(), i3
     Ok(())
 }
 
+/// EDQUOT if `bytes` and `inodes` more under directory `to` exceed a
+/// quota on it or above (a restore from the trash).
+pub fn check_add(s: &State, to: u64, bytes: u64, inodes: u64) -> Result<(), i32> {
+    for (d, q) in governing(s, to) {
+        let st = rstats::stats(s, d);
+        if (q.max_bytes != 0 && st.rbytes.saturating_add(bytes) > q.max_bytes)
+            || (q.max_files != 0 && inodes_used(&st).saturating_add(inodes) > q.max_files)
+        {
+            return Err(libc::EDQUOT);
+        }
+    }
+    Ok(())
+}
+
 /// EDQUOT if renaming `ino` from directory `from` into `to` brings more
 /// into a quota directory (one above `to` but not above `from`) than fits.
 pub fn check_move(s: &State, ino: u64, from: u64, to: u64) -> Result<(), i32> {

@@ -179,7 +179,8 @@ fn own(s: &State, ino: u64) -> Delta {
     }
 }
 
-fn counted_size(i: &crate::namespace::Inode) -> u64 {
+/// The bytes an inode counts for in `rbytes` (files and symlinks).
+pub(crate) fn counted_size(i: &crate::namespace::Inode) -> u64 {
     let t = i.attr.mode & libc::S_IFMT;
     if t == libc::S_IFREG || t == libc::S_IFLNK {
         i.attr.size

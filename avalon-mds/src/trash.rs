@@ -345,6 +345,8 @@ pub enum RestoreError {
     NoParent(String),
     #[error("{0}: {err}", err = std::io::Error::from_raw_os_error(*.1))]
     Target(String, i32),
+    #[error("restoring {0} would exceed a quota of its directory or one above")]
+    Quota(String),
 }
 
 impl RestoreError {
@@ -354,6 +356,7 @@ impl RestoreError {
             RestoreError::NoEntry(_) | RestoreError::NoParent(_) => libc::ENOENT,
             RestoreError::Exists(_) => libc::EEXIST,
             RestoreError::Target(_, e) => *e,
+            RestoreError::Quota(_) => libc::EDQUOT,
         }
     }
 }
@@ -486,6 +489,19 @@ pub fn restore(
     to: Option<&[u8]>,
 ) -> Result<(Attr, u64), RestoreError> {
     let steps = plan(s, id, to)?;
+    // What comes back counts against the quotas where it lands (unlike
+    // what is in the trash).
+    if !s.quotas.dirs.is_empty() {
+        let bytes = steps
+            .iter()
+            .filter_map(|st| s.trash.entries.get(&st.id))
+            .map(|e| crate::rstats::counted_size(&e.inode))
+            .sum();
+        if crate::quota::check_add(s, steps[0].parent, bytes, steps.len() as u64).is_err() {
+            let path = s.trash.entries.get(&id).map(|e| e.origin.path.clone());
+            return Err(RestoreError::Quota(path.unwrap_or_default()));
+        }
+    }
     // Restored directories that get entries back: the mtime they had
     // before the first of those was deleted.
     let mut mtimes: BTreeMap<u64, i64> = BTreeMap::new();

@@ -535,3 +535,34 @@ fn a_directory_gets_back_the_latest_of_one_name() {
     assert_eq!(s.getattr(d).map(|a| a.mtime_ns), Ok(4 * SEC));
     check_stats(&s);
 }
+
+#[test]
+fn a_restore_counts_against_the_quota_where_it_lands() {
+    let mut s = State::new();
+    let (t, d, e, f1, f2) = tree(&mut s);
+    rm_rf(&mut s, t, d, e);
+    // While in the trash the tree counts for nothing: t holds no bytes.
+    assert_eq!(stats(&s, t).rbytes, 0);
+    setx(&mut s, t, crate::quota::MAX_BYTES, "25").expect("quota");
+    // d comes back with e, f1 (10 bytes) and f2 (20 bytes): 30 > 25.
+    let id_d = id_of(&s, d);
+    assert_eq!(restore(&mut s, 200 * SEC, id_d, None), Err(libc::EDQUOT));
+    assert!(s.lookup(t, b"d").is_err(), "a refused restore changes nothing");
+    assert_eq!(s.trash.entries.len(), 4);
+    // f2 alone (with d and e above it) fits.
+    let id_f2 = id_of(&s, f2);
+    restore(&mut s, 201 * SEC, id_f2, None).expect("restore f2");
+    assert_eq!(stats(&s, t).rbytes, 20);
+    // An inode quota counts what comes back too.
+    let u = mkdir(&mut s, 202 * SEC, ROOT_INO, "u", 0o755, 0);
+    setx(&mut s, u, crate::quota::MAX_FILES, "1").expect("quota");
+    file(&mut s, 203 * SEC, u, "taken", 1);
+    let id_f1 = id_of(&s, f1);
+    assert_eq!(
+        restore(&mut s, 204 * SEC, id_f1, Some("/u/f1")),
+        Err(libc::EDQUOT)
+    );
+    setx(&mut s, u, crate::quota::MAX_FILES, "2").expect("raise");
+    restore(&mut s, 205 * SEC, id_f1, Some("/u/f1")).expect("restore f1");
+    check_stats(&s);
+}
