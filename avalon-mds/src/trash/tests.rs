@@ -547,7 +547,10 @@ fn a_restore_counts_against_the_quota_where_it_lands() {
     // d comes back with e, f1 (10 bytes) and f2 (20 bytes): 30 > 25.
     let id_d = id_of(&s, d);
     assert_eq!(restore(&mut s, 200 * SEC, id_d, None), Err(libc::EDQUOT));
-    assert!(s.lookup(t, b"d").is_err(), "a refused restore changes nothing");
+    assert!(
+        s.lookup(t, b"d").is_err(),
+        "a refused restore changes nothing"
+    );
     assert_eq!(s.trash.entries.len(), 4);
     // f2 alone (with d and e above it) fits.
     let id_f2 = id_of(&s, f2);
