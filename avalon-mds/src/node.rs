@@ -928,9 +928,11 @@ impl MdsNode {
     /// expires client sessions and reclaims orphans nobody has open.
     pub async fn liveness_loop(&self) {
         let down_after = Duration::from_millis(self.cfg.osd_down_after_ms.max(1));
+        // Often enough that a probe (`osd_probe::PROBE_AFTER`) follows a
+        // missed heartbeat closely.
         let tick = (down_after / 4)
             .min(Duration::from_millis(self.cfg.orphan_grace_ms.max(1)) / 4)
-            .clamp(Duration::from_millis(50), Duration::from_millis(500));
+            .clamp(Duration::from_millis(50), Duration::from_millis(250));
         let mut was_leader = false;
         loop {
             tokio::select! {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 /// Silence after which an up OSD is probed (its heartbeats come every
 /// second by default).
-pub const PROBE_AFTER: Duration = Duration::from_millis(1500);
+pub const PROBE_AFTER: Duration = Duration::from_millis(1100);
 
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);

@@ -277,14 +277,17 @@ pub fn render(st: &ClusterStatus, me: u64, own: &str, samples: &[Sample]) -> Str
     let _ = write!(
         o,
         "<p id=\"summary\">{}, {up}/{} OSDs up, {} clients, map epoch {}, \
-         replicas {} (write quorum {}), {} inodes</p>",
+         replicas {} (write quorum {}), {} inodes, \
+         <span id=\"trash\">trash: {} entries, {}</span></p>",
         esc(&leader),
         st.osds.len(),
         st.clients.len(),
         st.map_epoch,
         st.replicas,
         st.write_quorum,
-        st.inodes
+        st.inodes,
+        st.trash_entries,
+        human(st.trash_bytes)
     );
 
     // Capacity: the OSDs' disks as they report them.
@@ -516,6 +519,8 @@ mod tests {
                 totals: Totals::default(),
                 version: "2 (0.1.0)".into(),
             }],
+            trash_entries: 3,
+            trash_bytes: 2048,
             ..Default::default()
         };
         let html = render(&st, 1, "", &[Sample::default(); 3]);
@@ -524,6 +529,10 @@ mod tests {
         assert!(html.contains("/mnt/&quot;x&quot;"));
         assert!(html.contains("<p id=\"health\" class=\"health ok\">HEALTH_OK</p>"));
         assert!(html.contains("id=\"client-7\""));
+        assert!(
+            html.contains(&format!("trash: 3 entries, {}", human(2048))),
+            "{html}"
+        );
         assert!(
             html.contains("<td class=\"version\">2 (0.1.0)</td>"),
             "{html}"
