@@ -186,12 +186,32 @@ impl MdsConn {
 }
 
 fn retryable(s: &Status) -> bool {
-    matches!(
-        s.code(),
+    match s.code() {
         Code::Unavailable
-            | Code::Unknown
-            | Code::Cancelled
-            | Code::DeadlineExceeded
-            | Code::Aborted
-    )
+        | Code::Unknown
+        | Code::Cancelled
+        | Code::DeadlineExceeded
+        | Code::Aborted => true,
+        // A connection torn down under the call (an MDS stopping while a
+        // session stream holds its HTTP/2 connection open): tonic reports
+        // the h2 error as Internal. Mutations carry request ids, so the
+        // retry is applied at most once.
+        Code::Internal => s.message().starts_with("h2 protocol error"),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torn_connections_are_retried_but_not_internal_errors() {
+        assert!(retryable(&Status::unavailable("not the leader")));
+        assert!(retryable(&Status::internal(
+            "h2 protocol error: http2 error"
+        )));
+        assert!(!retryable(&Status::internal("state machine failed")));
+        assert!(!retryable(&Status::invalid_argument("bad name")));
+    }
 }
