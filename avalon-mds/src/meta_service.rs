@@ -464,8 +464,6 @@ impl MetaService {
         }
     }
 
-    /// EPERM unless the caller may set quotas: root (after squashing) on
-    /// a mount, or an unlimited identity (client.admin) without a uid.
     /// Refuses (EOPNOTSUPP) what needs `feature` of every voter: in a
     /// cluster still being upgraded an older member would apply it
     /// differently.
@@ -477,6 +475,8 @@ impl MetaService {
         Err(MdsError::Errno(libc::EOPNOTSUPP))
     }
 
+    /// EPERM unless the caller may set quotas: root (after squashing) on
+    /// a mount, or an unlimited identity (client.admin) without a uid.
     fn check_quota_admin(
         lim: Option<&(String, ClientCaps)>,
         has_cred: bool,

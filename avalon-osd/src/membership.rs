@@ -266,6 +266,7 @@ impl Membership {
         self.map().ok_or(OsdError::NotReady)
     }
 
+    /// A heartbeat with this OSD's identity, usage and version.
     fn heartbeat_request(
         &self,
         used_bytes: u64,
