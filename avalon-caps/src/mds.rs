@@ -392,6 +392,11 @@ mod tests {
         m.on_message(s, ToMds::Open { sent_at: 0 }, 0);
     }
 
+    /// Session `s` asks for `want` on inode 5 at `now`.
+    fn request(m: &mut Mds, s: SessionId, want: Rights, now: Millis) -> Vec<MdsCmd> {
+        m.on_message(s, ToMds::Request { ino: 5, want }, now)
+    }
+
     fn grants(out: &[MdsCmd]) -> Vec<(SessionId, Rights)> {
         out.iter()
             .filter_map(|c| match c {
@@ -422,8 +427,8 @@ mod tests {
         open(&mut m, 1);
         open(&mut m, 2);
         let want = Rights::of(&[AttrShared, DataCache]);
-        let a = m.on_message(1, ToMds::Request { ino: 5, want }, 1);
-        let b = m.on_message(2, ToMds::Request { ino: 5, want }, 1);
+        let a = request(&mut m, 1, want, 1);
+        let b = request(&mut m, 2, want, 1);
         assert_eq!(grants(&a), vec![(1, want)]);
         assert_eq!(grants(&b), vec![(2, want)]);
     }
@@ -435,36 +440,15 @@ mod tests {
         open(&mut m, 1);
         open(&mut m, 2);
         let shared = Rights::of(&[AttrShared, DataCache]);
-        m.on_message(
-            1,
-            ToMds::Request {
-                ino: 5,
-                want: shared,
-            },
-            1,
-        );
-        let out = m.on_message(
-            2,
-            ToMds::Request {
-                ino: 5,
-                want: DataBuffer.into(),
-            },
-            2,
-        );
+        request(&mut m, 1, shared, 1);
+        let out = request(&mut m, 2, DataBuffer.into(), 2);
         assert!(grants(&out).is_empty());
         let rv = revokes(&out);
         assert_eq!(rv.len(), 1);
         assert_eq!((rv[0].0, rv[0].1), (1, shared));
         assert_eq!(m.revokes().count(), 1);
         // A second request meanwhile queues behind, no second revoke.
-        let out = m.on_message(
-            2,
-            ToMds::Request {
-                ino: 5,
-                want: AttrShared.into(),
-            },
-            3,
-        );
+        let out = request(&mut m, 2, AttrShared.into(), 3);
         assert!(out.is_empty());
         let out = m.on_message(
             1,
@@ -487,14 +471,7 @@ mod tests {
         let mut m = Mds::new(1000, 16, 100);
         open(&mut m, 1);
         open(&mut m, 2);
-        m.on_message(
-            1,
-            ToMds::Request {
-                ino: 5,
-                want: DataBuffer.into(),
-            },
-            1,
-        );
+        request(&mut m, 1, DataBuffer.into(), 1);
         assert_eq!(
             m.on_change(1, 7, 5, DataBuffer, 2),
             vec![MdsCmd::Apply {
@@ -528,22 +505,8 @@ mod tests {
         let mut m = Mds::new(1000, 16, 100);
         open(&mut m, 1);
         m.on_message(2, ToMds::Open { sent_at: 500 }, 500);
-        m.on_message(
-            1,
-            ToMds::Request {
-                ino: 5,
-                want: Listing.into(),
-            },
-            1,
-        );
-        let out = m.on_message(
-            2,
-            ToMds::Request {
-                ino: 5,
-                want: Delegation.into(),
-            },
-            600,
-        );
+        request(&mut m, 1, Listing.into(), 1);
+        let out = request(&mut m, 2, Delegation.into(), 600);
         assert_eq!(revokes(&out).len(), 1);
         assert!(m.tick(1000).is_empty());
         let out = m.tick(1001);
@@ -593,34 +556,13 @@ mod tests {
         let mut m = Mds::new(1000, 16, 100);
         open(&mut m, 1);
         open(&mut m, 2);
-        m.on_message(
-            1,
-            ToMds::Request {
-                ino: 5,
-                want: DataCache.into(),
-            },
-            1,
-        );
-        let out = m.on_message(
-            2,
-            ToMds::Request {
-                ino: 5,
-                want: DataBuffer.into(),
-            },
-            1,
-        );
+        request(&mut m, 1, DataCache.into(), 1);
+        let out = request(&mut m, 2, DataBuffer.into(), 1);
         let id = revokes(&out)[0].2;
         // Session 2 ends before 1 acks; 1 asks for DataCache again.
         m.sessions.insert(2, 0);
         m.tick(2);
-        let out = m.on_message(
-            1,
-            ToMds::Request {
-                ino: 5,
-                want: DataCache.into(),
-            },
-            3,
-        );
+        let out = request(&mut m, 1, DataCache.into(), 3);
         assert_eq!(grants(&out), vec![(1, DataCache.into())]);
         m.on_message(1, ToMds::RevokeAck { ino: 5, id }, 4);
         assert_eq!(m.held(1, 5), DataCache.into());

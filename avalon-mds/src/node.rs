@@ -966,13 +966,6 @@ impl MdsNode {
             }
             self.expire_sessions().await;
             self.sweep_orphans().await;
-            let addrs: HashMap<u64, String> = self.read_local(|s| {
-                s.osds
-                    .values()
-                    .filter(|o| o.state == OsdState::Up)
-                    .map(|o| (o.id, o.addr.clone()))
-                    .collect()
-            });
             let osds: Vec<(u64, OsdState)> =
                 self.read_local(|s| s.osds.values().map(|o| (o.id, o.state)).collect());
             let now = Instant::now();
@@ -995,14 +988,18 @@ impl MdsNode {
                     if quiet >= down_after {
                         stale.push((*id, "OSD missed heartbeats; marking down"));
                     } else if quiet >= crate::osd_probe::PROBE_AFTER {
-                        if let Some(a) = addrs.get(id) {
-                            silent.push((*id, a.clone()));
-                        }
+                        silent.push(*id);
                     }
                 }
             }
             if !silent.is_empty() {
-                for id in crate::osd_probe::refusing(silent).await {
+                let addrs: Vec<(u64, String)> = self.read_local(|s| {
+                    silent
+                        .iter()
+                        .filter_map(|id| s.osds.get(id).map(|o| (*id, o.addr.clone())))
+                        .collect()
+                });
+                for id in crate::osd_probe::refusing(addrs).await {
                     stale.push((
                         id,
                         "OSD is silent and its port refuses connections; marking down",

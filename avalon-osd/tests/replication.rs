@@ -17,10 +17,7 @@ use tonic::{Code, Status};
 async fn replicate_degrade_and_fail() {
     let (mds, mut osds, map) = start_three().await;
     let ino = 42;
-    let members: Vec<String> = chunk_members(&map, ino, 0)
-        .iter()
-        .map(|o| o.addr.clone())
-        .collect();
+    let members = member_addrs(&map, ino, 0);
     assert_eq!(members.len(), 3);
     let addrs: Vec<String> = osds.iter().map(|o| o.addr.clone()).collect();
     let by_addr = |a: &str| addrs.iter().position(|o| o == a).expect("member is ours");
@@ -249,10 +246,7 @@ async fn restart_keeps_id_and_data() {
 async fn concurrent_writes_converge() {
     let (mds, mut osds, map) = start_three().await;
     let ino = 77;
-    let members: Vec<String> = chunk_members(&map, ino, 0)
-        .iter()
-        .map(|o| o.addr.clone())
-        .collect();
+    let members = member_addrs(&map, ino, 0);
     let primary = members[0].clone();
     for m in &members {
         wait_serving(m, ino, map.epoch).await;

@@ -6,7 +6,6 @@
 mod common;
 
 use avalon_proto::pb::{self as pb, ChunkId};
-use avalon_proto::placement::chunk_members;
 use common::*;
 use tonic::Request;
 
@@ -41,10 +40,7 @@ async fn clones(addr: &str) -> u64 {
 async fn clones_on_every_replica_and_trim() {
     let (mds, mut osds, map) = start_three().await;
     let ino = 77;
-    let members: Vec<String> = chunk_members(&map, ino, 0)
-        .iter()
-        .map(|o| o.addr.clone())
-        .collect();
+    let members = member_addrs(&map, ino, 0);
     let primary = members[0].clone();
     let old: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
     eventually("primary peered and writes", || async {

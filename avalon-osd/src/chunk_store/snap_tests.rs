@@ -1,23 +1,9 @@
 //! Unit tests of the snapshot clones (`snaps`).
 
 use super::sidecar::ChunkMeta;
+use super::tests::{pattern, store, B, CS};
 use super::*;
 use std::fs;
-
-const CS: u32 = 256 * 1024;
-const B: usize = BLOCK_SIZE as usize;
-
-fn store() -> (tempfile::TempDir, ChunkStore) {
-    let d = tempfile::tempdir().expect("tempdir");
-    let s = ChunkStore::open(d.path().join("chunks")).expect("open");
-    (d, s)
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed))
-        .collect()
-}
 
 /// A primary's write of `data` at `off` under snapshot id `snap`.
 fn ws(s: &ChunkStore, ino: u64, idx: u64, off: u32, data: &[u8], snap: u64) -> u64 {

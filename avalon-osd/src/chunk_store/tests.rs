@@ -9,16 +9,16 @@ use proptest::prelude::*;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 
-const CS: u32 = 256 * 1024;
-const B: usize = BLOCK_SIZE as usize;
+pub(super) const CS: u32 = 256 * 1024;
+pub(super) const B: usize = BLOCK_SIZE as usize;
 
-fn store() -> (tempfile::TempDir, ChunkStore) {
+pub(super) fn store() -> (tempfile::TempDir, ChunkStore) {
     let d = tempfile::tempdir().expect("tempdir");
     let s = ChunkStore::open(d.path().join("chunks")).expect("open");
     (d, s)
 }
 
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
+pub(super) fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()

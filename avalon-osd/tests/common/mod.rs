@@ -314,6 +314,14 @@ pub async fn start_three() -> (Mds, Vec<TestOsd>, ClusterMap) {
     (mds, osds, map)
 }
 
+/// Addresses of the members of chunk `index` of `ino`'s PG, primary first.
+pub fn member_addrs(map: &ClusterMap, ino: u64, index: u64) -> Vec<String> {
+    avalon_proto::placement::chunk_members(map, ino, index)
+        .iter()
+        .map(|o| o.addr.clone())
+        .collect()
+}
+
 pub fn write_req(ino: u64, offset: u32, data: Vec<u8>, epoch: u64) -> pb::WriteChunkRequest {
     pb::WriteChunkRequest {
         header: None,
