@@ -24,8 +24,20 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 use tokio::runtime::Handle;
 
+/// The errno an operation fails with. The failure is logged (inside the
+/// operation: the line carries its request id): at warn when the cluster
+/// could not serve it (EIO), at debug for other answers but a missing
+/// name, which lookups meet all the time.
 fn errno(e: &ClientError) -> Errno {
-    Errno::from_i32(e.errno())
+    let n = e.errno();
+    match e {
+        ClientError::Unavailable(_) | ClientError::Refused(_) => {
+            tracing::warn!(errno = n, error = %e, "operation failed")
+        }
+        _ if n != libc::ENOENT => tracing::debug!(errno = n, error = %e, "operation failed"),
+        _ => {}
+    }
+    Errno::from_i32(n)
 }
 
 /// The Avalon filesystem as the kernel sees it.
@@ -88,7 +100,7 @@ impl AvalonFs {
         let id = avalon_proto::request_id::fresh();
         let mut f = Box::pin(avalon_proto::request_id::scope(id, async move {
             f.await;
-            op.done(id)
+            op.done()
         }));
         let _rt = self.rt.enter();
         // The runtime polls a spawned task at once, with its own waker,

@@ -81,8 +81,9 @@ pub struct Timing(Option<(usize, Instant)>);
 
 impl Timing {
     /// Records the operation now; one slower than the slow-request
-    /// threshold is logged at info with its request id `id`.
-    pub fn done(mut self, id: u64) {
+    /// threshold is logged at info (inside the operation's
+    /// request_id::scope: the line carries its id).
+    pub fn done(mut self) {
         if let Some((i, t)) = self.0.take() {
             let took = t.elapsed();
             if let Some(m) = M.get() {
@@ -90,7 +91,6 @@ impl Timing {
             }
             if took >= avalon_proto::request_id::slow_threshold() {
                 tracing::info!(
-                    rid = %avalon_proto::request_id::Id(id),
                     op = FuseOp::NAMES[i],
                     ms = took.as_millis() as u64,
                     "slow request"

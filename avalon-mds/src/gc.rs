@@ -7,6 +7,7 @@ use crate::command::{Op, OsdState};
 use crate::node::MdsNode;
 use avalon_proto::pb::osd_client::OsdClient;
 use avalon_proto::pb::{DeleteObjectsRequest, RequestHeader};
+use avalon_proto::request_id::{self, Stamp};
 use std::time::Duration;
 
 /// Inodes sent per DeleteObjects call.
@@ -23,12 +24,17 @@ pub async fn gc_loop(node: &MdsNode) {
         if !node.is_leader() {
             continue;
         }
-        if let Err(e) = expire_trash(node).await {
-            tracing::debug!(error = %e, "trash expiry not proposed");
-        }
-        if let Err(e) = gc_once(node).await {
-            tracing::debug!(error = %e, "GC round incomplete");
-        }
+        // One request id per pass: its lines here and the OSDs' lines for
+        // its deletes carry it.
+        request_id::scope(request_id::fresh(), async {
+            if let Err(e) = expire_trash(node).await {
+                tracing::debug!(error = %e, "trash expiry not proposed");
+            }
+            if let Err(e) = gc_once(node).await {
+                tracing::debug!(error = %e, "GC round incomplete");
+            }
+        })
+        .await
     }
 }
 
@@ -72,7 +78,7 @@ pub async fn gc_once(node: &MdsNode) -> anyhow::Result<usize> {
             .tls
             .channel(addr, avalon_proto::tls::Dial::Osd, Duration::from_secs(2))
             .map_err(|e| anyhow::anyhow!("OSD {id} at {addr}: {}", e.message()))?;
-        let mut c = OsdClient::new(ch);
+        let mut c = OsdClient::with_interceptor(ch, Stamp);
         let req = DeleteObjectsRequest {
             header: Some(RequestHeader::default()),
             inos: inos.clone(),

@@ -12,6 +12,7 @@ use avalon_proto::limits::MAX_MESSAGE_BYTES;
 use avalon_proto::pb::raft_client::RaftClient;
 use avalon_proto::pb::raft_server;
 use avalon_proto::pb::{AddMdsRequest, Empty, FlushLogRequest, RaftMessage, RemoveMdsRequest};
+use avalon_proto::request_id::{self, Stamp, Traced};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -25,7 +26,6 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 /// Creates one [`NetworkConn`] per peer.
@@ -63,7 +63,7 @@ pub struct NetworkConn {
     id: NodeId,
     target: NodeId,
     addr: String,
-    client: Option<RaftClient<Channel>>,
+    client: Option<RaftClient<Traced>>,
     tls: avalon_proto::tls::ClientTls,
     features: PeerFeatures,
 }
@@ -85,7 +85,7 @@ enum CallErr {
 struct Msg(String);
 
 impl NetworkConn {
-    fn client(&mut self) -> Result<RaftClient<Channel>, CallErr> {
+    fn client(&mut self) -> Result<RaftClient<Traced>, CallErr> {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
@@ -97,7 +97,7 @@ impl NetworkConn {
                 Duration::from_secs(1),
             )
             .map_err(|e| CallErr::Unreachable(e.message().to_string()))?;
-        let c = RaftClient::new(ch)
+        let c = RaftClient::with_interceptor(ch, Stamp)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         self.client = Some(c.clone());
@@ -173,7 +173,12 @@ impl RaftNetwork<TypeConfig> for NetworkConn {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        let r = self.call(Kind::Append, &rpc, option.hard_ttl()).await;
+        // Each call is a request of its own: the peer logs it with this id.
+        let r = request_id::scope(
+            request_id::fresh(),
+            self.call(Kind::Append, &rpc, option.hard_ttl()),
+        )
+        .await;
         self.map(r)
     }
 
@@ -186,7 +191,7 @@ impl RaftNetwork<TypeConfig> for NetworkConn {
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
         let ttl = option.hard_ttl().max(Duration::from_secs(5));
-        let r = self.call(Kind::Snapshot, &rpc, ttl).await;
+        let r = request_id::scope(request_id::fresh(), self.call(Kind::Snapshot, &rpc, ttl)).await;
         self.map(r)
     }
 
@@ -195,7 +200,11 @@ impl RaftNetwork<TypeConfig> for NetworkConn {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        let r = self.call(Kind::Vote, &rpc, option.hard_ttl()).await;
+        let r = request_id::scope(
+            request_id::fresh(),
+            self.call(Kind::Vote, &rpc, option.hard_ttl()),
+        )
+        .await;
         self.map(r)
     }
 }

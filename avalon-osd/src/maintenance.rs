@@ -21,6 +21,7 @@ use crate::recovery::Recovery;
 use crate::replication::Peers;
 use avalon_proto::pb::OsdState;
 use avalon_proto::placement::{pg_members, pg_of};
+use avalon_proto::request_id;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -81,22 +82,27 @@ impl Maintenance {
             }
             let now = tokio::time::Instant::now();
             if now >= next_gc {
+                // One request id per pass, for its lines and its calls.
+                let pass = request_id::scope(request_id::fresh(), async {
+                    let n = self.gc_once().await;
+                    if n > 0 {
+                        tracing::info!(removed = n, "garbage collection removed chunks");
+                    }
+                });
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    n = self.gc_once() => {
-                        if n > 0 {
-                            tracing::info!(removed = n, "garbage collection removed chunks");
-                        }
-                    }
+                    _ = pass => {}
                 }
                 next_gc = tokio::time::Instant::now() + self.gc_interval;
             }
             if now >= next_scrub {
+                let pass = request_id::scope(request_id::fresh(), async {
+                    let (n, bad) = self.scrub_once().await;
+                    tracing::info!(scrubbed = n, errors = bad, "scrub pass done");
+                });
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    (n, bad) = self.scrub_once() => {
-                        tracing::info!(scrubbed = n, errors = bad, "scrub pass done");
-                    }
+                    _ = pass => {}
                 }
                 next_scrub = tokio::time::Instant::now() + self.scrub_interval;
             }

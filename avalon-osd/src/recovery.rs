@@ -39,6 +39,7 @@ use crate::replication::Peers;
 use avalon_proto::limits::MAX_CHUNK_SIZE;
 use avalon_proto::pb::{ClusterMap, OsdInfo, OsdReport, OsdState};
 use avalon_proto::placement::{chunk_members, pg_members, pg_of};
+use avalon_proto::request_id;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -514,10 +515,12 @@ impl Recovery {
             if self.membership.map().is_none() {
                 continue;
             }
-            let round = async {
+            // One request id per round: its lines here and its calls to
+            // peers carry it.
+            let round = request_id::scope(request_id::fresh(), async {
                 self.peer_round().await;
                 self.repair_round().await;
-            };
+            });
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = round => {}

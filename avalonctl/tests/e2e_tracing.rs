@@ -8,6 +8,8 @@
 //!   an MDS log (the size commit) and in the logs of at least two OSDs
 //!   (the synced write's primary and the replicas it forwarded it to, or
 //!   every OSD's sync);
+//! - a failed operation's line in the client's log carries its request
+//!   id, which the MDS that refused it logged too;
 //! - the client's log file is reopened on SIGHUP (logrotate).
 //!
 //! Run with `cargo build --release --workspace && cargo test --release -p
@@ -56,16 +58,14 @@ fn daemon_logs(dir: &Path, kind: &str) -> Vec<PathBuf> {
     v
 }
 
-/// The request id of the client's slow-request line for an operation
-/// `op` (the last one), if logged yet.
-fn client_request_id(log: &Path, op: &str) -> Option<String> {
+/// The request id of the last line of the client's log whose fields
+/// satisfy `is`, if logged yet. The client's lines carry it as if in a
+/// span, like the servers'.
+fn client_request_id(log: &Path, is: impl Fn(&Value) -> bool) -> Option<String> {
     json_lines(log)
         .into_iter()
-        .filter(|v| {
-            let f = &v["fields"];
-            f["message"] == "slow request" && f["op"] == op
-        })
-        .filter_map(|v| v["fields"]["rid"].as_str().map(str::to_string))
+        .filter(|v| is(&v["fields"]))
+        .filter_map(|v| v["span"]["rid"].as_str().map(str::to_string))
         .next_back()
 }
 
@@ -96,7 +96,11 @@ fn one_fsync_is_followed_through_every_daemon_in_json_logs() {
     std::fs::write(t.mnt().join("traced-file"), b"first").expect("create");
     let mnt = dir.join("traced");
     // Dropped (unmounted) before the cluster stops.
-    let m = SecondMount::with_options(t.c(), mnt.clone(), "log_format=json,slow_request_ms=0");
+    let m = SecondMount::with_options(
+        t.c(),
+        mnt.clone(),
+        "log_format=json,slow_request_ms=0,log_level=debug",
+    );
     let client_log = mnt.with_extension("log");
 
     // The workload: 1 MiB appended, fsync (the data to the OSDs with a
@@ -113,7 +117,9 @@ fn one_fsync_is_followed_through_every_daemon_in_json_logs() {
     let mut rid = None;
     assert!(
         wait_until(Duration::from_secs(30), || {
-            rid = client_request_id(&client_log, "fsync");
+            rid = client_request_id(&client_log, |f| {
+                f["message"] == "slow request" && f["op"] == "fsync"
+            });
             rid.is_some()
         }),
         "no slow-request line for fsync in the client's log:\n{}",
@@ -141,6 +147,31 @@ fn one_fsync_is_followed_through_every_daemon_in_json_logs() {
         wait_until(Duration::from_secs(30), || osds_with_rid() >= 2),
         "request {rid} is in {} OSD log(s)",
         osds_with_rid()
+    );
+
+    // A failed operation: the client's own line for it carries the id,
+    // and the MDS that refused it logged the same one. The directory was
+    // made through the other mount, so the traced one must ask the MDS.
+    std::fs::create_dir(t.mnt().join("full-dir")).expect("mkdir");
+    std::fs::write(t.mnt().join("full-dir/f"), b"x").expect("create");
+    let e = std::fs::remove_dir(mnt.join("full-dir")).expect_err("rmdir of a non-empty directory");
+    let enotempty = nix::errno::Errno::ENOTEMPTY as i32;
+    assert_eq!(e.raw_os_error(), Some(enotempty), "{e}");
+    let mut failed = None;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            failed = client_request_id(&client_log, |f| {
+                f["message"] == "operation failed" && f["errno"] == enotempty
+            });
+            failed.is_some()
+        }),
+        "no line with a request id for the failed rmdir in the client's log"
+    );
+    let failed = failed.expect("request id");
+    assert_ne!(failed, rid, "each operation has its own id");
+    assert!(
+        wait_until(Duration::from_secs(30), || logs_name(&mds, &failed)),
+        "request {failed} (the failed rmdir) is in no MDS log"
     );
 
     // logrotate: the log is moved away, SIGHUP, and new lines go to a new
