@@ -8,7 +8,8 @@
 //!
 //! Hostile peers: a frame must arrive whole within [`FRAME_TIMEOUT`] of its
 //! first byte and a connection may idle [`IDLE_TIMEOUT`] between frames;
-//! frame buffers grow with the bytes received, not the length claimed; each
+//! frame buffers come from a bounded pool or grow with the bytes received,
+//! never with the length claimed; each
 //! peer (identity, or address when plaintext) has at most
 //! [`MAX_CONNS_PER_PEER`] data connections, i.e. requests in flight (one
 //! at a time per connection). Client requests need chunk capabilities
@@ -103,6 +104,7 @@ pub fn incoming(
 ) -> impl Stream<Item = io::Result<Conn>> {
     let (tx, rx) = mpsc::channel::<Conn>(64);
     let conns = Arc::new(PeerConns::default());
+    let bodies = Arc::new(data_wire::BodyPool::default());
     tokio::spawn(async move {
         loop {
             let conn = tokio::select! {
@@ -121,7 +123,7 @@ pub fn incoming(
             // Small replies (acks, 4 KiB reads) must not wait for Nagle.
             let _ = s.set_nodelay(true);
             let (tx, svc, stop, tls) = (tx.clone(), svc.clone(), stop.clone(), tls.clone());
-            let conns = conns.clone();
+            let (conns, bodies) = (conns.clone(), bodies.clone());
             tokio::spawn(async move {
                 if !tls.is_plaintext() {
                     match tls.accept(s).await {
@@ -139,7 +141,7 @@ pub fn incoming(
                                 }
                             };
                             match slot {
-                                Some(_slot) => serve(c, &peer, svc, stop).await,
+                                Some(_slot) => serve(c, &peer, svc, &bodies, stop).await,
                                 None => refuse_busy(c, &peer).await,
                             }
                         }
@@ -155,7 +157,7 @@ pub fn incoming(
                     Ok(Ok(true)) => {
                         let peer = Peer::default();
                         match conns.take(peer_key(&peer, Some(addr)), MAX_CONNS_PER_PEER) {
-                            Some(_slot) => serve(s, &peer, svc, stop).await,
+                            Some(_slot) => serve(s, &peer, svc, &bodies, stop).await,
                             None => refuse_busy(s, &peer).await,
                         }
                     }
@@ -212,6 +214,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: S,
     peer: &Peer,
     svc: Arc<OsdService>,
+    bodies: &Arc<data_wire::BodyPool>,
     stop: CancellationToken,
 ) {
     let mut magic = [0u8; MAGIC.len()];
@@ -223,7 +226,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         let frame = tokio::select! {
             _ = stop.cancelled() => return,
-            f = data_wire::read_frame_within(&mut s, MAX_REQUEST_BYTES, IDLE_TIMEOUT, FRAME_TIMEOUT) => f,
+            f = data_wire::read_frame_within(&mut s, bodies, MAX_REQUEST_BYTES, IDLE_TIMEOUT, FRAME_TIMEOUT) => f,
         };
         let (kind, payload) = match frame {
             Ok(f) => f,
