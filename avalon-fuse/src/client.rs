@@ -301,21 +301,35 @@ impl Client {
         self.atime_mode = mode;
     }
 
-    /// An open of `ino` for reading returned attributes `a`: if the mount's
-    /// atime mode says its access time is due, the next read renews it.
-    pub fn note_open_atime(&self, a: &Attr, now_ns: i64) {
+    /// An open of `a.ino` with open flags `flags` whose pages the kernel
+    /// may keep (`keep`): marks its access time due if the mount's atime
+    /// mode says so, and returns whether the pages are still kept. Reads
+    /// served from kept pages never reach the client, so an open whose
+    /// atime is due drops them (not the client's chunks, which are
+    /// current) and its first read renews atime alongside the data.
+    /// Relatime does so only for O_RDONLY opens (due once per change), so
+    /// O_RDWR opens of a file being written keep their pages.
+    fn note_open_atime(&self, a: &Attr, flags: u32, keep: bool) -> bool {
+        let how = flags as i32;
+        if how & libc::O_ACCMODE == libc::O_WRONLY || how & libc::O_NOATIME != 0 {
+            return keep;
+        }
         let due = match self.atime_mode {
             AtimeMode::Never => false,
             AtimeMode::Always => true,
             AtimeMode::Relative => {
+                let now_ns = crate::attr::ns_of(std::time::SystemTime::now());
                 a.atime_ns <= a.mtime_ns
                     || a.atime_ns <= a.ctime_ns
                     || now_ns.saturating_sub(a.atime_ns) >= RELATIME_MAX_AGE_NS
             }
         };
-        if due {
-            self.atime_due.insert(a.ino);
+        if !due {
+            return keep;
         }
+        self.atime_due.insert(a.ino);
+        let read_only = how & libc::O_ACCMODE == libc::O_RDONLY;
+        keep && self.atime_mode == AtimeMode::Relative && !read_only
     }
 
     /// Renews the access time of `ino` if an open made it due (called on
@@ -1331,11 +1345,11 @@ impl Client {
         last
     }
 
-    /// Opens a file: fresh attributes, and the MDS counts the open so that
-    /// the file outlives an unlink until it is released. Also says whether
-    /// the file is in shared-write mode (another session writes it too).
-    /// Opens `ino`: its attributes, whether it is in shared-write mode,
-    /// and whether the kernel may keep the pages it cached before.
+    /// Opens `ino` (the MDS counts the open, so the file outlives an unlink
+    /// until it is released): its attributes, whether it is in shared-write
+    /// mode (another session writes it too), and whether the kernel may
+    /// keep the pages it cached before (not when atime is due: see
+    /// `note_open_atime`).
     /// `cred` is the opener's (uid, gid), for the MDS's permission check.
     pub async fn open(&self, ino: u64, flags: u32, cred: (u32, u32)) -> Result<(Attr, bool, bool)> {
         if let Some(a) = self.open_delegated(ino, flags) {
@@ -1345,6 +1359,7 @@ impl Client {
             if !keep {
                 self.cache.invalidate_file(ino);
             }
+            let keep = self.note_open_atime(&a, flags, keep);
             return Ok((a, false, keep));
         }
         // Counted before asking: a shared-write demand for the file may
@@ -1395,6 +1410,7 @@ impl Client {
         if !keep {
             self.cache.invalidate_file(ino);
         }
+        let keep = self.note_open_atime(&a, flags, keep);
         Ok((a, shared, keep))
     }
 

@@ -517,13 +517,7 @@ impl Filesystem for AvalonFs {
             match c.open(ino, flags, cred).await {
                 Ok((a, shared, keep)) => {
                     c.note_attr(&a);
-                    let how_opened = flags as i32;
-                    if how_opened & libc::O_ACCMODE != libc::O_WRONLY
-                        && how_opened & libc::O_NOATIME == 0
-                    {
-                        c.note_open_atime(&a, crate::attr::ns_of(SystemTime::now()));
-                    }
-                    let mut how = direct_if(shared, how_opened);
+                    let mut how = direct_if(shared, flags as i32);
                     if keep {
                         how |= FopenFlags::FOPEN_KEEP_CACHE;
                     }
