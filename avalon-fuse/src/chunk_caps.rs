@@ -109,13 +109,14 @@ impl Client {
         // Renewing keeps the rights held (a write-back may follow a read).
         let write = write || self.chunk_caps.held_write(ino);
         let req = pb::ChunkCapRequest {
-            header: self.header(),
+            header: self.session.header(),
             ino,
             write,
         };
         // Not through `rpc`: a capability does not wait for queued
         // namespace changes (their flush may need this very capability).
         let cap = match self
+            .session
             .mds
             .request(req, |mut c, r| async move { c.get_chunk_cap(r).await })
             .await
@@ -131,7 +132,7 @@ impl Client {
 
     /// A request header carrying `cap` as its credential.
     pub(crate) fn header_with(&self, cap: Bytes) -> Option<pb::RequestHeader> {
-        let mut h = self.header();
+        let mut h = self.session.header();
         if let Some(h) = h.as_mut() {
             h.credential = cap;
         }

@@ -5,12 +5,12 @@
 use crate::delegation::NewNode;
 use crate::error::{ClientError, Result};
 use crate::meta_cache::{Cached, MetaCache};
-use avalon_proto::mds_conn::MdsConn;
-use avalon_proto::pb::{self, time_set::How, Attr, ClusterMap, RequestHeader, TimeSet};
+use crate::session::Session;
+use avalon_proto::pb::{self, time_set::How, Attr, ClusterMap, TimeSet};
 use avalon_proto::request_id::Traced;
 use bytes::Bytes;
 use dashmap::{DashMap, DashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -120,10 +120,8 @@ const RELATIME_MAX_AGE_NS: i64 = 24 * 3600 * 1_000_000_000;
 
 /// A connected client session.
 pub struct Client {
-    /// Leader-following connection to the MDS.
-    pub mds: MdsConn,
-    session_id: u64,
-    next_request: AtomicU64,
+    /// The MDS session and its recall stream.
+    pub session: Session,
     /// MDS inode that the mount's root stands for.
     pub root_ino: u64,
     pub(crate) map: RwLock<Arc<ClusterMap>>,
@@ -143,23 +141,6 @@ pub struct Client {
     /// shared-write mode takes it exclusively, so that no buffered write
     /// is left behind the flush that mode starts with.
     pub(crate) write_gates: DashMap<u64, Arc<tokio::sync::RwLock<()>>>,
-    /// The recall stream is open: shared-write demands reach this client.
-    /// Until then every write goes through (see [`Client::stream_opened`]).
-    stream_up: std::sync::atomic::AtomicBool,
-    /// Woken when the recall stream opens (see [`Client::wait_stream`]).
-    stream_ready: tokio::sync::Notify,
-    /// How many times the recall stream opened: names the one open now.
-    stream_gen: std::sync::atomic::AtomicU64,
-    /// The stream the leader said it does not have (see
-    /// [`Client::stream_gone`]).
-    lost_gen: std::sync::atomic::AtomicU64,
-    /// Woken when `lost_gen` is set.
-    stream_lost: tokio::sync::Notify,
-    /// The recalls of the open stream applied so far (by their sequence
-    /// numbers; replies' recall marks count the same way).
-    recalls_applied: std::sync::atomic::AtomicU64,
-    /// Woken when `recalls_applied` grows.
-    recalls_moved: tokio::sync::Notify,
     /// Creates in flight (see [`Client::create`]).
     creating: std::sync::atomic::AtomicU32,
     /// Names this client's changes in flight touch: not looked up in the
@@ -209,33 +190,10 @@ impl Client {
         budget: Duration,
         tls: avalon_proto::tls::ClientTls,
     ) -> Result<Client> {
-        let mut mds = MdsConn::new(mds_addrs, tls.clone());
-        mds.retry_for = budget;
-        let hostname = nix::unistd::gethostname()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let req = pb::RegisterClientRequest {
-            header: None,
-            hostname,
-            mountpoint: Bytes::copy_from_slice(mountpoint),
-            pid: std::process::id(),
-            subdir: Bytes::copy_from_slice(subdir),
-            version: Some(avalon_proto::version::local()),
-        };
-        let reg = mds
-            .request(req, |mut c, r| async move { c.register_client(r).await })
-            .await?;
-        avalon_proto::version::check("this client", "the MDS", reg.version.as_ref())?;
-        let map = mds
-            .call(|mut c| async move { c.get_cluster_map(pb::Empty {}).await })
-            .await?;
-        // After the mount is up, failovers may take longer than the mount's
-        // own connect budget.
-        mds.retry_for = Duration::from_secs(60);
+        let reg = Session::register(mds_addrs, subdir, mountpoint, budget, tls.clone()).await?;
+        let map = reg.map;
         Ok(Client {
-            mds,
-            session_id: reg.session_id,
-            next_request: AtomicU64::new(1),
+            session: reg.session,
             root_ino: reg.root_ino,
             map: RwLock::new(Arc::new(map)),
             osds: DashMap::new(),
@@ -248,13 +206,6 @@ impl Client {
             write_gates: DashMap::new(),
             creating: Default::default(),
             changing: Default::default(),
-            stream_up: Default::default(),
-            stream_ready: tokio::sync::Notify::new(),
-            stream_gen: Default::default(),
-            lost_gen: Default::default(),
-            stream_lost: tokio::sync::Notify::new(),
-            recalls_applied: Default::default(),
-            recalls_moved: tokio::sync::Notify::new(),
             open_dirs: DashMap::new(),
             cache: crate::chunk_cache::ChunkCache::new(
                 32 * u64::from(avalon_proto::limits::DEFAULT_CHUNK_SIZE),
@@ -343,7 +294,7 @@ impl Client {
         }
         let epoch = self.meta.epoch();
         let req = pb::SetAttrRequest {
-            header: self.header(),
+            header: self.session.header(),
             ino,
             atime: time_set(Some(TimeChange::Now)),
             access: true,
@@ -380,7 +331,7 @@ impl Client {
                 e => tonic::Status::unavailable(e.to_string()),
             });
         }
-        self.mds.request(req, f).await
+        self.session.mds.request(req, f).await
     }
 
     /// The MDS refused a change of names (`names`: directory and name) as
@@ -404,22 +355,6 @@ impl Client {
         }
     }
 
-    /// This client's session id.
-    pub fn session_id(&self) -> u64 {
-        self.session_id
-    }
-
-    /// A request header with a fresh request id.
-    pub fn header(&self) -> Option<RequestHeader> {
-        Some(RequestHeader {
-            session_id: self.session_id,
-            request_id: self.next_request.fetch_add(1, Ordering::Relaxed),
-            credential: Bytes::new(),
-            // The FUSE operation this request serves (0: none).
-            trace_id: avalon_proto::request_id::current().unwrap_or(0),
-        })
-    }
-
     /// The cached cluster map.
     pub fn map(&self) -> Arc<ClusterMap> {
         self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -428,6 +363,7 @@ impl Client {
     /// Fetches the cluster map from the MDS and caches it.
     pub async fn refresh_map(&self) -> Result<Arc<ClusterMap>> {
         let m = self
+            .session
             .mds
             .call(|mut c| async move { c.get_cluster_map(pb::Empty {}).await })
             .await?;
@@ -442,12 +378,9 @@ impl Client {
     /// Tells the MDS this session is alive, which renews its metadata
     /// lease (counted from the sending: the MDS's runs out later).
     pub async fn heartbeat(&self) -> Result<()> {
-        let stream = self
-            .stream_up
-            .load(Ordering::Acquire)
-            .then(|| self.stream_gen.load(Ordering::Acquire));
+        let stream = self.session.open_stream();
         let req = pb::ClientHeartbeatRequest {
-            header: self.header(),
+            header: self.session.header(),
             open_inos: self
                 .opens
                 .iter()
@@ -466,6 +399,7 @@ impl Client {
         };
         let sent = Instant::now();
         let r = self
+            .session
             .mds
             .request(req, |mut c, r| async move { c.client_heartbeat(r).await })
             .await;
@@ -482,16 +416,7 @@ impl Client {
                 // The stream was open before this heartbeat left, so the
                 // leader would have it unless it went to another MDS.
                 if let Some(g) = stream.filter(|_| r.no_stream) {
-                    if self.stream_gen.load(Ordering::Acquire) == g
-                        && self.stream_up.load(Ordering::Acquire)
-                    {
-                        tracing::info!(
-                            "the leader has no recall stream of this session: reopening it"
-                        );
-                        self.stream_closed();
-                        self.lost_gen.store(g, Ordering::Release);
-                        self.stream_lost.notify_waiters();
-                    }
+                    self.session.stream_missing(g);
                 }
                 Duration::from_millis(u64::from(r.lease_ms))
             }
@@ -591,7 +516,7 @@ impl Client {
             }
         }
         let req = pb::LookupRequest {
-            header: self.header(),
+            header: self.session.header(),
             parent,
             name: Bytes::copy_from_slice(name),
         };
@@ -637,7 +562,7 @@ impl Client {
         }
         let epoch = self.meta.epoch();
         let req = pb::GetAttrRequest {
-            header: self.header(),
+            header: self.session.header(),
             ino,
         };
         let r = self
@@ -662,7 +587,7 @@ impl Client {
         let epoch = self.meta.epoch();
         self.meta.forget_attr(ino);
         let req = pb::SetAttrRequest {
-            header: self.header(),
+            header: self.session.header(),
             ino,
             mode: ch.mode.map(|m| m & 0o7777),
             uid: ch.uid,
@@ -772,7 +697,7 @@ impl Client {
     ) -> Result<pb::EntryReply> {
         let epoch = self.meta.epoch();
         let req = pb::MknodRequest {
-            header: self.header(),
+            header: self.session.header(),
             parent,
             name: Bytes::copy_from_slice(name),
             mode,
@@ -813,7 +738,7 @@ impl Client {
         }
         let epoch = self.meta.epoch();
         let req = pb::MkdirRequest {
-            header: self.header(),
+            header: self.session.header(),
             parent,
             name: Bytes::copy_from_slice(name),
             mode,
@@ -849,7 +774,7 @@ impl Client {
         }
         let epoch = self.meta.epoch();
         let req = pb::SymlinkRequest {
-            header: self.header(),
+            header: self.session.header(),
             parent,
             name: Bytes::copy_from_slice(name),
             target: Bytes::copy_from_slice(target),
@@ -872,7 +797,7 @@ impl Client {
         }
         self.register_opens().await;
         let req = pb::UnlinkRequest {
-            header: self.header(),
+            header: self.session.header(),
             parent,
             name: Bytes::copy_from_slice(name),
         };
@@ -895,7 +820,7 @@ impl Client {
         }
         self.register_open_dir(parent, name).await;
         let req = pb::UnlinkRequest {
-            header: self.header(),
+            header: self.session.header(),
             parent,
             name: Bytes::copy_from_slice(name),
         };
@@ -913,7 +838,7 @@ impl Client {
     /// Target of a symbolic link.
     pub async fn readlink(&self, ino: u64) -> Result<Bytes> {
         let req = pb::GetAttrRequest {
-            header: self.header(),
+            header: self.session.header(),
             ino,
         };
         let r = self
@@ -927,7 +852,7 @@ impl Client {
         let epoch = self.meta.epoch();
         self.meta.forget_attr(ino);
         let req = pb::LinkRequest {
-            header: self.header(),
+            header: self.session.header(),
             ino,
             new_parent,
             new_name: Bytes::copy_from_slice(new_name),
@@ -959,7 +884,7 @@ impl Client {
             self.register_open_dir(new_parent, new_name).await;
         }
         let req = pb::RenameRequest {
-            header: self.header(),
+            header: self.session.header(),
             parent,
             name: Bytes::copy_from_slice(name),
             new_parent,
@@ -1003,7 +928,7 @@ impl Client {
             return Ok(r);
         }
         let req = pb::ReadDirRequest {
-            header: self.header(),
+            header: self.session.header(),
             ino,
             cookie,
             max_entries,
@@ -1037,6 +962,7 @@ impl Client {
         }
         let epoch = self.meta.epoch();
         let r = match self
+            .session
             .mds
             .request(req.clone(), |mut c, r| async move { c.read_dir(r).await })
             .await
@@ -1077,7 +1003,7 @@ impl Client {
     /// Filesystem capacity and usage.
     pub async fn statfs(&self) -> Result<pb::StatFsReply> {
         let req = pb::GetAttrRequest {
-            header: self.header(),
+            header: self.session.header(),
             ino: self.root_ino,
         };
         Ok(self
@@ -1102,7 +1028,7 @@ impl Client {
     ) -> Result<()> {
         self.unstored_xattr(name)?;
         let req = pb::SetXattrRequest {
-            header: self.header(),
+            header: self.session.header(),
             ino,
             name: Bytes::copy_from_slice(name),
             value: Bytes::copy_from_slice(value),
@@ -1156,7 +1082,7 @@ impl Client {
     /// Asks the MDS for one extended attribute of `ino`.
     async fn get_xattr_rpc(&self, ino: u64, name: &[u8]) -> Result<pb::XattrReply> {
         let req = pb::XattrRequest {
-            header: self.header(),
+            header: self.session.header(),
             ino,
             name: Bytes::copy_from_slice(name),
             ..Default::default()
@@ -1169,7 +1095,7 @@ impl Client {
     /// Names of the extended attributes of an inode.
     pub async fn listxattr(&self, ino: u64) -> Result<Vec<Bytes>> {
         let req = pb::GetAttrRequest {
-            header: self.header(),
+            header: self.session.header(),
             ino,
         };
         let r = self
@@ -1187,7 +1113,7 @@ impl Client {
     pub async fn removexattr(&self, ino: u64, name: &[u8], uid: Option<u32>) -> Result<()> {
         self.unstored_xattr(name)?;
         let req = pb::XattrRequest {
-            header: self.header(),
+            header: self.session.header(),
             ino,
             name: Bytes::copy_from_slice(name),
             uid: uid.unwrap_or(0),
@@ -1213,7 +1139,7 @@ impl Client {
             return Ok(Some(a));
         }
         let req = pb::CommitWriteRequest {
-            header: self.header(),
+            header: self.session.header(),
             ino,
             size,
         };
@@ -1368,7 +1294,7 @@ impl Client {
         let epoch = self.meta.epoch();
         let commits = self.commits_before(ino);
         let req = pb::OpenRequest {
-            header: self.header(),
+            header: self.session.header(),
             ino,
             flags,
             uid: cred.0,
@@ -1425,88 +1351,18 @@ impl Client {
     /// True if `ino` is in shared-write mode here (also: for every file
     /// while the recall stream is not open, when a demand cannot reach us).
     pub fn is_shared(&self, ino: u64) -> bool {
-        !self.stream_up.load(Ordering::Acquire) || self.files.get(&ino).is_some_and(|s| s.shared)
+        !self.session.stream_is_up() || self.files.get(&ino).is_some_and(|s| s.shared)
     }
 
     /// The recall stream opened: files opened for writing before it stay
     /// in shared-write mode (a demand sent meanwhile was lost), later ones
     /// buffer until a demand comes.
-    /// Returns the stream's generation (see [`Client::stream_gone`]).
+    /// Returns the stream's generation (see [`Session::stream_gone`]).
     pub fn stream_opened(&self) -> u64 {
         for e in self.opens.iter().filter(|e| e.writes > 0) {
             self.files.entry(*e.key()).or_default().shared = true;
         }
-        let generation = self.stream_gen.fetch_add(1, Ordering::AcqRel) + 1;
-        // Counted anew from the stream's first event.
-        self.recalls_applied.store(0, Ordering::Release);
-        self.stream_up.store(true, Ordering::Release);
-        self.stream_ready.notify_waiters();
-        generation
-    }
-
-    /// Returns once the leader said it has no recall stream of this
-    /// session although stream `generation` is open: that stream went to
-    /// a former leader (a paused one keeps the connection, so it never
-    /// breaks by itself) and demands no longer reach us through it.
-    pub async fn stream_gone(&self, generation: u64) {
-        loop {
-            let lost = self.stream_lost.notified();
-            tokio::pin!(lost);
-            lost.as_mut().enable();
-            if self.lost_gen.load(Ordering::Acquire) == generation {
-                return;
-            }
-            lost.await;
-        }
-    }
-
-    /// Waits up to `within` for the recall stream to open; true if it is.
-    /// A mount serves no file before it: one opened for writing while the
-    /// stream is down stays in (slow, unbuffered) shared-write mode.
-    pub async fn wait_stream(&self, within: Duration) -> bool {
-        let ready = self.stream_ready.notified();
-        if self.stream_up.load(Ordering::Acquire) {
-            return true;
-        }
-        tokio::time::timeout(within, ready).await.is_ok()
-    }
-
-    /// True while the recall stream is open.
-    pub fn stream_is_up(&self) -> bool {
-        self.stream_up.load(Ordering::Acquire)
-    }
-
-    /// The recall stream's events up to `seq` are applied.
-    pub fn recalls_applied(&self, seq: u64) {
-        self.recalls_applied.store(seq, Ordering::Release);
-        self.recalls_moved.notify_waiters();
-    }
-
-    /// Waits up to `within` until the recalls up to `mark` are applied;
-    /// true if they are.
-    pub async fn wait_recalls(&self, mark: u64, within: Duration) -> bool {
-        let wait = async {
-            loop {
-                let moved = self.recalls_moved.notified();
-                tokio::pin!(moved);
-                moved.as_mut().enable();
-                if self.recalls_applied.load(Ordering::Acquire) >= mark {
-                    return;
-                }
-                moved.await;
-            }
-        };
-        tokio::time::timeout(within, wait).await.is_ok()
-    }
-
-    /// True if the recalls up to `mark` are applied.
-    pub fn recalls_done(&self, mark: u64) -> bool {
-        self.recalls_applied.load(Ordering::Acquire) >= mark
-    }
-
-    /// The recall stream broke: demands may be lost from now on.
-    pub fn stream_closed(&self) {
-        self.stream_up.store(false, Ordering::Release);
+        self.session.stream_opened()
     }
 
     /// Puts `ino` in shared-write mode if this client has it open: from
@@ -1586,7 +1442,7 @@ impl Client {
             _ => return,
         }
         let req = pb::OpenRequest {
-            header: self.header(),
+            header: self.session.header(),
             ino: a.ino,
             flags: libc::O_RDONLY as u32,
             ..Default::default()
@@ -1636,7 +1492,7 @@ impl Client {
     /// Tells the MDS one open of `ino` (with open flags `flags`) ended.
     async fn send_release(&self, ino: u64, flags: u32) -> Result<()> {
         let req = pb::ReleaseRequest {
-            header: self.header(),
+            header: self.session.header(),
             ino,
             flags,
         };

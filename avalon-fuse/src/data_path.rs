@@ -102,9 +102,10 @@ impl Client {
         if let Some(c) = self.osds.get(addr) {
             return Ok(c.clone());
         }
-        let ch =
-            self.mds
-                .tls()
+        let ch = self
+            .session
+            .mds
+            .tls()
                 .channel(addr, avalon_proto::tls::Dial::Osd, Duration::from_secs(2))?;
         let c = OsdClient::with_interceptor(ch, avalon_proto::request_id::Stamp)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -196,7 +197,7 @@ impl Client {
             return Ok(len as u32);
         }
         let req = pb::AppendWriteRequest {
-            header: self.header(),
+            header: self.session.header(),
             ino,
             len,
         };
@@ -790,7 +791,7 @@ impl Client {
             .iter()
             .filter(|o| o.state == OsdState::Up as i32)
             .map(|o| {
-                let call = self.osd(&o.addr).map(|c| op(c, self.header()));
+                let call = self.osd(&o.addr).map(|c| op(c, self.session.header()));
                 let id = o.id;
                 async move {
                     match tokio::time::timeout(IO_RETRY_BUDGET, call?).await {

@@ -332,12 +332,12 @@ impl Client {
         if !self.deleg.busy() {
             return Ok(());
         }
-        match tokio::time::timeout(self.mds.retry_for, self.flush_delegated()).await {
+        match tokio::time::timeout(self.session.mds.retry_for, self.flush_delegated()).await {
             Ok(r) => r,
             Err(_) => Err(ClientError::Unavailable(format!(
                 "delegated changes made before this request not applied within {:?} \
                  (no MDS leader); still sending them",
-                self.mds.retry_for
+                self.session.mds.retry_for
             ))),
         }
     }
@@ -365,7 +365,7 @@ impl Client {
                     }
                     s.batch = Some(Batch {
                         req: Arc::new(pb::ApplyRequest {
-                            header: self.header(),
+                            header: self.session.header(),
                             ops,
                         }),
                         stored: false,
@@ -441,6 +441,7 @@ impl Client {
                 return Err((libc::EIO, "the MDS expired this session".into()));
             }
             let r = self
+                .session
                 .mds
                 .request(req.clone(), |mut c, r| async move {
                     c.apply(pb::ApplyRequest::clone(&r)).await
@@ -639,12 +640,13 @@ impl Client {
     /// in shared-write mode from then on.
     async fn register_open(&self, ino: u64, flags: u32) {
         let req = pb::OpenRequest {
-            header: self.header(),
+            header: self.session.header(),
             ino,
             flags,
             ..Default::default()
         };
         match self
+            .session
             .mds
             .request(req, |mut c, r| async move { c.open(r).await })
             .await
@@ -704,11 +706,12 @@ impl Client {
         }
         let epoch = self.meta.epoch();
         let req = pb::DelegateRequest {
-            header: self.header(),
+            header: self.session.header(),
             dir: if have { 0 } else { parent },
             want_inos: want,
         };
         let r = match self
+            .session
             .mds
             .request(req, |mut c, r| async move { c.delegate(r).await })
             .await

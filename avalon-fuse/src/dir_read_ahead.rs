@@ -77,7 +77,7 @@ impl Client {
                 }
                 let (epoch, gen) = (c.meta.epoch(), c.meta.ns_gen());
                 let req = pb::ReadDirRequest {
-                    header: c.header(),
+                    header: c.session.header(),
                     ino: dir,
                     cookie,
                     max_entries: max,

@@ -23,5 +23,6 @@ pub mod mount_source;
 pub mod moved_names;
 pub mod page_cache;
 pub mod recall;
+pub mod session;
 pub mod sync_marks;
 pub mod write_buffer;

@@ -104,7 +104,7 @@ fn lock_req(
         return Err(ClientError::posix(libc::EINVAL, "bad lock type"));
     }
     Ok(pb::LockRequest {
-        header: c.header(),
+        header: c.session.header(),
         ino,
         owner,
         start,
@@ -137,7 +137,7 @@ pub async fn getlk(
 /// file's release finds it).
 pub fn note_lock(c: &Client, fh: u64, ino: u64, owner: u64) {
     let mut e = BY_FILE
-        .entry((c.session_id(), fh))
+        .entry((c.session.id(), fh))
         .or_insert_with(|| (ino, Vec::new()));
     if !e.1.contains(&owner) {
         e.1.push(owner);
@@ -156,7 +156,7 @@ pub struct Release {
 /// until [`finish_release`] dropped them.
 pub fn begin_release(c: &Client, fh: u64, ino: u64, flock_owner: Option<u64>) -> Option<Release> {
     let mut owners = BY_FILE
-        .remove(&(c.session_id(), fh))
+        .remove(&(c.session.id(), fh))
         .map(|(_, (_, o))| o)
         .unwrap_or_default();
     if let Some(o) = flock_owner {
@@ -164,11 +164,11 @@ pub fn begin_release(c: &Client, fh: u64, ino: u64, flock_owner: Option<u64>) ->
             owners.push(o);
         }
     }
-    owners.retain(|o| is_held(c.session_id(), ino, *o));
+    owners.retain(|o| is_held(c.session.id(), ino, *o));
     if owners.is_empty() {
         return None;
     }
-    *RELEASING.entry((c.session_id(), ino)).or_insert(0) += 1;
+    *RELEASING.entry((c.session.id(), ino)).or_insert(0) += 1;
     Some(Release { ino, owners })
 }
 
@@ -180,7 +180,7 @@ pub async fn finish_release(c: &Client, r: Release) -> Result<()> {
             res = Err(e);
         }
     }
-    let key = (c.session_id(), r.ino);
+    let key = (c.session.id(), r.ino);
     if let Some(mut n) = RELEASING.get_mut(&key) {
         *n = n.saturating_sub(1);
     }
@@ -191,7 +191,7 @@ pub async fn finish_release(c: &Client, r: Release) -> Result<()> {
 
 /// Waits until no release of a lock-holding open file of `ino` is under way.
 async fn wait_releases(c: &Client, ino: u64) {
-    let key = (c.session_id(), ino);
+    let key = (c.session.id(), ino);
     if HELD.contains_key(&key) {
         earlier_requests_handled().await;
     }
@@ -252,7 +252,7 @@ fn reading_device(tid: u32) -> bool {
 async fn try_setlk(c: &Client, req: &pb::LockRequest) -> Result<()> {
     let mut req = req.clone();
     // A fresh request id per attempt: the MDS remembers answers by id.
-    req.header = c.header();
+    req.header = c.session.header();
     c.rpc(req, |mut m, r| async move { m.set_lock(r).await })
         .await?;
     Ok(())
@@ -303,7 +303,7 @@ pub async fn setlk(
     if typ != libc::F_UNLCK {
         // Before the request: a close racing with it must not skip the
         // release.
-        mark_held(c.session_id(), ino, owner);
+        mark_held(c.session.id(), ino, owner);
     }
     let mut wait = Backoff::new(FIRST_WAIT, MAX_WAIT);
     loop {
@@ -322,13 +322,13 @@ pub async fn setlk(
 /// A close (flush): drops every lock the process `owner` holds on `ino`, if
 /// this client ever took one.
 pub async fn release_owner(c: &Client, ino: u64, owner: u64) -> Result<()> {
-    if !is_held(c.session_id(), ino, owner) {
+    if !is_held(c.session.id(), ino, owner) {
         return Ok(());
     }
     // The process's locks go now: open files it locked through must not
     // drop the locks it may take later through another one.
     for mut e in BY_FILE.iter_mut() {
-        if e.key().0 == c.session_id() && e.0 == ino {
+        if e.key().0 == c.session.id() && e.0 == ino {
             e.1.retain(|o| *o != owner);
         }
     }
@@ -339,11 +339,11 @@ pub async fn release_owner(c: &Client, ino: u64, owner: u64) -> Result<()> {
 /// (Not the other open files' records of the owner: after a release the
 /// owner's address may already name a newly opened file.)
 async fn drop_locks(c: &Client, ino: u64, owner: u64) -> Result<()> {
-    if !unmark_held(c.session_id(), ino, owner) {
+    if !unmark_held(c.session.id(), ino, owner) {
         return Ok(());
     }
     let req = pb::ReleaseLocksRequest {
-        header: c.header(),
+        header: c.session.header(),
         ino,
         owner,
     };

@@ -394,7 +394,7 @@ fn run_foreground(args: &Args) -> anyhow::Result<()> {
         }
     }
     tracing::info!(
-        session = client.session_id(),
+        session = client.session.id(),
         root = client.root_ino,
         "connected to the metadata service"
     );
@@ -423,6 +423,7 @@ fn run_foreground(args: &Args) -> anyhow::Result<()> {
     let kernel = avalon_fuse::recall::KernelCache::new(session.notifier(), client.root_ino, device);
     let _ = kernel_slot.set(kernel.clone());
     client
+        .session
         .mds
         .set_gate(std::sync::Arc::new(avalon_fuse::recall::MarkGate::new(
             &client,
@@ -468,7 +469,7 @@ fn run_foreground(args: &Args) -> anyhow::Result<()> {
 
     // Files opened before the recall stream is up stay in shared-write
     // mode for good; give it a moment (the MDS answered a moment ago).
-    if !rt.block_on(client.wait_stream(STREAM_WAIT)) {
+    if !rt.block_on(client.session.wait_stream(STREAM_WAIT)) {
         tracing::warn!("the recall stream is not open yet; writes go through until it is");
     }
     // Tell a waiting parent (mount helper mode) that the mount is up.

@@ -134,9 +134,10 @@ impl KernelCache {
 pub async fn run(client: Arc<Client>, kernel: Option<KernelCache>) {
     loop {
         let req = pb::SessionRequest {
-            header: client.header(),
+            header: client.session.header(),
         };
         match client
+            .session
             .mds
             .request(req, |mut c, r| async move { c.session(r).await })
             .await
@@ -146,7 +147,7 @@ pub async fn run(client: Arc<Client>, kernel: Option<KernelCache>) {
                 loop {
                     let msg = tokio::select! {
                         m = stream.message() => m,
-                        () = client.stream_gone(generation) => break,
+                        () = client.session.stream_gone(generation) => break,
                     };
                     match msg {
                         Ok(Some(ev)) => apply(&client, kernel.as_ref(), ev).await,
@@ -164,7 +165,7 @@ pub async fn run(client: Arc<Client>, kernel: Option<KernelCache>) {
         // stream is back and a heartbeat renewed the lease. Shared-write
         // demands may have been missed too: write through every file open
         // for writing.
-        client.stream_closed();
+        client.session.stream_closed();
         client.meta.clear();
         client.deleg.drop_all();
         // Bounded: the flusher goes on sending what no leader took yet.
@@ -186,7 +187,7 @@ async fn apply(client: &Arc<Client>, kernel: Option<&KernelCache>, ev: pb::Sessi
     }
     if ev.recalls.is_empty() {
         // The stream's first event: the recalls sent before it.
-        client.recalls_applied(ev.seq);
+        client.session.recalls_applied(ev.seq);
         return;
     }
     for r in &ev.recalls {
@@ -199,13 +200,14 @@ async fn apply(client: &Arc<Client>, kernel: Option<&KernelCache>, ev: pb::Sessi
     if let Some(k) = kernel {
         k.apply(ev.recalls).await;
     }
-    client.recalls_applied(ev.seq);
+    client.session.recalls_applied(ev.seq);
     let req = pb::AckRecallRequest {
-        header: client.header(),
+        header: client.session.header(),
         seq: ev.seq,
         flush_seq: 0,
     };
     if let Err(e) = client
+        .session
         .mds
         .request(req, |mut c, r| async move { c.ack_recall(r).await })
         .await
@@ -233,11 +235,12 @@ async fn share(client: &Arc<Client>, kernel: Option<&KernelCache>, ev: pb::Sessi
         }
     }
     let req = pb::AckRecallRequest {
-        header: client.header(),
+        header: client.session.header(),
         seq: 0,
         flush_seq: ev.flush_seq,
     };
     if let Err(e) = client
+        .session
         .mds
         .request(req, |mut c, r| async move { c.ack_recall(r).await })
         .await
@@ -272,13 +275,13 @@ impl avalon_proto::recall_mark::MarkGate for MarkGate {
     fn pass(&self, mark: u64) -> Option<avalon_proto::recall_mark::BoxFut<()>> {
         let client = self.client.upgrade()?;
         // Without a stream nothing cached is trusted anyway (see `run`).
-        if !client.stream_is_up() || client.recalls_done(mark) {
+        if !client.session.stream_is_up() || client.session.recalls_done(mark) {
             return None;
         }
         let kernel = self.kernel.clone();
         tracing::debug!(mark, "a reply waits for recalls");
         Some(Box::pin(async move {
-            if !client.wait_recalls(mark, MARK_WAIT).await {
+            if !client.session.wait_recalls(mark, MARK_WAIT).await {
                 tracing::debug!(
                     mark,
                     "recalls named by a reply did not come: dropping cached names"
