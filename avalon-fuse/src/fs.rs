@@ -6,6 +6,7 @@ use crate::attr::{ns_of, to_fuse};
 use crate::client::{Client, SetAttr, TimeChange};
 use crate::dir_stream::{fuse_ino, DirItem, DirStream, DirStreams, DOTDOT_COOKIE};
 use crate::error::ClientError;
+use crate::locks::Locks;
 use crate::metrics::FuseOp;
 use crate::recall::KernelCache;
 use avalon_proto::pb::Attr;
@@ -47,6 +48,8 @@ pub struct AvalonFs {
     /// Last file handle given out: every open file gets its own, so that
     /// its release can drop the OFD locks set through it (crate::locks).
     last_fh: AtomicU64,
+    /// The mount's fcntl, flock and OFD lock owners.
+    locks: Arc<Locks>,
     /// Open directory streams.
     dirs: Arc<DirStreams>,
     /// The kernel's caches, once the session is mounted (see
@@ -61,6 +64,7 @@ impl AvalonFs {
             client,
             rt,
             last_fh: AtomicU64::new(0),
+            locks: Arc::default(),
             dirs: Arc::default(),
             kernel: Arc::new(OnceLock::new()),
         }
@@ -654,10 +658,11 @@ impl Filesystem for AvalonFs {
     ) {
         let _m = crate::metrics::op(FuseOp::Flush);
         let c = self.client.clone();
+        let locks = self.locks.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move {
             // Any close drops the process's fcntl locks on the file.
-            let unlocked = crate::locks::release_owner(&c, ino, lock_owner.0).await;
+            let unlocked = locks.release_owner(&c, ino, lock_owner.0).await;
             // Close: buffered writes reach the OSDs (errors of earlier
             // background writes are reported here), then the size.
             let closed = c.close_file(ino).await;
@@ -681,10 +686,11 @@ impl Filesystem for AvalonFs {
         // The open file's flock and OFD locks go with its last reference;
         // noted before the task starts so that lock requests read after
         // this wait for it.
-        let locks = crate::locks::begin_release(&c, fh.0, ino, lock_owner.map(|o| o.0));
+        let locks = self.locks.clone();
+        let held = locks.begin_release(fh.0, ino, lock_owner.map(|o| o.0));
         self.spawn(async move {
-            if let Some(l) = locks {
-                if let Err(e) = crate::locks::finish_release(&c, l).await {
+            if let Some(l) = held {
+                if let Err(e) = locks.finish_release(&c, l).await {
                     tracing::warn!(ino, error = %e, "could not release locks");
                 }
             }
@@ -706,9 +712,13 @@ impl Filesystem for AvalonFs {
     ) {
         let _m = crate::metrics::op(FuseOp::GetLk);
         let c = self.client.clone();
+        let locks = self.locks.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move {
-            match crate::locks::getlk(&c, ino, lock_owner.0, start, end, typ, pid).await {
+            match locks
+                .getlk(&c, ino, lock_owner.0, start, end, typ, pid)
+                .await
+            {
                 Ok((s, e, t, p)) => reply.locked(s, e, t, p),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -732,11 +742,12 @@ impl Filesystem for AvalonFs {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let tid = req.pid();
+        let locks = self.locks.clone();
         if typ != libc::F_UNLCK {
-            crate::locks::note_lock(&c, fh.0, ino, lock_owner.0);
+            locks.note_lock(fh.0, ino, lock_owner.0);
         }
         self.spawn(async move {
-            let r = crate::locks::setlk(&c, ino, lock_owner.0, start, end, typ, pid, sleep, tid);
+            let r = locks.setlk(&c, ino, lock_owner.0, start, end, typ, pid, sleep, tid);
             reply_empty(r.await, reply)
         });
     }

@@ -42,54 +42,222 @@ use std::sync::LazyLock;
 use std::time::Duration;
 use tokio::sync::Notify;
 
-/// (session, inode) -> the owners that may hold locks on it at the MDS
-/// (one entry per inode, so "any lock here on this inode?" is one lookup).
-static HELD: LazyLock<DashMap<(u64, u64), Vec<u64>>> = LazyLock::new(DashMap::new);
-
-/// True if `owner` may hold locks on `ino`.
-fn is_held(session: u64, ino: u64, owner: u64) -> bool {
-    HELD.get(&(session, ino))
-        .is_some_and(|owners| owners.contains(&owner))
-}
-
-/// Notes that `owner` may hold locks on `ino`.
-fn mark_held(session: u64, ino: u64, owner: u64) {
-    let mut owners = HELD.entry((session, ino)).or_default();
-    if !owners.contains(&owner) {
-        owners.push(owner);
-    }
-}
-
-/// Forgets `owner`'s mark on `ino`; false if it had none.
-fn unmark_held(session: u64, ino: u64, owner: u64) -> bool {
-    let key = (session, ino);
-    let found = HELD.get_mut(&key).is_some_and(|mut owners| {
-        let before = owners.len();
-        owners.retain(|o| *o != owner);
-        owners.len() != before
-    });
-    HELD.remove_if(&key, |_, owners| owners.is_empty());
-    found
-}
-
-/// An open file's inode and the lock owners that set locks through it.
-type FileOwners = (u64, Vec<u64>);
-
-/// (session, fh) -> the inode and the owners that set locks through that
-/// open file.
-static BY_FILE: LazyLock<DashMap<(u64, u64), FileOwners>> = LazyLock::new(DashMap::new);
-
-/// (session, inode) -> releases of lock-holding open files under way.
-static RELEASING: LazyLock<DashMap<(u64, u64), usize>> = LazyLock::new(DashMap::new);
-/// Wakes lock requests waiting for releases.
-static RELEASED: LazyLock<Notify> = LazyLock::new(Notify::new);
-
 /// First and largest pause between retries of a blocking lock request.
 const FIRST_WAIT: Duration = Duration::from_millis(5);
 const MAX_WAIT: Duration = Duration::from_millis(200);
 
 /// A lock as F_GETLK reports it: (start, end, type, pid).
 pub type LockInfo = (u64, u64, i32, u32);
+
+/// An open file's inode and the lock owners that set locks through it.
+type FileOwners = (u64, Vec<u64>);
+
+/// The lock owners of one mount: which may hold locks at the MDS, through
+/// which open files, and which open files' releases are under way.
+#[derive(Default)]
+pub struct Locks {
+    /// Inode -> the owners that may hold locks on it at the MDS (one entry
+    /// per inode, so "any lock here on this inode?" is one lookup).
+    held: DashMap<u64, Vec<u64>>,
+    /// Open file (fh) -> the inode and the owners that set locks through it.
+    by_file: DashMap<u64, FileOwners>,
+    /// Inode -> releases of lock-holding open files under way.
+    releasing: DashMap<u64, usize>,
+    /// Wakes lock requests waiting for releases.
+    released: Notify,
+}
+
+/// An open file's release that drops its owners' locks.
+pub struct Release {
+    ino: u64,
+    owners: Vec<u64>,
+}
+
+impl Locks {
+    /// True if `owner` may hold locks on `ino`.
+    fn is_held(&self, ino: u64, owner: u64) -> bool {
+        self.held
+            .get(&ino)
+            .is_some_and(|owners| owners.contains(&owner))
+    }
+
+    /// Notes that `owner` may hold locks on `ino`.
+    fn mark_held(&self, ino: u64, owner: u64) {
+        let mut owners = self.held.entry(ino).or_default();
+        if !owners.contains(&owner) {
+            owners.push(owner);
+        }
+    }
+
+    /// Forgets `owner`'s mark on `ino`; false if it had none.
+    fn unmark_held(&self, ino: u64, owner: u64) -> bool {
+        let found = self.held.get_mut(&ino).is_some_and(|mut owners| {
+            let before = owners.len();
+            owners.retain(|o| *o != owner);
+            owners.len() != before
+        });
+        self.held.remove_if(&ino, |_, owners| owners.is_empty());
+        found
+    }
+
+    /// F_GETLK: the first lock of another owner that conflicts, or F_UNLCK.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn getlk(
+        &self,
+        c: &Client,
+        ino: u64,
+        owner: u64,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+    ) -> Result<LockInfo> {
+        let req = lock_req(c, ino, owner, start, end, typ, pid)?;
+        self.wait_releases(ino).await;
+        let r = c
+            .rpc(req, |mut m, r| async move { m.get_lock(r).await })
+            .await?;
+        Ok((r.start, r.end, r.r#type as i32, r.pid))
+    }
+
+    /// Records that `owner` sets a lock through open file `fh` (called in
+    /// the order the kernel sent the requests, before the lock is set, so
+    /// that the file's release finds it).
+    pub fn note_lock(&self, fh: u64, ino: u64, owner: u64) {
+        let mut e = self.by_file.entry(fh).or_insert_with(|| (ino, Vec::new()));
+        if !e.1.contains(&owner) {
+            e.1.push(owner);
+        }
+    }
+
+    /// Starts the release of open file `fh` (called in the order the
+    /// kernel sent the requests): takes the owners that locked through it,
+    /// plus the flock owner the kernel names, and makes lock requests on
+    /// the inode wait until [`Locks::finish_release`] dropped them.
+    pub fn begin_release(&self, fh: u64, ino: u64, flock_owner: Option<u64>) -> Option<Release> {
+        let mut owners = self
+            .by_file
+            .remove(&fh)
+            .map(|(_, (_, o))| o)
+            .unwrap_or_default();
+        if let Some(o) = flock_owner {
+            if !owners.contains(&o) {
+                owners.push(o);
+            }
+        }
+        owners.retain(|o| self.is_held(ino, *o));
+        if owners.is_empty() {
+            return None;
+        }
+        *self.releasing.entry(ino).or_insert(0) += 1;
+        Some(Release { ino, owners })
+    }
+
+    /// Drops the locks of a release begun by [`Locks::begin_release`].
+    pub async fn finish_release(&self, c: &Client, r: Release) -> Result<()> {
+        let mut res = Ok(());
+        for o in &r.owners {
+            if let Err(e) = self.drop_locks(c, r.ino, *o).await {
+                res = Err(e);
+            }
+        }
+        if let Some(mut n) = self.releasing.get_mut(&r.ino) {
+            *n = n.saturating_sub(1);
+        }
+        self.releasing.remove_if(&r.ino, |_, n| *n == 0);
+        self.released.notify_waiters();
+        res
+    }
+
+    /// Waits until no release of a lock-holding open file of `ino` is
+    /// under way.
+    async fn wait_releases(&self, ino: u64) {
+        if self.held.contains_key(&ino) {
+            earlier_requests_handled().await;
+        }
+        loop {
+            // Created before the check: notify_waiters wakes it from now on.
+            let woken = self.released.notified();
+            if !self.releasing.contains_key(&ino) {
+                return;
+            }
+            woken.await;
+        }
+    }
+
+    /// F_SETLK / F_SETLKW / flock: sets or clears a lock; with `sleep`,
+    /// waits until it can be had (or the caller `tid` is interrupted).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn setlk(
+        &self,
+        c: &Client,
+        ino: u64,
+        owner: u64,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        tid: u32,
+    ) -> Result<()> {
+        let req = lock_req(c, ino, owner, start, end, typ, pid)?;
+        // The releases first: the kernel reuses a closed file's address as
+        // the owner of the next open file's OFD locks, and the old file's
+        // release must not take the new owner's locks (nor its held mark)
+        // with it.
+        self.wait_releases(ino).await;
+        if typ != libc::F_UNLCK {
+            // Before the request: a close racing with it must not skip the
+            // release.
+            self.mark_held(ino, owner);
+        }
+        let mut wait = Backoff::new(FIRST_WAIT, MAX_WAIT);
+        loop {
+            match try_setlk(c, &req).await {
+                Err(e) if sleep && e.errno() == libc::EAGAIN => {
+                    if interrupted(tid) {
+                        return Err(ClientError::posix(libc::EINTR, "lock wait interrupted"));
+                    }
+                    wait.wait().await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// A close (flush): drops every lock the process `owner` holds on
+    /// `ino`, if this client ever took one.
+    pub async fn release_owner(&self, c: &Client, ino: u64, owner: u64) -> Result<()> {
+        if !self.is_held(ino, owner) {
+            return Ok(());
+        }
+        // The process's locks go now: open files it locked through must
+        // not drop the locks it may take later through another one.
+        for mut e in self.by_file.iter_mut() {
+            if e.0 == ino {
+                e.1.retain(|o| *o != owner);
+            }
+        }
+        self.drop_locks(c, ino, owner).await
+    }
+
+    /// Drops every lock `owner` holds on `ino`, if this client ever took
+    /// one. (Not the other open files' records of the owner: after a
+    /// release the owner's address may already name a newly opened file.)
+    async fn drop_locks(&self, c: &Client, ino: u64, owner: u64) -> Result<()> {
+        if !self.unmark_held(ino, owner) {
+            return Ok(());
+        }
+        let req = pb::ReleaseLocksRequest {
+            header: c.session.header(),
+            ino,
+            owner,
+        };
+        c.rpc(req, |mut m, r| async move { m.release_locks(r).await })
+            .await?;
+        Ok(())
+    }
+}
 
 fn lock_req(
     c: &Client,
@@ -114,95 +282,13 @@ fn lock_req(
     })
 }
 
-/// F_GETLK: the first lock of another owner that conflicts, or F_UNLCK.
-pub async fn getlk(
-    c: &Client,
-    ino: u64,
-    owner: u64,
-    start: u64,
-    end: u64,
-    typ: i32,
-    pid: u32,
-) -> Result<LockInfo> {
-    let req = lock_req(c, ino, owner, start, end, typ, pid)?;
-    wait_releases(c, ino).await;
-    let r = c
-        .rpc(req, |mut m, r| async move { m.get_lock(r).await })
+async fn try_setlk(c: &Client, req: &pb::LockRequest) -> Result<()> {
+    let mut req = req.clone();
+    // A fresh request id per attempt: the MDS remembers answers by id.
+    req.header = c.session.header();
+    c.rpc(req, |mut m, r| async move { m.set_lock(r).await })
         .await?;
-    Ok((r.start, r.end, r.r#type as i32, r.pid))
-}
-
-/// Records that `owner` sets a lock through open file `fh` (called in the
-/// order the kernel sent the requests, before the lock is set, so that the
-/// file's release finds it).
-pub fn note_lock(c: &Client, fh: u64, ino: u64, owner: u64) {
-    let mut e = BY_FILE
-        .entry((c.session.id(), fh))
-        .or_insert_with(|| (ino, Vec::new()));
-    if !e.1.contains(&owner) {
-        e.1.push(owner);
-    }
-}
-
-/// An open file's release that drops its owners' locks.
-pub struct Release {
-    ino: u64,
-    owners: Vec<u64>,
-}
-
-/// Starts the release of open file `fh` (called in the order the kernel
-/// sent the requests): takes the owners that locked through it, plus the
-/// flock owner the kernel names, and makes lock requests on the inode wait
-/// until [`finish_release`] dropped them.
-pub fn begin_release(c: &Client, fh: u64, ino: u64, flock_owner: Option<u64>) -> Option<Release> {
-    let mut owners = BY_FILE
-        .remove(&(c.session.id(), fh))
-        .map(|(_, (_, o))| o)
-        .unwrap_or_default();
-    if let Some(o) = flock_owner {
-        if !owners.contains(&o) {
-            owners.push(o);
-        }
-    }
-    owners.retain(|o| is_held(c.session.id(), ino, *o));
-    if owners.is_empty() {
-        return None;
-    }
-    *RELEASING.entry((c.session.id(), ino)).or_insert(0) += 1;
-    Some(Release { ino, owners })
-}
-
-/// Drops the locks of a release begun by [`begin_release`].
-pub async fn finish_release(c: &Client, r: Release) -> Result<()> {
-    let mut res = Ok(());
-    for o in &r.owners {
-        if let Err(e) = drop_locks(c, r.ino, *o).await {
-            res = Err(e);
-        }
-    }
-    let key = (c.session.id(), r.ino);
-    if let Some(mut n) = RELEASING.get_mut(&key) {
-        *n = n.saturating_sub(1);
-    }
-    RELEASING.remove_if(&key, |_, n| *n == 0);
-    RELEASED.notify_waiters();
-    res
-}
-
-/// Waits until no release of a lock-holding open file of `ino` is under way.
-async fn wait_releases(c: &Client, ino: u64) {
-    let key = (c.session.id(), ino);
-    if HELD.contains_key(&key) {
-        earlier_requests_handled().await;
-    }
-    loop {
-        // Created before the check: notify_waiters wakes it from now on.
-        let woken = RELEASED.notified();
-        if !RELEASING.contains_key(&key) {
-            return;
-        }
-        woken.await;
-    }
+    Ok(())
 }
 
 /// Waits (at most [`ORDER_WAIT`]) until every other FUSE thread is back
@@ -249,15 +335,6 @@ fn reading_device(tid: u32) -> bool {
     }
 }
 
-async fn try_setlk(c: &Client, req: &pb::LockRequest) -> Result<()> {
-    let mut req = req.clone();
-    // A fresh request id per attempt: the MDS remembers answers by id.
-    req.header = c.session.header();
-    c.rpc(req, |mut m, r| async move { m.set_lock(r).await })
-        .await?;
-    Ok(())
-}
-
 /// True if thread `tid` has an unblocked, unignored signal pending, or is
 /// gone: a blocked lock wait must end with EINTR.
 fn interrupted(tid: u32) -> bool {
@@ -279,75 +356,4 @@ fn interrupted(tid: u32) -> bool {
     }
     let pending = field("SigPnd:") | field("ShdPnd:");
     pending & !field("SigBlk:") & !field("SigIgn:") != 0
-}
-
-/// F_SETLK / F_SETLKW / flock: sets or clears a lock; with `sleep`, waits
-/// until it can be had (or the caller `tid` is interrupted).
-#[allow(clippy::too_many_arguments)]
-pub async fn setlk(
-    c: &Client,
-    ino: u64,
-    owner: u64,
-    start: u64,
-    end: u64,
-    typ: i32,
-    pid: u32,
-    sleep: bool,
-    tid: u32,
-) -> Result<()> {
-    let req = lock_req(c, ino, owner, start, end, typ, pid)?;
-    // The releases first: the kernel reuses a closed file's address as the
-    // owner of the next open file's OFD locks, and the old file's release
-    // must not take the new owner's locks (nor its HELD mark) with it.
-    wait_releases(c, ino).await;
-    if typ != libc::F_UNLCK {
-        // Before the request: a close racing with it must not skip the
-        // release.
-        mark_held(c.session.id(), ino, owner);
-    }
-    let mut wait = Backoff::new(FIRST_WAIT, MAX_WAIT);
-    loop {
-        match try_setlk(c, &req).await {
-            Err(e) if sleep && e.errno() == libc::EAGAIN => {
-                if interrupted(tid) {
-                    return Err(ClientError::posix(libc::EINTR, "lock wait interrupted"));
-                }
-                wait.wait().await;
-            }
-            r => return r,
-        }
-    }
-}
-
-/// A close (flush): drops every lock the process `owner` holds on `ino`, if
-/// this client ever took one.
-pub async fn release_owner(c: &Client, ino: u64, owner: u64) -> Result<()> {
-    if !is_held(c.session.id(), ino, owner) {
-        return Ok(());
-    }
-    // The process's locks go now: open files it locked through must not
-    // drop the locks it may take later through another one.
-    for mut e in BY_FILE.iter_mut() {
-        if e.key().0 == c.session.id() && e.0 == ino {
-            e.1.retain(|o| *o != owner);
-        }
-    }
-    drop_locks(c, ino, owner).await
-}
-
-/// Drops every lock `owner` holds on `ino`, if this client ever took one.
-/// (Not the other open files' records of the owner: after a release the
-/// owner's address may already name a newly opened file.)
-async fn drop_locks(c: &Client, ino: u64, owner: u64) -> Result<()> {
-    if !unmark_held(c.session.id(), ino, owner) {
-        return Ok(());
-    }
-    let req = pb::ReleaseLocksRequest {
-        header: c.session.header(),
-        ino,
-        owner,
-    };
-    c.rpc(req, |mut m, r| async move { m.release_locks(r).await })
-        .await?;
-    Ok(())
 }
