@@ -921,7 +921,8 @@ impl Client {
         plus: bool,
     ) -> Result<pb::ReadDirReply> {
         let epoch = self.meta.epoch();
-        if let Some(r) = self.listing_read_ahead(ino, cookie).await {
+        self.dir_ahead.wait(ino).await;
+        if let Some(r) = self.meta.take_listing(ino, cookie) {
             // Noted only now: the kernel holds the directory's lock while
             // it lists, so no change of ours to it runs meanwhile.
             self.note_listing(epoch, ino, &r);
@@ -945,6 +946,50 @@ impl Client {
             .await?;
         self.note_listing(epoch, ino, &r);
         Ok(r)
+    }
+
+    /// Starts reading ahead the subdirectories listed in `page` (entries
+    /// after `cookie`, at most `max` per page, as the walk will ask; see
+    /// `dir_read_ahead.rs`).
+    pub fn read_ahead_dirs(self: &Arc<Self>, page: &pb::ReadDirReply, cookie: u64, max: u32) {
+        let dirs = page
+            .entries
+            .iter()
+            .filter(|e| e.mode & libc::S_IFMT == libc::S_IFDIR)
+            .map(|e| e.ino)
+            // One with changes queued here would wait for them (the walk
+            // would wait for that): the walk lists it itself. One whose
+            // entries are all cached is listed from the cache.
+            .filter(|ino| {
+                !self.meta.is_complete(*ino)
+                    && !self.meta.has_listing(*ino)
+                    && !self.dir_ahead.running(*ino)
+                    && !self.deleg.changes_dir(*ino)
+            })
+            .take(crate::dir_read_ahead::PER_LISTING);
+        for dir in dirs {
+            let c = self.clone();
+            self.dir_ahead.start(dir, move || {
+                if c.meta.has_listing(dir) {
+                    return None;
+                }
+                Some(async move {
+                    let (epoch, gen) = (c.meta.epoch(), c.meta.ns_gen());
+                    let req = pb::ReadDirRequest {
+                        header: c.session.header(),
+                        ino: dir,
+                        cookie,
+                        max_entries: max,
+                        plus: true,
+                    };
+                    // Its entries go into the cache only when it is used:
+                    // a change of ours may run beside this (no kernel lock).
+                    if let Some(Ok((_, r))) = c.readdir_unqueued(&req).await {
+                        c.meta.put_listing(epoch, gen, dir, cookie, r);
+                    }
+                })
+            });
+        }
     }
 
     /// A listing that needs not wait for the queue of delegated changes:
