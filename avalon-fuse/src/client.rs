@@ -14,6 +14,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+mod delegated;
+
 /// The extended attribute holding a file's SELinux label.
 const SELINUX_XATTR: &[u8] = b"security.selinux";
 /// Prefix of the xattrs the MDS computes (`avalon.dir.*` recursive
