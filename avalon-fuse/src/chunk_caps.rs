@@ -4,8 +4,8 @@
 //! or when half its lifetime has passed (so a file open for long keeps
 //! working: renewed on use, and again when an OSD calls one expired).
 
-use crate::client::Client;
 use crate::error::Result;
+use crate::session::Session;
 use avalon_proto::chunk_cap::{self, Rights};
 use avalon_proto::pb;
 use bytes::Bytes;
@@ -95,28 +95,28 @@ impl ChunkCaps {
     }
 }
 
-impl Client {
+impl ChunkCaps {
     /// The capability to send with a chunk request on `ino` (`write`: a
-    /// change): the one held, or a fresh one from the MDS. Empty for
-    /// plaintext mounts.
-    pub(crate) async fn chunk_cap(&self, ino: u64, write: bool) -> Result<Bytes> {
-        if !self.chunk_caps.enabled {
+    /// change): the one held, or a fresh one from the MDS through
+    /// `session`. Empty for plaintext mounts.
+    pub async fn get(&self, session: &Session, ino: u64, write: bool) -> Result<Bytes> {
+        if !self.enabled {
             return Ok(Bytes::new());
         }
-        if let Some(c) = self.chunk_caps.fresh(ino, write) {
+        if let Some(c) = self.fresh(ino, write) {
             return Ok(c);
         }
         // Renewing keeps the rights held (a write-back may follow a read).
-        let write = write || self.chunk_caps.held_write(ino);
+        let write = write || self.held_write(ino);
         let req = pb::ChunkCapRequest {
-            header: self.session.header(),
+            header: session.header(),
             ino,
             write,
         };
-        // Not through `rpc`: a capability does not wait for queued
-        // namespace changes (their flush may need this very capability).
-        let cap = match self
-            .session
+        // Straight to the MDS, not after the queue of delegated changes: a
+        // capability does not wait for them (their flush may need this very
+        // capability).
+        let cap = match session
             .mds
             .request(req, |mut c, r| async move { c.get_chunk_cap(r).await })
             .await
@@ -126,17 +126,8 @@ impl Client {
             Err(s) if s.code() == tonic::Code::Unimplemented => Bytes::new(),
             Err(s) => return Err(s.into()),
         };
-        self.chunk_caps.put(ino, cap.clone());
+        self.put(ino, cap.clone());
         Ok(cap)
-    }
-
-    /// A request header carrying `cap` as its credential.
-    pub(crate) fn header_with(&self, cap: Bytes) -> Option<pb::RequestHeader> {
-        let mut h = self.session.header();
-        if let Some(h) = h.as_mut() {
-            h.credential = cap;
-        }
-        h
     }
 }
 

@@ -543,10 +543,10 @@ impl Client {
         let mut renewals = 0;
         'rounds: loop {
             let map = self.map();
-            let cap = self.chunk_cap(ino, true).await?;
+            let cap = self.chunk_caps.get(&self.session, ino, true).await?;
             for osd in attempt_order(chunk_members(&map, ino, index)) {
                 let req = pb::WriteChunkRequest {
-                    header: self.header_with(cap.clone()),
+                    header: self.session.header_with(cap.clone()),
                     chunk: Some(ChunkId { ino, index }),
                     sync,
                     map_epoch: map.epoch,
@@ -711,7 +711,7 @@ impl Client {
         let mut renewals = 0;
         'rounds: loop {
             let map = self.map();
-            let cap = self.chunk_cap(ino, false).await?;
+            let cap = self.chunk_caps.get(&self.session, ino, false).await?;
             let mut order = attempt_order(chunk_members(&map, ino, index));
             let up = order
                 .iter()
@@ -722,7 +722,7 @@ impl Client {
             }
             for osd in order {
                 let req = pb::ReadChunkRequest {
-                    header: self.header_with(cap.clone()),
+                    header: self.session.header_with(cap.clone()),
                     chunk: Some(ChunkId { ino, index }),
                     offset,
                     length,
@@ -823,7 +823,7 @@ impl Client {
     async fn object_extents(&self, ino: u64, from: u64) -> Result<Option<(Vec<(u64, u64)>, u64)>> {
         let cs = u64::from(self.chunk_size_of(ino));
         let map = self.map();
-        let cap = self.chunk_cap(ino, false).await?;
+        let cap = self.chunk_caps.get(&self.session, ino, false).await?;
         let asks = map
             .osds
             .iter()
@@ -831,7 +831,7 @@ impl Client {
             .map(|o| {
                 let call = self.osd(&o.addr).map(|mut c| {
                     let req = pb::ObjectExtentsRequest {
-                        header: self.header_with(cap.clone()),
+                        header: self.session.header_with(cap.clone()),
                         ino,
                         from_index: from,
                         max_chunks: 4096,

@@ -115,6 +115,16 @@ impl Session {
         })
     }
 
+    /// A request header carrying `cap` (a chunk capability) as its
+    /// credential.
+    pub fn header_with(&self, cap: Bytes) -> Option<RequestHeader> {
+        let mut h = self.header();
+        if let Some(h) = h.as_mut() {
+            h.credential = cap;
+        }
+        h
+    }
+
     /// The recall stream opened: returns its generation (see
     /// [`Session::stream_gone`]).
     pub fn stream_opened(&self) -> u64 {
