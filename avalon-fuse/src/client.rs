@@ -5,12 +5,13 @@
 use crate::delegation::NewNode;
 use crate::error::{ClientError, Result};
 use crate::meta_cache::{Cached, MetaCache};
+pub use crate::open_files::{opens_for_write, FileState, OpenCount};
+use crate::open_files::OpenFiles;
 use crate::session::Session;
 use avalon_proto::pb::{self, time_set::How, Attr, ClusterMap, TimeSet};
 use avalon_proto::request_id::Traced;
 use bytes::Bytes;
 use dashmap::{DashMap, DashSet};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -21,63 +22,6 @@ const SELINUX_XATTR: &[u8] = b"security.selinux";
 /// Prefix of the xattrs the MDS computes (`avalon.dir.*` recursive
 /// statistics, `avalon.quota.*`): never cached here.
 const VIRTUAL_XATTRS: &[u8] = b"avalon.";
-
-/// Per-inode state the client keeps while it has written data whose size
-/// the MDS has not been told yet.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct FileState {
-    /// Largest file size this client has seen from the MDS or set itself.
-    pub size: u64,
-    /// The file's chunk size (layout).
-    pub chunk_size: u32,
-    /// True when writes (their size, mtime and ctime) are not yet
-    /// committed to the MDS.
-    pub dirty: bool,
-    /// True when those writes grew the file past the size the MDS holds:
-    /// even fdatasync must commit it.
-    pub grown: bool,
-    /// Another session writes the file too (shared-write mode): writes go
-    /// through uncached, O_APPEND offsets come from the MDS, reads ask for
-    /// the size. Until this client's last close of the file.
-    pub shared: bool,
-    /// Size commits to the MDS started and finished: an attribute reply
-    /// asked for while none was under way, with none started since, holds
-    /// every size this client committed before it.
-    pub commits_started: u32,
-    /// See `commits_started`.
-    pub commits_done: u32,
-    /// Under a directory byte quota: the size is committed before a write
-    /// takes the file more than this past `mds_size` (0: no quota).
-    pub quota_window: u64,
-    /// The size the MDS holds, as far as this client knows.
-    pub mds_size: u64,
-}
-
-impl FileState {
-    /// The MDS holds `size` and this client's times: nothing is pending,
-    /// unless writes raced past `size`.
-    pub fn committed(&mut self, size: u64) {
-        self.mds_size = self.mds_size.max(size);
-        if self.size <= size {
-            self.dirty = false;
-            self.grown = false;
-        }
-    }
-}
-
-/// Opens of one inode by this client.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct OpenCount {
-    /// All opens (and opens in flight).
-    pub all: u32,
-    /// Those for writing.
-    pub writes: u32,
-}
-
-/// True if open(2) flags open for writing.
-pub fn opens_for_write(flags: u32) -> bool {
-    flags as i32 & libc::O_ACCMODE != libc::O_RDONLY
-}
 
 /// How a timestamp changes in [`Client::setattr`].
 #[derive(Debug, Clone, Copy)]
@@ -132,26 +76,13 @@ pub struct Client {
     pub(crate) data_conns: avalon_proto::data_conn::DataConns,
     /// Chunk capabilities held, sent with every chunk request.
     pub(crate) chunk_caps: crate::chunk_caps::ChunkCaps,
-    pub(crate) files: DashMap<u64, FileState>,
+    /// Open files and directories, and per-file state.
+    pub(crate) open_files: OpenFiles,
     /// Files with chunk writes sent without sync since their last fsync.
     pub(crate) sync_marks: crate::sync_marks::SyncMarks,
-    /// Open handles per inode, reported in heartbeats so that a new MDS
-    /// leader knows which unlinked files are still in use (and which have
-    /// several writers).
-    opens: DashMap<u64, OpenCount>,
-    /// Per file: buffered writes hold it shared while they run; entering
-    /// shared-write mode takes it exclusively, so that no buffered write
-    /// is left behind the flush that mode starts with.
-    pub(crate) write_gates: DashMap<u64, Arc<tokio::sync::RwLock<()>>>,
-    /// Creates in flight (see [`Client::create`]).
-    creating: std::sync::atomic::AtomicU32,
     /// Names this client's changes in flight touch: not looked up in the
     /// cache meanwhile (see `changing_names.rs`).
     changing: crate::changing_names::ChangingNames,
-    /// Open directories: count, and whether the MDS counts one open of
-    /// ours (registered before this client removes one, see
-    /// [`Client::rmdir`]). Reported in heartbeats like files.
-    pub(crate) open_dirs: DashMap<u64, (u32, bool)>,
     /// Whole chunks fetched by sequential readahead.
     pub(crate) cache: crate::chunk_cache::ChunkCache,
     /// Attributes and entries cached under the metadata lease.
@@ -201,14 +132,10 @@ impl Client {
             osds: DashMap::new(),
             chunk_caps: crate::chunk_caps::ChunkCaps::new(!tls.is_plaintext()),
             data_conns: avalon_proto::data_conn::DataConns::new(tls),
-            files: DashMap::new(),
+            open_files: OpenFiles::default(),
             sync_marks: Default::default(),
             page_versions: Default::default(),
-            opens: DashMap::new(),
-            write_gates: DashMap::new(),
-            creating: Default::default(),
             changing: Default::default(),
-            open_dirs: DashMap::new(),
             cache: crate::chunk_cache::ChunkCache::new(
                 32 * u64::from(avalon_proto::limits::DEFAULT_CHUNK_SIZE),
             ),
@@ -383,19 +310,9 @@ impl Client {
         let stream = self.session.open_stream();
         let req = pb::ClientHeartbeatRequest {
             header: self.session.header(),
-            open_inos: self
-                .opens
-                .iter()
-                .map(|e| *e.key())
-                .chain(self.open_dirs.iter().map(|e| *e.key()))
-                .collect(),
+            open_inos: self.open_files.open_inos(),
             dropped_cache: self.meta.take_dropped(),
-            write_inos: self
-                .opens
-                .iter()
-                .filter(|e| e.writes > 0)
-                .map(|e| *e.key())
-                .collect(),
+            write_inos: self.open_files.write_inos(),
             version: Some(avalon_proto::version::local()),
             totals: crate::metrics::totals(),
         };
@@ -481,20 +398,13 @@ impl Client {
         // This client's only writer of the file: the MDS's size can only
         // lag behind its own (a reply may have been sent before one of
         // its commits), and its O_APPEND writes go at this size.
-        let sole_writer = !self.is_shared(a.ino) && self.open_count(a.ino).writes > 0;
-        let mut st = self.files.entry(a.ino).or_default();
-        st.chunk_size = a.chunk_size;
-        if st.dirty || sole_writer {
-            st.size = st.size.max(a.size);
-        } else {
-            st.size = a.size;
-        }
-        st.size
+        let sole_writer = !self.is_shared(a.ino) && self.open_files.count(a.ino).writes > 0;
+        self.open_files.note_size(a, sole_writer)
     }
 
     /// The size of a regular file as this client knows it.
     pub fn known_size(&self, ino: u64) -> Option<FileState> {
-        self.files.get(&ino).map(|s| *s)
+        self.open_files.known(ino)
     }
 
     fn ok_attr(r: Option<Attr>) -> Result<Attr> {
@@ -606,7 +516,7 @@ impl Client {
         let a = Self::ok_attr(r.attr)?;
         self.meta.put_attr(epoch, &a);
         if let Some(size) = ch.size {
-            if let Some(mut st) = self.files.get_mut(&ino) {
+            if let Some(mut st) = self.open_files.files.get_mut(&ino) {
                 st.size = size;
                 st.committed(size);
             }
@@ -663,7 +573,7 @@ impl Client {
         }
         // The inode is known only from the reply: a shared-write demand
         // that comes before it must not be dropped as "not open here".
-        self.creating.fetch_add(1, Ordering::SeqCst);
+        self.open_files.begin_create();
         let r = self
             .make_node(parent, name, mode, 0, uid, gid, exclusive, flags)
             .await;
@@ -672,10 +582,10 @@ impl Client {
             // Counted open before the create stops counting as in flight:
             // a demand in between must not find the file "not open here".
             self.note_created_open(a.ino, flags);
-            self.note_quota(a.ino, window);
+            self.open_files.note_quota(a.ino, window);
             (a, shared)
         });
-        self.creating.fetch_sub(1, Ordering::SeqCst);
+        self.open_files.end_create();
         let (a, shared_write) = r?;
         if shared_write {
             if let Err(e) = self.share_writes(a.ino).await {
@@ -1175,12 +1085,12 @@ impl Client {
     /// Tells the MDS the size this client's writes reached (and so stamps
     /// mtime), if anything is pending.
     pub async fn commit_size(&self, ino: u64) -> Result<Option<Attr>> {
-        let size = match self.files.get(&ino) {
+        let size = match self.open_files.files.get(&ino) {
             Some(st) if st.dirty => st.size,
             _ => return Ok(None),
         };
         if let Some(a) = self.commit_delegated(ino, size) {
-            if let Some(mut st) = self.files.get_mut(&ino) {
+            if let Some(mut st) = self.open_files.files.get_mut(&ino) {
                 st.committed(size);
             }
             return Ok(Some(a));
@@ -1192,13 +1102,13 @@ impl Client {
         };
         // The reply's attributes are as new as it gets.
         self.meta.forget_attr(ino);
-        if let Some(mut st) = self.files.get_mut(&ino) {
+        if let Some(mut st) = self.open_files.files.get_mut(&ino) {
             st.commits_started = st.commits_started.wrapping_add(1);
         }
         let r = self
             .rpc(req, |mut c, r| async move { c.commit_write(r).await })
             .await;
-        if let Some(mut st) = self.files.get_mut(&ino) {
+        if let Some(mut st) = self.open_files.files.get_mut(&ino) {
             st.commits_done = st.commits_done.wrapping_add(1);
             // Writes that raced past `size` stay dirty.
             if r.is_ok() {
@@ -1211,22 +1121,13 @@ impl Client {
             .ok_or_else(|| ClientError::Unavailable("MDS reply without attributes".into()))
     }
 
-    /// Records the quota window the MDS gave with an open or create reply.
-    fn note_quota(&self, ino: u64, window: u64) {
-        if let Some(mut st) = self.files.get_mut(&ino) {
-            st.quota_window = window;
-        } else if window > 0 {
-            self.files.entry(ino).or_default().quota_window = window;
-        }
-    }
-
     /// Under a byte quota, a write that would take the file more than the
     /// window past the size the MDS holds first commits what was written
     /// so far. Once the quota is full the MDS refuses that (EDQUOT) and
     /// this write fails with it: a writer stops within one window
     /// (`quota.rs` in the MDS has the bound).
     pub(crate) async fn keep_in_quota(&self, ino: u64, end: u64) -> Result<()> {
-        let due = match self.files.get(&ino) {
+        let due = match self.open_files.files.get(&ino) {
             Some(st) if st.quota_window > 0 => {
                 st.dirty && end > st.mds_size.saturating_add(st.quota_window)
             }
@@ -1239,7 +1140,7 @@ impl Client {
                     // was written past it is not part of it, as every
                     // mount sees), and this file's later writes, fsync
                     // and close report EDQUOT until then.
-                    if let Some(mut st) = self.files.get_mut(&ino) {
+                    if let Some(mut st) = self.open_files.files.get_mut(&ino) {
                         st.size = st.mds_size;
                         st.dirty = false;
                         st.grown = false;
@@ -1251,71 +1152,6 @@ impl Client {
             }
         }
         Ok(())
-    }
-
-    /// Counts `ino`'s size commits done, if none is under way (see
-    /// [`FileState::commits_started`]).
-    fn commits_before(&self, ino: u64) -> Option<u32> {
-        match self.files.get(&ino) {
-            Some(st) if st.commits_started != st.commits_done => None,
-            Some(st) => Some(st.commits_done),
-            None => Some(0),
-        }
-    }
-
-    /// Takes the size of an open's reply: the MDS's size is the file's
-    /// (a truncate by another session may have lowered it) unless writes
-    /// of this client are pending or its commits crossed the request
-    /// (`commits`: from [`Client::commits_before`] when it was sent).
-    fn note_open_size(&self, a: &Attr, commits: Option<u32>) {
-        if a.mode & libc::S_IFMT != libc::S_IFREG {
-            return;
-        }
-        let mut st = self.files.entry(a.ino).or_default();
-        st.chunk_size = a.chunk_size;
-        st.mds_size = a.size;
-        let fresh = commits == Some(st.commits_started) && st.commits_started == st.commits_done;
-        if fresh && !st.dirty {
-            st.size = a.size;
-        } else {
-            st.size = st.size.max(a.size);
-        }
-    }
-
-    /// This client's opens of `ino`.
-    pub fn open_count(&self, ino: u64) -> OpenCount {
-        self.opens.get(&ino).map(|n| *n).unwrap_or_default()
-    }
-
-    pub(crate) fn count_open(&self, ino: u64, flags: u32) {
-        let mut n = self.opens.entry(ino).or_default();
-        n.all += 1;
-        if opens_for_write(flags) {
-            n.writes += 1;
-        }
-    }
-
-    /// Uncounts an open; true if it was this client's last of `ino`.
-    fn uncount_open(&self, ino: u64, flags: u32) -> bool {
-        let last = match self.opens.get_mut(&ino) {
-            Some(mut n) => {
-                n.all = n.all.saturating_sub(1);
-                if opens_for_write(flags) {
-                    n.writes = n.writes.saturating_sub(1);
-                }
-                n.all == 0
-            }
-            None => true,
-        };
-        if last {
-            self.opens.remove_if(&ino, |_, n| n.all == 0);
-            // Shared-write mode lasts until the last close.
-            if let Some(mut st) = self.files.get_mut(&ino) {
-                st.shared = false;
-            }
-            self.write_gates.remove(&ino);
-        }
-        last
     }
 
     /// Opens `ino` (the MDS counts the open, so the file outlives an unlink
@@ -1337,9 +1173,9 @@ impl Client {
         }
         // Counted before asking: a shared-write demand for the file may
         // come before the reply and must find it open.
-        self.count_open(ino, flags);
+        self.open_files.count_open(ino, flags);
         let epoch = self.meta.epoch();
-        let commits = self.commits_before(ino);
+        let commits = self.open_files.commits_before(ino);
         let req = pb::OpenRequest {
             header: self.session.header(),
             ino,
@@ -1354,21 +1190,21 @@ impl Client {
         {
             Ok(r) => r,
             Err(e) => {
-                self.uncount_open(ino, flags);
+                self.open_files.uncount_open(ino, flags);
                 return Err(e.into());
             }
         };
         let a = match Self::ok_attr(r.attr) {
             Ok(a) => a,
             Err(e) => {
-                self.uncount_open(ino, flags);
+                self.open_files.uncount_open(ino, flags);
                 return Err(e);
             }
         };
         self.meta.put_attr(epoch, &a);
         self.chunk_caps.put(ino, r.chunk_cap);
-        self.note_open_size(&a, commits);
-        self.note_quota(ino, r.quota_window);
+        self.open_files.note_open_size(&a, commits);
+        self.open_files.note_quota(ino, r.quota_window);
         if r.shared_write {
             // What this client buffered before goes out first; a failure
             // of that is the file's, reported at its fsync or close.
@@ -1392,13 +1228,13 @@ impl Client {
     pub fn note_created_open(&self, ino: u64, flags: u32) {
         self.cache.invalidate_file(ino);
         self.page_versions.changed(ino);
-        self.count_open(ino, flags);
+        self.open_files.count_open(ino, flags);
     }
 
     /// True if `ino` is in shared-write mode here (also: for every file
     /// while the recall stream is not open, when a demand cannot reach us).
     pub fn is_shared(&self, ino: u64) -> bool {
-        !self.session.stream_is_up() || self.files.get(&ino).is_some_and(|s| s.shared)
+        !self.session.stream_is_up() || self.open_files.is_shared(ino)
     }
 
     /// The recall stream opened: files opened for writing before it stay
@@ -1406,8 +1242,8 @@ impl Client {
     /// buffer until a demand comes.
     /// Returns the stream's generation (see [`Session::stream_gone`]).
     pub fn stream_opened(&self) -> u64 {
-        for e in self.opens.iter().filter(|e| e.writes > 0) {
-            self.files.entry(*e.key()).or_default().shared = true;
+        for ino in self.open_files.write_inos() {
+            self.open_files.set_shared(ino);
         }
         self.session.stream_opened()
     }
@@ -1417,11 +1253,11 @@ impl Client {
     /// size committed before this returns. Called when the MDS says that
     /// another session opened the file for writing.
     pub async fn share_writes(&self, ino: u64) -> Result<()> {
-        if !self.opens.contains_key(&ino) && self.creating.load(Ordering::SeqCst) == 0 {
+        if !self.open_files.may_have_open(ino) {
             return Ok(());
         }
-        self.files.entry(ino).or_default().shared = true;
-        let gate = self.write_gate(ino);
+        self.open_files.set_shared(ino);
+        let gate = self.open_files.write_gate(ino);
         // Buffered writes that started before the mode changed finish
         // first (later ones see it and write through).
         let _g = gate.write().await;
@@ -1433,13 +1269,7 @@ impl Client {
     /// Shared-write mode for every file open for writing (the recall
     /// stream broke: demands may be missed).
     pub async fn share_all_writes(&self) {
-        let inos: Vec<u64> = self
-            .opens
-            .iter()
-            .filter(|e| e.writes > 0)
-            .map(|e| *e.key())
-            .collect();
-        for ino in inos {
+        for ino in self.open_files.write_inos() {
             if let Err(e) = self.share_writes(ino).await {
                 self.keep_write_error(ino, &e);
             }
@@ -1450,25 +1280,13 @@ impl Client {
     /// next heartbeat (no round trip per opendir), or at once when this
     /// client removes the directory (see [`Client::rmdir`]).
     pub fn open_dir(&self, ino: u64) {
-        self.open_dirs.entry(ino).or_insert((0, false)).0 += 1;
+        self.open_files.open_dir(ino);
     }
 
     /// Ends one open of directory `ino`; the last one tells the MDS if it
     /// counted an open of ours (an orphan directory then goes).
     pub async fn release_dir(&self, ino: u64) -> Result<()> {
-        let mut registered = false;
-        let last = match self.open_dirs.get_mut(&ino) {
-            Some(mut e) => {
-                e.0 = e.0.saturating_sub(1);
-                registered = e.1 && e.0 == 0;
-                e.0 == 0
-            }
-            None => false,
-        };
-        if last {
-            self.open_dirs.remove_if(&ino, |_, e| e.0 == 0);
-        }
-        if registered {
+        if self.open_files.release_dir(ino) {
             self.send_release(ino, libc::O_RDONLY as u32).await?;
         }
         Ok(())
@@ -1478,13 +1296,13 @@ impl Client {
     /// has open and the MDS may not know yet (heartbeats report opens
     /// later), registers the open so that the removal keeps it.
     async fn register_open_dir(&self, parent: u64, name: &[u8]) {
-        if self.open_dirs.is_empty() {
+        if self.open_files.dirs.is_empty() {
             return;
         }
         let Ok(a) = self.lookup(parent, name).await else {
             return;
         };
-        match self.open_dirs.get(&a.ino) {
+        match self.open_files.dirs.get(&a.ino) {
             Some(e) if !e.1 => {}
             _ => return,
         }
@@ -1500,7 +1318,7 @@ impl Client {
         if r.is_err() {
             return;
         }
-        match self.open_dirs.get_mut(&a.ino) {
+        match self.open_files.dirs.get_mut(&a.ino) {
             Some(mut e) if !e.1 => e.1 = true,
             // Closed meanwhile (or registered twice): give it back.
             _ => {
@@ -1516,17 +1334,12 @@ impl Client {
         self.wbuf.keep_error(ino, (e.errno(), e.to_string()));
     }
 
-    /// The write gate of `ino` (see `write_gates`).
-    pub(crate) fn write_gate(&self, ino: u64) -> Arc<tokio::sync::RwLock<()>> {
-        self.write_gates.entry(ino).or_default().clone()
-    }
-
     /// Releases one open of `ino` (`flags`: its open flags): pending size
     /// first, then the MDS's count.
     pub async fn release(&self, ino: u64, flags: u32) -> Result<()> {
         // Buffered data reaches the OSDs before the size that covers it.
         let closed = self.close_file(ino).await;
-        if self.uncount_open(ino, flags) {
+        if self.open_files.uncount_open(ino, flags) {
             // Opened for reading but never read: nothing to renew.
             self.atime_due.remove(&ino);
         }
@@ -1581,7 +1394,7 @@ impl Client {
     /// Grows the file to at least `size` (never shrinks it).
     pub async fn grow_to(&self, ino: u64, size: u64) -> Result<()> {
         {
-            let mut st = self.files.entry(ino).or_default();
+            let mut st = self.open_files.files.entry(ino).or_default();
             if size > st.size {
                 st.size = size;
                 st.dirty = true;
@@ -1595,6 +1408,7 @@ impl Client {
     pub async fn commit_all(&self) {
         let _ = self.flush_all().await;
         let dirty: Vec<u64> = self
+            .open_files
             .files
             .iter()
             .filter(|e| e.dirty)

@@ -115,7 +115,7 @@ impl Client {
     }
 
     fn chunk_size_of(&self, ino: u64) -> u32 {
-        match self.files.get(&ino).map(|s| s.chunk_size) {
+        match self.open_files.files.get(&ino).map(|s| s.chunk_size) {
             Some(cs) if cs > 0 => cs,
             _ => DEFAULT_CHUNK_SIZE,
         }
@@ -135,7 +135,7 @@ impl Client {
         sync: bool,
         append: bool,
     ) -> Result<u32> {
-        let gate = self.write_gate(ino);
+        let gate = self.open_files.write_gate(ino);
         let guard = gate.read().await;
         // Shared-write and O_APPEND opens are direct I/O: the kernel's
         // pages do not see those writes.
@@ -165,7 +165,7 @@ impl Client {
     /// exclusively so that appends of this mount's threads get disjoint
     /// ranges and a shared-write demand waits for the append under way.
     async fn append_local(self: &Arc<Self>, ino: u64, data: Bytes, sync: bool) -> Result<u32> {
-        let gate = self.write_gate(ino);
+        let gate = self.open_files.write_gate(ino);
         let _g = gate.write().await;
         if self.is_shared(ino) {
             drop(_g);
@@ -292,7 +292,7 @@ impl Client {
             // Buffered writes to these chunks go first, in order.
             self.send_through(ino, parts, data, sync, cs).await?;
         }
-        let mut st = self.files.entry(ino).or_default();
+        let mut st = self.open_files.files.entry(ino).or_default();
         if end > st.size {
             st.size = end;
             st.grown = true;
@@ -355,7 +355,7 @@ impl Client {
     /// file: one contiguous run from 0 (a small file written whole). Not
     /// for runs that would need copying into one past [`KEEP_COPY_MAX`].
     fn whole_chunk(&self, ino: u64, index: u64, ext: &[(u32, Bytes)]) -> Option<Bytes> {
-        let size = self.files.get(&ino).filter(|st| !st.shared)?.size;
+        let size = self.open_files.files.get(&ino).filter(|st| !st.shared)?.size;
         let cs = u64::from(self.chunk_size_of(ino));
         let below_eof = size
             .checked_sub(index.checked_mul(cs)?)

@@ -21,6 +21,7 @@ pub mod meta_cache;
 pub mod metrics;
 pub mod mount_source;
 pub mod moved_names;
+pub mod open_files;
 pub mod page_cache;
 pub mod recall;
 pub mod session;

@@ -668,7 +668,7 @@ impl Client {
         }
         s.unregistered.entry(ino).or_default().push(flags);
         drop(s);
-        self.count_open(ino, flags);
+        self.open_files.count_open(ino, flags);
         Some(a)
     }
 
@@ -742,7 +742,7 @@ impl Client {
         };
         if a.mode & libc::S_IFMT != libc::S_IFDIR
             || !self.meta.empty_dir(a.ino)
-            || self.open_dirs.contains_key(&a.ino)
+            || self.open_files.dirs.contains_key(&a.ino)
         {
             return false;
         }
@@ -881,7 +881,7 @@ impl Client {
         if self.deleg.owns(ino) {
             if let Some(st) = self.known_size(ino).filter(|s| s.dirty) {
                 if let Some(a) = self.commit_delegated(ino, st.size) {
-                    if let Some(mut f) = self.files.get_mut(&ino) {
+                    if let Some(mut f) = self.open_files.files.get_mut(&ino) {
                         f.committed(st.size);
                     }
                     self.page_versions.written(&a);
@@ -903,12 +903,12 @@ impl Client {
 
     /// Drops what this client keeps of the data of `ino`, removed here.
     fn forget_file(&self, ino: u64) {
-        self.files.remove(&ino);
+        self.open_files.files.remove(&ino);
         self.cache.invalidate_file(ino);
     }
 
     /// True if this client has `ino` open.
     fn is_open(&self, ino: u64) -> bool {
-        self.open_count(ino).all > 0
+        self.open_files.count(ino).all > 0
     }
 }
