@@ -487,6 +487,10 @@ impl Client {
 
     /// Changes attributes. A size change also cuts or extends the data.
     pub async fn setattr(&self, ino: u64, ch: SetAttr) -> Result<Attr> {
+        // Writes this client made must not be overtaken by the change.
+        if ch.mtime.is_some() || ch.size.is_some() {
+            self.commit_size(ino).await?;
+        }
         if let Some(a) = self.setattr_delegated(ino, &ch) {
             return Ok(a);
         }
@@ -1332,6 +1336,23 @@ impl Client {
     pub fn keep_write_error(&self, ino: u64, e: &ClientError) {
         tracing::warn!(ino, error = %e, "could not store buffered writes; reported at the next fsync or close");
         self.wbuf.keep_error(ino, (e.errno(), e.to_string()));
+    }
+
+    /// A read that reached the client (the kernel's pages did not have
+    /// it): the data, with the access time renewed alongside if an open
+    /// made it due, so that a stat right after the read sees it.
+    pub async fn read_accessed(
+        self: &Arc<Self>,
+        ino: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>> {
+        let (data, touched) =
+            tokio::join!(self.read(ino, offset, size), self.touch_atime_if_due(ino));
+        if let Err(e) = touched {
+            tracing::debug!(ino, error = %e, "could not update atime");
+        }
+        data
     }
 
     /// Releases one open of `ino` (`flags`: its open flags): pending size

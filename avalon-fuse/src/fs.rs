@@ -355,12 +355,6 @@ impl Filesystem for AvalonFs {
             ctime_ns: ctime.map(ns_of),
         };
         self.spawn(async move {
-            // Writes this client made must not be overtaken by the change.
-            if ch.mtime.is_some() || ch.size.is_some() {
-                if let Err(e) = c.commit_size(ino).await {
-                    return reply.error(errno(&e));
-                }
-            }
             match c.setattr(ino, ch).await {
                 Ok(a) => reply.attr(&c.meta.ttl(), &file_attr(&c, &a)),
                 Err(e) => reply.error(errno(&e)),
@@ -587,14 +581,7 @@ impl Filesystem for AvalonFs {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move {
-            // The access time goes with the data (a stat right after the
-            // read must see it), at most once per open.
-            let (data, touched) =
-                tokio::join!(c.read(ino, offset, size), c.touch_atime_if_due(ino));
-            if let Err(e) = touched {
-                tracing::debug!(ino, error = %e, "could not update atime");
-            }
-            match data {
+            match c.read_accessed(ino, offset, size).await {
                 Ok(d) => reply.data(crate::metrics::read(&d)),
                 Err(e) => reply.error(errno(&e)),
             }
