@@ -768,6 +768,34 @@ fn relatime_updates_atime_on_read() {
     assert!(times(&f).0 > m2, "read after a write");
 }
 
+/// generic/003: with strictatime every read renews atime, also a read the
+/// kernel could serve from the pages it kept since an earlier open (atime
+/// is already after mtime, so relatime would leave it).
+#[test]
+fn strictatime_renews_atime_on_every_read() {
+    use std::os::unix::fs::MetadataExt;
+    let tc = TestCluster::start(1, 3);
+    let strict = SecondMount::with_options(
+        tc.cluster.as_ref().unwrap(),
+        tc.dir.path().join("strict"),
+        "strictatime",
+    );
+    let f = strict.path.join("f");
+    std::fs::write(&f, b"aaa").unwrap();
+    let atime = |p: &Path| {
+        let s = meta(p);
+        (s.atime(), s.atime_nsec())
+    };
+    let mut last = atime(&f);
+    for i in 0..3 {
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(std::fs::read(&f).unwrap(), b"aaa");
+        let now = atime(&f);
+        assert!(now > last, "read {i} renews atime: {last:?} -> {now:?}");
+        last = now;
+    }
+}
+
 /// generic/683-685: fallocate, punch hole and zero range by an unprivileged
 /// caller drop S_ISUID and S_ISGID (root keeps them); generic/213:
 /// allocating more than the free space fails with ENOSPC.
