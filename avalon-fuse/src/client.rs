@@ -1,6 +1,22 @@
 //! The client library: a session with the metadata service plus the state a
 //! mounted client keeps per inode. FUSE-independent, so it can be driven
 //! directly from tests and tools.
+//!
+//! Layers, each using only the ones below it:
+//!
+//! 1. `session.rs`: the MDS connection, session and request ids, the
+//!    recall stream's state.
+//! 2. State owners that know nothing of `Client`: `meta_cache.rs`
+//!    (attributes, entries, listings), `page_cache.rs` (kernel page
+//!    versions), `chunk_cache.rs`, `chunk_caps.rs`, `write_buffer.rs`,
+//!    `sync_marks.rs`, `delegation.rs` (delegations and their queue),
+//!    `dir_read_ahead.rs`, `changing_names.rs`, `lost_changes.rs`.
+//! 3. `Client` (this file): composes them and implements the operations:
+//!    metadata here, data in `data_path.rs`, changes under delegations in
+//!    `client/delegated.rs`.
+//! 4. On top of `Client`: `locks.rs` (one mount's lock owners),
+//!    `dir_stream.rs`, `acl.rs`, `recall.rs` (applies the recall stream).
+//! 5. `fs.rs`: the FUSE mapping only.
 
 use crate::delegation::NewNode;
 use crate::error::{ClientError, Result};
