@@ -8,7 +8,8 @@
 //!    recall stream's state.
 //! 2. State owners that know nothing of `Client`: `meta_cache.rs`
 //!    (attributes, entries, listings), `page_cache.rs` (kernel page
-//!    versions), `chunk_cache.rs`, `chunk_caps.rs`, `write_buffer.rs`,
+//!    versions), `chunk_cache.rs`, `osd_io.rs` (cluster map, OSD
+//!    requests, with `chunk_caps.rs`), `open_files.rs`, `write_buffer.rs`,
 //!    `sync_marks.rs`, `delegation.rs` (delegations and their queue),
 //!    `dir_read_ahead.rs`, `changing_names.rs`, `lost_changes.rs`.
 //! 3. `Client` (this file): composes them and implements the operations:
@@ -21,14 +22,15 @@
 use crate::delegation::NewNode;
 use crate::error::{ClientError, Result};
 use crate::meta_cache::{Cached, MetaCache};
-pub use crate::open_files::{opens_for_write, FileState, OpenCount};
 use crate::open_files::OpenFiles;
+pub use crate::open_files::{opens_for_write, FileState, OpenCount};
+use crate::osd_io::OsdIo;
 use crate::session::Session;
 use avalon_proto::pb::{self, time_set::How, Attr, ClusterMap, TimeSet};
 use avalon_proto::request_id::Traced;
 use bytes::Bytes;
-use dashmap::{DashMap, DashSet};
-use std::sync::{Arc, RwLock};
+use dashmap::DashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod delegated;
@@ -86,12 +88,8 @@ pub struct Client {
     pub session: Session,
     /// MDS inode that the mount's root stands for.
     pub root_ino: u64,
-    pub(crate) map: RwLock<Arc<ClusterMap>>,
-    pub(crate) osds: DashMap<String, pb::osd_client::OsdClient<Traced>>,
-    /// Connections to the OSDs' data ports, for chunk reads.
-    pub(crate) data_conns: avalon_proto::data_conn::DataConns,
-    /// Chunk capabilities held, sent with every chunk request.
-    pub(crate) chunk_caps: crate::chunk_caps::ChunkCaps,
+    /// The cluster map, OSD connections and chunk capabilities.
+    pub(crate) osd_io: OsdIo,
     /// Open files and directories, and per-file state.
     pub(crate) open_files: OpenFiles,
     /// Files with chunk writes sent without sync since their last fsync.
@@ -144,10 +142,7 @@ impl Client {
         Ok(Client {
             session: reg.session,
             root_ino: reg.root_ino,
-            map: RwLock::new(Arc::new(map)),
-            osds: DashMap::new(),
-            chunk_caps: crate::chunk_caps::ChunkCaps::new(!tls.is_plaintext()),
-            data_conns: avalon_proto::data_conn::DataConns::new(tls),
+            osd_io: OsdIo::new(map, tls),
             open_files: OpenFiles::default(),
             sync_marks: Default::default(),
             page_versions: Default::default(),
@@ -302,22 +297,12 @@ impl Client {
 
     /// The cached cluster map.
     pub fn map(&self) -> Arc<ClusterMap> {
-        self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.osd_io.map()
     }
 
     /// Fetches the cluster map from the MDS and caches it.
     pub async fn refresh_map(&self) -> Result<Arc<ClusterMap>> {
-        let m = self
-            .session
-            .mds
-            .call(|mut c| async move { c.get_cluster_map(pb::Empty {}).await })
-            .await?;
-        let m = Arc::new(m);
-        let mut cur = self.map.write().unwrap_or_else(|e| e.into_inner());
-        if m.epoch >= cur.epoch {
-            *cur = m.clone();
-        }
-        Ok(cur.clone())
+        self.osd_io.refresh_map(&self.session).await
     }
 
     /// Tells the MDS this session is alive, which renews its metadata
@@ -647,7 +632,7 @@ impl Client {
         self.note_entry(epoch, parent, name, &r);
         if let Some(a) = &r.attr {
             if !r.chunk_cap.is_empty() {
-                self.chunk_caps.put(a.ino, r.chunk_cap.clone());
+                self.osd_io.caps.put(a.ino, r.chunk_cap.clone());
             }
         }
         Ok(r)
@@ -1222,7 +1207,7 @@ impl Client {
             }
         };
         self.meta.put_attr(epoch, &a);
-        self.chunk_caps.put(ino, r.chunk_cap);
+        self.osd_io.caps.put(ino, r.chunk_cap);
         self.open_files.note_open_size(&a, commits);
         self.open_files.note_quota(ino, r.quota_window);
         if r.shared_write {

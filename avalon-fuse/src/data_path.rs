@@ -11,35 +11,28 @@
 //! cluster map is refreshed between rounds. Small reads go to the primary;
 //! whole-chunk (readahead) reads start at a member chosen by chunk index,
 //! spreading sequential reads over all replicas. Any read moves on to the
-//! next member when one fails or its data does not verify.
+//! next member when one fails or its data does not verify (the requests
+//! themselves are `osd_io.rs`'s; this file is about files: sizes, the
+//! buffer, the chunk cache).
 
 use crate::chunk_cache::{copy_out, READAHEAD_CHUNKS};
 use crate::client::Client;
 use crate::error::{ClientError, Result};
+use crate::osd_io::{retry_elsewhere, IO_RETRY_BUDGET};
 use crate::write_buffer::{Take, TICK};
-use avalon_proto::backoff::Backoff;
-use avalon_proto::chunk_cap;
-use avalon_proto::errno::OSD_ANSWERED_KEY;
-use avalon_proto::limits::{DEFAULT_CHUNK_SIZE, MAX_FILE_SIZE, MAX_MESSAGE_BYTES};
-use avalon_proto::pb::{self, osd_client::OsdClient, ChunkId, OsdInfo, OsdState};
-use avalon_proto::placement::{chunk_members, split_range};
-use avalon_proto::request_id::Traced;
+use avalon_proto::limits::{DEFAULT_CHUNK_SIZE, MAX_FILE_SIZE};
+use avalon_proto::pb::{self, OsdState};
+use avalon_proto::placement::split_range;
 use bytes::Bytes;
 use futures::future::{join_all, try_join_all};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
-use tonic::Code;
 
 /// The `offset` of a vectored write: out of range for an OSD that
 /// predates `WriteChunkRequest.extents`, so it refuses instead of storing
 /// an empty write.
 const VECTORED_WRITE_OFFSET: u32 = u32::MAX;
-
-/// Times one chunk request asks for a fresh capability after an OSD
-/// called its capability expired (more means clocks far apart).
-const MAX_CAP_RENEWALS: u32 = 3;
 
 /// Chunk cuts of one truncate in flight at once.
 const CUT_CONCURRENCY: usize = 32;
@@ -48,18 +41,6 @@ const CUT_CONCURRENCY: usize = 32;
 /// kept in the chunk cache (a single run is kept without a copy).
 const KEEP_COPY_MAX: u64 = 256 << 10;
 
-/// How long one chunk operation keeps trying other replicas and newer maps
-/// before the application gets EIO.
-pub const IO_RETRY_BUDGET: Duration = Duration::from_secs(20);
-/// Pauses between rounds of chunk reads or writes over a chunk's members:
-/// from this, doubling...
-const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(20);
-/// ...up to this.
-const MAX_RETRY_PAUSE: Duration = Duration::from_secs(1);
-/// A chunk write unanswered this long is taken as lost (and retried
-/// elsewhere). Far beyond a primary's own wait for its replicas.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Data for one piece of a read: fetched for it alone, or a cached chunk
 /// and the piece's offset in it.
 enum Piece {
@@ -67,53 +48,7 @@ enum Piece {
     Cached(Bytes, usize),
 }
 
-/// Members ordered for an attempt: up ones first, keeping placement order.
-fn attempt_order(members: Vec<&OsdInfo>) -> Vec<&OsdInfo> {
-    let (mut up, down): (Vec<&OsdInfo>, Vec<&OsdInfo>) = members
-        .into_iter()
-        .partition(|o| o.state == OsdState::Up as i32);
-    up.extend(down);
-    up
-}
-
-/// Reads at least this large start at a replica chosen by chunk index, so
-/// that sequential reads spread over every member. Smaller reads stay on
-/// the primary: a non-primary member checks its peers' versions before
-/// serving, which costs more than a small read.
-const SPREAD_READ_BYTES: u32 = 1 << 20;
-
-/// True for failures where another replica or a newer map may help. Not
-/// a full disk (ENOSPC): the application must see it at once, not EIO
-/// after the retry budget.
-fn retry_elsewhere(s: &tonic::Status) -> bool {
-    !matches!(
-        s.code(),
-        Code::InvalidArgument
-            | Code::OutOfRange
-            | Code::PermissionDenied
-            | Code::Unauthenticated
-            | Code::ResourceExhausted
-    )
-}
-
 impl Client {
-    /// A (cached) client for the OSD at `addr`.
-    pub(crate) fn osd(&self, addr: &str) -> Result<OsdClient<Traced>> {
-        if let Some(c) = self.osds.get(addr) {
-            return Ok(c.clone());
-        }
-        let ch = self
-            .session
-            .mds
-            .tls()
-                .channel(addr, avalon_proto::tls::Dial::Osd, Duration::from_secs(2))?;
-        let c = OsdClient::with_interceptor(ch, avalon_proto::request_id::Stamp)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        self.osds.insert(addr.to_string(), c.clone());
-        Ok(c)
-    }
-
     fn chunk_size_of(&self, ino: u64) -> u32 {
         match self.open_files.files.get(&ino).map(|s| s.chunk_size) {
             Some(cs) if cs > 0 => cs,
@@ -355,7 +290,12 @@ impl Client {
     /// file: one contiguous run from 0 (a small file written whole). Not
     /// for runs that would need copying into one past [`KEEP_COPY_MAX`].
     fn whole_chunk(&self, ino: u64, index: u64, ext: &[(u32, Bytes)]) -> Option<Bytes> {
-        let size = self.open_files.files.get(&ino).filter(|st| !st.shared)?.size;
+        let size = self
+            .open_files
+            .files
+            .get(&ino)
+            .filter(|st| !st.shared)?
+            .size;
         let cs = u64::from(self.chunk_size_of(ino));
         let below_eof = size
             .checked_sub(index.checked_mul(cs)?)
@@ -522,9 +462,8 @@ impl Client {
         self.chunk_write(ino, index, body, sync, cs).await
     }
 
-    /// One `WriteChunk` through the chunk's primary, failing over to other
-    /// members and newer maps. `body` says what it stores (offset and data,
-    /// zeroing, extents or a cut); the rest is filled in here.
+    /// One `WriteChunk` of chunk `(ino, index)` (see
+    /// [`crate::osd_io::OsdIo::write_chunk`]); the chunk's cached copy goes.
     async fn chunk_write(
         &self,
         ino: u64,
@@ -537,61 +476,12 @@ impl Client {
         if !sync {
             self.sync_marks.note_unsynced(ino);
         }
-        let deadline = Instant::now() + IO_RETRY_BUDGET;
-        let mut last = String::from("no OSD holds this chunk's placement group");
-        let mut backoff = Backoff::new(FIRST_RETRY_PAUSE, MAX_RETRY_PAUSE).until(deadline);
-        let mut renewals = 0;
-        'rounds: loop {
-            let map = self.map();
-            let cap = self.chunk_caps.get(&self.session, ino, true).await?;
-            for osd in attempt_order(chunk_members(&map, ino, index)) {
-                let req = pb::WriteChunkRequest {
-                    header: self.session.header_with(cap.clone()),
-                    chunk: Some(ChunkId { ino, index }),
-                    sync,
-                    map_epoch: map.epoch,
-                    forwarded: false,
-                    version: 0,
-                    chunk_size: cs,
-                    ..body.clone()
-                };
-                match self
-                    .data_conns
-                    .write_chunk(&osd.addr, &req, WRITE_TIMEOUT)
-                    .await
-                {
-                    Ok(_) => {
-                        // A readahead that raced the write may hold old data.
-                        self.cache.invalidate(ino, index);
-                        return Ok(());
-                    }
-                    Err(s) if chunk_cap::is_expired(&s) && renewals < MAX_CAP_RENEWALS => {
-                        // Nothing was written: renew and send again.
-                        renewals += 1;
-                        self.chunk_caps.forget(ino);
-                        continue 'rounds;
-                    }
-                    Err(s) if !retry_elsewhere(&s) => return Err(s.into()),
-                    Err(s) => {
-                        tracing::debug!(ino, index, osd = osd.id, code = ?s.code(), msg = s.message(), "chunk write failed");
-                        last = format!("osd.{} ({}): {}", osd.id, osd.addr, s.message());
-                        // An OSD that answered is alive: a write must not move
-                        // to another member (it would order this chunk's
-                        // writes concurrently with the primary); ask again.
-                        if s.metadata().contains_key(OSD_ANSWERED_KEY) {
-                            break;
-                        }
-                    }
-                }
-            }
-            if !backoff.wait().await {
-                return Err(ClientError::Unavailable(format!(
-                    "write of chunk {ino:x}.{index} failed: {last}"
-                )));
-            }
-            crate::metrics::osd_retry();
-            let _ = self.refresh_map().await;
-        }
+        self.osd_io
+            .write_chunk(&self.session, ino, index, body, sync, cs)
+            .await?;
+        // A readahead that raced the write may hold old data.
+        self.cache.invalidate(ino, index);
+        Ok(())
     }
 
     /// Reads up to `size` bytes at `offset`, stopping at the end of file.
@@ -655,7 +545,9 @@ impl Client {
                     let me = self.clone();
                     tokio::spawn(async move {
                         let _ = slot
-                            .get_or_try_init(|| me.read_chunk(ino, index, 0, cs))
+                            .get_or_try_init(|| {
+                                me.osd_io.read_chunk(&me.session, ino, index, 0, cs)
+                            })
                             .await;
                     });
                 }
@@ -678,12 +570,16 @@ impl Client {
                 match slot {
                     Some(slot) => {
                         let chunk = slot
-                            .get_or_try_init(|| self.read_chunk(ino, index, 0, cs))
+                            .get_or_try_init(|| {
+                                self.osd_io.read_chunk(&self.session, ino, index, 0, cs)
+                            })
                             .await?;
                         Ok::<_, ClientError>(Some(Piece::Cached(chunk.clone(), off as usize)))
                     }
                     None => Ok(Some(Piece::Direct(
-                        self.read_chunk(ino, index, off, n).await?,
+                        self.osd_io
+                            .read_chunk(&self.session, ino, index, off, n)
+                            .await?,
                     ))),
                 }
             });
@@ -704,55 +600,6 @@ impl Client {
         Ok(buf)
     }
 
-    async fn read_chunk(&self, ino: u64, index: u64, offset: u32, length: u32) -> Result<Bytes> {
-        let deadline = Instant::now() + IO_RETRY_BUDGET;
-        let mut last = String::from("no OSD holds this chunk's placement group");
-        let mut backoff = Backoff::new(FIRST_RETRY_PAUSE, MAX_RETRY_PAUSE).until(deadline);
-        let mut renewals = 0;
-        'rounds: loop {
-            let map = self.map();
-            let cap = self.chunk_caps.get(&self.session, ino, false).await?;
-            let mut order = attempt_order(chunk_members(&map, ino, index));
-            let up = order
-                .iter()
-                .filter(|o| o.state == OsdState::Up as i32)
-                .count();
-            if length >= SPREAD_READ_BYTES && up > 1 {
-                order[..up].rotate_left((index % up as u64) as usize);
-            }
-            for osd in order {
-                let req = pb::ReadChunkRequest {
-                    header: self.session.header_with(cap.clone()),
-                    chunk: Some(ChunkId { ino, index }),
-                    offset,
-                    length,
-                    map_epoch: map.epoch,
-                    snap_id: 0,
-                };
-                match self.data_conns.read_chunk(&osd.addr, &req).await {
-                    Ok((_, data)) => return Ok(data),
-                    Err(s) if chunk_cap::is_expired(&s) && renewals < MAX_CAP_RENEWALS => {
-                        renewals += 1;
-                        self.chunk_caps.forget(ino);
-                        continue 'rounds;
-                    }
-                    Err(s) if !retry_elsewhere(&s) => return Err(s.into()),
-                    Err(s) => {
-                        tracing::debug!(ino, index, osd = osd.id, code = ?s.code(), msg = s.message(), "chunk read failed");
-                        last = format!("osd.{} ({}): {}", osd.id, osd.addr, s.message());
-                    }
-                }
-            }
-            if !backoff.wait().await {
-                return Err(ClientError::Unavailable(format!(
-                    "read of chunk {ino:x}.{index} failed: {last}"
-                )));
-            }
-            crate::metrics::osd_retry();
-            let _ = self.refresh_map().await;
-        }
-    }
-
     /// Asks every up OSD to make the writes to `ino` it acknowledged durable.
     /// Each OSD syncs what it stored itself, so every replica is covered.
     /// Buffered data goes out as sync writes (one round trip: the primary
@@ -763,56 +610,17 @@ impl Client {
         let Some(mark) = self.sync_marks.pending(ino) else {
             return Ok(());
         };
-        self.broadcast("fsync", |mut c, header| async move {
-            c.sync_objects(pb::SyncObjectsRequest {
-                header,
-                inos: vec![ino],
+        self.osd_io
+            .broadcast(&self.session, "fsync", |mut c, header| async move {
+                c.sync_objects(pb::SyncObjectsRequest {
+                    header,
+                    inos: vec![ino],
+                })
+                .await
+                .map(|_| ())
             })
-            .await
-            .map(|_| ())
-        })
-        .await?;
+            .await?;
         self.sync_marks.synced(ino, mark);
-        Ok(())
-    }
-
-    /// Runs `op` on every up OSD at once. An OSD that cannot be reached
-    /// holds nothing to act on that the others do not; the operation fails
-    /// only when more OSDs failed than the replication can lose, or when an
-    /// OSD refused it outright.
-    async fn broadcast<F, Fut>(&self, what: &str, op: F) -> Result<()>
-    where
-        F: Fn(OsdClient<Traced>, Option<pb::RequestHeader>) -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<(), tonic::Status>>,
-    {
-        let map = self.map();
-        let sends = map
-            .osds
-            .iter()
-            .filter(|o| o.state == OsdState::Up as i32)
-            .map(|o| {
-                let call = self.osd(&o.addr).map(|c| op(c, self.session.header()));
-                let id = o.id;
-                async move {
-                    match tokio::time::timeout(IO_RETRY_BUDGET, call?).await {
-                        Ok(Ok(())) => Ok(None),
-                        Ok(Err(s)) if !retry_elsewhere(&s) => Err(ClientError::from(s)),
-                        Ok(Err(s)) => Ok(Some(format!("osd.{id}: {}", s.message()))),
-                        Err(_) => Ok(Some(format!("osd.{id}: timed out"))),
-                    }
-                }
-            });
-        let failed: Vec<String> = try_join_all(sends).await?.into_iter().flatten().collect();
-        let tolerable = map.replicas.saturating_sub(map.write_quorum.max(1)) as usize;
-        if failed.len() > tolerable {
-            return Err(ClientError::Unavailable(format!(
-                "{what} failed: {}",
-                failed.join("; ")
-            )));
-        }
-        if !failed.is_empty() {
-            tracing::warn!(what, failed = %failed.join("; "), "skipped unreachable OSDs");
-        }
         Ok(())
     }
 
@@ -822,14 +630,14 @@ impl Client {
     /// answer: nothing can be called a hole then.
     async fn object_extents(&self, ino: u64, from: u64) -> Result<Option<(Vec<(u64, u64)>, u64)>> {
         let cs = u64::from(self.chunk_size_of(ino));
-        let map = self.map();
-        let cap = self.chunk_caps.get(&self.session, ino, false).await?;
+        let map = self.osd_io.map();
+        let cap = self.osd_io.caps.get(&self.session, ino, false).await?;
         let asks = map
             .osds
             .iter()
             .filter(|o| o.state == OsdState::Up as i32)
             .map(|o| {
-                let call = self.osd(&o.addr).map(|mut c| {
+                let call = self.osd_io.osd(&self.session, &o.addr).map(|mut c| {
                     let req = pb::ObjectExtentsRequest {
                         header: self.session.header_with(cap.clone()),
                         ino,

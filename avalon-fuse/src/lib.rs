@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod mount_source;
 pub mod moved_names;
 pub mod open_files;
+pub mod osd_io;
 pub mod page_cache;
 pub mod recall;
 pub mod session;
