@@ -296,6 +296,23 @@ pub enum Op {
     /// Frees the trash entries due at the command's time (the leader's
     /// clock, proposed by the leader); [`Reply::Count`] says how many.
     TrashExpire,
+    /// Takes snapshot `id` (one more than the newest, else EAGAIN) named
+    /// `name` of directory `dir` (`snapshots.rs`); [`Reply::Count`] is the id.
+    SnapCreate {
+        id: u64,
+        dir: u64,
+        name: Vec<u8>,
+    },
+    /// Removes snapshot `name` of directory `dir`; [`Reply::Count`] is its
+    /// id. The OSDs drop its clones at the next trim.
+    SnapRemove {
+        dir: u64,
+        name: Vec<u8>,
+    },
+    /// The OSDs were told to trim after the first `removals` removals.
+    SnapTrimmed {
+        removals: u64,
+    },
 }
 
 /// A raft log entry payload.

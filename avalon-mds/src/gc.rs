@@ -1,13 +1,17 @@
 //! Data garbage collection: the leader asks every up OSD to delete the
 //! objects of removed inodes, then drops them from the queue via raft.
 //! Each round first expires the trash entries that are due (`trash.rs`),
-//! whose data then goes the same way.
+//! whose data then goes the same way, and tells the OSDs to trim the
+//! clones of removed snapshots (`snapshots.rs`). A removed file that a
+//! snapshot still holds is deleted with that snapshot's id as `snap_seq`:
+//! the OSDs keep what the snapshot saw as clones.
 
 use crate::command::{Op, OsdState};
 use crate::node::MdsNode;
 use avalon_proto::pb::osd_client::OsdClient;
-use avalon_proto::pb::{DeleteObjectsRequest, RequestHeader};
+use avalon_proto::pb::{DeleteObjectsRequest, RequestHeader, TrimSnapshotsRequest};
 use avalon_proto::request_id::{self, Stamp};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Inodes sent per DeleteObjects call.
@@ -32,6 +36,9 @@ pub async fn gc_loop(node: &MdsNode) {
             }
             if let Err(e) = gc_once(node).await {
                 tracing::debug!(error = %e, "GC round incomplete");
+            }
+            if let Err(e) = trim_snapshots(node).await {
+                tracing::debug!(error = %e, "snapshot trim incomplete");
             }
         })
         .await
@@ -58,15 +65,17 @@ pub async fn expire_trash(node: &MdsNode) -> anyhow::Result<u64> {
 /// One GC round: deletes one batch of queued inodes on all up OSDs.
 /// Returns how many inodes were removed from the queue.
 pub async fn gc_once(node: &MdsNode) -> anyhow::Result<usize> {
-    let (inos, osds): (Vec<u64>, Vec<(u64, String)>) = node.read_local(|s| {
-        (
-            s.gc_queue.iter().take(BATCH).copied().collect(),
-            s.osds
-                .values()
-                .filter(|o| o.state == OsdState::Up)
-                .map(|o| (o.id, o.addr.clone()))
-                .collect(),
-        )
+    let (inos, by_seq, osds) = node.read_local(|s| {
+        let inos: Vec<u64> = s.gc_queue.iter().take(BATCH).copied().collect();
+        // One DeleteObjects per snap_seq: the newest snapshot holding each.
+        let mut by_seq: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for &i in &inos {
+            by_seq
+                .entry(crate::snapshots::seq_of(s, i))
+                .or_default()
+                .push(i);
+        }
+        (inos, by_seq, up_osds(s))
     });
     if inos.is_empty() {
         return Ok(0);
@@ -79,18 +88,74 @@ pub async fn gc_once(node: &MdsNode) -> anyhow::Result<usize> {
             .channel(addr, avalon_proto::tls::Dial::Osd, Duration::from_secs(2))
             .map_err(|e| anyhow::anyhow!("OSD {id} at {addr}: {}", e.message()))?;
         let mut c = OsdClient::with_interceptor(ch, Stamp);
-        let req = DeleteObjectsRequest {
-            header: Some(RequestHeader::default()),
-            inos: inos.clone(),
-            snap_seq: 0,
-        };
-        tokio::time::timeout(Duration::from_secs(10), c.delete_objects(req))
-            .await
-            .map_err(|_| anyhow::anyhow!("OSD {id} at {addr}: DeleteObjects timed out"))?
-            .map_err(|e| anyhow::anyhow!("OSD {id} at {addr}: {}", e.message()))?;
+        for (&snap_seq, inos) in &by_seq {
+            let req = DeleteObjectsRequest {
+                header: Some(RequestHeader::default()),
+                inos: inos.clone(),
+                snap_seq,
+            };
+            tokio::time::timeout(Duration::from_secs(10), c.delete_objects(req))
+                .await
+                .map_err(|_| anyhow::anyhow!("OSD {id} at {addr}: DeleteObjects timed out"))?
+                .map_err(|e| anyhow::anyhow!("OSD {id} at {addr}: {}", e.message()))?;
+        }
     }
     let n = inos.len();
     node.write(None, Op::GcDone { inos }).await?;
     tracing::debug!(inodes = n, osds = osds.len(), "GC round done");
     Ok(n)
+}
+
+/// The up OSDs: (id, address).
+fn up_osds(s: &crate::namespace::State) -> Vec<(u64, String)> {
+    s.osds
+        .values()
+        .filter(|o| o.state == OsdState::Up)
+        .map(|o| (o.id, o.addr.clone()))
+        .collect()
+}
+
+/// After snapshots were removed: tells every up OSD the live snapshot ids
+/// (and the newest id allocated), so that it drops the clones only removed
+/// snapshots needed, then records that the OSDs were told. True if a trim
+/// was done.
+pub async fn trim_snapshots(node: &MdsNode) -> anyhow::Result<bool> {
+    let (due, removals, live, newest, osds) = node.read_local(|s| {
+        (
+            crate::snapshots::trim_due(s),
+            s.snapshots.removals,
+            s.snapshots.by_id.keys().copied().collect::<Vec<u64>>(),
+            s.snapshots.last_id,
+            up_osds(s),
+        )
+    });
+    if !due {
+        return Ok(false);
+    }
+    // Down OSDs keep their clones until a later trim (as the GC's deletes).
+    let (mut clones, mut bytes) = (0, 0);
+    for (id, addr) in &osds {
+        let ch = node
+            .tls
+            .channel(addr, avalon_proto::tls::Dial::Osd, Duration::from_secs(2))
+            .map_err(|e| anyhow::anyhow!("OSD {id} at {addr}: {}", e.message()))?;
+        let req = TrimSnapshotsRequest {
+            header: Some(RequestHeader::default()),
+            live: live.clone(),
+            newest,
+        };
+        let r = tokio::time::timeout(
+            Duration::from_secs(30),
+            OsdClient::with_interceptor(ch, Stamp).trim_snapshots(req),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("OSD {id} at {addr}: TrimSnapshots timed out"))?
+        .map_err(|e| anyhow::anyhow!("OSD {id} at {addr}: {}", e.message()))?
+        .into_inner();
+        clones += r.clones;
+        bytes += r.bytes;
+    }
+    node.write(None, Op::SnapTrimmed { removals }).await?;
+    tracing::info!(clones, bytes, osds = osds.len(), "snapshot clones trimmed");
+    Ok(true)
 }

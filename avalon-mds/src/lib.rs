@@ -32,6 +32,7 @@ pub mod read_lease;
 pub mod ready;
 pub mod rstats;
 pub mod settings;
+pub mod snapshots;
 pub mod status_page;
 pub mod trash;
 

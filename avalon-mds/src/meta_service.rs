@@ -223,6 +223,7 @@ fn attr_reply(r: Reply) -> Result<pb::AttrReply, MdsError> {
         shared_write: false,
         quota_window: 0,
         chunk_cap: Default::default(),
+        snap_seq: 0,
     })
 }
 
@@ -604,9 +605,7 @@ impl Meta for MetaService {
             .map_err(MdsError::Errno)?;
         Ok(Response::new(pb::AttrReply {
             attr: Some(attr_pb(&a)),
-            shared_write: false,
-            quota_window: 0,
-            chunk_cap: Default::default(),
+            ..Default::default()
         }))
     }
 
@@ -1126,6 +1125,7 @@ impl Meta for MetaService {
                 attr: Some(attr_pb(&a)),
                 shared_write,
                 quota_window: self.quota_window(r.ino),
+                snap_seq: self.node.read_local(|s| crate::snapshots::seq_of(s, r.ino)),
                 // Read-write for opens that change data (O_TRUNC too).
                 chunk_cap: self.chunk_caps.issue(
                     &peer,
@@ -1467,6 +1467,7 @@ impl Meta for MetaService {
                             && i < s.next_ino
                             && !s.inodes.contains_key(&i)
                             && !crate::trash::holds(s, i)
+                            && !crate::snapshots::holds(s, i)
                     })
                     .collect::<Vec<u64>>()
             })
@@ -2118,5 +2119,257 @@ impl Meta for MetaService {
             Reply::Count(purged) => Ok(Response::new(pb::TrashPurgeReply { purged })),
             other => Err(MdsError::Internal(format!("unexpected reply {other:?}")).into()),
         }
+    }
+
+    async fn snapshot_create(
+        &self,
+        req: Request<pb::SnapshotCreateRequest>,
+    ) -> Res<pb::SnapshotInfo> {
+        let lim = self.limits(&req);
+        let r = req.into_inner();
+        Self::check_quota_admin(lim.as_ref(), r.has_cred, r.uid)?;
+        self.require_voters(avalon_proto::version::FEATURE_SNAPSHOTS, "snapshots")?;
+        crate::snapshots::check_snap_name(&r.name).map_err(MdsError::Errno)?;
+        self.node.check_leader()?;
+        self.check_growth()?;
+        let dir = self.snapshot_dir(r.ino, &r.path).await?;
+        self.reach(lim.as_ref(), r.header.as_ref(), &[dir])?;
+        // One create at a time on this leader: each proposes the next id,
+        // which the writers below learned before it is recorded.
+        let _one = SNAPSHOT_CREATES.lock().await;
+        // Delegated creates and size commits below reach the state first.
+        self.settle_subtree(0, dir).await;
+        let (id, exists) = self
+            .node
+            .read(|s| {
+                (
+                    s.snapshots.last_id + 1,
+                    s.snapshots.by_name.contains_key(&(dir, r.name.to_vec())),
+                )
+            })
+            .await?;
+        if exists {
+            return Err(MdsError::Errno(libc::EEXIST).into());
+        }
+        self.snapshot_writers(dir, id).await;
+        let op = Op::SnapCreate {
+            id,
+            dir,
+            name: r.name.to_vec(),
+        };
+        // A retry the state machine already applied answers with its id.
+        let id = match self.node.write(r.header.as_ref(), op).await? {
+            Reply::Count(id) => id,
+            other => return Err(MdsError::Internal(format!("unexpected reply {other:?}")).into()),
+        };
+        let info = self
+            .node
+            .read_local(|s| crate::snapshots::get(s, id).map(|sn| snapshot_info(s, sn)))
+            .map_err(MdsError::Errno)?;
+        tracing::info!(id, dir, path = %info.path, inodes = info.inodes, "snapshot taken");
+        Ok(Response::new(info))
+    }
+
+    async fn snapshot_remove(&self, req: Request<pb::SnapshotCreateRequest>) -> Res<pb::Empty> {
+        let lim = self.limits(&req);
+        let r = req.into_inner();
+        Self::check_quota_admin(lim.as_ref(), r.has_cred, r.uid)?;
+        self.require_voters(avalon_proto::version::FEATURE_SNAPSHOTS, "snapshots")?;
+        let dir = self.snapshot_dir(r.ino, &r.path).await?;
+        self.reach(lim.as_ref(), r.header.as_ref(), &[dir])?;
+        let op = Op::SnapRemove {
+            dir,
+            name: r.name.to_vec(),
+        };
+        let id = self.node.write(r.header.as_ref(), op).await?;
+        tracing::info!(?id, dir, "snapshot removed");
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn snapshot_list(
+        &self,
+        req: Request<pb::SnapshotListRequest>,
+    ) -> Res<pb::SnapshotListReply> {
+        let lim = self.limits(&req);
+        let r = req.into_inner();
+        let dir = if r.ino == 0 && r.path.is_empty() {
+            None
+        } else {
+            let d = self.snapshot_dir(r.ino, &r.path).await?;
+            self.reach(lim.as_ref(), r.header.as_ref(), &[d])?;
+            Some(d)
+        };
+        let snapshots = self
+            .node
+            .read(|s| {
+                crate::snapshots::list(s, dir)
+                    .into_iter()
+                    .map(|sn| snapshot_info(s, sn))
+                    .collect::<Vec<_>>()
+            })
+            .await?;
+        Ok(Response::new(pb::SnapshotListReply { snapshots }))
+    }
+
+    async fn snapshot_lookup(&self, req: Request<pb::SnapshotLookupRequest>) -> Res<pb::AttrReply> {
+        let lim = self.limits(&req);
+        let r = req.into_inner();
+        if r.snap_id == 0 {
+            // The live inode and the snap_seq its data changes carry (a
+            // truncate by path, without an open).
+            self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
+            let (a, snap_seq) = self
+                .node
+                .read(|s| (s.getattr(r.ino), crate::snapshots::seq_of(s, r.ino)))
+                .await?;
+            return Ok(Response::new(pb::AttrReply {
+                attr: Some(attr_pb(&a.map_err(MdsError::Errno)?)),
+                snap_seq,
+                ..Default::default()
+            }));
+        }
+        let (dir, a) = self
+            .node
+            .read(|s| {
+                crate::snapshots::get(s, r.snap_id).and_then(|sn| {
+                    let a = if r.name.is_empty() {
+                        sn.getattr(r.ino)
+                    } else {
+                        sn.lookup(r.ino, &r.name)
+                    };
+                    a.map(|a| (sn.dir, a))
+                })
+            })
+            .await?
+            .map_err(MdsError::Errno)?;
+        self.reach(lim.as_ref(), r.header.as_ref(), &[dir])?;
+        Ok(Response::new(pb::AttrReply {
+            attr: Some(attr_pb(&a)),
+            ..Default::default()
+        }))
+    }
+
+    async fn snapshot_read_dir(
+        &self,
+        req: Request<pb::SnapshotReadDirRequest>,
+    ) -> Res<pb::ReadDirReply> {
+        let lim = self.limits(&req);
+        let r = req.into_inner();
+        let (dir, parent, (entries, eof)) = self
+            .node
+            .read(|s| {
+                crate::snapshots::get(s, r.snap_id).and_then(|sn| {
+                    sn.readdir(r.ino, r.cookie, r.max_entries as usize, r.plus)
+                        .map(|page| (sn.dir, sn.parent_of(r.ino), page))
+                })
+            })
+            .await?
+            .map_err(MdsError::Errno)?;
+        self.reach(lim.as_ref(), r.header.as_ref(), &[dir])?;
+        Ok(Response::new(pb::ReadDirReply {
+            entries: entries
+                .into_iter()
+                .map(|e| pb::DirEntry {
+                    name: e.name.into(),
+                    ino: e.ino,
+                    mode: e.mode,
+                    cookie: e.cookie,
+                    attr: e.attr.as_ref().map(attr_pb),
+                    no_xattrs: false,
+                })
+                .collect(),
+            eof,
+            parent,
+            next_cookie: 0,
+        }))
+    }
+
+    async fn snapshot_readlink(
+        &self,
+        req: Request<pb::SnapshotLookupRequest>,
+    ) -> Res<pb::ReadlinkReply> {
+        let lim = self.limits(&req);
+        let r = req.into_inner();
+        let (dir, target) = self
+            .node
+            .read(|s| {
+                crate::snapshots::get(s, r.snap_id)
+                    .and_then(|sn| sn.readlink(r.ino).map(|t| (sn.dir, t)))
+            })
+            .await?
+            .map_err(MdsError::Errno)?;
+        self.reach(lim.as_ref(), r.header.as_ref(), &[dir])?;
+        Ok(Response::new(pb::ReadlinkReply {
+            target: target.into(),
+        }))
+    }
+}
+
+/// Serializes snapshot creates on a leader (see `snapshot_create`).
+static SNAPSHOT_CREATES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A snapshot's wire form, with its directory's path now.
+fn snapshot_info(s: &State, sn: &crate::snapshots::Snapshot) -> pb::SnapshotInfo {
+    pb::SnapshotInfo {
+        id: sn.id,
+        dir: sn.dir,
+        path: crate::trash::dir_path(s, sn.dir),
+        name: sn.name.clone().into(),
+        created_ns: sn.created_ns,
+        inodes: sn.inodes.len() as u64,
+    }
+}
+
+impl MetaService {
+    /// The directory a snapshot request names: `ino`, or `path` from the root.
+    async fn snapshot_dir(&self, ino: u64, path: &str) -> Result<u64, MdsError> {
+        let dir = if ino != 0 {
+            ino
+        } else {
+            self.node
+                .read(|s| s.resolve_dir(path.as_bytes()))
+                .await?
+                .map_err(MdsError::Errno)?
+        };
+        let is_dir = self.node.read_local(|s| s.is_dir(dir));
+        if !is_dir {
+            return Err(MdsError::Errno(libc::ENOTDIR));
+        }
+        Ok(dir)
+    }
+
+    /// Before snapshot `id` of `dir` is recorded: every session with a
+    /// file below open stores what it buffered for it, commits
+    /// its size and writes with `snap_seq` `id` from then on (a demand
+    /// each, waited for as a shared-write one).
+    async fn snapshot_writers(&self, dir: u64, id: u64) {
+        // Every session with the file open, not only known writers: a
+        // file just created counts as open but not yet as written, and a
+        // reader's answer costs one round trip.
+        let writers: Vec<(u64, u64)> = {
+            let t = self.node.lock_opens();
+            t.entries.keys().copied().collect()
+        };
+        let below: Vec<(u64, u64)> = self.node.read_local(|s| {
+            writers
+                .into_iter()
+                .filter(|(_, ino)| {
+                    let parent = s.inodes.get(ino).map_or(0, |i| i.parent);
+                    parent != 0 && crate::rstats::ancestors(s, parent).any(|a| a == dir)
+                })
+                .collect()
+        });
+        let leases = &self.node.leases;
+        futures::future::join_all(below.into_iter().map(|(sid, ino)| async move {
+            let r = pb::Recall {
+                ino,
+                snap_seq: id,
+                ..Default::default()
+            };
+            if !leases.demand(sid, r, SHARED_WRITE_WAIT).await {
+                tracing::warn!(session = sid, ino, "snapshot demand unanswered; going on");
+            }
+        }))
+        .await;
     }
 }

@@ -191,6 +191,9 @@ pub struct State {
     /// before it.
     #[serde(deserialize_with = "crate::trash::absent_as_default")]
     pub trash: crate::trash::Trash,
+    /// Directory snapshots (`snapshots.rs`). Older snapshots end before it.
+    #[serde(deserialize_with = "crate::snapshots::absent_as_default")]
+    pub snapshots: crate::snapshots::Snapshots,
 }
 
 impl Default for State {
@@ -243,6 +246,7 @@ impl State {
             rstats: crate::rstats::RStats::new(),
             quotas: crate::quota::Quotas::default(),
             trash: crate::trash::Trash::default(),
+            snapshots: crate::snapshots::Snapshots::default(),
         }
     }
 
@@ -618,6 +622,17 @@ impl State {
                 Ok(Reply::Count(n))
             }
             Op::TrashExpire => Ok(Reply::Count(crate::trash::expire(self, now))),
+            Op::SnapCreate { id, dir, name } => {
+                crate::snapshots::take(self, now, *id, *dir, name).map(Reply::Count)
+            }
+            Op::SnapRemove { dir, name } => {
+                crate::snapshots::remove(self, *dir, name).map(Reply::Count)
+            }
+            Op::SnapTrimmed { removals } => {
+                let t = &mut self.snapshots;
+                t.trimmed = t.trimmed.max((*removals).min(t.removals));
+                Ok(Reply::None)
+            }
             // Taken apart in `apply`; a Multi nested in a Batch is refused.
             Op::Multi(_) => Err(libc::EINVAL),
             Op::ReserveInos { count } => {
@@ -1316,11 +1331,14 @@ impl State {
         }
     }
 
+    /// No entries, and no snapshots (they are named by the directory).
     fn dir_is_empty(&self, dir: u64) -> bool {
-        self.cookies
-            .range((dir, 0)..=(dir, u64::MAX))
-            .next()
-            .is_none()
+        !crate::snapshots::has_any(self, dir)
+            && self
+                .cookies
+                .range((dir, 0)..=(dir, u64::MAX))
+                .next()
+                .is_none()
     }
 
     fn remove(

@@ -37,11 +37,18 @@ pub const FEATURE_RANDOM_SESSIONS: u64 = 1 << 2;
 /// differently, so those attributes are refused until every voter has it.
 pub const FEATURE_DIR_POLICIES: u64 = 1 << 3;
 
+/// Feature bit: the MDS applies the snapshot ops (`Op::SnapCreate`,
+/// `Op::SnapRemove`, `Op::SnapTrimmed`) and keeps the snapshot table. A
+/// member without it could not apply them, so snapshots are refused until
+/// every voter has it.
+pub const FEATURE_SNAPSHOTS: u64 = 1 << 4;
+
 /// Every feature this build has.
 pub const FEATURES: u64 = FEATURE_VERSION_EXCHANGE
     | FEATURE_VERSIONED_FORMATS
     | FEATURE_RANDOM_SESSIONS
-    | FEATURE_DIR_POLICIES;
+    | FEATURE_DIR_POLICIES
+    | FEATURE_SNAPSHOTS;
 
 /// The crate (release) version, e.g. "0.1.0".
 pub const RELEASE: &str = env!("CARGO_PKG_VERSION");

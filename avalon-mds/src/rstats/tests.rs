@@ -311,7 +311,10 @@ fn an_old_snapshot_is_rebuilt() {
     let full = postcard::to_allocvec(&s).expect("encode");
     let tail = postcard::to_allocvec(&s.rstats).expect("rstats").len()
         + postcard::to_allocvec(&s.quotas).expect("quotas").len()
-        + postcard::to_allocvec(&s.trash).expect("trash").len();
+        + postcard::to_allocvec(&s.trash).expect("trash").len()
+        + postcard::to_allocvec(&s.snapshots)
+            .expect("snapshots")
+            .len();
     // A snapshot written before rstats: it ends before the later fields,
     // and its files have no primary directory.
     let mut old: State = postcard::from_bytes(&full[..full.len() - tail]).expect("decode");

@@ -509,7 +509,10 @@ fn survives_a_snapshot_and_an_old_snapshot_loads() {
     assert_eq!(back.trash.entries.len(), 4);
 
     // A snapshot from before the trash ends before its field.
-    let tail = postcard::to_allocvec(&s.trash).expect("trash").len();
+    let tail = postcard::to_allocvec(&s.trash).expect("trash").len()
+        + postcard::to_allocvec(&s.snapshots)
+            .expect("snapshots")
+            .len();
     let old: State = postcard::from_bytes(&bytes[..bytes.len() - tail]).expect("old");
     assert!(old.trash.entries.is_empty());
     assert_eq!(old.inodes, s.inodes);

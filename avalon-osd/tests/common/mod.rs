@@ -81,6 +81,12 @@ fake_meta! {
         trash_list(pb::TrashListRequest) -> pb::TrashListReply;
         trash_restore(pb::TrashRestoreRequest) -> pb::TrashRestoreReply;
         trash_purge(pb::TrashPurgeRequest) -> pb::TrashPurgeReply;
+        snapshot_create(pb::SnapshotCreateRequest) -> pb::SnapshotInfo;
+        snapshot_remove(pb::SnapshotCreateRequest) -> pb::Empty;
+        snapshot_list(pb::SnapshotListRequest) -> pb::SnapshotListReply;
+        snapshot_lookup(pb::SnapshotLookupRequest) -> pb::AttrReply;
+        snapshot_read_dir(pb::SnapshotReadDirRequest) -> pb::ReadDirReply;
+        snapshot_readlink(pb::SnapshotLookupRequest) -> pb::ReadlinkReply;
     }
 
     type SessionStream = tokio_stream::wrappers::ReceiverStream<Result<pb::SessionEvent, Status>>;
