@@ -116,6 +116,8 @@ pub struct Client {
     /// Files opened since their atime was due (see [`Client::note_open_atime`]):
     /// the next read updates it, so at most one MDS write per open.
     atime_due: DashSet<u64>,
+    /// Files' snapshot sequences and frozen attributes (`snapshots.rs`).
+    pub(crate) snaps: crate::snapshots::Snaps,
 }
 
 fn time_set(t: Option<TimeChange>) -> Option<TimeSet> {
@@ -159,6 +161,7 @@ impl Client {
             atime_mode: AtimeMode::default(),
             selinux_labels: false,
             atime_due: DashSet::new(),
+            snaps: Default::default(),
         })
     }
 
@@ -1210,6 +1213,7 @@ impl Client {
         self.osd_io.caps.put(ino, r.chunk_cap);
         self.open_files.note_open_size(&a, commits);
         self.open_files.note_quota(ino, r.quota_window);
+        self.snaps.set_seq(ino, r.snap_seq);
         if r.shared_write {
             // What this client buffered before goes out first; a failure
             // of that is the file's, reported at its fsync or close.

@@ -476,6 +476,11 @@ impl Client {
         if !sync {
             self.sync_marks.note_unsynced(ino);
         }
+        // The OSDs keep what the file's snapshots saw.
+        let body = pb::WriteChunkRequest {
+            snap_seq: self.snaps.seq(ino),
+            ..body
+        };
         self.osd_io
             .write_chunk(&self.session, ino, index, body, sync, cs)
             .await?;
@@ -546,7 +551,7 @@ impl Client {
                     tokio::spawn(async move {
                         let _ = slot
                             .get_or_try_init(|| {
-                                me.osd_io.read_chunk(&me.session, ino, index, 0, cs)
+                                me.osd_io.read_chunk(&me.session, ino, index, 0, cs, 0)
                             })
                             .await;
                     });
@@ -571,14 +576,14 @@ impl Client {
                     Some(slot) => {
                         let chunk = slot
                             .get_or_try_init(|| {
-                                self.osd_io.read_chunk(&self.session, ino, index, 0, cs)
+                                self.osd_io.read_chunk(&self.session, ino, index, 0, cs, 0)
                             })
                             .await?;
                         Ok::<_, ClientError>(Some(Piece::Cached(chunk.clone(), off as usize)))
                     }
                     None => Ok(Some(Piece::Direct(
                         self.osd_io
-                            .read_chunk(&self.session, ino, index, off, n)
+                            .read_chunk(&self.session, ino, index, off, n, 0)
                             .await?,
                     ))),
                 }
@@ -778,6 +783,7 @@ impl Client {
             r => r?,
         }
         self.cache.invalidate_file(ino);
+        self.refresh_snap_seq(ino).await;
         let cs = self.chunk_size_of(ino);
         let chunk = u64::from(cs);
         let cuts = self

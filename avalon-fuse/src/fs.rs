@@ -25,6 +25,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 use tokio::runtime::Handle;
 
+mod snap;
+
 /// The errno an operation fails with. The failure is logged (inside the
 /// operation: the line carries its request id): at warn when the cluster
 /// could not serve it (EIO), at debug for other answers but a missing
@@ -280,9 +282,12 @@ impl Filesystem for AvalonFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _m = crate::metrics::op(FuseOp::Lookup);
-        let c = self.client.clone();
         let parent = self.mds_ino(parent);
         let name = name.as_bytes().to_vec();
+        if crate::snapshots::is_snap(parent) || snap::is_snap_name(&name) {
+            return self.snap_lookup(parent, name, reply);
+        }
+        let c = self.client.clone();
         self.spawn(async move {
             // The VFS resolves "." and ".." in paths itself: these come
             // only from the kernel's export operations (file handles).
@@ -314,6 +319,9 @@ impl Filesystem for AvalonFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let _m = crate::metrics::op(FuseOp::GetAttr);
+        if crate::snapshots::is_snap(ino.0) {
+            return self.snap_getattr(ino.0, reply);
+        }
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move {
@@ -343,6 +351,9 @@ impl Filesystem for AvalonFs {
         reply: ReplyAttr,
     ) {
         let _m = crate::metrics::op(FuseOp::SetAttr);
+        if let Some(e) = snap::refuse_change(&[ino.0]) {
+            return reply.error(e);
+        }
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let ch = SetAttr {
@@ -364,6 +375,9 @@ impl Filesystem for AvalonFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let _m = crate::metrics::op(FuseOp::Readlink);
+        if crate::snapshots::is_snap(ino.0) {
+            return self.snap_readlink(ino.0, reply);
+        }
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move {
@@ -385,6 +399,9 @@ impl Filesystem for AvalonFs {
         reply: ReplyEntry,
     ) {
         let _m = crate::metrics::op(FuseOp::Mknod);
+        if let Some(e) = snap::refuse_new(parent.0, name.as_bytes()) {
+            return reply.error(e);
+        }
         let c = self.client.clone();
         let parent = self.mds_ino(parent);
         let name = name.as_bytes().to_vec();
@@ -412,6 +429,12 @@ impl Filesystem for AvalonFs {
         let parent = self.mds_ino(parent);
         let name = name.as_bytes().to_vec();
         let (uid, gid) = (req.uid(), req.gid());
+        if crate::snapshots::is_snap(parent) {
+            return self.snap_mkdir(parent, name, uid, reply);
+        }
+        if let Some(e) = snap::refuse_new(parent, &name) {
+            return reply.error(e);
+        }
         self.spawn(async move {
             let r = c
                 .mkdir(
@@ -428,17 +451,23 @@ impl Filesystem for AvalonFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _m = crate::metrics::op(FuseOp::Unlink);
+        if let Some(e) = snap::refuse_change(&[parent.0]) {
+            return reply.error(e);
+        }
         let c = self.client.clone();
         let parent = self.mds_ino(parent);
         let name = name.as_bytes().to_vec();
         self.spawn(async move { reply_empty(c.unlink(parent, &name).await, reply) });
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _m = crate::metrics::op(FuseOp::Rmdir);
         let c = self.client.clone();
         let parent = self.mds_ino(parent);
         let name = name.as_bytes().to_vec();
+        if crate::snapshots::is_snap(parent) {
+            return self.snap_rmdir(parent, name, req.uid(), reply);
+        }
         self.spawn(async move { reply_empty(c.rmdir(parent, &name).await, reply) });
     }
 
@@ -451,6 +480,9 @@ impl Filesystem for AvalonFs {
         reply: ReplyEntry,
     ) {
         let _m = crate::metrics::op(FuseOp::Symlink);
+        if let Some(e) = snap::refuse_new(parent.0, link_name.as_bytes()) {
+            return reply.error(e);
+        }
         let c = self.client.clone();
         let parent = self.mds_ino(parent);
         let name = link_name.as_bytes().to_vec();
@@ -473,6 +505,11 @@ impl Filesystem for AvalonFs {
         reply: ReplyEmpty,
     ) {
         let _m = crate::metrics::op(FuseOp::Rename);
+        if let Some(e) = snap::refuse_change(&[parent.0, newparent.0])
+            .or_else(|| snap::refuse_new(newparent.0, newname.as_bytes()))
+        {
+            return reply.error(e);
+        }
         let c = self.client.clone();
         let (parent, newparent) = (self.mds_ino(parent), self.mds_ino(newparent));
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
@@ -494,6 +531,11 @@ impl Filesystem for AvalonFs {
         reply: ReplyEntry,
     ) {
         let _m = crate::metrics::op(FuseOp::Link);
+        if let Some(e) = snap::refuse_change(&[ino.0])
+            .or_else(|| snap::refuse_new(newparent.0, newname.as_bytes()))
+        {
+            return reply.error(e);
+        }
         let c = self.client.clone();
         let (ino, newparent) = (self.mds_ino(ino), self.mds_ino(newparent));
         let newname = newname.as_bytes().to_vec();
@@ -505,6 +547,9 @@ impl Filesystem for AvalonFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _m = crate::metrics::op(FuseOp::Open);
+        if crate::snapshots::is_snap(ino.0) {
+            return self.snap_open(flags, reply);
+        }
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let fh = self.new_fh();
@@ -537,6 +582,9 @@ impl Filesystem for AvalonFs {
         reply: ReplyCreate,
     ) {
         let _m = crate::metrics::op(FuseOp::Create);
+        if let Some(e) = snap::refuse_new(parent.0, name.as_bytes()) {
+            return reply.error(e);
+        }
         let c = self.client.clone();
         let parent = self.mds_ino(parent);
         let name = name.as_bytes().to_vec();
@@ -578,6 +626,9 @@ impl Filesystem for AvalonFs {
         reply: ReplyData,
     ) {
         let _m = crate::metrics::op(FuseOp::Read);
+        if crate::snapshots::is_snap(ino.0) {
+            return self.snap_read(ino.0, offset, size, reply);
+        }
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move {
@@ -601,6 +652,9 @@ impl Filesystem for AvalonFs {
         reply: ReplyWrite,
     ) {
         let _m = crate::metrics::op(FuseOp::Write);
+        if let Some(e) = snap::refuse_change(&[ino.0]) {
+            return reply.error(e);
+        }
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let sync = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
@@ -644,6 +698,9 @@ impl Filesystem for AvalonFs {
         reply: ReplyEmpty,
     ) {
         let _m = crate::metrics::op(FuseOp::Flush);
+        if crate::snapshots::is_snap(ino.0) {
+            return reply.ok();
+        }
         let c = self.client.clone();
         let locks = self.locks.clone();
         let ino = self.mds_ino(ino);
@@ -668,6 +725,9 @@ impl Filesystem for AvalonFs {
         reply: ReplyEmpty,
     ) {
         let _m = crate::metrics::op(FuseOp::Release);
+        if crate::snapshots::is_snap(ino.0) {
+            return reply.ok();
+        }
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         // The open file's flock and OFD locks go with its last reference;
@@ -748,6 +808,9 @@ impl Filesystem for AvalonFs {
         reply: ReplyEmpty,
     ) {
         let _m = crate::metrics::op(FuseOp::Fsync);
+        if crate::snapshots::is_snap(ino.0) {
+            return reply.ok();
+        }
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move { reply_empty(c.fsync(ino, datasync).await, reply) });
@@ -755,6 +818,9 @@ impl Filesystem for AvalonFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _m = crate::metrics::op(FuseOp::OpenDir);
+        if crate::snapshots::is_snap(ino.0) {
+            return self.snap_opendir(reply);
+        }
         let fh = self.new_fh();
         self.client.open_dir(self.mds_ino(ino));
         reply.opened(fh, FopenFlags::empty());
@@ -770,6 +836,9 @@ impl Filesystem for AvalonFs {
     ) {
         let _m = crate::metrics::op(FuseOp::ReleaseDir);
         self.dirs.release(fh.0);
+        if crate::snapshots::is_snap(ino.0) {
+            return reply.ok();
+        }
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move { reply_empty(c.release_dir(ino).await, reply) });
@@ -784,6 +853,9 @@ impl Filesystem for AvalonFs {
         mut reply: ReplyDirectory,
     ) {
         let _m = crate::metrics::op(FuseOp::ReadDir);
+        if crate::snapshots::is_snap(ino.0) {
+            return self.snap_readdir(ino.0, offset, reply);
+        }
         if self.dirs.ended(fh.0, offset) {
             return reply.ok();
         }
@@ -828,6 +900,9 @@ impl Filesystem for AvalonFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let _m = crate::metrics::op(FuseOp::ReadDirPlus);
+        if crate::snapshots::is_snap(ino.0) {
+            return self.snap_readdirplus(ino.0, offset, reply);
+        }
         if self.dirs.ended(fh.0, offset) {
             return reply.ok();
         }
@@ -914,6 +989,9 @@ impl Filesystem for AvalonFs {
         reply: ReplyEmpty,
     ) {
         let _m = crate::metrics::op(FuseOp::FsyncDir);
+        if crate::snapshots::is_snap(ino.0) {
+            return reply.ok();
+        }
         // Changes are acknowledged once a majority of MDS nodes holds them;
         // fsyncdir waits until they are on disk there too.
         let c = self.client.clone();
@@ -955,6 +1033,9 @@ impl Filesystem for AvalonFs {
         reply: ReplyEmpty,
     ) {
         let _m = crate::metrics::op(FuseOp::SetXattr);
+        if let Some(e) = snap::refuse_change(&[ino.0]) {
+            return reply.error(e);
+        }
         if position != 0 {
             return reply.error(Errno::EINVAL);
         }
@@ -977,6 +1058,10 @@ impl Filesystem for AvalonFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let _m = crate::metrics::op(FuseOp::GetXattr);
+        if crate::snapshots::is_snap(ino.0) {
+            // Extended attributes are not kept in snapshots.
+            return reply.error(Errno::ENODATA);
+        }
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let name = name.as_bytes().to_vec();
@@ -990,6 +1075,9 @@ impl Filesystem for AvalonFs {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let _m = crate::metrics::op(FuseOp::ListXattr);
+        if crate::snapshots::is_snap(ino.0) {
+            return xattr_reply(&[], size, reply);
+        }
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move {
@@ -1009,6 +1097,9 @@ impl Filesystem for AvalonFs {
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _m = crate::metrics::op(FuseOp::RemoveXattr);
+        if let Some(e) = snap::refuse_change(&[ino.0]) {
+            return reply.error(e);
+        }
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let name = name.as_bytes().to_vec();
@@ -1027,6 +1118,9 @@ impl Filesystem for AvalonFs {
         reply: ReplyEmpty,
     ) {
         let _m = crate::metrics::op(FuseOp::Fallocate);
+        if let Some(e) = snap::refuse_change(&[ino.0]) {
+            return reply.error(e);
+        }
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let (uid, gid, pid) = (req.uid(), req.gid(), req.pid());
@@ -1061,6 +1155,9 @@ impl Filesystem for AvalonFs {
         reply: ReplyLseek,
     ) {
         let _m = crate::metrics::op(FuseOp::Lseek);
+        if crate::snapshots::is_snap(ino.0) {
+            return self.snap_lseek(ino.0, offset, whence, reply);
+        }
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move {
@@ -1100,6 +1197,13 @@ impl Filesystem for AvalonFs {
         reply: ReplyWrite,
     ) {
         let _m = crate::metrics::op(FuseOp::CopyFileRange);
+        if let Some(e) = snap::refuse_change(&[ino_out.0]) {
+            return reply.error(e);
+        }
+        if crate::snapshots::is_snap(ino_in.0) {
+            // The caller copies through read and write instead.
+            return reply.error(Errno::EXDEV);
+        }
         let c = self.client.clone();
         let (src, dst) = (self.mds_ino(ino_in), self.mds_ino(ino_out));
         self.spawn(async move {

@@ -26,5 +26,6 @@ pub mod osd_io;
 pub mod page_cache;
 pub mod recall;
 pub mod session;
+pub mod snapshots;
 pub mod sync_marks;
 pub mod write_buffer;

@@ -189,8 +189,9 @@ impl OsdIo {
         }
     }
 
-    /// Reads `length` bytes at `offset` of chunk `(ino, index)` from one of
-    /// its members, failing over to the others and newer maps.
+    /// Reads `length` bytes at `offset` of chunk `(ino, index)` as
+    /// snapshot `snap_id` saw it (0: the live chunk) from one of its
+    /// members, failing over to the others and newer maps.
     pub async fn read_chunk(
         &self,
         session: &Session,
@@ -198,6 +199,7 @@ impl OsdIo {
         index: u64,
         offset: u32,
         length: u32,
+        snap_id: u64,
     ) -> Result<Bytes> {
         let deadline = Instant::now() + IO_RETRY_BUDGET;
         let mut last = String::from("no OSD holds this chunk's placement group");
@@ -221,7 +223,7 @@ impl OsdIo {
                     offset,
                     length,
                     map_epoch: map.epoch,
-                    snap_id: 0,
+                    snap_id,
                 };
                 match self.data_conns.read_chunk(&osd.addr, &req).await {
                     Ok((_, data)) => return Ok(data),

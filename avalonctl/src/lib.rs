@@ -7,6 +7,7 @@ pub mod keys;
 pub mod local_cluster;
 pub mod mds_admin;
 pub mod pool;
+pub mod snapshot;
 pub mod trash;
 /// Cluster status (shared with the MDS status page, so it lives in the protocol crate).
 pub use avalon_proto::cluster_status as status;

@@ -169,6 +169,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TrashCmd,
     },
+    /// Directory snapshots: read-only, copy-on-write copies of a directory
+    /// tree, browsable on mounts under DIR/.snap/NAME (admin only; root on
+    /// a mount can also `mkdir DIR/.snap/NAME` and `rmdir` it).
+    Snapshot {
+        #[command(subcommand)]
+        cmd: SnapshotCmd,
+    },
     /// Write man pages and bash/zsh completions under DIR (packaging).
     #[command(hide = true)]
     Generate { dir: PathBuf },
@@ -220,6 +227,79 @@ enum TrashCmd {
         #[command(flatten)]
         cluster: ClusterArgs,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCmd {
+    /// Take snapshot NAME of directory DIR (a path from the filesystem root).
+    Create {
+        dir: String,
+        name: String,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// List the snapshots of DIR (default: all) with their ids and times.
+    Ls {
+        dir: Option<String>,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove snapshot NAME of DIR; the OSDs then free the data only it kept.
+    Rm {
+        dir: String,
+        name: String,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+}
+
+fn snapshot_cmd(cmd: SnapshotCmd) -> anyhow::Result<()> {
+    use avalonctl::snapshot;
+    let addrs = |c: &ClusterArgs| mds_addrs(c.cluster.as_deref(), c.mds.as_deref());
+    match cmd {
+        SnapshotCmd::Create { dir, name, cluster } => {
+            let (addrs, tls) = addrs(&cluster)?;
+            let s = block_on(snapshot::create(&tls, &addrs, &dir, &name))?;
+            println!(
+                "snapshot {} of {} taken ({} inodes): {}/.snap/{name}",
+                s.id,
+                s.path,
+                s.inodes,
+                s.path.trim_end_matches('/')
+            );
+        }
+        SnapshotCmd::Ls { dir, cluster, json } => {
+            let (addrs, tls) = addrs(&cluster)?;
+            let snaps = block_on(snapshot::list(&tls, &addrs, dir.as_deref()))?;
+            if json {
+                let v: Vec<serde_json::Value> = snaps
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "id": s.id,
+                            "dir": s.dir,
+                            "path": s.path,
+                            "name": String::from_utf8_lossy(&s.name),
+                            "created_ns": s.created_ns,
+                            "inodes": s.inodes,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", snapshot::render(&snaps));
+            }
+        }
+        SnapshotCmd::Rm { dir, name, cluster } => {
+            let (addrs, tls) = addrs(&cluster)?;
+            block_on(snapshot::remove(&tls, &addrs, &dir, &name))?;
+            println!("snapshot {name} of {dir} removed");
+        }
+    }
+    Ok(())
 }
 
 fn trash_cmd(cmd: TrashCmd) -> anyhow::Result<()> {
@@ -1129,6 +1209,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Du { paths, human } => du_cmd(&paths, human),
         Cmd::Quota { cmd } => quota_cmd(cmd),
         Cmd::Trash { cmd } => trash_cmd(cmd),
+        Cmd::Snapshot { cmd } => snapshot_cmd(cmd),
         Cmd::Down { dir, timeout } => local_cluster::down(&dir, Duration::from_secs(timeout)),
         Cmd::Top { dir, mds } => {
             let (addrs, tls) = mds_addrs(dir.as_deref(), mds.as_deref())?;
