@@ -329,30 +329,13 @@ impl State {
         plus: bool,
     ) -> R<(Vec<DirEntry>, bool)> {
         self.dir(ino)?;
-        let max = max.clamp(1, 100_000);
-        let mut out = Vec::new();
-        let start = cookie.max(FIRST_COOKIE - 1).saturating_add(1);
-        let mut eof = true;
-        for ((_, c), name) in self.cookies.range((ino, start)..=(ino, u64::MAX)) {
-            if out.len() >= max {
-                eof = false;
-                break;
-            }
-            let Some(d) = self.dentries.get(&(ino, name.clone())) else {
-                continue;
-            };
-            let Some(child) = self.inodes.get(&d.ino) else {
-                continue;
-            };
-            out.push(DirEntry {
-                name: name.clone(),
-                ino: d.ino,
-                mode: child.attr.mode,
-                cookie: *c,
-                attr: plus.then_some(child.attr),
-            });
-        }
-        Ok((out, eof))
+        Ok(list_entries(
+            (&self.inodes, &self.dentries, &self.cookies),
+            ino,
+            cookie,
+            max,
+            plus,
+        ))
     }
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> R<Vec<u8>> {
@@ -1671,6 +1654,50 @@ fn check_xattr_name(name: &[u8]) -> R<()> {
         return Err(libc::ERANGE);
     }
     Ok(())
+}
+
+/// The tables a directory listing reads: inodes, entries, cookies.
+pub(crate) type Listing<'a> = (
+    &'a NsMap<u64, Inode>,
+    &'a NsMap<(u64, Vec<u8>), Dentry>,
+    &'a NsMap<(u64, u64), Vec<u8>>,
+);
+
+/// Entries of directory `ino` with cookie > `cookie`, in cookie order, at
+/// most `max` (clamped to 1..=100,000), with attributes if `plus`; and
+/// whether that reached the end. Shared by the live namespace and the
+/// snapshots' frozen copies.
+pub(crate) fn list_entries(
+    (inodes, dentries, cookies): Listing<'_>,
+    ino: u64,
+    cookie: u64,
+    max: usize,
+    plus: bool,
+) -> (Vec<DirEntry>, bool) {
+    let max = max.clamp(1, 100_000);
+    let mut out = Vec::new();
+    let start = cookie.max(FIRST_COOKIE - 1).saturating_add(1);
+    let mut eof = true;
+    for ((_, c), name) in cookies.range((ino, start)..=(ino, u64::MAX)) {
+        if out.len() >= max {
+            eof = false;
+            break;
+        }
+        let Some(d) = dentries.get(&(ino, name.clone())) else {
+            continue;
+        };
+        let Some(child) = inodes.get(&d.ino) else {
+            continue;
+        };
+        out.push(DirEntry {
+            name: name.clone(),
+            ino: d.ino,
+            mode: child.attr.mode,
+            cookie: *c,
+            attr: plus.then_some(child.attr),
+        });
+    }
+    (out, eof)
 }
 
 #[cfg(test)]

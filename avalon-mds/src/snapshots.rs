@@ -21,7 +21,7 @@
 //! [`Op::SnapTrimmed`]: crate::command::Op::SnapTrimmed
 
 use crate::command::Attr;
-use crate::namespace::{de_ns_map, Dentry, DirEntry, Inode, NsMap, State, FIRST_COOKIE};
+use crate::namespace::{de_ns_map, Dentry, DirEntry, Inode, NsMap, State};
 use avalon_proto::limits::check_name;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
@@ -223,30 +223,13 @@ impl Snapshot {
         if !self.inode(ino)?.is_dir() {
             return Err(libc::ENOTDIR);
         }
-        let max = max.clamp(1, 100_000);
-        let start = cookie.max(FIRST_COOKIE - 1).saturating_add(1);
-        let mut out = Vec::new();
-        let mut eof = true;
-        for ((_, c), name) in self.cookies.range((ino, start)..=(ino, u64::MAX)) {
-            if out.len() >= max {
-                eof = false;
-                break;
-            }
-            let Some(d) = self.dentries.get(&(ino, name.clone())) else {
-                continue;
-            };
-            let Some(child) = self.inodes.get(&d.ino) else {
-                continue;
-            };
-            out.push(DirEntry {
-                name: name.clone(),
-                ino: d.ino,
-                mode: child.attr.mode,
-                cookie: *c,
-                attr: plus.then_some(child.attr),
-            });
-        }
-        Ok((out, eof))
+        Ok(crate::namespace::list_entries(
+            (&self.inodes, &self.dentries, &self.cookies),
+            ino,
+            cookie,
+            max,
+            plus,
+        ))
     }
 
     /// A directory's parent inside the snapshot (the snapshot's root is
