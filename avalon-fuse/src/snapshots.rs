@@ -309,17 +309,23 @@ impl Client {
         Ok(buf)
     }
 
-    /// `mkdir DIR/.snap/NAME`: takes snapshot `name` of `dir` as `uid`;
-    /// returns its root's attributes.
-    pub async fn snap_create(&self, dir: u64, name: &[u8], uid: u32) -> Result<Attr> {
-        let req = pb::SnapshotCreateRequest {
+    /// The request naming snapshot `name` of `dir`, made as `uid` (a
+    /// create and a removal take the same one).
+    fn snap_request(&self, dir: u64, name: &[u8], uid: u32) -> pb::SnapshotCreateRequest {
+        pb::SnapshotCreateRequest {
             header: self.session.header(),
             ino: dir,
             path: String::new(),
             name: name.to_vec().into(),
             uid,
             has_cred: true,
-        };
+        }
+    }
+
+    /// `mkdir DIR/.snap/NAME`: takes snapshot `name` of `dir` as `uid`;
+    /// returns its root's attributes.
+    pub async fn snap_create(&self, dir: u64, name: &[u8], uid: u32) -> Result<Attr> {
+        let req = self.snap_request(dir, name, uid);
         let s = self
             .rpc(req, |mut c, r| async move { c.snapshot_create(r).await })
             .await?;
@@ -334,14 +340,7 @@ impl Client {
             .into_iter()
             .find(|s| s.name == name)
             .map(|s| s.id);
-        let req = pb::SnapshotCreateRequest {
-            header: self.session.header(),
-            ino: dir,
-            path: String::new(),
-            name: name.to_vec().into(),
-            uid,
-            has_cred: true,
-        };
+        let req = self.snap_request(dir, name, uid);
         self.rpc(req, |mut c, r| async move { c.snapshot_remove(r).await })
             .await?;
         if let Some(id) = id {
