@@ -60,6 +60,8 @@ pub struct SetAttr {
     pub atime: Option<TimeChange>,
     pub mtime: Option<TimeChange>,
     pub ctime_ns: Option<i64>,
+    /// Made through an open file (see `SetAttrRequest.by_handle`).
+    pub by_handle: bool,
 }
 
 /// When reads update a file's access time (the mount's atime options).
@@ -517,6 +519,7 @@ impl Client {
             mtime: time_set(ch.mtime),
             ctime_ns: ch.ctime_ns,
             access: false,
+            by_handle: ch.by_handle,
         };
         let r = self
             .rpc(req, |mut c, r| async move { c.set_attr(r).await })

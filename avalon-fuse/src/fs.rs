@@ -95,6 +95,20 @@ impl AvalonFs {
     /// handed to the runtime only if it has to wait. Most operations are
     /// answered from caches without waiting, and a hand-over to another
     /// thread costs more than such an operation.
+    /// [`AvalonFs::spawn`] on behalf of the process that made `req`: the
+    /// MDS checks that caller's permissions (avalon_proto::caller).
+    fn spawn_as<F>(&self, req: &Request, f: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let caller = avalon_proto::caller::Caller {
+            uid: req.uid(),
+            gid: req.gid(),
+            pid: req.pid(),
+        };
+        self.spawn(avalon_proto::caller::scope(caller, f))
+    }
+
     fn spawn<F>(&self, f: F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
@@ -280,7 +294,7 @@ impl Filesystem for AvalonFs {
         }
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _m = crate::metrics::op(FuseOp::Lookup);
         let parent = self.mds_ino(parent);
         let name = name.as_bytes().to_vec();
@@ -288,7 +302,7 @@ impl Filesystem for AvalonFs {
             return self.snap_lookup(parent, name, reply);
         }
         let c = self.client.clone();
-        self.spawn(async move {
+        self.spawn_as(req, async move {
             // The VFS resolves "." and ".." in paths itself: these come
             // only from the kernel's export operations (file handles).
             let r = match name.as_slice() {
@@ -334,7 +348,7 @@ impl Filesystem for AvalonFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -343,7 +357,7 @@ impl Filesystem for AvalonFs {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
@@ -364,8 +378,9 @@ impl Filesystem for AvalonFs {
             atime: time_change(atime),
             mtime: time_change(mtime),
             ctime_ns: ctime.map(ns_of),
+            by_handle: fh.is_some(),
         };
-        self.spawn(async move {
+        self.spawn_as(req, async move {
             match c.setattr(ino, ch).await {
                 Ok(a) => reply.attr(&c.meta.ttl(), &file_attr(&c, &a)),
                 Err(e) => reply.error(errno(&e)),
@@ -407,7 +422,7 @@ impl Filesystem for AvalonFs {
         let name = name.as_bytes().to_vec();
         let (uid, gid) = (req.uid(), req.gid());
         let mode = crate::acl::create_mode(mode, umask);
-        self.spawn(async move {
+        self.spawn_as(req, async move {
             let r = c
                 .mknod(parent, &name, mode, u64::from(rdev), uid, gid, true)
                 .await;
@@ -435,7 +450,7 @@ impl Filesystem for AvalonFs {
         if let Some(e) = snap::refuse_new(parent, &name) {
             return reply.error(e);
         }
-        self.spawn(async move {
+        self.spawn_as(req, async move {
             let r = c
                 .mkdir(
                     parent,
@@ -449,7 +464,7 @@ impl Filesystem for AvalonFs {
         });
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _m = crate::metrics::op(FuseOp::Unlink);
         if let Some(e) = snap::refuse_change(&[parent.0]) {
             return reply.error(e);
@@ -457,7 +472,7 @@ impl Filesystem for AvalonFs {
         let c = self.client.clone();
         let parent = self.mds_ino(parent);
         let name = name.as_bytes().to_vec();
-        self.spawn(async move { reply_empty(c.unlink(parent, &name).await, reply) });
+        self.spawn_as(req, async move { reply_empty(c.unlink(parent, &name).await, reply) });
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -468,7 +483,7 @@ impl Filesystem for AvalonFs {
         if crate::snapshots::is_snap(parent) {
             return self.snap_rmdir(parent, name, req.uid(), reply);
         }
-        self.spawn(async move { reply_empty(c.rmdir(parent, &name).await, reply) });
+        self.spawn_as(req, async move { reply_empty(c.rmdir(parent, &name).await, reply) });
     }
 
     fn symlink(
@@ -488,7 +503,7 @@ impl Filesystem for AvalonFs {
         let name = link_name.as_bytes().to_vec();
         let target = target.as_os_str().as_bytes().to_vec();
         let (uid, gid) = (req.uid(), req.gid());
-        self.spawn(async move {
+        self.spawn_as(req, async move {
             let r = c.symlink(parent, &name, &target, uid, gid).await;
             reply_entry(&c, r, reply)
         });
@@ -496,7 +511,7 @@ impl Filesystem for AvalonFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -513,7 +528,7 @@ impl Filesystem for AvalonFs {
         let c = self.client.clone();
         let (parent, newparent) = (self.mds_ino(parent), self.mds_ino(newparent));
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
-        self.spawn(async move {
+        self.spawn_as(req, async move {
             reply_empty(
                 c.rename(parent, &name, newparent, &newname, flags.bits())
                     .await,
@@ -524,7 +539,7 @@ impl Filesystem for AvalonFs {
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
@@ -539,7 +554,7 @@ impl Filesystem for AvalonFs {
         let c = self.client.clone();
         let (ino, newparent) = (self.mds_ino(ino), self.mds_ino(newparent));
         let newname = newname.as_bytes().to_vec();
-        self.spawn(async move {
+        self.spawn_as(req, async move {
             let r = c.link(ino, newparent, &newname).await;
             reply_entry(&c, r, reply)
         });
@@ -554,7 +569,7 @@ impl Filesystem for AvalonFs {
         let ino = self.mds_ino(ino);
         let fh = self.new_fh();
         let cred = (req.uid(), req.gid());
-        self.spawn(async move {
+        self.spawn_as(req, async move {
             // Close-to-open: an open sees the size other clients committed.
             let flags = flags.0 as u32;
             match c.open(ino, flags, cred).await {
@@ -592,7 +607,7 @@ impl Filesystem for AvalonFs {
         let mode = crate::acl::create_mode(libc::S_IFREG | (mode & 0o7777), umask);
         let exclusive = flags & libc::O_EXCL != 0;
         let fh = self.new_fh();
-        self.spawn(async move {
+        self.spawn_as(req, async move {
             // The MDS counts the file open from its creation on (and the
             // heartbeats keep it so), so no separate Open round trip.
             let r = c
@@ -846,7 +861,7 @@ impl Filesystem for AvalonFs {
 
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -867,7 +882,7 @@ impl Filesystem for AvalonFs {
             offset,
             plus: false,
         };
-        self.spawn(async move {
+        self.spawn_as(req, async move {
             let filled = stream
                 .fill(&c, &dirs, |item| {
                     Ok(match item {
@@ -893,7 +908,7 @@ impl Filesystem for AvalonFs {
 
     fn readdirplus(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -915,7 +930,7 @@ impl Filesystem for AvalonFs {
             offset,
             plus: true,
         };
-        self.spawn(async move {
+        self.spawn_as(req, async move {
             // "." and ".." carry attributes too; fetched once per listing.
             let me = if offset <= 1 {
                 match c.getattr(dir).await {
@@ -1044,7 +1059,7 @@ impl Filesystem for AvalonFs {
         let name = name.as_bytes().to_vec();
         let value = value.to_vec();
         let (uid, gid, pid) = (req.uid(), req.gid(), req.pid());
-        self.spawn(async move {
+        self.spawn_as(req, async move {
             let r = match c
                 .setxattr_as(ino, &name, &value, flags as u32, Some(uid))
                 .await
@@ -1056,7 +1071,7 @@ impl Filesystem for AvalonFs {
         });
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let _m = crate::metrics::op(FuseOp::GetXattr);
         if crate::snapshots::is_snap(ino.0) {
             // Extended attributes are not kept in snapshots.
@@ -1065,7 +1080,7 @@ impl Filesystem for AvalonFs {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let name = name.as_bytes().to_vec();
-        self.spawn(async move {
+        self.spawn_as(req, async move {
             match c.getxattr(ino, &name).await {
                 Ok(v) => xattr_reply(&v, size, reply),
                 Err(e) => reply.error(errno(&e)),
@@ -1104,7 +1119,7 @@ impl Filesystem for AvalonFs {
         let ino = self.mds_ino(ino);
         let name = name.as_bytes().to_vec();
         let uid = req.uid();
-        self.spawn(async move { reply_empty(c.removexattr(ino, &name, Some(uid)).await, reply) });
+        self.spawn_as(req, async move { reply_empty(c.removexattr(ino, &name, Some(uid)).await, reply) });
     }
 
     fn fallocate(

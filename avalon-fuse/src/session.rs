@@ -106,12 +106,18 @@ impl Session {
 
     /// A request header with a fresh request id.
     pub fn header(&self) -> Option<RequestHeader> {
+        // The process the operation serves, whose permissions the MDS
+        // checks (none: the client's own work, limited by its key only).
+        let caller = avalon_proto::caller::current();
         Some(RequestHeader {
             session_id: self.id,
             request_id: self.next_request.fetch_add(1, Ordering::Relaxed),
             credential: Bytes::new(),
             // The FUSE operation this request serves (0: none).
             trace_id: avalon_proto::request_id::current().unwrap_or(0),
+            caller_uid: caller.map_or(0, |c| c.uid),
+            caller_gid: caller.map_or(0, |c| c.gid),
+            has_caller: caller.is_some(),
         })
     }
 

@@ -10,6 +10,8 @@
 //! - a new entry in a directory with a default ACL gets an access ACL made
 //!   from it, masked by the create mode (posix_acl_create_masq), and a new
 //!   subdirectory also inherits the default ACL.
+//!
+//! The MDS evaluates the access ACL itself too (`permission.rs`).
 
 use crate::namespace::Inode;
 
@@ -17,12 +19,12 @@ pub const ACCESS: &[u8] = b"system.posix_acl_access";
 pub const DEFAULT: &[u8] = b"system.posix_acl_default";
 
 const VERSION: u32 = 2;
-const USER_OBJ: u16 = 0x01;
-const USER: u16 = 0x02;
-const GROUP_OBJ: u16 = 0x04;
-const GROUP: u16 = 0x08;
-const MASK: u16 = 0x10;
-const OTHER: u16 = 0x20;
+pub const USER_OBJ: u16 = 0x01;
+pub const USER: u16 = 0x02;
+pub const GROUP_OBJ: u16 = 0x04;
+pub const GROUP: u16 = 0x08;
+pub const MASK: u16 = 0x10;
+pub const OTHER: u16 = 0x20;
 
 /// One entry: (tag, perm, id).
 pub type Entry = (u16, u16, u32);

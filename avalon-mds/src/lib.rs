@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod namespace;
 pub mod node;
 pub mod osd_probe;
+pub mod permission;
 pub mod proposer;
 pub mod quota;
 pub mod raft_net;

@@ -9,10 +9,11 @@ use crate::locks::LockKind;
 use crate::metrics::{Delegated, Rpc};
 use crate::namespace::State;
 use crate::node::{role_name, MdsError, MdsNode, PeerKind};
+use crate::permission::{self, AttrChange, Cred, Denied, Verdict};
 use crate::settings::ClusterSettings;
 use avalon_proto::limits::check_name;
 use avalon_proto::pb::{self, meta_server::Meta, time_set};
-use avalon_proto::tls::Peer;
+use avalon_proto::tls::{Peer, ADMIN_NAME};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -183,6 +184,31 @@ fn squash_gid(lim: Option<&(String, ClientCaps)>, gid: u32) -> u32 {
     lim.map_or(gid, |(_, c)| c.gid(gid))
 }
 
+/// What a request says of its caller beyond its header, read before the
+/// request is consumed (see [`permission::Cred::of`]).
+struct Who {
+    /// Supplementary groups, when the client sent them.
+    groups: Option<Vec<u32>>,
+    /// The administrator's identity: not checked.
+    admin: bool,
+}
+
+impl Who {
+    /// The caller the request is checked as, if any.
+    fn cred(self, hdr: Option<&pb::RequestHeader>, lim: Option<&(String, ClientCaps)>) -> Option<Cred> {
+        Cred::of(hdr, self.groups, lim.map(|l| &l.1), self.admin)
+    }
+}
+
+/// A refused permission check as a status: the errno, or the request for
+/// the caller's groups (`avalon_proto::caller`).
+fn refused(d: Denied) -> Status {
+    match d {
+        Denied::Errno(e) => MdsError::Errno(e).into(),
+        Denied::NeedGroups => avalon_proto::caller::need_groups(),
+    }
+}
+
 /// The requesting session (0: a daemon or tool).
 /// The request's session, whose reply carries its recall mark.
 fn session_of(h: Option<&pb::RequestHeader>) -> u64 {
@@ -303,6 +329,33 @@ impl MetaService {
         let peer = Peer::of(req);
         let name = caps::client_name(&peer)?.to_string();
         caps::of_peer(&self.node, &peer).map(|c| (name, c))
+    }
+
+    /// [`MetaService::limits`] and what the permission checks need of the
+    /// request besides its body.
+    fn caller_of<T>(&self, req: &Request<T>) -> (Option<(String, ClientCaps)>, Who) {
+        let peer = Peer::of(req);
+        let who = Who {
+            groups: avalon_proto::caller::groups_of(req.metadata()),
+            admin: peer.secured && peer.identity.as_ref().is_some_and(|i| i.name == ADMIN_NAME),
+        };
+        let lim = caps::client_name(&peer).and_then(|name| {
+            caps::of_peer(&self.node, &peer).map(|c| (name.to_string(), c))
+        });
+        (lim, who)
+    }
+
+    /// Runs permission check `f` for `cred` on this node's state (no
+    /// caller: nothing to check).
+    fn check(
+        &self,
+        cred: Option<&Cred>,
+        f: impl FnOnce(&State, &Cred) -> Verdict,
+    ) -> Result<(), Status> {
+        match cred {
+            Some(c) => self.node.read_local(|s| f(s, c)).map_err(refused),
+            None => Ok(()),
+        }
     }
 
     /// For a confined caller: EACCES unless the session is its own and
@@ -568,20 +621,26 @@ impl MetaService {
 impl Meta for MetaService {
     async fn lookup(&self, req: Request<pb::LookupRequest>) -> Res<pb::EntryReply> {
         let _m = crate::metrics::op(Rpc::Lookup);
-        let lim = self.limits(&req);
+        let (lim, who) = self.caller_of(&req);
         let r = req.into_inner();
+        let cred = who.cred(r.header.as_ref(), lim.as_ref());
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.parent])?;
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
         let sid = session_of(r.header.as_ref());
         let a = self
             .read_leased(sid, |s| {
-                let a = s.lookup(r.parent, &r.name);
+                // Search permission, under the same state lock.
+                let a = match &cred {
+                    Some(c) => permission::may_lookup(s, c, r.parent),
+                    None => Ok(()),
+                }
+                .and_then(|()| s.lookup(r.parent, &r.name).map_err(Denied::Errno));
                 let child = a.as_ref().map(|a| a.ino).unwrap_or(0);
                 (a, [r.parent, child])
             })
             .await?
-            .map_err(MdsError::Errno)?;
+            .map_err(refused)?;
         Ok(Response::new(pb::EntryReply {
             attr: Some(attr_pb(&a)),
             parent: None,
@@ -611,8 +670,9 @@ impl Meta for MetaService {
 
     async fn set_attr(&self, req: Request<pb::SetAttrRequest>) -> Res<pb::AttrReply> {
         let _m = crate::metrics::op(Rpc::SetAttr);
-        let lim = self.limits(&req);
+        let (lim, who) = self.caller_of(&req);
         let r = req.into_inner();
+        let cred = who.cred(r.header.as_ref(), lim.as_ref());
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         ino_ok(r.ino)?;
         // A read-only key's reads still update atime; other changes fail.
@@ -640,14 +700,35 @@ impl Meta for MetaService {
                     .await?,
             )?));
         }
+        let uid = r.uid.map(|u| squash_uid(lim.as_ref(), u));
+        let gid = r.gid.map(|g| squash_gid(lim.as_ref(), g));
+        let (atime, mtime) = (time_spec(r.atime), time_spec(r.mtime));
+        let mut mode = r.mode;
+        if let Some(c) = &cred {
+            let times = [atime, mtime];
+            let ch = AttrChange {
+                mode: r.mode,
+                uid,
+                gid,
+                size: r.size.is_some(),
+                times_set: times.iter().any(|t| matches!(t, Some(TimeSpec::Ns(_)))),
+                times_now: times.iter().any(|t| matches!(t, Some(TimeSpec::Now))),
+                by_handle: r.by_handle,
+            };
+            let stored = self
+                .node
+                .read_local(|s| permission::may_setattr(s, c, r.ino, &ch))
+                .map_err(refused)?;
+            mode = stored.or(mode);
+        }
         let op = Op::SetAttr {
             ino: r.ino,
-            mode: r.mode,
-            uid: r.uid.map(|u| squash_uid(lim.as_ref(), u)),
-            gid: r.gid.map(|g| squash_gid(lim.as_ref(), g)),
+            mode,
+            uid,
+            gid,
             size: r.size,
-            atime: time_spec(r.atime),
-            mtime: time_spec(r.mtime),
+            atime,
+            mtime,
             ctime_ns: r.ctime_ns,
         };
         let change = if r.size.is_some() {
@@ -662,10 +743,19 @@ impl Meta for MetaService {
 
     async fn mknod(&self, req: Request<pb::MknodRequest>) -> Res<pb::EntryReply> {
         let _m = crate::metrics::op(Rpc::Mknod);
-        let lim = self.limits(&req);
+        let (lim, who) = self.caller_of(&req);
         let peer = Peer::of(&req);
         let r = req.into_inner();
+        let cred = who.cred(r.header.as_ref(), lim.as_ref());
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.parent])?;
+        // A create that finds the file (not O_EXCL) opens it.
+        self.check(cred.as_ref(), |s, c| match s.child_ino(r.parent, &r.name) {
+            Some(ino) if !r.exclusive => {
+                permission::may_lookup(s, c, r.parent)?;
+                permission::may_open(s, c, ino, r.open_flags)
+            }
+            _ => permission::may_create(s, c, r.parent, &r.name),
+        })?;
         self.check_growth()?;
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
@@ -704,9 +794,13 @@ impl Meta for MetaService {
 
     async fn mkdir(&self, req: Request<pb::MkdirRequest>) -> Res<pb::EntryReply> {
         let _m = crate::metrics::op(Rpc::Mkdir);
-        let lim = self.limits(&req);
+        let (lim, who) = self.caller_of(&req);
         let r = req.into_inner();
+        let cred = who.cred(r.header.as_ref(), lim.as_ref());
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.parent])?;
+        self.check(cred.as_ref(), |s, c| {
+            permission::may_create(s, c, r.parent, &r.name)
+        })?;
         self.check_growth()?;
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
@@ -725,9 +819,13 @@ impl Meta for MetaService {
 
     async fn symlink(&self, req: Request<pb::SymlinkRequest>) -> Res<pb::EntryReply> {
         let _m = crate::metrics::op(Rpc::Symlink);
-        let lim = self.limits(&req);
+        let (lim, who) = self.caller_of(&req);
         let r = req.into_inner();
+        let cred = who.cred(r.header.as_ref(), lim.as_ref());
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.parent])?;
+        self.check(cred.as_ref(), |s, c| {
+            permission::may_create(s, c, r.parent, &r.name)
+        })?;
         self.check_growth()?;
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
@@ -752,9 +850,13 @@ impl Meta for MetaService {
 
     async fn unlink(&self, req: Request<pb::UnlinkRequest>) -> Res<pb::DirChangeReply> {
         let _m = crate::metrics::op(Rpc::Unlink);
-        let lim = self.limits(&req);
+        let (lim, who) = self.caller_of(&req);
         let r = req.into_inner();
+        let cred = who.cred(r.header.as_ref(), lim.as_ref());
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.parent])?;
+        self.check(cred.as_ref(), |s, c| {
+            permission::may_delete(s, c, r.parent, &r.name)
+        })?;
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
         let name: Vec<u8> = r.name.into();
@@ -776,9 +878,13 @@ impl Meta for MetaService {
 
     async fn rmdir(&self, req: Request<pb::UnlinkRequest>) -> Res<pb::DirChangeReply> {
         let _m = crate::metrics::op(Rpc::Rmdir);
-        let lim = self.limits(&req);
+        let (lim, who) = self.caller_of(&req);
         let r = req.into_inner();
+        let cred = who.cred(r.header.as_ref(), lim.as_ref());
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.parent])?;
+        self.check(cred.as_ref(), |s, c| {
+            permission::may_delete(s, c, r.parent, &r.name)
+        })?;
         ino_ok(r.parent)?;
         name_ok(&r.name)?;
         let target = self.node.read_local(|s| s.child_ino(r.parent, &r.name));
@@ -816,9 +922,13 @@ impl Meta for MetaService {
 
     async fn link(&self, req: Request<pb::LinkRequest>) -> Res<pb::EntryReply> {
         let _m = crate::metrics::op(Rpc::Link);
-        let lim = self.limits(&req);
+        let (lim, who) = self.caller_of(&req);
         let r = req.into_inner();
+        let cred = who.cred(r.header.as_ref(), lim.as_ref());
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino, r.new_parent])?;
+        self.check(cred.as_ref(), |s, c| {
+            permission::may_create(s, c, r.new_parent, &r.new_name)
+        })?;
         self.check_growth()?;
         ino_ok(r.ino)?;
         ino_ok(r.new_parent)?;
@@ -839,9 +949,13 @@ impl Meta for MetaService {
 
     async fn rename(&self, req: Request<pb::RenameRequest>) -> Res<pb::DirChangeReply> {
         let _m = crate::metrics::op(Rpc::Rename);
-        let lim = self.limits(&req);
+        let (lim, who) = self.caller_of(&req);
         let r = req.into_inner();
+        let cred = who.cred(r.header.as_ref(), lim.as_ref());
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.parent, r.new_parent])?;
+        self.check(cred.as_ref(), |s, c| {
+            permission::may_rename(s, c, r.parent, &r.name, r.new_parent, &r.new_name, r.flags)
+        })?;
         ino_ok(r.parent)?;
         ino_ok(r.new_parent)?;
         name_ok(&r.name)?;
@@ -880,9 +994,11 @@ impl Meta for MetaService {
 
     async fn read_dir(&self, req: Request<pb::ReadDirRequest>) -> Res<pb::ReadDirReply> {
         let _m = crate::metrics::op(Rpc::ReadDir);
-        let lim = self.limits(&req);
+        let (lim, who) = self.caller_of(&req);
         let r = req.into_inner();
+        let cred = who.cred(r.header.as_ref(), lim.as_ref());
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
+        self.check(cred.as_ref(), |s, c| permission::may_readdir(s, c, r.ino))?;
         ino_ok(r.ino)?;
         let max = if r.max_entries == 0 {
             1024
@@ -959,9 +1075,13 @@ impl Meta for MetaService {
 
     async fn set_xattr(&self, req: Request<pb::SetXattrRequest>) -> Res<pb::Empty> {
         let _m = crate::metrics::op(Rpc::SetXattr);
-        let lim = self.limits(&req);
+        let (lim, who) = self.caller_of(&req);
         let r = req.into_inner();
+        let cred = who.cred(r.header.as_ref(), lim.as_ref());
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
+        self.check(cred.as_ref(), |s, c| {
+            permission::may_xattr(s, c, r.ino, &r.name, true)
+        })?;
         self.check_growth()?;
         ino_ok(r.ino)?;
         if crate::quota::is_quota_name(&r.name) || r.name == crate::trash::TRASH_SECONDS {
@@ -986,9 +1106,13 @@ impl Meta for MetaService {
 
     async fn get_xattr(&self, req: Request<pb::XattrRequest>) -> Res<pb::XattrReply> {
         let _m = crate::metrics::op(Rpc::GetXattr);
-        let lim = self.limits(&req);
+        let (lim, who) = self.caller_of(&req);
         let r = req.into_inner();
+        let cred = who.cred(r.header.as_ref(), lim.as_ref());
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
+        self.check(cred.as_ref(), |s, c| {
+            permission::may_xattr(s, c, r.ino, &r.name, false)
+        })?;
         ino_ok(r.ino)?;
         let sid = session_of(r.header.as_ref());
         if r.name.starts_with(crate::rstats::PREFIX) || r.name == crate::quota::LIST {
@@ -1022,9 +1146,13 @@ impl Meta for MetaService {
 
     async fn remove_xattr(&self, req: Request<pb::XattrRequest>) -> Res<pb::Empty> {
         let _m = crate::metrics::op(Rpc::RemoveXattr);
-        let lim = self.limits(&req);
+        let (lim, who) = self.caller_of(&req);
         let r = req.into_inner();
+        let cred = who.cred(r.header.as_ref(), lim.as_ref());
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
+        self.check(cred.as_ref(), |s, c| {
+            permission::may_xattr(s, c, r.ino, &r.name, true)
+        })?;
         ino_ok(r.ino)?;
         if crate::quota::is_quota_name(&r.name) || r.name == crate::trash::TRASH_SECONDS {
             Self::check_quota_admin(lim.as_ref(), r.has_cred, r.uid)?;
@@ -1075,18 +1203,21 @@ impl Meta for MetaService {
 
     async fn open(&self, req: Request<pb::OpenRequest>) -> Res<pb::AttrReply> {
         let _m = crate::metrics::op(Rpc::Open);
-        let lim = self.limits(&req);
+        let (lim, who) = self.caller_of(&req);
         let peer = Peer::of(&req);
         let r = req.into_inner();
+        let cred = who.cred(r.header.as_ref(), lim.as_ref());
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         ino_ok(r.ino)?;
+        self.check(cred.as_ref(), |s, c| permission::may_open(s, c, r.ino, r.flags))?;
         if let Some((_, c)) = &lim {
             let truncates = r.flags as i32 & libc::O_TRUNC != 0;
             if c.read_only && (writes(r.flags) || truncates) {
                 return Err(MdsError::Errno(libc::EROFS).into());
             }
-            // The kernel let root through; the squashed uid is judged here.
-            if r.has_cred && c.root_squash && r.uid == 0 {
+            // A client from before FEATURE_CALLER_CREDS: the kernel let
+            // root through; the squashed uid's mode bits are judged here.
+            if cred.is_none() && r.has_cred && c.root_squash && r.uid == 0 {
                 let a = self
                     .node
                     .read_local(|s| s.getattr(r.ino))

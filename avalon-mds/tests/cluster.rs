@@ -121,6 +121,7 @@ async fn create(conn: &MdsConn, name: &str, req_id: u64) -> pb::Attr {
                     request_id: req_id,
                     credential: Default::default(),
                     trace_id: 0,
+                    ..Default::default()
                 }),
                 parent: ROOT_INO,
                 name: name.into(),

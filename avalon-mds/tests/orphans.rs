@@ -20,6 +20,7 @@ fn hdr(sid: u64) -> Option<pb::RequestHeader> {
         request_id: 0,
         credential: Default::default(),
         trace_id: 0,
+        ..Default::default()
     })
 }
 

@@ -45,6 +45,7 @@ fn header(cap: &Bytes) -> Option<pb::RequestHeader> {
         request_id: 0,
         credential: cap.clone(),
         trace_id: 0,
+        ..Default::default()
     })
 }
 

@@ -3,6 +3,7 @@
 //! errno codec, protocol limits).
 
 pub mod backoff;
+pub mod caller;
 pub mod chunk_cap;
 pub mod cluster_status;
 pub mod config_example;

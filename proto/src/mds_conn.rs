@@ -161,6 +161,10 @@ impl MdsConn {
                 }
                 Err(e) => e,
             };
+            // The MDS needs the caller's groups to decide: once, at once.
+            if crate::caller::asks_groups(&err) && crate::caller::load_groups() {
+                continue;
+            }
             if has_errno(&err) || !retryable(&err) {
                 self.pass(err.metadata()).await;
                 return Err(err);

@@ -128,6 +128,10 @@ impl tonic::service::Interceptor for Stamp {
         if let Ok(v) = Id(id).to_string().parse() {
             req.metadata_mut().insert(HEADER, v);
         }
+        // The caller's groups, on the retry the MDS asked them for.
+        if let Some(g) = crate::caller::groups_metadata() {
+            req.metadata_mut().insert(crate::caller::GROUPS_KEY, g);
+        }
         Ok(req)
     }
 }

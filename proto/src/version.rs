@@ -43,12 +43,19 @@ pub const FEATURE_DIR_POLICIES: u64 = 1 << 3;
 /// every voter has it.
 pub const FEATURE_SNAPSHOTS: u64 = 1 << 4;
 
+/// Feature bit: a client sends its callers' uid and gid with each
+/// request (`RequestHeader.has_caller`) and the MDS checks permissions
+/// against them (`avalon-mds/src/permission.rs`). A request without them
+/// (an older client, a daemon, a tool) is limited by its key only.
+pub const FEATURE_CALLER_CREDS: u64 = 1 << 5;
+
 /// Every feature this build has.
 pub const FEATURES: u64 = FEATURE_VERSION_EXCHANGE
     | FEATURE_VERSIONED_FORMATS
     | FEATURE_RANDOM_SESSIONS
     | FEATURE_DIR_POLICIES
-    | FEATURE_SNAPSHOTS;
+    | FEATURE_SNAPSHOTS
+    | FEATURE_CALLER_CREDS;
 
 /// The crate (release) version, e.g. "0.1.0".
 pub const RELEASE: &str = env!("CARGO_PKG_VERSION");

@@ -635,6 +635,7 @@ impl Client {
             mtime: mtime.and_then(ns),
             ctime_ns: ch.ctime_ns,
             access: false,
+            by_handle: ch.by_handle,
         });
         self.queue_attr_change(s, now, op, &a, false);
         Some(a)

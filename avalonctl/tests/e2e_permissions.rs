@@ -1,0 +1,235 @@
+//! Permissions checked by the MDS itself (issue 19), through real mounts
+//! and through the gRPC API directly: an unprivileged user gets EACCES at
+//! a mount and reads through a supplementary group (which the MDS asks
+//! the client for); a root_squash mount's root is an ordinary user (its
+//! creates are owned by nobody, it cannot read, chmod or remove another
+//! user's files); and a request that bypasses the kernel's check, made
+//! with a client key claiming a uid without rights, is refused with
+//! nothing changed, while the same call with the rights passes.
+
+mod common;
+
+use avalon_proto::errno::errno_of;
+use avalon_proto::pb::{self, meta_client::MetaClient};
+use avalon_proto::tls::{ClientTls, Dial};
+use avalonctl::keys;
+use common::{run, SecondMount, TestCluster};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn errno(r: std::io::Result<impl std::fmt::Debug>) -> i32 {
+    r.expect_err("refused").raw_os_error().unwrap_or(0)
+}
+
+fn ctl(keys_dir: &Path, args: &[&str]) {
+    let admin = keys::keyfile(keys_dir, keys::ADMIN);
+    run(
+        Command::new(avalonctl::local_cluster::default_bin_dir().join("avalonctl"))
+            .arg("--keyfile")
+            .arg(&admin)
+            .args(args),
+    );
+}
+
+/// Runs `args` as uid/gid `id` with supplementary `groups`; its stderr if
+/// it failed.
+fn as_user(id: u32, groups: &[u32], args: &[&str]) -> Result<(), String> {
+    let groups = if groups.is_empty() {
+        "--clear-groups".to_string()
+    } else {
+        format!(
+            "--groups={}",
+            groups
+                .iter()
+                .map(|g| g.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    };
+    let out = Command::new("setpriv")
+        .args([format!("--reuid={id}"), format!("--regid={id}"), groups])
+        .arg("--")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("setpriv");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn chmod(p: &Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+fn chown(p: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(p, Some(uid), Some(gid)).expect("chown");
+}
+
+#[test]
+fn the_mds_checks_the_callers_permissions() {
+    let mut t = TestCluster::start(1, 3);
+    let dir = std::fs::canonicalize(t.dir.path()).expect("dir");
+    // Other users must reach the mounts below it.
+    chmod(&dir, 0o755);
+    let kd = avalonctl::local_cluster::keys_dir(&dir);
+    let kds = kd.to_str().expect("utf8");
+    let mds = t.c().layout.mds_addrs().join(",");
+    let root = t.mnt();
+    let s = |n: &str| root.join(n);
+
+    // As the unlimited mount's root: a home of user 1000 (0755) with a
+    // private file, a group-readable one (group 3000) and a public one.
+    std::fs::create_dir(s("home")).expect("mkdir");
+    chown(&s("home"), 1000, 1000);
+    for (name, mode, gid) in [("private", 0o600, 1000), ("grp", 0o640, 3000), ("public", 0o644, 1000)] {
+        let p = s(&format!("home/{name}"));
+        std::fs::write(&p, name).expect("write");
+        chown(&p, 1000, gid);
+        chmod(&p, mode);
+    }
+    std::fs::create_dir(s("tmp")).expect("mkdir");
+    chmod(&s("tmp"), 0o1777);
+    let p = |n: &str| s(n).to_str().expect("utf8").to_string();
+
+    // An unprivileged user through the mount.
+    let e = as_user(2000, &[], &["cat", &p("home/private")]).expect_err("read 0600");
+    assert!(e.contains("Permission denied"), "{e}");
+    as_user(2000, &[], &["cat", &p("home/public")]).expect("read 0644");
+    as_user(2000, &[], &["cat", &p("home/grp")]).expect_err("not in the group");
+    // Through a supplementary group: the kernel lets it through, the MDS
+    // asks the client for the caller's groups and agrees.
+    as_user(2000, &[3000], &["cat", &p("home/grp")]).expect("read via group 3000");
+    as_user(2000, &[], &["touch", &p("home/new")]).expect_err("create in 0755 of 1000");
+    as_user(2000, &[], &["touch", &p("tmp/by2000")]).expect("create in /tmp");
+    let m = std::fs::metadata(s("tmp/by2000")).expect("stat");
+    assert_eq!((m.uid(), m.gid()), (2000, 2000));
+    as_user(3000, &[], &["rm", "-f", &p("tmp/by2000")]).expect_err("sticky");
+    assert!(s("tmp/by2000").exists());
+
+    // A root_squash key: root is nobody.
+    ctl(
+        &kd,
+        &["auth", "add", "client.sq", "--dir", kds, "--mds", &mds, "--root-squash"],
+    );
+    let opt = format!(
+        "name=client.sq,keyfile={}",
+        keys::keyfile(&kd, "client.sq").display()
+    );
+    let sq = SecondMount::with_options(t.c(), dir.join("mnt-sq"), &opt);
+    let q = |n: &str| sq.path.join(n);
+    assert_eq!(errno(std::fs::read(q("home/private"))), libc::EACCES);
+    assert_eq!(std::fs::read(q("home/public")).expect("read"), b"public");
+    assert_eq!(errno(std::fs::write(q("home/by-root"), b"r")), libc::EACCES);
+    assert_eq!(errno(std::fs::remove_file(q("home/public"))), libc::EACCES);
+    let refused = std::fs::set_permissions(q("home/public"), std::fs::Permissions::from_mode(0o666));
+    assert_eq!(errno(refused), libc::EPERM, "chmod of another's file");
+    assert_eq!(
+        errno(std::os::unix::fs::chown(q("home/public"), Some(0), None)),
+        libc::EPERM
+    );
+    std::fs::write(q("tmp/by-root"), b"r").expect("create in /tmp");
+    let m = std::fs::metadata(s("tmp/by-root")).expect("stat");
+    assert_eq!((m.uid(), m.gid()), (65534, 65534), "squashed create");
+    let m = std::fs::metadata(s("home/public")).expect("stat");
+    assert_eq!((m.mode() & 0o7777, m.uid()), (0o644, 1000), "unchanged");
+    drop(sq);
+
+    // Bypassing the kernel: the gRPC API with the squashed key (and with
+    // the unlimited mount's key), claiming a caller without rights.
+    let ino = |n: &str| std::fs::metadata(s(n)).expect("stat").ino();
+    let (home, private, grp) = (ino("home"), ino("home/private"), ino("home/grp"));
+    let rt = common::rt();
+    let t10 = Duration::from_secs(10);
+    let leader = t.c().layout.mds_addrs()[0].clone();
+    let tls = |n: &str| ClientTls::from_keyfile(&keys::keyfile(&kd, n)).expect("key");
+    for key in ["client.sq", avalonctl::local_cluster::MOUNT_IDENTITY] {
+        let tls = tls(key);
+        rt.block_on(async {
+            let ch = tls.channel(&leader, Dial::Mds, t10).expect("ch");
+            let mut c = MetaClient::new(ch);
+            let reg = c
+                .register_client(pb::RegisterClientRequest {
+                    hostname: "test".into(),
+                    subdir: b"/".to_vec().into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("register")
+                .into_inner();
+            let as_uid = |uid: u32, gid: u32| {
+                Some(pb::RequestHeader {
+                    session_id: reg.session_id,
+                    caller_uid: uid,
+                    caller_gid: gid,
+                    has_caller: true,
+                    ..Default::default()
+                })
+            };
+            let open = |hdr, ino, flags: i32| pb::OpenRequest {
+                header: hdr,
+                ino,
+                flags: flags as u32,
+                ..Default::default()
+            };
+            for (uid, what) in [(2000, "another user"), (0, "root")] {
+                let r = c
+                    .open(open(as_uid(uid, uid), private, libc::O_RDONLY))
+                    .await;
+                if uid == 0 && key != "client.sq" {
+                    r.expect("unsquashed root opens");
+                    continue;
+                }
+                let e = r.expect_err("open of a 0600 file");
+                assert_eq!(e.code(), tonic::Code::PermissionDenied, "{key} as {what}");
+                assert_eq!(errno_of(&e), libc::EACCES, "{key} as {what}");
+            }
+            let e = c
+                .unlink(pb::UnlinkRequest {
+                    header: as_uid(2000, 2000),
+                    parent: home,
+                    name: "public".into(),
+                })
+                .await
+                .expect_err("unlink in another's 0755 directory");
+            assert_eq!(errno_of(&e), libc::EACCES, "{key}");
+            let e = c
+                .set_attr(pb::SetAttrRequest {
+                    header: as_uid(2000, 2000),
+                    ino: private,
+                    mode: Some(0o666),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("chmod of another's file");
+            assert_eq!(errno_of(&e), libc::EPERM, "{key}");
+            // Group access: decided only with the groups, which the MDS
+            // asks for; with them it passes.
+            let e = c
+                .open(open(as_uid(2000, 2000), grp, libc::O_RDONLY))
+                .await
+                .expect_err("groups unknown");
+            assert!(avalon_proto::caller::asks_groups(&e), "{key}: {e:?}");
+            let mut req = tonic::Request::new(open(as_uid(2000, 2000), grp, libc::O_RDONLY));
+            req.metadata_mut().insert(
+                avalon_proto::caller::GROUPS_KEY,
+                avalon_proto::caller::encode(&[3000]).parse().expect("value"),
+            );
+            c.open(req).await.expect("open through group 3000");
+            // The owner passes.
+            c.open(open(as_uid(1000, 1000), private, libc::O_RDONLY))
+                .await
+                .expect("the owner opens");
+        });
+    }
+    // Nothing changed.
+    let m = std::fs::metadata(s("home/private")).expect("stat");
+    assert_eq!(m.mode() & 0o7777, 0o600);
+    assert_eq!(std::fs::read(s("home/public")).expect("read"), b"public");
+    assert_eq!(std::fs::read(s("home/private")).expect("read"), b"private");
+}
