@@ -472,7 +472,9 @@ impl Filesystem for AvalonFs {
         let c = self.client.clone();
         let parent = self.mds_ino(parent);
         let name = name.as_bytes().to_vec();
-        self.spawn_as(req, async move { reply_empty(c.unlink(parent, &name).await, reply) });
+        self.spawn_as(req, async move {
+            reply_empty(c.unlink(parent, &name).await, reply)
+        });
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -483,7 +485,9 @@ impl Filesystem for AvalonFs {
         if crate::snapshots::is_snap(parent) {
             return self.snap_rmdir(parent, name, req.uid(), reply);
         }
-        self.spawn_as(req, async move { reply_empty(c.rmdir(parent, &name).await, reply) });
+        self.spawn_as(req, async move {
+            reply_empty(c.rmdir(parent, &name).await, reply)
+        });
     }
 
     fn symlink(
@@ -1119,7 +1123,9 @@ impl Filesystem for AvalonFs {
         let ino = self.mds_ino(ino);
         let name = name.as_bytes().to_vec();
         let uid = req.uid();
-        self.spawn_as(req, async move { reply_empty(c.removexattr(ino, &name, Some(uid)).await, reply) });
+        self.spawn_as(req, async move {
+            reply_empty(c.removexattr(ino, &name, Some(uid)).await, reply)
+        });
     }
 
     fn fallocate(

@@ -40,8 +40,10 @@ fn state() -> State {
     s.inodes.insert(DIR, inode(libc::S_IFDIR | 0o755, 0, 0));
     for i in 0..FILES {
         let ino = 100 + i;
-        s.inodes
-            .insert(ino, inode(libc::S_IFREG | 0o644, 1000 + (i % 7) as u32, 100));
+        s.inodes.insert(
+            ino,
+            inode(libc::S_IFREG | 0o644, 1000 + (i % 7) as u32, 100),
+        );
         s.dentries.insert(
             (DIR, format!("f{i}").into_bytes()),
             Dentry { ino, cookie: i + 3 },

@@ -195,7 +195,11 @@ struct Who {
 
 impl Who {
     /// The caller the request is checked as, if any.
-    fn cred(self, hdr: Option<&pb::RequestHeader>, lim: Option<&(String, ClientCaps)>) -> Option<Cred> {
+    fn cred(
+        self,
+        hdr: Option<&pb::RequestHeader>,
+        lim: Option<&(String, ClientCaps)>,
+    ) -> Option<Cred> {
         Cred::of(hdr, self.groups, lim.map(|l| &l.1), self.admin)
     }
 }
@@ -339,9 +343,8 @@ impl MetaService {
             groups: avalon_proto::caller::groups_of(req.metadata()),
             admin: peer.secured && peer.identity.as_ref().is_some_and(|i| i.name == ADMIN_NAME),
         };
-        let lim = caps::client_name(&peer).and_then(|name| {
-            caps::of_peer(&self.node, &peer).map(|c| (name.to_string(), c))
-        });
+        let lim = caps::client_name(&peer)
+            .and_then(|name| caps::of_peer(&self.node, &peer).map(|c| (name.to_string(), c)));
         (lim, who)
     }
 
@@ -1209,7 +1212,9 @@ impl Meta for MetaService {
         let cred = who.cred(r.header.as_ref(), lim.as_ref());
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         ino_ok(r.ino)?;
-        self.check(cred.as_ref(), |s, c| permission::may_open(s, c, r.ino, r.flags))?;
+        self.check(cred.as_ref(), |s, c| {
+            permission::may_open(s, c, r.ino, r.flags)
+        })?;
         if let Some((_, c)) = &lim {
             let truncates = r.flags as i32 & libc::O_TRUNC != 0;
             if c.read_only && (writes(r.flags) || truncates) {

@@ -137,7 +137,13 @@ fn dac(cred: &Cred, i: &Inode, want: u32) -> Result<bool, Denied> {
         access_acl(i)
     };
     let Some(acl) = acl else {
-        return groups_decide(cred, [(a.gid, (a.mode >> 3) & 7)].into_iter(), None, other, want);
+        return groups_decide(
+            cred,
+            [(a.gid, (a.mode >> 3) & 7)].into_iter(),
+            None,
+            other,
+            want,
+        );
     };
     let mask = acl
         .iter()
@@ -375,7 +381,12 @@ pub struct AttrChange {
 /// truncate (write permission unless through an open file), times (the
 /// owner or root for given times; write permission also does for now).
 /// Returns the mode to store instead of the requested one, if it changes.
-pub fn may_setattr(s: &State, cred: &Cred, ino: u64, ch: &AttrChange) -> Result<Option<u32>, Denied> {
+pub fn may_setattr(
+    s: &State,
+    cred: &Cred,
+    ino: u64,
+    ch: &AttrChange,
+) -> Result<Option<u32>, Denied> {
     let Some(i) = s.inodes.get(&ino) else {
         return Ok(None);
     };
@@ -383,7 +394,8 @@ pub fn may_setattr(s: &State, cred: &Cred, ino: u64, ch: &AttrChange) -> Result<
     let root = cred.is_root();
     let owner = cred.uid == a.uid;
     if let Some(u) = ch.uid {
-        if !root && !(owner && u == a.uid) {
+        let keeps_owner = owner && u == a.uid;
+        if !root && !keeps_owner {
             return Err(EPERM);
         }
     }
@@ -397,8 +409,7 @@ pub fn may_setattr(s: &State, cred: &Cred, ino: u64, ch: &AttrChange) -> Result<
         // Clearing set-id bits is what the kernel does on a write or
         // chown by anyone (file_remove_privs, ATTR_KILL_S*ID): allowed.
         let setid = libc::S_ISUID | libc::S_ISGID;
-        let only_drops_setid =
-            (a.mode ^ m) & 0o7777 & !setid == 0 && m & !a.mode & setid == 0;
+        let only_drops_setid = (a.mode ^ m) & 0o7777 & !setid == 0 && m & !a.mode & setid == 0;
         if !root && !owner && !only_drops_setid {
             return Err(EPERM);
         }
@@ -436,7 +447,11 @@ pub fn may_xattr(s: &State, cred: &Cred, ino: u64, name: &[u8], write: bool) -> 
             Denied::Errno(libc::ENODATA)
         };
         if name == acl::ACCESS || name == acl::DEFAULT {
-            return if write { owner_or_root(cred, i) } else { Ok(()) };
+            return if write {
+                owner_or_root(cred, i)
+            } else {
+                Ok(())
+            };
         }
         if name.starts_with(b"security.") || name.starts_with(b"system.") {
             return Ok(());
@@ -523,10 +538,16 @@ mod tests {
         assert_eq!(inode_permission(&unknown, &f, MAY_WRITE), Err(EACCES));
         // Only the group grants: ask.
         let f = inode(FILE | 0o640, 0, 100);
-        assert_eq!(inode_permission(&unknown, &f, MAY_READ), Err(Denied::NeedGroups));
+        assert_eq!(
+            inode_permission(&unknown, &f, MAY_READ),
+            Err(Denied::NeedGroups)
+        );
         // Only other grants (a member would be refused): ask too.
         let f = inode(FILE | 0o604, 0, 100);
-        assert_eq!(inode_permission(&unknown, &f, MAY_READ), Err(Denied::NeedGroups));
+        assert_eq!(
+            inode_permission(&unknown, &f, MAY_READ),
+            Err(Denied::NeedGroups)
+        );
         // The primary group is known without them.
         let f = inode(FILE | 0o640, 0, 3000);
         assert_eq!(inode_permission(&unknown, &f, MAY_READ), Ok(()));
@@ -552,7 +573,10 @@ mod tests {
             ],
         );
         // Named user: its entry, limited by the mask.
-        assert_eq!(inode_permission(&cred(2000, 9, Some(&[])), &f, MAY_READ), Ok(()));
+        assert_eq!(
+            inode_permission(&cred(2000, 9, Some(&[])), &f, MAY_READ),
+            Ok(())
+        );
         assert_eq!(
             inode_permission(&cred(2000, 9, Some(&[])), &f, MAY_WRITE),
             Err(EACCES),
@@ -566,7 +590,10 @@ mod tests {
         let g = cred(3000, 100, Some(&[]));
         assert_eq!(inode_permission(&g, &f, MAY_EXEC), Err(EACCES));
         // No entry: other.
-        assert_eq!(inode_permission(&cred(4000, 4000, Some(&[])), &f, MAY_READ), Err(EACCES));
+        assert_eq!(
+            inode_permission(&cred(4000, 4000, Some(&[])), &f, MAY_READ),
+            Err(EACCES)
+        );
         // With a wider mask the named group writes.
         let mut f2 = f.clone();
         f2.xattrs.insert(
@@ -579,7 +606,10 @@ mod tests {
                 (OTHER, 0, u32::MAX),
             ]),
         );
-        assert_eq!(inode_permission(&cred(3000, 500, None), &f2, MAY_WRITE), Ok(()));
+        assert_eq!(
+            inode_permission(&cred(3000, 500, None), &f2, MAY_WRITE),
+            Ok(())
+        );
         // Unknown groups and a named group that would grant: ask.
         assert_eq!(
             inode_permission(&cred(3000, 3000, None), &f2, MAY_WRITE),
@@ -590,12 +620,12 @@ mod tests {
     #[test]
     fn root_overrides_except_exec_without_x() {
         let root = cred(0, 0, None);
-        let f = inode(FILE | 0o000, 1000, 1000);
+        let f = inode(FILE, 1000, 1000);
         assert_eq!(inode_permission(&root, &f, MAY_READ | MAY_WRITE), Ok(()));
         assert_eq!(inode_permission(&root, &f, MAY_EXEC), Err(EACCES));
         let f = inode(FILE | 0o001, 1000, 1000);
         assert_eq!(inode_permission(&root, &f, MAY_EXEC), Ok(()));
-        let d = inode(DIR | 0o000, 1000, 1000);
+        let d = inode(DIR, 1000, 1000);
         assert_eq!(inode_permission(&root, &d, MAY_EXEC | MAY_WRITE), Ok(()));
         // Squashed root is nobody.
         let caps = ClientCaps::from_pb(&pb::ClientCaps {
@@ -609,7 +639,10 @@ mod tests {
         };
         let c = Cred::of(Some(&h), None, Some(&caps), false).unwrap();
         assert_eq!((c.uid, c.gid), (crate::caps::NOBODY, crate::caps::NOBODY));
-        assert_eq!(inode_permission(&c, &inode(FILE | 0o600, 7, 7), MAY_READ), Err(EACCES));
+        assert_eq!(
+            inode_permission(&c, &inode(FILE | 0o600, 7, 7), MAY_READ),
+            Err(EACCES)
+        );
         // Not checked: no caller, a daemon, the administrator.
         assert!(Cred::of(Some(&h), None, None, true).is_none());
         let daemon = pb::RequestHeader {
@@ -625,7 +658,10 @@ mod tests {
         assert_eq!(open_mask(libc::O_RDONLY as u32), MAY_READ);
         assert_eq!(open_mask(libc::O_WRONLY as u32), MAY_WRITE);
         assert_eq!(open_mask(libc::O_RDWR as u32), MAY_READ | MAY_WRITE);
-        assert_eq!(open_mask((libc::O_RDONLY | libc::O_TRUNC) as u32), MAY_READ | MAY_WRITE);
+        assert_eq!(
+            open_mask((libc::O_RDONLY | libc::O_TRUNC) as u32),
+            MAY_READ | MAY_WRITE
+        );
         assert_eq!(open_mask(FMODE_EXEC), MAY_EXEC);
     }
 
@@ -652,7 +688,10 @@ mod tests {
         let chown = ch(|c| c.uid = Some(2000));
         assert_eq!(may_setattr(&s, &owner, 5, &chown), Err(EPERM));
         assert_eq!(may_setattr(&s, &cred(0, 0, None), 5, &chown), Ok(None));
-        assert_eq!(may_setattr(&s, &owner, 5, &ch(|c| c.uid = Some(1000))), Ok(None));
+        assert_eq!(
+            may_setattr(&s, &owner, 5, &ch(|c| c.uid = Some(1000))),
+            Ok(None)
+        );
         // chgrp: the owner to one of its groups.
         let to_200 = ch(|c| c.gid = Some(200));
         assert_eq!(may_setattr(&s, &owner, 5, &to_200), Err(EPERM));
@@ -725,7 +764,10 @@ mod tests {
             Err(Denied::Errno(libc::ENODATA))
         );
         assert_eq!(may_xattr(&s, &owner, 3, b"trusted.a", true), Err(EPERM));
-        assert_eq!(may_xattr(&s, &cred(0, 0, None), 3, b"trusted.a", true), Ok(()));
+        assert_eq!(
+            may_xattr(&s, &cred(0, 0, None), 3, b"trusted.a", true),
+            Ok(())
+        );
         assert_eq!(may_xattr(&s, &other, 3, acl::ACCESS, true), Err(EPERM));
         assert_eq!(may_xattr(&s, &owner, 3, acl::ACCESS, true), Ok(()));
         assert_eq!(may_xattr(&s, &other, 3, acl::ACCESS, false), Ok(()));

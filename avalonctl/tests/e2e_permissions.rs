@@ -87,7 +87,11 @@ fn the_mds_checks_the_callers_permissions() {
     // private file, a group-readable one (group 3000) and a public one.
     std::fs::create_dir(s("home")).expect("mkdir");
     chown(&s("home"), 1000, 1000);
-    for (name, mode, gid) in [("private", 0o600, 1000), ("grp", 0o640, 3000), ("public", 0o644, 1000)] {
+    for (name, mode, gid) in [
+        ("private", 0o600, 1000),
+        ("grp", 0o640, 3000),
+        ("public", 0o644, 1000),
+    ] {
         let p = s(&format!("home/{name}"));
         std::fs::write(&p, name).expect("write");
         chown(&p, 1000, gid);
@@ -115,7 +119,16 @@ fn the_mds_checks_the_callers_permissions() {
     // A root_squash key: root is nobody.
     ctl(
         &kd,
-        &["auth", "add", "client.sq", "--dir", kds, "--mds", &mds, "--root-squash"],
+        &[
+            "auth",
+            "add",
+            "client.sq",
+            "--dir",
+            kds,
+            "--mds",
+            &mds,
+            "--root-squash",
+        ],
     );
     let opt = format!(
         "name=client.sq,keyfile={}",
@@ -127,7 +140,8 @@ fn the_mds_checks_the_callers_permissions() {
     assert_eq!(std::fs::read(q("home/public")).expect("read"), b"public");
     assert_eq!(errno(std::fs::write(q("home/by-root"), b"r")), libc::EACCES);
     assert_eq!(errno(std::fs::remove_file(q("home/public"))), libc::EACCES);
-    let refused = std::fs::set_permissions(q("home/public"), std::fs::Permissions::from_mode(0o666));
+    let refused =
+        std::fs::set_permissions(q("home/public"), std::fs::Permissions::from_mode(0o666));
     assert_eq!(errno(refused), libc::EPERM, "chmod of another's file");
     assert_eq!(
         errno(std::os::unix::fs::chown(q("home/public"), Some(0), None)),
@@ -218,7 +232,9 @@ fn the_mds_checks_the_callers_permissions() {
             let mut req = tonic::Request::new(open(as_uid(2000, 2000), grp, libc::O_RDONLY));
             req.metadata_mut().insert(
                 avalon_proto::caller::GROUPS_KEY,
-                avalon_proto::caller::encode(&[3000]).parse().expect("value"),
+                avalon_proto::caller::encode(&[3000])
+                    .parse()
+                    .expect("value"),
             );
             c.open(req).await.expect("open through group 3000");
             // The owner passes.
