@@ -44,6 +44,12 @@ fn capabilities_confine_limit_squash_and_revoke() {
     // Set up as the unlimited mount: a project, a file outside it, and a
     // 0600 file of another user inside it.
     std::fs::create_dir_all(root.join("projects/x")).expect("mkdir");
+    // Squashed root is an ordinary user to the MDS: it may create here.
+    std::fs::set_permissions(
+        root.join("projects/x"),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .expect("chmod");
     std::fs::write(root.join("projects/x/in"), b"in").expect("write");
     std::fs::write(root.join("secret"), b"s").expect("write");
     let private = root.join("projects/x/private");
