@@ -202,6 +202,21 @@ mod tests {
     }
 
     #[test]
+    fn limited_keys_get_no_delegations() {
+        // Delegated changes are checked by the client's kernel only: a
+        // squashed key must make every change through the MDS's check.
+        let sq = ClientCaps {
+            root_squash: true,
+            ..ClientCaps::default()
+        };
+        for m in ["Delegate", "Apply"] {
+            let st = refusal("client.a", &sq, m).expect("refused");
+            assert_eq!(avalon_proto::errno::errno_of(&st), libc::EOPNOTSUPP, "{m}");
+        }
+        assert!(refusal("client.a", &sq, "Mkdir").is_none());
+    }
+
+    #[test]
     fn squash() {
         let c = ClientCaps::from_pb(&pb::ClientCaps {
             root_squash: true,
