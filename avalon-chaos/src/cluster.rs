@@ -1,17 +1,21 @@
 //! The cluster under test: 3 MDS and 3 OSD processes, each listening on
-//! its own loopback address (MDS n on 127.0.0.(10+n), OSD n on
-//! 127.0.0.(20+n)), and FUSE mounts of it by the real `avalon-fuse`.
-//! Unlike `avalonctl`'s local cluster, each daemon can be stopped,
-//! paused and restarted with its own fail points. Dropping it resumes,
-//! unmounts and kills everything, also when the harness panics.
+//! and connecting out from its own loopback address (MDS n on
+//! 127.N.0.(10+n), OSD n on 127.N.0.(20+n)), and FUSE mounts of it by the
+//! real `avalon-fuse` (mount i connecting from 127.N.0.(31+i)); N is the
+//! cluster's network, 0 unless clusters run side by side. Unlike
+//! `avalonctl`'s local cluster, each daemon can be stopped, paused and
+//! restarted with its own fail points, and the network between any of
+//! them cut ([`crate::partition`]). Dropping it heals the network,
+//! resumes, unmounts and kills everything, also when the harness panics.
 
+use crate::partition::Partition;
 use anyhow::{anyhow, bail, Context};
 use avalon_proto::tls::ClientTls;
 use avalonctl::local_cluster::{mds_args, osd_args, spawn_client, unmount, Layout, NodeSpec};
 use avalonctl::status::{self, ClusterStatus};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -60,6 +64,10 @@ pub struct Cluster {
     pub mounts: Vec<Mount>,
     /// The administrator's TLS (`DIR/keys`), for status queries.
     pub tls: ClientTls,
+    /// Second octet of every address (127.N.0.x).
+    net: u8,
+    /// The network cut in place, if any.
+    partition: Option<Partition>,
 }
 
 /// A free port on `ip` (closed again before returning).
@@ -79,6 +87,20 @@ impl Cluster {
         mds: u64,
         osds: u64,
         mounts: usize,
+    ) -> anyhow::Result<Cluster> {
+        Self::start_on(dir, bin_dir, mds, osds, mounts, 0)
+    }
+
+    /// As [`Cluster::start`], on addresses 127.`net`.0.x: clusters whose
+    /// networks are cut must not share addresses with others running at
+    /// the same time.
+    pub fn start_on(
+        dir: &Path,
+        bin_dir: &Path,
+        mds: u64,
+        osds: u64,
+        mounts: usize,
+        net: u8,
     ) -> anyhow::Result<Cluster> {
         std::fs::create_dir_all(dir.join("logs"))?;
         let dir = std::fs::canonicalize(dir)?;
@@ -100,10 +122,10 @@ impl Cluster {
         };
         let layout = Layout {
             mds: (1..=mds)
-                .map(|i| node(i, format!("127.0.0.{}", 10 + i)))
+                .map(|i| node(i, format!("127.{net}.0.{}", 10 + i)))
                 .collect::<anyhow::Result<_>>()?,
             osds: (1..=osds)
-                .map(|i| node(i, format!("127.0.0.{}", 20 + i)))
+                .map(|i| node(i, format!("127.{net}.0.{}", 20 + i)))
                 .collect::<anyhow::Result<_>>()?,
             replicas: 3.min(osds as u32),
             write_quorum: 2.min(osds as u32),
@@ -121,6 +143,8 @@ impl Cluster {
             daemons: Vec::new(),
             mounts: Vec::new(),
             layout,
+            net,
+            partition: None,
         };
         for n in c.layout.mds.clone() {
             c.daemons.push(Daemon {
@@ -241,10 +265,65 @@ impl Cluster {
         self.daemons[i].paused = false;
     }
 
-    /// Undoes every fault: resumes paused daemons, restarts dead ones and
-    /// those running with fail points (without them). Returns what it did.
+    /// The address daemon `i` listens on and connects from.
+    pub fn daemon_ip(&self, i: usize) -> Ipv4Addr {
+        let n = match self.daemons[i].role {
+            Role::Mds(id) => 10 + id,
+            Role::Osd(id) => 20 + id,
+        };
+        Ipv4Addr::new(127, self.net, 0, n as u8)
+    }
+
+    /// The address mount `i` connects from.
+    pub fn mount_ip(&self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(127, self.net, 0, 31 + i as u8)
+    }
+
+    /// Indexes of the MDS daemons.
+    pub fn mds_indexes(&self) -> Vec<usize> {
+        (0..self.daemons.len())
+            .filter(|&i| matches!(self.daemons[i].role, Role::Mds(_)))
+            .collect()
+    }
+
+    /// Indexes of the OSD daemons.
+    pub fn osd_indexes(&self) -> Vec<usize> {
+        (0..self.daemons.len())
+            .filter(|&i| matches!(self.daemons[i].role, Role::Osd(_)))
+            .collect()
+    }
+
+    /// Cuts the network between the addresses in `a` and those in `b`
+    /// (replacing a cut in place); anything in neither reaches both sides.
+    pub fn partition(&mut self, a: &[Ipv4Addr], b: &[Ipv4Addr]) -> anyhow::Result<()> {
+        if self.partition.is_none() {
+            self.partition = Some(Partition::new()?);
+        }
+        if let Some(p) = self.partition.as_mut() {
+            p.cut(a, b)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the network cut; true if there was one.
+    pub fn heal_network(&mut self) -> anyhow::Result<bool> {
+        match self.partition.as_mut() {
+            Some(p) if p.is_cut() => {
+                p.heal()?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Undoes every fault: heals the network, resumes paused daemons,
+    /// restarts dead ones and those running with fail points (without
+    /// them). Returns what it did.
     pub fn heal(&mut self) -> anyhow::Result<Vec<String>> {
         let mut did = Vec::new();
+        if self.heal_network()? {
+            did.push("healed the network".to_string());
+        }
         for i in 0..self.daemons.len() {
             if self.daemons[i].paused {
                 self.resume(i);
@@ -301,6 +380,8 @@ impl Cluster {
             .arg("-o")
             .arg(format!("log={}", log.display()))
             .arg("-o")
+            .arg(format!("source_addr={}", self.mount_ip(i)))
+            .arg("-o")
             .arg(avalonctl::local_cluster::mount_key_option(
                 &self.dir,
                 &self.layout,
@@ -315,8 +396,13 @@ impl Cluster {
         self.daemons[i].child.as_ref().map(Child::id)
     }
 
-    /// Unmounts and stops everything (idempotent).
+    /// Heals the network, unmounts and stops everything (idempotent).
     pub fn stop(&mut self) {
+        // First: unmounting must reach the cluster, and no rule may outlive
+        // the run.
+        if let Err(e) = self.heal_network() {
+            eprintln!("cluster: {e:#}");
+        }
         for i in 0..self.daemons.len() {
             if self.daemons[i].paused {
                 self.resume(i);

@@ -7,6 +7,7 @@ pub mod check;
 pub mod cluster;
 pub mod history;
 pub mod nemesis;
+pub mod partition;
 pub mod report;
 pub mod run;
 pub mod workload;

@@ -10,6 +10,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
 use serde::Serialize;
+use std::net::Ipv4Addr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -39,11 +40,18 @@ pub enum FaultKind {
     FailingDisk,
     /// Restart an MDS with a slow raft log fsync.
     SlowMdsDisk,
+    /// Cut the MDS leader and one mount off from the other MDS nodes and
+    /// mounts (the OSDs reach both sides).
+    PartitionMdsLeader,
+    /// Cut a mount off from every MDS (not from the OSDs).
+    PartitionMount,
+    /// Cut an OSD off from the other OSDs and every MDS (not from the mounts).
+    PartitionOsd,
 }
 
 impl FaultKind {
     /// Every kind.
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 13] = [
         FaultKind::KillMdsLeader,
         FaultKind::KillMdsFollower,
         FaultKind::KillOsd,
@@ -54,6 +62,9 @@ impl FaultKind {
         FaultKind::SlowDisk,
         FaultKind::FailingDisk,
         FaultKind::SlowMdsDisk,
+        FaultKind::PartitionMdsLeader,
+        FaultKind::PartitionMount,
+        FaultKind::PartitionOsd,
     ];
 
     /// Needs daemons built with the `failpoints` features.
@@ -63,14 +74,23 @@ impl FaultKind {
             FaultKind::SlowDisk | FaultKind::FailingDisk | FaultKind::SlowMdsDisk
         )
     }
+
+    /// Needs nftables (`nft`) and root.
+    pub fn needs_nft(self) -> bool {
+        matches!(
+            self,
+            FaultKind::PartitionMdsLeader | FaultKind::PartitionMount | FaultKind::PartitionOsd
+        )
+    }
 }
 
 /// A `--nemesis` name that names no group.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown nemesis {0:?} (kill, pause, flap, disk, all, none)")]
+#[error("unknown nemesis {0:?} (kill, pause, flap, disk, partition, all, none)")]
 pub struct UnknownNemesis(String);
 
-/// The groups of `--nemesis`: `kill`, `pause`, `flap`, `disk`, `all`, `none`.
+/// The groups of `--nemesis`: `kill`, `pause`, `flap`, `disk`,
+/// `partition`, `all`, `none`.
 pub struct Kinds(pub Vec<FaultKind>);
 
 impl FromStr for Kinds {
@@ -84,6 +104,7 @@ impl FromStr for Kinds {
                 "pause" => v.extend([PauseMdsLeader, PauseMdsFollower, PauseOsd]),
                 "flap" => v.push(FlapOsd),
                 "disk" => v.extend([SlowDisk, FailingDisk, SlowMdsDisk]),
+                "partition" => v.extend([PartitionMdsLeader, PartitionMount, PartitionOsd]),
                 "all" => v.extend(FaultKind::ALL),
                 "none" => {}
                 other => return Err(UnknownNemesis(other.to_string())),
@@ -177,15 +198,22 @@ pub fn run(
         }
         let kind = *cfg.kinds.choose(rng).expect("a kind");
         let target = match kind {
-            FaultKind::KillMdsLeader | FaultKind::PauseMdsLeader => leader_idx(rng),
+            FaultKind::KillMdsLeader
+            | FaultKind::PauseMdsLeader
+            | FaultKind::PartitionMdsLeader => leader_idx(rng),
             FaultKind::KillMdsFollower | FaultKind::PauseMdsFollower | FaultKind::SlowMdsDisk => {
                 let l = leader_idx(rng);
                 let others: Vec<usize> = mds_idx.iter().copied().filter(|&i| i != l).collect();
                 *others.choose(rng).expect("a follower")
             }
+            // A mount's index, not a daemon's.
+            FaultKind::PartitionMount => rng.gen_range(0..lock().mounts.len().max(1)),
             _ => *osd_idx.choose(rng).expect("an OSD"),
         };
-        let name = lock().daemons[target].name.clone();
+        let name = match kind {
+            FaultKind::PartitionMount => format!("mount{target}"),
+            _ => lock().daemons[target].name.clone(),
+        };
         let start_s = rec.now_ns() as f64 / 1e9;
         eprintln!("nemesis {start_s:8.3}s: {kind:?} {name}");
         // Faults run to their end even when `stop` is set meanwhile, so
@@ -228,6 +256,23 @@ pub fn run(
                     lock().kill(target);
                     lock().spawn(target, None)?;
                 }
+                FaultKind::PartitionMdsLeader
+                | FaultKind::PartitionMount
+                | FaultKind::PartitionOsd => {
+                    let (a, b) = partition_sides(&lock(), kind, target);
+                    eprintln!("nemesis: cut {a:?} from {b:?}");
+                    lock().partition(&a, &b)?;
+                    // Longer than a session lease, and for an OSD sometimes
+                    // longer than the MDS's 10 s before it marks it down.
+                    let lease = cfg.lease.as_millis() as u64;
+                    let hi = if kind == FaultKind::PartitionOsd {
+                        15000
+                    } else {
+                        5 * lease
+                    };
+                    nap(&never, ms(rng, 2 * lease, hi));
+                    lock().heal_network()?;
+                }
             }
             Ok(())
         })();
@@ -247,6 +292,41 @@ pub fn run(
         });
     }
     faults
+}
+
+/// The two sides of a partition of `kind` around `target` (a daemon's
+/// index; a mount's for [`FaultKind::PartitionMount`]).
+pub fn partition_sides(
+    c: &Cluster,
+    kind: FaultKind,
+    target: usize,
+) -> (Vec<Ipv4Addr>, Vec<Ipv4Addr>) {
+    let mds: Vec<Ipv4Addr> = c.mds_indexes().iter().map(|&i| c.daemon_ip(i)).collect();
+    let mounts: Vec<Ipv4Addr> = (0..c.mounts.len()).map(|i| c.mount_ip(i)).collect();
+    match kind {
+        FaultKind::PartitionMdsLeader => {
+            // The old leader keeps one mount (the first), so that a client
+            // still talks to it; the majority keeps the others.
+            let leader = c.daemon_ip(target);
+            let mut a = vec![leader];
+            a.extend(mounts.first());
+            let mut b: Vec<Ipv4Addr> = mds.into_iter().filter(|&ip| ip != leader).collect();
+            b.extend(mounts.iter().skip(1));
+            (a, b)
+        }
+        FaultKind::PartitionMount => (vec![c.mount_ip(target)], mds),
+        _ => {
+            let osd = c.daemon_ip(target);
+            let mut b: Vec<Ipv4Addr> = c
+                .osd_indexes()
+                .iter()
+                .map(|&i| c.daemon_ip(i))
+                .filter(|&ip| ip != osd)
+                .collect();
+            b.extend(mds);
+            (vec![osd], b)
+        }
+    }
 }
 
 /// Waits up to `bound` for a leader, every OSD up and every PG healthy.

@@ -100,8 +100,15 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     // A few seconds of calm first, so a fault never hits an idle system.
     wait(Duration::from_secs(3));
     let stop = Arc::new(AtomicBool::new(false));
+    let mut kinds = opts.kinds.clone();
+    if kinds.iter().any(|k| k.needs_nft()) && !crate::partition::available() {
+        eprintln!(
+            "avalon-chaos: nft does not work here (install nftables, run as root): no partitions"
+        );
+        kinds.retain(|k| !k.needs_nft());
+    }
     let ncfg = nemesis::Config {
-        kinds: opts.kinds.clone(),
+        kinds,
         lease: Duration::from_millis(2000),
         gap: (Duration::from_millis(1000), Duration::from_millis(4000)),
         recover_bound: Duration::from_secs(30),

@@ -48,8 +48,8 @@ struct Args {
     /// Mount options, comma separated (ro, rw, allow_other, noatime, log=FILE (reopened on
     /// SIGHUP), log_level=LEVEL, log_format=text|json, slow_request_ms=MS, connect_timeout=SECS,
     /// threads=N, fsname=NAME, cache_mb=MB, metrics=HOST:PORT, nosubtype, selinux,
-    /// name=client.NAME, keyfile=PATH (default /etc/avalon/NAME.key), insecure (no TLS);
-    /// _netdev, defaults, nofail and x-* are accepted and ignored).
+    /// name=client.NAME, keyfile=PATH (default /etc/avalon/NAME.key), insecure (no TLS),
+    /// source_addr=IP (connect to the cluster from this local address); _netdev, defaults, nofail and x-* are accepted and ignored).
     #[arg(short = 'o')]
     options: Vec<String>,
     /// Stay in the foreground (do not detach).
@@ -101,6 +101,9 @@ struct Opts {
     name: Option<String>,
     keyfile: Option<PathBuf>,
     insecure: bool,
+    /// Local address every connection to the cluster leaves from
+    /// (`source_addr=`); the kernel's choice by default.
+    source_addr: Option<std::net::IpAddr>,
 }
 
 /// Session heartbeat period: a quarter of the MDS's default 1 s lease.
@@ -189,6 +192,12 @@ fn parse_opts(list: &[String]) -> anyhow::Result<Opts> {
             ("name", Some(n)) => o.name = Some(n.to_string()),
             ("keyfile", Some(p)) => o.keyfile = Some(PathBuf::from(p)),
             ("insecure", None) => o.insecure = true,
+            ("source_addr", Some(a)) => {
+                o.source_addr = Some(
+                    a.parse()
+                        .with_context(|| format!("source_addr={a}: not an IP address"))?,
+                )
+            }
             ("nodiratime" | "diratime" | "lazytime" | "nolazytime" | "silent" | "loud", None) => {}
             (
                 "_netdev" | "defaults" | "nofail" | "auto" | "noauto" | "user" | "nouser" | "users",
@@ -295,7 +304,7 @@ fn client_tls(o: &Opts) -> anyhow::Result<ClientTls> {
             "options insecure and keyfile= exclude each other"
         );
         tracing::warn!("mounted with -o insecure: no TLS, no authentication");
-        return Ok(ClientTls::plaintext());
+        return Ok(ClientTls::plaintext().with_source(o.source_addr));
     }
     let path = match (&o.keyfile, &o.name) {
         (Some(p), _) => p.clone(),
@@ -314,7 +323,7 @@ fn client_tls(o: &Opts) -> anyhow::Result<ClientTls> {
             id.name
         );
     }
-    Ok(tls)
+    Ok(tls.with_source(o.source_addr))
 }
 
 fn run_foreground(args: &Args) -> anyhow::Result<()> {

@@ -145,13 +145,19 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
+    // Connections to the other MDS nodes and to the OSDs leave from the
+    // address this node listens on (a wildcard: the kernel's choice).
+    let client_tls = tls
+        .client
+        .clone()
+        .with_source(listener.local_addr().ok().map(|a| a.ip()));
     let peer_features = raft_net::PeerFeatures::default();
     let raft = Raft::new(
         cfg.id,
         Arc::new(raft_config(&cfg)?),
         NetworkFactory {
             id: cfg.id,
-            tls: tls.client.clone(),
+            tls: client_tls.clone(),
             features: peer_features.clone(),
         },
         log,
@@ -182,7 +188,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         proposer: proposer::Proposer::start(raft.clone()),
         settings_init: tokio::sync::Mutex::new(()),
         shutdown: shutdown.child_token(),
-        tls: tls.client.clone(),
+        tls: client_tls.clone(),
         metrics_addr: std::sync::OnceLock::new(),
         peer_features,
     });

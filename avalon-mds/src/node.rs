@@ -999,7 +999,7 @@ impl MdsNode {
                         .filter_map(|id| s.osds.get(id).map(|o| (*id, o.addr.clone())))
                         .collect()
                 });
-                for id in crate::osd_probe::refusing(addrs).await {
+                for id in crate::osd_probe::refusing(addrs, self.tls.source()).await {
                     stale.push((
                         id,
                         "OSD is silent and its port refuses connections; marking down",

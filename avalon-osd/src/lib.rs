@@ -85,6 +85,9 @@ pub async fn run_with_listener(
     } else {
         cfg.advertise.clone()
     };
+    // Connections to the MDS and the other OSDs leave from the address
+    // this OSD listens on (a wildcard: the kernel's choice).
+    let client_tls = tls.client.clone().with_source(Some(local.ip()));
     let data_dir = cfg.data_dir.clone();
     let (store, capacity) = tokio::task::spawn_blocking({
         let capacity = cfg.capacity;
@@ -125,7 +128,7 @@ pub async fn run_with_listener(
         cfg.failure_domain.clone()
     };
     let membership = Arc::new(Membership::new(
-        MdsConn::new(cfg.mds.clone(), tls.client.clone()),
+        MdsConn::new(cfg.mds.clone(), client_tls.clone()),
         addr,
         failure_domain,
         capacity,
@@ -134,7 +137,7 @@ pub async fn run_with_listener(
     ));
     let peers = Arc::new(Peers::new(
         Duration::from_millis(cfg.forward_timeout_ms),
-        tls.client.clone(),
+        client_tls.clone(),
     ));
     let recovery = Arc::new(Recovery::new(
         Arc::clone(&store),

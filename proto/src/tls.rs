@@ -20,7 +20,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -50,6 +50,10 @@ pub const URI_SCHEME: &str = "avalon://";
 pub const ADMIN_NAME: &str = "client.admin";
 /// A TLS handshake must be over within this long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// gRPC connections ping their peer after this long without a frame...
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// ...and are closed when the answer does not come within this long.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Failures loading a keyfile or building a TLS configuration.
 #[derive(Debug, thiserror::Error)]
@@ -329,9 +333,16 @@ struct ClientInner {
 }
 
 /// The client side of every connection a process opens: mutual TLS with its
-/// keyfile, or plaintext (`insecure`). Cheap to clone.
+/// keyfile, or plaintext (`insecure`), and the local address connections
+/// leave from. Cheap to clone.
 #[derive(Clone)]
-pub struct ClientTls(Option<Arc<ClientInner>>);
+pub struct ClientTls {
+    inner: Option<Arc<ClientInner>>,
+    /// Bound before each connect (`None`: the kernel's choice). A node on a
+    /// shared host then sends from its own address, which firewall rules
+    /// (and the chaos harness's partitions) can tell apart.
+    source: Option<IpAddr>,
+}
 
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -345,7 +356,10 @@ impl std::fmt::Debug for ClientTls {
 impl ClientTls {
     /// No TLS (`insecure = true`).
     pub fn plaintext() -> ClientTls {
-        ClientTls(None)
+        ClientTls {
+            inner: None,
+            source: None,
+        }
     }
 
     /// Mutual TLS with the key, certificate and CA in `path`.
@@ -374,22 +388,37 @@ impl ClientTls {
             c.enable_secret_extraction = data;
             Ok(Arc::new(c))
         };
-        Ok(ClientTls(Some(Arc::new(ClientInner {
-            grpc: build(&[ALPN_GRPC])?,
-            // An OSD predating avalon-data/2 picks avalon-data/1.
-            data: build(&[ALPN_DATA_RECORDS, ALPN_DATA])?,
-            identity: k.identity.clone(),
-        }))))
+        Ok(ClientTls {
+            inner: Some(Arc::new(ClientInner {
+                grpc: build(&[ALPN_GRPC])?,
+                // An OSD predating avalon-data/2 picks avalon-data/1.
+                data: build(&[ALPN_DATA_RECORDS, ALPN_DATA])?,
+                identity: k.identity.clone(),
+            })),
+            source: None,
+        })
+    }
+
+    /// The same, with every connection leaving from `source` (`None`: the
+    /// kernel's choice; an unspecified address counts as `None`).
+    pub fn with_source(mut self, source: Option<IpAddr>) -> ClientTls {
+        self.source = source.filter(|ip| !ip.is_unspecified());
+        self
+    }
+
+    /// The local address connections leave from, if one was chosen.
+    pub fn source(&self) -> Option<IpAddr> {
+        self.source
     }
 
     /// This process's identity; `None` when plaintext.
     pub fn identity(&self) -> Option<&Identity> {
-        self.0.as_ref().map(|i| &i.identity)
+        self.inner.as_ref().map(|i| &i.identity)
     }
 
     /// True without TLS.
     pub fn is_plaintext(&self) -> bool {
-        self.0.is_none()
+        self.inner.is_none()
     }
 
     /// A lazily connected gRPC channel to the `dial` daemon at `addr`.
@@ -403,23 +432,31 @@ impl ClientTls {
             .map_err(|e| Status::invalid_argument(format!("bad address {addr:?}: {e}")))?
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
-            .http2_adaptive_window(true);
-        Ok(match &self.0 {
-            None => ep.connect_lazy(),
+            .http2_adaptive_window(true)
+            // A peer cut off by the network (packets dropped, nothing
+            // reset) would leave the connection open forever and every
+            // call on it waiting for its own timeout; unanswered pings
+            // close it, and the next call connects again.
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        Ok(match &self.inner {
+            None => ep.local_address(self.source).connect_lazy(),
             Some(inner) => ep.connect_with_connector_lazy(GrpcConnector {
                 config: inner.grpc.clone(),
                 name: dial.server_name(),
+                source: self.source,
             }),
         })
     }
 
     /// Connects to an OSD's data port at `addr` (TLS handshake included).
     pub async fn connect_data(&self, addr: &str) -> io::Result<Conn> {
-        let tcp = TcpStream::connect(addr).await?;
+        let tcp = connect_tcp(addr, self.source).await?;
         // Small requests and acks must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
         let remote = tcp.peer_addr().ok();
-        match &self.0 {
+        match &self.inner {
             None => Ok(Conn::plain(tcp)),
             Some(inner) => {
                 let tls = tokio_rustls::TlsConnector::from(inner.data.clone())
@@ -469,10 +506,10 @@ impl ClientTls {
     /// messages, as gRPC reports only "transport error". `None` when
     /// plaintext, unreachable, or the handshake works.
     pub async fn diagnose(&self, addrs: &[String], dial: Dial) -> Option<String> {
-        let inner = self.0.as_ref()?;
+        let inner = self.inner.as_ref()?;
         for addr in addrs {
             let Ok(Ok(tcp)) =
-                tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
+                tokio::time::timeout(Duration::from_secs(2), connect_tcp(addr, self.source)).await
             else {
                 continue;
             };
@@ -505,11 +542,62 @@ fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<Identity> {
         .and_then(|c| Identity::from_cert(c))
 }
 
-/// tonic connector: TCP, then the TLS handshake as the given server name.
+/// Opens a TCP connection to `addr` (`HOST:PORT`), from `source` when given:
+/// the one place where Avalon processes connect out.
+pub async fn connect_tcp(addr: &str, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect(addr).await;
+    };
+    let mut last = None;
+    let tos: Vec<SocketAddr> = tokio::net::lookup_host(addr).await?.collect();
+    for &to in &tos {
+        if to.is_ipv4() != source.is_ipv4() {
+            continue;
+        }
+        let socket = if to.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        bind_address_no_port(&socket);
+        socket.bind(SocketAddr::new(source, 0))?;
+        match socket.connect(to).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    match last {
+        Some(e) => Err(e),
+        // No address of the source's family: the kernel chooses.
+        None => TcpStream::connect(&tos[..]).await,
+    }
+}
+
+/// Lets the kernel pick the local port at connect, by destination, as for an
+/// unbound socket: a bind to port 0 would reserve a port for all
+/// destinations. Best effort (without it the bind still works).
+fn bind_address_no_port(socket: &tokio::net::TcpSocket) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor and an int option of the right size.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// tonic connector: TCP (from `source` when given), then the TLS handshake
+/// as the given server name.
 #[derive(Clone)]
 struct GrpcConnector {
     config: Arc<ClientConfig>,
     name: ServerName<'static>,
+    source: Option<IpAddr>,
 }
 
 type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -524,13 +612,13 @@ impl tower::Service<http::Uri> for GrpcConnector {
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let (config, name) = (self.config.clone(), self.name.clone());
+        let (config, name, source) = (self.config.clone(), self.name.clone(), self.source);
         Box::pin(async move {
             let addr = uri
                 .authority()
                 .map(|a| a.as_str().to_string())
                 .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address"))?;
-            let tcp = TcpStream::connect(&addr).await?;
+            let tcp = connect_tcp(&addr, source).await?;
             let _ = tcp.set_nodelay(true);
             let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)

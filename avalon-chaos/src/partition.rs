@@ -1,0 +1,294 @@
+//! Network partitions on the loopback interface. Every node of a chaos
+//! cluster listens on and connects out from its own 127.0.0.0/8 address,
+//! so nftables rules on `lo` can drop the traffic between two sets of
+//! nodes. The rules live in a table of their own, named with this
+//! process's id (`avalon_chaos_PID_N`), only ever match loopback
+//! addresses, and drop silently on input: the sender sees no error, its
+//! packets just vanish, as on a cut cable. A table left by a process
+//! that died (a crashed or killed run) is removed when the next one is made.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Prefix of the tables this module makes.
+pub const TABLE_PREFIX: &str = "avalon_chaos_";
+
+/// Tables made by this process so far (two clusters in one test process
+/// each have their own).
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Why a partition could not be made or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum PartitionError {
+    /// Only 127.0.0.0/8 is ever touched.
+    #[error("{0} is not a loopback address: partitions only touch 127.0.0.0/8")]
+    NotLoopback(Ipv4Addr),
+    /// A side of the cut is empty.
+    #[error("a partition needs addresses on both sides")]
+    EmptySide,
+    /// `nft` could not be run.
+    #[error("cannot run nft (install nftables): {0}")]
+    Spawn(std::io::Error),
+    /// `nft` refused.
+    #[error("nft {what}: {msg}")]
+    Nft {
+        /// What was asked.
+        what: String,
+        /// nft's error output.
+        msg: String,
+    },
+}
+
+/// One nftables table of this process: at most one cut at a time, removed
+/// by [`Partition::heal`] and when dropped.
+#[derive(Debug)]
+pub struct Partition {
+    table: String,
+    cut: bool,
+}
+
+fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, PartitionError> {
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(PartitionError::Spawn)?;
+    if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
+        w.write_all(text.as_bytes())
+            .map_err(PartitionError::Spawn)?;
+    }
+    let out = child.wait_with_output().map_err(PartitionError::Spawn)?;
+    if !out.status.success() {
+        return Err(PartitionError::Nft {
+            what: args.join(" "),
+            msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// True when `nft` runs and the kernel has nf_tables.
+pub fn available() -> bool {
+    nft(&["list", "tables"], None).is_ok()
+}
+
+/// The pid in a table name of ours.
+fn table_pid(name: &str) -> Option<i32> {
+    name.strip_prefix(TABLE_PREFIX)?
+        .split('_')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Deletes the tables of ours whose process is gone.
+pub fn remove_stale() -> Result<Vec<String>, PartitionError> {
+    let mut removed = Vec::new();
+    for line in nft(&["list", "tables"], None)?.lines() {
+        // "table ip avalon_chaos_1234_0"
+        let mut w = line.split_whitespace();
+        let (Some("table"), Some(family), Some(name)) = (w.next(), w.next(), w.next()) else {
+            continue;
+        };
+        let Some(pid) = table_pid(name) else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        nft(&["delete", "table", family, name], None)?;
+        removed.push(name.to_string());
+    }
+    Ok(removed)
+}
+
+/// The nftables script that makes `table` drop everything between `a`
+/// and `b` on `lo`, replacing what the table held.
+fn script(table: &str, a: &[Ipv4Addr], b: &[Ipv4Addr]) -> String {
+    let set = |s: &[Ipv4Addr]| {
+        s.iter()
+            .map(Ipv4Addr::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (a, b) = (set(a), set(b));
+    // Created empty first so that the delete always has something to
+    // delete: the script is one transaction, the swap atomic.
+    format!(
+        "add table ip {table}\n\
+         delete table ip {table}\n\
+         table ip {table} {{\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority -10; policy accept;\n\
+         \t\tiifname \"lo\" ip saddr {{ {a} }} ip daddr {{ {b} }} drop\n\
+         \t\tiifname \"lo\" ip saddr {{ {b} }} ip daddr {{ {a} }} drop\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+impl Partition {
+    /// A fresh table name for this process; first removes tables that
+    /// runs which died left behind.
+    pub fn new() -> Result<Partition, PartitionError> {
+        let removed = remove_stale()?;
+        if !removed.is_empty() {
+            eprintln!("partition: removed stale nftables tables {removed:?}");
+        }
+        Ok(Partition {
+            table: format!(
+                "{TABLE_PREFIX}{}_{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ),
+            cut: false,
+        })
+    }
+
+    /// The table's name.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// True while a cut is in place.
+    pub fn is_cut(&self) -> bool {
+        self.cut
+    }
+
+    /// Drops all traffic between the addresses in `a` and those in `b`,
+    /// both ways (replacing an earlier cut). Traffic within each side, and
+    /// with addresses in neither, still flows.
+    pub fn cut(&mut self, a: &[Ipv4Addr], b: &[Ipv4Addr]) -> Result<(), PartitionError> {
+        if a.is_empty() || b.is_empty() {
+            return Err(PartitionError::EmptySide);
+        }
+        if let Some(ip) = a.iter().chain(b).find(|ip| !ip.is_loopback()) {
+            return Err(PartitionError::NotLoopback(*ip));
+        }
+        // Marked first: a failure half way still gets the table removed.
+        self.cut = true;
+        nft(&["-f", "-"], Some(&script(&self.table, a, b)))?;
+        Ok(())
+    }
+
+    /// Removes the cut (the whole table); nothing when there is none.
+    pub fn heal(&mut self) -> Result<(), PartitionError> {
+        if !self.cut {
+            return Ok(());
+        }
+        match nft(&["delete", "table", "ip", &self.table], None) {
+            Ok(_) => {}
+            // Already gone (removed by hand): healed all the same.
+            Err(PartitionError::Nft { msg, .. })
+                if msg.contains("No such file") || msg.contains("does not exist") => {}
+            Err(e) => return Err(e),
+        }
+        self.cut = false;
+        Ok(())
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        if let Err(e) = self.heal() {
+            eprintln!("partition: could not remove table {}: {e}", self.table);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_carry_the_pid() {
+        assert_eq!(table_pid("avalon_chaos_1234_0"), Some(1234));
+        assert_eq!(table_pid("avalon_chaos_77_12"), Some(77));
+        assert_eq!(table_pid("filter"), None);
+        assert_eq!(table_pid("avalon_chaos_x_1"), None);
+    }
+
+    #[test]
+    fn the_script_drops_both_ways_on_lo_only() {
+        let a = [Ipv4Addr::new(127, 0, 0, 11)];
+        let b = [Ipv4Addr::new(127, 0, 0, 12), Ipv4Addr::new(127, 0, 0, 31)];
+        let s = script("avalon_chaos_1_0", &a, &b);
+        assert!(s.contains(
+            "iifname \"lo\" ip saddr { 127.0.0.11 } ip daddr { 127.0.0.12, 127.0.0.31 } drop"
+        ));
+        assert!(s.contains(
+            "iifname \"lo\" ip saddr { 127.0.0.12, 127.0.0.31 } ip daddr { 127.0.0.11 } drop"
+        ));
+        assert!(s.starts_with("add table ip avalon_chaos_1_0\ndelete table ip avalon_chaos_1_0\n"));
+    }
+
+    #[test]
+    fn only_loopback_addresses_are_cut() {
+        let mut p = Partition {
+            table: "avalon_chaos_test_unused".into(),
+            cut: false,
+        };
+        let e = p
+            .cut(
+                &[Ipv4Addr::new(127, 0, 0, 11)],
+                &[Ipv4Addr::new(10, 0, 0, 1)],
+            )
+            .expect_err("refused");
+        assert!(matches!(e, PartitionError::NotLoopback(_)), "{e}");
+        assert!(!p.is_cut());
+        assert!(matches!(
+            p.cut(&[], &[Ipv4Addr::new(127, 0, 0, 1)]),
+            Err(PartitionError::EmptySide)
+        ));
+    }
+
+    /// On a machine with nftables (as root): a cut really drops a TCP
+    /// connection between two loopback addresses, and heal lets it through
+    /// again. Skipped, saying so, without nft.
+    #[test]
+    fn a_cut_drops_loopback_traffic_and_heal_restores_it() {
+        use std::net::{SocketAddr, TcpListener};
+        use std::time::Duration;
+        if !available() {
+            eprintln!("nft not available: skipping the live partition check");
+            return;
+        }
+        let server = TcpListener::bind("127.0.9.12:0").expect("bind");
+        let to = server.local_addr().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let connect = || {
+            rt.block_on(async {
+                let s = tokio::net::TcpSocket::new_v4()?;
+                s.bind(SocketAddr::from(([127, 0, 9, 11], 0)))?;
+                tokio::time::timeout(Duration::from_millis(500), s.connect(to))
+                    .await
+                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+            })
+        };
+        connect().expect("connects before the cut");
+        let mut p = Partition::new().expect("table");
+        p.cut(
+            &[Ipv4Addr::new(127, 0, 9, 11)],
+            &[Ipv4Addr::new(127, 0, 9, 12)],
+        )
+        .expect("cut");
+        let listed = nft(&["list", "table", "ip", p.table()], None).expect("listed");
+        assert!(listed.contains("127.0.9.11"), "{listed}");
+        let e = connect().expect_err("dropped while cut");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        p.heal().expect("heal");
+        assert!(nft(&["list", "table", "ip", p.table()], None).is_err());
+        connect().expect("connects after the heal");
+    }
+}
