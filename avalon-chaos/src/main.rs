@@ -28,7 +28,8 @@ struct Args {
     /// How long to inject faults: 90s, 30m, 2h (a soak).
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
-    /// Faults to inject, comma separated: kill, pause, flap, disk, all, none.
+    /// Faults to inject, comma separated: kill, pause, flap, disk, partition,
+    /// all (all but partition), none.
     #[arg(long, default_value = "all")]
     nemesis: String,
     /// Client threads per mount (two mounts).
