@@ -49,7 +49,8 @@ struct Args {
     /// SIGHUP), log_level=LEVEL, log_format=text|json, slow_request_ms=MS, connect_timeout=SECS,
     /// threads=N, fsname=NAME, cache_mb=MB, metrics=HOST:PORT, nosubtype, selinux,
     /// name=client.NAME, keyfile=PATH (default /etc/avalon/NAME.key), insecure (no TLS),
-    /// source_addr=IP (connect to the cluster from this local address); _netdev, defaults, nofail and x-* are accepted and ignored).
+    /// source_addr=IP (connect to the cluster from this local address); _netdev, defaults,
+    /// nofail and x-* are accepted and ignored).
     #[arg(short = 'o')]
     options: Vec<String>,
     /// Stay in the foreground (do not detach).
