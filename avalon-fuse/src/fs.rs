@@ -228,6 +228,16 @@ fn time_change(t: Option<TimeOrNow>) -> Option<TimeChange> {
     })
 }
 
+/// Attribute names as LISTXATTR returns them: each ends with a NUL.
+fn xattr_names(names: &[bytes::Bytes]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(names.iter().map(|n| n.len() + 1).sum());
+    for n in names {
+        buf.extend_from_slice(n);
+        buf.push(0);
+    }
+    buf
+}
+
 fn xattr_reply(data: &[u8], size: u32, reply: ReplyXattr) {
     if size == 0 {
         reply.size(data.len() as u32);
@@ -1077,13 +1087,12 @@ impl Filesystem for AvalonFs {
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let _m = crate::metrics::op(FuseOp::GetXattr);
+        let name = name.as_bytes().to_vec();
         if crate::snapshots::is_snap(ino.0) {
-            // Extended attributes are not kept in snapshots.
-            return reply.error(Errno::ENODATA);
+            return self.snap_getxattr(ino.0, name, size, reply);
         }
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
-        let name = name.as_bytes().to_vec();
         self.spawn_as(req, async move {
             match c.getxattr(ino, &name).await {
                 Ok(v) => xattr_reply(&v, size, reply),
@@ -1095,20 +1104,13 @@ impl Filesystem for AvalonFs {
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let _m = crate::metrics::op(FuseOp::ListXattr);
         if crate::snapshots::is_snap(ino.0) {
-            return xattr_reply(&[], size, reply);
+            return self.snap_listxattr(ino.0, size, reply);
         }
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         self.spawn(async move {
             match c.listxattr(ino).await {
-                Ok(names) => {
-                    let mut buf = Vec::with_capacity(names.iter().map(|n| n.len() + 1).sum());
-                    for n in names {
-                        buf.extend_from_slice(&n);
-                        buf.push(0);
-                    }
-                    xattr_reply(&buf, size, reply)
-                }
+                Ok(names) => xattr_reply(&xattr_names(&names), size, reply),
                 Err(e) => reply.error(errno(&e)),
             }
         });

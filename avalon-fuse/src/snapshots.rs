@@ -278,6 +278,25 @@ impl Client {
         Ok(r.target.to_vec())
     }
 
+    /// Extended attribute `name` of frozen node `ino` of snapshot `id`
+    /// (in `value`), or with an empty `name` the names of all of them.
+    pub async fn snap_xattr(
+        &self,
+        id: u64,
+        ino: u64,
+        name: &[u8],
+    ) -> Result<pb::SnapshotXattrReply> {
+        let req = pb::SnapshotXattrRequest {
+            header: self.session.header(),
+            snap_id: id,
+            ino,
+            name: name.to_vec().into(),
+        };
+        Ok(self
+            .rpc(req, |mut c, r| async move { c.snapshot_xattr(r).await })
+            .await?)
+    }
+
     /// Reads `size` bytes at `offset` of frozen file `ino` of snapshot
     /// `id`: clamped to its frozen size, each chunk as the snapshot saw it.
     pub async fn snap_read(&self, id: u64, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {

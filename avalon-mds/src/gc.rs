@@ -20,6 +20,7 @@ const BATCH: usize = 1024;
 /// Leader-only loop; returns when the node shuts down.
 pub async fn gc_loop(node: &MdsNode) {
     let period = Duration::from_millis(node.cfg.gc_interval_ms.max(10));
+    let mut told = None;
     loop {
         tokio::select! {
             _ = node.shutdown.cancelled() => return,
@@ -37,7 +38,7 @@ pub async fn gc_loop(node: &MdsNode) {
             if let Err(e) = gc_once(node).await {
                 tracing::debug!(error = %e, "GC round incomplete");
             }
-            if let Err(e) = trim_snapshots(node).await {
+            if let Err(e) = trim_snapshots(node, &mut told).await {
                 tracing::debug!(error = %e, "snapshot trim incomplete");
             }
         })
@@ -115,11 +116,21 @@ fn up_osds(s: &crate::namespace::State) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// How often the live snapshot ids are told again to every up OSD once
+/// some snapshot was removed: an OSD down at the trim, or one that copied
+/// a clone back from such an OSD while peering, drops what no live
+/// snapshot needs within this time.
+const RETRIM: Duration = Duration::from_secs(60);
+
 /// After snapshots were removed: tells every up OSD the live snapshot ids
 /// (and the newest id allocated), so that it drops the clones only removed
-/// snapshots needed, then records that the OSDs were told. True if a trim
-/// was done.
-pub async fn trim_snapshots(node: &MdsNode) -> anyhow::Result<bool> {
+/// snapshots needed, then records that the OSDs were told; and again every
+/// [`RETRIM`] (`told`: when this leader last told them all). True if a
+/// trim was done.
+pub async fn trim_snapshots(
+    node: &MdsNode,
+    told: &mut Option<std::time::Instant>,
+) -> anyhow::Result<bool> {
     let (due, removals, live, newest, osds) = node.read_local(|s| {
         (
             crate::snapshots::trim_due(s),
@@ -129,7 +140,8 @@ pub async fn trim_snapshots(node: &MdsNode) -> anyhow::Result<bool> {
             up_osds(s),
         )
     });
-    if !due {
+    let again = removals > 0 && told.is_none_or(|t| t.elapsed() >= RETRIM);
+    if !due && !again {
         return Ok(false);
     }
     // Down OSDs keep their clones until a later trim (as the GC's deletes).
@@ -155,7 +167,12 @@ pub async fn trim_snapshots(node: &MdsNode) -> anyhow::Result<bool> {
         clones += r.clones;
         bytes += r.bytes;
     }
-    node.write(None, Op::SnapTrimmed { removals }).await?;
-    tracing::info!(clones, bytes, osds = osds.len(), "snapshot clones trimmed");
+    if due {
+        node.write(None, Op::SnapTrimmed { removals }).await?;
+    }
+    *told = Some(std::time::Instant::now());
+    if due || clones > 0 {
+        tracing::info!(clones, bytes, osds = osds.len(), "snapshot clones trimmed");
+    }
     Ok(true)
 }

@@ -2073,7 +2073,11 @@ impl Meta for MetaService {
                     totals: self.node.client_totals(c.id),
                 })
                 .collect();
-            let trash = (s.trash.entries.len() as u64, s.trash.bytes);
+            let trash = (
+                s.trash.entries.len() as u64,
+                s.trash.bytes,
+                s.snapshots.by_id.len() as u64,
+            );
             (self.cluster_map(s), clients, s.inodes.len() as u64, trash)
         });
         Ok(Response::new(pb::StatusReply {
@@ -2084,6 +2088,7 @@ impl Meta for MetaService {
             inodes,
             trash_entries: trash.0,
             trash_bytes: trash.1,
+            snapshots: trash.2,
         }))
     }
 
@@ -2275,18 +2280,31 @@ impl Meta for MetaService {
         let _one = SNAPSHOT_CREATES.lock().await;
         // Delegated creates and size commits below reach the state first.
         self.settle_subtree(0, dir).await;
-        let (id, exists) = self
+        let (session, request) = r
+            .header
+            .as_ref()
+            .map_or((0, 0), |h| (h.session_id, h.request_id));
+        let (id, exists, done) = self
             .node
             .read(|s| {
+                let done = match s.answered(session, request) {
+                    Some(crate::command::MetaResponse(Ok(Reply::Count(id)))) => Some(*id),
+                    _ => None,
+                };
                 (
                     s.snapshots.last_id + 1,
                     s.snapshots.by_name.contains_key(&(dir, r.name.to_vec())),
+                    done,
                 )
             })
             .await?;
-        if exists {
-            return Err(MdsError::Errno(libc::EEXIST).into());
-        }
+        // A retry of a create that was applied (the reply was lost in a
+        // failover) answers with that snapshot, not EEXIST.
+        let id = match (exists, done) {
+            (true, Some(id)) => return self.snapshot_reply(id),
+            (true, None) => return Err(MdsError::Errno(libc::EEXIST).into()),
+            (false, _) => id,
+        };
         self.snapshot_writers(dir, id).await;
         let op = Op::SnapCreate {
             id,
@@ -2298,13 +2316,9 @@ impl Meta for MetaService {
             Reply::Count(id) => id,
             other => return Err(MdsError::Internal(format!("unexpected reply {other:?}")).into()),
         };
-        let info = self
-            .node
-            .read_local(|s| crate::snapshots::get(s, id).map(|sn| snapshot_info(s, sn)))
-            .map_err(MdsError::Errno)?;
-        tracing::info!(id, dir, path = %info.path, inodes = info.inodes, "snapshot taken");
-        Ok(Response::new(info))
+        self.snapshot_reply(id)
     }
+
 
     async fn snapshot_remove(&self, req: Request<pb::SnapshotCreateRequest>) -> Res<pb::Empty> {
         let lim = self.limits(&req);
@@ -2439,6 +2453,36 @@ impl Meta for MetaService {
             target: target.into(),
         }))
     }
+
+    async fn snapshot_xattr(
+        &self,
+        req: Request<pb::SnapshotXattrRequest>,
+    ) -> Res<pb::SnapshotXattrReply> {
+        let lim = self.limits(&req);
+        let r = req.into_inner();
+        let (dir, reply) = self
+            .node
+            .read(|s| {
+                crate::snapshots::get(s, r.snap_id).and_then(|sn| {
+                    let reply = if r.name.is_empty() {
+                        sn.listxattr(r.ino).map(|names| pb::SnapshotXattrReply {
+                            names: names.into_iter().map(Into::into).collect(),
+                            ..Default::default()
+                        })
+                    } else {
+                        sn.getxattr(r.ino, &r.name).map(|v| pb::SnapshotXattrReply {
+                            value: v.into(),
+                            ..Default::default()
+                        })
+                    };
+                    reply.map(|x| (sn.dir, x))
+                })
+            })
+            .await?
+            .map_err(MdsError::Errno)?;
+        self.reach(lim.as_ref(), r.header.as_ref(), &[dir])?;
+        Ok(Response::new(reply))
+    }
 }
 
 /// Serializes snapshot creates on a leader (see `snapshot_create`).
@@ -2457,6 +2501,16 @@ fn snapshot_info(s: &State, sn: &crate::snapshots::Snapshot) -> pb::SnapshotInfo
 }
 
 impl MetaService {
+    /// The reply to a snapshot create: snapshot `id` as it is recorded.
+    fn snapshot_reply(&self, id: u64) -> Res<pb::SnapshotInfo> {
+        let info = self
+            .node
+            .read_local(|s| crate::snapshots::get(s, id).map(|sn| snapshot_info(s, sn)))
+            .map_err(MdsError::Errno)?;
+        tracing::info!(id, path = %info.path, inodes = info.inodes, "snapshot taken");
+        Ok(Response::new(info))
+    }
+
     /// The directory a snapshot request names: `ino`, or `path` from the root.
     async fn snapshot_dir(&self, ino: u64, path: &str) -> Result<u64, MdsError> {
         let dir = if ino != 0 {

@@ -409,6 +409,20 @@ impl State {
 
     // ------------------------------------------------------------ apply
 
+    /// The answer already given to request `request_id` of `session_id`,
+    /// if it was applied and is still remembered (retries of it get it).
+    pub fn answered(&self, session_id: u64, request_id: u64) -> Option<&MetaResponse> {
+        if session_id == 0 || request_id == 0 {
+            return None;
+        }
+        self.dedup
+            .get(&session_id)?
+            .iter()
+            .rev()
+            .find(|(r, _)| *r == request_id)
+            .map(|(_, resp)| resp)
+    }
+
     /// Applies one command, with per-session dedup of retried requests.
     pub fn apply(&mut self, cmd: &MetaCommand) -> MetaResponse {
         if !self.rstats.ready {
@@ -420,15 +434,8 @@ impl State {
             )));
         }
         let dedup = cmd.session_id != 0 && cmd.request_id != 0;
-        if dedup {
-            if let Some(prev) = self.dedup.get(&cmd.session_id).and_then(|q| {
-                q.iter()
-                    .rev()
-                    .find(|(r, _)| *r == cmd.request_id)
-                    .map(|(_, resp)| resp.clone())
-            }) {
-                return prev;
-            }
+        if let Some(prev) = self.answered(cmd.session_id, cmd.request_id) {
+            return prev.clone();
         }
         // A client's delegated batch from a session that expired is
         // refused: expiry dropped the session's request ids, so it may be
@@ -1646,7 +1653,7 @@ impl State {
     }
 }
 
-fn check_xattr_name(name: &[u8]) -> R<()> {
+pub(crate) fn check_xattr_name(name: &[u8]) -> R<()> {
     if name.is_empty() {
         return Err(libc::EINVAL);
     }

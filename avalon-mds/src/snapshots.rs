@@ -206,6 +206,26 @@ impl Snapshot {
         self.getattr(d.ino)
     }
 
+    /// Extended attribute `name` as frozen (the stored ones: the virtual
+    /// `avalon.*` attributes describe the live tree only).
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> R<Vec<u8>> {
+        let i = self.inode(ino)?;
+        crate::namespace::check_xattr_name(name)?;
+        i.xattrs.get(name).cloned().ok_or(libc::ENODATA)
+    }
+
+    /// The names of the stored extended attributes, as the live tree
+    /// lists them (the trash retention is not listed).
+    pub fn listxattr(&self, ino: u64) -> R<Vec<Vec<u8>>> {
+        Ok(self
+            .inode(ino)?
+            .xattrs
+            .keys()
+            .filter(|k| k.as_slice() != crate::trash::TRASH_SECONDS)
+            .cloned()
+            .collect())
+    }
+
     /// A symbolic link's target.
     pub fn readlink(&self, ino: u64) -> R<Vec<u8>> {
         self.inode(ino)?.symlink.clone().ok_or(libc::EINVAL)

@@ -278,7 +278,8 @@ pub fn render(st: &ClusterStatus, me: u64, own: &str, samples: &[Sample]) -> Str
         o,
         "<p id=\"summary\">{}, {up}/{} OSDs up, {} clients, map epoch {}, \
          replicas {} (write quorum {}), {} inodes, \
-         <span id=\"trash\">trash: {} entries, {}</span></p>",
+         <span id=\"trash\">trash: {} entries, {}</span>, \
+         <span id=\"snapshots\">snapshots: {} ({} in clones)</span></p>",
         esc(&leader),
         st.osds.len(),
         st.clients.len(),
@@ -287,7 +288,9 @@ pub fn render(st: &ClusterStatus, me: u64, own: &str, samples: &[Sample]) -> Str
         st.write_quorum,
         st.inodes,
         st.trash_entries,
-        human(st.trash_bytes)
+        human(st.trash_bytes),
+        st.snapshots,
+        human(st.clone_bytes)
     );
 
     // Capacity: the OSDs' disks as they report them.

@@ -33,6 +33,8 @@ pub fn policy(path: &str, peer: &Peer) -> Result<(), Status> {
         "ListChunks" => peer.require("list chunks (OSD, MDS or admin only)", |i: &Identity| {
             is_osd(i) || i.is_mds() || i.is_admin()
         }),
+        // Recovery copying chunks and snapshot clones between OSDs.
+        "ReadCopy" => peer.require("read copies for recovery (OSD only)", is_osd),
         _ => peer.require("use this cluster", |_| true),
     }
 }

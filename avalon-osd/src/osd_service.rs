@@ -11,7 +11,8 @@ use avalon_proto::limits::{MAX_CHUNK_SIZE, MAX_FILE_SIZE};
 use avalon_proto::pb::osd_server::Osd;
 use avalon_proto::pb::RequestHeader;
 use avalon_proto::pb::{
-    ByteRange, ChunkExtents, ChunkId, ChunkInfo, DeleteObjectsRequest, Empty, ListChunksReply,
+    ByteRange, ChunkExtents, ChunkId, ChunkInfo, CloneId, DeleteObjectsRequest, Empty,
+    ListChunksReply, ReadCopyReply, ReadCopyRequest,
     ListChunksRequest, ObjectExtentsReply, ObjectExtentsRequest, OsdStatusReply, ReadChunkReply,
     ReadChunkRequest, SyncObjectsRequest, TrimSnapshotsReply, TrimSnapshotsRequest,
     WriteChunkReply, WriteChunkRequest,
@@ -306,6 +307,7 @@ impl OsdService {
         self.ready()?;
         let live: BTreeSet<u64> = req.live.into_iter().collect();
         let newest = req.newest;
+        self.recovery.note_live_snapshots(live.clone(), newest);
         let t = self
             .store
             .blocking(move |s| s.trim_clones(&live, newest))
@@ -344,6 +346,21 @@ impl OsdService {
                 })
             })
             .await?;
+        let clones = self
+            .store
+            .blocking(move |s| {
+                s.list_clones(|ino, index| match filter {
+                    None => true,
+                    Some((pg, n)) => pg_of(ino, index, n) == pg,
+                })
+            })
+            .await?
+            .into_iter()
+            .map(|(ino, index, seq)| CloneId {
+                chunk: Some(ChunkId { ino, index }),
+                seq,
+            })
+            .collect();
         let chunks = listed
             .into_iter()
             .filter_map(|c| {
@@ -364,6 +381,29 @@ impl OsdService {
             chunks,
             serving_pgs,
             pg_count,
+            clones,
+        })
+    }
+
+    /// A copy of a chunk's head or of one of its clones, for another OSD's
+    /// recovery: served from local data, past the peering gate.
+    async fn read_copy(&self, req: ReadCopyRequest) -> Result<ReadCopyReply, OsdError> {
+        let _m = crate::metrics::op(Op::Read);
+        self.ready()?;
+        let Some(ChunkId { ino, index }) = req.chunk else {
+            return Err(OsdError::InvalidArgument("chunk id missing".into()));
+        };
+        let (offset, length, clone) = (req.offset, req.length, req.clone_seq);
+        let c = self
+            .store
+            .blocking(move |s| s.read_stamped(ino, index, offset, length, clone))
+            .await?;
+        crate::metrics::read(c.data.len());
+        Ok(ReadCopyReply {
+            data: c.data.into(),
+            version: c.version,
+            stamp_seq: c.stamp.seq,
+            stamp_born: c.stamp.born,
         })
     }
 
@@ -469,6 +509,15 @@ impl Osd for OsdService {
         request: Request<ListChunksRequest>,
     ) -> Result<Response<ListChunksReply>, Status> {
         Ok(Response::new(self.list(request.into_inner()).await?))
+    }
+
+    async fn read_copy(
+        &self,
+        request: Request<ReadCopyRequest>,
+    ) -> Result<Response<ReadCopyReply>, Status> {
+        Ok(Response::new(
+            OsdService::read_copy(self, request.into_inner()).await?,
+        ))
     }
 
     async fn object_extents(

@@ -32,7 +32,7 @@
 //! served from local data without the gate (each reply carries the chunk's
 //! version, and the caller picks the newest).
 
-use crate::chunk_store::{ChunkStore, StoreError};
+use crate::chunk_store::{ChunkStore, SnapStamp, StampedCopy, StoreError};
 use crate::error::OsdError;
 use crate::membership::Membership;
 use crate::replication::Peers;
@@ -40,7 +40,7 @@ use avalon_proto::limits::MAX_CHUNK_SIZE;
 use avalon_proto::pb::{ClusterMap, OsdInfo, OsdReport, OsdState};
 use avalon_proto::placement::{chunk_members, pg_members, pg_of};
 use avalon_proto::request_id;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -74,6 +74,8 @@ type Pull = (u64, u64, u64, String, bool);
 pub struct RecoveryStats {
     pub pulled_chunks: AtomicU64,
     pub pulled_bytes: AtomicU64,
+    /// Snapshot clones copied from peers.
+    pub pulled_clones: AtomicU64,
     pub repaired_chunks: AtomicU64,
     pub peered_pgs: AtomicU64,
     /// Copies replaced because their content differed from the chosen
@@ -199,6 +201,8 @@ pub struct Recovery {
     /// Chunks and bytes the current peering round still has to pull.
     pub pending_chunks: AtomicU64,
     pub pending_bytes: AtomicU64,
+    /// The live snapshot ids and newest id of the last `TrimSnapshots`.
+    live_snaps: Mutex<Option<(BTreeSet<u64>, u64)>>,
 }
 
 /// Signature of a PG's placement: changes whenever its members, their
@@ -244,6 +248,7 @@ impl Recovery {
             pending_pgs: AtomicU64::new(0),
             pending_chunks: AtomicU64::new(0),
             pending_bytes: AtomicU64::new(0),
+            live_snaps: Mutex::new(None),
         }
     }
 
@@ -264,6 +269,8 @@ impl Recovery {
             repaired_chunks: st.repaired_chunks.load(Ordering::Relaxed)
                 + st.diverged_chunks.load(Ordering::Relaxed),
             removed_chunks: st.removed_chunks.load(Ordering::Relaxed),
+            clones: self.store.clone_count(),
+            clone_bytes: self.store.clone_bytes(),
             totals: crate::metrics::totals(),
             ..Default::default()
         };
@@ -455,8 +462,9 @@ impl Recovery {
     }
 
     /// Copies a whole chunk from the OSD at `addr` and installs it if it is
-    /// newer (or, with `replace_equal`, as new) than the local copy.
-    /// Returns the version pulled.
+    /// newer (or, with `replace_equal`, as new) than the local copy, with
+    /// its snapshot stamp; the snapshot clones the copy's stamp implies
+    /// and this OSD lacks are copied first. Returns the version pulled.
     async fn pull(
         &self,
         addr: &str,
@@ -464,20 +472,43 @@ impl Recovery {
         index: u64,
         replace_equal: bool,
     ) -> Result<u64, String> {
-        let r = self
+        let timeout = Duration::from_secs(60);
+        let fmt = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+        let (data, version, stamp) = match self
             .peers
-            .read_internal(addr, ino, index, 0, MAX_CHUNK_SIZE, Duration::from_secs(60))
+            .read_copy_internal(addr, ino, index, 0, timeout)
             .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
-        if r.version == 0 {
+        {
+            Ok(r) => (
+                r.data,
+                r.version,
+                SnapStamp {
+                    seq: r.stamp_seq,
+                    born: r.stamp_born,
+                },
+            ),
+            // A peer from before copies carried stamps (mixed versions
+            // during an upgrade): the bytes alone, as then.
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                let r = self
+                    .peers
+                    .read_internal(addr, ino, index, 0, MAX_CHUNK_SIZE, timeout)
+                    .await
+                    .map_err(fmt)?;
+                (r.data, r.version, SnapStamp::default())
+            }
+            Err(s) => return Err(fmt(s)),
+        };
+        if version == 0 {
             return Err("the peer no longer holds the chunk".into());
         }
-        let version = r.version;
-        let len = r.data.len() as u64;
-        let data = r.data;
+        if stamp.seq > stamp.born {
+            self.pull_clones_under(addr, ino, index, stamp.seq).await?;
+        }
+        let len = data.len() as u64;
         let installed = self
             .store
-            .blocking(move |s| s.install(ino, index, &data, version, replace_equal))
+            .blocking(move |s| s.install_stamped(ino, index, &data, version, stamp, replace_equal))
             .await
             .map_err(|e| e.to_string())?;
         if installed {
@@ -495,6 +526,100 @@ impl Recovery {
         }
         self.clear_if_satisfied(ino, index, version);
         Ok(version)
+    }
+
+    /// Before a head stamped `seq` replaces the local one: copies from
+    /// `addr` the clones of the chunk newer than the local stamp and up to
+    /// `seq` (the changes this OSD missed under snapshots made them), so
+    /// its snapshot reads never fall through to the newer head.
+    async fn pull_clones_under(
+        &self,
+        addr: &str,
+        ino: u64,
+        index: u64,
+        seq: u64,
+    ) -> Result<(), String> {
+        let (local, have) = self
+            .store
+            .blocking(move |s| {
+                let head = s.read_stamped(ino, index, 0, 0, 0)?;
+                let clone = s.read_stamped(ino, index, 0, 0, seq)?;
+                Ok::<_, StoreError>((head.stamp.seq, clone.version != 0))
+            })
+            .await
+            .unwrap_or((0, false));
+        if seq <= local || have {
+            return Ok(());
+        }
+        let Some(map) = self.membership.map() else {
+            return Err("no cluster map".into());
+        };
+        let pg_count = map.pg_count.max(1);
+        let listed = self
+            .peers
+            .list_pg_internal(addr, pg_of(ino, index, pg_count), pg_count)
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+        for c in listed.clones {
+            let Some(id) = c.chunk else { continue };
+            if (id.ino, id.index) == (ino, index) && c.seq > local && c.seq <= seq {
+                self.pull_clone(addr, ino, index, c.seq).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies clone `seq` of a chunk from `addr` unless this OSD has it.
+    async fn pull_clone(&self, addr: &str, ino: u64, index: u64, seq: u64) -> Result<(), String> {
+        let r = self
+            .peers
+            .read_copy_internal(addr, ino, index, seq, Duration::from_secs(60))
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+        if r.version == 0 {
+            // Trimmed there meanwhile: no live snapshot needs it.
+            return Ok(());
+        }
+        let copy = StampedCopy {
+            data: r.data.into(),
+            version: r.version,
+            stamp: SnapStamp {
+                seq: r.stamp_seq,
+                born: r.stamp_born,
+            },
+        };
+        let len = copy.data.len() as u64;
+        let installed = self
+            .store
+            .blocking(move |s| s.install_clone(ino, index, seq, &copy))
+            .await
+            .map_err(|e| e.to_string())?;
+        if installed {
+            self.stats.pulled_clones.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(ino, index, seq, bytes = len, from = addr, "pulled snapshot clone");
+            self.throttle(len).await;
+        }
+        Ok(())
+    }
+
+    /// Records the live snapshots the MDS last told (`TrimSnapshots`), so
+    /// that peering does not copy back clones only removed ones needed.
+    pub fn note_live_snapshots(&self, live: BTreeSet<u64>, newest: u64) {
+        *self.live_snaps.lock().unwrap_or_else(|e| e.into_inner()) = Some((live, newest));
+    }
+
+    /// False if the last trim said no live snapshot needs clone `seq` of a
+    /// chunk whose clones (here and at its peers) are `all`.
+    fn clone_needed(&self, seq: u64, all: &BTreeSet<u64>) -> bool {
+        let g = self.live_snaps.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((live, newest)) = g.as_ref() else {
+            return true;
+        };
+        if seq > *newest {
+            return true;
+        }
+        let prev = all.range(..seq).next_back().copied().unwrap_or(0);
+        live.range(prev + 1..=seq).next().is_some()
     }
 
     async fn throttle(&self, bytes: u64) {
@@ -603,9 +728,23 @@ impl Recovery {
         // Every remote copy per chunk, considering only PG members.
         let mut answered: HashSet<u64> = HashSet::new();
         let mut copies: HashMap<(u64, u64), Vec<Copy>> = HashMap::new();
+        // Every remote clone, with one member holding it.
+        let mut remote_clones: BTreeMap<(u64, u64, u64), String> = BTreeMap::new();
         for (id, addr, r) in lists {
             match r {
                 Ok(reply) => {
+                    for c in &reply.clones {
+                        let Some(cid) = c.chunk else { continue };
+                        let pg = pg_of(cid.ino, cid.index, pg_count);
+                        if todo
+                            .get(&pg)
+                            .is_some_and(|m| m.iter().any(|o| o.id == id))
+                        {
+                            remote_clones
+                                .entry((cid.ino, cid.index, c.seq))
+                                .or_insert_with(|| addr.clone());
+                        }
+                    }
                     answered.insert(id);
                     let serving: HashSet<u32> = if reply.pg_count == pg_count {
                         reply.serving_pgs.iter().copied().collect()
@@ -637,17 +776,42 @@ impl Recovery {
             }
         }
         let todo_pgs: HashSet<u32> = todo.keys().copied().collect();
-        let local = match self
+        let listed = self
             .store
-            .blocking(move |s| s.list(|ino, index| todo_pgs.contains(&pg_of(ino, index, pg_count))))
-            .await
-        {
+            .blocking(move |s| {
+                let want = |ino, index| todo_pgs.contains(&pg_of(ino, index, pg_count));
+                Ok::<_, StoreError>((s.list(want)?, s.list_clones(want)?))
+            })
+            .await;
+        let (local, local_clones) = match listed {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list local chunks for peering");
                 return 0;
             }
         };
+        // Clones peers hold and this OSD lacks (clones never change: a
+        // missing one is copied), unless the last trim said no live
+        // snapshot needs them.
+        let mut clones_of: HashMap<(u64, u64), BTreeSet<u64>> = HashMap::new();
+        for &(ino, index, seq) in remote_clones.keys().chain(local_clones.iter()) {
+            clones_of.entry((ino, index)).or_default().insert(seq);
+        }
+        let local_clones: HashSet<(u64, u64, u64)> = local_clones.into_iter().collect();
+        let mut clone_pulls: BTreeMap<u32, Vec<(u64, u64, u64, String)>> = BTreeMap::new();
+        let mut clone_inos: HashSet<u64> = HashSet::new();
+        for ((ino, index, seq), addr) in &remote_clones {
+            if local_clones.contains(&(*ino, *index, *seq))
+                || !self.clone_needed(*seq, &clones_of[&(*ino, *index)])
+            {
+                continue;
+            }
+            clone_inos.insert(*ino);
+            clone_pulls
+                .entry(pg_of(*ino, *index, pg_count))
+                .or_default()
+                .push((*ino, *index, *seq, addr.clone()));
+        }
         let local: HashMap<(u64, u64), (Option<u64>, u64)> = local
             .into_iter()
             .map(|c| ((c.ino, c.index), (c.state.map(|s| s.0), c.digest)))
@@ -696,6 +860,8 @@ impl Recovery {
         }
         // Chunks this OSD lacks entirely: skip those of deleted files (an
         // OSD that was down during a delete must not spread them again).
+        // Likewise clones of files gone for good (no snapshot holds them).
+        missing.extend(clone_inos);
         if !missing.is_empty() {
             let dead = self
                 .membership
@@ -703,6 +869,9 @@ impl Recovery {
                 .await;
             if !dead.is_empty() {
                 for pulls in by_pg.values_mut() {
+                    pulls.retain(|p| !dead.contains(&p.0));
+                }
+                for pulls in clone_pulls.values_mut() {
                     pulls.retain(|p| !dead.contains(&p.0));
                 }
             }
@@ -746,6 +915,14 @@ impl Recovery {
                 continue;
             }
             let mut ok = true;
+            // Clones first: a head installed with a newer stamp must find
+            // the clones its snapshots read.
+            for (ino, index, seq, addr) in clone_pulls.remove(&pg).unwrap_or_default() {
+                if let Err(e) = self.pull_clone(&addr, ino, index, seq).await {
+                    tracing::warn!(ino, index, seq, %addr, error = %e, "pulling a snapshot clone failed");
+                    ok = false;
+                }
+            }
             for (ino, index, v, addr, replace) in by_pg.remove(&pg).unwrap_or_default() {
                 let was = self.local_version_meta(ino, index);
                 match self.pull(&addr, ino, index, replace).await {

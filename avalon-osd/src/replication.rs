@@ -9,11 +9,11 @@ use crate::membership::Membership;
 use crate::recovery::{Recovery, INTERNAL_KEY};
 use avalon_proto::data_conn::DataConns;
 use avalon_proto::errno::{errno_of, has_errno};
-use avalon_proto::limits::MAX_MESSAGE_BYTES;
+use avalon_proto::limits::{MAX_CHUNK_SIZE, MAX_MESSAGE_BYTES};
 use avalon_proto::pb::osd_client::OsdClient;
 use avalon_proto::pb::{
     ChunkId, ListChunksReply, ListChunksRequest, OsdState, ReadChunkReply, ReadChunkRequest,
-    WriteChunkReply, WriteChunkRequest,
+    ReadCopyReply, ReadCopyRequest, WriteChunkReply, WriteChunkRequest,
 };
 use avalon_proto::placement::{chunk_members, pg_of};
 use avalon_proto::request_id::{Stamp, Traced};
@@ -101,6 +101,31 @@ impl Peers {
             snap_id: 0,
         };
         match tokio::time::timeout(timeout, c.read_chunk(Self::internal(req, timeout))).await {
+            Ok(r) => r.map(tonic::Response::into_inner),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "no answer within {timeout:?}"
+            ))),
+        }
+    }
+
+    /// A whole copy of a chunk's head (`clone_seq` 0) or of one of its
+    /// snapshot clones from a peer, with its snapshot stamp.
+    pub async fn read_copy_internal(
+        &self,
+        addr: &str,
+        ino: u64,
+        index: u64,
+        clone_seq: u64,
+        timeout: Duration,
+    ) -> Result<ReadCopyReply, Status> {
+        let mut c = self.client(addr)?;
+        let req = ReadCopyRequest {
+            chunk: Some(ChunkId { ino, index }),
+            clone_seq,
+            offset: 0,
+            length: MAX_CHUNK_SIZE,
+        };
+        match tokio::time::timeout(timeout, c.read_copy(Self::internal(req, timeout))).await {
             Ok(r) => r.map(tonic::Response::into_inner),
             Err(_) => Err(Status::deadline_exceeded(format!(
                 "no answer within {timeout:?}"

@@ -12,7 +12,9 @@
 
 mod common;
 
-use common::{data, leader, run, wait_converged, wait_until, SecondMount, TestCluster};
+use common::{
+    data, leader, run, user_xattrs, wait_converged, wait_until, SecondMount, TestCluster,
+};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -103,6 +105,11 @@ fn snapshot_is_consistent_read_only_survives_failover_and_frees_its_clones() {
     std::fs::write(proj.join("sub/b"), &b).expect("write b");
     std::fs::write(proj.join("gone"), &gone).expect("write gone");
     std::os::unix::fs::symlink("a", proj.join("link")).expect("symlink");
+    let tag = |p: &Path, v: &str| {
+        avalonctl::dir_quota::set(p, "user.tag", Some(v.as_bytes())).expect("setxattr")
+    };
+    tag(&proj.join("a"), "before");
+    tag(&proj.join("sub"), "dir");
 
     // The other mount writes a file and keeps it open: what it wrote is
     // buffered in that client when the snapshot is taken.
@@ -167,8 +174,15 @@ fn snapshot_is_consistent_read_only_survives_failover_and_frees_its_clones() {
     std::fs::remove_file(proj.join("gone")).expect("unlink gone");
     std::fs::rename(proj.join("sub"), proj.join("sub2")).expect("rename sub");
     std::fs::write(proj.join("new"), b"new").expect("create new");
+    tag(&proj.join("a"), "after");
     check_snapshot(&snap, &want);
     check_snapshot(&m2.path.join("proj/.snap/s1"), &want);
+    // Extended attributes as they were.
+    let xa = |v: &str| vec![("user.tag".to_string(), v.as_bytes().to_vec())];
+    assert_eq!(user_xattrs(&snap.join("a")), xa("before"));
+    assert_eq!(user_xattrs(&snap.join("sub")), xa("dir"));
+    assert_eq!(user_xattrs(&snap.join("sub/b")), vec![]);
+    assert_eq!(user_xattrs(&proj.join("a")), xa("after"));
 
     // Read-only: every change inside fails with EROFS.
     let erofs = libc::EROFS;

@@ -12,8 +12,7 @@
 mod common;
 
 use avalonctl::dir_quota;
-use common::{leader, run, wait_converged, wait_until, SecondMount, TestCluster};
-use std::ffi::CString;
+use common::{leader, run, user_xattrs, wait_converged, wait_until, SecondMount, TestCluster};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -64,29 +63,6 @@ fn trash_ls(dir: &Path, under: &str) -> Vec<(u64, String, u64)> {
             )
         })
         .collect()
-}
-
-/// The user.* xattrs of `p` (not following a symlink), sorted.
-fn user_xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
-    let c = CString::new(p.as_os_str().as_bytes()).expect("path");
-    let mut names = vec![0u8; 65536];
-    // SAFETY: c is NUL-terminated; names is valid for its length.
-    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    assert!(n >= 0, "llistxattr {}", p.display());
-    names.truncate(n as usize);
-    let mut out = Vec::new();
-    for name in names.split(|b| *b == 0).filter(|n| n.starts_with(b"user.")) {
-        let cn = CString::new(name).expect("name");
-        let mut v = vec![0u8; 65536];
-        // SAFETY: c and cn are NUL-terminated; v is valid for its length.
-        let len =
-            unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
-        assert!(len >= 0, "lgetxattr {}", p.display());
-        v.truncate(len as usize);
-        out.push((String::from_utf8_lossy(name).into_owned(), v));
-    }
-    out.sort();
-    out
 }
 
 /// One file of a tree as stat(2), listxattr(2) and its contents show it.

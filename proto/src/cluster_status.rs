@@ -83,6 +83,9 @@ pub struct OsdRow {
     pub scrub_errors: u64,
     pub repaired_chunks: u64,
     pub removed_chunks: u64,
+    /// Snapshot clones it keeps, and their bytes.
+    pub clones: u64,
+    pub clone_bytes: u64,
     /// Its data dir's filesystem (0: not reported yet), and how full the
     /// OSD judges it: ok, nearfull or full (writes to its PGs refused).
     pub disk_total_bytes: u64,
@@ -133,6 +136,11 @@ pub struct ClusterStatus {
     /// quota nor directory statistics).
     pub trash_entries: u64,
     pub trash_bytes: u64,
+    /// Live directory snapshots, and the clones the OSDs keep for them
+    /// (summed over the OSDs: every replica's copy counts).
+    pub snapshots: u64,
+    pub clones: u64,
+    pub clone_bytes: u64,
     pub mds: Vec<MdsRow>,
     pub osds: Vec<OsdRow>,
     pub clients: Vec<ClientRow>,
@@ -384,6 +392,8 @@ pub async fn collect(tls: &ClientTls, addrs: &[String], timeout: Duration) -> Cl
                     scrub_errors: o.report.as_ref().map_or(0, |r| r.scrub_errors),
                     repaired_chunks: o.report.as_ref().map_or(0, |r| r.repaired_chunks),
                     removed_chunks: o.report.as_ref().map_or(0, |r| r.removed_chunks),
+                    clones: o.report.as_ref().map_or(0, |r| r.clones),
+                    clone_bytes: o.report.as_ref().map_or(0, |r| r.clone_bytes),
                     disk_total_bytes: o.report.as_ref().map_or(0, |r| r.disk_total_bytes),
                     disk_free_bytes: o.report.as_ref().map_or(0, |r| r.disk_free_bytes),
                     disk_used_bytes: o.report.as_ref().map_or(0, |r| r.disk_used_bytes),
@@ -424,6 +434,9 @@ pub async fn collect(tls: &ClientTls, addrs: &[String], timeout: Duration) -> Cl
     };
     let leader_id = leader.and_then(|r| r.self_.as_ref().map(|s| s.id));
     let (trash_entries, trash_bytes) = leader.map_or((0, 0), |r| (r.trash_entries, r.trash_bytes));
+    let snapshots = leader.map_or(0, |r| r.snapshots);
+    let clones = osds.iter().map(|o| o.clones).sum();
+    let clone_bytes = osds.iter().map(|o| o.clone_bytes).sum();
     let (health, health_detail) = health_of(leader_id, &mds, &osds);
     ClusterStatus {
         leader_id,
@@ -435,6 +448,9 @@ pub async fn collect(tls: &ClientTls, addrs: &[String], timeout: Duration) -> Cl
         inodes,
         trash_entries,
         trash_bytes,
+        snapshots,
+        clones,
+        clone_bytes,
         mds,
         osds,
         clients,
@@ -506,6 +522,13 @@ pub fn render(s: &ClusterStatus) -> String {
         s.trash_entries,
         human(s.trash_bytes),
         s.trash_bytes
+    );
+    let _ = writeln!(
+        o,
+        "snapshots: {}, clones on the OSDs: {} ({})",
+        s.snapshots,
+        s.clones,
+        human(s.clone_bytes)
     );
     if !s.health.is_empty() {
         let _ = writeln!(o, "health: {}", s.health);
@@ -612,6 +635,8 @@ mod tests {
             scrub_errors: 0,
             repaired_chunks: 0,
             removed_chunks: 0,
+            clones: 0,
+            clone_bytes: 0,
             disk_total_bytes: 100 << 20,
             disk_free_bytes: free,
             disk_used_bytes: (100 << 20) - free,

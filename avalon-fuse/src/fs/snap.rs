@@ -10,7 +10,7 @@ use crate::snapshots::{Node, SNAP_DIR};
 use avalon_proto::pb::Attr;
 use fuser::{
     FileAttr, FopenFlags, Generation, INodeNo, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr,
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -169,6 +169,35 @@ impl AvalonFs {
         self.spawn(async move {
             match c.snap_readlink(id, ino).await {
                 Ok(t) => reply.data(&t),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    /// GETXATTR of a frozen node: its extended attributes as they were
+    /// (the `.snap` directories have none).
+    pub(super) fn snap_getxattr(&self, node: u64, name: Vec<u8>, size: u32, reply: ReplyXattr) {
+        let Some(Node::Frozen { id, ino }) = Node::of(node) else {
+            return reply.error(fuser::Errno::ENODATA);
+        };
+        let c = self.client.clone();
+        self.spawn(async move {
+            match c.snap_xattr(id, ino, &name).await {
+                Ok(r) => super::xattr_reply(&r.value, size, reply),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    /// LISTXATTR of a frozen node.
+    pub(super) fn snap_listxattr(&self, node: u64, size: u32, reply: ReplyXattr) {
+        let Some(Node::Frozen { id, ino }) = Node::of(node) else {
+            return super::xattr_reply(&[], size, reply);
+        };
+        let c = self.client.clone();
+        self.spawn(async move {
+            match c.snap_xattr(id, ino, b"").await {
+                Ok(r) => super::xattr_reply(&super::xattr_names(&r.names), size, reply),
                 Err(e) => reply.error(errno(&e)),
             }
         });

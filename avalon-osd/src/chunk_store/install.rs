@@ -4,7 +4,7 @@
 use super::disk::OpenMode;
 use super::error::{io_err, Result, StoreError};
 use super::layout::{chunk_name, META_SUFFIX, TMP_SUFFIX};
-use super::sidecar::{blocks_for, ChunkMeta, BLOCK_SIZE, DIRTY, SUSPECT};
+use super::sidecar::{blocks_for, ChunkMeta, SnapStamp, BLOCK_SIZE, DIRTY, SUSPECT};
 use super::{check_range, ChunkStore};
 use avalon_proto::limits::MAX_CHUNK_SIZE;
 use std::sync::atomic::Ordering;
@@ -20,6 +20,22 @@ impl ChunkStore {
         index: u64,
         data: &[u8],
         version: u64,
+        replace_equal: bool,
+    ) -> Result<bool> {
+        self.install_stamped(ino, index, data, version, SnapStamp::default(), replace_equal)
+    }
+
+    /// [`ChunkStore::install`] of a copy that carries its snapshot stamp
+    /// (a chunk of a file snapshots cover): the stamp is installed with it,
+    /// so this replica clones on the same later changes as the source and
+    /// shows the chunk as a hole to the same snapshots.
+    pub fn install_stamped(
+        &self,
+        ino: u64,
+        index: u64,
+        data: &[u8],
+        version: u64,
+        stamp: SnapStamp,
         replace_equal: bool,
     ) -> Result<bool> {
         if ino == 0 || version == 0 {
@@ -79,7 +95,7 @@ impl ChunkStore {
             len: data.len() as u64,
             crcs,
             flags: 0,
-            snap: Default::default(),
+            snap: stamp,
         };
         let mf = self
             .disk

@@ -27,6 +27,7 @@ mod remove;
 mod scrub;
 pub mod sidecar;
 mod snaps;
+mod stamped_copy;
 mod sync;
 mod write;
 
@@ -41,8 +42,9 @@ pub use error::{Result, StoreError};
 pub use layout::{chunk_file, files_of};
 pub use listing::ChunkData;
 pub use open_cache::DEFAULT_OPEN_CHUNKS;
-pub use sidecar::{content_digest, data_digest, sidecar_content, BLOCK_SIZE};
+pub use sidecar::{content_digest, data_digest, sidecar_content, SnapStamp, BLOCK_SIZE};
 pub use snaps::Trimmed;
+pub use stamped_copy::StampedCopy;
 
 use crate::spare_files::{SpareFiles, MAX_SPARES};
 use avalon_proto::limits::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};

@@ -5,7 +5,7 @@
 use super::error::{corrupt, io_err, Result};
 use super::faults;
 use super::open_cache::lock_open;
-use super::sidecar::BLOCK_SIZE;
+use super::sidecar::{SnapStamp, BLOCK_SIZE};
 use super::{check_range, ChunkStore};
 use avalon_proto::limits::MAX_CHUNK_SIZE;
 use std::io;
@@ -98,20 +98,34 @@ impl ChunkStore {
         len: u32,
         seen_by: Option<u64>,
     ) -> Result<(Vec<u8>, u64)> {
+        self.read_head_stamped(ino, index, offset, len, seen_by)
+            .map(|(data, version, _)| (data, version))
+    }
+
+    /// [`ChunkStore::read_head`], also returning the snapshot stamp of the
+    /// copy read (read under the same lock as the bytes).
+    pub(super) fn read_head_stamped(
+        &self,
+        ino: u64,
+        index: u64,
+        offset: u32,
+        len: u32,
+        seen_by: Option<u64>,
+    ) -> Result<(Vec<u8>, u64, SnapStamp)> {
         if self.lost.contains(ino, index) {
             return Err(Self::lost_copy(ino, index));
         }
         let Some(entry) = self.open_chunk(ino, index)? else {
-            return Ok((Vec::new(), 0));
+            return Ok((Vec::new(), 0, SnapStamp::default()));
         };
         let oc = lock_open(&entry);
         let meta = &oc.meta;
         if seen_by.is_some_and(|s| meta.snap.born >= s) {
-            return Ok((Vec::new(), 0));
+            return Ok((Vec::new(), 0, SnapStamp::default()));
         }
         // Only the checksum blocks the range touches are read and verified.
         let Some(span) = BlockSpan::of(offset, len, meta.len) else {
-            return Ok((Vec::new(), meta.version));
+            return Ok((Vec::new(), meta.version, meta.snap));
         };
         let mut buf = span.buffer();
         let read = faults::check(faults::READ, &self.data_path(ino, index))
@@ -127,9 +141,9 @@ impl ChunkStore {
         }
         span.verify(&buf, &meta.crcs)
             .map_err(|m| corrupt(ino, index, m))?;
-        let version = meta.version;
+        let (version, stamp) = (meta.version, meta.snap);
         drop(oc);
-        Ok((span.cut(buf), version))
+        Ok((span.cut(buf), version, stamp))
     }
 
     /// A read served without blocking, for async callers: only when the

@@ -72,13 +72,13 @@ pub fn sidecar_content(bytes: &[u8]) -> Option<(u64, u64, Vec<u32>)> {
 /// Where a chunk stands against the cluster's snapshots (ids from the
 /// MDS's increasing sequence; 0: none).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(super) struct SnapStamp {
+pub struct SnapStamp {
     /// The newest snapshot id covering the file at the chunk's last change:
     /// a change carrying a newer one first keeps the content as a clone.
-    pub(super) seq: u64,
+    pub seq: u64,
     /// The newest snapshot id when the chunk was created: snapshots up to
     /// it do not see the chunk (a hole).
-    pub(super) born: u64,
+    pub born: u64,
 }
 
 /// The sidecar metadata of one chunk.

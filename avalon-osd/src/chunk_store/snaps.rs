@@ -39,7 +39,7 @@ pub(super) const SNAP_DIR: &str = "snaps";
 
 /// What a file under `snaps/<bucket>/` is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CloneFile {
+pub(super) enum CloneFile {
     Data,
     Meta,
     Tmp,
@@ -51,7 +51,7 @@ fn clone_name(ino: u64, index: u64, seq: u64) -> String {
 }
 
 /// `<ino>.<index>@<seq>[.meta|.tmp|.meta.tmp]`.
-fn parse_clone_name(name: &str) -> Option<(u64, u64, u64, CloneFile)> {
+pub(super) fn parse_clone_name(name: &str) -> Option<(u64, u64, u64, CloneFile)> {
     let (stem, kind) = if let Some(s) = name.strip_suffix(TMP_SUFFIX) {
         (s.strip_suffix(META_SUFFIX).unwrap_or(s), CloneFile::Tmp)
     } else if let Some(s) = name.strip_suffix(META_SUFFIX) {
@@ -79,19 +79,19 @@ pub struct Trimmed {
 }
 
 impl ChunkStore {
-    fn snaps_root(&self) -> PathBuf {
+    pub(super) fn snaps_root(&self) -> PathBuf {
         self.root.join(SNAP_DIR)
     }
 
-    fn snap_bucket(&self, ino: u64) -> PathBuf {
+    pub(super) fn snap_bucket(&self, ino: u64) -> PathBuf {
         self.snaps_root().join(format!("{:03x}", ino % BUCKETS))
     }
 
-    fn clone_path(&self, ino: u64, index: u64, seq: u64) -> PathBuf {
+    pub(super) fn clone_path(&self, ino: u64, index: u64, seq: u64) -> PathBuf {
         self.snap_bucket(ino).join(clone_name(ino, index, seq))
     }
 
-    fn clone_meta_path(&self, ino: u64, index: u64, seq: u64) -> PathBuf {
+    pub(super) fn clone_meta_path(&self, ino: u64, index: u64, seq: u64) -> PathBuf {
         self.snap_bucket(ino)
             .join(format!("{}{META_SUFFIX}", clone_name(ino, index, seq)))
     }
@@ -163,7 +163,7 @@ impl ChunkStore {
     }
 
     /// Makes (durably) the clone directory of `ino`.
-    fn make_snap_bucket(&self, ino: u64) -> Result<()> {
+    pub(super) fn make_snap_bucket(&self, ino: u64) -> Result<()> {
         let b = ino % BUCKETS;
         let mut made = self.snap_dirs.lock().unwrap_or_else(|e| e.into_inner());
         if made.contains(&b) {
@@ -181,21 +181,26 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// True if clone `seq` of a chunk is whole (its sidecar exists).
+    pub(super) fn has_clone(&self, ino: u64, index: u64, seq: u64) -> Result<bool> {
+        let mpath = self.clone_meta_path(ino, index, seq);
+        match self.disk.stat(&mpath) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err(&mpath)(e)),
+        }
+    }
+
     /// Keeps an open chunk's current content, durably, as its clone `seq`
     /// (the caller holds the chunk's lock), unless that clone exists: a
     /// change retried after a crash finds the content kept the first time.
     pub(super) fn preserve(&self, ino: u64, index: u64, oc: &OpenChunk, seq: u64) -> Result<()> {
-        let dpath = self.clone_path(ino, index, seq);
-        let mpath = self.clone_meta_path(ino, index, seq);
-        match self.disk.stat(&mpath) {
-            Ok(_) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(&mpath)(e)),
+        if self.has_clone(ino, index, seq)? {
+            return Ok(());
         }
         self.make_snap_bucket(ino)?;
         let len = oc.meta.len;
-        let dtmp = tmp_of(&dpath);
-        let mtmp = tmp_of(&mpath);
+        let dtmp = tmp_of(&self.clone_path(ino, index, seq));
         let f = match self.reflink_head(ino, index, &dtmp)? {
             Some(f) => f,
             None => self.copy_head(ino, index, oc, &dtmp)?,
@@ -208,7 +213,6 @@ impl ChunkStore {
                 format!("data file holds {got} bytes, metadata says {len}"),
             ));
         }
-        self.fsync(&*f, &dtmp)?;
         let meta = ChunkMeta {
             version: oc.meta.version,
             len,
@@ -216,6 +220,25 @@ impl ChunkStore {
             flags: 0,
             snap: oc.meta.snap,
         };
+        self.commit_clone(ino, index, seq, &*f, &meta)
+    }
+
+    /// Makes clone `seq` whole and durable: its data, written to the
+    /// `.tmp` name in `f`, is fsynced, then `meta` goes to the sidecar's
+    /// `.tmp` name and is fsynced, both are renamed (data first) and the
+    /// directory fsynced.
+    pub(super) fn commit_clone(
+        &self,
+        ino: u64,
+        index: u64,
+        seq: u64,
+        f: &dyn DiskFile,
+        meta: &ChunkMeta,
+    ) -> Result<()> {
+        let dpath = self.clone_path(ino, index, seq);
+        let mpath = self.clone_meta_path(ino, index, seq);
+        let (dtmp, mtmp) = (tmp_of(&dpath), tmp_of(&mpath));
+        self.fsync(f, &dtmp)?;
         let mf = self
             .disk
             .open(&mtmp, OpenMode::CreateTruncate)
@@ -226,7 +249,7 @@ impl ChunkStore {
         self.disk.rename(&mtmp, &mpath).map_err(io_err(&mpath))?;
         self.sync_dir(&self.snap_bucket(ino))?;
         self.clones.fetch_add(1, Ordering::Relaxed);
-        self.clone_bytes.fetch_add(len, Ordering::Relaxed);
+        self.clone_bytes.fetch_add(meta.len, Ordering::Relaxed);
         Ok(())
     }
 
@@ -319,7 +342,7 @@ impl ChunkStore {
     }
 
     /// The sidecar of clone `seq` of a chunk.
-    fn clone_meta(&self, ino: u64, index: u64, seq: u64) -> Result<ChunkMeta> {
+    pub(super) fn clone_meta(&self, ino: u64, index: u64, seq: u64) -> Result<ChunkMeta> {
         let mpath = self.clone_meta_path(ino, index, seq);
         let raw = self.disk.read_file(&mpath).map_err(io_err(&mpath))?;
         ChunkMeta::decode_checked(&raw)
@@ -356,8 +379,24 @@ impl ChunkStore {
         if meta.snap.born >= snap {
             return Ok((Vec::new(), 0));
         }
+        let data = self.read_clone_span(ino, index, seq, &meta, offset, len)?;
+        Ok((data, meta.version))
+    }
+
+    /// Bytes `offset..offset + len` of clone `seq` of a chunk (clipped to
+    /// its length), verified against the clone's crcs (the caller holds the
+    /// chunk's lock and read `meta`, the clone's sidecar).
+    pub(super) fn read_clone_span(
+        &self,
+        ino: u64,
+        index: u64,
+        seq: u64,
+        meta: &ChunkMeta,
+        offset: u32,
+        len: u32,
+    ) -> Result<Vec<u8>> {
         let Some(span) = BlockSpan::of(offset, len, meta.len) else {
-            return Ok((Vec::new(), meta.version));
+            return Ok(Vec::new());
         };
         let dpath = self.clone_path(ino, index, seq);
         let f = self
@@ -374,7 +413,7 @@ impl ChunkStore {
         })?;
         span.verify(&buf, &meta.crcs)
             .map_err(|m| corrupt(ino, index, format!("clone {seq}: {m}")))?;
-        Ok((span.cut(buf), meta.version))
+        Ok(span.cut(buf))
     }
 
     /// Removes clone `seq` of a chunk (the caller holds the chunk's lock);
@@ -491,7 +530,7 @@ impl ChunkStore {
 }
 
 /// The `.tmp` name a clone file is written under.
-fn tmp_of(path: &Path) -> PathBuf {
+pub(super) fn tmp_of(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(TMP_SUFFIX);
     PathBuf::from(s)

@@ -87,6 +87,7 @@ fake_meta! {
         snapshot_lookup(pb::SnapshotLookupRequest) -> pb::AttrReply;
         snapshot_read_dir(pb::SnapshotReadDirRequest) -> pb::ReadDirReply;
         snapshot_readlink(pb::SnapshotLookupRequest) -> pb::ReadlinkReply;
+        snapshot_xattr(pb::SnapshotXattrRequest) -> pb::SnapshotXattrReply;
     }
 
     type SessionStream = tokio_stream::wrappers::ReceiverStream<Result<pb::SessionEvent, Status>>;

@@ -243,3 +243,26 @@ pub fn wait_converged(c: &LocalCluster, limit: Duration) -> (u64, u64) {
     assert!(ok, "MDS nodes did not converge: {last:?}");
     last.first().copied().flatten().unwrap_or((0, 0))
 }
+
+/// The user.* xattrs of `p` (not following a symlink), sorted.
+pub fn user_xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
+    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(p.as_os_str())).expect("path");
+    let mut names = vec![0u8; 65536];
+    // SAFETY: c is NUL-terminated; names is valid for its length.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    assert!(n >= 0, "llistxattr {}", p.display());
+    names.truncate(n as usize);
+    let mut out = Vec::new();
+    for name in names.split(|b| *b == 0).filter(|n| n.starts_with(b"user.")) {
+        let cn = std::ffi::CString::new(name).expect("name");
+        let mut v = vec![0u8; 65536];
+        // SAFETY: c and cn are NUL-terminated; v is valid for its length.
+        let len =
+            unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        assert!(len >= 0, "lgetxattr {}", p.display());
+        v.truncate(len as usize);
+        out.push((String::from_utf8_lossy(name).into_owned(), v));
+    }
+    out.sort();
+    out
+}
