@@ -36,6 +36,11 @@ Workloads (--only takes a comma-separated list of these):
   fio     sequential write and read (bs=1M, --fio-size, end_fsync; caches
           dropped before the read), 4k random read and write (--fio-time
           seconds each, psync)
+  fsync   4 KiB pwrite + fsync on one file in a loop: overwriting offset 0,
+          appending, and overwriting + fdatasync (--sync-time seconds or
+          --sync-ops loops each); loops/s
+  sqlite  sqlite3 in WAL mode, synchronous=FULL, --sqlite-inserts
+          autocommit inserts by one connection; inserts/s
   scale   (only when named) --workers processes, each in its own directory,
           create empty files up to --scale-files in total, in ten steps;
           after each: the step's create rate, worst and p99 single create,
@@ -87,7 +92,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("AVALON_BIN_DIR") or os.path.join(ROOT, "target", "release")
 # Extra arguments of `avalonctl up` (--no-metrics, --insecure).
 AVALON_UP_ARGS = []
-GROUPS = ["meta", "ls", "small", "tree", "cached", "fio"]
+GROUPS = ["meta", "ls", "small", "tree", "cached", "fio", "fsync", "sqlite"]
 # Long workloads, run only when --only names them.
 EXTRA_GROUPS = ["scale"]
 PEERS = ["moosefs"]
@@ -698,6 +703,64 @@ def bench_fio(d, a):
     return out
 
 
+def sync_loop(path, sync, append, secs, max_ops):
+    """4 KiB pwrite + `sync` on one file, for `secs` seconds or `max_ops`
+    loops: loops per second. Overwrites offset 0, or appends at the end."""
+    buf = os.urandom(4096)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.pwrite(fd, buf, 0)
+        os.fsync(fd)
+        n, off = 0, 4096
+        t = time.perf_counter()
+        end = t + secs
+        while n < max_ops:
+            if append:
+                os.pwrite(fd, buf, off)
+                off += 4096
+            else:
+                os.pwrite(fd, buf, 0)
+            sync(fd)
+            n += 1
+            if time.perf_counter() >= end:
+                break
+        return rate(n, time.perf_counter() - t)
+    finally:
+        os.close(fd)
+
+
+def bench_fsync(d, a):
+    """fsync-heavy loops on one file (see the module doc)."""
+    out = {}
+    for name, sync, append in (("overwrite 4k + fsync/s", os.fsync, False),
+                               ("append 4k + fsync/s", os.fsync, True),
+                               ("overwrite 4k + fdatasync/s", os.fdatasync, False)):
+        p = os.path.join(d, "f-" + name.split()[0] + "-" + sync.__name__)
+        out[metric(name)] = sync_loop(p, sync, append, a.sync_time, a.sync_ops)
+    return out
+
+
+def bench_sqlite(d, a):
+    """sqlite in WAL mode (synchronous=FULL: the WAL is fsynced at every
+    commit), `--sqlite-inserts` autocommit inserts of one short row."""
+    import sqlite3
+    db = sqlite3.connect(os.path.join(d, "bench.db"), isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+        n = a.sqlite_inserts
+        t = time.perf_counter()
+        for i in range(n):
+            db.execute("INSERT INTO t (v) VALUES (?)", (f"row {i:08d}",))
+        secs = time.perf_counter() - t
+        if db.execute("SELECT count(*) FROM t").fetchone()[0] != n:
+            raise RuntimeError("sqlite: rows missing after the inserts")
+    finally:
+        db.close()
+    return {metric("sqlite WAL inserts/s"): rate(n, secs)}
+
+
 def scale_create(args):
     """Creates files d/f{start}..; returns (seconds, files created, each
     create's latency in ms as packed floats). Stops at `deadline`."""
@@ -796,7 +859,8 @@ def bench_scale(d, a, system):
 
 
 WORKLOADS = {"meta": bench_meta, "ls": bench_ls, "small": bench_small, "tree": bench_tree,
-             "cached": bench_cached, "fio": bench_fio, "scale": bench_scale}
+             "cached": bench_cached, "fio": bench_fio, "fsync": bench_fsync,
+             "sqlite": bench_sqlite, "scale": bench_scale}
 # Workloads that also take the System (for its server pids).
 WANTS_SYSTEM = {"scale"}
 
@@ -986,6 +1050,12 @@ def main():
     ap.add_argument("--fio-size", metavar="SIZE", default="1G", help="fio: file size (default: %(default)s)")
     ap.add_argument("--fio-time", metavar="SECS", type=int, default=20,
                     help="fio and cached: seconds per random-I/O job (default: %(default)s)")
+    ap.add_argument("--sync-time", metavar="SECS", type=float, default=5,
+                    help="fsync: seconds per loop (default: %(default)s)")
+    ap.add_argument("--sync-ops", metavar="N", type=int, default=20000,
+                    help="fsync: at most this many loops each (default: %(default)s)")
+    ap.add_argument("--sqlite-inserts", metavar="N", type=int, default=1000,
+                    help="sqlite: autocommit inserts (default: %(default)s)")
     ap.add_argument("--settle-idle", metavar="FRACTION", type=float, default=0.8,
                     help="CPU idle fraction that counts as quiet before each workload (default: %(default)s)")
     ap.add_argument("--settle-max", metavar="SECS", type=float, default=60,
