@@ -1096,15 +1096,28 @@ impl Client {
     /// Tells the MDS the size this client's writes reached (and so stamps
     /// mtime), if anything is pending.
     pub async fn commit_size(&self, ino: u64) -> Result<Option<Attr>> {
+        self.commit_pending(ino, false).await
+    }
+
+    /// [`Client::commit_size`]; with `times_only`, only if the writes did
+    /// not grow the file past the size the MDS holds (then nothing is
+    /// committed and `Ok(None)` returned): such a commit may run while the
+    /// data is still on its way, since it moves only mtime and ctime.
+    async fn commit_pending(&self, ino: u64, times_only: bool) -> Result<Option<Attr>> {
         let size = match self.open_files.files.get(&ino) {
-            Some(st) if st.dirty => st.size,
+            Some(st) if st.dirty && !(times_only && st.grown) => st.size,
             _ => return Ok(None),
         };
-        if let Some(a) = self.commit_delegated(ino, size) {
-            if let Some(mut st) = self.open_files.files.get_mut(&ino) {
-                st.committed(size);
+        // Queued under a delegation, the commit would go out after the
+        // data (the queue stores a file's data before its size): a times
+        // commit goes the synchronous way, behind the queue (`rpc`).
+        if !times_only {
+            if let Some(a) = self.commit_delegated(ino, size) {
+                if let Some(mut st) = self.open_files.files.get_mut(&ino) {
+                    st.committed(size);
+                }
+                return Ok(Some(a));
             }
-            return Ok(Some(a));
         }
         let req = pb::CommitWriteRequest {
             header: self.session.header(),
@@ -1130,6 +1143,16 @@ impl Client {
         r.attr
             .map(Some)
             .ok_or_else(|| ClientError::Unavailable("MDS reply without attributes".into()))
+    }
+
+    /// After an O_SYNC (`datasync` false) or O_DSYNC write made its data
+    /// durable: commits the size and times, or with O_DSYNC only a size
+    /// the writes grew (as [`Client::fsync`] and fdatasync do).
+    pub async fn commit_synced_write(&self, ino: u64, datasync: bool) -> Result<()> {
+        if !datasync || self.known_size(ino).is_some_and(|st| st.grown) {
+            self.commit_size(ino).await?;
+        }
+        Ok(())
     }
 
     /// Under a byte quota, a write that would take the file more than the
@@ -1394,7 +1417,18 @@ impl Client {
     /// on the MDS (fsync).
     /// A delegated change to it that the MDS will never apply is reported.
     pub async fn fsync(&self, ino: u64, datasync: bool) -> Result<()> {
-        self.sync_data(ino).await?;
+        if datasync {
+            self.sync_data(ino).await?;
+        } else {
+            // Writes that left the size alone commit only mtime and ctime:
+            // at the MDS while the data goes to the OSDs, not after it (an
+            // mtime newer than the durable data is what write(2) leaves on
+            // a local filesystem too). A grown size waits for its data
+            // below, so it never covers bytes that are not stored.
+            let (data, times) = tokio::join!(self.sync_data(ino), self.commit_pending(ino, true));
+            data?;
+            times?;
+        }
         // fdatasync leaves times to the next commit, not a grown size
         // (the data past the old size could not be read back without it).
         if !datasync || self.known_size(ino).is_some_and(|st| st.grown) {

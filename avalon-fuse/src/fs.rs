@@ -687,6 +687,9 @@ impl Filesystem for AvalonFs {
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
         let sync = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        // O_DSYNC without O_SYNC's other bit: as fdatasync, times wait for
+        // the next commit (O_SYNC includes the O_DSYNC bit).
+        let datasync = flags.0 & libc::O_SYNC != libc::O_SYNC;
         let append = flags.0 & libc::O_APPEND != 0;
         // The kernel's buffer is only borrowed: one copy into an owned,
         // reference-counted buffer that all chunk RPCs slice without copying.
@@ -697,7 +700,7 @@ impl Filesystem for AvalonFs {
             match c.write(ino, offset, data, sync, append).await {
                 Ok(n) => {
                     if sync {
-                        if let Err(e) = c.commit_size(ino).await {
+                        if let Err(e) = c.commit_synced_write(ino, datasync).await {
                             return reply.error(errno(&e));
                         }
                     }

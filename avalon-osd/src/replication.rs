@@ -289,7 +289,7 @@ impl Replicator {
             let addr = self.membership.addr().to_string();
             tokio::spawn(async move {
                 let r = store
-                    .blocking(move |s| s.sync_chunk(ino, index))
+                    .blocking(move |s| s.sync_write(ino, index))
                     .await
                     .map_err(|e| Failure {
                         no_space: matches!(&e, StoreError::Io { source, .. }

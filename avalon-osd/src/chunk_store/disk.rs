@@ -91,8 +91,10 @@ pub trait DiskFile: Send + Sync + fmt::Debug {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// The file's length.
     fn len(&self) -> io::Result<u64>;
-    /// fsync: content and metadata durable.
-    fn sync_all(&self) -> io::Result<()>;
+    /// fdatasync: content and what reading it back needs (length,
+    /// blocks) durable; not times, which no chunk reader looks at (an
+    /// fsync of an overwritten chunk wrote its inode for the mtime alone).
+    fn sync_data(&self) -> io::Result<()>;
 
     /// Writes all of `buf` at `off`.
     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
@@ -287,8 +289,8 @@ impl DiskFile for StdFile {
         Ok(self.0.metadata()?.len())
     }
 
-    fn sync_all(&self) -> io::Result<()> {
-        self.0.sync_all()
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
     }
 
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {

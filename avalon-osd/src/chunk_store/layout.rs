@@ -139,6 +139,9 @@ impl ChunkStore {
     /// new file, and an fsync of the root for each was most of the disk
     /// traffic of writing small files.
     pub(super) fn sync_dir_of(&self, ino: u64) -> Result<()> {
+        let b = (ino % BUCKETS) as usize;
+        // Names made before the fsync starts are covered by it.
+        let made = self.names_made[b].load(Ordering::Acquire);
         {
             // Held across the fsync: a sync that finds the flag cleared by
             // another must not return before that one's fsync is done.
@@ -148,7 +151,22 @@ impl ChunkStore {
                 *dirty = false;
             }
         }
-        self.sync_dir(&self.ino_dir(ino))
+        self.sync_dir(&self.ino_dir(ino))?;
+        self.names_synced[b].fetch_max(made, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Counts a chunk name made in `ino`'s bucket (after the rename or
+    /// create that made it).
+    pub(super) fn name_made(&self, ino: u64) {
+        self.names_made[(ino % BUCKETS) as usize].fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether a chunk name in `ino`'s bucket may not be durable yet: a
+    /// sync of a chunk there must fsync the bucket ([`Self::sync_dir_of`]).
+    pub(super) fn name_pending(&self, ino: u64) -> bool {
+        let b = (ino % BUCKETS) as usize;
+        self.names_made[b].load(Ordering::Acquire) > self.names_synced[b].load(Ordering::Acquire)
     }
 
     /// Path of a chunk's data file.

@@ -143,6 +143,12 @@ pub struct ChunkStore {
     /// A bucket was made since the root's last fsync (held across that
     /// fsync, see `sync_dir_of`).
     root_dirty: Mutex<bool>,
+    /// Per bucket: chunk names made in it, and how many of those its last
+    /// completed fsync covers. A sync write fsyncs the bucket only while
+    /// they differ (a name there may not be durable yet, also one made by
+    /// an earlier write without sync, or by a sync write still under way).
+    names_made: Vec<AtomicU64>,
+    names_synced: Vec<AtomicU64>,
     /// Emptied files of removed chunks, reused for new ones.
     spares: SpareFiles,
     /// Snapshot clones stored, and their bytes (see `snaps`).
@@ -235,6 +241,8 @@ impl ChunkStore {
             buckets: (0..BUCKETS).map(|_| AtomicBool::new(false)).collect(),
             direct_writes: AtomicBool::new(true),
             root_dirty: Mutex::new(false),
+            names_made: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            names_synced: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             spares,
             clones: AtomicU64::new(0),
             clone_bytes: AtomicU64::new(0),

@@ -155,6 +155,7 @@ impl ChunkStore {
             .disk
             .open(&mpath, OpenMode::CreateTruncate)
             .map_err(io_err(&mpath))?;
+        self.name_made(ino);
         let oc = OpenChunk {
             data,
             meta_file,

@@ -542,7 +542,7 @@ impl ChunkStore {
         f.write_all_at(&bytes, 0).map_err(io_err(&path))?;
         f.set_len(bytes.len() as u64).map_err(io_err(&path))?;
         if sync {
-            f.sync_all().map_err(io_err(&path))?;
+            f.sync_data().map_err(io_err(&path))?;
         }
         Ok(())
     }

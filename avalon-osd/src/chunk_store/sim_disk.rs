@@ -420,7 +420,7 @@ impl DiskFile for SimFile {
         Ok(self.state()?.inodes[&self.ino].current.len() as u64)
     }
 
-    fn sync_all(&self) -> io::Result<()> {
+    fn sync_data(&self) -> io::Result<()> {
         let mut s = self.state()?;
         s.spend()?;
         s.commit();

@@ -28,7 +28,7 @@ impl ChunkStore {
         faults::check(faults::BEFORE_FSYNC, path).map_err(io_err(path))?;
         faults::check(faults::FSYNC, path).map_err(io_err(path))?;
         let _m = crate::metrics::fsync();
-        f.sync_all().map_err(io_err(path))
+        f.sync_data().map_err(io_err(path))
     }
 
     /// fsyncs a chunk's data and sidecar (open ones through the cache).
@@ -102,6 +102,29 @@ impl ChunkStore {
         self.sync_dir_of(ino)
             .inspect_err(|e| self.mark_lost(ino, index, e))?;
         self.settle(ino, index, synced);
+        Ok(())
+    }
+
+    /// Makes durable a write this process just applied without sync (a
+    /// primary's half of a sync write, fsynced while the replicas store
+    /// theirs): data and sidecar, and the bucket directory while a name in
+    /// it may not be durable. Unlike [`ChunkStore::sync_chunk`] it leaves
+    /// the write-intent flag set, as a replica's sync write does, so a
+    /// loop of sync writes to one chunk pays no intent fsync before each
+    /// write (which also held up the forward to the replicas), nor a
+    /// directory fsync. The flag goes at the next `SyncObjects` (the write
+    /// is in the dirty set).
+    pub fn sync_write(&self, ino: u64, index: u64) -> Result<()> {
+        if self.lost.contains(ino, index) {
+            return Err(Self::lost_io(&self.data_path(ino, index)));
+        }
+        let synced = self
+            .sync_files(ino, index)
+            .inspect_err(|e| self.mark_lost(ino, index, e))?;
+        if self.name_pending(ino) && !matches!(synced, Synced::Missing) {
+            self.sync_dir_of(ino)
+                .inspect_err(|e| self.mark_lost(ino, index, e))?;
+        }
         Ok(())
     }
 

@@ -952,6 +952,14 @@ enum PowerOp {
         seed: u8,
     },
     Sync,
+    /// A primary's half of a sync write: stored without sync, then
+    /// `sync_write` (the write-intent flag stays set).
+    SyncWrite {
+        idx: u64,
+        off: u32,
+        len: u32,
+        seed: u8,
+    },
     Crash,
 }
 
@@ -966,6 +974,8 @@ fn power_op() -> impl Strategy<Value = PowerOp> {
             PowerOp::Write { idx, off, len: len.min(CS - off), seed }
         }),
         2 => Just(PowerOp::Sync),
+        3 => (0u64..2, (0u32..16).prop_map(|p| p * 4096), 1u32..8192, any::<u8>())
+            .prop_map(|(idx, off, len, seed)| PowerOp::SyncWrite { idx, off, len, seed }),
         2 => Just(PowerOp::Crash),
     ]
 }
@@ -1018,6 +1028,20 @@ proptest! {
                     }
                     now[off as usize..end].copy_from_slice(&data);
                     states[idx as usize].push(now);
+                }
+                PowerOp::SyncWrite { idx, off, len, seed } => {
+                    let data = pattern(len as usize, seed);
+                    s.write(9, idx, off, &data, CS, VersionMode::Next, false).expect("write");
+                    s.sync_write(9, idx).expect("sync write");
+                    let st = &mut states[idx as usize];
+                    let mut now = st.last().expect("state").clone();
+                    let end = off as usize + data.len();
+                    if now.len() < end {
+                        now.resize(end, 0);
+                    }
+                    now[off as usize..end].copy_from_slice(&data);
+                    // Durable now: this chunk's earlier states cannot come back.
+                    *st = vec![now];
                 }
                 PowerOp::Sync => {
                     s.sync_objects(&[9]).expect("sync");

@@ -252,10 +252,12 @@ impl ChunkStore {
             self.fsync(&*oc.meta_file, &self.meta_path(ino, index))
                 .and_then(|()| self.fsync(&*oc.data, &dpath))
                 .and_then(|()| {
-                    if existed {
-                        Ok(())
-                    } else {
+                    // Also when an earlier write without sync made the
+                    // chunk: its name must be durable with these bytes.
+                    if self.name_pending(ino) {
                         self.sync_dir_of(ino)
+                    } else {
+                        Ok(())
                     }
                 })
         } else {
