@@ -13,8 +13,8 @@
 
 use avalon_mds::command::{Layout, MetaCommand, Op, Reply};
 use avalon_mds::namespace::State;
-use avalon_proto::limits::ROOT_INO;
 use avalon_mds::rstats;
+use avalon_proto::limits::ROOT_INO;
 use std::time::Instant;
 
 /// Workers' directories, as bench.py's meta phase makes them.

@@ -2319,7 +2319,6 @@ impl Meta for MetaService {
         self.snapshot_reply(id)
     }
 
-
     async fn snapshot_remove(&self, req: Request<pb::SnapshotCreateRequest>) -> Res<pb::Empty> {
         let lim = self.limits(&req);
         let r = req.into_inner();

@@ -12,10 +12,9 @@ use avalon_proto::pb::osd_server::Osd;
 use avalon_proto::pb::RequestHeader;
 use avalon_proto::pb::{
     ByteRange, ChunkExtents, ChunkId, ChunkInfo, CloneId, DeleteObjectsRequest, Empty,
-    ListChunksReply, ReadCopyReply, ReadCopyRequest,
-    ListChunksRequest, ObjectExtentsReply, ObjectExtentsRequest, OsdStatusReply, ReadChunkReply,
-    ReadChunkRequest, SyncObjectsRequest, TrimSnapshotsReply, TrimSnapshotsRequest,
-    WriteChunkReply, WriteChunkRequest,
+    ListChunksReply, ListChunksRequest, ObjectExtentsReply, ObjectExtentsRequest, OsdStatusReply,
+    ReadChunkReply, ReadChunkRequest, ReadCopyReply, ReadCopyRequest, SyncObjectsRequest,
+    TrimSnapshotsReply, TrimSnapshotsRequest, WriteChunkReply, WriteChunkRequest,
 };
 use avalon_proto::placement::pg_of;
 use avalon_proto::request_id;

@@ -596,7 +596,14 @@ impl Recovery {
             .map_err(|e| e.to_string())?;
         if installed {
             self.stats.pulled_clones.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(ino, index, seq, bytes = len, from = addr, "pulled snapshot clone");
+            tracing::info!(
+                ino,
+                index,
+                seq,
+                bytes = len,
+                from = addr,
+                "pulled snapshot clone"
+            );
             self.throttle(len).await;
         }
         Ok(())
@@ -736,10 +743,7 @@ impl Recovery {
                     for c in &reply.clones {
                         let Some(cid) = c.chunk else { continue };
                         let pg = pg_of(cid.ino, cid.index, pg_count);
-                        if todo
-                            .get(&pg)
-                            .is_some_and(|m| m.iter().any(|o| o.id == id))
-                        {
+                        if todo.get(&pg).is_some_and(|m| m.iter().any(|o| o.id == id)) {
                             remote_clones
                                 .entry((cid.ino, cid.index, c.seq))
                                 .or_insert_with(|| addr.clone());

@@ -22,7 +22,14 @@ impl ChunkStore {
         version: u64,
         replace_equal: bool,
     ) -> Result<bool> {
-        self.install_stamped(ino, index, data, version, SnapStamp::default(), replace_equal)
+        self.install_stamped(
+            ino,
+            index,
+            data,
+            version,
+            SnapStamp::default(),
+            replace_equal,
+        )
     }
 
     /// [`ChunkStore::install`] of a copy that carries its snapshot stamp

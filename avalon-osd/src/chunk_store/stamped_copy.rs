@@ -64,7 +64,13 @@ impl ChunkStore {
     /// Installs clone `seq` of a chunk copied from another replica (its
     /// whole content, version and stamp), durably; nothing when this
     /// replica has it already. Returns whether it was installed.
-    pub fn install_clone(&self, ino: u64, index: u64, seq: u64, copy: &StampedCopy) -> Result<bool> {
+    pub fn install_clone(
+        &self,
+        ino: u64,
+        index: u64,
+        seq: u64,
+        copy: &StampedCopy,
+    ) -> Result<bool> {
         if ino == 0 || seq == 0 || copy.version == 0 {
             return Err(StoreError::InvalidArgument(
                 "a clone needs an ino, a snapshot id and a version > 0".into(),

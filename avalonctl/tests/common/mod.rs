@@ -246,7 +246,8 @@ pub fn wait_converged(c: &LocalCluster, limit: Duration) -> (u64, u64) {
 
 /// The user.* xattrs of `p` (not following a symlink), sorted.
 pub fn user_xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
-    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(p.as_os_str())).expect("path");
+    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(p.as_os_str()))
+        .expect("path");
     let mut names = vec![0u8; 65536];
     // SAFETY: c is NUL-terminated; names is valid for its length.
     let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
