@@ -351,15 +351,7 @@ impl State {
     }
 
     pub fn listxattr(&self, ino: u64) -> R<Vec<Vec<u8>>> {
-        // The trash retention is kept with the xattrs but, like the other
-        // avalon.* attributes, not listed (copies must not carry it).
-        Ok(self
-            .inode(ino)?
-            .xattrs
-            .keys()
-            .filter(|k| k.as_slice() != crate::trash::TRASH_SECONDS)
-            .cloned()
-            .collect())
+        Ok(listed_xattrs(self.inode(ino)?))
     }
 
     /// Usage as statfs reports it; each byte is stored `replicas` times.
@@ -1651,6 +1643,17 @@ impl State {
             .get(&ino)
             .is_some_and(|i| is_dir_mode(i.attr.mode))
     }
+}
+
+/// The names LISTXATTR shows of an inode's stored attributes. The trash
+/// retention is kept with them but, like the other `avalon.*` attributes,
+/// not listed (copies must not carry it).
+pub(crate) fn listed_xattrs(i: &Inode) -> Vec<Vec<u8>> {
+    i.xattrs
+        .keys()
+        .filter(|k| k.as_slice() != crate::trash::TRASH_SECONDS)
+        .cloned()
+        .collect()
 }
 
 pub(crate) fn check_xattr_name(name: &[u8]) -> R<()> {

@@ -217,13 +217,7 @@ impl Snapshot {
     /// The names of the stored extended attributes, as the live tree
     /// lists them (the trash retention is not listed).
     pub fn listxattr(&self, ino: u64) -> R<Vec<Vec<u8>>> {
-        Ok(self
-            .inode(ino)?
-            .xattrs
-            .keys()
-            .filter(|k| k.as_slice() != crate::trash::TRASH_SECONDS)
-            .cloned()
-            .collect())
+        Ok(crate::namespace::listed_xattrs(self.inode(ino)?))
     }
 
     /// A symbolic link's target.
