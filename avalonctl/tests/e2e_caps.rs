@@ -12,25 +12,10 @@ use avalon_proto::errno::errno_of;
 use avalon_proto::pb::{self, meta_client::MetaClient};
 use avalon_proto::tls::{ClientTls, Dial};
 use avalonctl::keys;
-use common::{run, SecondMount, TestCluster};
+use common::{admin_ctl, refused_errno, SecondMount, TestCluster};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-
-fn errno(r: std::io::Result<impl std::fmt::Debug>) -> i32 {
-    r.expect_err("refused").raw_os_error().unwrap_or(0)
-}
-
-fn ctl(keys_dir: &Path, args: &[&str]) {
-    let admin = keys::keyfile(keys_dir, keys::ADMIN);
-    run(
-        Command::new(avalonctl::local_cluster::default_bin_dir().join("avalonctl"))
-            .arg("--keyfile")
-            .arg(&admin)
-            .args(args),
-    );
-}
 
 #[test]
 fn capabilities_confine_limit_squash_and_revoke() {
@@ -58,7 +43,7 @@ fn capabilities_confine_limit_squash_and_revoke() {
     std::os::unix::fs::chown(&private, Some(1000), Some(1000)).expect("chown");
     let secret_ino = std::fs::metadata(root.join("secret")).expect("stat").ino();
 
-    ctl(
+    admin_ctl(
         &kd,
         &[
             "auth",
@@ -73,7 +58,7 @@ fn capabilities_confine_limit_squash_and_revoke() {
             "--root-squash",
         ],
     );
-    ctl(
+    admin_ctl(
         &kd,
         &[
             "auth",
@@ -104,7 +89,10 @@ fn capabilities_confine_limit_squash_and_revoke() {
         (65534, 65534),
         "root's create is squashed"
     );
-    assert_eq!(errno(std::fs::read(x.path.join("private"))), libc::EACCES);
+    assert_eq!(
+        refused_errno(std::fs::read(x.path.join("private"))),
+        libc::EACCES
+    );
 
     // The MDS itself refuses inodes outside the subtree, by number, and a
     // session of another identity.
@@ -155,27 +143,33 @@ fn capabilities_confine_limit_squash_and_revoke() {
     let p = |s: &str| ro.path.join(s);
     assert_eq!(std::fs::read(p("secret")).expect("read"), b"s");
     let erofs = [
-        ("create", errno(std::fs::write(p("new"), b"n"))),
+        ("create", refused_errno(std::fs::write(p("new"), b"n"))),
         (
             "write open",
-            errno(std::fs::OpenOptions::new().write(true).open(p("secret"))),
+            refused_errno(std::fs::OpenOptions::new().write(true).open(p("secret"))),
         ),
-        ("mkdir", errno(std::fs::create_dir(p("d")))),
-        ("unlink", errno(std::fs::remove_file(p("secret")))),
-        ("rename", errno(std::fs::rename(p("secret"), p("s2")))),
-        ("link", errno(std::fs::hard_link(p("secret"), p("s3")))),
+        ("mkdir", refused_errno(std::fs::create_dir(p("d")))),
+        ("unlink", refused_errno(std::fs::remove_file(p("secret")))),
+        (
+            "rename",
+            refused_errno(std::fs::rename(p("secret"), p("s2"))),
+        ),
+        (
+            "link",
+            refused_errno(std::fs::hard_link(p("secret"), p("s3"))),
+        ),
         (
             "symlink",
-            errno(std::os::unix::fs::symlink("secret", p("s4"))),
+            refused_errno(std::os::unix::fs::symlink("secret", p("s4"))),
         ),
         (
             "chmod",
-            errno(std::fs::set_permissions(
+            refused_errno(std::fs::set_permissions(
                 p("secret"),
                 std::fs::Permissions::from_mode(0o644),
             )),
         ),
-        ("rmdir", errno(std::fs::remove_dir(p("projects/x")))),
+        ("rmdir", refused_errno(std::fs::remove_dir(p("projects/x")))),
     ];
     for (what, e) in erofs {
         assert_eq!(e, libc::EROFS, "{what}");
@@ -202,7 +196,7 @@ fn capabilities_confine_limit_squash_and_revoke() {
 
     // Revocation: the mounted client is cut off within a lease, and a new
     // mount with the key fails.
-    ctl(
+    admin_ctl(
         &kd,
         &["auth", "rm", "client.x", "--dir", kds, "--mds", &mds],
     );

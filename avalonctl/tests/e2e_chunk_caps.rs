@@ -17,27 +17,15 @@ use avalon_proto::tls::{ClientTls, Dial, KeyFile};
 use avalonctl::keys;
 use avalonctl::local_cluster::LocalCluster;
 use bytes::Bytes;
-use common::{run, TestCluster};
+use common::{admin_ctl, TestCluster};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 use tonic::Code;
 
 /// Capability lifetime the MDS is started with: short, so that the test
 /// outlives several.
 const CAP_SECS: u64 = 3;
-
-fn ctl(keys_dir: &Path, args: &[&str]) {
-    let admin = keys::keyfile(keys_dir, keys::ADMIN);
-    run(
-        Command::new(avalonctl::local_cluster::default_bin_dir().join("avalonctl"))
-            .arg("--keyfile")
-            .arg(&admin)
-            .args(args),
-    );
-}
 
 fn header(cap: &Bytes) -> Option<pb::RequestHeader> {
     Some(pb::RequestHeader {
@@ -323,7 +311,7 @@ fn chunk_capabilities_guard_every_chunk_access() {
     });
 
     // `auth rm`: no more capabilities, and the one held stops at expiry.
-    ctl(
+    admin_ctl(
         &kd,
         &[
             "auth",

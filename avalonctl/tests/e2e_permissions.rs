@@ -13,25 +13,11 @@ use avalon_proto::errno::errno_of;
 use avalon_proto::pb::{self, meta_client::MetaClient};
 use avalon_proto::tls::{ClientTls, Dial};
 use avalonctl::keys;
-use common::{run, SecondMount, TestCluster};
+use common::{admin_ctl, refused_errno, SecondMount, TestCluster};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-
-fn errno(r: std::io::Result<impl std::fmt::Debug>) -> i32 {
-    r.expect_err("refused").raw_os_error().unwrap_or(0)
-}
-
-fn ctl(keys_dir: &Path, args: &[&str]) {
-    let admin = keys::keyfile(keys_dir, keys::ADMIN);
-    run(
-        Command::new(avalonctl::local_cluster::default_bin_dir().join("avalonctl"))
-            .arg("--keyfile")
-            .arg(&admin)
-            .args(args),
-    );
-}
 
 /// Runs `args` as uid/gid `id` with supplementary `groups`; its stderr if
 /// it failed.
@@ -117,7 +103,7 @@ fn the_mds_checks_the_callers_permissions() {
     assert!(s("tmp/by2000").exists());
 
     // A root_squash key: root is nobody.
-    ctl(
+    admin_ctl(
         &kd,
         &[
             "auth",
@@ -136,15 +122,28 @@ fn the_mds_checks_the_callers_permissions() {
     );
     let sq = SecondMount::with_options(t.c(), dir.join("mnt-sq"), &opt);
     let q = |n: &str| sq.path.join(n);
-    assert_eq!(errno(std::fs::read(q("home/private"))), libc::EACCES);
+    assert_eq!(
+        refused_errno(std::fs::read(q("home/private"))),
+        libc::EACCES
+    );
     assert_eq!(std::fs::read(q("home/public")).expect("read"), b"public");
-    assert_eq!(errno(std::fs::write(q("home/by-root"), b"r")), libc::EACCES);
-    assert_eq!(errno(std::fs::remove_file(q("home/public"))), libc::EACCES);
+    assert_eq!(
+        refused_errno(std::fs::write(q("home/by-root"), b"r")),
+        libc::EACCES
+    );
+    assert_eq!(
+        refused_errno(std::fs::remove_file(q("home/public"))),
+        libc::EACCES
+    );
     let refused =
         std::fs::set_permissions(q("home/public"), std::fs::Permissions::from_mode(0o666));
-    assert_eq!(errno(refused), libc::EPERM, "chmod of another's file");
     assert_eq!(
-        errno(std::os::unix::fs::chown(q("home/public"), Some(0), None)),
+        refused_errno(refused),
+        libc::EPERM,
+        "chmod of another's file"
+    );
+    assert_eq!(
+        refused_errno(std::os::unix::fs::chown(q("home/public"), Some(0), None)),
         libc::EPERM
     );
     std::fs::write(q("tmp/by-root"), b"r").expect("create in /tmp");

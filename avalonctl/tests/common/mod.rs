@@ -267,3 +267,19 @@ pub fn user_xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// Runs `avalonctl ARGS` with the cluster's admin key from `keys_dir`.
+pub fn admin_ctl(keys_dir: &Path, args: &[&str]) {
+    let admin = avalonctl::keys::keyfile(keys_dir, avalonctl::keys::ADMIN);
+    run(
+        Command::new(avalonctl::local_cluster::default_bin_dir().join("avalonctl"))
+            .arg("--keyfile")
+            .arg(&admin)
+            .args(args),
+    );
+}
+
+/// The errno of a call that must have been refused.
+pub fn refused_errno(r: std::io::Result<impl std::fmt::Debug>) -> i32 {
+    r.expect_err("refused").raw_os_error().unwrap_or(0)
+}
