@@ -27,6 +27,14 @@ async fn read_snap(addr: &str, ino: u64, snap: u64) -> Option<Vec<u8>> {
     Some(r.data.to_vec())
 }
 
+/// Sends `req` to `addr` until that OSD has peered and takes it.
+async fn write_when_peered(addr: &str, req: pb::WriteChunkRequest) {
+    eventually("the primary peered and took the write", || async {
+        client(addr).await.write_chunk(req.clone()).await.ok()
+    })
+    .await;
+}
+
 async fn clones(addr: &str) -> u64 {
     let s = client(addr)
         .await
@@ -43,14 +51,7 @@ async fn clones_on_every_replica_and_trim() {
     let members = member_addrs(&map, ino, 0);
     let primary = members[0].clone();
     let old: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
-    eventually("primary peered and writes", || async {
-        client(&primary)
-            .await
-            .write_chunk(write_req(ino, 0, old.clone(), map.epoch))
-            .await
-            .ok()
-    })
-    .await;
+    write_when_peered(&primary, write_req(ino, 0, old.clone(), map.epoch)).await;
     // Snapshot 3 was taken; the next write carries it.
     let req = pb::WriteChunkRequest {
         snap_seq: 3,
@@ -144,14 +145,7 @@ async fn peering_copies_clones_and_stamps() {
     let members = member_addrs(&map, ino, 0);
     let primary = members[0].clone();
     let old: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
-    eventually("primary peered and writes", || async {
-        client(&primary)
-            .await
-            .write_chunk(write_req(ino, 0, old.clone(), map.epoch))
-            .await
-            .ok()
-    })
-    .await;
+    write_when_peered(&primary, write_req(ino, 0, old.clone(), map.epoch)).await;
     let under = |ino, offset, data, snap_seq| pb::WriteChunkRequest {
         snap_seq,
         ..write_req(ino, offset, data, map.epoch)
@@ -165,14 +159,7 @@ async fn peering_copies_clones_and_stamps() {
     new[..500].copy_from_slice(&[7; 500]);
     // A chunk created after snapshot 5: snapshot 5 sees a hole there.
     let born_primary = member_addrs(&map, born, 0)[0].clone();
-    eventually("a chunk made under snapshot 5", || async {
-        client(&born_primary)
-            .await
-            .write_chunk(under(born, 0, vec![5; 300], 5))
-            .await
-            .ok()
-    })
-    .await;
+    write_when_peered(&born_primary, under(born, 0, vec![5; 300], 5)).await;
     let victim = members[2].clone();
     eventually("every replica holds the clone", || async {
         for m in &members {
