@@ -313,6 +313,14 @@ pub enum Op {
     SnapTrimmed {
         removals: u64,
     },
+    /// [`Op::SetClientCaps`] with the identity's uid/gid mapping (empty or
+    /// `caps` `None`: the mapping is dropped). Proposed only once every
+    /// voter has `FEATURE_ID_MAP`.
+    SetClientCapsMapped {
+        name: String,
+        caps: Option<crate::caps::ClientCaps>,
+        ids: crate::caps::IdMap,
+    },
 }
 
 /// A raft log entry payload.

@@ -184,6 +184,65 @@ fn squash_gid(lim: Option<&(String, ClientCaps)>, gid: u32) -> u32 {
     lim.map_or(gid, |(_, c)| c.gid(gid))
 }
 
+/// A reply with uids and gids that a mapped key's client sees translated
+/// back to its own ids (`caps.rs`).
+trait IdsOut {
+    /// Translates the cluster ids in `self` to `c`'s client ids.
+    fn ids_out(&mut self, c: &ClientCaps);
+}
+
+impl IdsOut for pb::Attr {
+    fn ids_out(&mut self, c: &ClientCaps) {
+        self.uid = c.uid_out(self.uid);
+        self.gid = c.gid_out(self.gid);
+    }
+}
+
+impl<T: IdsOut> IdsOut for Option<T> {
+    fn ids_out(&mut self, c: &ClientCaps) {
+        if let Some(t) = self {
+            t.ids_out(c);
+        }
+    }
+}
+
+impl IdsOut for pb::EntryReply {
+    fn ids_out(&mut self, c: &ClientCaps) {
+        self.attr.ids_out(c);
+        self.parent.ids_out(c);
+    }
+}
+
+impl IdsOut for pb::AttrReply {
+    fn ids_out(&mut self, c: &ClientCaps) {
+        self.attr.ids_out(c);
+    }
+}
+
+impl IdsOut for pb::DirChangeReply {
+    fn ids_out(&mut self, c: &ClientCaps) {
+        self.parent.ids_out(c);
+        self.new_parent.ids_out(c);
+    }
+}
+
+impl IdsOut for pb::ReadDirReply {
+    fn ids_out(&mut self, c: &ClientCaps) {
+        for e in &mut self.entries {
+            e.attr.ids_out(c);
+        }
+    }
+}
+
+/// `r` as the caller of a request limited by `lim` sees it: with the ids
+/// of a mapped key translated back (nothing to do for the others).
+fn mapped<T: IdsOut>(lim: Option<&(String, ClientCaps)>, mut r: T) -> Response<T> {
+    if let Some((_, c)) = lim.filter(|(_, c)| c.maps()) {
+        r.ids_out(c);
+    }
+    Response::new(r)
+}
+
 /// What a request says of its caller beyond its header, read before the
 /// request is consumed (see [`permission::Cred::of`]).
 struct Who {
@@ -387,6 +446,50 @@ impl MetaService {
         } else {
             Err(MdsError::Errno(libc::EACCES))
         }
+    }
+
+    /// Whether session `sid` has `ino` open (for writing if `write`) in
+    /// this leader's open table: then the open was checked, and the open
+    /// file keeps the rights it was opened with (as POSIX has it, even
+    /// if the file's mode changed since).
+    fn opened_by(&self, sid: u64, ino: u64, write: bool) -> bool {
+        let t = self.node.lock_opens();
+        t.entries
+            .get(&(sid, ino))
+            .is_some_and(|e| !write || e.writes > 0 || e.reported_writer)
+    }
+
+    /// May `cred` (of session `sid`) get a chunk capability on `ino`
+    /// (read-write if `write`)? Yes for a file the session has open so
+    /// (checked at open; opens and creates carry their capability, so the
+    /// common case never asks), else with read (write) permission now.
+    /// Refused, the open table is looked at again once a new leader has
+    /// heard every session's opens.
+    async fn check_chunk_cap(
+        &self,
+        sid: u64,
+        cred: &Cred,
+        ino: u64,
+        write: bool,
+    ) -> Result<(), Status> {
+        if self.opened_by(sid, ino, write) {
+            return Ok(());
+        }
+        let want = if write {
+            permission::MAY_WRITE
+        } else {
+            permission::MAY_READ
+        };
+        let refused = match self.check(Some(cred), |s, c| permission::may(s, c, ino, want)) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        // At once unless this leader is new.
+        self.node.wait_opens_reported().await;
+        if self.opened_by(sid, ino, write) {
+            return Ok(());
+        }
+        Err(refused)
     }
 
     /// PERMISSION_DENIED when a TLS caller names a session another
@@ -644,7 +747,7 @@ impl Meta for MetaService {
             })
             .await?
             .map_err(refused)?;
-        Ok(Response::new(pb::EntryReply {
+        Ok(mapped(lim.as_ref(), pb::EntryReply {
             attr: Some(attr_pb(&a)),
             parent: None,
             shared_write: false,
@@ -665,7 +768,7 @@ impl Meta for MetaService {
             .read_leased(sid, |s| (s.getattr(r.ino), [r.ino]))
             .await?
             .map_err(MdsError::Errno)?;
-        Ok(Response::new(pb::AttrReply {
+        Ok(mapped(lim.as_ref(), pb::AttrReply {
             attr: Some(attr_pb(&a)),
             ..Default::default()
         }))
@@ -698,7 +801,7 @@ impl Meta for MetaService {
                 ino: r.ino,
                 atime: time_spec(r.atime).unwrap_or(TimeSpec::Now),
             };
-            return Ok(Response::new(attr_reply(
+            return Ok(mapped(lim.as_ref(), attr_reply(
                 self.mutate(r.header.as_ref(), op, &[Change::attr(r.ino)])
                     .await?,
             )?));
@@ -739,7 +842,7 @@ impl Meta for MetaService {
         } else {
             Change::attr(r.ino)
         };
-        Ok(Response::new(attr_reply(
+        Ok(mapped(lim.as_ref(), attr_reply(
             self.mutate(r.header.as_ref(), op, &[change]).await?,
         )?))
     }
@@ -792,7 +895,7 @@ impl Meta for MetaService {
                 }
             }
         }
-        Ok(Response::new(e))
+        Ok(mapped(lim.as_ref(), e))
     }
 
     async fn mkdir(&self, req: Request<pb::MkdirRequest>) -> Res<pb::EntryReply> {
@@ -817,7 +920,7 @@ impl Meta for MetaService {
         };
         let mut e = entry(self.mutate(r.header.as_ref(), op, &changes).await?)?;
         self.created(r.header.as_ref(), r.parent, &mut e);
-        Ok(Response::new(e))
+        Ok(mapped(lim.as_ref(), e))
     }
 
     async fn symlink(&self, req: Request<pb::SymlinkRequest>) -> Res<pb::EntryReply> {
@@ -848,7 +951,7 @@ impl Meta for MetaService {
         };
         let mut e = entry(self.mutate(r.header.as_ref(), op, &changes).await?)?;
         self.created(r.header.as_ref(), r.parent, &mut e);
-        Ok(Response::new(e))
+        Ok(mapped(lim.as_ref(), e))
     }
 
     async fn unlink(&self, req: Request<pb::UnlinkRequest>) -> Res<pb::DirChangeReply> {
@@ -873,7 +976,7 @@ impl Meta for MetaService {
             guard,
         };
         self.mutate(r.header.as_ref(), op, &changes).await?;
-        Ok(Response::new(pb::DirChangeReply {
+        Ok(mapped(lim.as_ref(), pb::DirChangeReply {
             parent: self.dir_attr(r.parent),
             new_parent: None,
         }))
@@ -900,7 +1003,7 @@ impl Meta for MetaService {
             guard,
         };
         self.mutate(r.header.as_ref(), op, &changes).await?;
-        Ok(Response::new(pb::DirChangeReply {
+        Ok(mapped(lim.as_ref(), pb::DirChangeReply {
             parent: self.dir_attr(r.parent),
             new_parent: None,
         }))
@@ -947,7 +1050,7 @@ impl Meta for MetaService {
         };
         let mut e = entry(self.mutate(r.header.as_ref(), op, &changes).await?)?;
         e.parent = self.dir_attr(r.new_parent);
-        Ok(Response::new(e))
+        Ok(mapped(lim.as_ref(), e))
     }
 
     async fn rename(&self, req: Request<pb::RenameRequest>) -> Res<pb::DirChangeReply> {
@@ -985,7 +1088,7 @@ impl Meta for MetaService {
             guard,
         };
         self.mutate(r.header.as_ref(), op, &changes).await?;
-        Ok(Response::new(pb::DirChangeReply {
+        Ok(mapped(lim.as_ref(), pb::DirChangeReply {
             parent: self.dir_attr(r.parent),
             new_parent: if r.new_parent != r.parent {
                 self.dir_attr(r.new_parent)
@@ -1036,7 +1139,7 @@ impl Meta for MetaService {
             })
             .await?
             .map_err(MdsError::Errno)?;
-        Ok(Response::new(pb::ReadDirReply {
+        Ok(mapped(lim.as_ref(), pb::ReadDirReply {
             entries: entries
                 .into_iter()
                 .map(|(e, no_xattrs)| pb::DirEntry {
@@ -1096,10 +1199,15 @@ impl Meta for MetaService {
             self.settle_subtree(session_of(r.header.as_ref()), r.ino)
                 .await;
         }
+        // A mapped key's ACL names its client ids: stored as cluster ids.
+        let value = match lim.as_ref() {
+            Some((_, c)) => caps::map_acl(c, &r.name, &r.value, true),
+            None => None,
+        };
         let op = Op::SetXattr {
             ino: r.ino,
             name: r.name.into(),
-            value: r.value.into(),
+            value: value.unwrap_or_else(|| r.value.into()),
             flags: r.flags,
         };
         self.mutate(r.header.as_ref(), op, &[Change::attr(r.ino)])
@@ -1125,6 +1233,10 @@ impl Meta for MetaService {
             .read_leased(sid, |s| (s.getxattr(r.ino, &r.name), [r.ino]))
             .await?
             .map_err(MdsError::Errno)?;
+        let value = match lim.as_ref() {
+            Some((_, c)) => caps::map_acl(c, &r.name, &value, false).unwrap_or(value),
+            None => value,
+        };
         Ok(Response::new(pb::XattrReply {
             value: value.into(),
         }))
@@ -1179,7 +1291,7 @@ impl Meta for MetaService {
             ino: r.ino,
             size: r.size,
         };
-        Ok(Response::new(attr_reply(
+        Ok(mapped(lim.as_ref(), attr_reply(
             self.mutate(r.header.as_ref(), op, &[Change::data(r.ino)])
                 .await?,
         )?))
@@ -1198,7 +1310,7 @@ impl Meta for MetaService {
             ino: r.ino,
             len: r.len,
         };
-        Ok(Response::new(attr_reply(
+        Ok(mapped(lim.as_ref(), attr_reply(
             self.mutate(r.header.as_ref(), op, &[Change::data(r.ino)])
                 .await?,
         )?))
@@ -1220,28 +1332,6 @@ impl Meta for MetaService {
             if c.read_only && (writes(r.flags) || truncates) {
                 return Err(MdsError::Errno(libc::EROFS).into());
             }
-            // A client from before FEATURE_CALLER_CREDS: the kernel let
-            // root through; the squashed uid's mode bits are judged here.
-            if cred.is_none() && r.has_cred && c.root_squash && r.uid == 0 {
-                let a = self
-                    .node
-                    .read_local(|s| s.getattr(r.ino))
-                    .map_err(MdsError::Errno)?;
-                let (uid, gid) = (c.uid(r.uid), c.gid(r.gid));
-                let bits = if a.uid == uid {
-                    a.mode >> 6
-                } else if a.gid == gid {
-                    a.mode >> 3
-                } else {
-                    a.mode
-                } & 0o7;
-                let acc = r.flags as i32 & libc::O_ACCMODE;
-                let need_r = acc != libc::O_WRONLY;
-                let need_w = acc != libc::O_RDONLY || truncates;
-                if (need_r && bits & 0o4 == 0) || (need_w && bits & 0o2 == 0) {
-                    return Err(MdsError::Errno(libc::EACCES).into());
-                }
-            }
         }
         self.node.check_leader()?;
         let sid = r.header.as_ref().map(|h| h.session_id).unwrap_or(0);
@@ -1257,7 +1347,7 @@ impl Meta for MetaService {
             Err(e) => Err(e),
         };
         match res {
-            Ok(a) => Ok(Response::new(pb::AttrReply {
+            Ok(a) => Ok(mapped(lim.as_ref(), pb::AttrReply {
                 attr: Some(attr_pb(&a)),
                 shared_write,
                 quota_window: self.quota_window(r.ino),
@@ -1281,8 +1371,9 @@ impl Meta for MetaService {
 
     async fn get_chunk_cap(&self, req: Request<pb::ChunkCapRequest>) -> Res<pb::ChunkCapReply> {
         let peer = Peer::of(&req);
-        let lim = self.limits(&req);
+        let (lim, who) = self.caller_of(&req);
         let r = req.into_inner();
+        let cred = who.cred(r.header.as_ref(), lim.as_ref());
         ino_ok(r.ino)?;
         let sid = r.header.as_ref().map_or(0, |h| h.session_id);
         self.own_session(&peer, sid)?;
@@ -1299,6 +1390,9 @@ impl Meta for MetaService {
             return Err(Status::permission_denied(format!(
                 "no session {sid}: no chunk capabilities"
             )));
+        }
+        if let Some(c) = &cred {
+            self.check_chunk_cap(sid, c, r.ino, r.write).await?;
         }
         Ok(Response::new(pb::ChunkCapReply {
             cap: self.chunk_caps.issue(&peer, sid, r.ino, r.write),
@@ -2144,9 +2238,25 @@ impl Meta for MetaService {
         if c.path.split('/').any(|p| p == "..") || c.path.len() > 4096 {
             return Err(MdsError::Invalid(format!("bad subtree path {:?}", c.path)).into());
         }
-        let op = Op::SetClientCaps {
-            name: c.name.clone(),
-            caps: (!r.clear).then(|| ClientCaps::from_pb(&c)),
+        let mut caps = (!r.clear).then(|| ClientCaps::from_pb(&c));
+        let ids = caps.as_mut().map(|c| std::mem::take(&mut c.ids));
+        let ids = ids.unwrap_or_default();
+        ids.check().map_err(MdsError::Invalid)?;
+        // A mapping needs every voter to know the entry that stores it;
+        // without one the older entry does (no mapping can exist then).
+        let feature = avalon_proto::version::FEATURE_ID_MAP;
+        let op = if ids.is_empty() && !self.node.voters_have(feature) {
+            Op::SetClientCaps {
+                name: c.name.clone(),
+                caps,
+            }
+        } else {
+            self.require_voters(feature, "uid/gid mappings")?;
+            Op::SetClientCapsMapped {
+                name: c.name.clone(),
+                caps,
+                ids,
+            }
         };
         self.node.write(r.header.as_ref(), op).await?;
         Ok(Response::new(pb::Empty {}))
@@ -2159,7 +2269,18 @@ impl Meta for MetaService {
                 s.clients
                     .caps
                     .iter()
-                    .map(|(n, c)| c.to_pb(n))
+                    .map(|(n, c)| {
+                        let mut p = c.to_pb(n);
+                        if let Some(m) = s.id_maps.get(n) {
+                            let mapped = ClientCaps {
+                                ids: m.clone(),
+                                ..ClientCaps::default()
+                            }
+                            .to_pb(n);
+                            (p.uid_map, p.gid_map) = (mapped.uid_map, mapped.gid_map);
+                        }
+                        p
+                    })
                     .collect::<Vec<_>>()
             })
             .await?;
@@ -2371,7 +2492,7 @@ impl Meta for MetaService {
                 .node
                 .read(|s| (s.getattr(r.ino), crate::snapshots::seq_of(s, r.ino)))
                 .await?;
-            return Ok(Response::new(pb::AttrReply {
+            return Ok(mapped(lim.as_ref(), pb::AttrReply {
                 attr: Some(attr_pb(&a.map_err(MdsError::Errno)?)),
                 snap_seq,
                 ..Default::default()
@@ -2392,7 +2513,7 @@ impl Meta for MetaService {
             .await?
             .map_err(MdsError::Errno)?;
         self.reach(lim.as_ref(), r.header.as_ref(), &[dir])?;
-        Ok(Response::new(pb::AttrReply {
+        Ok(mapped(lim.as_ref(), pb::AttrReply {
             attr: Some(attr_pb(&a)),
             ..Default::default()
         }))
@@ -2415,7 +2536,7 @@ impl Meta for MetaService {
             .await?
             .map_err(MdsError::Errno)?;
         self.reach(lim.as_ref(), r.header.as_ref(), &[dir])?;
-        Ok(Response::new(pb::ReadDirReply {
+        Ok(mapped(lim.as_ref(), pb::ReadDirReply {
             entries: entries
                 .into_iter()
                 .map(|e| pb::DirEntry {
@@ -2480,6 +2601,12 @@ impl Meta for MetaService {
             .await?
             .map_err(MdsError::Errno)?;
         self.reach(lim.as_ref(), r.header.as_ref(), &[dir])?;
+        let mut reply = reply;
+        if let Some((_, c)) = lim.as_ref() {
+            if let Some(v) = caps::map_acl(c, &r.name, &reply.value, false) {
+                reply.value = v.into();
+            }
+        }
         Ok(Response::new(reply))
     }
 }

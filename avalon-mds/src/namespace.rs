@@ -194,6 +194,10 @@ pub struct State {
     /// Directory snapshots (`snapshots.rs`). Older snapshots end before it.
     #[serde(deserialize_with = "crate::snapshots::absent_as_default")]
     pub snapshots: crate::snapshots::Snapshots,
+    /// Client identities' uid/gid mappings (`caps.rs`). Older snapshots
+    /// end before it.
+    #[serde(deserialize_with = "crate::caps::absent_maps_as_default")]
+    pub id_maps: crate::caps::IdMaps,
 }
 
 impl Default for State {
@@ -247,6 +251,7 @@ impl State {
             quotas: crate::quota::Quotas::default(),
             trash: crate::trash::Trash::default(),
             snapshots: crate::snapshots::Snapshots::default(),
+            id_maps: Default::default(),
         }
     }
 
@@ -732,9 +737,24 @@ impl State {
                     }
                     None => {
                         self.clients.caps.remove(name);
+                        self.id_maps.remove(name);
                     }
                 }
                 Ok(Reply::None)
+            }
+            Op::SetClientCapsMapped { name, caps, ids } => {
+                let r = self.apply_op(
+                    now,
+                    &Op::SetClientCaps {
+                    name: name.clone(),
+                    caps: caps.clone(),
+                });
+                if caps.is_some() && !ids.is_empty() {
+                    self.id_maps.insert(name.clone(), ids.clone());
+                } else {
+                    self.id_maps.remove(name);
+                }
+                r
             }
             Op::GcDone { inos } => {
                 for i in inos {

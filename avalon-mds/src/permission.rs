@@ -66,30 +66,47 @@ impl Cred {
     /// The caller a request is checked as, if any: a client session that
     /// reports its caller (`has_caller`), with the key's root_squash and
     /// mapping applied (`caps`). `groups` as the request carried them.
-    /// Daemons and tools (session 0) and the administrator (`admin`) are
-    /// not checked.
+    /// The administrator (`admin`), and daemons, tools and older clients
+    /// (no caller or session 0) with an unlimited key are not checked:
+    /// such a key may claim any caller, root included. A limited key
+    /// (`caps`) that names no caller is checked as the key's squash uid and
+    /// gid with no groups ([`Cred::unnamed`]): leaving the caller out must
+    /// not get more than an unprivileged caller gets.
     pub fn of(
         hdr: Option<&pb::RequestHeader>,
         groups: Option<Vec<u32>>,
         caps: Option<&ClientCaps>,
         admin: bool,
     ) -> Option<Cred> {
-        let h = hdr?;
-        if !h.has_caller || h.session_id == 0 || admin {
+        if admin {
             return None;
         }
-        let Some(c) = caps else {
-            return Some(Cred {
+        let caller = hdr.filter(|h| h.has_caller && h.session_id != 0);
+        match (caller, caps) {
+            (None, None) => None,
+            (None, Some(c)) => Some(Cred::unnamed(c)),
+            (Some(h), None) => Some(Cred {
                 uid: h.caller_uid,
                 gid: h.caller_gid,
                 groups,
-            });
-        };
-        Some(Cred {
-            uid: c.uid(h.caller_uid),
-            gid: c.gid(h.caller_gid),
-            groups: groups.map(|g| g.into_iter().map(|g| c.gid(g)).collect()),
-        })
+            }),
+            (Some(h), Some(c)) => Some(Cred {
+                uid: c.uid(h.caller_uid),
+                gid: c.gid(h.caller_gid),
+                groups: groups.map(|g| g.into_iter().map(|g| c.gid(g)).collect()),
+            }),
+        }
+    }
+
+    /// Who a limited key's request that names no caller is checked as:
+    /// the key's squash ids (nobody unless set), in no other group.
+    pub fn unnamed(c: &ClientCaps) -> Cred {
+        let or_nobody = |id: u32| if id == 0 { crate::caps::NOBODY } else { id };
+        Cred {
+            uid: or_nobody(c.squash_uid),
+            gid: or_nobody(c.squash_gid),
+            groups: Some(Vec::new()),
+        }
     }
 
     /// Root after squashing: has the capabilities.
@@ -651,6 +668,42 @@ mod tests {
         };
         assert!(Cred::of(Some(&daemon), None, None, false).is_none());
         assert!(Cred::of(Some(&pb::RequestHeader::default()), None, None, false).is_none());
+    }
+
+    #[test]
+    fn limited_keys_naming_no_caller_are_checked_as_nobody() {
+        let limited = ClientCaps::from_pb(&pb::ClientCaps {
+            path: "/x".into(),
+            ..Default::default()
+        });
+        let sid = |session_id, has_caller| pb::RequestHeader {
+            session_id,
+            has_caller,
+            caller_uid: 0,
+            ..Default::default()
+        };
+        let nobody = Cred {
+            uid: crate::caps::NOBODY,
+            gid: crate::caps::NOBODY,
+            groups: Some(vec![]),
+        };
+        // No header, no caller, or session 0: nobody, groups sent or not.
+        for h in [None, Some(sid(5, false)), Some(sid(0, true))] {
+            let c = Cred::of(h.as_ref(), Some(vec![0]), Some(&limited), false);
+            assert_eq!(c.as_ref(), Some(&nobody), "{h:?}");
+        }
+        let c = Cred::of(None, None, Some(&ClientCaps::default()), false).unwrap();
+        assert_eq!(c.uid, crate::caps::NOBODY, "squash id 0 is still nobody");
+        assert_eq!(
+            inode_permission(&nobody, &inode(FILE | 0o600, 7, 7), MAY_READ),
+            Err(EACCES)
+        );
+        // Unlimited keys and the administrator: unchecked as before.
+        assert!(Cred::of(Some(&sid(5, false)), None, None, false).is_none());
+        assert!(Cred::of(None, None, Some(&limited), true).is_none());
+        // A named caller of a limited key: as named (after squashing).
+        let c = Cred::of(Some(&sid(5, true)), None, Some(&limited), false).unwrap();
+        assert_eq!(c.uid, 0);
     }
 
     #[test]

@@ -1021,6 +1021,10 @@ enum KeyCmd {
     Ls {
         #[arg(long, default_value = "/etc/avalon")]
         dir: PathBuf,
+        /// Also list the client capabilities (subtree, read-only,
+        /// root_squash, uid/gid mapping) set at these MDS addresses.
+        #[arg(long)]
+        mds: Option<String>,
     },
     /// Delete NAME's keyfile from DIR; with --mds, also revoke client.NAME
     /// on the MDS (its sessions end within a lease; its certificate is
@@ -1054,11 +1058,54 @@ struct CapsArgs {
     squash_uid: u32,
     #[arg(long, default_value_t = 65534)]
     squash_gid: u32,
+    /// Map client uids to cluster uids: CLIENT:CLUSTER[:COUNT] (several
+    /// allowed). Once mapped, an unmapped uid is --squash-uid.
+    #[arg(long, value_name = "CLIENT:CLUSTER[:COUNT]", value_parser = parse_id_range)]
+    map_uid: Vec<pb::IdRange>,
+    /// Map client gids to cluster gids, as --map-uid.
+    #[arg(long, value_name = "CLIENT:CLUSTER[:COUNT]", value_parser = parse_id_range)]
+    map_gid: Vec<pb::IdRange>,
+}
+
+/// `CLIENT:CLUSTER[:COUNT]` (COUNT 1 when absent).
+fn parse_id_range(s: &str) -> Result<pb::IdRange, String> {
+    let n: Vec<u32> = s
+        .split(':')
+        .map(|p| p.trim().parse::<u32>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("{s:?}: expected CLIENT:CLUSTER[:COUNT] (numbers)"))?;
+    let (client, cluster, count) = match n.as_slice() {
+        [a, b] => (*a, *b, 1),
+        [a, b, c] => (*a, *b, *c),
+        _ => return Err(format!("{s:?}: expected CLIENT:CLUSTER[:COUNT]")),
+    };
+    let fits = |from: u32| u64::from(from) + u64::from(count) <= 1 << 32;
+    if count == 0 || !fits(client) || !fits(cluster) {
+        return Err(format!("{s:?}: COUNT >= 1 and ids within 32 bits"));
+    }
+    Ok(pb::IdRange {
+        client,
+        cluster,
+        count,
+    })
+}
+
+/// `CLIENT:CLUSTER:COUNT,...` for listings.
+fn show_ranges(r: &[pb::IdRange]) -> String {
+    let v: Vec<String> = r
+        .iter()
+        .map(|r| format!("{}:{}:{}", r.client, r.cluster, r.count))
+        .collect();
+    v.join(",")
 }
 
 impl CapsArgs {
     fn limited(&self) -> bool {
-        self.path.is_some() || self.read_only || self.root_squash
+        self.path.is_some()
+            || self.read_only
+            || self.root_squash
+            || !self.map_uid.is_empty()
+            || !self.map_gid.is_empty()
     }
 
     fn to_pb(&self, name: &str) -> pb::ClientCaps {
@@ -1070,8 +1117,66 @@ impl CapsArgs {
             squash_uid: self.squash_uid,
             squash_gid: self.squash_gid,
             revoked: false,
+            uid_map: self.map_uid.clone(),
+            gid_map: self.map_gid.clone(),
         }
     }
+}
+
+/// The key `auth` talks to the MDS with: --keyfile, else DIR's
+/// client.admin.key, else the default.
+fn caps_admin_tls(dir: Option<&Path>) -> anyhow::Result<ClientTls> {
+    let admin = dir.map(|d| avalonctl::keys::keyfile(d, avalonctl::keys::ADMIN));
+    Ok(match (KEY_FLAGS.get().and_then(|k| k.0.clone()), admin) {
+        (None, Some(a)) if a.exists() && !KEY_FLAGS.get().is_some_and(|k| k.1) => {
+            ClientTls::from_keyfile(&a)?
+        }
+        _ => client_tls(None)?,
+    })
+}
+
+/// The client capabilities set at the MDS at `mds`.
+fn list_caps(dir: &Path, mds: &str) -> anyhow::Result<Vec<pb::ClientCaps>> {
+    let tls = caps_admin_tls(Some(dir))?;
+    let addrs: Vec<String> = mds
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let r = block_on(async move {
+        let conn = avalon_proto::mds_conn::MdsConn::new(addrs, tls);
+        conn.call_within(Duration::from_secs(30), |mut c| async move {
+            c.list_client_caps(pb::Empty {}).await
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("listing client capabilities: {}", s.message()))
+    })?;
+    Ok(r.caps)
+}
+
+/// One line for a client's capabilities in `auth ls`.
+fn describe_caps(c: &pb::ClientCaps) -> String {
+    if c.revoked {
+        return "revoked".into();
+    }
+    let mut v = vec![format!(
+        "path={}",
+        if c.path.is_empty() { "/" } else { &c.path }
+    )];
+    v.push(if c.read_only { "ro" } else { "rw" }.into());
+    if c.root_squash {
+        v.push("root_squash".into());
+    }
+    if c.root_squash || !c.uid_map.is_empty() || !c.gid_map.is_empty() {
+        v.push(format!("squash={}:{}", c.squash_uid, c.squash_gid));
+    }
+    if !c.uid_map.is_empty() {
+        v.push(format!("map_uid={}", show_ranges(&c.uid_map)));
+    }
+    if !c.gid_map.is_empty() {
+        v.push(format!("map_gid={}", show_ranges(&c.gid_map)));
+    }
+    v.join(" ")
 }
 
 /// Sends client capabilities (or their removal) to the MDS at `mds`.
@@ -1081,14 +1186,7 @@ fn send_caps(
     caps: pb::ClientCaps,
     clear: bool,
 ) -> anyhow::Result<()> {
-    // The admin key: --keyfile, else DIR's client.admin.key, else the default.
-    let admin = dir.map(|d| avalonctl::keys::keyfile(d, avalonctl::keys::ADMIN));
-    let tls = match (KEY_FLAGS.get().and_then(|k| k.0.clone()), admin) {
-        (None, Some(a)) if a.exists() && !KEY_FLAGS.get().is_some_and(|k| k.1) => {
-            ClientTls::from_keyfile(&a)?
-        }
-        _ => client_tls(None)?,
-    };
+    let tls = caps_admin_tls(dir)?;
     let addrs: Vec<String> = mds
         .split(',')
         .filter(|s| !s.is_empty())
@@ -1139,9 +1237,22 @@ fn auth_cmd(cmd: KeyCmd) -> anyhow::Result<()> {
             };
             send_caps(None, mds, caps.to_pb(&name), !caps.limited())?;
         }
-        KeyCmd::Ls { dir } => {
+        KeyCmd::Ls { dir, mds } => {
+            let caps = match &mds {
+                Some(m) => list_caps(&dir, m)?,
+                None => Vec::new(),
+            };
             for n in keys::list(&dir)? {
-                println!("{n}");
+                match caps.iter().find(|c| c.name == n) {
+                    Some(c) => println!("{n}\t{}", describe_caps(c)),
+                    None if mds.is_some() && n.starts_with("client.") => {
+                        println!("{n}\tfull access")
+                    }
+                    None => println!("{n}"),
+                }
+            }
+            for c in caps.iter().filter(|c| !keys::keyfile(&dir, &c.name).exists()) {
+                println!("{}\t{} (no keyfile in {})", c.name, describe_caps(c), dir.display());
             }
         }
         KeyCmd::Rm { name, dir, mds } => {

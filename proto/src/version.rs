@@ -49,13 +49,20 @@ pub const FEATURE_SNAPSHOTS: u64 = 1 << 4;
 /// (an older client, a daemon, a tool) is limited by its key only.
 pub const FEATURE_CALLER_CREDS: u64 = 1 << 5;
 
+/// Feature bit: the MDS applies `Op::SetClientCapsMapped` and keeps the
+/// per-key uid/gid mappings (`avalon-mds/src/caps.rs`). A member without
+/// it could not apply that entry, so mapped keys are refused until every
+/// voter has it.
+pub const FEATURE_ID_MAP: u64 = 1 << 6;
+
 /// Every feature this build has.
 pub const FEATURES: u64 = FEATURE_VERSION_EXCHANGE
     | FEATURE_VERSIONED_FORMATS
     | FEATURE_RANDOM_SESSIONS
     | FEATURE_DIR_POLICIES
     | FEATURE_SNAPSHOTS
-    | FEATURE_CALLER_CREDS;
+    | FEATURE_CALLER_CREDS
+    | FEATURE_ID_MAP;
 
 /// The crate (release) version, e.g. "0.1.0".
 pub const RELEASE: &str = env!("CARGO_PKG_VERSION");
