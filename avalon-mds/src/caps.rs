@@ -117,7 +117,8 @@ impl IdMap {
                 r.check()?;
             }
             let overlap = |a: u32, b: u32, n: u32, m: u32| {
-                u64::from(a) < u64::from(b) + u64::from(m) && u64::from(b) < u64::from(a) + u64::from(n)
+                u64::from(a) < u64::from(b) + u64::from(m)
+                    && u64::from(b) < u64::from(a) + u64::from(n)
             };
             for (i, a) in list.iter().enumerate() {
                 for b in &list[i + 1..] {
@@ -138,12 +139,14 @@ impl IdMap {
 
 /// The client id `id` as a cluster id, if `list` maps it.
 fn map_in(list: &[IdRange], id: u32) -> Option<u32> {
-    list.iter().find_map(|r| r.translate(id, r.client, r.cluster))
+    list.iter()
+        .find_map(|r| r.translate(id, r.client, r.cluster))
 }
 
 /// The cluster id `id` as a client id, if `list` maps it.
 fn map_out(list: &[IdRange], id: u32) -> Option<u32> {
-    list.iter().find_map(|r| r.translate(id, r.cluster, r.client))
+    list.iter()
+        .find_map(|r| r.translate(id, r.cluster, r.client))
 }
 
 /// The mappings by identity name (a state field of its own: see the
@@ -423,8 +426,14 @@ mod tests {
         assert_eq!((c.uid(1010), c.uid(999)), (NOBODY, NOBODY));
         assert_eq!(c.gid(0), NOBODY, "gid 0 is not mapped");
         // Back out, and unmapped cluster ids show as the squash ids.
-        assert_eq!((c.uid_out(5000), c.uid_out(5009), c.uid_out(0)), (1000, 1009, 0));
-        assert_eq!((c.uid_out(5010), c.gid_out(6000), c.gid_out(7)), (NOBODY, 100, NOBODY));
+        assert_eq!(
+            (c.uid_out(5000), c.uid_out(5009), c.uid_out(0)),
+            (1000, 1009, 0)
+        );
+        assert_eq!(
+            (c.uid_out(5010), c.gid_out(6000), c.gid_out(7)),
+            (NOBODY, 100, NOBODY)
+        );
         for u in [0, 1000, 1005, 1009] {
             assert_eq!(c.uid_out(c.uid(u)), u, "round trip {u}");
         }
@@ -450,8 +459,14 @@ mod tests {
         let bad = |uids: Vec<IdRange>| IdMap { uids, gids: vec![] }.check().is_err();
         assert!(bad(vec![range(1, 1, 0)]), "empty");
         assert!(bad(vec![range(u32::MAX, 1, 2)]), "past the last id");
-        assert!(bad(vec![range(10, 100, 5), range(14, 200, 1)]), "client overlap");
-        assert!(bad(vec![range(10, 100, 5), range(20, 104, 1)]), "cluster overlap");
+        assert!(
+            bad(vec![range(10, 100, 5), range(14, 200, 1)]),
+            "client overlap"
+        );
+        assert!(
+            bad(vec![range(10, 100, 5), range(20, 104, 1)]),
+            "cluster overlap"
+        );
         assert!(!bad(vec![range(10, 100, 5), range(15, 105, 1)]));
         assert!(!bad(vec![range(u32::MAX, 7, 1)]));
         // The wire form keeps the ranges.

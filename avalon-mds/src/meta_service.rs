@@ -747,14 +747,17 @@ impl Meta for MetaService {
             })
             .await?
             .map_err(refused)?;
-        Ok(mapped(lim.as_ref(), pb::EntryReply {
-            attr: Some(attr_pb(&a)),
-            parent: None,
-            shared_write: false,
-            no_xattrs: false,
-            quota_window: 0,
-            chunk_cap: Default::default(),
-        }))
+        Ok(mapped(
+            lim.as_ref(),
+            pb::EntryReply {
+                attr: Some(attr_pb(&a)),
+                parent: None,
+                shared_write: false,
+                no_xattrs: false,
+                quota_window: 0,
+                chunk_cap: Default::default(),
+            },
+        ))
     }
 
     async fn get_attr(&self, req: Request<pb::GetAttrRequest>) -> Res<pb::AttrReply> {
@@ -768,10 +771,13 @@ impl Meta for MetaService {
             .read_leased(sid, |s| (s.getattr(r.ino), [r.ino]))
             .await?
             .map_err(MdsError::Errno)?;
-        Ok(mapped(lim.as_ref(), pb::AttrReply {
-            attr: Some(attr_pb(&a)),
-            ..Default::default()
-        }))
+        Ok(mapped(
+            lim.as_ref(),
+            pb::AttrReply {
+                attr: Some(attr_pb(&a)),
+                ..Default::default()
+            },
+        ))
     }
 
     async fn set_attr(&self, req: Request<pb::SetAttrRequest>) -> Res<pb::AttrReply> {
@@ -801,10 +807,13 @@ impl Meta for MetaService {
                 ino: r.ino,
                 atime: time_spec(r.atime).unwrap_or(TimeSpec::Now),
             };
-            return Ok(mapped(lim.as_ref(), attr_reply(
-                self.mutate(r.header.as_ref(), op, &[Change::attr(r.ino)])
-                    .await?,
-            )?));
+            return Ok(mapped(
+                lim.as_ref(),
+                attr_reply(
+                    self.mutate(r.header.as_ref(), op, &[Change::attr(r.ino)])
+                        .await?,
+                )?,
+            ));
         }
         let uid = r.uid.map(|u| squash_uid(lim.as_ref(), u));
         let gid = r.gid.map(|g| squash_gid(lim.as_ref(), g));
@@ -842,9 +851,10 @@ impl Meta for MetaService {
         } else {
             Change::attr(r.ino)
         };
-        Ok(mapped(lim.as_ref(), attr_reply(
-            self.mutate(r.header.as_ref(), op, &[change]).await?,
-        )?))
+        Ok(mapped(
+            lim.as_ref(),
+            attr_reply(self.mutate(r.header.as_ref(), op, &[change]).await?)?,
+        ))
     }
 
     async fn mknod(&self, req: Request<pb::MknodRequest>) -> Res<pb::EntryReply> {
@@ -976,10 +986,13 @@ impl Meta for MetaService {
             guard,
         };
         self.mutate(r.header.as_ref(), op, &changes).await?;
-        Ok(mapped(lim.as_ref(), pb::DirChangeReply {
-            parent: self.dir_attr(r.parent),
-            new_parent: None,
-        }))
+        Ok(mapped(
+            lim.as_ref(),
+            pb::DirChangeReply {
+                parent: self.dir_attr(r.parent),
+                new_parent: None,
+            },
+        ))
     }
 
     async fn rmdir(&self, req: Request<pb::UnlinkRequest>) -> Res<pb::DirChangeReply> {
@@ -1003,10 +1016,13 @@ impl Meta for MetaService {
             guard,
         };
         self.mutate(r.header.as_ref(), op, &changes).await?;
-        Ok(mapped(lim.as_ref(), pb::DirChangeReply {
-            parent: self.dir_attr(r.parent),
-            new_parent: None,
-        }))
+        Ok(mapped(
+            lim.as_ref(),
+            pb::DirChangeReply {
+                parent: self.dir_attr(r.parent),
+                new_parent: None,
+            },
+        ))
     }
 
     async fn readlink(&self, req: Request<pb::GetAttrRequest>) -> Res<pb::ReadlinkReply> {
@@ -1088,14 +1104,17 @@ impl Meta for MetaService {
             guard,
         };
         self.mutate(r.header.as_ref(), op, &changes).await?;
-        Ok(mapped(lim.as_ref(), pb::DirChangeReply {
-            parent: self.dir_attr(r.parent),
-            new_parent: if r.new_parent != r.parent {
-                self.dir_attr(r.new_parent)
-            } else {
-                None
+        Ok(mapped(
+            lim.as_ref(),
+            pb::DirChangeReply {
+                parent: self.dir_attr(r.parent),
+                new_parent: if r.new_parent != r.parent {
+                    self.dir_attr(r.new_parent)
+                } else {
+                    None
+                },
             },
-        }))
+        ))
     }
 
     async fn read_dir(&self, req: Request<pb::ReadDirRequest>) -> Res<pb::ReadDirReply> {
@@ -1139,22 +1158,25 @@ impl Meta for MetaService {
             })
             .await?
             .map_err(MdsError::Errno)?;
-        Ok(mapped(lim.as_ref(), pb::ReadDirReply {
-            entries: entries
-                .into_iter()
-                .map(|(e, no_xattrs)| pb::DirEntry {
-                    name: e.name.into(),
-                    ino: e.ino,
-                    mode: e.mode,
-                    cookie: e.cookie,
-                    attr: e.attr.as_ref().map(attr_pb),
-                    no_xattrs,
-                })
-                .collect(),
-            eof,
-            parent,
-            next_cookie,
-        }))
+        Ok(mapped(
+            lim.as_ref(),
+            pb::ReadDirReply {
+                entries: entries
+                    .into_iter()
+                    .map(|(e, no_xattrs)| pb::DirEntry {
+                        name: e.name.into(),
+                        ino: e.ino,
+                        mode: e.mode,
+                        cookie: e.cookie,
+                        attr: e.attr.as_ref().map(attr_pb),
+                        no_xattrs,
+                    })
+                    .collect(),
+                eof,
+                parent,
+                next_cookie,
+            },
+        ))
     }
 
     async fn stat_fs(&self, req: Request<pb::GetAttrRequest>) -> Res<pb::StatFsReply> {
@@ -1291,10 +1313,13 @@ impl Meta for MetaService {
             ino: r.ino,
             size: r.size,
         };
-        Ok(mapped(lim.as_ref(), attr_reply(
-            self.mutate(r.header.as_ref(), op, &[Change::data(r.ino)])
-                .await?,
-        )?))
+        Ok(mapped(
+            lim.as_ref(),
+            attr_reply(
+                self.mutate(r.header.as_ref(), op, &[Change::data(r.ino)])
+                    .await?,
+            )?,
+        ))
     }
 
     async fn append_write(&self, req: Request<pb::AppendWriteRequest>) -> Res<pb::AttrReply> {
@@ -1310,10 +1335,13 @@ impl Meta for MetaService {
             ino: r.ino,
             len: r.len,
         };
-        Ok(mapped(lim.as_ref(), attr_reply(
-            self.mutate(r.header.as_ref(), op, &[Change::data(r.ino)])
-                .await?,
-        )?))
+        Ok(mapped(
+            lim.as_ref(),
+            attr_reply(
+                self.mutate(r.header.as_ref(), op, &[Change::data(r.ino)])
+                    .await?,
+            )?,
+        ))
     }
 
     async fn open(&self, req: Request<pb::OpenRequest>) -> Res<pb::AttrReply> {
@@ -1347,19 +1375,22 @@ impl Meta for MetaService {
             Err(e) => Err(e),
         };
         match res {
-            Ok(a) => Ok(mapped(lim.as_ref(), pb::AttrReply {
-                attr: Some(attr_pb(&a)),
-                shared_write,
-                quota_window: self.quota_window(r.ino),
-                snap_seq: self.node.read_local(|s| crate::snapshots::seq_of(s, r.ino)),
-                // Read-write for opens that change data (O_TRUNC too).
-                chunk_cap: self.chunk_caps.issue(
-                    &peer,
-                    sid,
-                    r.ino,
-                    writes(r.flags) || r.flags as i32 & libc::O_TRUNC != 0,
-                ),
-            })),
+            Ok(a) => Ok(mapped(
+                lim.as_ref(),
+                pb::AttrReply {
+                    attr: Some(attr_pb(&a)),
+                    shared_write,
+                    quota_window: self.quota_window(r.ino),
+                    snap_seq: self.node.read_local(|s| crate::snapshots::seq_of(s, r.ino)),
+                    // Read-write for opens that change data (O_TRUNC too).
+                    chunk_cap: self.chunk_caps.issue(
+                        &peer,
+                        sid,
+                        r.ino,
+                        writes(r.flags) || r.flags as i32 & libc::O_TRUNC != 0,
+                    ),
+                },
+            )),
             Err(e) => {
                 if sid != 0 {
                     self.node.open_end(sid, r.ino, write);
@@ -2492,11 +2523,14 @@ impl Meta for MetaService {
                 .node
                 .read(|s| (s.getattr(r.ino), crate::snapshots::seq_of(s, r.ino)))
                 .await?;
-            return Ok(mapped(lim.as_ref(), pb::AttrReply {
-                attr: Some(attr_pb(&a.map_err(MdsError::Errno)?)),
-                snap_seq,
-                ..Default::default()
-            }));
+            return Ok(mapped(
+                lim.as_ref(),
+                pb::AttrReply {
+                    attr: Some(attr_pb(&a.map_err(MdsError::Errno)?)),
+                    snap_seq,
+                    ..Default::default()
+                },
+            ));
         }
         let (dir, a) = self
             .node
@@ -2513,10 +2547,13 @@ impl Meta for MetaService {
             .await?
             .map_err(MdsError::Errno)?;
         self.reach(lim.as_ref(), r.header.as_ref(), &[dir])?;
-        Ok(mapped(lim.as_ref(), pb::AttrReply {
-            attr: Some(attr_pb(&a)),
-            ..Default::default()
-        }))
+        Ok(mapped(
+            lim.as_ref(),
+            pb::AttrReply {
+                attr: Some(attr_pb(&a)),
+                ..Default::default()
+            },
+        ))
     }
 
     async fn snapshot_read_dir(
@@ -2536,22 +2573,25 @@ impl Meta for MetaService {
             .await?
             .map_err(MdsError::Errno)?;
         self.reach(lim.as_ref(), r.header.as_ref(), &[dir])?;
-        Ok(mapped(lim.as_ref(), pb::ReadDirReply {
-            entries: entries
-                .into_iter()
-                .map(|e| pb::DirEntry {
-                    name: e.name.into(),
-                    ino: e.ino,
-                    mode: e.mode,
-                    cookie: e.cookie,
-                    attr: e.attr.as_ref().map(attr_pb),
-                    no_xattrs: false,
-                })
-                .collect(),
-            eof,
-            parent,
-            next_cookie: 0,
-        }))
+        Ok(mapped(
+            lim.as_ref(),
+            pb::ReadDirReply {
+                entries: entries
+                    .into_iter()
+                    .map(|e| pb::DirEntry {
+                        name: e.name.into(),
+                        ino: e.ino,
+                        mode: e.mode,
+                        cookie: e.cookie,
+                        attr: e.attr.as_ref().map(attr_pb),
+                        no_xattrs: false,
+                    })
+                    .collect(),
+                eof,
+                parent,
+                next_cookie: 0,
+            },
+        ))
     }
 
     async fn snapshot_readlink(

@@ -746,9 +746,10 @@ impl State {
                 let r = self.apply_op(
                     now,
                     &Op::SetClientCaps {
-                    name: name.clone(),
-                    caps: caps.clone(),
-                });
+                        name: name.clone(),
+                        caps: caps.clone(),
+                    },
+                );
                 if caps.is_some() && !ids.is_empty() {
                     self.id_maps.insert(name.clone(), ids.clone());
                 } else {

@@ -1251,8 +1251,16 @@ fn auth_cmd(cmd: KeyCmd) -> anyhow::Result<()> {
                     None => println!("{n}"),
                 }
             }
-            for c in caps.iter().filter(|c| !keys::keyfile(&dir, &c.name).exists()) {
-                println!("{}\t{} (no keyfile in {})", c.name, describe_caps(c), dir.display());
+            for c in caps
+                .iter()
+                .filter(|c| !keys::keyfile(&dir, &c.name).exists())
+            {
+                println!(
+                    "{}\t{} (no keyfile in {})",
+                    c.name,
+                    describe_caps(c),
+                    dir.display()
+                );
             }
         }
         KeyCmd::Rm { name, dir, mds } => {
