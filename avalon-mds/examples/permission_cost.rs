@@ -9,6 +9,7 @@
 //!
 //! `cargo run --release -p avalon-mds --example permission_cost [OPS]`
 
+use avalon_mds::caps::{ClientCaps, IdMap, IdRange};
 use avalon_mds::command::Attr;
 use avalon_mds::namespace::{Dentry, Inode, State};
 use avalon_mds::permission::{self, Cred};
@@ -124,9 +125,71 @@ fn main() {
     let acl = time(ops, |_| {
         black_box(permission::may_open(&g, black_box(&cred), 50, 2)).expect("rw");
     });
+    drop(g);
+    let range = |client, cluster, count| IdRange {
+        client,
+        cluster,
+        count,
+    };
+    let plain = ClientCaps::from_pb(&pb::ClientCaps {
+        root_squash: true,
+        path: "/projects/x".into(),
+        ..Default::default()
+    });
+    let mut caps = plain.clone();
+    caps.ids = IdMap {
+        uids: vec![range(0, 0, 1), range(1000, 50_000, 1000)],
+        gids: vec![range(0, 0, 1), range(1000, 50_000, 1000)],
+    };
+    let mhdr = pb::RequestHeader {
+        caller_uid: 1500,
+        caller_gid: 1500,
+        ..hdr.clone()
+    };
+    let mapped_in = time(ops, |_| {
+        let groups = avalon_proto::caller::groups_of(black_box(&md));
+        black_box(Cred::of(black_box(Some(&mhdr)), groups, Some(&caps), false));
+    });
+    let squashed_in = time(ops, |_| {
+        let groups = avalon_proto::caller::groups_of(black_box(&md));
+        black_box(Cred::of(
+            black_box(Some(&mhdr)),
+            groups,
+            Some(&plain),
+            false,
+        ));
+    });
+    let mut attr = pb::Attr {
+        uid: 51_500,
+        gid: 51_500,
+        ..Default::default()
+    };
+    let mapped_out = time(ops, |_| {
+        let c = black_box(&caps);
+        attr.uid = c.uid_out(black_box(attr.uid));
+        attr.gid = c.gid_out(black_box(attr.gid));
+        attr.uid = c.uid(attr.uid);
+        attr.gid = c.gid(attr.gid);
+    });
+    black_box(&attr);
+    let copy_plain = time(ops, |_| {
+        black_box(black_box(&plain).clone());
+    });
+    let copy_mapped = time(ops, |_| {
+        black_box(black_box(&caps).clone());
+    });
+    let unnamed = time(ops, |_| {
+        black_box(Cred::of(black_box(None), None, Some(&plain), false));
+    });
     println!("caller from header (no groups): {caller:.0} ns");
     println!("lookup: search on the parent: {lookup:.0} ns");
     println!("open: read lock + read permission: {open:.0} ns");
     println!("create: search, name lookup, write (root): {create:.0} ns");
     println!("open of a file with an access ACL: {acl:.0} ns");
+    println!("caller of a root_squash key (unmapped): {squashed_in:.0} ns");
+    println!("caller of a mapped key (2+2 ranges): {mapped_in:.0} ns");
+    println!("attr uid/gid mapped back and in again: {mapped_out:.0} ns");
+    println!("the key's caps copied per request: {copy_plain:.0} ns");
+    println!("the same with its mapping: {copy_mapped:.0} ns");
+    println!("caller of a limited key naming none: {unnamed:.0} ns");
 }

@@ -174,12 +174,12 @@ fn check_version(
     })
 }
 
-/// `uid` after the caller's root_squash.
+/// `uid` after the caller's root_squash and mapping.
 fn squash_uid(lim: Option<&(String, ClientCaps)>, uid: u32) -> u32 {
     lim.map_or(uid, |(_, c)| c.uid(uid))
 }
 
-/// `gid` after the caller's root_squash.
+/// `gid` after the caller's root_squash and mapping.
 fn squash_gid(lim: Option<&(String, ClientCaps)>, gid: u32) -> u32 {
     lim.map_or(gid, |(_, c)| c.gid(gid))
 }
@@ -1352,9 +1352,6 @@ impl Meta for MetaService {
         let cred = who.cred(r.header.as_ref(), lim.as_ref());
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         ino_ok(r.ino)?;
-        self.check(cred.as_ref(), |s, c| {
-            permission::may_open(s, c, r.ino, r.flags)
-        })?;
         if let Some((_, c)) = &lim {
             let truncates = r.flags as i32 & libc::O_TRUNC != 0;
             if c.read_only && (writes(r.flags) || truncates) {
@@ -1365,6 +1362,11 @@ impl Meta for MetaService {
         let sid = r.header.as_ref().map(|h| h.session_id).unwrap_or(0);
         let write = sid != 0 && writes(r.flags);
         self.settle(sid, [r.ino]).await;
+        // Checked once another session's delegated changes to the file (a
+        // chmod or chown it made) are in the state.
+        self.check(cred.as_ref(), |s, c| {
+            permission::may_open(s, c, r.ino, r.flags)
+        })?;
         if sid != 0 {
             self.node.open_begin(sid, r.ino).await;
         }
@@ -1423,6 +1425,8 @@ impl Meta for MetaService {
             )));
         }
         if let Some(c) = &cred {
+            // On the file as its delegated changes left it (see open).
+            self.settle(sid, [r.ino]).await;
             self.check_chunk_cap(sid, c, r.ino, r.write).await?;
         }
         Ok(Response::new(pb::ChunkCapReply {

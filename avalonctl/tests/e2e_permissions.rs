@@ -249,9 +249,9 @@ fn the_mds_checks_the_callers_permissions() {
     assert_eq!(std::fs::read(s("home/private")).expect("read"), b"private");
 }
 
-/// Registers a session of `key` at `leader` (under `subdir`) and runs `f`
-/// with a client of it and the session id.
-fn with_session<F, Fut>(kd: &Path, key: &str, leader: &str, subdir: &str, f: F)
+/// Registers a session of `key` at `leader` (at the root its key allows)
+/// and runs `f` with a client of it and the session id.
+fn with_session<F, Fut>(kd: &Path, key: &str, leader: &str, f: F)
 where
     F: FnOnce(MetaClient<tonic::transport::Channel>, u64) -> Fut,
     Fut: std::future::Future<Output = ()>,
@@ -265,7 +265,7 @@ where
         let reg = c
             .register_client(pb::RegisterClientRequest {
                 hostname: "test".into(),
-                subdir: subdir.as_bytes().to_vec().into(),
+                subdir: b"/".to_vec().into(),
                 ..Default::default()
             })
             .await
@@ -294,13 +294,21 @@ fn limited_keys_gain_nothing_by_naming_no_caller_and_chunk_caps_follow_permissio
     let kds = kd.to_str().expect("utf8");
     let mds = t.c().layout.mds_addrs().join(",");
     let leader = t.c().layout.mds_addrs()[0].clone();
-    let s = |n: &str| t.mnt().join(n);
+    let root = t.mnt();
+    let s = |n: &str| root.join(n);
     std::fs::create_dir(s("home")).expect("mkdir");
     chown(&s("home"), 1000, 1000);
     for (name, mode) in [("private", 0o600), ("public", 0o644), ("later", 0o644)] {
         std::fs::write(s(&format!("home/{name}")), name).expect("write");
         chown(&s(&format!("home/{name}")), 1000, 1000);
         chmod(&s(&format!("home/{name}")), mode);
+    }
+    // The root mount's changes (made under its write delegations) reach
+    // the MDS before other sessions look at the files.
+    for n in ["home/private", "home/public", "home/later", "home"] {
+        std::fs::File::open(s(n))
+            .and_then(|f| f.sync_all())
+            .expect("fsync");
     }
     let ino = |n: &str| std::fs::metadata(s(n)).expect("stat").ino();
     let (home, private, public, later) = (
@@ -344,8 +352,9 @@ fn limited_keys_gain_nothing_by_naming_no_caller_and_chunk_caps_follow_permissio
         flags: flags as u32,
         ..Default::default()
     };
-    for (key, subdir) in [("client.sq", "/"), ("client.sub", "/home")] {
-        with_session(&kd, key, &leader, subdir, |mut c, sid| async move {
+    for key in ["client.sq", "client.sub"] {
+        // (A confined key's session is rooted at its subtree, /home.)
+        with_session(&kd, key, &leader, |mut c, sid| async move {
             // No caller named (an older client's form), and no header.
             for h in [hdr(sid, None), None] {
                 let e = c
@@ -392,7 +401,7 @@ fn limited_keys_gain_nothing_by_naming_no_caller_and_chunk_caps_follow_permissio
 
     // Chunk capabilities: only with the permission, for any key.
     for key in ["client.sq", avalonctl::local_cluster::MOUNT_IDENTITY] {
-        with_session(&kd, key, &leader, "/", |mut c, sid| async move {
+        with_session(&kd, key, &leader, |mut c, sid| async move {
             let cap = |uid: u32, ino: u64, write: bool| pb::ChunkCapRequest {
                 header: hdr(sid, Some(uid)),
                 ino,
@@ -422,7 +431,7 @@ fn limited_keys_gain_nothing_by_naming_no_caller_and_chunk_caps_follow_permissio
     // A file the session has open for writing gets its write capability
     // whoever the caller (the open was checked; an open file keeps its
     // rights): the renewals of a write-back never fail.
-    with_session(&kd, "client.sq", &leader, "/", |mut c, sid| async move {
+    with_session(&kd, "client.sq", &leader, |mut c, sid| async move {
         c.open(open(hdr(sid, Some(1000)), later, libc::O_WRONLY))
             .await
             .expect("the owner opens for writing");
@@ -451,7 +460,8 @@ fn a_mapped_key_sees_its_own_ids_and_stores_the_clusters() {
     let kd = avalonctl::local_cluster::keys_dir(&dir);
     let kds = kd.to_str().expect("utf8");
     let mds = t.c().layout.mds_addrs().join(",");
-    let s = |n: &str| t.mnt().join(n);
+    let root = t.mnt();
+    let s = |n: &str| root.join(n);
     std::fs::create_dir(s("shared")).expect("mkdir");
     chmod(&s("shared"), 0o777);
     // Client uids/gids 1000..1009 are 5000..5009 in the cluster; root is
@@ -536,8 +546,10 @@ fn a_mapped_key_sees_its_own_ids_and_stores_the_clusters() {
         "{}",
         acl(&q("shared/by1000"))
     );
-    // An unmapped client uid acts as the squash uid.
-    as_user(2000, &[], &["touch", &p("shared/by2000")]).expect("create as 2000");
+    // An unmapped client uid acts as the squash uid (a create, not touch:
+    // the new file is not 2000's to set times on).
+    let create = format!("echo x > {}", p("shared/by2000"));
+    as_user(2000, &[], &["sh", "-c", &create]).expect("create as 2000");
     assert_eq!(ids(&s("shared/by2000")), (65534, 65534));
     // A cluster id outside the mapping shows as the squash id.
     std::fs::write(s("shared/by7"), b"7").expect("write");
