@@ -510,6 +510,51 @@ mod tests {
     }
 
     #[test]
+    fn mappings_are_replicated_beside_the_table_and_older_states_load() {
+        use crate::command::{MetaCommand, Op};
+        use crate::namespace::State;
+        let apply = |s: &mut State, op: Op| {
+            let r = s.apply(&MetaCommand {
+                now_ns: 1,
+                session_id: 0,
+                request_id: 0,
+                op,
+            });
+            assert!(r.0.is_ok(), "{r:?}");
+        };
+        let mut s = State::new();
+        let caps = ClientCaps::from_pb(&pb::ClientCaps::default());
+        apply(
+            &mut s,
+            Op::SetClientCapsMapped {
+                name: "client.m".into(),
+                caps: Some(caps.clone()),
+                ids: mapped().ids,
+            },
+        );
+        assert_eq!(s.clients.caps.get("client.m"), Some(&caps));
+        assert_eq!(s.id_maps.get("client.m"), Some(&mapped().ids));
+        // A state (snapshot) keeps them; one written before the field
+        // existed ends before it and loads without any.
+        let bytes = postcard::to_allocvec(&s).unwrap();
+        assert_eq!(postcard::from_bytes::<State>(&bytes).unwrap(), s);
+        let mut old = s.clone();
+        old.id_maps.clear();
+        let old_bytes = postcard::to_allocvec(&old).unwrap();
+        let before_field = &old_bytes[..old_bytes.len() - 1];
+        assert_eq!(postcard::from_bytes::<State>(before_field).unwrap(), old);
+        // Dropping the caps (or setting them without ranges) drops them.
+        apply(
+            &mut s,
+            Op::SetClientCaps {
+                name: "client.m".into(),
+                caps: None,
+            },
+        );
+        assert!(s.id_maps.is_empty() && s.clients.caps.is_empty());
+    }
+
+    #[test]
     fn squash() {
         let c = ClientCaps::from_pb(&pb::ClientCaps {
             root_squash: true,
