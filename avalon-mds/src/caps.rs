@@ -298,13 +298,16 @@ pub fn client_name(peer: &Peer) -> Option<&str> {
 /// The capabilities that limit `peer` now (`None`: full access).
 pub fn of_peer(node: &MdsNode, peer: &Peer) -> Option<ClientCaps> {
     let name = client_name(peer)?;
-    node.read_local(|s| {
-        let mut c = s.clients.caps.get(name).cloned()?;
-        if let Some(m) = s.id_maps.get(name) {
-            c.ids = m.clone();
-        }
-        Some(c)
-    })
+    node.read_local(|s| joined(s, name))
+}
+
+/// `name`'s capabilities in `s` with its mapping joined.
+pub fn joined(s: &crate::namespace::State, name: &str) -> Option<ClientCaps> {
+    let mut c = s.clients.caps.get(name).cloned()?;
+    if let Some(m) = s.id_maps.get(name) {
+        c.ids = m.clone();
+    }
+    Some(c)
 }
 
 /// Meta methods that change the namespace or file data's metadata; a

@@ -2303,19 +2303,8 @@ impl Meta for MetaService {
             .read(|s| {
                 s.clients
                     .caps
-                    .iter()
-                    .map(|(n, c)| {
-                        let mut p = c.to_pb(n);
-                        if let Some(m) = s.id_maps.get(n) {
-                            let mapped = ClientCaps {
-                                ids: m.clone(),
-                                ..ClientCaps::default()
-                            }
-                            .to_pb(n);
-                            (p.uid_map, p.gid_map) = (mapped.uid_map, mapped.gid_map);
-                        }
-                        p
-                    })
+                    .keys()
+                    .filter_map(|n| caps::joined(s, n).map(|c| c.to_pb(n)))
                     .collect::<Vec<_>>()
             })
             .await?;
