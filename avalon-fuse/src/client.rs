@@ -120,6 +120,8 @@ pub struct Client {
     atime_due: DashSet<u64>,
     /// Files' snapshot sequences and frozen attributes (`snapshots.rs`).
     pub(crate) snaps: crate::snapshots::Snaps,
+    /// The mount's fcntl, flock and OFD locks (`locks.rs`).
+    pub locks: Arc<crate::locks::Locks>,
 }
 
 fn time_set(t: Option<TimeChange>) -> Option<TimeSet> {
@@ -164,6 +166,7 @@ impl Client {
             selinux_labels: false,
             atime_due: DashSet::new(),
             snaps: Default::default(),
+            locks: Default::default(),
         })
     }
 
@@ -366,6 +369,12 @@ impl Client {
         } else {
             // Empties the cache first if the lease had lapsed.
             self.meta.renew(sent, lease);
+        }
+        // A new leader: it needs this session's locks.
+        if r.as_ref().is_ok_and(|r| r.reclaim_locks) {
+            if let Err(e) = self.locks.reclaim(self).await {
+                tracing::warn!(error = %e, "could not reclaim locks");
+            }
         }
         r.map(|_| ()).map_err(Into::into)
     }

@@ -49,13 +49,24 @@ pub const FEATURE_SNAPSHOTS: u64 = 1 << 4;
 /// (an older client, a daemon, a tool) is limited by its key only.
 pub const FEATURE_CALLER_CREDS: u64 = 1 << 5;
 
+/// Feature bit: byte-range locks live in the leader's memory, not in the
+/// Raft log. A client with it marks its lock requests (`reclaims`), keeps
+/// a copy of its locks and reclaims them from a new leader when asked
+/// (`ClientHeartbeatReply.reclaim_locks`, `ReclaimLocks`). The leader
+/// keeps locks out of the log only while every voter has the bit (a
+/// leader without it would not know them); requests without the mark (an
+/// older client) still go through the log. (1 << 6 is taken by the
+/// uid/gid mapping work on another branch.)
+pub const FEATURE_LOCK_RECLAIM: u64 = 1 << 7;
+
 /// Every feature this build has.
 pub const FEATURES: u64 = FEATURE_VERSION_EXCHANGE
     | FEATURE_VERSIONED_FORMATS
     | FEATURE_RANDOM_SESSIONS
     | FEATURE_DIR_POLICIES
     | FEATURE_SNAPSHOTS
-    | FEATURE_CALLER_CREDS;
+    | FEATURE_CALLER_CREDS
+    | FEATURE_LOCK_RECLAIM;
 
 /// The crate (release) version, e.g. "0.1.0".
 pub const RELEASE: &str = env!("CARGO_PKG_VERSION");
