@@ -370,11 +370,10 @@ impl Client {
             // Empties the cache first if the lease had lapsed.
             self.meta.renew(sent, lease);
         }
-        // A new leader: it needs this session's locks.
+        // A new leader: it needs this session's locks (sent by the
+        // heartbeat loop, `Locks::spawn_asked_reclaim`).
         if r.as_ref().is_ok_and(|r| r.reclaim_locks) {
-            if let Err(e) = self.locks.reclaim(self).await {
-                tracing::warn!(error = %e, "could not reclaim locks");
-            }
+            self.locks.ask_reclaim();
         }
         r.map(|_| ()).map_err(Into::into)
     }

@@ -47,7 +47,8 @@ use avalon_proto::locks::{is_reclaim_first, LockKind, LockTable};
 use avalon_proto::pb;
 use dashmap::DashMap;
 use std::future::Future;
-use std::sync::{LazyLock, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{Notify, RwLock};
 
@@ -80,7 +81,17 @@ pub struct Locks {
     /// Held shared by each lock request in flight, exclusively by a
     /// reclaim (see the module doc).
     order: RwLock<()>,
+    /// The leader asked for this session's locks (heartbeat reply).
+    reclaim_asked: AtomicBool,
+    /// A reclaim the leader asked for is under way.
+    reclaiming: AtomicBool,
 }
+
+/// This client reclaims its locks (always, but for a test playing an
+/// older release, `avalon_proto::version::features`).
+static RECLAIMS: LazyLock<bool> = LazyLock::new(|| {
+    avalon_proto::version::features() & avalon_proto::version::FEATURE_LOCK_RECLAIM != 0
+});
 
 /// How often one lock request reclaims and tries again before it gives up.
 const RECLAIM_TRIES: usize = 3;
@@ -274,7 +285,7 @@ impl Locks {
             header: c.session.header(),
             ino,
             owner,
-            reclaims: true,
+            reclaims: *RECLAIMS,
         };
         self.call(
             c,
@@ -323,6 +334,30 @@ impl Locks {
             libc::EIO,
             "the MDS kept asking for this session's locks",
         ))
+    }
+
+    /// Notes that the leader asked for this session's locks.
+    pub fn ask_reclaim(&self) {
+        self.reclaim_asked.store(true, Ordering::Relaxed);
+    }
+
+    /// Starts the reclaim the leader asked for, in its own task (a lock
+    /// request in flight may hold it up, and the heartbeats must go on),
+    /// unless one is under way.
+    pub fn spawn_asked_reclaim(c: &Arc<Client>) {
+        let l = &c.locks;
+        if !l.reclaim_asked.swap(false, Ordering::Relaxed)
+            || l.reclaiming.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let c = c.clone();
+        tokio::spawn(async move {
+            if let Err(e) = c.locks.reclaim(&c).await {
+                tracing::warn!(error = %e, "could not reclaim locks");
+            }
+            c.locks.reclaiming.store(false, Ordering::Release);
+        });
     }
 
     /// Sends every lock this session holds to the leader (which changed
@@ -403,7 +438,7 @@ fn lock_req(
         end,
         r#type: typ as u32,
         pid,
-        reclaims: true,
+        reclaims: *RECLAIMS,
     })
 }
 

@@ -88,11 +88,25 @@ pub fn advertised() -> u32 {
     PROTOCOL_VERSION
 }
 
+/// The feature bits this node advertises: [`FEATURES`]. With the
+/// `failpoints` feature only, those in `AVALON_TEST_FEATURES_OFF` (a
+/// decimal mask) are left out, so that a test can play an older release.
+pub fn features() -> u64 {
+    #[cfg(feature = "failpoints")]
+    if let Some(off) = std::env::var("AVALON_TEST_FEATURES_OFF")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        return FEATURES & !off;
+    }
+    FEATURES
+}
+
 /// This node's version, as sent to its peers.
 pub fn local() -> NodeVersion {
     NodeVersion {
         protocol: advertised(),
-        features: FEATURES,
+        features: features(),
         release: RELEASE.to_string(),
     }
 }
