@@ -136,6 +136,21 @@ impl LeaderLocks {
     /// Waits until the grace period of `term` is over (every session of
     /// the term's start reclaimed, is gone, or the grace ran out).
     async fn wait_grace(&self, node: &MdsNode, term: u64) -> Result<(), MdsError> {
+        if self.table(term)?.open {
+            return Ok(());
+        }
+        self.grace_over(node, term).await?;
+        // The read lease again: it may have lapsed while this waited, and
+        // a deposed leader must not decide.
+        node.read(|_| ()).await?;
+        if node.raft.metrics().borrow().current_term != term {
+            return Err(MdsError::NotLeader(node.leader_addr()));
+        }
+        Ok(())
+    }
+
+    /// The wait of [`LeaderLocks::wait_grace`].
+    async fn grace_over(&self, node: &MdsNode, term: u64) -> Result<(), MdsError> {
         let grace = Duration::from_millis(node.cfg.orphan_grace_ms);
         loop {
             {
@@ -172,8 +187,8 @@ impl LeaderLocks {
     /// True if a request of this session must also go through the log.
     fn through(node: &MdsNode, op: &LockOp<'_>) -> bool {
         !op.reclaims
-            || !node.voters_have(FEATURE_LOCK_RECLAIM)
             || node.read_local(|s| s.locks.holds(op.ino, op.session, op.owner))
+            || !node.voters_have(FEATURE_LOCK_RECLAIM)
     }
 
     /// F_SETLK: sets or clears a lock; EAGAIN on a conflict.
