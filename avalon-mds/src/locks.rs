@@ -292,7 +292,7 @@ impl LeaderLocks {
                     .is_ok()
             });
             if !ok {
-                lost.push(h.clone());
+                lost.push(*h);
             }
         }
         t.unreclaimed.remove(&session);
