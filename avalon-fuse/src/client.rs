@@ -120,6 +120,8 @@ pub struct Client {
     atime_due: DashSet<u64>,
     /// Files' snapshot sequences and frozen attributes (`snapshots.rs`).
     pub(crate) snaps: crate::snapshots::Snaps,
+    /// The mount's fcntl, flock and OFD locks (`locks.rs`).
+    pub locks: Arc<crate::locks::Locks>,
 }
 
 fn time_set(t: Option<TimeChange>) -> Option<TimeSet> {
@@ -164,6 +166,7 @@ impl Client {
             selinux_labels: false,
             atime_due: DashSet::new(),
             snaps: Default::default(),
+            locks: Default::default(),
         })
     }
 
@@ -366,6 +369,11 @@ impl Client {
         } else {
             // Empties the cache first if the lease had lapsed.
             self.meta.renew(sent, lease);
+        }
+        // A new leader: it needs this session's locks (sent by the
+        // heartbeat loop, `Locks::spawn_asked_reclaim`).
+        if r.as_ref().is_ok_and(|r| r.reclaim_locks) {
+            self.locks.ask_reclaim();
         }
         r.map(|_| ()).map_err(Into::into)
     }

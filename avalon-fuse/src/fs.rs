@@ -63,10 +63,10 @@ impl AvalonFs {
     /// An adapter over a connected client, running its work on `rt`.
     pub fn new(client: Arc<Client>, rt: Handle) -> Self {
         AvalonFs {
+            locks: client.locks.clone(),
             client,
             rt,
             last_fh: AtomicU64::new(0),
-            locks: Arc::default(),
             dirs: Arc::default(),
             kernel: Arc::new(OnceLock::new()),
         }

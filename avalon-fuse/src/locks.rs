@@ -1,5 +1,12 @@
-//! fcntl and flock locks, held by the MDS (so they exclude processes on
-//! other clients). The FUSE kernel module sends flock as a whole-file POSIX
+//! fcntl and flock locks, held by the MDS leader (so they exclude processes
+//! on other clients). The leader keeps them in memory; this client keeps a
+//! copy of its own (`mine`) and sends it to a new leader that asks for it
+//! (`reclaim`: from the heartbeat reply, or a lock request refused with
+//! "reclaim locks first"). So that the copy sent is exact, every lock
+//! request holds `order` shared from its send until its answer is in the
+//! copy, and a reclaim holds it exclusively: a request the old leader
+//! answered is in the copy, one it did not is retried at the new leader
+//! after the reclaim. The FUSE kernel module sends flock as a whole-file POSIX
 //! lock whose owner is the open file; fuser does not pass the FLOCK flag, so
 //! both kinds share one table on the MDS (a flock and an fcntl lock on the
 //! same file by one process conflict here, unlike on a local filesystem).
@@ -36,11 +43,14 @@
 use crate::client::Client;
 use crate::error::{ClientError, Result};
 use avalon_proto::backoff::Backoff;
+use avalon_proto::locks::{is_reclaim_first, LockKind, LockTable};
 use avalon_proto::pb;
 use dashmap::DashMap;
-use std::sync::LazyLock;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, RwLock};
 
 /// First and largest pause between retries of a blocking lock request.
 const FIRST_WAIT: Duration = Duration::from_millis(5);
@@ -65,7 +75,26 @@ pub struct Locks {
     releasing: DashMap<u64, usize>,
     /// Wakes lock requests waiting for releases.
     released: Notify,
+    /// The locks this session holds at the MDS, as it granted them (all
+    /// under session 0): what a reclaim sends.
+    mine: Mutex<LockTable>,
+    /// Held shared by each lock request in flight, exclusively by a
+    /// reclaim (see the module doc).
+    order: RwLock<()>,
+    /// The leader asked for this session's locks (heartbeat reply).
+    reclaim_asked: AtomicBool,
+    /// A reclaim the leader asked for is under way.
+    reclaiming: AtomicBool,
 }
+
+/// This client reclaims its locks (always, but for a test playing an
+/// older release, `avalon_proto::version::features`).
+static RECLAIMS: LazyLock<bool> = LazyLock::new(|| {
+    avalon_proto::version::features() & avalon_proto::version::FEATURE_LOCK_RECLAIM != 0
+});
+
+/// How often one lock request reclaims and tries again before it gives up.
+const RECLAIM_TRIES: usize = 3;
 
 /// An open file's release that drops its owners' locks.
 pub struct Release {
@@ -114,8 +143,12 @@ impl Locks {
     ) -> Result<LockInfo> {
         let req = lock_req(c, ino, owner, start, end, typ, pid)?;
         self.wait_releases(ino).await;
-        let r = c
-            .rpc(req, |mut m, r| async move { m.get_lock(r).await })
+        let r = self
+            .call(
+                c,
+                || c.rpc(req.clone(), |mut m, r| async move { m.get_lock(r).await }),
+                |_| {},
+            )
             .await?;
         Ok((r.start, r.end, r.r#type as i32, r.pid))
     }
@@ -213,7 +246,7 @@ impl Locks {
         }
         let mut wait = Backoff::new(FIRST_WAIT, MAX_WAIT);
         loop {
-            match try_setlk(c, &req).await {
+            match self.try_setlk(c, &req).await {
                 Err(e) if sleep && e.errno() == libc::EAGAIN => {
                     if interrupted(tid) {
                         return Err(ClientError::posix(libc::EINTR, "lock wait interrupted"));
@@ -252,9 +285,135 @@ impl Locks {
             header: c.session.header(),
             ino,
             owner,
+            reclaims: *RECLAIMS,
         };
-        c.rpc(req, |mut m, r| async move { m.release_locks(r).await })
+        self.call(
+            c,
+            || {
+                c.rpc(
+                    req.clone(),
+                    |mut m, r| async move { m.release_locks(r).await },
+                )
+            },
+            |_| self.mine().release_owner(ino, 0, owner),
+        )
+        .await?;
+        Ok(())
+    }
+
+    fn mine(&self) -> MutexGuard<'_, LockTable> {
+        self.mine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One lock request (`send`), with `done` applied to the answer before
+    /// a reclaim can copy `mine`; reclaims first when the leader asks.
+    async fn call<T, Fut>(
+        &self,
+        c: &Client,
+        mut send: impl FnMut() -> Fut,
+        done: impl Fn(&T),
+    ) -> Result<T>
+    where
+        Fut: Future<Output = std::result::Result<T, tonic::Status>>,
+    {
+        for _ in 0..RECLAIM_TRIES {
+            {
+                let _shared = self.order.read().await;
+                match send().await {
+                    Ok(v) => {
+                        done(&v);
+                        return Ok(v);
+                    }
+                    Err(s) if is_reclaim_first(&s) => {}
+                    Err(s) => return Err(s.into()),
+                }
+            }
+            self.reclaim(c).await?;
+        }
+        Err(ClientError::posix(
+            libc::EIO,
+            "the MDS kept asking for this session's locks",
+        ))
+    }
+
+    /// Notes that the leader asked for this session's locks.
+    pub fn ask_reclaim(&self) {
+        self.reclaim_asked.store(true, Ordering::Relaxed);
+    }
+
+    /// Starts the reclaim the leader asked for, in its own task (a lock
+    /// request in flight may hold it up, and the heartbeats must go on),
+    /// unless one is under way.
+    pub fn spawn_asked_reclaim(c: &Arc<Client>) {
+        let l = &c.locks;
+        if !l.reclaim_asked.swap(false, Ordering::Relaxed)
+            || l.reclaiming.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let c = c.clone();
+        tokio::spawn(async move {
+            if let Err(e) = c.locks.reclaim(&c).await {
+                tracing::warn!(error = %e, "could not reclaim locks");
+            }
+            c.locks.reclaiming.store(false, Ordering::Release);
+        });
+    }
+
+    /// Sends every lock this session holds to the leader (which changed
+    /// and asked for them). Locks another session took meanwhile (this
+    /// client reclaimed after the grace period) are lost: logged and
+    /// forgotten.
+    pub async fn reclaim(&self, c: &Client) -> Result<()> {
+        let _alone = self.order.write().await;
+        let locks: Vec<pb::HeldLock> = self
+            .mine()
+            .session_locks(0)
+            .iter()
+            .map(|(ino, l)| l.to_held(*ino))
+            .collect();
+        let n = locks.len();
+        let req = pb::ReclaimLocksRequest {
+            header: c.session.header(),
+            locks,
+        };
+        let r = c
+            .rpc(req, |mut m, r| async move { m.reclaim_locks(r).await })
             .await?;
+        let mut mine = self.mine();
+        for l in &r.lost {
+            tracing::error!(
+                ino = l.ino,
+                start = l.start,
+                end = l.end,
+                "lock lost at a change of MDS leader: another client took it"
+            );
+            let _ = mine.set(l.ino, 0, l.owner, 0, l.start, l.end, LockKind::Unlock);
+        }
+        tracing::info!(
+            locks = n,
+            lost = r.lost.len(),
+            "locks reclaimed from a new MDS leader"
+        );
+        Ok(())
+    }
+
+    /// One attempt at setting a lock, noted in `mine` once granted.
+    async fn try_setlk(&self, c: &Client, req: &pb::LockRequest) -> Result<()> {
+        let kind = LockKind::from_type(req.r#type)
+            .ok_or_else(|| ClientError::posix(libc::EINVAL, "bad lock type"))?;
+        let send = || {
+            let mut req = req.clone();
+            // A fresh request id per attempt: the MDS remembers answers by id.
+            req.header = c.session.header();
+            c.rpc(req, |mut m, r| async move { m.set_lock(r).await })
+        };
+        let note = |_: &pb::Empty| {
+            let _ = self
+                .mine()
+                .set(req.ino, 0, req.owner, req.pid, req.start, req.end, kind);
+        };
+        self.call(c, send, note).await?;
         Ok(())
     }
 }
@@ -279,16 +438,8 @@ fn lock_req(
         end,
         r#type: typ as u32,
         pid,
+        reclaims: *RECLAIMS,
     })
-}
-
-async fn try_setlk(c: &Client, req: &pb::LockRequest) -> Result<()> {
-    let mut req = req.clone();
-    // A fresh request id per attempt: the MDS remembers answers by id.
-    req.header = c.session.header();
-    c.rpc(req, |mut m, r| async move { m.set_lock(r).await })
-        .await?;
-    Ok(())
 }
 
 /// Waits (at most [`ORDER_WAIT`]) until every other FUSE thread is back

@@ -450,6 +450,7 @@ fn run_foreground(args: &Args) -> anyhow::Result<()> {
             if let Err(e) = hb.heartbeat().await {
                 tracing::warn!(error = %e, "session heartbeat failed");
             }
+            avalon_fuse::locks::Locks::spawn_asked_reclaim(&hb);
             if n % MAP_REFRESH_TICKS == 0 {
                 if let Err(e) = hb.refresh_map().await {
                     tracing::warn!(error = %e, "cluster map refresh failed");

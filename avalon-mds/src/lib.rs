@@ -179,6 +179,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         read_lease: read_lease::ReadLease::for_election_min(cfg.election_min_ms),
         leases: leases::LeaseTable::new(Duration::from_millis(cfg.lease_ms)),
         delegations: Default::default(),
+        locks: Default::default(),
         fresh: fresh_leader::FreshLeader::new(
             Duration::from_millis(cfg.election_min_ms / 2),
             Duration::from_millis(cfg.lease_ms),

@@ -1,335 +1,338 @@
-//! Byte-range (fcntl/POSIX) and whole-file (flock) locks, part of the
-//! replicated state machine so that they exclude processes on every client
-//! and survive a leader failover.
+//! fcntl and flock locks at the MDS: held in the leader's memory, not in the
+//! Raft log, and reclaimed by the clients after a change of leader (as
+//! NFSv4 does).
 //!
-//! A lock belongs to `(session, owner)`: the client session and the kernel's
-//! lock owner id (the `files_struct` of the process for fcntl locks, the open
-//! file for flock, which the FUSE kernel module emulates as a whole-file
-//! POSIX lock). Ranges are inclusive, `end == u64::MAX` (or the kernel's
-//! OFFSET_MAX) means "to the end of the file". Setting a lock over part of an
-//! owner's own lock splits or replaces it; adjacent or overlapping locks of
-//! one owner and kind merge, as POSIX requires. A conflict is EAGAIN: blocking
-//! waits (F_SETLKW, flock without LOCK_NB) are retried by the client.
+//! The leader's table (one per term, [`LeaderLocks`]) decides every lock
+//! request; the lock algebra is `avalon_proto::locks`. A new leader starts
+//! its table from the replicated one (`State::locks`: locks of clients that
+//! cannot reclaim, and those an older MDS wrote) and asks every session
+//! that existed at the start of its term for its locks (the heartbeat
+//! reply's `reclaim_locks`; lock requests of such a session are refused
+//! with "reclaim locks first" until it sent them). During a grace period
+//! (the orphan grace, 5 s by default: every live client heartbeats several
+//! times in it) no lock is granted or tested, so nothing can be given to
+//! another session before its holder reclaimed it; the grace ends early
+//! once every session reclaimed or is known not to (older clients).
 //!
-//! Everything here is deterministic (BTreeMap, no clocks), since it is
-//! applied on every MDS.
+//! What goes through the log as well ("write-through", applied to the
+//! table first, then replicated before the answer, in the same order):
+//! requests of clients without `FEATURE_LOCK_RECLAIM` (they cannot
+//! reclaim), every request while a voter lacks the bit (a leader without it
+//! would neither ask for reclaims nor know memory-only locks), and the
+//! release of an owner that has locks in the replicated table (so that it
+//! holds no lock its owner dropped).
+//!
+//! A deposed leader grants nothing: every request first checks the read
+//! lease (as reads do), and a new leader is elected only after it lapsed.
 
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+pub use avalon_proto::locks::{FileLock, LockKind, LockTable};
 
-/// Lock kind, with the values of `F_RDLCK`, `F_WRLCK` and `F_UNLCK`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum LockKind {
-    Read,
-    Write,
-    Unlock,
+use crate::command::Op;
+use crate::node::{MdsError, MdsNode};
+use avalon_proto::pb;
+use avalon_proto::version::FEATURE_LOCK_RECLAIM;
+use std::collections::HashSet;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// How often a request waiting for the grace period looks again.
+const GRACE_POLL: Duration = Duration::from_millis(20);
+
+/// The leader's lock table of one term and its reclaim state.
+#[derive(Default)]
+struct TermLocks {
+    /// The term the table belongs to (0: none loaded).
+    term: u64,
+    table: LockTable,
+    /// When the table was loaded: the grace period counts from here.
+    since: Option<Instant>,
+    /// Sessions of the state at load time that have not reclaimed yet.
+    unreclaimed: HashSet<u64>,
+    /// The grace period is over: locks are granted.
+    open: bool,
 }
 
-impl LockKind {
-    /// From the `l_type` of a `struct flock` (F_RDLCK=0, F_WRLCK=1, F_UNLCK=2).
-    pub fn from_type(t: u32) -> Option<LockKind> {
-        match t as i32 {
-            libc::F_RDLCK => Some(LockKind::Read),
-            libc::F_WRLCK => Some(LockKind::Write),
-            libc::F_UNLCK => Some(LockKind::Unlock),
-            _ => None,
-        }
-    }
-
-    /// The `l_type` value.
-    pub fn to_type(self) -> u32 {
-        (match self {
-            LockKind::Read => libc::F_RDLCK,
-            LockKind::Write => libc::F_WRLCK,
-            LockKind::Unlock => libc::F_UNLCK,
-        }) as u32
-    }
+/// The locks a leader holds in memory (see the module doc).
+#[derive(Default)]
+pub struct LeaderLocks {
+    inner: Mutex<TermLocks>,
+    /// One load of the replicated table per term.
+    load: tokio::sync::Mutex<()>,
+    /// Keeps the log order of write-through changes that of the table.
+    through: tokio::sync::Mutex<()>,
 }
 
-/// One held lock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileLock {
+/// One lock request, as the leader decides it.
+pub struct LockOp<'a> {
+    pub hdr: Option<&'a pb::RequestHeader>,
     pub session: u64,
+    pub ino: u64,
     pub owner: u64,
-    /// First byte.
-    pub start: u64,
-    /// Last byte (inclusive).
-    pub end: u64,
-    /// Read or Write (never Unlock).
-    pub kind: LockKind,
-    /// Process id on the holder's machine (reported by F_GETLK).
     pub pid: u32,
+    pub start: u64,
+    pub end: u64,
+    pub kind: LockKind,
+    /// The client reclaims after a change of leader.
+    pub reclaims: bool,
 }
 
-impl FileLock {
-    fn overlaps(&self, start: u64, end: u64) -> bool {
-        self.start <= end && start <= self.end
+impl LeaderLocks {
+    fn lock(&self) -> MutexGuard<'_, TermLocks> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn same_owner(&self, session: u64, owner: u64) -> bool {
-        self.session == session && self.owner == owner
-    }
-}
-
-/// The lock table: inode -> its locks.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LockTable {
-    pub files: BTreeMap<u64, Vec<FileLock>>,
-}
-
-impl LockTable {
-    /// The first lock of another owner that conflicts with `kind` over
-    /// `[start, end]` (what F_GETLK reports), if any.
-    pub fn conflict(
-        &self,
-        ino: u64,
-        session: u64,
-        owner: u64,
-        start: u64,
-        end: u64,
-        kind: LockKind,
-    ) -> Option<FileLock> {
-        if kind == LockKind::Unlock {
-            return None;
+    /// The table of `term`, or an error if this node moved on.
+    fn table(&self, term: u64) -> Result<MutexGuard<'_, TermLocks>, MdsError> {
+        let t = self.lock();
+        if t.term != term {
+            return Err(MdsError::Unavailable("the leader changed".into()));
         }
-        self.files.get(&ino)?.iter().copied().find(|l| {
-            !l.same_owner(session, owner)
-                && l.overlaps(start, end)
-                && (kind == LockKind::Write || l.kind == LockKind::Write)
-        })
+        Ok(t)
     }
 
-    /// Sets (or with `Unlock` clears) a lock of `(session, owner)` over
-    /// `[start, end]`. EAGAIN if another owner holds a conflicting lock,
-    /// EINVAL for an empty range.
-    #[allow(clippy::too_many_arguments)]
-    pub fn set(
-        &mut self,
-        ino: u64,
-        session: u64,
-        owner: u64,
-        pid: u32,
-        start: u64,
-        end: u64,
-        kind: LockKind,
-    ) -> Result<(), i32> {
-        if start > end {
-            return Err(libc::EINVAL);
+    /// The current term, once this node is a confirmed leader (read
+    /// lease) with its table loaded for the term.
+    async fn term(&self, node: &MdsNode) -> Result<u64, MdsError> {
+        node.read(|_| ()).await?;
+        let term = node.raft.metrics().borrow().current_term;
+        if self.lock().term == term {
+            return Ok(term);
         }
-        if self
-            .conflict(ino, session, owner, start, end, kind)
-            .is_some()
-        {
-            return Err(libc::EAGAIN);
+        let _one = self.load.lock().await;
+        if self.lock().term == term {
+            return Ok(term);
         }
-        let locks = self.files.entry(ino).or_default();
-        // Cut [start, end] out of this owner's locks.
-        let mut out = Vec::with_capacity(locks.len() + 2);
-        for l in locks.drain(..) {
-            if !l.same_owner(session, owner) || !l.overlaps(start, end) {
-                out.push(l);
-                continue;
-            }
-            if l.start < start {
-                out.push(FileLock {
-                    end: start - 1,
-                    ..l
-                });
-            }
-            if l.end > end {
-                out.push(FileLock {
-                    start: end + 1,
-                    ..l
-                });
-            }
+        // Applied through this term's first entry: every lock and session
+        // a predecessor committed is in the state.
+        node.raft
+            .ensure_linearizable()
+            .await
+            .map_err(|e| node.raft_err(e))?;
+        let m = node.raft.metrics().borrow().clone();
+        if m.current_term != term || m.current_leader != Some(node.id) {
+            return Err(MdsError::NotLeader(node.leader_addr()));
         }
-        if kind != LockKind::Unlock {
-            let mut new = FileLock {
-                session,
-                owner,
-                start,
-                end,
-                kind,
-                pid,
-            };
-            // Merge with this owner's adjacent locks of the same kind.
-            out.retain(|l| {
-                let touches =
-                    l.start <= new.end.saturating_add(1) && new.start <= l.end.saturating_add(1);
-                if l.same_owner(session, owner) && l.kind == kind && touches {
-                    new.start = new.start.min(l.start);
-                    new.end = new.end.max(l.end);
-                    false
-                } else {
-                    true
-                }
-            });
-            out.push(new);
-        }
-        out.sort_by_key(|l| (l.start, l.end, l.session, l.owner));
-        if out.is_empty() {
-            self.files.remove(&ino);
-        } else {
-            *locks = out;
+        let (table, sessions) =
+            node.read_local(|s| (s.locks.clone(), s.sessions.keys().copied().collect()));
+        *self.lock() = TermLocks {
+            term,
+            table,
+            since: Some(Instant::now()),
+            unreclaimed: sessions,
+            open: false,
+        };
+        tracing::info!(term, "lock table loaded; waiting for the clients' reclaims");
+        Ok(term)
+    }
+
+    /// Refuses a reclaiming session's request until it reclaimed.
+    fn check_reclaimed(&self, term: u64, op: &LockOp<'_>) -> Result<(), MdsError> {
+        if op.reclaims && self.table(term)?.unreclaimed.contains(&op.session) {
+            return Err(MdsError::ReclaimFirst);
         }
         Ok(())
     }
 
-    /// Drops every lock of `(session, owner)` on `ino` (close, flock release).
-    pub fn release_owner(&mut self, ino: u64, session: u64, owner: u64) {
-        if let Some(locks) = self.files.get_mut(&ino) {
-            locks.retain(|l| !l.same_owner(session, owner));
-            if locks.is_empty() {
-                self.files.remove(&ino);
-            }
+    /// Waits until the grace period of `term` is over (every session of
+    /// the term's start reclaimed, is gone, or the grace ran out).
+    async fn wait_grace(&self, node: &MdsNode, term: u64) -> Result<(), MdsError> {
+        if self.table(term)?.open {
+            return Ok(());
         }
+        self.grace_over(node, term).await?;
+        // The read lease again: it may have lapsed while this waited, and
+        // a deposed leader must not decide.
+        node.read(|_| ()).await?;
+        if node.raft.metrics().borrow().current_term != term {
+            return Err(MdsError::NotLeader(node.leader_addr()));
+        }
+        Ok(())
     }
 
-    /// True if `(session, owner)` holds any lock on `ino`.
-    pub fn holds(&self, ino: u64, session: u64, owner: u64) -> bool {
-        self.files
-            .get(&ino)
-            .is_some_and(|ls| ls.iter().any(|l| l.same_owner(session, owner)))
-    }
-
-    /// Drops every lock of a session (expiry).
-    pub fn drop_session(&mut self, session: u64) {
-        self.files.retain(|_, locks| {
-            locks.retain(|l| l.session != session);
-            !locks.is_empty()
-        });
-    }
-
-    /// Drops every lock on an inode that no longer exists.
-    pub fn drop_inode(&mut self, ino: u64) {
-        self.files.remove(&ino);
-    }
-
-    /// Number of held locks.
-    pub fn len(&self) -> usize {
-        self.files.values().map(Vec::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-    use LockKind::*;
-
-    const MAX: u64 = u64::MAX;
-
-    #[test]
-    fn conflicts_between_owners() {
-        let mut t = LockTable::default();
-        t.set(1, 1, 10, 100, 0, 99, Read).unwrap();
-        // Another reader is fine, a writer is not.
-        t.set(1, 2, 20, 200, 50, 149, Read).unwrap();
-        assert_eq!(t.set(1, 3, 30, 300, 0, 0, Write), Err(libc::EAGAIN));
-        assert_eq!(t.set(1, 3, 30, 300, 100, 200, Write), Err(libc::EAGAIN));
-        t.set(1, 3, 30, 300, 150, MAX, Write).unwrap();
-        let c = t.conflict(1, 1, 10, 160, 160, Read).unwrap();
-        assert_eq!((c.session, c.pid, c.kind), (3, 300, Write));
-        // Same owner on another session is another owner.
-        assert_eq!(t.set(1, 4, 10, 1, 200, 200, Read), Err(libc::EAGAIN));
-        // Other inodes are independent.
-        t.set(2, 4, 10, 1, 0, MAX, Write).unwrap();
-        assert!(t.conflict(1, 9, 9, 0, 10, Read).is_none());
-    }
-
-    #[test]
-    fn split_merge_and_upgrade() {
-        let mut t = LockTable::default();
-        t.set(1, 1, 1, 1, 0, 99, Write).unwrap();
-        t.set(1, 1, 1, 1, 40, 59, Unlock).unwrap();
-        let ls = &t.files[&1];
-        assert_eq!(ls.len(), 2);
-        assert_eq!(
-            (ls[0].start, ls[0].end, ls[1].start, ls[1].end),
-            (0, 39, 60, 99)
-        );
-        // Fill the hole with a read lock: three pieces.
-        t.set(1, 1, 1, 1, 40, 59, Read).unwrap();
-        assert_eq!(t.files[&1].len(), 3);
-        // Make it all write: one merged lock.
-        t.set(1, 1, 1, 1, 40, 59, Write).unwrap();
-        assert_eq!(t.files[&1].len(), 1);
-        assert_eq!((t.files[&1][0].start, t.files[&1][0].end), (0, 99));
-        // Adjacent locks merge.
-        t.set(1, 1, 1, 1, 100, 199, Write).unwrap();
-        assert_eq!((t.files[&1][0].start, t.files[&1][0].end), (0, 199));
-        // Downgrade part of it.
-        t.set(1, 1, 1, 1, 0, 9, Read).unwrap();
-        t.set(1, 2, 2, 2, 0, 9, Read).unwrap();
-        assert_eq!(t.set(1, 2, 2, 2, 10, 10, Read), Err(libc::EAGAIN));
-        t.release_owner(1, 1, 1);
-        t.set(1, 2, 2, 2, 10, 10, Write).unwrap();
-        t.drop_session(2);
-        assert!(t.is_empty());
-    }
-
-    #[test]
-    fn whole_file_flock_style() {
-        let mut t = LockTable::default();
-        t.set(7, 1, 5, 1, 0, MAX, Read).unwrap();
-        t.set(7, 2, 6, 1, 0, MAX, Read).unwrap();
-        assert_eq!(t.set(7, 1, 5, 1, 0, MAX, Write), Err(libc::EAGAIN));
-        t.set(7, 2, 6, 1, 0, MAX, Unlock).unwrap();
-        t.set(7, 1, 5, 1, 0, MAX, Write).unwrap();
-        assert_eq!(t.len(), 1);
-        assert_eq!(t.set(7, 1, 5, 1, 5, 4, Write), Err(libc::EINVAL));
-    }
-
-    /// Model: per byte in 0..64, the set of (owner, kind) holding it.
-    fn model_kind(m: &[Vec<(u64, LockKind)>], byte: usize, owner: u64) -> Option<LockKind> {
-        m[byte].iter().find(|(o, _)| *o == owner).map(|(_, k)| *k)
-    }
-
-    proptest! {
-        #[test]
-        fn matches_a_per_byte_model(ops in prop::collection::vec(
-            (0u64..3, 0u64..64, 0u64..16, 0u32..3), 1..60)) {
-            let mut t = LockTable::default();
-            let mut m: Vec<Vec<(u64, LockKind)>> = vec![Vec::new(); 80];
-            for (owner, start, len, ty) in ops {
-                let end = start + len;
-                let kind = LockKind::from_type(ty).unwrap();
-                let conflict = kind != Unlock && (start..=end).any(|b| {
-                    m[b as usize].iter().any(|(o, k)| *o != owner && (kind == Write || *k == Write))
+    /// The wait of [`LeaderLocks::wait_grace`].
+    async fn grace_over(&self, node: &MdsNode, term: u64) -> Result<(), MdsError> {
+        let grace = Duration::from_millis(node.cfg.orphan_grace_ms);
+        loop {
+            {
+                let mut t = self.table(term)?;
+                if t.open {
+                    return Ok(());
+                }
+                let waiting: Vec<u64> = t.unreclaimed.iter().copied().collect();
+                let gone: Vec<u64> = node.read_local(|s| {
+                    waiting
+                        .into_iter()
+                        .filter(|sid| !s.sessions.contains_key(sid))
+                        .collect()
                 });
-                let r = t.set(1, 1, owner, 0, start, end, kind);
-                prop_assert_eq!(r.is_err(), conflict);
-                if !conflict {
-                    for b in start..=end {
-                        let v = &mut m[b as usize];
-                        v.retain(|(o, _)| *o != owner);
-                        if kind != Unlock {
-                            v.push((owner, kind));
-                        }
-                    }
+                for sid in gone {
+                    t.unreclaimed.remove(&sid);
                 }
-                // Table agrees with the model byte by byte, and one owner's
-                // locks never overlap and never touch with the same kind.
-                let ls = t.files.get(&1).cloned().unwrap_or_default();
-                for b in 0..80u64 {
-                    for o in 0..3 {
-                        let held: Vec<_> = ls.iter().filter(|l| l.owner == o && l.start <= b && b <= l.end).collect();
-                        prop_assert!(held.len() <= 1);
-                        prop_assert_eq!(held.first().map(|l| l.kind), model_kind(&m, b as usize, o));
+                if t.unreclaimed.is_empty() || t.since.is_none_or(|s| s.elapsed() >= grace) {
+                    if !t.unreclaimed.is_empty() {
+                        tracing::warn!(
+                            sessions = ?t.unreclaimed,
+                            "lock grace period over without these sessions' reclaims"
+                        );
                     }
-                }
-                for a in &ls {
-                    for b in &ls {
-                        if a != b && a.owner == b.owner && a.kind == b.kind {
-                            prop_assert!(a.end + 1 < b.start || b.end + 1 < a.start);
-                        }
-                    }
+                    t.open = true;
+                    return Ok(());
                 }
             }
+            node.check_leader()?;
+            tokio::time::sleep(GRACE_POLL).await;
         }
+    }
+
+    /// True if a request of this session must also go through the log.
+    fn through(node: &MdsNode, op: &LockOp<'_>) -> bool {
+        !op.reclaims
+            || node.read_local(|s| s.locks.holds(op.ino, op.session, op.owner))
+            || !node.voters_have(FEATURE_LOCK_RECLAIM)
+    }
+
+    /// F_SETLK: sets or clears a lock; EAGAIN on a conflict.
+    pub async fn set(&self, node: &MdsNode, op: LockOp<'_>) -> Result<(), MdsError> {
+        let term = self.term(node).await?;
+        self.check_reclaimed(term, &op)?;
+        if op.kind != LockKind::Unlock {
+            self.wait_grace(node, term).await?;
+            if !node.read_local(|s| s.inodes.contains_key(&op.ino)) {
+                return Err(MdsError::Errno(libc::ENOENT));
+            }
+        }
+        let set = |t: &mut LockTable| {
+            t.set(
+                op.ino, op.session, op.owner, op.pid, op.start, op.end, op.kind,
+            )
+        };
+        if !Self::through(node, &op) {
+            return set(&mut self.table(term)?.table).map_err(MdsError::Errno);
+        }
+        let _order = self.through.lock().await;
+        let saved = {
+            let mut t = self.table(term)?;
+            let saved = t.table.owner_locks(op.ino, op.session, op.owner);
+            set(&mut t.table).map_err(MdsError::Errno)?;
+            saved
+        };
+        let write = Op::SetLock {
+            ino: op.ino,
+            session: op.session,
+            owner: op.owner,
+            pid: op.pid,
+            start: op.start,
+            end: op.end,
+            kind: op.kind,
+        };
+        if let Err(e) = node.write(op.hdr, write).await {
+            // Not durable: the table must not keep it either.
+            if let Ok(mut t) = self.table(term) {
+                t.table.restore_owner(op.ino, op.session, op.owner, saved);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// F_GETLK: the first conflicting lock of another owner, if any.
+    pub async fn get(&self, node: &MdsNode, op: LockOp<'_>) -> Result<Option<FileLock>, MdsError> {
+        let term = self.term(node).await?;
+        self.check_reclaimed(term, &op)?;
+        self.wait_grace(node, term).await?;
+        Ok(self
+            .table(term)?
+            .table
+            .conflict(op.ino, op.session, op.owner, op.start, op.end, op.kind))
+    }
+
+    /// Drops every lock of `(session, owner)` on the inode (close, flock
+    /// release).
+    pub async fn release(&self, node: &MdsNode, op: LockOp<'_>) -> Result<(), MdsError> {
+        let term = self.term(node).await?;
+        self.check_reclaimed(term, &op)?;
+        let _order = if Self::through(node, &op) {
+            Some(self.through.lock().await)
+        } else {
+            None
+        };
+        self.table(term)?
+            .table
+            .release_owner(op.ino, op.session, op.owner);
+        if node.read_local(|s| s.locks.holds(op.ino, op.session, op.owner)) {
+            let write = Op::ReleaseLocks {
+                ino: op.ino,
+                session: op.session,
+                owner: op.owner,
+            };
+            node.write(op.hdr, write).await?;
+        }
+        Ok(())
+    }
+
+    /// A session's reclaim: its locks become `held`; returns those another
+    /// session took meanwhile (after the grace period), which it lost.
+    pub async fn reclaim(
+        &self,
+        node: &MdsNode,
+        session: u64,
+        held: &[pb::HeldLock],
+    ) -> Result<Vec<pb::HeldLock>, MdsError> {
+        let term = self.term(node).await?;
+        if !node.read_local(|s| s.sessions.contains_key(&session)) {
+            return Err(MdsError::NotFound(format!("no session {session}")));
+        }
+        let mut t = self.table(term)?;
+        t.table.retain_sessions(|s| s != session);
+        let mut lost = Vec::new();
+        for h in held {
+            let ok = FileLock::from_held(session, h).is_some_and(|l| {
+                t.table
+                    .set(h.ino, session, l.owner, l.pid, l.start, l.end, l.kind)
+                    .is_ok()
+            });
+            if !ok {
+                lost.push(*h);
+            }
+        }
+        t.unreclaimed.remove(&session);
+        if !lost.is_empty() {
+            tracing::warn!(
+                session,
+                lost = lost.len(),
+                "reclaimed locks lost to other sessions"
+            );
+        }
+        Ok(lost)
+    }
+
+    /// Heartbeat of a session: whether it must reclaim (a client with the
+    /// feature), or that it never will (`reclaims` false: an older client,
+    /// whose locks are all in the replicated table).
+    pub async fn heartbeat(&self, node: &MdsNode, session: u64, reclaims: bool) -> bool {
+        let Ok(term) = self.term(node).await else {
+            return false;
+        };
+        let Ok(mut t) = self.table(term) else {
+            return false;
+        };
+        if reclaims {
+            t.unreclaimed.contains(&session)
+        } else {
+            t.unreclaimed.remove(&session);
+            false
+        }
+    }
+
+    /// Forgets the locks of sessions that are gone (expired, revoked).
+    pub fn retain_sessions(&self, live: &HashSet<u64>) {
+        let mut t = self.lock();
+        t.table.retain_sessions(|s| live.contains(&s));
+        t.unreclaimed.retain(|s| live.contains(s));
+    }
+
+    /// Drops the table (this node stepped down).
+    pub fn clear(&self) {
+        *self.lock() = TermLocks::default();
     }
 }

@@ -5,7 +5,7 @@ use crate::caps::{self, ClientCaps};
 use crate::command::{Attr, Op, OsdState, Reply, TimeSpec};
 use crate::disk_reserve::DiskReserve;
 use crate::leases::Change;
-use crate::locks::LockKind;
+use crate::locks::{LockKind, LockOp};
 use crate::metrics::{Delegated, Rpc};
 use crate::namespace::State;
 use crate::node::{role_name, MdsError, MdsNode, PeerKind};
@@ -290,6 +290,21 @@ fn lock_session(h: Option<&pb::RequestHeader>) -> Result<u64, MdsError> {
 
 fn lock_kind(t: u32) -> Result<LockKind, MdsError> {
     LockKind::from_type(t).ok_or(MdsError::Errno(libc::EINVAL))
+}
+
+/// A lock request as the leader's lock table takes it.
+fn lock_op(r: &pb::LockRequest) -> Result<LockOp<'_>, MdsError> {
+    Ok(LockOp {
+        hdr: r.header.as_ref(),
+        session: lock_session(r.header.as_ref())?,
+        ino: r.ino,
+        owner: r.owner,
+        pid: r.pid,
+        start: r.start,
+        end: r.end,
+        kind: lock_kind(r.r#type)?,
+        reclaims: r.reclaims,
+    })
 }
 
 fn entry(r: Reply) -> Result<pb::EntryReply, MdsError> {
@@ -2005,6 +2020,7 @@ impl Meta for MetaService {
         }
         self.node.client_seen_now(sid);
         let version = check_version("the client", sid, r.version.as_ref())?;
+        let reclaims = version.features & avalon_proto::version::FEATURE_LOCK_RECLAIM != 0;
         self.node.version_seen(PeerKind::Client, sid, version);
         self.node.client_totals_report(sid, r.totals);
         if r.open_inos.len() > 1_000_000 || r.write_inos.len() > 1_000_000 {
@@ -2017,9 +2033,11 @@ impl Meta for MetaService {
             Ok(()) => self.node.leases.heartbeat(sid, r.dropped_cache).as_millis() as u32,
             Err(_) => 0,
         };
+        let reclaim_locks = self.node.locks.heartbeat(&self.node, sid, reclaims).await;
         Ok(Response::new(pb::ClientHeartbeatReply {
             lease_ms,
             no_stream: !self.node.leases.has_stream(sid),
+            reclaim_locks,
         }))
     }
 
@@ -2061,12 +2079,8 @@ impl Meta for MetaService {
         let _m = crate::metrics::op(Rpc::GetLock);
         let r = req.into_inner();
         ino_ok(r.ino)?;
-        let sid = lock_session(r.header.as_ref())?;
-        let kind = lock_kind(r.r#type)?;
-        let found = self
-            .node
-            .read(|s| s.locks.conflict(r.ino, sid, r.owner, r.start, r.end, kind))
-            .await?;
+        let op = lock_op(&r)?;
+        let found = self.node.locks.get(&self.node, op).await?;
         Ok(Response::new(match found {
             Some(l) => pb::LockReply {
                 r#type: l.kind.to_type(),
@@ -2086,17 +2100,8 @@ impl Meta for MetaService {
         let _m = crate::metrics::op(Rpc::SetLock);
         let r = req.into_inner();
         ino_ok(r.ino)?;
-        let sid = lock_session(r.header.as_ref())?;
-        let op = Op::SetLock {
-            ino: r.ino,
-            session: sid,
-            owner: r.owner,
-            pid: r.pid,
-            start: r.start,
-            end: r.end,
-            kind: lock_kind(r.r#type)?,
-        };
-        self.mutate(r.header.as_ref(), op, &[]).await?;
+        let op = lock_op(&r)?;
+        self.node.locks.set(&self.node, op).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -2104,21 +2109,35 @@ impl Meta for MetaService {
         let _m = crate::metrics::op(Rpc::ReleaseLocks);
         let r = req.into_inner();
         ino_ok(r.ino)?;
-        let sid = lock_session(r.header.as_ref())?;
-        // Most closes hold no lock: a linearizable read spares the log write.
-        let held = self
-            .node
-            .read(|s| s.locks.holds(r.ino, sid, r.owner))
-            .await?;
-        if held {
-            let op = Op::ReleaseLocks {
-                ino: r.ino,
-                session: sid,
-                owner: r.owner,
-            };
-            self.mutate(r.header.as_ref(), op, &[]).await?;
-        }
+        let op = LockOp {
+            hdr: r.header.as_ref(),
+            session: lock_session(r.header.as_ref())?,
+            ino: r.ino,
+            owner: r.owner,
+            pid: 0,
+            start: 0,
+            end: u64::MAX,
+            kind: LockKind::Unlock,
+            reclaims: r.reclaims,
+        };
+        self.node.locks.release(&self.node, op).await?;
         Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn reclaim_locks(
+        &self,
+        req: Request<pb::ReclaimLocksRequest>,
+    ) -> Res<pb::ReclaimLocksReply> {
+        let _m = crate::metrics::op(Rpc::ReclaimLocks);
+        let peer = Peer::of(&req);
+        let r = req.into_inner();
+        let sid = lock_session(r.header.as_ref())?;
+        self.own_session(&peer, sid)?;
+        if r.locks.len() > 1_000_000 {
+            return Err(MdsError::Invalid("too many locks".into()).into());
+        }
+        let lost = self.node.locks.reclaim(&self.node, sid, &r.locks).await?;
+        Ok(Response::new(pb::ReclaimLocksReply { lost }))
     }
 
     async fn status(&self, _req: Request<pb::Empty>) -> Res<pb::StatusReply> {

@@ -24,7 +24,7 @@ op_kinds! {
         GetClusterMap = "get_cluster_map", RegisterOsd = "register_osd",
         OsdHeartbeat = "osd_heartbeat", RegisterClient = "register_client",
         ClientHeartbeat = "client_heartbeat", Session = "session", AckRecall = "ack_recall",
-        GetLock = "getlk", SetLock = "setlk", ReleaseLocks = "release_locks",
+        GetLock = "getlk", SetLock = "setlk", ReleaseLocks = "release_locks", ReclaimLocks = "reclaim_locks",
         Status = "status", GetSettings = "get_settings", SetReplicas = "set_replicas",
     }
 }

@@ -33,6 +33,9 @@ pub enum MdsError {
     NotFound(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A new leader refuses a lock request until the session reclaimed.
+    #[error("reclaim locks first")]
+    ReclaimFirst,
 }
 
 impl From<i32> for MdsError {
@@ -50,6 +53,7 @@ impl From<MdsError> for Status {
             MdsError::Invalid(m) => Status::invalid_argument(m),
             MdsError::NotFound(m) => Status::not_found(m),
             MdsError::Internal(m) => Status::internal(m),
+            MdsError::ReclaimFirst => avalon_proto::locks::reclaim_first(),
         }
     }
 }
@@ -237,6 +241,8 @@ pub struct MdsNode {
     pub leases: LeaseTable,
     /// Directories delegated to sessions (`delegation.rs`).
     pub delegations: crate::delegation::Delegations,
+    /// fcntl and flock locks, in the leader's memory (`locks.rs`).
+    pub locks: crate::locks::LeaderLocks,
     /// What a new leader waits for before acknowledging changes.
     pub fresh: crate::fresh_leader::FreshLeader,
     /// The raft log, and making it durable on a majority (fsync).
@@ -911,6 +917,9 @@ impl MdsNode {
                 t.drop_session(id);
             }
         }
+        // Locks of sessions that expired or were revoked.
+        let live: HashSet<u64> = self.read_local(|s| s.sessions.keys().copied().collect());
+        self.locks.retain_sessions(&live);
     }
 
     /// Reclaims orphans that nobody has open (leader only).
@@ -948,6 +957,7 @@ impl MdsNode {
                     drop(l);
                     self.leases.clear();
                     self.delegations.clear();
+                    self.locks.clear();
                     let mut t = self.lock_opens();
                     t.entries.clear();
                     t.by_ino.clear();

@@ -355,13 +355,23 @@ fn locks_survive_leader_failover_and_die_with_their_session() {
     let a = open_rw(&m1.join("f"));
     let b = open_rw(&m2.path.join("f"));
     setlk(&a, libc::F_WRLCK, 10, 10).unwrap();
+    // Released before the failover: free after it.
+    setlk(&a, libc::F_WRLCK, 100, 10).unwrap();
+    setlk(&a, libc::F_UNLCK, 100, 10).unwrap();
+    // The other mount holds one too.
+    setlk(&b, libc::F_RDLCK, 200, 10).unwrap();
     let victim = leader(tc.c());
     tc.c().kill_mds(victim);
     let new = leader(tc.c());
     assert_ne!(new, victim);
-    // The new leader knows the lock.
+    // The new leader knows the locks (locks live in the leader's memory:
+    // the clients reclaimed them).
     assert_eq!(setlk(&b, libc::F_WRLCK, 15, 1), Err(libc::EAGAIN));
     assert_eq!(getlk(&b, libc::F_WRLCK, 0, 0).0, libc::F_WRLCK);
+    assert_eq!(setlk(&a, libc::F_WRLCK, 205, 1), Err(libc::EAGAIN));
+    setlk(&a, libc::F_RDLCK, 205, 1).expect("two readers after the failover");
+    setlk(&b, libc::F_WRLCK, 100, 10).expect("released before the failover");
+    setlk(&b, libc::F_UNLCK, 100, 10).unwrap();
     setlk(&a, libc::F_UNLCK, 0, 0).unwrap();
     setlk(&b, libc::F_WRLCK, 15, 1).expect("free after unlock on the new leader");
     setlk(&b, libc::F_UNLCK, 0, 0).unwrap();
@@ -384,6 +394,49 @@ fn locks_survive_leader_failover_and_die_with_their_session() {
     );
     drop(m2);
     let _ = std::io::stdout().flush();
+}
+
+/// A client of the release before FEATURE_LOCK_RECLAIM (played with
+/// AVALON_TEST_FEATURES_OFF) cannot reclaim: its locks go through the Raft
+/// log and a new leader has them with nothing to reclaim; it and a
+/// current client exclude each other before and after a failover.
+#[test]
+fn locks_of_older_clients_go_through_the_log() {
+    let mut tc = TestCluster::start(3, 3);
+    let m1 = tc.mnt();
+    let off = avalon_proto::version::FEATURE_LOCK_RECLAIM.to_string();
+    let old = SecondMount::with_env(
+        tc.cluster.as_ref().unwrap(),
+        tc.dir.path().join("mnt-old"),
+        "",
+        &[("AVALON_TEST_FEATURES_OFF", off.as_str())],
+    );
+    std::fs::write(m1.join("f"), b"data").unwrap();
+    let a = open_rw(&m1.join("f"));
+    let b = open_rw(&old.path.join("f"));
+    setlk(&b, libc::F_WRLCK, 0, 10).expect("old client's lock");
+    setlk(&a, libc::F_WRLCK, 20, 10).expect("current client's lock");
+    assert_eq!(setlk(&a, libc::F_RDLCK, 5, 1), Err(libc::EAGAIN));
+    assert_eq!(setlk(&b, libc::F_RDLCK, 25, 1), Err(libc::EAGAIN));
+    // Released by the old client before the failover: free after it.
+    setlk(&b, libc::F_WRLCK, 40, 10).unwrap();
+    setlk(&b, libc::F_UNLCK, 40, 10).unwrap();
+    let victim = leader(tc.c());
+    tc.c().kill_mds(victim);
+    assert_ne!(leader(tc.c()), victim);
+    assert_eq!(setlk(&a, libc::F_RDLCK, 5, 1), Err(libc::EAGAIN));
+    assert_eq!(getlk(&a, libc::F_WRLCK, 0, 0).0, libc::F_WRLCK);
+    assert_eq!(setlk(&b, libc::F_RDLCK, 25, 1), Err(libc::EAGAIN));
+    setlk(&a, libc::F_WRLCK, 40, 10).expect("released before the failover");
+    // Closing drops the old client's locks (through the log too).
+    drop(b);
+    assert!(
+        wait_until(Duration::from_secs(30), || setlk(&a, libc::F_WRLCK, 0, 10)
+            .is_ok()),
+        "old client's lock not released by its close"
+    );
+    tc.c().restart_stopped().unwrap();
+    drop((a, old));
 }
 
 fn meta(p: &Path) -> std::fs::Metadata {

@@ -13,6 +13,7 @@ pub mod data_wire;
 pub mod disk_usage;
 pub mod errno;
 pub mod limits;
+pub mod locks;
 pub mod log_output;
 pub mod man_page;
 pub mod mds_conn;

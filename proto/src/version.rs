@@ -55,6 +55,15 @@ pub const FEATURE_CALLER_CREDS: u64 = 1 << 5;
 /// voter has it.
 pub const FEATURE_ID_MAP: u64 = 1 << 6;
 
+/// Feature bit: byte-range locks live in the leader's memory, not in the
+/// Raft log. A client with it marks its lock requests (`reclaims`), keeps
+/// a copy of its locks and reclaims them from a new leader when asked
+/// (`ClientHeartbeatReply.reclaim_locks`, `ReclaimLocks`). The leader
+/// keeps locks out of the log only while every voter has the bit (a
+/// leader without it would not know them); requests without the mark (an
+/// older client) still go through the log.
+pub const FEATURE_LOCK_RECLAIM: u64 = 1 << 7;
+
 /// Every feature this build has.
 pub const FEATURES: u64 = FEATURE_VERSION_EXCHANGE
     | FEATURE_VERSIONED_FORMATS
@@ -62,7 +71,8 @@ pub const FEATURES: u64 = FEATURE_VERSION_EXCHANGE
     | FEATURE_DIR_POLICIES
     | FEATURE_SNAPSHOTS
     | FEATURE_CALLER_CREDS
-    | FEATURE_ID_MAP;
+    | FEATURE_ID_MAP
+    | FEATURE_LOCK_RECLAIM;
 
 /// The crate (release) version, e.g. "0.1.0".
 pub const RELEASE: &str = env!("CARGO_PKG_VERSION");
@@ -84,11 +94,25 @@ pub fn advertised() -> u32 {
     PROTOCOL_VERSION
 }
 
+/// The feature bits this node advertises: [`FEATURES`]. With the
+/// `failpoints` feature only, those in `AVALON_TEST_FEATURES_OFF` (a
+/// decimal mask) are left out, so that a test can play an older release.
+pub fn features() -> u64 {
+    #[cfg(feature = "failpoints")]
+    if let Some(off) = std::env::var("AVALON_TEST_FEATURES_OFF")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        return FEATURES & !off;
+    }
+    FEATURES
+}
+
 /// This node's version, as sent to its peers.
 pub fn local() -> NodeVersion {
     NodeVersion {
         protocol: advertised(),
-        features: FEATURES,
+        features: features(),
         release: RELEASE.to_string(),
     }
 }

@@ -73,6 +73,7 @@ fake_meta! {
         get_lock(pb::LockRequest) -> pb::LockReply;
         set_lock(pb::LockRequest) -> pb::Empty;
         release_locks(pb::ReleaseLocksRequest) -> pb::Empty;
+        reclaim_locks(pb::ReclaimLocksRequest) -> pb::ReclaimLocksReply;
         get_settings(pb::Empty) -> pb::ClusterSettings;
         set_replicas(pb::SetReplicasRequest) -> pb::ClusterSettings;
         set_client_caps(pb::SetClientCapsRequest) -> pb::Empty;

@@ -146,6 +146,17 @@ impl SecondMount {
 
     /// A second mount with more mount options (`,`-separated, may be "").
     pub fn with_options(c: &LocalCluster, path: PathBuf, options: &str) -> SecondMount {
+        Self::with_env(c, path, options, &[])
+    }
+
+    /// A second mount with mount options and environment variables for
+    /// its client process.
+    pub fn with_env(
+        c: &LocalCluster,
+        path: PathBuf,
+        options: &str,
+        env: &[(&str, &str)],
+    ) -> SecondMount {
         std::fs::create_dir_all(&path).unwrap();
         let source = c.layout.source();
         let bin = avalonctl::local_cluster::default_bin_dir().join("avalon-fuse");
@@ -159,6 +170,7 @@ impl SecondMount {
             opts = format!("{opts},{options}");
         }
         run(Command::new(bin)
+            .envs(env.iter().copied())
             .arg(&source)
             .arg(&path)
             .arg("-o")
