@@ -729,7 +729,8 @@ impl Recovery {
         let lists = futures::future::join_all(addrs.iter().map(|(id, addr)| {
             let peers = Arc::clone(&self.peers);
             let (id, addr) = (*id, addr.clone());
-            async move { (id, addr.clone(), peers.list_internal(&addr).await) }
+            let epoch = map.epoch;
+            async move { (id, addr.clone(), peers.list_internal(&addr, epoch).await) }
         }))
         .await;
         // Every remote copy per chunk, considering only PG members.

@@ -49,13 +49,21 @@ pub const FEATURE_SNAPSHOTS: u64 = 1 << 4;
 /// (an older client, a daemon, a tool) is limited by its key only.
 pub const FEATURE_CALLER_CREDS: u64 = 1 << 5;
 
+/// Feature bit: the OSD orders chunk versions by history (the map epoch
+/// in a version's high bits, `avalon-osd/src/chunk_version.rs`) and
+/// checks a forwarded write's `prev_version` and `primary_osd`. A primary
+/// stamps a new epoch into a chunk's version only when every replica has
+/// it (learned from their `ListChunksReply.features` while peering).
+pub const FEATURE_EPOCH_VERSIONS: u64 = 1 << 8;
+
 /// Every feature this build has.
 pub const FEATURES: u64 = FEATURE_VERSION_EXCHANGE
     | FEATURE_VERSIONED_FORMATS
     | FEATURE_RANDOM_SESSIONS
     | FEATURE_DIR_POLICIES
     | FEATURE_SNAPSHOTS
-    | FEATURE_CALLER_CREDS;
+    | FEATURE_CALLER_CREDS
+    | FEATURE_EPOCH_VERSIONS;
 
 /// The crate (release) version, e.g. "0.1.0".
 pub const RELEASE: &str = env!("CARGO_PKG_VERSION");
