@@ -3,6 +3,7 @@
 //! answer once the write quorum holds it.
 
 use crate::chunk_store::{ChunkStore, Payload, StoreError, VersionMode};
+use crate::chunk_version;
 use crate::disk_space::DiskSpace;
 use crate::error::OsdError;
 use crate::membership::Membership;
@@ -18,7 +19,6 @@ use avalon_proto::pb::{
 use avalon_proto::placement::{chunk_members, pg_of};
 use avalon_proto::request_id::{Stamp, Traced};
 use avalon_proto::tls::{ClientTls, Dial};
-use crate::chunk_version;
 use avalon_proto::version::FEATURE_EPOCH_VERSIONS;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -266,7 +266,9 @@ async fn concurrent_writes_converge() {
     }
     let mut versions = Vec::new();
     for t in tasks {
-        versions.push(counter_of(t.await.expect("join").expect("write").into_inner().version));
+        versions.push(counter_of(
+            t.await.expect("join").expect("write").into_inner().version,
+        ));
     }
     versions.sort_unstable();
     assert_eq!(versions, (1..=N).collect::<Vec<_>>());
@@ -495,10 +497,7 @@ async fn one_primary_per_chunk_and_map() {
             .map(|r| r.into_inner())
     })
     .await;
-    assert_eq!(
-        (epoch_of(r.version), counter_of(r.version)),
-        (map.epoch, 1)
-    );
+    assert_eq!((epoch_of(r.version), counter_of(r.version)), (map.epoch, 1));
 
     // A client's write sent to a replica is refused: nothing stored.
     let e = client(&members[1])

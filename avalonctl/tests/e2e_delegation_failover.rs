@@ -353,7 +353,14 @@ fn assert_tree_eq(want: &Tree, got: &Tree, what: &str) {
     let details: Vec<String> = differ
         .iter()
         .take(3)
-        .map(|k| format!("{}: want {}, got {}", k.display(), show(want.get(*k)), show(got.get(*k))))
+        .map(|k| {
+            format!(
+                "{}: want {}, got {}",
+                k.display(),
+                show(want.get(*k)),
+                show(got.get(*k))
+            )
+        })
         .collect();
     panic!(
         "{what}: {} entries expected, {} found; missing {missing:?}, unexpected {extra:?}, \

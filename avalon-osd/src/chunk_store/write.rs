@@ -146,7 +146,8 @@ impl ChunkStore {
         for (offset, payload) in items {
             check_range(u64::from(*offset), payload.len(), cs)?;
         }
-        if let VersionMode::Exact { version: 0, .. } | VersionMode::After { version: 0, .. } = mode {
+        if let VersionMode::Exact { version: 0, .. } | VersionMode::After { version: 0, .. } = mode
+        {
             return Err(StoreError::InvalidArgument(
                 "a replicated write needs a version > 0".into(),
             ));
