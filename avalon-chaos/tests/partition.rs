@@ -519,16 +519,10 @@ fn mount_cut_from_the_mds_gives_up_its_cache_and_sees_changes_after() {
 /// heal: every fsynced write is in the files as both mounts read them, and
 /// every chunk is on every OSD with the same bytes.
 ///
-/// KNOWN FAILURE, run only with `AVALON_KNOWN_FAILURES=1`: it loses
-/// fsynced writes today (chaos README, "Open failures": a primary that
-/// missed its write quorum keeps the write at a new version, and peering
-/// later prefers that copy to the acknowledged ones).
+/// It lost fsynced writes before chunk versions carried the map epoch and
+/// an OSD that skipped maps peered again (chaos README, "Open failures").
 #[test]
 fn osd_cut_off_mid_write_loses_no_fsynced_write_and_replicas_converge() {
-    if std::env::var_os("AVALON_KNOWN_FAILURES").is_none_or(|v| v != "1") {
-        eprintln!("known failure (see the chaos README); set AVALON_KNOWN_FAILURES=1 to run it");
-        return;
-    }
     let (dir, c) = start(3, 2);
     let mounts: Vec<_> = c.mounts.iter().map(|m| m.path.clone()).collect();
     let addrs = c.layout.mds_addrs();

@@ -8,6 +8,7 @@
 
 pub mod authz;
 pub mod chunk_store;
+pub mod chunk_version;
 pub mod config;
 pub mod data_port;
 pub mod direct_io;

@@ -53,6 +53,8 @@ pub struct Membership {
     data_dir: PathBuf,
     id: AtomicU64,
     map: RwLock<Option<Arc<ClusterMap>>>,
+    /// Times a new map skipped epochs (see [`Membership::map_gaps`]).
+    gaps: AtomicU64,
     refresh: tokio::sync::Mutex<()>,
     /// The id in this OSD's certificate (`osd.N`): the only one it may use.
     key_id: Option<u64>,
@@ -76,6 +78,7 @@ impl Membership {
             data_dir,
             id: AtomicU64::new(0),
             map: RwLock::new(None),
+            gaps: AtomicU64::new(0),
             refresh: tokio::sync::Mutex::new(()),
             key_id,
         }
@@ -96,6 +99,15 @@ impl Membership {
         self.capacity
     }
 
+    /// How many times a new map skipped epochs. A skipped map may have
+    /// marked this OSD down and up again (a partition, a pause): its
+    /// placement groups then look the same as before, but the other
+    /// members took writes without it meanwhile, so every PG peers again
+    /// (part of the peering signature). Read after [`Membership::map`].
+    pub fn map_gaps(&self) -> u64 {
+        self.gaps.load(Ordering::SeqCst)
+    }
+
     /// The current cluster map; `None` before registration.
     pub fn map(&self) -> Option<Arc<ClusterMap>> {
         self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -108,6 +120,14 @@ impl Membership {
 
     fn set_map(&self, map: ClusterMap) {
         let mut g = self.map.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(cur) = g.as_ref().filter(|m| map.epoch > m.epoch + 1) {
+            tracing::info!(
+                from = cur.epoch,
+                to = map.epoch,
+                "cluster maps skipped: every placement group peers again"
+            );
+            self.gaps.fetch_add(1, Ordering::SeqCst);
+        }
         if g.as_ref().map_or(0, |m| m.epoch) != map.epoch {
             tracing::info!(
                 epoch = map.epoch,

@@ -336,6 +336,11 @@ impl OsdService {
     async fn list(&self, req: ListChunksRequest) -> Result<ListChunksReply, OsdError> {
         let _m = crate::metrics::op(Op::List);
         let filter = validate_list(&req)?;
+        if req.map_epoch > 0 {
+            // A peer peering under a newer map: take it first, so that no
+            // forward of a primary it replaced lands after this listing.
+            self.membership.map_at_least(req.map_epoch).await?;
+        }
         let listed = self
             .store
             .blocking(move |s| {
@@ -381,6 +386,7 @@ impl OsdService {
             serving_pgs,
             pg_count,
             clones,
+            features: avalon_proto::version::FEATURES,
         })
     }
 
@@ -722,7 +728,7 @@ mod tests {
 
             #[test]
             fn list_filter(pg in edge_u32(), pg_count in edge_u32(), all in any::<bool>()) {
-                let req = ListChunksRequest { header: None, pg, pg_count, all };
+                let req = ListChunksRequest { header: None, pg, pg_count, all, map_epoch: 0 };
                 let want = all || (pg_count > 0 && pg < pg_count);
                 prop_assert_eq!(validate_list(&req).is_ok(), want);
             }

@@ -206,9 +206,11 @@ pub struct Recovery {
 }
 
 /// Signature of a PG's placement: changes whenever its members, their
-/// states or addresses, or the PG count change.
-pub fn pg_signature(map: &ClusterMap, pg: u32) -> u64 {
+/// states or addresses, or the PG count change, and when this OSD skipped
+/// maps (`gaps`, [`Membership::map_gaps`]).
+pub fn pg_signature(map: &ClusterMap, pg: u32, gaps: u64) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
+    gaps.hash(&mut h);
     map.pg_count.hash(&mut h);
     map.write_quorum.hash(&mut h);
     for o in pg_members(map, pg) {
@@ -277,6 +279,7 @@ impl Recovery {
         let Some(map) = self.membership.map() else {
             return r;
         };
+        let gaps = self.membership.map_gaps();
         r.map_epoch = map.epoch;
         let me = self.membership.osd_id();
         let g = self.pgs.lock().unwrap_or_else(|e| e.into_inner());
@@ -286,7 +289,7 @@ impl Recovery {
                 continue;
             }
             r.pgs += 1;
-            if g.peered.get(&pg) != Some(&pg_signature(&map, pg)) {
+            if g.peered.get(&pg) != Some(&pg_signature(&map, pg, gaps)) {
                 r.pgs_peering += 1;
             }
         }
@@ -299,7 +302,7 @@ impl Recovery {
 
     /// True when `pg` is peered under `map`.
     pub fn is_peered(&self, map: &ClusterMap, pg: u32) -> bool {
-        let sig = pg_signature(map, pg);
+        let sig = pg_signature(map, pg, self.membership.map_gaps());
         let g = self.pgs.lock().unwrap_or_else(|e| e.into_inner());
         g.peered.get(&pg) == Some(&sig)
     }
@@ -690,6 +693,7 @@ impl Recovery {
         let Some(map) = self.membership.map() else {
             return 0;
         };
+        let gaps = self.membership.map_gaps();
         let me = self.membership.osd_id();
         let pg_count = map.pg_count.max(1);
         let todo: BTreeMap<u32, Vec<&OsdInfo>> = {
@@ -705,7 +709,7 @@ impl Recovery {
                     g.peered.remove(&pg);
                     continue;
                 };
-                let peered = g.peered.get(&pg) == Some(&pg_signature(&map, pg));
+                let peered = g.peered.get(&pg) == Some(&pg_signature(&map, pg, gaps));
                 if !is_up(mine) || peered != scrub {
                     continue;
                 }
@@ -729,7 +733,8 @@ impl Recovery {
         let lists = futures::future::join_all(addrs.iter().map(|(id, addr)| {
             let peers = Arc::clone(&self.peers);
             let (id, addr) = (*id, addr.clone());
-            async move { (id, addr.clone(), peers.list_internal(&addr).await) }
+            let epoch = map.epoch;
+            async move { (id, addr.clone(), peers.list_internal(&addr, epoch).await) }
         }))
         .await;
         // Every remote copy per chunk, considering only PG members.
@@ -961,7 +966,7 @@ impl Recovery {
             }
             if ok {
                 let mut g = self.pgs.lock().unwrap_or_else(|e| e.into_inner());
-                g.peered.insert(pg, pg_signature(&map, pg));
+                g.peered.insert(pg, pg_signature(&map, pg, gaps));
                 g.ever.insert((pg, pg_count));
                 self.stats.peered_pgs.fetch_add(1, Ordering::Relaxed);
             } else {

@@ -3,6 +3,7 @@
 //! answer once the write quorum holds it.
 
 use crate::chunk_store::{ChunkStore, Payload, StoreError, VersionMode};
+use crate::chunk_version;
 use crate::disk_space::DiskSpace;
 use crate::error::OsdError;
 use crate::membership::Membership;
@@ -18,6 +19,7 @@ use avalon_proto::pb::{
 use avalon_proto::placement::{chunk_members, pg_of};
 use avalon_proto::request_id::{Stamp, Traced};
 use avalon_proto::tls::{ClientTls, Dial};
+use avalon_proto::version::FEATURE_EPOCH_VERSIONS;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,6 +30,8 @@ use tonic::Status;
 /// data-port connections for forwarded writes.
 pub struct Peers {
     clients: Mutex<HashMap<String, OsdClient<Traced>>>,
+    /// Feature bits each peer (by address) sent with its last chunk list.
+    features: Mutex<HashMap<String, u64>>,
     data: DataConns,
     timeout: Duration,
     tls: ClientTls,
@@ -39,6 +43,7 @@ impl Peers {
     pub fn new(timeout: Duration, tls: ClientTls) -> Peers {
         Peers {
             clients: Mutex::new(HashMap::new()),
+            features: Mutex::new(HashMap::new()),
             data: DataConns::new(tls.clone()),
             timeout,
             tls,
@@ -57,6 +62,21 @@ impl Peers {
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         g.insert(addr.to_string(), c.clone());
         Ok(c)
+    }
+
+    /// Does the OSD at `addr` have feature `bit`, as its last chunk list
+    /// said? Peering lists every member before a PG takes writes, so a
+    /// primary knows its replicas' features when it writes.
+    pub fn supports(&self, addr: &str, bit: u64) -> bool {
+        let g = self.features.lock().unwrap_or_else(|e| e.into_inner());
+        g.get(addr).is_some_and(|f| f & bit != 0)
+    }
+
+    fn note_features(&self, addr: &str, features: u64) {
+        let mut g = self.features.lock().unwrap_or_else(|e| e.into_inner());
+        if g.get(addr) != Some(&features) {
+            g.insert(addr.to_string(), features);
+        }
     }
 
     /// Sends a forwarded write to the OSD at `addr` (over its data port).
@@ -140,35 +160,43 @@ impl Peers {
         pg: u32,
         pg_count: u32,
     ) -> Result<ListChunksReply, Status> {
-        let timeout = Duration::from_secs(30);
-        let mut c = self.client(addr)?;
         let req = ListChunksRequest {
             header: None,
             pg,
             pg_count,
             all: false,
+            map_epoch: 0,
         };
-        match tokio::time::timeout(timeout, c.list_chunks(Self::internal(req, timeout))).await {
-            Ok(r) => r.map(tonic::Response::into_inner),
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "no answer within {timeout:?}"
-            ))),
-        }
+        self.list(addr, req).await
     }
 
     /// Every chunk a peer stores, with versions and digests, and the PGs
-    /// it serves.
-    pub async fn list_internal(&self, addr: &str) -> Result<ListChunksReply, Status> {
-        let timeout = Duration::from_secs(30);
-        let mut c = self.client(addr)?;
+    /// it serves, once the peer has a map at least as new as `map_epoch`
+    /// (the one this OSD peers under).
+    pub async fn list_internal(
+        &self,
+        addr: &str,
+        map_epoch: u64,
+    ) -> Result<ListChunksReply, Status> {
         let req = ListChunksRequest {
             header: None,
             pg: 0,
             pg_count: 0,
             all: true,
+            map_epoch,
         };
+        self.list(addr, req).await
+    }
+
+    async fn list(&self, addr: &str, req: ListChunksRequest) -> Result<ListChunksReply, Status> {
+        let timeout = Duration::from_secs(30);
+        let mut c = self.client(addr)?;
         match tokio::time::timeout(timeout, c.list_chunks(Self::internal(req, timeout))).await {
-            Ok(r) => r.map(tonic::Response::into_inner),
+            Ok(r) => {
+                let reply = r?.into_inner();
+                self.note_features(addr, reply.features);
+                Ok(reply)
+            }
             Err(_) => Err(Status::deadline_exceeded(format!(
                 "no answer within {timeout:?}"
             ))),
@@ -190,6 +218,14 @@ pub struct Replicator {
     pub recovery: Arc<Recovery>,
     /// Full disks: refuses client writes to PGs with a full member.
     pub space: Arc<DiskSpace>,
+}
+
+/// The member that takes a chunk's writes: the first one up.
+fn acting_primary(members: &[&avalon_proto::pb::OsdInfo]) -> Option<u64> {
+    members
+        .iter()
+        .find(|o| o.state == OsdState::Up as i32)
+        .map(|o| o.id)
 }
 
 /// What a (validated) write request stores, in order.
@@ -232,8 +268,21 @@ impl Replicator {
     ) -> Result<WriteChunkReply, OsdError> {
         let map = self.membership.map_at_least(req.map_epoch).await?;
         let me = self.membership.osd_id();
-        self.recovery.admit(&map, ino, index).await?;
         let members = chunk_members(&map, ino, index);
+        // One primary per chunk and map: a member that is not the acting
+        // primary (the first up member) would write beside it, and two
+        // histories under one epoch cannot be ordered (chunk_version.rs).
+        // The client refreshes its map and asks again.
+        let acting = acting_primary(&members);
+        if acting != Some(me) && members.iter().any(|o| o.id == me) {
+            return Err(OsdError::StaleMap(format!(
+                "OSD {me} is not the primary of chunk {ino:016x}/{index:016x} in cluster map \
+                 epoch {}: {}",
+                map.epoch,
+                acting.map_or("no member is up".to_string(), |a| format!("OSD {a} is"))
+            )));
+        }
+        self.recovery.admit(&map, ino, index).await?;
         // Before anything is stored: the primary decides for the whole PG
         // (a replica stores what its primary stored). Zeroing (punch hole)
         // only frees space within what is stored: served at full, too.
@@ -261,11 +310,21 @@ impl Replicator {
             });
         }
 
+        // The map epoch goes into the version only when every replica
+        // written to compares such versions: an older one would take the
+        // jump for missed writes.
+        let stamp = targets
+            .iter()
+            .all(|(_, addr)| self.peers.supports(addr, FEATURE_EPOCH_VERSIONS));
+        let mode = if stamp {
+            VersionMode::NextIn { epoch: map.epoch }
+        } else {
+            VersionMode::Next
+        };
         let r = req.clone();
         let outcome = self
             .store
             .blocking(move |s| {
-                let mode = VersionMode::Next;
                 s.apply_items_snap(ino, index, &items(&r), chunk_size, mode, false, r.snap_seq)
             })
             .await?;
@@ -316,6 +375,8 @@ impl Replicator {
                 extents: req.extents.clone(),
                 truncate_to: req.truncate_to,
                 snap_seq: req.snap_seq,
+                prev_version: Some(outcome.previous),
+                primary_osd: me,
             };
             let peers = Arc::clone(&self.peers);
             let tx = tx.clone();
@@ -329,8 +390,8 @@ impl Replicator {
                         msg: format!("{:?}: {}", s.code(), s.message()),
                     });
                 if let Err(e) = &r {
-                    tracing::warn!(osd = id, %addr, ino, index, version, error = %e.msg,
-                        "replica missed a write");
+                    tracing::warn!(osd = id, %addr, ino, index, version = %chunk_version::display(version),
+                        error = %e.msg, "replica missed a write");
                 }
                 let _ = tx.send((id, addr, r));
             });
@@ -387,6 +448,23 @@ impl Replicator {
                 "a forwarded write needs a version > 0".into(),
             ));
         }
+        if req.primary_osd != 0 {
+            // A forward from an OSD that this OSD's map (at least as new as
+            // the sender's) does not name the chunk's primary: the sender
+            // missed the map that replaced it, and the new primary writes
+            // this chunk's history now.
+            let map = self.membership.map_at_least(req.map_epoch).await?;
+            let acting = acting_primary(&chunk_members(&map, ino, index));
+            if acting != Some(req.primary_osd) {
+                return Err(OsdError::StaleMap(format!(
+                    "OSD {} is not the primary of chunk {ino:016x}/{index:016x} in cluster map \
+                     epoch {}: {}",
+                    req.primary_osd,
+                    map.epoch,
+                    acting.map_or("no member is up".to_string(), |a| format!("OSD {a} is"))
+                )));
+            }
+        }
         // While the PG is not peered, a gap is waited for briefly: peering
         // is about to pull the chunk anyway.
         let wait = match self.membership.map() {
@@ -402,9 +480,12 @@ impl Replicator {
             notified.as_mut().enable();
             let r2 = req.clone();
             let (version, sync) = (req.version, req.sync);
-            let mode = VersionMode::Exact {
-                version,
-                force: false,
+            let mode = match req.prev_version {
+                Some(prev) => VersionMode::After { prev, version },
+                None => VersionMode::Exact {
+                    version,
+                    force: false,
+                },
             };
             let r = self
                 .store

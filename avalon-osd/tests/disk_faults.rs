@@ -153,6 +153,7 @@ async fn listed(addr: &str, ino: u64) -> Option<(u64, u64)> {
             pg: 0,
             pg_count: 0,
             all: true,
+            map_epoch: 0,
         })
         .await
         .ok()?

@@ -4,6 +4,7 @@
 mod common;
 
 use avalon_osd::chunk_store::chunk_file;
+use avalon_osd::chunk_version::{counter_of, epoch_of};
 use avalon_osd::Config;
 use avalon_proto::pb::{self as pb, ChunkId};
 use avalon_proto::placement::chunk_members;
@@ -34,14 +35,14 @@ async fn replicate_degrade_and_fail() {
             .map(|r| r.into_inner())
     })
     .await;
-    assert_eq!(r.version, 1);
+    assert_eq!(counter_of(r.version), 1);
     assert!(r.acks >= 2, "acks {}", r.acks);
     for m in &members {
         let got = eventually("replica holds the write", || async {
             read(m, ino, 1000, 100_000)
                 .await
                 .ok()
-                .filter(|(d, v)| *v == 1 && d.len() == data.len())
+                .filter(|(d, v)| counter_of(*v) == 1 && d.len() == data.len())
         })
         .await;
         assert_eq!(got.0, data);
@@ -84,7 +85,7 @@ async fn replicate_degrade_and_fail() {
             .await
             .expect("cut")
             .into_inner();
-        assert_eq!(r.version, 2);
+        assert_eq!(counter_of(r.version), 2);
         assert!(r.acks >= 2, "acks {}", r.acks);
     }
     for m in &members {
@@ -92,7 +93,7 @@ async fn replicate_degrade_and_fail() {
             read(m, ino, 1000, 100_000)
                 .await
                 .ok()
-                .filter(|(_, v)| *v == 2)
+                .filter(|(_, v)| counter_of(*v) == 2)
         })
         .await;
         assert_eq!(got.0, data[..49_000]);
@@ -127,10 +128,10 @@ async fn replicate_degrade_and_fail() {
         .await
         .expect("degraded write")
         .into_inner();
-    assert_eq!(r.version, 3);
+    assert_eq!(counter_of(r.version), 3);
     assert_eq!(r.acks, 2);
     let (got, v) = read(&members[1], ino, 0, 500).await.expect("read replica");
-    assert_eq!((got, v), (vec![7u8; 500], 3));
+    assert_eq!((got, counter_of(v)), (vec![7u8; 500], 3));
 
     // Two replicas down: the write fails with Unavailable, in bounded time.
     let si = by_addr(&members[1]);
@@ -182,7 +183,7 @@ async fn restart_keeps_id_and_data() {
         .await
         .expect("write")
         .into_inner();
-    assert_eq!((r.version, r.acks), (1, 1));
+    assert_eq!((counter_of(r.version), r.acks), (1, 1));
     // A cut on a lone OSD.
     client(&addr)
         .await
@@ -265,20 +266,22 @@ async fn concurrent_writes_converge() {
     }
     let mut versions = Vec::new();
     for t in tasks {
-        versions.push(t.await.expect("join").expect("write").into_inner().version);
+        versions.push(counter_of(
+            t.await.expect("join").expect("write").into_inner().version,
+        ));
     }
     versions.sort_unstable();
     assert_eq!(versions, (1..=N).collect::<Vec<_>>());
     let (want, v) = read(&primary, ino, 0, 256 * 1024)
         .await
         .expect("read primary");
-    assert_eq!(v, N);
+    assert_eq!(counter_of(v), N);
     for m in &members[1..] {
         eventually("replica converged", || async {
             read(m, ino, 0, 256 * 1024)
                 .await
                 .ok()
-                .filter(|(d, v)| *v == N && *d == want)
+                .filter(|(d, v)| counter_of(*v) == N && *d == want)
         })
         .await;
     }
@@ -339,7 +342,7 @@ async fn data_port_serves_reads_beside_grpc() {
         .await
         .expect("io")
         .expect("read");
-    assert_eq!((version, &data[..]), (1, &body[1000..6000]));
+    assert_eq!((counter_of(version), &data[..]), (1, &body[1000..6000]));
     // A range past the chunk size is refused; the connection goes on.
     let e = data_port_call(&mut conn, &req(u32::MAX - 10, 100))
         .await
@@ -406,7 +409,7 @@ async fn data_port_writes_replicate() {
         )
         .await
         .expect("write");
-    assert_eq!(reply.version, 1);
+    assert_eq!(counter_of(reply.version), 1);
     assert!(reply.acks >= 2, "{reply:?}");
     for m in &members {
         let read = pb::ReadChunkRequest {
@@ -422,7 +425,7 @@ async fn data_port_writes_replicate() {
                 .read_chunk(&m.addr, &read)
                 .await
                 .ok()
-                .filter(|(v, _)| *v == 1)
+                .filter(|(v, _)| counter_of(*v) == 1)
         })
         .await;
         assert!(got.1 == body[..], "osd {} holds other bytes", m.id);
@@ -462,7 +465,75 @@ async fn data_port_writes_replicate() {
     )
     .await
     .expect("write after refusals");
-    assert_eq!(r.version, 2);
+    assert_eq!(counter_of(r.version), 2);
+    for o in &mut osds {
+        o.stop().await;
+    }
+    mds.token.cancel();
+}
+
+/// Only the acting primary takes a chunk's writes (a second writer under
+/// one map would make two histories that versions cannot order), a
+/// replica refuses a forward from an OSD that is not the primary, and
+/// versions carry the map epoch they were written under.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_primary_per_chunk_and_map() {
+    let (mds, mut osds, map) = start_three().await;
+    let ino = 43;
+    let members = member_addrs(&map, ino, 0);
+    let id_of = |addr: &str| {
+        map.osds
+            .iter()
+            .find(|o| o.addr == addr)
+            .expect("member in map")
+            .id
+    };
+    let r = eventually("primary peered and writes", || async {
+        client(&members[0])
+            .await
+            .write_chunk(write_req(ino, 0, vec![1; 100], map.epoch))
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    })
+    .await;
+    assert_eq!((epoch_of(r.version), counter_of(r.version)), (map.epoch, 1));
+
+    // A client's write sent to a replica is refused: nothing stored.
+    let e = client(&members[1])
+        .await
+        .write_chunk(write_req(ino, 0, vec![2; 100], map.epoch))
+        .await
+        .expect_err("a replica is not the primary");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("not the primary"), "{e:?}");
+
+    // A forward from an OSD that is not the primary is refused too.
+    let fwd = pb::WriteChunkRequest {
+        forwarded: true,
+        version: r.version + 1,
+        prev_version: Some(r.version),
+        primary_osd: id_of(&members[1]),
+        ..write_req(ino, 0, vec![3; 100], map.epoch)
+    };
+    let e = client(&members[2])
+        .await
+        .write_chunk(fwd)
+        .await
+        .expect_err("the sender is not the primary");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    // Every member still holds the primary's write, and only it.
+    for m in &members {
+        let got = eventually("member holds the first write", || async {
+            read(m, ino, 0, 100)
+                .await
+                .ok()
+                .filter(|(_, v)| *v == r.version)
+        })
+        .await;
+        assert_eq!(got.0, vec![1; 100], "{m}");
+    }
     for o in &mut osds {
         o.stop().await;
     }

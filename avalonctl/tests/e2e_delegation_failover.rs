@@ -344,9 +344,27 @@ fn assert_tree_eq(want: &Tree, got: &Tree, what: &str) {
         .map(|(k, _)| k)
         .take(10)
         .collect();
+    // What the first differences hold, short: enough to tell a lost
+    // write from a stale cache or another file's bytes.
+    let show = |n: Option<&Node>| match n {
+        Some(Node::File(b)) => format!("file {:?}", String::from_utf8_lossy(&b[..b.len().min(64)])),
+        other => format!("{other:?}"),
+    };
+    let details: Vec<String> = differ
+        .iter()
+        .take(3)
+        .map(|k| {
+            format!(
+                "{}: want {}, got {}",
+                k.display(),
+                show(want.get(*k)),
+                show(got.get(*k))
+            )
+        })
+        .collect();
     panic!(
         "{what}: {} entries expected, {} found; missing {missing:?}, unexpected {extra:?}, \
-         different {differ:?}",
+         different {differ:?}; first differences: {details:?}",
         want.len(),
         got.len()
     );

@@ -364,6 +364,7 @@ fn copies(c: &LocalCluster, ino: u64) -> BTreeMap<u64, usize> {
                 pg: 0,
                 pg_count: 0,
                 all: true,
+                map_epoch: 0,
             };
             tokio::time::timeout(Duration::from_secs(10), osd.list_chunks(req))
                 .await

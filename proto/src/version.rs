@@ -64,6 +64,13 @@ pub const FEATURE_ID_MAP: u64 = 1 << 6;
 /// older client) still go through the log.
 pub const FEATURE_LOCK_RECLAIM: u64 = 1 << 7;
 
+/// Feature bit: the OSD orders chunk versions by history (the map epoch
+/// in a version's high bits, `avalon-osd/src/chunk_version.rs`) and
+/// checks a forwarded write's `prev_version` and `primary_osd`. A primary
+/// stamps a new epoch into a chunk's version only when every replica has
+/// it (learned from their `ListChunksReply.features` while peering).
+pub const FEATURE_EPOCH_VERSIONS: u64 = 1 << 8;
+
 /// Every feature this build has.
 pub const FEATURES: u64 = FEATURE_VERSION_EXCHANGE
     | FEATURE_VERSIONED_FORMATS
@@ -72,7 +79,8 @@ pub const FEATURES: u64 = FEATURE_VERSION_EXCHANGE
     | FEATURE_SNAPSHOTS
     | FEATURE_CALLER_CREDS
     | FEATURE_ID_MAP
-    | FEATURE_LOCK_RECLAIM;
+    | FEATURE_LOCK_RECLAIM
+    | FEATURE_EPOCH_VERSIONS;
 
 /// The crate (release) version, e.g. "0.1.0".
 pub const RELEASE: &str = env!("CARGO_PKG_VERSION");

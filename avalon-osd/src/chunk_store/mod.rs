@@ -63,6 +63,16 @@ use std::sync::{Arc, Mutex};
 pub enum VersionMode {
     /// Primary: the current version + 1.
     Next,
+    /// Primary: the next version stamped with map epoch `epoch`
+    /// ([`crate::chunk_version::next`]).
+    NextIn { epoch: u64 },
+    /// Replica of a primary that names the version its copy held before
+    /// the write: applied only on top of exactly `prev`. The stored
+    /// `version` itself is a duplicate (applied again, as for `Exact`);
+    /// anything below `version` is a gap or a diverged history
+    /// ([`StoreError::VersionGap`]: peering replaces the copy), anything
+    /// above it is refused ([`StoreError::StaleVersion`]).
+    After { prev: u64, version: u64 },
     /// Replica: exactly the version the primary assigned. A version equal to
     /// the stored one is a duplicate (a retried forward, or the same version
     /// from a coordinator that took over): its bytes are applied again,
@@ -78,6 +88,8 @@ pub enum VersionMode {
 pub struct WriteOutcome {
     /// The chunk's version after the write.
     pub version: u64,
+    /// Its version before the write.
+    pub previous: u64,
     /// The write was a duplicate of the stored version and was not applied.
     pub duplicate: bool,
     /// A primary's cut of a chunk already that short, or absent: nothing

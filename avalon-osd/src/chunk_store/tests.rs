@@ -211,6 +211,58 @@ fn overwrite_and_versions() {
     s.sync_chunk(4, 77).expect("sync missing");
 }
 
+/// Versions stamped with map epochs, and replicas that apply a write only
+/// on top of the version the primary held: a copy whose history diverged
+/// (the same counter under another epoch) is never mixed with another's.
+#[test]
+fn epoch_versions_and_writes_after_a_named_version() {
+    use crate::chunk_version::{epoch_of, next};
+    let (_d, s) = store();
+    let primary = |s: &ChunkStore, data: &[u8], epoch| {
+        s.write(5, 0, 0, data, CS, VersionMode::NextIn { epoch }, false)
+            .expect("primary write")
+    };
+    let a = primary(&s, b"a", 3);
+    assert_eq!((a.previous, epoch_of(a.version)), (0, 3));
+    let b = primary(&s, b"b", 3);
+    assert_eq!((b.previous, b.version), (a.version, a.version + 1));
+    // A newer map's write orders after everything of the older one.
+    let c = primary(&s, b"c", 4);
+    assert_eq!(epoch_of(c.version), 4);
+    assert!(c.version > b.version);
+
+    // A replica at version b.
+    let (_d2, r2) = store();
+    let after = |prev, version| VersionMode::After { prev, version };
+    for (prev, v, data) in [(0, a.version, b"a"), (a.version, b.version, b"b")] {
+        r2.write(5, 0, 0, data, CS, after(prev, v), false)
+            .expect("in order");
+    }
+    // The same write again (a retried forward) is a duplicate.
+    let o = r2
+        .write(5, 0, 0, b"b", CS, after(a.version, b.version), false)
+        .expect("duplicate");
+    assert!(o.duplicate);
+    // A primary of another history at the same counter (epoch 9 on top of
+    // something this copy never held) is refused, not mixed in.
+    let other = next(next(0, 9).unwrap(), 9).unwrap();
+    assert!(matches!(
+        r2.write(5, 0, 0, b"x", CS, after(next(0, 9).unwrap(), other), false),
+        Err(StoreError::VersionGap { .. })
+    ));
+    // A version below the stored one is stale.
+    assert!(matches!(
+        r2.write(5, 0, 0, b"x", CS, after(0, a.version), false),
+        Err(StoreError::StaleVersion { .. })
+    ));
+    assert_eq!(r(&r2, 5, 0, 0, 1), b"b");
+    // The newer map's write lands on top of b.
+    r2.write(5, 0, 0, b"c", CS, after(b.version, c.version), false)
+        .expect("c on b");
+    assert_eq!(r2.version(5, 0).expect("v"), c.version);
+    assert_eq!(r(&r2, 5, 0, 0, 1), b"c");
+}
+
 #[test]
 fn truncate_and_delete() {
     let (_d, s) = store();

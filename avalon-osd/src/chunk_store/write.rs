@@ -146,7 +146,8 @@ impl ChunkStore {
         for (offset, payload) in items {
             check_range(u64::from(*offset), payload.len(), cs)?;
         }
-        if let VersionMode::Exact { version: 0, .. } = mode {
+        if let VersionMode::Exact { version: 0, .. } | VersionMode::After { version: 0, .. } = mode
+        {
             return Err(StoreError::InvalidArgument(
                 "a replicated write needs a version > 0".into(),
             ));
@@ -161,20 +162,45 @@ impl ChunkStore {
             let oc = lock_open(c);
             (oc.meta.version, oc.meta.len)
         });
-        if let ([(keep, Payload::Cut)], VersionMode::Next) = (items, mode) {
+        if let ([(keep, Payload::Cut)], VersionMode::Next | VersionMode::NextIn { .. }) =
+            (items, mode)
+        {
             if len <= u64::from(*keep) {
                 return Ok(WriteOutcome {
                     version: current,
+                    previous: current,
                     duplicate: false,
                     unchanged: true,
                 });
             }
         }
-        let duplicate = matches!(mode, VersionMode::Exact { version, .. } if version == current);
+        let duplicate = matches!(mode, VersionMode::Exact { version, .. }
+            | VersionMode::After { version, .. } if version == current);
+        let overflow = || StoreError::InvalidArgument("chunk version overflow".to_string());
         let new_version = match mode {
-            VersionMode::Next => current
-                .checked_add(1)
-                .ok_or_else(|| StoreError::InvalidArgument("chunk version overflow".to_string()))?,
+            VersionMode::Next => current.checked_add(1).ok_or_else(overflow)?,
+            VersionMode::NextIn { epoch } => {
+                crate::chunk_version::next(current, epoch).ok_or_else(overflow)?
+            }
+            VersionMode::After { prev, version } => {
+                if version < current {
+                    return Err(StoreError::StaleVersion {
+                        ino,
+                        index,
+                        current,
+                        got: version,
+                    });
+                }
+                if version != current && prev != current {
+                    return Err(StoreError::VersionGap {
+                        ino,
+                        index,
+                        current,
+                        got: version,
+                    });
+                }
+                version
+            }
             VersionMode::Exact { version, force } => {
                 if version < current {
                     return Err(StoreError::StaleVersion {
@@ -283,6 +309,7 @@ impl ChunkStore {
         }
         Ok(WriteOutcome {
             version: new_version,
+            previous: current,
             duplicate,
             unchanged: false,
         })

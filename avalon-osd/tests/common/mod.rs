@@ -345,6 +345,8 @@ pub fn write_req(ino: u64, offset: u32, data: Vec<u8>, epoch: u64) -> pb::WriteC
         extents: vec![],
         truncate_to: None,
         snap_seq: 0,
+        prev_version: None,
+        primary_osd: 0,
     }
 }
 
