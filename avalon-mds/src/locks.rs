@@ -325,10 +325,26 @@ impl LeaderLocks {
     }
 
     /// Forgets the locks of sessions that are gone (expired, revoked).
-    pub fn retain_sessions(&self, live: &HashSet<u64>) {
+    pub fn drop_sessions(&self, gone: &HashSet<u64>) {
         let mut t = self.lock();
-        t.table.retain_sessions(|s| live.contains(&s));
-        t.unreclaimed.retain(|s| live.contains(s));
+        t.table.retain_sessions(|s| !gone.contains(&s));
+        t.unreclaimed.retain(|s| !gone.contains(s));
+    }
+
+    /// The sessions the table knows: holding locks or yet to reclaim.
+    pub fn sessions(&self) -> Vec<u64> {
+        let t = self.lock();
+        let mut v: Vec<u64> = t
+            .table
+            .files
+            .values()
+            .flatten()
+            .map(|l| l.session)
+            .chain(t.unreclaimed.iter().copied())
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
     }
 
     /// Drops the table (this node stepped down).

@@ -917,9 +917,20 @@ impl MdsNode {
                 t.drop_session(id);
             }
         }
-        // Locks of sessions that expired or were revoked.
-        let live: HashSet<u64> = self.read_local(|s| s.sessions.keys().copied().collect());
-        self.locks.retain_sessions(&live);
+        // Locks of sessions that expired or were revoked: only the few
+        // sessions the lock table knows are looked up, not every session.
+        let known = self.locks.sessions();
+        if !known.is_empty() {
+            let gone: HashSet<u64> = self.read_local(|s| {
+                known
+                    .into_iter()
+                    .filter(|id| !s.sessions.contains_key(id))
+                    .collect()
+            });
+            if !gone.is_empty() {
+                self.locks.drop_sessions(&gone);
+            }
+        }
     }
 
     /// Reclaims orphans that nobody has open (leader only).

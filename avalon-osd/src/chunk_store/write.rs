@@ -177,6 +177,18 @@ impl ChunkStore {
         let duplicate = matches!(mode, VersionMode::Exact { version, .. }
             | VersionMode::After { version, .. } if version == current);
         let overflow = || StoreError::InvalidArgument("chunk version overflow".to_string());
+        let stale = |got| StoreError::StaleVersion {
+            ino,
+            index,
+            current,
+            got,
+        };
+        let gap = |got| StoreError::VersionGap {
+            ino,
+            index,
+            current,
+            got,
+        };
         let new_version = match mode {
             VersionMode::Next => current.checked_add(1).ok_or_else(overflow)?,
             VersionMode::NextIn { epoch } => {
@@ -184,39 +196,19 @@ impl ChunkStore {
             }
             VersionMode::After { prev, version } => {
                 if version < current {
-                    return Err(StoreError::StaleVersion {
-                        ino,
-                        index,
-                        current,
-                        got: version,
-                    });
+                    return Err(stale(version));
                 }
                 if version != current && prev != current {
-                    return Err(StoreError::VersionGap {
-                        ino,
-                        index,
-                        current,
-                        got: version,
-                    });
+                    return Err(gap(version));
                 }
                 version
             }
             VersionMode::Exact { version, force } => {
                 if version < current {
-                    return Err(StoreError::StaleVersion {
-                        ino,
-                        index,
-                        current,
-                        got: version,
-                    });
+                    return Err(stale(version));
                 }
                 if version > current + 1 && !force {
-                    return Err(StoreError::VersionGap {
-                        ino,
-                        index,
-                        current,
-                        got: version,
-                    });
+                    return Err(gap(version));
                 }
                 version
             }
