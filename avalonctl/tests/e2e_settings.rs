@@ -156,6 +156,11 @@ fn every_mds_refuses_settings_that_differ_from_the_stored_ones() {
     assert_eq!((stored.replicas, stored.write_quorum), (1, 1));
     assert_eq!(stored.cluster_id.len(), 32);
     let layout = t.c().layout.clone();
+    // Every node must hold the settings before the cluster stops: a voter
+    // that lagged behind the other two (the leader needs only one of them)
+    // would start without them and rightly wait to learn them instead of
+    // refusing.
+    common::wait_converged(t.c(), Duration::from_secs(60));
     t.cluster.take().expect("cluster").stop();
 
     let other_pgs = (stored.pg_count * 2).to_string();
