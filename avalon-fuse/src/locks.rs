@@ -11,6 +11,16 @@
 //! both kinds share one table on the MDS (a flock and an fcntl lock on the
 //! same file by one process conflict here, unlike on a local filesystem).
 //!
+//! Lock cache: the leader may answer a lock request `cached` when no other
+//! session competes for the file. From then on this client decides its
+//! own processes' requests on that file against `mine`, with no round trip
+//! (sqlite makes half a dozen lock calls per transaction), while its lease
+//! holds and no reclaim is asked for; otherwise, and when the leader
+//! recalls it (`Recall.locks`, another session wants the file), it first
+//! sends its locks on the file back (`return_cache`, under `order`
+//! exclusively, so the copy sent is exact). A reclaim sends every lock,
+//! cached or not, and forgets every cache: caches belong to one leader.
+//!
 //! Blocking requests (F_SETLKW, flock without LOCK_NB) poll the MDS with
 //! backoff; each FUSE request runs in its own task, so a waiter blocks
 //! nothing else. A waiter gives up with EINTR as soon as the waiting thread
@@ -46,6 +56,7 @@ use avalon_proto::backoff::Backoff;
 use avalon_proto::locks::{is_reclaim_first, LockKind, LockTable};
 use avalon_proto::pb;
 use dashmap::DashMap;
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
@@ -85,12 +96,21 @@ pub struct Locks {
     reclaim_asked: AtomicBool,
     /// A reclaim the leader asked for is under way.
     reclaiming: AtomicBool,
+    /// Files whose locks this session keeps itself (lock cache): their
+    /// lock requests are decided here, against `mine`.
+    cached: Mutex<HashSet<u64>>,
 }
 
 /// This client reclaims its locks (always, but for a test playing an
 /// older release, `avalon_proto::version::features`).
 static RECLAIMS: LazyLock<bool> = LazyLock::new(|| {
     avalon_proto::version::features() & avalon_proto::version::FEATURE_LOCK_RECLAIM != 0
+});
+
+/// This client can keep a file's locks itself (always, but for a test
+/// playing an older release).
+static CACHES: LazyLock<bool> = LazyLock::new(|| {
+    avalon_proto::version::features() & avalon_proto::version::FEATURE_LOCK_CACHE != 0
 });
 
 /// How often one lock request reclaims and tries again before it gives up.
@@ -143,6 +163,18 @@ impl Locks {
     ) -> Result<LockInfo> {
         let req = lock_req(c, ino, owner, start, end, typ, pid)?;
         self.wait_releases(ino).await;
+        let kind = lock_kind(typ)?;
+        let local = self
+            .try_local(c, ino, |mine| {
+                mine.conflict(ino, 0, owner, start, end, kind)
+            })
+            .await;
+        if let Some(found) = local {
+            return Ok(found.map_or((0, 0, libc::F_UNLCK, 0), |l| {
+                (l.start, l.end, l.kind.to_type() as i32, l.pid)
+            }));
+        }
+        self.return_if_cached(c, ino).await?;
         let r = self
             .call(
                 c,
@@ -281,6 +313,13 @@ impl Locks {
         if !self.unmark_held(ino, owner) {
             return Ok(());
         }
+        let local = self
+            .try_local(c, ino, |mine| mine.release_owner(ino, 0, owner))
+            .await;
+        if local.is_some() {
+            return Ok(());
+        }
+        self.return_if_cached(c, ino).await?;
         let req = pb::ReleaseLocksRequest {
             header: c.session.header(),
             ino,
@@ -303,6 +342,94 @@ impl Locks {
 
     fn mine(&self) -> MutexGuard<'_, LockTable> {
         self.mine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cached(&self) -> MutexGuard<'_, HashSet<u64>> {
+        self.cached.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on `mine` if this client decides `ino`'s locks itself now:
+    /// it keeps them (lock cache), its lease holds (a leader that lost
+    /// track of it may have moved on only after the lease) and no reclaim
+    /// is due (a new leader knows no caches). None: ask the leader.
+    async fn try_local<T>(
+        &self,
+        c: &Client,
+        ino: u64,
+        f: impl FnOnce(&mut LockTable) -> T,
+    ) -> Option<T> {
+        if !self.cached().contains(&ino) {
+            return None;
+        }
+        let _shared = self.order.read().await;
+        let usable = self.cached().contains(&ino)
+            && !c.meta.ttl().is_zero()
+            && !self.reclaim_asked.load(Ordering::Acquire)
+            && !self.reclaiming.load(Ordering::Acquire);
+        usable.then(|| f(&mut self.mine()))
+    }
+
+    /// Before a request about `ino` goes to the leader: the file's lock
+    /// cache goes back first, so that the leader decides with every lock.
+    async fn return_if_cached(&self, c: &Client, ino: u64) -> Result<()> {
+        if self.cached().contains(&ino) {
+            self.return_cache(c, ino).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends this session's locks on `ino` back to the leader and stops
+    /// deciding them here (the leader recalled the cache, or this client
+    /// can no longer use it). Nothing to do if the file is not cached.
+    pub async fn return_cache(&self, c: &Client, ino: u64) -> Result<()> {
+        let alone = self.order.write().await;
+        // Forgotten even if the return fails: the leader then still
+        // counts the cache as ours and answers our next request on the
+        // file with "reclaim first", and a reclaim sends every lock.
+        if !self.cached().remove(&ino) {
+            return Ok(());
+        }
+        let locks: Vec<pb::HeldLock> = self
+            .mine()
+            .file_locks(ino)
+            .iter()
+            .map(|l| l.to_held(ino))
+            .collect();
+        let req = pb::ReclaimLocksRequest {
+            header: c.session.header(),
+            locks,
+            returned_ino: ino,
+        };
+        match c
+            .rpc(req, |mut m, r| async move { m.reclaim_locks(r).await })
+            .await
+        {
+            Ok(r) => {
+                self.forget_lost(&r.lost);
+                Ok(())
+            }
+            // A new leader: it wants every lock.
+            Err(s) if is_reclaim_first(&s) => {
+                drop(alone);
+                self.reclaim(c).await
+            }
+            Err(s) => Err(s.into()),
+        }
+    }
+
+    /// Forgets locks the leader could not give back (another session took
+    /// them while this one could not be reached).
+    fn forget_lost(&self, lost: &[pb::HeldLock]) {
+        let mut mine = self.mine();
+        for l in lost {
+            tracing::error!(
+                ino = l.ino,
+                start = l.start,
+                end = l.end,
+                "lock lost: another client took it while this one was out of reach"
+            );
+            let _ = mine.set(l.ino, 0, l.owner, 0, l.start, l.end, LockKind::Unlock);
+        }
     }
 
     /// One lock request (`send`), with `done` applied to the answer before
@@ -366,6 +493,8 @@ impl Locks {
     /// forgotten.
     pub async fn reclaim(&self, c: &Client) -> Result<()> {
         let _alone = self.order.write().await;
+        // Caches belong to the leader that gave them; this one has none.
+        self.cached().clear();
         let locks: Vec<pb::HeldLock> = self
             .mine()
             .session_locks(0)
@@ -376,20 +505,12 @@ impl Locks {
         let req = pb::ReclaimLocksRequest {
             header: c.session.header(),
             locks,
+            returned_ino: 0,
         };
         let r = c
             .rpc(req, |mut m, r| async move { m.reclaim_locks(r).await })
             .await?;
-        let mut mine = self.mine();
-        for l in &r.lost {
-            tracing::error!(
-                ino = l.ino,
-                start = l.start,
-                end = l.end,
-                "lock lost at a change of MDS leader: another client took it"
-            );
-            let _ = mine.set(l.ino, 0, l.owner, 0, l.start, l.end, LockKind::Unlock);
-        }
+        self.forget_lost(&r.lost);
         tracing::info!(
             locks = n,
             lost = r.lost.len(),
@@ -402,16 +523,28 @@ impl Locks {
     async fn try_setlk(&self, c: &Client, req: &pb::LockRequest) -> Result<()> {
         let kind = LockKind::from_type(req.r#type)
             .ok_or_else(|| ClientError::posix(libc::EINVAL, "bad lock type"))?;
+        let local = self
+            .try_local(c, req.ino, |mine| {
+                mine.set(req.ino, 0, req.owner, req.pid, req.start, req.end, kind)
+            })
+            .await;
+        if let Some(r) = local {
+            return r.map_err(|errno| ClientError::posix(errno, "lock held by another owner"));
+        }
+        self.return_if_cached(c, req.ino).await?;
         let send = || {
             let mut req = req.clone();
             // A fresh request id per attempt: the MDS remembers answers by id.
             req.header = c.session.header();
             c.rpc(req, |mut m, r| async move { m.set_lock(r).await })
         };
-        let note = |_: &pb::Empty| {
+        let note = |r: &pb::SetLockReply| {
             let _ = self
                 .mine()
                 .set(req.ino, 0, req.owner, req.pid, req.start, req.end, kind);
+            if r.cached {
+                self.cached().insert(req.ino);
+            }
         };
         self.call(c, send, note).await?;
         Ok(())
@@ -439,7 +572,16 @@ fn lock_req(
         r#type: typ as u32,
         pid,
         reclaims: *RECLAIMS,
+        caches: *RECLAIMS && *CACHES,
     })
+}
+
+/// The kind of a checked lock type.
+fn lock_kind(typ: i32) -> Result<LockKind> {
+    u32::try_from(typ)
+        .ok()
+        .and_then(LockKind::from_type)
+        .ok_or_else(|| ClientError::posix(libc::EINVAL, "bad lock type"))
 }
 
 /// Waits (at most [`ORDER_WAIT`]) until every other FUSE thread is back

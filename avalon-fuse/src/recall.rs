@@ -224,6 +224,11 @@ async fn share(client: &Arc<Client>, kernel: Option<&KernelCache>, ev: pb::Sessi
             tracing::warn!(root = r.ino, error = %e, "revoking a delegation");
         }
     }
+    for r in ev.recalls.iter().filter(|r| r.locks) {
+        if let Err(e) = client.locks.return_cache(client, r.ino).await {
+            tracing::warn!(ino = r.ino, error = %e, "returning a lock cache");
+        }
+    }
     for r in ev.recalls.iter().filter(|r| r.snap_seq != 0) {
         if let Err(e) = client.snapshot_demand(r.ino, r.snap_seq).await {
             client.keep_write_error(r.ino, &e);

@@ -24,6 +24,25 @@
 //!
 //! A deposed leader grants nothing: every request first checks the read
 //! lease (as reads do), and a new leader is elected only after it lapsed.
+//!
+//! **Lock cache.** A lock request of a session that no other session
+//! competes with on that file (no other session holds a lock on it, none
+//! had to recall a cache of it lately) may be answered `cached`: the client
+//! then decides its own processes' lock requests on the file itself, as
+//! sqlite's half-dozen lock calls per transaction need, and the leader's
+//! table no longer knows that session's locks on it. Any other session's
+//! request on the file first recalls the cache (a demand on the holder's
+//! recall stream); the holder sends back its locks on the file
+//! (`ReclaimLocks` with `returned_ino`), which replace those the table had,
+//! and only then is the request decided. While a live holder does not
+//! answer, the others' requests fail as unavailable (the client retries):
+//! its locks are unknown until it answers or its session ends, when they
+//! go as every lock of an ended session does. A holder uses the cache only
+//! while its lease holds, so a holder cut off from the leader stops
+//! deciding before the leader could give up on it. Caches belong to the
+//! leader's term, like the table: a new leader asks for every lock
+//! (reclaim, which sends the cached ones too) and the clients forget
+//! their caches then.
 
 pub use avalon_proto::locks::{FileLock, LockKind, LockTable};
 
@@ -31,12 +50,24 @@ use crate::command::Op;
 use crate::node::{MdsError, MdsNode};
 use avalon_proto::pb;
 use avalon_proto::version::FEATURE_LOCK_RECLAIM;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How often a request waiting for the grace period looks again.
 const GRACE_POLL: Duration = Duration::from_millis(20);
+
+/// No cache is offered for a file whose cache another session had to
+/// recall within this long: two sessions taking turns would otherwise pay
+/// a recall per lock.
+const CONTENDED_FOR: Duration = Duration::from_secs(2);
+
+/// How long a request waits for a live holder to return a lock cache.
+const RETURN_WAIT: Duration = Duration::from_secs(5);
+
+/// How often a request asks a holder to return a lock cache before it
+/// fails as unavailable.
+const RECALL_TRIES: usize = 3;
 
 /// The leader's lock table of one term and its reclaim state.
 #[derive(Default)]
@@ -50,6 +81,33 @@ struct TermLocks {
     unreclaimed: HashSet<u64>,
     /// The grace period is over: locks are granted.
     open: bool,
+    /// Files whose locks a session keeps itself (lock cache): inode ->
+    /// session.
+    cached: HashMap<u64, u64>,
+    /// When a file's lock cache was last recalled (see [`CONTENDED_FOR`]).
+    contended: HashMap<u64, Instant>,
+}
+
+impl TermLocks {
+    /// Offers `session` the lock cache of `ino`: true if it may keep the
+    /// file's locks itself from now on.
+    fn offer_cache(&mut self, ino: u64, session: u64) -> bool {
+        if self.cached.contains_key(&ino) || self.table.others_hold(ino, session) {
+            return false;
+        }
+        if self.contended.len() > 4096 {
+            self.contended.retain(|_, t| t.elapsed() < CONTENDED_FOR);
+        }
+        if self
+            .contended
+            .get(&ino)
+            .is_some_and(|t| t.elapsed() < CONTENDED_FOR)
+        {
+            return false;
+        }
+        self.cached.insert(ino, session);
+        true
+    }
 }
 
 /// The locks a leader holds in memory (see the module doc).
@@ -74,6 +132,8 @@ pub struct LockOp<'a> {
     pub kind: LockKind,
     /// The client reclaims after a change of leader.
     pub reclaims: bool,
+    /// The client can keep the file's locks itself (lock cache).
+    pub caches: bool,
 }
 
 impl LeaderLocks {
@@ -120,6 +180,8 @@ impl LeaderLocks {
             since: Some(Instant::now()),
             unreclaimed: sessions,
             open: false,
+            cached: HashMap::new(),
+            contended: HashMap::new(),
         };
         tracing::info!(term, "lock table loaded; waiting for the clients' reclaims");
         Ok(term)
@@ -191,8 +253,58 @@ impl LeaderLocks {
             || !node.voters_have(FEATURE_LOCK_RECLAIM)
     }
 
-    /// F_SETLK: sets or clears a lock; EAGAIN on a conflict.
-    pub async fn set(&self, node: &MdsNode, op: LockOp<'_>) -> Result<(), MdsError> {
+    /// Takes the lock cache of `op.ino` back from the session that keeps
+    /// it, if another one does: once this returns, the table has every
+    /// lock on the file.
+    async fn recall_cache(
+        &self,
+        node: &MdsNode,
+        term: u64,
+        op: &LockOp<'_>,
+    ) -> Result<(), MdsError> {
+        for _ in 0..RECALL_TRIES {
+            let holder = {
+                let mut t = self.table(term)?;
+                match t.cached.get(&op.ino).copied() {
+                    None => return Ok(()),
+                    // The holder asks instead of deciding: it forgot its
+                    // cache without returning it, so its locks here are
+                    // unknown; a reclaim sends them all.
+                    Some(h) if h == op.session => return Err(MdsError::ReclaimFirst),
+                    Some(h) => {
+                        t.contended.insert(op.ino, Instant::now());
+                        h
+                    }
+                }
+            };
+            let recall = pb::Recall {
+                ino: op.ino,
+                locks: true,
+                ..Default::default()
+            };
+            if !node.leases.demand(holder, recall, RETURN_WAIT).await
+                && !node.read_local(|s| s.sessions.contains_key(&holder))
+            {
+                // The session ended: its locks went with it.
+                let mut t = self.table(term)?;
+                if t.cached.get(&op.ino) == Some(&holder) {
+                    t.cached.remove(&op.ino);
+                    t.table.drop_session_on(op.ino, holder);
+                }
+            }
+        }
+        if self.table(term)?.cached.contains_key(&op.ino) {
+            return Err(MdsError::Unavailable(format!(
+                "another client keeps the locks of inode {} and has not returned them yet",
+                op.ino
+            )));
+        }
+        Ok(())
+    }
+
+    /// F_SETLK: sets or clears a lock; EAGAIN on a conflict. True if the
+    /// session keeps the file's locks itself from now on (lock cache).
+    pub async fn set(&self, node: &MdsNode, op: LockOp<'_>) -> Result<bool, MdsError> {
         let term = self.term(node).await?;
         self.check_reclaimed(term, &op)?;
         if op.kind != LockKind::Unlock {
@@ -201,13 +313,18 @@ impl LeaderLocks {
                 return Err(MdsError::Errno(libc::ENOENT));
             }
         }
+        self.recall_cache(node, term, &op).await?;
         let set = |t: &mut LockTable| {
             t.set(
                 op.ino, op.session, op.owner, op.pid, op.start, op.end, op.kind,
             )
         };
         if !Self::through(node, &op) {
-            return set(&mut self.table(term)?.table).map_err(MdsError::Errno);
+            let mut t = self.table(term)?;
+            set(&mut t.table).map_err(MdsError::Errno)?;
+            let cached =
+                op.caches && op.kind != LockKind::Unlock && t.offer_cache(op.ino, op.session);
+            return Ok(cached);
         }
         let _order = self.through.lock().await;
         let saved = {
@@ -232,7 +349,7 @@ impl LeaderLocks {
             }
             return Err(e);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// F_GETLK: the first conflicting lock of another owner, if any.
@@ -240,6 +357,7 @@ impl LeaderLocks {
         let term = self.term(node).await?;
         self.check_reclaimed(term, &op)?;
         self.wait_grace(node, term).await?;
+        self.recall_cache(node, term, &op).await?;
         Ok(self
             .table(term)?
             .table
@@ -272,18 +390,38 @@ impl LeaderLocks {
 
     /// A session's reclaim: its locks become `held`; returns those another
     /// session took meanwhile (after the grace period), which it lost.
+    /// With `returned_ino` nonzero, the return of that file's lock cache:
+    /// `held` are the session's locks on it alone.
     pub async fn reclaim(
         &self,
         node: &MdsNode,
         session: u64,
         held: &[pb::HeldLock],
+        returned_ino: u64,
     ) -> Result<Vec<pb::HeldLock>, MdsError> {
         let term = self.term(node).await?;
         if !node.read_local(|s| s.sessions.contains_key(&session)) {
             return Err(MdsError::NotFound(format!("no session {session}")));
         }
         let mut t = self.table(term)?;
-        t.table.retain_sessions(|s| s != session);
+        if returned_ino != 0 {
+            // A cache of a former leader's term: this leader wants them all.
+            if t.unreclaimed.contains(&session) {
+                return Err(MdsError::ReclaimFirst);
+            }
+            if held.iter().any(|h| h.ino != returned_ino) {
+                return Err(MdsError::Invalid(
+                    "a returned lock cache holds locks of another file".into(),
+                ));
+            }
+            if t.cached.get(&returned_ino) == Some(&session) {
+                t.cached.remove(&returned_ino);
+            }
+            t.table.drop_session_on(returned_ino, session);
+        } else {
+            t.table.retain_sessions(|s| s != session);
+            t.cached.retain(|_, s| *s != session);
+        }
         let mut lost = Vec::new();
         for h in held {
             let ok = FileLock::from_held(session, h).is_some_and(|l| {
@@ -295,7 +433,9 @@ impl LeaderLocks {
                 lost.push(*h);
             }
         }
-        t.unreclaimed.remove(&session);
+        if returned_ino == 0 {
+            t.unreclaimed.remove(&session);
+        }
         if !lost.is_empty() {
             tracing::warn!(
                 session,
@@ -329,6 +469,7 @@ impl LeaderLocks {
         let mut t = self.lock();
         t.table.retain_sessions(|s| !gone.contains(&s));
         t.unreclaimed.retain(|s| !gone.contains(s));
+        t.cached.retain(|_, s| !gone.contains(s));
     }
 
     /// The sessions the table knows: holding locks or yet to reclaim.
@@ -341,6 +482,7 @@ impl LeaderLocks {
             .flatten()
             .map(|l| l.session)
             .chain(t.unreclaimed.iter().copied())
+            .chain(t.cached.values().copied())
             .collect();
         v.sort_unstable();
         v.dedup();

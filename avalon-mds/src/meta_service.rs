@@ -304,6 +304,7 @@ fn lock_op(r: &pb::LockRequest) -> Result<LockOp<'_>, MdsError> {
         end: r.end,
         kind: lock_kind(r.r#type)?,
         reclaims: r.reclaims,
+        caches: r.caches,
     })
 }
 
@@ -2096,13 +2097,13 @@ impl Meta for MetaService {
         }))
     }
 
-    async fn set_lock(&self, req: Request<pb::LockRequest>) -> Res<pb::Empty> {
+    async fn set_lock(&self, req: Request<pb::LockRequest>) -> Res<pb::SetLockReply> {
         let _m = crate::metrics::op(Rpc::SetLock);
         let r = req.into_inner();
         ino_ok(r.ino)?;
         let op = lock_op(&r)?;
-        self.node.locks.set(&self.node, op).await?;
-        Ok(Response::new(pb::Empty {}))
+        let cached = self.node.locks.set(&self.node, op).await?;
+        Ok(Response::new(pb::SetLockReply { cached }))
     }
 
     async fn release_locks(&self, req: Request<pb::ReleaseLocksRequest>) -> Res<pb::Empty> {
@@ -2119,6 +2120,7 @@ impl Meta for MetaService {
             end: u64::MAX,
             kind: LockKind::Unlock,
             reclaims: r.reclaims,
+            caches: false,
         };
         self.node.locks.release(&self.node, op).await?;
         Ok(Response::new(pb::Empty {}))
@@ -2136,7 +2138,11 @@ impl Meta for MetaService {
         if r.locks.len() > 1_000_000 {
             return Err(MdsError::Invalid("too many locks".into()).into());
         }
-        let lost = self.node.locks.reclaim(&self.node, sid, &r.locks).await?;
+        let lost = self
+            .node
+            .locks
+            .reclaim(&self.node, sid, &r.locks, r.returned_ino)
+            .await?;
         Ok(Response::new(pb::ReclaimLocksReply { lost }))
     }
 

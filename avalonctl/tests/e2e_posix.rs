@@ -4,6 +4,8 @@
 //! leader failover), setgid directories and POSIX ACLs.
 
 mod common;
+#[path = "common/prom.rs"]
+mod prom;
 
 use avalonctl::local_cluster::LocalCluster;
 use common::*;
@@ -437,6 +439,74 @@ fn locks_of_older_clients_go_through_the_log() {
     );
     tc.c().restart_stopped().unwrap();
     drop((a, old));
+}
+
+/// Lock requests the MDS decided (SetLock RPCs), from its metrics.
+fn mds_setlk_calls(c: &LocalCluster) -> f64 {
+    c.layout
+        .metrics_addrs()
+        .iter()
+        .filter(|(name, _)| name.starts_with("mds"))
+        .map(|(name, addr)| {
+            let (code, body) = prom::http_get(addr, "/metrics")
+                .unwrap_or_else(|e| panic!("scraping {name} at {addr}: {e}"));
+            assert_eq!(code, 200, "{name}: HTTP {code}");
+            prom::parse(&body)
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+                .sum("avalon_mds_op_duration_seconds_count", &[("op", "setlk")])
+        })
+        .sum()
+}
+
+/// A file only one mount locks: after its first lock the mount decides
+/// its processes' lock requests itself (lock cache, what sqlite's lock
+/// calls need), with the same answers; another mount's request takes the
+/// cache back first and sees every lock the first one holds.
+#[test]
+fn a_lone_mount_keeps_its_locks_until_another_asks() {
+    let mut tc = TestCluster::start(1, 3);
+    let m1 = tc.mnt();
+    let m2 = SecondMount::new(tc.cluster.as_ref().unwrap(), tc.dir.path().join("mnt2"));
+    std::fs::write(m1.join("db"), vec![1u8; 8192]).unwrap();
+    let a = open_rw(&m1.join("db"));
+    setlk(&a, libc::F_WRLCK, 0, 10).expect("first lock");
+    let before = mds_setlk_calls(tc.c());
+    // Two open files of this mount are two OFD owners: they still
+    // exclude each other, decided here.
+    let o1 = open_rw(&m1.join("db"));
+    let o2 = open_rw(&m1.join("db"));
+    for i in 0..200i64 {
+        setlk(&a, libc::F_RDLCK, 100 + i, 1).unwrap();
+        setlk(&a, libc::F_UNLCK, 100 + i, 1).unwrap();
+        ofd(&o1, libc::F_OFD_SETLK, libc::F_WRLCK, 500, 1).expect("ofd lock");
+        assert_eq!(
+            ofd(&o2, libc::F_OFD_SETLK, libc::F_RDLCK, 500, 1).map(|_| ()),
+            Err(libc::EAGAIN),
+            "another open file's lock, round {i}"
+        );
+        ofd(&o1, libc::F_OFD_SETLK, libc::F_UNLCK, 500, 1).unwrap();
+    }
+    let conflict = ofd(&o2, libc::F_OFD_GETLK, libc::F_WRLCK, 0, 0).expect("getlk");
+    assert_eq!(
+        (i32::from(conflict.l_type), conflict.l_start, conflict.l_len),
+        (libc::F_WRLCK, 0, 10)
+    );
+    let after = mds_setlk_calls(tc.c());
+    assert!(
+        after - before < 50.0,
+        "{} of 1,000 lock requests went to the MDS",
+        after - before
+    );
+    // The other mount: the MDS takes the cache back and knows our lock.
+    let b = open_rw(&m2.path.join("db"));
+    assert_eq!(setlk(&b, libc::F_WRLCK, 5, 1), Err(libc::EAGAIN));
+    assert_eq!(getlk(&b, libc::F_RDLCK, 0, 0), (libc::F_WRLCK, 0, 10));
+    setlk(&b, libc::F_WRLCK, 10, 10).expect("a free range");
+    // Back at the MDS: the first mount now sees the other's lock.
+    assert_eq!(setlk(&a, libc::F_RDLCK, 15, 1), Err(libc::EAGAIN));
+    setlk(&a, libc::F_UNLCK, 0, 10).unwrap();
+    setlk(&b, libc::F_WRLCK, 0, 10).expect("released by the first mount");
+    drop((a, b, o1, o2, m2));
 }
 
 fn meta(p: &Path) -> std::fs::Metadata {

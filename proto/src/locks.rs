@@ -202,6 +202,29 @@ impl LockTable {
         });
     }
 
+    /// Drops every lock of a session on one inode (its lock cache came
+    /// back with the locks it holds now).
+    pub fn drop_session_on(&mut self, ino: u64, session: u64) {
+        if let Some(locks) = self.files.get_mut(&ino) {
+            locks.retain(|l| l.session != session);
+            if locks.is_empty() {
+                self.files.remove(&ino);
+            }
+        }
+    }
+
+    /// True if a session other than `session` holds a lock on `ino`.
+    pub fn others_hold(&self, ino: u64, session: u64) -> bool {
+        self.files
+            .get(&ino)
+            .is_some_and(|ls| ls.iter().any(|l| l.session != session))
+    }
+
+    /// The locks on one inode.
+    pub fn file_locks(&self, ino: u64) -> &[FileLock] {
+        self.files.get(&ino).map_or(&[], Vec::as_slice)
+    }
+
     /// Drops every lock on an inode that no longer exists.
     pub fn drop_inode(&mut self, ino: u64) {
         self.files.remove(&ino);

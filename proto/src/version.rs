@@ -71,6 +71,13 @@ pub const FEATURE_LOCK_RECLAIM: u64 = 1 << 7;
 /// it (learned from their `ListChunksReply.features` while peering).
 pub const FEATURE_EPOCH_VERSIONS: u64 = 1 << 8;
 
+/// Feature bit: the client can keep a file's locks itself while no other
+/// session locks it (`LockRequest.caches`, `SetLockReply.cached`), and
+/// returns them when the leader recalls them (`Recall.locks`) with
+/// `ReclaimLocksRequest.returned_ino`. The leader offers the cache only to
+/// clients that set `caches`.
+pub const FEATURE_LOCK_CACHE: u64 = 1 << 9;
+
 /// Every feature this build has.
 pub const FEATURES: u64 = FEATURE_VERSION_EXCHANGE
     | FEATURE_VERSIONED_FORMATS
@@ -80,7 +87,8 @@ pub const FEATURES: u64 = FEATURE_VERSION_EXCHANGE
     | FEATURE_CALLER_CREDS
     | FEATURE_ID_MAP
     | FEATURE_LOCK_RECLAIM
-    | FEATURE_EPOCH_VERSIONS;
+    | FEATURE_EPOCH_VERSIONS
+    | FEATURE_LOCK_CACHE;
 
 /// The crate (release) version, e.g. "0.1.0".
 pub const RELEASE: &str = env!("CARGO_PKG_VERSION");

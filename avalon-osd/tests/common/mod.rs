@@ -71,7 +71,7 @@ fake_meta! {
         check_inodes(pb::CheckInodesRequest) -> pb::CheckInodesReply;
         set_osd_state(pb::SetOsdStateRequest) -> pb::Empty;
         get_lock(pb::LockRequest) -> pb::LockReply;
-        set_lock(pb::LockRequest) -> pb::Empty;
+        set_lock(pb::LockRequest) -> pb::SetLockReply;
         release_locks(pb::ReleaseLocksRequest) -> pb::Empty;
         reclaim_locks(pb::ReclaimLocksRequest) -> pb::ReclaimLocksReply;
         get_settings(pb::Empty) -> pb::ClusterSettings;
