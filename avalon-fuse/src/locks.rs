@@ -17,9 +17,13 @@
 //! (sqlite makes half a dozen lock calls per transaction), while its lease
 //! holds and no reclaim is asked for; otherwise, and when the leader
 //! recalls it (`Recall.locks`, another session wants the file), it first
-//! sends its locks on the file back (`return_cache`, under `order`
-//! exclusively, so the copy sent is exact). A reclaim sends every lock,
-//! cached or not, and forgets every cache: caches belong to one leader.
+//! sends its locks on the file back (`return_cache`). A local decision and
+//! the copy a return sends are made under the cache's mutex, so the copy
+//! is exact; requests of the file wait while its return is under way.
+//! A return does not wait for `order`: a request of this client in flight
+//! may itself wait at the leader for another client's return, which may
+//! wait for ours. A reclaim sends every lock, cached or not, and forgets
+//! every cache: caches belong to one leader.
 //!
 //! Blocking requests (F_SETLKW, flock without LOCK_NB) poll the MDS with
 //! backoff; each FUSE request runs in its own task, so a waiter blocks
@@ -56,7 +60,7 @@ use avalon_proto::backoff::Backoff;
 use avalon_proto::locks::{is_reclaim_first, LockKind, LockTable};
 use avalon_proto::pb;
 use dashmap::DashMap;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
@@ -96,9 +100,17 @@ pub struct Locks {
     reclaim_asked: AtomicBool,
     /// A reclaim the leader asked for is under way.
     reclaiming: AtomicBool,
-    /// Files whose locks this session keeps itself (lock cache): their
-    /// lock requests are decided here, against `mine`.
-    cached: Mutex<HashSet<u64>>,
+    /// The files whose locks this session keeps itself.
+    cache: Mutex<LockCache>,
+}
+
+/// Files whose locks this session keeps itself (lock cache): their lock
+/// requests are decided here, against `mine`.
+#[derive(Default)]
+struct LockCache {
+    cached: HashSet<u64>,
+    /// Returns under way, woken when done.
+    returning: HashMap<u64, Arc<Notify>>,
 }
 
 /// This client reclaims its locks (always, but for a test playing an
@@ -344,8 +356,8 @@ impl Locks {
         self.mine.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn cached(&self) -> MutexGuard<'_, HashSet<u64>> {
-        self.cached.lock().unwrap_or_else(|e| e.into_inner())
+    fn cache(&self) -> MutexGuard<'_, LockCache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `f` on `mine` if this client decides `ino`'s locks itself now:
@@ -358,11 +370,8 @@ impl Locks {
         ino: u64,
         f: impl FnOnce(&mut LockTable) -> T,
     ) -> Option<T> {
-        if !self.cached().contains(&ino) {
-            return None;
-        }
-        let _shared = self.order.read().await;
-        let usable = self.cached().contains(&ino)
+        let cache = self.cache();
+        let usable = cache.cached.contains(&ino)
             && !c.meta.ttl().is_zero()
             && !self.reclaim_asked.load(Ordering::Acquire)
             && !self.reclaiming.load(Ordering::Acquire);
@@ -370,49 +379,66 @@ impl Locks {
     }
 
     /// Before a request about `ino` goes to the leader: the file's lock
-    /// cache goes back first, so that the leader decides with every lock.
+    /// cache goes back first (or the return under way ends), so that the
+    /// leader decides with every lock.
     async fn return_if_cached(&self, c: &Client, ino: u64) -> Result<()> {
-        if self.cached().contains(&ino) {
-            self.return_cache(c, ino).await?;
+        loop {
+            let done = {
+                let cache = self.cache();
+                if cache.cached.contains(&ino) {
+                    break;
+                }
+                match cache.returning.get(&ino) {
+                    // Registered before the lock goes: the return's
+                    // notify_waiters cannot be missed.
+                    Some(n) => n.clone().notified_owned(),
+                    None => return Ok(()),
+                }
+            };
+            done.await;
         }
-        Ok(())
+        self.return_cache(c, ino).await
     }
 
     /// Sends this session's locks on `ino` back to the leader and stops
     /// deciding them here (the leader recalled the cache, or this client
     /// can no longer use it). Nothing to do if the file is not cached.
     pub async fn return_cache(&self, c: &Client, ino: u64) -> Result<()> {
-        let alone = self.order.write().await;
         // Forgotten even if the return fails: the leader then still
         // counts the cache as ours and answers our next request on the
         // file with "reclaim first", and a reclaim sends every lock.
-        if !self.cached().remove(&ino) {
-            return Ok(());
-        }
-        let locks: Vec<pb::HeldLock> = self
-            .mine()
-            .file_locks(ino)
-            .iter()
-            .map(|l| l.to_held(ino))
-            .collect();
+        let (locks, done) = {
+            let mut cache = self.cache();
+            if !cache.cached.remove(&ino) {
+                return Ok(());
+            }
+            let done = Arc::new(Notify::new());
+            cache.returning.insert(ino, done.clone());
+            let locks: Vec<pb::HeldLock> = self
+                .mine()
+                .file_locks(ino)
+                .iter()
+                .map(|l| l.to_held(ino))
+                .collect();
+            (locks, done)
+        };
         let req = pb::ReclaimLocksRequest {
             header: c.session.header(),
             locks,
             returned_ino: ino,
         };
-        match c
+        let r = c
             .rpc(req, |mut m, r| async move { m.reclaim_locks(r).await })
-            .await
-        {
+            .await;
+        self.cache().returning.remove(&ino);
+        done.notify_waiters();
+        match r {
             Ok(r) => {
                 self.forget_lost(&r.lost);
                 Ok(())
             }
             // A new leader: it wants every lock.
-            Err(s) if is_reclaim_first(&s) => {
-                drop(alone);
-                self.reclaim(c).await
-            }
+            Err(s) if is_reclaim_first(&s) => self.reclaim(c).await,
             Err(s) => Err(s.into()),
         }
     }
@@ -494,7 +520,7 @@ impl Locks {
     pub async fn reclaim(&self, c: &Client) -> Result<()> {
         let _alone = self.order.write().await;
         // Caches belong to the leader that gave them; this one has none.
-        self.cached().clear();
+        self.cache().cached.clear();
         let locks: Vec<pb::HeldLock> = self
             .mine()
             .session_locks(0)
@@ -543,7 +569,7 @@ impl Locks {
                 .mine()
                 .set(req.ino, 0, req.owner, req.pid, req.start, req.end, kind);
             if r.cached {
-                self.cached().insert(req.ino);
+                self.cache().cached.insert(req.ino);
             }
         };
         self.call(c, send, note).await?;
@@ -592,16 +618,26 @@ fn lock_kind(typ: i32) -> Result<LockKind> {
 async fn earlier_requests_handled() {
     // SAFETY: gettid has no preconditions.
     let me = unsafe { libc::syscall(libc::SYS_gettid) };
-    let deadline = tokio::time::Instant::now() + ORDER_WAIT;
+    let start = tokio::time::Instant::now();
     for &tid in FUSE_THREADS.iter().filter(|t| i64::from(**t) != me) {
-        while !reading_device(tid) && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        while !reading_device(tid) && start.elapsed() < ORDER_WAIT {
+            // Usually the other thread is only on its way back from
+            // sending its last reply: a timer tick (1 ms or more) would
+            // cost more than the lock request itself, once it is local.
+            if start.elapsed() < ORDER_SPIN {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
     }
 }
 
 /// The longest a lock request waits for the other FUSE threads.
 const ORDER_WAIT: Duration = Duration::from_millis(50);
+
+/// How long it looks again at once before it sleeps between looks.
+const ORDER_SPIN: Duration = Duration::from_micros(300);
 
 /// This process's FUSE threads (fuser names them `fuser-N`; all exist
 /// before the first request is read).
