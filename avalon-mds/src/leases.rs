@@ -445,6 +445,16 @@ impl LeaseTable {
         Instant::now() < heard + self.ttl
     }
 
+    /// True if session `sid` was heard from within a lease of now: while
+    /// it was not, it holds no lease it could act on.
+    pub fn heard_within_lease(&self, sid: u64) -> bool {
+        self.lock()
+            .sessions
+            .get(&sid)
+            .and_then(|s| s.heard)
+            .is_some_and(|h| Instant::now() < h + self.ttl)
+    }
+
     /// True if a session other than `sid` may cache `ino`.
     pub fn held_by_others(&self, sid: u64, ino: u64) -> bool {
         self.lock()

@@ -34,10 +34,11 @@
 //! request on the file first recalls the cache (a demand on the holder's
 //! recall stream); the holder sends back its locks on the file
 //! (`ReclaimLocks` with `returned_ino`), which replace those the table had,
-//! and only then is the request decided. While a live holder does not
-//! answer, the others' requests fail as unavailable (the client retries):
-//! its locks are unknown until it answers or its session ends, when they
-//! go as every lock of an ended session does. A holder uses the cache only
+//! and only then is the request decided. While a holder does not answer
+//! (dead or cut off), its locks are unknown until it answers or its
+//! session ends, when they go as every lock of an ended session does: lock
+//! requests get EAGAIN meanwhile, F_GETLK fails as unavailable (the
+//! client retries). A holder uses the cache only
 //! while its lease holds, so a holder cut off from the leader stops
 //! deciding before the leader could give up on it. Caches belong to the
 //! leader's term, like the table: a new leader asks for every lock
@@ -255,12 +256,15 @@ impl LeaderLocks {
 
     /// Takes the lock cache of `op.ino` back from the session that keeps
     /// it, if another one does: once this returns, the table has every
-    /// lock on the file.
+    /// lock on the file. A holder that cannot answer (silent for a lease:
+    /// dead or cut off) keeps the file's locks unknown until its session
+    /// ends; `busy` is the answer meanwhile.
     async fn recall_cache(
         &self,
         node: &MdsNode,
         term: u64,
         op: &LockOp<'_>,
+        busy: impl Fn() -> MdsError,
     ) -> Result<(), MdsError> {
         for _ in 0..RECALL_TRIES {
             let holder = {
@@ -282,22 +286,22 @@ impl LeaderLocks {
                 locks: true,
                 ..Default::default()
             };
-            if !node.leases.demand(holder, recall, RETURN_WAIT).await
-                && !node.read_local(|s| s.sessions.contains_key(&holder))
-            {
+            if node.leases.demand(holder, recall, RETURN_WAIT).await {
+                continue;
+            }
+            if !node.read_local(|s| s.sessions.contains_key(&holder)) {
                 // The session ended: its locks went with it.
                 let mut t = self.table(term)?;
                 if t.cached.get(&op.ino) == Some(&holder) {
                     t.cached.remove(&op.ino);
                     t.table.drop_session_on(op.ino, holder);
                 }
+            } else if !node.leases.heard_within_lease(holder) {
+                return Err(busy());
             }
         }
         if self.table(term)?.cached.contains_key(&op.ino) {
-            return Err(MdsError::Unavailable(format!(
-                "another client keeps the locks of inode {} and has not returned them yet",
-                op.ino
-            )));
+            return Err(busy());
         }
         Ok(())
     }
@@ -313,7 +317,10 @@ impl LeaderLocks {
                 return Err(MdsError::Errno(libc::ENOENT));
             }
         }
-        self.recall_cache(node, term, &op).await?;
+        // Locks of unknown extent held by a client out of reach: as any
+        // conflict (a blocking request polls until its session ends).
+        self.recall_cache(node, term, &op, || MdsError::Errno(libc::EAGAIN))
+            .await?;
         let set = |t: &mut LockTable| {
             t.set(
                 op.ino, op.session, op.owner, op.pid, op.start, op.end, op.kind,
@@ -357,7 +364,14 @@ impl LeaderLocks {
         let term = self.term(node).await?;
         self.check_reclaimed(term, &op)?;
         self.wait_grace(node, term).await?;
-        self.recall_cache(node, term, &op).await?;
+        // No lock to report for a client out of reach: the caller retries.
+        let busy = || {
+            MdsError::Unavailable(format!(
+                "another client keeps the locks of inode {} and has not returned them yet",
+                op.ino
+            ))
+        };
+        self.recall_cache(node, term, &op, busy).await?;
         Ok(self
             .table(term)?
             .table
