@@ -76,7 +76,7 @@ pub const FEATURE_EPOCH_VERSIONS: u64 = 1 << 8;
 /// returns them when the leader recalls them (`Recall.locks`) with
 /// `ReclaimLocksRequest.returned_ino`. The leader offers the cache only to
 /// clients that set `caches`.
-pub const FEATURE_LOCK_CACHE: u64 = 1 << 9;
+pub const FEATURE_LOCK_CACHE: u64 = 1 << 10;
 
 /// Every feature this build has.
 pub const FEATURES: u64 = FEATURE_VERSION_EXCHANGE
