@@ -102,6 +102,10 @@ impl Cluster {
         mounts: usize,
         net: u8,
     ) -> anyhow::Result<Cluster> {
+        // Before any mount: see `partition::prepare`.
+        if let Err(e) = crate::partition::prepare() {
+            eprintln!("cluster: no shell for nft: {e}");
+        }
         std::fs::create_dir_all(dir.join("logs"))?;
         let dir = std::fs::canonicalize(dir)?;
         for b in ["avalon-mds", "avalon-osd", "avalon-fuse"] {

@@ -6,11 +6,16 @@
 //! addresses, and drop silently on input: the sender sees no error, its
 //! packets just vanish, as on a cut cable. A table left by a process
 //! that died (a crashed or killed run) is removed when the next one is made.
+//! Every `nft` runs from one shell started before any mount ([`prepare`]).
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Prefix of the tables this module makes.
 pub const TABLE_PREFIX: &str = "avalon_chaos_";
@@ -31,6 +36,14 @@ pub enum PartitionError {
     /// `nft` could not be run.
     #[error("cannot run nft (install nftables): {0}")]
     Spawn(std::io::Error),
+    /// `nft` did not end in time (killed).
+    #[error("nft {what} did not end within {after:?}")]
+    Timeout {
+        /// What was asked.
+        what: String,
+        /// How long it was given.
+        after: Duration,
+    },
     /// `nft` refused.
     #[error("nft {what}: {msg}")]
     Nft {
@@ -49,30 +62,155 @@ pub struct Partition {
     cut: bool,
 }
 
-fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, PartitionError> {
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
+/// How long one `nft` command may take: it normally takes milliseconds.
+const NFT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The shell every `nft` runs from (see [`prepare`]).
+struct Shell {
+    child: Child,
+    stdin: ChildStdin,
+    /// Lines of its output (stdout and stderr), read by a thread.
+    lines: Receiver<String>,
+    /// Numbers each command's end marker.
+    seq: u64,
+}
+
+static SHELL: Mutex<Option<Shell>> = Mutex::new(None);
+
+impl Shell {
+    fn start() -> std::io::Result<Shell> {
+        let mut child = Command::new("sh")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            // Not reached by the harness's Ctrl-C; killed as a group
+            // (with its nft) when a command overruns.
+            .process_group(0)
+            .spawn()?;
+        let (stdin, stdout) = match (child.stdin.take(), child.stdout.take()) {
+            (Some(i), Some(o)) => (i, o),
+            _ => return Err(std::io::Error::other("no pipes to sh")),
+        };
+        let (tx, lines) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("nft-shell".into())
+            .spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(l) = line else { break };
+                    if tx.send(l).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Shell {
+            child,
+            stdin,
+            lines,
+            seq: 0,
         })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(PartitionError::Spawn)?;
-    if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
-        w.write_all(text.as_bytes())
-            .map_err(PartitionError::Spawn)?;
     }
-    let out = child.wait_with_output().map_err(PartitionError::Spawn)?;
-    if !out.status.success() {
-        return Err(PartitionError::Nft {
-            what: args.join(" "),
-            msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+
+    /// Runs `nft ARGS` (with `input` on its stdin) and returns its exit
+    /// code and output, or `None` when it did not end within `timeout`.
+    fn run(
+        &mut self,
+        args: &[&str],
+        input: Option<&str>,
+        timeout: Duration,
+    ) -> Option<(i32, String)> {
+        self.seq += 1;
+        let marker = format!("__avalon_chaos_nft_{}_rc=", self.seq);
+        let mut cmd = String::from("nft");
+        for a in args {
+            // Our arguments are plain words; quoted all the same.
+            cmd.push_str(&format!(" '{}'", a.replace('\'', "'\\''")));
+        }
+        cmd.push_str(" 2>&1");
+        if let Some(text) = input {
+            cmd.push_str(&format!(
+                " <<'__AVALON_CHAOS_EOF'\n{text}\n__AVALON_CHAOS_EOF"
+            ));
+        }
+        // The empty echo ends output that lacks a final newline.
+        cmd.push_str(&format!("\nr=$?; echo; echo \"{marker}$r\"\n"));
+        self.stdin.write_all(cmd.as_bytes()).ok()?;
+        self.stdin.flush().ok()?;
+        let deadline = Instant::now() + timeout;
+        let mut out: Vec<String> = Vec::new();
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let line = self.lines.recv_timeout(left).ok()?;
+            if let Some(rc) = line.strip_prefix(&marker) {
+                // The empty line the echo added.
+                if out.last().is_some_and(String::is_empty) {
+                    out.pop();
+                }
+                let mut text = out.join("\n");
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                return Some((rc.trim().parse().unwrap_or(-1), text));
+            }
+            out.push(line);
+        }
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl Drop for Shell {
+    fn drop(&mut self) {
+        // The whole group: the shell and an nft it may be waiting for.
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the shell that runs every `nft` of this process, if it is not
+/// running. Call it before the process opens files on a FUSE mount (the
+/// cluster does, before mounting): a process spawned by one that has such
+/// files open closes its copies of them while it execs, and each close
+/// is a FUSE flush that waits for the mount, which, cut off from the MDS,
+/// can wait for minutes, with the cut in place because the nft that would
+/// remove it had not started. The shell forks nft from a table of files
+/// with no mount's files in it.
+pub fn prepare() -> Result<(), PartitionError> {
+    let mut shell = SHELL.lock().unwrap_or_else(|p| p.into_inner());
+    if shell
+        .as_mut()
+        .is_some_and(|s| matches!(s.child.try_wait(), Ok(None)))
+    {
+        return Ok(());
+    }
+    *shell = Some(Shell::start().map_err(PartitionError::Spawn)?);
+    Ok(())
+}
+
+fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, PartitionError> {
+    prepare()?;
+    let mut guard = SHELL.lock().unwrap_or_else(|p| p.into_inner());
+    let what = || args.join(" ");
+    let Some(shell) = guard.as_mut() else {
+        return Err(PartitionError::Spawn(std::io::Error::other("no shell")));
+    };
+    match shell.run(args, stdin, NFT_TIMEOUT) {
+        Some((0, out)) => Ok(out),
+        // sh's "not found".
+        Some((127, out)) => Err(PartitionError::Spawn(std::io::Error::other(out))),
+        Some((_, out)) => Err(PartitionError::Nft {
+            what: what(),
+            msg: out.trim().to_string(),
+        }),
+        None => {
+            // The next command gets a fresh shell.
+            *guard = None;
+            Err(PartitionError::Timeout {
+                what: what(),
+                after: NFT_TIMEOUT,
+            })
+        }
+    }
 }
 
 /// True when `nft` runs and the kernel has nf_tables.
