@@ -106,6 +106,15 @@ impl Cluster {
         if let Err(e) = crate::partition::prepare() {
             eprintln!("cluster: no shell for nft: {e}");
         }
+        // A cut left by a run killed mid-fault would still drop this
+        // cluster's traffic (the same addresses): an MDS 1 cut off from
+        // the others stays a candidate forever, the others learners.
+        match crate::partition::remove_stale() {
+            Ok(removed) if !removed.is_empty() => {
+                eprintln!("cluster: removed stale nftables tables {removed:?}");
+            }
+            _ => {}
+        }
         std::fs::create_dir_all(dir.join("logs"))?;
         let dir = std::fs::canonicalize(dir)?;
         for b in ["avalon-mds", "avalon-osd", "avalon-fuse"] {
@@ -173,9 +182,13 @@ impl Cluster {
         }
         if !c.wait_healthy(Duration::from_secs(120)) {
             bail!(
-                "cluster in {} not healthy after 120 s:\n{}",
+                "cluster in {} not healthy after 120 s:\n{}{}",
                 c.dir.display(),
-                status::render(&c.status())
+                status::render(&c.status()),
+                crate::partition::tables_of_ours()
+                    .filter(|t| !t.is_empty())
+                    .map(|t| format!("\nnftables tables of chaos runs still in place: {t:?}"))
+                    .unwrap_or_default()
             );
         }
         for i in 0..mounts {

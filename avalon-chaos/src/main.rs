@@ -55,6 +55,10 @@ struct Args {
     /// Keep the nodes' data directories after a passing run.
     #[arg(long)]
     keep: bool,
+    /// Second octet of every address of the cluster (127.N.0.x): runs side
+    /// by side need different ones.
+    #[arg(long, default_value_t = 0)]
+    net: u8,
 }
 
 /// `90`, `90s`, `30m`, `2h`.
@@ -132,6 +136,7 @@ fn main() {
             .bin_dir
             .unwrap_or_else(avalonctl::local_cluster::default_bin_dir),
         recover_bound: Duration::from_secs(args.recover_bound),
+        net: args.net,
     };
     match run::run(&opts) {
         Ok(report) => {

@@ -227,15 +227,35 @@ fn table_pid(name: &str) -> Option<i32> {
         .ok()
 }
 
+/// The tables of chaos runs (any process's) in place: (family, name).
+fn list_ours() -> Result<Vec<(String, String)>, PartitionError> {
+    Ok(nft(&["list", "tables"], None)?
+        .lines()
+        .filter_map(|line| {
+            // "table ip avalon_chaos_1234_0"
+            let mut w = line.split_whitespace();
+            match (w.next(), w.next(), w.next()) {
+                (Some("table"), Some(family), Some(name)) if name.starts_with(TABLE_PREFIX) => {
+                    Some((family.to_string(), name.to_string()))
+                }
+                _ => None,
+            }
+        })
+        .collect())
+}
+
+/// Names of the chaos runs' tables in place (`None`: nft does not work).
+pub fn tables_of_ours() -> Option<Vec<String>> {
+    list_ours()
+        .ok()
+        .map(|v| v.into_iter().map(|(_, name)| name).collect())
+}
+
 /// Deletes the tables of ours whose process is gone.
 pub fn remove_stale() -> Result<Vec<String>, PartitionError> {
     let mut removed = Vec::new();
-    for line in nft(&["list", "tables"], None)?.lines() {
-        // "table ip avalon_chaos_1234_0"
-        let mut w = line.split_whitespace();
-        let (Some("table"), Some(family), Some(name)) = (w.next(), w.next(), w.next()) else {
-            continue;
-        };
+    for (family, name) in list_ours()? {
+        let (family, name) = (family.as_str(), name.as_str());
         let Some(pid) = table_pid(name) else {
             continue;
         };

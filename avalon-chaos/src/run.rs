@@ -37,6 +37,9 @@ pub struct Options {
     pub bin_dir: PathBuf,
     /// How long the cluster may take to be healthy once faults stop.
     pub recover_bound: Duration,
+    /// Second octet of every address (127.N.0.x): runs side by side need
+    /// different ones.
+    pub net: u8,
 }
 
 /// Sleeps `d` unless interrupted; false if interrupted.
@@ -68,7 +71,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         opts.duration,
         opts.dir.display()
     );
-    let cluster = Cluster::start(&opts.dir, &opts.bin_dir, 3, 3, opts.mounts.max(1))
+    let cluster = Cluster::start_on(&opts.dir, &opts.bin_dir, 3, 3, opts.mounts.max(1), opts.net)
         .context("cluster start")?;
     let mounts: Vec<PathBuf> = cluster.mounts.iter().map(|m| m.path.clone()).collect();
     let addrs = cluster.layout.mds_addrs();
