@@ -110,17 +110,18 @@ impl Shell {
         })
     }
 
-    /// Runs `nft ARGS` (with `input` on its stdin) and returns its exit
+    /// Runs `prog ARGS` (with `input` on its stdin) and returns its exit
     /// code and output, or `None` when it did not end within `timeout`.
     fn run(
         &mut self,
+        prog: &str,
         args: &[&str],
         input: Option<&str>,
         timeout: Duration,
     ) -> Option<(i32, String)> {
         self.seq += 1;
         let marker = format!("__avalon_chaos_nft_{}_rc=", self.seq);
-        let mut cmd = String::from("nft");
+        let mut cmd = String::from(prog);
         for a in args {
             // Our arguments are plain words; quoted all the same.
             cmd.push_str(&format!(" '{}'", a.replace('\'', "'\\''")));
@@ -194,7 +195,7 @@ fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, PartitionError> {
     let Some(shell) = guard.as_mut() else {
         return Err(PartitionError::Spawn(std::io::Error::other("no shell")));
     };
-    match shell.run(args, stdin, NFT_TIMEOUT) {
+    match shell.run("nft", args, stdin, NFT_TIMEOUT) {
         Some((0, out)) => Ok(out),
         // sh's "not found".
         Some((127, out)) => Err(PartitionError::Spawn(std::io::Error::other(out))),
@@ -386,6 +387,38 @@ mod tests {
             "iifname \"lo\" ip saddr { 127.0.0.12, 127.0.0.31 } ip daddr { 127.0.0.11 } drop"
         ));
         assert!(s.starts_with("add table ip avalon_chaos_1_0\ndelete table ip avalon_chaos_1_0\n"));
+    }
+
+    /// The shell hands back each command's output (with or without a
+    /// final newline) and exit code, feeds it its input, and gives up on
+    /// a command that overruns, killing it with the shell.
+    #[test]
+    fn the_shell_runs_commands_and_gives_up_on_slow_ones() {
+        let mut sh = Shell::start().expect("sh");
+        let t = Duration::from_secs(20);
+        assert_eq!(
+            sh.run("printf", &["a\\nb"], None, t),
+            Some((0, "a\nb\n".to_string()))
+        );
+        assert_eq!(sh.run("false", &[], None, t), Some((1, String::new())));
+        assert_eq!(
+            sh.run("cat", &[], Some("it's\nthere"), t),
+            Some((0, "it's\nthere\n".to_string()))
+        );
+        assert_eq!(
+            sh.run("echo", &["it's"], None, t),
+            Some((0, "it's\n".to_string()))
+        );
+        let started = Instant::now();
+        assert_eq!(
+            sh.run("sleep", &["30"], None, Duration::from_millis(300)),
+            None
+        );
+        assert!(started.elapsed() < Duration::from_secs(20));
+        let pid = sh.child.id();
+        drop(sh);
+        // Killed and reaped with its group.
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
     }
 
     #[test]
