@@ -140,14 +140,25 @@ fn file_attr(c: &Client, a: &Attr) -> FileAttr {
 }
 
 fn reply_entry(c: &Client, r: crate::error::Result<Attr>, reply: ReplyEntry) {
+    reply_entry_for(c, r, c.meta.ttl(), reply)
+}
+
+/// As [`reply_entry`], for as long as `ttl`: zero for an answer the MDS
+/// may not know this mount caches (see `MetaCache::kernel_may_cache`).
+fn reply_entry_for(
+    c: &Client,
+    r: crate::error::Result<Attr>,
+    ttl: std::time::Duration,
+    reply: ReplyEntry,
+) {
     match r {
         // The kernel may keep what we tell it as long as our lease holds:
         // the MDS recalls it through us (recall.rs) before it changes.
-        Ok(a) => reply.entry(&c.meta.ttl(), &file_attr(c, &a), Generation(a.generation)),
-        Err(e) if e.errno() == libc::ENOENT && !c.meta.ttl().is_zero() => {
+        Ok(a) => reply.entry(&ttl, &file_attr(c, &a), Generation(a.generation)),
+        Err(e) if e.errno() == libc::ENOENT && !ttl.is_zero() => {
             // A negative entry (node 0) the kernel caches too.
             let none = crate::attr::to_fuse(&Attr::default(), 0, 0);
-            reply.entry(&c.meta.ttl(), &none, Generation(0))
+            reply.entry(&ttl, &none, Generation(0))
         }
         Err(e) => reply.error(errno(&e)),
     }
@@ -319,6 +330,7 @@ impl Filesystem for AvalonFs {
                 b"." => export_self(&c, parent).await,
                 b".." => export_parent(&c, parent).await,
                 _ => {
+                    let epoch = c.meta.epoch();
                     let r = c.lookup(parent, &name).await;
                     if let Err(e) = &r {
                         if e.errno() == libc::ENOENT {
@@ -334,7 +346,13 @@ impl Filesystem for AvalonFs {
                             Ok(a)
                         }
                     });
-                    return reply_entry(&c, r, reply);
+                    // Read across a recall or before the renewal of a
+                    // lapsed lease: the kernel asks again next time.
+                    let ttl = match c.meta.kernel_may_cache(epoch, &[parent]) {
+                        true => c.meta.ttl(),
+                        false => std::time::Duration::ZERO,
+                    };
+                    return reply_entry_for(&c, r, ttl, reply);
                 }
             };
             reply_export(&c, r, reply)

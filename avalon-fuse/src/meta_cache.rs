@@ -276,6 +276,15 @@ impl MetaCache {
                 .all(|x| self.own_touched.get(x).is_none_or(|e| *e <= start))
     }
 
+    /// Whether the kernel may cache, for the lease, a reply about `about`
+    /// to a request started in `epoch`: as [`MetaCache::put_entry`] would
+    /// keep it. A reply read before the lease was renewed after a lapse
+    /// (the MDS registers no reader then) or across a recall is not
+    /// known to the MDS as cached here: nothing would recall it.
+    pub fn kernel_may_cache(&self, epoch: u64, about: &[u64]) -> bool {
+        self.current(epoch, about) && self.valid()
+    }
+
     fn may_store(&self, epoch: u64, about: &[u64]) -> bool {
         if !self.current(epoch, about) || !self.valid() {
             return false;
