@@ -654,6 +654,33 @@ mod tests {
         c
     }
 
+    /// What the kernel may keep follows what this cache would: nothing
+    /// read across a recall or before a lapsed lease was renewed (the
+    /// MDS registered no reader then), nor without a lease.
+    #[test]
+    fn the_kernel_caches_only_answers_the_mds_knows_of() {
+        let c = leased();
+        let e = c.epoch();
+        assert!(c.kernel_may_cache(e, &[1]));
+        c.recall(&Recall {
+            ino: 9,
+            ..Default::default()
+        });
+        assert!(!c.kernel_may_cache(e, &[1]), "read across a recall");
+        assert!(c.kernel_may_cache(c.epoch(), &[1]));
+
+        // A lease that ran out, then renewed: an answer read before the
+        // renewal is not cached by the kernel.
+        let c = MetaCache::new();
+        c.renew(Instant::now(), Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(5));
+        let e = c.epoch();
+        assert!(!c.kernel_may_cache(e, &[1]), "no lease");
+        c.renew(Instant::now(), Duration::from_secs(60));
+        assert!(!c.kernel_may_cache(e, &[1]), "read before the renewal");
+        assert!(c.kernel_may_cache(c.epoch(), &[1]));
+    }
+
     #[test]
     fn nothing_is_trusted_without_a_lease() {
         let c = MetaCache::new();
