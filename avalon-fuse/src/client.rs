@@ -1131,6 +1131,7 @@ impl Client {
             header: self.session.header(),
             ino,
             size,
+            ..Default::default()
         };
         // The reply's attributes are as new as it gets.
         self.meta.forget_attr(ino);

@@ -174,6 +174,25 @@ pub enum Op {
     ExpireSession {
         session_id: u64,
     },
+    /// A [`Op::CommitWrite`] that also records (`max_size` > 0: grows to at
+    /// least that) or drops (`max_size` 0) `session`'s write grant on
+    /// `ino` (`grants.rs`). Proposed only while every voter has
+    /// `FEATURE_WRITE_GRANTS`.
+    CommitWriteGrant {
+        ino: u64,
+        size: u64,
+        session: u64,
+        max_size: u64,
+    },
+    /// A lost session's grants, recovered from the OSDs (`grants.rs`): for
+    /// each `(ino, size)` the size grows to at least `size`, mtime and
+    /// ctime move to the entry's time, and the grant goes; then the
+    /// session itself goes (as [`Op::ExpireSession`]). Grants not listed
+    /// stay (recovered later).
+    RecoverGrants {
+        session: u64,
+        sizes: Vec<(u64, u64)>,
+    },
     /// Sets or clears a byte-range lock of `(session, owner)` on `ino`
     /// (see `locks.rs`); EAGAIN on a conflict.
     SetLock {
@@ -379,6 +398,9 @@ pub enum Reply {
     Settings(crate::settings::ClusterSettings),
     /// How many entries a trash purge or expiry freed.
     Count(u64),
+    /// [`Op::CommitWriteGrant`]: the attributes and the size the session's
+    /// grant now reaches (0: none recorded).
+    Granted(Attr, u64),
 }
 
 /// What applying one log entry produced: a reply or a Linux errno.

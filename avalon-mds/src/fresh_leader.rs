@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Slack for clocks of different nodes running at slightly different rates.
-const CLOCK_MARGIN: Duration = Duration::from_millis(50);
+pub const CLOCK_MARGIN: Duration = Duration::from_millis(50);
 
 /// This node's view of its current term as a leader.
 #[derive(Default)]

@@ -16,6 +16,7 @@ pub mod delegation;
 pub mod disk_reserve;
 pub mod fresh_leader;
 pub mod gc;
+pub mod grants;
 pub mod leases;
 pub mod locks;
 pub mod log_sync;

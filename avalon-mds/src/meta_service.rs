@@ -329,6 +329,7 @@ fn attr_reply(r: Reply) -> Result<pb::AttrReply, MdsError> {
         quota_window: 0,
         chunk_cap: Default::default(),
         snap_seq: 0,
+        grant_max_size: 0,
     })
 }
 
@@ -1325,17 +1326,36 @@ impl Meta for MetaService {
         let r = req.into_inner();
         self.reach(lim.as_ref(), r.header.as_ref(), &[r.ino])?;
         ino_ok(r.ino)?;
-        let op = Op::CommitWrite {
-            ino: r.ino,
-            size: r.size,
+        let session = r.header.as_ref().map_or(0, |h| h.session_id);
+        let grants =
+            session != 0 && (r.want_grant != 0 || r.release_grant) && self.node.grants_on();
+        let op = if grants {
+            Op::CommitWriteGrant {
+                ino: r.ino,
+                size: r.size,
+                session,
+                max_size: if r.release_grant {
+                    0
+                } else {
+                    crate::grants::max_size_for(r.size.max(r.want_grant))
+                },
+            }
+        } else {
+            Op::CommitWrite {
+                ino: r.ino,
+                size: r.size,
+            }
         };
-        Ok(mapped(
-            lim.as_ref(),
-            attr_reply(
-                self.mutate(r.header.as_ref(), op, &[Change::data(r.ino)])
-                    .await?,
-            )?,
-        ))
+        let reply = self
+            .mutate(r.header.as_ref(), op, &[Change::data(r.ino)])
+            .await?;
+        let (reply, granted) = match reply {
+            Reply::Granted(a, g) => (Reply::Attr(a), g),
+            other => (other, 0),
+        };
+        let mut reply = attr_reply(reply)?;
+        reply.grant_max_size = granted;
+        Ok(mapped(lim.as_ref(), reply))
     }
 
     async fn append_write(&self, req: Request<pb::AppendWriteRequest>) -> Res<pb::AttrReply> {
@@ -1400,6 +1420,7 @@ impl Meta for MetaService {
                     shared_write,
                     quota_window: self.quota_window(r.ino),
                     snap_seq: self.node.read_local(|s| crate::snapshots::seq_of(s, r.ino)),
+                    grant_max_size: 0,
                     // Read-write for opens that change data (O_TRUNC too).
                     chunk_cap: self.chunk_caps.issue(
                         &peer,

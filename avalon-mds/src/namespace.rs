@@ -198,6 +198,11 @@ pub struct State {
     /// end before it.
     #[serde(deserialize_with = "crate::caps::absent_maps_as_default")]
     pub id_maps: crate::caps::IdMaps,
+    /// Write grants by (inode, session): the size up to which the
+    /// session may have grown the file without committing (`grants.rs`).
+    /// Older snapshots end before it.
+    #[serde(deserialize_with = "crate::grants::absent_as_default")]
+    pub grants: crate::grants::Grants,
 }
 
 impl Default for State {
@@ -252,6 +257,7 @@ impl State {
             trash: crate::trash::Trash::default(),
             snapshots: crate::snapshots::Snapshots::default(),
             id_maps: Default::default(),
+            grants: Default::default(),
         }
     }
 
@@ -778,6 +784,37 @@ impl State {
                             _ => {}
                         }
                     }
+                }
+                Ok(Reply::None)
+            }
+            Op::CommitWriteGrant {
+                ino,
+                size,
+                session,
+                max_size,
+            } => {
+                let attr = self.commit_write(now, *ino, *size)?;
+                let granted = crate::grants::set(self, *ino, *session, *max_size);
+                Ok(Reply::Granted(attr, granted))
+            }
+            Op::RecoverGrants { session, sizes } => {
+                for &(ino, size) in sizes {
+                    if self.grants.remove(&(ino, *session)).is_none() {
+                        continue;
+                    }
+                    let Ok(i) = self.inode_mut(ino) else { continue };
+                    if i.attr.mode & S_IFMT != S_IFREG {
+                        continue;
+                    }
+                    // No quota check: the bytes are stored already.
+                    let old = i.attr.size;
+                    i.attr.size = old.max(size.min(MAX_FILE_SIZE));
+                    i.attr.mtime_ns = i.attr.mtime_ns.max(now);
+                    i.attr.ctime_ns = i.attr.ctime_ns.max(now);
+                    crate::rstats::changed(self, ino, old);
+                }
+                if self.sessions.contains_key(session) {
+                    self.drop_session(*session);
                 }
                 Ok(Reply::None)
             }

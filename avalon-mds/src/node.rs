@@ -379,6 +379,13 @@ impl MdsNode {
             .all(|id| f.get(&id).is_some_and(|b| b & feature != 0))
     }
 
+    /// Whether write grants may be recorded: this node and every voter
+    /// have `FEATURE_WRITE_GRANTS` (an older voter could not apply them).
+    pub fn grants_on(&self) -> bool {
+        let f = avalon_proto::version::FEATURE_WRITE_GRANTS;
+        avalon_proto::version::features() & f != 0 && self.voters_have(f)
+    }
+
     pub fn voter_ids(&self) -> BTreeSet<NodeId> {
         self.raft
             .metrics()
@@ -876,17 +883,28 @@ impl MdsNode {
         let timeout = Duration::from_millis(self.cfg.session_timeout_ms.max(1));
         let sessions: Vec<u64> = self.read_local(|s| s.sessions.keys().copied().collect());
         let now = Instant::now();
-        let expired: Vec<u64> = {
+        // A session holding write grants is recovered only once its lease
+        // ran out whatever the timeout (`grants.rs`, fencing).
+        let fenced = self.grant_fence();
+        let expired: Vec<(u64, Duration)> = {
             let mut l = self.lock_liveness();
             sessions
                 .iter()
-                .filter(|id| l.client_seen.entry(**id).or_insert(now).elapsed() >= timeout)
-                .copied()
+                .map(|id| (*id, l.client_seen.entry(*id).or_insert(now).elapsed()))
+                .filter(|(_, silent)| *silent >= timeout)
                 .collect()
         };
-        for id in expired {
+        for (id, silent) in expired {
             tracing::info!(session = id, "client session timed out; expiring");
-            match self.write(None, Op::ExpireSession { session_id: id }).await {
+            let done = if crate::grants::holds(self, id) {
+                if silent < fenced || !crate::grants::recover_session(self, id).await {
+                    continue;
+                }
+                Ok(crate::command::Reply::None)
+            } else {
+                self.write(None, Op::ExpireSession { session_id: id }).await
+            };
+            match done {
                 Ok(_) | Err(MdsError::Errno(_)) => {
                     self.leases.remove_session(id);
                     self.delegations.remove_session(id);
@@ -933,6 +951,13 @@ impl MdsNode {
         }
     }
 
+    /// How long a session must have been silent (or its grant orphaned)
+    /// before the leader reads the OSDs for its grants: any lease it was
+    /// granted has run out by then.
+    pub fn grant_fence(&self) -> Duration {
+        Duration::from_millis(self.cfg.lease_ms) + crate::fresh_leader::CLOCK_MARGIN
+    }
+
     /// Reclaims orphans that nobody has open (leader only).
     async fn sweep_orphans(&self) {
         let orphans: Vec<u64> = self.read_local(|s| s.orphans.iter().take(4096).copied().collect());
@@ -954,6 +979,9 @@ impl MdsNode {
             .min(Duration::from_millis(self.cfg.orphan_grace_ms.max(1)) / 4)
             .clamp(Duration::from_millis(50), Duration::from_millis(250));
         let mut was_leader = false;
+        // Grants of sessions that are gone, and since when this leader
+        // knows it (`grants::recover_orphans`).
+        let mut orphan_grants = HashMap::new();
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -961,6 +989,7 @@ impl MdsNode {
             }
             let leader = self.is_leader();
             if !leader {
+                orphan_grants.clear();
                 if was_leader {
                     let mut l = self.lock_liveness();
                     l.leader_since = None;
@@ -986,6 +1015,7 @@ impl MdsNode {
                 }
             }
             self.expire_sessions().await;
+            crate::grants::recover_orphans(self, &mut orphan_grants, self.grant_fence()).await;
             self.sweep_orphans().await;
             let osds: Vec<(u64, OsdState)> =
                 self.read_local(|s| s.osds.values().map(|o| (o.id, o.state)).collect());

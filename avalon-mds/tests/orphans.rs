@@ -187,6 +187,7 @@ async fn open_unlinked_files_and_session_expiry() {
             header: hdr(a),
             ino: f,
             size: 4096,
+            ..Default::default()
         })
         .await
         .expect("commit write to orphan")

@@ -427,12 +427,17 @@ impl OsdService {
         Ok(ObjectExtentsReply {
             chunks: chunks
                 .into_iter()
-                .map(|(index, data)| ChunkExtents {
-                    index,
-                    data: data
-                        .into_iter()
-                        .map(|(start, end)| ByteRange { start, end })
-                        .collect(),
+                .map(|(index, data, state)| {
+                    let (version, length) = state.unwrap_or_default();
+                    ChunkExtents {
+                        index,
+                        data: data
+                            .into_iter()
+                            .map(|(start, end)| ByteRange { start, end })
+                            .collect(),
+                        length,
+                        version,
+                    }
                 })
                 .collect(),
             truncated,

@@ -393,7 +393,8 @@ fn hostile_requests_get_errnos() {
                 pb::CommitWriteRequest {
                     header: hdr(),
                     ino: f.ino,
-                    size
+                    size,
+                    ..Default::default()
                 }
             ),
             &[libc::EFBIG, libc::EINVAL],

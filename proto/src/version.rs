@@ -78,6 +78,15 @@ pub const FEATURE_EPOCH_VERSIONS: u64 = 1 << 8;
 /// clients that set `caches`.
 pub const FEATURE_LOCK_CACHE: u64 = 1 << 10;
 
+/// Feature bit: write grants (`CommitWriteRequest.want_grant`). The MDS
+/// records a session's grant to grow a file up to a size in its Raft
+/// state; a client holding one may answer fsync/fdatasync once the OSDs
+/// stored the data, leaving size and times to its next commit, and the
+/// leader recovers them from the OSDs (`ChunkExtents.length`) when the
+/// session is lost. Granted only while every voter has the bit (an older
+/// voter could not apply the log entry).
+pub const FEATURE_WRITE_GRANTS: u64 = 1 << 9;
+
 /// Every feature this build has.
 pub const FEATURES: u64 = FEATURE_VERSION_EXCHANGE
     | FEATURE_VERSIONED_FORMATS
@@ -88,7 +97,8 @@ pub const FEATURES: u64 = FEATURE_VERSION_EXCHANGE
     | FEATURE_ID_MAP
     | FEATURE_LOCK_RECLAIM
     | FEATURE_EPOCH_VERSIONS
-    | FEATURE_LOCK_CACHE;
+    | FEATURE_LOCK_CACHE
+    | FEATURE_WRITE_GRANTS;
 
 /// The crate (release) version, e.g. "0.1.0".
 pub const RELEASE: &str = env!("CARGO_PKG_VERSION");

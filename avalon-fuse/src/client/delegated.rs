@@ -712,6 +712,7 @@ impl Client {
             header: None,
             ino,
             size,
+            ..Default::default()
         });
         self.queue_attr_change(s, now, op, &a, false);
         Some(a)

@@ -1199,3 +1199,89 @@ fn touch_changes_atime_only() {
     };
     assert_eq!(run(&mut s, t), Err(libc::ENOENT));
 }
+
+/// Write grants (`grants.rs`): recorded with a commit for a live session
+/// only, grown never shrunk, kept across the session's expiry (for
+/// recovery), and a recovery grows the size, moves the times, drops the
+/// grants it lists and the session; the state round-trips with them.
+#[test]
+fn write_grants_are_recorded_kept_and_recovered() {
+    let mut s = State::new();
+    let sid = match run(
+        &mut s,
+        Op::RegisterClient {
+            hostname: "h".into(),
+            mountpoint: b"/mnt".to_vec(),
+            pid: 1,
+            subdir: b"/".to_vec(),
+        },
+    ) {
+        Ok(Reply::ClientRegistered { session_id, .. }) => session_id,
+        other => panic!("register: {other:?}"),
+    };
+    let f = mknod(&mut s, ROOT_INO, "f", true).expect("mknod").ino;
+    let g = mknod(&mut s, ROOT_INO, "g", true).expect("mknod").ino;
+    let grant = |s: &mut State, ino, size, session, max_size| match run(
+        s,
+        Op::CommitWriteGrant {
+            ino,
+            size,
+            session,
+            max_size,
+        },
+    ) {
+        Ok(Reply::Granted(a, m)) => (a.size, m),
+        other => panic!("grant: {other:?}"),
+    };
+    assert_eq!(grant(&mut s, f, 100, sid, 5000), (100, 5000));
+    assert_eq!(
+        grant(&mut s, f, 200, sid, 3000),
+        (200, 5000),
+        "never shrinks"
+    );
+    assert_eq!(grant(&mut s, g, 10, sid, 900), (10, 900));
+    assert_eq!(grant(&mut s, g, 10, 0, 0), (10, 0), "release of nobody's");
+    assert_eq!(grant(&mut s, f, 50, sid + 7, 900), (200, 0), "no session");
+    assert_eq!(s.grants.len(), 2);
+    let bytes = postcard::to_allocvec(&s).expect("serialize");
+    let back: State = postcard::from_bytes(&bytes).expect("deserialize");
+    assert_eq!(back, s);
+    // Expiry keeps the grants: the leader recovers them.
+    run(&mut s, Op::ExpireSession { session_id: sid }).expect("expire");
+    assert_eq!(s.grants.len(), 2);
+    let mut later = cmd(Op::RecoverGrants {
+        session: sid,
+        sizes: vec![(f, 4000), (g, 5)],
+    });
+    later.now_ns = T0 + 50;
+    assert_eq!(s.apply(&later).0, Ok(Reply::None));
+    assert!(s.grants.is_empty());
+    let af = s.getattr(f).expect("f");
+    assert_eq!(
+        (af.size, af.mtime_ns, af.ctime_ns),
+        (4000, T0 + 50, T0 + 50)
+    );
+    assert_eq!(
+        s.getattr(g).expect("g").size,
+        10,
+        "never below the committed size"
+    );
+    // A release drops the grant with the commit.
+    let sid2 = match run(
+        &mut s,
+        Op::RegisterClient {
+            hostname: "h".into(),
+            mountpoint: b"/mnt".to_vec(),
+            pid: 2,
+            subdir: b"/".to_vec(),
+        },
+    ) {
+        Ok(Reply::ClientRegistered { session_id, .. }) => session_id,
+        other => panic!("register: {other:?}"),
+    };
+    grant(&mut s, f, 4000, sid2, 9000);
+    assert_eq!(grant(&mut s, f, 4100, sid2, 0), (4100, 0));
+    assert!(s.grants.is_empty());
+    assert_eq!(crate::grants::max_size_for(0), 4 << 20);
+    assert_eq!(crate::grants::max_size_for(80 << 20), 90 << 20);
+}

@@ -8,8 +8,9 @@ use super::ChunkStore;
 use super::ListedChunk;
 use std::io;
 
-/// A chunk index and the byte ranges of it that hold data.
-pub type ChunkData = (u64, Vec<(u64, u64)>);
+/// A chunk index, the byte ranges of it that hold data, and its version
+/// and stored length from its sidecar (`None`: corrupt metadata).
+pub type ChunkData = (u64, Vec<(u64, u64)>, Option<(u64, u64)>);
 
 impl ChunkStore {
     /// Every stored chunk for which `want(ino, index)` holds, with its
@@ -56,11 +57,14 @@ impl ChunkStore {
             }
             let _i = self.locks.ino_shared(ino);
             let _c = self.locks.chunk(ino, index);
-            let len = match self.meta_of(ino, index) {
-                Ok(Some(m)) => m.len,
+            let (len, state) = match self.meta_of(ino, index) {
+                Ok(Some(m)) if m.flags & SUSPECT != 0 || self.lost.contains(ino, index) => {
+                    (m.len, None)
+                }
+                Ok(Some(m)) => (m.len, Some((m.version, m.len))),
                 Ok(None) => continue,
                 // Unknown content: say data, never a false hole.
-                Err(StoreError::Corruption { .. }) => u64::MAX,
+                Err(StoreError::Corruption { .. }) => (u64::MAX, None),
                 Err(e) => return Err(e),
             };
             let dpath = self.data_path(ino, index);
@@ -70,7 +74,7 @@ impl ChunkStore {
                 Err(e) => return Err(io_err(&dpath)(e)),
             };
             let len = len.min(file.len().map_err(io_err(&dpath))?);
-            out.push((index, file.data_ranges(len)));
+            out.push((index, file.data_ranges(len), state));
         }
         Ok((out, false))
     }

@@ -420,6 +420,11 @@ fn extents_show_written_ranges_only() {
     assert!(covers(&all[0].1, 3 * B as u64, 3 * B as u64 + 10));
     assert!(all[0].1.iter().all(|x| x.1 <= 3 * B as u64 + 10));
     assert!(covers(&all[1].1, B as u64, 2 * B as u64));
+    // Version and stored length from the sidecars (what the MDS recovers
+    // a lost writer's size from).
+    assert_eq!(all[0].2.map(|v| v.1), Some(3 * B as u64 + 10));
+    assert_eq!(all[1].2.map(|v| v.1), Some(2 * B as u64));
+    assert!(all[0].2.is_some_and(|v| v.0 > 0));
     // A punched block becomes a hole where the filesystem can punch.
     s.apply(
         5,
