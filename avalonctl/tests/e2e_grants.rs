@@ -119,6 +119,16 @@ fn write_under_grant(
     })
 }
 
+/// Writes `data` to `p` and fsyncs it (the create reaches the MDS: a
+/// mount may queue it under a delegation).
+fn write_synced(p: &Path, data: &[u8]) -> u64 {
+    use std::io::Write;
+    let mut f = std::fs::File::create(p).expect("create");
+    f.write_all(data).expect("write");
+    f.sync_all().expect("fsync");
+    f.metadata().expect("stat").ino()
+}
+
 /// Waits until `p` (on another mount) shows `size` bytes.
 fn wait_size(p: &Path, size: u64) -> std::fs::Metadata {
     let mut last = None;
@@ -151,8 +161,7 @@ fn lost_writers_sizes_are_recovered_from_the_osds() {
 
     // 1. A lost writer whose size grew past what it committed.
     let head = common::data(10_000, 1);
-    std::fs::write(root.join("a"), &head).expect("write a");
-    let ino = std::fs::metadata(root.join("a")).expect("stat").ino();
+    let ino = write_synced(&root.join("a"), &head);
     let tail = common::data(6_000, 2);
     let before = now_ns();
     let granted = write_under_grant(&mut t, &x, ino, head.len() as u64, head.len() as u32, &tail);
@@ -169,8 +178,7 @@ fn lost_writers_sizes_are_recovered_from_the_osds() {
     // 2. The same with the leader killed after the write: the new leader
     // recovers the grant (Raft state) once the session times out.
     let head = common::data(5_000, 3);
-    std::fs::write(root.join("b"), &head).expect("write b");
-    let ino = std::fs::metadata(root.join("b")).expect("stat").ino();
+    let ino = write_synced(&root.join("b"), &head);
     let tail = common::data(70_000, 4);
     let before = now_ns();
     write_under_grant(&mut t, &x, ino, head.len() as u64, head.len() as u32, &tail);
