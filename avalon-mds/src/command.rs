@@ -174,13 +174,15 @@ pub enum Op {
     ExpireSession {
         session_id: u64,
     },
-    /// A [`Op::CommitWrite`] that also records (`max_size` > 0: grows to at
+    /// A [`Op::CommitWrite`] (unless `commit` is false) that also records (`max_size` > 0: grows to at
     /// least that) or drops (`max_size` 0) `session`'s write grant on
     /// `ino` (`grants.rs`). Proposed only while every voter has
     /// `FEATURE_WRITE_GRANTS`.
     CommitWriteGrant {
         ino: u64,
         size: u64,
+        /// False: only the grant changes (no size, no times).
+        commit: bool,
         session: u64,
         max_size: u64,
     },

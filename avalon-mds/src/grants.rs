@@ -61,6 +61,22 @@ pub fn set(s: &mut State, ino: u64, session: u64, max_size: u64) -> u64 {
     *g
 }
 
+/// Grants on `inos` held by sessions other than `sid`: (holder, inode).
+pub fn held_by_others(s: &State, sid: u64, inos: &[u64]) -> Vec<(u64, u64)> {
+    if s.grants.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for &ino in inos {
+        for (&(_, holder), _) in s.grants.range((ino, 0)..=(ino, u64::MAX)) {
+            if holder != sid {
+                out.push((holder, ino));
+            }
+        }
+    }
+    out
+}
+
 /// The grants of `session`: (inode, max_size, committed size, chunk
 /// size; 0 when the inode is gone).
 fn of_session(s: &State, session: u64) -> Vec<(u64, u64, u64, u64)> {

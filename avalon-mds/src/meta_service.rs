@@ -682,23 +682,41 @@ impl MetaService {
     ) -> Result<T, MdsError> {
         let leases = &self.node.leases;
         let delegations = &self.node.delegations;
-        for _ in 0..3 {
-            let (v, conflicts) = self
+        for attempt in 0..3 {
+            let (v, conflicts, held) = self
                 .node
                 .read(|s| {
                     let (v, inos) = f(s);
                     let inos: Vec<u64> = inos.into_iter().collect();
                     let conflicts = delegations.conflicts(sid, inos.iter().copied());
-                    if conflicts.is_empty() {
+                    // Another session's write grant: its fsynced size may
+                    // not be committed yet (asked for once; a holder that
+                    // does not answer leaves the committed size).
+                    let held = if attempt == 0 {
+                        crate::grants::held_by_others(s, sid, &inos)
+                    } else {
+                        Vec::new()
+                    };
+                    if conflicts.is_empty() && held.is_empty() {
                         leases.grant(sid, inos);
                     }
-                    (v, conflicts)
+                    (v, conflicts, held)
                 })
                 .await?;
-            if conflicts.is_empty() {
+            if conflicts.is_empty() && held.is_empty() {
                 return Ok(v);
             }
-            self.revoke(conflicts).await;
+            if !held.is_empty() {
+                // The holder commits and writes through from then on
+                // (shared-write mode), dropping its grant.
+                let demands = held
+                    .into_iter()
+                    .map(|(holder, ino)| leases.demand_flush(holder, ino, SHARED_WRITE_WAIT));
+                futures::future::join_all(demands).await;
+            }
+            if !conflicts.is_empty() {
+                self.revoke(conflicts).await;
+            }
         }
         Err(MdsError::Unavailable(
             "a delegation kept coming back; try again".into(),
@@ -1333,6 +1351,7 @@ impl Meta for MetaService {
             Op::CommitWriteGrant {
                 ino: r.ino,
                 size: r.size,
+                commit: !r.grant_only,
                 session,
                 max_size: if r.release_grant {
                     0

@@ -790,10 +790,15 @@ impl State {
             Op::CommitWriteGrant {
                 ino,
                 size,
+                commit,
                 session,
                 max_size,
             } => {
-                let attr = self.commit_write(now, *ino, *size)?;
+                let attr = if *commit {
+                    self.commit_write(now, *ino, *size)?
+                } else {
+                    self.getattr(*ino)?
+                };
                 let granted = crate::grants::set(self, *ino, *session, *max_size);
                 Ok(Reply::Granted(attr, granted))
             }

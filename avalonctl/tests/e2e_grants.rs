@@ -92,7 +92,7 @@ fn write_under_grant(
                 ino,
                 size,
                 want_grant: size,
-                release_grant: false,
+                ..Default::default()
             })
             .await
             .expect("commit with a grant")

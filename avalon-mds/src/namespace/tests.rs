@@ -1226,6 +1226,7 @@ fn write_grants_are_recorded_kept_and_recovered() {
         Op::CommitWriteGrant {
             ino,
             size,
+            commit: true,
             session,
             max_size,
         },
