@@ -1112,14 +1112,29 @@ impl Client {
     /// committed and `Ok(None)` returned): such a commit may run while the
     /// data is still on its way, since it moves only mtime and ctime.
     async fn commit_pending(&self, ino: u64, times_only: bool) -> Result<Option<Attr>> {
-        let size = match self.open_files.files.get(&ino) {
-            Some(st) if st.dirty && !(times_only && st.grown) => st.size,
+        self.commit_pending_with(ino, times_only, false).await
+    }
+
+    /// [`Client::commit_pending`], asking (`want_grant`) for a write grant
+    /// with the commit where this session may hold one (see
+    /// [`Client::fsync`]).
+    async fn commit_pending_with(
+        &self,
+        ino: u64,
+        times_only: bool,
+        want_grant: bool,
+    ) -> Result<Option<Attr>> {
+        let (size, want) = match self.open_files.files.get(&ino) {
+            Some(st) if st.dirty && !(times_only && st.grown) => {
+                let want = want_grant && self.may_hold_grant(&st);
+                (st.size, if want { st.size.max(1) } else { 0 })
+            }
             _ => return Ok(None),
         };
         // Queued under a delegation, the commit would go out after the
         // data (the queue stores a file's data before its size): a times
         // commit goes the synchronous way, behind the queue (`rpc`).
-        if !times_only {
+        if !times_only && want == 0 {
             if let Some(a) = self.commit_delegated(ino, size) {
                 if let Some(mut st) = self.open_files.files.get_mut(&ino) {
                     st.committed(size);
@@ -1131,8 +1146,12 @@ impl Client {
             header: self.session.header(),
             ino,
             size,
+            want_grant: want,
             ..Default::default()
         };
+        // The lease the grant will be used under: taken before the
+        // request, so a lapse while it is out voids the grant.
+        let lease = self.meta.lease_held();
         // The reply's attributes are as new as it gets.
         self.meta.forget_attr(ino);
         if let Some(mut st) = self.open_files.files.get_mut(&ino) {
@@ -1144,8 +1163,12 @@ impl Client {
         if let Some(mut st) = self.open_files.files.get_mut(&ino) {
             st.commits_done = st.commits_done.wrapping_add(1);
             // Writes that raced past `size` stay dirty.
-            if r.is_ok() {
+            if let Ok(r) = &r {
                 st.committed(size);
+                if let (true, Some(gen)) = (r.grant_max_size > 0 && !st.shared, lease) {
+                    st.grant = r.grant_max_size;
+                    st.grant_gen = gen;
+                }
             }
         }
         let r = r?;
@@ -1156,11 +1179,66 @@ impl Client {
 
     /// After an O_SYNC (`datasync` false) or O_DSYNC write made its data
     /// durable: commits the size and times, or with O_DSYNC only a size
-    /// the writes grew (as [`Client::fsync`] and fdatasync do).
+    /// the writes grew (as [`Client::fsync`] and fdatasync do); nothing
+    /// under a write grant that covers the size.
     pub async fn commit_synced_write(&self, ino: u64, datasync: bool) -> Result<()> {
-        if !datasync || self.known_size(ino).is_some_and(|st| st.grown) {
-            self.commit_size(ino).await?;
+        if self.granted(ino) {
+            return Ok(());
         }
+        if !datasync || self.known_size(ino).is_some_and(|st| st.grown) {
+            self.commit_pending_with(ino, false, true).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether this client asks for write grants: it has the feature (the
+    /// MDS grants only while every voter has it), and the file is neither
+    /// in shared-write mode (writes commit through) nor under a byte quota
+    /// (whose window bounds uncommitted growth).
+    fn may_hold_grant(&self, st: &FileState) -> bool {
+        avalon_proto::version::features() & avalon_proto::version::FEATURE_WRITE_GRANTS != 0
+            && !st.shared
+            && st.quota_window == 0
+    }
+
+    /// True if the data of `ino` this client has written (and made
+    /// durable) may go without an MDS commit: this session's write grant
+    /// covers the size, and the lease it was recorded under holds now,
+    /// unbroken (`MetaCache::lease_held`). Asked after the OSDs
+    /// acknowledged the data: the MDS recovers a lost session's grants
+    /// from the OSDs only after that lease ran out.
+    fn granted(&self, ino: u64) -> bool {
+        let Some(st) = self.known_size(ino) else {
+            return false;
+        };
+        st.grant > 0
+            && st.size <= st.grant
+            && !st.shared
+            && self.meta.lease_held() == Some(st.grant_gen)
+    }
+
+    /// Drops this session's write grant on `ino` at the MDS (last close,
+    /// shared-write mode), without a commit of its own.
+    async fn release_grant(&self, ino: u64) -> Result<()> {
+        let held = match self.open_files.files.get_mut(&ino) {
+            Some(mut st) if st.grant > 0 => {
+                st.grant = 0;
+                true
+            }
+            _ => false,
+        };
+        if !held {
+            return Ok(());
+        }
+        let req = pb::CommitWriteRequest {
+            header: self.session.header(),
+            ino,
+            release_grant: true,
+            grant_only: true,
+            ..Default::default()
+        };
+        self.rpc(req, |mut c, r| async move { c.commit_write(r).await })
+            .await?;
         Ok(())
     }
 
@@ -1307,7 +1385,10 @@ impl Client {
         let _g = gate.write().await;
         let flushed = self.flush_file(ino).await;
         let committed = self.commit_size(ino).await.map(|_| ());
-        flushed.and(committed)
+        // Writes commit through from now on: the grant goes (another
+        // session's read asked for this demand while it was held).
+        let released = self.release_grant(ino).await;
+        flushed.and(committed).and(released)
     }
 
     /// Shared-write mode for every file open for writing (the recall
@@ -1400,14 +1481,19 @@ impl Client {
     pub async fn release(&self, ino: u64, flags: u32) -> Result<()> {
         // Buffered data reaches the OSDs before the size that covers it.
         let closed = self.close_file(ino).await;
+        let mut released = Ok(());
         if self.open_files.uncount_open(ino, flags) {
             // Opened for reading but never read: nothing to renew.
             self.atime_due.remove(&ino);
+            // The last close committed size and times: the grant goes.
+            if closed.is_ok() {
+                released = self.release_grant(ino).await;
+            }
         }
         if !self.deleg.release_unregistered(ino, flags) {
             self.send_release(ino, flags).await?;
         }
-        closed
+        closed.and(released)
     }
 
     /// Tells the MDS one open of `ino` (with open flags `flags`) ended.
@@ -1426,6 +1512,17 @@ impl Client {
     /// on the MDS (fsync).
     /// A delegated change to it that the MDS will never apply is reported.
     pub async fn fsync(&self, ino: u64, datasync: bool) -> Result<()> {
+        if self.granted(ino) {
+            // Under a write grant: one round trip to the primaries (the
+            // data and each chunk's length durable on the replicas); size
+            // and times ride on the next commit, and the MDS recovers them
+            // from the OSDs if this session is lost (`grants.rs` there).
+            self.sync_data(ino).await?;
+            if self.granted(ino) {
+                let synced = self.sync_meta().await;
+                return synced.and(self.lost_change(ino));
+            }
+        }
         if datasync {
             self.sync_data(ino).await?;
         } else {
@@ -1434,14 +1531,19 @@ impl Client {
             // mtime newer than the durable data is what write(2) leaves on
             // a local filesystem too). A grown size waits for its data
             // below, so it never covers bytes that are not stored.
-            let (data, times) = tokio::join!(self.sync_data(ino), self.commit_pending(ino, true));
+            let (data, times) = tokio::join!(
+                self.sync_data(ino),
+                self.commit_pending_with(ino, true, true)
+            );
             data?;
             times?;
         }
         // fdatasync leaves times to the next commit, not a grown size
         // (the data past the old size could not be read back without it).
+        // Either commit asks for a write grant, so that the next fsyncs
+        // need no MDS round trip.
         if !datasync || self.known_size(ino).is_some_and(|st| st.grown) {
-            self.commit_size(ino).await?;
+            self.commit_pending_with(ino, false, true).await?;
         }
         let synced = self.sync_meta().await;
         synced.and(self.lost_change(ino))
@@ -1489,6 +1591,18 @@ impl Client {
         for ino in dirty {
             if let Err(e) = self.commit_size(ino).await {
                 tracing::warn!(ino, error = %e, "could not commit file size");
+            }
+        }
+        let granted: Vec<u64> = self
+            .open_files
+            .files
+            .iter()
+            .filter(|e| e.grant > 0)
+            .map(|e| *e.key())
+            .collect();
+        for ino in granted {
+            if let Err(e) = self.release_grant(ino).await {
+                tracing::debug!(ino, error = %e, "could not release a write grant");
             }
         }
         if let Err(e) = self.flush_delegated().await {

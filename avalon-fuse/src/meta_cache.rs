@@ -44,6 +44,10 @@ pub enum Cached {
 #[derive(Default)]
 pub struct MetaCache {
     lease_until: Mutex<Option<Instant>>,
+    /// Bumped (under `lease_until`'s lock) whenever the lease is lost or
+    /// found lapsed: a write grant is used only under the lease it was
+    /// recorded under (see [`MetaCache::lease_held`]).
+    lease_gen: AtomicU64,
     /// Bumped by every recall and lease loss, and by this client's own
     /// namespace changes.
     epoch: AtomicU64,
@@ -140,6 +144,17 @@ impl MetaCache {
         l.is_some_and(|t| t <= Instant::now())
     }
 
+    /// The lease's generation if the lease holds now: the same value later
+    /// means it held without a break in between (never lapsed, never
+    /// dropped). The MDS forgets a session only after its lease ran out,
+    /// so what the OSDs acknowledged while this holds is there when it
+    /// recovers the session's write grants.
+    pub fn lease_held(&self) -> Option<u64> {
+        let l = self.lease_until.lock().unwrap_or_else(|e| e.into_inner());
+        l.filter(|t| *t > Instant::now())
+            .map(|_| self.lease_gen.load(Ordering::Acquire))
+    }
+
     /// A heartbeat sent at `sent` was answered with a lease of `lease`
     /// (zero: none; the cache is void).
     pub fn renew(&self, sent: Instant, lease: Duration) {
@@ -150,6 +165,7 @@ impl MetaCache {
         let mut l = self.lease_until.lock().unwrap_or_else(|e| e.into_inner());
         // A lease lapsed in between: what is cached may be stale.
         if l.is_none_or(|t| t <= Instant::now()) {
+            self.lease_gen.fetch_add(1, Ordering::AcqRel);
             self.empty();
         }
         *l = Some(sent + lease);
@@ -158,7 +174,11 @@ impl MetaCache {
     /// Drops everything and the lease (stream lost, leader changed, too
     /// many entries): nothing is cached again before the next heartbeat.
     pub fn clear(&self) {
-        *self.lease_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        {
+            let mut l = self.lease_until.lock().unwrap_or_else(|e| e.into_inner());
+            *l = None;
+            self.lease_gen.fetch_add(1, Ordering::AcqRel);
+        }
         self.dropped.store(true, Ordering::Release);
         self.empty();
     }

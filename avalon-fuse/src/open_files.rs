@@ -37,6 +37,12 @@ pub struct FileState {
     pub quota_window: u64,
     /// The size the MDS holds, as far as this client knows.
     pub mds_size: u64,
+    /// This session's write grant on the file: the size up to which an
+    /// fsync may leave size and times to the next commit (0: none).
+    pub grant: u64,
+    /// The lease generation the grant was recorded under
+    /// (`MetaCache::lease_held`).
+    pub grant_gen: u64,
 }
 
 impl FileState {

@@ -5,6 +5,8 @@
 //! least the write's, and the bytes.
 
 mod common;
+#[path = "common/prom.rs"]
+mod prom;
 
 use avalon_proto::data_conn::DataConns;
 use avalon_proto::pb::{self, meta_client::MetaClient, ChunkId};
@@ -12,7 +14,9 @@ use avalon_proto::placement::chunk_members;
 use avalon_proto::tls::{ClientTls, Dial};
 use avalonctl::keys;
 use avalonctl::local_cluster::LocalCluster;
-use common::TestCluster;
+use common::{SecondMount, TestCluster};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -192,4 +196,140 @@ fn lost_writers_sizes_are_recovered_from_the_osds() {
     );
     let back = std::fs::read(root.join("b")).expect("read b");
     assert!(back[..5_000] == head[..] && back[5_000..] == tail[..]);
+}
+
+/// CommitWrite requests the MDS nodes served (leader and followers).
+fn commits(t: &mut TestCluster) -> f64 {
+    t.c()
+        .layout
+        .metrics_addrs()
+        .iter()
+        .filter(|(n, _)| n.starts_with("mds"))
+        .filter_map(|(_, a)| prom::http_get(a, "/metrics").ok())
+        .filter_map(|(_, body)| prom::parse(&body).ok())
+        .map(|s| {
+            s.sum(
+                "avalon_mds_op_duration_seconds_count",
+                &[("op", "commit_write")],
+            )
+        })
+        .sum()
+}
+
+/// A real mount appends + fdatasyncs and overwrites + fsyncs under a
+/// grant (no size commit per fsync), another mount's stat meanwhile sees
+/// the written size, and after the writer is killed with SIGKILL the MDS
+/// recovers size and mtime from the OSDs: the other mount sees them and
+/// the bytes.
+#[test]
+fn fsync_under_a_grant_survives_a_killed_client() {
+    let dir = tempfile::Builder::new()
+        .prefix("avalon-e2e-")
+        .tempdir()
+        .expect("temp dir");
+    let mut o = common::opts(3, 3);
+    o.mds_flags = vec!["--session-timeout-ms".into(), TIMEOUT_MS.to_string()];
+    let cluster = LocalCluster::start(dir.path(), o).expect("cluster starts");
+    let mut t = TestCluster {
+        dir,
+        cluster: Some(cluster),
+    };
+    let root = t.mnt();
+    let wdir = t.dir.path().join("w");
+    let writer = SecondMount::new(t.c(), wdir);
+    let wp = writer.path.join("log");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&wp)
+        .expect("create");
+    let first = common::data(4096, 1);
+    f.write_all(&first).expect("write");
+    f.sync_all().expect("first fsync (asks for the grant)");
+    let before = commits(&mut t);
+    // sqlite's WAL commit and an overwrite loop: 20 of each.
+    let mut want = first.clone();
+    for i in 0..20u64 {
+        let rec = common::data(4096, 100 + i);
+        f.seek(SeekFrom::End(0)).expect("seek");
+        f.write_all(&rec).expect("append");
+        f.sync_data().expect("fdatasync");
+        want.extend_from_slice(&rec);
+        let patch = common::data(512, 200 + i);
+        f.write_all_at(&patch, 0).expect("overwrite");
+        f.sync_all().expect("fsync");
+        want[..512].copy_from_slice(&patch);
+    }
+    let after = commits(&mut t);
+    assert!(
+        after - before < 10.0,
+        "{} size commits for 40 fsyncs under a grant",
+        after - before
+    );
+    // Another mount's stat while the writer lives: the written size (its
+    // read demands the holder's commit).
+    let m = std::fs::metadata(root.join("log")).expect("stat from another mount");
+    assert_eq!(m.len(), want.len() as u64);
+    // More under the grant (the demand put the writer in shared-write
+    // mode: these commit through), then the kill.
+    let last = common::data(3000, 999);
+    let at_kill = now_ns();
+    f.seek(SeekFrom::End(0)).expect("seek");
+    f.write_all(&last).expect("append");
+    f.sync_data().expect("fdatasync");
+    want.extend_from_slice(&last);
+    let pid = writer.pid();
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    drop(f);
+    drop(writer);
+    let m = wait_size(&root.join("log"), want.len() as u64);
+    let mtime = m.mtime() * 1_000_000_000 + m.mtime_nsec();
+    assert!(
+        mtime >= at_kill,
+        "mtime {mtime} before the last write at {at_kill}"
+    );
+    assert!(std::fs::read(root.join("log")).expect("read") == want);
+
+    // The same without another mount looking before the kill: the size
+    // and mtime are only on the OSDs until the MDS recovers them.
+    let wdir = t.dir.path().join("w2");
+    let writer = SecondMount::new(t.c(), wdir);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(writer.path.join("wal"))
+        .expect("create");
+    f.write_all(&first).expect("write");
+    f.sync_all().expect("first fsync");
+    let mut want = first.clone();
+    let start = now_ns();
+    for i in 0..5u64 {
+        let rec = common::data(10_000, 300 + i);
+        f.seek(SeekFrom::End(0)).expect("seek");
+        f.write_all(&rec).expect("append");
+        f.sync_data().expect("fdatasync");
+        want.extend_from_slice(&rec);
+    }
+    let patch = common::data(100, 400);
+    f.write_all_at(&patch, 10).expect("overwrite");
+    f.sync_all().expect("fsync");
+    want[10..110].copy_from_slice(&patch);
+    let pid = writer.pid();
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    drop(f);
+    drop(writer);
+    let m = wait_size(&root.join("wal"), want.len() as u64);
+    let mtime = m.mtime() * 1_000_000_000 + m.mtime_nsec();
+    assert!(mtime >= start, "mtime {mtime} before the writes at {start}");
+    assert!(std::fs::read(root.join("wal")).expect("read") == want);
 }
