@@ -194,6 +194,9 @@ pub enum Op {
     RecoverGrants {
         session: u64,
         sizes: Vec<(u64, u64)>,
+        /// The session stays (its holder did not answer another session's
+        /// demand for one file, and can no longer act on its lease).
+        keep_session: bool,
     },
     /// Sets or clears a byte-range lock of `(session, owner)` on `ino`
     /// (see `locks.rs`); EAGAIN on a conflict.

@@ -9,6 +9,11 @@
 //! [`Op::RecoverGrants`]). Grants of sessions dropped otherwise (an
 //! identity revoked, an expiry proposed before a grant was read) are
 //! recovered by [`recover_orphans`] once any lease of theirs ran out.
+//! A holder that does not answer another session's demand (dead, or cut
+//! off) has its grant of that file recovered the same way
+//! ([`recover_one`]) once it can no longer act on its lease, before the
+//! other session reads the file's attributes: a dead writer's fsynced size
+//! is never hidden, and an append of another mount never lands on it.
 //!
 //! Fencing: the client answers an fsync from a grant only if the OSDs
 //! acknowledged its data while its session lease held (counted from the
@@ -109,7 +114,11 @@ const OSD_WAIT: Duration = Duration::from_secs(5);
 /// each chunk from the committed size's chunk up to the grant's
 /// `max_size`. Every up OSD must answer (one that does not may hold the
 /// only copy the leader can reach): an error otherwise, to retry.
-pub async fn recover_sizes(node: &MdsNode, session: u64) -> anyhow::Result<Vec<(u64, u64)>> {
+pub async fn recover_sizes(
+    node: &MdsNode,
+    session: u64,
+    only: Option<u64>,
+) -> anyhow::Result<Vec<(u64, u64)>> {
     let (grants, osds) = node.read_local(|s| {
         let osds: Vec<(u64, String)> = s
             .osds
@@ -117,7 +126,11 @@ pub async fn recover_sizes(node: &MdsNode, session: u64) -> anyhow::Result<Vec<(
             .filter(|o| o.state == OsdState::Up)
             .map(|o| (o.id, o.addr.clone()))
             .collect();
-        (of_session(s, session), osds)
+        let mut grants = of_session(s, session);
+        if let Some(ino) = only {
+            grants.retain(|g| g.0 == ino);
+        }
+        (grants, osds)
     });
     let mut out = Vec::with_capacity(grants.len());
     for (ino, max, size, cs) in grants {
@@ -190,7 +203,7 @@ pub async fn recover_sizes(node: &MdsNode, session: u64) -> anyhow::Result<Vec<(
 /// Recovers `session`'s grants and forgets the session in one log entry.
 /// Returns false if the OSDs could not all be read (the caller retries).
 pub async fn recover_session(node: &MdsNode, session: u64) -> bool {
-    let sizes = match recover_sizes(node, session).await {
+    let sizes = match recover_sizes(node, session, None).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(session, error = %e, "write grants not recovered yet; retrying");
@@ -208,13 +221,51 @@ pub async fn recover_session(node: &MdsNode, session: u64) -> bool {
     let announced = node
         .leases
         .announce(0, changes.iter().map(|c| c.ino).collect());
-    match node.write(None, Op::RecoverGrants { session, sizes }).await {
+    let op = Op::RecoverGrants {
+        session,
+        sizes,
+        keep_session: false,
+    };
+    match node.write(None, op).await {
         Ok(_) => {
             node.leases.recall(0, &changes, Some(announced)).await;
             true
         }
         Err(e) => {
             tracing::warn!(session, error = %e, "write grant recovery not committed");
+            false
+        }
+    }
+}
+
+/// Recovers `session`'s grant of `ino` alone and keeps the session: its
+/// holder did not answer a demand and can no longer act on its lease.
+/// False if the OSDs could not all be read or the commit failed.
+pub async fn recover_one(node: &MdsNode, session: u64, ino: u64) -> bool {
+    let sizes = match recover_sizes(node, session, Some(ino)).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(session, ino, error = %e, "write grant not recovered");
+            return false;
+        }
+    };
+    tracing::info!(session, ino, "recovered the size of a silent writer's file");
+    let changes: Vec<Change> = sizes.iter().map(|(i, _)| Change::data(*i)).collect();
+    let announced = node
+        .leases
+        .announce(0, changes.iter().map(|c| c.ino).collect());
+    let op = Op::RecoverGrants {
+        session,
+        sizes,
+        keep_session: true,
+    };
+    match node.write(None, op).await {
+        Ok(_) => {
+            node.leases.recall(0, &changes, Some(announced)).await;
+            true
+        }
+        Err(e) => {
+            tracing::warn!(session, ino, error = %e, "write grant recovery not committed");
             false
         }
     }

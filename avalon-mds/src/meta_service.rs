@@ -709,10 +709,12 @@ impl MetaService {
             if !held.is_empty() {
                 // The holder commits and writes through from then on
                 // (shared-write mode), dropping its grant.
+                let asked = std::time::Instant::now();
                 let demands = held
-                    .into_iter()
-                    .map(|(holder, ino)| leases.demand_flush(holder, ino, SHARED_WRITE_WAIT));
+                    .iter()
+                    .map(|(holder, ino)| leases.demand_flush(*holder, *ino, SHARED_WRITE_WAIT));
                 futures::future::join_all(demands).await;
+                self.recover_silent_grants(&held, asked).await?;
             }
             if !conflicts.is_empty() {
                 self.revoke(conflicts).await;
@@ -721,6 +723,53 @@ impl MetaService {
         Err(MdsError::Unavailable(
             "a delegation kept coming back; try again".into(),
         ))
+    }
+
+    /// After demands to grant holders (sent at `asked`): the grants still
+    /// held belong to holders that did not answer. One that can no longer
+    /// act on its lease has the file's size recovered from the OSDs now:
+    /// a lease it got before the demands (from this leader or a former
+    /// one) ran out a lease after `asked`, and this leader gave it none
+    /// since (not heard from for a lease, plus the clock margin). One
+    /// still heard from makes the request unavailable (retried): its
+    /// fsynced size is not known.
+    async fn recover_silent_grants(
+        &self,
+        held: &[(u64, u64)],
+        asked: std::time::Instant,
+    ) -> Result<(), MdsError> {
+        let silent: Vec<(u64, u64)> = self.node.read_local(|s| {
+            held.iter()
+                .filter(|(holder, ino)| s.grants.contains_key(&(*ino, *holder)))
+                .copied()
+                .collect()
+        });
+        if silent.is_empty() {
+            return Ok(());
+        }
+        let lease = std::time::Duration::from_millis(self.node.cfg.lease_ms);
+        let margin = crate::fresh_leader::CLOCK_MARGIN;
+        let unknown = |ino: u64| {
+            MdsError::Unavailable(format!(
+                "the writer of inode {ino} has not committed its size yet"
+            ))
+        };
+        if let Some((_, ino)) = silent
+            .iter()
+            .find(|(holder, _)| self.node.leases.heard_within_lease(*holder))
+        {
+            return Err(unknown(*ino));
+        }
+        tokio::time::sleep_until((asked + lease + margin).into()).await;
+        tokio::time::sleep(margin).await;
+        for (holder, ino) in silent {
+            if self.node.leases.heard_within_lease(holder)
+                || !crate::grants::recover_one(&self.node, holder, ino).await
+            {
+                return Err(unknown(ino));
+            }
+        }
+        Ok(())
     }
 
     /// Revokes the delegations of sessions other than `sid` that cover any

@@ -802,7 +802,11 @@ impl State {
                 let granted = crate::grants::set(self, *ino, *session, *max_size);
                 Ok(Reply::Granted(attr, granted))
             }
-            Op::RecoverGrants { session, sizes } => {
+            Op::RecoverGrants {
+                session,
+                sizes,
+                keep_session,
+            } => {
                 for &(ino, size) in sizes {
                     if self.grants.remove(&(ino, *session)).is_none() {
                         continue;
@@ -818,7 +822,7 @@ impl State {
                     i.attr.ctime_ns = i.attr.ctime_ns.max(now);
                     crate::rstats::changed(self, ino, old);
                 }
-                if self.sessions.contains_key(session) {
+                if !*keep_session && self.sessions.contains_key(session) {
                     self.drop_session(*session);
                 }
                 Ok(Reply::None)

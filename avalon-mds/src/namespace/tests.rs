@@ -1253,6 +1253,7 @@ fn write_grants_are_recorded_kept_and_recovered() {
     let mut later = cmd(Op::RecoverGrants {
         session: sid,
         sizes: vec![(f, 4000), (g, 5)],
+        keep_session: false,
     });
     later.now_ns = T0 + 50;
     assert_eq!(s.apply(&later).0, Ok(Reply::None));
