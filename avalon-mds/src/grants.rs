@@ -203,17 +203,32 @@ pub async fn recover_sizes(
 /// Recovers `session`'s grants and forgets the session in one log entry.
 /// Returns false if the OSDs could not all be read (the caller retries).
 pub async fn recover_session(node: &MdsNode, session: u64) -> bool {
-    let sizes = match recover_sizes(node, session, None).await {
+    recover(node, session, None).await
+}
+
+/// Recovers `session`'s grant of `ino` alone and keeps the session: its
+/// holder did not answer a demand and can no longer act on its lease.
+/// False if the OSDs could not all be read or the commit failed.
+pub async fn recover_one(node: &MdsNode, session: u64, ino: u64) -> bool {
+    recover(node, session, Some(ino)).await
+}
+
+/// Reads the sizes of `session`'s grants (of `only` that file, keeping
+/// the session; else all of them, forgetting the session) from the OSDs
+/// and commits them.
+async fn recover(node: &MdsNode, session: u64, only: Option<u64>) -> bool {
+    let sizes = match recover_sizes(node, session, only).await {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(session, error = %e, "write grants not recovered yet; retrying");
+            tracing::warn!(session, ?only, error = %e, "write grants not recovered yet");
             return false;
         }
     };
     tracing::info!(
         session,
         files = sizes.len(),
-        "recovered the sizes of a lost session's writes"
+        ?only,
+        "recovered the sizes of writes a lost or silent session fsynced"
     );
     // Sessions caching these files' attributes drop them before the
     // recovered ones count as written (as for any commit).
@@ -224,7 +239,7 @@ pub async fn recover_session(node: &MdsNode, session: u64) -> bool {
     let op = Op::RecoverGrants {
         session,
         sizes,
-        keep_session: false,
+        keep_session: only.is_some(),
     };
     match node.write(None, op).await {
         Ok(_) => {
@@ -233,39 +248,6 @@ pub async fn recover_session(node: &MdsNode, session: u64) -> bool {
         }
         Err(e) => {
             tracing::warn!(session, error = %e, "write grant recovery not committed");
-            false
-        }
-    }
-}
-
-/// Recovers `session`'s grant of `ino` alone and keeps the session: its
-/// holder did not answer a demand and can no longer act on its lease.
-/// False if the OSDs could not all be read or the commit failed.
-pub async fn recover_one(node: &MdsNode, session: u64, ino: u64) -> bool {
-    let sizes = match recover_sizes(node, session, Some(ino)).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(session, ino, error = %e, "write grant not recovered");
-            return false;
-        }
-    };
-    tracing::info!(session, ino, "recovered the size of a silent writer's file");
-    let changes: Vec<Change> = sizes.iter().map(|(i, _)| Change::data(*i)).collect();
-    let announced = node
-        .leases
-        .announce(0, changes.iter().map(|c| c.ino).collect());
-    let op = Op::RecoverGrants {
-        session,
-        sizes,
-        keep_session: true,
-    };
-    match node.write(None, op).await {
-        Ok(_) => {
-            node.leases.recall(0, &changes, Some(announced)).await;
-            true
-        }
-        Err(e) => {
-            tracing::warn!(session, ino, error = %e, "write grant recovery not committed");
             false
         }
     }

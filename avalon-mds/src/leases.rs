@@ -360,20 +360,22 @@ impl LeaseTable {
     /// buffered and commits sizes before it opens a stream (see the
     /// client's recall loop), and a stream left on a former leader is
     /// reopened once a heartbeat reply says it is not here.
-    pub async fn demand_flush(&self, sid: u64, ino: u64, max_wait: Duration) {
+    pub async fn demand_flush(&self, sid: u64, ino: u64, max_wait: Duration) -> bool {
         let r = pb::Recall {
             ino,
             data: true,
             shared_write: true,
             ..Default::default()
         };
-        if !self.demand(sid, r, max_wait).await {
+        let answered = self.demand(sid, r, max_wait).await;
+        if !answered {
             tracing::warn!(
                 session = sid,
                 ino,
                 "shared-write demand unanswered; going on"
             );
         }
+        answered
     }
 
     /// Sends session `sid` the demand `r` (acknowledged on its own, with a

@@ -713,8 +713,8 @@ impl MetaService {
                 let demands = held
                     .iter()
                     .map(|(holder, ino)| leases.demand_flush(*holder, *ino, SHARED_WRITE_WAIT));
-                futures::future::join_all(demands).await;
-                self.recover_silent_grants(&held, asked).await?;
+                let answered = futures::future::join_all(demands).await;
+                self.recover_left_grants(&held, &answered, asked).await?;
             }
             if !conflicts.is_empty() {
                 self.revoke(conflicts).await;
@@ -725,35 +725,50 @@ impl MetaService {
         ))
     }
 
-    /// After demands to grant holders (sent at `asked`): the grants still
-    /// held belong to holders that did not answer. One that can no longer
-    /// act on its lease has the file's size recovered from the OSDs now:
+    /// After demands to grant holders (sent at `asked`; `answered` says
+    /// which were acknowledged): grants still held are recovered from the
+    /// OSDs before the read. A holder that answered committed what it had
+    /// and writes through from then on: a grant left (its release was
+    /// lost, e.g. to a change of leader) is recovered at once. One that
+    /// did not answer is recovered once it can no longer act on its lease:
     /// a lease it got before the demands (from this leader or a former
     /// one) ran out a lease after `asked`, and this leader gave it none
     /// since (not heard from for a lease, plus the clock margin). One
     /// still heard from makes the request unavailable (retried): its
     /// fsynced size is not known.
-    async fn recover_silent_grants(
+    async fn recover_left_grants(
         &self,
         held: &[(u64, u64)],
+        answered: &[bool],
         asked: std::time::Instant,
     ) -> Result<(), MdsError> {
-        let silent: Vec<(u64, u64)> = self.node.read_local(|s| {
+        let left: Vec<(u64, u64, bool)> = self.node.read_local(|s| {
             held.iter()
-                .filter(|(holder, ino)| s.grants.contains_key(&(*ino, *holder)))
-                .copied()
+                .zip(answered)
+                .filter(|((holder, ino), _)| s.grants.contains_key(&(*ino, *holder)))
+                .map(|(&(holder, ino), &a)| (holder, ino, a))
                 .collect()
         });
-        if silent.is_empty() {
-            return Ok(());
-        }
-        let lease = std::time::Duration::from_millis(self.node.cfg.lease_ms);
-        let margin = crate::fresh_leader::CLOCK_MARGIN;
         let unknown = |ino: u64| {
             MdsError::Unavailable(format!(
                 "the writer of inode {ino} has not committed its size yet"
             ))
         };
+        for &(holder, ino, _) in left.iter().filter(|g| g.2) {
+            if !crate::grants::recover_one(&self.node, holder, ino).await {
+                return Err(unknown(ino));
+            }
+        }
+        let silent: Vec<(u64, u64)> = left
+            .iter()
+            .filter(|g| !g.2)
+            .map(|&(holder, ino, _)| (holder, ino))
+            .collect();
+        if silent.is_empty() {
+            return Ok(());
+        }
+        let lease = std::time::Duration::from_millis(self.node.cfg.lease_ms);
+        let margin = crate::fresh_leader::CLOCK_MARGIN;
         if let Some((_, ino)) = silent
             .iter()
             .find(|(holder, _)| self.node.leases.heard_within_lease(*holder))
