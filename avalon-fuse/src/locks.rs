@@ -176,11 +176,9 @@ impl Locks {
         let req = lock_req(c, ino, owner, start, end, typ, pid)?;
         self.wait_releases(ino).await;
         let kind = lock_kind(typ)?;
-        let local = self
-            .try_local(c, ino, |mine| {
-                mine.conflict(ino, 0, owner, start, end, kind)
-            })
-            .await;
+        let local = self.try_local(c, ino, |mine| {
+            mine.conflict(ino, 0, owner, start, end, kind)
+        });
         if let Some(found) = local {
             return Ok(found.map_or((0, 0, libc::F_UNLCK, 0), |l| {
                 (l.start, l.end, l.kind.to_type() as i32, l.pid)
@@ -325,9 +323,7 @@ impl Locks {
         if !self.unmark_held(ino, owner) {
             return Ok(());
         }
-        let local = self
-            .try_local(c, ino, |mine| mine.release_owner(ino, 0, owner))
-            .await;
+        let local = self.try_local(c, ino, |mine| mine.release_owner(ino, 0, owner));
         if local.is_some() {
             return Ok(());
         }
@@ -364,12 +360,7 @@ impl Locks {
     /// it keeps them (lock cache), its lease holds (a leader that lost
     /// track of it may have moved on only after the lease) and no reclaim
     /// is due (a new leader knows no caches). None: ask the leader.
-    async fn try_local<T>(
-        &self,
-        c: &Client,
-        ino: u64,
-        f: impl FnOnce(&mut LockTable) -> T,
-    ) -> Option<T> {
+    fn try_local<T>(&self, c: &Client, ino: u64, f: impl FnOnce(&mut LockTable) -> T) -> Option<T> {
         let cache = self.cache();
         let usable = cache.cached.contains(&ino)
             && !c.meta.ttl().is_zero()
@@ -549,11 +540,9 @@ impl Locks {
     async fn try_setlk(&self, c: &Client, req: &pb::LockRequest) -> Result<()> {
         let kind = LockKind::from_type(req.r#type)
             .ok_or_else(|| ClientError::posix(libc::EINVAL, "bad lock type"))?;
-        let local = self
-            .try_local(c, req.ino, |mine| {
-                mine.set(req.ino, 0, req.owner, req.pid, req.start, req.end, kind)
-            })
-            .await;
+        let local = self.try_local(c, req.ino, |mine| {
+            mine.set(req.ino, 0, req.owner, req.pid, req.start, req.end, kind)
+        });
         if let Some(r) = local {
             return r.map_err(|errno| ClientError::posix(errno, "lock held by another owner"));
         }

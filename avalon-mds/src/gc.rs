@@ -14,6 +14,22 @@ use avalon_proto::request_id::{self, Stamp};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+/// A gRPC client of OSD `id` at `addr`, stamping request ids (the GC's,
+/// snapshot trims' and grant recoveries' calls).
+pub(crate) fn osd_client(
+    node: &MdsNode,
+    id: u64,
+    addr: &str,
+) -> anyhow::Result<
+    OsdClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Stamp>>,
+> {
+    let ch = node
+        .tls
+        .channel(addr, avalon_proto::tls::Dial::Osd, Duration::from_secs(2))
+        .map_err(|e| anyhow::anyhow!("OSD {id} at {addr}: {}", e.message()))?;
+    Ok(OsdClient::with_interceptor(ch, Stamp))
+}
+
 /// Inodes sent per DeleteObjects call.
 const BATCH: usize = 1024;
 
@@ -84,11 +100,7 @@ pub async fn gc_once(node: &MdsNode) -> anyhow::Result<usize> {
     // Down OSDs still hold data of these inodes; they must be cleaned when
     // they come back (later: per-OSD GC cursors in the state machine).
     for (id, addr) in &osds {
-        let ch = node
-            .tls
-            .channel(addr, avalon_proto::tls::Dial::Osd, Duration::from_secs(2))
-            .map_err(|e| anyhow::anyhow!("OSD {id} at {addr}: {}", e.message()))?;
-        let mut c = OsdClient::with_interceptor(ch, Stamp);
+        let mut c = osd_client(node, *id, addr)?;
         for (&snap_seq, inos) in &by_seq {
             let req = DeleteObjectsRequest {
                 header: Some(RequestHeader::default()),
@@ -147,23 +159,17 @@ pub async fn trim_snapshots(
     // Down OSDs keep their clones until a later trim (as the GC's deletes).
     let (mut clones, mut bytes) = (0, 0);
     for (id, addr) in &osds {
-        let ch = node
-            .tls
-            .channel(addr, avalon_proto::tls::Dial::Osd, Duration::from_secs(2))
-            .map_err(|e| anyhow::anyhow!("OSD {id} at {addr}: {}", e.message()))?;
+        let mut c = osd_client(node, *id, addr)?;
         let req = TrimSnapshotsRequest {
             header: Some(RequestHeader::default()),
             live: live.clone(),
             newest,
         };
-        let r = tokio::time::timeout(
-            Duration::from_secs(30),
-            OsdClient::with_interceptor(ch, Stamp).trim_snapshots(req),
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("OSD {id} at {addr}: TrimSnapshots timed out"))?
-        .map_err(|e| anyhow::anyhow!("OSD {id} at {addr}: {}", e.message()))?
-        .into_inner();
+        let r = tokio::time::timeout(Duration::from_secs(30), c.trim_snapshots(req))
+            .await
+            .map_err(|_| anyhow::anyhow!("OSD {id} at {addr}: TrimSnapshots timed out"))?
+            .map_err(|e| anyhow::anyhow!("OSD {id} at {addr}: {}", e.message()))?
+            .into_inner();
         clones += r.clones;
         bytes += r.bytes;
     }

@@ -27,9 +27,7 @@ use crate::command::{Op, OsdState};
 use crate::leases::Change;
 use crate::namespace::State;
 use crate::node::MdsNode;
-use avalon_proto::pb::osd_client::OsdClient;
 use avalon_proto::pb::{ObjectExtentsRequest, RequestHeader};
-use avalon_proto::request_id::Stamp;
 use serde::{Deserialize, Deserializer};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -144,11 +142,7 @@ pub async fn recover_sizes(
         // Per chunk index: (version, length) of the newest copy.
         let mut newest: HashMap<u64, (u64, u64)> = HashMap::new();
         for (id, addr) in &osds {
-            let ch = node
-                .tls
-                .channel(addr, avalon_proto::tls::Dial::Osd, Duration::from_secs(2))
-                .map_err(|e| anyhow::anyhow!("OSD {id} at {addr}: {}", e.message()))?;
-            let mut c = OsdClient::with_interceptor(ch, Stamp);
+            let mut c = crate::gc::osd_client(node, *id, addr)?;
             let mut at = from;
             loop {
                 let req = ObjectExtentsRequest {

@@ -150,19 +150,24 @@ fn wait_size(p: &Path, size: u64) -> std::fs::Metadata {
     m
 }
 
-#[test]
-fn lost_writers_sizes_are_recovered_from_the_osds() {
+/// 3 MDS and 3 OSDs whose client sessions expire after `ms` unheard.
+fn cluster_with_session_timeout(ms: u64) -> TestCluster {
     let dir = tempfile::Builder::new()
         .prefix("avalon-e2e-")
         .tempdir()
         .expect("temp dir");
     let mut o = common::opts(3, 3);
-    o.mds_flags = vec!["--session-timeout-ms".into(), TIMEOUT_MS.to_string()];
+    o.mds_flags = vec!["--session-timeout-ms".into(), ms.to_string()];
     let cluster = LocalCluster::start(dir.path(), o).expect("cluster starts");
-    let mut t = TestCluster {
+    TestCluster {
         dir,
         cluster: Some(cluster),
-    };
+    }
+}
+
+#[test]
+fn lost_writers_sizes_are_recovered_from_the_osds() {
+    let mut t = cluster_with_session_timeout(TIMEOUT_MS);
     let root = t.mnt();
     let kd = avalonctl::local_cluster::keys_dir(&std::fs::canonicalize(t.dir.path()).expect("dir"));
     keys::ensure(&kd, &["client.x".to_string()]).expect("key");
@@ -228,17 +233,7 @@ fn commits(t: &mut TestCluster) -> f64 {
 /// the bytes.
 #[test]
 fn fsync_under_a_grant_survives_a_killed_client() {
-    let dir = tempfile::Builder::new()
-        .prefix("avalon-e2e-")
-        .tempdir()
-        .expect("temp dir");
-    let mut o = common::opts(3, 3);
-    o.mds_flags = vec!["--session-timeout-ms".into(), LONG_TIMEOUT_MS.to_string()];
-    let cluster = LocalCluster::start(dir.path(), o).expect("cluster starts");
-    let mut t = TestCluster {
-        dir,
-        cluster: Some(cluster),
-    };
+    let mut t = cluster_with_session_timeout(LONG_TIMEOUT_MS);
     let root = t.mnt();
     let wdir = t.dir.path().join("w");
     let writer = SecondMount::new(t.c(), wdir);
