@@ -81,6 +81,12 @@ pub enum AtimeMode {
 /// name while it was in flight (it is the newest answer after that).
 const LOOKUP_TRIES: u32 = 3;
 
+/// How long one heartbeat waits for an MDS before asking the others: a
+/// leader paused without closing its connections must not keep this
+/// client from its successor, which waits for every session's report of
+/// the files it writes only for the orphan grace (5 s by default).
+const HEARTBEAT_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How old an access time relatime renews anyway.
 const RELATIME_MAX_AGE_NS: i64 = 24 * 3600 * 1_000_000_000;
 
@@ -329,7 +335,9 @@ impl Client {
         let r = self
             .session
             .mds
-            .request(req, |mut c, r| async move { c.client_heartbeat(r).await })
+            .request_each_within(HEARTBEAT_ATTEMPT, req, |mut c, r| async move {
+                c.client_heartbeat(r).await
+            })
             .await;
         // A heartbeat that renews nothing (an error, or no lease from a
         // leader that could not confirm itself in time) takes nothing away
@@ -1160,6 +1168,7 @@ impl Client {
         let r = self
             .rpc(req, |mut c, r| async move { c.commit_write(r).await })
             .await;
+        let mut unwanted = false;
         if let Some(mut st) = self.open_files.files.get_mut(&ino) {
             st.commits_done = st.commits_done.wrapping_add(1);
             // Writes that raced past `size` stay dirty.
@@ -1168,8 +1177,18 @@ impl Client {
                 if let (true, Some(gen)) = (r.grant_max_size > 0 && !st.shared, lease) {
                     st.grant = r.grant_max_size;
                     st.grant_gen = gen;
+                } else if r.grant_max_size > 0 && st.shared && st.grant == 0 {
+                    // Shared-write mode came while the request was out: the
+                    // MDS recorded a grant this client will not use (no new
+                    // one is asked for before the last close). Given back,
+                    // so that other sessions' reads need not recover it
+                    // from the OSDs.
+                    unwanted = true;
                 }
             }
+        }
+        if unwanted {
+            self.give_back_grant(ino).await;
         }
         let r = r?;
         r.attr
@@ -1230,6 +1249,18 @@ impl Client {
         if !held {
             return Ok(());
         }
+        self.send_grant_release(ino).await
+    }
+
+    /// Gives back a grant the MDS recorded but this client does not keep;
+    /// a failure only leaves it for the MDS to recover.
+    async fn give_back_grant(&self, ino: u64) {
+        if let Err(e) = self.send_grant_release(ino).await {
+            tracing::debug!(ino, error = %e, "could not give back an unused write grant");
+        }
+    }
+
+    async fn send_grant_release(&self, ino: u64) -> Result<()> {
         let req = pb::CommitWriteRequest {
             header: self.session.header(),
             ino,
@@ -1325,6 +1356,13 @@ impl Client {
         self.meta.put_attr(epoch, &a);
         self.osd_io.caps.put(ino, r.chunk_cap);
         self.open_files.note_open_size(&a, commits);
+        tracing::debug!(
+            ino,
+            mds_size = a.size,
+            size = self.known_size(ino).map(|s| s.size),
+            shared = r.shared_write,
+            "opened"
+        );
         self.open_files.note_quota(ino, r.quota_window);
         self.snaps.set_seq(ino, r.snap_seq);
         if r.shared_write {
@@ -1379,6 +1417,7 @@ impl Client {
             return Ok(());
         }
         self.open_files.set_shared(ino);
+        tracing::debug!(ino, "shared-write mode");
         let gate = self.open_files.write_gate(ino);
         // Buffered writes that started before the mode changed finish
         // first (later ones see it and write through).

@@ -109,6 +109,7 @@ impl Client {
         // Set at open from the MDS and moved by this client's own writes
         // and truncates since (see `Client::note_attr`).
         let offset = self.known_size(ino).map_or(0, |st| st.size);
+        tracing::debug!(ino, offset, len = data.len(), "append as the only writer");
         self.write_local(ino, offset, data, sync, false).await
     }
 
@@ -147,6 +148,7 @@ impl Client {
         // The size already covers the range: a crash before the data is
         // stored leaves zeros there, never other bytes.
         let offset = a.size - len;
+        tracing::debug!(ino, offset, len, "append in a reserved range");
         let cs = self.chunk_size_of(ino);
         self.send_through(ino, split_range(offset, len, cs), data, sync, cs)
             .await?;

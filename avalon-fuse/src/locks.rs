@@ -6,7 +6,9 @@
 //! request holds `order` shared from its send until its answer is in the
 //! copy, and a reclaim holds it exclusively: a request the old leader
 //! answered is in the copy, one it did not is retried at the new leader
-//! after the reclaim. The FUSE kernel module sends flock as a whole-file POSIX
+//! after the reclaim. Requests that change one file's locks go one at a
+//! time (the file's turn, [`FileTurns`]), so that `mine` takes the leader's
+//! answers in the order it decided them. The FUSE kernel module sends flock as a whole-file POSIX
 //! lock whose owner is the open file; fuser does not pass the FLOCK flag, so
 //! both kinds share one table on the MDS (a flock and an fcntl lock on the
 //! same file by one process conflict here, unlike on a local filesystem).
@@ -102,6 +104,32 @@ pub struct Locks {
     reclaiming: AtomicBool,
     /// The files whose locks this session keeps itself.
     cache: Mutex<LockCache>,
+    /// Turns of the requests that change `mine` (see [`FileTurns`]).
+    turns: FileTurns,
+}
+
+/// One turn at a time per file (by inode, in shards) for the requests
+/// that change `mine`, from the local check through the leader's answer
+/// to its note: `mine` then changes in the order the leader decided, so
+/// that a lock granted right after another owner's unlock is not noted
+/// before that unlock (it would conflict in `mine` and be missing there,
+/// and a cache decided or returned from `mine` would miss it).
+struct FileTurns(Vec<tokio::sync::Mutex<()>>);
+
+/// Shards of [`FileTurns`]: two files sharing one only wait for each other.
+const TURN_SHARDS: usize = 64;
+
+impl Default for FileTurns {
+    fn default() -> Self {
+        FileTurns((0..TURN_SHARDS).map(|_| Default::default()).collect())
+    }
+}
+
+impl FileTurns {
+    /// Waits for `ino`'s turn.
+    async fn take(&self, ino: u64) -> tokio::sync::MutexGuard<'_, ()> {
+        self.0[(ino % TURN_SHARDS as u64) as usize].lock().await
+    }
 }
 
 /// Files whose locks this session keeps itself (lock cache): their lock
@@ -323,6 +351,7 @@ impl Locks {
         if !self.unmark_held(ino, owner) {
             return Ok(());
         }
+        let _turn = self.turns.take(ino).await;
         let local = self.try_local(c, ino, |mine| mine.release_owner(ino, 0, owner));
         if local.is_some() {
             return Ok(());
@@ -540,6 +569,7 @@ impl Locks {
     async fn try_setlk(&self, c: &Client, req: &pb::LockRequest) -> Result<()> {
         let kind = LockKind::from_type(req.r#type)
             .ok_or_else(|| ClientError::posix(libc::EINVAL, "bad lock type"))?;
+        let _turn = self.turns.take(req.ino).await;
         let local = self.try_local(c, req.ino, |mine| {
             mine.set(req.ino, 0, req.owner, req.pid, req.start, req.end, kind)
         });
@@ -554,9 +584,16 @@ impl Locks {
             c.rpc(req, |mut m, r| async move { m.set_lock(r).await })
         };
         let note = |r: &pb::SetLockReply| {
-            let _ = self
+            let noted = self
                 .mine()
                 .set(req.ino, 0, req.owner, req.pid, req.start, req.end, kind);
+            if noted.is_err() {
+                // The leader granted it: `mine` was out of step.
+                tracing::warn!(
+                    ino = req.ino,
+                    "a granted lock conflicts with this client's copy"
+                );
+            }
             if r.cached {
                 self.cache().cached.insert(req.ino);
             }

@@ -211,16 +211,33 @@ pub async fn recover_one(node: &MdsNode, session: u64, ino: u64) -> bool {
 /// the session; else all of them, forgetting the session) from the OSDs
 /// and commits them.
 async fn recover(node: &MdsNode, session: u64, only: Option<u64>) -> bool {
-    let sizes = match recover_sizes(node, session, only).await {
+    let seen = node.read_local(|s| {
+        s.grants
+            .iter()
+            .filter(|((ino, sid), _)| *sid == session && only.is_none_or(|o| o == *ino))
+            .map(|(&(ino, _), &max)| (ino, max))
+            .collect::<HashMap<u64, u64>>()
+    });
+    let mut sizes = match recover_sizes(node, session, only).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(session, ?only, error = %e, "write grants not recovered yet");
             return false;
         }
     };
+    if only.is_some() {
+        // A live holder may have been granted more while the OSDs were
+        // read: that grant is newer than what was read, and stays.
+        node.read_local(|s| {
+            sizes.retain(|(ino, _)| s.grants.get(&(*ino, session)) == seen.get(ino));
+        });
+        if sizes.is_empty() {
+            return true;
+        }
+    }
     tracing::info!(
         session,
-        files = sizes.len(),
+        ?sizes,
         ?only,
         "recovered the sizes of writes a lost or silent session fsynced"
     );

@@ -575,17 +575,59 @@ impl MetaService {
         // writer while the first still buffers.
         node.wait_opens_reported().await;
         let (shared, tell) = node.open_shared(sid, ino, write);
+        self.tell_shared(ino, tell).await;
+        if shared {
+            node.wait_demands(ino).await;
+        }
+        shared
+    }
+
+    /// Before session `sid` reserves a range at the end of `ino`: every
+    /// other session that may still append there as the file's only
+    /// writer (its own view of the end, committed later) stores and
+    /// commits what it wrote and writes through from then on, and grants
+    /// of others are committed or recovered, so that the end of file the
+    /// reservation starts at covers every acknowledged write. Normally
+    /// nobody is left to tell (the opens did it); this catches a session
+    /// whose open the table missed.
+    async fn before_reserving(&self, sid: u64, ino: u64) -> Result<(), MdsError> {
+        let node = &self.node;
+        node.wait_opens_reported().await;
+        let tell = node.append_shares(sid, ino);
+        self.tell_shared(ino, tell).await;
+        node.wait_demands(ino).await;
+        let held = node.read_local(|s| crate::grants::held_by_others(s, sid, &[ino]));
+        if !held.is_empty() {
+            self.settle_grants(&held).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the shared-write demands of `tell` (sessions told that `ino`
+    /// has other writers now) and waits for their answers.
+    async fn tell_shared(&self, ino: u64, tell: Vec<crate::node::Told<'_>>) {
         let demands = tell.into_iter().map(|told| async move {
-            node.leases
+            self.node
+                .leases
                 .demand_flush(told.sid, ino, SHARED_WRITE_WAIT)
                 .await;
             drop(told);
         });
         futures::future::join_all(demands).await;
-        if shared {
-            node.wait_demands(ino).await;
-        }
-        shared
+    }
+
+    /// Write grants of other sessions (holder, inode): each holder commits
+    /// and writes through from then on, dropping its grant; grants left
+    /// are recovered from the OSDs ([`Self::recover_left_grants`]).
+    async fn settle_grants(&self, held: &[(u64, u64)]) -> Result<(), MdsError> {
+        let asked = std::time::Instant::now();
+        let demands = held.iter().map(|(holder, ino)| {
+            self.node
+                .leases
+                .demand_flush(*holder, *ino, SHARED_WRITE_WAIT)
+        });
+        let answered = futures::future::join_all(demands).await;
+        self.recover_left_grants(held, &answered, asked).await
     }
 
     /// A directory's attributes now, for a reply that changed it.
@@ -707,14 +749,7 @@ impl MetaService {
                 return Ok(v);
             }
             if !held.is_empty() {
-                // The holder commits and writes through from then on
-                // (shared-write mode), dropping its grant.
-                let asked = std::time::Instant::now();
-                let demands = held
-                    .iter()
-                    .map(|(holder, ino)| leases.demand_flush(*holder, *ino, SHARED_WRITE_WAIT));
-                let answered = futures::future::join_all(demands).await;
-                self.recover_left_grants(&held, &answered, asked).await?;
+                self.settle_grants(&held).await?;
             }
             if !conflicts.is_empty() {
                 self.revoke(conflicts).await;
@@ -1449,6 +1484,10 @@ impl Meta for MetaService {
         ino_ok(r.ino)?;
         if r.len == 0 {
             return Err(MdsError::Errno(libc::EINVAL).into());
+        }
+        let sid = session_of(r.header.as_ref());
+        if sid != 0 {
+            self.before_reserving(sid, r.ino).await?;
         }
         let op = Op::AppendWrite {
             ino: r.ino,

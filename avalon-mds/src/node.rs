@@ -103,16 +103,18 @@ pub struct OpenEntry {
     /// The session was told (or answered its open) that the file has
     /// other writers: it writes through uncached until its last close.
     pub shared: bool,
+    /// Last AppendWrite of this session: it writes the file, whatever
+    /// its counts say (see [`MdsNode::append_shares`]).
+    pub appended_at: Option<Instant>,
 }
 
 impl OpenEntry {
     /// The session may have the file open for writing.
     fn is_writer(&self, grace: Duration, now: Instant) -> bool {
+        let recent = |t: Option<Instant>| t.is_some_and(|t| now.duration_since(t) < grace);
         self.writes > 0
-            || (self.reported_writer
-                && self
-                    .reported_at
-                    .is_some_and(|t| now.duration_since(t) < grace))
+            || (self.reported_writer && recent(self.reported_at))
+            || recent(self.appended_at)
     }
 }
 
@@ -627,6 +629,44 @@ impl MdsNode {
             })
             .collect();
         (shared, told)
+    }
+
+    /// Before an AppendWrite of `sid` reserves a range of `ino`: the other
+    /// sessions that may write the file and were not told it is shared
+    /// (they append at the end as they know it, and commit later), marked
+    /// told now; the reservation waits for their answers. The appender
+    /// counts as a writer for the grace period from now on, so that an
+    /// open decided while its reservation is on its way finds the file
+    /// shared, whatever the appender's open counts say.
+    pub fn append_shares(&self, sid: u64, ino: u64) -> Vec<Told<'_>> {
+        let now = Instant::now();
+        let grace = self.grace();
+        let mut t = self.lock_opens();
+        t.entry(sid, ino).appended_at = Some(now);
+        let others: Vec<u64> = t
+            .by_ino
+            .get(&ino)
+            .map(|s| s.iter().copied().filter(|s| *s != sid).collect())
+            .unwrap_or_default();
+        let mut tell = Vec::new();
+        for other in others {
+            if let Some(e) = t.entries.get_mut(&(other, ino)) {
+                if e.is_writer(grace, now) && !e.shared {
+                    e.shared = true;
+                    tell.push(other);
+                }
+            }
+        }
+        if !tell.is_empty() {
+            *t.demanding.entry(ino).or_default() += tell.len() as u32;
+        }
+        tell.into_iter()
+            .map(|sid| Told {
+                node: self,
+                sid,
+                ino,
+            })
+            .collect()
     }
 
     /// One shared-write demand for `ino` (counted by

@@ -145,7 +145,41 @@ impl MdsConn {
     }
 
     /// [`MdsConn::call`] with an explicit retry budget.
-    pub async fn call_within<T, F, Fut>(&self, budget: Duration, mut f: F) -> Result<T, Status>
+    pub async fn call_within<T, F, Fut>(&self, budget: Duration, f: F) -> Result<T, Status>
+    where
+        F: FnMut(MetaClient<Traced>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call_each(budget, None, f).await
+    }
+
+    /// [`MdsConn::request`] where a node that does not answer one attempt
+    /// within `attempt` counts as unreachable: the call moves on to the
+    /// others, which name the leader once one is elected. For short
+    /// requests that must not wait on a leader that stopped without
+    /// closing its connections (paused, hung): heartbeats, which tell a
+    /// new leader in time which files this client writes.
+    pub async fn request_each_within<R, T, F, Fut>(
+        &self,
+        attempt: Duration,
+        req: R,
+        mut f: F,
+    ) -> Result<T, Status>
+    where
+        R: Clone,
+        F: FnMut(MetaClient<Traced>, R) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call_each(self.retry_for, Some(attempt), |c| f(c, req.clone()))
+            .await
+    }
+
+    async fn call_each<T, F, Fut>(
+        &self,
+        budget: Duration,
+        attempt: Option<Duration>,
+        mut f: F,
+    ) -> Result<T, Status>
     where
         F: FnMut(MetaClient<Traced>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
@@ -154,7 +188,17 @@ impl MdsConn {
         let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
         loop {
             let (addr, client) = self.pick()?;
-            let err = match f(client).await {
+            let answer = match attempt {
+                None => f(client).await,
+                Some(a) => tokio::time::timeout(a, f(client))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Status::deadline_exceeded(format!(
+                            "{addr} did not answer within {a:?}"
+                        )))
+                    }),
+            };
+            let err = match answer {
                 Ok(r) => {
                     self.pass(r.metadata()).await;
                     return Ok(r.into_inner());
