@@ -84,8 +84,10 @@ const LOOKUP_TRIES: u32 = 3;
 /// How long one heartbeat waits for an MDS before asking the others: a
 /// leader paused without closing its connections must not keep this
 /// client from its successor, which waits for every session's report of
-/// the files it writes only for the orphan grace (5 s by default).
-const HEARTBEAT_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(1);
+/// the files it writes only for the orphan grace (5 s by default). An
+/// answer later than this would renew a lease that is over already (the
+/// lease, 2 s by default, counts from the sending).
+const HEARTBEAT_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How old an access time relatime renews anyway.
 const RELATIME_MAX_AGE_NS: i64 = 24 * 3600 * 1_000_000_000;
