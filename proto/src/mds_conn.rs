@@ -37,6 +37,11 @@ pub struct MdsConn {
     tls: ClientTls,
     /// Passes each reply's recall mark (a client's; see `recall_mark.rs`).
     gate: OnceLock<Arc<dyn MarkGate>>,
+    /// The leader the nodes last named ("not leader" hints). When it
+    /// changes, calls in flight on another node give up there and go to
+    /// it: a former leader paused (SIGSTOP, a VM stall) keeps their
+    /// connections open and would hold them until it wakes, deposed.
+    named: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl MdsConn {
@@ -50,6 +55,7 @@ impl MdsConn {
             retry_for: Duration::from_secs(30),
             next: Mutex::new(0),
             gate: OnceLock::new(),
+            named: tokio::sync::watch::Sender::new(None),
         }
     }
 
@@ -118,9 +124,33 @@ impl MdsConn {
         }
         metrics::counter!("avalon_mds_conn_failovers_total").increment(1);
         *cur = match hint.filter(|h| h != failed) {
-            Some(h) => self.client_for(&h).ok().map(|c| (h, c)),
+            Some(h) => {
+                self.named.send_if_modified(|n| {
+                    let new = n.as_deref() != Some(h.as_str());
+                    if new {
+                        *n = Some(h.clone());
+                    }
+                    new
+                });
+                self.client_for(&h).ok().map(|c| (h, c))
+            }
             None => None,
         };
+    }
+
+    /// Resolves once the nodes name a leader other than `addr` (a call in
+    /// flight there is then answered by nobody who could still commit).
+    async fn leader_moved_from(&self, addr: &str) -> String {
+        let mut rx = self.named.subscribe();
+        rx.borrow_and_update();
+        loop {
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if let Some(n) = rx.borrow_and_update().clone().filter(|n| n != addr) {
+                return n;
+            }
+        }
     }
 
     /// Runs `f` against the leader, retrying on other nodes while the
@@ -188,15 +218,33 @@ impl MdsConn {
         let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
         loop {
             let (addr, client) = self.pick()?;
-            let answer = match attempt {
-                None => f(client).await,
-                Some(a) => tokio::time::timeout(a, f(client))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(Status::deadline_exceeded(format!(
-                            "{addr} did not answer within {a:?}"
-                        )))
-                    }),
+            let call = async {
+                match attempt {
+                    None => f(client).await,
+                    Some(a) => tokio::time::timeout(a, f(client))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(Status::deadline_exceeded(format!(
+                                "{addr} did not answer within {a:?}"
+                            )))
+                        }),
+                }
+            };
+            // Another call may learn first that the leader moved: this one
+            // goes there too. Mutations carry request ids that the new
+            // leader deduplicates, and a deposed node commits nothing.
+            let answer = tokio::select! {
+                a = call => a,
+                to = self.leader_moved_from(&addr) => {
+                    metrics::counter!("avalon_mds_conn_retries_total").increment(1);
+                    tracing::debug!(from = %addr, %to, "the leader moved; asking it");
+                    if Instant::now() >= deadline {
+                        return Err(Status::unavailable(format!(
+                            "the metadata leader kept moving (last to {to}) for {budget:?}"
+                        )));
+                    }
+                    continue;
+                }
             };
             let err = match answer {
                 Ok(r) => {
@@ -252,6 +300,30 @@ fn retryable(s: &Status) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn calls_on_a_former_leader_give_up_once_another_is_named() {
+        let a = "127.0.0.1:1".to_string();
+        let b = "127.0.0.1:2".to_string();
+        let conn = MdsConn::new(vec![a.clone(), b.clone()], ClientTls::plaintext());
+        assert_eq!(conn.pick().unwrap().0, a);
+        let waiting = conn.leader_moved_from(&a);
+        tokio::pin!(waiting);
+        assert!(futures_poll_once(waiting.as_mut()).await.is_none());
+        // Naming the node the call is on moves nothing.
+        conn.named.send_replace(Some(a.clone()));
+        assert!(futures_poll_once(waiting.as_mut()).await.is_none());
+        conn.switch(&a, Some(b.clone()));
+        assert_eq!(waiting.await, b);
+        assert_eq!(conn.pick().unwrap().0, b);
+    }
+
+    /// Polls `f` once: its output if it was ready.
+    async fn futures_poll_once<F: Future + Unpin>(f: F) -> Option<F::Output> {
+        tokio::time::timeout(Duration::from_millis(20), f)
+            .await
+            .ok()
+    }
 
     #[test]
     fn torn_connections_are_retried_but_not_internal_errors() {
