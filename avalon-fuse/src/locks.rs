@@ -8,7 +8,9 @@
 //! answered is in the copy, one it did not is retried at the new leader
 //! after the reclaim. Requests that change one file's locks go one at a
 //! time (the file's turn, [`FileTurns`]), so that `mine` takes the leader's
-//! answers in the order it decided them. The FUSE kernel module sends flock as a whole-file POSIX
+//! answers in the order it decided them.
+//!
+//! The FUSE kernel module sends flock as a whole-file POSIX
 //! lock whose owner is the open file; fuser does not pass the FLOCK flag, so
 //! both kinds share one table on the MDS (a flock and an fcntl lock on the
 //! same file by one process conflict here, unlike on a local filesystem).

@@ -151,6 +151,39 @@ impl OpenTable {
         }
     }
 
+    /// The sessions other than `sid` whose entry on `ino` `shares` the
+    /// file: whether there is any, and those not told yet, marked told now
+    /// and counted as demands under way (see [`MdsNode::told`]).
+    fn mark_told(
+        &mut self,
+        sid: u64,
+        ino: u64,
+        shares: impl Fn(&OpenEntry) -> bool,
+    ) -> (bool, Vec<u64>) {
+        let others: Vec<u64> = self
+            .by_ino
+            .get(&ino)
+            .map(|s| s.iter().copied().filter(|s| *s != sid).collect())
+            .unwrap_or_default();
+        let mut any = false;
+        let mut tell = Vec::new();
+        for other in others {
+            if let Some(e) = self.entries.get_mut(&(other, ino)) {
+                if shares(e) {
+                    any = true;
+                    if !e.shared {
+                        e.shared = true;
+                        tell.push(other);
+                    }
+                }
+            }
+        }
+        if !tell.is_empty() {
+            *self.demanding.entry(ino).or_default() += tell.len() as u32;
+        }
+        (any, tell)
+    }
+
     /// True if any session may still have `ino` open.
     pub fn is_open(&self, ino: u64, grace: Duration, now: Instant) -> bool {
         self.by_ino.get(&ino).is_some_and(|sids| {
@@ -594,41 +627,26 @@ impl MdsNode {
         if write {
             t.entry(sid, ino).writes += 1;
         }
-        let others: Vec<u64> = t
-            .by_ino
-            .get(&ino)
-            .map(|s| s.iter().copied().filter(|s| *s != sid).collect())
-            .unwrap_or_default();
-        let mut shared = false;
-        let mut tell = Vec::new();
-        for other in others {
-            if let Some(e) = t.entries.get_mut(&(other, ino)) {
-                if e.is_writer(grace, now) || (write && e.opens > 0) {
-                    shared = true;
-                    if !e.shared {
-                        e.shared = true;
-                        tell.push(other);
-                    }
-                }
-            }
-        }
+        let (shared, tell) = t.mark_told(sid, ino, |e| {
+            e.is_writer(grace, now) || (write && e.opens > 0)
+        });
         // The reply tells `sid` its mode. Not shared: the session may have
         // left shared-write mode at its own last close while this table
         // still marks it told (its release is not here yet), so the next
         // session to share the file must tell it again.
         t.entry(sid, ino).shared = shared;
-        if !tell.is_empty() {
-            *t.demanding.entry(ino).or_default() += tell.len() as u32;
-        }
-        let told = tell
-            .into_iter()
+        (shared, self.told(ino, tell))
+    }
+
+    /// The demands to send for `tell`, counted by [`OpenTable::mark_told`].
+    fn told(&self, ino: u64, tell: Vec<u64>) -> Vec<Told<'_>> {
+        tell.into_iter()
             .map(|sid| Told {
                 node: self,
                 sid,
                 ino,
             })
-            .collect();
-        (shared, told)
+            .collect()
     }
 
     /// Before an AppendWrite of `sid` reserves a range of `ino`: the other
@@ -643,30 +661,8 @@ impl MdsNode {
         let grace = self.grace();
         let mut t = self.lock_opens();
         t.entry(sid, ino).appended_at = Some(now);
-        let others: Vec<u64> = t
-            .by_ino
-            .get(&ino)
-            .map(|s| s.iter().copied().filter(|s| *s != sid).collect())
-            .unwrap_or_default();
-        let mut tell = Vec::new();
-        for other in others {
-            if let Some(e) = t.entries.get_mut(&(other, ino)) {
-                if e.is_writer(grace, now) && !e.shared {
-                    e.shared = true;
-                    tell.push(other);
-                }
-            }
-        }
-        if !tell.is_empty() {
-            *t.demanding.entry(ino).or_default() += tell.len() as u32;
-        }
-        tell.into_iter()
-            .map(|sid| Told {
-                node: self,
-                sid,
-                ino,
-            })
-            .collect()
+        let (_, tell) = t.mark_told(sid, ino, |e| e.is_writer(grace, now));
+        self.told(ino, tell)
     }
 
     /// One shared-write demand for `ino` (counted by
