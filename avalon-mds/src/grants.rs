@@ -110,13 +110,14 @@ const OSD_WAIT: Duration = Duration::from_secs(5);
 /// Reads, for each grant of `session`, the size its chunks show on the
 /// OSDs: the largest `index * chunk_size + length` over the newest copy of
 /// each chunk from the committed size's chunk up to the grant's
-/// `max_size`. Every up OSD must answer (one that does not may hold the
-/// only copy the leader can reach): an error otherwise, to retry.
+/// `max_size`, as (inode, that `max_size`, size). Every up OSD must answer
+/// (one that does not may hold the only copy the leader can reach): an
+/// error otherwise, to retry.
 pub async fn recover_sizes(
     node: &MdsNode,
     session: u64,
     only: Option<u64>,
-) -> anyhow::Result<Vec<(u64, u64)>> {
+) -> anyhow::Result<Vec<(u64, u64, u64)>> {
     let (grants, osds) = node.read_local(|s| {
         let osds: Vec<(u64, String)> = s
             .osds
@@ -134,7 +135,7 @@ pub async fn recover_sizes(
     for (ino, max, size, cs) in grants {
         if cs == 0 {
             // The inode is gone: the grant just goes.
-            out.push((ino, 0));
+            out.push((ino, max, 0));
             continue;
         }
         let from = size / cs;
@@ -189,7 +190,7 @@ pub async fn recover_sizes(
             .map(|(index, (_, len))| index.saturating_mul(cs).saturating_add(*len))
             .max()
             .unwrap_or(0);
-        out.push((ino, stored.max(size)));
+        out.push((ino, max, stored.max(size)));
     }
     Ok(out)
 }
@@ -211,14 +212,7 @@ pub async fn recover_one(node: &MdsNode, session: u64, ino: u64) -> bool {
 /// the session; else all of them, forgetting the session) from the OSDs
 /// and commits them.
 async fn recover(node: &MdsNode, session: u64, only: Option<u64>) -> bool {
-    let seen = node.read_local(|s| {
-        s.grants
-            .iter()
-            .filter(|((ino, sid), _)| *sid == session && only.is_none_or(|o| o == *ino))
-            .map(|(&(ino, _), &max)| (ino, max))
-            .collect::<HashMap<u64, u64>>()
-    });
-    let mut sizes = match recover_sizes(node, session, only).await {
+    let mut read = match recover_sizes(node, session, only).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(session, ?only, error = %e, "write grants not recovered yet");
@@ -229,12 +223,13 @@ async fn recover(node: &MdsNode, session: u64, only: Option<u64>) -> bool {
         // A live holder may have been granted more while the OSDs were
         // read: that grant is newer than what was read, and stays.
         node.read_local(|s| {
-            sizes.retain(|(ino, _)| s.grants.get(&(*ino, session)) == seen.get(ino));
+            read.retain(|(ino, max, _)| s.grants.get(&(*ino, session)) == Some(max));
         });
-        if sizes.is_empty() {
+        if read.is_empty() {
             return true;
         }
     }
+    let sizes: Vec<(u64, u64)> = read.into_iter().map(|(ino, _, size)| (ino, size)).collect();
     tracing::info!(
         session,
         ?sizes,

@@ -266,18 +266,7 @@ fn chunk_capabilities_guard_every_chunk_access() {
     let session = rt.block_on(async {
         let ch = x.channel(&mds[0], Dial::Mds, t10).expect("channel");
         let mut m = MetaClient::new(ch);
-        let sid = m
-            .register_client(pb::RegisterClientRequest {
-                hostname: "test".into(),
-                mountpoint: "/none".into(),
-                pid: std::process::id(),
-                version: Some(avalon_proto::version::local()),
-                ..Default::default()
-            })
-            .await
-            .expect("register")
-            .into_inner()
-            .session_id;
+        let sid = common::register_session(&mut m, "test").await;
         let cap = m
             .get_chunk_cap(pb::ChunkCapRequest {
                 header: Some(pb::RequestHeader {

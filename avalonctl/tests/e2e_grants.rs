@@ -69,18 +69,7 @@ fn write_under_grant(
     rt.block_on(async {
         let ch = x.channel(&leader_addr, Dial::Mds, t10).expect("channel");
         let mut m = MetaClient::new(ch);
-        let sid = m
-            .register_client(pb::RegisterClientRequest {
-                hostname: "lost".into(),
-                mountpoint: "/none".into(),
-                pid: std::process::id(),
-                version: Some(avalon_proto::version::local()),
-                ..Default::default()
-            })
-            .await
-            .expect("register")
-            .into_inner()
-            .session_id;
+        let sid = common::register_session(&mut m, "lost").await;
         let hdr = Some(pb::RequestHeader {
             session_id: sid,
             ..Default::default()
@@ -139,6 +128,19 @@ fn write_synced(p: &Path, data: &[u8]) -> u64 {
 }
 
 /// Waits until `p` (on another mount) shows `size` bytes.
+/// Once the MDS recovered the grant: `p` holds `head` then `tail`, with
+/// an mtime no older than `before` (the write's time).
+fn expect_recovered(p: &Path, head: &[u8], tail: &[u8], before: i64) {
+    let m = wait_size(p, (head.len() + tail.len()) as u64);
+    let mtime = m.mtime() * 1_000_000_000 + m.mtime_nsec();
+    assert!(
+        mtime >= before,
+        "mtime {mtime} before the write at {before}"
+    );
+    let back = std::fs::read(p).expect("read back");
+    assert!(back[..head.len()] == head[..] && back[head.len()..] == tail[..]);
+}
+
 fn wait_size(p: &Path, size: u64) -> std::fs::Metadata {
     let mut last = None;
     let ok = common::wait_until(Duration::from_secs(90), || {
@@ -180,14 +182,7 @@ fn lost_writers_sizes_are_recovered_from_the_osds() {
     let before = now_ns();
     let granted = write_under_grant(&mut t, &x, ino, head.len() as u64, head.len() as u32, &tail);
     assert!(granted >= 10_000 + (4 << 20), "granted {granted}");
-    let m = wait_size(&root.join("a"), 16_000);
-    let mtime = m.mtime() * 1_000_000_000 + m.mtime_nsec();
-    assert!(
-        mtime >= before,
-        "mtime {mtime} before the write at {before}"
-    );
-    let back = std::fs::read(root.join("a")).expect("read a");
-    assert!(back[..10_000] == head[..] && back[10_000..] == tail[..]);
+    expect_recovered(&root.join("a"), &head, &tail, before);
 
     // 2. The same with the leader killed after the write: the new leader
     // recovers the grant (Raft state) once the session times out.
@@ -198,14 +193,7 @@ fn lost_writers_sizes_are_recovered_from_the_osds() {
     write_under_grant(&mut t, &x, ino, head.len() as u64, head.len() as u32, &tail);
     let victim = common::leader(t.c());
     t.c().kill_mds(victim);
-    let m = wait_size(&root.join("b"), 75_000);
-    let mtime = m.mtime() * 1_000_000_000 + m.mtime_nsec();
-    assert!(
-        mtime >= before,
-        "mtime {mtime} before the write at {before}"
-    );
-    let back = std::fs::read(root.join("b")).expect("read b");
-    assert!(back[..5_000] == head[..] && back[5_000..] == tail[..]);
+    expect_recovered(&root.join("b"), &head, &tail, before);
 }
 
 /// CommitWrite requests the MDS nodes served (leader and followers).

@@ -17,6 +17,20 @@ fn run(s: &mut State, op: Op) -> Result<Reply, i32> {
     s.apply(&cmd(op)).0
 }
 
+/// Registers a client session (process `pid`) at the root; its id.
+fn register(s: &mut State, pid: u32) -> u64 {
+    let op = Op::RegisterClient {
+        hostname: "h".into(),
+        mountpoint: b"/mnt".to_vec(),
+        pid,
+        subdir: b"/".to_vec(),
+    };
+    match run(s, op) {
+        Ok(Reply::ClientRegistered { session_id, .. }) => session_id,
+        other => panic!("register: {other:?}"),
+    }
+}
+
 fn attr(r: Result<Reply, i32>) -> Result<Attr, i32> {
     match r? {
         Reply::Attr(a) => Ok(a),
@@ -592,18 +606,7 @@ fn sessions_take_the_random_id_they_were_given() {
 #[test]
 fn a_resent_batch_applies_once_and_an_expired_session_applies_none() {
     let mut s = State::new();
-    let sid = match run(
-        &mut s,
-        Op::RegisterClient {
-            hostname: "h".into(),
-            mountpoint: b"/mnt".to_vec(),
-            pid: 1,
-            subdir: b"/".to_vec(),
-        },
-    ) {
-        Ok(Reply::ClientRegistered { session_id, .. }) => session_id,
-        other => panic!("register: {other:?}"),
-    };
+    let sid = register(&mut s, 1);
     let start = match run(&mut s, Op::ReserveInos { count: 4 }) {
         Ok(Reply::Inos(i)) => i,
         other => panic!("reserve: {other:?}"),
@@ -1207,18 +1210,7 @@ fn touch_changes_atime_only() {
 #[test]
 fn write_grants_are_recorded_kept_and_recovered() {
     let mut s = State::new();
-    let sid = match run(
-        &mut s,
-        Op::RegisterClient {
-            hostname: "h".into(),
-            mountpoint: b"/mnt".to_vec(),
-            pid: 1,
-            subdir: b"/".to_vec(),
-        },
-    ) {
-        Ok(Reply::ClientRegistered { session_id, .. }) => session_id,
-        other => panic!("register: {other:?}"),
-    };
+    let sid = register(&mut s, 1);
     let f = mknod(&mut s, ROOT_INO, "f", true).expect("mknod").ino;
     let g = mknod(&mut s, ROOT_INO, "g", true).expect("mknod").ino;
     let grant = |s: &mut State, ino, size, session, max_size| match run(
@@ -1269,18 +1261,7 @@ fn write_grants_are_recorded_kept_and_recovered() {
         "never below the committed size"
     );
     // A release drops the grant with the commit.
-    let sid2 = match run(
-        &mut s,
-        Op::RegisterClient {
-            hostname: "h".into(),
-            mountpoint: b"/mnt".to_vec(),
-            pid: 2,
-            subdir: b"/".to_vec(),
-        },
-    ) {
-        Ok(Reply::ClientRegistered { session_id, .. }) => session_id,
-        other => panic!("register: {other:?}"),
-    };
+    let sid2 = register(&mut s, 2);
     grant(&mut s, f, 4000, sid2, 9000);
     assert_eq!(grant(&mut s, f, 4100, sid2, 0), (4100, 0));
     assert!(s.grants.is_empty());

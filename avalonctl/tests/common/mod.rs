@@ -204,6 +204,25 @@ impl Drop for SecondMount {
 }
 
 /// A single-threaded runtime for a test's async admin calls.
+/// Registers a session on `m` as a client of this release named
+/// `hostname` would (no mount behind it); its id.
+pub async fn register_session(
+    m: &mut avalon_proto::pb::meta_client::MetaClient<tonic::transport::Channel>,
+    hostname: &str,
+) -> u64 {
+    m.register_client(avalon_proto::pb::RegisterClientRequest {
+        hostname: hostname.into(),
+        mountpoint: "/none".into(),
+        pid: std::process::id(),
+        version: Some(avalon_proto::version::local()),
+        ..Default::default()
+    })
+    .await
+    .expect("register")
+    .into_inner()
+    .session_id
+}
+
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
