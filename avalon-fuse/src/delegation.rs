@@ -117,6 +117,9 @@ pub(crate) struct State {
     /// Revokes received so far: a grant whose request was in flight while
     /// one came may be the revoked one, and is not used.
     pub(crate) revokes: u64,
+    /// The metadata lease generation (`MetaCache::lease_held`) the
+    /// delegations in `owned` were granted under.
+    pub(crate) lease: Option<u64>,
 }
 
 impl State {
@@ -183,6 +186,20 @@ pub enum NewNode<'a> {
 impl Delegations {
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The state, to act on a delegation while the lease is `lease` (the
+    /// generation held now, `MetaCache::lease_held`). The delegations are
+    /// forgotten unless they were granted under that very lease: the MDS
+    /// revokes a delegation without asking a holder whose lease ran out
+    /// (or that has none yet), and the holder's own lease ends first.
+    pub(crate) fn lock_under(&self, lease: Option<u64>) -> std::sync::MutexGuard<'_, State> {
+        let mut s = self.lock();
+        if !s.owned.is_empty() && (lease.is_none() || lease != s.lease) {
+            s.owned.clear();
+            s.revokes += 1;
+        }
+        s
     }
 
     /// Queues change `op` made at `now` (under the state lock `s`); wakes
@@ -317,5 +334,39 @@ impl Delegations {
             s.unregistered.remove(&ino);
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holding(lease: Option<u64>) -> Delegations {
+        let d = Delegations::default();
+        {
+            let mut s = d.lock();
+            s.lease = lease;
+            s.owned.insert(7, 7);
+            s.owned.insert(9, 7);
+        }
+        d
+    }
+
+    #[test]
+    fn delegations_hold_only_under_the_lease_they_were_granted_under() {
+        let d = holding(Some(3));
+        assert!(d.lock_under(Some(3)).owned.contains_key(&9));
+        // A lease that lapsed and was renewed is another generation: the
+        // MDS may have revoked them unheard meanwhile.
+        let s = d.lock_under(Some(4));
+        assert!(s.owned.is_empty());
+        assert_eq!(s.revokes, 1);
+        drop(s);
+        // No lease at all (before the first heartbeat, or run out).
+        let d = holding(Some(3));
+        assert!(d.lock_under(None).owned.is_empty());
+        // Nothing held: nothing to drop, no revoke counted.
+        let d = Delegations::default();
+        assert_eq!(d.lock_under(None).revokes, 0);
     }
 }

@@ -357,8 +357,14 @@ impl Client {
     /// Makes sure `parent` is delegated here and inode numbers are at hand;
     /// false if not (then the change goes the synchronous way).
     async fn delegated_dir(&self, parent: u64) -> bool {
+        // Delegations are asked for and used only under a lease (see
+        // `Delegations::lock_under`).
+        let Some(gen) = self.meta.lease_held() else {
+            return false;
+        };
+        let lease = Some(gen);
         {
-            let s = self.deleg.lock();
+            let s = self.deleg.lock_under(lease);
             if s.session_lost {
                 return false;
             }
@@ -376,7 +382,7 @@ impl Client {
         }
         let _g = self.deleg.asking.lock().await;
         let (have, want, revokes) = {
-            let s = self.deleg.lock();
+            let s = self.deleg.lock_under(lease);
             (
                 s.owned.contains_key(&parent),
                 if s.inos_left() > INOS_LOW {
@@ -415,7 +421,7 @@ impl Client {
                 return false;
             }
         };
-        let mut s = self.deleg.lock();
+        let mut s = self.deleg.lock_under(lease);
         if r.ino_count > 0 {
             s.inos
                 .push_back((r.ino_start, r.ino_start + u64::from(r.ino_count)));
@@ -424,11 +430,13 @@ impl Client {
         if have {
             return s.inos_left() > 0;
         }
-        if !r.granted || s.revokes != revokes {
+        // A lease broken while the request was out voids the grant.
+        if !r.granted || s.revokes != revokes || self.meta.lease_held() != lease {
             s.refused.insert(parent, Instant::now());
             s.refused.retain(|_, t| t.elapsed() < REFUSED_FOR);
             return false;
         }
+        s.lease = lease;
         s.owned.insert(parent, parent);
         drop(s);
         if let Some(a) = &r.dir {
@@ -500,7 +508,7 @@ impl Client {
         }
         let (chunk_size, replicas, write_quorum);
         let ino = {
-            let mut s = self.deleg.lock();
+            let mut s = self.deleg.lock_under(self.meta.lease_held());
             let &root = s.owned.get(&parent)?;
             (chunk_size, replicas, write_quorum) = if ftype == libc::S_IFREG {
                 s.layout
@@ -585,7 +593,7 @@ impl Client {
         if ch.mode.is_some() && !self.meta.bare(ino) {
             return None;
         }
-        let s = self.deleg.lock();
+        let s = self.deleg.lock_under(self.meta.lease_held());
         if !s.owned.contains_key(&ino) {
             return None;
         }
@@ -659,7 +667,7 @@ impl Client {
     /// (nobody else can have changed it); the open is counted here only.
     /// None: the synchronous way.
     pub fn open_delegated(&self, ino: u64, flags: u32) -> Option<Attr> {
-        let mut s = self.deleg.lock();
+        let mut s = self.deleg.lock_under(self.meta.lease_held());
         if !s.owned.contains_key(&ino) {
             return None;
         }
@@ -676,7 +684,7 @@ impl Client {
     /// Renews the access time of a file created under a delegation (ctime
     /// stays); false: the synchronous way.
     pub fn touch_delegated(&self, ino: u64) -> bool {
-        let s = self.deleg.lock();
+        let s = self.deleg.lock_under(self.meta.lease_held());
         if !s.owned.contains_key(&ino) {
             return false;
         }
@@ -699,7 +707,7 @@ impl Client {
     /// Commits the size of a file created under a delegation (and stamps
     /// mtime/ctime), if its attributes are cached; None: the synchronous way.
     pub fn commit_delegated(&self, ino: u64, size: u64) -> Option<Attr> {
-        let s = self.deleg.lock();
+        let s = self.deleg.lock_under(self.meta.lease_held());
         if !s.owned.contains_key(&ino) {
             return None;
         }
@@ -755,7 +763,7 @@ impl Client {
     /// from `parent` if both are in one delegation group and the parent's
     /// attributes are cached; false otherwise.
     fn remove_delegated(&self, parent: u64, name: &[u8], ino: u64, dir: bool) -> bool {
-        let mut s = self.deleg.lock();
+        let mut s = self.deleg.lock_under(self.meta.lease_held());
         let (Some(r1), Some(r2)) = (s.owned.get(&parent), s.owned.get(&ino)) else {
             return false;
         };
@@ -820,7 +828,7 @@ impl Client {
             }
             None => return false,
         };
-        let mut s = self.deleg.lock();
+        let mut s = self.deleg.lock_under(self.meta.lease_held());
         let root = match s.owned.get(&parent) {
             Some(r) => *r,
             None => return false,
