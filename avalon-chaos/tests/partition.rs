@@ -628,3 +628,78 @@ fn chunk_files(root: &Path) -> BTreeMap<String, Vec<u8>> {
     }
     out
 }
+
+/// Mount 0 appends to a log as its only writer (the MDS said so at open)
+/// and is then cut off from every MDS, the OSDs still reachable: one
+/// append right after the cut, sent while its lease still holds. Once the
+/// lease has run out, mount 1 appends and fsyncs a record (the MDS lets it
+/// in, at the end it recovers from the OSDs); then mount 0 appends again.
+/// After the heal every record either mount had acknowledged (write and
+/// fsync succeeded) is in the file exactly once, and nothing else is.
+///
+/// Before such appends were fenced by the lease, mount 0 wrote its second
+/// record at the end of file it knew, over mount 1's acknowledged one
+/// (chaos README, "Open failures" 5).
+#[test]
+fn an_appender_cut_from_the_mds_loses_no_acknowledged_record() {
+    let (_dir, mut c) = start(4, 2);
+    let (m0, m1) = (c.mounts[0].path.clone(), c.mounts[1].path.clone());
+    // Created by mount 1, so that mount 0 opens it through the MDS (not
+    // under a delegation of its own).
+    std::fs::create_dir(m1.join("l")).expect("mkdir");
+    write_file(&m1.join("l/log"), b"").expect("create log");
+    let open_append = |p: &Path| std::fs::OpenOptions::new().append(true).open(p);
+    let mut f0 = open_append(&m0.join("l/log")).expect("mount 0 opens the log");
+    f0.write_all(b"A1\n").expect("A1");
+    f0.sync_all().expect("A1 fsync");
+    let (a, b) = partition_sides(&c, FaultKind::PartitionMount, 0);
+    eprintln!("cutting {a:?} from {b:?}");
+    c.partition(&a, &b).expect("cut");
+    let a2 = f0.write_all(b"A2\n").is_ok();
+    std::thread::sleep(LEASE + Duration::from_secs(1));
+    let log1 = m1.join("l/log");
+    retry("mount 1 appends B1", Duration::from_secs(90), move || {
+        let mut f = open_append(&log1)?;
+        f.write_all(b"B1\n")?;
+        f.sync_all()
+    });
+    eprintln!("mount 1's record acknowledged");
+    // May block until the heal.
+    let late = background(move || {
+        let a3 = f0.write_all(b"A3\n").is_ok();
+        let synced = f0.sync_all().is_ok();
+        (a3, synced)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    c.heal_network().expect("heal");
+    let (a3, synced) = late
+        .recv_timeout(Duration::from_secs(120))
+        .expect("mount 0's append and fsync return after the heal");
+    eprintln!("mount 0: A2 written {a2}, A3 written {a3}, fsync {synced}");
+    let mut must = vec!["A1", "B1"];
+    if a2 && synced {
+        must.push("A2");
+    }
+    if a3 && synced {
+        must.push("A3");
+    }
+    for m in [&m0, &m1] {
+        let text = String::from_utf8(std::fs::read(m.join("l/log")).expect("read log"))
+            .expect("the log is text");
+        let lines: Vec<&str> = text.split_terminator('\n').collect();
+        for r in &must {
+            assert_eq!(
+                lines.iter().filter(|l| *l == r).count(),
+                1,
+                "acknowledged record {r} not there exactly once through {m:?}: {text:?}"
+            );
+        }
+        for l in &lines {
+            assert!(
+                ["A1", "A2", "A3", "B1"].contains(l),
+                "a line no one appended through {m:?}: {l:?} in {text:?}"
+            );
+        }
+    }
+    drop(c);
+}

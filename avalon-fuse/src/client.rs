@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod delegated;
+mod sole_writer;
 
 /// The extended attribute holding a file's SELinux label.
 const SELINUX_XATTR: &[u8] = b"security.selinux";
@@ -130,6 +131,10 @@ pub struct Client {
     pub(crate) snaps: crate::snapshots::Snaps,
     /// The mount's fcntl, flock and OFD locks (`locks.rs`).
     pub locks: Arc<crate::locks::Locks>,
+    /// One confirmation of appends at a time (`client/sole_writer.rs`).
+    confirming: tokio::sync::Mutex<()>,
+    /// Per open handle: its file and the file's fences it has reported.
+    seen_fences: dashmap::DashMap<u64, (u64, u32)>,
 }
 
 fn time_set(t: Option<TimeChange>) -> Option<TimeSet> {
@@ -175,6 +180,8 @@ impl Client {
             atime_due: DashSet::new(),
             snaps: Default::default(),
             locks: Default::default(),
+            confirming: Default::default(),
+            seen_fences: Default::default(),
         })
     }
 
@@ -547,6 +554,7 @@ impl Client {
         if let Some(size) = ch.size {
             if let Some(mut st) = self.open_files.files.get_mut(&ino) {
                 st.size = size;
+                st.mds_size = size;
                 st.committed(size);
             }
         }
@@ -598,11 +606,13 @@ impl Client {
         {
             self.note_created_open(a.ino, flags);
             self.note_unregistered_open(a.ino, flags);
+            self.open_files.note_sole(a.ino, self.deleg.lease_of(a.ino));
             return Ok((a, false));
         }
         // The inode is known only from the reply: a shared-write demand
         // that comes before it must not be dropped as "not open here".
         self.open_files.begin_create();
+        let lease = self.meta.lease_held();
         let r = self
             .make_node(parent, name, mode, 0, uid, gid, exclusive, flags)
             .await;
@@ -620,6 +630,8 @@ impl Client {
             if let Err(e) = self.share_writes(a.ino).await {
                 self.keep_write_error(a.ino, &e);
             }
+        } else {
+            self.note_sole(a.ino, lease);
         }
         Ok((a, self.is_shared(a.ino)))
     }
@@ -1134,6 +1146,9 @@ impl Client {
         times_only: bool,
         want_grant: bool,
     ) -> Result<Option<Attr>> {
+        if self.appends_unconfirmed(ino) {
+            self.confirm_sole_writes(ino).await?;
+        }
         let (size, want) = match self.open_files.files.get(&ino) {
             Some(st) if st.dirty && !(times_only && st.grown) => {
                 let want = want_grant && self.may_hold_grant(&st);
@@ -1330,6 +1345,7 @@ impl Client {
         self.open_files.count_open(ino, flags);
         let epoch = self.meta.epoch();
         let commits = self.open_files.commits_before(ino);
+        let lease = self.meta.lease_held();
         let req = pb::OpenRequest {
             header: self.session.header(),
             ino,
@@ -1373,6 +1389,8 @@ impl Client {
             if let Err(e) = self.share_writes(ino).await {
                 self.keep_write_error(ino, &e);
             }
+        } else {
+            self.note_sole(ino, lease);
         }
         let shared = self.is_shared(ino);
         // Close-to-open: what is cached of an older version is dropped.

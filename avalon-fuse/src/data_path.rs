@@ -102,13 +102,24 @@ impl Client {
     async fn append_local(self: &Arc<Self>, ino: u64, data: Bytes, sync: bool) -> Result<u32> {
         let gate = self.open_files.write_gate(ino);
         let _g = gate.write().await;
+        // The MDS may have let another writer in while the lease was
+        // broken: confirm what was appended, then reserve ranges.
+        if !self.is_shared(ino) && self.sole_lapsed(ino) {
+            self.confirm_sole_writes(ino).await?;
+        }
         if self.is_shared(ino) {
             drop(_g);
             return self.write_shared(ino, 0, data, sync, true).await;
         }
         // Set at open from the MDS and moved by this client's own writes
         // and truncates since (see `Client::note_attr`).
-        let offset = self.known_size(ino).map_or(0, |st| st.size);
+        let offset = {
+            let mut st = self.open_files.files.entry(ino).or_default();
+            if st.append_base.is_none() {
+                st.append_base = Some(st.mds_size);
+            }
+            st.size
+        };
         tracing::debug!(ino, offset, len = data.len(), "append as the only writer");
         self.write_local(ino, offset, data, sync, false).await
     }
@@ -340,6 +351,10 @@ impl Client {
         ext: Vec<(u32, Bytes)>,
         sync: bool,
     ) -> Result<()> {
+        // Appends made as the only writer go out only while that holds.
+        if self.buffer_held_back(ino) {
+            self.confirm_sole_writes(ino).await?;
+        }
         let cs = self.chunk_size_of(ino);
         let r = if ext.len() == 1 {
             let (off, data) = ext.into_iter().next().unwrap_or_default();

@@ -256,6 +256,13 @@ impl Delegations {
         self.lock().pending_dirs.contains_key(&dir)
     }
 
+    /// The lease generation the delegation `ino` is under was granted
+    /// under (None: not delegated here).
+    pub fn lease_of(&self, ino: u64) -> Option<u64> {
+        let s = self.lock();
+        s.lease.filter(|_| s.owned.contains_key(&ino))
+    }
+
     /// True if `ino` is under one of this session's delegations.
     pub fn owns(&self, ino: u64) -> bool {
         self.lock().owned.contains_key(&ino)

@@ -607,6 +607,7 @@ impl Filesystem for AvalonFs {
             match c.open(ino, flags, cred).await {
                 Ok((a, shared, keep)) => {
                     c.note_attr(&a);
+                    c.note_handle(fh.0, ino);
                     let mut how = direct_if(shared, flags as i32);
                     if keep {
                         how |= FopenFlags::FOPEN_KEEP_CACHE;
@@ -647,6 +648,7 @@ impl Filesystem for AvalonFs {
                 .await;
             match r {
                 Ok((a, shared)) => {
+                    c.note_handle(fh.0, a.ino);
                     let attr = file_attr(&c, &a);
                     reply.created(
                         &c.meta.ttl(),
@@ -743,7 +745,7 @@ impl Filesystem for AvalonFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
@@ -760,7 +762,8 @@ impl Filesystem for AvalonFs {
             // Close: buffered writes reach the OSDs (errors of earlier
             // background writes are reported here), then the size.
             let closed = c.close_file(ino).await;
-            reply_empty(closed.and(unlocked), reply)
+            let fenced = c.fence_error(fh.0);
+            reply_empty(closed.and(fenced).and(unlocked), reply)
         });
     }
 
@@ -791,6 +794,7 @@ impl Filesystem for AvalonFs {
                     tracing::warn!(ino, error = %e, "could not release locks");
                 }
             }
+            c.forget_handle(fh.0);
             reply_empty(c.release(ino, flags.0 as u32).await, reply)
         });
     }
@@ -853,7 +857,7 @@ impl Filesystem for AvalonFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
@@ -863,7 +867,10 @@ impl Filesystem for AvalonFs {
         }
         let c = self.client.clone();
         let ino = self.mds_ino(ino);
-        self.spawn(async move { reply_empty(c.fsync(ino, datasync).await, reply) });
+        self.spawn(async move {
+            let synced = c.fsync(ino, datasync).await;
+            reply_empty(synced.and(c.fence_error(fh.0)), reply)
+        });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

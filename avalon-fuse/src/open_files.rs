@@ -43,6 +43,20 @@ pub struct FileState {
     /// The lease generation the grant was recorded under
     /// (`MetaCache::lease_held`).
     pub grant_gen: u64,
+    /// The lease generation under which the MDS answered that this session
+    /// is the file's only writer (an open or create reply, a delegation):
+    /// true while that lease holds unbroken (see `client/sole_writer.rs`).
+    pub sole_gen: Option<u64>,
+    /// O_APPEND writes made as the only writer and not committed yet: the
+    /// size the MDS held when the first of them was made (where they start).
+    pub append_base: Option<u64>,
+    /// The MDS refused to confirm this session's appends (another writer
+    /// came in while its lease was broken): what is still buffered for the
+    /// file is dropped, and its fsync and close fail with EIO.
+    pub fenced: bool,
+    /// Fences of the file so far: each handle open at a fence reports it
+    /// once, at its next fsync or close (as Linux's errseq does).
+    pub fences: u32,
 }
 
 impl FileState {
@@ -53,6 +67,9 @@ impl FileState {
         if self.size <= size {
             self.dirty = false;
             self.grown = false;
+            self.append_base = None;
+        } else if let Some(b) = self.append_base {
+            self.append_base = Some(b.max(size));
         }
     }
 }
@@ -121,9 +138,11 @@ impl OpenFiles {
         };
         if last {
             self.opens.remove_if(&ino, |_, n| n.all == 0);
-            // Shared-write mode lasts until the last close.
+            // Shared-write mode lasts until the last close (which stored
+            // or dropped what was buffered), and so does a fence.
             if let Some(mut st) = self.files.get_mut(&ino) {
                 st.shared = false;
+                st.fenced = false;
             }
             self.write_gates.remove(&ino);
         }
@@ -180,6 +199,17 @@ impl OpenFiles {
         self.files.entry(ino).or_default().shared = true;
     }
 
+    /// An answer given under lease generation `held` (None: the lease
+    /// broke around it) says this session is `ino`'s only writer. Appends
+    /// made under an older, broken lease keep their generation: they are
+    /// still to be confirmed.
+    pub fn note_sole(&self, ino: u64, held: Option<u64>) {
+        let mut st = self.files.entry(ino).or_default();
+        if st.append_base.is_none() || st.sole_gen == held {
+            st.sole_gen = held;
+        }
+    }
+
     /// The state of regular file `ino`, if this client has one.
     pub fn known(&self, ino: u64) -> Option<FileState> {
         self.files.get(&ino).map(|s| *s)
@@ -191,6 +221,11 @@ impl OpenFiles {
     pub fn note_size(&self, a: &Attr, sole_writer: bool) -> u64 {
         let mut st = self.files.entry(a.ino).or_default();
         st.chunk_size = a.chunk_size;
+        // An only writer's appends start from the MDS's size: a reply
+        // older than one of its commits must not take that back.
+        if !sole_writer || a.size > st.mds_size {
+            st.mds_size = a.size;
+        }
         if st.dirty || sole_writer {
             st.size = st.size.max(a.size);
         } else {

@@ -345,6 +345,15 @@ pub enum Op {
         caps: Option<crate::caps::ClientCaps>,
         ids: crate::caps::IdMap,
     },
+    /// [`Op::CommitWrite`] only if the file's size is `expect` (else
+    /// ESTALE): the appends of a session that wrote as the file's only
+    /// writer from size `expect` on, confirmed after its lease broke.
+    /// Proposed only once every voter has `FEATURE_FENCED_APPENDS`.
+    CommitWriteIf {
+        ino: u64,
+        size: u64,
+        expect: u64,
+    },
 }
 
 /// A raft log entry payload.

@@ -591,16 +591,54 @@ impl MetaService {
     /// nobody is left to tell (the opens did it); this catches a session
     /// whose open the table missed.
     async fn before_reserving(&self, sid: u64, ino: u64) -> Result<(), MdsError> {
+        self.before_reserving_as(sid, ino, false).await
+    }
+
+    /// [`Self::before_reserving`]; `fenced`: for a conditional commit of
+    /// `sid`, which may itself be the answer to a demand to `sid` (so only
+    /// demands to others are waited for).
+    async fn before_reserving_as(&self, sid: u64, ino: u64, fenced: bool) -> Result<(), MdsError> {
         let node = &self.node;
         node.wait_opens_reported().await;
         let tell = node.append_shares(sid, ino);
         self.tell_shared(ino, tell).await;
-        node.wait_demands(ino).await;
+        if fenced {
+            node.wait_demands_to_others(ino, sid).await;
+        } else {
+            node.wait_demands(ino).await;
+        }
         let held = node.read_local(|s| crate::grants::held_by_others(s, sid, &[ino]));
         if !held.is_empty() {
             self.settle_grants(&held).await?;
         }
         Ok(())
+    }
+
+    /// The op of a conditional commit (`CommitWriteRequest.expect_size`):
+    /// first every other writer commits and writes through, as before a
+    /// reservation, so that the size then read covers their appends.
+    async fn fenced_commit(
+        &self,
+        sid: u64,
+        ino: u64,
+        size: u64,
+        expect: u64,
+    ) -> Result<Op, MdsError> {
+        if sid == 0 {
+            return Err(MdsError::Invalid(
+                "a conditional commit needs a session".into(),
+            ));
+        }
+        if !self
+            .node
+            .voters_have(avalon_proto::version::FEATURE_FENCED_APPENDS)
+        {
+            // An older voter could not apply the entry: the appends stay
+            // unconfirmed (the client reports them as failed).
+            return Err(MdsError::Errno(libc::ESTALE));
+        }
+        self.before_reserving_as(sid, ino, true).await?;
+        Ok(Op::CommitWriteIf { ino, size, expect })
     }
 
     /// Sends the shared-write demands of `tell` (sessions told that `ino`
@@ -1446,7 +1484,9 @@ impl Meta for MetaService {
         let session = r.header.as_ref().map_or(0, |h| h.session_id);
         let grants =
             session != 0 && (r.want_grant != 0 || r.release_grant) && self.node.grants_on();
-        let op = if grants {
+        let op = if let Some(expect) = r.expect_size {
+            self.fenced_commit(session, r.ino, r.size, expect).await?
+        } else if grants {
             Op::CommitWriteGrant {
                 ino: r.ino,
                 size: r.size,

@@ -634,6 +634,9 @@ impl State {
                 Ok(Reply::Inos(start))
             }
             Op::AppendWrite { ino, len } => self.append_write(now, *ino, *len).map(Reply::Attr),
+            Op::CommitWriteIf { ino, size, expect } => self
+                .commit_write_if(now, *ino, *size, *expect)
+                .map(Reply::Attr),
             Op::RegisterOsd {
                 osd_id,
                 addr,
@@ -1690,6 +1693,15 @@ impl State {
         let attr = i.attr;
         crate::rstats::changed(self, ino, old);
         Ok(attr)
+    }
+
+    /// Commits `size` only if the file's size is `expect` (see
+    /// [`Op::CommitWriteIf`]).
+    fn commit_write_if(&mut self, now: i64, ino: u64, size: u64, expect: u64) -> R<Attr> {
+        if self.inode(ino)?.attr.size != expect {
+            return Err(libc::ESTALE);
+        }
+        self.commit_write(now, ino, size)
     }
 
     /// Reserves `len` bytes at the end of a regular file: the size grows

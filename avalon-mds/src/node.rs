@@ -132,7 +132,7 @@ pub struct OpenTable {
     /// mode waits for all of them, not only for those it sent: a second
     /// open of the same session would otherwise read the size before the
     /// told session committed what it buffered, and append over it.
-    pub demanding: HashMap<u64, u32>,
+    pub demanding: HashMap<u64, Vec<u64>>,
 }
 
 impl OpenTable {
@@ -179,7 +179,7 @@ impl OpenTable {
             }
         }
         if !tell.is_empty() {
-            *self.demanding.entry(ino).or_default() += tell.len() as u32;
+            self.demanding.entry(ino).or_default().extend(&tell);
         }
         (any, tell)
     }
@@ -256,7 +256,7 @@ pub struct Told<'a> {
 
 impl Drop for Told<'_> {
     fn drop(&mut self) {
-        self.node.demand_done(self.ino);
+        self.node.demand_done(self.ino, self.sid);
     }
 }
 
@@ -665,14 +665,16 @@ impl MdsNode {
         self.told(ino, tell)
     }
 
-    /// One shared-write demand for `ino` (counted by
+    /// One shared-write demand for `ino` to `sid` (counted by
     /// [`MdsNode::open_shared`]) is answered or given up.
-    fn demand_done(&self, ino: u64) {
+    fn demand_done(&self, ino: u64, sid: u64) {
         {
             let mut t = self.lock_opens();
-            if let Some(n) = t.demanding.get_mut(&ino) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
+            if let Some(told) = t.demanding.get_mut(&ino) {
+                if let Some(i) = told.iter().position(|s| *s == sid) {
+                    told.swap_remove(i);
+                }
+                if told.is_empty() {
                     t.demanding.remove(&ino);
                 }
             }
@@ -683,6 +685,18 @@ impl MdsNode {
     /// Waits until no shared-write demand for `ino` is under way.
     pub async fn wait_demands(&self, ino: u64) {
         self.wait_opens(|t| !t.demanding.contains_key(&ino)).await;
+    }
+
+    /// Waits until no shared-write demand for `ino` to a session other
+    /// than `sid` is under way (one to `sid` may wait for this very
+    /// request of it).
+    pub async fn wait_demands_to_others(&self, ino: u64, sid: u64) {
+        self.wait_opens(|t| {
+            t.demanding
+                .get(&ino)
+                .is_none_or(|told| told.iter().all(|s| *s == sid))
+        })
+        .await;
     }
 
     /// Drops one open of `ino` by `sid` (`write`: an open for writing);

@@ -87,6 +87,12 @@ pub const FEATURE_LOCK_CACHE: u64 = 1 << 10;
 /// voter could not apply the log entry).
 pub const FEATURE_WRITE_GRANTS: u64 = 1 << 9;
 
+/// Feature bit: conditional size commits (`CommitWriteRequest.expect_size`,
+/// the MDS's `Op::CommitWriteIf`). Proposed only while every voter has the
+/// bit; without it the MDS refuses such a commit (the client reports EIO
+/// for the appends it could not confirm).
+pub const FEATURE_FENCED_APPENDS: u64 = 1 << 11;
+
 /// Every feature this build has.
 pub const FEATURES: u64 = FEATURE_VERSION_EXCHANGE
     | FEATURE_VERSIONED_FORMATS
@@ -98,7 +104,8 @@ pub const FEATURES: u64 = FEATURE_VERSION_EXCHANGE
     | FEATURE_LOCK_RECLAIM
     | FEATURE_EPOCH_VERSIONS
     | FEATURE_LOCK_CACHE
-    | FEATURE_WRITE_GRANTS;
+    | FEATURE_WRITE_GRANTS
+    | FEATURE_FENCED_APPENDS;
 
 /// The crate (release) version, e.g. "0.1.0".
 pub const RELEASE: &str = env!("CARGO_PKG_VERSION");

@@ -332,6 +332,7 @@ impl Client {
     /// Tells the MDS of an open of `ino` it did not count; the file may be
     /// in shared-write mode from then on.
     async fn register_open(&self, ino: u64, flags: u32) {
+        let lease = self.meta.lease_held();
         let req = pb::OpenRequest {
             header: self.session.header(),
             ino,
@@ -349,7 +350,7 @@ impl Client {
                     self.keep_write_error(ino, &e);
                 }
             }
-            Ok(_) => {}
+            Ok(_) => self.note_sole(ino, lease),
             Err(e) => tracing::warn!(ino, error = %e, "could not register an open"),
         }
     }
@@ -676,8 +677,10 @@ impl Client {
             return None;
         }
         s.unregistered.entry(ino).or_default().push(flags);
+        let lease = s.lease;
         drop(s);
         self.open_files.count_open(ino, flags);
+        self.open_files.note_sole(ino, lease);
         Some(a)
     }
 

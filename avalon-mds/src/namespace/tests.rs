@@ -1093,6 +1093,36 @@ fn append_write_reserves_disjoint_ranges_at_the_end() {
 }
 
 #[test]
+fn a_conditional_commit_applies_only_on_the_size_it_expects() {
+    let mut s = State::new();
+    let f = mknod(&mut s, ROOT_INO, "log", true).expect("create");
+    let commit_if = |s: &mut State, size, expect| {
+        attr(run(
+            s,
+            Op::CommitWriteIf {
+                ino: f.ino,
+                size,
+                expect,
+            },
+        ))
+    };
+    // The appender's view of the end still holds: its appends commit.
+    assert_eq!(commit_if(&mut s, 30, 0).expect("commit").size, 30);
+    // Another session reserved a range meanwhile: refused, size kept.
+    attr(run(
+        &mut s,
+        Op::AppendWrite {
+            ino: f.ino,
+            len: 15,
+        },
+    ))
+    .expect("append");
+    assert_eq!(commit_if(&mut s, 60, 30), Err(libc::ESTALE));
+    assert_eq!(s.getattr(f.ino).expect("f").size, 45);
+    assert_eq!(commit_if(&mut s, 60, 45).expect("commit").size, 60);
+}
+
+#[test]
 fn open_directories_are_kept_as_orphans() {
     let mut s = State::new();
     let d = mkdir(&mut s, ROOT_INO, "d").expect("d");

@@ -1,0 +1,155 @@
+//! O_APPEND as a file's only writer, fenced by the metadata lease.
+//!
+//! A session the MDS answered "only writer" (an open or create reply, or a
+//! delegation it created the file under) appends at the end of file as it
+//! knows it and commits the size later. That is sound while another opener
+//! must first make it commit (a shared-write demand, which the MDS waits
+//! for while the session is alive). Once its lease broke (a partition, a
+//! failover slower than the lease), the MDS may have gone on without it:
+//! another session may have appended at that same end. So, from the break
+//! on, this session neither sends nor commits those appends unconfirmed:
+//! a conditional commit (`CommitWriteRequest.expect_size`) takes them only
+//! if the MDS's size is still where they started, after telling the other
+//! writers to commit theirs; the file then goes to shared-write mode (its
+//! appends reserve their ranges at the MDS). If the size moved, the
+//! appends are dropped and the file's fsync and close fail with EIO: they
+//! were never acknowledged, and writing them would overwrite records that
+//! were.
+
+use crate::client::Client;
+use crate::error::{ClientError, Result};
+use avalon_proto::pb;
+
+impl Client {
+    /// Records that an MDS answer asked for under lease generation
+    /// `before` (`MetaCache::lease_held` when the request left) makes this
+    /// session `ino`'s only writer; the lease must still be that one.
+    pub(crate) fn note_sole(&self, ino: u64, before: Option<u64>) {
+        let held = before.filter(|_| self.meta.lease_held() == before);
+        self.open_files.note_sole(ino, held);
+    }
+
+    /// True unless this session is `ino`'s only writer under the lease it
+    /// holds now, unbroken since the MDS said so.
+    pub(crate) fn sole_lapsed(&self, ino: u64) -> bool {
+        let lease = self.meta.lease_held();
+        self.open_files
+            .files
+            .get(&ino)
+            .is_none_or(|st| st.sole_gen.is_none() || st.sole_gen != lease)
+    }
+
+    /// True if appends made to `ino` as its only writer are pending and
+    /// must be confirmed before they are sent or committed.
+    pub(crate) fn appends_unconfirmed(&self, ino: u64) -> bool {
+        let lease = self.meta.lease_held();
+        self.open_files.files.get(&ino).is_some_and(|st| {
+            st.append_base.is_some() && (st.sole_gen.is_none() || st.sole_gen != lease)
+        })
+    }
+
+    /// True if what is buffered for `ino` may not be sent: appends not
+    /// confirmed yet, or a fenced file (buffered before the fence).
+    pub(crate) fn buffer_held_back(&self, ino: u64) -> bool {
+        self.open_files.known(ino).is_some_and(|st| st.fenced) || self.appends_unconfirmed(ino)
+    }
+
+    /// Confirms this session's pending appends to `ino` after its lease
+    /// broke (see the module doc) and puts the file in shared-write mode.
+    /// EIO if the MDS's size moved meanwhile: the file is fenced.
+    pub(crate) async fn confirm_sole_writes(&self, ino: u64) -> Result<()> {
+        let _turn = self.confirming.lock().await;
+        let lease = self.meta.lease_held();
+        let (size, base) = match self.open_files.files.get(&ino) {
+            Some(st) if st.fenced => return Err(fenced(ino)),
+            Some(st) if st.sole_gen.is_some() && st.sole_gen == lease => return Ok(()),
+            Some(st) => (st.size, st.append_base),
+            None => return Ok(()),
+        };
+        let Some(base) = base else {
+            // Nothing to confirm: later appends reserve their ranges.
+            self.open_files.set_shared(ino);
+            return Ok(());
+        };
+        tracing::info!(
+            ino,
+            base,
+            size,
+            "confirming appends made before the lease broke"
+        );
+        let req = pb::CommitWriteRequest {
+            header: self.session.header(),
+            ino,
+            size,
+            expect_size: Some(base),
+            ..Default::default()
+        };
+        self.meta.forget_attr(ino);
+        let r = self
+            .rpc(req, |mut c, r| async move { c.commit_write(r).await })
+            .await
+            .map_err(ClientError::from);
+        let mut st = self.open_files.files.entry(ino).or_default();
+        match r {
+            Ok(_) => {
+                st.committed(size);
+                st.append_base = None;
+                st.shared = true;
+                Ok(())
+            }
+            Err(e) if e.errno() == libc::ESTALE => {
+                tracing::warn!(
+                    ino,
+                    base,
+                    size,
+                    "appends made before the lease broke are lost: another writer appended meanwhile"
+                );
+                st.fenced = true;
+                st.fences = st.fences.wrapping_add(1);
+                st.append_base = None;
+                st.size = st.mds_size;
+                st.dirty = false;
+                st.grown = false;
+                st.shared = true;
+                Err(fenced(ino))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Client {
+    /// Handle `fh` of `ino` was opened: fences from now on are its to report.
+    pub fn note_handle(&self, fh: u64, ino: u64) {
+        let fences = self.open_files.known(ino).map_or(0, |st| st.fences);
+        self.seen_fences.insert(fh, (ino, fences));
+    }
+
+    /// EIO, once, if `ino` was fenced since handle `fh` last reported it
+    /// (at fsync and close: the handle's writes may be among those lost).
+    pub fn fence_error(&self, fh: u64) -> Result<()> {
+        let Some(mut seen) = self.seen_fences.get_mut(&fh) else {
+            return Ok(());
+        };
+        let ino = seen.0;
+        let now = self.open_files.known(ino).map_or(0, |st| st.fences);
+        if now == seen.1 {
+            return Ok(());
+        }
+        seen.1 = now;
+        Err(fenced(ino))
+    }
+
+    /// Handle `fh` was released.
+    pub fn forget_handle(&self, fh: u64) {
+        self.seen_fences.remove(&fh);
+    }
+}
+
+/// The error of a fenced file's buffered writes, fsync and close.
+fn fenced(ino: u64) -> ClientError {
+    ClientError::posix(
+        libc::EIO,
+        format!("appends to inode {ino} made before the metadata lease broke were not confirmed"),
+    )
+}
