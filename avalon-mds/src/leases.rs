@@ -401,7 +401,8 @@ impl LeaseTable {
             }
             tokio::time::sleep(STREAM_POLL).await;
         };
-        let (flush_seq, mut wrx) = {
+        let mut tx = tx;
+        let (flush_seq, mut wrx, ev) = {
             let mut g = self.lock();
             let Some(s) = g.sessions.get_mut(&sid) else {
                 return false;
@@ -413,18 +414,39 @@ impl LeaseTable {
                 recalls: vec![r],
                 flush_seq,
             };
-            if tx.try_send(Ok(ev)).is_err() {
+            if tx.try_send(Ok(ev.clone())).is_err() {
                 return false;
             }
             crate::metrics::demand_sent();
             let (wtx, wrx) = oneshot::channel();
             s.flushing.insert(flush_seq, wtx);
-            (flush_seq, wrx)
+            (flush_seq, wrx, ev)
         };
         loop {
             tokio::select! {
                 r = &mut wrx => return r.is_ok(),
                 () = tokio::time::sleep(STREAM_POLL) => {}
+            }
+            // The session opened a new stream (its old one went quiet, say
+            // across a partition): what was sent on the old one may never
+            // arrive, so the demand goes again on the new one (answering
+            // it twice is harmless). Else a live session would hold the
+            // demand, and every open waiting for it, for `max_wait`.
+            let newer = self
+                .lock()
+                .sessions
+                .get(&sid)
+                .and_then(|s| s.tx.clone())
+                .filter(|t| !t.same_channel(&tx) && !t.is_closed());
+            if let Some(t) = newer {
+                if t.try_send(Ok(ev.clone())).is_ok() {
+                    tracing::debug!(
+                        session = sid,
+                        flush_seq,
+                        "demand sent again on a new stream"
+                    );
+                    tx = t;
+                }
             }
             if !self.alive(sid, start) || Instant::now() >= give_up {
                 if let Some(s) = self.lock().sessions.get_mut(&sid) {
