@@ -1147,7 +1147,7 @@ impl Client {
         want_grant: bool,
     ) -> Result<Option<Attr>> {
         if self.appends_unconfirmed(ino) {
-            self.confirm_sole_writes(ino).await?;
+            self.confirm_sole_writes(ino, false).await?;
         }
         let (size, want) = match self.open_files.files.get(&ino) {
             Some(st) if st.dirty && !(times_only && st.grown) => {
@@ -1442,12 +1442,24 @@ impl Client {
         // Buffered writes that started before the mode changed finish
         // first (later ones see it and write through).
         let _g = gate.write().await;
+        // Appends made as the only writer are confirmed before they go
+        // out: the MDS may have stopped waiting for this answer and let
+        // another writer append at the same end (`client/sole_writer.rs`).
+        let pending = self
+            .open_files
+            .known(ino)
+            .is_some_and(|st| st.append_base.is_some());
+        let confirmed = if pending {
+            self.confirm_sole_writes(ino, true).await
+        } else {
+            Ok(())
+        };
         let flushed = self.flush_file(ino).await;
         let committed = self.commit_size(ino).await.map(|_| ());
         // Writes commit through from now on: the grant goes (another
         // session's read asked for this demand while it was held).
         let released = self.release_grant(ino).await;
-        flushed.and(committed).and(released)
+        confirmed.and(flushed).and(committed).and(released)
     }
 
     /// Shared-write mode for every file open for writing (the recall

@@ -105,7 +105,7 @@ impl Client {
         // The MDS may have let another writer in while the lease was
         // broken: confirm what was appended, then reserve ranges.
         if !self.is_shared(ino) && self.sole_lapsed(ino) {
-            self.confirm_sole_writes(ino).await?;
+            self.confirm_sole_writes(ino, false).await?;
         }
         if self.is_shared(ino) {
             drop(_g);
@@ -353,7 +353,7 @@ impl Client {
     ) -> Result<()> {
         // Appends made as the only writer go out only while that holds.
         if self.buffer_held_back(ino) {
-            self.confirm_sole_writes(ino).await?;
+            self.confirm_sole_writes(ino, false).await?;
         }
         let cs = self.chunk_size_of(ino);
         let r = if ext.len() == 1 {

@@ -629,15 +629,16 @@ impl MetaService {
                 "a conditional commit needs a session".into(),
             ));
         }
+        self.before_reserving_as(sid, ino, true).await?;
         if !self
             .node
             .voters_have(avalon_proto::version::FEATURE_FENCED_APPENDS)
         {
-            // An older voter could not apply the entry: the appends stay
-            // unconfirmed (the client reports them as failed).
-            return Err(MdsError::Errno(libc::ESTALE));
+            // An older voter could not apply the entry: committed as
+            // before the feature (unfenced), rather than failing every
+            // such commit while a cluster is being upgraded.
+            return Ok(Op::CommitWrite { ino, size });
         }
-        self.before_reserving_as(sid, ino, true).await?;
         Ok(Op::CommitWriteIf { ino, size, expect })
     }
 

@@ -89,8 +89,8 @@ pub const FEATURE_WRITE_GRANTS: u64 = 1 << 9;
 
 /// Feature bit: conditional size commits (`CommitWriteRequest.expect_size`,
 /// the MDS's `Op::CommitWriteIf`). Proposed only while every voter has the
-/// bit; without it the MDS refuses such a commit (the client reports EIO
-/// for the appends it could not confirm).
+/// bit; without it the MDS commits unconditionally, as an older MDS does
+/// (an older one ignores the field).
 pub const FEATURE_FENCED_APPENDS: u64 = 1 << 11;
 
 /// Every feature this build has.

@@ -55,14 +55,16 @@ impl Client {
     }
 
     /// Confirms this session's pending appends to `ino` after its lease
-    /// broke (see the module doc) and puts the file in shared-write mode.
-    /// EIO if the MDS's size moved meanwhile: the file is fenced.
-    pub(crate) async fn confirm_sole_writes(&self, ino: u64) -> Result<()> {
+    /// broke (see the module doc), or with `always` whatever the lease (a
+    /// shared-write demand: the MDS gives up waiting for an answer after
+    /// a while, live session or not), and puts the file in shared-write
+    /// mode. EIO if the MDS's size moved meanwhile: the file is fenced.
+    pub(crate) async fn confirm_sole_writes(&self, ino: u64, always: bool) -> Result<()> {
         let _turn = self.confirming.lock().await;
         let lease = self.meta.lease_held();
         let (size, base) = match self.open_files.files.get(&ino) {
             Some(st) if st.fenced => return Err(fenced(ino)),
-            Some(st) if st.sole_gen.is_some() && st.sole_gen == lease => return Ok(()),
+            Some(st) if !always && st.sole_gen.is_some() && st.sole_gen == lease => return Ok(()),
             Some(st) => (st.size, st.append_base),
             None => return Ok(()),
         };
@@ -102,7 +104,7 @@ impl Client {
                     ino,
                     base,
                     size,
-                    "appends made before the lease broke are lost: another writer appended meanwhile"
+                    "appends made as the only writer are lost: another writer appended meanwhile"
                 );
                 st.fenced = true;
                 st.fences = st.fences.wrapping_add(1);
