@@ -1583,6 +1583,11 @@ impl Client {
     /// on the MDS (fsync).
     /// A delegated change to it that the MDS will never apply is reported.
     pub async fn fsync(&self, ino: u64, datasync: bool) -> Result<()> {
+        // Appends not confirmed since the lease broke are, before they go
+        // out (`client/sole_writer.rs`).
+        if self.appends_unconfirmed(ino) {
+            self.confirm_sole_writes(ino, false).await?;
+        }
         if self.granted(ino) {
             // Under a write grant: one round trip to the primaries (the
             // data and each chunk's length durable on the replicas); size

@@ -280,6 +280,10 @@ impl Client {
     /// Sends one chunk's buffered data in the background (nothing if it is
     /// in flight already: its sender picks the rest up when due).
     fn spawn_flush(self: &Arc<Self>, ino: u64, index: u64) {
+        // Appends waiting to be confirmed stay buffered until then.
+        if self.appends_unconfirmed(ino) {
+            return;
+        }
         let Take::Send(ext) = self.wbuf.take(ino, index, true) else {
             return;
         };
@@ -351,9 +355,12 @@ impl Client {
         ext: Vec<(u32, Bytes)>,
         sync: bool,
     ) -> Result<()> {
-        // Appends made as the only writer go out only while that holds.
+        // Appends made as the only writer go out only while that holds:
+        // those not confirmed yet fail here (fsync, close, the next append
+        // and a demand confirm them first; confirming from here could wait
+        // for the queue of delegated changes that is storing this data).
         if self.buffer_held_back(ino) {
-            self.confirm_sole_writes(ino, false).await?;
+            return Err(self.held_back_error(ino));
         }
         let cs = self.chunk_size_of(ino);
         let r = if ext.len() == 1 {

@@ -891,6 +891,9 @@ impl Client {
 
     /// [`Client::close_file`] but for lost changes.
     async fn close_data(&self, ino: u64) -> Result<()> {
+        if self.appends_unconfirmed(ino) {
+            self.confirm_sole_writes(ino, false).await?;
+        }
         if self.deleg.owns(ino) {
             if let Some(st) = self.known_size(ino).filter(|s| s.dirty) {
                 if let Some(a) = self.commit_delegated(ino, st.size) {

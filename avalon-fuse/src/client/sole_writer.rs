@@ -54,6 +54,17 @@ impl Client {
         self.open_files.known(ino).is_some_and(|st| st.fenced) || self.appends_unconfirmed(ino)
     }
 
+    /// The error of a send of data [`Client::buffer_held_back`] keeps back.
+    pub(crate) fn held_back_error(&self, ino: u64) -> ClientError {
+        if self.open_files.known(ino).is_some_and(|st| st.fenced) {
+            return fenced(ino);
+        }
+        ClientError::posix(
+            libc::EIO,
+            format!("appends to inode {ino} not confirmed since the metadata lease broke"),
+        )
+    }
+
     /// Confirms this session's pending appends to `ino` after its lease
     /// broke (see the module doc), or with `always` whatever the lease (a
     /// shared-write demand: the MDS gives up waiting for an answer after
@@ -68,16 +79,74 @@ impl Client {
             Some(st) => (st.size, st.append_base),
             None => return Ok(()),
         };
-        let Some(base) = base else {
+        let Some(mut base) = base else {
             // Nothing to confirm: later appends reserve their ranges.
             self.open_files.set_shared(ino);
             return Ok(());
         };
+        let mut size = size;
+        // A refusal may come from this client's own commits (one on its
+        // way, or a delegated one the request's barrier sent first): once
+        // those are noted, it asks again from the size they left.
+        for _ in 0..3 {
+            match self.confirm_once(ino, base, size).await {
+                Err(e) if e.errno() == libc::ESTALE => {}
+                r => return r,
+            }
+            self.own_commits_done(ino).await;
+            match self.open_files.known(ino) {
+                Some(st) if st.append_base.is_none() => {
+                    self.open_files.set_shared(ino);
+                    return Ok(());
+                }
+                Some(st) if st.append_base != Some(base) => {
+                    base = st.append_base.unwrap_or(base);
+                    size = st.size;
+                }
+                _ => break,
+            }
+        }
+        let mut st = self.open_files.files.entry(ino).or_default();
+        tracing::warn!(
+            ino,
+            base,
+            size,
+            "appends made as the only writer are lost: another writer appended meanwhile"
+        );
+        st.fenced = true;
+        st.fences = st.fences.wrapping_add(1);
+        st.append_base = None;
+        st.size = st.mds_size;
+        st.dirty = false;
+        st.grown = false;
+        st.shared = true;
+        Err(fenced(ino))
+    }
+
+    /// Waits (at most 2 s) until no size commit of this client for `ino`
+    /// is under way, and a little more for a delegated one being noted.
+    async fn own_commits_done(&self, ino: u64) {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            let busy = self
+                .open_files
+                .known(ino)
+                .is_some_and(|st| st.commits_started != st.commits_done);
+            if !busy || std::time::Instant::now() >= until {
+                return;
+            }
+        }
+    }
+
+    /// One conditional commit of `size` if the MDS holds `base`; ESTALE if
+    /// not (nothing changed then).
+    async fn confirm_once(&self, ino: u64, base: u64, size: u64) -> Result<()> {
         tracing::info!(
             ino,
             base,
             size,
-            "confirming appends made before the lease broke"
+            "confirming appends made as the only writer"
         );
         let req = pb::CommitWriteRequest {
             header: self.session.header(),
@@ -91,32 +160,12 @@ impl Client {
             .rpc(req, |mut c, r| async move { c.commit_write(r).await })
             .await
             .map_err(ClientError::from);
+        r?;
         let mut st = self.open_files.files.entry(ino).or_default();
-        match r {
-            Ok(_) => {
-                st.committed(size);
-                st.append_base = None;
-                st.shared = true;
-                Ok(())
-            }
-            Err(e) if e.errno() == libc::ESTALE => {
-                tracing::warn!(
-                    ino,
-                    base,
-                    size,
-                    "appends made as the only writer are lost: another writer appended meanwhile"
-                );
-                st.fenced = true;
-                st.fences = st.fences.wrapping_add(1);
-                st.append_base = None;
-                st.size = st.mds_size;
-                st.dirty = false;
-                st.grown = false;
-                st.shared = true;
-                Err(fenced(ino))
-            }
-            Err(e) => Err(e),
-        }
+        st.committed(size);
+        st.append_base = None;
+        st.shared = true;
+        Ok(())
     }
 }
 
