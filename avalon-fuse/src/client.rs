@@ -1554,6 +1554,9 @@ impl Client {
         let closed = self.close_file(ino).await;
         let mut released = Ok(());
         if self.open_files.uncount_open(ino, flags) {
+            // A write error no fsync took goes with the last close (the
+            // closes reported it).
+            self.wbuf.take_error(ino);
             // Opened for reading but never read: nothing to renew.
             self.atime_due.remove(&ino);
             // The last close committed size and times: the grant goes.

@@ -438,9 +438,27 @@ impl Client {
     /// [`Client::flush_file`]; with `sync`, what it sends is made durable
     /// (fsynced by every copy) before it is acknowledged.
     async fn flush_file_as(&self, ino: u64, sync: bool) -> Result<()> {
+        self.flush_file_then(ino, sync, true).await
+    }
+
+    /// [`Client::flush_file`] for a close: an earlier background write's
+    /// failure is reported but left for the file's next fsync. A close
+    /// may come from another process sharing the descriptor (a child
+    /// that inherited it and execs); taking the error there would let
+    /// the owner's fsync succeed over lost data.
+    pub async fn flush_file_for_close(&self, ino: u64) -> Result<()> {
+        self.flush_file_then(ino, false, false).await
+    }
+
+    async fn flush_file_then(&self, ino: u64, sync: bool, take: bool) -> Result<()> {
         let chunks = self.wbuf.chunks_of(ino);
         let r = self.flush_chunks(ino, chunks.into_iter(), sync).await;
-        if let Some((errno, msg)) = self.wbuf.take_error(ino) {
+        let kept = if take {
+            self.wbuf.take_error(ino)
+        } else {
+            self.wbuf.peek_error(ino)
+        };
+        if let Some((errno, msg)) = kept {
             return Err(if errno == libc::EIO {
                 ClientError::Unavailable(msg)
             } else {

@@ -405,6 +405,12 @@ impl WriteBuffer {
         (e.0 == libc::ENOSPC || e.0 == libc::EDQUOT).then(|| e.clone())
     }
 
+    /// The error a background write of `ino` left, if any, left in place
+    /// (a close reports it; the next fsync takes it).
+    pub fn peek_error(&self, ino: u64) -> Option<(i32, String)> {
+        self.lock().files.get(&ino)?.error.clone()
+    }
+
     /// Takes the error a background write of `ino` left, if any.
     pub fn take_error(&self, ino: u64) -> Option<(i32, String)> {
         let mut g = self.lock();

@@ -907,7 +907,7 @@ impl Client {
                 return Ok(());
             }
         }
-        let flushed = self.flush_file(ino).await;
+        let flushed = self.flush_file_for_close(ino).await;
         let committed = self.commit_size(ino).await;
         if let (Ok(()), Ok(Some(a))) = (&flushed, &committed) {
             if !self.is_shared(ino) {
