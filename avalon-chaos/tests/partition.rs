@@ -631,15 +631,17 @@ fn chunk_files(root: &Path) -> BTreeMap<String, Vec<u8>> {
 
 /// Mount 0 appends to a log as its only writer (the MDS said so at open)
 /// and is then cut off from every MDS, the OSDs still reachable: one
-/// append right after the cut, sent while its lease still holds. Once the
+/// append and fsync right after the cut (the data reaches the OSDs while
+/// the lease still holds, the size commit waits for the heal). Once the
 /// lease has run out, mount 1 appends and fsyncs a record (the MDS lets it
-/// in, at the end it recovers from the OSDs); then mount 0 appends again.
-/// After the heal every record either mount had acknowledged (write and
-/// fsync succeeded) is in the file exactly once, and nothing else is.
+/// in at the end it knows); then mount 0 appends again. After the heal
+/// every record either mount had acknowledged (write and fsync succeeded)
+/// is in the file exactly once, and nothing else is.
 ///
-/// Before such appends were fenced by the lease, mount 0 wrote its second
-/// record at the end of file it knew, over mount 1's acknowledged one
-/// (chaos README, "Open failures" 5).
+/// Before such appends were fenced by the lease, mount 1's record went
+/// over mount 0's first one, whose fsync succeeded after the heal, and
+/// mount 0 wrote its second record over mount 1's (chaos README, "Open
+/// failures" 5).
 #[test]
 fn an_appender_cut_from_the_mds_loses_no_acknowledged_record() {
     let (_dir, mut c) = start(4, 2);
@@ -649,13 +651,20 @@ fn an_appender_cut_from_the_mds_loses_no_acknowledged_record() {
     std::fs::create_dir(m1.join("l")).expect("mkdir");
     write_file(&m1.join("l/log"), b"").expect("create log");
     let open_append = |p: &Path| std::fs::OpenOptions::new().append(true).open(p);
+    // Closed, not fsynced: no write grant (an fsync under one would not
+    // wait for the MDS).
+    let mut f = open_append(&m0.join("l/log")).expect("mount 0 opens the log");
+    f.write_all(b"A1\n").expect("A1");
+    drop(f);
     let mut f0 = open_append(&m0.join("l/log")).expect("mount 0 opens the log");
-    f0.write_all(b"A1\n").expect("A1");
-    f0.sync_all().expect("A1 fsync");
+    let mut f1 = open_append(&m0.join("l/log")).expect("mount 0 opens it again");
     let (a, b) = partition_sides(&c, FaultKind::PartitionMount, 0);
     eprintln!("cutting {a:?} from {b:?}");
     c.partition(&a, &b).expect("cut");
-    let a2 = f0.write_all(b"A2\n").is_ok();
+    let first = background(move || {
+        let a2 = f0.write_all(b"A2\n").is_ok();
+        (a2, f0.sync_all().is_ok())
+    });
     std::thread::sleep(LEASE + Duration::from_secs(1));
     let log1 = m1.join("l/log");
     retry("mount 1 appends B1", Duration::from_secs(90), move || {
@@ -666,21 +675,20 @@ fn an_appender_cut_from_the_mds_loses_no_acknowledged_record() {
     eprintln!("mount 1's record acknowledged");
     // May block until the heal.
     let late = background(move || {
-        let a3 = f0.write_all(b"A3\n").is_ok();
-        let synced = f0.sync_all().is_ok();
-        (a3, synced)
+        let a3 = f1.write_all(b"A3\n").is_ok();
+        (a3, f1.sync_all().is_ok())
     });
     std::thread::sleep(Duration::from_secs(2));
     c.heal_network().expect("heal");
-    let (a3, synced) = late
-        .recv_timeout(Duration::from_secs(120))
-        .expect("mount 0's append and fsync return after the heal");
-    eprintln!("mount 0: A2 written {a2}, A3 written {a3}, fsync {synced}");
+    let wait = Duration::from_secs(120);
+    let (a2, synced2) = first.recv_timeout(wait).expect("A2 returns after the heal");
+    let (a3, synced3) = late.recv_timeout(wait).expect("A3 returns after the heal");
+    eprintln!("mount 0: A2 written {a2}, fsync {synced2}; A3 written {a3}, fsync {synced3}");
     let mut must = vec!["A1", "B1"];
-    if a2 && synced {
+    if a2 && synced2 {
         must.push("A2");
     }
-    if a3 && synced {
+    if a3 && synced3 {
         must.push("A3");
     }
     for m in [&m0, &m1] {

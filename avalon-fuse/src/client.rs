@@ -1147,12 +1147,13 @@ impl Client {
         want_grant: bool,
     ) -> Result<Option<Attr>> {
         if self.appends_unconfirmed(ino) {
-            self.confirm_sole_writes(ino, false).await?;
+            self.confirm_sole_writes(ino).await?;
         }
-        let (size, want) = match self.open_files.files.get(&ino) {
+        let (size, want, appends) = match self.open_files.files.get(&ino) {
             Some(st) if st.dirty && !(times_only && st.grown) => {
                 let want = want_grant && self.may_hold_grant(&st);
-                (st.size, if want { st.size.max(1) } else { 0 })
+                let appends = st.append_base.is_some();
+                (st.size, if want { st.size.max(1) } else { 0 }, appends)
             }
             _ => return Ok(None),
         };
@@ -1208,6 +1209,14 @@ impl Client {
             self.give_back_grant(ino).await;
         }
         let r = r?;
+        // Only-writer appends committed by a request that the lease did
+        // not cover to its end (held up across a partition, say) may have
+        // been applied after the MDS let another writer append at the same
+        // end: not acknowledged, and the file is fenced
+        // (`client/sole_writer.rs`).
+        if appends && (lease.is_none() || self.meta.lease_held() != lease) {
+            return Err(self.fence_after_lapse(ino));
+        }
         r.attr
             .map(Some)
             .ok_or_else(|| ClientError::Unavailable("MDS reply without attributes".into()))
@@ -1442,15 +1451,12 @@ impl Client {
         // Buffered writes that started before the mode changed finish
         // first (later ones see it and write through).
         let _g = gate.write().await;
-        // Appends made as the only writer are confirmed before they go
-        // out: the MDS may have stopped waiting for this answer and let
-        // another writer append at the same end (`client/sole_writer.rs`).
-        let pending = self
-            .open_files
-            .known(ino)
-            .is_some_and(|st| st.append_base.is_some());
-        let confirmed = if pending {
-            self.confirm_sole_writes(ino, true).await
+        // Appends not confirmed since the lease broke are, before they go
+        // out (`client/sole_writer.rs`); else data first, then the size
+        // (a size committed first would leave zeros where a failed send
+        // was to go).
+        let confirmed = if self.appends_unconfirmed(ino) {
+            self.confirm_sole_writes(ino).await
         } else {
             Ok(())
         };
@@ -1589,7 +1595,7 @@ impl Client {
         // Appends not confirmed since the lease broke are, before they go
         // out (`client/sole_writer.rs`).
         if self.appends_unconfirmed(ino) {
-            self.confirm_sole_writes(ino, false).await?;
+            self.confirm_sole_writes(ino).await?;
         }
         if self.granted(ino) {
             // Under a write grant: one round trip to the primaries (the

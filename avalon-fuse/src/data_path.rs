@@ -105,7 +105,7 @@ impl Client {
         // The MDS may have let another writer in while the lease was
         // broken: confirm what was appended, then reserve ranges.
         if !self.is_shared(ino) && self.sole_lapsed(ino) {
-            self.confirm_sole_writes(ino, false).await?;
+            self.confirm_sole_writes(ino).await?;
         }
         if self.is_shared(ino) {
             drop(_g);

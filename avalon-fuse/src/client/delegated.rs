@@ -892,7 +892,7 @@ impl Client {
     /// [`Client::close_file`] but for lost changes.
     async fn close_data(&self, ino: u64) -> Result<()> {
         if self.appends_unconfirmed(ino) {
-            self.confirm_sole_writes(ino, false).await?;
+            self.confirm_sole_writes(ino).await?;
         }
         if self.deleg.owns(ino) {
             if let Some(st) = self.known_size(ino).filter(|s| s.dirty) {

@@ -66,16 +66,14 @@ impl Client {
     }
 
     /// Confirms this session's pending appends to `ino` after its lease
-    /// broke (see the module doc), or with `always` whatever the lease (a
-    /// shared-write demand: the MDS gives up waiting for an answer after
-    /// a while, live session or not), and puts the file in shared-write
-    /// mode. EIO if the MDS's size moved meanwhile: the file is fenced.
-    pub(crate) async fn confirm_sole_writes(&self, ino: u64, always: bool) -> Result<()> {
+    /// broke (see the module doc) and puts the file in shared-write mode.
+    /// EIO if the MDS's size moved meanwhile: the file is fenced.
+    pub(crate) async fn confirm_sole_writes(&self, ino: u64) -> Result<()> {
         let _turn = self.confirming.lock().await;
         let lease = self.meta.lease_held();
         let (size, base) = match self.open_files.files.get(&ino) {
             Some(st) if st.fenced => return Err(fenced(ino)),
-            Some(st) if !always && st.sole_gen.is_some() && st.sole_gen == lease => return Ok(()),
+            Some(st) if st.sole_gen.is_some() && st.sole_gen == lease => return Ok(()),
             Some(st) => (st.size, st.append_base),
             None => return Ok(()),
         };
@@ -106,21 +104,40 @@ impl Client {
                 _ => break,
             }
         }
-        let mut st = self.open_files.files.entry(ino).or_default();
         tracing::warn!(
             ino,
             base,
             size,
             "appends made as the only writer are lost: another writer appended meanwhile"
         );
-        st.fenced = true;
-        st.fences = st.fences.wrapping_add(1);
-        st.append_base = None;
+        let mut st = self.open_files.files.entry(ino).or_default();
         st.size = st.mds_size;
         st.dirty = false;
         st.grown = false;
+        drop(st);
+        Err(self.fence(ino))
+    }
+
+    /// A commit of only-writer appends to `ino` ended under another lease
+    /// than it started under: the appends are not acknowledged and the
+    /// file is fenced (see [`Client::fence`]).
+    pub(crate) fn fence_after_lapse(&self, ino: u64) -> ClientError {
+        tracing::warn!(
+            ino,
+            "appends committed across a broken lease are not acknowledged"
+        );
+        self.fence(ino)
+    }
+
+    /// Fences `ino`: what is buffered is dropped, each handle open reports
+    /// EIO once, later writes go through in shared-write mode.
+    fn fence(&self, ino: u64) -> ClientError {
+        let mut st = self.open_files.files.entry(ino).or_default();
+        st.fenced = true;
+        st.fences = st.fences.wrapping_add(1);
+        st.append_base = None;
         st.shared = true;
-        Err(fenced(ino))
+        fenced(ino)
     }
 
     /// Waits (at most 2 s) until no size commit of this client for `ino`
