@@ -1215,7 +1215,10 @@ impl Client {
         // end: not acknowledged, and the file is fenced
         // (`client/sole_writer.rs`).
         if appends && (lease.is_none() || self.meta.lease_held() != lease) {
-            return Err(self.fence_after_lapse(ino));
+            return Err(self.fence(
+                ino,
+                "appends committed across a broken lease are not acknowledged",
+            ));
         }
         r.attr
             .map(Some)

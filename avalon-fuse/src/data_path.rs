@@ -359,8 +359,8 @@ impl Client {
         // those not confirmed yet fail here (fsync, close, the next append
         // and a demand confirm them first; confirming from here could wait
         // for the queue of delegated changes that is storing this data).
-        if self.buffer_held_back(ino) {
-            return Err(self.held_back_error(ino));
+        if let Some(e) = self.held_back(ino) {
+            return Err(e);
         }
         let cs = self.chunk_size_of(ino);
         let r = if ext.len() == 1 {

@@ -40,29 +40,35 @@ impl Client {
     }
 
     /// True if appends made to `ino` as its only writer are pending and
-    /// must be confirmed before they are sent or committed.
+    /// must be confirmed before they are sent or committed. The lease is
+    /// read only for such a file: every chunk send and commit asks.
     pub(crate) fn appends_unconfirmed(&self, ino: u64) -> bool {
-        let lease = self.meta.lease_held();
-        self.open_files.files.get(&ino).is_some_and(|st| {
-            st.append_base.is_some() && (st.sole_gen.is_none() || st.sole_gen != lease)
-        })
+        let Some(sole_gen) = self
+            .open_files
+            .files
+            .get(&ino)
+            .filter(|st| st.append_base.is_some())
+            .map(|st| st.sole_gen)
+        else {
+            return false;
+        };
+        sole_gen.is_none() || sole_gen != self.meta.lease_held()
     }
 
-    /// True if what is buffered for `ino` may not be sent: appends not
-    /// confirmed yet, or a fenced file (buffered before the fence).
-    pub(crate) fn buffer_held_back(&self, ino: u64) -> bool {
-        self.open_files.known(ino).is_some_and(|st| st.fenced) || self.appends_unconfirmed(ino)
-    }
-
-    /// The error of a send of data [`Client::buffer_held_back`] keeps back.
-    pub(crate) fn held_back_error(&self, ino: u64) -> ClientError {
-        if self.open_files.known(ino).is_some_and(|st| st.fenced) {
-            return fenced(ino);
+    /// The error of a send of `ino`'s buffered data that may not go out:
+    /// the file is fenced (buffered before the fence), or it holds appends
+    /// not confirmed yet. None: it may go.
+    pub(crate) fn held_back(&self, ino: u64) -> Option<ClientError> {
+        let fenced_now = self.open_files.files.get(&ino).map(|st| st.fenced)?;
+        if fenced_now {
+            return Some(fenced(ino));
         }
-        ClientError::posix(
-            libc::EIO,
-            format!("appends to inode {ino} not confirmed since the metadata lease broke"),
-        )
+        self.appends_unconfirmed(ino).then(|| {
+            ClientError::posix(
+                libc::EIO,
+                format!("appends to inode {ino} not confirmed since the metadata lease broke"),
+            )
+        })
     }
 
     /// Confirms this session's pending appends to `ino` after its lease
@@ -104,34 +110,23 @@ impl Client {
                 _ => break,
             }
         }
-        tracing::warn!(
-            ino,
-            base,
-            size,
-            "appends made as the only writer are lost: another writer appended meanwhile"
-        );
+        tracing::info!(ino, base, size, "appends refused");
         let mut st = self.open_files.files.entry(ino).or_default();
         st.size = st.mds_size;
         st.dirty = false;
         st.grown = false;
         drop(st);
-        Err(self.fence(ino))
-    }
-
-    /// A commit of only-writer appends to `ino` ended under another lease
-    /// than it started under: the appends are not acknowledged and the
-    /// file is fenced (see [`Client::fence`]).
-    pub(crate) fn fence_after_lapse(&self, ino: u64) -> ClientError {
-        tracing::warn!(
+        Err(self.fence(
             ino,
-            "appends committed across a broken lease are not acknowledged"
-        );
-        self.fence(ino)
+            "appends made as the only writer are lost: another writer appended meanwhile",
+        ))
     }
 
-    /// Fences `ino`: what is buffered is dropped, each handle open reports
-    /// EIO once, later writes go through in shared-write mode.
-    fn fence(&self, ino: u64) -> ClientError {
+    /// Fences `ino` (`why`: for the log): what is buffered is dropped,
+    /// each handle open reports EIO once, later writes go through in
+    /// shared-write mode.
+    pub(crate) fn fence(&self, ino: u64, why: &str) -> ClientError {
+        tracing::warn!(ino, "{why}");
         let mut st = self.open_files.files.entry(ino).or_default();
         st.fenced = true;
         st.fences = st.fences.wrapping_add(1);
