@@ -458,14 +458,42 @@ impl Client {
         } else {
             self.wbuf.peek_error(ino)
         };
-        if let Some((errno, msg)) = kept {
-            return Err(if errno == libc::EIO {
+        let r = match kept {
+            Some((errno, msg)) => Err(if errno == libc::EIO {
                 ClientError::Unavailable(msg)
             } else {
                 ClientError::posix(errno, msg)
-            });
+            }),
+            None => r,
+        };
+        if r.is_err() {
+            self.give_up_growth(ino);
         }
         r
+    }
+
+    /// Buffered writes of `ino` could not be stored (the caller reports
+    /// it): the growth this client has not committed is given up, its
+    /// size goes back to the MDS's. A later commit of it (the close after
+    /// a failed fsync, a close that failed to store) would cover bytes no
+    /// OSD holds, read back as zeros; later appends go where it stopped.
+    fn give_up_growth(&self, ino: u64) {
+        let Some(mut st) = self.open_files.files.get_mut(&ino) else {
+            return;
+        };
+        if st.grown && st.size > st.mds_size {
+            tracing::warn!(
+                ino,
+                size = st.size,
+                kept = st.mds_size,
+                "writes past the committed size were not stored: the size stays"
+            );
+            st.size = st.mds_size;
+            st.grown = false;
+            st.append_base = None;
+            drop(st);
+            self.meta.forget_attr(ino);
+        }
     }
 
     /// Sends everything buffered, for every file (unmount).

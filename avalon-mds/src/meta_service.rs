@@ -1616,10 +1616,11 @@ impl Meta for MetaService {
         }
         // A client's capabilities come with a live session of its own (a
         // removed key's sessions are gone: its caps run out at expiry).
-        if peer.secured
-            && caps::client_name(&peer).is_some()
-            && !self.node.read_local(|s| s.sessions.contains_key(&sid))
-        {
+        // Asked of the leader, linearizably: a follower (or a new leader
+        // still applying its log) may not know a session yet, and the
+        // refusal would fail the client's writes for good.
+        let known = self.node.read(|s| s.sessions.contains_key(&sid)).await?;
+        if peer.secured && caps::client_name(&peer).is_some() && !known {
             return Err(Status::permission_denied(format!(
                 "no session {sid}: no chunk capabilities"
             )));

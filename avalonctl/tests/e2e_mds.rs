@@ -174,6 +174,73 @@ fn add_and_remove_mds_while_client_works() {
     }
 }
 
+/// Chunk capabilities come from the leader alone: a follower (which may
+/// not have applied a new session yet, and refused it: the client's
+/// buffered writes then failed for good and a close committed their size
+/// over no data, CI of session 23) sends the caller to the leader.
+#[test]
+fn chunk_capabilities_come_from_the_leader() {
+    let dir = tempfile::Builder::new()
+        .prefix("avalon-e2e-")
+        .tempdir()
+        .expect("tempdir");
+    let mut o = Options::new();
+    o.mds = 3;
+    o.osds = 1;
+    o.mount = false;
+    let c = LocalCluster::start(dir.path(), o).expect("cluster");
+    let conn = MdsConn::new(c.layout.mds_addrs(), c.tls().clone());
+    let rt = rt();
+    // Channels are made inside the runtime.
+    let _in_rt = rt.enter();
+    let reg = pb::RegisterClientRequest {
+        hostname: "caps-test".into(),
+        ..Default::default()
+    };
+    let sid = rt
+        .block_on(conn.call(|mut m| {
+            let r = reg.clone();
+            async move { m.register_client(r).await }
+        }))
+        .expect("register a session")
+        .session_id;
+    let (lead, lead_addr) = rt
+        .block_on(mds_admin::find_leader(c.tls(), &c.layout.mds_addrs()))
+        .expect("a leader");
+    for (id, addr) in c.layout.mds.iter().map(|n| (n.id, n.addr.clone())) {
+        let ch = c
+            .tls()
+            .channel(&addr, avalon_proto::tls::Dial::Mds, Duration::from_secs(5))
+            .expect("channel");
+        let mut m = pb::meta_client::MetaClient::new(ch);
+        let req = pb::ChunkCapRequest {
+            header: Some(pb::RequestHeader {
+                session_id: sid,
+                ..Default::default()
+            }),
+            ino: ROOT_INO,
+            write: false,
+        };
+        if id == lead {
+            let r = rt.block_on(m.get_chunk_cap(req));
+            let cap = r.expect("the leader gives a capability").into_inner().cap;
+            assert!(!cap.is_empty(), "a TLS cluster signs capabilities");
+            continue;
+        }
+        // A follower that has not heard from the leader yet names none.
+        let mut last = None;
+        let named = wait_until(Duration::from_secs(30), || {
+            let r = rt.block_on(m.get_chunk_cap(req.clone()));
+            let e = r.expect_err("a follower refers the caller to the leader");
+            assert_eq!(e.code(), tonic::Code::Unavailable, "mds{id}: {e:?}");
+            let named = e.message().contains(&lead_addr);
+            last = Some(e);
+            named
+        });
+        assert!(named, "mds{id} never named the leader: {last:?}");
+    }
+}
+
 fn hdr() -> Option<pb::RequestHeader> {
     None
 }

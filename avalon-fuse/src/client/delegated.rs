@@ -69,12 +69,17 @@ impl Client {
                     None => break,
                 }
             };
-            if !stored {
-                self.store_batch_data(&req).await;
+            let req = if stored {
+                req
+            } else {
+                let failed = self.store_batch_data(&req).await;
+                let req = self.without_unstored_sizes(req, &failed);
                 if let Some(b) = self.deleg.lock().batch.as_mut() {
+                    b.req = req.clone();
                     b.stored = true;
                 }
-            }
+                req
+            };
             let answer = self.send_batch(req.clone()).await;
             self.settle_batch(&req, answer);
         }
@@ -90,8 +95,8 @@ impl Client {
     /// Stores the buffered data of the files whose sizes batch `req`
     /// commits: a file's data reaches the OSDs before the size that covers
     /// it (a close under a delegation does not wait for that). A failure
-    /// is kept for the file's fsync.
-    async fn store_batch_data(&self, req: &pb::ApplyRequest) {
+    /// is kept for the file's fsync; returns the files that failed.
+    async fn store_batch_data(&self, req: &pb::ApplyRequest) -> Vec<u64> {
         let mut stores: Vec<u64> = req
             .ops
             .iter()
@@ -111,11 +116,51 @@ impl Client {
             .buffer_unordered(STORES_AT_ONCE)
             .collect()
             .await;
+        let mut failed = Vec::new();
         for (ino, r) in stored {
             if let Err(e) = r {
                 self.keep_write_error(ino, &e);
+                failed.push(ino);
             }
         }
+        failed
+    }
+
+    /// Batch `req` (never sent yet) without the size commits of `failed`,
+    /// files whose data could not be stored: such a size would cover bytes
+    /// no OSD holds (read back as zeros). Those commits are lost changes,
+    /// reported at the files' next fsync or close, and the cached view of
+    /// the files (their sizes as committed) is dropped.
+    fn without_unstored_sizes(
+        &self,
+        req: Arc<pb::ApplyRequest>,
+        failed: &[u64],
+    ) -> Arc<pb::ApplyRequest> {
+        let unstored = |o: &pb::DelegatedOp| matches!(&o.op, Some(D::CommitWrite(w)) if failed.contains(&w.ino));
+        if failed.is_empty() || !req.ops.iter().any(unstored) {
+            return req;
+        }
+        let (lost, kept): (Vec<pb::DelegatedOp>, Vec<pb::DelegatedOp>) =
+            req.ops.iter().cloned().partition(|o| unstored(o));
+        let lost: Vec<(&pb::DelegatedOp, i32)> = lost.iter().map(|o| (o, 0)).collect();
+        self.deleg.lost.record(
+            &lost,
+            libc::EIO,
+            "the data the sizes cover could not be stored",
+        );
+        self.meta.clear();
+        self.deleg.drop_all();
+        // Their closes counted those sizes as committed: the next open
+        // starts from the MDS's.
+        for ino in failed {
+            if !self.is_open(*ino) {
+                self.open_files.files.remove(ino);
+            }
+        }
+        Arc::new(pb::ApplyRequest {
+            header: req.header.clone(),
+            ops: kept,
+        })
     }
 
     /// Sends batch `req` until the MDS answers it: across failovers, for

@@ -58,6 +58,19 @@ impl Drop for TestCluster {
         if let Some(mut c) = self.cluster.take() {
             c.stop();
         }
+        // A failed test's logs and data, kept for a look when asked
+        // (AVALON_KEEP_FAILED=all: every test's).
+        let keep = std::env::var("AVALON_KEEP_FAILED").ok();
+        if keep.as_deref() == Some("all") || (std::thread::panicking() && keep.is_some()) {
+            let kept = std::mem::replace(
+                &mut self.dir,
+                tempfile::Builder::new()
+                    .prefix("avalon-e2e-")
+                    .tempdir()
+                    .expect("temp dir"),
+            );
+            eprintln!("kept the failed test's directory {}", kept.keep().display());
+        }
     }
 }
 
@@ -65,7 +78,8 @@ pub fn opts(mds: usize, osds: usize) -> Options {
     let mut o = Options::new();
     o.mds = mds;
     o.osds = osds;
-    o.log_level = "info".into();
+    // AVALON_TEST_LOG: the daemons' and mount's RUST_LOG, for a debugging run.
+    o.log_level = std::env::var("AVALON_TEST_LOG").unwrap_or_else(|_| "info".into());
     o
 }
 
