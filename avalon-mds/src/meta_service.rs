@@ -2239,7 +2239,11 @@ impl Meta for MetaService {
         // wait for them.
         avalon_proto::recall_mark::reply_to(0);
         self.own_session(&peer, sid)?;
-        if sid == 0 || !self.node.read_local(|s| s.sessions.contains_key(&sid)) {
+        // As at the heartbeat: "no session" only after a linearizable read.
+        if sid == 0
+            || (!self.node.read_local(|s| s.sessions.contains_key(&sid))
+                && !self.node.read(|s| s.sessions.contains_key(&sid)).await?)
+        {
             return Err(MdsError::NotFound(format!("no session {sid}")).into());
         }
         let (tx, rx) = tokio::sync::mpsc::channel(RECALL_QUEUE);
