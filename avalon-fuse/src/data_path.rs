@@ -488,9 +488,7 @@ impl Client {
                 kept = st.mds_size,
                 "writes past the committed size were not stored: the size stays"
             );
-            st.size = st.mds_size;
-            st.grown = false;
-            st.append_base = None;
+            st.give_up_growth();
             drop(st);
             self.meta.forget_attr(ino);
         }

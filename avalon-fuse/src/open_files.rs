@@ -60,6 +60,14 @@ pub struct FileState {
 }
 
 impl FileState {
+    /// Gives up the growth not committed: the size goes back to the MDS's
+    /// (the data past it was not stored, or its appends not acknowledged).
+    pub fn give_up_growth(&mut self) {
+        self.size = self.mds_size;
+        self.grown = false;
+        self.append_base = None;
+    }
+
     /// The MDS holds `size` and this client's times: nothing is pending,
     /// unless writes raced past `size`.
     pub fn committed(&mut self, size: u64) {

@@ -509,6 +509,16 @@ impl MetaService {
         Err(refused)
     }
 
+    /// Whether session `sid` exists: "no" only after a linearizable read
+    /// (a new leader may not have applied a registration its predecessor
+    /// committed yet).
+    async fn session_known(&self, sid: u64) -> Result<bool, MdsError> {
+        if self.node.read_local(|s| s.sessions.contains_key(&sid)) {
+            return Ok(true);
+        }
+        self.node.read(|s| s.sessions.contains_key(&sid)).await
+    }
+
     /// PERMISSION_DENIED when a TLS caller names a session another
     /// identity opened (sessions opened over plaintext have no owner and
     /// stay usable by any caller).
@@ -2196,12 +2206,8 @@ impl Meta for MetaService {
         self.node.check_leader()?;
         let sid = r.header.map(|h| h.session_id).unwrap_or(0);
         self.own_session(&peer, sid)?;
-        // "No session" tells the client that its queued changes are lost:
-        // only after a linearizable read (a new leader may not have
-        // applied a registration its predecessor committed yet).
-        if !self.node.read_local(|s| s.sessions.contains_key(&sid))
-            && !self.node.read(|s| s.sessions.contains_key(&sid)).await?
-        {
+        // "No session" tells the client that its queued changes are lost.
+        if !self.session_known(sid).await? {
             return Err(MdsError::NotFound(format!("no session {sid}")).into());
         }
         self.node.client_seen_now(sid);
@@ -2239,11 +2245,7 @@ impl Meta for MetaService {
         // wait for them.
         avalon_proto::recall_mark::reply_to(0);
         self.own_session(&peer, sid)?;
-        // As at the heartbeat: "no session" only after a linearizable read.
-        if sid == 0
-            || (!self.node.read_local(|s| s.sessions.contains_key(&sid))
-                && !self.node.read(|s| s.sessions.contains_key(&sid)).await?)
-        {
+        if sid == 0 || !self.session_known(sid).await? {
             return Err(MdsError::NotFound(format!("no session {sid}")).into());
         }
         let (tx, rx) = tokio::sync::mpsc::channel(RECALL_QUEUE);

@@ -180,15 +180,10 @@ fn add_and_remove_mds_while_client_works() {
 /// over no data, CI of session 23) sends the caller to the leader.
 #[test]
 fn chunk_capabilities_come_from_the_leader() {
-    let dir = tempfile::Builder::new()
-        .prefix("avalon-e2e-")
-        .tempdir()
-        .expect("tempdir");
-    let mut o = Options::new();
-    o.mds = 3;
-    o.osds = 1;
+    let mut o = common::opts(3, 1);
     o.mount = false;
-    let c = LocalCluster::start(dir.path(), o).expect("cluster");
+    let mut tc = TestCluster::start_with(o);
+    let c = tc.c();
     let conn = MdsConn::new(c.layout.mds_addrs(), c.tls().clone());
     let rt = rt();
     // Channels are made inside the runtime.

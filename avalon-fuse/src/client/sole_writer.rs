@@ -112,9 +112,8 @@ impl Client {
         }
         tracing::info!(ino, base, size, "appends refused");
         let mut st = self.open_files.files.entry(ino).or_default();
-        st.size = st.mds_size;
+        st.give_up_growth();
         st.dirty = false;
-        st.grown = false;
         drop(st);
         Err(self.fence(
             ino,

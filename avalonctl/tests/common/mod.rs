@@ -62,14 +62,8 @@ impl Drop for TestCluster {
         // (AVALON_KEEP_FAILED=all: every test's).
         let keep = std::env::var("AVALON_KEEP_FAILED").ok();
         if keep.as_deref() == Some("all") || (std::thread::panicking() && keep.is_some()) {
-            let kept = std::mem::replace(
-                &mut self.dir,
-                tempfile::Builder::new()
-                    .prefix("avalon-e2e-")
-                    .tempdir()
-                    .expect("temp dir"),
-            );
-            eprintln!("kept the failed test's directory {}", kept.keep().display());
+            self.dir.disable_cleanup(true);
+            eprintln!("kept the test's directory {}", self.dir.path().display());
         }
     }
 }
